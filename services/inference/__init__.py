@@ -1,0 +1,1 @@
+"""tensorwire inference: the Open Inference Protocol over gRPC."""

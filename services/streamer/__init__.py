@@ -1,0 +1,1 @@
+"""tensorwire streamer: fans live training updates out to viewers."""

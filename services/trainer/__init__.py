@@ -1,0 +1,1 @@
+"""tensorwire trainer: PyTorch training runs that never wait on the network."""

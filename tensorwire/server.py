@@ -1,0 +1,187 @@
+"""Server wiring shared by every service.
+
+``GrpcServer`` builds a grpc.aio server with grpc.health.v1 (a real status per
+service that turns NOT_SERVING while draining), server reflection, the error
+interceptor, message-size limits and a Prometheus endpoint. ``serve`` runs one
+service until SIGTERM/SIGINT and then shuts down in order: health goes
+NOT_SERVING, in-flight calls drain within the grace period, the service's core
+closes, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tensorwire import metrics
+from tensorwire.interceptor import ErrorInterceptor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How a service's gRPC server listens and shuts down."""
+
+    name: str
+    """Short service name for logs and metrics (``trainer``)."""
+    host: str = "0.0.0.0"
+    port: int = 0
+    """0 binds a free port; ``GrpcServer.start`` returns the bound one."""
+    metrics_port: int | None = None
+    """Prometheus endpoint port; None disables it, 0 picks a free one."""
+    grace_s: float = 10.0
+    """How long in-flight calls may run after a shutdown signal."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    extra_options: tuple[tuple[str, int | str], ...] = field(default_factory=tuple)
+    """Further grpc channel args for the server."""
+    reuse_port: bool = False
+    """SO_REUSEPORT, so several worker processes can share one port."""
+
+
+class Service(Protocol):
+    """What a service's app hands to the server."""
+
+    service_names: Sequence[str]
+    """Full names of the gRPC services it registers (for health and reflection)."""
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+    async def drain(self) -> None:
+        """Shutdown has begun: end open-ended streams; keep serving unary calls."""
+
+    async def aclose(self) -> None:
+        """Release everything; called after in-flight calls have drained."""
+
+
+class GrpcServer:
+    """One grpc.aio server with health, reflection, interceptor and metrics."""
+
+    def __init__(self, options: ServerOptions, service: Service) -> None:
+        self.options = options
+        self.service = service
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._metrics = (
+            metrics.MetricsEndpoint(options.host, options.metrics_port)
+            if options.metrics_port is not None
+            else None
+        )
+        grpc_options = [
+            ("grpc.max_receive_message_length", options.max_message_bytes),
+            ("grpc.max_send_message_length", options.max_message_bytes),
+            ("grpc.so_reuseport", 1 if options.reuse_port else 0),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            *options.extra_options,
+        ]
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(options.name)], options=grpc_options
+        )
+        service.register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (
+            *service.service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, self.server)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics.port if self._metrics else None
+
+    async def start(self) -> int:
+        """Bind, start, report SERVING; returns the bound port."""
+        address = f"{self.options.host}:{self.options.port}"
+        port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"{self.options.name}: cannot bind {address}")
+        self.port = port
+        await self.server.start()
+        if self._metrics is not None:
+            self._metrics.start()
+        await self.set_serving(True)
+        log.info("%s listening on %s:%d", self.options.name, self.options.host, port)
+        return port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service.service_names):
+            await self.health.set(name, status)
+        metrics.SERVING.labels(self.options.name).set(1 if serving else 0)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: NOT_SERVING, let in-flight calls finish, then close the core."""
+        grace = self.options.grace_s if grace_s is None else grace_s
+        await self.set_serving(False)
+        await self.health.enter_graceful_shutdown()
+        stopping = asyncio.create_task(self.server.stop(grace))
+        await self.service.drain()
+        await stopping
+        await self.service.aclose()
+        if self._metrics is not None:
+            self._metrics.stop()
+        log.info("%s stopped", self.options.name)
+
+
+async def serve(
+    options: ServerOptions,
+    make_service: Callable[[], Awaitable[Service]],
+    *,
+    on_started: Callable[[GrpcServer], Awaitable[None]] | None = None,
+) -> None:
+    """Run one service until SIGTERM or SIGINT, then shut it down gracefully."""
+    service = await make_service()
+    server = GrpcServer(options, service)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        if on_started is not None:
+            await on_started(server)
+        await stop.wait()
+        log.info("%s: shutdown signal, draining (grace %.1fs)", options.name, options.grace_s)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await server.stop()
+
+
+def run_main(
+    settings_cls: type,
+    make_service: Callable[[object], Awaitable[Service]],
+    argv: Sequence[str] | None = None,
+    description: str | None = None,
+) -> int:
+    """A service's console entry point: settings, logging, serve, exit code."""
+    from tensorwire import config, log as twlog
+
+    try:
+        settings = config.load(
+            settings_cls, argv, prog=f"tensorwire-{settings_cls.service}", description=description
+        )
+    except config.SettingsError as exc:
+        print(f"tensorwire-{settings_cls.service}: {exc}", flush=True)
+        return 2
+    logger = twlog.configure(settings.service, settings.log_level)
+    logger.info("settings: %s", config.describe(settings))
+    asyncio.run(serve(settings.server_options(), lambda: make_service(settings)))
+    return 0
