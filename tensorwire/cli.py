@@ -51,13 +51,18 @@ def plan(args: argparse.Namespace) -> list[Child]:
     common = ["--host", args.host]
     if args.no_metrics:
         common += ["--metrics-port", "-1"]
+    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    models = str(args.data_dir / "models")
     children = [
         Child("streamer", "services.streamer", args.streamer_port,
               [*common, "--port", str(args.streamer_port)]),
         Child("inference", "services.inference", args.inference_port,
-              [*common, "--port", str(args.inference_port)]),
+              [*common, "--port", str(args.inference_port), "--model-repository", models]),
         Child("trainer", "services.trainer", args.trainer_port,
-              [*common, "--port", str(args.trainer_port)]),
+              [*common, "--port", str(args.trainer_port), "--model-repository", models,
+               "--streamer-target", f"{local}:{args.streamer_port}",
+               "--inference-target", f"{local}:{args.inference_port}",
+               "--demo-task", args.demo_task]),
     ]
     return children
 
@@ -169,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_up.add_argument("--data-dir", type=Path,
                       default=Path(os.environ.get("TENSORWIRE_DATA_DIR", "var")),
                       help="model repository and checkpoints (env TENSORWIRE_DATA_DIR)")
+    p_up.add_argument("--demo-task", default=os.environ.get("TENSORWIRE_DEMO_TASK", "spiral"),
+                      help="task of the demo run started at boot ('' = none)")
     p_up.add_argument("--no-metrics", action="store_true",
                       help="no Prometheus endpoints (e.g. when their ports are taken)")
     p_up.add_argument("--start-timeout-s", type=float, default=60.0)
