@@ -1,0 +1,260 @@
+"""The model repository format shared by the trainer (writer) and inference (reader).
+
+Layout::
+
+    <repo>/<model>/config.json          what the model is and how to serve it
+    <repo>/<model>/<version:int>/model.pt  a torch state_dict (torch.save)
+
+``config.json`` holds ``name``, ``kind`` (a key of ``tensorwire.models.MODELS``),
+``model_args`` (keyword arguments of the kind's builder), ``max_batch_size``,
+``inputs``/``outputs`` (``name``, ``datatype`` (Triton's name, e.g. "FP32"),
+``dims`` without the batch dimension), the batching knobs
+``max_queue_delay_us`` and ``preferred_batch_size`` (a list), ``version_policy``
+(``{"latest": {"num_versions": 1}}``, ``{"all": {}}`` or
+``{"specific": {"versions": [1, 3]}}``) and ``traffic`` (version -> weight, for
+A/B tests and gradual roll-outs; empty means "all traffic on the newest").
+
+Weights are loaded with ``torch.load(weights_only=True)``: a file from the
+repository can never run code. Every version is written atomically: into a
+temporary folder under the model folder, fsynced, then renamed to its number, so a
+reader polling the repository never sees half a version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tensorwire.errors import InvalidArgumentError, NotFoundError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.pt"
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_QUEUE_DELAY_US = 500
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_POLICIES = ("latest", "all", "specific")
+
+
+def check_name(name: str) -> str:
+    """A model name is one safe path component (no '/', no '..')."""
+    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+        raise InvalidArgumentError(
+            f"model name {name!r} is not valid: use 1-128 letters, digits, '_', '-', '.'"
+        )
+    return name
+
+
+def default_config(name: str, kind: str, model_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config of a new model of ``kind``, from tensorwire.models.MODELS."""
+    from tensorwire.models import MODELS  # late: the trainer imports this module early
+
+    if kind not in MODELS:
+        raise InvalidArgumentError(f"unknown model kind {kind!r}; known: {', '.join(sorted(MODELS))}")
+    spec = MODELS[kind]
+    args = dict(spec.default_args)
+    args.update(model_args or {})
+
+    def tensors(specs: Any) -> list[dict[str, Any]]:
+        return [{"name": t.name, "datatype": t.datatype, "dims": list(t.dims)} for t in specs]
+
+    return {
+        "name": name,
+        "kind": kind,
+        "model_args": args,
+        "max_batch_size": DEFAULT_MAX_BATCH_SIZE,
+        "inputs": tensors(spec.inputs),
+        "outputs": tensors(spec.outputs),
+        "max_queue_delay_us": DEFAULT_MAX_QUEUE_DELAY_US,
+        "preferred_batch_size": [],
+        "version_policy": {"latest": {"num_versions": 1}},
+        "traffic": {},
+    }
+
+
+def validate_config(config: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
+    """Check a config's shape; returns a normalised copy. Raises InvalidArgumentError."""
+    cfg = dict(config)
+    where = f"config of model {name or cfg.get('name')!r}"
+    for key in ("name", "kind", "inputs", "outputs"):
+        if key not in cfg:
+            raise InvalidArgumentError(f"{where} lacks {key!r}")
+    if name is not None and cfg["name"] != name:
+        raise InvalidArgumentError(f"{where}: name {cfg['name']!r} differs from its folder {name!r}")
+    mbs = cfg.setdefault("max_batch_size", DEFAULT_MAX_BATCH_SIZE)
+    if not isinstance(mbs, int) or mbs < 0:
+        raise InvalidArgumentError(f"{where}: max_batch_size must be an int >= 0, got {mbs!r}")
+    delay = cfg.setdefault("max_queue_delay_us", DEFAULT_MAX_QUEUE_DELAY_US)
+    if not isinstance(delay, int) or delay < 0:
+        raise InvalidArgumentError(f"{where}: max_queue_delay_us must be an int >= 0, got {delay!r}")
+    cfg.setdefault("model_args", {})
+    cfg.setdefault("preferred_batch_size", [])
+    policy = cfg.setdefault("version_policy", {"latest": {"num_versions": 1}})
+    if not isinstance(policy, dict) or len(policy) != 1 or next(iter(policy)) not in _POLICIES:
+        raise InvalidArgumentError(
+            f"{where}: version_policy must be one of {{latest|all|specific: ...}}, got {policy!r}"
+        )
+    traffic = cfg.setdefault("traffic", {})
+    if not isinstance(traffic, dict):
+        raise InvalidArgumentError(f"{where}: traffic must map versions to weights, got {traffic!r}")
+    for key, weight in traffic.items():
+        if not str(key).isdigit() or not isinstance(weight, (int, float)) or weight < 0:
+            raise InvalidArgumentError(
+                f"{where}: traffic entry {key!r}: {weight!r} must be version -> weight >= 0"
+            )
+    for group in ("inputs", "outputs"):
+        if not cfg[group]:
+            raise InvalidArgumentError(f"{where}: {group} is empty")
+        for t in cfg[group]:
+            if not {"name", "datatype", "dims"} <= set(t):
+                raise InvalidArgumentError(f"{where}: {group} entry {t!r} needs name, datatype, dims")
+    return cfg
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def read_config(repo: Path, name: str) -> dict[str, Any]:
+    """The validated config.json of model ``name``."""
+    path = Path(repo) / check_name(name) / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFoundError(f"model {name!r} has no {CONFIG_FILE} in repository {str(repo)!r}") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidArgumentError(f"{path} must hold a JSON object")
+    return validate_config(raw, name)
+
+
+def write_config(repo: Path, name: str, config: Mapping[str, Any]) -> None:
+    """Replace a model's config.json atomically (e.g. to change traffic weights)."""
+    folder = Path(repo) / check_name(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(folder / CONFIG_FILE, validate_config(config, name))
+
+
+def list_models(repo: Path) -> list[str]:
+    """Names of the models in the repository (folders holding a config.json)."""
+    root = Path(repo)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file() and _NAME.match(p.name)
+    )
+
+
+def list_versions(repo: Path, name: str) -> list[int]:
+    """Complete versions of a model, ascending (temp folders are not versions)."""
+    folder = Path(repo) / check_name(name)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        int(p.name)
+        for p in folder.iterdir()
+        if p.is_dir() and p.name.isdigit() and (p / WEIGHTS_FILE).is_file()
+    )
+
+
+def weights_path(repo: Path, name: str, version: int) -> Path:
+    return Path(repo) / check_name(name) / str(int(version)) / WEIGHTS_FILE
+
+
+def load_state_dict(path: Path) -> dict[str, Any]:
+    """Load weights safely: tensors only, no code runs."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise NotFoundError(f"weights file {str(path)!r} does not exist") from None
+    except Exception as exc:  # pickle errors, unsupported globals, truncated files
+        raise InvalidArgumentError(f"cannot load weights {str(path)!r}: {exc}") from None
+    if not isinstance(state, dict):
+        raise InvalidArgumentError(f"weights {str(path)!r} hold a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def write_version(
+    repo: Path,
+    name: str,
+    kind: str,
+    state_dict: Mapping[str, Any],
+    *,
+    model_args: dict | None = None,
+    version: int | None = None,
+    config_overrides: dict | None = None,
+) -> int:
+    """Write a new version of model ``name`` atomically; returns its number.
+
+    Creates config.json from ``MODELS[kind]`` (plus ``model_args`` and
+    ``config_overrides``) when the model has none; an existing config is kept, only
+    updated with ``config_overrides`` when given. ``version=None`` takes the next
+    integer after the highest present.
+    """
+    import torch
+
+    root = Path(repo)
+    folder = root / check_name(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / CONFIG_FILE
+    if config_path.is_file():
+        config = read_config(root, name)
+        if config["kind"] != kind:
+            raise InvalidArgumentError(
+                f"model {name!r} is a {config['kind']!r} model; cannot add a {kind!r} version"
+            )
+        if config_overrides:
+            config.update(config_overrides)
+            _write_json_atomic(config_path, validate_config(config, name))
+    else:
+        config = default_config(name, kind, model_args)
+        config.update(config_overrides or {})
+        _write_json_atomic(config_path, validate_config(config, name))
+    if version is None:
+        existing = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
+        version = max(existing, default=0) + 1
+    if not isinstance(version, int) or version < 1:
+        raise InvalidArgumentError(f"version must be an int >= 1, got {version!r}")
+    final = folder / str(version)
+    if final.exists():
+        raise InvalidArgumentError(f"model {name!r} already has version {version}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", suffix=".tmp", dir=folder))
+    try:
+        weights = {k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in state_dict.items()}
+        with open(tmp / WEIGHTS_FILE, "wb") as f:
+            torch.save(weights, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(folder)
+    return version
