@@ -52,13 +52,16 @@ def check_name(name: str) -> str:
 
 def default_config(name: str, kind: str, model_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The config of a new model of ``kind``, from tensorwire.models.MODELS."""
-    from tensorwire.models import MODELS  # late: the trainer imports this module early
+    from tensorwire.models import MODELS, tensor_specs  # late: torch is heavy
 
     if kind not in MODELS:
         raise InvalidArgumentError(f"unknown model kind {kind!r}; known: {', '.join(sorted(MODELS))}")
-    spec = MODELS[kind]
-    args = dict(spec.default_args)
+    args = dict(MODELS[kind].default_args)
     args.update(model_args or {})
+    try:
+        inputs, outputs = tensor_specs(kind, **args)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"model_args {args!r} do not fit kind {kind!r}: {exc}") from None
 
     def tensors(specs: Any) -> list[dict[str, Any]]:
         return [{"name": t.name, "datatype": t.datatype, "dims": list(t.dims)} for t in specs]
@@ -68,8 +71,8 @@ def default_config(name: str, kind: str, model_args: Mapping[str, Any] | None = 
         "kind": kind,
         "model_args": args,
         "max_batch_size": DEFAULT_MAX_BATCH_SIZE,
-        "inputs": tensors(spec.inputs),
-        "outputs": tensors(spec.outputs),
+        "inputs": tensors(inputs),
+        "outputs": tensors(outputs),
         "max_queue_delay_us": DEFAULT_MAX_QUEUE_DELAY_US,
         "preferred_batch_size": [],
         "version_policy": {"latest": {"num_versions": 1}},
