@@ -1,0 +1,148 @@
+"""Scalar series that are merged, never dropped: down-sampled into buckets instead.
+
+A :class:`ScalarSeriesBuffer` holds the points of one series since they were
+last taken. When it would hold more than ``max_points`` buckets, neighbouring
+buckets are merged pairwise (min of mins, count-weighted mean, max of maxes,
+last step), so memory stays bounded, every step range stays covered and the
+curve keeps its extremes. :class:`ScalarBuffer` does that for many series and
+converts to and from ``tensorwire.common.v1.ScalarBatch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from tensorwire.common.v1 import common_pb2 as cpb
+
+
+@dataclass(slots=True)
+class Bucket:
+    """Points of one series merged together: the last step they cover and stats."""
+
+    first_step: int
+    step: int
+    mean: float
+    lo: float
+    hi: float
+    count: int
+
+    def merge(self, other: Bucket) -> Bucket:
+        n = self.count + other.count
+        return Bucket(
+            min(self.first_step, other.first_step),
+            max(self.step, other.step),
+            (self.mean * self.count + other.mean * other.count) / n,
+            min(self.lo, other.lo),
+            max(self.hi, other.hi),
+            n,
+        )
+
+
+class ScalarSeriesBuffer:
+    """One series' points since the last take, at most ``max_points`` buckets."""
+
+    def __init__(self, max_points: int) -> None:
+        if max_points < 2:
+            raise ValueError(f"max_points must be >= 2, got {max_points}")
+        self.max_points = max_points
+        self.buckets: list[Bucket] = []
+
+    def add(self, step: int, value: float) -> None:
+        self.add_bucket(Bucket(step, step, value, value, value, 1))
+
+    def add_bucket(self, bucket: Bucket) -> None:
+        self.buckets.append(bucket)
+        if len(self.buckets) > self.max_points:
+            self._halve()
+
+    def _halve(self) -> None:
+        b = self.buckets
+        merged = [b[i].merge(b[i + 1]) for i in range(0, len(b) - 1, 2)]
+        if len(b) % 2:
+            merged.append(b[-1])
+        self.buckets = merged
+
+    def take(self) -> list[Bucket]:
+        out, self.buckets = self.buckets, []
+        return out
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+
+class ScalarBuffer:
+    """Many named series, each bounded by down-sampling, never by dropping."""
+
+    def __init__(self, max_points: int = 256) -> None:
+        self.max_points = max_points
+        self._series: dict[str, ScalarSeriesBuffer] = {}
+
+    def _get(self, name: str) -> ScalarSeriesBuffer:
+        series = self._series.get(name)
+        if series is None:
+            series = self._series[name] = ScalarSeriesBuffer(self.max_points)
+        return series
+
+    def add(self, step: int, values: Mapping[str, float]) -> None:
+        for name, value in values.items():
+            self._get(name).add(step, value)
+
+    def add_batch(self, batch: cpb.ScalarBatch) -> None:
+        for name, buckets in from_batch(batch).items():
+            series = self._get(name)
+            for bucket in buckets:
+                series.add_bucket(bucket)
+
+    def extend(self, other: Mapping[str, Iterable[Bucket]]) -> None:
+        for name, buckets in other.items():
+            series = self._get(name)
+            for bucket in buckets:
+                series.add_bucket(bucket)
+
+    def take(self) -> dict[str, list[Bucket]]:
+        out = {name: s.take() for name, s in self._series.items() if len(s)}
+        return out
+
+    def peek(self) -> dict[str, list[Bucket]]:
+        return {name: list(s.buckets) for name, s in self._series.items() if len(s)}
+
+    def __bool__(self) -> bool:
+        return any(len(s) for s in self._series.values())
+
+    def last_step(self) -> int:
+        return max((s.buckets[-1].step for s in self._series.values() if len(s)), default=0)
+
+
+def to_batch(series: Mapping[str, list[Bucket]]) -> cpb.ScalarBatch:
+    """Buckets as a ScalarBatch; min/max are filled only where points were merged."""
+    batch = cpb.ScalarBatch()
+    for name, buckets in series.items():
+        if not buckets:
+            continue
+        out = batch.series.add(name=name)
+        out.steps.extend(b.step for b in buckets)
+        out.values.extend(b.mean for b in buckets)
+        if any(b.count > 1 for b in buckets):
+            out.min.extend(b.lo for b in buckets)
+            out.max.extend(b.hi for b in buckets)
+    return batch
+
+
+def from_batch(batch: cpb.ScalarBatch) -> dict[str, list[Bucket]]:
+    """Buckets of a ScalarBatch (the inverse of :func:`to_batch`; counts become
+    the step span of each bucket, which keeps merged means fair)."""
+    out: dict[str, list[Bucket]] = {}
+    for s in batch.series:
+        has_range = len(s.min) == len(s.steps) and len(s.max) == len(s.steps)
+        buckets = out.setdefault(s.name, [])
+        prev = None
+        for i, step in enumerate(s.steps):
+            value = s.values[i] if i < len(s.values) else 0.0
+            lo = s.min[i] if has_range else value
+            hi = s.max[i] if has_range else value
+            first = step if prev is None or not has_range else prev + 1
+            count = max(1, step - first + 1)
+            buckets.append(Bucket(first, step, value, lo, hi, count))
+            prev = step
+    return out
