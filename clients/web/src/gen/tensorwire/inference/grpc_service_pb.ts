@@ -4,17 +4,21 @@
 
 // The Open Inference Protocol (KServe v2 / Triton gRPC API). Message names and
 // field numbers follow Triton's grpc_service.proto so that tritonclient,
-// perf_analyzer and KServe clients work unchanged.
+// perf_analyzer and KServe clients work unchanged. tensorwire implements the
+// core protocol, ModelConfig, ModelStatistics and the model repository
+// extension; shared-memory, trace and log RPCs are not offered (UNIMPLEMENTED).
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { ModelConfig } from "./model_config_pb";
+import { file_tensorwire_inference_model_config } from "./model_config_pb";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file tensorwire/inference/grpc_service.proto.
  */
 export const file_tensorwire_inference_grpc_service: GenFile = /*@__PURE__*/
-  fileDesc("Cid0ZW5zb3J3aXJlL2luZmVyZW5jZS9ncnBjX3NlcnZpY2UucHJvdG8SCWluZmVyZW5jZSITChFTZXJ2ZXJMaXZlUmVxdWVzdCIiChJTZXJ2ZXJMaXZlUmVzcG9uc2USDAoEbGl2ZRgBIAEoCCIUChJTZXJ2ZXJSZWFkeVJlcXVlc3QiJAoTU2VydmVyUmVhZHlSZXNwb25zZRINCgVyZWFkeRgBIAEoCCIyChFNb2RlbFJlYWR5UmVxdWVzdBIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKAkiIwoSTW9kZWxSZWFkeVJlc3BvbnNlEg0KBXJlYWR5GAEgASgIIhcKFVNlcnZlck1ldGFkYXRhUmVxdWVzdCJLChZTZXJ2ZXJNZXRhZGF0YVJlc3BvbnNlEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCRISCgpleHRlbnNpb25zGAMgAygJMtkCChRHUlBDSW5mZXJlbmNlU2VydmljZRJLCgpTZXJ2ZXJMaXZlEhwuaW5mZXJlbmNlLlNlcnZlckxpdmVSZXF1ZXN0Gh0uaW5mZXJlbmNlLlNlcnZlckxpdmVSZXNwb25zZSIAEk4KC1NlcnZlclJlYWR5Eh0uaW5mZXJlbmNlLlNlcnZlclJlYWR5UmVxdWVzdBoeLmluZmVyZW5jZS5TZXJ2ZXJSZWFkeVJlc3BvbnNlIgASSwoKTW9kZWxSZWFkeRIcLmluZmVyZW5jZS5Nb2RlbFJlYWR5UmVxdWVzdBodLmluZmVyZW5jZS5Nb2RlbFJlYWR5UmVzcG9uc2UiABJXCg5TZXJ2ZXJNZXRhZGF0YRIgLmluZmVyZW5jZS5TZXJ2ZXJNZXRhZGF0YVJlcXVlc3QaIS5pbmZlcmVuY2UuU2VydmVyTWV0YWRhdGFSZXNwb25zZSIAYgZwcm90bzM");
+  fileDesc("Cid0ZW5zb3J3aXJlL2luZmVyZW5jZS9ncnBjX3NlcnZpY2UucHJvdG8SCWluZmVyZW5jZSITChFTZXJ2ZXJMaXZlUmVxdWVzdCIiChJTZXJ2ZXJMaXZlUmVzcG9uc2USDAoEbGl2ZRgBIAEoCCIUChJTZXJ2ZXJSZWFkeVJlcXVlc3QiJAoTU2VydmVyUmVhZHlSZXNwb25zZRINCgVyZWFkeRgBIAEoCCIyChFNb2RlbFJlYWR5UmVxdWVzdBIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKAkiIwoSTW9kZWxSZWFkeVJlc3BvbnNlEg0KBXJlYWR5GAEgASgIIhcKFVNlcnZlck1ldGFkYXRhUmVxdWVzdCJLChZTZXJ2ZXJNZXRhZGF0YVJlc3BvbnNlEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCRISCgpleHRlbnNpb25zGAMgAygJIjUKFE1vZGVsTWV0YWRhdGFSZXF1ZXN0EgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCSKNAgoVTW9kZWxNZXRhZGF0YVJlc3BvbnNlEgwKBG5hbWUYASABKAkSEAoIdmVyc2lvbnMYAiADKAkSEAoIcGxhdGZvcm0YAyABKAkSPwoGaW5wdXRzGAQgAygLMi8uaW5mZXJlbmNlLk1vZGVsTWV0YWRhdGFSZXNwb25zZS5UZW5zb3JNZXRhZGF0YRJACgdvdXRwdXRzGAUgAygLMi8uaW5mZXJlbmNlLk1vZGVsTWV0YWRhdGFSZXNwb25zZS5UZW5zb3JNZXRhZGF0YRo/Cg5UZW5zb3JNZXRhZGF0YRIMCgRuYW1lGAEgASgJEhAKCGRhdGF0eXBlGAIgASgJEg0KBXNoYXBlGAMgAygDIpkBCg5JbmZlclBhcmFtZXRlchIUCgpib29sX3BhcmFtGAEgASgISAASFQoLaW50NjRfcGFyYW0YAiABKANIABIWCgxzdHJpbmdfcGFyYW0YAyABKAlIABIWCgxkb3VibGVfcGFyYW0YBCABKAFIABIWCgx1aW50NjRfcGFyYW0YBSABKARIAEISChBwYXJhbWV0ZXJfY2hvaWNlItABChNJbmZlclRlbnNvckNvbnRlbnRzEhUKDWJvb2xfY29udGVudHMYASADKAgSFAoMaW50X2NvbnRlbnRzGAIgAygFEhYKDmludDY0X2NvbnRlbnRzGAMgAygDEhUKDXVpbnRfY29udGVudHMYBCADKA0SFwoPdWludDY0X2NvbnRlbnRzGAUgAygEEhUKDWZwMzJfY29udGVudHMYBiADKAISFQoNZnA2NF9jb250ZW50cxgHIAMoARIWCg5ieXRlc19jb250ZW50cxgIIAMoDCLuBgoRTW9kZWxJbmZlclJlcXVlc3QSEgoKbW9kZWxfbmFtZRgBIAEoCRIVCg1tb2RlbF92ZXJzaW9uGAIgASgJEgoKAmlkGAMgASgJEkAKCnBhcmFtZXRlcnMYBCADKAsyLC5pbmZlcmVuY2UuTW9kZWxJbmZlclJlcXVlc3QuUGFyYW1ldGVyc0VudHJ5Ej0KBmlucHV0cxgFIAMoCzItLmluZmVyZW5jZS5Nb2RlbEluZmVyUmVxdWVzdC5JbmZlcklucHV0VGVuc29yEkgKB291dHB1dHMYBiADKAsyNy5pbmZlcmVuY2UuTW9kZWxJbmZlclJlcXVlc3QuSW5mZXJSZXF1ZXN0ZWRPdXRwdXRUZW5zb3ISGgoScmF3X2lucHV0X2NvbnRlbnRzGAcgAygMGpQCChBJbmZlcklucHV0VGVuc29yEgwKBG5hbWUYASABKAkSEAoIZGF0YXR5cGUYAiABKAkSDQoFc2hhcGUYAyADKAMSUQoKcGFyYW1ldGVycxgEIAMoCzI9LmluZmVyZW5jZS5Nb2RlbEluZmVyUmVxdWVzdC5JbmZlcklucHV0VGVuc29yLlBhcmFtZXRlcnNFbnRyeRIwCghjb250ZW50cxgFIAEoCzIeLmluZmVyZW5jZS5JbmZlclRlbnNvckNvbnRlbnRzGkwKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSKAoFdmFsdWUYAiABKAsyGS5pbmZlcmVuY2UuSW5mZXJQYXJhbWV0ZXI6AjgBGtUBChpJbmZlclJlcXVlc3RlZE91dHB1dFRlbnNvchIMCgRuYW1lGAEgASgJElsKCnBhcmFtZXRlcnMYAiADKAsyRy5pbmZlcmVuY2UuTW9kZWxJbmZlclJlcXVlc3QuSW5mZXJSZXF1ZXN0ZWRPdXRwdXRUZW5zb3IuUGFyYW1ldGVyc0VudHJ5GkwKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSKAoFdmFsdWUYAiABKAsyGS5pbmZlcmVuY2UuSW5mZXJQYXJhbWV0ZXI6AjgBGkwKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSKAoFdmFsdWUYAiABKAsyGS5pbmZlcmVuY2UuSW5mZXJQYXJhbWV0ZXI6AjgBItUEChJNb2RlbEluZmVyUmVzcG9uc2USEgoKbW9kZWxfbmFtZRgBIAEoCRIVCg1tb2RlbF92ZXJzaW9uGAIgASgJEgoKAmlkGAMgASgJEkEKCnBhcmFtZXRlcnMYBCADKAsyLS5pbmZlcmVuY2UuTW9kZWxJbmZlclJlc3BvbnNlLlBhcmFtZXRlcnNFbnRyeRJACgdvdXRwdXRzGAUgAygLMi8uaW5mZXJlbmNlLk1vZGVsSW5mZXJSZXNwb25zZS5JbmZlck91dHB1dFRlbnNvchIbChNyYXdfb3V0cHV0X2NvbnRlbnRzGAYgAygMGpcCChFJbmZlck91dHB1dFRlbnNvchIMCgRuYW1lGAEgASgJEhAKCGRhdGF0eXBlGAIgASgJEg0KBXNoYXBlGAMgAygDElMKCnBhcmFtZXRlcnMYBCADKAsyPy5pbmZlcmVuY2UuTW9kZWxJbmZlclJlc3BvbnNlLkluZmVyT3V0cHV0VGVuc29yLlBhcmFtZXRlcnNFbnRyeRIwCghjb250ZW50cxgFIAEoCzIeLmluZmVyZW5jZS5JbmZlclRlbnNvckNvbnRlbnRzGkwKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSKAoFdmFsdWUYAiABKAsyGS5pbmZlcmVuY2UuSW5mZXJQYXJhbWV0ZXI6AjgBGkwKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSKAoFdmFsdWUYAiABKAsyGS5pbmZlcmVuY2UuSW5mZXJQYXJhbWV0ZXI6AjgBImgKGE1vZGVsU3RyZWFtSW5mZXJSZXNwb25zZRIVCg1lcnJvcl9tZXNzYWdlGAEgASgJEjUKDmluZmVyX3Jlc3BvbnNlGAIgASgLMh0uaW5mZXJlbmNlLk1vZGVsSW5mZXJSZXNwb25zZSIzChJNb2RlbENvbmZpZ1JlcXVlc3QSDAoEbmFtZRgBIAEoCRIPCgd2ZXJzaW9uGAIgASgJIj0KE01vZGVsQ29uZmlnUmVzcG9uc2USJgoGY29uZmlnGAEgASgLMhYuaW5mZXJlbmNlLk1vZGVsQ29uZmlnIjcKFk1vZGVsU3RhdGlzdGljc1JlcXVlc3QSDAoEbmFtZRgBIAEoCRIPCgd2ZXJzaW9uGAIgASgJIi4KEVN0YXRpc3RpY0R1cmF0aW9uEg0KBWNvdW50GAEgASgEEgoKAm5zGAIgASgEIpwDCg9JbmZlclN0YXRpc3RpY3MSLQoHc3VjY2VzcxgBIAEoCzIcLmluZmVyZW5jZS5TdGF0aXN0aWNEdXJhdGlvbhIqCgRmYWlsGAIgASgLMhwuaW5mZXJlbmNlLlN0YXRpc3RpY0R1cmF0aW9uEisKBXF1ZXVlGAMgASgLMhwuaW5mZXJlbmNlLlN0YXRpc3RpY0R1cmF0aW9uEjMKDWNvbXB1dGVfaW5wdXQYBCABKAsyHC5pbmZlcmVuY2UuU3RhdGlzdGljRHVyYXRpb24SMwoNY29tcHV0ZV9pbmZlchgFIAEoCzIcLmluZmVyZW5jZS5TdGF0aXN0aWNEdXJhdGlvbhI0Cg5jb21wdXRlX291dHB1dBgGIAEoCzIcLmluZmVyZW5jZS5TdGF0aXN0aWNEdXJhdGlvbhIvCgljYWNoZV9oaXQYByABKAsyHC5pbmZlcmVuY2UuU3RhdGlzdGljRHVyYXRpb24SMAoKY2FjaGVfbWlzcxgIIAEoCzIcLmluZmVyZW5jZS5TdGF0aXN0aWNEdXJhdGlvbiLKAQoUSW5mZXJCYXRjaFN0YXRpc3RpY3MSEgoKYmF0Y2hfc2l6ZRgBIAEoBBIzCg1jb21wdXRlX2lucHV0GAIgASgLMhwuaW5mZXJlbmNlLlN0YXRpc3RpY0R1cmF0aW9uEjMKDWNvbXB1dGVfaW5mZXIYAyABKAsyHC5pbmZlcmVuY2UuU3RhdGlzdGljRHVyYXRpb24SNAoOY29tcHV0ZV9vdXRwdXQYBCABKAsyHC5pbmZlcmVuY2UuU3RhdGlzdGljRHVyYXRpb24iOgoLTWVtb3J5VXNhZ2USDAoEdHlwZRgBIAEoCRIKCgJpZBgCIAEoAxIRCglieXRlX3NpemUYAyABKAQikwIKD01vZGVsU3RhdGlzdGljcxIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKAkSFgoObGFzdF9pbmZlcmVuY2UYAyABKAQSFwoPaW5mZXJlbmNlX2NvdW50GAQgASgEEhcKD2V4ZWN1dGlvbl9jb3VudBgFIAEoBBIzCg9pbmZlcmVuY2Vfc3RhdHMYBiABKAsyGi5pbmZlcmVuY2UuSW5mZXJTdGF0aXN0aWNzEjQKC2JhdGNoX3N0YXRzGAcgAygLMh8uaW5mZXJlbmNlLkluZmVyQmF0Y2hTdGF0aXN0aWNzEiwKDG1lbW9yeV91c2FnZRgIIAMoCzIWLmluZmVyZW5jZS5NZW1vcnlVc2FnZSJKChdNb2RlbFN0YXRpc3RpY3NSZXNwb25zZRIvCgttb2RlbF9zdGF0cxgBIAMoCzIaLmluZmVyZW5jZS5Nb2RlbFN0YXRpc3RpY3MiQAoWUmVwb3NpdG9yeUluZGV4UmVxdWVzdBIXCg9yZXBvc2l0b3J5X25hbWUYASABKAkSDQoFcmVhZHkYAiABKAgipAEKF1JlcG9zaXRvcnlJbmRleFJlc3BvbnNlEj0KBm1vZGVscxgBIAMoCzItLmluZmVyZW5jZS5SZXBvc2l0b3J5SW5kZXhSZXNwb25zZS5Nb2RlbEluZGV4GkoKCk1vZGVsSW5kZXgSDAoEbmFtZRgBIAEoCRIPCgd2ZXJzaW9uGAIgASgJEg0KBXN0YXRlGAMgASgJEg4KBnJlYXNvbhgEIAEoCSKKAQoYTW9kZWxSZXBvc2l0b3J5UGFyYW1ldGVyEhQKCmJvb2xfcGFyYW0YASABKAhIABIVCgtpbnQ2NF9wYXJhbRgCIAEoA0gAEhYKDHN0cmluZ19wYXJhbRgDIAEoCUgAEhUKC2J5dGVzX3BhcmFtGAQgASgMSABCEgoQcGFyYW1ldGVyX2Nob2ljZSLsAQoaUmVwb3NpdG9yeU1vZGVsTG9hZFJlcXVlc3QSFwoPcmVwb3NpdG9yeV9uYW1lGAEgASgJEhIKCm1vZGVsX25hbWUYAiABKAkSSQoKcGFyYW1ldGVycxgDIAMoCzI1LmluZmVyZW5jZS5SZXBvc2l0b3J5TW9kZWxMb2FkUmVxdWVzdC5QYXJhbWV0ZXJzRW50cnkaVgoPUGFyYW1ldGVyc0VudHJ5EgsKA2tleRgBIAEoCRIyCgV2YWx1ZRgCIAEoCzIjLmluZmVyZW5jZS5Nb2RlbFJlcG9zaXRvcnlQYXJhbWV0ZXI6AjgBIh0KG1JlcG9zaXRvcnlNb2RlbExvYWRSZXNwb25zZSLwAQocUmVwb3NpdG9yeU1vZGVsVW5sb2FkUmVxdWVzdBIXCg9yZXBvc2l0b3J5X25hbWUYASABKAkSEgoKbW9kZWxfbmFtZRgCIAEoCRJLCgpwYXJhbWV0ZXJzGAMgAygLMjcuaW5mZXJlbmNlLlJlcG9zaXRvcnlNb2RlbFVubG9hZFJlcXVlc3QuUGFyYW1ldGVyc0VudHJ5GlYKD1BhcmFtZXRlcnNFbnRyeRILCgNrZXkYASABKAkSMgoFdmFsdWUYAiABKAsyIy5pbmZlcmVuY2UuTW9kZWxSZXBvc2l0b3J5UGFyYW1ldGVyOgI4ASIfCh1SZXBvc2l0b3J5TW9kZWxVbmxvYWRSZXNwb25zZTK3CAoUR1JQQ0luZmVyZW5jZVNlcnZpY2USSwoKU2VydmVyTGl2ZRIcLmluZmVyZW5jZS5TZXJ2ZXJMaXZlUmVxdWVzdBodLmluZmVyZW5jZS5TZXJ2ZXJMaXZlUmVzcG9uc2UiABJOCgtTZXJ2ZXJSZWFkeRIdLmluZmVyZW5jZS5TZXJ2ZXJSZWFkeVJlcXVlc3QaHi5pbmZlcmVuY2UuU2VydmVyUmVhZHlSZXNwb25zZSIAEksKCk1vZGVsUmVhZHkSHC5pbmZlcmVuY2UuTW9kZWxSZWFkeVJlcXVlc3QaHS5pbmZlcmVuY2UuTW9kZWxSZWFkeVJlc3BvbnNlIgASVwoOU2VydmVyTWV0YWRhdGESIC5pbmZlcmVuY2UuU2VydmVyTWV0YWRhdGFSZXF1ZXN0GiEuaW5mZXJlbmNlLlNlcnZlck1ldGFkYXRhUmVzcG9uc2UiABJUCg1Nb2RlbE1ldGFkYXRhEh8uaW5mZXJlbmNlLk1vZGVsTWV0YWRhdGFSZXF1ZXN0GiAuaW5mZXJlbmNlLk1vZGVsTWV0YWRhdGFSZXNwb25zZSIAEksKCk1vZGVsSW5mZXISHC5pbmZlcmVuY2UuTW9kZWxJbmZlclJlcXVlc3QaHS5pbmZlcmVuY2UuTW9kZWxJbmZlclJlc3BvbnNlIgASWwoQTW9kZWxTdHJlYW1JbmZlchIcLmluZmVyZW5jZS5Nb2RlbEluZmVyUmVxdWVzdBojLmluZmVyZW5jZS5Nb2RlbFN0cmVhbUluZmVyUmVzcG9uc2UiACgBMAESTgoLTW9kZWxDb25maWcSHS5pbmZlcmVuY2UuTW9kZWxDb25maWdSZXF1ZXN0Gh4uaW5mZXJlbmNlLk1vZGVsQ29uZmlnUmVzcG9uc2UiABJaCg9Nb2RlbFN0YXRpc3RpY3MSIS5pbmZlcmVuY2UuTW9kZWxTdGF0aXN0aWNzUmVxdWVzdBoiLmluZmVyZW5jZS5Nb2RlbFN0YXRpc3RpY3NSZXNwb25zZSIAEloKD1JlcG9zaXRvcnlJbmRleBIhLmluZmVyZW5jZS5SZXBvc2l0b3J5SW5kZXhSZXF1ZXN0GiIuaW5mZXJlbmNlLlJlcG9zaXRvcnlJbmRleFJlc3BvbnNlIgASZgoTUmVwb3NpdG9yeU1vZGVsTG9hZBIlLmluZmVyZW5jZS5SZXBvc2l0b3J5TW9kZWxMb2FkUmVxdWVzdBomLmluZmVyZW5jZS5SZXBvc2l0b3J5TW9kZWxMb2FkUmVzcG9uc2UiABJsChVSZXBvc2l0b3J5TW9kZWxVbmxvYWQSJy5pbmZlcmVuY2UuUmVwb3NpdG9yeU1vZGVsVW5sb2FkUmVxdWVzdBooLmluZmVyZW5jZS5SZXBvc2l0b3J5TW9kZWxVbmxvYWRSZXNwb25zZSIAYgZwcm90bzM", [file_tensorwire_inference_model_config]);
 
 /**
  * @generated from message inference.ServerLiveRequest
@@ -86,6 +90,8 @@ export type ModelReadyRequest = Message<"inference.ModelReadyRequest"> & {
   name: string;
 
   /**
+   * Empty: the version the server picks for inference.
+   *
    * @generated from field: string version = 2;
    */
   version: string;
@@ -156,10 +162,880 @@ export const ServerMetadataResponseSchema: GenMessage<ServerMetadataResponse> = 
   messageDesc(file_tensorwire_inference_grpc_service, 7);
 
 /**
+ * @generated from message inference.ModelMetadataRequest
+ */
+export type ModelMetadataRequest = Message<"inference.ModelMetadataRequest"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: string version = 2;
+   */
+  version: string;
+};
+
+/**
+ * Describes the message inference.ModelMetadataRequest.
+ * Use `create(ModelMetadataRequestSchema)` to create a new message.
+ */
+export const ModelMetadataRequestSchema: GenMessage<ModelMetadataRequest> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 8);
+
+/**
+ * @generated from message inference.ModelMetadataResponse
+ */
+export type ModelMetadataResponse = Message<"inference.ModelMetadataResponse"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: repeated string versions = 2;
+   */
+  versions: string[];
+
+  /**
+   * @generated from field: string platform = 3;
+   */
+  platform: string;
+
+  /**
+   * @generated from field: repeated inference.ModelMetadataResponse.TensorMetadata inputs = 4;
+   */
+  inputs: ModelMetadataResponse_TensorMetadata[];
+
+  /**
+   * @generated from field: repeated inference.ModelMetadataResponse.TensorMetadata outputs = 5;
+   */
+  outputs: ModelMetadataResponse_TensorMetadata[];
+};
+
+/**
+ * Describes the message inference.ModelMetadataResponse.
+ * Use `create(ModelMetadataResponseSchema)` to create a new message.
+ */
+export const ModelMetadataResponseSchema: GenMessage<ModelMetadataResponse> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 9);
+
+/**
+ * @generated from message inference.ModelMetadataResponse.TensorMetadata
+ */
+export type ModelMetadataResponse_TensorMetadata = Message<"inference.ModelMetadataResponse.TensorMetadata"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: string datatype = 2;
+   */
+  datatype: string;
+
+  /**
+   * -1 marks a variable dimension (the batch dimension).
+   *
+   * @generated from field: repeated int64 shape = 3;
+   */
+  shape: bigint[];
+};
+
+/**
+ * Describes the message inference.ModelMetadataResponse.TensorMetadata.
+ * Use `create(ModelMetadataResponse_TensorMetadataSchema)` to create a new message.
+ */
+export const ModelMetadataResponse_TensorMetadataSchema: GenMessage<ModelMetadataResponse_TensorMetadata> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 9, 0);
+
+/**
+ * A request or tensor parameter.
+ *
+ * @generated from message inference.InferParameter
+ */
+export type InferParameter = Message<"inference.InferParameter"> & {
+  /**
+   * @generated from oneof inference.InferParameter.parameter_choice
+   */
+  parameterChoice: {
+    /**
+     * @generated from field: bool bool_param = 1;
+     */
+    value: boolean;
+    case: "boolParam";
+  } | {
+    /**
+     * @generated from field: int64 int64_param = 2;
+     */
+    value: bigint;
+    case: "int64Param";
+  } | {
+    /**
+     * @generated from field: string string_param = 3;
+     */
+    value: string;
+    case: "stringParam";
+  } | {
+    /**
+     * @generated from field: double double_param = 4;
+     */
+    value: number;
+    case: "doubleParam";
+  } | {
+    /**
+     * @generated from field: uint64 uint64_param = 5;
+     */
+    value: bigint;
+    case: "uint64Param";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message inference.InferParameter.
+ * Use `create(InferParameterSchema)` to create a new message.
+ */
+export const InferParameterSchema: GenMessage<InferParameter> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 10);
+
+/**
+ * Typed tensor contents, row-major; used when raw contents are not.
+ *
+ * @generated from message inference.InferTensorContents
+ */
+export type InferTensorContents = Message<"inference.InferTensorContents"> & {
+  /**
+   * @generated from field: repeated bool bool_contents = 1;
+   */
+  boolContents: boolean[];
+
+  /**
+   * @generated from field: repeated int32 int_contents = 2;
+   */
+  intContents: number[];
+
+  /**
+   * @generated from field: repeated int64 int64_contents = 3;
+   */
+  int64Contents: bigint[];
+
+  /**
+   * @generated from field: repeated uint32 uint_contents = 4;
+   */
+  uintContents: number[];
+
+  /**
+   * @generated from field: repeated uint64 uint64_contents = 5;
+   */
+  uint64Contents: bigint[];
+
+  /**
+   * @generated from field: repeated float fp32_contents = 6;
+   */
+  fp32Contents: number[];
+
+  /**
+   * @generated from field: repeated double fp64_contents = 7;
+   */
+  fp64Contents: number[];
+
+  /**
+   * @generated from field: repeated bytes bytes_contents = 8;
+   */
+  bytesContents: Uint8Array[];
+};
+
+/**
+ * Describes the message inference.InferTensorContents.
+ * Use `create(InferTensorContentsSchema)` to create a new message.
+ */
+export const InferTensorContentsSchema: GenMessage<InferTensorContents> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 11);
+
+/**
+ * @generated from message inference.ModelInferRequest
+ */
+export type ModelInferRequest = Message<"inference.ModelInferRequest"> & {
+  /**
+   * @generated from field: string model_name = 1;
+   */
+  modelName: string;
+
+  /**
+   * @generated from field: string model_version = 2;
+   */
+  modelVersion: string;
+
+  /**
+   * @generated from field: string id = 3;
+   */
+  id: string;
+
+  /**
+   * @generated from field: map<string, inference.InferParameter> parameters = 4;
+   */
+  parameters: { [key: string]: InferParameter };
+
+  /**
+   * @generated from field: repeated inference.ModelInferRequest.InferInputTensor inputs = 5;
+   */
+  inputs: ModelInferRequest_InferInputTensor[];
+
+  /**
+   * Empty: every output.
+   *
+   * @generated from field: repeated inference.ModelInferRequest.InferRequestedOutputTensor outputs = 6;
+   */
+  outputs: ModelInferRequest_InferRequestedOutputTensor[];
+
+  /**
+   * Little-endian bytes of each input, in the order of `inputs`; when used,
+   * every input comes this way and no input has typed contents.
+   *
+   * @generated from field: repeated bytes raw_input_contents = 7;
+   */
+  rawInputContents: Uint8Array[];
+};
+
+/**
+ * Describes the message inference.ModelInferRequest.
+ * Use `create(ModelInferRequestSchema)` to create a new message.
+ */
+export const ModelInferRequestSchema: GenMessage<ModelInferRequest> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 12);
+
+/**
+ * @generated from message inference.ModelInferRequest.InferInputTensor
+ */
+export type ModelInferRequest_InferInputTensor = Message<"inference.ModelInferRequest.InferInputTensor"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: string datatype = 2;
+   */
+  datatype: string;
+
+  /**
+   * @generated from field: repeated int64 shape = 3;
+   */
+  shape: bigint[];
+
+  /**
+   * @generated from field: map<string, inference.InferParameter> parameters = 4;
+   */
+  parameters: { [key: string]: InferParameter };
+
+  /**
+   * @generated from field: inference.InferTensorContents contents = 5;
+   */
+  contents?: InferTensorContents | undefined;
+};
+
+/**
+ * Describes the message inference.ModelInferRequest.InferInputTensor.
+ * Use `create(ModelInferRequest_InferInputTensorSchema)` to create a new message.
+ */
+export const ModelInferRequest_InferInputTensorSchema: GenMessage<ModelInferRequest_InferInputTensor> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 12, 0);
+
+/**
+ * @generated from message inference.ModelInferRequest.InferRequestedOutputTensor
+ */
+export type ModelInferRequest_InferRequestedOutputTensor = Message<"inference.ModelInferRequest.InferRequestedOutputTensor"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: map<string, inference.InferParameter> parameters = 2;
+   */
+  parameters: { [key: string]: InferParameter };
+};
+
+/**
+ * Describes the message inference.ModelInferRequest.InferRequestedOutputTensor.
+ * Use `create(ModelInferRequest_InferRequestedOutputTensorSchema)` to create a new message.
+ */
+export const ModelInferRequest_InferRequestedOutputTensorSchema: GenMessage<ModelInferRequest_InferRequestedOutputTensor> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 12, 1);
+
+/**
+ * @generated from message inference.ModelInferResponse
+ */
+export type ModelInferResponse = Message<"inference.ModelInferResponse"> & {
+  /**
+   * @generated from field: string model_name = 1;
+   */
+  modelName: string;
+
+  /**
+   * @generated from field: string model_version = 2;
+   */
+  modelVersion: string;
+
+  /**
+   * @generated from field: string id = 3;
+   */
+  id: string;
+
+  /**
+   * @generated from field: map<string, inference.InferParameter> parameters = 4;
+   */
+  parameters: { [key: string]: InferParameter };
+
+  /**
+   * @generated from field: repeated inference.ModelInferResponse.InferOutputTensor outputs = 5;
+   */
+  outputs: ModelInferResponse_InferOutputTensor[];
+
+  /**
+   * @generated from field: repeated bytes raw_output_contents = 6;
+   */
+  rawOutputContents: Uint8Array[];
+};
+
+/**
+ * Describes the message inference.ModelInferResponse.
+ * Use `create(ModelInferResponseSchema)` to create a new message.
+ */
+export const ModelInferResponseSchema: GenMessage<ModelInferResponse> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 13);
+
+/**
+ * @generated from message inference.ModelInferResponse.InferOutputTensor
+ */
+export type ModelInferResponse_InferOutputTensor = Message<"inference.ModelInferResponse.InferOutputTensor"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: string datatype = 2;
+   */
+  datatype: string;
+
+  /**
+   * @generated from field: repeated int64 shape = 3;
+   */
+  shape: bigint[];
+
+  /**
+   * @generated from field: map<string, inference.InferParameter> parameters = 4;
+   */
+  parameters: { [key: string]: InferParameter };
+
+  /**
+   * @generated from field: inference.InferTensorContents contents = 5;
+   */
+  contents?: InferTensorContents | undefined;
+};
+
+/**
+ * Describes the message inference.ModelInferResponse.InferOutputTensor.
+ * Use `create(ModelInferResponse_InferOutputTensorSchema)` to create a new message.
+ */
+export const ModelInferResponse_InferOutputTensorSchema: GenMessage<ModelInferResponse_InferOutputTensor> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 13, 0);
+
+/**
+ * @generated from message inference.ModelStreamInferResponse
+ */
+export type ModelStreamInferResponse = Message<"inference.ModelStreamInferResponse"> & {
+  /**
+   * Non-empty when this request failed.
+   *
+   * @generated from field: string error_message = 1;
+   */
+  errorMessage: string;
+
+  /**
+   * @generated from field: inference.ModelInferResponse infer_response = 2;
+   */
+  inferResponse?: ModelInferResponse | undefined;
+};
+
+/**
+ * Describes the message inference.ModelStreamInferResponse.
+ * Use `create(ModelStreamInferResponseSchema)` to create a new message.
+ */
+export const ModelStreamInferResponseSchema: GenMessage<ModelStreamInferResponse> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 14);
+
+/**
+ * @generated from message inference.ModelConfigRequest
+ */
+export type ModelConfigRequest = Message<"inference.ModelConfigRequest"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: string version = 2;
+   */
+  version: string;
+};
+
+/**
+ * Describes the message inference.ModelConfigRequest.
+ * Use `create(ModelConfigRequestSchema)` to create a new message.
+ */
+export const ModelConfigRequestSchema: GenMessage<ModelConfigRequest> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 15);
+
+/**
+ * @generated from message inference.ModelConfigResponse
+ */
+export type ModelConfigResponse = Message<"inference.ModelConfigResponse"> & {
+  /**
+   * @generated from field: inference.ModelConfig config = 1;
+   */
+  config?: ModelConfig | undefined;
+};
+
+/**
+ * Describes the message inference.ModelConfigResponse.
+ * Use `create(ModelConfigResponseSchema)` to create a new message.
+ */
+export const ModelConfigResponseSchema: GenMessage<ModelConfigResponse> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 16);
+
+/**
+ * @generated from message inference.ModelStatisticsRequest
+ */
+export type ModelStatisticsRequest = Message<"inference.ModelStatisticsRequest"> & {
+  /**
+   * Empty: every model.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: string version = 2;
+   */
+  version: string;
+};
+
+/**
+ * Describes the message inference.ModelStatisticsRequest.
+ * Use `create(ModelStatisticsRequestSchema)` to create a new message.
+ */
+export const ModelStatisticsRequestSchema: GenMessage<ModelStatisticsRequest> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 17);
+
+/**
+ * @generated from message inference.StatisticDuration
+ */
+export type StatisticDuration = Message<"inference.StatisticDuration"> & {
+  /**
+   * @generated from field: uint64 count = 1;
+   */
+  count: bigint;
+
+  /**
+   * @generated from field: uint64 ns = 2;
+   */
+  ns: bigint;
+};
+
+/**
+ * Describes the message inference.StatisticDuration.
+ * Use `create(StatisticDurationSchema)` to create a new message.
+ */
+export const StatisticDurationSchema: GenMessage<StatisticDuration> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 18);
+
+/**
+ * @generated from message inference.InferStatistics
+ */
+export type InferStatistics = Message<"inference.InferStatistics"> & {
+  /**
+   * @generated from field: inference.StatisticDuration success = 1;
+   */
+  success?: StatisticDuration | undefined;
+
+  /**
+   * @generated from field: inference.StatisticDuration fail = 2;
+   */
+  fail?: StatisticDuration | undefined;
+
+  /**
+   * @generated from field: inference.StatisticDuration queue = 3;
+   */
+  queue?: StatisticDuration | undefined;
+
+  /**
+   * @generated from field: inference.StatisticDuration compute_input = 4;
+   */
+  computeInput?: StatisticDuration | undefined;
+
+  /**
+   * @generated from field: inference.StatisticDuration compute_infer = 5;
+   */
+  computeInfer?: StatisticDuration | undefined;
+
+  /**
+   * @generated from field: inference.StatisticDuration compute_output = 6;
+   */
+  computeOutput?: StatisticDuration | undefined;
+
+  /**
+   * @generated from field: inference.StatisticDuration cache_hit = 7;
+   */
+  cacheHit?: StatisticDuration | undefined;
+
+  /**
+   * @generated from field: inference.StatisticDuration cache_miss = 8;
+   */
+  cacheMiss?: StatisticDuration | undefined;
+};
+
+/**
+ * Describes the message inference.InferStatistics.
+ * Use `create(InferStatisticsSchema)` to create a new message.
+ */
+export const InferStatisticsSchema: GenMessage<InferStatistics> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 19);
+
+/**
+ * @generated from message inference.InferBatchStatistics
+ */
+export type InferBatchStatistics = Message<"inference.InferBatchStatistics"> & {
+  /**
+   * @generated from field: uint64 batch_size = 1;
+   */
+  batchSize: bigint;
+
+  /**
+   * @generated from field: inference.StatisticDuration compute_input = 2;
+   */
+  computeInput?: StatisticDuration | undefined;
+
+  /**
+   * @generated from field: inference.StatisticDuration compute_infer = 3;
+   */
+  computeInfer?: StatisticDuration | undefined;
+
+  /**
+   * @generated from field: inference.StatisticDuration compute_output = 4;
+   */
+  computeOutput?: StatisticDuration | undefined;
+};
+
+/**
+ * Describes the message inference.InferBatchStatistics.
+ * Use `create(InferBatchStatisticsSchema)` to create a new message.
+ */
+export const InferBatchStatisticsSchema: GenMessage<InferBatchStatistics> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 20);
+
+/**
+ * @generated from message inference.MemoryUsage
+ */
+export type MemoryUsage = Message<"inference.MemoryUsage"> & {
+  /**
+   * @generated from field: string type = 1;
+   */
+  type: string;
+
+  /**
+   * @generated from field: int64 id = 2;
+   */
+  id: bigint;
+
+  /**
+   * @generated from field: uint64 byte_size = 3;
+   */
+  byteSize: bigint;
+};
+
+/**
+ * Describes the message inference.MemoryUsage.
+ * Use `create(MemoryUsageSchema)` to create a new message.
+ */
+export const MemoryUsageSchema: GenMessage<MemoryUsage> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 21);
+
+/**
+ * @generated from message inference.ModelStatistics
+ */
+export type ModelStatistics = Message<"inference.ModelStatistics"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: string version = 2;
+   */
+  version: string;
+
+  /**
+   * Milliseconds since the epoch of the last inference; 0 when none.
+   *
+   * @generated from field: uint64 last_inference = 3;
+   */
+  lastInference: bigint;
+
+  /**
+   * @generated from field: uint64 inference_count = 4;
+   */
+  inferenceCount: bigint;
+
+  /**
+   * @generated from field: uint64 execution_count = 5;
+   */
+  executionCount: bigint;
+
+  /**
+   * @generated from field: inference.InferStatistics inference_stats = 6;
+   */
+  inferenceStats?: InferStatistics | undefined;
+
+  /**
+   * @generated from field: repeated inference.InferBatchStatistics batch_stats = 7;
+   */
+  batchStats: InferBatchStatistics[];
+
+  /**
+   * @generated from field: repeated inference.MemoryUsage memory_usage = 8;
+   */
+  memoryUsage: MemoryUsage[];
+};
+
+/**
+ * Describes the message inference.ModelStatistics.
+ * Use `create(ModelStatisticsSchema)` to create a new message.
+ */
+export const ModelStatisticsSchema: GenMessage<ModelStatistics> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 22);
+
+/**
+ * @generated from message inference.ModelStatisticsResponse
+ */
+export type ModelStatisticsResponse = Message<"inference.ModelStatisticsResponse"> & {
+  /**
+   * @generated from field: repeated inference.ModelStatistics model_stats = 1;
+   */
+  modelStats: ModelStatistics[];
+};
+
+/**
+ * Describes the message inference.ModelStatisticsResponse.
+ * Use `create(ModelStatisticsResponseSchema)` to create a new message.
+ */
+export const ModelStatisticsResponseSchema: GenMessage<ModelStatisticsResponse> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 23);
+
+/**
+ * @generated from message inference.RepositoryIndexRequest
+ */
+export type RepositoryIndexRequest = Message<"inference.RepositoryIndexRequest"> & {
+  /**
+   * @generated from field: string repository_name = 1;
+   */
+  repositoryName: string;
+
+  /**
+   * Only models that are ready.
+   *
+   * @generated from field: bool ready = 2;
+   */
+  ready: boolean;
+};
+
+/**
+ * Describes the message inference.RepositoryIndexRequest.
+ * Use `create(RepositoryIndexRequestSchema)` to create a new message.
+ */
+export const RepositoryIndexRequestSchema: GenMessage<RepositoryIndexRequest> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 24);
+
+/**
+ * @generated from message inference.RepositoryIndexResponse
+ */
+export type RepositoryIndexResponse = Message<"inference.RepositoryIndexResponse"> & {
+  /**
+   * @generated from field: repeated inference.RepositoryIndexResponse.ModelIndex models = 1;
+   */
+  models: RepositoryIndexResponse_ModelIndex[];
+};
+
+/**
+ * Describes the message inference.RepositoryIndexResponse.
+ * Use `create(RepositoryIndexResponseSchema)` to create a new message.
+ */
+export const RepositoryIndexResponseSchema: GenMessage<RepositoryIndexResponse> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 25);
+
+/**
+ * @generated from message inference.RepositoryIndexResponse.ModelIndex
+ */
+export type RepositoryIndexResponse_ModelIndex = Message<"inference.RepositoryIndexResponse.ModelIndex"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: string version = 2;
+   */
+  version: string;
+
+  /**
+   * UNAVAILABLE, LOADING, READY, UNLOADING.
+   *
+   * @generated from field: string state = 3;
+   */
+  state: string;
+
+  /**
+   * @generated from field: string reason = 4;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message inference.RepositoryIndexResponse.ModelIndex.
+ * Use `create(RepositoryIndexResponse_ModelIndexSchema)` to create a new message.
+ */
+export const RepositoryIndexResponse_ModelIndexSchema: GenMessage<RepositoryIndexResponse_ModelIndex> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 25, 0);
+
+/**
+ * @generated from message inference.ModelRepositoryParameter
+ */
+export type ModelRepositoryParameter = Message<"inference.ModelRepositoryParameter"> & {
+  /**
+   * @generated from oneof inference.ModelRepositoryParameter.parameter_choice
+   */
+  parameterChoice: {
+    /**
+     * @generated from field: bool bool_param = 1;
+     */
+    value: boolean;
+    case: "boolParam";
+  } | {
+    /**
+     * @generated from field: int64 int64_param = 2;
+     */
+    value: bigint;
+    case: "int64Param";
+  } | {
+    /**
+     * @generated from field: string string_param = 3;
+     */
+    value: string;
+    case: "stringParam";
+  } | {
+    /**
+     * @generated from field: bytes bytes_param = 4;
+     */
+    value: Uint8Array;
+    case: "bytesParam";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message inference.ModelRepositoryParameter.
+ * Use `create(ModelRepositoryParameterSchema)` to create a new message.
+ */
+export const ModelRepositoryParameterSchema: GenMessage<ModelRepositoryParameter> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 26);
+
+/**
+ * @generated from message inference.RepositoryModelLoadRequest
+ */
+export type RepositoryModelLoadRequest = Message<"inference.RepositoryModelLoadRequest"> & {
+  /**
+   * @generated from field: string repository_name = 1;
+   */
+  repositoryName: string;
+
+  /**
+   * @generated from field: string model_name = 2;
+   */
+  modelName: string;
+
+  /**
+   * @generated from field: map<string, inference.ModelRepositoryParameter> parameters = 3;
+   */
+  parameters: { [key: string]: ModelRepositoryParameter };
+};
+
+/**
+ * Describes the message inference.RepositoryModelLoadRequest.
+ * Use `create(RepositoryModelLoadRequestSchema)` to create a new message.
+ */
+export const RepositoryModelLoadRequestSchema: GenMessage<RepositoryModelLoadRequest> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 27);
+
+/**
+ * @generated from message inference.RepositoryModelLoadResponse
+ */
+export type RepositoryModelLoadResponse = Message<"inference.RepositoryModelLoadResponse"> & {
+};
+
+/**
+ * Describes the message inference.RepositoryModelLoadResponse.
+ * Use `create(RepositoryModelLoadResponseSchema)` to create a new message.
+ */
+export const RepositoryModelLoadResponseSchema: GenMessage<RepositoryModelLoadResponse> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 28);
+
+/**
+ * @generated from message inference.RepositoryModelUnloadRequest
+ */
+export type RepositoryModelUnloadRequest = Message<"inference.RepositoryModelUnloadRequest"> & {
+  /**
+   * @generated from field: string repository_name = 1;
+   */
+  repositoryName: string;
+
+  /**
+   * @generated from field: string model_name = 2;
+   */
+  modelName: string;
+
+  /**
+   * @generated from field: map<string, inference.ModelRepositoryParameter> parameters = 3;
+   */
+  parameters: { [key: string]: ModelRepositoryParameter };
+};
+
+/**
+ * Describes the message inference.RepositoryModelUnloadRequest.
+ * Use `create(RepositoryModelUnloadRequestSchema)` to create a new message.
+ */
+export const RepositoryModelUnloadRequestSchema: GenMessage<RepositoryModelUnloadRequest> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 29);
+
+/**
+ * @generated from message inference.RepositoryModelUnloadResponse
+ */
+export type RepositoryModelUnloadResponse = Message<"inference.RepositoryModelUnloadResponse"> & {
+};
+
+/**
+ * Describes the message inference.RepositoryModelUnloadResponse.
+ * Use `create(RepositoryModelUnloadResponseSchema)` to create a new message.
+ */
+export const RepositoryModelUnloadResponseSchema: GenMessage<RepositoryModelUnloadResponse> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_grpc_service, 30);
+
+/**
  * @generated from service inference.GRPCInferenceService
  */
 export const GRPCInferenceService: GenService<{
   /**
+   * Is the server process alive?
+   *
    * @generated from rpc inference.GRPCInferenceService.ServerLive
    */
   serverLive: {
@@ -168,6 +1044,8 @@ export const GRPCInferenceService: GenService<{
     output: typeof ServerLiveResponseSchema;
   },
   /**
+   * Is the server ready to serve inference?
+   *
    * @generated from rpc inference.GRPCInferenceService.ServerReady
    */
   serverReady: {
@@ -176,6 +1054,8 @@ export const GRPCInferenceService: GenService<{
     output: typeof ServerReadyResponseSchema;
   },
   /**
+   * Is a model (optionally one version) ready?
+   *
    * @generated from rpc inference.GRPCInferenceService.ModelReady
    */
   modelReady: {
@@ -190,6 +1070,77 @@ export const GRPCInferenceService: GenService<{
     methodKind: "unary";
     input: typeof ServerMetadataRequestSchema;
     output: typeof ServerMetadataResponseSchema;
+  },
+  /**
+   * @generated from rpc inference.GRPCInferenceService.ModelMetadata
+   */
+  modelMetadata: {
+    methodKind: "unary";
+    input: typeof ModelMetadataRequestSchema;
+    output: typeof ModelMetadataResponseSchema;
+  },
+  /**
+   * One inference request.
+   *
+   * @generated from rpc inference.GRPCInferenceService.ModelInfer
+   */
+  modelInfer: {
+    methodKind: "unary";
+    input: typeof ModelInferRequestSchema;
+    output: typeof ModelInferResponseSchema;
+  },
+  /**
+   * Many inference requests over one stream; responses in completion order,
+   * each carrying its request's id. An error answers that request only.
+   *
+   * @generated from rpc inference.GRPCInferenceService.ModelStreamInfer
+   */
+  modelStreamInfer: {
+    methodKind: "bidi_streaming";
+    input: typeof ModelInferRequestSchema;
+    output: typeof ModelStreamInferResponseSchema;
+  },
+  /**
+   * @generated from rpc inference.GRPCInferenceService.ModelConfig
+   */
+  modelConfig: {
+    methodKind: "unary";
+    input: typeof ModelConfigRequestSchema;
+    output: typeof ModelConfigResponseSchema;
+  },
+  /**
+   * @generated from rpc inference.GRPCInferenceService.ModelStatistics
+   */
+  modelStatistics: {
+    methodKind: "unary";
+    input: typeof ModelStatisticsRequestSchema;
+    output: typeof ModelStatisticsResponseSchema;
+  },
+  /**
+   * Model repository extension.
+   *
+   * @generated from rpc inference.GRPCInferenceService.RepositoryIndex
+   */
+  repositoryIndex: {
+    methodKind: "unary";
+    input: typeof RepositoryIndexRequestSchema;
+    output: typeof RepositoryIndexResponseSchema;
+  },
+  /**
+   * @generated from rpc inference.GRPCInferenceService.RepositoryModelLoad
+   */
+  repositoryModelLoad: {
+    methodKind: "unary";
+    input: typeof RepositoryModelLoadRequestSchema;
+    output: typeof RepositoryModelLoadResponseSchema;
+  },
+  /**
+   * @generated from rpc inference.GRPCInferenceService.RepositoryModelUnload
+   */
+  repositoryModelUnload: {
+    methodKind: "unary";
+    input: typeof RepositoryModelUnloadRequestSchema;
+    output: typeof RepositoryModelUnloadResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tensorwire_inference_grpc_service, 0);
