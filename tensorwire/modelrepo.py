@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,45 @@ def write_version(
     """
     import torch
 
+    weights = {k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in state_dict.items()}
+
+    def save(path: Path) -> None:
+        with open(path, "wb") as f:
+            torch.save(weights, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return _add_version(repo, name, kind, save, model_args=model_args, version=version,
+                        config_overrides=config_overrides)
+
+
+def install_weights_file(
+    repo: Path,
+    name: str,
+    kind: str,
+    weights_file: Path,
+    *,
+    model_args: dict | None = None,
+    version: int | None = None,
+    config_overrides: dict | None = None,
+) -> int:
+    """Like ``write_version``, but moves an already written (and fsynced) weights
+    file in, without loading it: checkpoints received over the network
+    (tensorwire.checkpoints). ``weights_file`` must be on the repository's filesystem."""
+    return _add_version(repo, name, kind, lambda path: os.replace(weights_file, path),
+                        model_args=model_args, version=version, config_overrides=config_overrides)
+
+
+def _add_version(
+    repo: Path,
+    name: str,
+    kind: str,
+    write_weights: Callable[[Path], None],
+    *,
+    model_args: dict | None,
+    version: int | None,
+    config_overrides: dict | None,
+) -> int:
     root = Path(repo)
     folder = root / check_name(name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -249,11 +288,7 @@ def write_version(
         raise InvalidArgumentError(f"model {name!r} already has version {version}")
     tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", suffix=".tmp", dir=folder))
     try:
-        weights = {k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in state_dict.items()}
-        with open(tmp / WEIGHTS_FILE, "wb") as f:
-            torch.save(weights, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_weights(tmp / WEIGHTS_FILE)
         _fsync_dir(tmp)
         os.rename(tmp, final)
     except BaseException:
