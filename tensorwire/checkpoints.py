@@ -1,0 +1,308 @@
+"""Checkpoint transfer between services that share no filesystem.
+
+The sender (the trainer) streams a weights file with ``upload_checkpoint``: a
+header (model, kind, size), the file as ``tensorwire.chunking`` chunks, a trailer
+(whole-file CRC32). The receiver (the inference service) runs
+``CheckpointReceiver``: it writes the chunks into a staging folder inside the
+model's folder of its repository, verifies every chunk and the whole, checks the
+file is a loadable state_dict (memory-mapped, tensors not read), and installs it
+atomically as a new version with ``modelrepo.install_weights_file``.
+
+Nothing is ever installed from a bad stream: a checksum, order or size mismatch is
+``DataLossError`` (DATA_LOSS); a stream that ends without its trailer, or is
+cancelled, is ``AbortedError`` (ABORTED) or a cancellation; in every case the
+staging folder is removed. ``ModelTransferServicer`` is the thin gRPC adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from tensorwire import modelrepo
+from tensorwire.chunking import Chunk, ChunkConfig, ChunkReceiver, ChunkSender, Compression, MiB
+from tensorwire.errors import AbortedError, DataLossError, InvalidArgumentError
+from tensorwire.transfer.v1 import transfer_pb2 as pb
+from tensorwire.transfer.v1 import transfer_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelTransferService"].full_name
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    model: str
+    kind: str
+    total_bytes: int
+    model_args: dict[str, Any] | None = None
+    version: int | None = None
+    """None = the next free version number."""
+
+
+@dataclass(frozen=True)
+class UploadTrailer:
+    crc32: int
+    total_bytes: int
+    chunks: int
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    model: str
+    version: int
+    bytes: int
+    crc32: int
+    chunks: int
+    wire_bytes: int
+
+
+UploadPart = UploadHeader | Chunk | UploadTrailer
+
+
+class CheckpointReceiver:
+    """Receives uploads into a model repository; installs only verified files."""
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        max_bytes: int = 8 * 1024 * MiB,
+        max_chunk_bytes: int = 16 * MiB,
+        on_installed: Callable[[str, int], Awaitable[None]] | None = None,
+    ) -> None:
+        """
+        :param repository: the model repository folder.
+        :param max_bytes: largest checkpoint accepted.
+        :param max_chunk_bytes: largest chunk (uncompressed) accepted.
+        :param on_installed: awaited with (model, version) after each install, e.g.
+            to have the loader pick the new version up at once.
+        """
+        self.repository = Path(repository)
+        self.max_bytes = max_bytes
+        self.max_chunk_bytes = max_chunk_bytes
+        self.on_installed = on_installed
+        self.installed = 0
+        self.refused = 0
+        self._install_lock = asyncio.Lock()  # one version number at a time
+
+    async def receive(self, parts: AsyncIterator[UploadPart]) -> UploadResult:
+        """Consume one upload; returns what was installed."""
+        try:
+            return await self._receive(parts)
+        except BaseException:
+            self.refused += 1
+            raise
+
+    async def _receive(self, parts: AsyncIterator[UploadPart]) -> UploadResult:
+        header = await anext(parts, None)
+        if not isinstance(header, UploadHeader):
+            raise InvalidArgumentError("an upload must start with its header (model, kind, size)")
+        self._check_header(header)
+        folder = self.repository / header.model
+        made_folder = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".upload-", suffix=".tmp", dir=folder))
+        weights = staging / modelrepo.WEIGHTS_FILE
+        try:
+            with open(weights, "wb") as sink:
+                receiver = ChunkReceiver(
+                    sink, max_chunk_bytes=self.max_chunk_bytes, max_total_bytes=header.total_bytes
+                )
+                trailer = None
+                async for part in parts:
+                    if isinstance(part, Chunk):
+                        if trailer is not None:
+                            raise DataLossError("chunk after the trailer")
+                        await receiver.feed(part)
+                    elif isinstance(part, UploadTrailer):
+                        trailer = part
+                    else:
+                        raise InvalidArgumentError("a second header in one upload")
+                if trailer is None:
+                    raise AbortedError(
+                        f"upload of model {header.model!r} ended after {receiver.chunk_count} chunks "
+                        f"({receiver.total_bytes} of {header.total_bytes} bytes) without its "
+                        "trailer; nothing installed"
+                    )
+                if trailer.total_bytes != header.total_bytes:
+                    raise DataLossError(
+                        f"trailer says {trailer.total_bytes} bytes, header said {header.total_bytes}"
+                    )
+                await receiver.finish(
+                    total_bytes=trailer.total_bytes, crc32=trailer.crc32, chunks=trailer.chunks
+                )
+            await asyncio.to_thread(_check_state_dict, weights)
+            async with self._install_lock:
+                version = await asyncio.to_thread(
+                    modelrepo.install_weights_file,
+                    self.repository,
+                    header.model,
+                    header.kind,
+                    weights,
+                    model_args=header.model_args,
+                    version=header.version,
+                )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if made_folder:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only succeeds when nothing was installed
+        self.installed += 1
+        log.info(
+            "installed %s version %d (%d bytes in %d chunks, %.2fx compression)",
+            header.model, version, receiver.total_bytes, receiver.chunk_count,
+            receiver.metrics.compression_ratio,
+        )
+        if self.on_installed is not None:
+            await self.on_installed(header.model, version)
+        return UploadResult(
+            model=header.model,
+            version=version,
+            bytes=receiver.total_bytes,
+            crc32=receiver.crc32,
+            chunks=receiver.chunk_count,
+            wire_bytes=receiver.metrics.wire_bytes,
+        )
+
+    def _check_header(self, header: UploadHeader) -> None:
+        modelrepo.check_name(header.model)
+        if not header.kind:
+            raise InvalidArgumentError(f"upload of model {header.model!r} names no kind")
+        if not 0 < header.total_bytes <= self.max_bytes:
+            raise InvalidArgumentError(
+                f"upload of model {header.model!r}: size {header.total_bytes} bytes is not in "
+                f"1..{self.max_bytes}"
+            )
+        if header.version is not None and header.version in modelrepo.list_versions(
+            self.repository, header.model
+        ):
+            raise InvalidArgumentError(f"model {header.model!r} already has version {header.version}")
+
+
+def _check_state_dict(path: Path) -> None:
+    """The file is a torch state_dict (weights_only, memory-mapped: tensors stay on disk)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise InvalidArgumentError(f"the uploaded file is not a loadable checkpoint: {exc}") from None
+    if not isinstance(state, dict):
+        raise InvalidArgumentError(f"the uploaded file holds a {type(state).__name__}, not a state_dict")
+
+
+# ------------------------------------------------------------------- gRPC adapter
+
+
+def _chunk_from_pb(msg: pb.Chunk) -> Chunk:
+    return Chunk(msg.index, msg.offset, msg.data, Compression(msg.compression), msg.raw_size, msg.crc32)
+
+
+async def _parts_from_pb(requests: AsyncIterator[pb.UploadModelRequest]) -> AsyncIterator[UploadPart]:
+    async for request in requests:
+        which = request.WhichOneof("part")
+        if which == "chunk":
+            yield _chunk_from_pb(request.chunk)
+        elif which == "header":
+            h = request.header
+            try:
+                args = json.loads(h.model_args_json) if h.model_args_json else None
+            except json.JSONDecodeError as exc:
+                raise InvalidArgumentError(f"header.model_args_json is not JSON: {exc}") from None
+            yield UploadHeader(h.model, h.kind, h.total_bytes, args, h.version or None)
+        elif which == "trailer":
+            t = request.trailer
+            yield UploadTrailer(t.crc32, t.total_bytes, t.chunks)
+        else:
+            raise InvalidArgumentError("an UploadModelRequest must hold a header, chunk or trailer")
+
+
+class ModelTransferServicer(pb_grpc.ModelTransferServiceServicer):
+    """tensorwire.transfer.v1.ModelTransferService over a CheckpointReceiver."""
+
+    def __init__(self, receiver: CheckpointReceiver) -> None:
+        self._receiver = receiver
+
+    async def UploadModel(
+        self, request_iterator: AsyncIterator[pb.UploadModelRequest], context: grpc.aio.ServicerContext
+    ) -> pb.UploadModelResponse:
+        result = await self._receiver.receive(_parts_from_pb(request_iterator))
+        return pb.UploadModelResponse(
+            model=result.model, version=result.version, bytes=result.bytes, crc32=result.crc32,
+            chunks=result.chunks, wire_bytes=result.wire_bytes,
+        )
+
+    def register(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_ModelTransferServiceServicer_to_server(self, server)
+
+
+# --------------------------------------------------------------------- sender side
+
+
+async def upload_requests(
+    path: Path,
+    *,
+    model: str,
+    kind: str,
+    model_args: dict[str, Any] | None = None,
+    version: int | None = None,
+    config: ChunkConfig = ChunkConfig(),
+    sender_out: list[ChunkSender] | None = None,
+) -> AsyncIterator[pb.UploadModelRequest]:
+    """The request stream of one upload of the file at ``path``."""
+    with open(path, "rb") as source:
+        size = Path(path).stat().st_size
+        yield pb.UploadModelRequest(
+            header=pb.UploadHeader(
+                model=model, kind=kind, total_bytes=size, version=version or 0,
+                model_args_json=json.dumps(model_args) if model_args else "",
+            )
+        )
+        sender = ChunkSender(source, config)
+        if sender_out is not None:
+            sender_out.append(sender)
+        async for c in sender.chunks():
+            yield pb.UploadModelRequest(
+                chunk=pb.Chunk(index=c.index, offset=c.offset, data=c.data,
+                               compression=int(c.compression), raw_size=c.raw_size, crc32=c.crc32)
+            )
+        if sender.total_bytes != size:
+            raise DataLossError(f"{path} changed size while being sent ({size} -> {sender.total_bytes})")
+        yield pb.UploadModelRequest(
+            trailer=pb.UploadTrailer(crc32=sender.crc32, total_bytes=sender.total_bytes,
+                                     chunks=sender.chunk_count)
+        )
+
+
+async def upload_checkpoint(
+    channel: grpc.aio.Channel,
+    path: Path,
+    *,
+    model: str,
+    kind: str,
+    model_args: dict[str, Any] | None = None,
+    version: int | None = None,
+    config: ChunkConfig = ChunkConfig(),
+    timeout_s: float | None = None,
+) -> UploadResult:
+    """Stream the weights file at ``path`` to a ModelTransferService; returns what the
+    receiver installed. gRPC errors are raised as ``grpc.aio.AioRpcError`` (use
+    ``tensorwire.client`` for domain errors and pooling)."""
+    stub = pb_grpc.ModelTransferServiceStub(channel)
+    reply = await stub.UploadModel(
+        upload_requests(path, model=model, kind=kind, model_args=model_args, version=version,
+                        config=config),
+        timeout=timeout_s,
+    )
+    return UploadResult(reply.model, reply.version, reply.bytes, reply.crc32, reply.chunks, reply.wire_bytes)
