@@ -1,17 +1,29 @@
-"""Wiring of the trainer service: core + servicer + server."""
+"""Wiring of the trainer service: runs + publisher + announcer + servicer + server."""
 
 from __future__ import annotations
 
-import grpc
+import asyncio
+import logging
 
+import grpc
+import torch
+
+from tensorwire import modelrepo
 from tensorwire.trainer.v1 import trainer_pb2 as pb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as pb_grpc
 
+from .announce import ModelAnnouncer
+from .publisher import Publisher
 from .runs import RunManager
 from .servicer import TrainerServicer
 from .settings import TrainerSettings
 
+log = logging.getLogger(__name__)
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainerService"].full_name
+
+DEMO_MODELS = {"trajectory": 1500, "anomaly": 1500, "fusion": 1500, "detection": 300}
+"""Models every demo needs in the repository, and how many steps to train each."""
 
 
 class TrainerApp:
@@ -19,7 +31,44 @@ class TrainerApp:
 
     def __init__(self, settings: TrainerSettings) -> None:
         self.settings = settings
-        self.runs = RunManager()
+        torch.set_num_threads(settings.torch_threads)
+        self.runs = RunManager(
+            settings.model_repository,
+            checkpoint_every_steps=settings.checkpoint_every_steps,
+            checkpoint_every_s=settings.checkpoint_every_s,
+            max_active_runs=settings.max_active_runs,
+        )
+        self.announcer = ModelAnnouncer(settings.inference_target)
+        self.runs.listeners.append(self.announcer.announce)
+        self.publisher = Publisher(self.runs, settings.streamer_target, max_fps=settings.max_fps)
+        self.demo_run_id: str | None = None
+        self._bootstrap: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.announcer.start()
+        await self.publisher.start()
+        task = self.settings.demo_task
+        if task:
+            run = self.runs.start_run(task, publish_as=(task,))
+            self.demo_run_id = run.run_id
+        if task or self.settings.demo_models:
+            self._bootstrap = asyncio.create_task(self.prime_repository(), name="demo-models")
+
+    async def prime_repository(self) -> None:
+        """Train each missing demo model briefly, one after the other, in the background."""
+        repo = self.settings.model_repository
+        for name, steps in DEMO_MODELS.items():
+            if name == self.settings.demo_task:
+                continue
+            try:
+                if modelrepo.list_versions(repo, name):
+                    continue
+            except Exception:
+                pass  # no such model yet
+            run = self.runs.start_run(name, {"max_steps": steps}, publish_as=(name,), seed=1)
+            await asyncio.to_thread(run.loop.join)
+            await asyncio.to_thread(self.runs.flush_checkpoints, 30.0)
+            log.info("demo model %s trained (%d steps) and written", name, steps)
 
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(self.runs), server)
@@ -28,8 +77,15 @@ class TrainerApp:
         return None
 
     async def aclose(self) -> None:
+        if self._bootstrap is not None:
+            self._bootstrap.cancel()
+            await asyncio.gather(self._bootstrap, return_exceptions=True)
+        await self.publisher.aclose()
         await self.runs.aclose()
+        await self.announcer.aclose()
 
 
 async def create_app(settings: TrainerSettings) -> TrainerApp:
-    return TrainerApp(settings)
+    app = TrainerApp(settings)
+    await app.start()
+    return app

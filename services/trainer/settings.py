@@ -32,3 +32,24 @@ class TrainerSettings(ServerSettings):
     demo_task: str = setting(
         "", env="DEMO_TASK", help="task of a run started at boot ('' = none)"
     )
+    demo_models: bool = setting(
+        False, env="DEMO_MODELS",
+        help="at boot, briefly train the models of the other tasks missing from the repository "
+             "(on by default when --demo-task is set)",
+    )
+    checkpoint_every_steps: int = setting(
+        0, env="CHECKPOINT_EVERY_STEPS", help="checkpoint every N steps (0 = by time only)", min=0
+    )
+    checkpoint_every_s: float = setting(
+        30.0, env="CHECKPOINT_EVERY_S", help="checkpoint every N seconds (0 = by steps only)", min=0
+    )
+    max_fps: float = setting(
+        10.0, env="MAX_FPS", help="most views built per second and run", min=0.1, max=60
+    )
+    max_active_runs: int = setting(
+        8, env="MAX_ACTIVE_RUNS", help="runs training at once", min=1, max=256
+    )
+    torch_threads: int = setting(
+        1, env="TORCH_THREADS", help="torch intra-op threads per process (small models: 1)",
+        min=1, max=256,
+    )
