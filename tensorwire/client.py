@@ -1,0 +1,320 @@
+"""A small Python client for backend callers of the inference service.
+
+::
+
+    async with InferenceClient("inference:8001") as client:
+        outputs = await client.infer("spiral", {"points": np.zeros((4, 2), np.float32)})
+        await client.load_model("spiral")                      # RepositoryModelLoad
+        await client.upload_checkpoint("model.pt", model="spiral", kind="spiral")
+
+Every call goes through a ``ChannelPool`` (distinct connections, least busy
+first), waits for the server to be ready (``wait_for_ready``) within one overall
+deadline, and retries with exponential backoff and jitter on UNAVAILABLE — only
+calls that are safe to repeat (idempotent). Failures come back as the domain
+errors of ``tensorwire.errors`` (``from_status``), never as raw transport errors.
+
+``GrpcClient`` is the reusable part (pool + deadline + retries + errors) for any
+service; ``InferenceClient`` adds the Open Inference Protocol calls and checkpoint
+upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.message import Message
+
+from tensorwire.channels import ChannelPool
+from tensorwire.checkpoints import UploadResult, upload_requests
+from tensorwire.chunking import ChunkConfig
+from tensorwire.errors import DeadlineExceededError, InvalidArgumentError, TensorwireError, from_status
+from tensorwire.inference import grpc_service_pb2 as pb
+from tensorwire.transfer.v1 import transfer_pb2 as transfer_pb
+from tensorwire.transfer.v1 import transfer_pb2_grpc as transfer_grpc
+
+R = TypeVar("R", bound=Message)
+
+_INFERENCE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+"""Triton datatype names and their (little-endian) numpy types."""
+_DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how often an idempotent call is tried again."""
+
+    attempts: int = 5
+    """Tries in all, the first included."""
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    """Each wait is scaled by a random factor in [1 - jitter, 1 + jitter]."""
+    retry_codes: frozenset[grpc.StatusCode] = field(
+        default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE})
+    )
+
+    def backoff_s(self, attempt: int) -> float:
+        """Wait before try ``attempt + 1`` (attempt counts from 1)."""
+        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+class GrpcClient:
+    """Pooled unary/stream calls with deadlines, retries and domain errors."""
+
+    def __init__(
+        self,
+        target: str | ChannelPool,
+        *,
+        timeout_s: float = 30.0,
+        retry: RetryPolicy = RetryPolicy(),
+        wait_for_ready: bool = True,
+        **pool_options: Any,
+    ) -> None:
+        """
+        :param target: an address (``host:port``, ``a:1,b:2``, ``dns:///name:port``)
+            for a pool of its own, or a ``ChannelPool`` to share (not closed by this client).
+        :param timeout_s: default overall deadline of a call, retries included.
+        :param retry: retry policy for idempotent calls.
+        :param wait_for_ready: calls wait for a connection instead of failing fast.
+        :param pool_options: keyword arguments of ``ChannelPool`` when it is created here.
+        """
+        if timeout_s <= 0:
+            raise InvalidArgumentError(f"timeout_s must be > 0, got {timeout_s}")
+        if retry.attempts < 1:
+            raise InvalidArgumentError(f"retry.attempts must be >= 1, got {retry.attempts}")
+        if isinstance(target, ChannelPool):
+            self.pool, self._owns_pool = target, False
+        else:
+            options = list(pool_options.pop("options", ()))
+            options += [("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                        ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+            self.pool, self._owns_pool = ChannelPool(target, options=options, **pool_options), True
+        self.timeout_s = timeout_s
+        self.retry = retry
+        self.wait_for_ready = wait_for_ready
+        self.retries = 0
+        """Tries repeated after UNAVAILABLE, over the client's life."""
+
+    async def unary(
+        self,
+        method: str,
+        request: Message,
+        response_type: type[R],
+        *,
+        idempotent: bool,
+        timeout_s: float | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> R:
+        """Call ``/package.Service/Method``; retried on UNAVAILABLE only if ``idempotent``."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceededError(
+                    f"{method}: no answer within {timeout:.3g}s ({attempt - 1} tries)"
+                )
+            try:
+                async with self.pool.acquire() as channel:
+                    call = channel.unary_unary(
+                        method,
+                        request_serializer=type(request).SerializeToString,
+                        response_deserializer=response_type.FromString,
+                    )
+                    return await call(
+                        request, timeout=remaining, wait_for_ready=self.wait_for_ready,
+                        metadata=metadata,
+                    )
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                retryable = idempotent and code in self.retry.retry_codes
+                if retryable and attempt < self.retry.attempts:
+                    pause = self.retry.backoff_s(attempt)
+                    if time.monotonic() + pause < deadline:
+                        self.retries += 1
+                        await asyncio.sleep(pause)
+                        continue
+                raise _domain_error(method, exc) from None
+
+    async def aclose(self) -> None:
+        if self._owns_pool:
+            await self.pool.aclose()
+
+    async def __aenter__(self) -> GrpcClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.pool!r}, {self.retries} retries>"
+
+
+def _domain_error(method: str, exc: grpc.aio.AioRpcError) -> TensorwireError:
+    details = exc.details() or exc.code().name
+    return from_status(exc.code(), f"{method.rsplit('/', 1)[-1]}: {details}")
+
+
+def _encode_input(name: str, array: np.ndarray) -> tuple[pb.ModelInferRequest.InferInputTensor, bytes]:
+    array = np.asarray(array)
+    native = array.dtype.newbyteorder("=")
+    datatype = _DATATYPE_OF.get(native)
+    if datatype is None:
+        raise InvalidArgumentError(f"input {name!r}: dtype {array.dtype} has no Triton datatype")
+    tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=list(array.shape))
+    return tensor, np.ascontiguousarray(array, dtype=native.newbyteorder("<")).tobytes()
+
+
+def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """The outputs of a ModelInferResponse as numpy arrays (raw or typed contents)."""
+    out: dict[str, np.ndarray] = {}
+    raw = list(response.raw_output_contents)
+    for i, tensor in enumerate(response.outputs):
+        dtype = DATATYPES.get(tensor.datatype)
+        if dtype is None:
+            raise InvalidArgumentError(f"output {tensor.name!r} has unknown datatype {tensor.datatype!r}")
+        shape = tuple(tensor.shape)
+        if i < len(raw):
+            array = np.frombuffer(raw[i], dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+        else:
+            contents = tensor.contents
+            values = {
+                "BOOL": contents.bool_contents, "FP32": contents.fp32_contents,
+                "FP64": contents.fp64_contents, "INT64": contents.int64_contents,
+                "INT32": contents.int_contents, "INT16": contents.int_contents,
+                "INT8": contents.int_contents, "UINT8": contents.uint_contents,
+            }.get(tensor.datatype)
+            if values is None:
+                raise InvalidArgumentError(f"output {tensor.name!r} ({tensor.datatype}) has no contents")
+            array = np.asarray(list(values), dtype=dtype)
+        out[tensor.name] = array.reshape(shape)
+    return out
+
+
+class InferenceClient(GrpcClient):
+    """The Open Inference Protocol calls a backend service needs, plus checkpoint upload."""
+
+    async def _call(self, name: str, request: Message, response_type: type[R], *,
+                    idempotent: bool = True, timeout_s: float | None = None) -> R:
+        return await self.unary(f"/{_INFERENCE}/{name}", request, response_type,
+                                idempotent=idempotent, timeout_s=timeout_s)
+
+    async def server_live(self, *, timeout_s: float | None = None) -> bool:
+        reply = await self._call("ServerLive", pb.ServerLiveRequest(), pb.ServerLiveResponse,
+                                 timeout_s=timeout_s)
+        return reply.live
+
+    async def server_ready(self, *, timeout_s: float | None = None) -> bool:
+        reply = await self._call("ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse,
+                                 timeout_s=timeout_s)
+        return reply.ready
+
+    async def model_ready(self, name: str, version: str = "", *, timeout_s: float | None = None) -> bool:
+        reply = await self._call("ModelReady", pb.ModelReadyRequest(name=name, version=version),
+                                 pb.ModelReadyResponse, timeout_s=timeout_s)
+        return reply.ready
+
+    async def server_metadata(self, *, timeout_s: float | None = None) -> pb.ServerMetadataResponse:
+        return await self._call("ServerMetadata", pb.ServerMetadataRequest(),
+                                pb.ServerMetadataResponse, timeout_s=timeout_s)
+
+    async def model_metadata(self, name: str, version: str = "", *,
+                             timeout_s: float | None = None) -> pb.ModelMetadataResponse:
+        return await self._call("ModelMetadata", pb.ModelMetadataRequest(name=name, version=version),
+                                pb.ModelMetadataResponse, timeout_s=timeout_s)
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        version: str = "",
+        outputs: Sequence[str] = (),
+        request_id: str = "",
+        timeout_s: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """One ModelInfer (raw tensor contents); returns the outputs by name.
+        Inference is idempotent, so UNAVAILABLE (loading, draining) is retried."""
+        request = self.infer_request(model, inputs, version=version, outputs=outputs,
+                                     request_id=request_id)
+        reply = await self._call("ModelInfer", request, pb.ModelInferResponse, timeout_s=timeout_s)
+        return decode_outputs(reply)
+
+    @staticmethod
+    def infer_request(model: str, inputs: Mapping[str, np.ndarray], *, version: str = "",
+                      outputs: Sequence[str] = (), request_id: str = "") -> pb.ModelInferRequest:
+        request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+        for name, array in inputs.items():
+            tensor, raw = _encode_input(name, array)
+            request.inputs.append(tensor)
+            request.raw_input_contents.append(raw)
+        for name in outputs:
+            request.outputs.add(name=name)
+        return request
+
+    async def repository_index(self, *, ready_only: bool = False,
+                               timeout_s: float | None = None) -> pb.RepositoryIndexResponse:
+        return await self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready_only),
+                                pb.RepositoryIndexResponse, timeout_s=timeout_s)
+
+    async def load_model(self, name: str, *, timeout_s: float | None = None) -> None:
+        """RepositoryModelLoad: (re)load ``name`` from the repository; the server
+        loads the new version beside the old one and swaps atomically."""
+        await self._call("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=name),
+                         pb.RepositoryModelLoadResponse, timeout_s=timeout_s)
+
+    async def unload_model(self, name: str, *, timeout_s: float | None = None) -> None:
+        await self._call("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=name),
+                         pb.RepositoryModelUnloadResponse, timeout_s=timeout_s)
+
+    async def upload_checkpoint(
+        self,
+        path: Path | str,
+        *,
+        model: str,
+        kind: str,
+        model_args: dict[str, Any] | None = None,
+        version: int | None = None,
+        config: ChunkConfig = ChunkConfig(),
+        timeout_s: float | None = None,
+    ) -> UploadResult:
+        """Stream a weights file to the server's ModelTransferService (chunked,
+        checked); it is installed there as a new version. Not retried: each
+        upload creates a version."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            async with self.pool.acquire() as channel:
+                stub = transfer_grpc.ModelTransferServiceStub(channel)
+                reply: transfer_pb.UploadModelResponse = await stub.UploadModel(
+                    upload_requests(Path(path), model=model, kind=kind, model_args=model_args,
+                                    version=version, config=config),
+                    timeout=timeout, wait_for_ready=self.wait_for_ready,
+                )
+        except grpc.aio.AioRpcError as exc:
+            raise _domain_error("/tensorwire.transfer.v1.ModelTransferService/UploadModel", exc) from None
+        return UploadResult(reply.model, reply.version, reply.bytes, reply.crc32, reply.chunks,
+                            reply.wire_bytes)
