@@ -63,6 +63,13 @@ def plan(args: argparse.Namespace) -> list[Child]:
                "--streamer-target", f"{local}:{args.streamer_port}",
                "--inference-target", f"{local}:{args.inference_port}",
                "--demo-task", args.demo_task]),
+        # The web gateway: the page and gRPC-Web on --web-port (HTTP, not awaited on
+        # grpc.health.v1; its /healthz answers once it listens).
+        Child("gateway", "services.gateway", None,
+              ["--host", args.host, "--port", str(args.web_port),
+               "--trainer-target", f"{local}:{args.trainer_port}",
+               "--streamer-target", f"{local}:{args.streamer_port}",
+               "--inference-target", f"{local}:{args.inference_port}"]),
     ]
     return children
 
@@ -117,7 +124,8 @@ async def up(args: argparse.Namespace) -> int:
             return 1
         print(f"tensorwire up: all services SERVING in {time.monotonic() - started:.1f}s "
               f"(trainer :{args.trainer_port}, streamer :{args.streamer_port}, "
-              f"inference :{args.inference_port})", flush=True)
+              f"inference :{args.inference_port}); open http://{args.host}:{args.web_port}",
+              flush=True)
         exited = [asyncio.create_task(c.proc.wait()) for c in children if c.proc]  # type: ignore[union-attr]
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopper, *exited], return_when=asyncio.FIRST_COMPLETED)
