@@ -1,0 +1,440 @@
+// The page: task picker, runs, controls, hyper-parameters, live view, charts,
+// live badge, connection indicator, inference panel. Frames only update state;
+// drawing happens in at most one requestAnimationFrame callback at a time.
+import "./style.css";
+import type { Frame } from "./gen/tensorwire/streamer/v1/streamer_pb";
+import { RunState, type RunStatus } from "./gen/tensorwire/common/v1/common_pb";
+import type { Run, TaskInfo } from "./gen/tensorwire/trainer/v1/trainer_pb";
+import * as rpc from "./rpc";
+import { decodeAll } from "./decode";
+import { drawView, type LiveView } from "./views";
+import { ChartPanel, Series } from "./charts";
+import { InferencePanel } from "./inference";
+
+const $ = <T extends HTMLElement>(sel: string, root: ParentNode = document): T => root.querySelector(sel) as T;
+const h = <K extends keyof HTMLElementTagNameMap>(tag: K, props: Partial<HTMLElementTagNameMap[K]> = {}, ...kids: (Node | string)[]): HTMLElementTagNameMap[K] => {
+  const el = Object.assign(document.createElement(tag), props);
+  el.append(...kids);
+  return el;
+};
+
+// ------------------------------------------------------------------ state
+
+interface Live {
+  runId: string;
+  status: RunStatus | null;
+  serverStep: number;
+  /** Step and production time of the newest frame applied (not yet drawn). */
+  pendingStep: number;
+  pendingProducedAt: number;
+  displayedStep: number;
+  lagS: number;
+  clockOffsetS: number;
+  arrivals: number[];
+  series: Map<string, Series>;
+  view: LiveView | null;
+  viewLabel: string;
+  decoding: boolean;
+  nextView: Frame | null;
+  abort: AbortController | null;
+}
+
+const live: Live = {
+  runId: "",
+  status: null,
+  serverStep: 0,
+  pendingStep: 0,
+  pendingProducedAt: 0,
+  displayedStep: 0,
+  lagS: 0,
+  clockOffsetS: 0,
+  arrivals: [],
+  series: new Map(),
+  view: null,
+  viewLabel: "",
+  decoding: false,
+  nextView: null,
+  abort: null,
+};
+
+let tasks: TaskInfo[] = [];
+let runs: Run[] = [];
+
+// Everything the page exposes to tests and the curious: read-only figures.
+const stats = {
+  frames: 0,
+  renders: 0,
+  get serverStep() { return live.serverStep; },
+  get displayedStep() { return live.displayedStep; },
+  get lagS() { return live.lagS; },
+  get runId() { return live.runId; },
+  get state() { return live.status ? RunState[live.status.state] : ""; },
+  get updatesPerS() { return updatesPerSecond(); },
+  connection: "connecting" as rpc.ConnectionState,
+};
+(window as unknown as { tensorwire: typeof stats }).tensorwire = stats;
+
+// ------------------------------------------------------------------ layout
+
+const app = $("#app");
+app.innerHTML = "";
+const taskSelect = h("select", { id: "task" });
+const startBtn = h("button", { id: "start", textContent: "Start run" });
+const runList = h("ul", { id: "runs", className: "runs" });
+const pauseBtn = h("button", { id: "pause", textContent: "Pause" });
+const resumeBtn = h("button", { id: "resume", textContent: "Resume" });
+const stopBtn = h("button", { id: "stop", textContent: "Stop", className: "danger" });
+const params = h("div", { id: "params", className: "params" });
+const message = h("p", { id: "message", className: "message" });
+const viewCanvas = h("canvas", { id: "view", width: 520, height: 520 });
+const viewInfo = h("div", { id: "view-info", className: "view-info" });
+const chartsRoot = h("div", { id: "charts", className: "charts" });
+const inferRoot = h("section", { id: "inference", className: "card" });
+
+app.append(
+  h("aside", { className: "side" },
+    h("section", { className: "card" }, h("h2", { textContent: "New run" }), taskSelect, startBtn),
+    h("section", { className: "card" }, h("h2", { textContent: "Runs" }), runList),
+    h("section", { className: "card" }, h("h2", { textContent: "Control" }),
+      h("div", { className: "row" }, pauseBtn, resumeBtn, stopBtn), params, message),
+  ),
+  h("section", { className: "stage" },
+    h("div", { className: "card view-card" }, h("h2", { id: "view-title", textContent: "Live view" }), viewCanvas, viewInfo),
+    h("div", { className: "card" }, h("h2", { textContent: "Metrics" }), chartsRoot),
+  ),
+  h("aside", { className: "side right" }, inferRoot),
+);
+
+const conn = $("#conn");
+const badge = $("#badge");
+const charts = new ChartPanel(chartsRoot);
+new InferencePanel(inferRoot);
+
+// ------------------------------------------------------------------ rendering
+
+const dirty = new Set<"badge" | "view" | "charts" | "runs" | "controls">();
+let frameRequested = false;
+
+function invalidate(what: "badge" | "view" | "charts" | "runs" | "controls"): void {
+  dirty.add(what);
+  if (!frameRequested) {
+    frameRequested = true;
+    requestAnimationFrame(render);
+  }
+}
+
+function render(): void {
+  frameRequested = false;
+  stats.renders++;
+  const now = Date.now() / 1000;
+  if (live.pendingStep > live.displayedStep || (live.pendingStep && !live.displayedStep)) {
+    live.displayedStep = live.pendingStep;
+    live.lagS = Math.max(0, now - live.clockOffsetS - live.pendingProducedAt);
+    dirty.add("badge");
+  }
+  if (dirty.has("view")) {
+    live.viewLabel = drawView(viewCanvas, live.view);
+    viewInfo.textContent = live.view ? `step ${live.view.step}${live.viewLabel ? " · " + live.viewLabel : ""}` : "";
+  }
+  if (dirty.has("charts")) charts.render(live.series);
+  if (dirty.has("badge")) renderBadge();
+  if (dirty.has("runs")) renderRuns();
+  if (dirty.has("controls")) renderControls();
+  dirty.clear();
+}
+
+function updatesPerSecond(): number {
+  const cutoff = performance.now() - 1000;
+  while (live.arrivals.length && live.arrivals[0] < cutoff) live.arrivals.shift();
+  return live.arrivals.length;
+}
+
+function renderBadge(): void {
+  const st = live.status;
+  const state = st ? RunState[st.state].toLowerCase() : "—";
+  badge.innerHTML = "";
+  badge.append(
+    h("span", { className: `state state-${state}`, textContent: state }),
+    h("span", { id: "server-step", textContent: `server step ${live.serverStep}` }),
+    h("span", { id: "displayed-step", textContent: `shown ${live.displayedStep}` }),
+    h("span", { id: "lag", className: live.lagS > 2 ? "warn" : "", textContent: `lag ${live.lagS.toFixed(2)} s` }),
+    h("span", { id: "ups", textContent: `${updatesPerSecond()} upd/s` }),
+  );
+}
+
+// The badge's updates/s decays while nothing arrives.
+setInterval(() => invalidate("badge"), 1000);
+
+// ------------------------------------------------------------------ live frames
+
+function onFrame(frame: Frame, receivedAt: number): void {
+  stats.frames++;
+  live.arrivals.push(performance.now());
+  // Clock skew between this browser and the servers: only corrected when it is
+  // obviously skew (seconds), never the network delay we want to show as lag.
+  const skew = receivedAt - frame.sentAt;
+  if (frame.sentAt && Math.abs(skew) > 5) live.clockOffsetS = skew;
+  const step = Number(frame.step);
+  if (step > live.serverStep) live.serverStep = step;
+  if (step >= live.pendingStep && frame.producedAt) {
+    live.pendingStep = step;
+    live.pendingProducedAt = frame.producedAt;
+  }
+  const body = frame.body;
+  switch (body.case) {
+    case "status": {
+      const previous = live.status?.state;
+      live.status = body.value;
+      if (previous !== body.value.state) {
+        invalidate("controls");
+        void refreshRuns();
+      }
+      syncParamValues(body.value.params);
+      break;
+    }
+    case "scalars":
+      for (const s of body.value.series) {
+        let series = live.series.get(s.name);
+        if (!series) live.series.set(s.name, (series = new Series()));
+        series.append(s.steps, s.values);
+      }
+      invalidate("charts");
+      break;
+    case "view":
+      // Latest wins: while one view decodes, only the newest waiting one is kept.
+      live.nextView = frame;
+      if (!live.decoding) void decodeViews();
+      break;
+  }
+  invalidate("badge");
+}
+
+async function decodeViews(): Promise<void> {
+  live.decoding = true;
+  try {
+    while (live.nextView) {
+      const frame = live.nextView;
+      live.nextView = null;
+      if (frame.body.case !== "view") continue;
+      const v = frame.body.value;
+      try {
+        const arrays = await decodeAll(v.arrays);
+        live.view = { kind: v.kind, step: Number(v.step || frame.step), arrays, meta: { ...v.meta } };
+        invalidate("view");
+      } catch (err) {
+        message.textContent = `cannot decode the ${v.kind} view: ${String(err)}`;
+      }
+    }
+  } finally {
+    live.decoding = false;
+  }
+}
+
+function onConnection(state: rpc.ConnectionState, detail: string): void {
+  if (stats.connection === state && !detail) return;
+  stats.connection = state;
+  conn.className = `conn conn-${state}`;
+  conn.textContent = state === "connected" ? "live" : state;
+  conn.title = detail;
+}
+
+const tuning: rpc.SubscribeOptions = { ...rpc.DEFAULT_SUBSCRIBE };
+{
+  // Tests shorten the reconnect timings through the URL (?stall_ms=&backoff_max_ms=).
+  const q = new URLSearchParams(location.search);
+  const num = (k: string) => (q.has(k) ? Number(q.get(k)) : NaN);
+  if (num("stall_ms") > 0) tuning.stallMs = num("stall_ms");
+  if (num("backoff_max_ms") > 0) tuning.backoffMaxMs = num("backoff_max_ms");
+  if (num("max_fps") > 0) tuning.maxFps = num("max_fps");
+}
+
+function watch(runId: string): void {
+  if (live.runId === runId) return;
+  live.abort?.abort();
+  Object.assign(live, {
+    runId, status: null, serverStep: 0, pendingStep: 0, pendingProducedAt: 0, displayedStep: 0,
+    lagS: 0, arrivals: [], series: new Map(), view: null, nextView: null,
+  });
+  charts.clear();
+  const abort = new AbortController();
+  live.abort = abort;
+  const run = runs.find((r) => r.runId === runId);
+  $("#view-title").textContent = run ? `Live view — ${run.task} (${runId})` : `Live view — ${runId}`;
+  renderParams();
+  ["view", "badge", "runs", "controls"].forEach((w) => invalidate(w as "view"));
+  const q = new URLSearchParams(location.search);
+  q.set("run", runId);
+  history.replaceState(null, "", `?${q}`);
+  void rpc.followRun(runId, { frame: onFrame, state: onConnection }, abort.signal, tuning);
+}
+
+// ------------------------------------------------------------------ runs & controls
+
+async function refreshRuns(): Promise<void> {
+  try {
+    runs = await rpc.listRuns();
+    runs.sort((a, b) => b.createdAt - a.createdAt);
+    invalidate("runs");
+    invalidate("controls");
+    if (!live.runId) {
+      const wanted = new URLSearchParams(location.search).get("run");
+      const pick = runs.find((r) => r.runId === wanted)
+        ?? runs.find((r) => r.state === RunState.RUNNING)
+        ?? runs[0];
+      if (pick) watch(pick.runId);
+    }
+  } catch (err) {
+    onConnection(stats.connection === "connected" ? "connected" : "reconnecting", rpc.describeError(err));
+  }
+}
+
+function renderRuns(): void {
+  runList.innerHTML = "";
+  if (!runs.length) runList.append(h("li", { className: "empty", textContent: "no runs yet" }));
+  for (const r of runs) {
+    const li = h("li", { className: r.runId === live.runId ? "active" : "" },
+      h("span", { className: "run-task", textContent: r.task }),
+      h("span", { className: "run-id", textContent: r.runId }),
+      h("span", { className: `state state-${RunState[r.state].toLowerCase()}`, textContent: RunState[r.state].toLowerCase() }),
+    );
+    li.dataset.run = r.runId;
+    li.onclick = () => watch(r.runId);
+    runList.append(li);
+  }
+}
+
+function currentState(): RunState {
+  return live.status?.state ?? runs.find((r) => r.runId === live.runId)?.state ?? RunState.UNSPECIFIED;
+}
+
+function renderControls(): void {
+  const s = currentState();
+  pauseBtn.disabled = s !== RunState.RUNNING;
+  resumeBtn.disabled = s !== RunState.PAUSED;
+  stopBtn.disabled = !(s === RunState.RUNNING || s === RunState.PAUSED || s === RunState.PENDING);
+}
+
+async function act(action: rpc.Control): Promise<void> {
+  if (!live.runId) return;
+  message.textContent = "";
+  try {
+    const run = await rpc.controlRun(live.runId, action);
+    if (run && live.status) live.status.state = run.state;
+    await refreshRuns();
+  } catch (err) {
+    message.textContent = rpc.describeError(err);
+  }
+}
+pauseBtn.onclick = () => void act("pause");
+resumeBtn.onclick = () => void act("resume");
+stopBtn.onclick = () => void act("stop");
+
+startBtn.onclick = async () => {
+  const task = tasks.find((t) => t.name === taskSelect.value);
+  if (!task) return;
+  message.textContent = "";
+  try {
+    const run = await rpc.startRun(task.name, {});
+    await refreshRuns();
+    if (run) watch(run.runId);
+  } catch (err) {
+    message.textContent = rpc.describeError(err);
+  }
+};
+
+// Live hyper-parameter controls: a slider per live parameter of the run's task.
+const paramInputs = new Map<string, { range: HTMLInputElement; out: HTMLOutputElement; editing: number }>();
+let pendingParams: Record<string, number> = {};
+let paramTimer = 0;
+
+function renderParams(): void {
+  params.innerHTML = "";
+  paramInputs.clear();
+  const run = runs.find((r) => r.runId === live.runId);
+  const task = tasks.find((t) => t.name === run?.task);
+  if (!task) return;
+  for (const p of task.params.filter((p) => p.live)) {
+    const log = !p.integer && p.min > 0 && p.max / p.min >= 100;
+    const toSlider = (v: number) => (log ? Math.log10(v) : v);
+    const fromSlider = (v: number) => (log ? 10 ** v : v);
+    const range = h("input", {
+      type: "range",
+      min: String(toSlider(p.min)),
+      max: String(toSlider(p.max)),
+      step: p.integer ? "1" : String((toSlider(p.max) - toSlider(p.min)) / 200),
+      value: String(toSlider(run?.params[p.name] ?? p.defaultValue)),
+      title: p.description,
+    });
+    range.dataset.param = p.name;
+    const out = h("output", { textContent: fmtParam(fromSlider(Number(range.value)), p.integer) });
+    const entry = { range, out, editing: 0 };
+    range.oninput = () => {
+      const value = p.integer ? Math.round(fromSlider(Number(range.value))) : fromSlider(Number(range.value));
+      out.textContent = fmtParam(value, p.integer);
+      entry.editing = performance.now();
+      pendingParams[p.name] = value;
+      clearTimeout(paramTimer);
+      paramTimer = window.setTimeout(sendParams, 150);
+    };
+    paramInputs.set(p.name, entry);
+    (range as HTMLInputElement & { fromValue?: (v: number) => number }).fromValue = toSlider;
+    params.append(h("label", { className: "param" }, h("span", { textContent: p.name }), range, out));
+  }
+}
+
+function fmtParam(v: number, integer: boolean): string {
+  return integer ? String(Math.round(v)) : v >= 0.01 ? v.toPrecision(3) : v.toExponential(2);
+}
+
+async function sendParams(): Promise<void> {
+  const changes = pendingParams;
+  pendingParams = {};
+  if (!live.runId || !Object.keys(changes).length) return;
+  try {
+    await rpc.updateParams(live.runId, changes);
+    message.textContent = `updated ${Object.keys(changes).join(", ")}`;
+  } catch (err) {
+    message.textContent = rpc.describeError(err);
+  }
+}
+
+/** Show the server's parameter values, except on a slider the user moved just now. */
+function syncParamValues(values: Record<string, number>): void {
+  for (const [name, entry] of paramInputs) {
+    const v = values[name];
+    if (v === undefined || performance.now() - entry.editing < 2000) continue;
+    const toSlider = (entry.range as HTMLInputElement & { fromValue?: (v: number) => number }).fromValue;
+    entry.range.value = String(toSlider ? toSlider(v) : v);
+    entry.out.textContent = fmtParam(v, entry.range.step === "1");
+  }
+}
+
+// ------------------------------------------------------------------ boot
+
+async function loadTasks(): Promise<void> {
+  try {
+    tasks = await rpc.listTasks();
+    taskSelect.innerHTML = "";
+    for (const t of tasks) taskSelect.append(h("option", { value: t.name, textContent: t.title || t.name, title: t.description }));
+    message.textContent = "";
+  } catch (err) {
+    message.textContent = `cannot list tasks: ${rpc.describeError(err)}`;
+  }
+}
+
+async function boot(): Promise<void> {
+  await Promise.all([loadTasks(), refreshRuns()]);
+  renderParams();
+  invalidate("view");
+  invalidate("controls");
+  // The run list is small; refresh it now and then for runs started elsewhere,
+  // every second while no run is shown yet (the demo run may still be starting).
+  let tick = 0;
+  setInterval(() => {
+    tick++;
+    if (!tasks.length) void loadTasks();
+    if (!live.runId || tick % 5 === 0) void refreshRuns();
+  }, 1000);
+}
+
+void boot();

@@ -1,0 +1,220 @@
+// All RPC code of the app: the gRPC-Web transport, the trainer / streamer /
+// inference clients, and the live subscription with reconnect and backoff.
+// UI modules call these functions and never touch a transport or a stub.
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createGrpcWebTransport } from "@connectrpc/connect-web";
+import { Codec } from "./gen/tensorwire/common/v1/common_pb";
+import { type Frame, StreamerService } from "./gen/tensorwire/streamer/v1/streamer_pb";
+import { type Run, type TaskInfo, TrainerService } from "./gen/tensorwire/trainer/v1/trainer_pb";
+import {
+  GRPCInferenceService,
+  type ModelMetadataResponse,
+  ModelInferRequest_InferInputTensorSchema,
+} from "./gen/tensorwire/inference/grpc_service_pb";
+
+const transport = createGrpcWebTransport({
+  baseUrl: window.location.origin,
+  useBinaryFormat: true,
+});
+const trainer = createClient(TrainerService, transport);
+const streamer = createClient(StreamerService, transport);
+const inference = createClient(GRPCInferenceService, transport);
+
+const CONTROL_TIMEOUT_MS = 5000;
+
+/** A failed call, in words a person can act on. */
+export function describeError(err: unknown): string {
+  const e = ConnectError.from(err);
+  return `${Code[e.code] ?? e.code}: ${e.rawMessage}`;
+}
+
+// ---------------------------------------------------------------- trainer
+
+export async function listTasks(): Promise<TaskInfo[]> {
+  return (await trainer.listTasks({}, { timeoutMs: CONTROL_TIMEOUT_MS })).tasks;
+}
+
+export async function listRuns(): Promise<Run[]> {
+  return (await trainer.listRuns({}, { timeoutMs: CONTROL_TIMEOUT_MS })).runs;
+}
+
+export async function startRun(task: string, params: Record<string, number>): Promise<Run | undefined> {
+  return (await trainer.startRun({ task, params }, { timeoutMs: CONTROL_TIMEOUT_MS })).run;
+}
+
+export type Control = "pause" | "resume" | "stop";
+
+export async function controlRun(runId: string, action: Control): Promise<Run | undefined> {
+  const opts = { timeoutMs: CONTROL_TIMEOUT_MS };
+  switch (action) {
+    case "pause":
+      return (await trainer.pauseRun({ runId }, opts)).run;
+    case "resume":
+      return (await trainer.resumeRun({ runId }, opts)).run;
+    case "stop":
+      return (await trainer.stopRun({ runId }, opts)).run;
+  }
+}
+
+export async function updateParams(runId: string, params: Record<string, number>): Promise<Run | undefined> {
+  return (await trainer.updateRun({ runId, params }, { timeoutMs: CONTROL_TIMEOUT_MS })).run;
+}
+
+// ---------------------------------------------------------------- streamer
+
+export type ConnectionState = "connecting" | "connected" | "reconnecting" | "offline";
+
+export interface SubscriptionHandlers {
+  frame(frame: Frame, receivedAt: number): void;
+  state(state: ConnectionState, detail: string): void;
+}
+
+/** Tunables of the live subscription (tests shorten them through the URL). */
+export interface SubscribeOptions {
+  maxFps: number;
+  /** A stream silent this long is presumed dead and re-opened (the streamer sends
+   *  status frames every second even when nothing changes). */
+  stallMs: number;
+  backoffStartMs: number;
+  backoffMaxMs: number;
+  /** After this many failed attempts in a row the indicator says offline. */
+  offlineAfter: number;
+}
+
+export const DEFAULT_SUBSCRIBE: SubscribeOptions = {
+  maxFps: 20,
+  stallMs: 5000,
+  backoffStartMs: 250,
+  backoffMaxMs: 5000,
+  offlineAfter: 4,
+};
+
+/**
+ * Follow one run's live frames until `signal` aborts: reconnects by itself with
+ * exponential backoff and jitter, re-opens a stalled stream, reports the
+ * connection state. Each (re)connect starts with the streamer's snapshot.
+ */
+export async function followRun(
+  runId: string,
+  handlers: SubscriptionHandlers,
+  signal: AbortSignal,
+  options: SubscribeOptions = DEFAULT_SUBSCRIBE,
+): Promise<void> {
+  let failures = 0;
+  while (!signal.aborted) {
+    handlers.state(failures === 0 ? "connecting" : failures >= options.offlineAfter ? "offline" : "reconnecting",
+      failures ? `attempt ${failures + 1}` : "");
+    const attempt = new AbortController();
+    const onAbort = () => attempt.abort();
+    signal.addEventListener("abort", onAbort);
+    let stall = 0;
+    const arm = () => {
+      clearTimeout(stall);
+      stall = window.setTimeout(() => attempt.abort(new Error("stream stalled")), options.stallMs);
+    };
+    try {
+      arm();
+      const stream = streamer.subscribe(
+        { runId, maxFps: options.maxFps, acceptCodecs: [Codec.DEFLATE] },
+        { signal: attempt.signal },
+      );
+      for await (const frame of stream) {
+        arm();
+        if (failures !== 0 || frame.snapshot) {
+          failures = 0;
+        }
+        handlers.state("connected", "");
+        handlers.frame(frame, Date.now() / 1000);
+      }
+      // The server ended the stream (run over, or a streamer shutting down): re-open.
+      failures = Math.max(failures, 1);
+    } catch (err) {
+      if (signal.aborted) break;
+      failures += 1;
+      const e = ConnectError.from(err);
+      if (e.code === Code.NotFound) {
+        handlers.state("offline", `run ${runId}: ${e.rawMessage}`);
+      } else {
+        handlers.state(failures >= options.offlineAfter ? "offline" : "reconnecting", describeError(err));
+      }
+    } finally {
+      clearTimeout(stall);
+      signal.removeEventListener("abort", onAbort);
+      attempt.abort();
+    }
+    if (signal.aborted) break;
+    const base = Math.min(options.backoffMaxMs, options.backoffStartMs * 2 ** Math.max(0, failures - 1));
+    await sleep(base * (0.5 + Math.random() / 2), signal);
+  }
+}
+
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal.addEventListener("abort", done);
+  });
+}
+
+// ---------------------------------------------------------------- inference
+
+export interface ModelEntry {
+  name: string;
+  version: string;
+  state: string;
+}
+
+export async function listModels(): Promise<ModelEntry[]> {
+  const reply = await inference.repositoryIndex({ ready: false }, { timeoutMs: CONTROL_TIMEOUT_MS });
+  return reply.models.map((m) => ({ name: m.name, version: m.version, state: m.state }));
+}
+
+export async function modelMetadata(name: string): Promise<ModelMetadataResponse> {
+  return inference.modelMetadata({ name }, { timeoutMs: CONTROL_TIMEOUT_MS });
+}
+
+export interface InferResult {
+  outputs: { name: string; shape: number[]; values: Float32Array }[];
+  modelVersion: string;
+  latencyMs: number;
+}
+
+/** One ModelInfer call with FP32 inputs as raw little-endian bytes. */
+export async function infer(
+  model: string,
+  inputs: { name: string; shape: number[]; values: Float32Array }[],
+): Promise<InferResult> {
+  const started = performance.now();
+  const reply = await inference.modelInfer(
+    {
+      modelName: model,
+      inputs: inputs.map((t) =>
+        create(ModelInferRequest_InferInputTensorSchema, {
+          name: t.name,
+          datatype: "FP32",
+          shape: t.shape.map((d) => BigInt(d)),
+        }),
+      ),
+      rawInputContents: inputs.map((t) => new Uint8Array(t.values.buffer, t.values.byteOffset, t.values.byteLength)),
+    },
+    { timeoutMs: CONTROL_TIMEOUT_MS },
+  );
+  const latencyMs = performance.now() - started;
+  const outputs = reply.outputs.map((o, i) => {
+    const raw = reply.rawOutputContents[i];
+    let values: Float32Array;
+    if (raw && raw.byteLength) {
+      const copy = raw.slice(); // aligned copy
+      values = new Float32Array(copy.buffer, 0, copy.byteLength / 4);
+    } else {
+      values = Float32Array.from(o.contents?.fp32Contents ?? []);
+    }
+    return { name: o.name, shape: o.shape.map(Number), values };
+  });
+  return { outputs, modelVersion: reply.modelVersion, latencyMs };
+}

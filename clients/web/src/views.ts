@@ -1,0 +1,299 @@
+// Canvas renderers of the five live views. Array names and shapes follow the
+// contract in services/trainer/views.py (its module docstring).
+import type { Decoded } from "./decode";
+
+export interface LiveView {
+  kind: string;
+  step: number;
+  arrays: Map<string, Decoded>;
+  meta: Record<string, number>;
+}
+
+const C0 = [66, 133, 244];
+const C1 = [251, 140, 0];
+const TRUTH = "#43a047";
+const PRED = "#fb8c00";
+const PAST = "#9aa5b1";
+const BG = "#0b0f14";
+
+type Ctx = CanvasRenderingContext2D;
+
+export function drawView(canvas: HTMLCanvasElement, view: LiveView | null): string {
+  const ctx = canvas.getContext("2d");
+  if (!ctx) return "";
+  const { width: w, height: h } = canvas;
+  ctx.fillStyle = BG;
+  ctx.fillRect(0, 0, w, h);
+  if (!view) {
+    ctx.fillStyle = "#6b7785";
+    ctx.font = "14px system-ui, sans-serif";
+    ctx.fillText("waiting for the first view…", 16, 28);
+    return "";
+  }
+  switch (view.kind) {
+    case "boundary":
+      return boundary(ctx, w, h, view);
+    case "paths":
+      return paths(ctx, w, h, view);
+    case "signal":
+      return signal(ctx, w, h, view);
+    case "fusion":
+      return fusion(ctx, w, h, view);
+    case "boxes":
+      return boxes(ctx, w, h, view);
+    default:
+      ctx.fillStyle = "#6b7785";
+      ctx.fillText(`no renderer for view "${view.kind}"`, 16, 28);
+      return "";
+  }
+}
+
+function fmt(meta: Record<string, number>, keys: string[]): string {
+  return keys
+    .filter((k) => meta[k] !== undefined)
+    .map((k) => `${k} ${Math.abs(meta[k]) >= 100 ? meta[k].toFixed(0) : meta[k].toFixed(3)}`)
+    .join(" · ");
+}
+
+// Off-screen canvas reused for heatmaps and images (drawn scaled, smoothed).
+let scratch: HTMLCanvasElement | null = null;
+function image(ctx: Ctx, pixels: Uint8ClampedArray, gw: number, gh: number, x: number, y: number, w: number, h: number, flipY: boolean): void {
+  scratch ??= document.createElement("canvas");
+  scratch.width = gw;
+  scratch.height = gh;
+  const sctx = scratch.getContext("2d")!;
+  sctx.putImageData(new ImageData(pixels as Uint8ClampedArray<ArrayBuffer>, gw, gh), 0, 0);
+  ctx.save();
+  ctx.imageSmoothingEnabled = true;
+  if (flipY) {
+    ctx.translate(0, y * 2 + h);
+    ctx.scale(1, -1);
+  }
+  ctx.drawImage(scratch, x, y, w, h);
+  ctx.restore();
+}
+
+function boundary(ctx: Ctx, w: number, h: number, v: LiveView): string {
+  const grid = v.arrays.get("grid");
+  const pts = v.arrays.get("points");
+  const labels = v.arrays.get("labels");
+  const extent = v.meta.extent || 1;
+  const side = Math.min(w, h);
+  if (grid) {
+    const [gh, gw] = grid.shape;
+    const px = new Uint8ClampedArray(gw * gh * 4);
+    for (let i = 0; i < gw * gh; i++) {
+      const p = Math.min(1, Math.max(0, grid.values[i]));
+      for (let c = 0; c < 3; c++) px[i * 4 + c] = 0.55 * (C0[c] * (1 - p) + C1[c] * p) + 20;
+      px[i * 4 + 3] = 255;
+    }
+    image(ctx, px, gw, gh, 0, 0, side, side, true); // row 0 is the bottom row
+  }
+  if (pts && labels) {
+    const n = pts.shape[0];
+    for (let i = 0; i < n; i++) {
+      const x = ((pts.values[i * 2] + extent) / (2 * extent)) * side;
+      const y = side - ((pts.values[i * 2 + 1] + extent) / (2 * extent)) * side;
+      const c = labels.values[i] > 0.5 ? C1 : C0;
+      ctx.fillStyle = `rgb(${c[0]},${c[1]},${c[2]})`;
+      ctx.beginPath();
+      ctx.arc(x, y, 2.6, 0, Math.PI * 2);
+      ctx.fill();
+      ctx.strokeStyle = "rgba(255,255,255,.7)";
+      ctx.lineWidth = 0.8;
+      ctx.stroke();
+    }
+  }
+  return fmt(v.meta, ["accuracy", "loss"]);
+}
+
+interface Bounds { x0: number; x1: number; y0: number; y1: number }
+
+function bounds(arrays: (Decoded | undefined)[]): Bounds {
+  const b = { x0: Infinity, x1: -Infinity, y0: Infinity, y1: -Infinity };
+  for (const a of arrays) {
+    if (!a) continue;
+    for (let i = 0; i + 1 < a.values.length; i += 2) {
+      const x = a.values[i], y = a.values[i + 1];
+      if (!Number.isFinite(x) || !Number.isFinite(y)) continue;
+      b.x0 = Math.min(b.x0, x); b.x1 = Math.max(b.x1, x);
+      b.y0 = Math.min(b.y0, y); b.y1 = Math.max(b.y1, y);
+    }
+  }
+  if (!Number.isFinite(b.x0)) return { x0: -1, x1: 1, y0: -1, y1: 1 };
+  return b;
+}
+
+function projector(b: Bounds, w: number, h: number, pad = 16): (x: number, y: number) => [number, number] {
+  const span = Math.max(b.x1 - b.x0, b.y1 - b.y0, 1e-6);
+  const s = (Math.min(w, h) - 2 * pad) / span;
+  const ox = pad + (w - 2 * pad - (b.x1 - b.x0) * s) / 2;
+  const oy = pad + (h - 2 * pad - (b.y1 - b.y0) * s) / 2;
+  return (x, y) => [ox + (x - b.x0) * s, h - (oy + (y - b.y0) * s)];
+}
+
+function polyline(ctx: Ctx, a: Decoded, from: number, count: number, P: (x: number, y: number) => [number, number], color: string, width: number, dash: number[] = [], prefix?: [number, number]): void {
+  ctx.strokeStyle = color;
+  ctx.lineWidth = width;
+  ctx.setLineDash(dash);
+  ctx.beginPath();
+  let first = true;
+  if (prefix) {
+    ctx.moveTo(...P(prefix[0], prefix[1]));
+    first = false;
+  }
+  for (let i = 0; i < count; i++) {
+    const [x, y] = P(a.values[(from + i) * 2], a.values[(from + i) * 2 + 1]);
+    if (first) ctx.moveTo(x, y);
+    else ctx.lineTo(x, y);
+    first = false;
+  }
+  ctx.stroke();
+  ctx.setLineDash([]);
+}
+
+function paths(ctx: Ctx, w: number, h: number, v: LiveView): string {
+  const past = v.arrays.get("past"), truth = v.arrays.get("truth"), pred = v.arrays.get("predicted");
+  if (!past) return "";
+  const P = projector(bounds([past, truth, pred]), w, h);
+  const [K, Pn] = past.shape;
+  for (let k = 0; k < K; k++) {
+    polyline(ctx, past, k * Pn, Pn, P, PAST, 1.5);
+    const last: [number, number] = [past.values[(k * Pn + Pn - 1) * 2], past.values[(k * Pn + Pn - 1) * 2 + 1]];
+    if (truth) polyline(ctx, truth, k * truth.shape[1], truth.shape[1], P, TRUTH, 2, [4, 3], last);
+    if (pred) polyline(ctx, pred, k * pred.shape[1], pred.shape[1], P, PRED, 2, [], last);
+  }
+  legend(ctx, [["past", PAST], ["truth", TRUTH], ["predicted", PRED]]);
+  return fmt(v.meta, ["ade"]);
+}
+
+function legend(ctx: Ctx, items: [string, string][]): void {
+  ctx.font = "12px system-ui, sans-serif";
+  let x = 10;
+  for (const [label, color] of items) {
+    ctx.fillStyle = color;
+    ctx.fillRect(x, 8, 10, 10);
+    ctx.fillStyle = "#d8dee9";
+    ctx.fillText(label, x + 14, 17);
+    x += ctx.measureText(label).width + 30;
+  }
+}
+
+function signal(ctx: Ctx, w: number, h: number, v: LiveView): string {
+  const sig = v.arrays.get("signal"), rec = v.arrays.get("reconstruction");
+  const err = v.arrays.get("error"), flagged = v.arrays.get("flagged"), truth = v.arrays.get("truth");
+  if (!sig) return "";
+  const [T, C] = sig.shape;
+  const top = 26, errH = h * 0.22, laneH = (h - top - errH - 10) / Math.max(C, 1);
+  const X = (t: number) => (t / Math.max(T - 1, 1)) * (w - 20) + 10;
+  for (let t = 0; t < T; t++) {
+    if (truth && truth.values[t] > 0.5) {
+      ctx.fillStyle = "rgba(67,160,71,.18)";
+      ctx.fillRect(X(t) - 1, top, Math.max(2, (w - 20) / T), h - top);
+    }
+    if (flagged && flagged.values[t] > 0.5) {
+      ctx.fillStyle = "rgba(229,57,53,.55)";
+      ctx.fillRect(X(t) - 1, h - errH - 8, Math.max(2, (w - 20) / T), 6);
+    }
+  }
+  let lo = Infinity, hi = -Infinity;
+  for (const x of sig.values) { if (x < lo) lo = x; if (x > hi) hi = x; }
+  const span = hi - lo || 1;
+  for (let c = 0; c < C; c++) {
+    const y0 = top + c * laneH;
+    const Y = (x: number) => y0 + laneH - ((x - lo) / span) * laneH * 0.9;
+    for (const [arr, color, width] of [[sig, "#8fbcdb", 1.2], [rec, PRED, 1]] as [Decoded | undefined, string, number][]) {
+      if (!arr) continue;
+      ctx.strokeStyle = color;
+      ctx.lineWidth = width;
+      ctx.beginPath();
+      for (let t = 0; t < T; t++) {
+        const y = Y(arr.values[t * C + c]);
+        if (t === 0) ctx.moveTo(X(t), y);
+        else ctx.lineTo(X(t), y);
+      }
+      ctx.stroke();
+    }
+  }
+  if (err) {
+    let emax = v.meta.threshold ?? 0;
+    for (const e of err.values) emax = Math.max(emax, e);
+    emax = emax || 1;
+    const Y = (e: number) => h - 4 - (e / emax) * (errH - 12);
+    ctx.strokeStyle = "#e57373";
+    ctx.lineWidth = 1.2;
+    ctx.beginPath();
+    for (let t = 0; t < T; t++) (t ? ctx.lineTo : ctx.moveTo).call(ctx, X(t), Y(err.values[t]));
+    ctx.stroke();
+    if (v.meta.threshold !== undefined) {
+      ctx.setLineDash([5, 4]);
+      ctx.strokeStyle = "#ffd54f";
+      ctx.beginPath();
+      ctx.moveTo(10, Y(v.meta.threshold));
+      ctx.lineTo(w - 10, Y(v.meta.threshold));
+      ctx.stroke();
+      ctx.setLineDash([]);
+    }
+  }
+  legend(ctx, [["signal", "#8fbcdb"], ["reconstruction", PRED], ["error", "#e57373"], ["injected", TRUTH]]);
+  return fmt(v.meta, ["precision", "recall", "threshold"]);
+}
+
+function fusion(ctx: Ctx, w: number, h: number, v: LiveView): string {
+  const gps = v.arrays.get("gps"), fused = v.arrays.get("fused"), truth = v.arrays.get("truth");
+  const P = projector(bounds([gps, fused, truth]), w, h);
+  if (gps) {
+    ctx.fillStyle = "rgba(154,165,177,.75)";
+    for (let i = 0; i < gps.shape[0]; i++) {
+      const [x, y] = P(gps.values[i * 2], gps.values[i * 2 + 1]);
+      ctx.fillRect(x - 1.5, y - 1.5, 3, 3);
+    }
+  }
+  if (truth) polyline(ctx, truth, 0, truth.shape[0], P, TRUTH, 2, [5, 3]);
+  if (fused) polyline(ctx, fused, 0, fused.shape[0], P, PRED, 2);
+  legend(ctx, [["GPS fixes", PAST], ["truth", TRUTH], ["fused", PRED]]);
+  return fmt(v.meta, ["gps_error", "fused_error"]);
+}
+
+const SHAPES = ["square", "circle", "triangle"];
+
+function boxes(ctx: Ctx, w: number, h: number, v: LiveView): string {
+  const images = v.arrays.get("images");
+  if (!images) return "";
+  const [I, S] = images.shape;
+  const cols = Math.ceil(Math.sqrt(I)), rows = Math.ceil(I / cols);
+  const cell = Math.min(w / cols, h / rows);
+  const tile = cell - 6;
+  const origin = (i: number): [number, number] => [(i % cols) * cell + 3, Math.floor(i / cols) * cell + 3];
+  for (let i = 0; i < I; i++) {
+    const px = new Uint8ClampedArray(S * S * 4);
+    for (let j = 0; j < S * S; j++) {
+      const g = Math.max(0, Math.min(255, images.values[i * S * S + j] * 255));
+      px[j * 4] = px[j * 4 + 1] = px[j * 4 + 2] = g;
+      px[j * 4 + 3] = 255;
+    }
+    const [x, y] = origin(i);
+    image(ctx, px, S, S, x, y, tile, tile, false);
+  }
+  const drawBoxes = (arr: Decoded | undefined, stride: number, color: string, dash: number[]) => {
+    if (!arr) return;
+    ctx.font = "11px system-ui, sans-serif";
+    for (let n = 0; n < arr.shape[0]; n++) {
+      const r = arr.values.subarray(n * stride, n * stride + stride);
+      const [ox, oy] = origin(Math.round(r[0]));
+      const bx = ox + (r[2] - r[4] / 2) * tile, by = oy + (r[3] - r[5] / 2) * tile;
+      ctx.strokeStyle = color;
+      ctx.lineWidth = 2;
+      ctx.setLineDash(dash);
+      ctx.strokeRect(bx, by, r[4] * tile, r[5] * tile);
+      ctx.setLineDash([]);
+      if (stride === 7) {
+        ctx.fillStyle = color;
+        ctx.fillText(`${SHAPES[Math.round(r[1])] ?? r[1]} ${r[6].toFixed(2)}`, bx, Math.max(oy + 10, by - 3));
+      }
+    }
+  };
+  drawBoxes(v.arrays.get("true_boxes"), 6, TRUTH, [4, 3]);
+  drawBoxes(v.arrays.get("pred_boxes"), 7, PRED, []);
+  return fmt(v.meta, ["threshold"]);
+}
