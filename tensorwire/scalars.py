@@ -126,23 +126,23 @@ def to_batch(series: Mapping[str, list[Bucket]]) -> cpb.ScalarBatch:
         if any(b.count > 1 for b in buckets):
             out.min.extend(b.lo for b in buckets)
             out.max.extend(b.hi for b in buckets)
+            out.first_steps.extend(b.first_step for b in buckets)
     return batch
 
 
 def from_batch(batch: cpb.ScalarBatch) -> dict[str, list[Bucket]]:
-    """Buckets of a ScalarBatch (the inverse of :func:`to_batch`; counts become
-    the step span of each bucket, which keeps merged means fair)."""
+    """Buckets of a ScalarBatch (the inverse of :func:`to_batch`; a bucket's
+    count is its step span, which keeps merged means fair)."""
     out: dict[str, list[Bucket]] = {}
     for s in batch.series:
-        has_range = len(s.min) == len(s.steps) and len(s.max) == len(s.steps)
+        n = len(s.steps)
+        has_range = len(s.min) == n and len(s.max) == n
+        has_first = len(s.first_steps) == n
         buckets = out.setdefault(s.name, [])
-        prev = None
         for i, step in enumerate(s.steps):
             value = s.values[i] if i < len(s.values) else 0.0
             lo = s.min[i] if has_range else value
             hi = s.max[i] if has_range else value
-            first = step if prev is None or not has_range else prev + 1
-            count = max(1, step - first + 1)
-            buckets.append(Bucket(first, step, value, lo, hi, count))
-            prev = step
+            first = min(s.first_steps[i], step) if has_first else step
+            buckets.append(Bucket(first, step, value, lo, hi, step - first + 1))
     return out

@@ -5,10 +5,9 @@ from __future__ import annotations
 import grpc
 
 from tensorwire.streamer.v1 import streamer_pb2 as pb
-from tensorwire.streamer.v1 import streamer_pb2_grpc as pb_grpc
 
-from .hub import UpdateHub
-from .servicer import StreamerServicer
+from .hub import HubLimits, UpdateHub
+from .servicer import StreamerServicer, register
 from .settings import StreamerSettings
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StreamerService"].full_name
@@ -19,10 +18,16 @@ class StreamerApp:
 
     def __init__(self, settings: StreamerSettings) -> None:
         self.settings = settings
-        self.hub = UpdateHub(settings.keepalive_s)
+        self.hub = UpdateHub(
+            HubLimits(
+                keepalive_s=settings.keepalive_s, max_subscribers=settings.max_subscribers,
+                default_fps=settings.default_fps, tick_s=settings.tick_s,
+                pacing_headroom=settings.pacing_headroom,
+            )
+        )
 
     def register(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_StreamerServiceServicer_to_server(StreamerServicer(self.hub), server)
+        register(StreamerServicer(self.hub), server)
 
     async def drain(self) -> None:
         await self.hub.aclose()
@@ -32,4 +37,6 @@ class StreamerApp:
 
 
 async def create_app(settings: StreamerSettings) -> StreamerApp:
-    return StreamerApp(settings)
+    app = StreamerApp(settings)
+    app.hub.start()
+    return app

@@ -1,26 +1,515 @@
-"""UpdateHub: the streamer's core (plain Python, no gRPC)."""
+"""UpdateHub: the streamer's core (plain Python, no gRPC).
+
+Trainers ``publish`` status, scalar batches and views per run; viewers
+``subscribe`` to a run and read serialized ``Frame`` bytes. Per subscriber the
+hub keeps a coalescing mailbox:
+
+- **status** (step, state, steps/s): sent first, whenever it changed (at most
+  every ``status_interval_s``) and at least every ``keepalive_s`` even when
+  nothing else can go out;
+- **scalars**: merged, never dropped. Every run keeps one shared log of
+  published batches; each subscriber has a cursor into it and, when it may send,
+  gets every point since its cursor in one frame, down-sampled into min/mean/max
+  buckets when there are more than its ``max_points``. Subscribers that send in
+  step (the common case: one ticker) share one serialized frame;
+- **views** (heavy): latest wins per kind. A view goes out only when the
+  previous write finished and the subscriber's pacing allows it, so a slow link
+  skips views instead of queueing them.
+
+Views and statuses are serialized once per run (and codec) and the same bytes go
+to every subscriber; only ``sent_at`` (and ``snapshot``) is appended per send,
+protobuf's concatenation being a merge.
+
+One ticker task (``tick_s``) decides what every subscriber may send and wakes
+it; there is no poll loop per subscriber.
+
+Keeping the bytes in flight small: a finished gRPC write only means HTTP/2 flow
+control and the kernel took the bytes, and on a slow link the socket buffer
+alone can hold seconds of data, so "latest wins" would still show old frames.
+Three things keep it short: (1) pacing, here: each subscriber's bandwidth is
+estimated from how long its writes block, and views are spaced so they use at
+most ``1 / headroom`` of it; (2) on the streamer's host, a small
+``net.ipv4.tcp_notsent_lowat`` (``sysctl -w net.ipv4.tcp_notsent_lowat=16384``;
+it is per network namespace) so the kernel accepts only ~16 KB beyond what is in
+flight and writes block instead of piling up; (3) subscribers with
+``grpc.http2.bdp_probe`` off, so their HTTP/2 window stays at 64 KB instead of
+growing to megabytes.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
 
-from tensorwire.common.v1 import common_pb2
+from tensorwire import arrays
+from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
+from tensorwire.scalars import Bucket, ScalarBuffer, from_batch, to_batch
+from tensorwire.streamer.v1 import streamer_pb2 as spb
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_SUFFIX = spb.Frame(snapshot=True).SerializeToString()
+
+
+def _sent_at(wall: float) -> bytes:
+    return spb.Frame(sent_at=wall).SerializeToString()
+
+
+@dataclass
+class CachedView:
+    """One published view, serialized once per codec on first use."""
+
+    kind: str
+    step: int
+    produced_at: float
+    view: cpb.View
+    _frames: dict[int, bytes] = field(default_factory=dict)
+
+    def frame(self, codec: int) -> bytes:
+        data = self._frames.get(codec)
+        if data is None:
+            view = self.view
+            if any(a.codec != codec for a in view.arrays):
+                view = cpb.View()
+                view.CopyFrom(self.view)
+                del view.arrays[:]
+                view.arrays.extend(arrays.recode(a, codec) for a in self.view.arrays)
+            data = spb.Frame(step=self.step, produced_at=self.produced_at, view=view).SerializeToString()
+            self._frames[codec] = data
+        return data
+
+
+class Pacer:
+    """Spaces a subscriber's heavy frames from how long its writes block.
+
+    A write that blocks for ``seconds`` waited until ``nbytes`` fitted into the
+    flow-control window and socket buffer, which drain at the link's rate, so
+    ``nbytes / seconds`` estimates the bandwidth. Views are then spaced to use
+    at most ``1 / headroom`` of it. Writes that do not block let the estimate
+    creep up again, so a link that gets faster is used again.
+    """
+
+    def __init__(self, headroom: float = 2.0, blocked_s: float = 0.01) -> None:
+        self.headroom = headroom
+        self.blocked_s = blocked_s
+        self.bytes_per_s: float | None = None
+
+    def record(self, nbytes: int, seconds: float) -> None:
+        if seconds >= self.blocked_s and nbytes > 0:
+            sample = nbytes / seconds
+            self.bytes_per_s = sample if self.bytes_per_s is None else min(
+                0.5 * self.bytes_per_s + 0.5 * sample, 2 * sample
+            )
+        elif self.bytes_per_s is not None:
+            self.bytes_per_s *= 1.02
+            if self.bytes_per_s > 1e9:
+                self.bytes_per_s = None
+
+    def spacing_s(self, nbytes: int) -> float:
+        if self.bytes_per_s is None:
+            return 0.0
+        return self.headroom * nbytes / self.bytes_per_s
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """One viewer's mailbox and pacing."""
+
+    run_id: str
+    views: frozenset[str]
+    max_fps: float
+    codec: int
+    max_points: int
+    topic: Topic
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    pacer: Pacer = field(default_factory=Pacer)
+    closed: bool = False
+    status_due: bool = True
+    status_version: int = -1
+    last_status_at: float = -math.inf
+    scalar_cursor: int = 0
+    overflow: ScalarBuffer | None = None
+    scalars_due: bool = False
+    last_scalars_at: float = -math.inf
+    pending_views: dict[str, CachedView] = field(default_factory=dict)
+    views_due: bool = False
+    next_view_at: float = 0.0
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    views_sent: int = 0
+    views_skipped: int = 0
+
+    def wants(self, kind: str) -> bool:
+        return not self.views or kind in self.views
+
+
+@dataclass(eq=False)
+class Topic:
+    """Everything the hub knows about one run."""
+
+    run_id: str
+    status: cpb.RunStatus | None = None
+    status_frame: bytes = b""
+    status_version: int = 0
+    history: ScalarBuffer = field(default_factory=lambda: ScalarBuffer(1024))
+    log: list[tuple[int, dict[str, list[Bucket]]]] = field(default_factory=list)
+    seq: int = 0
+    views: dict[str, CachedView] = field(default_factory=dict)
+    subscribers: set[Subscriber] = field(default_factory=set)
+    scalar_cache: dict[tuple[int, int, int], bytes] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class PublisherHandle:
+    """A connected trainer: the runs it sent, and a flag when their watchers change."""
+
+    runs: set[str] = field(default_factory=set)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True)
+class HubLimits:
+    keepalive_s: float = 1.0
+    """A status frame at least this often per subscriber."""
+    status_interval_s: float = 0.25
+    """At most this often a changed status per subscriber."""
+    scalar_interval_s: float = 0.2
+    """At most this often a scalar frame per subscriber."""
+    tick_s: float = 0.025
+    """Period of the broadcast ticker."""
+    default_fps: float = 10.0
+    """Heavy frames per second when a subscriber does not say."""
+    max_fps: float = 30.0
+    default_max_points: int = 64
+    max_points_limit: int = 4096
+    history_points: int = 1024
+    """Buckets per series kept for a new subscriber's snapshot."""
+    max_subscribers: int = 1000
+    max_log_chunks: int = 4096
+    """Scalar batches kept for subscribers that lag; older ones move into the
+    lagging subscribers' private buffers (merged, not dropped)."""
+    pacing_headroom: float = 2.0
 
 
 class UpdateHub:
-    def __init__(self, keepalive_s: float) -> None:
-        self.keepalive_s = keepalive_s
-        self._closed = asyncio.Event()
+    """Fan-out of runs' updates to coalescing per-subscriber mailboxes."""
 
-    async def status_frames(self, run_id: str) -> AsyncIterator[tuple[float, common_pb2.RunStatus]]:
-        while not self._closed.is_set():
-            yield time.time(), common_pb2.RunStatus(run_id=run_id)
-            try:
-                await asyncio.wait_for(self._closed.wait(), self.keepalive_s)
-            except TimeoutError:
-                pass
+    def __init__(
+        self,
+        limits: HubLimits | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.limits = limits or HubLimits()
+        self._clock = clock
+        self._wall = wall
+        self.topics: dict[str, Topic] = {}
+        self.publishers: set[PublisherHandle] = set()
+        self.subscriber_count = 0
+        self._ticker: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------
+    def start(self) -> None:
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick_forever(), name="hub-ticker")
 
     async def aclose(self) -> None:
-        self._closed.set()
+        self._closed = True
+        for topic in self.topics.values():
+            for sub in topic.subscribers:
+                sub.closed = True
+                sub.wake.set()
+        for pub in self.publishers:
+            pub.changed.set()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+            self._ticker = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _topic(self, run_id: str) -> Topic:
+        topic = self.topics.get(run_id)
+        if topic is None:
+            topic = self.topics[run_id] = Topic(run_id, history=ScalarBuffer(self.limits.history_points))
+        return topic
+
+    # -- publishing -------------------------------------------------------
+    def add_publisher(self) -> PublisherHandle:
+        pub = PublisherHandle()
+        self.publishers.add(pub)
+        return pub
+
+    def remove_publisher(self, pub: PublisherHandle) -> None:
+        self.publishers.discard(pub)
+
+    def publish(self, req: spb.PublishRequest, pub: PublisherHandle | None = None) -> None:
+        """Take one update from a trainer (synchronous, cheap, never blocks)."""
+        if not req.run_id:
+            raise InvalidArgumentError("PublishRequest.run_id is empty")
+        topic = self._topic(req.run_id)
+        if pub is not None and req.run_id not in pub.runs:
+            pub.runs.add(req.run_id)
+            pub.changed.set()
+        body = req.WhichOneof("body")
+        if body == "status":
+            status = req.status
+            if not status.run_id:
+                status.run_id = req.run_id
+            topic.status = status
+            topic.status_frame = spb.Frame(
+                step=status.step, produced_at=status.produced_at, status=status
+            ).SerializeToString()
+            topic.status_version += 1
+        elif body == "scalars":
+            series = from_batch(req.scalars)
+            topic.history.extend(series)
+            topic.seq += 1
+            topic.log.append((topic.seq, series))
+            self._trim_log(topic)
+        elif body == "view":
+            view = req.view
+            cached = CachedView(view.kind, view.step or req.step, view.produced_at or req.produced_at, view)
+            topic.views[view.kind] = cached
+            for sub in topic.subscribers:
+                if sub.wants(view.kind):
+                    if view.kind in sub.pending_views:
+                        sub.views_skipped += 1
+                    sub.pending_views[view.kind] = cached
+        else:
+            raise InvalidArgumentError(f"PublishRequest for run {req.run_id!r} has no body")
+
+    def _trim_log(self, topic: Topic) -> None:
+        if not topic.subscribers:
+            topic.log.clear()
+            return
+        low = min(s.scalar_cursor for s in topic.subscribers)
+        while topic.log and topic.log[0][0] <= low:
+            topic.log.pop(0)
+        excess = len(topic.log) - self.limits.max_log_chunks
+        if excess > 0:
+            moved = topic.log[:excess]
+            del topic.log[:excess]
+            last = moved[-1][0]
+            for sub in topic.subscribers:
+                if sub.scalar_cursor < last:
+                    if sub.overflow is None:
+                        sub.overflow = ScalarBuffer(sub.max_points)
+                    for seq, series in moved:
+                        if seq > sub.scalar_cursor:
+                            sub.overflow.extend(series)
+                    sub.scalar_cursor = last
+
+    def watchers(self, run_ids: Iterable[str]) -> spb.PublishResponse:
+        """Subscriber counts and view demand of ``run_ids`` (for a publisher)."""
+        reply = spb.PublishResponse()
+        for run_id in run_ids:
+            topic = self.topics.get(run_id)
+            subs = topic.subscribers if topic else set()
+            reply.watchers[run_id] = len(subs)
+            if subs:
+                kinds: set[str] = set()
+                for s in subs:
+                    kinds |= s.views or {"*"}
+                demand = reply.demand[run_id]
+                demand.views.extend(sorted(kinds))
+                demand.max_fps = max(s.max_fps for s in subs)
+        return reply
+
+    def _watchers_changed(self, run_id: str) -> None:
+        for pub in self.publishers:
+            if run_id in pub.runs:
+                pub.changed.set()
+
+    # -- subscribing ------------------------------------------------------
+    def subscribe(
+        self,
+        run_id: str,
+        *,
+        max_fps: float = 0.0,
+        views: Iterable[str] = (),
+        accept_codecs: Iterable[int] = (),
+        max_points: int = 0,
+    ) -> Subscriber:
+        """A new mailbox for ``run_id`` (a run may publish later: the stream waits)."""
+        limits = self.limits
+        if self._closed:
+            from tensorwire.errors import UnavailableError
+
+            raise UnavailableError("the streamer is shutting down")
+        if not run_id:
+            raise InvalidArgumentError("run_id is empty")
+        if math.isnan(max_fps) or max_fps < 0:
+            raise InvalidArgumentError(f"max_fps must be >= 0, got {max_fps}")
+        if max_fps > limits.max_fps:
+            raise InvalidArgumentError(f"max_fps must be <= {limits.max_fps:g}, got {max_fps:g}")
+        if max_points == 1 or max_points > limits.max_points_limit:
+            raise InvalidArgumentError(
+                f"max_points must be 0 (default) or 2..{limits.max_points_limit}, got {max_points}"
+            )
+        if self.subscriber_count >= limits.max_subscribers:
+            raise ResourceExhaustedError(
+                f"the streamer has {self.subscriber_count} subscribers, its limit; try again later"
+            )
+        accepted = set(accept_codecs)
+        codec = cpb.CODEC_DEFLATE if cpb.CODEC_DEFLATE in accepted else arrays.best_codec(accepted)
+        topic = self._topic(run_id)
+        sub = Subscriber(
+            run_id, frozenset(views), max_fps or limits.default_fps, codec,
+            max_points or limits.default_max_points, topic,
+        )
+        sub.pacer.headroom = limits.pacing_headroom
+        sub.scalar_cursor = topic.seq
+        topic.subscribers.add(sub)
+        self.subscriber_count += 1
+        self._watchers_changed(run_id)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        if sub in sub.topic.subscribers:
+            sub.topic.subscribers.discard(sub)
+            self.subscriber_count -= 1
+            self._watchers_changed(sub.run_id)
+        sub.closed = True
+        sub.pending_views.clear()
+        sub.overflow = None
+        topic = sub.topic
+        if not topic.subscribers and topic.status is None and not topic.views:
+            self.topics.pop(topic.run_id, None)
+
+    def snapshot(self, sub: Subscriber) -> list[bytes]:
+        """The frames a new subscriber gets first: status, history, latest views."""
+        topic = sub.topic
+        suffix = SNAPSHOT_SUFFIX + _sent_at(self._wall())
+        out: list[bytes] = []
+        if topic.status_frame:
+            out.append(topic.status_frame + suffix)
+            sub.status_version = topic.status_version
+            sub.last_status_at = self._clock()
+            sub.status_due = False
+        history = topic.history.peek()
+        if history:
+            step = max(b[-1].step for b in history.values())
+            out.append(spb.Frame(step=step, scalars=to_batch(history)).SerializeToString() + suffix)
+        for kind, cached in topic.views.items():
+            if sub.wants(kind):
+                out.append(cached.frame(sub.codec) + suffix)
+                sub.pending_views.pop(kind, None)
+        return out
+
+    # -- the ticker -------------------------------------------------------
+    async def _tick_forever(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:
+                log.exception("hub tick failed")
+            await asyncio.sleep(self.limits.tick_s)
+
+    def tick(self, now: float | None = None) -> None:
+        """Decide, for every subscriber, what it may send now, and wake it."""
+        now = self._clock() if now is None else now
+        limits = self.limits
+        for topic in self.topics.values():
+            topic.scalar_cache.clear()
+            for sub in topic.subscribers:
+                wake = False
+                since = now - sub.last_status_at
+                if since >= limits.keepalive_s or (
+                    sub.status_version != topic.status_version and since >= limits.status_interval_s
+                ):
+                    sub.status_due = wake = True
+                if (topic.seq > sub.scalar_cursor or sub.overflow) and (
+                    now - sub.last_scalars_at >= limits.scalar_interval_s
+                ):
+                    sub.scalars_due = wake = True
+                if sub.pending_views and now >= sub.next_view_at:
+                    sub.views_due = wake = True
+                if wake:
+                    sub.wake.set()
+
+    # -- sending ----------------------------------------------------------
+    def due_frames(self, sub: Subscriber) -> list[tuple[bytes, bool]]:
+        """What ``sub`` sends now, most urgent first, as (bytes, is_heavy)."""
+        topic = sub.topic
+        now = self._clock()
+        suffix = _sent_at(self._wall())
+        out: list[tuple[bytes, bool]] = []
+        if sub.status_due:
+            sub.status_due = False
+            sub.last_status_at = now
+            sub.status_version = topic.status_version
+            frame = topic.status_frame or spb.Frame(
+                status=cpb.RunStatus(run_id=sub.run_id, state=cpb.RUN_STATE_UNSPECIFIED)
+            ).SerializeToString()
+            out.append((frame + suffix, False))
+        if sub.scalars_due:
+            sub.scalars_due = False
+            sub.last_scalars_at = now
+            frame = self._scalar_frame(sub)
+            if frame:
+                out.append((frame + suffix, False))
+        if sub.views_due:
+            sub.views_due = False
+            for kind in list(sub.pending_views):
+                cached = sub.pending_views.pop(kind)
+                out.append((cached.frame(sub.codec) + suffix, True))
+        return out
+
+    def _scalar_frame(self, sub: Subscriber) -> bytes:
+        topic = sub.topic
+        start, end = sub.scalar_cursor, topic.seq
+        sub.scalar_cursor = end
+        if sub.overflow is None:
+            key = (start, end, sub.max_points)
+            cached = topic.scalar_cache.get(key)
+            if cached is not None:
+                return cached
+        private = sub.overflow is not None
+        buffer = sub.overflow or ScalarBuffer(sub.max_points)
+        sub.overflow = None
+        for seq, series in topic.log:
+            if seq > start:
+                buffer.extend(series)
+        series_out = buffer.take()
+        if not series_out:
+            return b""
+        step = max(b[-1].step for b in series_out.values())
+        frame = spb.Frame(step=step, scalars=to_batch(series_out)).SerializeToString()
+        if not private:
+            topic.scalar_cache[(start, end, sub.max_points)] = frame
+        self._trim_log(topic)
+        return frame
+
+    def record_write(self, sub: Subscriber, nbytes: int, seconds: float, heavy: bool) -> None:
+        """A frame took ``seconds`` to write: feed pacing and the stats."""
+        sub.pacer.record(nbytes, seconds)
+        sub.frames_sent += 1
+        sub.bytes_sent += nbytes
+        if heavy:
+            sub.views_sent += 1
+            now = self._clock()
+            sub.next_view_at = max(
+                now - seconds + 1.0 / sub.max_fps, now + sub.pacer.spacing_s(nbytes) - seconds
+            )
+
+    async def frames(self, sub: Subscriber) -> AsyncIterator[tuple[bytes, bool]]:
+        """The subscriber's stream: snapshot, then what the ticker lets through."""
+        for data in self.snapshot(sub):
+            yield data, False
+        while not sub.closed:
+            await sub.wake.wait()
+            sub.wake.clear()
+            if sub.closed:
+                return
+            for item in self.due_frames(sub):
+                yield item

@@ -1,21 +1,87 @@
-"""StreamerService: protobuf <-> UpdateHub."""
+"""StreamerService: protobuf <-> UpdateHub.
+
+``Subscribe`` yields frames the hub serialized already (the same bytes for
+every subscriber), so the service is registered with a response serializer that
+passes bytes through; see :func:`register`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from tensorwire.streamer.v1 import streamer_pb2 as pb
-from tensorwire.streamer.v1 import streamer_pb2_grpc as pb_grpc
 
 from .hub import UpdateHub
 
+SERVICE = "tensorwire.streamer.v1.StreamerService"
 
-class StreamerServicer(pb_grpc.StreamerServiceServicer):
+
+def _frame_bytes(frame: bytes | pb.Frame) -> bytes:
+    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+
+
+class StreamerServicer:
     def __init__(self, hub: UpdateHub) -> None:
         self._hub = hub
 
-    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Frame]:
-        async for now, status in self._hub.status_frames(request.run_id):
-            yield pb.Frame(step=status.step, sent_at=now, status=status)
+    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        hub = self._hub
+        sub = hub.subscribe(
+            request.run_id, max_fps=request.max_fps, views=request.views,
+            accept_codecs=request.accept_codecs, max_points=request.max_points,
+        )
+        try:
+            async for data, heavy in hub.frames(sub):
+                started = time.monotonic()
+                yield data  # resumes once gRPC took the frame
+                hub.record_write(sub, len(data), time.monotonic() - started, heavy)
+        finally:
+            hub.unsubscribe(sub)
+
+    async def Publish(
+        self, requests: AsyncIterator[pb.PublishRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PublishResponse]:
+        hub = self._hub
+        pub = hub.add_publisher()
+
+        async def consume() -> None:
+            async for request in requests:
+                hub.publish(request, pub)
+
+        reader = asyncio.create_task(consume())
+        try:
+            while not hub.closed:
+                pub.changed.clear()
+                waiter = asyncio.create_task(pub.changed.wait())
+                done, _ = await asyncio.wait({reader, waiter}, timeout=1.0,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if reader in done:
+                    reader.result()  # raises what the reader raised
+                    return
+                if pub.runs:
+                    yield hub.watchers(pub.runs)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            hub.remove_publisher(pub)
+
+
+def register(servicer: StreamerServicer, server: grpc.aio.Server) -> None:
+    handlers = {
+        "Subscribe": grpc.unary_stream_rpc_method_handler(
+            servicer.Subscribe, request_deserializer=pb.SubscribeRequest.FromString,
+            response_serializer=_frame_bytes,
+        ),
+        "Publish": grpc.stream_stream_rpc_method_handler(
+            servicer.Publish, request_deserializer=pb.PublishRequest.FromString,
+            response_serializer=pb.PublishResponse.SerializeToString,
+        ),
+    }
+    generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(SERVICE, handlers)

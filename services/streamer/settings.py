@@ -20,3 +20,18 @@ class StreamerSettings(ServerSettings):
     keepalive_s: float = setting(
         1.0, env="KEEPALIVE_S", help="seconds between status frames to a subscriber", min=0.05, max=30
     )
+    max_subscribers: int = setting(
+        1000, env="MAX_SUBSCRIBERS", help="subscribers at once; more get RESOURCE_EXHAUSTED",
+        min=1, max=1_000_000,
+    )
+    default_fps: float = setting(
+        10.0, env="DEFAULT_FPS", help="heavy frames per second when a subscriber does not say",
+        min=0.1, max=60,
+    )
+    tick_s: float = setting(
+        0.025, env="TICK_S", help="period of the broadcast ticker, seconds", min=0.005, max=1
+    )
+    pacing_headroom: float = setting(
+        2.0, env="PACING_HEADROOM",
+        help="views use at most 1/this of a subscriber's measured bandwidth", min=1, max=20,
+    )
