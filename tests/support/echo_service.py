@@ -4,6 +4,7 @@
 peer address (so a test sees which TCP connection carried a call); ``Hold`` waits
 until the test releases it (so a test keeps streams open without sleeping);
 ``Sleep`` answers after ``delay_s`` (an I/O-bound handler for the benchmark).
+With a repository it also serves the checkpoint ModelTransferService.
 
 Run as a process: ``python -m tests.support.echo_service --port 0 --delay-s 0.02``
 prints ``PORT <n>`` once serving.
@@ -15,8 +16,12 @@ import argparse
 import asyncio
 import sys
 
+from pathlib import Path
+
 import grpc
 
+from tensorwire.checkpoints import SERVICE_NAME as TRANSFER_SERVICE
+from tensorwire.checkpoints import CheckpointReceiver, ModelTransferServicer
 from tensorwire.server import GrpcServer, ServerOptions
 
 SERVICE = "tensorwire.test.Echo"
@@ -29,10 +34,12 @@ def _identity(data: bytes) -> bytes:
 class EchoApp:
     """A tensorwire Service: Echo, Hold and Sleep, with counters."""
 
-    service_names = (SERVICE,)
-
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, repository: Path | None = None) -> None:
         self.delay_s = delay_s
+        self.transfer = (
+            ModelTransferServicer(CheckpointReceiver(repository)) if repository is not None else None
+        )
+        self.service_names = (SERVICE,) if repository is None else (SERVICE, TRANSFER_SERVICE)
         self.release = asyncio.Event()
         self.holding = 0
         self.held = asyncio.Condition()
@@ -74,6 +81,8 @@ class EchoApp:
             for name, fn in (("Echo", self._echo), ("Hold", self._hold), ("Sleep", self._sleep))
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        if self.transfer is not None:
+            self.transfer.register(server)
 
     async def drain(self) -> None:
         self.release.set()
@@ -92,11 +101,13 @@ async def _main(argv: list[str]) -> None:
     parser.add_argument("--delay-s", type=float, default=0.0)
     parser.add_argument("--max-concurrent-streams", type=int, default=0,
                         help="HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS (0 = gRPC's default)")
+    parser.add_argument("--repository", default="",
+                        help="also serve ModelTransferService into this model repository")
     args = parser.parse_args(argv)
     extra: tuple[tuple[str, int | str], ...] = ()
     if args.max_concurrent_streams:
         extra = (("grpc.max_concurrent_streams", args.max_concurrent_streams),)
-    app = EchoApp(args.delay_s)
+    app = EchoApp(args.delay_s, Path(args.repository) if args.repository else None)
     server = GrpcServer(
         ServerOptions(name="echo", host="127.0.0.1", port=args.port, extra_options=extra), app
     )
