@@ -304,7 +304,7 @@ function renderRuns(): void {
 }
 
 function currentState(): RunState {
-  return live.status?.state ?? runs.find((r) => r.runId === live.runId)?.state ?? RunState.UNSPECIFIED;
+  return live.status?.state || (runs.find((r) => r.runId === live.runId)?.state ?? RunState.UNSPECIFIED);
 }
 
 function renderControls(): void {
