@@ -1,0 +1,391 @@
+"""The Kubernetes manifests under deploy/: references, schemas, and the rules of issue 7.
+
+Three layers, from what needs nothing to what needs kubectl:
+1. every kustomization's references exist and stay inside its root (kustomize's
+   default load restrictor refuses files outside it);
+2. every plain manifest file passes kubernetes-validate (strict: unknown fields are
+   errors) for a current Kubernetes version;
+3. every entry point (overlays, jobs) is rendered with ``kubectl kustomize`` (there is
+   no Python implementation of kustomize; kubectl embeds it) and the rendered objects
+   are validated and checked: probes, security, resources, config, balancing, GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from services.gateway.settings import GatewaySettings
+from services.inference.settings import InferenceSettings
+from services.streamer.settings import StreamerSettings
+from services.trainer.distributed import DistributedSettings
+from services.trainer.settings import TrainerSettings
+from tensorwire import config
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+KUBERNETES_VERSIONS = ("1.37.0", "1.33.0")
+"""The newest release kubernetes-validate knows, and an older one still supported."""
+ENTRY_POINTS = ("overlays/dev", "overlays/prod", "overlays/prod-gpu", "overlays/dev-local",
+                "jobs/distributed-training")
+SETTINGS = {
+    cls.env_prefix: cls
+    for cls in (TrainerSettings, StreamerSettings, InferenceSettings, GatewaySettings,
+                DistributedSettings)
+}
+GRPC_SERVICES = {"trainer": 50051, "streamer": 50052, "inference": 8001}
+
+
+def kustomization_dirs() -> list[Path]:
+    return sorted(p.parent for p in DEPLOY.rglob("kustomization.yaml"))
+
+
+def load_yaml_docs(path: Path) -> list[Any]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _refs(kust: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(what, relative path) for every file or directory a kustomization names."""
+    for key in ("resources", "components", "bases"):
+        for ref in kust.get(key) or ():
+            yield key, ref
+    for patch in kust.get("patches") or ():
+        if "path" in patch:
+            yield "patches", patch["path"]
+    for ref in kust.get("patchesStrategicMerge") or ():
+        yield "patchesStrategicMerge", ref
+    for gen in (kust.get("configMapGenerator") or []) + (kust.get("secretGenerator") or []):
+        for ref in gen.get("envs") or ():
+            yield f"generator {gen['name']} envs", ref
+        for ref in gen.get("files") or ():
+            yield f"generator {gen['name']} files", ref.split("=", 1)[-1]
+
+
+def patch_files() -> set[Path]:
+    out: set[Path] = set()
+    for d in kustomization_dirs():
+        kust = yaml.safe_load((d / "kustomization.yaml").read_text())
+        for what, ref in _refs(kust):
+            if what.startswith("patch"):
+                out.add((d / ref).resolve())
+    return out
+
+
+# -- 1. references ------------------------------------------------------------------
+
+@pytest.mark.parametrize("directory", kustomization_dirs(), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_kustomization_reference_exists_inside_its_root(directory: Path) -> None:
+    kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert kust.get("kind") in ("Kustomization", "Component"), directory
+    refs = list(_refs(kust))
+    assert refs, f"{directory} names nothing"
+    for what, ref in refs:
+        target = (directory / ref).resolve()
+        assert target.exists(), f"{directory.relative_to(ROOT)}: {what} {ref!r} does not exist"
+        if what in ("resources", "components", "bases") and target.is_dir():
+            assert (target / "kustomization.yaml").is_file(), f"{target} is no kustomization"
+            kind = yaml.safe_load((target / "kustomization.yaml").read_text()).get("kind")
+            want = "Component" if what == "components" else "Kustomization"
+            assert kind == want, f"{directory}: {what} {ref} is a {kind}, expected a {want}"
+        else:
+            # kustomize's default load restrictor: files only from within the root
+            assert target.is_relative_to(directory.resolve()), (
+                f"{directory.relative_to(ROOT)}: {what} {ref!r} is outside the kustomization "
+                "root; kustomize build would refuse it"
+            )
+
+
+def test_every_manifest_file_is_reachable_from_an_entry_point() -> None:
+    reachable: set[Path] = set()
+
+    def walk(d: Path) -> None:
+        kust = yaml.safe_load((d / "kustomization.yaml").read_text())
+        reachable.add((d / "kustomization.yaml").resolve())
+        for _, ref in _refs(kust):
+            target = (d / ref).resolve()
+            if target.is_dir():
+                walk(target)
+            else:
+                reachable.add(target)
+
+    for entry in ENTRY_POINTS:
+        walk(K8S / entry)
+    stray = [
+        p.relative_to(ROOT) for p in DEPLOY.rglob("*")
+        if p.suffix in (".yaml", ".yml", ".env", ".json") and "envoy" not in p.parts
+        and p.resolve() not in reachable
+    ]
+    assert not stray, f"files no overlay or job uses (dead, or a missing reference): {stray}"
+
+
+# -- 2. each file ------------------------------------------------------------------
+
+def manifest_files() -> list[Path]:
+    patches = patch_files()
+    return sorted(
+        p for p in K8S.rglob("*.yaml")
+        if p.name != "kustomization.yaml" and p.resolve() not in patches
+    )
+
+
+def _validate(doc: dict[str, Any], where: str) -> None:
+    for version in KUBERNETES_VERSIONS:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{where}: {doc['kind']}/{doc['metadata']['name']} invalid for "
+                        f"Kubernetes {version} at {path}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            pytest.fail(f"{where}: {exc.message}")
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(K8S)))
+def test_each_manifest_file_passes_kubernetes_validate(path: Path) -> None:
+    docs = load_yaml_docs(path)
+    assert docs, f"{path} is empty"
+    for doc in docs:
+        _validate(doc, str(path.relative_to(ROOT)))
+
+
+# -- 3. rendered -------------------------------------------------------------------
+
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None, reason="kubectl (which embeds kustomize) is not installed; layers 1-2 ran"
+)
+
+
+@functools.cache
+def render(entry: str) -> tuple[dict[str, Any], ...]:
+    proc = subprocess.run(
+        [KUBECTL or "kubectl", "kustomize", str(K8S / entry)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, f"kubectl kustomize {entry} failed:\n{proc.stderr}"
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def by_kind(docs: tuple[dict[str, Any], ...], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def _pod_specs(docs: tuple[dict[str, Any], ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for d in docs:
+        if d["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+            yield f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@needs_kubectl
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_rendered_objects_pass_kubernetes_validate(entry: str) -> None:
+    docs = render(entry)
+    assert docs
+    for doc in docs:
+        _validate(doc, f"kubectl kustomize {entry}")
+        assert doc["metadata"].get("namespace") or doc["kind"] == "Namespace", (
+            f"{entry}: {doc['kind']}/{doc['metadata']['name']} has no namespace"
+        )
+
+
+@needs_kubectl
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_pod_is_locked_down_and_sized(entry: str) -> None:
+    docs = render(entry)
+    accounts = by_kind(docs, "ServiceAccount")
+    claims = by_kind(docs, "PersistentVolumeClaim")
+    if entry.startswith("jobs/"):  # a job runs beside the suite and uses its claim
+        claims |= by_kind(render("overlays/prod"), "PersistentVolumeClaim")
+    for name, spec in _pod_specs(docs):
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["runAsUser"] != 0, name
+        assert spec["serviceAccountName"] in accounts, f"{name}: no ServiceAccount"
+        assert spec["automountServiceAccountToken"] is False, name
+        for vol in spec.get("volumes", ()):
+            if "persistentVolumeClaim" in vol:
+                assert vol["persistentVolumeClaim"]["claimName"] in claims, f"{name}: {vol}"
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, f"{name}/{c['name']}"
+            assert sc["allowPrivilegeEscalation"] is False, f"{name}/{c['name']}"
+            assert sc["capabilities"]["drop"] == ["ALL"], f"{name}/{c['name']}"
+            assert "add" not in sc["capabilities"], f"{name}/{c['name']}"
+            res = c["resources"]
+            assert {"cpu", "memory"} <= set(res["requests"]) and {"cpu", "memory"} <= set(
+                res["limits"]), f"{name}/{c['name']}: requests and limits for cpu and memory"
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", ())}
+            assert "/tmp" in mounts, f"{name}/{c['name']}: read-only root needs a writable /tmp"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("entry", [e for e in ENTRY_POINTS if e.startswith("overlays/")])
+def test_each_service_has_deployment_service_account_and_grpc_probes(entry: str) -> None:
+    docs = render(entry)
+    deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
+    accounts = by_kind(docs, "ServiceAccount")
+    for name, port in GRPC_SERVICES.items():
+        dep = deployments[name]
+        pod = dep["spec"]["template"]
+        assert name in accounts and pod["spec"]["serviceAccountName"] == name
+        (container,) = pod["spec"]["containers"]
+        assert container["command"] == [f"tensorwire-{name}"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["grpc"] == port
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == port, f"{name} {probe}: native gRPC probe"
+        svc = services[name]
+        assert _selects(svc["spec"]["selector"], pod["metadata"]["labels"])
+        grpc_ports = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+        assert grpc_ports and grpc_ports[0]["port"] == port, f"Service {name}: port named grpc"
+        metrics_port = pod["metadata"]["annotations"]["prometheus.io/port"]
+        assert int(metrics_port) == ports["metrics"], f"{name}: scrape annotation != metrics port"
+
+
+def _config_maps_of(docs: tuple[dict[str, Any], ...], spec: dict[str, Any]) -> dict[str, str]:
+    maps = by_kind(docs, "ConfigMap")
+    env: dict[str, str] = {}
+    for c in spec["containers"]:
+        for source in c.get("envFrom", ()):
+            name = source["configMapRef"]["name"]
+            assert name in maps, f"envFrom names a missing ConfigMap {name}"
+            env.update(maps[name]["data"])
+        for var in c.get("env", ()):
+            if "value" in var:
+                env[var["name"]] = var["value"]
+    return env
+
+
+@needs_kubectl
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_config_is_real_settings_with_valid_values(entry: str) -> None:
+    """Every TENSORWIRE_* variable is a setting of the service it configures, and
+    the service's own settings loader accepts the values (as it will in the pod)."""
+    docs = render(entry)
+    for name, spec in _pod_specs(docs):
+        env = _config_maps_of(docs, spec)
+        ours = {k: v for k, v in env.items() if k.startswith("TENSORWIRE_")}
+        assert ours, f"{name}: configured by no TENSORWIRE_ variable"
+        for prefix, cls in SETTINGS.items():
+            keys = {k for k in ours if k.startswith(prefix)}
+            if not keys:
+                continue
+            known = {prefix + f.metadata["env"] for f in dataclasses.fields(cls) if "env" in f.metadata}
+            assert keys <= known, f"{name}: not settings of {cls.__name__}: {sorted(keys - known)}"
+            try:
+                config.load(cls, [], env=ours)
+            except config.SettingsError as exc:
+                pytest.fail(f"{entry} {name}: {cls.__name__} refuses its config: {exc}")
+            ours = {k: v for k, v in ours.items() if k not in keys}
+        assert not ours, f"{name}: variables of no known service: {sorted(ours)}"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("entry", [e for e in ENTRY_POINTS if e.startswith("overlays/")])
+def test_trainer_publishes_to_every_streamer_replica_through_the_headless_service(entry: str) -> None:
+    docs = render(entry)
+    services, deployments = by_kind(docs, "Service"), by_kind(docs, "Deployment")
+    env = _config_maps_of(docs, deployments["trainer"]["spec"]["template"]["spec"])
+    target = env["TENSORWIRE_TRAINER_STREAMER_TARGET"]
+    assert target.startswith("dns:///"), "a DNS target resolves to every replica's address"
+    host, port = target.removeprefix("dns:///").rsplit(":", 1)
+    svc = services[host.split(".")[0]]
+    assert svc["spec"]["clusterIP"] == "None", f"{host} must be headless (one A record per pod)"
+    assert _selects(svc["spec"]["selector"],
+                    deployments["streamer"]["spec"]["template"]["metadata"]["labels"])
+    assert int(port) in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+    # inference is reached the same way: client-side round-robin over every pod
+    host, port = env["TENSORWIRE_TRAINER_INFERENCE_TARGET"].removeprefix("dns:///").rsplit(":", 1)
+    assert services[host]["spec"]["clusterIP"] == "None"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("entry", [e for e in ENTRY_POINTS if e.startswith("overlays/")])
+def test_inference_autoscales_and_survives_disruptions(entry: str) -> None:
+    docs = render(entry)
+    dep = by_kind(docs, "Deployment")["inference"]
+    assert "replicas" not in dep["spec"], "the HPA owns the replica count"
+    hpa = by_kind(docs, "HorizontalPodAutoscaler")["inference"]
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["kind"], ref["name"]) == ("Deployment", "inference")
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    pdb = by_kind(docs, "PodDisruptionBudget")["inference"]
+    assert _selects(pdb["spec"]["selector"]["matchLabels"], dep["spec"]["template"]["metadata"]["labels"])
+    if "minAvailable" in pdb["spec"]:
+        # a PDB that allows no eviction at the minimum scale would block node drains
+        assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+
+
+@needs_kubectl
+def test_gpu_component_puts_trainer_and_inference_on_gpu_nodes() -> None:
+    docs = render("overlays/prod-gpu")
+    deployments = by_kind(docs, "Deployment")
+    for name in ("trainer", "inference"):
+        spec = deployments[name]["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1, name
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, name
+        assert c["image"].endswith("-cu130"), f"{name} must run the CUDA image, got {c['image']}"
+    streamer = deployments["streamer"]["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in streamer["containers"][0]["resources"]["limits"]
+    assert "nodeSelector" not in streamer
+    cpu = by_kind(render("overlays/prod"), "Deployment")["trainer"]["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["limits"]
+
+
+@needs_kubectl
+def test_no_shared_volume_component_drops_the_claim() -> None:
+    docs = render("overlays/dev-local")
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    for name in ("trainer", "inference"):
+        spec = by_kind(docs, "Deployment")[name]["spec"]["template"]["spec"]
+        models = next(v for v in spec["volumes"] if v["name"] == "models")
+        assert set(models) == {"name", "emptyDir"}, models
+        mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "models")
+        assert not mount.get("readOnly"), f"{name} installs uploaded checkpoints itself"
+
+
+@needs_kubectl
+def test_distributed_job_gives_each_rank_a_stable_rendezvous_address() -> None:
+    docs = render("jobs/distributed-training")
+    job = by_kind(docs, "Job")["trainer-ddp"]
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] >= 2
+    pod = spec["template"]["spec"]
+    env = _config_maps_of(docs, pod)
+    assert int(env["WORLD_SIZE"]) == spec["completions"]
+    svc = by_kind(docs, "Service")[pod["subdomain"]]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+    # indexed Job pods are named <job>-<index>; rank 0 is the master
+    assert env["MASTER_ADDR"] == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"
+    assert int(env["MASTER_PORT"]) in [p["port"] for p in svc["spec"]["ports"]]
+    assert pod["containers"][0]["command"] == ["python", "-m", "services.trainer.distributed"]
+
+
+@needs_kubectl
+def test_overlays_differ_where_they_should() -> None:
+    dev, prod = render("overlays/dev"), render("overlays/prod")
+    assert {d["metadata"].get("namespace") for d in dev} - {None} == {"tensorwire-dev"}
+    assert {d["metadata"].get("namespace") for d in prod} - {None} == {"tensorwire"}
+    assert by_kind(prod, "Deployment")["streamer"]["spec"]["replicas"] > 1
+    dev_env = _config_maps_of(dev, by_kind(dev, "Deployment")["trainer"]["spec"]["template"]["spec"])
+    prod_env = _config_maps_of(prod, by_kind(prod, "Deployment")["trainer"]["spec"]["template"]["spec"])
+    assert dev_env["TENSORWIRE_TRAINER_DEMO_TASK"] == "spiral"
+    assert prod_env["TENSORWIRE_TRAINER_DEMO_TASK"] == ""
+    monitoring = by_kind(prod, "ConfigMap")
+    assert yaml.safe_load(monitoring["prometheus-tensorwire"]["data"]["tensorwire-alerts.yaml"])["groups"]
+    assert monitoring["grafana-dashboard-tensorwire"]["metadata"]["labels"]["grafana_dashboard"] == "1"
