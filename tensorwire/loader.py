@@ -1,0 +1,331 @@
+"""An async model loader: background loads, a few at once, by priority.
+
+``AsyncModelLoader(load_fn)`` loads models by key (for inference: ``(name,
+version)``) with a synchronous ``load_fn(key) -> model`` that runs in a worker
+thread, so serving never pauses while a model loads:
+
+- ``load_async(key, priority, callback)`` queues a load and returns a future at
+  once; ``await load(key)`` waits for it; a key already loaded, queued or loading
+  is never loaded twice (the same future comes back);
+- at most ``max_concurrent_loads`` loads run at once; the queue is ordered by
+  priority (higher first), then by arrival;
+- a load that takes longer than ``load_timeout_s`` fails with
+  DeadlineExceededError naming the key and the limit (the thread cannot be
+  killed; its late result is discarded);
+- loaded models stay in a cache (``get``, ``evict``);
+- ``record_request(key)`` feeds the request history (the last ``history_size``
+  requests); ``predict()`` names the most frequently requested keys, and
+  ``preload()`` queues those not loaded yet at a low priority. Hit rate = share
+  of requests that found their model loaded; preload accuracy = share of
+  preloaded models that were later requested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from tensorwire.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+M = TypeVar("M")
+
+PRELOAD_PRIORITY = -100
+"""Priority of loads started by :meth:`AsyncModelLoader.preload` (below any default)."""
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Limits of an :class:`AsyncModelLoader`."""
+
+    max_concurrent_loads: int = 3
+    """Loads that may run at the same time."""
+    load_timeout_s: float = 30.0
+    """A load running longer fails with DeadlineExceededError."""
+    max_queue_size: int = 256
+    """Queued loads beyond which load_async raises ResourceExhaustedError."""
+    history_size: int = 100
+    """Requests remembered for predicting what to preload."""
+    preload_top_k: int = 3
+    """How many of the most requested keys preload() considers."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrent_loads", "max_queue_size", "history_size", "preload_top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"LoaderConfig.{name} must be an int >= 1, got {value!r}")
+        if not self.load_timeout_s > 0:
+            raise InvalidArgumentError(f"LoaderConfig.load_timeout_s must be > 0, got {self.load_timeout_s!r}")
+
+
+@dataclass
+class LoaderMetrics:
+    loads: int = 0
+    """Loads started."""
+    successes: int = 0
+    failures: int = 0
+    timeouts: int = 0
+    total_load_time_s: float = 0.0
+    queue_depth: int = 0
+    loading: int = 0
+    requests: int = 0
+    hits: int = 0
+    """Requests that found their model already loaded."""
+    misses: int = 0
+    preloads: int = 0
+    """Loads started by preload()."""
+    preloads_used: int = 0
+    """Preloaded models that were requested afterwards."""
+
+    @property
+    def average_load_time_s(self) -> float:
+        done = self.successes + self.failures
+        return self.total_load_time_s / done if done else 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def preload_accuracy(self) -> float:
+        return self.preloads_used / self.preloads if self.preloads else 0.0
+
+
+class AsyncModelLoader(Generic[K, M]):
+    """Loads models in background threads; see the module docstring."""
+
+    def __init__(
+        self,
+        load_fn: Callable[[K], M],
+        config: LoaderConfig | None = None,
+        *,
+        name: str = "loader",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or LoaderConfig()
+        self.name = name
+        self._load_fn = load_fn
+        self._clock = clock
+        # Spare threads: a timed-out load keeps its thread until it returns.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.config.max_concurrent_loads * 2, thread_name_prefix=f"load-{name}"
+        )
+        self._heap: list[tuple[int, int, K]] = []
+        self._order = itertools.count()
+        self._pending: dict[K, asyncio.Future[M]] = {}
+        self._callbacks: dict[K, list[Callable[[BaseException | None], Any]]] = {}
+        self._cache: dict[K, M] = {}
+        self._preloaded: set[K] = set()
+        self._history: collections.deque[K] = collections.deque(maxlen=self.config.history_size)
+        self._wakeup = asyncio.Event()
+        self._workers: list[asyncio.Task[None]] = []
+        self._metrics = LoaderMetrics()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        m = self._metrics
+        return (
+            f"<AsyncModelLoader {self.name}: {len(self._heap)} queued, {m.loading} loading, "
+            f"{len(self._cache)} loaded | {m.successes} ok, {m.failures} failed>"
+        )
+
+    @property
+    def metrics(self) -> LoaderMetrics:
+        m = LoaderMetrics(**self._metrics.__dict__)
+        m.queue_depth = len(self._heap)
+        return m
+
+    # -- cache ----------------------------------------------------------------
+
+    def get(self, key: K) -> M | None:
+        return self._cache.get(key)
+
+    def loaded(self) -> list[K]:
+        return list(self._cache)
+
+    def is_loading(self, key: K) -> bool:
+        return key in self._pending
+
+    def evict(self, key: K) -> M | None:
+        """Forget a loaded model (the caller releases it); returns it if it was loaded."""
+        self._preloaded.discard(key)
+        return self._cache.pop(key, None)
+
+    # -- loading --------------------------------------------------------------
+
+    def load_async(
+        self,
+        key: K,
+        priority: int = 0,
+        callback: Callable[[BaseException | None], Any] | None = None,
+    ) -> asyncio.Future[M]:
+        """Queue a load (unless loaded or under way) and return its future at once.
+
+        ``callback(error_or_None)`` runs on the event loop when the load ends.
+        """
+        if self._closed:
+            raise UnavailableError(f"{self.name} is shutting down")
+        loop = asyncio.get_running_loop()
+        if key in self._cache:
+            future: asyncio.Future[M] = loop.create_future()
+            future.set_result(self._cache[key])
+            if callback is not None:
+                loop.call_soon(callback, None)
+            return future
+        if key in self._pending:
+            if callback is not None:
+                self._callbacks.setdefault(key, []).append(callback)
+            return self._pending[key]
+        if len(self._heap) >= self.config.max_queue_size:
+            raise ResourceExhaustedError(
+                f"{self.name}: {len(self._heap)} loads already queued (limit {self.config.max_queue_size})"
+            )
+        self._ensure_workers()
+        future = loop.create_future()
+        # Nobody may await a failed preload; do not warn about it.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._pending[key] = future
+        if callback is not None:
+            self._callbacks.setdefault(key, []).append(callback)
+        heapq.heappush(self._heap, (-priority, next(self._order), key))
+        self._wakeup.set()
+        return future
+
+    async def load(self, key: K, priority: int = 0) -> M:
+        """Load ``key`` (or join its load under way) and return the model."""
+        return await asyncio.shield(self.load_async(key, priority))
+
+    def _ensure_workers(self) -> None:
+        if not self._workers:
+            loop = asyncio.get_running_loop()
+            self._workers = [
+                loop.create_task(self._work(), name=f"{self.name}-worker-{i}")
+                for i in range(self.config.max_concurrent_loads)
+            ]
+
+    async def _work(self) -> None:
+        while True:
+            while not self._heap:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            _, _, key = heapq.heappop(self._heap)
+            await self._run(key)
+
+    async def _run(self, key: K) -> None:
+        loop = asyncio.get_running_loop()
+        m = self._metrics
+        m.loads += 1
+        m.loading += 1
+        start = self._clock()
+        error: BaseException | None = None
+        model: Any = None
+        try:
+            model = await asyncio.wait_for(
+                loop.run_in_executor(self._executor, self._load_fn, key), self.config.load_timeout_s
+            )
+        except TimeoutError:
+            m.timeouts += 1
+            error = DeadlineExceededError(
+                f"loading {key!r} took longer than the load timeout of {self.config.load_timeout_s:g}s"
+            )
+        except asyncio.CancelledError:
+            error = UnavailableError(f"{self.name} closed while loading {key!r}")
+            raise
+        except Exception as exc:
+            error = exc
+        finally:
+            m.loading -= 1
+            m.total_load_time_s += self._clock() - start
+            future = self._pending.pop(key, None)
+            if error is None:
+                m.successes += 1
+                self._cache[key] = model
+            else:
+                m.failures += 1
+                log.warning("%s: loading %r failed: %s", self.name, key, error)
+            if future is not None and not future.done():
+                if error is None:
+                    future.set_result(model)
+                else:
+                    future.set_exception(error)
+            for callback in self._callbacks.pop(key, []):
+                try:
+                    callback(error)
+                except Exception:
+                    log.exception("%s: load callback for %r failed", self.name, key)
+
+    # -- history and preloading ----------------------------------------------
+
+    def record_request(self, key: K) -> bool:
+        """Note a request for ``key``; returns whether its model was loaded (a hit)."""
+        m = self._metrics
+        m.requests += 1
+        self._history.append(key)
+        if key in self._cache:
+            m.hits += 1
+            if key in self._preloaded:
+                self._preloaded.discard(key)
+                m.preloads_used += 1
+            return True
+        m.misses += 1
+        return False
+
+    def predict(self, k: int | None = None) -> list[K]:
+        """The ``k`` most requested keys in the history, most frequent first
+        (ties: the most recently requested first)."""
+        k = self.config.preload_top_k if k is None else k
+        counts = collections.Counter(self._history)
+        recency = {key: i for i, key in enumerate(self._history)}
+        ranked = sorted(counts, key=lambda key: (-counts[key], -recency[key]))
+        return ranked[:k]
+
+    def preload(self) -> list[K]:
+        """Queue loads for predicted keys that are neither loaded nor loading."""
+        started = []
+        for key in self.predict():
+            if key in self._cache or key in self._pending:
+                continue
+            self.load_async(key, PRELOAD_PRIORITY, self._mark_preloaded(key))
+            self._metrics.preloads += 1
+            started.append(key)
+        return started
+
+    def _mark_preloaded(self, key: K) -> Callable[[BaseException | None], None]:
+        def done(error: BaseException | None) -> None:
+            if error is None:
+                self._preloaded.add(key)
+
+        return done
+
+    async def aclose(self) -> None:
+        """Stop the workers, fail queued loads, drop the cache."""
+        self._closed = True
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._workers = []
+        for key, future in list(self._pending.items()):
+            if not future.done():
+                future.set_exception(UnavailableError(f"{self.name} closed before {key!r} loaded"))
+        self._pending.clear()
+        self._heap.clear()
+        self._cache.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
