@@ -61,6 +61,8 @@ _ALLOWED_HEADERS = (
     "grpc-accept-encoding, connect-protocol-version"
 )
 _MAX_REQUEST_BYTES = 64 * 1024 * 1024
+CORS_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("cors_headers", dict)
+"""CORS headers the middleware granted this request; the proxy adds them to its answer."""
 # Upstream HTTP/2 windows stay small and fixed (no BDP growth), so a stream's
 # frames wait in the streamer, where newer ones replace them, not in this process.
 _UPSTREAM_OPTIONS = (
@@ -254,7 +256,7 @@ class GrpcWebProxy:
     @staticmethod
     def _base_headers(request: web.Request, mode: grpcweb.Mode) -> dict[str, str]:
         headers = {"Content-Type": mode.content_type, "Cache-Control": "no-store"}
-        headers.update(request.get("cors", {}))
+        headers.update(request.get(CORS_HEADERS, {}))
         return headers
 
     async def readiness(self) -> dict[str, str]:
@@ -311,7 +313,7 @@ class Cors:
             })
         if not allowed:
             return web.Response(status=403, text=f"origin {origin} is not allowed")
-        request["cors"] = {
+        request[CORS_HEADERS] = {
             "Access-Control-Allow-Origin": origin,
             "Access-Control-Expose-Headers": _EXPOSED_HEADERS,
             "Vary": "Origin",
