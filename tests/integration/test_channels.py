@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from tensorwire.channels import ChannelPool, ChannelState, resolve_targets
 from tensorwire.errors import InvalidArgumentError, UnavailableError
@@ -112,6 +113,12 @@ async def test_connection_reuse_under_load() -> None:
             assert m.reuse_rate > 0.99
             assert len(set(app.peers)) == 1
             assert "created 1, reused 449, reuse 99.8%" in repr(pool)
+            labels = {"target": pool.name}
+            assert REGISTRY.get_sample_value("tensorwire_channel_pool_created_total", labels) == 1
+            assert REGISTRY.get_sample_value(
+                "tensorwire_channel_pool_acquired_total", {**labels, "reused": "true"}
+            ) == 449
+            assert REGISTRY.get_sample_value("tensorwire_channel_pool_size", labels) == 1
 
 
 async def test_pool_expands_near_the_stream_limit_and_saturates_at_max() -> None:
