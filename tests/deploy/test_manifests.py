@@ -46,8 +46,18 @@ SETTINGS = {
 GRPC_SERVICES = {"trainer": 50051, "streamer": 50052, "inference": 8001}
 
 
+KUSTOMIZATION_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
+
+
+def kustomization_file(directory: Path) -> Path:
+    for name in KUSTOMIZATION_NAMES:
+        if (directory / name).is_file():
+            return directory / name
+    raise AssertionError(f"{directory} holds no kustomization")
+
+
 def kustomization_dirs() -> list[Path]:
-    return sorted(p.parent for p in DEPLOY.rglob("kustomization.yaml"))
+    return sorted({p.parent for n in KUSTOMIZATION_NAMES for p in DEPLOY.rglob(n)})
 
 
 def load_yaml_docs(path: Path) -> list[Any]:
@@ -74,7 +84,7 @@ def _refs(kust: dict[str, Any]) -> Iterator[tuple[str, str]]:
 def patch_files() -> set[Path]:
     out: set[Path] = set()
     for d in kustomization_dirs():
-        kust = yaml.safe_load((d / "kustomization.yaml").read_text())
+        kust = yaml.safe_load(kustomization_file(d).read_text())
         for what, ref in _refs(kust):
             if what.startswith("patch"):
                 out.add((d / ref).resolve())
@@ -85,7 +95,7 @@ def patch_files() -> set[Path]:
 
 @pytest.mark.parametrize("directory", kustomization_dirs(), ids=lambda p: str(p.relative_to(DEPLOY)))
 def test_every_kustomization_reference_exists_inside_its_root(directory: Path) -> None:
-    kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    kust = yaml.safe_load(kustomization_file(directory).read_text())
     assert kust.get("kind") in ("Kustomization", "Component"), directory
     refs = list(_refs(kust))
     assert refs, f"{directory} names nothing"
@@ -93,8 +103,7 @@ def test_every_kustomization_reference_exists_inside_its_root(directory: Path) -
         target = (directory / ref).resolve()
         assert target.exists(), f"{directory.relative_to(ROOT)}: {what} {ref!r} does not exist"
         if what in ("resources", "components", "bases") and target.is_dir():
-            assert (target / "kustomization.yaml").is_file(), f"{target} is no kustomization"
-            kind = yaml.safe_load((target / "kustomization.yaml").read_text()).get("kind")
+            kind = yaml.safe_load(kustomization_file(target).read_text()).get("kind")
             want = "Component" if what == "components" else "Kustomization"
             assert kind == want, f"{directory}: {what} {ref} is a {kind}, expected a {want}"
         else:
@@ -109,8 +118,8 @@ def test_every_manifest_file_is_reachable_from_an_entry_point() -> None:
     reachable: set[Path] = set()
 
     def walk(d: Path) -> None:
-        kust = yaml.safe_load((d / "kustomization.yaml").read_text())
-        reachable.add((d / "kustomization.yaml").resolve())
+        kust = yaml.safe_load(kustomization_file(d).read_text())
+        reachable.add(kustomization_file(d).resolve())
         for _, ref in _refs(kust):
             target = (d / ref).resolve()
             if target.is_dir():
@@ -121,10 +130,10 @@ def test_every_manifest_file_is_reachable_from_an_entry_point() -> None:
     for entry in ENTRY_POINTS:
         walk(K8S / entry)
     stray = [
-        p.relative_to(ROOT) for p in DEPLOY.rglob("*")
-        if p.suffix in (".yaml", ".yml", ".env", ".json") and "envoy" not in p.parts
-        and p.resolve() not in reachable
+        p.relative_to(ROOT) for d in (K8S, DEPLOY / "monitoring") for p in d.rglob("*")
+        if p.suffix in (".yaml", ".yml", ".env", ".json") and p.resolve() not in reachable
     ]
+    assert (DEPLOY / "envoy" / "envoy.yaml").resolve() in reachable
     assert not stray, f"files no overlay or job uses (dead, or a missing reference): {stray}"
 
 
@@ -276,6 +285,8 @@ def test_config_is_real_settings_with_valid_values(entry: str) -> None:
     the service's own settings loader accepts the values (as it will in the pod)."""
     docs = render(entry)
     for name, spec in _pod_specs(docs):
+        if not spec["containers"][0]["image"].rsplit(":", 1)[0].endswith("/tensorwire"):
+            continue  # Envoy: configured by its ConfigMap, see test_envoy_*
         env = _config_maps_of(docs, spec)
         ours = {k: v for k, v in env.items() if k.startswith("TENSORWIRE_")}
         assert ours, f"{name}: configured by no TENSORWIRE_ variable"
@@ -389,3 +400,37 @@ def test_overlays_differ_where_they_should() -> None:
     monitoring = by_kind(prod, "ConfigMap")
     assert yaml.safe_load(monitoring["prometheus-tensorwire"]["data"]["tensorwire-alerts.yaml"])["groups"]
     assert monitoring["grafana-dashboard-tensorwire"]["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("entry", [e for e in ENTRY_POINTS if e.startswith("overlays/")])
+def test_envoy_runs_the_config_of_deploy_envoy_against_services_that_exist(entry: str) -> None:
+    """Envoy mounts deploy/envoy/envoy.yaml unchanged, and every upstream it names is
+    a Service of the render, on a port it exposes; the streamer and inference
+    upstreams are headless, so Envoy balances calls over the pods."""
+    docs = render(entry)
+    services, maps = by_kind(docs, "Service"), by_kind(docs, "ConfigMap")
+    dep = by_kind(docs, "Deployment")["envoy"]
+    volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if "configMap" in v)
+    text = maps[volume["configMap"]["name"]]["data"]["envoy.yaml"]
+    assert text == (DEPLOY / "envoy" / "envoy.yaml").read_text()
+    envoy = yaml.safe_load(text)
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    assert f"{mount['mountPath']}/envoy.yaml" in container["args"]
+    listen_ports = {
+        lst["address"]["socket_address"]["port_value"] for lst in envoy["static_resources"]["listeners"]
+    }
+    assert {p["containerPort"] for p in container["ports"]} <= listen_ports
+    upstreams = {}
+    for cluster in envoy["static_resources"]["clusters"]:
+        for group in cluster["load_assignment"]["endpoints"]:
+            for ep in group["lb_endpoints"]:
+                addr = ep["endpoint"]["address"]["socket_address"]
+                upstreams[cluster["name"]] = (addr["address"], addr["port_value"])
+    for cluster, (host, port) in upstreams.items():
+        assert host in services, f"envoy cluster {cluster}: no Service named {host!r}"
+        assert port in [p["port"] for p in services[host]["spec"]["ports"]], (cluster, host, port)
+    for cluster in ("streamer", "inference"):
+        host, _ = upstreams[cluster]
+        assert services[host]["spec"].get("clusterIP") == "None", f"{cluster}: {host} not headless"
