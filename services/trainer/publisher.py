@@ -372,5 +372,7 @@ class Publisher:
             link.watchers = dict(reply.watchers)
             link.demand_fps = {run_id: d.max_fps for run_id, d in reply.demand.items()}
             for run_id, count in link.watchers.items():
-                if count > before.get(run_id, 0):
+                if count and not before.get(run_id, 0):
+                    # Watched again after nobody was: build a fresh view now. (New
+                    # viewers of a watched run get the streamer's latest view.)
                     self.views_changed(run_id)

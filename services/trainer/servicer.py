@@ -36,6 +36,7 @@ def run_message(run: Run) -> pb.Run:
         steps_per_second=status.steps_per_second, params=config.params, options=config.options,
         metrics=status.metrics, created_at=run.created_at, updated_at=run.updated_at,
         error=status.error, checkpoint_step=run.checkpoint_step, seed=run.seed,
+        produced_at=status.produced_at,
     )
 
 

@@ -56,7 +56,7 @@ class TaskInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., options: _Optional[_Iterable[_Union[OptionSpec, _Mapping]]] = ..., views: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "task", "state", "step", "steps_per_second", "params", "options", "metrics", "created_at", "updated_at", "error", "checkpoint_step", "seed")
+    __slots__ = ("run_id", "task", "state", "step", "steps_per_second", "params", "options", "metrics", "created_at", "updated_at", "error", "checkpoint_step", "seed", "produced_at")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class Run(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    PRODUCED_AT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     task: str
     state: _common_pb2.RunState
@@ -104,7 +105,8 @@ class Run(_message.Message):
     error: str
     checkpoint_step: int
     seed: int
-    def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.RunState, str]] = ..., step: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., params: _Optional[_Mapping[str, float]] = ..., options: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., error: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    produced_at: float
+    def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.RunState, str]] = ..., step: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., params: _Optional[_Mapping[str, float]] = ..., options: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., error: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., seed: _Optional[int] = ..., produced_at: _Optional[float] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
     __slots__ = ()
