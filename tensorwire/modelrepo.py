@@ -36,7 +36,8 @@ from tensorwire.errors import InvalidArgumentError, NotFoundError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
 DEFAULT_MAX_BATCH_SIZE = 64
-DEFAULT_MAX_QUEUE_DELAY_US = 500
+DEFAULT_MAX_QUEUE_DELAY_US = 0
+"""No waiting: while one batch runs the next one fills by itself."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _POLICIES = ("latest", "all", "specific")
 

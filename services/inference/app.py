@@ -6,12 +6,25 @@ import grpc
 
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
+from tensorwire.loader import LoaderConfig
 
+from .repository import ModelRepository, RepositoryOptions
 from .server_state import ServerState
 from .servicer import InferenceServicer
 from .settings import InferenceSettings
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def repository_options(settings: InferenceSettings) -> RepositoryOptions:
+    return RepositoryOptions(
+        poll_interval_s=settings.poll_interval_s,
+        loader=LoaderConfig(
+            max_concurrent_loads=settings.max_concurrent_loads, load_timeout_s=settings.load_timeout_s
+        ),
+        batch_overrides=(("max_queue_size", settings.max_queue_size),),
+        infer_threads=settings.infer_threads,
+    )
 
 
 class InferenceApp:
@@ -20,16 +33,27 @@ class InferenceApp:
     def __init__(self, settings: InferenceSettings) -> None:
         self.settings = settings
         self.state = ServerState()
+        self.repository = ModelRepository(settings.model_repository, repository_options(settings))
 
     def register(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.state), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.state, self.repository), server
+        )
 
     async def drain(self) -> None:
-        return None
+        self.state.ready = False
 
     async def aclose(self) -> None:
         self.state.ready = False
+        await self.repository.aclose()
 
 
 async def create_app(settings: InferenceSettings) -> InferenceApp:
-    return InferenceApp(settings)
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    settings.model_repository.mkdir(parents=True, exist_ok=True)
+    app = InferenceApp(settings)
+    await app.repository.start()
+    return app

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from tensorwire import __version__
 
+EXTENSIONS = ("model_repository", "statistics", "model_configuration", "binary_tensor_data")
+
 
 @dataclass(frozen=True)
 class ServerMetadata:
@@ -19,8 +21,5 @@ class ServerState:
         self.live = True
         self.ready = True
 
-    def model_ready(self, name: str, version: str) -> bool:
-        return False
-
     def metadata(self) -> ServerMetadata:
-        return ServerMetadata(name="tensorwire", version=__version__, extensions=())
+        return ServerMetadata(name="tensorwire", version=__version__, extensions=EXTENSIONS)

@@ -21,3 +21,27 @@ class InferenceSettings(ServerSettings):
     model_repository: Path = setting(
         Path("var/models"), env="MODEL_REPOSITORY", help="model repository directory"
     )
+    poll_interval_s: float = setting(
+        1.0, env="POLL_INTERVAL_S", help="seconds between scans of the repository for new versions (0 = never)",
+        min=0,
+    )
+    max_concurrent_loads: int = setting(
+        3, env="MAX_CONCURRENT_LOADS", help="model versions loading at the same time", min=1, max=64
+    )
+    load_timeout_s: float = setting(
+        30.0, env="LOAD_TIMEOUT_S", help="a model load taking longer fails", min=0.001
+    )
+    max_queue_size: int = setting(
+        4096, env="MAX_QUEUE_SIZE",
+        help="queued requests per model version beyond which requests get RESOURCE_EXHAUSTED", min=1,
+    )
+    infer_threads: int = setting(
+        2, env="INFER_THREADS", help="threads running batched forwards (all models)", min=1, max=256
+    )
+    torch_threads: int = setting(
+        1, env="TORCH_THREADS", help="torch intra-op threads per forward (0 = torch's default)", min=0
+    )
+    workers: int = setting(
+        1, env="WORKERS",
+        help="server processes sharing the port with SO_REUSEPORT (multi-core hosts)", min=1, max=256,
+    )

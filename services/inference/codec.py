@@ -1,0 +1,213 @@
+"""Open Inference Protocol tensors <-> numpy arrays, with every check on the way in.
+
+Inputs come either all as ``raw_input_contents`` (little-endian bytes; BYTES
+elements are a 4-byte little-endian length + the bytes) or all as typed
+``contents``; outputs go back raw when the request was raw, typed otherwise.
+Nothing is allocated from a client-declared shape before the data has been
+checked against it, so a hostile shape cannot make the server allocate.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tensorwire.errors import InvalidArgumentError
+from tensorwire.inference import grpc_service_pb2 as pb
+
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+"""Triton datatype name -> numpy dtype (BYTES holds Python ``bytes`` objects)."""
+
+TYPED_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+"""Which InferTensorContents field carries a datatype (FP16 travels raw only)."""
+
+MAX_DIMS = 16
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A named array with its protocol datatype."""
+
+    name: str
+    datatype: str
+    array: np.ndarray
+
+
+def datatype_of(array: np.ndarray) -> str:
+    if array.dtype == object or array.dtype.kind in "SU":
+        return "BYTES"
+    for name, dtype in NUMPY_DTYPES.items():
+        if name != "BYTES" and array.dtype == dtype:
+            return name
+    raise InvalidArgumentError(f"no protocol datatype for numpy dtype {array.dtype}")
+
+
+def _shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgumentError(f"input {name!r} has {len(shape)} dims; at most {MAX_DIMS} are allowed")
+    for dim in shape:
+        if dim < 0:
+            raise InvalidArgumentError(f"input {name!r} has a negative dimension in shape {list(shape)}")
+    return tuple(int(d) for d in shape)
+
+
+def _decode_raw_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    offset, n = 0, len(raw)
+    for i in range(count):
+        if offset + 4 > n:
+            raise InvalidArgumentError(
+                f"raw BYTES input {name!r} ends after {i} of {count} elements"
+            )
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > n:
+            raise InvalidArgumentError(
+                f"raw BYTES input {name!r}: element {i} claims {length} bytes, only {n - offset} left"
+            )
+        out[i] = bytes(raw[offset : offset + length])
+        offset += length
+    if offset != n:
+        raise InvalidArgumentError(f"raw BYTES input {name!r} has {n - offset} bytes after its {count} elements")
+    return out
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> tuple[list[Tensor], bool]:
+    """The request's inputs as arrays; and whether they came raw."""
+    raw_contents = request.raw_input_contents
+    raw = len(raw_contents) > 0
+    if raw and len(raw_contents) != len(request.inputs):
+        raise InvalidArgumentError(
+            f"request has {len(request.inputs)} inputs but {len(raw_contents)} raw_input_contents"
+        )
+    tensors = []
+    seen: set[str] = set()
+    for index, spec in enumerate(request.inputs):
+        name, datatype = spec.name, spec.datatype
+        if name in seen:
+            raise InvalidArgumentError(f"input {name!r} appears twice in the request")
+        seen.add(name)
+        dtype = NUMPY_DTYPES.get(datatype)
+        if dtype is None:
+            raise InvalidArgumentError(
+                f"input {name!r} has unknown datatype {datatype!r}; known: {', '.join(NUMPY_DTYPES)}"
+            )
+        shape = _shape(name, spec.shape)
+        count = math.prod(shape)
+        if raw:
+            if spec.HasField("contents"):
+                raise InvalidArgumentError(
+                    f"input {name!r} has typed contents while the request uses raw_input_contents; "
+                    "send one or the other"
+                )
+            data = raw_contents[index]
+            if datatype == "BYTES":
+                array = _decode_raw_bytes(name, data, count)
+            else:
+                expected = count * dtype.itemsize
+                if len(data) != expected:
+                    raise InvalidArgumentError(
+                        f"input {name!r}: raw contents hold {len(data)} bytes but shape {list(shape)} "
+                        f"of {datatype} needs {expected}"
+                    )
+                array = np.frombuffer(data, dtype=dtype)
+        else:
+            field = TYPED_FIELD.get(datatype)
+            if field is None:
+                raise InvalidArgumentError(
+                    f"input {name!r}: {datatype} has no typed contents; send it in raw_input_contents"
+                )
+            values = getattr(spec.contents, field)
+            if len(values) != count:
+                raise InvalidArgumentError(
+                    f"input {name!r}: {len(values)} values in contents.{field} but shape {list(shape)} "
+                    f"needs {count}"
+                )
+            if datatype == "BYTES":
+                array = np.empty(count, dtype=object)
+                array[:] = list(values)
+            else:
+                try:
+                    array = np.array(values, dtype=dtype)
+                except OverflowError:
+                    raise InvalidArgumentError(f"input {name!r}: a value does not fit {datatype}") from None
+        tensors.append(Tensor(name, datatype, array.reshape(shape)))
+    return tensors, raw
+
+
+def _encode_raw(array: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        parts = []
+        for item in array.reshape(-1):
+            data = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(struct.pack("<I", len(data)))
+            parts.append(data)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype]).tobytes()
+
+
+def encode_outputs(
+    response: pb.ModelInferResponse, outputs: Sequence[Tensor], *, raw: bool
+) -> pb.ModelInferResponse:
+    """Append ``outputs`` to ``response`` (raw or typed contents)."""
+    for tensor in outputs:
+        out = response.outputs.add()
+        out.name = tensor.name
+        out.datatype = tensor.datatype
+        out.shape.extend(tensor.array.shape)
+        if raw or tensor.datatype not in TYPED_FIELD:
+            response.raw_output_contents.append(_encode_raw(tensor.array, tensor.datatype))
+        else:
+            field = getattr(out.contents, TYPED_FIELD[tensor.datatype])
+            flat = tensor.array.reshape(-1)
+            field.extend(flat.tolist() if tensor.datatype != "BYTES" else list(flat))
+    return response
+
+
+def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """The outputs of a response as arrays (raw or typed), for clients and tests."""
+    result = {}
+    for index, out in enumerate(response.outputs):
+        shape = tuple(out.shape)
+        if response.raw_output_contents:
+            data = response.raw_output_contents[index]
+            if out.datatype == "BYTES":
+                array = _decode_raw_bytes(out.name, data, math.prod(shape))
+            else:
+                array = np.frombuffer(data, dtype=NUMPY_DTYPES[out.datatype])
+        else:
+            values = getattr(out.contents, TYPED_FIELD[out.datatype])
+            array = np.array(list(values), dtype=NUMPY_DTYPES[out.datatype])
+        result[out.name] = array.reshape(shape)
+    return result

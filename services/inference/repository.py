@@ -1,0 +1,646 @@
+"""The inference core: models from a repository, versions, hot swap, traffic split.
+
+``ModelRepository`` serves every model in a model repository folder
+(``tensorwire.modelrepo`` layout). For each model it loads the versions its
+``version_policy`` selects, each with its own request batcher, and routes
+requests without an explicit version by the config's ``traffic`` weights
+(version -> weight; none = all on the newest).
+
+Hot swap: when a new version appears (the repository is polled, or
+RepositoryModelLoad asks), it is loaded beside the serving ones by the async
+loader (built, weights loaded with ``weights_only=True``, a warm-up forward),
+and only then is the routing table replaced, in one assignment. Requests that
+already picked an old version finish on it; a version no longer selected is
+unloaded once its last in-flight request has finished. Traffic weights change
+at run time through config.json (polled) or RepositoryModelLoad's ``config``
+parameter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tensorwire import modelrepo
+from tensorwire.batching import BatchConfig, Batcher
+from tensorwire.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from tensorwire.loader import AsyncModelLoader, LoaderConfig
+
+from .codec import Tensor
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "pytorch_libtorch"
+"""What ModelMetadata/ModelConfig report as the platform (Triton's name for torch)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    """Without the batch dimension."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model looks like from the outside (metadata and config RPCs)."""
+
+    name: str
+    versions: tuple[int, ...]
+    platform: str
+    max_batch_size: int
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    max_queue_delay_us: int
+    preferred_batch_size: tuple[int, ...]
+    version_policy: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    model: str
+    version: str
+    """Empty: picked by the traffic split."""
+    id: str
+    inputs: Sequence[Tensor]
+    outputs: Sequence[str] = ()
+    """Requested outputs; empty = all."""
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class InferResult:
+    model: str
+    version: str
+    id: str
+    outputs: list[Tensor]
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class VersionStats:
+    """Triton's statistics for one model version."""
+
+    inference_count: int = 0
+    """Rows (batch elements) inferred."""
+    execution_count: int = 0
+    """Batched forward calls."""
+    last_inference_ms: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    batches: dict[int, Duration] = field(default_factory=dict)
+    """Rows per forward call -> compute time of those calls."""
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+def _fingerprint(config: dict[str, Any]) -> str:
+    """What makes a loaded module reusable: kind, model_args, tensors."""
+    key = {k: config[k] for k in ("kind", "model_args", "inputs", "outputs")}
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _tensors(specs: list[dict[str, Any]]) -> tuple[TensorInfo, ...]:
+    return tuple(TensorInfo(t["name"], t["datatype"], tuple(int(d) for d in t["dims"])) for t in specs)
+
+
+def select_versions(policy: dict[str, Any], available: Sequence[int]) -> list[int]:
+    """The versions a version policy serves out of those on disk."""
+    (kind, args), = policy.items()
+    args = args or {}
+    if kind == "all":
+        return sorted(available)
+    if kind == "specific":
+        wanted = {int(v) for v in args.get("versions", [])}
+        return sorted(v for v in available if v in wanted)
+    count = int(args.get("num_versions", 1))
+    return sorted(available)[-count:] if count > 0 else []
+
+
+class ModelVersion:
+    """One loaded version: its torch module behind a request batcher."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        config: dict[str, Any],
+        module: Any,
+        executor: concurrent.futures.Executor,
+        batch_overrides: dict[str, Any],
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.config = config
+        self.module = module
+        self.inputs = _tensors(config["inputs"])
+        self.outputs = _tensors(config["outputs"])
+        self.max_batch_size = int(config["max_batch_size"])
+        self.stats = VersionStats()
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        knobs = {
+            "max_batch_size": max(1, self.max_batch_size),
+            "max_queue_delay_s": config["max_queue_delay_us"] / 1e6,
+            "preferred_batch_sizes": tuple(
+                p for p in config.get("preferred_batch_size", []) if p <= max(1, self.max_batch_size)
+            ),
+        }
+        knobs.update(batch_overrides)
+        self.batcher: Batcher[list[np.ndarray], list[np.ndarray]] = Batcher(
+            self._forward_batch, BatchConfig(**knobs), name=f"{name}:{version}", executor=executor
+        )
+
+    def __repr__(self) -> str:
+        return f"<ModelVersion {self.name}:{self.version} in_flight={self.in_flight}>"
+
+    def check(self, request: InferRequest) -> tuple[list[np.ndarray], list[int], int]:
+        """Validate inputs against the config: (arrays in forward order, output indexes, rows)."""
+        by_name = {t.name: t for t in request.inputs}
+        unknown = sorted(set(by_name) - {t.name for t in self.inputs})
+        if unknown:
+            raise InvalidArgumentError(
+                f"model {self.name!r} has no input {unknown[0]!r}; its inputs: "
+                + ", ".join(t.name for t in self.inputs)
+            )
+        arrays, rows = [], None
+        for spec in self.inputs:
+            tensor = by_name.get(spec.name)
+            if tensor is None:
+                raise InvalidArgumentError(f"model {self.name!r} needs input {spec.name!r}; it is missing")
+            if tensor.datatype != spec.datatype:
+                raise InvalidArgumentError(
+                    f"input {spec.name!r} of model {self.name!r} must be {spec.datatype}, got {tensor.datatype}"
+                )
+            shape = tensor.array.shape
+            batched = self.max_batch_size > 0
+            want = ("B", *spec.dims) if batched else spec.dims
+            if len(shape) != len(want) or tuple(shape[1:] if batched else shape) != spec.dims:
+                raise InvalidArgumentError(
+                    f"input {spec.name!r} of model {self.name!r} must have shape "
+                    f"[{', '.join(str(d) for d in want)}], got {list(shape)}"
+                )
+            n = shape[0] if batched else 1
+            if batched and not 1 <= n <= self.max_batch_size:
+                raise InvalidArgumentError(
+                    f"input {spec.name!r}: batch of {n} is outside 1..{self.max_batch_size} "
+                    f"(max_batch_size of model {self.name!r})"
+                )
+            if rows is not None and n != rows:
+                raise InvalidArgumentError(f"inputs of model {self.name!r} disagree on the batch size")
+            rows = n
+            arrays.append(tensor.array if batched else tensor.array[None])
+        names = [t.name for t in self.outputs]
+        if request.outputs:
+            indexes = []
+            for out in request.outputs:
+                if out not in names:
+                    raise InvalidArgumentError(
+                        f"model {self.name!r} has no output {out!r}; its outputs: {', '.join(names)}"
+                    )
+                indexes.append(names.index(out))
+        else:
+            indexes = list(range(len(names)))
+        return arrays, indexes, rows or 1
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        arrays, indexes, rows = self.check(request)
+        self.in_flight += 1
+        self._idle.clear()
+        start = time.perf_counter()
+        try:
+            outputs = await self.batcher.submit(arrays, timeout_s=request.timeout_s)
+        except Exception:
+            self.stats.fail.add(time.perf_counter() - start)
+            raise
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+        self.stats.success.add(time.perf_counter() - start)
+        self.stats.inference_count += rows
+        self.stats.last_inference_ms = int(time.time() * 1000)
+        batched = self.max_batch_size > 0
+        result = []
+        for i in indexes:
+            spec, array = self.outputs[i], outputs[i]
+            result.append(Tensor(spec.name, spec.datatype, array if batched else array[0]))
+        return InferResult(self.name, str(self.version), request.id, result)
+
+    def _forward_batch(self, items: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        """Runs in an executor thread: one forward over every item's rows."""
+        import torch
+
+        t0 = time.perf_counter()
+        if len(items) == 1:
+            columns = [np.array(a, copy=not a.flags.writeable) for a in items[0]]
+        else:
+            columns = [np.concatenate([item[i] for item in items]) for i in range(len(self.inputs))]
+        sizes = [item[0].shape[0] for item in items]
+        tensors = [torch.from_numpy(c) for c in columns]
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.module(*tensors)
+        t2 = time.perf_counter()
+        outs = [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+        if len(outs) != len(self.outputs):
+            raise RuntimeError(
+                f"model {self.name!r} returned {len(outs)} outputs, its config lists {len(self.outputs)}"
+            )
+        results: list[list[np.ndarray]] = []
+        offset = 0
+        for size in sizes:
+            results.append([o[offset : offset + size] for o in outs])
+            offset += size
+        t3 = time.perf_counter()
+        stats = self.stats
+        rows = sum(sizes)
+        stats.execution_count += 1
+        stats.compute_input.add(t1 - t0, len(items))
+        stats.compute_infer.add(t2 - t1, len(items))
+        stats.compute_output.add(t3 - t2, len(items))
+        stats.batches.setdefault(rows, Duration()).add(t2 - t1)
+        return results
+
+    def snapshot_stats(self) -> VersionStats:
+        stats = self.stats
+        queue = Duration(self.batcher.metrics.requests, int(self.batcher.metrics.queue_time_s * 1e9))
+        return VersionStats(
+            inference_count=stats.inference_count,
+            execution_count=stats.execution_count,
+            last_inference_ms=stats.last_inference_ms,
+            success=Duration(stats.success.count, stats.success.ns),
+            fail=Duration(stats.fail.count, stats.fail.ns),
+            queue=queue,
+            compute_input=Duration(stats.compute_input.count, stats.compute_input.ns),
+            compute_infer=Duration(stats.compute_infer.count, stats.compute_infer.ns),
+            compute_output=Duration(stats.compute_output.count, stats.compute_output.ns),
+            batches={k: Duration(v.count, v.ns) for k, v in stats.batches.items()},
+        )
+
+    async def drain_and_close(self) -> None:
+        """Wait for in-flight requests, then stop the batcher."""
+        await self._idle.wait()
+        await self.batcher.aclose()
+
+
+@dataclass(frozen=True)
+class Routing:
+    """An immutable routing table: replaced in one assignment on a swap."""
+
+    versions: dict[int, ModelVersion]
+    choices: tuple[int, ...]
+    cumulative: tuple[float, ...]
+
+    @classmethod
+    def build(cls, versions: dict[int, ModelVersion], traffic: dict[str, float]) -> Routing:
+        weights = {v: float(traffic.get(str(v), 0)) for v in versions}
+        if not any(weights.values()):
+            weights = {max(versions): 1.0} if versions else {}
+        choices, cumulative, total = [], [], 0.0
+        for version in sorted(weights):
+            if weights[version] > 0:
+                total += weights[version]
+                choices.append(version)
+                cumulative.append(total)
+        return cls(dict(versions), tuple(choices), tuple(cumulative))
+
+    def pick(self, rand: float) -> ModelVersion:
+        index = bisect.bisect_right(self.cumulative, rand * self.cumulative[-1])
+        return self.versions[self.choices[min(index, len(self.choices) - 1)]]
+
+
+@dataclass
+class ServedModel:
+    name: str
+    config: dict[str, Any]
+    routing: Routing
+    state: str = "READY"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    """Tuning of a ModelRepository (from the service settings)."""
+
+    poll_interval_s: float = 1.0
+    """How often the repository folder is scanned for new models and versions; 0 = never."""
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    batch_overrides: tuple[tuple[str, Any], ...] = ()
+    """BatchConfig fields applied to every model (e.g. max_queue_size)."""
+    infer_threads: int = 2
+    """Threads running batched forwards (shared by every model)."""
+
+
+class ModelRepository:
+    """Every model of a repository folder, served; see the module docstring."""
+
+    def __init__(self, root: Path, options: RepositoryOptions | None = None, *, seed: int | None = None) -> None:
+        self.root = Path(root)
+        self.options = options or RepositoryOptions()
+        self._models: dict[str, ServedModel] = {}
+        self._failed: dict[str, str] = {}
+        self._unloaded: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._config_stamp: dict[str, float] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._poller: asyncio.Task[None] | None = None
+        self._random = random.Random(seed)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.options.infer_threads, thread_name_prefix="infer"
+        )
+        self.loader: AsyncModelLoader[tuple[str, int, str], Any] = AsyncModelLoader(
+            self._load_module, self.options.loader, name="models"
+        )
+        self.ready = False
+        self.swaps = 0
+
+    def __repr__(self) -> str:
+        served = ", ".join(
+            f"{m.name}:{'/'.join(str(v) for v in m.routing.versions)}" for m in self._models.values()
+        )
+        return f"<ModelRepository {self.root}: {served or 'no models'}; {len(self._retiring)} retiring>"
+
+    # -- life cycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load everything in the repository, then poll it in the background."""
+        await self.scan()
+        self.ready = True
+        if self.options.poll_interval_s > 0:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.poll_interval_s)
+            try:
+                await self.scan()
+            except Exception:
+                log.exception("repository scan failed")
+
+    async def scan(self) -> None:
+        """Bring every model on disk (not explicitly unloaded) up to date."""
+        names = [n for n in modelrepo.list_models(self.root) if n not in self._unloaded]
+        await asyncio.gather(*(self._sync_quietly(name) for name in names))
+
+    async def _sync_quietly(self, name: str) -> None:
+        try:
+            await self.sync(name)
+        except Exception as exc:
+            # The error is kept for RepositoryIndex; the previous versions keep serving.
+            self._failed[name] = str(exc)
+
+    async def aclose(self) -> None:
+        self.ready = False
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        for model in list(self._models.values()):
+            self._retire(list(model.routing.versions.values()))
+        self._models.clear()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self.loader.aclose()
+        self._executor.shutdown(wait=True)
+
+    # -- loading and swapping -------------------------------------------------
+
+    def _load_module(self, key: tuple[str, int, str]) -> Any:
+        """Loader thread: build the module, load its weights safely, warm it up."""
+        import torch
+
+        from tensorwire.models import build_model
+
+        name, version, _ = key
+        config = modelrepo.read_config(self.root, name)
+        try:
+            module = build_model(config["kind"], **config["model_args"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"model {name!r}: cannot build kind {config['kind']!r}: {exc}") from None
+        state = modelrepo.load_state_dict(modelrepo.weights_path(self.root, name, version))
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise InvalidArgumentError(f"model {name!r} version {version}: weights do not fit: {exc}") from None
+        module.eval()
+        inputs = _tensors(config["inputs"])
+        batch = (1,) if config["max_batch_size"] > 0 else ()
+        with torch.inference_mode():
+            module(*(torch.zeros(batch + t.dims) for t in inputs))  # warm-up
+        return module
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def sync(self, name: str, config_override: dict[str, Any] | None = None, *, priority: int = 0) -> None:
+        """Load the versions ``name``'s policy selects, swap them in, retire the rest."""
+        async with self._lock(name):
+            path = self.root / modelrepo.check_name(name) / modelrepo.CONFIG_FILE
+            stamp = path.stat().st_mtime_ns if path.exists() else None
+            if config_override:
+                config = modelrepo.read_config(self.root, name)
+                config.update(config_override)
+                modelrepo.write_config(self.root, name, config)
+                stamp = path.stat().st_mtime_ns
+            served = self._models.get(name)
+            available = modelrepo.list_versions(self.root, name)
+            if (
+                served is not None
+                and stamp == self._config_stamp.get(name)
+                and set(select_versions(served.config["version_policy"], available))
+                == set(served.routing.versions)
+            ):
+                return  # nothing changed
+            config = modelrepo.read_config(self.root, name)
+            wanted = select_versions(config["version_policy"], available)
+            if not wanted:
+                raise NotFoundError(f"model {name!r} has no version its version_policy selects")
+            fingerprint = _fingerprint(config)
+            current = served.routing.versions if served else {}
+            keep = {
+                v: mv for v, mv in current.items()
+                if v in wanted and _fingerprint(mv.config) == fingerprint
+            }
+            missing = [v for v in wanted if v not in keep]
+            futures = [self.loader.load_async((name, v, fingerprint), priority) for v in missing]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            batch_overrides = dict(self.options.batch_overrides)
+            errors = []
+            new = dict(keep)
+            for version, result in zip(missing, results):
+                self.loader.evict((name, version, fingerprint))  # the version owns it now
+                if isinstance(result, BaseException):
+                    errors.append(f"version {version}: {result}")
+                    continue
+                new[version] = ModelVersion(name, version, config, result, self._executor, batch_overrides)
+            if not new:
+                raise UnavailableError(f"model {name!r} could not be loaded: {'; '.join(errors)}")
+            # The swap: one assignment; requests that picked old versions finish on them.
+            self._models[name] = ServedModel(name, config, Routing.build(new, config["traffic"]))
+            self._config_stamp[name] = stamp
+            if errors:
+                self._failed[name] = "; ".join(errors)
+            else:
+                self._failed.pop(name, None)
+            retired = [mv for v, mv in current.items() if new.get(v) is not mv]
+            if missing:
+                self.swaps += 1
+                log.info("model %s now serves versions %s", name, sorted(new))
+            self._retire(retired)
+
+    def _retire(self, versions: list[ModelVersion]) -> None:
+        for version in versions:
+            task = asyncio.get_running_loop().create_task(version.drain_and_close())
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def load_model(self, name: str, config_override: dict[str, Any] | None = None) -> None:
+        """RepositoryModelLoad: (re)load ``name`` now; returns when it is serving."""
+        modelrepo.check_name(name)
+        if not (self.root / name / modelrepo.CONFIG_FILE).is_file():
+            raise NotFoundError(f"model {name!r} is not in the repository {str(self.root)!r}")
+        self._unloaded.discard(name)
+        try:
+            await self.sync(name, config_override, priority=10)
+        except Exception as exc:
+            self._failed[name] = str(exc)
+            raise
+
+    async def unload_model(self, name: str) -> None:
+        """RepositoryModelUnload: stop serving ``name`` until it is loaded again."""
+        modelrepo.check_name(name)
+        async with self._lock(name):
+            served = self._models.pop(name, None)
+            if served is None and name not in modelrepo.list_models(self.root):
+                raise NotFoundError(f"model {name!r} is neither loaded nor in the repository")
+            self._unloaded.add(name)
+            self._config_stamp.pop(name, None)
+            if served is not None:
+                self._retire(list(served.routing.versions.values()))
+
+    async def wait_retired(self) -> None:
+        """Wait until every retired version has drained and closed (tests, shutdown)."""
+        while self._retiring:
+            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+
+    # -- serving --------------------------------------------------------------
+
+    def _served(self, name: str) -> ServedModel:
+        served = self._models.get(name)
+        if served is None:
+            if name in self._failed:
+                raise UnavailableError(f"model {name!r} failed to load: {self._failed[name]}")
+            if name in self._unloaded:
+                raise NotFoundError(f"model {name!r} is unloaded; RepositoryModelLoad serves it again")
+            raise NotFoundError(f"unknown model {name!r}")
+        return served
+
+    def version_of(self, name: str, version: str) -> ModelVersion:
+        """The version to use: the explicit one, else one picked by the traffic split."""
+        served = self._served(name)
+        routing = served.routing
+        if not version:
+            return routing.pick(self._random.random())
+        if not version.isdigit():
+            raise InvalidArgumentError(f"model version must be a positive integer, got {version!r}")
+        found = routing.versions.get(int(version))
+        if found is None:
+            ready = ", ".join(str(v) for v in sorted(routing.versions))
+            raise NotFoundError(f"model {name!r} has no ready version {version} (ready: {ready})")
+        return found
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        return await self.version_of(request.model, request.version).infer(request)
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.version_of(name, version) if version else self._served(name)
+        except Exception:
+            return False
+        return True
+
+    def info(self, name: str, version: str = "") -> ModelInfo:
+        served = self._served(name)
+        if version:
+            self.version_of(name, version)
+        cfg = served.config
+        return ModelInfo(
+            name=name,
+            versions=tuple(sorted(served.routing.versions)),
+            platform=PLATFORM,
+            max_batch_size=int(cfg["max_batch_size"]),
+            inputs=_tensors(cfg["inputs"]),
+            outputs=_tensors(cfg["outputs"]),
+            max_queue_delay_us=int(cfg["max_queue_delay_us"]),
+            preferred_batch_size=tuple(cfg.get("preferred_batch_size", [])),
+            version_policy=dict(cfg["version_policy"]),
+        )
+
+    def statistics(self, name: str = "", version: str = "") -> list[tuple[str, int, VersionStats]]:
+        if name:
+            served = [self._served(name)]
+            if version:
+                mv = self.version_of(name, version)
+                return [(name, mv.version, mv.snapshot_stats())]
+        else:
+            served = list(self._models.values())
+        return [
+            (m.name, v, mv.snapshot_stats())
+            for m in sorted(served, key=lambda m: m.name)
+            for v, mv in sorted(m.routing.versions.items())
+        ]
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        entries = []
+        names = set(modelrepo.list_models(self.root)) | set(self._models)
+        for name in sorted(names):
+            served = self._models.get(name)
+            if served is not None:
+                for v in sorted(served.routing.versions):
+                    entries.append(IndexEntry(name, str(v), "READY"))
+            elif not ready_only:
+                reason = self._failed.get(name) or ("unloaded" if name in self._unloaded else "not loaded")
+                entries.append(IndexEntry(name, "", "UNAVAILABLE", reason))
+        return entries
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._served(name).routing.versions)
