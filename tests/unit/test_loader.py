@@ -1,0 +1,197 @@
+"""The async model loader: seed 002's ten named loader tests.
+
+Load functions are real functions in worker threads; where a test needs loads
+to be in flight it gates them on threading events, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from tensorwire.errors import DeadlineExceededError, ResourceExhaustedError
+from tensorwire.loader import PRELOAD_PRIORITY, AsyncModelLoader, LoaderConfig
+
+
+class Gated:
+    """load_fn that records the order of loads and can hold them until released."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.order: list[str] = []
+        self.gate = threading.Event()
+        if not hold:
+            self.gate.set()
+        self.running = 0
+        self.peak = 0
+        self.started = threading.Semaphore(0)
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str) -> str:
+        with self._lock:
+            self.order.append(key)
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        self.started.release()
+        try:
+            assert self.gate.wait(10), "gate never opened"
+            if key.startswith("bad"):
+                raise ValueError(f"{key} has corrupt weights")
+            return f"model<{key}>"
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+async def _started(fn: Gated, n: int) -> None:
+    for _ in range(n):
+        assert await asyncio.to_thread(fn.started.acquire, True, 10)
+
+
+async def test_async_load_success() -> None:
+    fn = Gated(hold=True)
+    loader = AsyncModelLoader(fn)
+    called: list[object] = []
+    future = loader.load_async("a", callback=called.append)
+    assert not future.done()  # returned at once, the load runs in the background
+    assert loader.is_loading("a")
+    fn.gate.set()
+    assert await future == "model<a>"
+    assert loader.get("a") == "model<a>"
+    await asyncio.sleep(0)
+    assert called == [None]
+    await loader.aclose()
+
+
+async def test_async_load_failure() -> None:
+    loader = AsyncModelLoader(Gated())
+    errors: list[object] = []
+    future = loader.load_async("bad-1", callback=errors.append)
+    with pytest.raises(ValueError, match="corrupt weights"):
+        await future
+    assert loader.get("bad-1") is None
+    assert len(errors) == 1 and isinstance(errors[0], ValueError)
+    m = loader.metrics
+    assert m.failures == 1 and m.successes == 0
+    # A failed key can be loaded again later (nothing stale is cached).
+    assert not loader.is_loading("bad-1")
+    await loader.aclose()
+
+
+async def test_load_prediction() -> None:
+    loader = AsyncModelLoader(Gated(), LoaderConfig(preload_top_k=2, history_size=10))
+    for key in ["a", "b", "a", "c", "a", "b"]:
+        loader.record_request(key)
+    assert loader.predict() == ["a", "b"]
+    # History is bounded: old requests age out and predictions follow the traffic.
+    for key in ["c"] * 9:
+        loader.record_request(key)
+    assert loader.predict() == ["c", "b"]
+    await loader.aclose()
+
+
+async def test_preload_accuracy() -> None:
+    loader = AsyncModelLoader(Gated(), LoaderConfig(preload_top_k=2))
+    for key in ["hot", "hot", "warm", "cold", "hot", "warm"]:
+        loader.record_request(key)  # all misses: nothing is loaded
+    assert loader.metrics.hit_rate == 0.0
+    started = loader.preload()
+    assert started == ["hot", "warm"]
+    await asyncio.gather(loader.load("hot"), loader.load("warm"))
+    for key in ["hot", "hot", "warm", "hot"]:
+        assert loader.record_request(key)
+    m = loader.metrics
+    assert m.preloads == 2 and m.preloads_used == 2
+    assert m.preload_accuracy == 1.0
+    assert m.hit_rate == pytest.approx(4 / 10)
+    assert loader.preload() == []  # nothing left to preload
+    await loader.aclose()
+
+
+async def test_load_timeout() -> None:
+    fn = Gated(hold=True)
+    loader = AsyncModelLoader(fn, LoaderConfig(load_timeout_s=0.05))
+    with pytest.raises(DeadlineExceededError, match=r"'slow'.*load timeout of 0.05s"):
+        await loader.load("slow")
+    m = loader.metrics
+    assert m.timeouts == 1 and m.failures == 1
+    fn.gate.set()  # the stuck thread finishes; its late result is discarded
+    assert loader.get("slow") is None
+    await loader.aclose()
+
+
+async def test_queue_management() -> None:
+    fn = Gated(hold=True)
+    loader = AsyncModelLoader(fn, LoaderConfig(max_concurrent_loads=1, max_queue_size=2))
+    running = loader.load_async("r")
+    await _started(fn, 1)
+    queued = [loader.load_async("q1"), loader.load_async("q2")]
+    assert loader.metrics.queue_depth == 2
+    assert loader.load_async("q1") is queued[0]  # the same key is never queued twice
+    with pytest.raises(ResourceExhaustedError, match="2 loads already queued"):
+        loader.load_async("q3")
+    fn.gate.set()
+    await asyncio.gather(running, *queued)
+    assert loader.metrics.queue_depth == 0
+    assert fn.order == ["r", "q1", "q2"]
+    await loader.aclose()
+
+
+async def test_concurrent_loads() -> None:
+    fn = Gated(hold=True)
+    loader = AsyncModelLoader(fn, LoaderConfig(max_concurrent_loads=3))
+    futures = [loader.load_async(f"m{i}") for i in range(7)]
+    await _started(fn, 3)
+    assert loader.metrics.loading == 3
+    assert loader.metrics.queue_depth == 4
+    fn.gate.set()
+    assert await asyncio.gather(*futures) == [f"model<m{i}>" for i in range(7)]
+    assert fn.peak == 3
+    await loader.aclose()
+
+
+async def test_cache_integration() -> None:
+    fn = Gated()
+    loader = AsyncModelLoader(fn)
+    first = await loader.load("m")
+    again = await loader.load("m")
+    assert first is again and fn.order == ["m"]  # served from the cache
+    assert loader.record_request("m") is True
+    assert loader.evict("m") == "model<m>"
+    assert loader.record_request("m") is False
+    await loader.load("m")
+    assert fn.order == ["m", "m"]  # evicted: loaded again
+    m = loader.metrics
+    assert (m.hits, m.misses) == (1, 1)
+    await loader.aclose()
+
+
+async def test_priority_handling() -> None:
+    fn = Gated(hold=True)
+    loader = AsyncModelLoader(fn, LoaderConfig(max_concurrent_loads=1))
+    blocker = loader.load_async("blocker")
+    await _started(fn, 1)
+    futures = [
+        loader.load_async("low", priority=PRELOAD_PRIORITY),
+        loader.load_async("normal-1"),
+        loader.load_async("urgent", priority=10),
+        loader.load_async("normal-2"),
+    ]
+    fn.gate.set()
+    await asyncio.gather(blocker, *futures)
+    assert fn.order == ["blocker", "urgent", "normal-1", "normal-2", "low"]
+    await loader.aclose()
+
+
+async def test_metrics_tracking() -> None:
+    loader = AsyncModelLoader(Gated(), LoaderConfig(max_concurrent_loads=2))
+    await asyncio.gather(loader.load("a"), loader.load("b"))
+    with pytest.raises(ValueError):
+        await loader.load("bad")
+    m = loader.metrics
+    assert (m.loads, m.successes, m.failures, m.timeouts) == (3, 2, 1, 0)
+    assert m.average_load_time_s > 0
+    assert m.loading == 0 and m.queue_depth == 0
+    assert "2 ok, 1 failed" in repr(loader)
+    await loader.aclose()
