@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from tensorwire import modelrepo
+from tensorwire.client import InferenceClient
+from tensorwire.models import build_model
 
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
@@ -117,3 +125,71 @@ async def test_viewers_of_either_streamer_replica_see_the_same_run_live(tmp_path
         assert max(s for _, s in a.steps) > min(s for _, s in b.steps)
         assert max(s for _, s in b.steps) > min(s for _, s in a.steps)
         assert current.step >= max(max(s for _, s in v.steps) for v in viewers)
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Every sample of a /metrics endpoint, by sample name."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return samples
+
+
+def infer_count(port: int) -> float:
+    return sum(
+        value for labels, value in scrape(port).get("tensorwire_rpc_handled_total", [])
+        if labels.get("service") == "inference" and labels.get("method") == "ModelInfer"
+        and labels.get("code") == "OK"
+    )
+
+
+async def test_two_inference_workers_share_the_load(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    torch.manual_seed(0)
+    model = build_model("spiral").eval()
+    modelrepo.write_version(repo, "spiral", "spiral", model.state_dict())
+    metrics_ports = [free_port(), free_port()]
+    args = ["--model-repository", str(repo), "--poll-interval-s", "0"]
+    async with (
+        running("inference", free_port(), [*args, "--metrics-port", str(metrics_ports[0])],
+                tmp_path, suffix="-a") as ia,
+        running("inference", free_port(), [*args, "--metrics-port", str(metrics_ports[1])],
+                tmp_path, suffix="-b") as ib,
+    ):
+        for worker in (ia, ib):  # each loads the repository's models at start
+            async with InferenceClient(worker.target) as one:
+                deadline = time.monotonic() + 60
+                while not await one.model_ready("spiral"):
+                    assert time.monotonic() < deadline, f"spiral never ready:\n{worker.log_tail()}"
+                    await asyncio.sleep(0.1)
+        before = [infer_count(p) for p in metrics_ports]
+
+        requests, concurrency = 240, 16
+        rng = np.random.default_rng(1)
+        points = [rng.normal(size=(4, 2)).astype(np.float32) for _ in range(requests)]
+        # One client, one endpoint list: what `dns:///inference-headless:8001` resolves to.
+        async with InferenceClient(f"{ia.target},{ib.target}") as client:
+            # A long-lived client's pool runs maintenance every health_check_interval_s,
+            # and that pass opens one channel per address. The first pass comes only one
+            # interval after the first call (until then every call uses one channel), so
+            # run it now, as it will have run in any client older than 30 s.
+            await client.pool.maintain()
+            assert len(client.pool.addresses) == 2 and client.pool.size == 2, repr(client.pool)
+            gate = asyncio.Semaphore(concurrency)
+
+            async def call(x: np.ndarray) -> np.ndarray:
+                async with gate:
+                    return (await client.infer("spiral", {"points": x}, timeout_s=30))["logits"]
+
+            answers = await asyncio.gather(*(call(x) for x in points))
+            pool_repr = repr(client.pool)
+
+        with torch.no_grad():
+            for x, got in zip(points, answers):
+                np.testing.assert_allclose(got, model(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
+        served = [infer_count(p) - b for p, b in zip(metrics_ports, before)]
+        assert sum(served) == requests, served
+        assert min(served) >= 0.2 * requests, f"one worker took (almost) everything: {served}; {pool_repr}"
