@@ -246,8 +246,12 @@ class ChunkDecoder:
 class ChunkSizer:
     """Chooses the next chunk size from the measured throughput.
 
-    Throughput is measured over windows of at least ``window_s`` (EWMA), and the
-    size is the power of two nearest ``throughput * target_chunk_s``.
+    Throughput is measured over windows of ``window_s`` or 8 chunks, whichever
+    ends first; a slower window is believed at once, a faster one folded in
+    gradually (EWMA). The size is the power of two nearest
+    ``throughput * target_chunk_s``, within the configured bounds; it at most
+    doubles per window (the first chunks fill socket buffers and look fast) and
+    shrinks at once.
     """
 
     def __init__(self, config: ChunkConfig, clock: Callable[[], float] = time.monotonic,
@@ -268,16 +272,24 @@ class ChunkSizer:
             return
         self._window_bytes += nbytes
         elapsed = now - self._window_start
-        if elapsed < self._window_s:
+        # A window closes after window_s, or after 8 chunks on a link so fast that
+        # the whole payload might pass within one window.
+        if elapsed < self._window_s and (self._window_bytes < 8 * self.size or elapsed <= 0):
             return
         rate = self._window_bytes / elapsed
-        self.throughput_bps = rate if self.throughput_bps is None else 0.7 * self.throughput_bps + 0.3 * rate
+        if self.throughput_bps is None or rate < self.throughput_bps:
+            # Slower: believe it at once (the first chunks go into socket buffers
+            # and look fast; a slow link must not keep megabyte chunks).
+            self.throughput_bps = rate
+        else:
+            self.throughput_bps = 0.7 * self.throughput_bps + 0.3 * rate
         self._window_start, self._window_bytes = now, 0
         if self.config.adaptive:
             want = max(1.0, self.throughput_bps * self.config.target_chunk_s)
             size = 1 << round(want).bit_length() - 1
             if want >= size * 1.5:
                 size <<= 1
+            size = min(size, 2 * self.size)  # grow at most 2x per window, shrink at once
             self.size = max(self.config.min_chunk_bytes, min(self.config.max_chunk_bytes, size))
 
 
@@ -307,7 +319,8 @@ class BoundedBuffer(Generic[T]):
     def buffered_bytes(self) -> int:
         return self._bytes
 
-    async def put(self, item: T, nbytes: int) -> None:
+    async def wait_for_space(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more fit (a producer calls it before reading more)."""
         async with self._cond:
             if self._bytes and self._bytes + nbytes > self.limit_bytes:
                 if self.metrics is not None:
@@ -315,6 +328,10 @@ class BoundedBuffer(Generic[T]):
                 await self._cond.wait_for(
                     lambda: not self._bytes or self._bytes + nbytes <= self.limit_bytes
                 )
+
+    async def put(self, item: T, nbytes: int) -> None:
+        await self.wait_for_space(nbytes)
+        async with self._cond:
             self._items.append((item, nbytes))
             self._bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self._bytes)
@@ -391,6 +408,9 @@ class ChunkSender:
     async def _read(self) -> None:
         try:
             while True:
+                # Wait for room first, then read at the size chosen *now*: nothing is
+                # read ahead of the bound, and a new size applies at once.
+                await self._buffer.wait_for_space(self.sizer.size)
                 chunk = await asyncio.to_thread(self._read_and_encode, self.sizer.size)
                 if chunk is None:
                     break

@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -37,40 +34,7 @@ sys.path.insert(0, str(ROOT))
 from tensorwire.channels import ChannelPool  # noqa: E402
 from tensorwire.checkpoints import upload_checkpoint  # noqa: E402
 from tensorwire.chunking import ChunkConfig, Compression  # noqa: E402
-from tests.support.echo_service import method  # noqa: E402
-
-
-@contextmanager
-def server_process(*args: str) -> Iterator[tuple[int, int]]:
-    """Start tests/support/echo_service.py; yields (port, pid)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.echo_service", "--port", "0", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"server did not start: {line!r}")
-        yield int(line.split()[1]), proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _status_kib(pid: int | str, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak(pid: int | str) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
+from tests.support.echo_service import method, reset_peak_rss, running, status_kib  # noqa: E402
 
 
 async def bench_reuse(port: int, calls: int) -> None:
@@ -156,7 +120,7 @@ async def bench_transfer(tmp: Path, total_mb: int) -> None:
         size = ckpt.stat().st_size
         for compression in (Compression.NONE, Compression.ZSTD):
             repo = tmp / f"repo-{kind}-{compression.name}"
-            with server_process("--repository", str(repo)) as (port, pid):
+            with running("--repository", str(repo)) as (port, pid):
                 async with grpc.aio.insecure_channel(
                     f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]
                 ) as channel:
@@ -164,17 +128,17 @@ async def bench_transfer(tmp: Path, total_mb: int) -> None:
                     warm = tmp / "warm.pt"
                     torch.save({"w": torch.zeros(16)}, warm)
                     await upload_checkpoint(channel, warm, model="warm", kind="spiral", timeout_s=120)
-                    base_me, base_srv = _status_kib("self", "VmRSS"), _status_kib(pid, "VmRSS")
-                    _reset_peak("self")
-                    _reset_peak(pid)
+                    base_me, base_srv = status_kib("self", "VmRSS"), status_kib(pid, "VmRSS")
+                    reset_peak_rss("self")
+                    reset_peak_rss(pid)
                     started = time.perf_counter()
                     result = await upload_checkpoint(
                         channel, ckpt, model="big", kind="spiral",
                         config=ChunkConfig(compression=compression), timeout_s=600,
                     )
                     elapsed = time.perf_counter() - started
-                    peak_me = (_status_kib("self", "VmHWM") - base_me) / 1024
-                    peak_srv = (_status_kib(pid, "VmHWM") - base_srv) / 1024
+                    peak_me = (status_kib("self", "VmHWM") - base_me) / 1024
+                    peak_srv = (status_kib(pid, "VmHWM") - base_srv) / 1024
             assert result.bytes == size
             print(f"transfer {size / 1e6:.0f} MB {kind:6s} weights, compression "
                   f"{compression.name.lower():4s}: {elapsed:5.2f}s ({size / 1e6 / elapsed:6.1f} MB/s), "
@@ -191,12 +155,12 @@ async def main() -> None:
     args = parser.parse_args()
     duration = 2.0 if args.quick else 5.0
     print(f"bench_channels on {os.cpu_count()} cores (shared machine: compare ratios)")
-    with server_process() as (port, _):
+    with running() as (port, _):
         await bench_reuse(port, 10_000)
-    with server_process("--delay-s", str(args.delay_s), "--max-concurrent-streams", "100") as (port, _):
+    with running("--delay-s", str(args.delay_s), "--max-concurrent-streams", "100") as (port, _):
         await bench_rps(port, 256, duration,
                         f"server: {args.delay_s * 1000:.0f} ms handler, 100 streams/connection")
-    with server_process("--delay-s", str(args.delay_s)) as (port, _):
+    with running("--delay-s", str(args.delay_s)) as (port, _):
         await bench_rps(port, 256, duration,
                         f"server: {args.delay_s * 1000:.0f} ms handler, gRPC default stream limit")
     with tempfile.TemporaryDirectory(prefix="bench-channels-") as tmp:

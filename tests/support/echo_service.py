@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import subprocess
 import sys
+from collections.abc import Iterator
 
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from tensorwire.checkpoints import CheckpointReceiver, ModelTransferServicer
 from tensorwire.server import GrpcServer, ServerOptions
 
 SERVICE = "tensorwire.test.Echo"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _identity(data: bytes) -> bytes:
@@ -95,6 +99,41 @@ def method(channel: grpc.aio.Channel, name: str) -> grpc.aio.UnaryUnaryMultiCall
     return channel.unary_unary(f"/{SERVICE}/{name}", _identity, _identity)
 
 
+@contextlib.contextmanager
+def running(*args: str) -> Iterator[tuple[int, int]]:
+    """This service in a child process (``args`` as on its command line); yields (port, pid)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.echo_service", "--port", "0", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"echo service did not start: {line!r}")
+        yield int(line.split()[1]), proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def status_kib(pid: int | str, field: str) -> int:
+    """A ``/proc/<pid>/status`` memory field (VmRSS, VmHWM) in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss(pid: int | str) -> None:
+    """Reset a process's VmHWM to its current RSS (Linux clear_refs)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 async def _main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
@@ -107,6 +146,8 @@ async def _main(argv: list[str]) -> None:
     extra: tuple[tuple[str, int | str], ...] = ()
     if args.max_concurrent_streams:
         extra = (("grpc.max_concurrent_streams", args.max_concurrent_streams),)
+    if args.repository:
+        import torch  # noqa: F401  (as in the inference service: checkpoints are checked with it)
     app = EchoApp(args.delay_s, Path(args.repository) if args.repository else None)
     server = GrpcServer(
         ServerOptions(name="echo", host="127.0.0.1", port=args.port, extra_options=extra), app
