@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,19 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
+async def wait_http_ok(url: str, deadline_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + deadline_s
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{url}: process exited with {proc.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(url)).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{url} not answering 200 within {deadline_s}s")
+
+
 async def wait_serving(target: str, deadline_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + deadline_s
     async with grpc.aio.insecure_channel(target) as channel:
@@ -58,8 +72,9 @@ async def wait_serving(target: str, deadline_s: float, proc: subprocess.Popen[by
 @contextlib.asynccontextmanager
 async def running(
     name: str, port: int, args: Sequence[str], log_dir: Path, *, env: dict[str, str] | None = None,
-    start_timeout_s: float = 60.0, suffix: str = "",
+    start_timeout_s: float = 60.0, suffix: str = "", ready_path: str | None = None,
 ) -> AsyncIterator[ServiceProcess]:
+    """``ready_path``: an HTTP service (the gateway), ready when GET path answers 200."""
     log_path = log_dir / f"{name}{suffix}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log_path, "wb") as log:
@@ -71,7 +86,10 @@ async def running(
     service = ServiceProcess(name, port, proc, log_path)
     try:
         try:
-            await wait_serving(service.target, start_timeout_s, proc)
+            if ready_path is None:
+                await wait_serving(service.target, start_timeout_s, proc)
+            else:
+                await wait_http_ok(f"http://{service.target}{ready_path}", start_timeout_s, proc)
         except (RuntimeError, TimeoutError) as exc:
             raise AssertionError(f"{name}{suffix} did not start: {exc}\n{service.log_tail()}") from None
         yield service

@@ -1,0 +1,209 @@
+"""Every metric the Grafana dashboard and the alert rules use is really exported.
+
+The suite runs as processes (streamer, inference, trainer publishing a run and
+announcing checkpoints, the web gateway), gets a little of every kind of traffic,
+and the names in deploy/monitoring are checked against the union of what their
+``/metrics`` endpoints expose — and each label a selector filters on against the
+labels those metrics carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tensorwire import modelrepo
+from tensorwire.client import InferenceClient
+from tensorwire.models import build_model
+from tensorwire.trainer.v1 import trainer_pb2 as tpb
+from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
+from tests.conftest import free_port
+
+from .processes import running
+
+ROOT = Path(__file__).resolve().parents[2]
+MONITORING = ROOT / "deploy" / "monitoring"
+
+PROMETHEUS_OWN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+"""Series Prometheus makes itself for every target, not exported by a service."""
+RELABELLED = {"namespace", "pod", "app", "job", "instance"}
+"""Labels the scrape configuration adds (deploy/monitoring/prometheus.yaml)."""
+PROMQL_WORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
+    "bool", "offset", "le", "inf", "nan",
+}
+
+
+# -- reading PromQL ----------------------------------------------------------------
+
+def _strip(expr: str) -> str:
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # range and subquery durations
+    return re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+
+
+def metric_names(expr: str) -> set[str]:
+    """Names of the series an expression selects (functions, keywords, labels excluded)."""
+    expr = _strip(expr)
+    expr = re.sub(r"\{[^}]*\}", " ", expr)
+    names = set()
+    for m in re.finditer(r"(?<![\w.$])[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
+        word = m.group(0)
+        after = expr[m.end():].lstrip()
+        if after.startswith("(") or word.lower() in PROMQL_WORDS:
+            continue
+        names.add(word)
+    return names
+
+
+def selectors(expr: str) -> Iterator[tuple[str, set[str]]]:
+    """(metric, labels it filters on) for every ``name{...}`` selector."""
+    for m in re.finditer(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}", re.sub(r"\[[^\]]*\]", "", expr)):
+        labels = {lm.group(1) for lm in re.finditer(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", m.group(2))}
+        yield m.group(1), labels
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", ())]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            m = re.fullmatch(r"label_values\((.+),\s*\w+\)", query)
+            assert m, f"unexpected template query {query}"
+            exprs.append(m.group(1))
+    return exprs
+
+
+def alert_exprs() -> list[str]:
+    rules = yaml.safe_load((MONITORING / "alerts.yaml").read_text())
+    return [r["expr"] for g in rules["groups"] for r in g["rules"]]
+
+
+def test_promql_reader_finds_names_and_labels() -> None:
+    expr = ('histogram_quantile(0.99, sum by (le, pod) (rate(a_seconds_bucket{service="x", '
+            'method=~"M|N"}[5m]))) > 0.25 and on(pod) b_total offset 5m unless up{job="t"} == 0')
+    assert metric_names(expr) == {"a_seconds_bucket", "b_total", "up"}
+    assert dict(selectors(expr)) == {"a_seconds_bucket": {"service", "method"}, "up": {"job"}}
+    assert metric_names('sum(rate(x_total{namespace=~"$namespace"}[$__rate_interval]))') == {"x_total"}
+
+
+def test_every_alert_and_panel_has_a_query() -> None:
+    rules = yaml.safe_load((MONITORING / "alerts.yaml").read_text())
+    names = [r["alert"] for g in rules["groups"] for r in g["rules"]]
+    assert len(names) == len(set(names))
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+            assert rule["annotations"]["summary"], rule["alert"]
+            assert metric_names(rule["expr"]), rule["alert"]
+    dash = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        if p["type"] != "row":
+            assert p["targets"] and all(metric_names(t["expr"]) for t in p["targets"]), p["title"]
+
+
+# -- the running suite -------------------------------------------------------------
+
+def exposition(text: str) -> dict[str, set[str]]:
+    """Sample name -> label names, from one /metrics page."""
+    out: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+    return out
+
+
+def grpc_web_frame(message: bytes) -> bytes:
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+@pytest.mark.slow
+async def test_dashboard_and_alert_metrics_appear_in_running_services(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    modelrepo.write_version(repo, "spiral", "spiral", build_model("spiral").state_dict())
+    static = tmp_path / "web"
+    static.mkdir()
+    (static / "index.html").write_text("<!doctype html><title>tensorwire</title>")
+    ports = {name: (free_port(), free_port()) for name in ("streamer", "inference", "trainer")}
+    web_port = free_port()
+
+    def service_args(name: str) -> list[str]:
+        return ["--metrics-port", str(ports[name][1])]
+
+    async with (
+        running("streamer", ports["streamer"][0], service_args("streamer"), tmp_path) as streamer,
+        running("inference", ports["inference"][0],
+                [*service_args("inference"), "--model-repository", str(repo)], tmp_path) as inference,
+        running("trainer", ports["trainer"][0],
+                [*service_args("trainer"), "--streamer-target", streamer.target,
+                 "--inference-target", inference.target, "--model-repository", str(repo),
+                 "--demo-task", "", "--checkpoint-every-steps", "50"], tmp_path) as trainer,
+        running("gateway", web_port,
+                ["--trainer-target", trainer.target, "--streamer-target", streamer.target,
+                 "--inference-target", inference.target, "--static-dir", str(static)],
+                tmp_path, ready_path="/healthz"),
+    ):
+        # trainer: a run (publishes to the streamer, checkpoints, announces to inference)
+        async with grpc.aio.insecure_channel(trainer.target) as channel:
+            stub = tpb_grpc.TrainerServiceStub(channel)
+            run = (await stub.StartRun(tpb.StartRunRequest(task="spiral"), timeout=30)).run
+        # inference: requests
+        async with InferenceClient(inference.target) as client:
+            deadline = time.monotonic() + 60
+            while not await client.model_ready("spiral"):
+                assert time.monotonic() < deadline, inference.log_tail()
+                await asyncio.sleep(0.1)
+            x = np.zeros((3, 2), np.float32)
+            for _ in range(5):
+                await client.infer("spiral", {"points": x})
+        # gateway: a gRPC-Web call, relayed over its pooled channels
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{web_port}", timeout=30) as http:
+            reply = await http.post(
+                "/tensorwire.trainer.v1.TrainerService/GetRun",
+                content=grpc_web_frame(tpb.GetRunRequest(run_id=run.run_id).SerializeToString()),
+                headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1"},
+            )
+            assert reply.status_code == 200, reply.text
+            pages = {"gateway": (await http.get("/metrics")).text}
+            async with httpx.AsyncClient(timeout=10) as scraper:
+                for name, (_, metrics_port) in ports.items():
+                    pages[name] = (await scraper.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+
+    exported: dict[str, set[str]] = {}
+    for text in pages.values():
+        for name, labels in exposition(text).items():
+            exported.setdefault(name, set()).update(labels)
+
+    missing = []
+    bad_labels = []
+    for source, exprs in (("dashboard", dashboard_exprs()), ("alerts", alert_exprs())):
+        for expr in exprs:
+            for name in metric_names(expr) - PROMETHEUS_OWN:
+                if name not in exported:
+                    missing.append(f"{source}: {name}")
+            for name, labels in selectors(expr):
+                if name in PROMETHEUS_OWN or name not in exported:
+                    continue
+                unknown = labels - exported[name] - RELABELLED
+                if unknown:
+                    bad_labels.append(f"{source}: {name} has no label {sorted(unknown)}")
+    assert not missing, (
+        f"not exported by any running service: {sorted(set(missing))}\n"
+        f"exported: {sorted(n for n in exported if n.startswith('tensorwire_'))}"
+    )
+    assert not bad_labels, sorted(set(bad_labels))
