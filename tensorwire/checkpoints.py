@@ -31,7 +31,7 @@ import grpc
 
 from tensorwire import modelrepo
 from tensorwire.chunking import Chunk, ChunkConfig, ChunkReceiver, ChunkSender, Compression, MiB
-from tensorwire.errors import AbortedError, DataLossError, InvalidArgumentError
+from tensorwire.errors import AbortedError, AlreadyExistsError, DataLossError, InvalidArgumentError
 from tensorwire.transfer.v1 import transfer_pb2 as pb
 from tensorwire.transfer.v1 import transfer_pb2_grpc as pb_grpc
 
@@ -187,7 +187,7 @@ class CheckpointReceiver:
         if header.version is not None and header.version in modelrepo.list_versions(
             self.repository, header.model
         ):
-            raise InvalidArgumentError(f"model {header.model!r} already has version {header.version}")
+            raise AlreadyExistsError(f"model {header.model!r} already has version {header.version}")
 
 
 def _check_state_dict(path: Path) -> None:

@@ -198,6 +198,10 @@ async def test_compression_disabled_and_incompressible_payloads_go_raw(tmp_path:
         off = await upload_checkpoint(channel, noisy, model="m", kind="spiral",
                                       config=ChunkConfig(compression=Compression.NONE))
         on = await upload_checkpoint(channel, noisy, model="m", kind="spiral")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await upload_checkpoint(channel, noisy, model="m", kind="spiral", version=2)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert err.value.details() == "model 'm' already has version 2"
     assert off.wire_bytes == off.bytes
     # compression was tried on every chunk and (but for pickle/zip headers) did not pay
     assert on.bytes * 0.99 < on.wire_bytes <= on.bytes
