@@ -123,10 +123,15 @@ def test_rendezvous_reads_torchrun_and_indexed_job_variables() -> None:
         distributed.Rendezvous.from_env({**base, "RANK": "zero"})
 
 
-def test_bad_task_is_refused_before_joining_the_group() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "services.trainer.distributed", "--task", "nope"],
-        cwd=ROOT, env=_rank_env(0, free_port()), capture_output=True, text=True, timeout=120,
+def test_bad_task_is_refused_before_joining_the_group(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for key, value in _rank_env(0, free_port()).items():
+        monkeypatch.setenv(key, value)
+    assert distributed.main(["--task", "nope"]) == 2
+    assert "unknown task 'nope'; known: anomaly, detection, fusion, spiral, trajectory" in (
+        capsys.readouterr().err
     )
-    assert proc.returncode == 2
-    assert "unknown task 'nope'; known: anomaly, detection, fusion, spiral, trajectory" in proc.stderr
+    assert distributed.main(["--task", "spiral", "--params-json", '{"learning_rate": -1}']) == 2
+    assert "learning_rate must be in" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 
@@ -145,6 +146,18 @@ def manifest_files() -> list[Path]:
         p for p in K8S.rglob("*.yaml")
         if p.name != "kustomization.yaml" and p.resolve() not in patches
     )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _schemas_parsed_once() -> Iterator[None]:
+    """kubernetes-validate parses its (large) JSON schema files on every call; the
+    files never change, so parse each once while this module runs."""
+    original = kubernetes_validate.utils.schema_contents
+    kubernetes_validate.utils.schema_contents = functools.cache(original)
+    try:
+        yield
+    finally:
+        kubernetes_validate.utils.schema_contents = original
 
 
 def _validate(doc: dict[str, Any], where: str) -> None:
