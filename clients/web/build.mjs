@@ -27,14 +27,19 @@ const outputs = Object.keys(result.metafile.outputs).map((p) => path.basename(p)
 const js = outputs.find((f) => f.endsWith(".js"));
 const css = outputs.find((f) => f.endsWith(".css"));
 const template = await readFile("index.html", "utf8");
+// The CSS is inlined: no render-blocking request before the first paint.
+const cssText = css ? await readFile(path.join(dist, "assets", css), "utf8") : "";
 const html = template
-  .replace("<!--CSS-->", css ? `<link rel="stylesheet" href="/assets/${css}">` : "")
+  .replace("<!--CSS-->", cssText ? `<style>${cssText}</style>` : "")
   .replace("<!--JS-->", `<script type="module" src="/assets/${js}"></script>`);
 await writeFile(path.join(dist, "index.html"), html);
 
 let gz = 0;
-for (const name of await readdir(path.join(dist, "assets"))) {
-  const file = path.join(dist, "assets", name);
+const files = (await readdir(path.join(dist, "assets")))
+  .filter((name) => name !== css)
+  .map((name) => path.join(dist, "assets", name));
+if (css) await rm(path.join(dist, "assets", css));
+for (const file of [path.join(dist, "index.html"), ...files]) {
   const data = await readFile(file);
   const zipped = gzipSync(data, { level: 9 });
   gz += zipped.length;
@@ -44,7 +49,7 @@ for (const name of await readdir(path.join(dist, "assets"))) {
   }));
 }
 const limit = 80 * 1024;
-console.log(`bundle: ${js} ${css ?? ""}: ${(gz / 1024).toFixed(1)} KiB gzip (JS + CSS, limit 80 KiB)`);
+console.log(`bundle: ${js} + index.html with inlined CSS: ${(gz / 1024).toFixed(1)} KiB gzip (JS + CSS + HTML, limit 80 KiB)`);
 if (gz > limit) {
   console.error("bundle is over its 80 KiB gzip budget");
   process.exit(1);

@@ -34,7 +34,6 @@ interface Live {
   series: Map<string, Series>;
   view: LiveView | null;
   viewLabel: string;
-  decoding: boolean;
   nextView: Frame | null;
   abort: AbortController | null;
 }
@@ -52,7 +51,6 @@ const live: Live = {
   series: new Map(),
   view: null,
   viewLabel: "",
-  decoding: false,
   nextView: null,
   abort: null,
 };
@@ -64,6 +62,8 @@ let runs: Run[] = [];
 const stats = {
   frames: 0,
   renders: 0,
+  /** Longest render() so far, ms: what one animation frame costs at worst. */
+  maxRenderMs: 0,
   get serverStep() { return live.serverStep; },
   get displayedStep() { return live.displayedStep; },
   get lagS() { return live.lagS; },
@@ -114,6 +114,9 @@ new InferencePanel(inferRoot);
 
 const dirty = new Set<"badge" | "view" | "charts" | "runs" | "controls">();
 let frameRequested = false;
+const CHARTS_INTERVAL_MS = 100;
+let lastChartsAt = 0;
+let chartsTimer = 0;
 
 function invalidate(what: "badge" | "view" | "charts" | "runs" | "controls"): void {
   dirty.add(what);
@@ -124,6 +127,7 @@ function invalidate(what: "badge" | "view" | "charts" | "runs" | "controls"): vo
 }
 
 function render(): void {
+  const started = performance.now();
   frameRequested = false;
   stats.renders++;
   const now = Date.now() / 1000;
@@ -133,14 +137,26 @@ function render(): void {
     dirty.add("badge");
   }
   if (dirty.has("view")) {
+    takeView();
     live.viewLabel = drawView(viewCanvas, live.view);
     viewInfo.textContent = live.view ? `step ${live.view.step}${live.viewLabel ? " · " + live.viewLabel : ""}` : "";
   }
-  if (dirty.has("charts")) charts.render(live.series);
+  // Charts redraw whole (uPlot); ten times a second is plenty for a curve.
+  if (dirty.has("charts")) {
+    if (performance.now() - lastChartsAt >= CHARTS_INTERVAL_MS) {
+      lastChartsAt = performance.now();
+      charts.render(live.series);
+    } else {
+      dirty.delete("charts");
+      clearTimeout(chartsTimer);
+      chartsTimer = window.setTimeout(() => invalidate("charts"), CHARTS_INTERVAL_MS);
+    }
+  }
   if (dirty.has("badge")) renderBadge();
   if (dirty.has("runs")) renderRuns();
   if (dirty.has("controls")) renderControls();
   dirty.clear();
+  stats.maxRenderMs = Math.max(stats.maxRenderMs, performance.now() - started);
 }
 
 function updatesPerSecond(): number {
@@ -149,17 +165,25 @@ function updatesPerSecond(): number {
   return live.arrivals.length;
 }
 
+const badgeParts = {
+  state: h("span", { className: "state" }),
+  server: h("span", { id: "server-step" }),
+  shown: h("span", { id: "displayed-step" }),
+  lag: h("span", { id: "lag" }),
+  ups: h("span", { id: "ups" }),
+};
+badge.append(...Object.values(badgeParts));
+
 function renderBadge(): void {
   const st = live.status;
   const state = st ? RunState[st.state].toLowerCase() : "—";
-  badge.innerHTML = "";
-  badge.append(
-    h("span", { className: `state state-${state}`, textContent: state }),
-    h("span", { id: "server-step", textContent: `server step ${live.serverStep}` }),
-    h("span", { id: "displayed-step", textContent: `shown ${live.displayedStep}` }),
-    h("span", { id: "lag", className: live.lagS > 2 ? "warn" : "", textContent: `lag ${live.lagS.toFixed(2)} s` }),
-    h("span", { id: "ups", textContent: `${updatesPerSecond()} upd/s` }),
-  );
+  badgeParts.state.className = `state state-${state}`;
+  badgeParts.state.textContent = state;
+  badgeParts.server.textContent = `server step ${live.serverStep}`;
+  badgeParts.shown.textContent = `shown ${live.displayedStep}`;
+  badgeParts.lag.textContent = `lag ${live.lagS.toFixed(2)} s`;
+  badgeParts.lag.className = live.lagS > 2 ? "warn" : "";
+  badgeParts.ups.textContent = `${updatesPerSecond()} upd/s`;
 }
 
 // The badge's updates/s decays while nothing arrives.
@@ -201,32 +225,24 @@ function onFrame(frame: Frame, receivedAt: number): void {
       invalidate("charts");
       break;
     case "view":
-      // Latest wins: while one view decodes, only the newest waiting one is kept.
+      // Latest wins: only the newest view is decoded, once, in the next frame.
       live.nextView = frame;
-      if (!live.decoding) void decodeViews();
+      invalidate("view");
       break;
   }
   invalidate("badge");
 }
 
-async function decodeViews(): Promise<void> {
-  live.decoding = true;
+/** Decode the newest view that arrived since the last frame (skipped ones cost nothing). */
+function takeView(): void {
+  const frame = live.nextView;
+  live.nextView = null;
+  if (!frame || frame.body.case !== "view") return;
+  const v = frame.body.value;
   try {
-    while (live.nextView) {
-      const frame = live.nextView;
-      live.nextView = null;
-      if (frame.body.case !== "view") continue;
-      const v = frame.body.value;
-      try {
-        const arrays = await decodeAll(v.arrays);
-        live.view = { kind: v.kind, step: Number(v.step || frame.step), arrays, meta: { ...v.meta } };
-        invalidate("view");
-      } catch (err) {
-        message.textContent = `cannot decode the ${v.kind} view: ${String(err)}`;
-      }
-    }
-  } finally {
-    live.decoding = false;
+    live.view = { kind: v.kind, step: Number(v.step || frame.step), arrays: decodeAll(v.arrays), meta: { ...v.meta } };
+  } catch (err) {
+    message.textContent = `cannot decode the ${v.kind} view: ${String(err)}`;
   }
 }
 
@@ -278,8 +294,10 @@ async function refreshRuns(): Promise<void> {
     invalidate("controls");
     if (!live.runId) {
       const wanted = new URLSearchParams(location.search).get("run");
+      // The page opens on the run named in the URL, else the longest-running live
+      // run (the demo run `tensorwire up` starts first), else the newest run.
       const pick = runs.find((r) => r.runId === wanted)
-        ?? runs.find((r) => r.state === RunState.RUNNING)
+        ?? runs.findLast((r) => r.state === RunState.RUNNING)
         ?? runs[0];
       if (pick) watch(pick.runId);
     }

@@ -90,17 +90,21 @@ function boundary(ctx: Ctx, w: number, h: number, v: LiveView): string {
     image(ctx, px, gw, gh, 0, 0, side, side, true); // row 0 is the bottom row
   }
   if (pts && labels) {
+    // One path per class: a thousand points cost two fills and two strokes.
     const n = pts.shape[0];
-    for (let i = 0; i < n; i++) {
-      const x = ((pts.values[i * 2] + extent) / (2 * extent)) * side;
-      const y = side - ((pts.values[i * 2 + 1] + extent) / (2 * extent)) * side;
-      const c = labels.values[i] > 0.5 ? C1 : C0;
-      ctx.fillStyle = `rgb(${c[0]},${c[1]},${c[2]})`;
+    ctx.lineWidth = 0.8;
+    ctx.strokeStyle = "rgba(255,255,255,.7)";
+    for (const [cls, c] of [[0, C0], [1, C1]] as [number, number[]][]) {
       ctx.beginPath();
-      ctx.arc(x, y, 2.6, 0, Math.PI * 2);
+      for (let i = 0; i < n; i++) {
+        if ((labels.values[i] > 0.5 ? 1 : 0) !== cls) continue;
+        const x = ((pts.values[i * 2] + extent) / (2 * extent)) * side;
+        const y = side - ((pts.values[i * 2 + 1] + extent) / (2 * extent)) * side;
+        ctx.moveTo(x + 2.6, y);
+        ctx.arc(x, y, 2.6, 0, Math.PI * 2);
+      }
+      ctx.fillStyle = `rgb(${c[0]},${c[1]},${c[2]})`;
       ctx.fill();
-      ctx.strokeStyle = "rgba(255,255,255,.7)";
-      ctx.lineWidth = 0.8;
       ctx.stroke();
     }
   }

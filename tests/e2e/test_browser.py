@@ -1,0 +1,218 @@
+"""The browser client in Debian's chromium against the real suite (``tensorwire up``).
+
+Every figure comes from the browser's own APIs: Navigation and Paint Timing for
+load and first contentful paint, a PerformanceObserver for long tasks,
+requestAnimationFrame for the frame rate, and the page's ``window.tensorwire``
+read-outs (server step, displayed step, lag) for liveness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import free_port
+from tests.e2e.conftest import CHROMIUM, Stack, browser, ensure_bundle, screenshot, wait_http
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+WINDOW_S = 10.0
+
+# Started as soon as the measurement window opens: long tasks, rAF frames, and
+# the page's lag and steps sampled every 100 ms.
+PROBE = """() => {
+  const probe = { long: [], frames: 0, lags: [], steps: [], t0: performance.now() };
+  new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) probe.long.push(e.duration);
+  }).observe({ type: "longtask" });
+  const tick = () => { probe.frames++; requestAnimationFrame(tick); };
+  requestAnimationFrame(tick);
+  probe.timer = setInterval(() => {
+    probe.lags.push(window.tensorwire.lagS);
+    probe.steps.push(window.tensorwire.displayedStep);
+  }, 100);
+  window.__probe = probe;
+}"""
+
+READ_PROBE = """() => {
+  const p = window.__probe;
+  clearInterval(p.timer);
+  const seconds = (performance.now() - p.t0) / 1000;
+  return { long: p.long, fps: p.frames / seconds, lags: p.lags, steps: p.steps, seconds,
+           frames: window.tensorwire.frames };
+}"""
+
+
+def live_page(context: Any, url: str, timeout_s: float = 20) -> Any:
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    page.wait_for_function("() => window.tensorwire && window.tensorwire.displayedStep > 0",
+                           timeout=timeout_s * 1000)
+    assert not errors, errors
+    return page
+
+
+def measure(page: Any, seconds: float = WINDOW_S) -> dict[str, Any]:
+    page.evaluate(PROBE)
+    page.wait_for_timeout(seconds * 1000)  # the measurement window itself
+    return page.evaluate(READ_PROBE)
+
+
+def report(name: str, figures: dict[str, Any]) -> None:
+    lags = figures["lags"]
+    print(f"\n[{name}] fps {figures['fps']:.1f}, long tasks {figures['long']}, "
+          f"lag max {max(lags):.2f}s mean {sum(lags) / len(lags):.2f}s, "
+          f"steps {figures['steps'][0]} -> {figures['steps'][-1]}, frames {figures['frames']}")
+
+
+def test_loads_fast_and_shows_the_run_learning(stack: Stack) -> None:
+    with browser() as context:
+        page = context.new_page()
+        page.goto(stack.url)
+        page.wait_for_function("() => window.tensorwire && window.tensorwire.displayedStep > 0",
+                               timeout=20_000)
+        timing = page.evaluate("""() => {
+          const nav = performance.getEntriesByType("navigation")[0];
+          const fcp = performance.getEntriesByName("first-contentful-paint")[0];
+          return { load: nav.loadEventEnd, fcp: fcp ? fcp.startTime : null,
+                   transfer: performance.getEntriesByType("resource")
+                     .filter((r) => r.name.includes("/assets/"))
+                     .reduce((sum, r) => sum + r.transferSize, 0) };
+        }""")
+        print(f"\n[load] load event {timing['load']:.0f} ms, first contentful paint "
+              f"{timing['fcp']:.0f} ms, assets {timing['transfer']} bytes on the wire")
+        assert timing["load"] < 1000, timing
+        assert timing["fcp"] is not None and timing["fcp"] < 500, timing
+        assert page.locator("#conn").inner_text() == "live"
+        # The demo run is shown: its canvas view, its loss chart and the badge.
+        page.wait_for_selector(".chart[data-series='loss']", timeout=10_000)
+        assert "spiral" in page.locator("#view-title").inner_text().lower()
+        assert "lag" in page.locator("#badge").inner_text()
+        screenshot(page, "live")
+
+
+def test_streams_smoothly_with_low_lag(stack: Stack) -> None:
+    with browser() as context:
+        page = live_page(context, stack.url)
+        page.wait_for_timeout(1000)  # past the snapshot and first charts
+        figures = measure(page)
+        report("stream", figures)
+        screenshot(page, "streaming")
+        steps, lags = figures["steps"], figures["lags"]
+        assert steps[-1] > steps[0], "the displayed step did not advance"
+        assert max(lags) < 2.0, f"lag reached {max(lags):.2f}s"
+        assert not [d for d in figures["long"] if d > 50], f"long tasks: {figures['long']}"
+        assert figures["fps"] >= 55, f"{figures['fps']:.1f} frames/s"
+
+
+def _state(page: Any) -> str:
+    return page.evaluate("() => window.tensorwire.state")
+
+
+def test_pause_stops_the_step_and_resume_restarts_it(stack: Stack) -> None:
+    with browser() as context:
+        page = live_page(context, stack.url)
+        page.click("#pause")
+        page.wait_for_function("() => window.tensorwire.state === 'PAUSED'", timeout=10_000)
+        paused_at = page.evaluate("() => window.tensorwire.serverStep")
+        frames = page.evaluate("() => window.tensorwire.frames")
+        page.wait_for_timeout(1500)  # a window in which nothing may move
+        assert page.evaluate("() => window.tensorwire.serverStep") == paused_at
+        assert page.evaluate("() => window.tensorwire.frames") > frames, "no keep-alive while paused"
+        assert page.locator("#resume").is_enabled() and not page.locator("#pause").is_enabled()
+        screenshot(page, "paused")
+        page.click("#resume")
+        page.wait_for_function(f"() => window.tensorwire.serverStep > {paused_at}", timeout=10_000)
+        page.wait_for_function(f"() => window.tensorwire.displayedStep > {paused_at}", timeout=10_000)
+        assert _state(page) == "RUNNING"
+
+
+def test_reconnects_by_itself_after_the_gateway_restarts(stack: Stack, tmp_path: Path) -> None:
+    port = free_port()
+    gateway = stack.gateway(port, tmp_path / "gateway.log").start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", 20)
+        with browser() as context:
+            page = live_page(context, f"http://127.0.0.1:{port}/?stall_ms=3000&backoff_max_ms=1000")
+            gateway.stop(signal.SIGKILL)  # a crash: connections reset, nothing drains
+            page.wait_for_function("() => window.tensorwire.connection !== 'connected'", timeout=10_000)
+            shown = page.evaluate("() => window.tensorwire.displayedStep")
+            screenshot(page, "reconnecting")
+            gateway = stack.gateway(port, tmp_path / "gateway.log").start()
+            page.wait_for_function(
+                f"() => window.tensorwire.connection === 'connected' && "
+                f"window.tensorwire.displayedStep > {shown}", timeout=20_000)
+            assert page.locator("#conn").inner_text() == "live"
+    finally:
+        gateway.stop()
+
+
+NETNS = "twd-e2e"
+
+
+@contextlib.contextmanager
+def throttled_namespace(port: int, rate: str = "1mbit") -> Iterator[str]:
+    """A network namespace whose loopback sends from ``port`` at ``rate`` only."""
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+    ip("netns", "add", NETNS)
+    try:
+        run = ["netns", "exec", NETNS]
+        ip(*run, "ip", "link", "set", "dev", "lo", "up")
+        ip(*run, "ip", "link", "set", "dev", "lo", "gso_max_segs", "1")
+        ip(*run, "tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "10")
+        ip(*run, "tc", "class", "add", "dev", "lo", "parent", "1:", "classid", "1:10", "htb",
+           "rate", "10gbit")
+        ip(*run, "tc", "class", "add", "dev", "lo", "parent", "1:", "classid", "1:20", "htb",
+           "rate", rate, "ceil", rate)
+        ip(*run, "tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "u32",
+           "match", "ip", "sport", str(port), "0xffff", "flowid", "1:20")
+        yield NETNS
+    finally:
+        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and tc need root")
+@pytest.mark.skipif(shutil.which("tc") is None, reason="tc (iproute2) is missing")
+def test_lag_stays_low_on_a_1_mbit_link(tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is missing")
+    ensure_bundle()
+    stack = Stack(tmp_path / "stack", netns=NETNS)
+    stack.data_dir.mkdir()
+    with throttled_namespace(stack.web_port) as netns:
+        # Chromium runs inside the namespace too, so it reaches the throttled port.
+        wrapper = tmp_path / "chromium-in-netns"
+        wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {CHROMIUM} "$@"\n')
+        wrapper.chmod(0o755)
+        try:
+            stack.start()
+            stack.start_run("spiral")
+            with browser(str(wrapper)) as context:
+                page = live_page(context, stack.url, timeout_s=30)
+                page.wait_for_timeout(1000)
+                figures = measure(page)
+                report("1 Mbit/s", figures)
+                screenshot(page, "throttled-1mbit")
+                sent = page.evaluate("""() => performance.getEntriesByType("resource")
+                    .reduce((sum, r) => sum + r.transferSize, 0)""")
+                print(f"[1 Mbit/s] resources on the wire: {sent} bytes")
+        finally:
+            stack.stop()
+        steps, lags = figures["steps"], figures["lags"]
+        assert steps[-1] > steps[0], "the displayed step did not advance"
+        assert max(lags) < 2.0, f"lag reached {max(lags):.2f}s on 1 Mbit/s"
