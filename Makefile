@@ -6,7 +6,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test gen check-gen bench clean
+WEB := clients/web
+WEB_BUILT := $(WEB)/dist/index.html
+WEB_SOURCES := $(wildcard $(WEB)/src/*.ts $(WEB)/src/*.css $(WEB)/src/gen/*/*.ts $(WEB)/src/gen/*/*/*.ts \
+	$(WEB)/src/gen/*/*/*/*.ts) $(WEB)/index.html $(WEB)/build.mjs $(WEB)/tsconfig.json
+
+.PHONY: setup run test gen check-gen bench clean web system-deps
 
 setup: $(STAMP)
 
@@ -16,10 +21,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-run: setup
+# The browser app: npm ci when the lock file changes, type-check + bundle when a
+# source changes (prints the bundle's gzip size; fails over its 80 KiB budget).
+web: $(WEB_BUILT)
+
+$(WEB)/node_modules/.installed: $(WEB)/package-lock.json
+	cd $(WEB) && npm ci --no-audit --no-fund
+	touch $@
+
+$(WEB_BUILT): $(WEB)/node_modules/.installed $(WEB_SOURCES)
+	cd $(WEB) && npx tsc --noEmit -p . && node build.mjs
+
+# Debian's chromium for the browser tests (apt; only when /usr/bin/chromium is missing).
+system-deps:
+	bash scripts/install-system-deps.sh
+
+run: setup web
 	$(VENV)/bin/tensorwire up
 
-test: setup
+test: setup system-deps web
 	$(PY) scripts/gen_protos.py --check
 	$(PY) -m pytest -q -ra
 
@@ -27,4 +47,4 @@ gen: setup
 	$(PY) scripts/gen_protos.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache $(WEB)/node_modules $(WEB)/dist
