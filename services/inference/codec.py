@@ -83,6 +83,10 @@ def _shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _decode_raw_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
+    if count * 4 > len(raw):  # every element has a 4-byte length: check before allocating
+        raise InvalidArgumentError(
+            f"raw BYTES input {name!r}: {len(raw)} bytes cannot hold {count} elements"
+        )
     out = np.empty(count, dtype=object)
     offset, n = 0, len(raw)
     for i in range(count):
@@ -162,7 +166,10 @@ def decode_inputs(request: pb.ModelInferRequest) -> tuple[list[Tensor], bool]:
                     array = np.array(values, dtype=dtype)
                 except OverflowError:
                     raise InvalidArgumentError(f"input {name!r}: a value does not fit {datatype}") from None
-        tensors.append(Tensor(name, datatype, array.reshape(shape)))
+        try:
+            tensors.append(Tensor(name, datatype, array.reshape(shape)))
+        except ValueError as exc:  # e.g. a zero-size shape whose other dims overflow
+            raise InvalidArgumentError(f"input {name!r}: shape {list(shape)} is unusable: {exc}") from None
     return tensors, raw
 
 
@@ -180,13 +187,17 @@ def _encode_raw(array: np.ndarray, datatype: str) -> bytes:
 def encode_outputs(
     response: pb.ModelInferResponse, outputs: Sequence[Tensor], *, raw: bool
 ) -> pb.ModelInferResponse:
-    """Append ``outputs`` to ``response`` (raw or typed contents)."""
+    """Append ``outputs`` to ``response`` (raw or typed contents).
+
+    Raw contents cover every output or none, so an output without a typed field
+    (FP16) makes the whole response raw."""
+    raw = raw or any(t.datatype not in TYPED_FIELD for t in outputs)
     for tensor in outputs:
         out = response.outputs.add()
         out.name = tensor.name
         out.datatype = tensor.datatype
         out.shape.extend(tensor.array.shape)
-        if raw or tensor.datatype not in TYPED_FIELD:
+        if raw:
             response.raw_output_contents.append(_encode_raw(tensor.array, tensor.datatype))
         else:
             field = getattr(out.contents, TYPED_FIELD[tensor.datatype])

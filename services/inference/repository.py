@@ -384,7 +384,7 @@ class ModelRepository:
         self._retiring: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._random = random.Random(seed)
-        self._executor = concurrent.futures.ThreadPoolExecutor(
+        self.infer_executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.options.infer_threads, thread_name_prefix="infer"
         )
         self.loader: AsyncModelLoader[tuple[str, int, str], Any] = AsyncModelLoader(
@@ -440,7 +440,7 @@ class ModelRepository:
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.loader.aclose()
-        self._executor.shutdown(wait=True)
+        self.infer_executor.shutdown(wait=True)
 
     # -- loading and swapping -------------------------------------------------
 
@@ -511,7 +511,7 @@ class ModelRepository:
                 if isinstance(result, BaseException):
                     errors.append(f"version {version}: {result}")
                     continue
-                new[version] = ModelVersion(name, version, config, result, self._executor, batch_overrides)
+                new[version] = ModelVersion(name, version, config, result, self.infer_executor, batch_overrides)
             if not new:
                 raise UnavailableError(f"model {name!r} could not be loaded: {'; '.join(errors)}")
             # The swap: one assignment; requests that picked old versions finish on them.
