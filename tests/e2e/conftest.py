@@ -123,7 +123,8 @@ class Stack:
             "--inference-port", str(self.inference_port), "--data-dir", str(self.data_dir),
             "--no-metrics", "--demo-task", self.demo_task,
         ]
-        env = {"TENSORWIRE_TRAINER_TORCH_THREADS": "1"}
+        # Checkpoints every few seconds, so the inference panel has a model soon.
+        env = {"TENSORWIRE_TRAINER_TORCH_THREADS": "1", "TENSORWIRE_TRAINER_CHECKPOINT_EVERY_S": "3"}
         self.up = Process(argv, self.data_dir / "up.log", env).start()
         self.up.wait_for_line("all services SERVING", 90)
         self.up.wait_for_line("gateway on http://", 30)

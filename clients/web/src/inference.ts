@@ -19,6 +19,7 @@ export class InferencePanel {
   private readonly pad = document.createElement("canvas");
   private readonly result = document.createElement("pre");
   private readonly latency = document.createElement("div");
+  private readonly hint = document.createElement("p");
   private path: [number, number][] = [];
   private drawing = false;
   private predicted: [number, number][] = [];
@@ -34,8 +35,9 @@ export class InferencePanel {
     const row = document.createElement("div");
     row.className = "row";
     row.append(this.select, refresh);
-    const hint = document.createElement("p");
+    const hint = this.hint;
     hint.className = "hint";
+    hint.id = "infer-hint";
     hint.textContent = "Draw a path on the pad: the model predicts where it goes next.";
     this.pad.width = this.pad.height = PAD;
     this.pad.id = "pad";
@@ -92,6 +94,12 @@ export class InferencePanel {
     try {
       const meta = await rpc.modelMetadata(this.select.value);
       this.inputs = meta.inputs.map((t) => ({ name: t.name, shape: t.shape.map(Number) }));
+      const dims = this.inputs[0]?.shape.filter((d, i) => !(i === 0 && d === -1)) ?? [];
+      this.hint.textContent = dims.length === 2 && dims[1] === 2
+        ? "Draw a path on the pad: the model predicts where it goes next."
+        : dims.length === 1 && dims[0] === 2
+          ? "Click or draw on the pad: the model classifies the last point."
+          : "Draw on the pad to send this model zeros of its input shapes.";
       this.result.textContent = `inputs: ${meta.inputs.map((t) => `${t.name} ${t.datatype} [${t.shape.join(", ")}]`).join("; ")}`;
     } catch (err) {
       this.result.textContent = rpc.describeError(err);
