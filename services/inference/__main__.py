@@ -1,16 +1,25 @@
-"""``tensorwire-inference``: run the inference service."""
+"""``tensorwire-inference``: run the inference service (``--workers N`` for N processes)."""
 
 from __future__ import annotations
 
 import sys
 
+from tensorwire import config
 from tensorwire.server import run_main
 
 from .app import create_app
 from .settings import InferenceSettings
+from .workers import run_workers
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = config.load(InferenceSettings, argv, prog="tensorwire-inference", description=__doc__)
+    except config.SettingsError as exc:
+        print(f"tensorwire-inference: {exc}", flush=True)
+        return 2
+    if settings.workers > 1:
+        return run_workers(settings)
     return run_main(InferenceSettings, create_app, argv, description=__doc__)
 
 
