@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,3 +209,97 @@ async def test_dashboard_and_alert_metrics_appear_in_running_services(tmp_path: 
         f"exported: {sorted(n for n in exported if n.startswith('tensorwire_'))}"
     )
     assert not bad_labels, sorted(set(bad_labels))
+
+
+# -- promtool: syntax, and the alerts firing on synthetic series --------------------
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool not installed (Debian: apt-get install prometheus)"
+)
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PROMTOOL or "promtool", *args], capture_output=True, text=True, timeout=120)
+
+
+@needs_promtool
+def test_promtool_accepts_the_scrape_config_and_the_rules(tmp_path: Path) -> None:
+    config = yaml.safe_load((MONITORING / "prometheus.yaml").read_text())
+    assert config["rule_files"] == ["/etc/prometheus/tensorwire-alerts.yaml"]
+    config["rule_files"] = [str(MONITORING / "alerts.yaml")]  # where the ConfigMap mounts it
+    # Debian's promtool is built without Kubernetes service discovery; check the rest
+    # (relabelling, intervals, rules) with the discovery swapped for a static target.
+    for job in config["scrape_configs"]:
+        assert job.pop("kubernetes_sd_configs")[0]["role"] == "pod"
+        job["static_configs"] = [{"targets": ["127.0.0.1:9101"]}]
+    (tmp_path / "prometheus.yaml").write_text(yaml.safe_dump(config))
+    proc = _promtool("check", "config", "--syntax-only", str(tmp_path / "prometheus.yaml"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _promtool("check", "rules", str(MONITORING / "alerts.yaml"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@needs_promtool
+def test_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
+    """promtool's rule unit tests: synthetic series in, the expected alerts out."""
+    rules = {
+        r["alert"]: r
+        for g in yaml.safe_load((MONITORING / "alerts.yaml").read_text())["groups"] for r in g["rules"]
+    }
+
+    def expect(alert: str, at: str, value_text: str = "", **labels: str) -> dict[str, object]:
+        rule = rules[alert]
+        annotations = {}
+        for key, template in rule["annotations"].items():
+            text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels[m.group(1)], template)
+            annotations[key] = re.sub(r"\{\{ \$value[^}]*\}\}", value_text, text)
+        return {"eval_time": at, "alertname": alert, "exp_alerts": [
+            {"exp_labels": {**rule["labels"], **labels}, "exp_annotations": annotations}]}
+
+    ok_infer = 'tensorwire_rpc_handled_total{service="inference",method="ModelInfer",code="OK",pod="i-1"}'
+    full = ok_infer.replace('code="OK"', 'code="RESOURCE_EXHAUSTED"')
+    bucket = 'tensorwire_rpc_latency_seconds_bucket{service="inference",method="ModelInfer",pod="i-1",le="%s"}'
+    # 10 requests/s: all slower than 0.25 s, none slower than 0.5 s -> p99 ~ 0.5 s
+    slow = [(bucket % le, "0+0x30" if float(le) <= 0.25 else "0+600x30") for le in
+            ("0.1", "0.25", "0.5", "1", "+Inf")]
+    tests = {
+        "rule_files": [str(MONITORING / "alerts.yaml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'tensorwire_serving{service="streamer",pod="s-1"}', "values": "1 1 0x10"},
+                    {"series": 'up{job="tensorwire",app="trainer",pod="t-1",instance="t-1:9101"}',
+                     "values": "1 0x10"},
+                    {"series": ok_infer, "values": "0+600x30"},
+                    {"series": full, "values": "0+60x30"},
+                    *({"series": s, "values": v} for s, v in slow),
+                    {"series": 'tensorwire_rpc_handled_total{service="streamer",method="Subscribe",'
+                               'code="RESOURCE_EXHAUSTED",pod="s-1"}', "values": "0+30x30"},
+                    {"series": 'tensorwire_rpc_handled_total{service="streamer",method="Publish",'
+                               'code="UNAVAILABLE",pod="s-1"}', "values": "0+30x30"},
+                    {"series": 'tensorwire_rpc_handled_total{service="streamer",method="Publish",'
+                               'code="CANCELLED",pod="s-2"}', "values": "0+300x30"},
+                ],
+                "alert_rule_test": [
+                    expect("TensorwireNotServing", "8m", service="streamer", pod="s-1"),
+                    {"eval_time": "1m", "alertname": "TensorwireNotServing", "exp_alerts": []},
+                    expect("TensorwireTargetDown", "5m", job="tensorwire", app="trainer", pod="t-1",
+                           instance="t-1:9101"),
+                    expect("TensorwireInferenceQueueFull", "20m", pod="i-1"),
+                    # all requests between 0.25 s and 0.5 s: p99 = 0.25 + 0.99 * 0.25 s
+                    expect("TensorwireInferenceLatencyP99High", "20m", value_text="497.5ms"),
+                    expect("TensorwireStreamerRefusingViewers", "20m", pod="s-1"),
+                    # a clean close (CANCELLED, pod s-2) of publish streams is no failure
+                    expect("TensorwirePublishStreamsFailing", "20m", pod="s-1"),
+                    {"eval_time": "20m", "alertname": "TensorwireRpcInternalErrors", "exp_alerts": []},
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "alerts_test.yaml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    proc = _promtool("test", "rules", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
