@@ -40,7 +40,10 @@ class TrainerApp:
         )
         self.announcer = ModelAnnouncer(settings.inference_target)
         self.runs.listeners.append(self.announcer.announce)
-        self.publisher = Publisher(self.runs, settings.streamer_target, max_fps=settings.max_fps)
+        self.publisher = Publisher(
+            self.runs, settings.streamer_target, max_fps=settings.max_fps,
+            view_cpu_budget=settings.view_cpu_budget,
+        )
         self.demo_run_id: str | None = None
         self._bootstrap: asyncio.Task[None] | None = None
 

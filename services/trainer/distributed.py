@@ -248,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = _json_object("params_json", settings.params_json)
         options = _json_object("options_json", settings.options_json)
         _task(settings.task).configure(params=params, options=options)  # fail before joining
+        pick_backend(settings.backend)
     except (twconfig.SettingsError, InvalidArgumentError) as exc:
         print(f"trainer-ddp: {exc}", file=sys.stderr, flush=True)
         return 2

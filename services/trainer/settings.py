@@ -46,6 +46,11 @@ class TrainerSettings(ServerSettings):
     max_fps: float = setting(
         10.0, env="MAX_FPS", help="most views built per second and run", min=0.1, max=60
     )
+    view_cpu_budget: float = setting(
+        0.02, env="VIEW_CPU_BUDGET",
+        help="share of one CPU that building a run's views may take (caps views/s further)",
+        min=0.001, max=1.0,
+    )
     max_active_runs: int = setting(
         8, env="MAX_ACTIVE_RUNS", help="runs training at once", min=1, max=256
     )

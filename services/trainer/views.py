@@ -4,7 +4,8 @@ Every view is a ``tensorwire.common.v1.View`` with ``kind``, ``step`` (the train
 step whose weights it shows), ``produced_at`` (Unix seconds when the trainer
 produced that step), ``arrays`` (packed, see :mod:`tensorwire.arrays` for how to
 decode) and ``meta`` (plain numbers). Arrays are row-major; "F16" and "U8q"
-(uint8 quantized, decode as ``offset + scale * byte``) decode to floats.
+(uint8 quantized, decode as ``offset + scale * byte``; each array has its own
+scale and offset) decode to floats.
 
 ``boundary`` (task ``spiral``)
     - ``grid`` U8q [G, G]: P(class 1) over the square [-extent, extent]^2;
@@ -12,27 +13,27 @@ decode) and ``meta`` (plain numbers). Arrays are row-major; "F16" and "U8q"
       column ``j`` is x likewise.
     - ``points`` U8q [N, 2]: training points (x, y).
     - ``labels`` U8 (not quantized) [N]: class 0 or 1 of each point.
-    - meta: ``extent``, ``accuracy``, ``loss``.
+    - meta: ``extent``. (Loss and accuracy come as scalar series.)
 
 ``paths`` (task ``trajectory``)
-    - ``past`` F16 [K, P, 2]: K objects' last P positions (x, y), oldest first.
-    - ``truth`` F16 [K, F, 2]: their true next F positions.
-    - ``predicted`` F16 [K, F, 2]: the model's next F positions.
+    - ``past`` U8q [K, P, 2]: K objects' last P positions (x, y), oldest first.
+    - ``truth`` U8q [K, F, 2]: their true next F positions.
+    - ``predicted`` U8q [K, F, 2]: the model's next F positions.
     - meta: ``ade`` (mean displacement error of ``predicted`` vs ``truth``).
 
 ``signal`` (task ``anomaly``)
-    - ``signal`` F16 [T, C]: a multichannel sensor recording, normalised.
-    - ``reconstruction`` F16 [T, C]: the autoencoder's reconstruction of it.
-    - ``error`` F16 [T]: reconstruction error per time step.
+    - ``signal`` U8q [T, C]: a multichannel sensor recording, normalised.
+    - ``reconstruction`` U8q [T, C]: the autoencoder's reconstruction of it.
+    - ``error`` U8q [T]: reconstruction error per time step.
     - ``flagged`` U8 [T]: 1 where ``error`` > meta ``threshold`` (detected).
     - ``truth`` U8 [T]: 1 where an anomaly was injected.
     - meta: ``threshold``, ``precision``, ``recall``.
 
 ``fusion`` (task ``fusion``)
-    - ``gps`` F16 [T, 2]: raw noisy position fixes (x, y).
-    - ``fused`` F16 [T, 2]: fused position estimates.
-    - ``truth`` F16 [T, 2]: true positions.
-    - ``fused_velocity`` F16 [T, 2] and ``truth_velocity`` F16 [T, 2]: (vx, vy).
+    - ``gps`` U8q [T, 2]: raw noisy position fixes (x, y).
+    - ``fused`` U8q [T, 2]: fused position estimates.
+    - ``truth`` U8q [T, 2]: true positions.
+    - ``fused_velocity`` U8q [T, 2] and ``truth_velocity`` U8q [T, 2]: (vx, vy).
     - meta: ``gps_error``, ``fused_error`` (mean position errors).
 
 ``boxes`` (task ``detection``)
@@ -91,7 +92,9 @@ def boundary(grid: np.ndarray, points: np.ndarray, labels: np.ndarray, extent: f
 
 
 def paths(past: np.ndarray, truth: np.ndarray, predicted: np.ndarray, **meta: float) -> cpb.View:
-    return make_view("paths", [("past", past, F16), ("truth", truth, F16), ("predicted", predicted, F16)], meta)
+    return make_view(
+        "paths", [("past", past, U8Q), ("truth", truth, U8Q), ("predicted", predicted, U8Q)], meta
+    )
 
 
 def signal(
@@ -100,7 +103,7 @@ def signal(
 ) -> cpb.View:
     return make_view(
         "signal",
-        [("signal", values, F16), ("reconstruction", reconstruction, F16), ("error", error, F16),
+        [("signal", values, U8Q), ("reconstruction", reconstruction, U8Q), ("error", error, U8Q),
          ("flagged", flagged, U8), ("truth", truth, U8)],
         meta,
     )
@@ -112,8 +115,8 @@ def fusion(
 ) -> cpb.View:
     return make_view(
         "fusion",
-        [("gps", gps, F16), ("fused", fused, F16), ("truth", truth, F16),
-         ("fused_velocity", fused_velocity, F16), ("truth_velocity", truth_velocity, F16)],
+        [("gps", gps, U8Q), ("fused", fused, U8Q), ("truth", truth, U8Q),
+         ("fused_velocity", fused_velocity, U8Q), ("truth_velocity", truth_velocity, U8Q)],
         meta,
     )
 

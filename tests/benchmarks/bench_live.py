@@ -1,0 +1,366 @@
+"""Live training over a throttled link: does watching slow training, and how stale is the view?
+
+Run as root (it creates a network namespace and shapes its loopback with htb)::
+
+    sudo .venv/bin/python tests/benchmarks/bench_live.py            # ~7 minutes
+    sudo .venv/bin/python tests/benchmarks/bench_live.py --window-s 5 --tasks spiral
+
+Inside a fresh namespace it starts the real streamer and trainer processes,
+starts a run, and measures training steps/s in windows: no viewer, one viewer
+with the streamer's port throttled to 1 Mbit/s, to 500 kbit/s, and 100
+unthrottled viewers; each no-viewer window sits between the others and each
+ratio is taken against the mean of the neighbouring no-viewer windows (the
+machine is shared, so absolute speeds drift). It prints, for ``spiral`` and a
+heavier task, unpinned and with the trainer pinned to CPU 0 and streamer +
+viewers to CPU 1 (``taskset``):
+
+- steps/s ratio to no viewer (1 Mbit/s, 500 kbit/s, 100 viewers);
+- lag of the view on screen, p50/p95 (now minus the production time of the
+  step shown, sampled every 50 ms);
+- bytes per heavy frame, and the same frame as JSON;
+- the same for a naive sender (each step's view as JSON, the loop awaiting the
+  send), the user's original complaint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+PY = sys.executable
+STREAMER_PORT, TRAINER_PORT, NAIVE_PORT = 52052, 52051, 52053
+
+
+def _pin(core: int | None) -> list[str]:
+    return ["taskset", "-c", str(core)] if core is not None else []
+
+
+def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    out = open(log, "ab")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _python_child(pid: int) -> int:
+    """The pid of the service itself (``taskset`` execs it, so usually ``pid``)."""
+    return pid
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def _wait_healthy(port: int, timeout_s: float = 60.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"port {port} never became healthy")
+            await asyncio.sleep(0.2)
+
+
+class Trainer:
+    """gRPC client of the trainer under test."""
+
+    def __init__(self, port: int) -> None:
+        import grpc
+
+        from tensorwire.trainer.v1 import trainer_pb2_grpc
+
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
+
+    async def start(self, task: str) -> str:
+        from tensorwire.trainer.v1 import trainer_pb2 as pb
+
+        reply = await self.stub.StartRun(pb.StartRunRequest(task=task, seed=1), timeout=30)
+        return reply.run.run_id
+
+    async def step(self, run_id: str) -> int:
+        from tensorwire.trainer.v1 import trainer_pb2 as pb
+
+        reply = await self.stub.GetRun(pb.GetRunRequest(run_id=run_id), timeout=10)
+        return reply.run.step
+
+    async def steps_per_s(self, run_id: str, window_s: float) -> float:
+        s0, t0 = await self.step(run_id), time.monotonic()
+        await asyncio.sleep(window_s)
+        s1, t1 = await self.step(run_id), time.monotonic()
+        return (s1 - s0) / (t1 - t0)
+
+
+async def _viewer(run_id: str, count: int, pairs: int, slot_s: float, core: int | None, log: Path,
+                  trainer_pid: int) -> dict:
+    cmd = [*_pin(core), PY, "-m", "tests.support.viewer", "--target", f"127.0.0.1:{STREAMER_PORT}",
+           "--trainer", f"127.0.0.1:{TRAINER_PORT}", "--run-id", run_id, "--count", str(count),
+           "--pairs", str(pairs), "--slot-s", str(slot_s), "--trainer-pid", str(trainer_pid)]
+    proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                                                stderr=open(log, "ab"))
+    out, _ = await proc.communicate()
+    lines = out.decode().strip().splitlines()
+    return json.loads(lines[-1]) if lines else {"error": "viewer printed nothing"}
+
+
+CONDITIONS = (("1mbit", 1, "1mbit"), ("500kbit", 1, "500kbit"), ("100 viewers", 100, None))
+
+
+async def measure_design(task: str, pinned: bool, args: argparse.Namespace, ns: object, workdir: Path) -> dict:
+    """The real trainer + streamer under each viewing condition."""
+    trainer_core, other_core = (0, 1) if pinned else (None, None)
+    log = workdir / f"{task}-{'pinned' if pinned else 'unpinned'}.log"
+    streamer = _spawn([*_pin(other_core), PY, "-m", "services.streamer", "--host", "127.0.0.1",
+                       "--port", str(STREAMER_PORT), "--metrics-port", "-1"], log)
+    trainer = _spawn([*_pin(trainer_core), PY, "-m", "services.trainer", "--host", "127.0.0.1",
+                      "--port", str(TRAINER_PORT), "--metrics-port", "-1",
+                      "--streamer-target", f"127.0.0.1:{STREAMER_PORT}", "--inference-target", "",
+                      "--model-repository", str(workdir / "models"), "--checkpoint-every-s", "0"], log)
+    client = None
+    try:
+        await _wait_healthy(STREAMER_PORT)
+        await _wait_healthy(TRAINER_PORT)
+        client = Trainer(TRAINER_PORT)
+        run_id = await client.start(task)
+        await asyncio.sleep(3.0)  # warm up
+        results: dict[str, dict] = {}
+        for name, count, rate in CONDITIONS:
+            if rate:
+                ns.throttle(STREAMER_PORT, rate)  # type: ignore[attr-defined]
+            else:
+                ns.unthrottle()  # type: ignore[attr-defined]
+            results[name] = await _viewer(run_id, count, args.pairs, args.slot_s, other_core, log,
+                                          _python_child(trainer.pid))
+        return results
+    finally:
+        if client is not None:
+            await client.channel.close()
+        _stop(trainer)
+        _stop(streamer)
+        ns.unthrottle()  # type: ignore[attr-defined]
+
+
+# -- the naive sender -------------------------------------------------------
+def naive_server(port: int, task_name: str, window_s: float) -> None:
+    """Trains alone for a window, then trains while awaiting a JSON send per step."""
+    import grpc
+    import torch
+
+    from services.trainer.tasks import TASKS
+    from services.trainer.views import as_json
+
+    torch.set_num_threads(1)
+    task = TASKS[task_name]
+    config = task.configure()
+    data = task.make_data(config, 1)
+    model = task.build_model(config)
+    opt = task.make_optimizer(model, config)
+    gen = torch.Generator().manual_seed(1)
+    step = 0
+
+    def train() -> None:
+        nonlocal step
+        task.train_step(model, opt, task.sample_batch(data, config, gen))
+        step += 1
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < window_s:
+        train()
+    base = step / (time.monotonic() - t0)
+    result: dict[str, float] = {"base_steps_per_s": base}
+    done = asyncio.Event()
+
+    async def watch(request: bytes, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        start_step, start = step, time.monotonic()
+        while time.monotonic() - start < window_s:
+            train()
+            model.eval()
+            with torch.no_grad():
+                view = task.build_view(model, data, config)
+            model.train()
+            view.step, view.produced_at = step, time.time()
+            yield as_json(view)  # the loop awaits the send
+        result["steps_per_s"] = (step - start_step) / (time.monotonic() - start)
+        done.set()
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        handler = grpc.unary_stream_rpc_method_handler(
+            watch, request_deserializer=lambda b: b, response_serializer=lambda b: b
+        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("naive.Naive", {"Watch": handler}),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        print("READY", flush=True)
+        await done.wait()
+        await server.stop(1)
+
+    asyncio.run(serve())
+    print(json.dumps(result), flush=True)
+
+
+def naive_viewer(port: int, duration_s: float) -> None:
+    import grpc
+
+    from tests.support.viewer import VIEWER_OPTIONS
+
+    lags: list[float] = []
+    sizes: list[int] = []
+
+    async def run() -> None:
+        shown: list[float] = []
+
+        async def sample() -> None:
+            while True:
+                await asyncio.sleep(0.05)
+                if shown:
+                    lags.append(time.time() - shown[0])
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=VIEWER_OPTIONS) as ch:
+            call = ch.unary_stream("/naive.Naive/Watch", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)(b"")
+            sampler = asyncio.create_task(sample())
+            with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+                async with asyncio.timeout(duration_s):
+                    async for data in call:
+                        sizes.append(len(data))
+                        shown[:] = [json.loads(data)["produced_at"]]
+            sampler.cancel()
+
+    asyncio.run(run())
+    lags.sort()
+    print(json.dumps({
+        "lag_p50": lags[len(lags) // 2] if lags else None,
+        "lag_p95": lags[int(len(lags) * 0.95)] if lags else None,
+        "frames": len(sizes), "json_bytes_mean": statistics.fmean(sizes) if sizes else None,
+    }), flush=True)
+
+
+async def measure_naive(task: str, pinned: bool, window_s: float, ns: object, workdir: Path) -> dict:
+    trainer_core, other_core = (0, 1) if pinned else (None, None)
+    ns.throttle(NAIVE_PORT, "1mbit")  # type: ignore[attr-defined]
+    server = await asyncio.create_subprocess_exec(
+        *_pin(trainer_core), PY, __file__, "--naive-server", str(NAIVE_PORT), "--tasks", task,
+        "--window-s", str(window_s), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    )
+    assert server.stdout is not None
+    line = await server.stdout.readline()  # READY once the solo window is done
+    if b"READY" not in line:
+        raise RuntimeError(f"naive server: {line!r}")
+    viewer = await asyncio.create_subprocess_exec(
+        *_pin(other_core), PY, __file__, "--naive-viewer", str(NAIVE_PORT),
+        "--window-s", str(window_s + 1), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    )
+    v_out, _ = await viewer.communicate()
+    s_out, _ = await server.communicate()
+    ns.unthrottle()  # type: ignore[attr-defined]
+    result = json.loads(s_out.decode().strip().splitlines()[-1])
+    result["viewer"] = json.loads(v_out.decode().strip().splitlines()[-1])
+    result["ratio"] = result.get("steps_per_s", 0.0) / result["base_steps_per_s"]
+    return result
+
+
+def _fmt(value: object, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(task: str, pinned: bool, design: dict, naive: dict | None) -> None:
+    label = "pinned (trainer CPU 0; streamer + viewers CPU 1)" if pinned else "unpinned"
+    print(f"\n== {task}, {label}")
+    for name, count, _ in CONDITIONS:
+        v = design[name]
+        extra = f", {v.get('viewers_with_views')}/{count} viewers got views" if count > 1 else ""
+        errors = f", errors {v['viewer_errors']}" if v.get("viewer_errors") else ""
+        print(f"  {name:>11}: ratio {_fmt(v.get('ratio'), '.3f')} (median {_fmt(v.get('ratio_median'), '.3f')}; "
+              f"per trainer CPU-second {_fmt(v.get('cpu_ratio'), '.3f')}; "
+              f"{_fmt(v.get('steps_per_s_on'), '.0f')} steps/s watched vs {_fmt(v.get('steps_per_s_off'), '.0f')} not); "
+              f"lag p50 {_fmt(v.get('lag_p50'))} s, p95 {_fmt(v.get('lag_p95'))} s; views {v.get('views')}, "
+              f"status max gap {_fmt(v.get('max_status_gap_s'))} s, scalar gaps {v.get('scalar_gaps')}{extra}{errors}")
+    v = design["1mbit"]
+    if v.get("view_bytes_mean") and v.get("json_bytes_mean"):
+        print(f"  bytes per heavy frame: {v['view_bytes_mean']:.0f} vs JSON {v['json_bytes_mean']:.0f} "
+              f"({100 * v['view_bytes_mean'] / v['json_bytes_mean']:.1f} %)")
+    if naive is not None:
+        nv = naive["viewer"]
+        print(f"  naive sender at 1mbit: {naive.get('steps_per_s', 0):.1f} steps/s vs {naive['base_steps_per_s']:.1f} "
+              f"alone, ratio {naive['ratio']:.4f}; lag p50 {_fmt(nv.get('lag_p50'))} s, p95 {_fmt(nv.get('lag_p95'))} s; "
+              f"{_fmt(nv.get('json_bytes_mean'), '.0f')} bytes per frame")
+    sys.stdout.flush()
+
+
+async def inside(args: argparse.Namespace) -> None:
+    from tests.support.netns import attach
+
+    ns = attach(args.inside)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-live-"))
+    print(f"logs in {workdir}; {args.pairs} on/off pairs of {args.slot_s:g} s slots per condition; "
+          f"{os.cpu_count()} CPUs", flush=True)
+    for task in args.tasks.split(","):
+        for pinned in {"both": (False, True), "pinned": (True,), "unpinned": (False,)}[args.pinning]:
+            design = await measure_design(task, pinned, args, ns, workdir)
+            naive = await measure_naive(task, pinned, args.window_s, ns, workdir) if not args.no_naive else None
+            report(task, pinned, design, naive)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="spiral,detection")
+    parser.add_argument("--window-s", type=float, default=8.0, help="naive sender window")
+    parser.add_argument("--pairs", type=int, default=8, help="viewer on/off slot pairs per condition")
+    parser.add_argument("--slot-s", type=float, default=2.0, help="length of a viewer on/off slot")
+    parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--pinning", choices=("both", "pinned", "unpinned"), default="both")
+    parser.add_argument("--inside", help=argparse.SUPPRESS)
+    parser.add_argument("--naive-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--naive-viewer", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.naive_server:
+        naive_server(args.naive_server, args.tasks, args.window_s)
+        return 0
+    if args.naive_viewer:
+        naive_viewer(args.naive_viewer, args.window_s)
+        return 0
+    if args.inside:
+        asyncio.run(inside(args))
+        return 0
+    from tests.support.netns import ThrottledNetns, is_root
+
+    if not is_root():
+        print("bench_live needs root (network namespace + tc); run it with sudo", file=sys.stderr)
+        return 2
+    with ThrottledNetns("twa") as ns:
+        cmd = [*ns.prefix(), PY, __file__, "--inside", ns.name, "--tasks", args.tasks,
+               "--window-s", str(args.window_s), "--pinning", args.pinning,
+               "--pairs", str(args.pairs), "--slot-s", str(args.slot_s)]
+        cmd += ["--no-naive"] if args.no_naive else []
+        return subprocess.call(cmd, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

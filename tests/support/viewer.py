@@ -1,0 +1,282 @@
+"""A measuring viewer: subscribes like the browser and records what a person would see.
+
+Used by the live-training tests and by tests/benchmarks/bench_live.py (also as a
+command inside a network namespace: ``python -m tests.support.viewer ...``, which
+prints one JSON line of results).
+
+Per viewer it records: the lag of the view on screen (now minus the production
+time of the step it shows, sampled every ``sample_s``), heavy frame sizes and the
+same frames as JSON, status frame gaps, and whether the scalar series it received
+covers every step (no missing ranges).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.streamer.v1 import streamer_pb2 as spb
+from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
+
+VIEWER_OPTIONS = [("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 64 << 20)]
+"""As the streamer's notes ask: BDP probing off keeps the HTTP/2 window small."""
+
+
+@dataclass
+class ViewerStats:
+    frames: int = 0
+    views: int = 0
+    statuses: int = 0
+    scalar_frames: int = 0
+    view_bytes: list[int] = field(default_factory=list)
+    json_bytes: list[int] = field(default_factory=list)
+    lags: list[float] = field(default_factory=list)
+    arrival_lags: list[float] = field(default_factory=list)
+    max_status_gap_s: float = 0.0
+    first_live_view_s: float | None = None
+    scalar_first: int = 0
+    scalar_last: int = 0
+    scalar_gaps: list[tuple[int, int]] = field(default_factory=list)
+    last_status_step: int = 0
+    error: str = ""
+
+    def summary(self) -> dict[str, float | int | str | None]:
+        def pct(values: list[float], q: float) -> float | None:
+            if not values:
+                return None
+            ordered = sorted(values)
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+        return {
+            "frames": self.frames, "views": self.views, "statuses": self.statuses,
+            "scalar_frames": self.scalar_frames,
+            "view_bytes_mean": statistics.fmean(self.view_bytes) if self.view_bytes else None,
+            "json_bytes_mean": statistics.fmean(self.json_bytes) if self.json_bytes else None,
+            "lag_p50": pct(self.lags, 0.5), "lag_p95": pct(self.lags, 0.95),
+            "arrival_lag_p50": pct(self.arrival_lags, 0.5), "arrival_lag_p95": pct(self.arrival_lags, 0.95),
+            "max_status_gap_s": self.max_status_gap_s, "first_live_view_s": self.first_live_view_s,
+            "scalar_first": self.scalar_first, "scalar_last": self.scalar_last,
+            "scalar_gaps": len(self.scalar_gaps), "error": self.error,
+        }
+
+
+def _check_scalars(stats: ViewerStats, frame: spb.Frame, series_name: str) -> None:
+    for series in frame.scalars.series:
+        if series.name != series_name:
+            continue
+        has_first = len(series.first_steps) == len(series.steps)
+        for i, last in enumerate(series.steps):
+            first = series.first_steps[i] if has_first else last
+            if stats.scalar_last and first != stats.scalar_last + 1:
+                stats.scalar_gaps.append((stats.scalar_last, first))
+            if not stats.scalar_first:
+                stats.scalar_first = first
+            stats.scalar_last = last
+
+
+async def watch(
+    channel: grpc.aio.Channel,
+    run_id: str,
+    duration_s: float,
+    *,
+    measure: bool = True,
+    json_every: int = 10,
+    sample_s: float = 0.05,
+    series: str = "loss",
+    stats: ViewerStats | None = None,
+    live_only: bool = False,
+) -> ViewerStats:
+    """Subscribe to ``run_id`` for ``duration_s`` and measure what arrives."""
+    stats = stats or ViewerStats()
+    shown_produced_at: list[float] = []
+    start = time.monotonic()
+
+    async def sample() -> None:
+        while True:
+            await asyncio.sleep(sample_s)
+            if shown_produced_at:
+                stats.lags.append(time.time() - shown_produced_at[0])
+
+    stub = spb_grpc.StreamerServiceStub(channel)
+    call = stub.Subscribe(spb.SubscribeRequest(run_id=run_id, accept_codecs=[cpb.CODEC_DEFLATE]))
+    sampler = asyncio.create_task(sample()) if measure else None
+    last_status = None
+    stats.scalar_last = 0  # continuity is checked per subscription
+    try:
+        async with asyncio.timeout(duration_s):
+            async for frame in call:
+                now = time.time()
+                stats.frames += 1
+                body = frame.WhichOneof("body")
+                if body == "status":
+                    stats.statuses += 1
+                    stats.last_status_step = frame.status.step
+                    mono = time.monotonic()
+                    if last_status is not None:
+                        stats.max_status_gap_s = max(stats.max_status_gap_s, mono - last_status)
+                    last_status = mono
+                elif body == "scalars":
+                    stats.scalar_frames += 1
+                    if measure:
+                        _check_scalars(stats, frame, series)
+                elif body == "view":
+                    stats.views += 1
+                    if not frame.snapshot and stats.first_live_view_s is None:
+                        stats.first_live_view_s = time.monotonic() - start
+                    if measure and (live_only is False or not frame.snapshot):
+                        shown_produced_at[:] = [frame.produced_at]
+                        stats.arrival_lags.append(now - frame.produced_at)
+                        stats.view_bytes.append(frame.ByteSize())
+                        if json_every and stats.views % json_every == 1:
+                            from services.trainer.views import as_json
+
+                            stats.json_bytes.append(len(as_json(frame.view)))
+    except TimeoutError:
+        pass
+    except grpc.aio.AioRpcError as exc:
+        stats.error = f"{exc.code().name}: {exc.details()}"
+    finally:
+        call.cancel()
+        if sampler is not None:
+            sampler.cancel()
+    return stats
+
+
+async def watch_raw(channel: grpc.aio.Channel, run_id: str, duration_s: float, stats: ViewerStats) -> None:
+    """A viewer that only counts the bytes it gets (no parsing: viewers' CPU is not the streamer's)."""
+    subscribe = channel.unary_stream(
+        "/tensorwire.streamer.v1.StreamerService/Subscribe",
+        request_serializer=spb.SubscribeRequest.SerializeToString, response_deserializer=len,
+    )
+    call = subscribe(spb.SubscribeRequest(run_id=run_id, accept_codecs=[cpb.CODEC_DEFLATE]))
+    try:
+        async with asyncio.timeout(duration_s):
+            async for size in call:
+                stats.frames += 1
+                if size > 1000:
+                    stats.views += 1
+    except TimeoutError:
+        pass
+    except grpc.aio.AioRpcError as exc:
+        stats.error = f"{exc.code().name}: {exc.details()}"
+    finally:
+        call.cancel()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of ``pid`` so far (from schedstat, ns resolution)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def open_channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=VIEWER_OPTIONS)
+
+
+async def watch_target(target: str, run_id: str, duration_s: float, **kwargs: object) -> ViewerStats:
+    async with open_channel(target) as channel:
+        return await watch(channel, run_id, duration_s, **kwargs)  # type: ignore[arg-type]
+
+
+async def alternate(
+    target: str, trainer_target: str, run_id: str, count: int, pairs: int, slot_s: float,
+    trainer_pid: int | None = None,
+) -> dict[str, object]:
+    """Viewers off for a slot, on for a slot, ``pairs`` times, then off once more.
+
+    At each slot boundary the trainer's (step, produced_at) is read, so each
+    slot's steps/s comes from the trainer's own clock; each "on" slot is
+    compared with the mean of the "off" slots around it, which cancels the
+    drift of a shared machine. With ``trainer_pid``, steps per CPU-second of
+    the trainer process are compared the same way: that ratio shows what the
+    trainer's own publishing costs, whatever other tenants of the machine take.
+    """
+    from tensorwire.trainer.v1 import trainer_pb2 as tpb
+    from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
+
+    stats = ViewerStats()
+    others = [ViewerStats() for _ in range(count - 1)]
+    channels = [open_channel(target) for _ in range(count)]
+    marks: list[tuple[int, float]] = []
+    cpu: list[float] = []
+    async with grpc.aio.insecure_channel(trainer_target) as tch:
+        trainer = tpb_grpc.TrainerServiceStub(tch)
+
+        async def mark() -> None:
+            run = (await trainer.GetRun(tpb.GetRunRequest(run_id=run_id), timeout=10)).run
+            marks.append((run.step, run.produced_at))
+            if trainer_pid:
+                cpu.append(cpu_seconds(trainer_pid))
+
+        for slot in range(2 * pairs + 1):
+            await mark()
+            if slot % 2:
+                await asyncio.gather(
+                    watch(channels[0], run_id, slot_s, stats=stats, live_only=True),
+                    *(watch_raw(ch, run_id, slot_s, st) for ch, st in zip(channels[1:], others)),
+                )
+            else:
+                await asyncio.sleep(slot_s)
+        await mark()
+    for ch in channels:
+        await ch.close()
+    rates = [(s1 - s0) / (t1 - t0) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if t1 > t0]
+    ratios = _paired(rates)
+    cpu_ratios: list[float] = []
+    if len(cpu) == len(marks):
+        per_cpu = [(s1 - s0) / (c1 - c0) for (s0, _), (s1, _), c0, c1
+                   in zip(marks, marks[1:], cpu, cpu[1:]) if c1 > c0]
+        cpu_ratios = _paired(per_cpu) if len(per_cpu) == len(rates) else []
+    off = rates[0::2]
+    on = rates[1::2]
+    summary = stats.summary()
+    summary.update(
+        ratio=statistics.fmean(ratios) if ratios else None,
+        ratio_median=statistics.median(ratios) if ratios else None,
+        cpu_ratio=statistics.fmean(cpu_ratios) if cpu_ratios else None,
+        steps_per_s_off=statistics.fmean(off) if off else None,
+        steps_per_s_on=statistics.fmean(on) if on else None,
+        viewers_with_views=sum(1 for st in [stats, *others] if st.views),
+        viewer_errors=[st.error for st in [stats, *others] if st.error][:3],
+    )
+    return summary
+
+
+def _paired(rates: list[float]) -> list[float]:
+    """Each odd ("on") slot over the mean of the even ("off") slots beside it."""
+    return [rates[i] / ((rates[i - 1] + rates[i + 1]) / 2) for i in range(1, len(rates) - 1, 2)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--trainer", required=True, help="trainer address (for GetRun)")
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--slot-s", type=float, default=2.0)
+    parser.add_argument("--trainer-pid", type=int, default=0)
+    args = parser.parse_args(argv)
+    summary = asyncio.run(
+        alternate(args.target, args.trainer, args.run_id, args.count, args.pairs, args.slot_s,
+                  args.trainer_pid or None)
+    )
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
