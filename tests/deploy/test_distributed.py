@@ -135,3 +135,14 @@ def test_bad_task_is_refused_before_joining_the_group(
     assert distributed.main(["--task", "spiral", "--params-json", '{"learning_rate": -1}']) == 2
     assert "learning_rate must be in" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the message on a machine without CUDA")
+def test_nccl_without_a_gpu_is_refused_with_a_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for key, value in _rank_env(0, free_port()).items():
+        monkeypatch.setenv(key, value)
+    assert distributed.main(["--backend", "nccl"]) == 2
+    assert "backend nccl needs a CUDA device; use gloo on CPU" in capsys.readouterr().err
+    assert distributed.pick_backend("auto") == "gloo"
