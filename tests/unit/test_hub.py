@@ -1,0 +1,207 @@
+"""UpdateHub: coalescing mailboxes, driven by an injected clock (no network, no sleeps)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.streamer.hub import HubLimits, Pacer, UpdateHub
+from tensorwire import arrays
+from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
+from tensorwire.scalars import ScalarBuffer, to_batch
+from tensorwire.streamer.v1 import streamer_pb2 as spb
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _hub(**limits: float) -> tuple[UpdateHub, Clock]:
+    clock = Clock()
+    return UpdateHub(HubLimits(**limits), clock=clock, wall=clock), clock  # type: ignore[arg-type]
+
+
+def _status(step: int) -> spb.PublishRequest:
+    return spb.PublishRequest(
+        run_id="r", step=step, produced_at=float(step),
+        status=cpb.RunStatus(run_id="r", step=step, state=cpb.RUN_STATE_RUNNING, produced_at=float(step)),
+    )
+
+
+def _scalars(first: int, last: int) -> spb.PublishRequest:
+    buf = ScalarBuffer(1000)
+    for step in range(first, last + 1):
+        buf.add(step, {"loss": 1.0 / step})
+    return spb.PublishRequest(run_id="r", step=last, scalars=to_batch(buf.take()))
+
+
+def _view(step: int, kind: str = "boundary") -> spb.PublishRequest:
+    view = cpb.View(kind=kind, step=step, produced_at=float(step))
+    view.arrays.append(arrays.encode("grid", [[step, 0.5]], cpb.DTYPE_F16, cpb.CODEC_DEFLATE))
+    return spb.PublishRequest(run_id="r", step=step, produced_at=float(step), view=view)
+
+
+def _frames(hub: UpdateHub, sub: object) -> list[spb.Frame]:
+    return [spb.Frame.FromString(data) for data, _ in hub.due_frames(sub)]  # type: ignore[arg-type]
+
+
+def _covered(frames: list[spb.Frame]) -> list[int]:
+    steps: list[int] = []
+    for f in frames:
+        for s in f.scalars.series:
+            firsts = list(s.first_steps) or list(s.steps)
+            for first, last in zip(firsts, s.steps, strict=True):
+                steps.extend(range(first, last + 1))
+    return steps
+
+
+def test_snapshot_then_status_first_and_latest_view_wins() -> None:
+    hub, clock = _hub()
+    hub.publish(_status(10))
+    hub.publish(_scalars(1, 10))
+    hub.publish(_view(10))
+    sub = hub.subscribe("r", accept_codecs=[cpb.CODEC_DEFLATE])
+    snap = [spb.Frame.FromString(d) for d in hub.snapshot(sub)]
+    assert [f.WhichOneof("body") for f in snap] == ["status", "scalars", "view"]
+    assert all(f.snapshot for f in snap)
+    assert _covered(snap) == list(range(1, 11))
+    assert snap[2].view.step == 10 and snap[2].produced_at == 10.0
+
+    for step in (11, 12, 13):  # three views while the subscriber was busy
+        hub.publish(_view(step))
+    hub.publish(_status(13))
+    hub.publish(_scalars(11, 13))
+    clock.now += 1.0
+    hub.tick()
+    assert sub.wake.is_set()
+    frames = _frames(hub, sub)
+    assert [f.WhichOneof("body") for f in frames] == ["status", "scalars", "view"]
+    assert frames[0].status.step == 13
+    assert _covered(frames) == [11, 12, 13]
+    assert frames[2].view.step == 13  # 11 and 12 were skipped, not queued
+    assert sub.views_skipped == 2
+    assert all(f.sent_at == clock.now for f in frames)
+
+
+def test_scalars_are_merged_never_dropped_for_a_slow_subscriber() -> None:
+    hub, clock = _hub(default_max_points=16)
+    sub = hub.subscribe("r")
+    for i in range(200):  # 200 batches arrive while the subscriber cannot send
+        hub.publish(_scalars(i * 10 + 1, i * 10 + 10))
+    clock.now += 1
+    hub.tick()
+    frames = _frames(hub, sub)
+    assert len(frames[-1].scalars.series[0].steps) <= 16
+    assert _covered(frames) == list(range(1, 2001))
+
+
+def test_lagging_subscriber_keeps_points_when_the_log_is_trimmed() -> None:
+    hub, clock = _hub(max_log_chunks=4, default_max_points=8)
+    slow = hub.subscribe("r")
+    fast = hub.subscribe("r")
+    covered_fast: list[int] = []
+    for i in range(20):
+        hub.publish(_scalars(i * 5 + 1, i * 5 + 5))
+        clock.now += 0.3
+        hub.tick()
+        covered_fast += _covered(_frames(hub, fast))
+        slow.scalars_due = False  # the slow one never gets to write
+    assert covered_fast == list(range(1, 101))
+    assert len(slow.topic.log) <= 4
+    clock.now += 1
+    hub.tick()
+    assert _covered(_frames(hub, slow)) == list(range(1, 101))
+
+
+def test_keepalive_status_even_with_nothing_new() -> None:
+    hub, clock = _hub(keepalive_s=1.0)
+    sub = hub.subscribe("r")
+    assert hub.snapshot(sub) == []  # nothing published yet ...
+    hub.tick()
+    assert [f.WhichOneof("body") for f in _frames(hub, sub)] == ["status"]  # ... but a status at once
+    sub.wake.clear()
+    clock.now += 0.5
+    hub.tick()
+    assert not sub.wake.is_set()
+    clock.now += 0.6
+    hub.tick()
+    frames = _frames(hub, sub)
+    assert [f.WhichOneof("body") for f in frames] == ["status"]
+    assert frames[0].status.run_id == "r"  # a run nobody published yet still gets keep-alives
+
+
+def test_views_respect_max_fps_and_pacing() -> None:
+    hub, clock = _hub()
+    sub = hub.subscribe("r", max_fps=2)
+    hub.snapshot(sub)
+    hub.publish(_view(1))
+    hub.tick()
+    data = [d for d, heavy in hub.due_frames(sub) if heavy]
+    hub.record_write(sub, len(data[0]), 0.0, True)
+    hub.publish(_view(2))
+    clock.now += 0.25
+    hub.tick()
+    assert not sub.views_due  # 2 fps: not before 0.5 s
+    clock.now += 0.3
+    hub.tick()
+    assert sub.views_due
+
+
+def test_pacer_estimates_bandwidth_from_blocked_writes() -> None:
+    pacer = Pacer(headroom=2.0)
+    assert pacer.spacing_s(10_000) == 0.0
+    pacer.record(12_500, 0.1)  # 125 kB/s = 1 Mbit/s
+    assert pacer.spacing_s(12_500) == pytest.approx(0.2)
+    for _ in range(5):
+        pacer.record(100, 0.0)  # fast writes: the estimate creeps up
+    assert pacer.spacing_s(12_500) < 0.2
+
+
+def test_subscriber_cap_bad_options_and_disconnect() -> None:
+    hub, _ = _hub(max_subscribers=2)
+    a = hub.subscribe("r")
+    hub.subscribe("r")
+    with pytest.raises(ResourceExhaustedError, match="limit"):
+        hub.subscribe("r")
+    hub.unsubscribe(a)
+    assert hub.subscriber_count == 1
+    hub.subscribe("other")
+    for kwargs, needle in (({"max_fps": -1.0}, "max_fps"), ({"max_points": 1}, "max_points"),
+                           ({"max_fps": 1000.0}, "max_fps")):
+        with pytest.raises(InvalidArgumentError, match=needle):
+            hub.subscribe("r", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="run_id"):
+        hub.subscribe("")
+    with pytest.raises(InvalidArgumentError, match="no body"):
+        hub.publish(spb.PublishRequest(run_id="r"))
+
+
+def test_watchers_and_demand_reach_the_publisher() -> None:
+    hub, _ = _hub()
+    pub = hub.add_publisher()
+    hub.publish(_status(1), pub)
+    pub.changed.clear()
+    sub = hub.subscribe("r", max_fps=5, views=["boundary"])
+    assert pub.changed.is_set()
+    reply = hub.watchers(pub.runs)
+    assert reply.watchers["r"] == 1
+    assert list(reply.demand["r"].views) == ["boundary"] and reply.demand["r"].max_fps == 5
+    hub.unsubscribe(sub)
+    assert hub.watchers(pub.runs).watchers["r"] == 0
+
+
+def test_views_are_serialized_once_and_recoded_per_codec() -> None:
+    hub, _ = _hub()
+    hub.publish(_view(3))
+    deflate = [hub.subscribe("r", accept_codecs=[cpb.CODEC_DEFLATE]) for _ in range(3)]
+    plain = hub.subscribe("r")
+    cached = hub.topics["r"].views["boundary"]
+    bodies = {hub.snapshot(s)[0].split(b"\x38\x01")[0] for s in deflate}
+    assert len(cached._frames) == 1 and len(bodies) == 1
+    frame = spb.Frame.FromString(hub.snapshot(plain)[0])
+    assert frame.view.arrays[0].codec == cpb.CODEC_UNSPECIFIED
+    assert arrays.decode(frame.view.arrays[0])[0, 0] == 3.0
