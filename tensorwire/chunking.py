@@ -9,7 +9,8 @@ A payload (a checkpoint file, a bulk output) travels as a sequence of ``Chunk``:
 - integrity: a CRC32 of each chunk's uncompressed bytes, and one of the whole
   payload checked at the end; a mismatch, a gap or a reordering is ``DataLossError``;
 - compression (zstd or gzip): only for chunks over ``compress_min_bytes`` and only
-  when it saves at least ``min_saving`` (20 %); otherwise the raw bytes go;
+  when it saves at least ``min_saving`` (20 %); otherwise the raw bytes go (and
+  after a few misses in a row it is only probed now and then);
 - backpressure: the reader task fills a ``BoundedBuffer`` of ``buffer_bytes``
   (10 MiB); when the consumer (the gRPC stream, itself under HTTP/2 flow control)
   is slower, the reader waits instead of growing memory;
@@ -179,18 +180,34 @@ def decompress(compression: Compression, data: bytes, raw_size: int) -> bytes:
 
 
 class ChunkEncoder:
-    """Numbers, checksums and compresses successive pieces of one payload."""
+    """Numbers, checksums and compresses successive pieces of one payload.
 
-    def __init__(self, config: ChunkConfig) -> None:
+    After ``skip_after`` chunks in a row on which compression did not pay (random
+    weights), it is tried only on every ``probe_every``-th chunk until it pays
+    again, so incompressible payloads do not spend CPU on it."""
+
+    def __init__(self, config: ChunkConfig, *, skip_after: int = 4, probe_every: int = 16) -> None:
         self.config = config
         self.index = 0
         self.offset = 0
         self.crc32 = 0
         """CRC32 of everything encoded so far."""
+        self.skip_after = skip_after
+        self.probe_every = probe_every
+        self.compress_attempts = 0
+        self._misses = 0
+
+    def _should_try(self) -> bool:
+        return self._misses < self.skip_after or self.index % self.probe_every == 0
 
     def encode(self, raw: bytes) -> Chunk:
         crc = zlib.crc32(raw)
-        codec, data = compress(raw, self.config)
+        codec, data = Compression.NONE, raw
+        if self.config.compression is not Compression.NONE and len(raw) > self.config.compress_min_bytes:
+            if self._should_try():
+                self.compress_attempts += 1
+                codec, data = compress(raw, self.config)
+                self._misses = 0 if codec is not Compression.NONE else self._misses + 1
         chunk = Chunk(self.index, self.offset, data, codec, len(raw), crc)
         self.crc32 = zlib.crc32(raw, self.crc32)
         self.index += 1

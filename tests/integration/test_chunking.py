@@ -99,6 +99,16 @@ def test_chunk_encoding_numbers_checksums_and_compresses_only_when_it_pays() -> 
     gz = ChunkEncoder(ChunkConfig(compression=Compression.GZIP)).encode(text)
     assert gz.compression is Compression.GZIP and len(gz.data) < len(text) * 0.1
 
+    # Incompressible stretches stop costing CPU: after 4 misses only every 16th
+    # chunk is tried, and compression resumes once it pays again.
+    probing = ChunkEncoder(ChunkConfig())
+    noisy = [probing.encode(os.urandom(4 * KiB)) for _ in range(32)]
+    assert all(c.compression is Compression.NONE for c in noisy)
+    assert probing.compress_attempts == 5  # chunks 0-3, then the probe at chunk 16
+    again = [probing.encode(text), probing.encode(text)]  # chunk 32 is a probe: it pays
+    assert [c.compression for c in again] == [Compression.ZSTD, Compression.ZSTD]
+    assert probing.compress_attempts == 7
+
 
 def test_chunk_decoding_verifies_order_and_checksums() -> None:
     payload = os.urandom(200 * KiB) + b"\0" * (300 * KiB)
