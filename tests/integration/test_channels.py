@@ -270,3 +270,16 @@ async def test_closed_pool_refuses_and_closes_channels() -> None:
         with pytest.raises(UnavailableError, match="is closed"):
             async with pool.acquire():
                 pass
+
+
+async def test_dns_target_pool_serves_calls() -> None:
+    async with echo_server() as (app, port, _):
+        if resolve_targets(f"dns:///localhost:{port}") != [f"127.0.0.1:{port}"]:
+            pytest.skip("localhost resolves to more than 127.0.0.1 here (the server binds only that)")
+        async with ChannelPool(f"dns:///localhost:{port}", min_size=1) as pool:
+            assert pool.addresses == ()  # resolved on first use, off the event loop
+            peer = await _echo(pool)
+            assert pool.addresses == (f"127.0.0.1:{port}",)
+            assert peer.startswith(("ipv4:127.0.0.1:", "ipv6:"))
+            await pool.maintain()  # re-resolves and health-checks
+            assert pool.metrics.health_fail == 0 and pool.metrics.health_pass >= 1
