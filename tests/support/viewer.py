@@ -214,6 +214,9 @@ async def alternate(
     cpu: list[float] = []
     async with grpc.aio.insecure_channel(trainer_target) as tch:
         trainer = tpb_grpc.TrainerServiceStub(tch)
+        if run_id == "auto":  # the trainer's demo run
+            listed = await trainer.ListRuns(tpb.ListRunsRequest(), timeout=60, wait_for_ready=True)
+            run_id = listed.runs[0].run_id
 
         async def mark() -> None:
             run = (await trainer.GetRun(tpb.GetRunRequest(run_id=run_id), timeout=10)).run
