@@ -54,7 +54,7 @@ class TrainerApp:
         if task:
             run = self.runs.start_run(task, publish_as=(task,))
             self.demo_run_id = run.run_id
-        if task or self.settings.demo_models:
+        if task and self.settings.demo_models:
             self._bootstrap = asyncio.create_task(self.prime_repository(), name="demo-models")
 
     async def prime_repository(self) -> None:

@@ -33,9 +33,9 @@ class TrainerSettings(ServerSettings):
         "", env="DEMO_TASK", help="task of a run started at boot ('' = none)"
     )
     demo_models: bool = setting(
-        False, env="DEMO_MODELS",
-        help="at boot, briefly train the models of the other tasks missing from the repository "
-             "(on by default when --demo-task is set)",
+        True, env="DEMO_MODELS",
+        help="with --demo-task: also train the other tasks' demo models briefly at boot, "
+             "in the background, when the repository lacks them",
     )
     checkpoint_every_steps: int = setting(
         0, env="CHECKPOINT_EVERY_STEPS", help="checkpoint every N steps (0 = by time only)", min=0

@@ -1,0 +1,82 @@
+"""Under a real 1 Mbit/s throttle, watching does not slow training and the view stays fresh.
+
+Root only: a network namespace whose loopback shapes what leaves the streamer's
+port to 1 Mbit/s (htb). The real trainer and streamer run there as processes,
+and a measuring viewer (tests/support/viewer.py) watches the demo run in
+alternating 2 s slots for 22 s while reading the trainer's step counter, so the
+ratio of steps/s watched to not watched is taken on the trainer's own clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.netns import ThrottledNetns, is_root, list_netns
+
+ROOT = Path(__file__).resolve().parents[2]
+STREAMER_PORT, TRAINER_PORT = 54052, 54051
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.slow,
+    pytest.mark.skipif(not is_root(), reason="needs root for network namespaces and tc"),
+]
+
+
+def _spawn(ns: ThrottledNetns, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*ns.prefix(), sys.executable, *args], cwd=ROOT, stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_one_mbit_viewer_neither_slows_training_nor_lags(tmp_path: Path) -> None:
+    with ThrottledNetns("twa") as ns:
+        ns.throttle(STREAMER_PORT, "1mbit")
+        streamer = _spawn(ns, ["-m", "services.streamer", "--host", "127.0.0.1", "--port",
+                               str(STREAMER_PORT), "--metrics-port", "-1"], tmp_path / "streamer.log")
+        trainer = _spawn(ns, ["-m", "services.trainer", "--host", "127.0.0.1", "--port", str(TRAINER_PORT),
+                              "--metrics-port", "-1", "--streamer-target", f"127.0.0.1:{STREAMER_PORT}",
+                              "--inference-target", "", "--model-repository", str(tmp_path / "models"),
+                              "--demo-task", "spiral", "--demo-models", "false",
+                              "--checkpoint-every-s", "0"], tmp_path / "trainer.log")
+        try:
+            viewer = subprocess.run(
+                [*ns.prefix(), sys.executable, "-m", "tests.support.viewer",
+                 "--target", f"127.0.0.1:{STREAMER_PORT}", "--trainer", f"127.0.0.1:{TRAINER_PORT}",
+                 "--run-id", "auto", "--pairs", "5", "--slot-s", "2", "--trainer-pid", str(trainer.pid)],
+                cwd=ROOT, capture_output=True, text=True, timeout=180,
+            )
+        finally:
+            _stop(trainer)
+            _stop(streamer)
+        assert viewer.returncode == 0, viewer.stderr[-2000:]
+        result = json.loads(viewer.stdout.strip().splitlines()[-1])
+        print(json.dumps(result))
+        logs = (tmp_path / "trainer.log").read_text()[-2000:]
+        assert not result["error"], result
+        assert result["views"] >= 20, (result, logs)
+        # The machine is shared, so the ratio is the median of 5 paired slots
+        # (each watched slot against the unwatched slots around it).
+        assert result["ratio_median"] >= 0.9, result
+        assert result["lag_p95"] < 2.0, result
+        assert result["max_status_gap_s"] < 2.0, result
+        assert result["scalar_gaps"] == 0 and result["scalar_last"] > result["scalar_first"], result
+    assert ns.name not in list_netns("twa")
