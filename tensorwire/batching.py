@@ -243,19 +243,25 @@ class Batcher(Generic[T, R]):
                 self._collect(), name=f"batcher-{self.name}"
             )
         now = self._clock()
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
         deadline = None if timeout_s is None else now + timeout_s
         self._queue.append(_Item(item, future, now, deadline))
         self._arrived.set()
         if timeout_s is None:
             return await future
+        # A timer, not wait_for: no extra task per request on the hot path.
+        timer = loop.call_later(timeout_s, self._expire, future, timeout_s)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except TimeoutError:
-            future.cancel()
-            raise DeadlineExceededError(
-                f"{self.name}: no result within the deadline of {timeout_s:.3f}s"
-            ) from None
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, future: asyncio.Future, timeout_s: float) -> None:
+        if not future.done():
+            future.set_exception(
+                DeadlineExceededError(f"{self.name}: no result within the deadline of {timeout_s:.3f}s")
+            )
 
     async def aclose(self) -> None:
         """Stop taking items, let running batches finish, fail what is still queued."""
@@ -327,7 +333,10 @@ class Batcher(Generic[T, R]):
         while self._queue and len(batch) < size:
             item = self._queue.popleft()
             if item.future.done():
-                m.dropped_cancelled += 1
+                if item.deadline is not None and now >= item.deadline:
+                    m.dropped_expired += 1
+                else:
+                    m.dropped_cancelled += 1
                 continue
             if item.deadline is not None and now >= item.deadline:
                 m.dropped_expired += 1

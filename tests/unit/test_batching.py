@@ -245,7 +245,7 @@ async def test_edge_case_batch_full() -> None:
     ran = [i for b in fn.batches for i in b]
     assert ran == [0, 2]
     m = batcher.metrics
-    assert m.rejected == 1 and m.dropped_cancelled == 2
+    assert m.rejected == 1 and m.dropped_cancelled == 1 and m.dropped_expired == 1
     await batcher.aclose()
 
 
