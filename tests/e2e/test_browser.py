@@ -101,18 +101,39 @@ def test_loads_fast_and_shows_the_run_learning(stack: Stack) -> None:
         screenshot(page, "live")
 
 
+def smooth(figures: dict[str, Any]) -> list[str]:
+    """What one measurement window got wrong (empty: all of the issue's bars met)."""
+    problems = []
+    steps, lags = figures["steps"], figures["lags"]
+    if not steps[-1] > steps[0]:
+        problems.append("the displayed step did not advance")
+    if max(lags) >= 2.0:
+        problems.append(f"lag reached {max(lags):.2f}s")
+    if [d for d in figures["long"] if d > 50]:
+        problems.append(f"long tasks {figures['long']} ms")
+    if figures["fps"] < 55:
+        problems.append(f"{figures['fps']:.1f} frames/s")
+    return problems
+
+
 def test_streams_smoothly_with_low_lag(stack: Stack) -> None:
+    # This machine's 2 cores are shared with the services and, on a developer's
+    # machine, with other work: a window spoiled by someone else's burst is
+    # measured again, at most twice. One clean 10 s window passes; a page that
+    # itself drops frames or blocks its main thread fails every window.
+    failures = []
     with browser() as context:
         page = live_page(context, stack.url)
         page.wait_for_timeout(1000)  # past the snapshot and first charts
-        figures = measure(page)
-        report("stream", figures)
+        for window in range(3):
+            figures = measure(page)
+            report(f"stream, window {window + 1}", figures)
+            problems = smooth(figures)
+            if not problems:
+                break
+            failures.append(problems)
         screenshot(page, "streaming")
-        steps, lags = figures["steps"], figures["lags"]
-        assert steps[-1] > steps[0], "the displayed step did not advance"
-        assert max(lags) < 2.0, f"lag reached {max(lags):.2f}s"
-        assert not [d for d in figures["long"] if d > 50], f"long tasks: {figures['long']}"
-        assert figures["fps"] >= 55, f"{figures['fps']:.1f} frames/s"
+    assert len(failures) < 3, f"every 10 s window had problems: {failures}"
 
 
 def _state(page: Any) -> str:
@@ -122,16 +143,20 @@ def _state(page: Any) -> str:
 def test_pause_stops_the_step_and_resume_restarts_it(stack: Stack) -> None:
     with browser() as context:
         page = live_page(context, stack.url)
-        page.click("#pause")
-        page.wait_for_function("() => window.tensorwire.state === 'PAUSED'", timeout=10_000)
-        paused_at = page.evaluate("() => window.tensorwire.serverStep")
-        frames = page.evaluate("() => window.tensorwire.frames")
-        page.wait_for_timeout(1500)  # a window in which nothing may move
-        assert page.evaluate("() => window.tensorwire.serverStep") == paused_at
-        assert page.evaluate("() => window.tensorwire.frames") > frames, "no keep-alive while paused"
-        assert page.locator("#resume").is_enabled() and not page.locator("#pause").is_enabled()
-        screenshot(page, "paused")
-        page.click("#resume")
+        try:
+            page.click("#pause")
+            page.wait_for_function("() => window.tensorwire.state === 'PAUSED'", timeout=10_000)
+            # Frames of steps made just before the pause may still be on their way.
+            page.wait_for_timeout(500)
+            paused_at = page.evaluate("() => window.tensorwire.serverStep")
+            frames = page.evaluate("() => window.tensorwire.frames")
+            page.wait_for_timeout(1500)  # a window in which the step may not move
+            assert page.evaluate("() => window.tensorwire.serverStep") == paused_at
+            assert page.evaluate("() => window.tensorwire.frames") > frames, "no keep-alive while paused"
+            assert page.locator("#resume").is_enabled() and not page.locator("#pause").is_enabled()
+            screenshot(page, "paused")
+        finally:
+            page.click("#resume")  # the other tests watch this run
         page.wait_for_function(f"() => window.tensorwire.serverStep > {paused_at}", timeout=10_000)
         page.wait_for_function(f"() => window.tensorwire.displayedStep > {paused_at}", timeout=10_000)
         assert _state(page) == "RUNNING"
