@@ -191,5 +191,6 @@ async def test_two_inference_workers_share_the_load(tmp_path: Path) -> None:
             for x, got in zip(points, answers):
                 np.testing.assert_allclose(got, model(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
         served = [infer_count(p) - b for p, b in zip(metrics_ports, before)]
+        print(f"ModelInfer answered per worker: {served} of {requests} ({concurrency} concurrent)")
         assert sum(served) == requests, served
         assert min(served) >= 0.2 * requests, f"one worker took (almost) everything: {served}; {pool_repr}"
