@@ -42,7 +42,7 @@ class TrainerApp:
         self.runs.listeners.append(self.announcer.announce)
         self.publisher = Publisher(
             self.runs, settings.streamer_target, max_fps=settings.max_fps,
-            view_cpu_budget=settings.view_cpu_budget,
+            view_cpu_budget=settings.view_cpu_budget, view_process=settings.view_process,
         )
         self.demo_run_id: str | None = None
         self._bootstrap: asyncio.Task[None] | None = None

@@ -12,8 +12,8 @@ keeps a bidi ``Publish`` stream open and drains its outbox:
   subscribers a snapshot at once;
 - the streamer answers with who is watching. A view is built only for a run
   someone watches, at most ``max_fps`` (and the viewers' own cap) times a
-  second, from a weight snapshot, in a worker thread, and serialized once for
-  every address.
+  second and within a CPU budget, from a weight snapshot, in a worker process
+  (see viewworker.py), and serialized once for every address.
 
 The targets are ``host:port``, a comma list, or ``dns:///name:port`` (every
 address, re-resolved every ``resolve_every_s``, so each streamer replica behind a
@@ -39,6 +39,7 @@ from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 from .loop import TERMINAL, LiveStatus, Snapshot
 from .runs import Run, RunManager
+from .viewworker import ViewWorker
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class Publisher:
         *,
         max_fps: float = 10.0,
         view_cpu_budget: float = 0.02,
+        view_process: bool = True,
         status_interval_s: float = 0.25,
         tick_s: float = 0.05,
         max_points: int = 512,
@@ -159,6 +161,7 @@ class Publisher:
         self.target = target
         self.max_fps = max_fps
         self.view_cpu_budget = view_cpu_budget
+        self.view_worker = ViewWorker() if view_process else None
         self.status_interval_s = status_interval_s
         self.tick_s = tick_s
         self.max_points = max_points
@@ -173,15 +176,26 @@ class Publisher:
         self._view_cost_s: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self.ready = asyncio.Event()
+        """Set once views can be built (the view worker process has started)."""
 
     async def start(self) -> None:
         if not self.target:
             return
         await self._resolve()
         self._tasks = [
+            asyncio.create_task(self._warm_up(), name="publisher-warm-up"),
             asyncio.create_task(self._collect_forever(), name="publisher-collect"),
             asyncio.create_task(self._resolve_forever(), name="publisher-resolve"),
         ]
+
+    async def _warm_up(self) -> None:
+        if self.view_worker is not None:
+            try:
+                await self.view_worker.warm_up()
+            except Exception:
+                log.exception("view worker does not start; views will fail")
+        self.ready.set()
 
     def watchers(self, run_id: str) -> int:
         return max((link.watchers.get(run_id, 0) for link in self.links.values()), default=0)
@@ -193,6 +207,8 @@ class Publisher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.view_worker is not None:
+            self.view_worker.close()
 
     # -- addresses --------------------------------------------------------
     async def _resolve(self) -> None:
@@ -288,7 +304,15 @@ class Publisher:
     async def _build_view(self, run: Run) -> None:
         try:
             snap = await asyncio.wrap_future(run.loop.request_snapshot())
-            view = await asyncio.to_thread(self._render, run, snap)
+            if self.view_worker is not None:
+                data, cost = await self.view_worker.render(
+                    run.run_id, run.task.name, snap.config, run.seed, snap.state_dict,
+                    snap.step, snap.produced_at,
+                )
+                view = cpb.View.FromString(data)
+                self._record_cost(run.run_id, cost)
+            else:
+                view = await asyncio.to_thread(self._render, run, snap)
         except Exception:
             log.exception("view of run %s failed", run.run_id)
             return
@@ -314,10 +338,12 @@ class Publisher:
             view = run.task.build_view(model, run.loop.data, snap.config)  # type: ignore[arg-type]
         view.step = snap.step
         view.produced_at = snap.produced_at
-        cost = time.thread_time() - started
-        previous = self._view_cost_s.get(run.run_id)
-        self._view_cost_s[run.run_id] = cost if previous is None else 0.7 * previous + 0.3 * cost
+        self._record_cost(run.run_id, time.thread_time() - started)
         return view
+
+    def _record_cost(self, run_id: str, cost_s: float) -> None:
+        previous = self._view_cost_s.get(run_id)
+        self._view_cost_s[run_id] = cost_s if previous is None else 0.7 * previous + 0.3 * cost_s
 
     # -- links ------------------------------------------------------------
     async def _link_forever(self, link: _Link) -> None:

@@ -51,6 +51,10 @@ class TrainerSettings(ServerSettings):
         help="share of one CPU that building a run's views may take (caps views/s further)",
         min=0.001, max=1.0,
     )
+    view_process: bool = setting(
+        True, env="VIEW_PROCESS",
+        help="render views in a worker process (false: a thread of the trainer, sharing its GIL)",
+    )
     max_active_runs: int = setting(
         8, env="MAX_ACTIVE_RUNS", help="runs training at once", min=1, max=256
     )

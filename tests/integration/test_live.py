@@ -65,6 +65,7 @@ async def test_live_frames_end_to_end(tmp_path: Path) -> None:
         run_id = app.demo_run_id
         assert run_id
         await until(lambda: app.runs.get_run(run_id).loop.status.step > 50)
+        await asyncio.wait_for(app.publisher.ready.wait(), 60)  # the view worker process is up
         stats = await watch_target(f"127.0.0.1:{port}", run_id, 3.0)
         assert not stats.error
         assert stats.views >= 5 and stats.statuses >= 2 and stats.scalar_frames >= 2
@@ -164,6 +165,7 @@ async def test_viewer_disconnect_leaves_training_alone(tmp_path: Path) -> None:
     async with streamer_on(port) as streamer, trainer_for(tmp_path, port, demo_task="spiral") as (app, _):
         hub = streamer.service.hub  # type: ignore[attr-defined]
         run = app.runs.get_run(app.demo_run_id or "")
+        await asyncio.wait_for(app.publisher.ready.wait(), 60)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             call = spb_grpc.StreamerServiceStub(ch).Subscribe(spb.SubscribeRequest(run_id=run.run_id))
             views = 0
@@ -187,6 +189,7 @@ async def test_streamer_restart_publisher_reconnects(tmp_path: Path) -> None:
     port = free_port()
     async with trainer_for(tmp_path, port, demo_task="spiral") as (app, _):
         run = app.runs.get_run(app.demo_run_id or "")
+        await asyncio.wait_for(app.publisher.ready.wait(), 60)  # the view worker process is up
         async with streamer_on(port):
             await until(lambda: any(link.connected for link in app.publisher.links.values()))
             stats = await watch_target(f"127.0.0.1:{port}", run.run_id, 1.5)

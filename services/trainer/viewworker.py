@@ -1,0 +1,91 @@
+"""Views are rendered in a worker process, so they never take the GIL from training.
+
+In the trainer's own process every torch call of a view build would release and
+retake the GIL while the training thread does the same, and each hand-over can
+cost the training thread a switch interval. A separate process costs training
+only the CPU time the view takes, which the publisher caps with
+``view_cpu_budget``. The worker rebuilds a run's data from (task, config, seed)
+(every task's data is seeded) and keeps a model per run, so a request carries
+only the weight snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import multiprocessing
+import time
+from collections import OrderedDict
+from typing import Any
+
+_CACHE: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+_CACHE_RUNS = 16
+
+
+def _init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    import services.trainer.tasks  # noqa: F401  (import once, not on the first view)
+
+
+def render(
+    run_id: str, task_name: str, config: Any, seed: int, state_dict: dict[str, Any],
+    step: int, produced_at: float,
+) -> tuple[bytes, float]:
+    """The serialized View of ``state_dict`` and the CPU seconds it took."""
+    import torch
+
+    from services.trainer.tasks import TASKS
+
+    started = time.process_time()
+    task = TASKS[task_name]
+    entry = _CACHE.get(run_id)
+    if entry is None:
+        model = task.build_model(config).eval()
+        entry = _CACHE[run_id] = (model, task.make_data(config, seed))
+        while len(_CACHE) > _CACHE_RUNS:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(run_id)
+    model, data = entry
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(state_dict[name])
+    with torch.inference_mode():
+        view = task.build_view(model, data, config)
+    view.step = step
+    view.produced_at = produced_at
+    return view.SerializeToString(), time.process_time() - started
+
+
+def _warm() -> bool:
+    return True
+
+
+class ViewWorker:
+    """One worker process (started on first use, restarted if it dies)."""
+
+    def __init__(self) -> None:
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def _get(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_init
+            )
+        return self._pool
+
+    async def warm_up(self) -> None:
+        await asyncio.wrap_future(self._get().submit(_warm))
+
+    async def render(self, *args: Any) -> tuple[bytes, float]:
+        try:
+            return await asyncio.wrap_future(self._get().submit(render, *args))
+        except concurrent.futures.BrokenExecutor:
+            self._pool = None  # the worker died: the next view starts a new one
+            raise
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
