@@ -24,6 +24,7 @@ def repository_options(settings: InferenceSettings) -> RepositoryOptions:
         ),
         batch_overrides=(("max_queue_size", settings.max_queue_size),),
         infer_threads=settings.infer_threads,
+        torch_threads=settings.torch_threads,
     )
 
 
