@@ -464,6 +464,7 @@ class ModelRepository:
         from tensorwire.models import build_model
 
         name, version, _ = key
+        _set_torch_threads(self.options.torch_threads)  # this is a loader thread: see infer_executor
         config = modelrepo.read_config(self.root, name)
         try:
             module = build_model(config["kind"], **config["model_args"])
