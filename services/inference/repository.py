@@ -387,6 +387,8 @@ class ModelRepository:
         self.options = options or RepositoryOptions()
         self._models: dict[str, ServedModel] = {}
         self._failed: dict[str, str] = {}
+        self._failed_at: dict[str, tuple[object, tuple[int, ...]]] = {}
+        """(config stamp, versions on disk) of a failed load: not retried until they change."""
         self._unloaded: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._config_stamp: dict[str, float] = {}
@@ -435,11 +437,20 @@ class ModelRepository:
         await asyncio.gather(*(self._sync_quietly(name) for name in names))
 
     async def _sync_quietly(self, name: str) -> None:
+        path = self.root / name / modelrepo.CONFIG_FILE
+        try:
+            state = (path.stat().st_mtime_ns, tuple(modelrepo.list_versions(self.root, name)))
+        except OSError:
+            return
+        if self._failed_at.get(name) == state:
+            return  # failed before with exactly these files; a poll does not retry it
         try:
             await self.sync(name)
+            self._failed_at.pop(name, None)
         except Exception as exc:
             # The error is kept for RepositoryIndex; the previous versions keep serving.
             self._failed[name] = str(exc)
+            self._failed_at[name] = state
 
     async def aclose(self) -> None:
         self.ready = False
@@ -655,6 +666,11 @@ class ModelRepository:
                 reason = self._failed.get(name) or ("unloaded" if name in self._unloaded else "not loaded")
                 entries.append(IndexEntry(name, "", "UNAVAILABLE", reason))
         return entries
+
+    @property
+    def load_errors(self) -> dict[str, str]:
+        """The last load error of each model whose newest load failed."""
+        return dict(self._failed)
 
     def versions(self, name: str) -> list[int]:
         return sorted(self._served(name).routing.versions)

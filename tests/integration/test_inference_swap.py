@@ -184,3 +184,24 @@ async def test_version_policies(tmp_path: Path, policy: dict, versions: list[int
             assert not app.repository.model_ready("spiral", str(v))
     finally:
         await app.aclose()
+
+
+async def test_broken_version_keeps_old_serving_and_is_reported(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    modelrepo.write_version(repo, "spiral", "spiral", spiral_state(1))
+    settings = settings_for(InferenceSettings, tmp_path, model_repository=repo, poll_interval_s=0.0)
+    app = await create_app(settings)
+    try:
+        # A checkpoint whose tensors do not fit the model (as from a different architecture).
+        modelrepo.write_version(repo, "spiral", "spiral", build_model("spiral", hidden=4).state_dict())
+        await app.repository.scan()
+        assert app.repository.versions("spiral") == [1]  # the old version still serves
+        (entry,) = [e for e in app.repository.index() if e.name == "spiral"]
+        assert entry.state == "READY" and entry.version == "1"
+        assert "version 2" in app.repository.load_errors["spiral"]
+        assert "weights do not fit" in app.repository.load_errors["spiral"]
+        loads = app.repository.loader.metrics.loads
+        await app.repository.scan()  # unchanged files: not retried on every poll
+        assert app.repository.loader.metrics.loads == loads
+    finally:
+        await app.aclose()
