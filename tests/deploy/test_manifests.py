@@ -27,6 +27,7 @@ import yaml
 
 from services.gateway.settings import GatewaySettings
 from services.inference.settings import InferenceSettings
+from services.probe.settings import ProbeSettings
 from services.streamer.settings import StreamerSettings
 from services.trainer.distributed import DistributedSettings
 from services.trainer.settings import TrainerSettings
@@ -42,7 +43,7 @@ ENTRY_POINTS = ("overlays/dev", "overlays/prod", "overlays/prod-gpu", "overlays/
 SETTINGS = {
     cls.env_prefix: cls
     for cls in (TrainerSettings, StreamerSettings, InferenceSettings, GatewaySettings,
-                DistributedSettings)
+                DistributedSettings, ProbeSettings)
 }
 GRPC_SERVICES = {"trainer": 50051, "streamer": 50052, "inference": 8001}
 
@@ -331,6 +332,9 @@ def test_trainer_publishes_to_every_streamer_replica_through_the_headless_servic
     assert _selects(svc["spec"]["selector"],
                     deployments["streamer"]["spec"]["template"]["metadata"]["labels"])
     assert int(port) in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+    # the lag probe watches the very replicas the trainer publishes to
+    probe = _config_maps_of(docs, deployments["lag-probe"]["spec"]["template"]["spec"])
+    assert probe["TENSORWIRE_PROBE_STREAMER_TARGET"] == target
     # inference is reached the same way: client-side round-robin over every pod
     host, port = env["TENSORWIRE_TRAINER_INFERENCE_TARGET"].removeprefix("dns:///").rsplit(":", 1)
     assert services[host]["spec"]["clusterIP"] == "None"

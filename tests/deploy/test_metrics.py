@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import shutil
 import struct
@@ -143,6 +144,7 @@ async def test_dashboard_and_alert_metrics_appear_in_running_services(tmp_path: 
     (static / "index.html").write_text("<!doctype html><title>tensorwire</title>")
     ports = {name: (free_port(), free_port()) for name in ("streamer", "inference", "trainer")}
     web_port = free_port()
+    probe_port = free_port()
 
     def service_args(name: str) -> list[str]:
         return ["--metrics-port", str(ports[name][1])]
@@ -159,6 +161,12 @@ async def test_dashboard_and_alert_metrics_appear_in_running_services(tmp_path: 
                 ["--trainer-target", trainer.target, "--streamer-target", streamer.target,
                  "--inference-target", inference.target, "--static-dir", str(static)],
                 tmp_path, ready_path="/healthz"),
+        # a replica the trainer does not publish to, and the lag probe watching both
+        running("streamer", free_port(), ["--metrics-port", "-1"], tmp_path, suffix="-lonely") as lonely,
+        running("probe", probe_port,
+                ["--trainer-target", trainer.target, "--interval-s", "0.5",
+                 "--streamer-target", f"{streamer.target},{lonely.target}"],
+                tmp_path, ready_path="/metrics") as probe,
     ):
         # trainer: a run (publishes to the streamer, checkpoints, announces to inference)
         async with grpc.aio.insecure_channel(trainer.target) as channel:
@@ -182,6 +190,21 @@ async def test_dashboard_and_alert_metrics_appear_in_running_services(tmp_path: 
             )
             assert reply.status_code == 200, reply.text
             pages = {"gateway": (await http.get("/metrics")).text}
+            # the probe: the published replica's lag is small, the other one's infinite
+            deadline = time.monotonic() + 60
+            while True:
+                page = (await http.get(f"http://127.0.0.1:{probe_port}/metrics")).text
+                lags = {
+                    s.labels["streamer"]: s.value
+                    for f in text_string_to_metric_families(page) for s in f.samples
+                    if s.name == "tensorwire_probe_subscriber_lag_seconds"
+                    and s.labels["run_id"] == run.run_id
+                }
+                if lags.get(streamer.target, math.inf) < 5 and lags.get(lonely.target) == math.inf:
+                    break
+                assert time.monotonic() < deadline, f"probe lags {lags}\n{probe.log_tail()}"
+                await asyncio.sleep(0.2)
+            pages["probe"] = page
             async with httpx.AsyncClient(timeout=10) as scraper:
                 for name, (_, metrics_port) in ports.items():
                     pages[name] = (await scraper.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
@@ -282,6 +305,10 @@ def test_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
                                'code="UNAVAILABLE",pod="s-1"}', "values": "0+30x30"},
                     {"series": 'tensorwire_rpc_handled_total{service="streamer",method="Publish",'
                                'code="CANCELLED",pod="s-2"}', "values": "0+300x30"},
+                    {"series": 'tensorwire_probe_subscriber_lag_seconds{streamer="10.0.0.7:50052",'
+                               'run_id="r1",pod="p-1"}', "values": "1 1 30x20"},
+                    {"series": 'tensorwire_probe_subscriber_lag_seconds{streamer="10.0.0.8:50052",'
+                               'run_id="r1",pod="p-1"}', "values": "1x20"},
                 ],
                 "alert_rule_test": [
                     expect("TensorwireNotServing", "8m", service="streamer", pod="s-1"),
@@ -295,6 +322,9 @@ def test_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
                     # a clean close (CANCELLED, pod s-2) of publish streams is no failure
                     expect("TensorwirePublishStreamsFailing", "20m", pod="s-1"),
                     {"eval_time": "20m", "alertname": "TensorwireRpcInternalErrors", "exp_alerts": []},
+                    {"eval_time": "3m", "alertname": "TensorwireSubscriberLagHigh", "exp_alerts": []},
+                    expect("TensorwireSubscriberLagHigh", "10m", value_text="30s",
+                           streamer="10.0.0.7:50052", run_id="r1"),
                 ],
             }
         ],
