@@ -8,6 +8,7 @@ from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.loader import LoaderConfig
 
+from .metrics import COLLECTOR
 from .repository import ModelRepository, RepositoryOptions
 from .server_state import ServerState
 from .servicer import InferenceServicer
@@ -35,6 +36,7 @@ class InferenceApp:
         self.settings = settings
         self.state = ServerState()
         self.repository = ModelRepository(settings.model_repository, repository_options(settings))
+        COLLECTOR.add(self.repository)
 
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -47,6 +49,7 @@ class InferenceApp:
     async def aclose(self) -> None:
         self.state.ready = False
         await self.repository.aclose()
+        COLLECTOR.discard(self.repository)
 
 
 async def create_app(settings: InferenceSettings) -> InferenceApp:

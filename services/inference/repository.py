@@ -667,6 +667,14 @@ class ModelRepository:
                 entries.append(IndexEntry(name, "", "UNAVAILABLE", reason))
         return entries
 
+    def batchers(self) -> list[tuple[str, int, Batcher]]:
+        """(model, version, batcher) of every serving version (for metrics)."""
+        return [
+            (m.name, v, mv.batcher)
+            for m in list(self._models.values())
+            for v, mv in sorted(m.routing.versions.items())
+        ]
+
     @property
     def load_errors(self) -> dict[str, str]:
         """The last load error of each model whose newest load failed."""

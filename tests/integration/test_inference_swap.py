@@ -205,3 +205,26 @@ async def test_broken_version_keeps_old_serving_and_is_reported(tmp_path: Path) 
         assert app.repository.loader.metrics.loads == loads
     finally:
         await app.aclose()
+
+
+async def test_prometheus_metrics_of_batcher_and_loader(tmp_path: Path) -> None:
+    import urllib.request
+
+    repo = tmp_path / "models"
+    modelrepo.write_version(repo, "spiral", "spiral", spiral_state(1))
+    app = await create_app(settings_for(InferenceSettings, tmp_path, model_repository=repo, poll_interval_s=0.0))
+    x = np.zeros((2, 2), np.float32)
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await asyncio.gather(*(stub.ModelInfer(spiral_request(x), timeout=10) for _ in range(20)))
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+    lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+             for line in text.splitlines() if line.startswith("tensorwire_inference")}
+    key = '{model="spiral",version="1"}'
+    assert lines[f"tensorwire_inference_batched_requests_total{key}"] == 20
+    batches = lines[f"tensorwire_inference_batches_total{key}"]
+    assert 1 <= batches <= 20
+    assert lines[f"tensorwire_inference_average_batch_size{key}"] == pytest.approx(20 / batches)
+    assert lines['tensorwire_inference_model_loads_total{outcome="success"}'] >= 1
