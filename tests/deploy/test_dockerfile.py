@@ -153,7 +153,9 @@ def test_every_service_entry_point_is_installed() -> None:
         assert f"tensorwire-{service}" in scripts, service
     builder = next(s for s in STAGES if s.name == "builder")
     check = next(r for r in builder.args("RUN") if "import torch" in r)
-    for module in re.findall(r"services\.\w+\.app", check):
+    modules = re.findall(r"services\.\w+\.\w+", check)
+    assert {f"services.{s}.app" for s in ("trainer", "streamer", "inference", "gateway")} <= set(modules)
+    for module in modules:
         assert (ROOT / module.replace(".", "/")).with_suffix(".py").is_file(), module
 
 
