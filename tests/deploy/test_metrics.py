@@ -281,7 +281,8 @@ def test_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
             {"exp_labels": {**rule["labels"], **labels}, "exp_annotations": annotations}]}
 
     ok_infer = 'tensorwire_rpc_handled_total{service="inference",method="ModelInfer",code="OK",pod="i-1"}'
-    full = ok_infer.replace('code="OK"', 'code="RESOURCE_EXHAUSTED"')
+    full = 'tensorwire_inference_rejected_total{model="spiral",version="3",pod="i-1"}'
+    loads = 'tensorwire_inference_model_loads_total{outcome="%s",pod="i-1"}'
     bucket = 'tensorwire_rpc_latency_seconds_bucket{service="inference",method="ModelInfer",pod="i-1",le="%s"}'
     # 10 requests/s: all slower than 0.25 s, none slower than 0.5 s -> p99 ~ 0.5 s
     slow = [(bucket % le, "0+0x30" if float(le) <= 0.25 else "0+600x30") for le in
@@ -298,6 +299,8 @@ def test_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
                      "values": "1 0x10"},
                     {"series": ok_infer, "values": "0+600x30"},
                     {"series": full, "values": "0+60x30"},
+                    {"series": loads % "success", "values": "1+1x30"},
+                    {"series": loads % "timeout", "values": "0x12 1x18"},
                     *({"series": s, "values": v} for s, v in slow),
                     {"series": 'tensorwire_rpc_handled_total{service="streamer",method="Subscribe",'
                                'code="RESOURCE_EXHAUSTED",pod="s-1"}', "values": "0+30x30"},
@@ -315,7 +318,9 @@ def test_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
                     {"eval_time": "1m", "alertname": "TensorwireNotServing", "exp_alerts": []},
                     expect("TensorwireTargetDown", "5m", job="tensorwire", app="trainer", pod="t-1",
                            instance="t-1:9101"),
-                    expect("TensorwireInferenceQueueFull", "20m", pod="i-1"),
+                    expect("TensorwireInferenceQueueFull", "20m", pod="i-1", model="spiral"),
+                    {"eval_time": "10m", "alertname": "TensorwireModelLoadsFailing", "exp_alerts": []},
+                    expect("TensorwireModelLoadsFailing", "15m", pod="i-1"),
                     # all requests between 0.25 s and 0.5 s: p99 = 0.25 + 0.99 * 0.25 s
                     expect("TensorwireInferenceLatencyP99High", "20m", value_text="497.5ms"),
                     expect("TensorwireStreamerRefusingViewers", "20m", pod="s-1"),
