@@ -286,6 +286,10 @@ function boxes(ctx: Ctx, w: number, h: number, v: LiveView): string {
       const r = arr.values.subarray(n * stride, n * stride + stride);
       const [ox, oy] = origin(Math.round(r[0]));
       const bx = ox + (r[2] - r[4] / 2) * tile, by = oy + (r[3] - r[5] / 2) * tile;
+      ctx.save();
+      ctx.beginPath();
+      ctx.rect(ox, oy, tile, tile); // a box never spills onto the next image
+      ctx.clip();
       ctx.strokeStyle = color;
       ctx.lineWidth = 2;
       ctx.setLineDash(dash);
@@ -293,8 +297,9 @@ function boxes(ctx: Ctx, w: number, h: number, v: LiveView): string {
       ctx.setLineDash([]);
       if (stride === 7) {
         ctx.fillStyle = color;
-        ctx.fillText(`${SHAPES[Math.round(r[1])] ?? r[1]} ${r[6].toFixed(2)}`, bx, Math.max(oy + 10, by - 3));
+        ctx.fillText(`${SHAPES[Math.round(r[1])] ?? r[1]} ${r[6].toFixed(2)}`, Math.max(ox + 2, bx), Math.max(oy + 10, by - 3));
       }
+      ctx.restore();
     }
   };
   drawBoxes(v.arrays.get("true_boxes"), 6, TRUTH, [4, 3]);
