@@ -58,6 +58,39 @@ def _code_of(context: grpc.aio.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
+class _Guard:
+    """Times one RPC, counts its outcome, and turns an escaping exception into a status."""
+
+    __slots__ = ("_context", "_interceptor", "_method", "_short", "_start")
+
+    def __init__(self, interceptor: ErrorInterceptor, method: str, short: str,
+                 context: grpc.aio.ServicerContext) -> None:
+        self._interceptor, self._method, self._short = interceptor, method, short
+        self._context = context
+        self._start = 0.0
+
+    async def __aenter__(self) -> None:
+        self._start = time.perf_counter()
+
+    async def __aexit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> bool:
+        try:
+            if isinstance(exc, Exception) and not _is_abort(exc):
+                await _fail(self._context, exc, self._method)  # raises AbortError
+        finally:
+            service = self._interceptor._service
+            metrics.RPC_LATENCY.labels(service, self._short).observe(
+                time.perf_counter() - self._start
+            )
+            metrics.RPC_HANDLED.labels(service, self._short, _code_of(self._context)).inc()
+        return False
+
+
+async def _reject_malformed(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps domain errors to status codes and counts every RPC by outcome."""
 
@@ -74,97 +107,55 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler  # unknown method: gRPC answers UNIMPLEMENTED
         method = details.method
         short = method.rsplit("/", 1)[-1]
-        handled = metrics.RPC_HANDLED
-        latency = metrics.RPC_LATENCY.labels(self._service, short)
-        service = self._service
         deserialize = _safe_deserializer(handler.request_deserializer)
+        serialize = handler.response_serializer
 
-        def done(context: grpc.aio.ServicerContext, start: float) -> None:
-            latency.observe(time.perf_counter() - start)
-            handled.labels(service, short, _code_of(context)).inc()
+        def guard(context: grpc.aio.ServicerContext) -> _Guard:
+            return _Guard(self, method, short, context)
+
+        async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for request in requests:
+                await _reject_malformed(request, context)
+                yield request
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = time.perf_counter()
-                try:
-                    if isinstance(request, _Malformed):
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                async with guard(context):
+                    await _reject_malformed(request, context)
                     return await inner_uu(request, context)
-                except Exception as exc:
-                    if _is_abort(exc):
-                        raise
-                    await _fail(context, exc, method)
-                finally:
-                    done(context, start)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, deserialize, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
 
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                start = time.perf_counter()
-                try:
-                    if isinstance(request, _Malformed):
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                async with guard(context):
+                    await _reject_malformed(request, context)
                     async for item in _iterate(inner_us(request, context)):
                         yield item
-                except Exception as exc:
-                    if _is_abort(exc):
-                        raise
-                    await _fail(context, exc, method)
-                finally:
-                    done(context, start)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, deserialize, handler.response_serializer
-            )
-
-        async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async for request in requests:
-                if isinstance(request, _Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-                yield request
+            return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
 
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
             async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                start = time.perf_counter()
-                try:
+                async with guard(context):
                     return await inner_su(checked(requests, context), context)
-                except Exception as exc:
-                    if _is_abort(exc):
-                        raise
-                    await _fail(context, exc, method)
-                finally:
-                    done(context, start)
 
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, deserialize, handler.response_serializer
-            )
+            return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
 
         inner_ss = handler.stream_stream
 
         async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            try:
+            async with guard(context):
                 async for item in _iterate(inner_ss(checked(requests, context), context)):
                     yield item
-            except Exception as exc:
-                if _is_abort(exc):
-                    raise
-                await _fail(context, exc, method)
-            finally:
-                done(context, start)
 
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, deserialize, handler.response_serializer
-        )
+        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
 
 
 async def _iterate(result: Any) -> AsyncIterator[Any]:
