@@ -141,7 +141,8 @@ async def measure_design(task: str, pinned: bool, args: argparse.Namespace, ns: 
     trainer = _spawn([*_pin(trainer_core), PY, "-m", "services.trainer", "--host", "127.0.0.1",
                       "--port", str(TRAINER_PORT), "--metrics-port", "-1",
                       "--streamer-target", f"127.0.0.1:{STREAMER_PORT}", "--inference-target", "",
-                      "--model-repository", str(workdir / "models"), "--checkpoint-every-s", "0"], log)
+                      "--model-repository", str(workdir / "models"), "--checkpoint-every-s", "0",
+                      *args.trainer_arg], log)
     client = None
     try:
         await _wait_healthy(STREAMER_PORT)
@@ -151,6 +152,8 @@ async def measure_design(task: str, pinned: bool, args: argparse.Namespace, ns: 
         await asyncio.sleep(3.0)  # warm up
         results: dict[str, dict] = {}
         for name, count, rate in CONDITIONS:
+            if args.conditions and name not in args.conditions.split(","):
+                continue
             if rate:
                 ns.throttle(STREAMER_PORT, rate)  # type: ignore[attr-defined]
             else:
@@ -294,6 +297,8 @@ def report(task: str, pinned: bool, design: dict, naive: dict | None) -> None:
     label = "pinned (trainer CPU 0; streamer + viewers CPU 1)" if pinned else "unpinned"
     print(f"\n== {task}, {label}")
     for name, count, _ in CONDITIONS:
+        if name not in design:
+            continue
         v = design[name]
         extra = f", {v.get('viewers_with_views')}/{count} viewers got views" if count > 1 else ""
         errors = f", errors {v['viewer_errors']}" if v.get("viewer_errors") else ""
@@ -302,7 +307,7 @@ def report(task: str, pinned: bool, design: dict, naive: dict | None) -> None:
               f"{_fmt(v.get('steps_per_s_on'), '.0f')} steps/s watched vs {_fmt(v.get('steps_per_s_off'), '.0f')} not); "
               f"lag p50 {_fmt(v.get('lag_p50'))} s, p95 {_fmt(v.get('lag_p95'))} s; views {v.get('views')}, "
               f"status max gap {_fmt(v.get('max_status_gap_s'))} s, scalar gaps {v.get('scalar_gaps')}{extra}{errors}")
-    v = design["1mbit"]
+    v = design.get("1mbit", {})
     if v.get("view_bytes_mean") and v.get("json_bytes_mean"):
         print(f"  bytes per heavy frame: {v['view_bytes_mean']:.0f} vs JSON {v['json_bytes_mean']:.0f} "
               f"({100 * v['view_bytes_mean'] / v['json_bytes_mean']:.1f} %)")
@@ -336,6 +341,9 @@ def main() -> int:
     parser.add_argument("--slot-s", type=float, default=2.0, help="length of a viewer on/off slot")
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--pinning", choices=("both", "pinned", "unpinned"), default="both")
+    parser.add_argument("--conditions", default="", help="comma list of: 1mbit,500kbit,100 viewers")
+    parser.add_argument("--trainer-arg", action="append", default=[],
+                        help="extra flag for the trainer, e.g. --trainer-arg=--max-fps=5")
     parser.add_argument("--inside", help=argparse.SUPPRESS)
     parser.add_argument("--naive-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--naive-viewer", type=int, help=argparse.SUPPRESS)
@@ -357,7 +365,8 @@ def main() -> int:
     with ThrottledNetns("twa") as ns:
         cmd = [*ns.prefix(), PY, __file__, "--inside", ns.name, "--tasks", args.tasks,
                "--window-s", str(args.window_s), "--pinning", args.pinning,
-               "--pairs", str(args.pairs), "--slot-s", str(args.slot_s)]
+               "--pairs", str(args.pairs), "--slot-s", str(args.slot_s), "--conditions", args.conditions]
+        cmd += [f"--trainer-arg={a}" for a in args.trainer_arg]
         cmd += ["--no-naive"] if args.no_naive else []
         return subprocess.call(cmd, cwd=ROOT)
 
