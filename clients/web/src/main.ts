@@ -141,7 +141,7 @@ function render(): void {
   if (drewView) {
     takeView();
     live.viewLabel = drawView(viewCanvas, live.view);
-    viewInfo.textContent = live.view ? `step ${live.view.step}${live.viewLabel ? " · " + live.viewLabel : ""}` : "";
+    setText(viewInfo, live.view ? `step ${live.view.step}${live.viewLabel ? " · " + live.viewLabel : ""}` : "");
   }
   // Charts redraw whole (uPlot). They redraw in the frames that redraw the view
   // anyway, or after CHARTS_MAX_WAIT_MS: every changed canvas is copied to the
@@ -179,16 +179,20 @@ const badgeParts = {
 };
 badge.append(...Object.values(badgeParts));
 
+/** Write only what changed: every DOM write costs style, layout and paint. */
+function setText(el: HTMLElement, text: string, className?: string): void {
+  if (el.textContent !== text) el.textContent = text;
+  if (className !== undefined && el.className !== className) el.className = className;
+}
+
 function renderBadge(): void {
   const st = live.status;
   const state = st ? RunState[st.state].toLowerCase() : "—";
-  badgeParts.state.className = `state state-${state}`;
-  badgeParts.state.textContent = state;
-  badgeParts.server.textContent = `server step ${live.serverStep}`;
-  badgeParts.shown.textContent = `shown ${live.displayedStep}`;
-  badgeParts.lag.textContent = `lag ${live.lagS.toFixed(2)} s`;
-  badgeParts.lag.className = live.lagS > 2 ? "warn" : "";
-  badgeParts.ups.textContent = `${updatesPerSecond()} upd/s`;
+  setText(badgeParts.state, state, `state state-${state}`);
+  setText(badgeParts.server, `server step ${live.serverStep}`);
+  setText(badgeParts.shown, `shown ${live.displayedStep}`);
+  setText(badgeParts.lag, `lag ${live.lagS.toFixed(2)} s`, live.lagS > 2 ? "warn" : "");
+  setText(badgeParts.ups, `${updatesPerSecond()} upd/s`);
 }
 
 // The badge's updates/s decays while nothing arrives.
@@ -311,7 +315,12 @@ async function refreshRuns(): Promise<void> {
   }
 }
 
+let runsShown = "";
+
 function renderRuns(): void {
+  const key = live.runId + "|" + runs.map((r) => `${r.runId}:${r.state}`).join(",");
+  if (key === runsShown) return;
+  runsShown = key;
   runList.innerHTML = "";
   if (!runs.length) runList.append(h("li", { className: "empty", textContent: "no runs yet" }));
   for (const r of runs) {
@@ -427,8 +436,9 @@ function syncParamValues(values: Record<string, number>): void {
     const v = values[name];
     if (v === undefined || performance.now() - entry.editing < 2000) continue;
     const toSlider = (entry.range as HTMLInputElement & { fromValue?: (v: number) => number }).fromValue;
-    entry.range.value = String(toSlider ? toSlider(v) : v);
-    entry.out.textContent = fmtParam(v, entry.range.step === "1");
+    const value = String(toSlider ? toSlider(v) : v);
+    if (entry.range.value !== value) entry.range.value = value;
+    setText(entry.out, fmtParam(v, entry.range.step === "1"));
   }
 }
 
