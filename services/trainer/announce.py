@@ -1,89 +1,123 @@
 """Tell the inference service about new checkpoints (best effort, never blocking).
 
-``announce(name)`` may be called from any thread. One task sends
+``announce(name, version)`` may be called from any thread. One task sends
 ``inference.GRPCInferenceService/RepositoryModelLoad`` for each announced model
 (latest wins per model), retrying with exponential backoff while inference is
 down, and gives up on a model after ``max_attempts`` (the next checkpoint
 announces it again). Training never waits for any of it.
+
+With ``push`` (inference has its own model repository: pods without a shared
+volume), the checkpoint file is first streamed to inference with
+``tensorwire.transfer.v1.ModelTransferService/UploadModel`` (chunked, checked,
+installed there atomically under the same version number). Calls go through
+``tensorwire.client.InferenceClient``, i.e. a channel pool.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
-from tensorwire.inference import grpc_service_pb2 as ipb
-from tensorwire.inference import grpc_service_pb2_grpc as ipb_grpc
+from tensorwire import modelrepo
+from tensorwire.channels import ChannelPool
+from tensorwire.client import InferenceClient, RetryPolicy
+from tensorwire.errors import AlreadyExistsError, TensorwireError
 
 log = logging.getLogger(__name__)
 
-
-@contextlib.asynccontextmanager
-async def connect(target: str) -> AsyncIterator[grpc.aio.Channel]:
-    """The one place the announcer opens a channel to inference."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        yield channel
+_GIVE_UP = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED)
 
 
 class ModelAnnouncer:
     """Asks inference to (re)load models whose new versions were written."""
 
-    def __init__(self, target: str, *, max_attempts: int = 8, timeout_s: float = 10.0,
-                 backoff_max_s: float = 10.0) -> None:
+    def __init__(self, target: str, *, repository: Path | None = None, push: bool = False,
+                 max_attempts: int = 8, timeout_s: float = 10.0, backoff_max_s: float = 10.0,
+                 upload_timeout_s: float = 600.0) -> None:
         self.target = target
+        self.repository = repository
+        self.push = push and repository is not None
         self.max_attempts = max_attempts
         self.timeout_s = timeout_s
+        self.upload_timeout_s = upload_timeout_s
         self.backoff_max_s = backoff_max_s
         self.loaded: dict[str, int] = {}
         """Model name -> how many loads inference acknowledged."""
+        self.pushed: dict[str, int] = {}
+        """Model name -> newest version inference holds from this trainer (push mode)."""
+        self.client: InferenceClient | None = None
+        self._versions: dict[str, int] = {}
         self._pending: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def pool(self) -> ChannelPool | None:
+        """The channel pool to inference (None until started with a target)."""
+        return self.client.pool if self.client is not None else None
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.target:
+            # One try per call: retries are this announcer's own, spaced by its backoff.
+            self.client = InferenceClient(self.target, timeout_s=self.timeout_s,
+                                          retry=RetryPolicy(attempts=1), max_size=2)
             self._task = asyncio.create_task(self._run(), name="announce")
 
     def announce(self, name: str, version: int = 0) -> None:
-        """Thread-safe: schedule a RepositoryModelLoad of ``name``."""
+        """Thread-safe: schedule a RepositoryModelLoad of ``name`` (after pushing
+        ``version`` in push mode)."""
         if self._loop is None or not self.target:
             return
-        self._loop.call_soon_threadsafe(self._add, name)
+        self._loop.call_soon_threadsafe(self._add, name, version)
 
-    def _add(self, name: str) -> None:
+    def _add(self, name: str, version: int) -> None:
         self._pending[name] = 0
+        if version:
+            self._versions[name] = max(version, self._versions.get(name, 0))
         self._wake.set()
 
+    async def _deliver(self, name: str) -> None:
+        assert self.client is not None
+        version = self._versions.get(name, 0)
+        if self.push and version > self.pushed.get(name, 0):
+            assert self.repository is not None
+            config = modelrepo.read_config(self.repository, name)
+            try:
+                result = await self.client.upload_checkpoint(
+                    modelrepo.weights_path(self.repository, name, version), model=name,
+                    kind=config["kind"], model_args=config.get("model_args"), version=version,
+                    timeout_s=self.upload_timeout_s,
+                )
+                log.info("pushed %s version %d to inference (%d bytes, %d on the wire)",
+                         name, version, result.bytes, result.wire_bytes)
+            except AlreadyExistsError:
+                pass  # inference has it already (e.g. a shared volume after all)
+            self.pushed[name] = version
+        await self.client.load_model(name)
+
     async def _run(self) -> None:
-        async with connect(self.target) as channel:
-            stub = ipb_grpc.GRPCInferenceServiceStub(channel)
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._pending:
-                    name, attempt = next(iter(self._pending.items()))
-                    del self._pending[name]
-                    try:
-                        await stub.RepositoryModelLoad(
-                            ipb.RepositoryModelLoadRequest(model_name=name), timeout=self.timeout_s
-                        )
-                        self.loaded[name] = self.loaded.get(name, 0) + 1
-                        log.info("inference loaded %s", name)
-                    except grpc.aio.AioRpcError as exc:
-                        if attempt + 1 >= self.max_attempts or exc.code() in (
-                            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED,
-                        ):
-                            log.warning("inference did not load %s: %s %s",
-                                        name, exc.code().name, exc.details())
-                            continue
-                        delay = min(self.backoff_max_s, 0.25 * 2**attempt)
-                        asyncio.get_running_loop().call_later(delay, self._retry, name, attempt + 1)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                name, attempt = next(iter(self._pending.items()))
+                del self._pending[name]
+                try:
+                    await self._deliver(name)
+                    self.loaded[name] = self.loaded.get(name, 0) + 1
+                    log.info("inference loaded %s", name)
+                except (TensorwireError, OSError) as exc:
+                    code = getattr(exc, "code", None)
+                    if attempt + 1 >= self.max_attempts or code in _GIVE_UP:
+                        log.warning("inference did not load %s: %s", name, exc)
+                        continue
+                    delay = min(self.backoff_max_s, 0.25 * 2**attempt)
+                    asyncio.get_running_loop().call_later(delay, self._retry, name, attempt + 1)
 
     def _retry(self, name: str, attempt: int) -> None:
         self._pending.setdefault(name, attempt)
@@ -93,3 +127,5 @@ class ModelAnnouncer:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self.client is not None:
+            await self.client.aclose()

@@ -38,7 +38,9 @@ class TrainerApp:
             checkpoint_every_s=settings.checkpoint_every_s,
             max_active_runs=settings.max_active_runs,
         )
-        self.announcer = ModelAnnouncer(settings.inference_target)
+        self.announcer = ModelAnnouncer(settings.inference_target,
+                                        repository=settings.model_repository,
+                                        push=settings.push_checkpoints)
         self.runs.listeners.append(self.announcer.announce)
         self.publisher = Publisher(
             self.runs, settings.streamer_target, max_fps=settings.max_fps,

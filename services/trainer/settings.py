@@ -29,6 +29,11 @@ class TrainerSettings(ServerSettings):
     model_repository: Path = setting(
         Path("var/models"), env="MODEL_REPOSITORY", help="where checkpoints are written"
     )
+    push_checkpoints: bool = setting(
+        False, env="PUSH_CHECKPOINTS",
+        help="stream each checkpoint to inference (ModelTransferService/UploadModel) before "
+             "asking it to load: for pods that share no volume with inference",
+    )
     demo_task: str = setting(
         "", env="DEMO_TASK", help="task of a run started at boot ('' = none)"
     )
