@@ -349,7 +349,12 @@ def test_inference_autoscales_and_survives_disruptions(entry: str) -> None:
     hpa = by_kind(docs, "HorizontalPodAutoscaler")["inference"]
     ref = hpa["spec"]["scaleTargetRef"]
     assert (ref["kind"], ref["name"]) == ("Deployment", "inference")
-    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    trainer_env = _config_maps_of(docs, by_kind(docs, "Deployment")["trainer"]["spec"]["template"]["spec"])
+    if trainer_env.get("TENSORWIRE_TRAINER_PUSH_CHECKPOINTS") == "true":
+        # checkpoints pushed to one replica: inference must stay at one
+        assert hpa["spec"]["minReplicas"] == hpa["spec"]["maxReplicas"] == 1
+    else:
+        assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
     pdb = by_kind(docs, "PodDisruptionBudget")["inference"]
     assert _selects(pdb["spec"]["selector"]["matchLabels"], dep["spec"]["template"]["metadata"]["labels"])
     if "minAvailable" in pdb["spec"]:
@@ -375,9 +380,17 @@ def test_gpu_component_puts_trainer_and_inference_on_gpu_nodes() -> None:
 
 
 @needs_kubectl
-def test_no_shared_volume_component_drops_the_claim() -> None:
+def test_no_shared_volume_component_drops_the_claim_and_pushes_checkpoints() -> None:
     docs = render("overlays/dev-local")
     assert not by_kind(docs, "PersistentVolumeClaim")
+    env = _config_maps_of(docs, by_kind(docs, "Deployment")["trainer"]["spec"]["template"]["spec"])
+    assert env["TENSORWIRE_TRAINER_PUSH_CHECKPOINTS"] == "true"
+    assert config.load(TrainerSettings, [], env=env).push_checkpoints is True
+    pdb = by_kind(docs, "PodDisruptionBudget")["inference"]["spec"]
+    assert "minAvailable" not in pdb and pdb["maxUnavailable"] == 1
+    shared = render("overlays/dev")
+    shared_env = _config_maps_of(shared, by_kind(shared, "Deployment")["trainer"]["spec"]["template"]["spec"])
+    assert shared_env.get("TENSORWIRE_TRAINER_PUSH_CHECKPOINTS") in (None, "false")
     for name in ("trainer", "inference"):
         spec = by_kind(docs, "Deployment")[name]["spec"]["template"]["spec"]
         models = next(v for v in spec["volumes"] if v["name"] == "models")
