@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 
+from tensorwire.checkpoints import SERVICE_NAME as TRANSFER_SERVICE_NAME
+from tensorwire.checkpoints import CheckpointReceiver, ModelTransferServicer
+from tensorwire.httppool import HttpModelRepository, HttpPool
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.loader import LoaderConfig
@@ -30,18 +35,29 @@ def repository_options(settings: InferenceSettings) -> RepositoryOptions:
 
 
 class InferenceApp:
-    service_names = (SERVICE_NAME,)
+    service_names = (SERVICE_NAME, TRANSFER_SERVICE_NAME)
 
     def __init__(self, settings: InferenceSettings) -> None:
         self.settings = settings
         self.state = ServerState()
-        self.repository = ModelRepository(settings.model_repository, repository_options(settings))
+        options = repository_options(settings)
+        # Models from an HTTP(S) repository: one pooled HTTP client, mirrored on load.
+        self.http: HttpPool | None = None
+        if settings.model_repository_url:
+            self.http = HttpPool()
+            mirror = HttpModelRepository(settings.model_repository_url, settings.model_repository,
+                                         self.http)
+            options = dataclasses.replace(options, fetch=mirror.sync)
+        self.repository = ModelRepository(settings.model_repository, options)
+        # Checkpoints pushed by trainers that share no volume with this service.
+        self.transfer = ModelTransferServicer(CheckpointReceiver(settings.model_repository))
         COLLECTOR.add(self.repository)
 
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.state, self.repository), server
         )
+        self.transfer.register(server)
 
     async def drain(self) -> None:
         self.state.ready = False
@@ -50,6 +66,8 @@ class InferenceApp:
         self.state.ready = False
         await self.repository.aclose()
         COLLECTOR.discard(self.repository)
+        if self.http is not None:
+            await self.http.aclose()
 
 
 async def create_app(settings: InferenceSettings) -> InferenceApp:

@@ -27,7 +27,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,6 +377,9 @@ class RepositoryOptions:
     """Threads running batched forwards (shared by every model)."""
     torch_threads: int = 1
     """Torch intra-op threads in each of those threads; 0 = torch's default."""
+    fetch: Callable[[str], Awaitable[Any]] | None = None
+    """Awaited with a model's name before RepositoryModelLoad reads it from the folder:
+    mirrors the model from a remote (HTTP) repository (tensorwire.httppool)."""
 
 
 class ModelRepository:
@@ -561,6 +564,8 @@ class ModelRepository:
     async def load_model(self, name: str, config_override: dict[str, Any] | None = None) -> None:
         """RepositoryModelLoad: (re)load ``name`` now; returns when it is serving."""
         modelrepo.check_name(name)
+        if self.options.fetch is not None:
+            await self.options.fetch(name)
         if not (self.root / name / modelrepo.CONFIG_FILE).is_file():
             raise NotFoundError(f"model {name!r} is not in the repository {str(self.root)!r}")
         self._unloaded.discard(name)

@@ -21,6 +21,11 @@ class InferenceSettings(ServerSettings):
     model_repository: Path = setting(
         Path("var/models"), env="MODEL_REPOSITORY", help="model repository directory"
     )
+    model_repository_url: str = setting(
+        "", env="MODEL_REPOSITORY_URL",
+        help="http(s):// model repository (same layout, any static file server) whose models "
+             "RepositoryModelLoad mirrors into --model-repository first ('' = none)",
+    )
     poll_interval_s: float = setting(
         1.0, env="POLL_INTERVAL_S", help="seconds between scans of the repository for new versions (0 = never)",
         min=0,

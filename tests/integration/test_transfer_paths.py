@@ -1,0 +1,143 @@
+"""The pool and chunked transfer on the real paths between the services:
+
+- trainer -> inference with no shared filesystem: the trainer pushes each
+  checkpoint (UploadModel, chunked) then asks for RepositoryModelLoad, both over
+  its channel pool; inference serves the trained weights;
+- inference mirrors a model from an HTTP(S) model repository (pooled httpx);
+- a backend caller (tensorwire.client) runs inference and gets domain errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.inference.app import create_app as create_inference
+from services.inference.settings import InferenceSettings
+from services.trainer.app import create_app as create_trainer
+from services.trainer.settings import TrainerSettings
+from tensorwire import modelrepo
+from tensorwire.client import InferenceClient
+from tensorwire.errors import NotFoundError
+from tensorwire.models import build_model
+from tests.conftest import serving, settings_for
+
+
+async def _until(predicate, timeout_s: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def _spiral_points() -> np.ndarray:
+    return np.array([[0.1, 0.2], [-0.5, 0.3], [0.9, -0.9]], dtype=np.float32)
+
+
+async def test_trainer_pushes_checkpoints_to_inference_without_shared_storage(tmp_path: Path) -> None:
+    inference_app = await create_inference(
+        settings_for(InferenceSettings, tmp_path / "inference", poll_interval_s=0.0)
+    )
+    async with serving(inference_app, "inference") as inference:
+        trainer_settings = settings_for(
+            TrainerSettings, tmp_path / "trainer", streamer_target="",
+            inference_target=f"127.0.0.1:{inference.port}", push_checkpoints=True,
+            checkpoint_every_steps=50, checkpoint_every_s=0.0, demo_task="", demo_models=False,
+        )
+        trainer_app = await create_trainer(trainer_settings)
+        try:
+            run = trainer_app.runs.start_run("spiral", {"max_steps": 120}, seed=7)
+            model = f"run-{run.run_id}"
+            async with InferenceClient(f"127.0.0.1:{inference.port}") as client:
+
+                async def served() -> bool:
+                    return trainer_app.announcer.loaded.get(model, 0) >= 1 and await client.model_ready(model)
+
+                await _until(served, what=f"inference serving {model}")
+                await asyncio.to_thread(run.loop.join)
+                await asyncio.to_thread(trainer_app.runs.flush_checkpoints, 30.0)
+
+                async def caught_up() -> bool:
+                    return (trainer_app.announcer.pushed.get(model)
+                            == modelrepo.list_versions(trainer_settings.model_repository, model)[-1])
+
+                await _until(caught_up, what="the last checkpoint pushed")
+                await client.load_model(model)
+                local = trainer_settings.model_repository
+                remote = inference_app.settings.model_repository
+                assert local != remote
+                # Same version numbers on both sides; checkpoints written while an
+                # upload was running are coalesced (latest wins), so some may be skipped.
+                versions = modelrepo.list_versions(remote, model)
+                assert versions and set(versions) <= set(modelrepo.list_versions(local, model))
+                last = versions[-1]
+                assert last == modelrepo.list_versions(local, model)[-1]
+                assert (modelrepo.weights_path(remote, model, last).read_bytes()
+                        == modelrepo.weights_path(local, model, last).read_bytes())
+                outputs = await client.infer(model, {"points": _spiral_points()})
+                net = build_model("spiral")
+                net.load_state_dict(modelrepo.load_state_dict(modelrepo.weights_path(local, model, last)))
+                net.eval()
+                with torch.no_grad():
+                    want = net(torch.from_numpy(_spiral_points())).numpy()
+                np.testing.assert_allclose(outputs["logits"], want, rtol=1e-5, atol=1e-6)
+                with pytest.raises(NotFoundError):
+                    await client.infer("no-such-model", {"points": _spiral_points()})
+            assert trainer_app.announcer.pool.metrics.reuse_rate > 0.5
+        finally:
+            await trainer_app.aclose()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _file_server(root: Path) -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+async def test_inference_loads_models_from_an_http_repository(tmp_path: Path) -> None:
+    remote = tmp_path / "www"
+    torch.manual_seed(5)
+    net = build_model("spiral")
+    modelrepo.write_version(remote, "spiral", "spiral", net.state_dict())
+    with _file_server(remote) as url:
+        settings = settings_for(InferenceSettings, tmp_path / "inference", poll_interval_s=0.0,
+                                model_repository_url=url)
+        app = await create_inference(settings)
+        async with serving(app, "inference") as server:
+            async with InferenceClient(f"127.0.0.1:{server.port}") as client:
+                assert not await client.model_ready("spiral")
+                await client.load_model("spiral")
+                assert await client.model_ready("spiral")
+                outputs = await client.infer("spiral", {"points": _spiral_points()})
+                net.eval()
+                with torch.no_grad():
+                    want = net(torch.from_numpy(_spiral_points())).numpy()
+                np.testing.assert_allclose(outputs["logits"], want, rtol=1e-5, atol=1e-6)
+                with pytest.raises(NotFoundError, match="nosuch"):
+                    await client.load_model("nosuch")
+    assert modelrepo.list_versions(settings.model_repository, "spiral") == [1]
