@@ -172,8 +172,10 @@ def wait_http(url: str, timeout_s: float) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One suite per test module, stopped when the module is done: nothing keeps
+    training in the background while later tests run."""
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is missing (scripts/install-system-deps.sh installs it)")
     ensure_bundle()
