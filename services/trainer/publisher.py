@@ -23,16 +23,14 @@ headless Service gets every update).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 
-from tensorwire.channels import resolve_targets
+from tensorwire.channels import ChannelPool, resolve_targets
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.scalars import Bucket, ScalarBuffer, to_batch
 from tensorwire.streamer.v1 import streamer_pb2 as spb
@@ -46,15 +44,14 @@ log = logging.getLogger(__name__)
 PUBLISH_METHOD = "/tensorwire.streamer.v1.StreamerService/Publish"
 
 
-@contextlib.asynccontextmanager
-async def connect(address: str) -> AsyncIterator[grpc.aio.Channel]:
-    """The one place the publisher opens a channel (one per streamer address)."""
-    async with grpc.aio.insecure_channel(
-        address,
+def channel_pool(address: str) -> ChannelPool:
+    """The one place the publisher makes channels: a pool per streamer address
+    (one Publish stream each; health-checked, replaced when unhealthy or old, metered)."""
+    return ChannelPool(
+        address, min_size=1, max_size=1, name=f"publish {address}",
         options=[("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                  ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1_000)],
-    ) as channel:
-        yield channel
+    )
 
 
 def _serialize(message: bytes | spb.PublishRequest) -> bytes:
@@ -86,6 +83,7 @@ class _Link:
     connects: int = 0
     sent_frames: int = 0
     task: asyncio.Task[None] | None = None
+    pool: ChannelPool | None = None
 
     def add_scalars(self, run_id: str, series: dict[str, list[Bucket]], max_points: int) -> None:
         buffer = self.scalars.get(run_id)
@@ -207,6 +205,9 @@ class Publisher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for link in self.links.values():
+            if link.pool is not None:
+                await link.pool.aclose()
         if self.view_worker is not None:
             self.view_worker.close()
 
@@ -219,7 +220,7 @@ class Publisher:
             return
         for address in addresses:
             if address not in self.links:
-                link = _Link(address)
+                link = _Link(address, pool=channel_pool(address))
                 for run_id, data in self._latest_statuses().items():
                     link.set_status(run_id, data)
                 link.task = asyncio.create_task(self._link_forever(link), name=f"publish-{address}")
@@ -230,6 +231,8 @@ class Publisher:
                 if link.task is not None:
                     link.task.cancel()
                     await asyncio.gather(link.task, return_exceptions=True)
+                if link.pool is not None:
+                    await link.pool.aclose()
 
     def _latest_statuses(self) -> dict[str, bytes]:
         for link in self.links.values():
@@ -351,7 +354,8 @@ class Publisher:
         while not self._closed:
             started = time.monotonic()
             try:
-                async with connect(link.address) as channel:
+                assert link.pool is not None
+                async with link.pool.acquire() as channel:
                     await self._stream(link, channel)
             except asyncio.CancelledError:
                 raise
