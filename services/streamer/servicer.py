@@ -1,6 +1,6 @@
 """StreamerService: protobuf <-> UpdateHub.
 
-``Subscribe`` yields frames the hub serialized already (the same bytes for
+``Subscribe`` writes frames the hub serialized already (the same bytes for
 every subscriber), so the service is registered with a response serializer that
 passes bytes through; see :func:`register`.
 """
@@ -28,7 +28,7 @@ class StreamerServicer:
     def __init__(self, hub: UpdateHub) -> None:
         self._hub = hub
 
-    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext) -> None:
         hub = self._hub
         sub = hub.subscribe(
             request.run_id, max_fps=request.max_fps, views=request.views,
@@ -37,7 +37,12 @@ class StreamerServicer:
         try:
             async for data, heavy in hub.frames(sub):
                 started = time.monotonic()
-                yield data  # resumes once gRPC took the frame
+                try:
+                    await context.write(data)  # returns once gRPC took the frame
+                except Exception:
+                    if context.done():
+                        return  # the viewer went away mid-write: nothing to report
+                    raise
                 hub.record_write(sub, len(data), time.monotonic() - started, heavy)
         finally:
             hub.unsubscribe(sub)

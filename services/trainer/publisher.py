@@ -12,8 +12,9 @@ keeps a bidi ``Publish`` stream open and drains its outbox:
   subscribers a snapshot at once;
 - the streamer answers with who is watching. A view is built only for a run
   someone watches, at most ``max_fps`` (and the viewers' own cap) times a
-  second and within a CPU budget, from a weight snapshot, in a worker process
-  (see viewworker.py), and serialized once for every address.
+  second and within a CPU budget, from a weight snapshot, in a worker thread
+  (or a worker process, see viewworker.py), and serialized once for every
+  address.
 
 The targets are ``host:port``, a comma list, or ``dns:///name:port`` (every
 address, re-resolved every ``resolve_every_s``, so each streamer replica behind a
@@ -148,7 +149,7 @@ class Publisher:
         *,
         max_fps: float = 10.0,
         view_cpu_budget: float = 0.02,
-        view_process: bool = True,
+        view_process: bool = False,
         status_interval_s: float = 0.25,
         tick_s: float = 0.05,
         max_points: int = 512,
