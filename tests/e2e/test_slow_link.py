@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,20 +21,17 @@ from tests.e2e.test_browser import live_page, measure, report
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.root]
 
-NETNS = "twd-e2e"
-
-
 @contextlib.contextmanager
 def throttled_namespace(port: int, rate: str = "1mbit") -> Iterator[str]:
-    """A network namespace whose loopback sends from ``port`` at ``rate`` only."""
+    """A fresh network namespace whose loopback sends from ``port`` at ``rate`` only."""
 
     def ip(*args: str) -> None:
         subprocess.run(["ip", *args], check=True, capture_output=True)
 
-    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
-    ip("netns", "add", NETNS)
+    netns = f"twd{uuid.uuid4().hex[:8]}"  # unique: several test runs may share a machine
+    ip("netns", "add", netns)
     try:
-        run = ["netns", "exec", NETNS]
+        run = ["netns", "exec", netns]
         ip(*run, "ip", "link", "set", "dev", "lo", "up")
         ip(*run, "ip", "link", "set", "dev", "lo", "gso_max_segs", "1")
         ip(*run, "tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "10")
@@ -43,9 +41,9 @@ def throttled_namespace(port: int, rate: str = "1mbit") -> Iterator[str]:
            "rate", rate, "ceil", rate)
         ip(*run, "tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "u32",
            "match", "ip", "sport", str(port), "0xffff", "flowid", "1:20")
-        yield NETNS
+        yield netns
     finally:
-        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and tc need root")
@@ -54,9 +52,10 @@ def test_lag_stays_low_on_a_1_mbit_link(tmp_path: Path) -> None:
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is missing")
     ensure_bundle()
-    stack = Stack(tmp_path / "stack", netns=NETNS)
+    stack = Stack(tmp_path / "stack")
     stack.data_dir.mkdir()
     with throttled_namespace(stack.web_port) as netns:
+        stack.netns = netns
         # Chromium runs inside the namespace too, so it reaches the throttled port.
         wrapper = tmp_path / "chromium-in-netns"
         wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {CHROMIUM} "$@"\n')
