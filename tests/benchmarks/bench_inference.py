@@ -276,45 +276,52 @@ def main() -> int:
     print(f"bench_inference: {os.cpu_count()} cores, {args.duration_s:g}s per point, spiral MLP, batch 1 requests")
     if not pa_env and args.perf_analyzer == "auto":
         print("perf_analyzer: libraries missing (libb64-0d, libcudart.so.12 via TW_CUDART_DIR); Python generator only")
+    # All servers start first (idle ones cost nothing); each point is then measured for
+    # every server back to back, so the ratios compare neighbours in time on a machine
+    # whose background load drifts.
+    procs = {server: start_server(server, repo) for server in servers}
     try:
-        for server in servers:
-            proc, target = start_server(server, repo)
-            try:
-                for gen, env in generators:
-                    for c in CONCURRENCY:
-                        cpu0 = cpu_seconds(proc.pid)
-                        if gen == "python":
-                            r = load_in_process(target, c, args.duration_s, args.warmup_s)
-                        else:
-                            try:
-                                r = perf_analyzer(target, c, args.duration_s, env)  # type: ignore[arg-type]
-                            except RuntimeError as exc:
-                                print(f"  perf_analyzer {server} c={c}: failed: {str(exc)[-300:]}")
-                                r = {"rps": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan"),
-                                     "errors": -1}
-                        # Server CPU per request: robust to a noisy shared machine, unlike RPS.
-                        # (Python generator: includes its warm-up requests, so slightly high.)
-                        served = r["rps"] * (args.duration_s + (args.warmup_s if gen == "python" else 0))
+        for gen, env in generators:
+            for c in CONCURRENCY:
+                for server in servers:
+                    proc, target = procs[server]
+                    cpu0 = cpu_seconds(proc.pid)
+                    if gen == "python":
+                        r = load_in_process(target, c, args.duration_s, args.warmup_s)
+                        # Server CPU per request: steadier than RPS on a shared machine
+                        # (includes the warm-up's requests, so slightly high).
+                        served = r["rps"] * (args.duration_s + args.warmup_s)
                         r["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) / max(served, 1) * 1e6
-                        results[(gen, server, c)] = r
-                        print(f"  {gen:13s} {server:13s} c={c:<3d} {r['rps']:8.0f} rps  "
-                              f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  server cpu {r['cpu_us']:5.0f} us/req  "
-                              f"errors {r['errors']}",
-                              flush=True)
-            finally:
-                stop_server(proc)
+                    else:
+                        try:
+                            r = perf_analyzer(target, c, args.duration_s, env)  # type: ignore[arg-type]
+                        except RuntimeError as exc:
+                            print(f"  perf_analyzer {server} c={c}: failed: {str(exc)[-200:]}")
+                            r = {"rps": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan"),
+                                 "errors": -1}
+                        r["cpu_us"] = float("nan")  # perf_analyzer runs an unknown number of windows
+                    results[(gen, server, c)] = r
+                    print(f"  {gen:13s} {server:13s} c={c:<3d} {r['rps']:8.0f} rps  "
+                          f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
+                          f"server cpu {r['cpu_us']:5.0f} us/req  errors {r['errors']}", flush=True)
     finally:
+        for proc, _ in procs.values():
+            stop_server(proc)
         shutil.rmtree(tmp, ignore_errors=True)
+    load1, load5, _ = os.getloadavg()
+    print(f"\nload average during the run (1/5 min): {load1:.1f} / {load5:.1f} on {os.cpu_count()} cores")
 
-    print("\nsummary (ratio = RPS / echo ceiling RPS at the same concurrency, same generator)")
-    print(f"  {'generator':13s} {'server':13s} {'c':>3s} {'rps':>8s} {'p50 ms':>7s} {'p99 ms':>7s} {'ratio':>6s}")
+    print("\nsummary (ratio = RPS / echo RPS, same concurrency and generator; "
+          "cpu x = server CPU per request / echo's)")
+    print(f"  {'generator':13s} {'server':13s} {'c':>3s} {'rps':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
+          f"{'ratio':>6s} {'cpu x':>6s}")
     for gen, _ in generators:
         for server in servers:
             for c in CONCURRENCY:
                 r = results[(gen, server, c)]
-                ceiling = results.get((gen, "echo", c), {"rps": float("nan")})["rps"]
+                echo = results.get((gen, "echo", c), {"rps": float("nan"), "cpu_us": float("nan")})
                 print(f"  {gen:13s} {server:13s} {c:3d} {r['rps']:8.0f} {r['p50_ms']:7.2f} "
-                      f"{r['p99_ms']:7.2f} {r['rps'] / ceiling:6.2f}")
+                      f"{r['p99_ms']:7.2f} {r['rps'] / echo['rps']:6.2f} {r['cpu_us'] / echo['cpu_us']:6.2f}")
     return 0
 
 
