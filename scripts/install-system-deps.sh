@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# System packages the browser end-to-end tests need: Debian's chromium (never a
-# browser downloaded by playwright) and its fonts. Idempotent: does nothing when
-# /usr/bin/chromium is already there. Needs root (apt-get) the first time.
+# System packages the tests need, from Debian: chromium (the browser e2e tests
+# drive it; never a browser downloaded by playwright) with its fonts, and
+# promtool (package prometheus) to check the alert rules. Idempotent: installs
+# only what is missing. Needs root (apt-get) the first time.
 set -euo pipefail
 
-if [ -x /usr/bin/chromium ]; then
-  exit 0
-fi
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium fonts-dejavu-core)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+[ ${#missing[@]} -eq 0 ] && exit 0
+
 if [ "$(id -u)" -ne 0 ]; then
-  echo "install-system-deps: /usr/bin/chromium is missing and this is not root;" \
-       "run 'sudo apt-get install chromium fonts-dejavu-core' (browser tests will skip)" >&2
+  echo "install-system-deps: missing ${missing[*]} and this is not root;" \
+       "run 'sudo apt-get install ${missing[*]}' (the tests that need them will skip)" >&2
   exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
-/usr/bin/chromium --version
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+[ -x /usr/bin/chromium ] && /usr/bin/chromium --version
+command -v promtool >/dev/null && promtool --version | head -1
