@@ -308,6 +308,9 @@ class ChannelPool:
         if self._addresses is None:
             await self._resolve()
         self._ensure_maintainer()
+        # The floor (one channel per address) from the first call on, not from the
+        # first maintenance pass: otherwise every replica but one idles until then.
+        self._top_up()
         pooled, created = self._assign()
         self._acquisitions += 1
         if not created:
@@ -442,12 +445,11 @@ class ChannelPool:
         to_close = self._sweep(now)
         open_channels = [c for c in self._channels if c.state is ChannelState.OPEN]
         best = min(open_channels, key=lambda c: (c.active, c.id), default=None)
-        created = False
         if best is None or (best.active >= self._grow_at and len(open_channels) < self._max_size):
             best = self._open(now)
-            created = True
         elif best.active >= self._grow_at:
             self._saturated += 1
+        created = best.uses == 0  # a connection's first call is not a reuse
         best.active += 1
         best.uses += 1
         best.last_used_at = now

@@ -172,12 +172,6 @@ async def test_two_inference_workers_share_the_load(tmp_path: Path) -> None:
         points = [rng.normal(size=(4, 2)).astype(np.float32) for _ in range(requests)]
         # One client, one endpoint list: what `dns:///inference-headless:8001` resolves to.
         async with InferenceClient(f"{ia.target},{ib.target}") as client:
-            # A long-lived client's pool runs maintenance every health_check_interval_s,
-            # and that pass opens one channel per address. The first pass comes only one
-            # interval after the first call (until then every call uses one channel), so
-            # run it now, as it will have run in any client older than 30 s.
-            await client.pool.maintain()
-            assert len(client.pool.addresses) == 2 and client.pool.size == 2, repr(client.pool)
             gate = asyncio.Semaphore(concurrency)
 
             async def call(x: np.ndarray) -> np.ndarray:
@@ -185,6 +179,8 @@ async def test_two_inference_workers_share_the_load(tmp_path: Path) -> None:
                     return (await client.infer("spiral", {"points": x}, timeout_s=30))["logits"]
 
             answers = await asyncio.gather(*(call(x) for x in points))
+            # The pool opened one channel per address at the first call.
+            assert len(client.pool.addresses) == 2 and client.pool.size == 2, repr(client.pool)
             pool_repr = repr(client.pool)
 
         with torch.no_grad():
