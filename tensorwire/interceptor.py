@@ -1,7 +1,12 @@
 """The one place where domain errors become gRPC status codes.
 
-Also turns a request that cannot be parsed into INVALID_ARGUMENT (gRPC's own
-answer is a bare INTERNAL) and records the per-RPC metrics.
+Every handler a service registers is wrapped once, at registration, so that a
+domain error raised by the core becomes its status code (anything else becomes
+INTERNAL with a generic message and the traceback in the log), a request that
+cannot be parsed becomes INVALID_ARGUMENT (gRPC's own answer is a bare INTERNAL),
+and every RPC is timed and counted. Wrapping at registration instead of in a
+``grpc.aio.ServerInterceptor`` matters on the inference hot path: an interceptor
+runs a coroutine and rebuilds the handler on every call (~60-80 us measured).
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -58,15 +63,31 @@ def _code_of(context: grpc.aio.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
+class _Method:
+    """Per-method state built once: its names and its metric children."""
+
+    __slots__ = ("full", "handled", "latency", "service", "short")
+
+    def __init__(self, service: str, full: str) -> None:
+        self.service, self.full = service, full
+        self.short = full.rsplit("/", 1)[-1]
+        self.latency = metrics.RPC_LATENCY.labels(service, self.short)
+        self.handled: dict[str, Any] = {}
+
+    def count(self, code: str) -> None:
+        child = self.handled.get(code)
+        if child is None:
+            child = self.handled[code] = metrics.RPC_HANDLED.labels(self.service, self.short, code)
+        child.inc()
+
+
 class _Guard:
     """Times one RPC, counts its outcome, and turns an escaping exception into a status."""
 
-    __slots__ = ("_context", "_interceptor", "_method", "_short", "_start")
+    __slots__ = ("_context", "_method", "_start")
 
-    def __init__(self, interceptor: ErrorInterceptor, method: str, short: str,
-                 context: grpc.aio.ServicerContext) -> None:
-        self._interceptor, self._method, self._short = interceptor, method, short
-        self._context = context
+    def __init__(self, method: _Method, context: grpc.aio.ServicerContext) -> None:
+        self._method, self._context = method, context
         self._start = 0.0
 
     async def __aenter__(self) -> None:
@@ -76,13 +97,10 @@ class _Guard:
                         tb: object) -> bool:
         try:
             if isinstance(exc, Exception) and not _is_abort(exc):
-                await _fail(self._context, exc, self._method)  # raises AbortError
+                await _fail(self._context, exc, self._method.full)  # raises AbortError
         finally:
-            service = self._interceptor._service
-            metrics.RPC_LATENCY.labels(service, self._short).observe(
-                time.perf_counter() - self._start
-            )
-            metrics.RPC_HANDLED.labels(service, self._short, _code_of(self._context)).inc()
+            self._method.latency.observe(time.perf_counter() - self._start)
+            self._method.count(_code_of(self._context))
         return False
 
 
@@ -91,71 +109,100 @@ async def _reject_malformed(request: Any, context: grpc.aio.ServicerContext) -> 
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to status codes and counts every RPC by outcome."""
+def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The same handler with error mapping, malformed-request rejection and metrics."""
+    method = _Method(service, full_method)
+    deserialize = _safe_deserializer(handler.request_deserializer)
+    serialize = handler.response_serializer
 
-    def __init__(self, service: str) -> None:
-        self._service = service
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for request in requests:
+            await _reject_malformed(request, context)
+            yield request
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler  # unknown method: gRPC answers UNIMPLEMENTED
-        method = details.method
-        short = method.rsplit("/", 1)[-1]
-        deserialize = _safe_deserializer(handler.request_deserializer)
-        serialize = handler.response_serializer
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
 
-        def guard(context: grpc.aio.ServicerContext) -> _Guard:
-            return _Guard(self, method, short, context)
-
-        async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async for request in requests:
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with _Guard(method, context):
                 await _reject_malformed(request, context)
-                yield request
+                return await inner_uu(request, context)
 
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                async with guard(context):
-                    await _reject_malformed(request, context)
-                    return await inner_uu(request, context)
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
-
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async with guard(context):
-                    await _reject_malformed(request, context)
-                    async for item in _iterate(inner_us(request, context)):
-                        yield item
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
-
-        if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                async with guard(context):
-                    return await inner_su(checked(requests, context), context)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
-
-        inner_ss = handler.stream_stream
-
-        async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with guard(context):
-                async for item in _iterate(inner_ss(checked(requests, context), context)):
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with _Guard(method, context):
+                await _reject_malformed(request, context)
+                async for item in _iterate(inner_us(request, context)):
                     yield item
 
-        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
+        return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
+
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            async with _Guard(method, context):
+                return await inner_su(checked(requests, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
+
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async with _Guard(method, context):
+            async for item in _iterate(inner_ss(checked(requests, context), context)):
+                yield item
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    """A generic handler whose handlers are wrapped on first lookup, then cached."""
+
+    def __init__(self, service: str, inner: grpc.GenericRpcHandler) -> None:
+        self._service, self._inner = service, inner
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(details)
+        if handler is None:
+            return None  # unknown method: gRPC answers UNIMPLEMENTED
+        cached = self._cache.get(details.method)
+        if cached is None or cached[0] is not handler:
+            wrapped = wrap_handler(self._service, details.method, handler)
+            cached = self._cache[details.method] = (handler, wrapped)
+        return cached[1]
+
+
+class WrappingRegistrar:
+    """Stands in for the ``grpc.aio.Server`` while a service registers its servicers
+    (the generated ``add_*Servicer_to_server`` functions), wrapping every handler."""
+
+    def __init__(self, server: grpc.aio.Server, service: str) -> None:
+        self._server, self._service = server, service
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_WrappedGeneric(self._service, h) for h in handlers)
+        )
+
+    def add_registered_method_handlers(
+        self, service_name: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service_name,
+            {
+                name: wrap_handler(self._service, f"/{service_name}/{name}", handler)
+                for name, handler in handlers.items()
+            },
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
 
 
 async def _iterate(result: Any) -> AsyncIterator[Any]:

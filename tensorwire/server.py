@@ -2,10 +2,10 @@
 
 ``GrpcServer`` builds a grpc.aio server with grpc.health.v1 (a real status per
 service that turns NOT_SERVING while draining), server reflection, the error
-interceptor, message-size limits and a Prometheus endpoint. ``serve`` runs one
-service until SIGTERM/SIGINT and then shuts down in order: health goes
-NOT_SERVING, in-flight calls drain within the grace period, the service's core
-closes, the process exits 0.
+mapping of tensorwire.interceptor, message-size limits and a Prometheus
+endpoint. ``serve`` runs one service until SIGTERM/SIGINT and then shuts down in
+order: health goes NOT_SERVING, in-flight calls drain within the grace period,
+the service's core closes, the process exits 0.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tensorwire import metrics
-from tensorwire.interceptor import ErrorInterceptor
+from tensorwire.interceptor import WrappingRegistrar
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Service(Protocol):
 
 
 class GrpcServer:
-    """One grpc.aio server with health, reflection, interceptor and metrics."""
+    """One grpc.aio server with health, reflection, error mapping and metrics."""
 
     def __init__(self, options: ServerOptions, service: Service) -> None:
         self.options = options
@@ -85,10 +85,9 @@ class GrpcServer:
             ("grpc.keepalive_permit_without_calls", 1),
             *options.extra_options,
         ]
-        self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(options.name)], options=grpc_options
-        )
-        service.register(self.server)
+        self.server = grpc.aio.server(options=grpc_options)
+        # Every handler of the service is wrapped once here (error mapping, metrics).
+        service.register(WrappingRegistrar(self.server, options.name))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (
             *service.service_names,
