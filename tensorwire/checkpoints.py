@@ -295,6 +295,7 @@ async def upload_checkpoint(
     version: int | None = None,
     config: ChunkConfig = ChunkConfig(),
     timeout_s: float | None = None,
+    wait_for_ready: bool | None = None,
 ) -> UploadResult:
     """Stream the weights file at ``path`` to a ModelTransferService; returns what the
     receiver installed. gRPC errors are raised as ``grpc.aio.AioRpcError`` (use
@@ -303,6 +304,6 @@ async def upload_checkpoint(
     reply = await stub.UploadModel(
         upload_requests(path, model=model, kind=kind, model_args=model_args, version=version,
                         config=config),
-        timeout=timeout_s,
+        timeout=timeout_s, wait_for_ready=wait_for_ready,
     )
     return UploadResult(reply.model, reply.version, reply.bytes, reply.crc32, reply.chunks, reply.wire_bytes)

@@ -33,30 +33,16 @@ import numpy as np
 from google.protobuf.message import Message
 
 from tensorwire.channels import ChannelPool
-from tensorwire.checkpoints import UploadResult, upload_requests
+from tensorwire.checkpoints import UploadResult, upload_checkpoint
 from tensorwire.chunking import ChunkConfig
 from tensorwire.errors import DeadlineExceededError, InvalidArgumentError, TensorwireError, from_status
 from tensorwire.inference import grpc_service_pb2 as pb
-from tensorwire.transfer.v1 import transfer_pb2 as transfer_pb
-from tensorwire.transfer.v1 import transfer_pb2_grpc as transfer_grpc
+from tensorwire.tensors import NUMPY_DTYPES, TYPED_FIELD, datatype_of
 
 R = TypeVar("R", bound=Message)
 
 _INFERENCE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
-"""Triton datatype names and their (little-endian) numpy types."""
-_DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -182,11 +168,11 @@ def _domain_error(method: str, exc: grpc.aio.AioRpcError) -> TensorwireError:
 def _encode_input(name: str, array: np.ndarray) -> tuple[pb.ModelInferRequest.InferInputTensor, bytes]:
     array = np.asarray(array)
     native = array.dtype.newbyteorder("=")
-    datatype = _DATATYPE_OF.get(native)
-    if datatype is None:
-        raise InvalidArgumentError(f"input {name!r}: dtype {array.dtype} has no Triton datatype")
+    datatype = datatype_of(array.astype(native, copy=False))
+    if datatype == "BYTES":
+        raise InvalidArgumentError(f"input {name!r}: BYTES inputs are not supported by this client")
     tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=list(array.shape))
-    return tensor, np.ascontiguousarray(array, dtype=native.newbyteorder("<")).tobytes()
+    return tensor, np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype]).tobytes()
 
 
 def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
@@ -194,23 +180,19 @@ def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     raw = list(response.raw_output_contents)
     for i, tensor in enumerate(response.outputs):
-        dtype = DATATYPES.get(tensor.datatype)
-        if dtype is None:
-            raise InvalidArgumentError(f"output {tensor.name!r} has unknown datatype {tensor.datatype!r}")
+        dtype = NUMPY_DTYPES.get(tensor.datatype)
+        if dtype is None or tensor.datatype == "BYTES":
+            raise InvalidArgumentError(
+                f"output {tensor.name!r} has datatype {tensor.datatype!r}, not supported by this client"
+            )
         shape = tuple(tensor.shape)
         if i < len(raw):
-            array = np.frombuffer(raw[i], dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+            array = np.frombuffer(raw[i], dtype=dtype)
         else:
-            contents = tensor.contents
-            values = {
-                "BOOL": contents.bool_contents, "FP32": contents.fp32_contents,
-                "FP64": contents.fp64_contents, "INT64": contents.int64_contents,
-                "INT32": contents.int_contents, "INT16": contents.int_contents,
-                "INT8": contents.int_contents, "UINT8": contents.uint_contents,
-            }.get(tensor.datatype)
-            if values is None:
+            field = TYPED_FIELD.get(tensor.datatype)
+            if field is None:
                 raise InvalidArgumentError(f"output {tensor.name!r} ({tensor.datatype}) has no contents")
-            array = np.asarray(list(values), dtype=dtype)
+            array = np.asarray(getattr(tensor.contents, field), dtype=dtype)
         out[tensor.name] = array.reshape(shape)
     return out
 
@@ -308,13 +290,10 @@ class InferenceClient(GrpcClient):
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
             async with self.pool.acquire() as channel:
-                stub = transfer_grpc.ModelTransferServiceStub(channel)
-                reply: transfer_pb.UploadModelResponse = await stub.UploadModel(
-                    upload_requests(Path(path), model=model, kind=kind, model_args=model_args,
-                                    version=version, config=config),
-                    timeout=timeout, wait_for_ready=self.wait_for_ready,
+                return await upload_checkpoint(
+                    channel, Path(path), model=model, kind=kind, model_args=model_args,
+                    version=version, config=config, timeout_s=timeout,
+                    wait_for_ready=self.wait_for_ready,
                 )
         except grpc.aio.AioRpcError as exc:
             raise _domain_error("/tensorwire.transfer.v1.ModelTransferService/UploadModel", exc) from None
-        return UploadResult(reply.model, reply.version, reply.bytes, reply.crc32, reply.chunks,
-                            reply.wire_bytes)
