@@ -28,7 +28,7 @@ from collections.abc import Callable
 import grpc
 from prometheus_client import Counter, Gauge
 
-from tensorwire.channels import resolve_targets
+from tensorwire.channels import ChannelPool, resolve_targets
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.errors import TensorwireError
 from tensorwire.streamer.v1 import streamer_pb2 as spb
@@ -80,7 +80,9 @@ class LagProbe:
         self._clock = clock
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._watches: dict[tuple[str, str], _Watch] = {}
-        self._trainer: grpc.aio.Channel | None = None
+        self._trainer = ChannelPool(trainer_target, name="probe-trainer")
+        self._streamers: dict[str, ChannelPool] = {}
+        """One pool per streamer replica: a viewer of each replica, not of the Service."""
         self._loop_task: asyncio.Task[None] | None = None
 
     def lag_s(self, address: str, run_id: str) -> float:
@@ -99,11 +101,10 @@ class LagProbe:
 
     async def refresh(self) -> None:
         """Look up running runs and replicas; start and stop subscriptions to match."""
-        if self._trainer is None:
-            self._trainer = grpc.aio.insecure_channel(self.trainer_target)
-        reply = await tpb_grpc.TrainerServiceStub(self._trainer).ListRuns(
-            tpb.ListRunsRequest(), timeout=10
-        )
+        async with self._trainer.acquire() as channel:
+            reply = await tpb_grpc.TrainerServiceStub(channel).ListRuns(
+                tpb.ListRunsRequest(), timeout=10
+            )
         runs = {r.run_id for r in reply.runs if r.state == cpb.RUN_STATE_RUNNING}
         addresses = await asyncio.to_thread(resolve_targets, self.streamer_target)
         wanted = {(a, r) for a in addresses for r in runs}
@@ -129,10 +130,13 @@ class LagProbe:
 
     async def _watch(self, key: tuple[str, str], watch: _Watch) -> None:
         address, run_id = key
+        pool = self._streamers.get(address)
+        if pool is None:
+            pool = self._streamers[address] = ChannelPool(address, name=f"probe-{address}")
         backoff_s = 0.5
         while True:
             try:
-                async with grpc.aio.insecure_channel(address) as channel:
+                async with pool.acquire() as channel:
                     stream = spb_grpc.StreamerServiceStub(channel).Subscribe(
                         spb.SubscribeRequest(run_id=run_id, views=NO_VIEWS, max_fps=1)
                     )
@@ -156,5 +160,4 @@ class LagProbe:
                 await self._loop_task
         for key in list(self._tasks):
             await self._stop(key)
-        if self._trainer is not None:
-            await self._trainer.close()
+        await asyncio.gather(self._trainer.aclose(), *(p.aclose() for p in self._streamers.values()))
