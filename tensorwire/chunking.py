@@ -264,8 +264,8 @@ class ChunkSizer:
     """Chooses the next chunk size from the measured throughput.
 
     Throughput is measured over windows of ``window_s`` or 8 chunks, whichever
-    ends first; a slower window is believed at once, a faster one folded in
-    gradually (EWMA). The size is the power of two nearest
+    ends first, capped at the average since the first chunk; a slower window is
+    believed at once, a faster one folded in gradually (EWMA). The size is the power of two nearest
     ``throughput * target_chunk_s``, within the configured bounds; it at most
     doubles per window (the first chunks fill socket buffers and look fast) and
     shrinks at once.
@@ -280,20 +280,26 @@ class ChunkSizer:
         self._window_s = window_s
         self._window_start: float | None = None
         self._window_bytes = 0
+        self._start, self._total = 0.0, 0
 
     def record(self, nbytes: int) -> None:
         """``nbytes`` more raw bytes were consumed downstream."""
         now = self._clock()
         if self._window_start is None:
             self._window_start, self._window_bytes = now, 0
+            self._start, self._total = now, 0
             return
         self._window_bytes += nbytes
+        self._total += nbytes
         elapsed = now - self._window_start
         # A window closes after window_s, or after 8 chunks on a link so fast that
         # the whole payload might pass within one window.
         if elapsed < self._window_s and (self._window_bytes < 8 * self.size or elapsed <= 0):
             return
-        rate = self._window_bytes / elapsed
+        # A window can fall inside a burst (gRPC drains the stream in bursts while
+        # its flow-control window is open), so it is never believed above the
+        # average since the start: buffers fill once, the link's rate stays.
+        rate = min(self._window_bytes / elapsed, self._total / max(now - self._start, 1e-9))
         if self.throughput_bps is None or rate < self.throughput_bps:
             # Slower: believe it at once (the first chunks go into socket buffers
             # and look fast; a slow link must not keep megabyte chunks).
