@@ -57,10 +57,24 @@ class ScalarSeriesBuffer:
             self._halve()
 
     def _halve(self) -> None:
+        """Merge neighbours into buckets of about equal step span, at most half as
+        many. (Merging by index pairs instead would give the oldest points the
+        most merges: after a long run one bucket would hold most of the curve.)"""
         b = self.buckets
-        merged = [b[i].merge(b[i + 1]) for i in range(0, len(b) - 1, 2)]
-        if len(b) % 2:
-            merged.append(b[-1])
+        span = b[-1].step - b[0].first_step + 1
+        # Two neighbouring outputs together span more than `target`, so there are
+        # at most 2 * span / target + 1 = max_points / 2 + 1 of them.
+        target = span * 4 / self.max_points
+        merged = [b[0]]
+        for bucket in b[1:]:
+            if bucket.step - merged[-1].first_step + 1 <= target:
+                merged[-1] = merged[-1].merge(bucket)
+            else:
+                merged.append(bucket)
+        if len(merged) > self.max_points // 2 + 1:  # steps out of order: by index
+            merged = [b[i].merge(b[i + 1]) for i in range(0, len(b) - 1, 2)]
+            if len(b) % 2:
+                merged.append(b[-1])
         self.buckets = merged
 
     def take(self) -> list[Bucket]:

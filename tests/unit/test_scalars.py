@@ -67,3 +67,21 @@ def test_unmerged_points_have_no_ranges() -> None:
     assert list(batch.series[0].steps) == [5]
     assert not batch.series[0].min and not batch.series[0].first_steps
     assert _covered(from_batch(batch)["loss"]) == [5]
+
+
+def test_long_history_keeps_an_even_resolution() -> None:
+    """After a long run every part of the curve keeps about the same resolution;
+    the oldest points are not folded into one bucket (a chart would start late)."""
+    from tensorwire.scalars import ScalarSeriesBuffer
+
+    buffer = ScalarSeriesBuffer(1024)
+    steps = 100_000
+    for step in range(steps):
+        buffer.add(step, float(step))
+    spans = [b.step - b.first_step + 1 for b in buffer.buckets]
+    assert 256 < len(buffer.buckets) <= 1024
+    assert sum(b.count for b in buffer.buckets) == steps
+    assert buffer.buckets[0].first_step == 0 and buffer.buckets[-1].step == steps - 1
+    assert max(spans) <= 4 * steps / 1024, max(spans)
+    # contiguous: no step range is missing
+    assert all(a.step + 1 == b.first_step for a, b in zip(buffer.buckets, buffer.buckets[1:]))
