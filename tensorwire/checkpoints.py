@@ -80,6 +80,7 @@ class CheckpointReceiver:
         max_bytes: int = 8 * 1024 * MiB,
         max_chunk_bytes: int = 16 * MiB,
         on_installed: Callable[[str, int], Awaitable[None]] | None = None,
+        keep_versions: int = 0,
     ) -> None:
         """
         :param repository: the model repository folder.
@@ -87,8 +88,11 @@ class CheckpointReceiver:
         :param max_chunk_bytes: largest chunk (uncompressed) accepted.
         :param on_installed: awaited with (model, version) after each install, e.g.
             to have the loader pick the new version up at once.
+        :param keep_versions: after an install, delete all but the newest N versions of
+            that model (``modelrepo.prune_versions``; 0 = keep all).
         """
         self.repository = Path(repository)
+        self.keep_versions = keep_versions
         self.max_bytes = max_bytes
         self.max_chunk_bytes = max_chunk_bytes
         self.on_installed = on_installed
@@ -153,6 +157,11 @@ class CheckpointReceiver:
                     model_args=header.model_args,
                     version=header.version,
                 )
+                pruned = await asyncio.to_thread(
+                    modelrepo.prune_versions, self.repository, header.model, self.keep_versions
+                )
+                if pruned:
+                    log.info("model %s: pruned versions %s", header.model, pruned)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if made_folder:

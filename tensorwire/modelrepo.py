@@ -185,6 +185,56 @@ def list_versions(repo: Path, name: str) -> list[int]:
     )
 
 
+def pinned_versions(config: Mapping[str, Any]) -> tuple[int, set[int]]:
+    """(newest versions the policy serves, 0 = all; versions the config names).
+
+    The named ones are the ``specific`` policy's list and the traffic split's keys:
+    the versions an A/B test or a roll-out is pointed at."""
+    (kind, args), = config["version_policy"].items()
+    args = args or {}
+    named = {int(v) for v in config.get("traffic", {})}
+    if kind == "all":
+        return 0, named
+    if kind == "specific":
+        return 1, named | {int(v) for v in args.get("versions", [])}
+    return int(args.get("num_versions", 1)), named
+
+
+def prune_versions(repo: Path, name: str, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` versions of ``name``; returns those deleted.
+
+    Never deletes what the model's config still serves: every version under an
+    ``all`` policy (nothing is pruned), the newest ``num_versions`` of a ``latest``
+    policy when that is more than ``keep``, the versions a ``specific`` policy or the
+    traffic split names. A version goes first by a rename out of the version
+    namespace (a reader polling the repository never sees half of one), then its
+    files. ``keep`` <= 0 keeps everything.
+    """
+    if keep <= 0:
+        return []
+    root = Path(repo)
+    served, named = pinned_versions(read_config(root, name))
+    if served == 0:
+        return []
+    versions = list_versions(root, name)
+    kept = set(versions[-max(keep, served):]) | named
+    folder = root / check_name(name)
+    deleted = []
+    for version in versions:
+        if version in kept:
+            continue
+        doomed = folder / f".v{version}-{os.getpid()}.deleting"
+        try:
+            os.rename(folder / str(version), doomed)
+        except FileNotFoundError:  # another writer pruned it first
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+        deleted.append(version)
+    if deleted:
+        _fsync_dir(folder)
+    return deleted
+
+
 def weights_path(repo: Path, name: str, version: int) -> Path:
     return Path(repo) / check_name(name) / str(int(version)) / WEIGHTS_FILE
 

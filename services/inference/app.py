@@ -50,7 +50,9 @@ class InferenceApp:
             options = dataclasses.replace(options, fetch=mirror.sync)
         self.repository = ModelRepository(settings.model_repository, options)
         # Checkpoints pushed by trainers that share no volume with this service.
-        self.transfer = ModelTransferServicer(CheckpointReceiver(settings.model_repository))
+        self.transfer = ModelTransferServicer(
+            CheckpointReceiver(settings.model_repository, keep_versions=settings.keep_uploaded_versions)
+        )
         COLLECTOR.add(self.repository)
 
     def register(self, server: grpc.aio.Server) -> None:

@@ -40,6 +40,12 @@ class InferenceSettings(ServerSettings):
         4096, env="MAX_QUEUE_SIZE",
         help="queued requests per model version beyond which requests get RESOURCE_EXHAUSTED", min=1,
     )
+    keep_uploaded_versions: int = setting(
+        10, env="KEEP_UPLOADED_VERSIONS",
+        help="after a checkpoint upload (UploadModel), versions of that model kept in the "
+             "repository; older ones not served by its policy or traffic split are deleted (0 = all)",
+        min=0,
+    )
     infer_threads: int = setting(
         2, env="INFER_THREADS", help="threads running batched forwards (all models)", min=1, max=256
     )

@@ -36,6 +36,7 @@ class TrainerApp:
             settings.model_repository,
             checkpoint_every_steps=settings.checkpoint_every_steps,
             checkpoint_every_s=settings.checkpoint_every_s,
+            keep_checkpoints=settings.keep_checkpoints,
             max_active_runs=settings.max_active_runs,
         )
         self.announcer = ModelAnnouncer(settings.inference_target,

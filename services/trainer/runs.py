@@ -66,9 +66,10 @@ class Run:
 class CheckpointWriter:
     """A thread that writes the newest pending checkpoint of each run."""
 
-    def __init__(self, repository: Path, listeners: list[CheckpointListener]) -> None:
+    def __init__(self, repository: Path, listeners: list[CheckpointListener], keep: int = 0) -> None:
         self.repository = repository
         self._listeners = listeners
+        self._keep = keep
         self._pending: dict[str, tuple[Run, Snapshot]] = {}
         self._cond = threading.Condition()
         self._closed = False
@@ -122,6 +123,9 @@ class CheckpointWriter:
                     listener(name, version)
                 except Exception:
                     log.exception("checkpoint listener failed for %s/%d", name, version)
+            pruned = modelrepo.prune_versions(self.repository, name, self._keep)
+            if pruned:
+                log.info("model %s: pruned versions %s (keeping the newest %d)", name, pruned, self._keep)
         run.checkpoint_step = snap.step
 
 
@@ -134,6 +138,7 @@ class RunManager:
         *,
         checkpoint_every_steps: int = 0,
         checkpoint_every_s: float = 30.0,
+        keep_checkpoints: int = 0,
         max_active_runs: int = 8,
         tasks: Mapping[str, Task] = TASKS,
     ) -> None:
@@ -143,7 +148,9 @@ class RunManager:
         self._ckpt_s = checkpoint_every_s
         self._max_active = max_active_runs
         self.listeners: list[CheckpointListener] = []
-        self._writer = CheckpointWriter(model_repository, self.listeners) if model_repository else None
+        self._writer = (
+            CheckpointWriter(model_repository, self.listeners, keep_checkpoints) if model_repository else None
+        )
 
     # -- queries ----------------------------------------------------------
     def list_tasks(self) -> list[Task]:

@@ -48,6 +48,13 @@ class TrainerSettings(ServerSettings):
     checkpoint_every_s: float = setting(
         30.0, env="CHECKPOINT_EVERY_S", help="checkpoint every N seconds (0 = by steps only)", min=0
     )
+    keep_checkpoints: int = setting(
+        10, env="KEEP_CHECKPOINTS",
+        help="versions of each model kept in the repository; older ones are deleted after each "
+             "checkpoint, except those the model's version policy or traffic split still serves "
+             "(0 = keep all)",
+        min=0,
+    )
     max_fps: float = setting(
         10.0, env="MAX_FPS", help="most views built per second and run", min=0.1, max=60
     )

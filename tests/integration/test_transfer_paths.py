@@ -47,17 +47,19 @@ def _spiral_points() -> np.ndarray:
 
 async def test_trainer_pushes_checkpoints_to_inference_without_shared_storage(tmp_path: Path) -> None:
     inference_app = await create_inference(
-        settings_for(InferenceSettings, tmp_path / "inference", poll_interval_s=0.0)
+        settings_for(InferenceSettings, tmp_path / "inference", poll_interval_s=0.0,
+                     keep_uploaded_versions=1)
     )
     async with serving(inference_app, "inference") as inference:
         trainer_settings = settings_for(
             TrainerSettings, tmp_path / "trainer", streamer_target="",
             inference_target=f"127.0.0.1:{inference.port}", push_checkpoints=True,
-            checkpoint_every_steps=50, checkpoint_every_s=0.0, demo_task="", demo_models=False,
+            checkpoint_every_steps=25, checkpoint_every_s=0.0, demo_task="", demo_models=False,
+            keep_checkpoints=2,
         )
         trainer_app = await create_trainer(trainer_settings)
         try:
-            run = trainer_app.runs.start_run("spiral", {"max_steps": 120}, seed=7)
+            run = trainer_app.runs.start_run("spiral", {"max_steps": 300}, seed=7)
             model = f"run-{run.run_id}"
             async with InferenceClient(f"127.0.0.1:{inference.port}") as client:
 
@@ -83,6 +85,10 @@ async def test_trainer_pushes_checkpoints_to_inference_without_shared_storage(tm
                 assert versions and set(versions) <= set(modelrepo.list_versions(local, model))
                 last = versions[-1]
                 assert last == modelrepo.list_versions(local, model)[-1]
+                # Both repositories are pruned: the trainer keeps 2 versions, inference 1
+                # (version numbers are consecutive, so a newest above 2 means some went).
+                assert len(modelrepo.list_versions(local, model)) == 2 and last > 2, last
+                assert versions == [last]
                 assert (modelrepo.weights_path(remote, model, last).read_bytes()
                         == modelrepo.weights_path(local, model, last).read_bytes())
                 outputs = await client.infer(model, {"points": _spiral_points()})

@@ -1,0 +1,49 @@
+"""modelrepo.prune_versions: old checkpoints go, served and named versions stay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tensorwire import modelrepo
+from tensorwire.models import build_model
+
+
+def _repo_with_versions(root: Path, count: int, **config_overrides: object) -> Path:
+    state = build_model("spiral").state_dict()
+    for _ in range(count):
+        modelrepo.write_version(root, "m", "spiral", state, config_overrides=config_overrides or None)
+    return root
+
+
+def test_keeps_the_newest_and_deletes_the_rest_completely(tmp_path: Path) -> None:
+    repo = _repo_with_versions(tmp_path, 6)
+    assert modelrepo.prune_versions(repo, "m", 2) == [1, 2, 3, 4]
+    assert modelrepo.list_versions(repo, "m") == [5, 6]
+    # Nothing half-deleted is left behind, and numbering goes on after the newest.
+    assert sorted(p.name for p in (repo / "m").iterdir()) == ["5", "6", "config.json"]
+    modelrepo.write_version(repo, "m", "spiral", build_model("spiral").state_dict())
+    assert modelrepo.list_versions(repo, "m") == [5, 6, 7]
+    assert modelrepo.prune_versions(repo, "m", 2) == [5]
+    loaded = modelrepo.load_state_dict(modelrepo.weights_path(repo, "m", 7))
+    assert set(loaded) == set(build_model("spiral").state_dict())
+
+
+def test_zero_keeps_everything(tmp_path: Path) -> None:
+    repo = _repo_with_versions(tmp_path, 3)
+    assert modelrepo.prune_versions(repo, "m", 0) == []
+    assert modelrepo.list_versions(repo, "m") == [1, 2, 3]
+
+
+def test_versions_the_config_serves_are_never_pruned(tmp_path: Path) -> None:
+    # A latest policy serving more versions than `keep`: its versions stay.
+    repo = _repo_with_versions(tmp_path / "latest", 5, version_policy={"latest": {"num_versions": 3}})
+    assert modelrepo.prune_versions(repo, "m", 1) == [1, 2]
+    # An A/B split pointed at an old version keeps it; so does a specific policy.
+    repo = _repo_with_versions(tmp_path / "ab", 5, traffic={"1": 0.1, "5": 0.9})
+    assert modelrepo.prune_versions(repo, "m", 1) == [2, 3, 4]
+    assert modelrepo.list_versions(repo, "m") == [1, 5]
+    repo = _repo_with_versions(tmp_path / "specific", 4, version_policy={"specific": {"versions": [2]}})
+    assert modelrepo.prune_versions(repo, "m", 1) == [1, 3]
+    # Under an "all" policy every version is served: nothing goes.
+    repo = _repo_with_versions(tmp_path / "all", 3, version_policy={"all": {}})
+    assert modelrepo.prune_versions(repo, "m", 1) == []
