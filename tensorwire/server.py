@@ -182,5 +182,9 @@ def run_main(
         return 2
     logger = twlog.configure(settings.service, settings.log_level)
     logger.info("settings: %s", config.describe(settings))
-    asyncio.run(serve(settings.server_options(), lambda: make_service(settings)))
+    try:
+        asyncio.run(serve(settings.server_options(), lambda: make_service(settings)))
+    except config.SettingsError as exc:  # only checkable at start-up, e.g. a missing CUDA device
+        print(f"tensorwire-{settings_cls.service}: {exc}", flush=True)
+        return 2
     return 0

@@ -8,6 +8,7 @@ import grpc
 
 from tensorwire.checkpoints import SERVICE_NAME as TRANSFER_SERVICE_NAME
 from tensorwire.checkpoints import CheckpointReceiver, ModelTransferServicer
+from tensorwire.devices import resolve_device
 from tensorwire.httppool import HttpModelRepository, HttpPool
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
@@ -31,6 +32,7 @@ def repository_options(settings: InferenceSettings) -> RepositoryOptions:
         batch_overrides=(("max_queue_size", settings.max_queue_size),),
         infer_threads=settings.infer_threads,
         torch_threads=settings.torch_threads,
+        device=str(resolve_device(settings.device, settings.env_prefix)),
     )
 
 

@@ -172,11 +172,13 @@ class ModelVersion:
         module: Any,
         executor: concurrent.futures.Executor,
         batch_overrides: dict[str, Any],
+        device: str = "cpu",
     ) -> None:
         self.name = name
         self.version = version
         self.config = config
         self.module = module
+        self.device = device
         self.inputs = _tensors(config["inputs"])
         self.outputs = _tensors(config["outputs"])
         self.max_batch_size = int(config["max_batch_size"])
@@ -283,11 +285,14 @@ class ModelVersion:
             columns = [np.concatenate([item[i] for item in items]) for i in range(len(self.inputs))]
         sizes = [item[0].shape[0] for item in items]
         tensors = [torch.from_numpy(c) for c in columns]
+        if self.device != "cpu":
+            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
         t1 = time.perf_counter()
         with torch.inference_mode():
             out = self.module(*tensors)
         t2 = time.perf_counter()
-        outs = [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+        outs = [o.numpy() if o.device.type == "cpu" else o.cpu().numpy()
+                for o in (out if isinstance(out, (tuple, list)) else (out,))]
         if len(outs) != len(self.outputs):
             raise RuntimeError(
                 f"model {self.name!r} returned {len(outs)} outputs, its config lists {len(self.outputs)}"
@@ -377,6 +382,8 @@ class RepositoryOptions:
     """Threads running batched forwards (shared by every model)."""
     torch_threads: int = 1
     """Torch intra-op threads in each of those threads; 0 = torch's default."""
+    device: str = "cpu"
+    """Torch device the models live and run on ("cpu", "cuda:0", ...)."""
     fetch: Callable[[str], Awaitable[Any]] | None = None
     """Awaited with a model's name before RepositoryModelLoad reads it from the folder:
     mirrors the model from a remote (HTTP) repository (tensorwire.httppool)."""
@@ -489,11 +496,11 @@ class ModelRepository:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise InvalidArgumentError(f"model {name!r} version {version}: weights do not fit: {exc}") from None
-        module.eval()
+        module.eval().to(self.options.device)
         inputs = _tensors(config["inputs"])
         batch = (1,) if config["max_batch_size"] > 0 else ()
         with torch.inference_mode():
-            module(*(torch.zeros(batch + t.dims) for t in inputs))  # warm-up
+            module(*(torch.zeros(batch + t.dims, device=self.options.device) for t in inputs))  # warm-up
         return module
 
     def _lock(self, name: str) -> asyncio.Lock:
@@ -539,7 +546,9 @@ class ModelRepository:
                 if isinstance(result, BaseException):
                     errors.append(f"version {version}: {result}")
                     continue
-                new[version] = ModelVersion(name, version, config, result, self.infer_executor, batch_overrides)
+                new[version] = ModelVersion(
+                    name, version, config, result, self.infer_executor, batch_overrides, self.options.device
+                )
             if not new:
                 raise UnavailableError(f"model {name!r} could not be loaded: {'; '.join(errors)}")
             # The swap: one assignment; requests that picked old versions finish on them.

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from tensorwire.config import ServerSettings, setting
+from tensorwire.devices import check_device_spec
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class InferenceSettings(ServerSettings):
     infer_threads: int = setting(
         2, env="INFER_THREADS", help="threads running batched forwards (all models)", min=1, max=256
     )
+    device: str = setting(
+        "auto", env="DEVICE",
+        help="torch device the models use: auto (first CUDA device if any, else cpu), cpu, cuda, "
+             "cuda:N (refuses to start without that device)",
+    )
     torch_threads: int = setting(
         1, env="TORCH_THREADS", help="torch intra-op threads per forward (0 = torch's default)", min=0
     )
@@ -56,3 +62,6 @@ class InferenceSettings(ServerSettings):
         1, env="WORKERS",
         help="server processes sharing the port with SO_REUSEPORT (multi-core hosts)", min=1, max=256,
     )
+
+    def __post_init__(self) -> None:
+        check_device_spec(self.device, self.env_prefix)

@@ -9,6 +9,7 @@ import grpc
 import torch
 
 from tensorwire import modelrepo
+from tensorwire.devices import resolve_device
 from tensorwire.trainer.v1 import trainer_pb2 as pb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as pb_grpc
 
@@ -38,6 +39,7 @@ class TrainerApp:
             checkpoint_every_s=settings.checkpoint_every_s,
             keep_checkpoints=settings.keep_checkpoints,
             max_active_runs=settings.max_active_runs,
+            device=resolve_device(settings.device, settings.env_prefix),
         )
         self.announcer = ModelAnnouncer(settings.inference_target,
                                         repository=settings.model_repository,

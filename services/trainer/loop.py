@@ -73,8 +73,10 @@ class TrainingLoop:
         checkpoint_every_steps: int = 0,
         checkpoint_every_s: float = 0.0,
         max_points: int = 512,
+        device: torch.device | None = None,
     ) -> None:
         self.task = task
+        self.device = device or torch.device("cpu")
         self.seed = seed
         self._config = config
         self._pending_config: RunConfig | None = None
@@ -90,7 +92,7 @@ class TrainingLoop:
         self._scalars = ScalarBuffer(max_points)
         torch.manual_seed(seed)
         self.data = task.make_data(config, seed)
-        self.model = task.build_model(config)
+        self.model = task.build_model(config).to(self.device)
         self.optimizer = task.make_optimizer(self.model, config)
         self.status = LiveStatus(cpb.RUN_STATE_PENDING, 0, time.time(), 0.0)
         """The latest-value slot: replaced (never mutated) by the thread."""
@@ -161,7 +163,8 @@ class TrainingLoop:
 
     # -- the thread ------------------------------------------------------
     def _snapshot(self) -> Snapshot:
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # A CPU copy: views, checkpoints and the inference service read it anywhere.
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         return Snapshot(self.status.step, self.status.produced_at, state, self._config)
 
     def _serve_snapshots(self) -> None:
@@ -189,6 +192,7 @@ class TrainingLoop:
         max_steps = int(self._config.params.get("max_steps", 0))
         state = cpb.RUN_STATE_RUNNING
         self.model.train()
+        on_cpu = self.device.type == "cpu"
         try:
             while True:
                 if self._snapshot_waiters:
@@ -211,6 +215,8 @@ class TrainingLoop:
                         rate_at, rate_step = time.monotonic(), step
                         continue
                 batch = self.task.sample_batch(self.data, self._config, gen)
+                if not on_cpu:  # the data stays on the CPU (seeded generators); batches move
+                    batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
                 metrics = self.task.train_step(self.model, self.optimizer, batch)
                 step += 1
                 now = time.time()

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from tensorwire import modelrepo
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.errors import (
@@ -141,8 +143,10 @@ class RunManager:
         keep_checkpoints: int = 0,
         max_active_runs: int = 8,
         tasks: Mapping[str, Task] = TASKS,
+        device: torch.device | None = None,
     ) -> None:
         self.tasks = dict(tasks)
+        self.device = device or torch.device("cpu")
         self._runs: dict[str, Run] = {}
         self._ckpt_steps = checkpoint_every_steps
         self._ckpt_s = checkpoint_every_s
@@ -200,6 +204,7 @@ class RunManager:
             task, config, seed, name=run_id,
             on_checkpoint=(lambda snap: self._checkpoint(run_id, snap)) if self._writer else None,
             checkpoint_every_steps=self._ckpt_steps, checkpoint_every_s=self._ckpt_s,
+            device=self.device,
         )
         run = Run(run_id, task, loop, seed, publish_as)
         self._runs[run_id] = run

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from tensorwire.config import ServerSettings, setting
+from tensorwire.devices import check_device_spec
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,15 @@ class TrainerSettings(ServerSettings):
     max_active_runs: int = setting(
         8, env="MAX_ACTIVE_RUNS", help="runs training at once", min=1, max=256
     )
+    device: str = setting(
+        "auto", env="DEVICE",
+        help="torch device the training runs use: auto (first CUDA device if any, else cpu), cpu, cuda, "
+             "cuda:N (refuses to start without that device)",
+    )
     torch_threads: int = setting(
         1, env="TORCH_THREADS", help="torch intra-op threads per process (small models: 1)",
         min=1, max=256,
     )
+
+    def __post_init__(self) -> None:
+        check_device_spec(self.device, self.env_prefix)

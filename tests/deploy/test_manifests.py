@@ -372,6 +372,8 @@ def test_gpu_component_puts_trainer_and_inference_on_gpu_nodes() -> None:
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1, name
         assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, name
         assert c["image"].endswith("-cu130"), f"{name} must run the CUDA image, got {c['image']}"
+        env = _config_maps_of(docs, spec)
+        assert env[f"TENSORWIRE_{name.upper()}_DEVICE"] == "cuda", name  # computes on it, or exits
     streamer = deployments["streamer"]["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in streamer["containers"][0]["resources"]["limits"]
     assert "nodeSelector" not in streamer

@@ -82,12 +82,12 @@ class DetectionTask(Task):
         images, obj, box, cls = batch
         p_obj, p_box, p_cls = model(images)
         mask = obj > 0.5
-        loss = F.binary_cross_entropy_with_logits(p_obj, obj, pos_weight=torch.tensor(4.0))
+        loss = F.binary_cross_entropy_with_logits(p_obj, obj, pos_weight=torch.tensor(4.0, device=p_obj.device))
         if mask.any():
             loss = loss + F.l1_loss(p_box[mask], box[mask]) * 5 + F.cross_entropy(p_cls[mask], cls[mask])
             recall = ((p_obj[mask] > 0) & (p_cls[mask].argmax(-1) == cls[mask])).float().mean()
         else:
-            recall = torch.tensor(1.0)
+            recall = torch.tensor(1.0, device=p_obj.device)
         return loss, {"recall": recall}
 
     def build_view(self, model: nn.Module, data: Scenes, config: RunConfig) -> cpb.View:

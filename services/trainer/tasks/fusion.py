@@ -60,7 +60,7 @@ class FusionTask(Task):
         sensors, state = batch
         pred = model(sensors)
         error = (pred[:, :2] - state[:, :2]).norm(dim=1).mean()
-        scale = torch.tensor([1.0, 1.0, 10.0, 10.0])
+        scale = torch.tensor([1.0, 1.0, 10.0, 10.0], device=pred.device)
         return F.mse_loss(pred * scale, state * scale) * 100, {"position_error": error}
 
     def build_view(self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], config: RunConfig) -> cpb.View:
