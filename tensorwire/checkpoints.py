@@ -31,7 +31,14 @@ import grpc
 
 from tensorwire import modelrepo
 from tensorwire.chunking import Chunk, ChunkConfig, ChunkReceiver, ChunkSender, Compression, MiB
-from tensorwire.errors import AbortedError, AlreadyExistsError, DataLossError, InvalidArgumentError
+from tensorwire.errors import (
+    AbortedError,
+    AlreadyExistsError,
+    DataLossError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    TensorwireError,
+)
 from tensorwire.transfer.v1 import transfer_pb2 as pb
 from tensorwire.transfer.v1 import transfer_pb2_grpc as pb_grpc
 
@@ -157,11 +164,16 @@ class CheckpointReceiver:
                     model_args=header.model_args,
                     version=header.version,
                 )
-                pruned = await asyncio.to_thread(
-                    modelrepo.prune_versions, self.repository, header.model, self.keep_versions
-                )
-                if pruned:
-                    log.info("model %s: pruned versions %s", header.model, pruned)
+                try:
+                    pruned = await asyncio.to_thread(
+                        modelrepo.prune_versions, self.repository, header.model, self.keep_versions,
+                        (version,),
+                    )
+                except (OSError, TensorwireError) as exc:  # the upload itself succeeded
+                    log.warning("model %s: pruning old versions failed: %s", header.model, exc)
+                else:
+                    if pruned:
+                        log.info("model %s: pruned versions %s", header.model, pruned)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if made_folder:
@@ -193,9 +205,16 @@ class CheckpointReceiver:
                 f"upload of model {header.model!r}: size {header.total_bytes} bytes is not in "
                 f"1..{self.max_bytes}"
             )
-        if header.version is not None and header.version in modelrepo.list_versions(
-            self.repository, header.model
-        ):
+        if header.version is None:
+            return
+        present = modelrepo.list_versions(self.repository, header.model)
+        if present and header.version < present[-1]:
+            raise FailedPreconditionError(
+                f"model {header.model!r} already has version {present[-1]}, newer than {header.version}: "
+                "a latest-version policy would never serve it (did the sender restart with an empty "
+                "repository?); upload without a version to install it as the next one"
+            )
+        if header.version in present:
             raise AlreadyExistsError(f"model {header.model!r} already has version {header.version}")
 
 
@@ -259,6 +278,22 @@ class ModelTransferServicer(pb_grpc.ModelTransferServiceServicer):
 # --------------------------------------------------------------------- sender side
 
 
+def _lost_status(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a client-streaming call failed on a write after the server had ended it."""
+    return exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (exc.debug_error_string() or "")
+
+
+def _header_request(
+    model: str, kind: str, size: int, model_args: dict[str, Any] | None, version: int | None
+) -> pb.UploadModelRequest:
+    return pb.UploadModelRequest(
+        header=pb.UploadHeader(
+            model=model, kind=kind, total_bytes=size, version=version or 0,
+            model_args_json=json.dumps(model_args) if model_args else "",
+        )
+    )
+
+
 async def upload_requests(
     path: Path,
     *,
@@ -272,12 +307,7 @@ async def upload_requests(
     """The request stream of one upload of the file at ``path``."""
     with open(path, "rb") as source:
         size = Path(path).stat().st_size
-        yield pb.UploadModelRequest(
-            header=pb.UploadHeader(
-                model=model, kind=kind, total_bytes=size, version=version or 0,
-                model_args_json=json.dumps(model_args) if model_args else "",
-            )
-        )
+        yield _header_request(model, kind, size, model_args, version)
         sender = ChunkSender(source, config)
         if sender_out is not None:
             sender_out.append(sender)
@@ -309,10 +339,29 @@ async def upload_checkpoint(
     """Stream the weights file at ``path`` to a ModelTransferService; returns what the
     receiver installed. gRPC errors are raised as ``grpc.aio.AioRpcError`` (use
     ``tensorwire.client`` for domain errors and pooling)."""
+    # A missing file fails here, as FileNotFoundError; inside the request stream gRPC
+    # would only cancel the call.
+    size = Path(path).stat().st_size
     stub = pb_grpc.ModelTransferServiceStub(channel)
-    reply = await stub.UploadModel(
-        upload_requests(path, model=model, kind=kind, model_args=model_args, version=version,
-                        config=config),
-        timeout=timeout_s, wait_for_ready=wait_for_ready,
-    )
+    try:
+        reply = await stub.UploadModel(
+            upload_requests(path, model=model, kind=kind, model_args=model_args, version=version,
+                            config=config),
+            timeout=timeout_s, wait_for_ready=wait_for_ready,
+        )
+    except grpc.aio.AioRpcError as exc:
+        if not _lost_status(exc):
+            raise
+        # grpc/grpc#36066: the receiver refused the upload early, and a chunk written
+        # as its status arrived replaced that status with INTERNAL. The header alone
+        # gets the receiver's own answer (it installs nothing: no trailer follows).
+        async def header_only() -> AsyncIterator[pb.UploadModelRequest]:
+            yield _header_request(model, kind, size, model_args, version)
+
+        try:
+            await stub.UploadModel(header_only(), timeout=timeout_s, wait_for_ready=wait_for_ready)
+        except grpc.aio.AioRpcError as verdict:
+            if verdict.code() not in (grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL):
+                raise verdict from None  # the refusal the first call lost
+        raise
     return UploadResult(reply.model, reply.version, reply.bytes, reply.crc32, reply.chunks, reply.wire_bytes)

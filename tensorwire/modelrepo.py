@@ -27,7 +27,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -200,30 +201,33 @@ def pinned_versions(config: Mapping[str, Any]) -> tuple[int, set[int]]:
     return int(args.get("num_versions", 1)), named
 
 
-def prune_versions(repo: Path, name: str, keep: int) -> list[int]:
+def prune_versions(repo: Path, name: str, keep: int, protect: Collection[int] = ()) -> list[int]:
     """Delete all but the newest ``keep`` versions of ``name``; returns those deleted.
 
     Never deletes what the model's config still serves: every version under an
     ``all`` policy (nothing is pruned), the newest ``num_versions`` of a ``latest``
     policy when that is more than ``keep``, the versions a ``specific`` policy or the
-    traffic split names. A version goes first by a rename out of the version
-    namespace (a reader polling the repository never sees half of one), then its
-    files. ``keep`` <= 0 keeps everything.
+    traffic split names, nor those in ``protect`` (e.g. the one just installed). A
+    version goes first by a rename out of the version namespace (a reader polling the
+    repository never sees half of one), then its files; leftovers of a pruning that
+    died half-way are removed first. ``keep`` <= 0 keeps everything.
     """
     if keep <= 0:
         return []
     root = Path(repo)
+    folder = root / check_name(name)
+    for stale in folder.glob(".v*.deleting"):
+        shutil.rmtree(stale, ignore_errors=True)
     served, named = pinned_versions(read_config(root, name))
     if served == 0:
         return []
     versions = list_versions(root, name)
-    kept = set(versions[-max(keep, served):]) | named
-    folder = root / check_name(name)
+    kept = set(versions[-max(keep, served):]) | named | set(protect)
     deleted = []
     for version in versions:
         if version in kept:
             continue
-        doomed = folder / f".v{version}-{os.getpid()}.deleting"
+        doomed = folder / f".v{version}-{uuid.uuid4().hex[:12]}.deleting"
         try:
             os.rename(folder / str(version), doomed)
         except FileNotFoundError:  # another writer pruned it first

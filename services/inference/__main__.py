@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from tensorwire import config
+from tensorwire.devices import resolve_device
 from tensorwire.server import run_main
 
 from .app import create_app
@@ -15,6 +16,8 @@ from .workers import run_workers
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = config.load(InferenceSettings, argv, prog="tensorwire-inference", description=__doc__)
+        if settings.workers > 1:  # each worker would find a missing device on its own
+            resolve_device(settings.device, settings.env_prefix)
     except config.SettingsError as exc:
         print(f"tensorwire-inference: {exc}", flush=True)
         return 2

@@ -24,7 +24,7 @@ import grpc
 from tensorwire import modelrepo
 from tensorwire.channels import ChannelPool
 from tensorwire.client import InferenceClient, RetryPolicy
-from tensorwire.errors import AlreadyExistsError, TensorwireError
+from tensorwire.errors import AlreadyExistsError, FailedPreconditionError, TensorwireError
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,21 @@ class ModelAnnouncer:
         if self.push and version > self.pushed.get(name, 0):
             assert self.repository is not None
             config = modelrepo.read_config(self.repository, name)
+            path = modelrepo.weights_path(self.repository, name, version)
+            upload = dict(model=name, kind=config["kind"], model_args=config.get("model_args"),
+                          timeout_s=self.upload_timeout_s)
             try:
-                result = await self.client.upload_checkpoint(
-                    modelrepo.weights_path(self.repository, name, version), model=name,
-                    kind=config["kind"], model_args=config.get("model_args"), version=version,
-                    timeout_s=self.upload_timeout_s,
-                )
-                log.info("pushed %s version %d to inference (%d bytes, %d on the wire)",
-                         name, version, result.bytes, result.wire_bytes)
+                result = await self.client.upload_checkpoint(path, version=version, **upload)
             except AlreadyExistsError:
-                pass  # inference has it already (e.g. a shared volume after all)
+                result = None  # inference has it already (e.g. a shared volume after all)
+            except FailedPreconditionError as exc:
+                # Inference holds newer versions than ours (this trainer restarted on an
+                # empty repository): install ours as its next version, or it is never served.
+                log.warning("%s; pushing version %d as inference's next version", exc, version)
+                result = await self.client.upload_checkpoint(path, **upload)
+            if result is not None:
+                log.info("pushed %s version %d to inference as version %d (%d bytes, %d on the wire)",
+                         name, version, result.version, result.bytes, result.wire_bytes)
             self.pushed[name] = version
         await self.client.load_model(name)
 
@@ -111,13 +116,23 @@ class ModelAnnouncer:
                     await self._deliver(name)
                     self.loaded[name] = self.loaded.get(name, 0) + 1
                     log.info("inference loaded %s", name)
+                except asyncio.CancelledError as exc:
+                    if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                        raise  # this announcer is being stopped
+                    # gRPC cancels a call whose request stream failed (e.g. its file went)
+                    self._failed(name, attempt, exc)
                 except (TensorwireError, OSError) as exc:
-                    code = getattr(exc, "code", None)
-                    if attempt + 1 >= self.max_attempts or code in _GIVE_UP:
-                        log.warning("inference did not load %s: %s", name, exc)
-                        continue
-                    delay = min(self.backoff_max_s, 0.25 * 2**attempt)
-                    asyncio.get_running_loop().call_later(delay, self._retry, name, attempt + 1)
+                    self._failed(name, attempt, exc)
+
+    def _failed(self, name: str, attempt: int, exc: BaseException) -> None:
+        """Retry ``name`` later with backoff, or give up on it (its next checkpoint
+        announces it again)."""
+        code = getattr(exc, "code", None)
+        if attempt + 1 >= self.max_attempts or code in _GIVE_UP:
+            log.warning("inference did not load %s: %s", name, exc or type(exc).__name__)
+            return
+        delay = min(self.backoff_max_s, 0.25 * 2**attempt)
+        asyncio.get_running_loop().call_later(delay, self._retry, name, attempt + 1)
 
     def _retry(self, name: str, attempt: int) -> None:
         self._pending.setdefault(name, attempt)

@@ -27,6 +27,7 @@ from tensorwire.errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    TensorwireError,
 )
 
 from .loop import TERMINAL, Snapshot, TrainingLoop
@@ -125,9 +126,13 @@ class CheckpointWriter:
                     listener(name, version)
                 except Exception:
                     log.exception("checkpoint listener failed for %s/%d", name, version)
-            pruned = modelrepo.prune_versions(self.repository, name, self._keep)
-            if pruned:
-                log.info("model %s: pruned versions %s (keeping the newest %d)", name, pruned, self._keep)
+            try:
+                pruned = modelrepo.prune_versions(self.repository, name, self._keep, (version,))
+            except (OSError, TensorwireError) as exc:  # the checkpoint itself is written
+                log.warning("model %s: pruning old versions failed: %s", name, exc)
+            else:
+                if pruned:
+                    log.info("model %s: pruned versions %s (keeping the newest %d)", name, pruned, self._keep)
         run.checkpoint_step = snap.step
 
 

@@ -105,6 +105,50 @@ async def test_trainer_pushes_checkpoints_to_inference_without_shared_storage(tm
             await trainer_app.aclose()
 
 
+async def test_a_restarted_trainer_on_an_empty_repository_still_reaches_inference(tmp_path: Path) -> None:
+    """Inference already holds spiral versions 1-5 (from the trainer's previous life);
+    the restarted trainer numbers from 1 again. Inference refuses an older number
+    (FAILED_PRECONDITION: a latest policy would never serve it) and the trainer
+    installs its checkpoint as inference's next version, which is then served."""
+    inference_app = await create_inference(
+        settings_for(InferenceSettings, tmp_path / "inference", poll_interval_s=0.0)
+    )
+    old = build_model("spiral").state_dict()
+    for _ in range(5):
+        modelrepo.write_version(inference_app.settings.model_repository, "spiral", "spiral", old)
+    async with serving(inference_app, "inference") as inference:
+        trainer_app = await create_trainer(settings_for(
+            TrainerSettings, tmp_path / "trainer", streamer_target="",
+            inference_target=f"127.0.0.1:{inference.port}", push_checkpoints=True,
+            checkpoint_every_steps=0, checkpoint_every_s=0.0, demo_task="", demo_models=False,
+        ))
+        try:
+            run = trainer_app.runs.start_run("spiral", {"max_steps": 50}, seed=3, publish_as=("spiral",))
+            await asyncio.to_thread(run.loop.join)
+            await asyncio.to_thread(trainer_app.runs.flush_checkpoints, 30.0)
+            local = trainer_app.settings.model_repository
+            assert modelrepo.list_versions(local, "spiral") == [1]
+            remote = inference_app.settings.model_repository
+            async with InferenceClient(f"127.0.0.1:{inference.port}") as client:
+
+                async def served() -> bool:
+                    return (trainer_app.announcer.loaded.get("spiral", 0) >= 1
+                            and await client.model_ready("spiral", "6"))
+
+                await _until(served, what="the trainer's checkpoint served as spiral version 6")
+                assert (modelrepo.weights_path(remote, "spiral", 6).read_bytes()
+                        == modelrepo.weights_path(local, "spiral", 1).read_bytes())
+                outputs = await client.infer("spiral", {"points": _spiral_points()})
+            net = build_model("spiral")
+            net.load_state_dict(modelrepo.load_state_dict(modelrepo.weights_path(local, "spiral", 1)))
+            net.eval()
+            with torch.no_grad():
+                want = net(torch.from_numpy(_spiral_points())).numpy()
+            np.testing.assert_allclose(outputs["logits"], want, rtol=1e-5, atol=1e-6)
+        finally:
+            await trainer_app.aclose()
+
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 

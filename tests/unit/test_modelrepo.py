@@ -47,3 +47,13 @@ def test_versions_the_config_serves_are_never_pruned(tmp_path: Path) -> None:
     # Under an "all" policy every version is served: nothing goes.
     repo = _repo_with_versions(tmp_path / "all", 3, version_policy={"all": {}})
     assert modelrepo.prune_versions(repo, "m", 1) == []
+
+
+def test_protected_versions_stay_and_a_dead_pruning_is_cleaned_up(tmp_path: Path) -> None:
+    repo = _repo_with_versions(tmp_path, 4)
+    leftover = repo / "m" / ".v0-deadbeef.deleting"
+    leftover.mkdir()
+    (leftover / "model.pt").write_bytes(b"half deleted")
+    assert modelrepo.prune_versions(repo, "m", 1, protect=(2,)) == [1, 3]
+    assert modelrepo.list_versions(repo, "m") == [2, 4]
+    assert not leftover.exists()
