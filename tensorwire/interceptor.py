@@ -80,6 +80,11 @@ class _Method:
             child = self.handled[code] = metrics.RPC_HANDLED.labels(self.service, self.short, code)
         child.inc()
 
+    def finish(self, context: grpc.aio.ServicerContext, start: float) -> None:
+        """Record one RPC's latency and outcome."""
+        self.latency.observe(time.perf_counter() - start)
+        self.count(_code_of(context))
+
 
 class _Guard:
     """Times one RPC, counts its outcome, and turns an escaping exception into a status."""
@@ -99,8 +104,7 @@ class _Guard:
             if isinstance(exc, Exception) and not _is_abort(exc):
                 await _fail(self._context, exc, self._method.full)  # raises AbortError
         finally:
-            self._method.latency.observe(time.perf_counter() - self._start)
-            self._method.count(_code_of(self._context))
+            self._method.finish(self._context, self._start)
         return False
 
 
@@ -123,10 +127,19 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler)
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
+        # The hot path (ModelInfer): _Guard's logic inline, no context-manager coroutines.
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with _Guard(method, context):
-                await _reject_malformed(request, context)
+            start = time.perf_counter()
+            try:
+                if type(request) is _Malformed:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 return await inner_uu(request, context)
+            except Exception as exc:
+                if not _is_abort(exc):
+                    await _fail(context, exc, method.full)  # raises AbortError
+                raise
+            finally:
+                method.finish(context, start)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
 

@@ -23,7 +23,7 @@ from tensorwire.inference import grpc_service_pb2 as pb
 MAX_DIMS = 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tensor:
     """A named array with its protocol datatype."""
 
@@ -32,13 +32,13 @@ class Tensor:
     array: np.ndarray
 
 
-def _shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
+def _shape(name: str, dims: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(dims)
     if len(shape) > MAX_DIMS:
         raise InvalidArgumentError(f"input {name!r} has {len(shape)} dims; at most {MAX_DIMS} are allowed")
-    for dim in shape:
-        if dim < 0:
-            raise InvalidArgumentError(f"input {name!r} has a negative dimension in shape {list(shape)}")
-    return tuple(int(d) for d in shape)
+    if shape and min(shape) < 0:
+        raise InvalidArgumentError(f"input {name!r} has a negative dimension in shape {list(shape)}")
+    return shape
 
 
 def _decode_raw_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
@@ -75,12 +75,14 @@ def decode_inputs(request: pb.ModelInferRequest) -> tuple[list[Tensor], bool]:
             f"request has {len(request.inputs)} inputs but {len(raw_contents)} raw_input_contents"
         )
     tensors = []
-    seen: set[str] = set()
+    if len(request.inputs) > 1:
+        seen: set[str] = set()
+        for spec in request.inputs:
+            if spec.name in seen:
+                raise InvalidArgumentError(f"input {spec.name!r} appears twice in the request")
+            seen.add(spec.name)
     for index, spec in enumerate(request.inputs):
         name, datatype = spec.name, spec.datatype
-        if name in seen:
-            raise InvalidArgumentError(f"input {name!r} appears twice in the request")
-        seen.add(name)
         dtype = NUMPY_DTYPES.get(datatype)
         if dtype is None:
             raise InvalidArgumentError(

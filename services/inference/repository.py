@@ -74,7 +74,7 @@ class ModelInfo:
     version_policy: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InferRequest:
     model: str
     version: str
@@ -86,7 +86,7 @@ class InferRequest:
     timeout_s: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InferResult:
     model: str
     version: str
@@ -181,6 +181,7 @@ class ModelVersion:
         self.device = device
         self.inputs = _tensors(config["inputs"])
         self.outputs = _tensors(config["outputs"])
+        self._all_outputs = tuple(range(len(self.outputs)))
         self.max_batch_size = int(config["max_batch_size"])
         self.stats = VersionStats()
         self.in_flight = 0
@@ -201,28 +202,34 @@ class ModelVersion:
     def __repr__(self) -> str:
         return f"<ModelVersion {self.name}:{self.version} in_flight={self.in_flight}>"
 
-    def check(self, request: InferRequest) -> tuple[list[np.ndarray], list[int], int]:
-        """Validate inputs against the config: (arrays in forward order, output indexes, rows)."""
-        by_name = {t.name: t for t in request.inputs}
+    def _in_forward_order(self, tensors: Sequence[Tensor]) -> Sequence[Tensor]:
+        """The request's tensors in the config's input order; errors name what is wrong."""
+        if len(tensors) == len(self.inputs) and all(t.name == s.name for t, s in zip(tensors, self.inputs)):
+            return tensors  # the usual case: already in order
+        by_name = {t.name: t for t in tensors}
         unknown = sorted(set(by_name) - {t.name for t in self.inputs})
         if unknown:
             raise InvalidArgumentError(
                 f"model {self.name!r} has no input {unknown[0]!r}; its inputs: "
                 + ", ".join(t.name for t in self.inputs)
             )
-        arrays, rows = [], None
         for spec in self.inputs:
-            tensor = by_name.get(spec.name)
-            if tensor is None:
+            if spec.name not in by_name:
                 raise InvalidArgumentError(f"model {self.name!r} needs input {spec.name!r}; it is missing")
+        return [by_name[spec.name] for spec in self.inputs]
+
+    def check(self, request: InferRequest) -> tuple[list[np.ndarray], Sequence[int], int]:
+        """Validate inputs against the config: (arrays in forward order, output indexes, rows)."""
+        arrays, rows = [], None
+        batched = self.max_batch_size > 0
+        for spec, tensor in zip(self.inputs, self._in_forward_order(request.inputs)):
             if tensor.datatype != spec.datatype:
                 raise InvalidArgumentError(
                     f"input {spec.name!r} of model {self.name!r} must be {spec.datatype}, got {tensor.datatype}"
                 )
             shape = tensor.array.shape
-            batched = self.max_batch_size > 0
-            want = ("B", *spec.dims) if batched else spec.dims
-            if len(shape) != len(want) or tuple(shape[1:] if batched else shape) != spec.dims:
+            if (not shape or shape[1:] != spec.dims) if batched else shape != spec.dims:
+                want = ("B", *spec.dims) if batched else spec.dims
                 raise InvalidArgumentError(
                     f"input {spec.name!r} of model {self.name!r} must have shape "
                     f"[{', '.join(str(d) for d in want)}], got {list(shape)}"
@@ -237,17 +244,16 @@ class ModelVersion:
                 raise InvalidArgumentError(f"inputs of model {self.name!r} disagree on the batch size")
             rows = n
             arrays.append(tensor.array if batched else tensor.array[None])
+        if not request.outputs:
+            return arrays, self._all_outputs, rows or 1
         names = [t.name for t in self.outputs]
-        if request.outputs:
-            indexes = []
-            for out in request.outputs:
-                if out not in names:
-                    raise InvalidArgumentError(
-                        f"model {self.name!r} has no output {out!r}; its outputs: {', '.join(names)}"
-                    )
-                indexes.append(names.index(out))
-        else:
-            indexes = list(range(len(names)))
+        indexes = []
+        for out in request.outputs:
+            if out not in names:
+                raise InvalidArgumentError(
+                    f"model {self.name!r} has no output {out!r}; its outputs: {', '.join(names)}"
+                )
+            indexes.append(names.index(out))
         return arrays, indexes, rows or 1
 
     async def infer(self, request: InferRequest) -> InferResult:

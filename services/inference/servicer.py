@@ -103,7 +103,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        infer_request, raw = to_request(request, context.time_remaining())
+        # No batcher timer for the client's deadline: gRPC cancels this handler when it
+        # passes, which cancels the queued item (dropped before its batch runs).
+        infer_request, raw = to_request(request, None)
         return to_response(await self._repo.infer(infer_request), raw)
 
     async def ModelStreamInfer(
