@@ -68,20 +68,18 @@ def _decode_raw_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
 
 def decode_inputs(request: pb.ModelInferRequest) -> tuple[list[Tensor], bool]:
     """The request's inputs as arrays; and whether they came raw."""
-    raw_contents = request.raw_input_contents
+    raw_contents, inputs = request.raw_input_contents, request.inputs
     raw = len(raw_contents) > 0
-    if raw and len(raw_contents) != len(request.inputs):
-        raise InvalidArgumentError(
-            f"request has {len(request.inputs)} inputs but {len(raw_contents)} raw_input_contents"
-        )
+    if raw and len(raw_contents) != len(inputs):
+        raise InvalidArgumentError(f"request has {len(inputs)} inputs but {len(raw_contents)} raw_input_contents")
     tensors = []
-    if len(request.inputs) > 1:
+    if len(inputs) > 1:
         seen: set[str] = set()
-        for spec in request.inputs:
+        for spec in inputs:
             if spec.name in seen:
                 raise InvalidArgumentError(f"input {spec.name!r} appears twice in the request")
             seen.add(spec.name)
-    for index, spec in enumerate(request.inputs):
+    for index, spec in enumerate(inputs):
         name, datatype = spec.name, spec.datatype
         dtype = NUMPY_DTYPES.get(datatype)
         if dtype is None:

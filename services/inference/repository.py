@@ -182,6 +182,7 @@ class ModelVersion:
         self.inputs = _tensors(config["inputs"])
         self.outputs = _tensors(config["outputs"])
         self._all_outputs = tuple(range(len(self.outputs)))
+        self._version_str = str(version)
         self.max_batch_size = int(config["max_batch_size"])
         self.stats = VersionStats()
         self.in_flight = 0
@@ -278,7 +279,7 @@ class ModelVersion:
         for i in indexes:
             spec, array = self.outputs[i], outputs[i]
             result.append(Tensor(spec.name, spec.datatype, array if batched else array[0]))
-        return InferResult(self.name, str(self.version), request.id, result)
+        return InferResult(self.name, self._version_str, request.id, result)
 
     def _forward_batch(self, items: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
         """Runs in an executor thread: one forward over every item's rows."""

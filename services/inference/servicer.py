@@ -23,7 +23,7 @@ MAX_STREAM_IN_FLIGHT = 256
 
 def to_request(request: pb.ModelInferRequest, timeout_s: float | None) -> tuple[InferRequest, bool]:
     inputs, raw = codec.decode_inputs(request)
-    outputs = tuple(o.name for o in request.outputs)
+    outputs = tuple(o.name for o in request.outputs) if request.outputs else ()
     return (
         InferRequest(request.model_name, request.model_version, request.id, inputs, outputs, timeout_s),
         raw,
