@@ -21,13 +21,13 @@ MAX_STREAM_IN_FLIGHT = 256
 """Requests of one ModelStreamInfer stream that may be running at once."""
 
 
-def to_request(request: pb.ModelInferRequest, timeout_s: float | None) -> tuple[InferRequest, bool]:
+def to_request(request: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
+    """The core request, and whether its inputs came raw. It carries no deadline: gRPC
+    cancels the handler when the client's deadline passes, and with it the queued item
+    (dropped before its batch runs), so a batcher timer per request would be waste."""
     inputs, raw = codec.decode_inputs(request)
     outputs = tuple(o.name for o in request.outputs) if request.outputs else ()
-    return (
-        InferRequest(request.model_name, request.model_version, request.id, inputs, outputs, timeout_s),
-        raw,
-    )
+    return InferRequest(request.model_name, request.model_version, request.id, inputs, outputs), raw
 
 
 def to_response(result: InferResult, raw: bool) -> pb.ModelInferResponse:
@@ -103,9 +103,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        # No batcher timer for the client's deadline: gRPC cancels this handler when it
-        # passes, which cancels the queued item (dropped before its batch runs).
-        infer_request, raw = to_request(request, None)
+        infer_request, raw = to_request(request)
         return to_response(await self._repo.infer(infer_request), raw)
 
     async def ModelStreamInfer(
@@ -117,7 +115,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(request: pb.ModelInferRequest) -> None:
             try:
-                infer_request, raw = to_request(request, None)
+                infer_request, raw = to_request(request)
                 result = await self._repo.infer(infer_request)
                 await responses.put(pb.ModelStreamInferResponse(infer_response=to_response(result, raw)))
             except TensorwireError as exc:
