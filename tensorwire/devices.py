@@ -12,9 +12,10 @@ needed); whether the device exists, when the service starts (``resolve_device``)
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tensorwire.config import SettingsError
+from tensorwire.config import ServerSettings, SettingsError, setting
 
 if TYPE_CHECKING:
     import torch
@@ -50,3 +51,17 @@ def resolve_device(spec: str, env_prefix: str = "") -> torch.device:
         seen = f"{count} CUDA device(s)" if count else "no CUDA device (torch.cuda.is_available() is False)"
         raise SettingsError(f"{setting} {spec!r} cannot be used: torch sees {seen}")
     return torch.device("cuda", index)
+
+
+@dataclass(frozen=True)
+class TorchServiceSettings(ServerSettings):
+    """The settings of a service that computes with torch (trainer, inference)."""
+
+    device: str = setting(
+        "auto", env="DEVICE",
+        help="torch device to compute on: auto (first CUDA device if any, else cpu), cpu, cuda, "
+             "cuda:N (refuses to start without that device)",
+    )
+
+    def __post_init__(self) -> None:
+        check_device_spec(self.device, self.env_prefix)

@@ -28,7 +28,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,28 +186,25 @@ def list_versions(repo: Path, name: str) -> list[int]:
     )
 
 
-def pinned_versions(config: Mapping[str, Any]) -> tuple[int, set[int]]:
-    """(newest versions the policy serves, 0 = all; versions the config names).
-
-    The named ones are the ``specific`` policy's list and the traffic split's keys:
-    the versions an A/B test or a roll-out is pointed at."""
-    (kind, args), = config["version_policy"].items()
+def select_versions(policy: Mapping[str, Any], available: Sequence[int]) -> list[int]:
+    """The versions a version policy serves out of those on disk."""
+    (kind, args), = policy.items()
     args = args or {}
-    named = {int(v) for v in config.get("traffic", {})}
     if kind == "all":
-        return 0, named
+        return sorted(available)
     if kind == "specific":
-        return 1, named | {int(v) for v in args.get("versions", [])}
-    return int(args.get("num_versions", 1)), named
+        wanted = {int(v) for v in args.get("versions", [])}
+        return sorted(v for v in available if v in wanted)
+    count = int(args.get("num_versions", 1))
+    return sorted(available)[-count:] if count > 0 else []
 
 
 def prune_versions(repo: Path, name: str, keep: int, protect: Collection[int] = ()) -> list[int]:
     """Delete all but the newest ``keep`` versions of ``name``; returns those deleted.
 
-    Never deletes what the model's config still serves: every version under an
-    ``all`` policy (nothing is pruned), the newest ``num_versions`` of a ``latest``
-    policy when that is more than ``keep``, the versions a ``specific`` policy or the
-    traffic split names, nor those in ``protect`` (e.g. the one just installed). A
+    Never deletes what the model's config still serves (``select_versions`` of its
+    version policy: under ``all`` nothing is pruned), the versions its traffic split
+    names, nor those in ``protect`` (e.g. the one just installed). A
     version goes first by a rename out of the version namespace (a reader polling the
     repository never sees half of one), then its files; leftovers of a pruning that
     died half-way are removed first. ``keep`` <= 0 keeps everything.
@@ -218,11 +215,14 @@ def prune_versions(repo: Path, name: str, keep: int, protect: Collection[int] = 
     folder = root / check_name(name)
     for stale in folder.glob(".v*.deleting"):
         shutil.rmtree(stale, ignore_errors=True)
-    served, named = pinned_versions(read_config(root, name))
-    if served == 0:
-        return []
+    config = read_config(root, name)
     versions = list_versions(root, name)
-    kept = set(versions[-max(keep, served):]) | named | set(protect)
+    kept = (
+        set(versions[-keep:])
+        | set(select_versions(config["version_policy"], versions))
+        | {int(v) for v in config.get("traffic", {})}  # where an A/B test or a roll-out points
+        | set(protect)
+    )
     deleted = []
     for version in versions:
         if version in kept:

@@ -16,7 +16,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -164,27 +164,41 @@ async def serve(
         await server.stop()
 
 
+def run_program(
+    settings_cls: type,
+    run: Callable[[Any], Awaitable[None]],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str | None = None,
+    description: str | None = None,
+) -> int:
+    """A console entry point: settings (a bad value exits 2, named), logging, then
+    ``asyncio.run(run(settings))``. A SettingsError raised while starting (e.g. a
+    missing CUDA device) also exits 2 with its reason."""
+    from tensorwire import config, log as twlog
+
+    prog = prog or f"tensorwire-{settings_cls.service}"
+    try:
+        settings = config.load(settings_cls, argv, prog=prog, description=description)
+        logger = twlog.configure(settings.service, settings.log_level)
+        logger.info("settings: %s", config.describe(settings))
+        asyncio.run(run(settings))
+    except config.SettingsError as exc:
+        print(f"{prog}: {exc}", flush=True)
+        return 2
+    return 0
+
+
 def run_main(
     settings_cls: type,
     make_service: Callable[[object], Awaitable[Service]],
     argv: Sequence[str] | None = None,
     description: str | None = None,
 ) -> int:
-    """A service's console entry point: settings, logging, serve, exit code."""
-    from tensorwire import config, log as twlog
-
-    try:
-        settings = config.load(
-            settings_cls, argv, prog=f"tensorwire-{settings_cls.service}", description=description
-        )
-    except config.SettingsError as exc:
-        print(f"tensorwire-{settings_cls.service}: {exc}", flush=True)
-        return 2
-    logger = twlog.configure(settings.service, settings.log_level)
-    logger.info("settings: %s", config.describe(settings))
-    try:
-        asyncio.run(serve(settings.server_options(), lambda: make_service(settings)))
-    except config.SettingsError as exc:  # only checkable at start-up, e.g. a missing CUDA device
-        print(f"tensorwire-{settings_cls.service}: {exc}", flush=True)
-        return 2
-    return 0
+    """A gRPC service's console entry point (``run_program`` + ``serve``)."""
+    return run_program(
+        settings_cls,
+        lambda settings: serve(settings.server_options(), lambda: make_service(settings)),
+        argv,
+        description=description,
+    )

@@ -148,19 +148,6 @@ def _set_torch_threads(count: int) -> None:
         torch.set_num_threads(count)
 
 
-def select_versions(policy: dict[str, Any], available: Sequence[int]) -> list[int]:
-    """The versions a version policy serves out of those on disk."""
-    (kind, args), = policy.items()
-    args = args or {}
-    if kind == "all":
-        return sorted(available)
-    if kind == "specific":
-        wanted = {int(v) for v in args.get("versions", [])}
-        return sorted(v for v in available if v in wanted)
-    count = int(args.get("num_versions", 1))
-    return sorted(available)[-count:] if count > 0 else []
-
-
 class ModelVersion:
     """One loaded version: its torch module behind a request batcher."""
 
@@ -530,12 +517,12 @@ class ModelRepository:
             if (
                 served is not None
                 and stamp == self._config_stamp.get(name)
-                and set(select_versions(served.config["version_policy"], available))
+                and set(modelrepo.select_versions(served.config["version_policy"], available))
                 == set(served.routing.versions)
             ):
                 return  # nothing changed
             config = modelrepo.read_config(self.root, name)
-            wanted = select_versions(config["version_policy"], available)
+            wanted = modelrepo.select_versions(config["version_policy"], available)
             if not wanted:
                 raise NotFoundError(f"model {name!r} has no version its version_policy selects")
             fingerprint = _fingerprint(config)

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from tensorwire.config import ServerSettings, setting
-from tensorwire.devices import check_device_spec
+from tensorwire.config import setting
+from tensorwire.devices import TorchServiceSettings
 
 
 @dataclass(frozen=True)
-class InferenceSettings(ServerSettings):
+class InferenceSettings(TorchServiceSettings):
     env_prefix: ClassVar[str] = "TENSORWIRE_INFERENCE_"
     service: ClassVar[str] = "inference"
 
@@ -50,11 +50,6 @@ class InferenceSettings(ServerSettings):
     infer_threads: int = setting(
         2, env="INFER_THREADS", help="threads running batched forwards (all models)", min=1, max=256
     )
-    device: str = setting(
-        "auto", env="DEVICE",
-        help="torch device the models use: auto (first CUDA device if any, else cpu), cpu, cuda, "
-             "cuda:N (refuses to start without that device)",
-    )
     torch_threads: int = setting(
         1, env="TORCH_THREADS", help="torch intra-op threads per forward (0 = torch's default)", min=0
     )
@@ -62,6 +57,3 @@ class InferenceSettings(ServerSettings):
         1, env="WORKERS",
         help="server processes sharing the port with SO_REUSEPORT (multi-core hosts)", min=1, max=256,
     )
-
-    def __post_init__(self) -> None:
-        check_device_spec(self.device, self.env_prefix)

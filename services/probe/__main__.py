@@ -7,9 +7,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from tensorwire import config
-from tensorwire import log as twlog
 from tensorwire.metrics import MetricsEndpoint
+from tensorwire.server import run_program
 
 from .lag import LagProbe
 from .settings import ProbeSettings
@@ -32,15 +31,7 @@ async def serve(settings: ProbeSettings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        settings = config.load(ProbeSettings, argv, prog="python -m services.probe", description=__doc__)
-    except config.SettingsError as exc:
-        print(f"probe: {exc}", file=sys.stderr, flush=True)
-        return 2
-    logger = twlog.configure(settings.service, settings.log_level)
-    logger.info("settings: %s", config.describe(settings))
-    asyncio.run(serve(settings))
-    return 0
+    return run_program(ProbeSettings, serve, argv, prog="python -m services.probe", description=__doc__)
 
 
 if __name__ == "__main__":

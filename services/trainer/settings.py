@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from tensorwire.config import ServerSettings, setting
-from tensorwire.devices import check_device_spec
+from tensorwire.config import setting
+from tensorwire.devices import TorchServiceSettings
 
 
 @dataclass(frozen=True)
-class TrainerSettings(ServerSettings):
+class TrainerSettings(TorchServiceSettings):
     env_prefix: ClassVar[str] = "TENSORWIRE_TRAINER_"
     service: ClassVar[str] = "trainer"
 
@@ -73,15 +73,7 @@ class TrainerSettings(ServerSettings):
     max_active_runs: int = setting(
         8, env="MAX_ACTIVE_RUNS", help="runs training at once", min=1, max=256
     )
-    device: str = setting(
-        "auto", env="DEVICE",
-        help="torch device the training runs use: auto (first CUDA device if any, else cpu), cpu, cuda, "
-             "cuda:N (refuses to start without that device)",
-    )
     torch_threads: int = setting(
         1, env="TORCH_THREADS", help="torch intra-op threads per process (small models: 1)",
         min=1, max=256,
     )
-
-    def __post_init__(self) -> None:
-        check_device_spec(self.device, self.env_prefix)

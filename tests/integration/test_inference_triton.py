@@ -24,6 +24,7 @@ from tensorwire import modelrepo
 from tensorwire.inference import grpc_service_pb2, model_config_pb2
 from tensorwire.models import build_model, example_inputs
 from tests.conftest import serving, settings_for
+from tests.support.triton_client import message_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_SUBSET = {
@@ -131,30 +132,11 @@ async def test_tritonclient_calls_every_rpc(model: str, repo: Path, tmp_path: Pa
     assert report["config_after_load"]["config"]["dynamic_batching"]["max_queue_delay_microseconds"] == "100"
 
 
-def _ours() -> dict[str, dict[str, list]]:
-    result: dict[str, dict[str, list]] = {}
-
-    def walk(desc) -> None:  # type: ignore[no-untyped-def]
-        fields = {}
-        for f in desc.fields:
-            sub = f.message_type.full_name if f.message_type else (f.enum_type.full_name if f.enum_type else "")
-            oneof = f.containing_oneof.name if f.containing_oneof else ""
-            fields[f.name] = [f.number, f.type, bool(f.is_repeated), sub, oneof]
-        result[desc.full_name] = fields
-        for nested in desc.nested_types:
-            walk(nested)
-
-    for module in (grpc_service_pb2, model_config_pb2):
-        for desc in module.DESCRIPTOR.message_types_by_name.values():
-            walk(desc)
-    return result
-
-
 def test_proto_matches_triton_field_by_field(tmp_path: Path) -> None:
     out = tmp_path / "triton.json"
     run_client("descriptors", str(out))
     triton = json.loads(out.read_text())
-    ours = _ours()
+    ours = message_fields(grpc_service_pb2, model_config_pb2)
     assert len(ours) > 30
     for message, fields in ours.items():
         assert message in triton["messages"], f"{message} is not a Triton message"

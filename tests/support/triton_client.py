@@ -118,10 +118,10 @@ def rpcs(url: str, model: str, spare: str, out: str) -> None:
     np.savez(out + ".npz", **arrays)
 
 
-def descriptors(out: str) -> None:
-    """tritonclient's message descriptors: {message: {field: [number, type, label, type_name]}}."""
-    from tritonclient.grpc import model_config_pb2, service_pb2
-
+def message_fields(*modules) -> dict[str, dict[str, list]]:  # type: ignore[no-untyped-def]
+    """{message: {field: [number, type, repeated, type name, oneof]}} of every message
+    (nested ones too) of generated ``_pb2`` modules: ours in the test, tritonclient's
+    here (in its own process: both define the ``inference`` package)."""
     result: dict[str, dict[str, list]] = {}
 
     def walk(desc) -> None:  # type: ignore[no-untyped-def]
@@ -134,9 +134,17 @@ def descriptors(out: str) -> None:
         for nested in desc.nested_types:
             walk(nested)
 
-    for module in (service_pb2, model_config_pb2):
+    for module in modules:
         for desc in module.DESCRIPTOR.message_types_by_name.values():
             walk(desc)
+    return result
+
+
+def descriptors(out: str) -> None:
+    """tritonclient's message descriptors (``message_fields``), DataType enum and methods."""
+    from tritonclient.grpc import model_config_pb2, service_pb2
+
+    result = message_fields(service_pb2, model_config_pb2)
     enums = {
         e.full_name: {v.name: v.number for v in e.values}
         for e in model_config_pb2.DESCRIPTOR.enum_types_by_name.values()
