@@ -51,6 +51,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Gauge
 
+from tensorwire.auth import ClientSecurity
 from tensorwire.errors import InvalidArgumentError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,7 @@ class ChannelPool:
         health_check_interval_s: float = 30.0,
         options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ChannelCredentials | None = None,
+        security: ClientSecurity | None = None,
         health_service: str = "",
         health_check_timeout_s: float = 5.0,
         close_grace_s: float = 5.0,
@@ -242,7 +244,9 @@ class ChannelPool:
         :param max_age_s: retire (drain, then close) a channel this old (0 = never).
         :param health_check_interval_s: grpc.health.v1 check period (0 = no checks).
         :param options: grpc channel arguments for every channel.
-        :param credentials: TLS credentials; None = plaintext.
+        :param credentials: TLS credentials; None = plaintext (or ``security``'s).
+        :param security: bearer token and TLS of the calling program; its token goes
+            into every call that brings no ``authorization`` metadata of its own.
         :param health_service: the service name asked in health checks ("" = server).
         :param health_check_timeout_s: deadline of one health check.
         :param close_grace_s: in-flight calls get this long when the pool closes.
@@ -283,7 +287,10 @@ class ChannelPool:
         self._health_service = health_service
         self._close_grace_s = close_grace_s
         self._options = tuple(options)
+        if credentials is None and security is not None:
+            credentials = security.channel_credentials()
         self._credentials = credentials
+        self._interceptors = security.interceptors() if security is not None else ()
         self._clock = clock
 
         self._channels: list[PooledChannel] = []
@@ -534,10 +541,12 @@ class ChannelPool:
         address = self._pick_address()
         channel_id = next(_id_counter)
         options = (*self._options, (CHANNEL_ID_ARG, channel_id))
+        interceptors = self._interceptors or None
         if self._credentials is None:
-            channel = grpc.aio.insecure_channel(address, options=options)
+            channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
         else:
-            channel = grpc.aio.secure_channel(address, self._credentials, options=options)
+            channel = grpc.aio.secure_channel(address, self._credentials, options=options,
+                                              interceptors=interceptors)
         pooled = PooledChannel(channel_id, address, channel, created_at=now, last_used_at=now)
         self._channels.append(pooled)
         self._created += 1

@@ -32,6 +32,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
+from tensorwire.auth import ClientSecurity
 from tensorwire.channels import ChannelPool
 from tensorwire.checkpoints import UploadResult, upload_checkpoint
 from tensorwire.chunking import ChunkConfig
@@ -93,6 +94,9 @@ class GrpcClient:
         if isinstance(target, ChannelPool):
             self.pool, self._owns_pool = target, False
         else:
+            # Scripts get their credentials from the environment (TENSORWIRE_TOKEN[_FILE],
+            # TENSORWIRE_TLS_CA) unless the caller passes ``security``.
+            pool_options.setdefault("security", ClientSecurity.from_env())
             options = list(pool_options.pop("options", ()))
             options += [("grpc.max_receive_message_length", 64 * 1024 * 1024),
                         ("grpc.max_send_message_length", 64 * 1024 * 1024)]

@@ -10,6 +10,7 @@ it, and names the bad value in the error. Only a service's ``__main__`` calls
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -121,14 +122,48 @@ def describe(settings: Any, redact: Callable[[str], bool] = lambda _: False) -> 
 
 
 @dataclasses.dataclass(frozen=True)
-class ServerSettings:
-    """Settings every service has. A service subclasses it, overrides
-    ``env_prefix`` and the port defaults, and adds its own fields."""
+class ClientSettings:
+    """How a program authenticates to, and verifies, the services it calls."""
 
     env_prefix: ClassVar[str] = "TENSORWIRE_"
     service: ClassVar[str] = "service"
 
-    host: str = setting("0.0.0.0", env="HOST", help="address to listen on")
+    tls_ca: str = setting(
+        "", env="TLS_CA",
+        help="PEM CA to verify the services this one calls (their calls then use TLS)",
+    )
+    token_file: str = setting(
+        "", env="TOKEN_FILE",
+        help="file holding the bearer token this service sends to the services it calls",
+    )
+
+    def client_security(self) -> Any:
+        """The token and TLS this service presents to the services it calls."""
+        from tensorwire import auth
+        from tensorwire.tls import ClientTls
+
+        tls = None
+        if self.tls_ca:
+            # A service's own certificate is its client identity too (mTLS).
+            cert, key = getattr(self, "tls_cert", ""), getattr(self, "tls_key", "")
+            tls = ClientTls(Path(self.tls_ca), Path(cert) if cert else None,
+                            Path(key) if key else None)
+        try:
+            token = auth.TokenSource(path=self.token_file) if self.token_file else None
+        except auth.TokenFileError as exc:
+            raise SettingsError(f"--token-file: {exc}") from None
+        return auth.ClientSecurity(token, tls)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings(ClientSettings):
+    """Settings every service has. A service subclasses it, overrides
+    ``env_prefix`` and the port defaults, and adds its own fields."""
+
+    host: str = setting(
+        "127.0.0.1", env="HOST",
+        help="address to listen on; a non-loopback address needs --auth-token-file (or --insecure)",
+    )
     port: int = setting(0, env="PORT", help="gRPC port", min=0, max=65535)
     metrics_port: int = setting(
         0, env="METRICS_PORT", help="Prometheus /metrics port (-1 disables)", min=-1, max=65535
@@ -142,10 +177,66 @@ class ServerSettings:
     log_level: str = setting(
         "INFO", env="LOG_LEVEL", help="log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
+    auth_token_file: str = setting(
+        "", env="AUTH_TOKEN_FILE",
+        help="bearer tokens, Kubernetes static token file format (token,user,uid,\"groups\"), "
+             "re-read when it changes; groups tensorwire:viewer|operator|admin|publisher give "
+             "the roles ('' = no authentication: loopback only, unless --insecure)",
+    )
+    insecure: bool = setting(
+        False, env="INSECURE",
+        help="allow a non-loopback --host without --auth-token-file (anyone who reaches "
+             "the port controls the service)",
+    )
+    tls_cert: str = setting(
+        "", env="TLS_CERT", help="PEM certificate to serve TLS with (reloaded when it changes)"
+    )
+    tls_key: str = setting("", env="TLS_KEY", help="PEM private key of --tls-cert")
+    tls_client_ca: str = setting(
+        "", env="TLS_CLIENT_CA", help="PEM CA that client certificates must chain to (mTLS)"
+    )
+
+    def __post_init__(self) -> None:
+        prefix = self.env_prefix
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SettingsError(
+                f"--tls-cert and --tls-key ({prefix}TLS_CERT, {prefix}TLS_KEY) go together; "
+                f"got only {'--tls-cert' if self.tls_cert else '--tls-key'}"
+            )
+        if self.tls_client_ca and not self.tls_cert:
+            raise SettingsError("--tls-client-ca needs --tls-cert and --tls-key")
+        if not self.auth_token_file and not self.insecure and not is_loopback(self.host):
+            raise SettingsError(
+                f"refusing to listen on {self.host} (--host) without authentication: add "
+                f"--auth-token-file FILE ({prefix}AUTH_TOKEN_FILE), or --insecure to let anyone "
+                "who reaches the port call every method"
+            )
+
+    def authorizer(self) -> Any:
+        """Who may call what on this service (None: no token file, everyone)."""
+        from tensorwire import auth  # late: config must not need grpc
+
+        if not self.auth_token_file:
+            return None
+        try:
+            return auth.Authorizer(auth.TokenFile(self.auth_token_file))
+        except auth.TokenFileError as exc:
+            raise SettingsError(f"--auth-token-file: {exc}") from None
+
+    def server_tls(self) -> Any:
+        from tensorwire.tls import ServerTls, TlsError
+
+        if not self.tls_cert:
+            return None
+        try:
+            return ServerTls(self.tls_cert, self.tls_key, self.tls_client_ca or None)
+        except TlsError as exc:
+            raise SettingsError(f"--tls-cert/--tls-key: {exc}") from None
 
     def server_options(self, **extra: Any) -> Any:
         from tensorwire.server import ServerOptions  # late: config must not need grpc
 
+        extra.setdefault("authorizer", self.authorizer())
         return ServerOptions(
             name=self.service,
             host=self.host,
@@ -153,5 +244,16 @@ class ServerSettings:
             metrics_port=None if self.metrics_port < 0 else self.metrics_port,
             grace_s=self.grace_s,
             max_message_bytes=self.max_message_mb * 1024 * 1024,
+            tls=self.server_tls(),
             **extra,
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -64,4 +64,5 @@ class TorchServiceSettings(ServerSettings):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_device_spec(self.device, self.env_prefix)

@@ -53,6 +53,18 @@ class DataLossError(TensorwireError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class UnauthenticatedError(TensorwireError):
+    """No credential, or one nobody issued."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(TensorwireError):
+    """A known caller without the role the call needs."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class AbortedError(TensorwireError):
     """An operation was interrupted and rolled back."""
 
@@ -71,6 +83,8 @@ _BY_CODE = {
         DeadlineExceededError,
         DataLossError,
         AbortedError,
+        UnauthenticatedError,
+        PermissionDeniedError,
     )
 }
 

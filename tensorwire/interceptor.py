@@ -21,6 +21,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from tensorwire import metrics
+from tensorwire.auth import Authorizer
 from tensorwire.errors import TensorwireError
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,12 @@ async def _reject_malformed(request: Any, context: grpc.aio.ServicerContext) -> 
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
 
-def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """The same handler with error mapping, malformed-request rejection and metrics."""
+def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler,
+                 authorizer: Authorizer | None = None) -> grpc.RpcMethodHandler:
+    """The same handler with the role check, error mapping, malformed-request
+    rejection and metrics."""
     method = _Method(service, full_method)
+    authorize = authorizer.checker(full_method) if authorizer is not None else None
     deserialize = _safe_deserializer(handler.request_deserializer)
     serialize = handler.response_serializer
 
@@ -131,6 +135,8 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler)
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             try:
+                if authorize is not None:
+                    authorize(context.invocation_metadata())
                 if type(request) is _Malformed:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 return await inner_uu(request, context)
@@ -148,6 +154,8 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler)
 
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with _Guard(method, context):
+                if authorize is not None:
+                    authorize(context.invocation_metadata())
                 await _reject_malformed(request, context)
                 async for item in _iterate(inner_us(request, context)):
                     yield item
@@ -159,6 +167,8 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler)
 
         async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             async with _Guard(method, context):
+                if authorize is not None:
+                    authorize(context.invocation_metadata())
                 return await inner_su(checked(requests, context), context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
@@ -167,6 +177,8 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler)
 
     async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _Guard(method, context):
+            if authorize is not None:
+                authorize(context.invocation_metadata())
             async for item in _iterate(inner_ss(checked(requests, context), context)):
                 yield item
 
@@ -176,8 +188,9 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler)
 class _WrappedGeneric(grpc.GenericRpcHandler):
     """A generic handler whose handlers are wrapped on first lookup, then cached."""
 
-    def __init__(self, service: str, inner: grpc.GenericRpcHandler) -> None:
-        self._service, self._inner = service, inner
+    def __init__(self, service: str, inner: grpc.GenericRpcHandler,
+                 authorizer: Authorizer | None = None) -> None:
+        self._service, self._inner, self._authorizer = service, inner, authorizer
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -186,7 +199,7 @@ class _WrappedGeneric(grpc.GenericRpcHandler):
             return None  # unknown method: gRPC answers UNIMPLEMENTED
         cached = self._cache.get(details.method)
         if cached is None or cached[0] is not handler:
-            wrapped = wrap_handler(self._service, details.method, handler)
+            wrapped = wrap_handler(self._service, details.method, handler, self._authorizer)
             cached = self._cache[details.method] = (handler, wrapped)
         return cached[1]
 
@@ -195,12 +208,13 @@ class WrappingRegistrar:
     """Stands in for the ``grpc.aio.Server`` while a service registers its servicers
     (the generated ``add_*Servicer_to_server`` functions), wrapping every handler."""
 
-    def __init__(self, server: grpc.aio.Server, service: str) -> None:
-        self._server, self._service = server, service
+    def __init__(self, server: grpc.aio.Server, service: str,
+                 authorizer: Authorizer | None = None) -> None:
+        self._server, self._service, self._authorizer = server, service, authorizer
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self._server.add_generic_rpc_handlers(
-            tuple(_WrappedGeneric(self._service, h) for h in handlers)
+            tuple(_WrappedGeneric(self._service, h, self._authorizer) for h in handlers)
         )
 
     def add_registered_method_handlers(
@@ -209,7 +223,8 @@ class WrappingRegistrar:
         self._server.add_registered_method_handlers(
             service_name,
             {
-                name: wrap_handler(self._service, f"/{service_name}/{name}", handler)
+                name: wrap_handler(self._service, f"/{service_name}/{name}", handler,
+                                   self._authorizer)
                 for name, handler in handlers.items()
             },
         )

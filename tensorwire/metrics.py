@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from tensorwire.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +35,11 @@ SERVING = Gauge(
 class MetricsEndpoint:
     """The HTTP ``/metrics`` endpoint, on its own port, in a daemon thread."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, tls: ServerTls | None = None) -> None:
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._host, self._port = host, port
+        self._tls = tls
 
     @property
     def port(self) -> int:
@@ -42,8 +47,22 @@ class MetricsEndpoint:
 
     def start(self) -> int:
         """Start serving; returns the bound port (useful with port 0)."""
-        self._server, self._thread = start_http_server(self._port, addr=self._host)
-        log.info("metrics on http://%s:%d/metrics", self._host, self.port)
+        tls = self._tls
+        try:
+            self._server, self._thread = start_http_server(
+                self._port, addr=self._host,
+                certfile=str(tls.cert) if tls else None, keyfile=str(tls.key) if tls else None,
+                client_cafile=str(tls.client_ca) if tls and tls.client_ca else None,
+                client_auth_required=bool(tls and tls.client_ca),
+            )
+        except OSError as exc:
+            from tensorwire.server import PortInUseError
+
+            raise PortInUseError(
+                f"cannot serve /metrics on {self._host}:{self._port}: {exc.strerror or exc}; "
+                "choose another with --metrics-port (-1 turns it off)"
+            ) from None
+        log.info("metrics on http%s://%s:%d/metrics", "s" if tls else "", self._host, self.port)
         return self.port
 
     def stop(self) -> None:

@@ -22,8 +22,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from grpc_reflection.v1alpha import reflection_pb2_grpc
+
 from tensorwire import metrics
+from tensorwire.auth import Authorizer
+from tensorwire.config import SettingsError
 from tensorwire.interceptor import WrappingRegistrar
+from tensorwire.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,14 @@ class ServerOptions:
     """Further grpc channel args for the server."""
     reuse_port: bool = False
     """SO_REUSEPORT, so several worker processes can share one port."""
+    authorizer: Authorizer | None = None
+    """Who may call what (None: everyone; only allowed on loopback, see config)."""
+    tls: ServerTls | None = None
+    """Certificate and key to serve TLS with (gRPC and /metrics); None = plaintext."""
+
+
+class PortInUseError(SettingsError):
+    """The port (or address) to listen on cannot be bound."""
 
 
 class Service(Protocol):
@@ -72,7 +85,7 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._metrics = (
-            metrics.MetricsEndpoint(options.host, options.metrics_port)
+            metrics.MetricsEndpoint(options.host, options.metrics_port, tls=options.tls)
             if options.metrics_port is not None
             else None
         )
@@ -86,15 +99,19 @@ class GrpcServer:
             *options.extra_options,
         ]
         self.server = grpc.aio.server(options=grpc_options)
-        # Every handler of the service is wrapped once here (error mapping, metrics).
-        service.register(WrappingRegistrar(self.server, options.name))
+        # Every handler of the service is wrapped once here (role check, error
+        # mapping, metrics); reflection too. Health stays open (probes).
+        registrar = WrappingRegistrar(self.server, options.name, options.authorizer)
+        service.register(registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (
             *service.service_names,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
-        reflection.enable_server_reflection(names, self.server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(names), registrar  # type: ignore[arg-type]
+        )
 
     @property
     def metrics_port(self) -> int | None:
@@ -102,10 +119,20 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Bind, start, report SERVING; returns the bound port."""
-        address = f"{self.options.host}:{self.options.port}"
-        port = self.server.add_insecure_port(address)
+        host = self.options.host
+        address = f"[{host}]:{self.options.port}" if ":" in host else f"{host}:{self.options.port}"
+        try:
+            if self.options.tls is not None:
+                port = self.server.add_secure_port(address, self.options.tls.grpc_credentials())
+            else:
+                port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise OSError(f"{self.options.name}: cannot bind {address}")
+            raise PortInUseError(
+                f"{self.options.name}: cannot listen on {address}: the port is in use or the "
+                "address is not this machine's; choose another with --port (or --host)"
+            )
         self.port = port
         await self.server.start()
         if self._metrics is not None:

@@ -36,13 +36,17 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
+from tensorwire.auth import ClientSecurity
 from tensorwire.channels import ChannelPool
+from tensorwire.server import PortInUseError
+from tensorwire.tls import ServerTls
 from tensorwire.errors import InvalidArgumentError, TensorwireError
 from tensorwire.inference import grpc_service_pb2 as inference_pb
 from tensorwire.streamer.v1 import streamer_pb2
 from tensorwire.trainer.v1 import trainer_pb2
 
 from . import grpcweb
+from .guard import Guard, RateLimiter, default_hosts
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -114,10 +118,15 @@ def _unsent_bytes(sock: socket.socket) -> int:
 class GrpcWebProxy:
     """Translates one gRPC-Web request into a gRPC call on a pooled channel."""
 
-    def __init__(self, routes: Mapping[str, Route], *, max_unsent_bytes: int) -> None:
+    def __init__(self, routes: Mapping[str, Route], *, max_unsent_bytes: int,
+                 security: ClientSecurity | None = None) -> None:
         self.routes = dict(routes)
+        # TLS towards the services, but never a token of the gateway's own: each call
+        # carries the browser's authorization header, or none.
+        upstream = ClientSecurity(tls=security.tls) if security is not None else None
         self._pools = {
-            route.target: ChannelPool(route.target, options=_UPSTREAM_OPTIONS, name=route.target)
+            route.target: ChannelPool(route.target, options=_UPSTREAM_OPTIONS, name=route.target,
+                                      security=upstream)
             for route in self.routes.values()
         }
         self._max_unsent = max_unsent_bytes
@@ -245,6 +254,16 @@ class GrpcWebProxy:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.02)
 
+    def rate_limited(self, request: web.Request) -> web.StreamResponse:
+        """The answer to a control call over its token's rate."""
+        mode = grpcweb.parse_content_type(request.headers.get("Content-Type"))
+        if mode is None:
+            return web.Response(status=429, text="too many control calls; slow down")
+        CALLS.labels("limited", request.match_info.get("method", ""),
+                     grpc.StatusCode.RESOURCE_EXHAUSTED.name, "text" if mode.text else "binary").inc()
+        return self._trailers_only(request, mode, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   "too many control calls from this token; slow down")
+
     def _trailers_only(
         self, request: web.Request, mode: grpcweb.Mode, code: grpc.StatusCode, message: str
     ) -> web.Response:
@@ -346,10 +365,23 @@ def _static_routes(app: web.Application, static_dir: Path) -> None:
 
 def create_app(settings: GatewaySettings) -> web.Application:
     """The aiohttp application; its proxy is ``app[PROXY]`` and closes with the app."""
-    proxy = GrpcWebProxy(routes_for(settings), max_unsent_bytes=settings.max_unsent_kb * 1024)
+    proxy = GrpcWebProxy(routes_for(settings), max_unsent_bytes=settings.max_unsent_kb * 1024,
+                         security=settings.client_security())
     cors = Cors(settings.cors_origins)
-    app = web.Application(middlewares=[cors.middleware], client_max_size=_MAX_REQUEST_BYTES)
+    authorizer = settings.authorizer()
+    tls = settings.server_tls()
+    guard = Guard(
+        allowed_hosts=(*default_hosts(settings.host), *settings.allowed_hosts),
+        limiter=RateLimiter(settings.control_rate_per_s, settings.control_burst),
+        on_limited=proxy.rate_limited,
+        tls=tls,
+    )
+    app = web.Application(middlewares=[guard.middleware, cors.middleware],
+                          client_max_size=_MAX_REQUEST_BYTES)
+    app.on_response_prepare.append(Guard.add_headers)
     app[PROXY] = proxy
+    if tls is not None:
+        app[TLS] = tls
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "SERVING"})
@@ -361,6 +393,12 @@ def create_app(settings: GatewaySettings) -> web.Application:
                                   "upstreams": upstreams}, status=200 if ok else 503)
 
     async def metrics(request: web.Request) -> web.Response:
+        if authorizer is not None:  # the viewer role, as for every read
+            try:
+                authorizer.check(METRICS_ROUTE, [("authorization", request.headers.get("Authorization", ""))])
+            except TensorwireError as exc:
+                return web.Response(status=401 if exc.code == grpc.StatusCode.UNAUTHENTICATED else 403,
+                                    text=str(exc), headers={"WWW-Authenticate": "Bearer"})
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def on_shutdown(app: web.Application) -> None:
@@ -376,6 +414,9 @@ def create_app(settings: GatewaySettings) -> web.Application:
 
 
 PROXY = web.AppKey("proxy", GrpcWebProxy)
+TLS = web.AppKey("tls", ServerTls)
+METRICS_ROUTE = "GET /metrics"
+"""The gateway's /metrics in the role table (viewer)."""
 
 
 class Gateway:
@@ -392,8 +433,17 @@ class Gateway:
 
     async def start(self) -> int:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port, reuse_address=True)
-        await site.start()
+        tls = self.app.get(TLS)
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port, reuse_address=True,
+                           ssl_context=tls.ssl_context() if tls is not None else None)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise PortInUseError(
+                f"gateway: cannot listen on {self.settings.host}:{self.settings.port}: "
+                f"{exc.strerror or exc}; choose another with --port (or --host)"
+            ) from None
         server = site._server  # type: ignore[attr-defined]
         self.port = server.sockets[0].getsockname()[1] if server is not None else self.settings.port
         log.info("gateway on http://%s:%d (routes: %s)", self.settings.host, self.port,

@@ -163,6 +163,11 @@ def request_metadata(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str
                 out.append((key, base64.b64decode(value + "=" * (-len(value) % 4))))
             except binascii.Error:
                 raise InvalidArgumentError(f"header {key} is not valid base64") from None
+        elif not value.isascii() or not value.isprintable():
+            raise InvalidArgumentError(
+                f"header {key} has characters gRPC metadata cannot carry (only printable "
+                "ASCII; binary values go in a header ending in -bin, base64-encoded)"
+            )
         else:
             out.append((key, value))
     return tuple(out)

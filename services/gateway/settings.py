@@ -38,6 +38,21 @@ class GatewaySettings(ServerSettings):
         help="other origins allowed to call gRPC-Web, comma separated ('*' = any); "
         "the page's own origin is always allowed",
     )
+    allowed_hosts: tuple[str, ...] = setting(
+        (), env="ALLOWED_HOSTS",
+        help="Host header names answered besides localhost, 127.0.0.1, ::1 and --host, comma "
+             "separated ('*' = any); other names get 403 (DNS rebinding guard)",
+    )
+    control_rate_per_s: float = setting(
+        5.0, env="CONTROL_RATE_PER_S",
+        help="control calls (start/stop/update runs, model loads) per second and token "
+             "(or peer address without one); more get RESOURCE_EXHAUSTED",
+        min=0.01, max=100000,
+    )
+    control_burst: int = setting(
+        20, env="CONTROL_BURST", help="control calls a token may make at once before the rate "
+        "applies", min=1, max=100000,
+    )
     max_unsent_kb: int = setting(
         16, env="MAX_UNSENT_KB",
         help="a stream's next message waits until fewer than this many KiB sit unacknowledged "

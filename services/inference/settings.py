@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from tensorwire.config import setting
 from tensorwire.devices import TorchServiceSettings
@@ -18,6 +18,12 @@ class InferenceSettings(TorchServiceSettings):
     port: int = setting(8001, env="PORT", help="gRPC port (Triton's default)", min=0, max=65535)
     metrics_port: int = setting(
         8002, env="METRICS_PORT", help="Prometheus /metrics port (-1 disables)", min=-1, max=65535
+    )
+    open_inference: bool = setting(
+        False, env="OPEN_INFERENCE",
+        help="with --auth-token-file: let callers without a token infer and read model "
+             "metadata, config, readiness and statistics (loads, unloads and uploads keep "
+             "needing the admin role)",
     )
     model_repository: Path = setting(
         Path("var/models"), env="MODEL_REPOSITORY", help="model repository directory"
@@ -57,3 +63,11 @@ class InferenceSettings(TorchServiceSettings):
         1, env="WORKERS",
         help="server processes sharing the port with SO_REUSEPORT (multi-core hosts)", min=1, max=256,
     )
+
+    def authorizer(self) -> Any:
+        authorizer = super().authorizer()
+        if authorizer is not None and self.open_inference:
+            from tensorwire.auth import Authorizer
+
+            authorizer = Authorizer(authorizer.tokens, open_inference=True)
+        return authorizer

@@ -16,7 +16,8 @@ from .settings import ProbeSettings
 
 async def serve(settings: ProbeSettings) -> None:
     endpoint = MetricsEndpoint(settings.host, settings.port)
-    probe = LagProbe(settings.trainer_target, settings.streamer_target, interval_s=settings.interval_s)
+    probe = LagProbe(settings.trainer_target, settings.streamer_target, interval_s=settings.interval_s,
+                     security=settings.client_security())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import grpc
 from prometheus_client import Counter, Gauge
 
+from tensorwire.auth import ClientSecurity
 from tensorwire.channels import ChannelPool, resolve_targets
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.errors import TensorwireError
@@ -73,14 +74,16 @@ class LagProbe:
     """Keeps one subscription per (streamer address, running run)."""
 
     def __init__(self, trainer_target: str, streamer_target: str, *, interval_s: float = 5.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 security: ClientSecurity | None = None) -> None:
+        self.security = security
         self.trainer_target = trainer_target
         self.streamer_target = streamer_target
         self.interval_s = interval_s
         self._clock = clock
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._watches: dict[tuple[str, str], _Watch] = {}
-        self._trainer = ChannelPool(trainer_target, name="probe-trainer")
+        self._trainer = ChannelPool(trainer_target, name="probe-trainer", security=security)
         self._streamers: dict[str, ChannelPool] = {}
         """One pool per streamer replica: a viewer of each replica, not of the Service."""
         self._loop_task: asyncio.Task[None] | None = None
@@ -132,7 +135,8 @@ class LagProbe:
         address, run_id = key
         pool = self._streamers.get(address)
         if pool is None:
-            pool = self._streamers[address] = ChannelPool(address, name=f"probe-{address}")
+            pool = self._streamers[address] = ChannelPool(address, name=f"probe-{address}",
+                                                                  security=self.security)
         backoff_s = 0.5
         while True:
             try:

@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tensorwire.config import setting
+from tensorwire.config import ClientSettings, setting
 
 
 @dataclass(frozen=True)
-class ProbeSettings:
+class ProbeSettings(ClientSettings):
     env_prefix: ClassVar[str] = "TENSORWIRE_PROBE_"
     service: ClassVar[str] = "probe"
 
-    host: str = setting("0.0.0.0", env="HOST", help="address of the /metrics endpoint")
+    host: str = setting("127.0.0.1", env="HOST", help="address of the /metrics endpoint")
     port: int = setting(9103, env="PORT", help="HTTP port of /metrics", min=0, max=65535)
     trainer_target: str = setting(
         "127.0.0.1:50051", env="TRAINER_TARGET", help="trainer to list the running runs from"

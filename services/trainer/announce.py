@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 
 from tensorwire import modelrepo
+from tensorwire.auth import ClientSecurity
 from tensorwire.channels import ChannelPool
 from tensorwire.client import InferenceClient, RetryPolicy
 from tensorwire.errors import AlreadyExistsError, FailedPreconditionError, TensorwireError
@@ -36,8 +37,9 @@ class ModelAnnouncer:
 
     def __init__(self, target: str, *, repository: Path | None = None, push: bool = False,
                  max_attempts: int = 8, timeout_s: float = 10.0, backoff_max_s: float = 10.0,
-                 upload_timeout_s: float = 600.0) -> None:
+                 upload_timeout_s: float = 600.0, security: ClientSecurity | None = None) -> None:
         self.target = target
+        self.security = security
         self.repository = repository
         self.push = push and repository is not None
         self.max_attempts = max_attempts
@@ -65,7 +67,8 @@ class ModelAnnouncer:
         if self.target:
             # One try per call: retries are this announcer's own, spaced by its backoff.
             self.client = InferenceClient(self.target, timeout_s=self.timeout_s,
-                                          retry=RetryPolicy(attempts=1), max_size=2)
+                                          retry=RetryPolicy(attempts=1), max_size=2,
+                                          security=self.security)
             self._task = asyncio.create_task(self._run(), name="announce")
 
     def announce(self, name: str, version: int = 0) -> None:

@@ -41,13 +41,15 @@ class TrainerApp:
             max_active_runs=settings.max_active_runs,
             device=resolve_device(settings.device, settings.env_prefix),
         )
+        security = settings.client_security()
         self.announcer = ModelAnnouncer(settings.inference_target,
                                         repository=settings.model_repository,
-                                        push=settings.push_checkpoints)
+                                        push=settings.push_checkpoints, security=security)
         self.runs.listeners.append(self.announcer.announce)
         self.publisher = Publisher(
             self.runs, settings.streamer_target, max_fps=settings.max_fps,
             view_cpu_budget=settings.view_cpu_budget, view_process=settings.view_process,
+            security=security,
         )
         self.demo_run_id: str | None = None
         self._bootstrap: asyncio.Task[None] | None = None

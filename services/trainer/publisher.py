@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from tensorwire.auth import ClientSecurity
 from tensorwire.channels import ChannelPool, resolve_targets
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.scalars import Bucket, ScalarBuffer, to_batch
@@ -45,11 +46,11 @@ log = logging.getLogger(__name__)
 PUBLISH_METHOD = "/tensorwire.streamer.v1.StreamerService/Publish"
 
 
-def channel_pool(address: str) -> ChannelPool:
+def channel_pool(address: str, security: ClientSecurity | None = None) -> ChannelPool:
     """The one place the publisher makes channels: a pool per streamer address
     (one Publish stream each; health-checked, replaced when unhealthy or old, metered)."""
     return ChannelPool(
-        address, min_size=1, max_size=1, name=f"publish {address}",
+        address, min_size=1, max_size=1, name=f"publish {address}", security=security,
         options=[("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                  ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1_000)],
     )
@@ -155,8 +156,10 @@ class Publisher:
         max_points: int = 512,
         resolve_every_s: float = 30.0,
         backoff_max_s: float = 1.0,
+        security: ClientSecurity | None = None,
     ) -> None:
         self.runs = runs
+        self.security = security
         self.target = target
         self.max_fps = max_fps
         self.view_cpu_budget = view_cpu_budget
@@ -221,7 +224,7 @@ class Publisher:
             return
         for address in addresses:
             if address not in self.links:
-                link = _Link(address, pool=channel_pool(address))
+                link = _Link(address, pool=channel_pool(address, self.security))
                 for run_id, data in self._latest_statuses().items():
                     link.set_status(run_id, data)
                 link.task = asyncio.create_task(self._link_forever(link), name=f"publish-{address}")

@@ -2,7 +2,7 @@
 // inference clients, and the live subscription with reconnect and backoff.
 // UI modules call these functions and never touch a transport or a stub.
 import { create } from "@bufbuild/protobuf";
-import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { Codec } from "./gen/tensorwire/common/v1/common_pb";
 import { type Frame, StreamerService } from "./gen/tensorwire/streamer/v1/streamer_pb";
@@ -13,9 +13,33 @@ import {
   ModelInferRequest_InferInputTensorSchema,
 } from "./gen/tensorwire/inference/grpc_service_pb";
 
+// The access token: `tensorwire up` prints the page URL with `#token=...`. It is
+// read once, kept in this tab's sessionStorage and removed from the address bar
+// (a fragment never reaches a server, logs or a Referer header).
+const TOKEN_KEY = "tensorwire.token";
+
+function takeToken(): string | null {
+  const match = /(?:^#|&)token=([^&]+)/.exec(window.location.hash);
+  if (match) {
+    const token = decodeURIComponent(match[1]);
+    try { sessionStorage.setItem(TOKEN_KEY, token); } catch { /* storage off: memory only */ }
+    history.replaceState(null, "", window.location.pathname + window.location.search);
+    return token;
+  }
+  try { return sessionStorage.getItem(TOKEN_KEY); } catch { return null; }
+}
+
+const token = takeToken();
+
+const bearer: Interceptor = (next) => async (req) => {
+  if (token) req.header.set("authorization", `Bearer ${token}`);
+  return next(req);
+};
+
 const transport = createGrpcWebTransport({
   baseUrl: window.location.origin,
   useBinaryFormat: true,
+  interceptors: [bearer],
 });
 const trainer = createClient(TrainerService, transport);
 const streamer = createClient(StreamerService, transport);
