@@ -348,14 +348,9 @@ class TokenSource:
         return None
 
 
-class BearerInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds ``authorization: Bearer <token>`` to every call of a channel (unless the
-    call brings its own, as the gateway does with the browser's)."""
+class _Bearer:
+    """Adds ``authorization: Bearer <token>`` to a call's metadata (unless the call
+    brings its own, as the gateway does with the browser's)."""
 
     def __init__(self, source: TokenSource) -> None:
         self.source = source
@@ -367,17 +362,33 @@ class BearerInterceptor(
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata,
                                           details.credentials, details.wait_for_ready)
 
+
+# grpc.aio files an interceptor under the first of the four kinds it is an instance
+# of, so each kind is its own class.
+class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def,override]
         return await continuation(self._details(details), request)
 
+
+class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def,override]
         return await continuation(self._details(details), request)
 
+
+class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def,override]
         return await continuation(self._details(details), request_iterator)
 
+
+class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def,override]
         return await continuation(self._details(details), request_iterator)
+
+
+def bearer_interceptors(source: TokenSource) -> tuple[grpc.aio.ClientInterceptor, ...]:
+    """Client interceptors that send ``source``'s token on every kind of call."""
+    return (_BearerUnaryUnary(source), _BearerUnaryStream(source),
+            _BearerStreamUnary(source), _BearerStreamStream(source))
 
 
 @dataclass(frozen=True)
@@ -390,8 +401,8 @@ class ClientSecurity:
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         return self.tls.grpc_credentials() if self.tls is not None else None
 
-    def interceptors(self) -> tuple[BearerInterceptor, ...]:
-        return (BearerInterceptor(self.token),) if self.token is not None else ()
+    def interceptors(self) -> tuple[grpc.aio.ClientInterceptor, ...]:
+        return bearer_interceptors(self.token) if self.token is not None else ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientSecurity:

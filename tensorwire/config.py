@@ -40,6 +40,17 @@ def setting(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def _show(default: Any) -> str:
+    """A default as a person reads it in --help."""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return ",".join(map(str, default)) or "none"
+    if default == "":
+        return "none"
+    return str(default)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -92,12 +103,26 @@ def load(
     fields = [f for f in dataclasses.fields(cls) if "env" in f.metadata]  # type: ignore[arg-type]
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for f in fields:
+        env_name = prefix + f.metadata["env"]
+        if hints[f.name] is bool:
+            # A switch: --name, --no-name, or --name true|false (env: true/false/1/0).
+            parser.add_argument(
+                _flag(f.name), dest=f.name, default=None, nargs="?", const="true",
+                metavar="true|false",
+                help=f"{f.metadata['help']} (--no-{f.name.replace('_', '-')} turns it off; "
+                     f"env {env_name}; default {_show(f.default)})",
+            )
+            parser.add_argument(
+                "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
+                const="false", help=argparse.SUPPRESS,
+            )
+            continue
         parser.add_argument(
             _flag(f.name),
             dest=f.name,
             default=None,
             metavar=f.name.upper(),
-            help=f"{f.metadata['help']} (env {prefix}{f.metadata['env']}, default {f.default!r})",
+            help=f"{f.metadata['help']} (env {env_name}; default {_show(f.default)})",
         )
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}

@@ -21,10 +21,13 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any, name: str = "test", grace_s: float = 2.0) -> AsyncIterator[GrpcServer]:
-    """Run ``app`` (a tensorwire Service) in-process on 127.0.0.1:0."""
+async def serving(app: Any, name: str = "test", grace_s: float = 2.0,
+                  **options: Any) -> AsyncIterator[GrpcServer]:
+    """Run ``app`` (a tensorwire Service) in-process on 127.0.0.1:0 (``options``:
+    further ServerOptions fields, e.g. an ``authorizer`` or ``tls``)."""
     server = GrpcServer(
-        ServerOptions(name=name, host="127.0.0.1", port=0, metrics_port=0, grace_s=grace_s), app
+        ServerOptions(name=name, host="127.0.0.1", port=0, metrics_port=0, grace_s=grace_s,
+                      **options), app
     )
     await server.start()
     try:

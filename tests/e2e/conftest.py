@@ -109,8 +109,18 @@ class Stack:
     up: Process | None = None
 
     @property
-    def url(self) -> str:
+    def base_url(self) -> str:
         return f"http://127.0.0.1:{self.web_port}/"
+
+    @property
+    def token(self) -> str:
+        """The admin token ``tensorwire up`` made for this suite."""
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    @property
+    def url(self) -> str:
+        """The page URL as ``tensorwire up`` prints it (the token in the fragment)."""
+        return f"{self.base_url}#token={self.token}"
 
     def targets(self) -> list[str]:
         return [
@@ -132,6 +142,7 @@ class Stack:
         self.up = Process(argv, self.data_dir / "up.log", env).start()
         self.up.wait_for_line("all services SERVING", 90)
         self.up.wait_for_line("gateway on http://", 30)
+        self.up.wait_for_line(f"open {self.url}", 5)
         return self
 
     def start_run(self, task: str = "spiral") -> str:
@@ -141,9 +152,9 @@ class Stack:
                 "from tensorwire.trainer.v1 import trainer_pb2 as pb, trainer_pb2_grpc as rpc\n"
                 "with grpc.insecure_channel(sys.argv[1]) as ch:\n"
                 "    run = rpc.TrainerServiceStub(ch).StartRun(pb.StartRunRequest(task=sys.argv[2]),"
-                " timeout=30).run\n"
+                " timeout=30, metadata=[('authorization', 'Bearer ' + sys.argv[3])]).run\n"
                 "print(run.run_id)\n",
-                f"127.0.0.1:{self.trainer_port}", task]
+                f"127.0.0.1:{self.trainer_port}", task, self.token]
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"StartRun failed ({done.returncode}): {done.stderr[-2000:]}"
         return done.stdout.strip()
@@ -182,7 +193,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     suite = Stack(tmp_path_factory.mktemp("stack"))
     try:
         suite.start()
-        wait_http(suite.url + "healthz", 20)
+        wait_http(suite.base_url + "healthz", 20)
         suite.start_run("spiral")
         yield suite
     finally:

@@ -163,7 +163,7 @@ def test_reconnects_by_itself_after_the_gateway_restarts(stack: Stack, tmp_path:
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", 20)
         with browser() as context:
-            page = live_page(context, f"http://127.0.0.1:{port}/?stall_ms=3000&backoff_max_ms=1000")
+            page = live_page(context, f"http://127.0.0.1:{port}/?stall_ms=3000&backoff_max_ms=1000#token={stack.token}")
             gateway.stop(signal.SIGKILL)  # a crash: connections reset, nothing drains
             page.wait_for_function("() => window.tensorwire.connection !== 'connected'", timeout=10_000)
             shown = page.evaluate("() => window.tensorwire.displayedStep")

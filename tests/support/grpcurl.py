@@ -6,6 +6,7 @@ grpc's reflection protocol, so the tests prove an operator's grpcurl works.
 
 from __future__ import annotations
 
+import collections
 import json
 
 import grpc
@@ -15,9 +16,35 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 
+class _Headers(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """grpcurl's ``-H 'name: value'``: metadata on every call."""
+
+    def __init__(self, headers: tuple[tuple[str, str], ...]) -> None:
+        self.headers = headers
+
+    def _details(self, details):  # type: ignore[no-untyped-def]
+        return _Details(details.method, details.timeout,
+                        (*(details.metadata or ()), *self.headers), details.credentials,
+                        getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), requests)
+
+
+class _Details(collections.namedtuple(
+        "_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+        grpc.ClientCallDetails):
+    pass
+
+
 class Grpcurl:
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
         self.channel = grpc.insecure_channel(target)
+        if headers:
+            self.channel = grpc.intercept_channel(self.channel, _Headers(headers))
         self.db = ProtoReflectionDescriptorDatabase(self.channel)
         self.pool = descriptor_pool.DescriptorPool(self.db)
 
