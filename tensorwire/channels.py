@@ -53,6 +53,7 @@ from prometheus_client import Counter, Gauge
 
 from tensorwire.auth import ClientSecurity
 from tensorwire.errors import InvalidArgumentError, UnavailableError
+from tensorwire.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ class ChannelPool:
         self._channels: list[PooledChannel] = []
         self._address_failures: dict[str, int] = {}
         self._closing: set[asyncio.Task[None]] = set()
-        self._maintainer: asyncio.Task[None] | None = None
+        self._maintainer: Periodic | None = None
         self._resolve_lock: asyncio.Lock | None = None
         self._closed = False
         self._last_health_at: float | None = None
@@ -411,9 +412,7 @@ class ChannelPool:
             return
         self._closed = True
         if self._maintainer is not None:
-            self._maintainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintainer
+            await self._maintainer.aclose()
             self._maintainer = None
         doomed = list(self._channels)
         for pooled in doomed:
@@ -604,19 +603,8 @@ class ChannelPool:
         periods = [p for p in (self._health_interval_s, self._idle_timeout_s / 2, self._max_age_s / 4) if p > 0]
         if not periods:
             return
-        self._maintainer = asyncio.get_running_loop().create_task(
-            self._maintain_forever(max(0.05, min(periods))), name=f"channel-pool {self.name}"
-        )
-
-    async def _maintain_forever(self, period_s: float) -> None:
-        while True:
-            await asyncio.sleep(period_s)
-            try:
-                await self.maintain()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("channel pool %s: maintenance failed", self.name)
+        self._maintainer = Periodic(self.maintain, max(0.05, min(periods)),
+                                    name=f"channel-pool {self.name} maintenance").start()
 
     def _schedule_close(self, doomed: list[PooledChannel]) -> None:
         for pooled in doomed:

@@ -21,7 +21,6 @@ upload.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,10 +32,16 @@ import numpy as np
 from google.protobuf.message import Message
 
 from tensorwire.auth import ClientSecurity
+from tensorwire.backoff import Backoff
 from tensorwire.channels import ChannelPool
 from tensorwire.checkpoints import UploadResult, upload_checkpoint
 from tensorwire.chunking import ChunkConfig
-from tensorwire.errors import DeadlineExceededError, InvalidArgumentError, TensorwireError, from_status
+from tensorwire.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    TensorwireError,
+    from_status,
+)
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.tensors import NUMPY_DTYPES, TYPED_FIELD, datatype_of
 
@@ -63,8 +68,8 @@ class RetryPolicy:
 
     def backoff_s(self, attempt: int) -> float:
         """Wait before try ``attempt + 1`` (attempt counts from 1)."""
-        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
-        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+        return Backoff(self.initial_backoff_s, self.max_backoff_s, self.multiplier,
+                       self.jitter).delay_s(attempt)
 
 
 class GrpcClient:

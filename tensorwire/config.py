@@ -10,8 +10,8 @@ it, and names the bad value in the error. Only a service's ``__main__`` calls
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import httpx
 from prometheus_client import Counter
 
 from tensorwire import modelrepo
+from tensorwire.backoff import Backoff
 from tensorwire.errors import (
     DataLossError,
     InvalidArgumentError,
@@ -78,6 +78,7 @@ class HttpPool:
     def __init__(self, config: HttpPoolConfig = HttpPoolConfig(), *,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.config = config
+        self._backoff = Backoff(initial_s=config.backoff_s, max_s=config.max_backoff_s)
         limits = httpx.Limits(
             max_connections=config.max_connections,
             max_keepalive_connections=config.max_keepalive_connections,
@@ -132,8 +133,7 @@ class HttpPool:
             if not idempotent or attempt >= self.config.attempts:
                 raise error
             self.retries += 1
-            pause = min(self.config.max_backoff_s, self.config.backoff_s * 2 ** (attempt - 1))
-            await asyncio.sleep(pause * random.uniform(0.8, 1.2))
+            await self._backoff.sleep(attempt)
 
     async def get_json(self, url: str) -> Any:
         response = await self.request("GET", url)
@@ -190,8 +190,7 @@ class HttpPool:
                 if attempt >= self.config.attempts:
                     raise UnavailableError(f"GET {url}: {exc}") from None
                 self.retries += 1
-                await asyncio.sleep(min(self.config.max_backoff_s,
-                                        self.config.backoff_s * 2 ** (attempt - 1)))
+                await self._backoff.sleep(attempt)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -20,9 +20,7 @@ from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from grpc_reflection.v1alpha import reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from tensorwire import metrics
 from tensorwire.auth import Authorizer
@@ -202,7 +200,8 @@ def run_program(
     """A console entry point: settings (a bad value exits 2, named), logging, then
     ``asyncio.run(run(settings))``. A SettingsError raised while starting (e.g. a
     missing CUDA device) also exits 2 with its reason."""
-    from tensorwire import config, log as twlog
+    from tensorwire import config
+    from tensorwire import log as twlog
 
     prog = prog or f"tensorwire-{settings_cls.service}"
     try:

@@ -38,11 +38,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_late
 
 from tensorwire.auth import ClientSecurity
 from tensorwire.channels import ChannelPool
-from tensorwire.server import PortInUseError
-from tensorwire.tls import ServerTls
 from tensorwire.errors import InvalidArgumentError, TensorwireError
 from tensorwire.inference import grpc_service_pb2 as inference_pb
+from tensorwire.server import PortInUseError
 from tensorwire.streamer.v1 import streamer_pb2
+from tensorwire.tls import ServerTls
 from tensorwire.trainer.v1 import trainer_pb2
 
 from . import grpcweb
@@ -289,7 +289,8 @@ class GrpcWebProxy:
                     )
                 return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except (grpc.aio.AioRpcError, TensorwireError) as exc:
-                return f"UNREACHABLE: {getattr(exc, 'details', lambda: str(exc))()}"
+                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                return f"UNREACHABLE: {detail}"
 
         routes = list(self.routes.values())
         results = await asyncio.gather(*(check(r) for r in routes))

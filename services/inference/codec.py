@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tensorwire.errors import InvalidArgumentError
-from tensorwire.tensors import NUMPY_DTYPES, TYPED_FIELD, datatype_of
 from tensorwire.inference import grpc_service_pb2 as pb
+from tensorwire.tensors import NUMPY_DTYPES, TYPED_FIELD
 
 MAX_DIMS = 16
 

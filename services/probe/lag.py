@@ -29,9 +29,11 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from tensorwire.auth import ClientSecurity
+from tensorwire.backoff import Backoff
 from tensorwire.channels import ChannelPool, resolve_targets
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.errors import TensorwireError
+from tensorwire.periodic import Periodic
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
@@ -86,21 +88,14 @@ class LagProbe:
         self._trainer = ChannelPool(trainer_target, name="probe-trainer", security=security)
         self._streamers: dict[str, ChannelPool] = {}
         """One pool per streamer replica: a viewer of each replica, not of the Service."""
-        self._loop_task: asyncio.Task[None] | None = None
+        self._loop: Periodic | None = None
 
     def lag_s(self, address: str, run_id: str) -> float:
         return self._watches[(address, run_id)].lag_s()
 
     def start(self) -> None:
-        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="lag-probe")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except (grpc.aio.AioRpcError, TensorwireError) as exc:
-                log.warning("probe refresh failed: %s", exc)
-            await asyncio.sleep(self.interval_s)
+        self._loop = Periodic(self.refresh, self.interval_s, name="lag-probe refresh",
+                              immediately=True, quiet=(grpc.aio.AioRpcError, TensorwireError)).start()
 
     async def refresh(self) -> None:
         """Look up running runs and replicas; start and stop subscriptions to match."""
@@ -137,7 +132,7 @@ class LagProbe:
         if pool is None:
             pool = self._streamers[address] = ChannelPool(address, name=f"probe-{address}",
                                                                   security=self.security)
-        backoff_s = 0.5
+        backoff, failures = Backoff(initial_s=0.5, max_s=10.0), 0
         while True:
             try:
                 async with pool.acquire() as channel:
@@ -146,7 +141,7 @@ class LagProbe:
                     )
                     async for frame in stream:
                         FRAMES.labels(address).inc()
-                        backoff_s = 0.5
+                        failures = 0
                         if frame.WhichOneof("body") == "status" and frame.status.run_id == run_id:
                             watch.running = frame.status.state in (
                                 cpb.RUN_STATE_RUNNING, cpb.RUN_STATE_UNSPECIFIED)
@@ -154,14 +149,12 @@ class LagProbe:
             except grpc.aio.AioRpcError as exc:
                 ERRORS.labels(address, exc.code().name).inc()
                 log.info("probe stream %s %s ended: %s", address, run_id, exc.code().name)
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, 10.0)
+            failures += 1
+            await backoff.sleep(failures)
 
     async def aclose(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        if self._loop is not None:
+            await self._loop.aclose()
         for key in list(self._tasks):
             await self._stop(key)
         await asyncio.gather(self._trainer.aclose(), *(p.aclose() for p in self._streamers.values()))

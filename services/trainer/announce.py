@@ -23,6 +23,7 @@ import grpc
 
 from tensorwire import modelrepo
 from tensorwire.auth import ClientSecurity
+from tensorwire.backoff import Backoff
 from tensorwire.channels import ChannelPool
 from tensorwire.client import InferenceClient, RetryPolicy
 from tensorwire.errors import AlreadyExistsError, FailedPreconditionError, TensorwireError
@@ -46,6 +47,7 @@ class ModelAnnouncer:
         self.timeout_s = timeout_s
         self.upload_timeout_s = upload_timeout_s
         self.backoff_max_s = backoff_max_s
+        self._backoff = Backoff(initial_s=min(0.25, backoff_max_s), max_s=backoff_max_s)
         self.loaded: dict[str, int] = {}
         """Model name -> how many loads inference acknowledged."""
         self.pushed: dict[str, int] = {}
@@ -134,7 +136,7 @@ class ModelAnnouncer:
         if attempt + 1 >= self.max_attempts or code in _GIVE_UP:
             log.warning("inference did not load %s: %s", name, exc or type(exc).__name__)
             return
-        delay = min(self.backoff_max_s, 0.25 * 2**attempt)
+        delay = self._backoff.delay_s(attempt + 1)
         asyncio.get_running_loop().call_later(delay, self._retry, name, attempt + 1)
 
     def _retry(self, name: str, attempt: int) -> None:

@@ -116,10 +116,16 @@ def run_load(target: str, concurrency: int, duration_s: float, warmup_s: float) 
         raw_input_contents=[x.tobytes()],
     )
 
+    # bench_auth.py passes a bearer token and a CA (TLS) through the environment.
+    token, ca = os.environ.get("TW_BENCH_TOKEN"), os.environ.get("TW_BENCH_CA")
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+
     async def main() -> dict[str, float]:
-        async with grpc.aio.insecure_channel(target) as channel:
+        channel = (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(Path(ca).read_bytes()))
+                   if ca else grpc.aio.insecure_channel(target))
+        async with channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            await stub.ModelInfer(request, timeout=60, wait_for_ready=True)
+            await stub.ModelInfer(request, timeout=60, wait_for_ready=True, metadata=metadata)
             latencies: list[float] = []
             errors = 0
             start = time.perf_counter()
@@ -133,7 +139,7 @@ def run_load(target: str, concurrency: int, duration_s: float, warmup_s: float) 
                     if t0 >= end:
                         return
                     try:
-                        await stub.ModelInfer(request, timeout=30)
+                        await stub.ModelInfer(request, timeout=30, metadata=metadata)
                     except grpc.aio.AioRpcError:
                         errors += 1
                         continue
@@ -153,10 +159,12 @@ def run_load(target: str, concurrency: int, duration_s: float, warmup_s: float) 
     return asyncio.run(main())
 
 
-def load_in_process(target: str, concurrency: int, duration_s: float, warmup_s: float) -> dict[str, float]:
+def load_in_process(target: str, concurrency: int, duration_s: float, warmup_s: float,
+                    env: dict[str, str] | None = None) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--loadgen", target, str(concurrency), str(duration_s), str(warmup_s)],
         capture_output=True, text=True, timeout=duration_s + warmup_s + 120, cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
