@@ -233,8 +233,8 @@ async def up(settings: SuiteSettings) -> int:
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
             if stop.is_set():
-                print("tensorwire up: interrupted while starting; stopping", flush=True)
-                return 130
+                print("tensorwire up: asked to stop while starting; stopping", flush=True)
+                return 0
             dead = [c.name for c in children if c.proc and c.proc.returncode is not None]
             print(f"tensorwire up: {', '.join(dead)} exited while starting (see its lines above)",
                   flush=True)

@@ -21,6 +21,7 @@ upload.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -241,16 +242,22 @@ class InferenceClient(GrpcClient):
     async def infer(
         self,
         model: str,
-        inputs: Mapping[str, np.ndarray],
+        inputs: Mapping[str, np.ndarray] | None = None,
         *,
         version: str = "",
         outputs: Sequence[str] = (),
         request_id: str = "",
         timeout_s: float | None = None,
+        **tensors: np.ndarray,
     ) -> dict[str, np.ndarray]:
-        """One ModelInfer (raw tensor contents); returns the outputs by name.
+        """One ModelInfer (raw tensor contents); returns the outputs by name, as numpy.
+
+        Inputs by name, as a mapping or as keywords: ``infer("spiral", points=array)``.
         Inference is idempotent, so UNAVAILABLE (loading, draining) is retried."""
-        request = self.infer_request(model, inputs, version=version, outputs=outputs,
+        merged = {**(inputs or {}), **tensors}
+        if not merged:
+            raise InvalidArgumentError(f"infer({model!r}) needs at least one input tensor")
+        request = self.infer_request(model, merged, version=version, outputs=outputs,
                                      request_id=request_id)
         reply = await self._call("ModelInfer", request, pb.ModelInferResponse, timeout_s=timeout_s)
         return decode_outputs(reply)
@@ -306,3 +313,80 @@ class InferenceClient(GrpcClient):
                 )
         except grpc.aio.AioRpcError as exc:
             raise _domain_error("/tensorwire.transfer.v1.ModelTransferService/UploadModel", exc) from None
+
+
+class SyncInferenceClient:
+    """The blocking twin of ``InferenceClient``, for scripts and notebooks::
+
+        with SyncInferenceClient("127.0.0.1:8001") as client:
+            out = client.infer("spiral", points=np.zeros((4, 2), np.float32))
+            print(out["logits"])
+
+    Same arguments and errors as ``InferenceClient``; its calls run on an event loop
+    in a thread of its own, so it also works where a loop is already running
+    (Jupyter)."""
+
+    def __init__(self, target: str | ChannelPool, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="tensorwire-sync-client")
+        self._thread.start()
+
+        async def make() -> InferenceClient:
+            return InferenceClient(target, **options)
+
+        self._client = self._run(make())
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def pool(self) -> ChannelPool:
+        return self._client.pool
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray] | None = None,
+              **kwargs: Any) -> dict[str, np.ndarray]:
+        return self._run(self._client.infer(model, inputs, **kwargs))
+
+    def server_live(self, **kwargs: Any) -> bool:
+        return self._run(self._client.server_live(**kwargs))
+
+    def server_ready(self, **kwargs: Any) -> bool:
+        return self._run(self._client.server_ready(**kwargs))
+
+    def model_ready(self, name: str, version: str = "", **kwargs: Any) -> bool:
+        return self._run(self._client.model_ready(name, version, **kwargs))
+
+    def server_metadata(self, **kwargs: Any) -> pb.ServerMetadataResponse:
+        return self._run(self._client.server_metadata(**kwargs))
+
+    def model_metadata(self, name: str, version: str = "", **kwargs: Any) -> pb.ModelMetadataResponse:
+        return self._run(self._client.model_metadata(name, version, **kwargs))
+
+    def repository_index(self, **kwargs: Any) -> pb.RepositoryIndexResponse:
+        return self._run(self._client.repository_index(**kwargs))
+
+    def load_model(self, name: str, **kwargs: Any) -> None:
+        self._run(self._client.load_model(name, **kwargs))
+
+    def unload_model(self, name: str, **kwargs: Any) -> None:
+        self._run(self._client.unload_model(name, **kwargs))
+
+    def upload_checkpoint(self, path: Path | str, **kwargs: Any) -> UploadResult:
+        return self._run(self._client.upload_checkpoint(path, **kwargs))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self._client.aclose())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            self._loop.close()
+
+    def __enter__(self) -> SyncInferenceClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

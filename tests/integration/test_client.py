@@ -107,3 +107,46 @@ def test_infer_request_encoding_round_trips() -> None:
     big_endian = np.arange(3, dtype=">f4")
     request = InferenceClient.infer_request("m", {"x": big_endian})
     assert np.frombuffer(request.raw_input_contents[0], "<f4").tolist() == [0.0, 1.0, 2.0]
+
+
+async def test_sync_client_infers_by_tensor_name_with_numpy_in_and_out(tmp_path: Path) -> None:
+    """The scripts' client: blocking calls, ``infer("spiral", points=array)``, numpy back,
+    the same domain errors, a token from the environment when the server wants one."""
+    from tensorwire import modelrepo
+    from tensorwire.auth import Authorizer, TokenFile
+    from tensorwire.client import SyncInferenceClient
+    from tensorwire.errors import NotFoundError, UnauthenticatedError
+    from tensorwire.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("spiral")
+    settings = settings_for(InferenceSettings, tmp_path)
+    modelrepo.write_version(settings.model_repository, "spiral", "spiral", model.state_dict())
+    tokens = tmp_path / "tokens.csv"
+    tokens.write_text('script-token,script,1,"tensorwire:viewer"\n')
+    app = await create_app(settings)
+    server = GrpcServer(ServerOptions(name="inference", host="127.0.0.1", port=0,
+                                      authorizer=Authorizer(TokenFile(tokens))), app)
+    port = await server.start()
+    points = np.random.default_rng(1).standard_normal((5, 2)).astype(np.float32)
+
+    def script(env: dict[str, str]) -> dict[str, np.ndarray]:
+        from tensorwire.auth import ClientSecurity
+
+        with SyncInferenceClient(f"127.0.0.1:{port}", timeout_s=30,
+                                 security=ClientSecurity.from_env(env)) as client:
+            assert client.server_ready()
+            with pytest.raises(NotFoundError):
+                client.infer("no-such-model", points=points)
+            return client.infer("spiral", points=points)
+
+    try:
+        with pytest.raises(UnauthenticatedError):
+            await asyncio.to_thread(script, {})
+        out = await asyncio.to_thread(script, {"TENSORWIRE_TOKEN": "script-token"})
+    finally:
+        await server.stop(0.5)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(points)).numpy()
+    (name, got), = out.items()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -179,10 +179,11 @@ def test_tensorwire_up_serves_all_and_leaves_nothing(tmp_path: Path) -> None:
         "TENSORWIRE_UP_TEST_DIR": str(tmp_path),
     }
     started = time.monotonic()
+    log = tmp_path / "up.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tensorwire.cli", "up", "--no-metrics",
          "--data-dir", str(tmp_path)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
     )
     try:
         for port in (ports["trainer"], ports["streamer"], ports["inference"]):
@@ -194,6 +195,9 @@ def test_tensorwire_up_serves_all_and_leaves_nothing(tmp_path: Path) -> None:
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
             channel.close()
         assert time.monotonic() - started < 60
+        while "all services SERVING" not in log.read_text() and proc.poll() is None:
+            assert time.monotonic() - started < 90, log.read_text()
+            time.sleep(0.1)
         marker = str(ports["streamer"])
         assert _suite_pids(marker), "suite processes should be running"
         proc.send_signal(signal.SIGTERM)
@@ -205,8 +209,10 @@ def test_tensorwire_up_serves_all_and_leaves_nothing(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-        out = proc.communicate()[0]
+            proc.wait()
+    out = log.read_text()
     assert "all services SERVING" in out, out
+    assert f"#token={(tmp_path / 'admin.token').read_text().strip()}" in out, out
 
 
 def test_generated_code_is_fresh() -> None:
