@@ -454,6 +454,8 @@ def test_tls_component_wires_every_listener_and_client_to_its_certificate() -> N
             assert _secret_file(pods[name]["spec"], env[name][prefix + setting]) == (f"{name}-tls", key)
         annotations = pods[name]["metadata"]["annotations"]
         assert annotations["prometheus.io/scheme"] == "https", f"{name}: /metrics serves TLS now"
+        # Prometheus dials pod IPs: it verifies the one name every server certificate has
+        assert "tensorwire-metrics" in names_of(name), name
     for name in TLS_CLIENTS:
         prefix = TLS_PREFIX[name]
         assert _secret_file(pods[name]["spec"], env[name][prefix + "TLS_CA"]) == (f"{name}-tls", "ca.crt")
@@ -583,3 +585,13 @@ async def test_pool_over_a_headless_service_verifies_the_service_name(tmp_path: 
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         finally:
             await pool.aclose()
+
+
+def test_prometheus_follows_the_scheme_and_sends_a_viewer_token() -> None:
+    """The gateway's /metrics needs a viewer token; the TLS component's pods ask for
+    https through the scheme annotation."""
+    (job,) = yaml.safe_load((K8S.parent / "monitoring" / "prometheus.yaml").read_text())["scrape_configs"]
+    assert job["authorization"]["type"] == "Bearer" and job["authorization"]["credentials_file"]
+    scheme = [r for r in job["relabel_configs"]
+              if r.get("source_labels") == ["__meta_kubernetes_pod_annotation_prometheus_io_scheme"]]
+    assert scheme and scheme[0]["target_label"] == "__scheme__"
