@@ -111,6 +111,7 @@ def test_every_listener_beyond_loopback_authenticates_with_a_mounted_token_file(
     """HOST=0.0.0.0 comes with AUTH_TOKEN_FILE (never INSECURE), and every token file a
     service reads is a file of a mounted Secret."""
     docs = render(entry)
+    secrets = by_kind(docs, "Secret")
     for name, spec in _pod_specs(docs):
         env = {k: v for k, v in _config_maps_of(docs, spec).items() if k.startswith("TENSORWIRE_")}
         for key, value in env.items():
@@ -123,7 +124,9 @@ def test_every_listener_beyond_loopback_authenticates_with_a_mounted_token_file(
                 token_file = env.get(prefix + "AUTH_TOKEN_FILE")
                 assert token_file, f"{entry} {name}: {key}={value} without {prefix}AUTH_TOKEN_FILE"
             if key.endswith("TOKEN_FILE"):
-                _secret_file(spec, value)
+                secret, secret_key = _secret_file(spec, value)
+                if secret in secrets:  # rendered (dev): the key is really there
+                    assert secret_key in secrets[secret]["data"], f"{name}: {secret} lacks {secret_key}"
 
 
 def _token_table(directory: Path) -> dict[str, auth.Identity]:
