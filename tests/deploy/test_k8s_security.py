@@ -166,7 +166,7 @@ def test_dev_generates_the_auth_secret_and_prod_commits_no_secret() -> None:
     dev = by_kind(render("overlays/dev"), "Secret")
     (generated,) = [s for name, s in dev.items() if name.startswith(AUTH_SECRET + "-")]
     assert {"tokens.csv", "trainer.token", "probe.token"} <= set(generated["data"])
-    for entry in ("overlays/prod", "overlays/prod-gpu"):
+    for entry in ("overlays/prod", "overlays/prod-gpu", "overlays/prod-tls"):
         docs = render(entry)
         assert not by_kind(docs, "Secret"), f"{entry} must not carry secrets; the operator creates them"
         for name, spec in _pod_specs(docs):
