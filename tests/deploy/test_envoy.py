@@ -28,6 +28,8 @@ from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "envoy.yaml"
+TLS_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "components" / "tls" / "envoy-tls.yaml"
+"""Envoy of the TLS component: CONFIG plus TLS toward every upstream."""
 
 
 def _type_urls(node: Any) -> Iterator[str]:
@@ -151,10 +153,33 @@ def test_cors_exposes_grpc_status(bootstrap: Bootstrap) -> None:
     exposed = {h.strip() for h in policy.expose_headers.split(",")}
     assert {"grpc-status", "grpc-message"} <= exposed
     allowed = {h.strip() for h in policy.allow_headers.split(",")}
-    assert {"content-type", "x-grpc-web", "grpc-timeout"} <= allowed
+    # authorization: the page's bearer token (issue 12), passed through to the services
+    assert {"content-type", "x-grpc-web", "grpc-timeout", "authorization"} <= allowed
 
 
 def test_envoy_routes_what_the_builtin_gateway_routes(bootstrap: Bootstrap) -> None:
     prefixes = {r.match.prefix for r in _hcm(bootstrap).route_config.virtual_hosts[0].routes}
     for service in routes_for(GatewaySettings()):
         assert f"/{service}/" in prefixes, service
+
+
+def test_tls_config_is_the_config_plus_verified_tls_to_every_upstream(raw: dict[str, Any]) -> None:
+    """envoy-tls.yaml passes the schema check and differs from envoy.yaml only by an
+    UpstreamTlsContext per cluster that verifies the CA and the upstream's name."""
+    tls_raw = yaml.safe_load(TLS_CONFIG.read_text())
+    tls = parse(tls_raw)
+    assert undefined_clusters(tls) == set()
+    for cluster in tls.static_resources.clusters:
+        assert cluster.transport_socket.name == "envoy.transport_sockets.tls", cluster.name
+        context = cluster.transport_socket.typed_config.unpack()
+        validation = context.common_tls_context.validation_context
+        assert validation.trusted_ca.filename.startswith("/etc/envoy-tls/"), cluster.name
+        (san,) = validation.match_typed_subject_alt_names
+        address = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+        assert context.sni == san.matcher.exact == address.address, cluster.name
+        if cluster.name != "web":  # gRPC upstreams negotiate HTTP/2
+            assert list(context.common_tls_context.alpn_protocols) == ["h2"], cluster.name
+    plain = copy.deepcopy(tls_raw)
+    for cluster in plain["static_resources"]["clusters"]:
+        del cluster["transport_socket"]
+    assert plain == raw, "envoy-tls.yaml must change envoy.yaml the same way (see its header)"

@@ -39,7 +39,9 @@ K8S = DEPLOY / "k8s"
 KUBERNETES_VERSIONS = ("1.37.0", "1.33.0")
 """The newest release kubernetes-validate knows, and an older one still supported."""
 ENTRY_POINTS = ("overlays/dev", "overlays/prod", "overlays/prod-gpu", "overlays/dev-local",
-                "jobs/distributed-training")
+                "overlays/prod-tls", "jobs/distributed-training")
+TLS_ENTRY_POINTS = ("overlays/prod-tls",)
+"""Entry points with the TLS component (deploy/k8s/components/tls)."""
 SETTINGS = {
     cls.env_prefix: cls
     for cls in (TrainerSettings, StreamerSettings, InferenceSettings, GatewaySettings,
@@ -84,11 +86,12 @@ def _refs(kust: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 
 def patch_files() -> set[Path]:
+    """Files that are patches or generator inputs (not objects of their own)."""
     out: set[Path] = set()
     for d in kustomization_dirs():
         kust = yaml.safe_load(kustomization_file(d).read_text())
         for what, ref in _refs(kust):
-            if what.startswith("patch"):
+            if what.startswith(("patch", "generator")):
                 out.add((d / ref).resolve())
     return out
 
@@ -161,7 +164,40 @@ def _schemas_parsed_once() -> Iterator[None]:
         kubernetes_validate.utils.schema_contents = original
 
 
+CERT_MANAGER_FIELDS = {
+    "Issuer": {"selfSigned", "ca", "acme", "vault", "venafi"},
+    "Certificate": {
+        "secretName", "issuerRef", "commonName", "dnsNames", "ipAddresses", "uris",
+        "emailAddresses", "usages", "duration", "renewBefore", "privateKey", "isCA",
+        "subject", "secretTemplate", "keystores", "literalSubject", "revisionHistoryLimit",
+    },
+}
+"""cert-manager.io/v1 spec fields (kubernetes-validate knows no custom resources)."""
+
+
+def _validate_cert_manager(doc: dict[str, Any], where: str) -> None:
+    """The part of cert-manager's CRD schema these manifests use, strictly."""
+    kind, spec = doc["kind"], doc.get("spec") or {}
+    name = f"{where}: {kind}/{doc['metadata']['name']}"
+    assert doc["apiVersion"] == "cert-manager.io/v1", name
+    assert kind in CERT_MANAGER_FIELDS, f"{name}: not a kind these manifests use"
+    assert set(spec) <= CERT_MANAGER_FIELDS[kind], f"{name}: unknown fields {set(spec) - CERT_MANAGER_FIELDS[kind]}"
+    if kind == "Issuer":
+        assert len(set(spec) & CERT_MANAGER_FIELDS["Issuer"]) == 1, f"{name}: exactly one issuer type"
+        return
+    assert spec.get("secretName") and spec.get("issuerRef", {}).get("name"), name
+    assert set(spec["issuerRef"]) <= {"name", "kind", "group"}, name
+    assert set(spec.get("privateKey", {})) <= {"algorithm", "size", "encoding", "rotationPolicy"}, name
+    allowed_usages = {"digital signature", "key encipherment", "server auth", "client auth",
+                      "cert sign", "crl sign"}
+    assert set(spec.get("usages", ())) <= allowed_usages, f"{name}: {spec.get('usages')}"
+    assert spec.get("dnsNames") or spec.get("commonName"), f"{name}: names nothing"
+
+
 def _validate(doc: dict[str, Any], where: str) -> None:
+    if doc.get("apiVersion", "").startswith("cert-manager.io/"):
+        _validate_cert_manager(doc, where)
+        return
     for version in KUBERNETES_VERSIONS:
         try:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -269,7 +305,13 @@ def test_each_service_has_deployment_service_account_and_grpc_probes(entry: str)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["grpc"] == port
         for probe in ("readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == port, f"{name} {probe}: native gRPC probe"
+            if entry in TLS_ENTRY_POINTS:  # native probes cannot speak TLS: the exec check
+                command = container[probe]["exec"]["command"]
+                assert command[:2] == ["python", "/etc/tensorwire/probe/grpc_health_check.py"]
+                assert command[command.index("--port") + 1] == str(port), f"{name} {probe}"
+                assert "grpc" not in container[probe], f"{name} {probe}: one handler per probe"
+            else:
+                assert container[probe]["grpc"]["port"] == port, f"{name} {probe}: native gRPC probe"
         svc = services[name]
         assert _selects(svc["spec"]["selector"], pod["metadata"]["labels"])
         grpc_ports = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
@@ -445,7 +487,9 @@ def test_envoy_runs_the_config_of_deploy_envoy_against_services_that_exist(entry
     dep = by_kind(docs, "Deployment")["envoy"]
     volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if "configMap" in v)
     text = maps[volume["configMap"]["name"]]["data"]["envoy.yaml"]
-    assert text == (DEPLOY / "envoy" / "envoy.yaml").read_text()
+    config = (K8S / "components" / "tls" / "envoy-tls.yaml" if entry in TLS_ENTRY_POINTS
+              else DEPLOY / "envoy" / "envoy.yaml")
+    assert text == config.read_text()
     envoy = yaml.safe_load(text)
     container = dep["spec"]["template"]["spec"]["containers"][0]
     mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
