@@ -173,6 +173,18 @@ def _split_host_port(target: str, original: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _dns_host_port(target: str) -> tuple[str, int]:
+    """Host and port of a ``dns:[//authority/]name:port`` target."""
+    rest = target.strip()[4:]
+    if rest.startswith("//"):
+        rest = rest[2:].split("/", 1)[1] if "/" in rest[2:] else rest[2:]
+    return _split_host_port(rest, target)
+
+
+def _dns_name(target: str) -> str:
+    return _dns_host_port(target)[0]
+
+
 def resolve_targets(target: str) -> list[str]:
     """The addresses behind a target, as ``host:port`` strings.
 
@@ -185,13 +197,7 @@ def resolve_targets(target: str) -> list[str]:
         raise InvalidArgumentError(f"target must be host:port, a:1,b:2 or dns:///name:port, got {target!r}")
     target = target.strip()
     if target.startswith("dns:"):
-        rest = target[4:]
-        if rest.startswith("//"):
-            authority_and_name = rest[2:]
-            name = authority_and_name.split("/", 1)[1] if "/" in authority_and_name else authority_and_name
-        else:
-            name = rest
-        host, port = _split_host_port(name, target)
+        host, port = _dns_host_port(target)
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
@@ -292,6 +298,7 @@ class ChannelPool:
             credentials = security.channel_credentials()
         self._credentials = credentials
         self._interceptors = security.interceptors() if security is not None else ()
+        self._tls_name = _dns_name(target) if self._dns else ""
         self._clock = clock
 
         self._channels: list[PooledChannel] = []
@@ -541,6 +548,9 @@ class ChannelPool:
         channel_id = next(_id_counter)
         options = (*self._options, (CHANNEL_ID_ARG, channel_id))
         interceptors = self._interceptors or None
+        if self._credentials is not None and self._tls_name:
+            # A pod dialled by IP is shown a certificate for its Service's name.
+            options = (*options, ("grpc.ssl_target_name_override", self._tls_name))
         if self._credentials is None:
             channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
         else:

@@ -567,12 +567,6 @@ def _issue_for_names(ca: Authority, names: list[str], directory: Path) -> tuple[
             cert.public_bytes(serialization.Encoding.PEM))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tensorwire.channels.ChannelPool opens one channel per resolved ADDRESS of a "
-    "dns:/// target and TLS then verifies the pod IP, which a Service's certificate "
-    "does not carry: the trainer's and probe's calls to dns:///streamer-headless and "
-    "dns:///inference-headless fail under the TLS component until the pool passes the "
-    "target's host name (grpc.ssl_target_name_override) to those channels"))
 async def test_pool_over_a_headless_service_verifies_the_service_name(tmp_path: Path) -> None:
     """What the TLS component needs from the library: a pool dialling every pod of
     ``dns:///name:port`` with TLS checks the certificate against ``name``."""
