@@ -676,7 +676,11 @@ class ModelRepository:
                 log.warning("response cache entry of %s:%s unreadable (%s); running the model",
                             version.name, version.version, exc)
         lookup_s = time.perf_counter() - start
-        result = await version.infer(request)
+        try:
+            result = await version.infer(request)
+        except BaseException:
+            version.stats.cache_miss.add(lookup_s)  # a miss all the same; nothing to store
+            raise
         stored = time.perf_counter()
         cache.put(key, encode_tensors(result.outputs))
         version.stats.cache_miss.add(lookup_s + time.perf_counter() - stored)
