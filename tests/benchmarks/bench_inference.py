@@ -21,8 +21,10 @@ server without a cache, with ``--cache-config local,size=...`` and with a Redis
 cache (a ``redis-server`` this script starts on a free port), each at
 concurrency 16 and 64 with 100 %, 50 % and 0 % of the requests repeating one hot
 request (the rest unique), every point measured for the three servers back to
-back. Prints RPS, p50, p99 and the ratio to the server without a cache at the
-same point; goals: 100 % local hits >= 1.3x, 0 % hits >= 0.97x.
+back, ``--repeats`` times in rotating order (the median counts: a shared machine's
+background load drifts). Prints RPS, p50, p99, server CPU per request and the ratio
+to the server without a cache at the same point; goals: 100 % local hits >= 1.3x,
+0 % hits >= 0.97x.
 """
 
 from __future__ import annotations
@@ -279,6 +281,9 @@ def main() -> int:
                         help="comma-separated subset of: echo, tensorwire, tensorwire x2")
     parser.add_argument("--cache", action="store_true",
                         help="measure the response cache (none / local / redis) instead")
+    parser.add_argument("--repeats", type=int, default=3, help="--cache: runs per point (median)")
+    parser.add_argument("--concurrency", default="16,64", help="--cache: concurrencies")
+    parser.add_argument("--hits", default="100,50,0", help="--cache: hit shares in percent")
     parser.add_argument("--loadgen", nargs=4, metavar=("TARGET", "C", "DURATION", "WARMUP"))
     parser.add_argument("--hit-pct", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--salt", type=int, default=0, help=argparse.SUPPRESS)
@@ -292,7 +297,9 @@ def main() -> int:
         print(json.dumps(run_load(target, int(c), float(d), float(w), args.hit_pct, args.salt)))
         return 0
     if args.cache:
-        return bench_cache(args.duration_s, args.warmup_s)
+        return bench_cache(args.duration_s, args.warmup_s, args.repeats,
+                           tuple(int(c) for c in args.concurrency.split(",")),
+                           tuple(int(h) for h in args.hits.split(",")))
 
     import torch
 
@@ -365,7 +372,14 @@ CACHE_CONCURRENCY = (16, 64)
 HIT_PCTS = (100, 50, 0)
 
 
-def bench_cache(duration_s: float, warmup_s: float) -> int:
+def _median_point(runs: list[dict[str, float]]) -> dict[str, float]:
+    import statistics
+
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def bench_cache(duration_s: float, warmup_s: float, repeats: int,
+                concurrency: tuple[int, ...] = CACHE_CONCURRENCY, hit_pcts: tuple[int, ...] = HIT_PCTS) -> int:
     import torch
 
     from tensorwire import modelrepo
@@ -388,21 +402,27 @@ def bench_cache(duration_s: float, warmup_s: float) -> int:
         "redis": ["--cache-config", "redis,host=127.0.0.1", "--cache-config", f"redis,port={redis.port}"],
     }
     print(f"bench_inference --cache: {os.cpu_count()} cores, {duration_s:g}s per point, spiral MLP, "
-          f"batch 1 requests, Python generator; redis-server on 127.0.0.1:{redis.port}")
+          f"batch 1 requests, Python generator, median of {repeats}; redis-server on 127.0.0.1:{redis.port}")
     results: dict[tuple[str, int, int], dict[str, float]] = {}
     procs = {name: start_server("tensorwire", repo, extra) for name, extra in caches.items()}
     salt = 0
     try:
-        for c in CACHE_CONCURRENCY:
-            for hit_pct in HIT_PCTS:
-                for name in caches:  # the three servers back to back: neighbours in time
-                    proc, target = procs[name]
-                    salt += 1
-                    cpu0 = cpu_seconds(proc.pid)
-                    r = load_in_process(target, c, duration_s, warmup_s, hit_pct, salt)
-                    served = r["rps"] * (duration_s + warmup_s)
-                    r["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) / max(served, 1) * 1e6
-                    results[(name, c, hit_pct)] = r
+        names = list(caches)
+        for c in concurrency:
+            for hit_pct in hit_pcts:
+                runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+                for rep in range(repeats):
+                    # the three servers back to back (neighbours in time), in rotating order
+                    for name in names[rep % len(names):] + names[:rep % len(names)]:
+                        proc, target = procs[name]
+                        salt += 1
+                        cpu0 = cpu_seconds(proc.pid)
+                        r = load_in_process(target, c, duration_s, warmup_s, hit_pct, salt)
+                        served = r["rps"] * (duration_s + warmup_s)
+                        r["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) / max(served, 1) * 1e6
+                        runs[name].append(r)
+                for name in names:
+                    r = results[(name, c, hit_pct)] = _median_point(runs[name])
                     print(f"  {name:8s} c={c:<3d} hits {hit_pct:3d} %  {r['rps']:8.0f} rps  "
                           f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
                           f"server cpu {r['cpu_us']:5.0f} us/req  errors {r['errors']}", flush=True)
@@ -415,23 +435,30 @@ def bench_cache(duration_s: float, warmup_s: float) -> int:
     print(f"\nload average during the run (1/5 min): {load1:.1f} / {load5:.1f} on {os.cpu_count()} cores")
     print("\nsummary (ratio = RPS / RPS without a cache, same concurrency and hit share; "
           "the server without a cache has no hits whatever the share)")
-    print(f"  {'cache':8s} {'c':>3s} {'hits':>5s} {'rps':>8s} {'p50 ms':>7s} {'p99 ms':>7s} {'ratio':>6s}")
-    for c in CACHE_CONCURRENCY:
-        for hit_pct in HIT_PCTS:
-            base = results[("no cache", c, hit_pct)]["rps"]
+    print(f"  {'cache':8s} {'c':>3s} {'hits':>5s} {'rps':>8s} {'p50 ms':>7s} {'p99 ms':>7s} {'ratio':>6s} "
+          f"{'cpu us':>7s} {'cpu x':>6s}")
+    for c in concurrency:
+        for hit_pct in hit_pcts:
+            base = results[("no cache", c, hit_pct)]
             for name in caches:
                 r = results[(name, c, hit_pct)]
                 print(f"  {name:8s} {c:3d} {hit_pct:4d}% {r['rps']:8.0f} {r['p50_ms']:7.2f} "
-                      f"{r['p99_ms']:7.2f} {r['rps'] / base:6.2f}")
-    print("\ngoals (issue 16):")
-    for c in CACHE_CONCURRENCY:
-        full = results[("local", c, 100)]["rps"] / results[("no cache", c, 100)]["rps"]
-        print(f"  c={c:<3d} 100 % local hits: {full:.2f}x no cache (goal >= 1.3)  "
-              f"{'met' if full >= 1.3 else 'NOT met'}")
-        for name in ("local", "redis"):
-            none = results[(name, c, 0)]["rps"] / results[("no cache", c, 0)]["rps"]
-            print(f"  c={c:<3d} 0 % hits, {name:5s}: {none:.2f}x no cache (goal >= 0.97)  "
-                  f"{'met' if none >= 0.97 else 'NOT met'}")
+                      f"{r['p99_ms']:7.2f} {r['rps'] / base['rps']:6.2f} {r['cpu_us']:7.0f} "
+                      f"{r['cpu_us'] / base['cpu_us']:6.2f}")
+    print("\ngoals (issue 16; RPS ratios, and server CPU per request for comparison):")
+    for c in concurrency:
+        def ratio(name: str, hit_pct: int, key: str) -> float:
+            return results[(name, c, hit_pct)][key] / results[("no cache", c, hit_pct)][key]
+
+        if 100 in hit_pcts:
+            full = ratio("local", 100, "rps")
+            print(f"  c={c:<3d} 100 % local hits: {full:.2f}x no cache RPS (goal >= 1.3) "
+                  f"{'met' if full >= 1.3 else 'NOT met'}; cpu/request {ratio('local', 100, 'cpu_us'):.2f}x")
+        if 0 in hit_pcts:
+            for name in ("local", "redis"):
+                none = ratio(name, 0, "rps")
+                print(f"  c={c:<3d} 0 % hits, {name:5s}: {none:.2f}x no cache RPS (goal >= 0.97) "
+                      f"{'met' if none >= 0.97 else 'NOT met'}; cpu/request {ratio(name, 0, 'cpu_us'):.2f}x")
     return 0
 
 
