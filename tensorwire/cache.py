@@ -457,17 +457,23 @@ class LocalCache(ResponseCache):
 
 KEY_PREFIX = "tensorwire:response:"
 """Every key the Redis cache writes starts with this (``redis-cli --scan --pattern``)."""
-MAX_PENDING_WRITES = 256
-"""Redis writes in flight at once; more are dropped (and counted), never queued."""
+MAX_PENDING_WRITES = 1024
+"""Redis writes waiting or in flight at once; more are dropped (and counted), never queued."""
 
 
 class RedisCache(ResponseCache):
     """Entries in Redis with a TTL, shared by every replica; an outage reads as misses.
 
+    Round trips are shared: the lookups made in one event-loop iteration go as one
+    ``MGET``, the writes as one pipeline of ``SET ... EX ttl``, so under load the
+    per-request cost is a fraction of a command (redis-py's Python side, not Redis,
+    is what costs on the server's CPU).
+
     After a failed command the cache is bypassed for a backoff period (``initial_backoff_s``
     doubling to ``max_backoff_s``); then the next lookup probes Redis (one at a time) and
     a success ends the outage. Connections are redis-py's pool's: a broken one is
-    dropped and a new one made on the next command.
+    dropped and a new one made on the next command. ``stats.errors`` counts failed
+    commands (one MGET may have carried several lookups).
     """
 
     kind = "redis"
@@ -505,13 +511,19 @@ class RedisCache(ResponseCache):
         self._down_until: float | None = None
         """None while Redis answers; else when the next probe may go."""
         self._probing = False
-        self._writes: set[asyncio.Task[None]] = set()
+        self._lookups: list[tuple[str, asyncio.Future[bytes | None]]] = []
+        """Lookups of this loop iteration, waiting for their MGET."""
+        self._writes: list[tuple[str, bytes]] = []
+        """Writes of this loop iteration, waiting for their pipeline."""
+        self._pending_writes = 0
+        """Writes waiting or in flight."""
+        self._commands: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         state = "up" if self._down_until is None else f"down (retry in {self._retry_in_s():.2f}s)"
         return (f"<RedisCache {self.config.host}:{self.config.port}/{self.config.db} {state}, "
-                f"{len(self._writes)} writes in flight, hits={self.stats.hits} "
-                f"misses={self.stats.misses} errors={self.stats.errors}>")
+                f"{len(self._commands)} commands and {self._pending_writes} writes in flight, "
+                f"hits={self.stats.hits} misses={self.stats.misses} errors={self.stats.errors}>")
 
     def _retry_in_s(self) -> float:
         return 0.0 if self._down_until is None else max(0.0, self._down_until - self._clock())
@@ -546,29 +558,47 @@ class RedisCache(ResponseCache):
         self._probing = False
         self._backoff_s = self._initial_backoff_s
 
-    def _redis_key(self, key: bytes) -> str:
-        return KEY_PREFIX + key.hex()
+    def _spawn(self, command: Any) -> None:
+        task = asyncio.get_running_loop().create_task(command)
+        self._commands.add(task)
+        task.add_done_callback(self._commands.discard)
 
     async def get(self, key: bytes) -> bytes | None:
         if not self._may_try():
             self.stats.bypassed += 1
             self.stats.misses += 1
             return None
-        try:
-            value = await self._client.get(self._redis_key(key))
-        except asyncio.CancelledError:
-            self._probing = False
-            raise
-        except Exception as exc:  # redis errors, OSError, timeouts: never the request's failure
-            self._failed("GET", exc)
-            self.stats.misses += 1
-            return None
-        self._succeeded()
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._lookups.append((KEY_PREFIX + key.hex(), future))
+        if len(self._lookups) == 1:
+            asyncio.get_running_loop().call_soon(self._send_lookups)
+        value = await future
         if value is None:
             self.stats.misses += 1
             return None
         self.stats.hits += 1
-        return bytes(value)
+        return value
+
+    def _send_lookups(self) -> None:
+        batch, self._lookups = self._lookups, []
+        self._spawn(self._mget(batch))
+
+    async def _mget(self, batch: list[tuple[str, asyncio.Future[bytes | None]]]) -> None:
+        values: list[Any] = []
+        try:
+            values = await self._client.mget([key for key, _ in batch])
+        except asyncio.CancelledError:
+            self._probing = False
+            raise
+        except Exception as exc:  # redis errors, OSError, timeouts: never the request's failure
+            self._failed("MGET", exc)
+        else:
+            self._succeeded()
+        finally:
+            for index, (_, future) in enumerate(batch):
+                if not future.done():
+                    found = values[index] if index < len(values) else None
+                    future.set_result(bytes(found) if found is not None else None)
 
     def put(self, key: bytes, value: bytes) -> None:
         if not self._fits(value):
@@ -576,25 +606,41 @@ class RedisCache(ResponseCache):
         if self._down_until is not None:
             self.stats.bypassed += 1
             return
-        if len(self._writes) >= MAX_PENDING_WRITES:
+        if self._pending_writes >= MAX_PENDING_WRITES:
             self.stats.dropped_writes += 1
             return
-        task = asyncio.get_running_loop().create_task(self._write(self._redis_key(key), value))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        self._pending_writes += 1
+        self._writes.append((KEY_PREFIX + key.hex(), value))
+        if len(self._writes) == 1:
+            asyncio.get_running_loop().call_soon(self._send_writes)
 
-    async def _write(self, key: str, value: bytes) -> None:
+    def _send_writes(self) -> None:
+        batch, self._writes = self._writes, []
+        self._spawn(self._set(batch))
+
+    async def _set(self, batch: list[tuple[str, bytes]]) -> None:
+        ttl = self.config.ttl_s or None
         try:
-            await self._client.set(key, value, ex=self.config.ttl_s or None)
+            if len(batch) == 1:
+                await self._client.set(batch[0][0], batch[0][1], ex=ttl)
+            else:
+                pipe = self._client.pipeline(transaction=False)
+                for key, value in batch:
+                    pipe.set(key, value, ex=ttl)
+                await pipe.execute()
         except Exception as exc:
             self._failed("SET", exc)
             return
-        self.stats.inserts += 1
-        self.stats.inserted_bytes += len(value)
+        finally:
+            self._pending_writes -= len(batch)
+        self.stats.inserts += len(batch)
+        self.stats.inserted_bytes += sum(len(value) for _, value in batch)
 
     async def flush(self) -> None:
-        while self._writes:
-            await asyncio.gather(*list(self._writes), return_exceptions=True)
+        while self._commands or self._lookups or self._writes:
+            await asyncio.sleep(0)  # lets the scheduled sends start
+            if self._commands:
+                await asyncio.gather(*list(self._commands), return_exceptions=True)
 
     async def aclose(self) -> None:
         await self.flush()
