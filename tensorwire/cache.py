@@ -461,13 +461,29 @@ MAX_PENDING_WRITES = 1024
 """Redis writes waiting or in flight at once; more are dropped (and counted), never queued."""
 
 
+_SET_MANY = """
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if ttl > 0 then
+    redis.call('SET', key, ARGV[i + 1], 'EX', ttl)
+  else
+    redis.call('SET', key, ARGV[i + 1])
+  end
+end
+return #KEYS
+"""
+"""Many ``SET key value [EX ttl]`` in one call (KEYS: keys; ARGV: ttl, then the values)."""
+
+
 class RedisCache(ResponseCache):
     """Entries in Redis with a TTL, shared by every replica; an outage reads as misses.
 
     Round trips are shared: the lookups made in one event-loop iteration go as one
-    ``MGET``, the writes as one pipeline of ``SET ... EX ttl``, so under load the
-    per-request cost is a fraction of a command (redis-py's Python side, not Redis,
-    is what costs on the server's CPU).
+    ``MGET``; writes wait up to ``write_delay_s`` (nobody waits for them) and go as one
+    script call (``SET key value EX ttl`` for each). Under load a request's share is
+    a fraction of a round trip, which is what costs on the server's CPU (redis-py's
+    Python and two system calls per command), not Redis. A standalone Redis (or a
+    primary), not Redis Cluster: one call's keys may lie in different slots.
 
     After a failed command the cache is bypassed for a backoff period (``initial_backoff_s``
     doubling to ``max_backoff_s``); then the next lookup probes Redis (one at a time) and
@@ -484,6 +500,7 @@ class RedisCache(ResponseCache):
         *,
         initial_backoff_s: float = 0.05,
         max_backoff_s: float = 2.0,
+        write_delay_s: float = 0.005,
         clock: Any = time.monotonic,
     ) -> None:
         import redis.asyncio as aioredis
@@ -517,7 +534,11 @@ class RedisCache(ResponseCache):
         """Writes of this loop iteration, waiting for their pipeline."""
         self._pending_writes = 0
         """Writes waiting or in flight."""
+        self._write_delay_s = write_delay_s
+        self._write_timer: asyncio.TimerHandle | None = None
         self._commands: set[asyncio.Task[None]] = set()
+        self._set_many = self._client.register_script(_SET_MANY)
+        """Loaded on first use and again after a Redis restart (redis-py handles NOSCRIPT)."""
 
     def __repr__(self) -> str:
         state = "up" if self._down_until is None else f"down (retry in {self._retry_in_s():.2f}s)"
@@ -612,22 +633,24 @@ class RedisCache(ResponseCache):
         self._pending_writes += 1
         self._writes.append((KEY_PREFIX + key.hex(), value))
         if len(self._writes) == 1:
-            asyncio.get_running_loop().call_soon(self._send_writes)
+            self._write_timer = asyncio.get_running_loop().call_later(self._write_delay_s, self._send_writes)
 
     def _send_writes(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         batch, self._writes = self._writes, []
-        self._spawn(self._set(batch))
+        if batch:
+            self._spawn(self._set(batch))
 
     async def _set(self, batch: list[tuple[str, bytes]]) -> None:
         ttl = self.config.ttl_s or None
         try:
             if len(batch) == 1:
                 await self._client.set(batch[0][0], batch[0][1], ex=ttl)
-            else:
-                pipe = self._client.pipeline(transaction=False)
-                for key, value in batch:
-                    pipe.set(key, value, ex=ttl)
-                await pipe.execute()
+            else:  # one command, one reply: cheaper in redis-py than a pipeline of SETs
+                await self._set_many(keys=[key for key, _ in batch],
+                                     args=[self.config.ttl_s, *(value for _, value in batch)])
         except Exception as exc:
             self._failed("SET", exc)
             return
@@ -638,7 +661,8 @@ class RedisCache(ResponseCache):
 
     async def flush(self) -> None:
         while self._commands or self._lookups or self._writes:
-            await asyncio.sleep(0)  # lets the scheduled sends start
+            self._send_writes()  # now, not after the write delay
+            await asyncio.sleep(0)  # lets the scheduled lookups start
             if self._commands:
                 await asyncio.gather(*list(self._commands), return_exceptions=True)
 
