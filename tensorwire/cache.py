@@ -346,6 +346,9 @@ class CacheStats:
     """Lookups and writes skipped while the backend is down (backoff)."""
     dropped_writes: int = 0
     """Writes dropped because too many were already in flight."""
+    commands: int = 0
+    """Round trips to the backend (Redis: one MGET serves several lookups, one script
+    call several writes)."""
 
 
 class ResponseCache(abc.ABC):
@@ -478,8 +481,10 @@ return #KEYS
 class RedisCache(ResponseCache):
     """Entries in Redis with a TTL, shared by every replica; an outage reads as misses.
 
-    Round trips are shared: the lookups made in one event-loop iteration go as one
-    ``MGET``; writes wait up to ``write_delay_s`` (nobody waits for them) and go as one
+    Round trips are shared: one ``MGET`` is in flight at a time and the lookups made
+    meanwhile wait for it and go together in the next (no timer: an idle server's
+    lookup goes at once, a busy one's fill the next MGET, as the request batcher
+    fills batches); writes wait up to ``write_delay_s`` (nobody waits for them) and go as one
     script call (``SET key value EX ttl`` for each). Under load a request's share is
     a fraction of a round trip, which is what costs on the server's CPU (redis-py's
     Python and two system calls per command), not Redis. A standalone Redis (or a
@@ -529,7 +534,8 @@ class RedisCache(ResponseCache):
         """None while Redis answers; else when the next probe may go."""
         self._probing = False
         self._lookups: list[tuple[str, asyncio.Future[bytes | None]]] = []
-        """Lookups of this loop iteration, waiting for their MGET."""
+        """Lookups waiting for their MGET."""
+        self._mget_in_flight = False
         self._writes: list[tuple[str, bytes]] = []
         """Writes of this loop iteration, waiting for their pipeline."""
         self._pending_writes = 0
@@ -591,7 +597,8 @@ class RedisCache(ResponseCache):
             return None
         future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self._lookups.append((KEY_PREFIX + key.hex(), future))
-        if len(self._lookups) == 1:
+        if len(self._lookups) == 1 and not self._mget_in_flight:
+            self._mget_in_flight = True  # claimed now; sent once this loop iteration's lookups joined
             asyncio.get_running_loop().call_soon(self._send_lookups)
         value = await future
         if value is None:
@@ -602,10 +609,14 @@ class RedisCache(ResponseCache):
 
     def _send_lookups(self) -> None:
         batch, self._lookups = self._lookups, []
-        self._spawn(self._mget(batch))
+        if batch:
+            self._spawn(self._mget(batch))
+        else:
+            self._mget_in_flight = False
 
     async def _mget(self, batch: list[tuple[str, asyncio.Future[bytes | None]]]) -> None:
         values: list[Any] = []
+        self.stats.commands += 1
         try:
             values = await self._client.mget([key for key, _ in batch])
         except asyncio.CancelledError:
@@ -620,6 +631,7 @@ class RedisCache(ResponseCache):
                 if not future.done():
                     found = values[index] if index < len(values) else None
                     future.set_result(bytes(found) if found is not None else None)
+            self._send_lookups()  # those that came meanwhile (or none: nothing in flight)
 
     def put(self, key: bytes, value: bytes) -> None:
         if not self._fits(value):
@@ -645,6 +657,7 @@ class RedisCache(ResponseCache):
 
     async def _set(self, batch: list[tuple[str, bytes]]) -> None:
         ttl = self.config.ttl_s or None
+        self.stats.commands += 1
         try:
             if len(batch) == 1:
                 await self._client.set(batch[0][0], batch[0][1], ex=ttl)

@@ -102,6 +102,7 @@ class InferenceCollector:
             "too_large": CounterMetricFamily("tensorwire_inference_cache_too_large", "Answers served but not cached: over the entry size limit.", labels=cache_label),
             "bypassed": CounterMetricFamily("tensorwire_inference_cache_bypassed", "Lookups and writes skipped while the cache backend was down.", labels=cache_label),
             "dropped_writes": CounterMetricFamily("tensorwire_inference_cache_dropped_writes", "Writes dropped because too many were in flight.", labels=cache_label),
+            "commands": CounterMetricFamily("tensorwire_inference_cache_commands", "Round trips to the cache backend (Redis: one per batch of lookups or writes).", labels=cache_label),
         }
         held = GaugeMetricFamily("tensorwire_inference_cache_bytes", "Bytes held by the local cache.", labels=cache_label)
         entries = GaugeMetricFamily("tensorwire_inference_cache_entries", "Entries held by the local cache.", labels=cache_label)
