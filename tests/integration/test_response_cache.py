@@ -323,3 +323,30 @@ async def test_redis_outage_fails_no_request_and_hits_resume(tmp_path: Path, red
     assert cache.stats.bypassed > 0
     metrics = scrape()  # the repository is closed; the counters were read above via cache.stats
     assert metrics is not None
+
+
+@needs_redis
+async def test_redis_password_and_db_are_used_and_a_wrong_one_fails_no_request(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    modelrepo.write_version(repo, "spiral", "spiral", spiral_state(1), config_overrides=CACHE_ON)
+    x = np.ones((2, 2), np.float32)
+    with RedisServer(free_port(), tmp_path, "--requirepass", "s3cret") as server:
+        base = cache_entries("redis", server.port)
+        good = await make_app(tmp_path, repo, [*base, "redis,password=s3cret", "redis,db=3"], "good")
+        bad = await make_app(tmp_path, repo, [*base, "redis,password=wrong"], "bad")
+        async with serving(good, "inference") as a, serving(bad, "inference") as b:
+            async with (grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as ca,
+                        grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as cb):
+                for stub, app in ((pb_grpc.GRPCInferenceServiceStub(ca), good),
+                                  (pb_grpc.GRPCInferenceServiceStub(cb), bad)):
+                    for _ in range(2):
+                        reply = await stub.ModelInfer(spiral_request(x), timeout=10)
+                        assert reply.outputs[0].shape == [2, 2]
+                        assert app.cache is not None
+                        await app.cache.flush()
+        assert good.cache is not None and bad.cache is not None
+        assert (good.cache.stats.hits, good.cache.stats.errors) == (1, 0)
+        assert bad.cache.stats.hits == 0 and bad.cache.stats.errors >= 1  # refused: counted, served
+        client = redis.Redis(port=server.port, password="s3cret", db=3)
+        assert len(list(client.scan_iter(match=KEY_PREFIX + "*"))) == 1  # in db 3
+        client.close()

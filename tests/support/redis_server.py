@@ -23,8 +23,9 @@ needs_redis = pytest.mark.skipif(
 
 
 class RedisServer:
-    def __init__(self, port: int, log_dir: Path) -> None:
+    def __init__(self, port: int, log_dir: Path, *extra_args: str) -> None:
         self.port = port
+        self.extra_args = extra_args
         self.log_path = log_dir / f"redis-{port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -33,7 +34,8 @@ class RedisServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--protected-mode", "no", "--dir", str(self.log_path.parent)],
+                 "--appendonly", "no", "--protected-mode", "no", "--dir", str(self.log_path.parent),
+                 *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout_s
@@ -48,7 +50,7 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # up, password or not
         except OSError:
             return False
 

@@ -193,3 +193,33 @@ def test_settings_describe_hides_the_redis_password() -> None:
                                                "redis,password=hunter2"], env={})
     assert "hunter2" not in config.describe(settings)
     assert dataclasses.asdict(settings)["cache_config"]["password"] == "hunter2"
+
+
+async def test_redis_down_counts_errors_backs_off_and_probes_one_at_a_time() -> None:
+    """Nothing listens on the port: every command fails at once (no redis-server needed)."""
+    from tensorwire.cache import RedisCache
+    from tests.conftest import free_port
+
+    now = [100.0]
+    cache = RedisCache(RedisCacheConfig(host="127.0.0.1", port=free_port()),
+                       initial_backoff_s=1.0, max_backoff_s=4.0, clock=lambda: now[0])
+    try:
+        assert await cache.get(b"k" * 16) is None
+        assert (cache.stats.errors, cache.stats.misses, cache.up) == (1, 1, False)
+        # within the backoff: bypassed, no command, no error
+        assert await cache.get(b"k" * 16) is None
+        cache.put(b"k" * 16, b"value")
+        assert (cache.stats.errors, cache.stats.bypassed) == (1, 2)
+        # after it: one probe, which fails again and doubles the backoff
+        now[0] += 1.0
+        assert await cache.get(b"k" * 16) is None
+        assert cache.stats.errors == 2
+        now[0] += 1.5
+        assert await cache.get(b"k" * 16) is None
+        assert cache.stats.errors == 2 and cache.stats.bypassed == 3  # 2 s now, not 1
+        now[0] += 1.0
+        assert await cache.get(b"k" * 16) is None
+        assert cache.stats.errors == 3
+        assert "down" in repr(cache)
+    finally:
+        await cache.aclose()
