@@ -372,10 +372,49 @@ CACHE_CONCURRENCY = (16, 64)
 HIT_PCTS = (100, 50, 0)
 
 
+def statistics_median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
 def _median_point(runs: list[dict[str, float]]) -> dict[str, float]:
     import statistics
 
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def local_cache_work_us() -> tuple[float, float]:
+    """CPU microseconds the local cache adds to a miss (key, lookup, encode, store) and
+    spends on a hit (key, lookup, decode), for the benchmark's request, in this
+    process: steadier than RPS ratios on a shared machine."""
+    import numpy as np
+
+    from services.inference.codec import Tensor
+    from tensorwire.cache import LocalCache, RequestKeys, decode_tensors, encode_tensors
+
+    keys = RequestKeys("spiral", 1, "0123456789ab")
+    outputs = [Tensor("logits", "FP32", np.zeros((1, 2), np.float32))]
+    cache = LocalCache(256 << 20)
+    n = 20000
+    requests = [[Tensor("points", "FP32", np.array([[i, 0.5]], np.float32))] for i in range(n)]
+
+    async def misses() -> None:
+        for inputs in requests:
+            key = keys.key(inputs, ())
+            await cache.get(key)
+            cache.put(key, encode_tensors(outputs))
+
+    async def hits() -> None:
+        for inputs in requests:
+            decode_tensors(await cache.get(keys.key(inputs, ())))  # type: ignore[arg-type]
+
+    t0 = time.process_time()
+    asyncio.run(misses())
+    t1 = time.process_time()
+    asyncio.run(hits())
+    t2 = time.process_time()
+    return (t1 - t0) / n * 1e6, (t2 - t1) / n * 1e6
 
 
 def bench_cache(duration_s: float, warmup_s: float, repeats: int,
@@ -445,6 +484,13 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
                 print(f"  {name:8s} {c:3d} {hit_pct:4d}% {r['rps']:8.0f} {r['p50_ms']:7.2f} "
                       f"{r['p99_ms']:7.2f} {r['rps'] / base['rps']:6.2f} {r['cpu_us']:7.0f} "
                       f"{r['cpu_us'] / base['cpu_us']:6.2f}")
+    miss_us, hit_us = local_cache_work_us()
+    print(f"\nlocal cache work measured alone: {miss_us:.1f} us CPU added to a miss, {hit_us:.1f} us "
+          f"spent on a hit")
+    for c in concurrency:
+        base_cpu = statistics_median([results[("no cache", c, h)]["cpu_us"] for h in hit_pcts])
+        print(f"  c={c:<3d} = {miss_us / base_cpu:.1%} of the server's CPU per request without a cache "
+              f"({base_cpu:.0f} us): the 0 % hits cost; RPS ratios above carry the machine's noise")
     print("\ngoals (issue 16; RPS ratios, and server CPU per request for comparison):")
     for c in concurrency:
         def ratio(name: str, hit_pct: int, key: str) -> float:
