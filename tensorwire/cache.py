@@ -47,9 +47,6 @@ from tensorwire.tensors import NUMPY_DTYPES
 
 log = logging.getLogger(__name__)
 
-FLAG = "--cache-config"
-
-
 # -- configuration: Triton's --cache-config ---------------------------------------------
 
 
@@ -398,8 +395,9 @@ class ResponseCache(abc.ABC):
 
 
 ENTRY_OVERHEAD_BYTES = 160
-"""What the local cache counts per entry beyond its key and value bytes: the bytes
-objects' headers and the ordered dict's node, measured on CPython 3.11."""
+"""What the local cache counts per entry beyond its key and value bytes, estimated for
+CPython 3.11: two bytes objects' headers (33 bytes each), the dict's entry and index
+(~32) and the ordered dict's link node (~56), rounded up."""
 
 
 class LocalCache(ResponseCache):
