@@ -5,6 +5,11 @@ metadata; :func:`load` builds the argument parser from it, reads each field from
 its flag, else its environment variable, else the default, converts and checks
 it, and names the bad value in the error. Only a service's ``__main__`` calls
 :func:`load`; everything else receives the settings object.
+
+A setting may be *repeatable* (``--cache-config a --cache-config b``; in the
+environment the values are separated by ``;``) and may have its own ``parse``
+function, which turns the raw string (or the tuple of strings of a repeatable
+setting) into a typed value and raises ``ValueError`` with the reason.
 """
 
 from __future__ import annotations
@@ -32,9 +37,19 @@ def setting(
     min: float | None = None,
     max: float | None = None,
     choices: Sequence[str] | None = None,
+    repeatable: bool = False,
+    parse: Callable[[Any], Any] | None = None,
 ) -> Any:
-    """A settings field: its default, environment variable, help and bounds."""
-    meta = {"env": env, "help": help, "min": min, "max": max, "choices": choices}
+    """A settings field: its default, environment variable, help and bounds.
+
+    ``repeatable``: the flag may be given many times (its values in order, a tuple
+    of strings; the environment variable separates them with ``;``).
+    ``parse``: builds the field's value from the raw string (repeatable: the tuple
+    of strings) instead of the type's own conversion; a ``ValueError`` it raises
+    becomes a SettingsError naming the flag or variable.
+    """
+    meta = {"env": env, "help": help, "min": min, "max": max, "choices": choices,
+            "repeatable": repeatable, "parse": parse}
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed in settings")
     return dataclasses.field(default=default, metadata=meta)
@@ -72,6 +87,17 @@ def _convert(name: str, source: str, raw: str, typ: Any) -> Any:
     except ValueError:
         kind = getattr(typ, "__name__", str(typ))
         raise SettingsError(f"{name} ({source}) must be a {kind}, got {raw!r}") from None
+
+
+def _parse(name: str, source: str, raw: Any, meta: Mapping[str, Any], typ: Any) -> Any:
+    if meta.get("parse") is not None:
+        try:
+            return meta["parse"](raw)
+        except ValueError as exc:
+            raise SettingsError(f"{name} ({source}): {exc}") from None
+    if meta.get("repeatable"):
+        return tuple(raw)
+    return _convert(name, source, raw, typ)
 
 
 def _check(name: str, source: str, value: Any, meta: Mapping[str, Any]) -> None:
@@ -117,12 +143,16 @@ def load(
                 const="false", help=argparse.SUPPRESS,
             )
             continue
+        repeatable = f.metadata.get("repeatable", False)
         parser.add_argument(
             _flag(f.name),
             dest=f.name,
             default=None,
+            action="append" if repeatable else "store",
             metavar=f.name.upper(),
-            help=f"{f.metadata['help']} (env {env_name}; default {_show(f.default)})",
+            help=f"{f.metadata['help']} ({'repeatable; ' if repeatable else ''}"
+                 f"env {env_name}{', values separated by ;' if repeatable else ''}; "
+                 f"default {_show(f.default)})",
         )
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
@@ -131,7 +161,11 @@ def load(
         name = prefix + f.metadata["env"]
         if raw is None and name in env:
             raw, source = env[name], name
-        value = f.default if raw is None else _convert(f.name, source, raw, hints[f.name])
+            if f.metadata.get("repeatable"):
+                raw = [part.strip() for part in raw.split(";") if part.strip()]
+        if raw is not None and f.metadata.get("repeatable"):
+            raw = tuple(raw)
+        value = f.default if raw is None else _parse(f.name, source, raw, f.metadata, hints[f.name])
         _check(f.name, source if raw is not None else "default", value, f.metadata)
         values[f.name] = value
     return cls(**values)

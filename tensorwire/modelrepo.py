@@ -11,8 +11,10 @@ Layout::
 ``dims`` without the batch dimension), the batching knobs
 ``max_queue_delay_us`` and ``preferred_batch_size`` (a list), ``version_policy``
 (``{"latest": {"num_versions": 1}}``, ``{"all": {}}`` or
-``{"specific": {"versions": [1, 3]}}``) and ``traffic`` (version -> weight, for
-A/B tests and gradual roll-outs; empty means "all traffic on the newest").
+``{"specific": {"versions": [1, 3]}}``), ``traffic`` (version -> weight, for
+A/B tests and gradual roll-outs; empty means "all traffic on the newest") and,
+optionally, ``response_cache`` (``{"enable": true}``: identical requests are answered
+from the server's response cache, Triton's ``response_cache { enable: true }``).
 
 Weights are loaded with ``torch.load(weights_only=True)``: a file from the
 repository can never run code. Every version is written atomically: into a
@@ -112,6 +114,12 @@ def validate_config(config: Mapping[str, Any], name: str | None = None) -> dict[
             raise InvalidArgumentError(
                 f"{where}: traffic entry {key!r}: {weight!r} must be version -> weight >= 0"
             )
+    cache = cfg.get("response_cache", {})
+    if (not isinstance(cache, dict) or set(cache) - {"enable"}
+            or not isinstance(cache.get("enable", False), bool)):
+        raise InvalidArgumentError(
+            f'{where}: response_cache must be {{"enable": true|false}}, got {cache!r}'
+        )
     for group in ("inputs", "outputs"):
         if not cfg[group]:
             raise InvalidArgumentError(f"{where}: {group} is empty")
@@ -119,6 +127,11 @@ def validate_config(config: Mapping[str, Any], name: str | None = None) -> dict[
             if not {"name", "datatype", "dims"} <= set(t):
                 raise InvalidArgumentError(f"{where}: {group} entry {t!r} needs name, datatype, dims")
     return cfg
+
+
+def response_cache_enabled(config: Mapping[str, Any]) -> bool:
+    """Whether a (validated) config opts in to the response cache."""
+    return bool(config.get("response_cache", {}).get("enable", False))
 
 
 def _fsync_dir(path: Path) -> None:

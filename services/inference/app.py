@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import grpc
 
+from tensorwire.cache import describe_cache, open_cache
 from tensorwire.checkpoints import SERVICE_NAME as TRANSFER_SERVICE_NAME
 from tensorwire.checkpoints import CheckpointReceiver, ModelTransferServicer
 from tensorwire.devices import resolve_device
@@ -19,6 +21,8 @@ from .repository import ModelRepository, RepositoryOptions
 from .server_state import ServerState
 from .servicer import InferenceServicer
 from .settings import InferenceSettings
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -50,6 +54,10 @@ class InferenceApp:
             mirror = HttpModelRepository(settings.model_repository_url, settings.model_repository,
                                          self.http)
             options = dataclasses.replace(options, fetch=mirror.sync)
+        # The response cache: this app owns it (closed after the repository).
+        self.cache = open_cache(settings.cache_config)
+        log.info("%s", describe_cache(settings.cache_config))
+        options = dataclasses.replace(options, cache=self.cache)
         self.repository = ModelRepository(settings.model_repository, options)
         # Checkpoints pushed by trainers that share no volume with this service.
         self.transfer = ModelTransferServicer(
@@ -70,6 +78,8 @@ class InferenceApp:
         self.state.ready = False
         await self.repository.aclose()
         COLLECTOR.discard(self.repository)
+        if self.cache is not None:
+            await self.cache.aclose()
         if self.http is not None:
             await self.http.aclose()
 

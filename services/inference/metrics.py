@@ -1,8 +1,12 @@
 """Prometheus metrics of the inference core, read from the live objects at scrape time.
 
 Batcher metrics per model version (batches, requests, size- vs timeout-dispatch,
-rejected, average batch size, efficiency, queue depth, size limit) and the
-async loader's (loads, failures, timeouts, average load time, queue depth).
+rejected, average batch size, efficiency, queue depth, size limit), the
+async loader's (loads, failures, timeouts, average load time, queue depth), and
+the response cache's: hits, misses and their durations per model version
+(Triton's ``nv_cache_num_hits_per_model``, ``nv_cache_num_misses_per_model``,
+``nv_cache_hit_duration_per_model``, ``nv_cache_miss_duration_per_model``) and,
+labelled by ``cache`` (local or redis), its inserts, evictions, errors, bytes.
 """
 
 from __future__ import annotations
@@ -79,6 +83,49 @@ class InferenceCollector:
         yield from counters.values()
         yield from gauges.values()
         yield from (loads, load_time, load_queue)
+        yield from self._cache_metrics()
+
+    def _cache_metrics(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        per_version = {
+            "hits": CounterMetricFamily("tensorwire_inference_cache_hits", "Requests answered from the response cache (Triton: nv_cache_num_hits_per_model).", labels=labels),
+            "misses": CounterMetricFamily("tensorwire_inference_cache_misses", "Requests the response cache did not have (Triton: nv_cache_num_misses_per_model).", labels=labels),
+            "hit_s": CounterMetricFamily("tensorwire_inference_cache_hit_duration_seconds", "Time spent looking up and decoding cache hits.", labels=labels),
+            "miss_s": CounterMetricFamily("tensorwire_inference_cache_miss_duration_seconds", "Time spent looking up and storing cache misses.", labels=labels),
+        }
+        cache_label = ["cache"]
+        per_cache = {
+            "inserts": CounterMetricFamily("tensorwire_inference_cache_inserts", "Answers stored in the response cache.", labels=cache_label),
+            "inserted_bytes": CounterMetricFamily("tensorwire_inference_cache_inserted_bytes", "Bytes of answers stored in the response cache.", labels=cache_label),
+            "evictions": CounterMetricFamily("tensorwire_inference_cache_evictions", "Entries evicted from the local cache to make room.", labels=cache_label),
+            "errors": CounterMetricFamily("tensorwire_inference_cache_errors", "Failed cache commands (the request ran on the model).", labels=cache_label),
+            "too_large": CounterMetricFamily("tensorwire_inference_cache_too_large", "Answers served but not cached: over the entry size limit.", labels=cache_label),
+            "bypassed": CounterMetricFamily("tensorwire_inference_cache_bypassed", "Lookups and writes skipped while the cache backend was down.", labels=cache_label),
+            "dropped_writes": CounterMetricFamily("tensorwire_inference_cache_dropped_writes", "Writes dropped because too many were in flight.", labels=cache_label),
+            "commands": CounterMetricFamily("tensorwire_inference_cache_commands", "Round trips to the cache backend (Redis: one per batch of lookups or writes).", labels=cache_label),
+        }
+        held = GaugeMetricFamily("tensorwire_inference_cache_bytes", "Bytes held by the local cache.", labels=cache_label)
+        entries = GaugeMetricFamily("tensorwire_inference_cache_entries", "Entries held by the local cache.", labels=cache_label)
+        up = GaugeMetricFamily("tensorwire_inference_cache_up", "1 while the cache backend answers, 0 while it is bypassed after errors.", labels=cache_label)
+        for repository in list(self._repositories):
+            cache = repository.cache
+            if cache is None:
+                continue
+            for model, version, s in repository.statistics():
+                key = [model, str(version)]
+                per_version["hits"].add_metric(key, s.cache_hit.count)
+                per_version["misses"].add_metric(key, s.cache_miss.count)
+                per_version["hit_s"].add_metric(key, s.cache_hit.ns / 1e9)
+                per_version["miss_s"].add_metric(key, s.cache_miss.ns / 1e9)
+            for name, family in per_cache.items():
+                family.add_metric([cache.kind], getattr(cache.stats, name))
+            if cache.held_bytes is not None:
+                held.add_metric([cache.kind], cache.held_bytes)
+                entries.add_metric([cache.kind], cache.entries or 0)
+            up.add_metric([cache.kind], 1.0 if cache.up else 0.0)
+        yield from per_version.values()
+        yield from per_cache.values()
+        yield from (held, entries, up)
 
 
 COLLECTOR = InferenceCollector()

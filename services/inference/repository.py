@@ -14,6 +14,12 @@ already picked an old version finish on it; a version no longer selected is
 unloaded once its last in-flight request has finished. Traffic weights change
 at run time through config.json (polled) or RepositoryModelLoad's ``config``
 parameter.
+
+Response cache (``tensorwire.cache``): when the server has one and a model's config
+enables it, a request is looked up once its version is resolved, before it enters
+that version's batcher; a hit is answered without batcher or model, a miss runs as
+usual and its answer is stored. Keys include the resolved version, so a new version
+never answers from an old one's entries and each side of a traffic split has its own.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import hashlib
 import json
 import logging
 import random
+import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +43,7 @@ import numpy as np
 
 from tensorwire import modelrepo
 from tensorwire.batching import BatchConfig, Batcher
+from tensorwire.cache import RequestKeys, ResponseCache, decode_tensors, encode_tensors
 from tensorwire.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -121,6 +129,10 @@ class VersionStats:
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, Duration] = field(default_factory=dict)
     """Rows per forward call -> compute time of those calls."""
+    cache_hit: Duration = field(default_factory=Duration)
+    """Requests answered from the response cache; time to look up and decode."""
+    cache_miss: Duration = field(default_factory=Duration)
+    """Requests the cache did not have; time to look up and to store the answer."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,9 @@ class ModelVersion:
         self._version_str = str(version)
         self.max_batch_size = int(config["max_batch_size"])
         self.stats = VersionStats()
+        self.response_cache_enabled = modelrepo.response_cache_enabled(config)
+        self.cache_keys = RequestKeys(name, version, _fingerprint(config))
+        """Response cache keys: this version's identity, then each request's own bytes."""
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -268,6 +283,17 @@ class ModelVersion:
             result.append(Tensor(spec.name, spec.datatype, array if batched else array[0]))
         return InferResult(self.name, self._version_str, request.id, result)
 
+    def cached_result(self, request: InferRequest, value: bytes, seconds: float) -> InferResult:
+        """The answer to ``request`` from a cache entry (counted as a hit that took
+        ``seconds`` so far). Only a request that succeeded was stored, so it was valid."""
+        outputs = [Tensor(name, datatype, array) for name, datatype, array in decode_tensors(value)]
+        stats = self.stats
+        stats.inference_count += request.inputs[0].array.shape[0] if self.max_batch_size > 0 else 1
+        stats.last_inference_ms = int(time.time() * 1000)
+        stats.success.add(seconds)
+        stats.cache_hit.add(seconds)
+        return InferResult(self.name, self._version_str, request.id, outputs)
+
     def _forward_batch(self, items: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
         """Runs in an executor thread: one forward over every item's rows."""
         import torch
@@ -322,6 +348,8 @@ class ModelVersion:
             compute_infer=Duration(stats.compute_infer.count, stats.compute_infer.ns),
             compute_output=Duration(stats.compute_output.count, stats.compute_output.ns),
             batches={k: Duration(v.count, v.ns) for k, v in stats.batches.items()},
+            cache_hit=Duration(stats.cache_hit.count, stats.cache_hit.ns),
+            cache_miss=Duration(stats.cache_miss.count, stats.cache_miss.ns),
         )
 
     async def drain_and_close(self) -> None:
@@ -383,6 +411,9 @@ class RepositoryOptions:
     fetch: Callable[[str], Awaitable[Any]] | None = None
     """Awaited with a model's name before RepositoryModelLoad reads it from the folder:
     mirrors the model from a remote (HTTP) repository (tensorwire.httppool)."""
+    cache: ResponseCache | None = None
+    """The server's response cache (its owner closes it); used by the models whose
+    config enables it."""
 
 
 class ModelRepository:
@@ -413,6 +444,7 @@ class ModelRepository:
         )
         self.ready = False
         self.swaps = 0
+        self.cache = self.options.cache
 
     def __repr__(self) -> str:
         served = ", ".join(
@@ -531,6 +563,8 @@ class ModelRepository:
                 v: mv for v, mv in current.items()
                 if v in wanted and _fingerprint(mv.config) == fingerprint
             }
+            for mv in keep.values():  # a kept version follows the config's cache switch
+                mv.response_cache_enabled = modelrepo.response_cache_enabled(config)
             missing = [v for v in wanted if v not in keep]
             futures = [self.loader.load_async((name, v, fingerprint), priority) for v in missing]
             results = await asyncio.gather(*futures, return_exceptions=True)
@@ -624,7 +658,33 @@ class ModelRepository:
         return found
 
     async def infer(self, request: InferRequest) -> InferResult:
-        return await self.version_of(request.model, request.version).infer(request)
+        version = self.version_of(request.model, request.version)
+        if self.cache is not None and version.response_cache_enabled:
+            return await self._infer_cached(self.cache, version, request)
+        return await version.infer(request)
+
+    async def _infer_cached(self, cache: ResponseCache, version: ModelVersion, request: InferRequest) -> InferResult:
+        """Look the request up in the response cache; on a miss run it and store the answer."""
+        start = time.perf_counter()
+        key = version.cache_keys.key(request.inputs, request.outputs)
+        value = await cache.get(key)
+        if value is not None:
+            try:
+                return version.cached_result(request, value, time.perf_counter() - start)
+            except (ValueError, KeyError, struct.error) as exc:  # an entry this server cannot read
+                cache.stats.errors += 1
+                log.warning("response cache entry of %s:%s unreadable (%s); running the model",
+                            version.name, version.version, exc)
+        lookup_s = time.perf_counter() - start
+        try:
+            result = await version.infer(request)
+        except BaseException:
+            version.stats.cache_miss.add(lookup_s)  # a miss all the same; nothing to store
+            raise
+        stored = time.perf_counter()
+        cache.put(key, encode_tensors(result.outputs))
+        version.stats.cache_miss.add(lookup_s + time.perf_counter() - stored)
+        return result
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:

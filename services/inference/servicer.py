@@ -165,6 +165,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     success=_duration(s.success), fail=_duration(s.fail), queue=_duration(s.queue),
                     compute_input=_duration(s.compute_input), compute_infer=_duration(s.compute_infer),
                     compute_output=_duration(s.compute_output),
+                    cache_hit=_duration(s.cache_hit), cache_miss=_duration(s.cache_miss),
                 ),
                 batch_stats=[
                     pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from tensorwire.cache import CacheConfig, parse_cache_config
 from tensorwire.config import setting
 from tensorwire.devices import TorchServiceSettings
 
@@ -62,6 +63,13 @@ class InferenceSettings(TorchServiceSettings):
     workers: int = setting(
         1, env="WORKERS",
         help="server processes sharing the port with SO_REUSEPORT (multi-core hosts)", min=1, max=256,
+    )
+    cache_config: CacheConfig | None = setting(
+        None, env="CACHE_CONFIG", repeatable=True, parse=parse_cache_config,
+        help="response cache, Triton's form <cache>,<key>=<value>: local,size=<bytes> "
+             "[local,max_entry_size=<bytes>] or redis,host=<h> redis,port=<p> [redis,user|password|db|"
+             "ttl(s)|max_entry_size|tls_enabled|cert|key|cacert|connect_timeout(ms)|socket_timeout(ms)=...]; "
+             "models opt in with \"response_cache\": {\"enable\": true} (none = no cache)",
     )
 
     def authorizer(self) -> Any:

@@ -76,7 +76,7 @@ def main() -> int:
             for name, ((proc, port), env) in servers.items():
                 host = "localhost" if "TW_BENCH_CA" in env else "127.0.0.1"
                 cpu0 = cpu_seconds(proc.pid)
-                r = load_in_process(f"{host}:{port}", c, args.duration_s, args.warmup_s, env)
+                r = load_in_process(f"{host}:{port}", c, args.duration_s, args.warmup_s, env=env)
                 served = r["rps"] * (args.duration_s + args.warmup_s)
                 r["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) / max(served, 1) * 1e6
                 results[name].append(r)

@@ -15,6 +15,16 @@ Python load generator), and perf_analyzer (C++, the tritonclient wheel's binary)
 when its libraries are present (Debian libb64-0d, libcudart.so.12 on
 LD_LIBRARY_PATH; set TW_CUDART_DIR to the folder holding it). Prints RPS, p50,
 p99 and the ratio to the ceiling measured in the same run.
+
+``--cache`` measures the response cache instead (issue 16), in one run: the
+server without a cache, with ``--cache-config local,size=...`` and with a Redis
+cache (a ``redis-server`` this script starts on a free port), each at
+concurrency 16 and 64 with 100 %, 50 % and 0 % of the requests repeating one hot
+request (the rest unique), every point measured for the three servers back to
+back, ``--repeats`` times in rotating order (the median counts: a shared machine's
+background load drifts). Prints RPS, p50, p99, server CPU per request and the ratio
+to the server without a cache at the same point; goals: 100 % local hits >= 1.3x,
+0 % hits >= 0.97x.
 """
 
 from __future__ import annotations
@@ -102,7 +112,14 @@ def run_echo(port: int) -> None:
 # -- load generator (its own process) -----------------------------------------------
 
 
-def run_load(target: str, concurrency: int, duration_s: float, warmup_s: float) -> dict[str, float]:
+def run_load(
+    target: str, concurrency: int, duration_s: float, warmup_s: float,
+    hit_pct: int | None = None, salt: int = 0,
+) -> dict[str, float]:
+    """Closed-loop load. ``hit_pct`` None: one request, sent again and again. Else
+    ``hit_pct`` % of each worker's requests are one hot request (the same for every
+    worker and run) and the rest are unique (``salt`` keeps runs apart); every
+    request message is built per call either way, so the client's cost is the same."""
     import grpc
     import numpy as np
 
@@ -110,11 +127,16 @@ def run_load(target: str, concurrency: int, duration_s: float, warmup_s: float) 
     from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 
     x = np.random.default_rng(0).standard_normal((1, 2)).astype(np.float32)
-    request = pb.ModelInferRequest(
-        model_name="spiral",
-        inputs=[pb.ModelInferRequest.InferInputTensor(name="points", datatype="FP32", shape=[1, 2])],
-        raw_input_contents=[x.tobytes()],
-    )
+    spec = pb.ModelInferRequest.InferInputTensor(name="points", datatype="FP32", shape=[1, 2])
+    request = pb.ModelInferRequest(model_name="spiral", inputs=[spec], raw_input_contents=[x.tobytes()])
+
+    def next_request(worker: int, n: int) -> pb.ModelInferRequest:
+        if hit_pct is None:
+            return request
+        hot = (n * hit_pct) // 100 != ((n + 1) * hit_pct) // 100
+        # float32 holds integers below 2**24 exactly: (salt, worker, n) -> two distinct floats
+        data = x.tobytes() if hot else np.array([[salt * 1000 + worker, n]], np.float32).tobytes()
+        return pb.ModelInferRequest(model_name="spiral", inputs=[spec], raw_input_contents=[data])
 
     # bench_auth.py passes a bearer token and a CA (TLS) through the environment.
     token, ca = os.environ.get("TW_BENCH_TOKEN"), os.environ.get("TW_BENCH_CA")
@@ -132,14 +154,17 @@ def run_load(target: str, concurrency: int, duration_s: float, warmup_s: float) 
             measure_from = start + warmup_s
             end = measure_from + duration_s
 
-            async def worker() -> None:
+            async def worker(index: int) -> None:
                 nonlocal errors
+                n = 0
                 while True:
                     t0 = time.perf_counter()
                     if t0 >= end:
                         return
+                    message = next_request(index, n)
+                    n += 1
                     try:
-                        await stub.ModelInfer(request, timeout=30, metadata=metadata)
+                        await stub.ModelInfer(message, timeout=30, metadata=metadata)
                     except grpc.aio.AioRpcError:
                         errors += 1
                         continue
@@ -147,7 +172,7 @@ def run_load(target: str, concurrency: int, duration_s: float, warmup_s: float) 
                     if t0 >= measure_from:
                         latencies.append(t1 - t0)
 
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            await asyncio.gather(*(worker(i) for i in range(concurrency)))
             lat = np.array(latencies)
             return {
                 "rps": len(lat) / duration_s,
@@ -159,10 +184,14 @@ def run_load(target: str, concurrency: int, duration_s: float, warmup_s: float) 
     return asyncio.run(main())
 
 
-def load_in_process(target: str, concurrency: int, duration_s: float, warmup_s: float,
-                    env: dict[str, str] | None = None) -> dict[str, float]:
+def load_in_process(
+    target: str, concurrency: int, duration_s: float, warmup_s: float,
+    hit_pct: int | None = None, salt: int = 0, env: dict[str, str] | None = None,
+) -> dict[str, float]:
+    extra = [] if hit_pct is None else ["--hit-pct", str(hit_pct), "--salt", str(salt)]
     out = subprocess.run(
-        [sys.executable, __file__, "--loadgen", target, str(concurrency), str(duration_s), str(warmup_s)],
+        [sys.executable, __file__, "--loadgen", target, str(concurrency), str(duration_s), str(warmup_s),
+         *extra],
         capture_output=True, text=True, timeout=duration_s + warmup_s + 120, cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
@@ -212,7 +241,7 @@ def perf_analyzer(target: str, concurrency: int, duration_s: float, env: dict[st
 # -- servers ------------------------------------------------------------------------
 
 
-def start_server(kind: str, repo: Path) -> tuple[subprocess.Popen, str]:
+def start_server(kind: str, repo: Path, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     if kind == "echo":
         cmd = [sys.executable, __file__, "--echo-server", str(port)]
@@ -220,7 +249,7 @@ def start_server(kind: str, repo: Path) -> tuple[subprocess.Popen, str]:
         workers = "2" if kind.endswith("x2") else "1"
         cmd = [sys.executable, "-m", "services.inference", "--host", "127.0.0.1", "--port", str(port),
                "--metrics-port", "-1", "--model-repository", str(repo), "--poll-interval-s", "0",
-               "--workers", workers, "--log-level", "WARNING"]
+               "--workers", workers, "--log-level", "WARNING", *(extra or [])]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, f"127.0.0.1:{port}"
 
@@ -257,7 +286,14 @@ def main() -> int:
     parser.add_argument("--perf-analyzer", choices=("auto", "off"), default="auto")
     parser.add_argument("--servers", default="echo,tensorwire,tensorwire x2",
                         help="comma-separated subset of: echo, tensorwire, tensorwire x2")
+    parser.add_argument("--cache", action="store_true",
+                        help="measure the response cache (none / local / redis) instead")
+    parser.add_argument("--repeats", type=int, default=3, help="--cache: runs per point (median)")
+    parser.add_argument("--concurrency", default="16,64", help="--cache: concurrencies")
+    parser.add_argument("--hits", default="100,50,0", help="--cache: hit shares in percent")
     parser.add_argument("--loadgen", nargs=4, metavar=("TARGET", "C", "DURATION", "WARMUP"))
+    parser.add_argument("--hit-pct", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--salt", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--echo-server", type=int, metavar="PORT")
     args = parser.parse_args()
     if args.echo_server:
@@ -265,8 +301,12 @@ def main() -> int:
         return 0
     if args.loadgen:
         target, c, d, w = args.loadgen
-        print(json.dumps(run_load(target, int(c), float(d), float(w))))
+        print(json.dumps(run_load(target, int(c), float(d), float(w), args.hit_pct, args.salt)))
         return 0
+    if args.cache:
+        return bench_cache(args.duration_s, args.warmup_s, args.repeats,
+                           tuple(int(c) for c in args.concurrency.split(",")),
+                           tuple(int(h) for h in args.hits.split(",")))
 
     import torch
 
@@ -330,6 +370,148 @@ def main() -> int:
                 echo = results.get((gen, "echo", c), {"rps": float("nan"), "cpu_us": float("nan")})
                 print(f"  {gen:13s} {server:13s} {c:3d} {r['rps']:8.0f} {r['p50_ms']:7.2f} "
                       f"{r['p99_ms']:7.2f} {r['rps'] / echo['rps']:6.2f} {r['cpu_us'] / echo['cpu_us']:6.2f}")
+    return 0
+
+
+# -- the response cache (--cache) ---------------------------------------------------------
+
+CACHE_CONCURRENCY = (16, 64)
+HIT_PCTS = (100, 50, 0)
+
+
+def statistics_median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
+def _median_point(runs: list[dict[str, float]]) -> dict[str, float]:
+    import statistics
+
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def local_cache_work_us() -> tuple[float, float]:
+    """CPU microseconds the local cache adds to a miss (key, lookup, encode, store) and
+    spends on a hit (key, lookup, decode), for the benchmark's request, in this
+    process: steadier than RPS ratios on a shared machine."""
+    import numpy as np
+
+    from services.inference.codec import Tensor
+    from tensorwire.cache import LocalCache, RequestKeys, decode_tensors, encode_tensors
+
+    keys = RequestKeys("spiral", 1, "0123456789ab")
+    outputs = [Tensor("logits", "FP32", np.zeros((1, 2), np.float32))]
+    cache = LocalCache(256 << 20)
+    n = 20000
+    requests = [[Tensor("points", "FP32", np.array([[i, 0.5]], np.float32))] for i in range(n)]
+
+    async def misses() -> None:
+        for inputs in requests:
+            key = keys.key(inputs, ())
+            await cache.get(key)
+            cache.put(key, encode_tensors(outputs))
+
+    async def hits() -> None:
+        for inputs in requests:
+            decode_tensors(await cache.get(keys.key(inputs, ())))  # type: ignore[arg-type]
+
+    t0 = time.process_time()
+    asyncio.run(misses())
+    t1 = time.process_time()
+    asyncio.run(hits())
+    t2 = time.process_time()
+    return (t1 - t0) / n * 1e6, (t2 - t1) / n * 1e6
+
+
+def bench_cache(duration_s: float, warmup_s: float, repeats: int,
+                concurrency: tuple[int, ...] = CACHE_CONCURRENCY, hit_pcts: tuple[int, ...] = HIT_PCTS) -> int:
+    import torch
+
+    from tensorwire import modelrepo
+    from tensorwire.models import build_model
+    from tests.support.redis_server import REDIS_SERVER, RedisServer
+
+    if REDIS_SERVER is None:
+        print("bench_inference --cache: redis-server is not installed (scripts/install-system-deps.sh)")
+        return 1
+    tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    repo = tmp / "models"
+    torch.manual_seed(0)
+    modelrepo.write_version(repo, "spiral", "spiral", build_model("spiral").state_dict(),
+                            config_overrides={"response_cache": {"enable": True}})
+    redis = RedisServer(free_port(), tmp)
+    redis.start()
+    caches = {
+        "no cache": [],
+        "local": ["--cache-config", f"local,size={256 << 20}"],
+        "redis": ["--cache-config", "redis,host=127.0.0.1", "--cache-config", f"redis,port={redis.port}"],
+    }
+    print(f"bench_inference --cache: {os.cpu_count()} cores, {duration_s:g}s per point, spiral MLP, "
+          f"batch 1 requests, Python generator, median of {repeats}; redis-server on 127.0.0.1:{redis.port}")
+    results: dict[tuple[str, int, int], dict[str, float]] = {}
+    procs = {name: start_server("tensorwire", repo, extra) for name, extra in caches.items()}
+    salt = 0
+    try:
+        names = list(caches)
+        for c in concurrency:
+            for hit_pct in hit_pcts:
+                runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+                for rep in range(repeats):
+                    # the three servers back to back (neighbours in time), in rotating order
+                    for name in names[rep % len(names):] + names[:rep % len(names)]:
+                        proc, target = procs[name]
+                        salt += 1
+                        cpu0 = cpu_seconds(proc.pid)
+                        r = load_in_process(target, c, duration_s, warmup_s, hit_pct, salt)
+                        served = r["rps"] * (duration_s + warmup_s)
+                        r["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) / max(served, 1) * 1e6
+                        runs[name].append(r)
+                for name in names:
+                    r = results[(name, c, hit_pct)] = _median_point(runs[name])
+                    print(f"  {name:8s} c={c:<3d} hits {hit_pct:3d} %  {r['rps']:8.0f} rps  "
+                          f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
+                          f"server cpu {r['cpu_us']:5.0f} us/req  errors {r['errors']}", flush=True)
+    finally:
+        for proc, _ in procs.values():
+            stop_server(proc)
+        redis.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    load1, load5, _ = os.getloadavg()
+    print(f"\nload average during the run (1/5 min): {load1:.1f} / {load5:.1f} on {os.cpu_count()} cores")
+    print("\nsummary (ratio = RPS / RPS without a cache, same concurrency and hit share; "
+          "the server without a cache has no hits whatever the share)")
+    print(f"  {'cache':8s} {'c':>3s} {'hits':>5s} {'rps':>8s} {'p50 ms':>7s} {'p99 ms':>7s} {'ratio':>6s} "
+          f"{'cpu us':>7s} {'cpu x':>6s}")
+    for c in concurrency:
+        for hit_pct in hit_pcts:
+            base = results[("no cache", c, hit_pct)]
+            for name in caches:
+                r = results[(name, c, hit_pct)]
+                print(f"  {name:8s} {c:3d} {hit_pct:4d}% {r['rps']:8.0f} {r['p50_ms']:7.2f} "
+                      f"{r['p99_ms']:7.2f} {r['rps'] / base['rps']:6.2f} {r['cpu_us']:7.0f} "
+                      f"{r['cpu_us'] / base['cpu_us']:6.2f}")
+    miss_us, hit_us = local_cache_work_us()
+    print(f"\nlocal cache work measured alone: {miss_us:.1f} us CPU added to a miss, {hit_us:.1f} us "
+          f"spent on a hit")
+    for c in concurrency:
+        base_cpu = statistics_median([results[("no cache", c, h)]["cpu_us"] for h in hit_pcts])
+        print(f"  c={c:<3d} = {miss_us / base_cpu:.1%} of the server's CPU per request without a cache "
+              f"({base_cpu:.0f} us): the 0 % hits cost; RPS ratios above carry the machine's noise")
+    print("\ngoals (issue 16; RPS ratios, and server CPU per request for comparison):")
+    for c in concurrency:
+        def ratio(name: str, hit_pct: int, key: str) -> float:
+            return results[(name, c, hit_pct)][key] / results[("no cache", c, hit_pct)][key]
+
+        if 100 in hit_pcts:
+            full = ratio("local", 100, "rps")
+            print(f"  c={c:<3d} 100 % local hits: {full:.2f}x no cache RPS (goal >= 1.3) "
+                  f"{'met' if full >= 1.3 else 'NOT met'}; cpu/request {ratio('local', 100, 'cpu_us'):.2f}x")
+        if 0 in hit_pcts:
+            for name in ("local", "redis"):
+                none = ratio(name, 0, "rps")
+                print(f"  c={c:<3d} 0 % hits, {name:5s}: {none:.2f}x no cache RPS (goal >= 0.97) "
+                      f"{'met' if none >= 0.97 else 'NOT met'}; cpu/request {ratio(name, 0, 'cpu_us'):.2f}x")
     return 0
 
 

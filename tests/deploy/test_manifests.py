@@ -510,3 +510,34 @@ def test_envoy_runs_the_config_of_deploy_envoy_against_services_that_exist(entry
     for cluster in ("streamer", "inference"):
         host, _ = upstreams[cluster]
         assert services[host]["spec"].get("clusterIP") == "None", f"{cluster}: {host} not headless"
+
+
+@needs_kubectl
+def test_redis_component_gives_every_inference_replica_one_shared_cache() -> None:
+    from tensorwire.cache import RedisCacheConfig
+
+    for entry in ("overlays/prod", "overlays/prod-gpu"):
+        docs = render(entry)
+        deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
+        env = _config_maps_of(docs, deployments["inference"]["spec"]["template"]["spec"])
+        cache = config.load(InferenceSettings, [], env=env).cache_config
+        assert isinstance(cache, RedisCacheConfig), f"{entry}: inference has no Redis cache"
+        redis = deployments[cache.host]
+        labels = redis["spec"]["template"]["metadata"]["labels"]
+        assert _selects(services[cache.host]["spec"]["selector"], labels)
+        assert cache.port in [p["port"] for p in services[cache.host]["spec"]["ports"]]
+        (container,) = redis["spec"]["template"]["spec"]["containers"]
+        args = container["args"]
+        assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"  # a cache, bounded
+        assert args[args.index("--save") + 1] == ""  # no persistence
+        # only inference pods may connect
+        policy = by_kind(docs, "NetworkPolicy")["redis"]
+        assert _selects(policy["spec"]["podSelector"]["matchLabels"], labels)
+        (rule,) = policy["spec"]["ingress"]
+        inference_labels = deployments["inference"]["spec"]["template"]["metadata"]["labels"]
+        assert all(_selects(src["podSelector"]["matchLabels"], inference_labels) for src in rule["from"])
+    # optional: the dev overlays have no cache
+    dev = render("overlays/dev")
+    assert "redis" not in by_kind(dev, "Deployment")
+    env = _config_maps_of(dev, by_kind(dev, "Deployment")["inference"]["spec"]["template"]["spec"])
+    assert config.load(InferenceSettings, [], env=env).cache_config is None

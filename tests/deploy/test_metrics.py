@@ -138,7 +138,8 @@ def grpc_web_frame(message: bytes) -> bytes:
 @pytest.mark.slow
 async def test_dashboard_and_alert_metrics_appear_in_running_services(tmp_path: Path) -> None:
     repo = tmp_path / "models"
-    modelrepo.write_version(repo, "spiral", "spiral", build_model("spiral").state_dict())
+    modelrepo.write_version(repo, "spiral", "spiral", build_model("spiral").state_dict(),
+                            config_overrides={"response_cache": {"enable": True}})
     static = tmp_path / "web"
     static.mkdir()
     (static / "index.html").write_text("<!doctype html><title>tensorwire</title>")
@@ -152,7 +153,8 @@ async def test_dashboard_and_alert_metrics_appear_in_running_services(tmp_path: 
     async with (
         running("streamer", ports["streamer"][0], service_args("streamer"), tmp_path) as streamer,
         running("inference", ports["inference"][0],
-                [*service_args("inference"), "--model-repository", str(repo)], tmp_path) as inference,
+                [*service_args("inference"), "--model-repository", str(repo),
+                 "--cache-config", "local,size=1048576"], tmp_path) as inference,
         running("trainer", ports["trainer"][0],
                 [*service_args("trainer"), "--streamer-target", streamer.target,
                  "--inference-target", inference.target, "--model-repository", str(repo),
@@ -208,6 +210,14 @@ async def test_dashboard_and_alert_metrics_appear_in_running_services(tmp_path: 
             async with httpx.AsyncClient(timeout=10) as scraper:
                 for name, (_, metrics_port) in ports.items():
                     pages[name] = (await scraper.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+
+    # the five identical requests: one miss, then answered from the response cache
+    cache_counts = {
+        s.name: s.value for f in text_string_to_metric_families(pages["inference"]) for s in f.samples
+        if s.name.startswith("tensorwire_inference_cache_") and s.labels.get("model") == "spiral"
+    }
+    assert cache_counts["tensorwire_inference_cache_misses_total"] == 1, cache_counts
+    assert cache_counts["tensorwire_inference_cache_hits_total"] == 4, cache_counts
 
     exported: dict[str, set[str]] = {}
     for text in pages.values():
@@ -312,6 +322,9 @@ def test_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
                                'run_id="r1",pod="p-1"}', "values": "1 1 30x20"},
                     {"series": 'tensorwire_probe_subscriber_lag_seconds{streamer="10.0.0.8:50052",'
                                'run_id="r1",pod="p-1"}', "values": "1x20"},
+                    {"series": 'tensorwire_inference_cache_up{cache="redis",pod="i-1"}',
+                     "values": "1 1 0x20"},
+                    {"series": 'tensorwire_inference_cache_up{cache="redis",pod="i-2"}', "values": "1x20"},
                 ],
                 "alert_rule_test": [
                     expect("TensorwireNotServing", "8m", service="streamer", pod="s-1"),
@@ -330,6 +343,8 @@ def test_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
                     {"eval_time": "3m", "alertname": "TensorwireSubscriberLagHigh", "exp_alerts": []},
                     expect("TensorwireSubscriberLagHigh", "10m", value_text="30s",
                            streamer="10.0.0.7:50052", run_id="r1"),
+                    {"eval_time": "4m", "alertname": "TensorwireResponseCacheDown", "exp_alerts": []},
+                    expect("TensorwireResponseCacheDown", "10m", pod="i-1", cache="redis"),
                 ],
             }
         ],

@@ -1,0 +1,352 @@
+"""The response cache, local and Redis, through the real gRPC server on port 0.
+
+Real torch models, a real ``redis-server`` started on a free port (skipped when
+Debian's redis-server is missing), real gRPC clients; waits are polls with deadlines
+on observable state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import redis
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.inference import codec
+from services.inference.app import InferenceApp, create_app
+from services.inference.settings import InferenceSettings
+from tensorwire import modelrepo
+from tensorwire.cache import KEY_PREFIX, RedisCache, parse_cache_config
+from tensorwire.inference import grpc_service_pb2 as pb
+from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.conftest import free_port, serving, settings_for
+from tests.integration.test_inference_swap import expected, spiral_request, spiral_state
+from tests.support.redis_server import RedisServer, needs_redis
+
+CACHE_ON = {"response_cache": {"enable": True}}
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if RedisServer is None:  # pragma: no cover
+        pytest.skip("redis-server missing")
+    with RedisServer(free_port(), tmp_path) as server:
+        yield server
+
+
+def cache_entries(kind: str, redis_port: int | None = None, **extra: int) -> list[str]:
+    if kind == "local":
+        entries = ["local,size=1048576"]
+    else:
+        entries = ["redis,host=127.0.0.1", f"redis,port={redis_port}"]
+    return entries + [f"{kind},{key}={value}" for key, value in extra.items()]
+
+
+async def make_app(tmp_path: Path, repo: Path, entries: list[str], name: str = "a") -> InferenceApp:
+    settings = settings_for(InferenceSettings, tmp_path / name, model_repository=repo, poll_interval_s=0.0,
+                            cache_config=parse_cache_config(entries))
+    return await create_app(settings)
+
+
+async def statistics(stub: Any, version: str = "") -> dict[str, Any]:
+    reply = await stub.ModelStatistics(pb.ModelStatisticsRequest(name="spiral", version=version), timeout=10)
+    return {s.version: s for s in reply.model_stats}
+
+
+def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """This process's /metrics page: (sample name, labels) -> value."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(REGISTRY).decode())
+        for s in family.samples
+    }
+
+
+def logits(reply: pb.ModelInferResponse) -> np.ndarray:
+    return codec.decode_outputs(reply)["logits"]
+
+
+async def test_local_hits_skip_batcher_and_model_and_answer_the_same(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    state = spiral_state(1)
+    modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
+    modelrepo.write_version(repo, "plain", "spiral", state)  # not opted in
+    app = await make_app(tmp_path, repo, cache_entries("local"))
+    x1 = np.random.default_rng(1).standard_normal((3, 2)).astype(np.float32)
+    x2 = x1 + 1
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            first = await stub.ModelInfer(spiral_request(x1), timeout=10)
+            second = await stub.ModelInfer(spiral_request(x1), timeout=10)
+            other = await stub.ModelInfer(spiral_request(x2), timeout=10)
+            np.testing.assert_allclose(logits(first), expected(state, x1), rtol=1e-5, atol=1e-6)
+            assert second.raw_output_contents == first.raw_output_contents
+            assert second.model_version == "1" and second.outputs[0].shape == [3, 2]
+            np.testing.assert_allclose(logits(other), expected(state, x2), rtol=1e-5, atol=1e-6)
+            # The same request with typed contents: the same key, answered typed.
+            typed = pb.ModelInferRequest(model_name="spiral", id="t1", inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name="points", datatype="FP32", shape=[3, 2],
+                    contents=pb.InferTensorContents(fp32_contents=x1.ravel().tolist()))])
+            reply = await stub.ModelInfer(typed, timeout=10)
+            assert reply.id == "t1" and not reply.raw_output_contents
+            np.testing.assert_allclose(logits(reply), logits(first))
+
+            # Bad requests get their status every time; nothing about them is cached.
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.ModelInfer(spiral_request(np.zeros((2, 3), np.float32)), timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "must have shape [B, 2], got [2, 3]" in (err.value.details() or "")
+                bad_output = spiral_request(x1)
+                bad_output.outputs.add(name="nope")
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.ModelInfer(bad_output, timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+            s = (await statistics(stub))["1"]
+            assert (s.inference_stats.cache_hit.count, s.inference_stats.cache_miss.count) == (2, 6)  # 4 bad ones missed too
+            assert s.inference_stats.cache_hit.ns > 0 and s.inference_stats.cache_miss.ns > 0
+            assert s.inference_stats.success.count == 4 and s.inference_count == 12
+            assert s.execution_count == 2  # the model ran for the two misses only
+            assert app.repository.version_of("spiral", "1").batcher.metrics.requests == 2
+
+            # The model that did not opt in never touches the cache.
+            for _ in range(2):
+                await stub.ModelInfer(pb.ModelInferRequest(
+                    model_name="plain", inputs=spiral_request(x1).inputs,
+                    raw_input_contents=[x1.tobytes()]), timeout=10)
+            plain = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="plain"), timeout=10)).model_stats[0]
+            assert plain.inference_stats.cache_hit.count == plain.inference_stats.cache_miss.count == 0
+            assert plain.execution_count == 2
+
+            metrics = scrape()
+            labels = (("model", "spiral"), ("version", "1"))
+            assert metrics[("tensorwire_inference_cache_hits_total", labels)] == 2
+            assert metrics[("tensorwire_inference_cache_misses_total", labels)] == 6
+            assert metrics[("tensorwire_inference_cache_inserts_total", (("cache", "local"),))] == 2
+            assert metrics[("tensorwire_inference_cache_entries", (("cache", "local"),))] == 2
+            assert metrics[("tensorwire_inference_cache_bytes", (("cache", "local"),))] > 0
+
+
+async def test_a_config_change_switches_the_cache_for_a_served_model(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    modelrepo.write_version(repo, "spiral", "spiral", spiral_state(1))
+    app = await make_app(tmp_path, repo, cache_entries("local"))
+    x = np.ones((1, 2), np.float32)
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await stub.ModelInfer(spiral_request(x), timeout=10)
+            assert app.cache is not None and app.cache.stats.misses == 0
+            config = modelrepo.read_config(repo, "spiral")
+            modelrepo.write_config(repo, "spiral", {**config, **CACHE_ON})
+            await app.repository.scan()
+            for _ in range(2):
+                await stub.ModelInfer(spiral_request(x), timeout=10)
+            assert (app.cache.stats.misses, app.cache.stats.hits) == (1, 1)
+            assert app.repository.swaps == 1  # the version was kept, not reloaded
+
+
+@pytest.mark.parametrize("kind", ["local", pytest.param("redis", marks=needs_redis)])
+async def test_a_new_version_never_answers_from_the_old_ones_entries(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    port = request.getfixturevalue("redis_server").port if kind == "redis" else None
+    repo = tmp_path / "models"
+    states = {1: spiral_state(1), 2: spiral_state(2)}
+    modelrepo.write_version(repo, "spiral", "spiral", states[1], config_overrides=CACHE_ON)
+    app = await make_app(tmp_path, repo, cache_entries(kind, port))
+    x = np.random.default_rng(3).standard_normal((2, 2)).astype(np.float32)
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(2):
+                reply = await stub.ModelInfer(spiral_request(x), timeout=10)
+                assert app.cache is not None
+                await app.cache.flush()
+            assert (await statistics(stub))["1"].inference_stats.cache_hit.count == 1
+            modelrepo.write_version(repo, "spiral", "spiral", states[2])  # a new checkpoint
+            await app.repository.scan()
+            assert app.repository.versions("spiral") == [2]
+            reply = await stub.ModelInfer(spiral_request(x), timeout=10)
+            assert reply.model_version == "2"
+            np.testing.assert_allclose(logits(reply), expected(states[2], x), rtol=1e-5, atol=1e-6)
+            assert not np.allclose(logits(reply), expected(states[1], x))
+            await app.cache.flush()
+            again = await stub.ModelInfer(spiral_request(x), timeout=10)
+            assert again.raw_output_contents == reply.raw_output_contents
+            s = (await statistics(stub))["2"].inference_stats
+            assert (s.cache_miss.count, s.cache_hit.count) == (1, 1)
+
+
+async def test_an_ab_split_caches_per_version_used(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    states = {1: spiral_state(1), 2: spiral_state(2)}
+    for version in (1, 2):
+        modelrepo.write_version(repo, "spiral", "spiral", states[version], config_overrides={
+            **CACHE_ON, "version_policy": {"all": {}}, "traffic": {"1": 50, "2": 50}})
+    app = await make_app(tmp_path, repo, cache_entries("local"))
+    x = np.full((1, 2), 0.5, np.float32)
+    want = {str(v): expected(s, x) for v, s in states.items()}
+    seen: dict[str, int] = {"1": 0, "2": 0}
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(20):
+                replies = await asyncio.gather(*(stub.ModelInfer(spiral_request(x), timeout=10) for _ in range(10)))
+                for reply in replies:
+                    seen[reply.model_version] += 1
+                    np.testing.assert_allclose(logits(reply), want[reply.model_version], rtol=1e-5, atol=1e-6)
+            stats = await statistics(stub)
+    assert seen["1"] > 40 and seen["2"] > 40, seen
+    for version in ("1", "2"):
+        s = stats[version].inference_stats
+        assert s.cache_hit.count + s.cache_miss.count == seen[version]
+        assert s.cache_hit.count > 0
+        assert s.cache_miss.count <= 10  # at most the first concurrent wave missed
+
+
+@pytest.mark.parametrize("kind", ["local", pytest.param("redis", marks=needs_redis)])
+async def test_an_answer_over_the_entry_limit_is_served_and_not_cached(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    port = request.getfixturevalue("redis_server").port if kind == "redis" else None
+    repo = tmp_path / "models"
+    modelrepo.write_version(repo, "spiral", "spiral", spiral_state(1), config_overrides=CACHE_ON)
+    app = await make_app(tmp_path, repo, cache_entries(kind, port, max_entry_size=64))
+    small = np.zeros((1, 2), np.float32)  # 8 bytes of logits: fits
+    large = np.zeros((64, 2), np.float32)  # 512 bytes of logits: does not
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for x in (large, large, small, small):
+                reply = await stub.ModelInfer(spiral_request(x), timeout=10)
+                assert reply.outputs[0].shape == [x.shape[0], 2]
+                assert app.cache is not None
+                await app.cache.flush()
+            s = (await statistics(stub))["1"].inference_stats
+    assert (s.cache_hit.count, s.cache_miss.count) == (1, 3)
+    assert app.cache.stats.too_large == 2 and app.cache.stats.inserts == 1
+
+
+@needs_redis
+async def test_redis_is_shared_by_replicas_with_a_ttl(tmp_path: Path, redis_server: RedisServer) -> None:
+    repo = tmp_path / "models"
+    state = spiral_state(1)
+    modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
+    entries = cache_entries("redis", redis_server.port, ttl=30)
+    first = await make_app(tmp_path, repo, entries, "a")
+    second = await make_app(tmp_path, repo, entries, "b")
+    x = np.random.default_rng(5).standard_normal((4, 2)).astype(np.float32)
+    async with serving(first, "inference") as a, serving(second, "inference") as b:
+        async with (grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as ca,
+                    grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as cb):
+            stub_a, stub_b = pb_grpc.GRPCInferenceServiceStub(ca), pb_grpc.GRPCInferenceServiceStub(cb)
+            from_a = await stub_a.ModelInfer(spiral_request(x), timeout=10)
+            assert first.cache is not None
+            await first.cache.flush()
+            from_b = await stub_b.ModelInfer(spiral_request(x), timeout=10)
+            assert from_b.raw_output_contents == from_a.raw_output_contents
+            sb = (await statistics(stub_b))["1"]
+            assert sb.inference_stats.cache_hit.count == 1 and sb.execution_count == 0  # B never ran it
+    client = redis.Redis(port=redis_server.port)
+    (key,) = list(client.scan_iter(match=KEY_PREFIX + "*"))
+    assert 0 < client.ttl(key) <= 30
+    client.close()
+
+
+@needs_redis
+async def test_redis_outage_fails_no_request_and_hits_resume(tmp_path: Path, redis_server: RedisServer) -> None:
+    repo = tmp_path / "models"
+    state = spiral_state(1)
+    modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
+    app = await make_app(tmp_path, repo, cache_entries("redis", redis_server.port))
+    cache = app.cache
+    assert isinstance(cache, RedisCache)
+    inputs = [np.full((1, 2), i / 8, np.float32) for i in range(8)]
+    want = [expected(state, x) for x in inputs]
+    errors: list[str] = []
+    wrong: list[int] = []
+    answered = 0
+    stop = asyncio.Event()
+
+    async def until(predicate: Any, what: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {cache!r}"
+            await asyncio.sleep(0.01)
+
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def client(i: int) -> None:
+                nonlocal answered
+                n = 0
+                while not stop.is_set():
+                    k = (i + n) % len(inputs)
+                    n += 1
+                    try:
+                        reply = await stub.ModelInfer(spiral_request(inputs[k]), timeout=10)
+                    except grpc.aio.AioRpcError as exc:
+                        errors.append(f"{exc.code()}: {exc.details()}")
+                        continue
+                    answered += 1
+                    if not np.allclose(logits(reply), want[k], rtol=1e-5, atol=1e-6):
+                        wrong.append(k)
+
+            clients = [asyncio.create_task(client(i)) for i in range(8)]
+            await until(lambda: cache.stats.hits >= 100, "hits from redis")
+            redis_server.kill()  # mid-load: connections break under in-flight commands
+            killed_at = answered
+            await until(lambda: cache.stats.errors >= 1 and not cache.up, "the outage being noticed")
+            await until(lambda: answered >= killed_at + 300, "requests served during the outage")
+            assert not cache.up
+            hits_down = cache.stats.hits
+            redis_server.start()  # back, empty
+            await until(lambda: cache.stats.hits >= hits_down + 100, "hits after redis came back")
+            stop.set()
+            await asyncio.gather(*clients)
+            assert cache.up
+    assert errors == []
+    assert wrong == []
+    assert cache.stats.bypassed > 0
+    metrics = scrape()  # the repository is closed; the counters were read above via cache.stats
+    assert metrics is not None
+
+
+@needs_redis
+async def test_redis_password_and_db_are_used_and_a_wrong_one_fails_no_request(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    modelrepo.write_version(repo, "spiral", "spiral", spiral_state(1), config_overrides=CACHE_ON)
+    x = np.ones((2, 2), np.float32)
+    with RedisServer(free_port(), tmp_path, "--requirepass", "s3cret") as server:
+        base = cache_entries("redis", server.port)
+        good = await make_app(tmp_path, repo, [*base, "redis,password=s3cret", "redis,db=3"], "good")
+        bad = await make_app(tmp_path, repo, [*base, "redis,password=wrong"], "bad")
+        async with serving(good, "inference") as a, serving(bad, "inference") as b:
+            async with (grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as ca,
+                        grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as cb):
+                for stub, app in ((pb_grpc.GRPCInferenceServiceStub(ca), good),
+                                  (pb_grpc.GRPCInferenceServiceStub(cb), bad)):
+                    for _ in range(2):
+                        reply = await stub.ModelInfer(spiral_request(x), timeout=10)
+                        assert reply.outputs[0].shape == [2, 2]
+                        assert app.cache is not None
+                        await app.cache.flush()
+        assert good.cache is not None and bad.cache is not None
+        assert (good.cache.stats.hits, good.cache.stats.errors) == (1, 0)
+        assert bad.cache.stats.hits == 0 and bad.cache.stats.errors >= 1  # refused: counted, served
+        client = redis.Redis(port=server.port, password="s3cret", db=3)
+        assert len(list(client.scan_iter(match=KEY_PREFIX + "*"))) == 1  # in db 3
+        client.close()
