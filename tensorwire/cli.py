@@ -57,7 +57,8 @@ def plan(args: argparse.Namespace) -> list[Child]:
         Child("streamer", "services.streamer", args.streamer_port,
               [*common, "--port", str(args.streamer_port)]),
         Child("inference", "services.inference", args.inference_port,
-              [*common, "--port", str(args.inference_port), "--model-repository", models]),
+              [*common, "--port", str(args.inference_port), "--model-repository", models,
+               "--http-port", str(args.inference_http_port)]),
         Child("trainer", "services.trainer", args.trainer_port,
               [*common, "--port", str(args.trainer_port), "--model-repository", models,
                "--streamer-target", f"{local}:{args.streamer_port}",
@@ -124,7 +125,7 @@ async def up(args: argparse.Namespace) -> int:
             return 1
         print(f"tensorwire up: all services SERVING in {time.monotonic() - started:.1f}s "
               f"(trainer :{args.trainer_port}, streamer :{args.streamer_port}, "
-              f"inference :{args.inference_port}); open http://{args.host}:{args.web_port}",
+              f"inference :{args.inference_port}, HTTP :{args.inference_http_port}); open http://{args.host}:{args.web_port}",
               flush=True)
         exited = [asyncio.create_task(c.proc.wait()) for c in children if c.proc]  # type: ignore[union-attr]
         stopper = asyncio.create_task(stop.wait())
@@ -178,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       default=_env_int("TENSORWIRE_STREAMER_PORT", 50052))
     p_up.add_argument("--inference-port", type=int,
                       default=_env_int("TENSORWIRE_INFERENCE_PORT", 8001))
+    p_up.add_argument("--inference-http-port", type=int,
+                      default=_env_int("TENSORWIRE_INFERENCE_HTTP_PORT", 8000),
+                      help="inference's HTTP/REST v2 port (-1 = off; env TENSORWIRE_INFERENCE_HTTP_PORT)")
     p_up.add_argument("--web-port", type=int, default=_env_int("TENSORWIRE_WEB_PORT", 8080))
     p_up.add_argument("--data-dir", type=Path,
                       default=Path(os.environ.get("TENSORWIRE_DATA_DIR", "var")),

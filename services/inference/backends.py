@@ -43,19 +43,24 @@ def load(root: Path, name: str, version: int, config: dict[str, Any], device: st
     else:
         path = root / name / str(version) / config["default_model_filename"]
         if not path.is_file():
-            raise InvalidArgumentError(f"model {name!r} version {version}: {path.name} is missing")
+            raise InvalidArgumentError(f"{path.name} is missing")
         try:
             module = _LOADERS[platform](path, config, device)
-        except InvalidArgumentError as exc:
-            raise InvalidArgumentError(f"model {name!r} version {version}: {exc}") from None
+        except InvalidArgumentError:
+            raise
         except Exception as exc:  # a corrupt or truncated file: the library's own message
-            raise InvalidArgumentError(
-                f"model {name!r} version {version}: cannot load {path.name} as {platform}: "
-                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-            ) from None
+            raise InvalidArgumentError(f"cannot load {path.name} as {platform}: {_summary(exc)}") from None
         module = _with_reshape(module, config)
-    warm_up(module, config, device, f"model {name!r} version {version}")
+    warm_up(module, config, device)
     return module
+
+
+def _summary(exc: BaseException) -> str:
+    """One line of an exception (TorchScript puts the cause on the last line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if len(lines) > 1 and "TorchScript" in lines[0] else lines[0]
 
 
 def _load_builtin(root: Path, name: str, version: int, config: dict[str, Any], device: str) -> Module:
@@ -201,7 +206,7 @@ def _with_reshape(module: Module, config: dict[str, Any]) -> Module:
     return module
 
 
-def warm_up(module: Module, config: dict[str, Any], device: str, where: str) -> None:
+def warm_up(module: Module, config: dict[str, Any], device: str) -> None:
     """One forward on zeros (batch 1, -1 dims as 1); its outputs must fit the config."""
     import torch
 
@@ -211,30 +216,31 @@ def warm_up(module: Module, config: dict[str, Any], device: str, where: str) -> 
     for t in config["inputs"]:
         shape = lead + tuple(1 if d == -1 else d for d in t["dims"])
         if math.prod(shape) > 1 << 26:
-            raise InvalidArgumentError(f"{where}: input {t['name']!r} of shape {list(shape)} is too large")
+            raise InvalidArgumentError(f"input {t['name']!r} of shape {list(shape)} is too large")
         inputs.append(torch.from_numpy(np.zeros(shape, dtype=NUMPY_DTYPES[t["datatype"]])).to(device))
     try:
         with torch.inference_mode():
             out = module(*inputs)
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidArgumentError(f"{where}: the warm-up forward raised {type(exc).__name__}: {message}") from None
+        raise InvalidArgumentError(
+            f"the warm-up forward raised {type(exc).__name__}: {_summary(exc)}"
+        ) from None
     outs = out if isinstance(out, (tuple, list)) else (out,)
     if len(outs) != len(config["outputs"]):
         raise InvalidArgumentError(
-            f"{where}: the model returned {len(outs)} outputs, its config lists {len(config['outputs'])}"
+            f"the model returned {len(outs)} outputs, its config lists {len(config['outputs'])}"
         )
     for spec, value in zip(config["outputs"], outs):
         if not isinstance(value, torch.Tensor):
-            raise InvalidArgumentError(f"{where}: output {spec['name']!r} is a {type(value).__name__}, not a tensor")
+            raise InvalidArgumentError(f"output {spec['name']!r} is a {type(value).__name__}, not a tensor")
         shape = list(value.shape[1:] if batched else value.shape)
         dims = spec["dims"]
         if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape)):
             raise InvalidArgumentError(
-                f"{where}: output {spec['name']!r} has shape {shape} (batch dim excluded), "
+                f"output {spec['name']!r} has shape {shape} (batch dim excluded), "
                 f"its config says {dims}"
             )
         if NUMPY_DTYPES[spec["datatype"]] != value.cpu().numpy().dtype:
             raise InvalidArgumentError(
-                f"{where}: output {spec['name']!r} is {value.dtype}, its config says {spec['datatype']}"
+                f"output {spec['name']!r} is {value.dtype}, its config says {spec['datatype']}"
             )
