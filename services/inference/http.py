@@ -60,6 +60,7 @@ _JSON_INTS = frozenset({
 })
 """ModelConfig int64 fields: JSON numbers, as Triton writes them (protobuf's JSON uses strings)."""
 
+MAX_BODY = web.AppKey("max_body_bytes", int)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -74,9 +75,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except TensorwireError as exc:
         return error(_STATUS.get(exc.code.name, 500), str(exc) or exc.code.name)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error(413, f"request body of {exc.actual_size} bytes is over the limit of "
-                          f"{exc.max_size} bytes (--max-message-mb)")
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, f"request body is over the limit of {request.app[MAX_BODY]} bytes "
+                          "(--max-message-mb)")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -274,6 +275,7 @@ class InferenceHttp:
         self._repo = repository
         self.max_body_bytes = max_body_bytes
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[errors])
+        self.app[MAX_BODY] = max_body_bytes
         get, post = web.get, web.post
         model = "/v2/models/{model}"
         versioned = "/v2/models/{model}/versions/{version}"
