@@ -191,7 +191,9 @@ class _Reshaped:
         self.batched = batched
 
     def __call__(self, *tensors: Any) -> Any:
-        lead = lambda t: (t.shape[0],) if self.batched else ()  # noqa: E731
+        def lead(t: Any) -> tuple[int, ...]:
+            return (t.shape[0],) if self.batched else ()
+
         args = [t if shape is None else t.reshape(*lead(t), *shape) for t, shape in zip(tensors, self.inputs)]
         out = self.module(*args)
         outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -233,11 +235,11 @@ def warm_up(module: Module, config: dict[str, Any], device: str) -> None:
     for spec, value in zip(config["outputs"], outs):
         if not isinstance(value, torch.Tensor):
             raise InvalidArgumentError(f"output {spec['name']!r} is a {type(value).__name__}, not a tensor")
-        shape = list(value.shape[1:] if batched else value.shape)
+        got = list(value.shape[1:] if batched else value.shape)
         dims = spec["dims"]
-        if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape)):
+        if len(got) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, got)):
             raise InvalidArgumentError(
-                f"output {spec['name']!r} has shape {shape} (batch dim excluded), "
+                f"output {spec['name']!r} has shape {got} (batch dim excluded), "
                 f"its config says {dims}"
             )
         if NUMPY_DTYPES[spec["datatype"]] != value.cpu().numpy().dtype:

@@ -36,9 +36,10 @@ async def http(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, torch.n
     settings = settings_for(InferenceSettings, tmp_path, model_repository=repo, poll_interval_s=0.0,
                             max_message_mb=1)
     app = await create_app(settings)
-    async with serving(app, "inference"):
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as client:
-            yield client, spiral, onnx_model
+    async with serving(app, "inference"), httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{app.http_port}"
+    ) as client:
+        yield client, spiral, onnx_model
 
 
 def _json_input(x: np.ndarray, name: str = "points", datatype: str = "FP32") -> dict:

@@ -68,13 +68,13 @@ def write_export(repo: Path, name: str, model: nn.Module, version: int = 1,
 
 
 def write_onnx(repo: Path, name: str, model: nn.Module, version: int = 1, config: str | None = None,
-               input_name: str = "x", output_name: str = "y") -> Path:
+               input_name: str = "x", output_name: str = "y", features: int = FEATURES) -> Path:
     path = _version_dir(repo, name, version) / "model.onnx"
     batch = torch.export.Dim("batch", min=1, max=1024)
     # torch.onnx prints its progress and logs warnings; keep test output readable.
     with contextlib.redirect_stdout(io.StringIO()):
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        torch.onnx.export(model, (torch.zeros(2, FEATURES),), str(path), input_names=[input_name],
+        torch.onnx.export(model, (torch.zeros(2, features),), str(path), input_names=[input_name],
                           output_names=[output_name], dynamic_shapes=({0: batch},), external_data=False)
     if config is not None:
         (repo / name / "config.pbtxt").write_text(config)
