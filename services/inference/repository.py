@@ -550,7 +550,8 @@ class ModelRepository:
                 == set(served.routing.versions)
             ):
                 return  # nothing changed
-            config = self._read_config(name)
+            # Off the event loop: auto-completing a Triton model opens its graph file.
+            config = await asyncio.to_thread(self._read_config, name)
             wanted = modelrepo.select_versions(config["version_policy"], available)
             if not wanted:
                 raise NotFoundError(f"model {name!r} has no version its version_policy selects")

@@ -224,3 +224,50 @@ async def test_hot_swap_ab_split_and_upload_of_an_onnx_model(
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot read" in err.value.details()
         await channel.close()
         assert sorted(p.name for p in (repo / "ox").iterdir() if p.name.isdigit()) == ["1", "2"]
+
+
+async def test_reshape_variable_dims_and_instance_count(tmp_path: Path) -> None:
+    """Clients send [B, 2, 2] where the ONNX graph takes [B, 4] (reshape); a -1 dim takes any
+    size; instance_group count becomes batches running at once."""
+    from services.inference.codec import Tensor
+    from services.inference.repository import InferRequest, ModelRepository, RepositoryOptions
+    from tensorwire.errors import InvalidArgumentError
+
+    root = tmp_path / "models"
+    model = tm.mlp(8)
+    tm.write_onnx(root, "reshaped", model, config=tm.pbtxt("reshaped", "onnxruntime_onnx", extra=(
+        "instance_group [ { count: 3 } ]")).replace(
+        f"dims: [ {tm.FEATURES} ] }}", "dims: [ 2, 2 ] reshape: { shape: [ 4 ] } }"))
+
+    class Mean(torch.nn.Module):  # any sequence length: [B, -1] -> [B, 1]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=1, keepdim=True)
+
+    folder = root / "mean" / "1"
+    folder.mkdir(parents=True)
+    torch.jit.save(torch.jit.script(Mean()), str(folder / "model.pt"))
+    (root / "mean" / "config.pbtxt").write_text("""
+platform: "pytorch_libtorch"
+max_batch_size: 4
+input [ { name: "x" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "m" data_type: TYPE_FP32 dims: [ 1 ] } ]
+""")
+    repository = ModelRepository(root, RepositoryOptions(poll_interval_s=0))
+    await repository.start()
+    try:
+        assert {e.name: e.state for e in repository.index()} == {"reshaped": "READY", "mean": "READY"}
+        x = np.random.default_rng(2).standard_normal((3, 2, 2)).astype(np.float32)
+        result = await repository.infer(InferRequest("reshaped", "", "r", [Tensor("x", "FP32", x)]))
+        np.testing.assert_allclose(result.outputs[0].array, tm.reference(model, x.reshape(3, 4)),
+                                   rtol=1e-5, atol=1e-6)
+        with pytest.raises(InvalidArgumentError, match="must have shape \\[B, 2, 2\\]"):
+            await repository.infer(InferRequest("reshaped", "", "r", [Tensor("x", "FP32", x.reshape(3, 4))]))
+        assert repository.version_of("reshaped", "1").batcher.config.max_concurrent_batches == 3
+        for length in (1, 5, 17):
+            seq = np.arange(2 * length, dtype=np.float32).reshape(2, length)
+            result = await repository.infer(InferRequest("mean", "", "m", [Tensor("x", "FP32", seq)]))
+            np.testing.assert_allclose(result.outputs[0].array, seq.mean(axis=1, keepdims=True), rtol=1e-6)
+        info = repository.info("mean")
+        assert info.inputs[0].dims == (-1,) and info.config["platform"] == "pytorch_libtorch"
+    finally:
+        await repository.aclose()
