@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,7 +39,7 @@ import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 
-from tensorwire import tritonconfig
+from tensorwire import metrics, tritonconfig
 from tensorwire.errors import InvalidArgumentError, TensorwireError
 from tensorwire.tensors import NUMPY_DTYPES
 
@@ -70,7 +71,20 @@ def error(status: int, message: str) -> web.Response:
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place where errors become HTTP statuses and ``{"error": ...}`` bodies."""
+    """The one place where errors become HTTP statuses and ``{"error": ...}`` bodies;
+    every request is counted and timed like an RPC (method ``HTTP <verb> <route>``,
+    code the HTTP status)."""
+    start = time.perf_counter()
+    response = await _answer(request, handler)
+    info = request.match_info
+    route = info.route.resource.canonical if info.route.resource is not None else "unmatched"
+    method = f"HTTP {request.method} {route}"
+    metrics.RPC_HANDLED.labels("inference", method, str(response.status)).inc()
+    metrics.RPC_LATENCY.labels("inference", method).observe(time.perf_counter() - start)
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except TensorwireError as exc:

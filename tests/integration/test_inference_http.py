@@ -155,3 +155,13 @@ async def test_hostile_bodies_get_400_naming_the_tensor(http) -> None:  # type: 
     reply = await client.post(url, json={"inputs": [_json_input(x)]})
     assert reply.status_code == 200
     await _error(await client.get("/v2/nothing-here"), 404)
+
+
+async def test_http_requests_are_counted_like_rpcs(http) -> None:  # type: ignore[no-untyped-def]
+    from tensorwire import metrics
+
+    client, _, _ = http
+    method = "HTTP POST /v2/models/{model}/infer"
+    before = metrics.RPC_HANDLED.labels("inference", method, "400")._value.get()
+    await client.post("/v2/models/spiral/infer", json={"inputs": []})
+    assert metrics.RPC_HANDLED.labels("inference", method, "400")._value.get() == before + 1
