@@ -40,6 +40,7 @@ from tensorwire.errors import (
     TensorwireError,
 )
 from tensorwire.transfer.v1 import transfer_pb2 as pb
+from tensorwire.tritonconfig import PLATFORMS
 from tensorwire.transfer.v1 import transfer_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,12 @@ class CheckpointReceiver:
                 await receiver.finish(
                     total_bytes=trailer.total_bytes, crc32=trailer.crc32, chunks=trailer.chunks
                 )
-            await asyncio.to_thread(_check_state_dict, weights)
+            if header.kind in PLATFORMS:
+                # A Triton model file (TorchScript, ExportedProgram, ONNX): a graph and
+                # weights, no Python; the inference loader checks it before it serves.
+                await asyncio.to_thread(_check_model_file, weights, header.kind)
+            else:
+                await asyncio.to_thread(_check_state_dict, weights)
             async with self._install_lock:
                 version = await asyncio.to_thread(
                     modelrepo.install_weights_file,
@@ -228,6 +234,20 @@ def _check_state_dict(path: Path) -> None:
         raise InvalidArgumentError(f"the uploaded file is not a loadable checkpoint: {exc}") from None
     if not isinstance(state, dict):
         raise InvalidArgumentError(f"the uploaded file holds a {type(state).__name__}, not a state_dict")
+
+
+def _check_model_file(path: Path, platform: str) -> None:
+    """The file looks like a ``platform`` model: a zip archive (TorchScript, .pt2) or an
+    ONNX protobuf whose graph onnxruntime can read; never unpickled here."""
+    import zipfile
+
+    if platform == "onnxruntime_onnx":
+        from tensorwire import tritonconfig
+
+        tritonconfig.signature(platform, path)  # InvalidArgumentError when unreadable
+        return
+    if not zipfile.is_zipfile(path):
+        raise InvalidArgumentError(f"the uploaded file is not a {platform} model (not a zip archive)")
 
 
 # ------------------------------------------------------------------- gRPC adapter

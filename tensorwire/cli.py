@@ -55,6 +55,10 @@ class SuiteSettings:
     inference_port: int = setting(
         8001, env="INFERENCE_PORT", help="inference gRPC port (Open Inference Protocol)", min=1, max=65535
     )
+    inference_http_port: int = setting(
+        8000, env="INFERENCE_HTTP_PORT", help="inference's HTTP/REST v2 port (-1 = off)",
+        min=-1, max=65535,
+    )
     web_port: int = setting(8080, env="WEB_PORT", help="the web page and gRPC-Web gateway", min=1, max=65535)
     data_dir: Path = setting(
         Path("var"), env="DATA_DIR",
@@ -101,7 +105,8 @@ def plan(settings: SuiteSettings, token_file: Path, auth_file: Path) -> list[Chi
         Child("streamer", "services.streamer", settings.streamer_port,
               [*common, "--port", str(settings.streamer_port)]),
         Child("inference", "services.inference", settings.inference_port,
-              [*common, "--port", str(settings.inference_port), "--model-repository", models]),
+              [*common, "--port", str(settings.inference_port), "--model-repository", models,
+               "--http-port", str(settings.inference_http_port)]),
         Child("trainer", "services.trainer", settings.trainer_port,
               [*common, "--port", str(settings.trainer_port), "--model-repository", models,
                "--streamer-target", f"{local}:{settings.streamer_port}",
@@ -147,6 +152,8 @@ def busy_ports(settings: SuiteSettings) -> list[str]:
     """One line per port of the suite that cannot be bound now."""
     ports = [("--trainer-port", settings.trainer_port), ("--streamer-port", settings.streamer_port),
              ("--inference-port", settings.inference_port), ("--web-port", settings.web_port)]
+    if settings.inference_http_port > 0:
+        ports.append(("--inference-http-port", settings.inference_http_port))
     if settings.metrics:
         ports += [("--no-metrics", 9101), ("--no-metrics", 9102), ("--no-metrics", 8002)]
     lines = []
@@ -250,7 +257,7 @@ async def up(settings: SuiteSettings) -> int:
             page_host = f"[{page_host}]"
         print(f"tensorwire up: all services SERVING in {time.monotonic() - started:.1f}s "
               f"(trainer :{args.trainer_port}, streamer :{args.streamer_port}, "
-              f"inference :{args.inference_port}); admin token in {token_path}", flush=True)
+              f"inference :{args.inference_port}, HTTP :{args.inference_http_port}); admin token in {token_path}", flush=True)
         # The token travels in the URL's fragment: browsers never send it to a server
         # or in a Referer; the page moves it to sessionStorage and clears the address bar.
         print(f"tensorwire up: open http://{page_host}:{args.web_port}/#token={token}", flush=True)

@@ -20,6 +20,12 @@ Weights are loaded with ``torch.load(weights_only=True)``: a file from the
 repository can never run code. Every version is written atomically: into a
 temporary folder under the model folder, fsynced, then renamed to its number, so a
 reader polling the repository never sees half a version.
+
+A model folder may instead be in Triton's format (``config.pbtxt`` and
+``<version>/model.{pt,pt2,onnx}``, or no config at all for an ONNX or
+torch.export model): ``read_config`` then reads it with
+``tensorwire.tritonconfig`` into the same dict, with ``platform`` set. Every
+config has ``response_cache_enabled`` (False unless the model asks for it).
 """
 
 from __future__ import annotations
@@ -37,7 +43,11 @@ from typing import Any
 from tensorwire.errors import InvalidArgumentError, NotFoundError
 
 CONFIG_FILE = "config.json"
+TRITON_CONFIG_FILE = "config.pbtxt"
 WEIGHTS_FILE = "model.pt"
+MODEL_FILES = ("model.pt", "model.pt2", "model.onnx")
+"""Files that make a version folder complete (the tensorwire kinds' weights, and
+Triton's TorchScript, ExportedProgram and ONNX files)."""
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_QUEUE_DELAY_US = 0
 """No waiting: while one batch runs the next one fills by itself."""
@@ -120,6 +130,8 @@ def validate_config(config: Mapping[str, Any], name: str | None = None) -> dict[
         raise InvalidArgumentError(
             f'{where}: response_cache must be {{"enable": true|false}}, got {cache!r}'
         )
+    # One flag for both formats (config.pbtxt's response_cache { enable: true } sets it too).
+    cfg["response_cache_enabled"] = bool(cfg.get("response_cache_enabled")) or cache.get("enable", False)
     for group in ("inputs", "outputs"):
         if not cfg[group]:
             raise InvalidArgumentError(f"{where}: {group} is empty")
@@ -131,7 +143,8 @@ def validate_config(config: Mapping[str, Any], name: str | None = None) -> dict[
 
 def response_cache_enabled(config: Mapping[str, Any]) -> bool:
     """Whether a (validated) config opts in to the response cache."""
-    return bool(config.get("response_cache", {}).get("enable", False))
+    return bool(config.get("response_cache_enabled")
+                or config.get("response_cache", {}).get("enable", False))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -156,8 +169,29 @@ def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     _fsync_dir(path.parent)
 
 
+def is_triton_model(repo: Path, name: str) -> bool:
+    """Whether ``name``'s folder is in Triton's format (no config.json)."""
+    return not (Path(repo) / check_name(name) / CONFIG_FILE).is_file()
+
+
+def config_path(repo: Path, name: str) -> Path:
+    """The config file of ``name`` (config.json, else config.pbtxt; it may not exist)."""
+    folder = Path(repo) / check_name(name)
+    json_path = folder / CONFIG_FILE
+    return json_path if json_path.is_file() else folder / TRITON_CONFIG_FILE
+
+
 def read_config(repo: Path, name: str) -> dict[str, Any]:
-    """The validated config.json of model ``name``."""
+    """The validated config of model ``name`` (config.json, else Triton's format)."""
+    if is_triton_model(repo, name):
+        from tensorwire import tritonconfig
+
+        folder = Path(repo) / name
+        versions = list_versions(repo, name)
+        newest = folder / str(versions[-1]) if versions else None
+        if not folder.is_dir():
+            raise NotFoundError(f"model {name!r} is not in repository {str(repo)!r}")
+        return validate_config(tritonconfig.read(folder, name, newest), name)
     path = Path(repo) / check_name(name) / CONFIG_FILE
     try:
         raw = json.loads(path.read_text())
@@ -177,13 +211,20 @@ def write_config(repo: Path, name: str, config: Mapping[str, Any]) -> None:
     _write_json_atomic(folder / CONFIG_FILE, validate_config(config, name))
 
 
+def _is_model_folder(path: Path) -> bool:
+    if (path / CONFIG_FILE).is_file() or (path / TRITON_CONFIG_FILE).is_file():
+        return True
+    return any(p.name.isdigit() and p.is_dir() for p in path.iterdir())  # Triton: config optional
+
+
 def list_models(repo: Path) -> list[str]:
-    """Names of the models in the repository (folders holding a config.json)."""
+    """Names of the models in the repository (folders holding a config.json or a
+    config.pbtxt, or Triton model folders with only version folders)."""
     root = Path(repo)
     if not root.is_dir():
         return []
     return sorted(
-        p.name for p in root.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file() and _NAME.match(p.name)
+        p.name for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and _is_model_folder(p)
     )
 
 
@@ -195,7 +236,14 @@ def list_versions(repo: Path, name: str) -> list[int]:
     return sorted(
         int(p.name)
         for p in folder.iterdir()
-        if p.is_dir() and p.name.isdigit() and (p / WEIGHTS_FILE).is_file()
+        if p.is_dir() and p.name.isdigit() and _complete(p)
+    )
+
+
+def _complete(version: Path) -> bool:
+    """A version folder holds a model file (any file for a custom default_model_filename)."""
+    return any((version / f).is_file() for f in MODEL_FILES) or any(
+        p.is_file() and not p.name.startswith(".") for p in version.iterdir()
     )
 
 
@@ -314,7 +362,9 @@ def install_weights_file(
 ) -> int:
     """Like ``write_version``, but moves an already written (and fsynced) weights
     file in, without loading it: checkpoints received over the network
-    (tensorwire.checkpoints). ``weights_file`` must be on the repository's filesystem."""
+    (tensorwire.checkpoints). ``weights_file`` must be on the repository's filesystem.
+    A ``kind`` of ``tensorwire.tritonconfig.PLATFORMS`` installs a Triton model file
+    (model.pt / model.pt2 / model.onnx) beside the folder's config.pbtxt."""
     return _add_version(repo, name, kind, lambda path: os.replace(weights_file, path),
                         model_args=model_args, version=version, config_overrides=config_overrides)
 
@@ -333,7 +383,34 @@ def _add_version(
     folder = root / check_name(name)
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / CONFIG_FILE
-    if config_path.is_file():
+    file_name = WEIGHTS_FILE
+    from tensorwire.tritonconfig import PLATFORMS  # light: no torch, no onnxruntime
+
+    if kind in PLATFORMS:
+        # A Triton model file: the folder's config.pbtxt (or auto-complete) describes
+        # it; the loader checks the file itself, so a bad one never serves.
+        if config_path.is_file():
+            raise InvalidArgumentError(
+                f"model {name!r} is a tensorwire {read_config(root, name)['kind']!r} model; "
+                f"cannot add a {kind!r} version"
+            )
+        if config_overrides or model_args:
+            raise InvalidArgumentError(f"a {kind!r} model takes no model_args or config overrides; "
+                                       f"edit its {TRITON_CONFIG_FILE}")
+        pbtxt = folder / TRITON_CONFIG_FILE
+        if pbtxt.is_file():
+            from tensorwire import tritonconfig
+
+            parsed = tritonconfig.parse(pbtxt.read_text(), str(pbtxt))
+            if tritonconfig.platform_of(parsed, name) not in ("", kind):
+                raise InvalidArgumentError(
+                    f"model {name!r} is a {tritonconfig.platform_of(parsed, name)!r} model; "
+                    f"cannot add a {kind!r} version"
+                )
+            file_name = parsed.default_model_filename or PLATFORMS[kind]
+        else:
+            file_name = PLATFORMS[kind]
+    elif config_path.is_file():
         config = read_config(root, name)
         if config["kind"] != kind:
             raise InvalidArgumentError(
@@ -356,7 +433,7 @@ def _add_version(
         raise InvalidArgumentError(f"model {name!r} already has version {version}")
     tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", suffix=".tmp", dir=folder))
     try:
-        write_weights(tmp / WEIGHTS_FILE)
+        write_weights(tmp / file_name)
         _fsync_dir(tmp)
         os.rename(tmp, final)
     except BaseException:

@@ -42,6 +42,8 @@ def settings_for(cls: type, tmp_path: Path, **overrides: Any) -> Any:
     for f in dataclasses.fields(cls):
         if isinstance(f.default, Path):
             values[f.name] = tmp_path / f.name
+        elif f.name == "http_port":  # inference's HTTP endpoint: a free port, never 8000
+            values[f.name] = 0
     values.update(overrides)
     return dataclasses.replace(cls(), **values)
 

@@ -16,6 +16,7 @@ from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.loader import LoaderConfig
 
+from .http import HttpEndpoint, InferenceHttp
 from .metrics import COLLECTOR
 from .repository import ModelRepository, RepositoryOptions
 from .server_state import ServerState
@@ -43,16 +44,16 @@ def repository_options(settings: InferenceSettings) -> RepositoryOptions:
 class InferenceApp:
     service_names = (SERVICE_NAME, TRANSFER_SERVICE_NAME)
 
-    def __init__(self, settings: InferenceSettings) -> None:
+    def __init__(self, settings: InferenceSettings, *, reuse_port: bool = False) -> None:
         self.settings = settings
         self.state = ServerState()
         options = repository_options(settings)
         # Models from an HTTP(S) repository: one pooled HTTP client, mirrored on load.
-        self.http: HttpPool | None = None
+        self.http_pool: HttpPool | None = None
         if settings.model_repository_url:
-            self.http = HttpPool()
+            self.http_pool = HttpPool()
             mirror = HttpModelRepository(settings.model_repository_url, settings.model_repository,
-                                         self.http)
+                                         self.http_pool)
             options = dataclasses.replace(options, fetch=mirror.sync)
         # The response cache: this app owns it (closed after the repository).
         self.cache = open_cache(settings.cache_config)
@@ -64,6 +65,19 @@ class InferenceApp:
             CheckpointReceiver(settings.model_repository, keep_versions=settings.keep_uploaded_versions)
         )
         COLLECTOR.add(self.repository)
+        # HTTP/REST v2 beside gRPC: the same repository, batchers and errors.
+        self.http: HttpEndpoint | None = None
+        if settings.http_port >= 0:
+            self.http = HttpEndpoint(
+                InferenceHttp(self.state, self.repository, settings.max_message_mb * 1024 * 1024,
+                              settings.authorizer()),
+                settings.host, settings.http_port, reuse_port=reuse_port, tls=settings.server_tls(),
+            )
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP port (None: HTTP is off)."""
+        return self.http.port if self.http is not None else None
 
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -76,20 +90,29 @@ class InferenceApp:
 
     async def aclose(self) -> None:
         self.state.ready = False
+        if self.http is not None:  # in-flight HTTP requests finish on the open repository
+            await self.http.aclose()
         await self.repository.aclose()
         COLLECTOR.discard(self.repository)
         if self.cache is not None:
             await self.cache.aclose()
-        if self.http is not None:
-            await self.http.aclose()
+        if self.http_pool is not None:
+            await self.http_pool.aclose()
 
 
-async def create_app(settings: InferenceSettings) -> InferenceApp:
+async def create_app(settings: InferenceSettings, *, reuse_port: bool = False) -> InferenceApp:
+    """The started app: repository loaded, HTTP listening (``reuse_port``: worker processes)."""
     if settings.torch_threads > 0:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
     settings.model_repository.mkdir(parents=True, exist_ok=True)
-    app = InferenceApp(settings)
+    app = InferenceApp(settings, reuse_port=reuse_port)
     await app.repository.start()
+    if app.http is not None:
+        try:
+            await app.http.start()
+        except BaseException:
+            await app.aclose()
+            raise
     return app

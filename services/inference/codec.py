@@ -66,6 +66,27 @@ def _decode_raw_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
     return out
 
 
+def raw_to_array(name: str, datatype: str, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """One input's raw little-endian bytes as a flat array, checked against its shape
+    (gRPC's raw_input_contents and HTTP's binary tensor data alike)."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _decode_raw_bytes(name, data, count)
+    dtype = NUMPY_DTYPES[datatype]
+    expected = count * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidArgumentError(
+            f"input {name!r}: raw contents hold {len(data)} bytes but shape {list(shape)} "
+            f"of {datatype} needs {expected}"
+        )
+    return np.frombuffer(data, dtype=dtype)
+
+
+def check_shape(name: str, dims: Sequence[int]) -> tuple[int, ...]:
+    """A client-declared shape: at most MAX_DIMS dims, none negative."""
+    return _shape(name, dims)
+
+
 def decode_inputs(request: pb.ModelInferRequest) -> tuple[list[Tensor], bool]:
     """The request's inputs as arrays; and whether they came raw."""
     raw_contents, inputs = request.raw_input_contents, request.inputs
@@ -94,17 +115,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> tuple[list[Tensor], bool]:
                     f"input {name!r} has typed contents while the request uses raw_input_contents; "
                     "send one or the other"
                 )
-            data = raw_contents[index]
-            if datatype == "BYTES":
-                array = _decode_raw_bytes(name, data, count)
-            else:
-                expected = count * dtype.itemsize
-                if len(data) != expected:
-                    raise InvalidArgumentError(
-                        f"input {name!r}: raw contents hold {len(data)} bytes but shape {list(shape)} "
-                        f"of {datatype} needs {expected}"
-                    )
-                array = np.frombuffer(data, dtype=dtype)
+            array = raw_to_array(name, datatype, raw_contents[index], shape)
         else:
             field = TYPED_FIELD.get(datatype)
             if field is None:
@@ -130,6 +141,11 @@ def decode_inputs(request: pb.ModelInferRequest) -> tuple[list[Tensor], bool]:
         except ValueError as exc:  # e.g. a zero-size shape whose other dims overflow
             raise InvalidArgumentError(f"input {name!r}: shape {list(shape)} is unusable: {exc}") from None
     return tensors, raw
+
+
+def encode_raw(array: np.ndarray, datatype: str) -> bytes:
+    """An output as raw little-endian bytes (BYTES: 4-byte length + bytes per element)."""
+    return _encode_raw(array, datatype)
 
 
 def _encode_raw(array: np.ndarray, datatype: str) -> bytes:

@@ -15,6 +15,12 @@ unloaded once its last in-flight request has finished. Traffic weights change
 at run time through config.json (polled) or RepositoryModelLoad's ``config``
 parameter.
 
+Models come in the tensorwire kinds (config.json) or Triton's format
+(config.pbtxt; TorchScript, torch.export, ONNX: ``backends``); both go through
+the same loader, batcher, swap and traffic split. A Triton model's traffic split
+is its ``traffic`` parameter, and RepositoryModelLoad's ``config`` parameter
+overrides its config in memory (its config.pbtxt is left as its owner wrote it).
+
 Response cache (``tensorwire.cache``): when the server has one and a model's config
 enables it, a request is looked up once its version is resolved, before it enters
 that version's batcher; a hit is answered without batcher or model, a miss runs as
@@ -51,12 +57,14 @@ from tensorwire.errors import (
 )
 from tensorwire.loader import AsyncModelLoader, LoaderConfig
 
+from . import backends
 from .codec import Tensor
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "pytorch_libtorch"
-"""What ModelMetadata/ModelConfig report as the platform (Triton's name for torch)."""
+"""What ModelMetadata/ModelConfig report as the platform of the tensorwire kinds
+(Triton's name for torch); Triton models report their own."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,10 @@ class ModelInfo:
     max_queue_delay_us: int
     preferred_batch_size: tuple[int, ...]
     version_policy: dict[str, Any]
+    response_cache_enabled: bool = False
+    """``response_cache { enable: true }`` in config.pbtxt (or the config.json key)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The whole config (what the ModelConfig RPC returns)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +156,9 @@ class IndexEntry:
 
 
 def _fingerprint(config: dict[str, Any]) -> str:
-    """What makes a loaded module reusable: kind, model_args, tensors."""
-    key = {k: config[k] for k in ("kind", "model_args", "inputs", "outputs")}
+    """What makes a loaded module reusable: kind, model_args, tensors, file."""
+    key = {k: config.get(k) for k in ("kind", "model_args", "inputs", "outputs", "default_model_filename",
+                                     "max_batch_size")}
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -180,6 +193,8 @@ class ModelVersion:
         self.device = device
         self.inputs = _tensors(config["inputs"])
         self.outputs = _tensors(config["outputs"])
+        self._variable = tuple(-1 in t.dims for t in self.inputs)
+        """Per input: has a -1 dim (any size), so its shape check goes dim by dim."""
         self._all_outputs = tuple(range(len(self.outputs)))
         self._version_str = str(version)
         self.max_batch_size = int(config["max_batch_size"])
@@ -196,6 +211,10 @@ class ModelVersion:
             "preferred_batch_sizes": tuple(
                 p for p in config.get("preferred_batch_size", []) if p <= max(1, self.max_batch_size)
             ),
+            # Triton's instance_group count: that many batches run at once (the
+            # instances share one module: torch and onnxruntime sessions are
+            # thread-safe for inference).
+            "max_concurrent_batches": int(config.get("instance_count", 1)),
         }
         knobs.update(batch_overrides)
         self.batcher: Batcher[list[np.ndarray], list[np.ndarray]] = Batcher(
@@ -225,13 +244,20 @@ class ModelVersion:
         """Validate inputs against the config: (arrays in forward order, output indexes, rows)."""
         arrays, rows = [], None
         batched = self.max_batch_size > 0
-        for spec, tensor in zip(self.inputs, self._in_forward_order(request.inputs)):
+        for spec, variable, tensor in zip(self.inputs, self._variable, self._in_forward_order(request.inputs)):
             if tensor.datatype != spec.datatype:
                 raise InvalidArgumentError(
                     f"input {spec.name!r} of model {self.name!r} must be {spec.datatype}, got {tensor.datatype}"
                 )
             shape = tensor.array.shape
-            if (not shape or shape[1:] != spec.dims) if batched else shape != spec.dims:
+            if variable:
+                inner = shape[1:] if batched else shape
+                bad = (batched and not shape) or len(inner) != len(spec.dims) or any(
+                    d != -1 and d != s for d, s in zip(spec.dims, inner)
+                )
+            else:
+                bad = (not shape or shape[1:] != spec.dims) if batched else shape != spec.dims
+            if bad:
                 want = ("B", *spec.dims) if batched else spec.dims
                 raise InvalidArgumentError(
                     f"input {spec.name!r} of model {self.name!r} must have shape "
@@ -427,6 +453,8 @@ class ModelRepository:
         self._failed_at: dict[str, tuple[object, tuple[int, ...]]] = {}
         """(config stamp, versions on disk) of a failed load: not retried until they change."""
         self._unloaded: set[str] = set()
+        self._overrides: dict[str, dict[str, Any]] = {}
+        """RepositoryModelLoad config overrides of Triton models (their files stay as written)."""
         self._locks: dict[str, asyncio.Lock] = {}
         self._config_stamp: dict[str, float] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -475,9 +503,10 @@ class ModelRepository:
         await asyncio.gather(*(self._sync_quietly(name) for name in names))
 
     async def _sync_quietly(self, name: str) -> None:
-        path = self.root / name / modelrepo.CONFIG_FILE
+        path = modelrepo.config_path(self.root, name)
         try:
-            state = (path.stat().st_mtime_ns, tuple(modelrepo.list_versions(self.root, name)))
+            stamp = path.stat().st_mtime_ns if path.exists() else None  # None: auto-completed
+            state = (stamp, tuple(modelrepo.list_versions(self.root, name)))
         except OSError:
             return
         if self._failed_at.get(name) == state:
@@ -507,29 +536,20 @@ class ModelRepository:
     # -- loading and swapping -------------------------------------------------
 
     def _load_module(self, key: tuple[str, int, str]) -> Any:
-        """Loader thread: build the module, load its weights safely, warm it up."""
-        import torch
-
-        from tensorwire.models import build_model
-
+        """Loader thread: the version's backend loads it safely and warms it up."""
         name, version, _ = key
         _set_torch_threads(self.options.torch_threads)  # this is a loader thread: see infer_executor
+        config = self._read_config(name)
+        return backends.load(self.root, name, version, config, self.options.device)
+
+    def _read_config(self, name: str) -> dict[str, Any]:
+        """The model's config from the repository, with its in-memory override (Triton models)."""
         config = modelrepo.read_config(self.root, name)
-        try:
-            module = build_model(config["kind"], **config["model_args"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidArgumentError(f"model {name!r}: cannot build kind {config['kind']!r}: {exc}") from None
-        state = modelrepo.load_state_dict(modelrepo.weights_path(self.root, name, version))
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise InvalidArgumentError(f"model {name!r} version {version}: weights do not fit: {exc}") from None
-        module.eval().to(self.options.device)
-        inputs = _tensors(config["inputs"])
-        batch = (1,) if config["max_batch_size"] > 0 else ()
-        with torch.inference_mode():
-            module(*(torch.zeros(batch + t.dims, device=self.options.device) for t in inputs))  # warm-up
-        return module
+        override = self._overrides.get(name)
+        if override:
+            config.update(override)
+            config = modelrepo.validate_config(config, name)
+        return config
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
@@ -537,9 +557,18 @@ class ModelRepository:
     async def sync(self, name: str, config_override: dict[str, Any] | None = None, *, priority: int = 0) -> None:
         """Load the versions ``name``'s policy selects, swap them in, retire the rest."""
         async with self._lock(name):
-            path = self.root / modelrepo.check_name(name) / modelrepo.CONFIG_FILE
+            path = modelrepo.config_path(self.root, name)
             stamp = path.stat().st_mtime_ns if path.exists() else None
-            if config_override:
+            if config_override and modelrepo.is_triton_model(self.root, name):
+                previous = self._overrides.get(name)
+                self._overrides[name] = {**(previous or {}), **config_override}
+                try:
+                    self._read_config(name)
+                except Exception:
+                    self._overrides[name] = previous or {}
+                    raise
+                self._config_stamp.pop(name, None)  # reconsider the served versions
+            elif config_override:
                 config = modelrepo.read_config(self.root, name)
                 config.update(config_override)
                 modelrepo.write_config(self.root, name, config)
@@ -548,12 +577,13 @@ class ModelRepository:
             available = modelrepo.list_versions(self.root, name)
             if (
                 served is not None
-                and stamp == self._config_stamp.get(name)
+                and name in self._config_stamp and stamp == self._config_stamp[name]
                 and set(modelrepo.select_versions(served.config["version_policy"], available))
                 == set(served.routing.versions)
             ):
                 return  # nothing changed
-            config = modelrepo.read_config(self.root, name)
+            # Off the event loop: auto-completing a Triton model opens its graph file.
+            config = await asyncio.to_thread(self._read_config, name)
             wanted = modelrepo.select_versions(config["version_policy"], available)
             if not wanted:
                 raise NotFoundError(f"model {name!r} has no version its version_policy selects")
@@ -605,7 +635,7 @@ class ModelRepository:
         modelrepo.check_name(name)
         if self.options.fetch is not None:
             await self.options.fetch(name)
-        if not (self.root / name / modelrepo.CONFIG_FILE).is_file():
+        if name not in modelrepo.list_models(self.root):
             raise NotFoundError(f"model {name!r} is not in the repository {str(self.root)!r}")
         self._unloaded.discard(name)
         try:
@@ -701,13 +731,15 @@ class ModelRepository:
         return ModelInfo(
             name=name,
             versions=tuple(sorted(served.routing.versions)),
-            platform=PLATFORM,
+            platform=cfg.get("platform", PLATFORM),
             max_batch_size=int(cfg["max_batch_size"]),
             inputs=_tensors(cfg["inputs"]),
             outputs=_tensors(cfg["outputs"]),
             max_queue_delay_us=int(cfg["max_queue_delay_us"]),
             preferred_batch_size=tuple(cfg.get("preferred_batch_size", [])),
             version_policy=dict(cfg["version_policy"]),
+            response_cache_enabled=bool(cfg.get("response_cache_enabled", False)),
+            config={**cfg, "platform": cfg.get("platform", PLATFORM)},
         )
 
     def statistics(self, name: str = "", version: str = "") -> list[tuple[str, int, VersionStats]]:

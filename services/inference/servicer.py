@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from tensorwire import tritonconfig
 from tensorwire.errors import InvalidArgumentError, TensorwireError
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
@@ -50,22 +51,7 @@ def _config_override(parameters: dict) -> dict | None:
 
 
 def _model_config(info: ModelInfo) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=info.name, platform=info.platform, max_batch_size=info.max_batch_size)
-    for t in info.inputs:
-        config.input.add(name=t.name, data_type=mc.DataType.Value(f"TYPE_{t.datatype}"), dims=t.dims)
-    for t in info.outputs:
-        config.output.add(name=t.name, data_type=mc.DataType.Value(f"TYPE_{t.datatype}"), dims=t.dims)
-    if info.max_batch_size > 0:
-        config.dynamic_batching.max_queue_delay_microseconds = info.max_queue_delay_us
-        config.dynamic_batching.preferred_batch_size.extend(info.preferred_batch_size)
-    (kind, args), = info.version_policy.items()
-    if kind == "latest":
-        config.version_policy.latest.num_versions = int((args or {}).get("num_versions", 1))
-    elif kind == "all":
-        config.version_policy.all.SetInParent()
-    else:
-        config.version_policy.specific.versions.extend(int(v) for v in (args or {}).get("versions", []))
-    return config
+    return tritonconfig.model_config_of(info.config)
 
 
 def _duration(d) -> pb.StatisticDuration:  # type: ignore[no-untyped-def]

@@ -17,6 +17,10 @@ class InferenceSettings(TorchServiceSettings):
     service: ClassVar[str] = "inference"
 
     port: int = setting(8001, env="PORT", help="gRPC port (Triton's default)", min=0, max=65535)
+    http_port: int = setting(
+        8000, env="HTTP_PORT", help="HTTP/REST Open Inference Protocol port, Triton's (-1 disables)",
+        min=-1, max=65535,
+    )
     metrics_port: int = setting(
         8002, env="METRICS_PORT", help="Prometheus /metrics port (-1 disables)", min=-1, max=65535
     )

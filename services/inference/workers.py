@@ -35,7 +35,7 @@ def _worker(settings: InferenceSettings, index: int) -> None:
     logger = twlog.configure(f"{settings.service}-{index}", settings.log_level)
     logger.info("worker %d serving on port %d", index, settings.port)
     options = settings.server_options(reuse_port=True)
-    asyncio.run(serve(options, lambda: create_app(settings)))
+    asyncio.run(serve(options, lambda: create_app(settings, reuse_port=True)))
 
 
 def _pick_port(host: str) -> int:
@@ -48,12 +48,13 @@ def run_workers(settings: InferenceSettings) -> int:
     """Start ``settings.workers`` processes on one port; return the exit status."""
     logger = twlog.configure(settings.service, settings.log_level)
     port = settings.port or _pick_port(settings.host)
+    http_port = settings.http_port or _pick_port(settings.host)  # -1 (off) stays -1
     logger.info("settings: %s", describe(settings))
     context = multiprocessing.get_context("spawn")
     processes = []
     for index in range(settings.workers):
         worker_settings = dataclasses.replace(
-            settings, port=port, metrics_port=settings.metrics_port if index == 0 else -1, workers=1
+            settings, port=port, http_port=http_port, metrics_port=settings.metrics_port if index == 0 else -1, workers=1
         )
         process = context.Process(target=_worker, args=(worker_settings, index), name=f"inference-{index}")
         process.start()

@@ -217,11 +217,12 @@ def perf_analyzer_env() -> dict[str, str] | None:
     return env
 
 
-def perf_analyzer(target: str, concurrency: int, duration_s: float, env: dict[str, str]) -> dict[str, float]:
+def perf_analyzer(target: str, concurrency: int, duration_s: float, env: dict[str, str],
+                  model: str = "spiral") -> dict[str, float]:
     binary = Path(sys.executable).parent / "perf_analyzer"
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "pa.csv"
-        cmd = [str(binary), "-m", "spiral", "-u", target, "-i", "grpc",
+        cmd = [str(binary), "-m", model, "-u", target, "-i", "grpc",
                "--concurrency-range", f"{concurrency}:{concurrency}",
                "--measurement-interval", str(int(duration_s * 1000)),
                # A shared 2-core machine is never "stable" by perf_analyzer's default 10 %.
@@ -260,7 +261,10 @@ def cpu_seconds(pid: int) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     pids = [pid]
     for task in Path(f"/proc/{pid}/task").iterdir():
-        pids += [int(p) for p in (task / "children").read_text().split()]
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread ended since the listing
+            continue
     for p in pids:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()

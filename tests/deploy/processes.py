@@ -76,7 +76,9 @@ async def running(
 ) -> AsyncIterator[ServiceProcess]:
     """``ready_path``: an HTTP service (the gateway), ready when GET path answers 200."""
     log_path = log_dir / f"{name}{suffix}.log"
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    # Inference's HTTP endpoint stays off unless a test asks (its default port is fixed).
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                "TENSORWIRE_INFERENCE_HTTP_PORT": "-1", **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}", "--host", "127.0.0.1", "--port", str(port),

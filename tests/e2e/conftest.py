@@ -135,6 +135,7 @@ class Stack:
             "--host", "127.0.0.1", "--web-port", str(self.web_port),
             "--trainer-port", str(self.trainer_port), "--streamer-port", str(self.streamer_port),
             "--inference-port", str(self.inference_port), "--data-dir", str(self.data_dir),
+            "--inference-http-port", str(free_port()),
             "--no-metrics", "--demo-task", self.demo_task,
         ]
         # Checkpoints every few seconds, so the inference panel has a model soon.

@@ -29,7 +29,7 @@ from tests.support.triton_client import message_fields
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_SUBSET = {
     "inference.ModelConfig", "inference.ModelInput", "inference.ModelOutput",
-    "inference.ModelDynamicBatching",
+    "inference.ModelDynamicBatching", "inference.ModelInstanceGroup",
 }
 KINDS = ("trajectory", "anomaly", "fusion", "detection", "spiral")
 

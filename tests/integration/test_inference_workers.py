@@ -47,7 +47,7 @@ async def test_two_workers_share_the_port(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.inference", "--workers", "2", "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", "-1", "--model-repository", str(repo),
+         "--port", str(port), "--metrics-port", "-1", "--http-port", "-1", "--model-repository", str(repo),
          "--poll-interval-s", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )

@@ -455,3 +455,31 @@ def test_bad_tls_files_are_refused_at_start(tmp_path: Path) -> None:
     assert "not PEM" in out, out
     done = _run("-m", "services.streamer", "--tls-cert", str(tmp_path / "not.pem"))
     assert done.returncode == 2 and "--tls-key" in done.stdout, done.stdout + done.stderr
+
+
+async def test_inference_http_routes_need_the_same_roles_as_their_rpcs(tmp_path: Path) -> None:
+    """The HTTP/REST endpoint reads the one role table: infer needs a viewer, load an
+    admin, health stays open."""
+    import httpx
+
+    from tensorwire import modelrepo
+    from tensorwire.models import build_model
+
+    tokens = write_tokens(tmp_path / "tokens.csv")
+    settings = settings_for(InferenceSettings, tmp_path, auth_token_file=str(tokens))
+    modelrepo.write_version(settings.model_repository, "spiral", "spiral",
+                            build_model("spiral").state_dict())
+    app = await create_inference(settings)
+    body = {"inputs": [{"name": "points", "datatype": "FP32", "shape": [1, 2], "data": [0.1, 0.2]}]}
+    async with serving(app, "inference", authorizer=settings.authorizer()), httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{app.http_port}", timeout=30) as http:
+        assert (await http.get("/v2/health/ready")).status_code == 200
+        anonymous = await http.post("/v2/models/spiral/infer", json=body)
+        assert anonymous.status_code == 401 and "bearer token" in anonymous.json()["error"]
+        viewer = {"Authorization": f"Bearer {TOKENS['viewer']}"}
+        assert (await http.post("/v2/models/spiral/infer", json=body, headers=viewer)).status_code == 200
+        denied = await http.post("/v2/repository/models/spiral/unload", headers=viewer)
+        assert denied.status_code == 403 and "admin" in denied.json()["error"]
+        admin = {"Authorization": f"Bearer {TOKENS['admin']}"}
+        assert (await http.post("/v2/repository/models/spiral/load", headers=admin)).status_code == 200
+        assert (await http.get("/v2/nope", headers=viewer)).status_code == 404

@@ -7,6 +7,7 @@ this script with subprocess.
     python -m tests.support.triton_client rpcs URL MODEL SPARE OUT   # every RPC
     python -m tests.support.triton_client descriptors OUT            # tritonclient's proto
     python -m tests.support.triton_client load URL SECONDS OUT       # closed-loop load
+    python -m tests.support.triton_client models GRPC HTTP OUT MODEL...  # both clients
 
 ``rpcs`` writes OUT.json (what each RPC answered) and OUT.npz (inputs sent and
 outputs received by ModelInfer, async infer and ModelStreamInfer); SPARE is a
@@ -199,6 +200,71 @@ def load(url: str, seconds: float, out: str) -> None:
         json.dump({"versions": versions, "errors": errors}, f)
 
 
+def models(grpc_url: str, http_url: str, out: str, *names: str) -> None:
+    """Each model through tritonclient.grpc, tritonclient.http (binary tensors) and
+    tritonclient.http (JSON tensors), on the same random batch of 3; OUT.npz holds
+    ``model/in`` and ``model/{grpc,http_binary,http_json}``, OUT.json the metadata and
+    config both clients read, and the errors of requests meant to fail."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    g = grpcclient.InferenceServerClient(grpc_url)
+    h = httpclient.InferenceServerClient(http_url)
+    rng = np.random.default_rng(11)
+    arrays: dict[str, np.ndarray] = {}
+    report: dict[str, object] = {
+        "http_live": h.is_server_live(), "http_ready": h.is_server_ready(),
+        "http_server_metadata": h.get_server_metadata(),
+        "http_index": h.get_model_repository_index(),
+    }
+    for name in names:
+        meta = h.get_model_metadata(name)
+        report[f"{name}/http_metadata"] = meta
+        report[f"{name}/grpc_metadata"] = g.get_model_metadata(name, as_json=True)
+        report[f"{name}/http_config"] = h.get_model_config(name)
+        report[f"{name}/grpc_config"] = g.get_model_config(name, as_json=True)
+        report[f"{name}/http_ready"] = h.is_model_ready(name)
+        spec, out_name = meta["inputs"][0], meta["outputs"][0]["name"]
+        shape = [3, *[int(d) for d in spec["shape"][1:]]]
+        data = rng.standard_normal(shape).astype(np.float32)
+        arrays[f"{name}/in"] = data
+
+        gin = grpcclient.InferInput(spec["name"], shape, spec["datatype"])
+        gin.set_data_from_numpy(data)
+        arrays[f"{name}/grpc"] = g.infer(name, [gin]).as_numpy(out_name)
+        hin = httpclient.InferInput(spec["name"], shape, spec["datatype"])
+        hin.set_data_from_numpy(data, binary_data=True)
+        arrays[f"{name}/http_binary"] = h.infer(name, [hin]).as_numpy(out_name)
+        hin = httpclient.InferInput(spec["name"], shape, spec["datatype"])
+        hin.set_data_from_numpy(data, binary_data=False)
+        result = h.infer(name, [hin], outputs=[httpclient.InferRequestedOutput(out_name, binary_data=False)],
+                         request_id="json-1")
+        arrays[f"{name}/http_json"] = result.as_numpy(out_name)
+        report[f"{name}/http_json_response"] = result.get_response()
+        report[f"{name}/http_stats"] = h.get_inference_statistics(name)
+        bad = httpclient.InferInput(spec["name"], [3, shape[1] + 1], spec["datatype"])
+        bad.set_data_from_numpy(np.zeros((3, shape[1] + 1), np.float32))
+        try:
+            h.infer(name, [bad])
+            report[f"{name}/bad_shape_error"] = None
+        except InferenceServerException as exc:
+            report[f"{name}/bad_shape_error"] = {"status": exc.status(), "message": exc.message()}
+    try:
+        h.get_model_metadata("no-such-model")
+    except InferenceServerException as exc:
+        report["unknown_model_error"] = {"status": exc.status(), "message": exc.message()}
+    h.unload_model(names[0])
+    report["ready_after_unload"] = h.is_model_ready(names[0])
+    h.load_model(names[0])
+    report["ready_after_load"] = h.is_model_ready(names[0])
+    g.close()
+    h.close()
+    np.savez(out + ".npz", **arrays)
+    with open(out + ".json", "w") as f:
+        json.dump(report, f, default=str)
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "rpcs":
@@ -207,6 +273,8 @@ if __name__ == "__main__":
         descriptors(*args)
     elif command == "load":
         load(args[0], float(args[1]), args[2])
+    elif command == "models":
+        models(*args)
     else:
         raise SystemExit(f"unknown command {command!r}")
     sys.exit(0)

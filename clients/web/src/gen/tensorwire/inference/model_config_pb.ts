@@ -3,10 +3,12 @@
 /* eslint-disable */
 
 // The subset of Triton's model configuration (model_config.proto) that
-// tensorwire serves through ModelConfig: what tritonclient and perf_analyzer
-// read (name, platform, max_batch_size, inputs, outputs, dynamic batching,
-// version policy). Names and field numbers are Triton's; fields tensorwire does
-// not use are left out, so their numbers stay free and wire-compatible.
+// tensorwire reads from config.pbtxt and serves through ModelConfig: name,
+// platform/backend, max_batch_size, inputs and outputs (with reshape), dynamic
+// batching, version policy, instance groups, parameters, response cache.
+// Names and field numbers are Triton's; fields tensorwire does not use are left
+// out, so their numbers stay free and wire-compatible (a config.pbtxt naming one
+// is refused with the field's name: tensorwire.tritonconfig).
 
 import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
@@ -16,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tensorwire/inference/model_config.proto.
  */
 export const file_tensorwire_inference_model_config: GenFile = /*@__PURE__*/
-  fileDesc("Cid0ZW5zb3J3aXJlL2luZmVyZW5jZS9tb2RlbF9jb25maWcucHJvdG8SCWluZmVyZW5jZSKQAgoSTW9kZWxWZXJzaW9uUG9saWN5EjYKBmxhdGVzdBgBIAEoCzIkLmluZmVyZW5jZS5Nb2RlbFZlcnNpb25Qb2xpY3kuTGF0ZXN0SAASMAoDYWxsGAIgASgLMiEuaW5mZXJlbmNlLk1vZGVsVmVyc2lvblBvbGljeS5BbGxIABI6CghzcGVjaWZpYxgDIAEoCzImLmluZmVyZW5jZS5Nb2RlbFZlcnNpb25Qb2xpY3kuU3BlY2lmaWNIABoeCgZMYXRlc3QSFAoMbnVtX3ZlcnNpb25zGAEgASgNGgUKA0FsbBocCghTcGVjaWZpYxIQCgh2ZXJzaW9ucxgBIAMoA0IPCg1wb2xpY3lfY2hvaWNlIoICCgpNb2RlbElucHV0EgwKBG5hbWUYASABKAkSJgoJZGF0YV90eXBlGAIgASgOMhMuaW5mZXJlbmNlLkRhdGFUeXBlEiwKBmZvcm1hdBgDIAEoDjIcLmluZmVyZW5jZS5Nb2RlbElucHV0LkZvcm1hdBIMCgRkaW1zGAQgAygDEhcKD2lzX3NoYXBlX3RlbnNvchgGIAEoCBIaChJhbGxvd19yYWdnZWRfYmF0Y2gYByABKAgSEAoIb3B0aW9uYWwYCCABKAgiOwoGRm9ybWF0Eg8KC0ZPUk1BVF9OT05FEAASDwoLRk9STUFUX05IV0MQARIPCgtGT1JNQVRfTkNIVxACIoIBCgtNb2RlbE91dHB1dBIMCgRuYW1lGAEgASgJEiYKCWRhdGFfdHlwZRgCIAEoDjITLmluZmVyZW5jZS5EYXRhVHlwZRIMCgRkaW1zGAMgAygDEhYKDmxhYmVsX2ZpbGVuYW1lGAQgASgJEhcKD2lzX3NoYXBlX3RlbnNvchgGIAEoCCKuAQoUTW9kZWxEeW5hbWljQmF0Y2hpbmcSHAoUcHJlZmVycmVkX2JhdGNoX3NpemUYASADKAUSJAocbWF4X3F1ZXVlX2RlbGF5X21pY3Jvc2Vjb25kcxgCIAEoBBIZChFwcmVzZXJ2ZV9vcmRlcmluZxgDIAEoCBIXCg9wcmlvcml0eV9sZXZlbHMYBCABKAQSHgoWZGVmYXVsdF9wcmlvcml0eV9sZXZlbBgFIAEoBCKtAgoLTW9kZWxDb25maWcSDAoEbmFtZRgBIAEoCRIQCghwbGF0Zm9ybRgCIAEoCRIPCgdiYWNrZW5kGBEgASgJEjUKDnZlcnNpb25fcG9saWN5GAMgASgLMh0uaW5mZXJlbmNlLk1vZGVsVmVyc2lvblBvbGljeRIWCg5tYXhfYmF0Y2hfc2l6ZRgEIAEoBRIkCgVpbnB1dBgFIAMoCzIVLmluZmVyZW5jZS5Nb2RlbElucHV0EiYKBm91dHB1dBgGIAMoCzIWLmluZmVyZW5jZS5Nb2RlbE91dHB1dBI7ChBkeW5hbWljX2JhdGNoaW5nGAsgASgLMh8uaW5mZXJlbmNlLk1vZGVsRHluYW1pY0JhdGNoaW5nSABCEwoRc2NoZWR1bGluZ19jaG9pY2Uq+gEKCERhdGFUeXBlEhAKDFRZUEVfSU5WQUxJRBAAEg0KCVRZUEVfQk9PTBABEg4KClRZUEVfVUlOVDgQAhIPCgtUWVBFX1VJTlQxNhADEg8KC1RZUEVfVUlOVDMyEAQSDwoLVFlQRV9VSU5UNjQQBRINCglUWVBFX0lOVDgQBhIOCgpUWVBFX0lOVDE2EAcSDgoKVFlQRV9JTlQzMhAIEg4KClRZUEVfSU5UNjQQCRINCglUWVBFX0ZQMTYQChINCglUWVBFX0ZQMzIQCxINCglUWVBFX0ZQNjQQDBIPCgtUWVBFX1NUUklORxANEg0KCVRZUEVfQkYxNhAOYgZwcm90bzM");
+  fileDesc("Cid0ZW5zb3J3aXJlL2luZmVyZW5jZS9tb2RlbF9jb25maWcucHJvdG8SCWluZmVyZW5jZSKQAgoSTW9kZWxWZXJzaW9uUG9saWN5EjYKBmxhdGVzdBgBIAEoCzIkLmluZmVyZW5jZS5Nb2RlbFZlcnNpb25Qb2xpY3kuTGF0ZXN0SAASMAoDYWxsGAIgASgLMiEuaW5mZXJlbmNlLk1vZGVsVmVyc2lvblBvbGljeS5BbGxIABI6CghzcGVjaWZpYxgDIAEoCzImLmluZmVyZW5jZS5Nb2RlbFZlcnNpb25Qb2xpY3kuU3BlY2lmaWNIABoeCgZMYXRlc3QSFAoMbnVtX3ZlcnNpb25zGAEgASgNGgUKA0FsbBocCghTcGVjaWZpYxIQCgh2ZXJzaW9ucxgBIAMoA0IPCg1wb2xpY3lfY2hvaWNlIrICCgpNb2RlbElucHV0EgwKBG5hbWUYASABKAkSJgoJZGF0YV90eXBlGAIgASgOMhMuaW5mZXJlbmNlLkRhdGFUeXBlEiwKBmZvcm1hdBgDIAEoDjIcLmluZmVyZW5jZS5Nb2RlbElucHV0LkZvcm1hdBIMCgRkaW1zGAQgAygDEi4KB3Jlc2hhcGUYBSABKAsyHS5pbmZlcmVuY2UuTW9kZWxUZW5zb3JSZXNoYXBlEhcKD2lzX3NoYXBlX3RlbnNvchgGIAEoCBIaChJhbGxvd19yYWdnZWRfYmF0Y2gYByABKAgSEAoIb3B0aW9uYWwYCCABKAgiOwoGRm9ybWF0Eg8KC0ZPUk1BVF9OT05FEAASDwoLRk9STUFUX05IV0MQARIPCgtGT1JNQVRfTkNIVxACIrIBCgtNb2RlbE91dHB1dBIMCgRuYW1lGAEgASgJEiYKCWRhdGFfdHlwZRgCIAEoDjITLmluZmVyZW5jZS5EYXRhVHlwZRIMCgRkaW1zGAMgAygDEi4KB3Jlc2hhcGUYBSABKAsyHS5pbmZlcmVuY2UuTW9kZWxUZW5zb3JSZXNoYXBlEhYKDmxhYmVsX2ZpbGVuYW1lGAQgASgJEhcKD2lzX3NoYXBlX3RlbnNvchgGIAEoCCKuAQoUTW9kZWxEeW5hbWljQmF0Y2hpbmcSHAoUcHJlZmVycmVkX2JhdGNoX3NpemUYASADKAUSJAocbWF4X3F1ZXVlX2RlbGF5X21pY3Jvc2Vjb25kcxgCIAEoBBIZChFwcmVzZXJ2ZV9vcmRlcmluZxgDIAEoCBIXCg9wcmlvcml0eV9sZXZlbHMYBCABKAQSHgoWZGVmYXVsdF9wcmlvcml0eV9sZXZlbBgFIAEoBCIjChJNb2RlbFRlbnNvclJlc2hhcGUSDQoFc2hhcGUYASADKAMi6wEKEk1vZGVsSW5zdGFuY2VHcm91cBIMCgRuYW1lGAEgASgJEjAKBGtpbmQYBCABKA4yIi5pbmZlcmVuY2UuTW9kZWxJbnN0YW5jZUdyb3VwLktpbmQSDQoFY291bnQYAiABKAUSDAoEZ3B1cxgDIAMoBRIPCgdwcm9maWxlGAUgAygJEg8KB3Bhc3NpdmUYByABKAgSEwoLaG9zdF9wb2xpY3kYCSABKAkiQQoES2luZBINCglLSU5EX0FVVE8QABIMCghLSU5EX0dQVRABEgwKCEtJTkRfQ1BVEAISDgoKS0lORF9NT0RFTBADIiYKDk1vZGVsUGFyYW1ldGVyEhQKDHN0cmluZ192YWx1ZRgBIAEoCSIkChJNb2RlbFJlc3BvbnNlQ2FjaGUSDgoGZW5hYmxlGAEgASgIIsUECgtNb2RlbENvbmZpZxIMCgRuYW1lGAEgASgJEhAKCHBsYXRmb3JtGAIgASgJEg8KB2JhY2tlbmQYESABKAkSNQoOdmVyc2lvbl9wb2xpY3kYAyABKAsyHS5pbmZlcmVuY2UuTW9kZWxWZXJzaW9uUG9saWN5EhYKDm1heF9iYXRjaF9zaXplGAQgASgFEiQKBWlucHV0GAUgAygLMhUuaW5mZXJlbmNlLk1vZGVsSW5wdXQSJgoGb3V0cHV0GAYgAygLMhYuaW5mZXJlbmNlLk1vZGVsT3V0cHV0EjsKEGR5bmFtaWNfYmF0Y2hpbmcYCyABKAsyHy5pbmZlcmVuY2UuTW9kZWxEeW5hbWljQmF0Y2hpbmdIABI1Cg5pbnN0YW5jZV9ncm91cBgHIAMoCzIdLmluZmVyZW5jZS5Nb2RlbEluc3RhbmNlR3JvdXASHgoWZGVmYXVsdF9tb2RlbF9maWxlbmFtZRgIIAEoCRI6CgpwYXJhbWV0ZXJzGA4gAygLMiYuaW5mZXJlbmNlLk1vZGVsQ29uZmlnLlBhcmFtZXRlcnNFbnRyeRI1Cg5yZXNwb25zZV9jYWNoZRgYIAEoCzIdLmluZmVyZW5jZS5Nb2RlbFJlc3BvbnNlQ2FjaGUaTAoPUGFyYW1ldGVyc0VudHJ5EgsKA2tleRgBIAEoCRIoCgV2YWx1ZRgCIAEoCzIZLmluZmVyZW5jZS5Nb2RlbFBhcmFtZXRlcjoCOAFCEwoRc2NoZWR1bGluZ19jaG9pY2Uq+gEKCERhdGFUeXBlEhAKDFRZUEVfSU5WQUxJRBAAEg0KCVRZUEVfQk9PTBABEg4KClRZUEVfVUlOVDgQAhIPCgtUWVBFX1VJTlQxNhADEg8KC1RZUEVfVUlOVDMyEAQSDwoLVFlQRV9VSU5UNjQQBRINCglUWVBFX0lOVDgQBhIOCgpUWVBFX0lOVDE2EAcSDgoKVFlQRV9JTlQzMhAIEg4KClRZUEVfSU5UNjQQCRINCglUWVBFX0ZQMTYQChINCglUWVBFX0ZQMzIQCxINCglUWVBFX0ZQNjQQDBIPCgtUWVBFX1NUUklORxANEg0KCVRZUEVfQkYxNhAOYgZwcm90bzM");
 
 /**
  * Which versions of a model are served.
@@ -135,6 +137,13 @@ export type ModelInput = Message<"inference.ModelInput"> & {
   dims: bigint[];
 
   /**
+   * The shape the model itself takes (dims are what clients send).
+   *
+   * @generated from field: inference.ModelTensorReshape reshape = 5;
+   */
+  reshape?: ModelTensorReshape | undefined;
+
+  /**
    * @generated from field: bool is_shape_tensor = 6;
    */
   isShapeTensor: boolean;
@@ -205,6 +214,13 @@ export type ModelOutput = Message<"inference.ModelOutput"> & {
   dims: bigint[];
 
   /**
+   * The shape the model itself produces (dims are what clients receive).
+   *
+   * @generated from field: inference.ModelTensorReshape reshape = 5;
+   */
+  reshape?: ModelTensorReshape | undefined;
+
+  /**
    * @generated from field: string label_filename = 4;
    */
   labelFilename: string;
@@ -262,6 +278,143 @@ export const ModelDynamicBatchingSchema: GenMessage<ModelDynamicBatching> = /*@_
   messageDesc(file_tensorwire_inference_model_config, 3);
 
 /**
+ * A tensor's shape as the model sees it, without the batch dimension.
+ *
+ * @generated from message inference.ModelTensorReshape
+ */
+export type ModelTensorReshape = Message<"inference.ModelTensorReshape"> & {
+  /**
+   * @generated from field: repeated int64 shape = 1;
+   */
+  shape: bigint[];
+};
+
+/**
+ * Describes the message inference.ModelTensorReshape.
+ * Use `create(ModelTensorReshapeSchema)` to create a new message.
+ */
+export const ModelTensorReshapeSchema: GenMessage<ModelTensorReshape> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_model_config, 4);
+
+/**
+ * Parallel instances of a model (count), and where they run.
+ *
+ * @generated from message inference.ModelInstanceGroup
+ */
+export type ModelInstanceGroup = Message<"inference.ModelInstanceGroup"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: inference.ModelInstanceGroup.Kind kind = 4;
+   */
+  kind: ModelInstanceGroup_Kind;
+
+  /**
+   * @generated from field: int32 count = 2;
+   */
+  count: number;
+
+  /**
+   * @generated from field: repeated int32 gpus = 3;
+   */
+  gpus: number[];
+
+  /**
+   * @generated from field: repeated string profile = 5;
+   */
+  profile: string[];
+
+  /**
+   * @generated from field: bool passive = 7;
+   */
+  passive: boolean;
+
+  /**
+   * @generated from field: string host_policy = 9;
+   */
+  hostPolicy: string;
+};
+
+/**
+ * Describes the message inference.ModelInstanceGroup.
+ * Use `create(ModelInstanceGroupSchema)` to create a new message.
+ */
+export const ModelInstanceGroupSchema: GenMessage<ModelInstanceGroup> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_model_config, 5);
+
+/**
+ * @generated from enum inference.ModelInstanceGroup.Kind
+ */
+export enum ModelInstanceGroup_Kind {
+  /**
+   * @generated from enum value: KIND_AUTO = 0;
+   */
+  AUTO = 0,
+
+  /**
+   * @generated from enum value: KIND_GPU = 1;
+   */
+  GPU = 1,
+
+  /**
+   * @generated from enum value: KIND_CPU = 2;
+   */
+  CPU = 2,
+
+  /**
+   * @generated from enum value: KIND_MODEL = 3;
+   */
+  MODEL = 3,
+}
+
+/**
+ * Describes the enum inference.ModelInstanceGroup.Kind.
+ */
+export const ModelInstanceGroup_KindSchema: GenEnum<ModelInstanceGroup_Kind> = /*@__PURE__*/
+  enumDesc(file_tensorwire_inference_model_config, 5, 0);
+
+/**
+ * A free-form parameter of a model's backend.
+ *
+ * @generated from message inference.ModelParameter
+ */
+export type ModelParameter = Message<"inference.ModelParameter"> & {
+  /**
+   * @generated from field: string string_value = 1;
+   */
+  stringValue: string;
+};
+
+/**
+ * Describes the message inference.ModelParameter.
+ * Use `create(ModelParameterSchema)` to create a new message.
+ */
+export const ModelParameterSchema: GenMessage<ModelParameter> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_model_config, 6);
+
+/**
+ * Whether responses of this model may be cached.
+ *
+ * @generated from message inference.ModelResponseCache
+ */
+export type ModelResponseCache = Message<"inference.ModelResponseCache"> & {
+  /**
+   * @generated from field: bool enable = 1;
+   */
+  enable: boolean;
+};
+
+/**
+ * Describes the message inference.ModelResponseCache.
+ * Use `create(ModelResponseCacheSchema)` to create a new message.
+ */
+export const ModelResponseCacheSchema: GenMessage<ModelResponseCache> = /*@__PURE__*/
+  messageDesc(file_tensorwire_inference_model_config, 7);
+
+/**
  * @generated from message inference.ModelConfig
  */
 export type ModelConfig = Message<"inference.ModelConfig"> & {
@@ -310,6 +463,26 @@ export type ModelConfig = Message<"inference.ModelConfig"> & {
     value: ModelDynamicBatching;
     case: "dynamicBatching";
   } | { case: undefined; value?: undefined };
+
+  /**
+   * @generated from field: repeated inference.ModelInstanceGroup instance_group = 7;
+   */
+  instanceGroup: ModelInstanceGroup[];
+
+  /**
+   * @generated from field: string default_model_filename = 8;
+   */
+  defaultModelFilename: string;
+
+  /**
+   * @generated from field: map<string, inference.ModelParameter> parameters = 14;
+   */
+  parameters: { [key: string]: ModelParameter };
+
+  /**
+   * @generated from field: inference.ModelResponseCache response_cache = 24;
+   */
+  responseCache?: ModelResponseCache | undefined;
 };
 
 /**
@@ -317,7 +490,7 @@ export type ModelConfig = Message<"inference.ModelConfig"> & {
  * Use `create(ModelConfigSchema)` to create a new message.
  */
 export const ModelConfigSchema: GenMessage<ModelConfig> = /*@__PURE__*/
-  messageDesc(file_tensorwire_inference_model_config, 4);
+  messageDesc(file_tensorwire_inference_model_config, 8);
 
 /**
  * Element type of a tensor in a model configuration.

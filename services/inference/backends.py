@@ -1,0 +1,248 @@
+"""Model backends: what turns a version folder into something the batcher can call.
+
+Every backend gives a callable taking batch-first torch tensors (one per config
+input, in config order) and returning one tensor or a tuple of them (config
+output order), so ``ModelVersion`` runs them all alike:
+
+- ``tensorwire`` kinds (config.json): ``tensorwire.models`` built from
+  ``model_args``, weights from ``torch.load(weights_only=True)``;
+- ``pytorch_libtorch``: a TorchScript file (``torch.jit.load``: a graph and its
+  tensors, no pickle);
+- ``torch_export``: an ExportedProgram (``torch.export.load``);
+- ``onnxruntime_onnx``: an ONNX graph in an onnxruntime session (CPU execution
+  provider; CUDA's when the service runs on a CUDA device and it is installed).
+
+``load`` also checks what the file declares against the config (a contradiction
+is an error naming the tensor) and runs a warm-up forward on zeros whose outputs
+must have the config's shapes, so a model that raises in forward or returns
+something else never becomes READY.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tensorwire import modelrepo, tritonconfig
+from tensorwire.errors import InvalidArgumentError
+from tensorwire.tensors import NUMPY_DTYPES
+
+Module = Callable[..., Any]
+
+
+def load(root: Path, name: str, version: int, config: dict[str, Any], device: str) -> Module:
+    """The ready-to-call model of ``name`` ``version`` (warm-up done); InvalidArgumentError
+    naming what is wrong otherwise."""
+    platform = config.get("platform")
+    if platform is None:
+        module = _load_builtin(root, name, version, config, device)
+    else:
+        path = root / name / str(version) / config["default_model_filename"]
+        if not path.is_file():
+            raise InvalidArgumentError(f"{path.name} is missing")
+        try:
+            module = _LOADERS[platform](path, config, device)
+        except InvalidArgumentError:
+            raise
+        except Exception as exc:  # a corrupt or truncated file: the library's own message
+            raise InvalidArgumentError(f"cannot load {path.name} as {platform}: {_summary(exc)}") from None
+        module = _with_reshape(module, config)
+    warm_up(module, config, device)
+    return module
+
+
+def _summary(exc: BaseException) -> str:
+    """One line of an exception (TorchScript puts the cause on the last line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if len(lines) > 1 and "TorchScript" in lines[0] else lines[0]
+
+
+def _load_builtin(root: Path, name: str, version: int, config: dict[str, Any], device: str) -> Module:
+    from tensorwire.models import build_model
+
+    try:
+        module = build_model(config["kind"], **config["model_args"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"model {name!r}: cannot build kind {config['kind']!r}: {exc}") from None
+    state = modelrepo.load_state_dict(modelrepo.weights_path(root, name, version))
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise InvalidArgumentError(f"model {name!r} version {version}: weights do not fit: {exc}") from None
+    return module.eval().to(device)
+
+
+def _load_torchscript(path: Path, config: dict[str, Any], device: str) -> Module:
+    import torch
+
+    module = torch.jit.load(str(path), map_location=device)
+    return module.eval()
+
+
+def _load_export(path: Path, config: dict[str, Any], device: str) -> Module:
+    import torch
+
+    _check_signature(config, *tritonconfig.signature("torch_export", path), by_name=False)
+    program = torch.export.load(str(path))
+    return program.module().to(device)
+
+
+class OnnxModule:
+    """An onnxruntime session behind the torch-tensors-in, tensors-out interface."""
+
+    def __init__(self, session: Any, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+        self.session = session
+        self.inputs = tuple(inputs)
+        self.outputs = list(outputs)
+
+    def __call__(self, *tensors: Any) -> tuple[Any, ...]:
+        import torch
+
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.inputs, tensors)}
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in self.session.run(self.outputs, feeds))
+
+    def __repr__(self) -> str:
+        return f"<OnnxModule {', '.join(self.inputs)} -> {', '.join(self.outputs)}>"
+
+
+def _load_onnx(path: Path, config: dict[str, Any], device: str) -> Module:
+    import onnxruntime
+
+    _check_signature(config, *tritonconfig.signature("onnxruntime_onnx", path), by_name=True)
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))  # type: ignore[arg-type]
+    options = onnxruntime.SessionOptions()
+    # One forward = one thread (like torch_threads=1): the batcher and the instance
+    # count give the parallelism; ORT's own pool would spin on every core.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+    return OnnxModule(session, [t["name"] for t in config["inputs"]], [t["name"] for t in config["outputs"]])
+
+
+_LOADERS: dict[str, Callable[[Path, dict[str, Any], str], Module]] = {
+    "pytorch_libtorch": _load_torchscript,
+    "torch_export": _load_export,
+    "onnxruntime_onnx": _load_onnx,
+}
+
+
+def _model_shape(config: dict[str, Any], tensor: dict[str, Any]) -> list[int]:
+    """The shape the model itself sees, batch dim (-1) included when batching."""
+    dims = list(tensor.get("reshape", tensor["dims"]))
+    return [-1, *dims] if config["max_batch_size"] > 0 else dims
+
+
+def _check_signature(
+    config: dict[str, Any], inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], *, by_name: bool
+) -> None:
+    """The file's declared tensors agree with the config (-1 on either side: any size)."""
+    for group, declared, found in (("input", config["inputs"], inputs), ("output", config["outputs"], outputs)):
+        if by_name:
+            graph = {t["name"]: t for t in found}
+            for t in declared:
+                if t["name"] not in graph:
+                    raise InvalidArgumentError(
+                        f"config {group} {t['name']!r} is not in the model file; it has "
+                        + ", ".join(graph)
+                    )
+            pairs = [(t, graph[t["name"]]) for t in declared]
+            if group == "input" and len(declared) != len(found):
+                missing = sorted(set(graph) - {t["name"] for t in declared})
+                raise InvalidArgumentError(f"the model file also needs input(s) {', '.join(missing)}")
+        else:
+            if len(declared) != len(found):
+                raise InvalidArgumentError(
+                    f"the config lists {len(declared)} {group}s, the model file has {len(found)}"
+                )
+            pairs = list(zip(declared, found))
+        for want, have in pairs:
+            shape = _model_shape(config, want)
+            if want["datatype"] != have["datatype"]:
+                raise InvalidArgumentError(
+                    f"{group} {want['name']!r} is {want['datatype']} in the config but "
+                    f"{have['datatype']} in the model file"
+                )
+            if len(shape) != len(have["dims"]) or any(
+                a != b and a != -1 and b != -1 for a, b in zip(shape, have["dims"])
+            ):
+                raise InvalidArgumentError(
+                    f"{group} {want['name']!r} has shape {shape} by the config (batch dim -1) but "
+                    f"{have['dims']} in the model file"
+                )
+
+
+class _Reshaped:
+    """Applies Triton's ``reshape``: clients' dims in, the model's shape inside."""
+
+    def __init__(self, module: Module, config: dict[str, Any]) -> None:
+        self.module = module
+        batched = config["max_batch_size"] > 0
+        self.inputs = [t.get("reshape") for t in config["inputs"]]
+        self.outputs = [t["dims"] if "reshape" in t else None for t in config["outputs"]]
+        self.batched = batched
+
+    def __call__(self, *tensors: Any) -> Any:
+        def lead(t: Any) -> tuple[int, ...]:
+            return (t.shape[0],) if self.batched else ()
+
+        args = [t if shape is None else t.reshape(*lead(t), *shape) for t, shape in zip(tensors, self.inputs)]
+        out = self.module(*args)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return tuple(
+            o if dims is None else o.reshape(*lead(o), *dims) for o, dims in zip(outs, self.outputs)
+        )
+
+
+def _with_reshape(module: Module, config: dict[str, Any]) -> Module:
+    if any("reshape" in t for t in (*config["inputs"], *config["outputs"])):
+        return _Reshaped(module, config)
+    return module
+
+
+def warm_up(module: Module, config: dict[str, Any], device: str) -> None:
+    """One forward on zeros (batch 1, -1 dims as 1); its outputs must fit the config."""
+    import torch
+
+    batched = config["max_batch_size"] > 0
+    lead = (1,) if batched else ()
+    inputs = []
+    for t in config["inputs"]:
+        shape = lead + tuple(1 if d == -1 else d for d in t["dims"])
+        if math.prod(shape) > 1 << 26:
+            raise InvalidArgumentError(f"input {t['name']!r} of shape {list(shape)} is too large")
+        inputs.append(torch.from_numpy(np.zeros(shape, dtype=NUMPY_DTYPES[t["datatype"]])).to(device))
+    try:
+        with torch.inference_mode():
+            out = module(*inputs)
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"the warm-up forward raised {type(exc).__name__}: {_summary(exc)}"
+        ) from None
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    if len(outs) != len(config["outputs"]):
+        raise InvalidArgumentError(
+            f"the model returned {len(outs)} outputs, its config lists {len(config['outputs'])}"
+        )
+    for spec, value in zip(config["outputs"], outs):
+        if not isinstance(value, torch.Tensor):
+            raise InvalidArgumentError(f"output {spec['name']!r} is a {type(value).__name__}, not a tensor")
+        got = list(value.shape[1:] if batched else value.shape)
+        dims = spec["dims"]
+        if len(got) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, got)):
+            raise InvalidArgumentError(
+                f"output {spec['name']!r} has shape {got} (batch dim excluded), "
+                f"its config says {dims}"
+            )
+        if NUMPY_DTYPES[spec["datatype"]] != value.cpu().numpy().dtype:
+            raise InvalidArgumentError(
+                f"output {spec['name']!r} is {value.dtype}, its config says {spec['datatype']}"
+            )
