@@ -33,9 +33,27 @@ from tests.benchmarks.bench_inference import (  # noqa: E402
 def start(repo: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "services.inference", "--host", "127.0.0.1", "--port", str(port),
-           "--metrics-port", "-1", "--model-repository", str(repo), "--poll-interval-s", "0",
-           "--log-level", "WARNING", *extra]
+           "--metrics-port", "-1", "--http-port", "-1", "--model-repository", str(repo),
+           "--poll-interval-s", "0", "--log-level", "WARNING", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port
+
+
+def _check_cost_us(tokens: Path, token: str, calls: int = 200_000) -> float:
+    """Time of the per-call check as the server runs it (metadata as gRPC hands it over)."""
+    import time
+
+    from tensorwire.auth import Authorizer, TokenFile
+
+    check = Authorizer(TokenFile(tokens)).checker("/inference.GRPCInferenceService/ModelInfer")
+    assert check is not None
+    metadata = (("user-agent", "grpc-python-asyncio/1.85.1"), ("authorization", f"Bearer {token}"))
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            check(metadata)
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
 
 
 def main() -> int:
@@ -87,6 +105,11 @@ def main() -> int:
         for (proc, _), _ in servers.values():
             stop_server(proc)
     base = results["plain"]
+    check_us = _check_cost_us(tokens, token)
+    plain_cpu = statistics.median(r["cpu_us"] for r in base)
+    print(f"\nthe role check alone: {check_us:.2f} us per call = {check_us / plain_cpu * 100:.2f} % of "
+          f"the plain server's CPU per request ({plain_cpu:.0f} us); on a shared machine this is "
+          "steadier than the RPS ratios below")
     print("\nmedian ratio to plain, paired by round:")
     for name in ("auth", "auth+tls"):
         rps = statistics.median(r["rps"] / b["rps"] for r, b in zip(results[name], base))
