@@ -106,6 +106,7 @@ def plan(settings: SuiteSettings, token_file: Path, auth_file: Path) -> list[Chi
               [*common, "--port", str(settings.streamer_port)]),
         Child("inference", "services.inference", settings.inference_port,
               [*common, "--port", str(settings.inference_port), "--model-repository", models,
+               "--create-model-repository",
                "--http-port", str(settings.inference_http_port)]),
         Child("trainer", "services.trainer", settings.trainer_port,
               [*common, "--port", str(settings.trainer_port), "--model-repository", models,

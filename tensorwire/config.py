@@ -80,13 +80,27 @@ def _convert(name: str, source: str, raw: str, typ: Any) -> Any:
                 return False
             raise ValueError(raw)
         if typ is Path:
+            if "\0" in raw:
+                raise ValueError(raw)
             return Path(raw)
+        if typ is float:
+            value = float(raw)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(raw)  # NaN passes every bound check
+            return value
         if typ == tuple[str, ...]:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         return typ(raw)
     except ValueError:
-        kind = getattr(typ, "__name__", str(typ))
-        raise SettingsError(f"{name} ({source}) must be a {kind}, got {raw!r}") from None
+        kind = _KINDS.get(typ, f"a {getattr(typ, '__name__', typ)}")
+        raise SettingsError(f"{name} ({source}) must be {kind}, got {raw!r}") from None
+
+
+_KINDS: dict[Any, str] = {
+    bool: "true or false (also 1/0, yes/no, on/off)",
+    int: "a whole number",
+    float: "a number",
+}
 
 
 def _parse(name: str, source: str, raw: Any, meta: Mapping[str, Any], typ: Any) -> Any:

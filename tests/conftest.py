@@ -44,6 +44,8 @@ def settings_for(cls: type, tmp_path: Path, **overrides: Any) -> Any:
             values[f.name] = tmp_path / f.name
         elif f.name == "http_port":  # inference's HTTP endpoint: a free port, never 8000
             values[f.name] = 0
+    if any(f.name == "create_model_repository" for f in dataclasses.fields(cls)):
+        values["create_model_repository"] = True  # tmp_path/model_repository is new
     values.update(overrides)
     return dataclasses.replace(cls(), **values)
 

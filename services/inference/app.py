@@ -10,6 +10,7 @@ import grpc
 from tensorwire.cache import describe_cache, open_cache
 from tensorwire.checkpoints import SERVICE_NAME as TRANSFER_SERVICE_NAME
 from tensorwire.checkpoints import CheckpointReceiver, ModelTransferServicer
+from tensorwire.config import SettingsError
 from tensorwire.devices import resolve_device
 from tensorwire.httppool import HttpModelRepository, HttpPool
 from tensorwire.inference import grpc_service_pb2 as pb
@@ -106,7 +107,15 @@ async def create_app(settings: InferenceSettings, *, reuse_port: bool = False) -
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    settings.model_repository.mkdir(parents=True, exist_ok=True)
+    repo = settings.model_repository
+    if not repo.is_dir():
+        if repo.exists() or not settings.create_model_repository:
+            what = "is not a directory" if repo.exists() else "does not exist"
+            raise SettingsError(
+                f"model repository {repo} (--model-repository) {what}; create it, or pass "
+                "--create-model-repository"
+            )
+        repo.mkdir(parents=True, exist_ok=True)
     app = InferenceApp(settings, reuse_port=reuse_port)
     await app.repository.start()
     if app.http is not None:

@@ -33,6 +33,11 @@ class InferenceSettings(TorchServiceSettings):
     model_repository: Path = setting(
         Path("var/models"), env="MODEL_REPOSITORY", help="model repository directory"
     )
+    create_model_repository: bool = setting(
+        False, env="CREATE_MODEL_REPOSITORY",
+        help="create --model-repository if it does not exist (tensorwire up does); without it a "
+             "missing directory stops the service, as Triton does",
+    )
     model_repository_url: str = setting(
         "", env="MODEL_REPOSITORY_URL",
         help="http(s):// model repository (same layout, any static file server) whose models "

@@ -78,7 +78,8 @@ async def running(
     log_path = log_dir / f"{name}{suffix}.log"
     # Inference's HTTP endpoint stays off unless a test asks (its default port is fixed).
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-                "TENSORWIRE_INFERENCE_HTTP_PORT": "-1", **(env or {})}
+                "TENSORWIRE_INFERENCE_HTTP_PORT": "-1",
+                "TENSORWIRE_INFERENCE_CREATE_MODEL_REPOSITORY": "1", **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}", "--host", "127.0.0.1", "--port", str(port),
