@@ -21,6 +21,7 @@ upload.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -32,7 +33,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
-from tensorwire.auth import ClientSecurity
+from tensorwire.auth import ClientSecurity, TokenSource
 from tensorwire.backoff import Backoff
 from tensorwire.channels import ChannelPool
 from tensorwire.checkpoints import UploadResult, upload_checkpoint
@@ -83,11 +84,14 @@ class GrpcClient:
         timeout_s: float = 30.0,
         retry: RetryPolicy = RetryPolicy(),
         wait_for_ready: bool = True,
+        token: str | None = None,
         **pool_options: Any,
     ) -> None:
         """
         :param target: an address (``host:port``, ``a:1,b:2``, ``dns:///name:port``)
             for a pool of its own, or a ``ChannelPool`` to share (not closed by this client).
+        :param token: bearer token to send (default: ``TENSORWIRE_TOKEN`` or the file
+            named by ``TENSORWIRE_TOKEN_FILE``; TLS from ``TENSORWIRE_TLS_CA``).
         :param timeout_s: default overall deadline of a call, retries included.
         :param retry: retry policy for idempotent calls.
         :param wait_for_ready: calls wait for a connection instead of failing fast.
@@ -102,7 +106,10 @@ class GrpcClient:
         else:
             # Scripts get their credentials from the environment (TENSORWIRE_TOKEN[_FILE],
             # TENSORWIRE_TLS_CA) unless the caller passes ``security``.
-            pool_options.setdefault("security", ClientSecurity.from_env())
+            security = pool_options.get("security") or ClientSecurity.from_env()
+            if token is not None:
+                security = dataclasses.replace(security, token=TokenSource(token))
+            pool_options["security"] = security
             options = list(pool_options.pop("options", ()))
             options += [("grpc.max_receive_message_length", 64 * 1024 * 1024),
                         ("grpc.max_send_message_length", 64 * 1024 * 1024)]
