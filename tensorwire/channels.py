@@ -173,6 +173,20 @@ def _split_host_port(target: str, original: str) -> tuple[str, int]:
     return host, int(port)
 
 
+Connect = Callable[[str, Sequence[tuple[str, Any]], "grpc.ChannelCredentials | None",
+                    "Sequence[grpc.aio.ClientInterceptor] | None"], grpc.aio.Channel]
+"""How the pool makes one channel: (address, options, credentials, interceptors)."""
+
+
+def grpc_connect(address: str, options: Sequence[tuple[str, Any]],
+                 credentials: grpc.ChannelCredentials | None,
+                 interceptors: Sequence[grpc.aio.ClientInterceptor] | None) -> grpc.aio.Channel:
+    """A grpc.aio channel: TLS when ``credentials`` are given, plaintext otherwise."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+
+
 def _dns_host_port(target: str) -> tuple[str, int]:
     """Host and port of a ``dns:[//authority/]name:port`` target."""
     rest = target.strip()[4:]
@@ -239,6 +253,7 @@ class ChannelPool:
         close_grace_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         name: str | None = None,
+        connect: Connect | None = None,
     ) -> None:
         """
         :param target: ``host:port``, ``a:1,b:2`` or ``dns:///name:port``.
@@ -259,6 +274,8 @@ class ChannelPool:
         :param close_grace_s: in-flight calls get this long when the pool closes.
         :param clock: monotonic seconds; tests pass a fake one.
         :param name: label in metrics and logs (default: the target).
+        :param connect: makes one channel (address, options, credentials, interceptors);
+            grpc.aio's by default, a scripted fake in socket-free tests.
         """
         if not 0 <= min_size <= max_size or max_size < 1:
             raise InvalidArgumentError(
@@ -300,6 +317,7 @@ class ChannelPool:
         self._interceptors = security.interceptors() if security is not None else ()
         self._tls_name = _dns_name(target) if self._dns else ""
         self._clock = clock
+        self._connect = connect or grpc_connect
 
         self._channels: list[PooledChannel] = []
         self._address_failures: dict[str, int] = {}
@@ -551,11 +569,7 @@ class ChannelPool:
         if self._credentials is not None and self._tls_name:
             # A pod dialled by IP is shown a certificate for its Service's name.
             options = (*options, ("grpc.ssl_target_name_override", self._tls_name))
-        if self._credentials is None:
-            channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-        else:
-            channel = grpc.aio.secure_channel(address, self._credentials, options=options,
-                                              interceptors=interceptors)
+        channel = self._connect(address, options, self._credentials, interceptors)
         pooled = PooledChannel(channel_id, address, channel, created_at=now, last_used_at=now)
         self._channels.append(pooled)
         self._created += 1
