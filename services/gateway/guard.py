@@ -28,6 +28,14 @@ from tensorwire.tls import ServerTls
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+_EXPOSED_HEADERS = "grpc-status, grpc-message, grpc-status-details-bin"
+_ALLOWED_HEADERS = (
+    "content-type, x-grpc-web, x-user-agent, grpc-timeout, authorization, "
+    "grpc-accept-encoding, connect-protocol-version"
+)
+CORS_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("cors_headers", dict)
+"""CORS headers the middleware granted this request; the proxy adds them to its answer."""
+
 SECURITY_HEADERS = {
     # The page's own script and style files only; inline <style> is the first paint
     # (no inline script anywhere); images drawn from canvases are data:/blob: URLs.
@@ -140,4 +148,41 @@ class Guard:
                 return web.Response(status=403, text="a cross-site call without an Origin header")
             if request.path in CONTROL_METHODS and not self.limiter.allow(caller_key(request)):
                 return self._on_limited(request)
+        return await handler(request)
+
+
+class Cors:
+    """The CORS policy: the page's own origin always, others from an allow-list."""
+
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self.any = "*" in origins
+        self.origins = frozenset(o.rstrip("/") for o in origins if o != "*")
+
+    def allowed(self, request: web.Request, origin: str) -> bool:
+        return self.any or origin in self.origins or origin == f"{request.scheme}://{request.host}"
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return await handler(request)
+        allowed = self.allowed(request, origin)
+        if request.method == "OPTIONS":
+            if not allowed:
+                return web.Response(status=403, text=f"origin {origin} is not allowed")
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Origin": origin,
+                "Access-Control-Allow-Methods": "POST, OPTIONS",
+                "Access-Control-Allow-Headers": request.headers.get(
+                    "Access-Control-Request-Headers", _ALLOWED_HEADERS),
+                "Access-Control-Max-Age": "600",
+                "Vary": "Origin",
+            })
+        if not allowed:
+            return web.Response(status=403, text=f"origin {origin} is not allowed")
+        request[CORS_HEADERS] = {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Expose-Headers": _EXPOSED_HEADERS,
+            "Vary": "Origin",
+        }
         return await handler(request)
