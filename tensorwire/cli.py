@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorwire import auth, config
 from tensorwire.config import setting
+from tensorwire.lifecycle import stop_signal
 
 _PR_SET_PDEATHSIG = 1
 
@@ -207,12 +208,15 @@ async def up(settings: SuiteSettings) -> int:
         token, auth_file = auth.ensure_admin_token(settings.data_dir)
         token_path = settings.data_dir / "admin.token"
     children = plan(settings, token_path, auth_file)
-    args = settings
+    async with stop_signal() as stop:
+        return await _supervise(settings, children, stop, token, token_path)
+
+
+async def _supervise(args: SuiteSettings, children: list[Child], stop: asyncio.Event,
+                     token: str, token_path: Path) -> int:
+    """Start the children, wait until they serve (or Ctrl-C), then until one exits or
+    ``stop`` is set; stop them all."""
     width = max(len(c.name) for c in children)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     pumps: list[asyncio.Task[None]] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()

@@ -11,9 +11,7 @@ the service's core closes, the process exits 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,6 +24,7 @@ from tensorwire import metrics
 from tensorwire.auth import Authorizer
 from tensorwire.config import SettingsError
 from tensorwire.interceptor import WrappingRegistrar
+from tensorwire.lifecycle import stop_signal
 from tensorwire.tls import ServerTls
 
 log = logging.getLogger(__name__)
@@ -172,20 +171,14 @@ async def serve(
     """Run one service until SIGTERM or SIGINT, then shut it down gracefully."""
     service = await make_service()
     server = GrpcServer(options, service)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await server.start()
-        if on_started is not None:
-            await on_started(server)
-        await stop.wait()
-        log.info("%s: shutdown signal, draining (grace %.1fs)", options.name, options.grace_s)
+        async with stop_signal() as stop:
+            await server.start()
+            if on_started is not None:
+                await on_started(server)
+            await stop.wait()
+            log.info("%s: shutdown signal, draining (grace %.1fs)", options.name, options.grace_s)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
         await server.stop()
 
 

@@ -11,15 +11,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 
 import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tensorwire.errors import TensorwireError
+from tensorwire.lifecycle import stop_signal
 from tensorwire.server import PortInUseError
 from tensorwire.tls import ServerTls
 
@@ -127,13 +126,10 @@ class Gateway:
 async def serve(settings: GatewaySettings) -> None:
     """Run until SIGTERM or SIGINT; streams end with UNAVAILABLE so browsers reconnect."""
     gateway = Gateway(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await gateway.start()
-    try:
-        await stop.wait()
-        log.info("gateway: shutdown signal")
-    finally:
-        await gateway.aclose()
+    async with stop_signal() as stop:
+        await gateway.start()
+        try:
+            await stop.wait()
+            log.info("gateway: shutdown signal")
+        finally:
+            await gateway.aclose()

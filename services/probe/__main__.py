@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 
+from tensorwire.lifecycle import stop_signal
 from tensorwire.metrics import MetricsEndpoint
 from tensorwire.server import run_program
 
@@ -18,17 +17,14 @@ async def serve(settings: ProbeSettings) -> None:
     endpoint = MetricsEndpoint(settings.host, settings.port)
     probe = LagProbe(settings.trainer_target, settings.streamer_target, interval_s=settings.interval_s,
                      security=settings.client_security())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    endpoint.start()
-    probe.start()
-    try:
-        await stop.wait()
-    finally:
-        await probe.aclose()
-        endpoint.stop()
+    async with stop_signal() as stop:
+        endpoint.start()
+        probe.start()
+        try:
+            await stop.wait()
+        finally:
+            await probe.aclose()
+            endpoint.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -483,3 +483,28 @@ async def test_inference_http_routes_need_the_same_roles_as_their_rpcs(tmp_path:
         admin = {"Authorization": f"Bearer {TOKENS['admin']}"}
         assert (await http.post("/v2/repository/models/spiral/load", headers=admin)).status_code == 200
         assert (await http.get("/v2/nope", headers=viewer)).status_code == 404
+
+
+def test_ctrl_c_while_starting_stops_the_suite_promptly(tmp_path: Path) -> None:
+    """Ctrl-C within a second of start-up used to hang until the 60 s start timeout."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensorwire.cli", "up", "--data-dir", str(tmp_path), "--no-metrics",
+         "--trainer-port", str(free_port()), "--streamer-port", str(free_port()),
+         "--inference-port", str(free_port()), "--inference-http-port", "-1",
+         "--web-port", str(free_port()), "--demo-task", ""],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    time.sleep(1.0)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert time.monotonic() - started < 30, out
+    assert "Traceback" not in out, out
