@@ -306,21 +306,6 @@ class ServerSettings(ClientSettings):
         except TlsError as exc:
             raise SettingsError(f"--tls-cert/--tls-key: {exc}") from None
 
-    def server_options(self, **extra: Any) -> Any:
-        from tensorwire.server import ServerOptions  # late: config must not need grpc
-
-        extra.setdefault("authorizer", self.authorizer())
-        return ServerOptions(
-            name=self.service,
-            host=self.host,
-            port=self.port,
-            metrics_port=None if self.metrics_port < 0 else self.metrics_port,
-            grace_s=self.grace_s,
-            max_message_bytes=self.max_message_mb * 1024 * 1024,
-            tls=self.server_tls(),
-            **extra,
-        )
-
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only accepts connections from this machine."""

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from tensorwire import metrics
 from tensorwire.auth import Authorizer
-from tensorwire.config import SettingsError
+from tensorwire.config import ServerSettings, SettingsError
 from tensorwire.interceptor import WrappingRegistrar
 from tensorwire.lifecycle import stop_signal
 from tensorwire.tls import ServerTls
@@ -52,6 +52,21 @@ class ServerOptions:
     """Who may call what (None: everyone; only allowed on loopback, see config)."""
     tls: ServerTls | None = None
     """Certificate and key to serve TLS with (gRPC and /metrics); None = plaintext."""
+
+
+def options_for(settings: ServerSettings, **extra: Any) -> ServerOptions:
+    """A service's server options from its settings (``extra``: further fields)."""
+    extra.setdefault("authorizer", settings.authorizer())
+    return ServerOptions(
+        name=settings.service,
+        host=settings.host,
+        port=settings.port,
+        metrics_port=None if settings.metrics_port < 0 else settings.metrics_port,
+        grace_s=settings.grace_s,
+        max_message_bytes=settings.max_message_mb * 1024 * 1024,
+        tls=settings.server_tls(),
+        **extra,
+    )
 
 
 class PortInUseError(SettingsError):
@@ -217,7 +232,7 @@ def run_main(
     """A gRPC service's console entry point (``run_program`` + ``serve``)."""
     return run_program(
         settings_cls,
-        lambda settings: serve(settings.server_options(), lambda: make_service(settings)),
+        lambda settings: serve(options_for(settings), lambda: make_service(settings)),
         argv,
         description=description,
     )

@@ -22,7 +22,7 @@ from types import FrameType
 
 from tensorwire import log as twlog
 from tensorwire.config import describe
-from tensorwire.server import serve
+from tensorwire.server import options_for, serve
 
 from .settings import InferenceSettings
 
@@ -34,7 +34,7 @@ def _worker(settings: InferenceSettings, index: int) -> None:
 
     logger = twlog.configure(f"{settings.service}-{index}", settings.log_level)
     logger.info("worker %d serving on port %d", index, settings.port)
-    options = settings.server_options(reuse_port=True)
+    options = options_for(settings, reuse_port=True)
     asyncio.run(serve(options, lambda: create_app(settings, reuse_port=True)))
 
 
