@@ -35,6 +35,7 @@ def repository_options(settings: InferenceSettings) -> RepositoryOptions:
             max_concurrent_loads=settings.max_concurrent_loads, load_timeout_s=settings.load_timeout_s
         ),
         batch_overrides=(("max_queue_size", settings.max_queue_size),),
+        max_model_bytes=settings.max_model_mb << 20,
         infer_threads=settings.infer_threads,
         torch_threads=settings.torch_threads,
         device=str(resolve_device(settings.device, settings.env_prefix)),
@@ -62,7 +63,8 @@ class InferenceApp:
         self.repository = ModelRepository(settings.model_repository, options)
         # Checkpoints pushed by trainers that share no volume with this service.
         self.transfer = ModelTransferServicer(
-            CheckpointReceiver(settings.model_repository, keep_versions=settings.keep_uploaded_versions)
+            CheckpointReceiver(settings.model_repository, keep_versions=settings.keep_uploaded_versions,
+                               max_model_bytes=settings.max_model_mb << 20)
         )
         COLLECTOR.add(self.repository)
         # HTTP/REST v2 beside gRPC: the same repository, batchers and errors.

@@ -39,7 +39,7 @@ import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 
-from tensorwire import metrics, tritonconfig
+from tensorwire import admission, metrics, tritonconfig
 from tensorwire.auth import Authorizer
 from tensorwire.errors import InvalidArgumentError, TensorwireError
 from tensorwire.server import PortInUseError
@@ -391,15 +391,9 @@ class InferenceHttp:
     async def load(self, request: web.Request) -> web.Response:
         doc = await _json_body(request)
         params = (doc.get("parameters") or {}) if isinstance(doc, dict) else {}
-        override = None
-        if "config" in params:
-            raw = params["config"]
-            try:
-                override = json.loads(raw) if isinstance(raw, str) else raw
-            except json.JSONDecodeError as exc:
-                raise InvalidArgumentError(f"parameter 'config' is not valid JSON: {exc}") from None
-            if not isinstance(override, dict):
-                raise InvalidArgumentError("parameter 'config' must be a JSON object")
+        if not isinstance(params, dict):
+            raise InvalidArgumentError(f"'parameters' must be a JSON object, got {admission.echo(params)}")
+        override = admission.parse_override(params["config"]) if "config" in params else None
         await self._repo.load_model(request.match_info["model"], override)
         return web.json_response({})
 

@@ -47,12 +47,13 @@ from typing import Any
 
 import numpy as np
 
-from tensorwire import modelrepo
+from tensorwire import admission, modelrepo
 from tensorwire.batching import BatchConfig, Batcher
 from tensorwire.cache import RequestKeys, ResponseCache, decode_tensors, encode_tensors
 from tensorwire.errors import (
     InvalidArgumentError,
     NotFoundError,
+    TensorwireError,
     UnavailableError,
 )
 from tensorwire.loader import AsyncModelLoader, LoaderConfig
@@ -437,6 +438,8 @@ class RepositoryOptions:
     fetch: Callable[[str], Awaitable[Any]] | None = None
     """Awaited with a model's name before RepositoryModelLoad reads it from the folder:
     mirrors the model from a remote (HTTP) repository (tensorwire.httppool)."""
+    max_model_bytes: int = admission.DEFAULT_MAX_MODEL_BYTES
+    """Largest model a config override may ask for (parameters and buffers)."""
     cache: ResponseCache | None = None
     """The server's response cache (its owner closes it); used by the models whose
     config enables it."""
@@ -543,7 +546,8 @@ class ModelRepository:
         return backends.load(self.root, name, version, config, self.options.device)
 
     def _read_config(self, name: str) -> dict[str, Any]:
-        """The model's config from the repository, with its in-memory override (Triton models)."""
+        """The model's config from the repository, with its in-memory override (a Triton
+        model's for as long as it is loaded; a tensorwire kind's while its load runs)."""
         config = modelrepo.read_config(self.root, name)
         override = self._overrides.get(name)
         if override:
@@ -555,74 +559,98 @@ class ModelRepository:
         return self._locks.setdefault(name, asyncio.Lock())
 
     async def sync(self, name: str, config_override: dict[str, Any] | None = None, *, priority: int = 0) -> None:
-        """Load the versions ``name``'s policy selects, swap them in, retire the rest."""
+        """Load the versions ``name``'s policy selects, swap them in, retire the rest.
+
+        A ``config_override`` is checked against ``tensorwire.admission``'s bounds before
+        anything is built, applied in memory for the load, and written to config.json
+        (tensorwire kinds) only once every version it selects has loaded; a failed load
+        leaves the previous config and versions serving."""
         async with self._lock(name):
-            path = modelrepo.config_path(self.root, name)
-            stamp = path.stat().st_mtime_ns if path.exists() else None
-            if config_override and modelrepo.is_triton_model(self.root, name):
-                previous = self._overrides.get(name)
-                self._overrides[name] = {**(previous or {}), **config_override}
-                try:
-                    self._read_config(name)
-                except Exception:
-                    self._overrides[name] = previous or {}
-                    raise
+            if not config_override:
+                await self._sync_locked(name, priority)
+                return
+            current = await asyncio.to_thread(self._read_config, name)
+            admission.check_override(current, config_override, modelrepo.list_versions(self.root, name),
+                                     max_model_bytes=self.options.max_model_bytes)
+            previous = self._overrides.get(name)
+            self._overrides[name] = {**(previous or {}), **config_override}
+            try:
+                merged = await asyncio.to_thread(self._read_config, name)  # the whole config, validated
                 self._config_stamp.pop(name, None)  # reconsider the served versions
-            elif config_override:
-                config = modelrepo.read_config(self.root, name)
-                config.update(config_override)
-                modelrepo.write_config(self.root, name, config)
-                stamp = path.stat().st_mtime_ns
-            served = self._models.get(name)
-            available = modelrepo.list_versions(self.root, name)
-            if (
-                served is not None
-                and name in self._config_stamp and stamp == self._config_stamp[name]
-                and set(modelrepo.select_versions(served.config["version_policy"], available))
-                == set(served.routing.versions)
-            ):
-                return  # nothing changed
-            # Off the event loop: auto-completing a Triton model opens its graph file.
-            config = await asyncio.to_thread(self._read_config, name)
-            wanted = modelrepo.select_versions(config["version_policy"], available)
-            if not wanted:
-                raise NotFoundError(f"model {name!r} has no version its version_policy selects")
-            fingerprint = _fingerprint(config)
-            current = served.routing.versions if served else {}
-            keep = {
-                v: mv for v, mv in current.items()
-                if v in wanted and _fingerprint(mv.config) == fingerprint
-            }
-            for mv in keep.values():  # a kept version follows the config's cache switch
-                mv.response_cache_enabled = modelrepo.response_cache_enabled(config)
-            missing = [v for v in wanted if v not in keep]
-            futures = [self.loader.load_async((name, v, fingerprint), priority) for v in missing]
-            results = await asyncio.gather(*futures, return_exceptions=True)
-            batch_overrides = dict(self.options.batch_overrides)
-            errors = []
-            new = dict(keep)
-            for version, result in zip(missing, results):
-                self.loader.evict((name, version, fingerprint))  # the version owns it now
-                if isinstance(result, BaseException):
-                    errors.append(f"version {version}: {result}")
-                    continue
-                new[version] = ModelVersion(
-                    name, version, config, result, self.infer_executor, batch_overrides, self.options.device
-                )
-            if not new:
-                raise UnavailableError(f"model {name!r} could not be loaded: {'; '.join(errors)}")
-            # The swap: one assignment; requests that picked old versions finish on them.
-            self._models[name] = ServedModel(name, config, Routing.build(new, config["traffic"]))
-            self._config_stamp[name] = stamp
-            if errors:
-                self._failed[name] = "; ".join(errors)
-            else:
-                self._failed.pop(name, None)
-            retired = [mv for v, mv in current.items() if new.get(v) is not mv]
-            if missing:
-                self.swaps += 1
-                log.info("model %s now serves versions %s", name, sorted(new))
-            self._retire(retired)
+                await self._sync_locked(name, priority, all_or_nothing=True)
+                if not modelrepo.is_triton_model(self.root, name):
+                    # Serving now: persist it (a Triton model's config.pbtxt stays as its owner wrote it).
+                    await asyncio.to_thread(modelrepo.write_config, self.root, name, merged)
+                    self._overrides.pop(name, None)
+                    self._config_stamp[name] = modelrepo.config_path(self.root, name).stat().st_mtime_ns
+            except BaseException:
+                if previous is None:
+                    self._overrides.pop(name, None)
+                else:
+                    self._overrides[name] = previous
+                raise
+
+    async def _sync_locked(self, name: str, priority: int, *, all_or_nothing: bool = False) -> None:
+        """``sync`` under the model's lock; ``all_or_nothing``: a version that fails to
+        load fails the whole swap (nothing changes)."""
+        path = modelrepo.config_path(self.root, name)
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        served = self._models.get(name)
+        available = modelrepo.list_versions(self.root, name)
+        if (
+            served is not None
+            and name in self._config_stamp and stamp == self._config_stamp[name]
+            and set(modelrepo.select_versions(served.config["version_policy"], available))
+            == set(served.routing.versions)
+        ):
+            return  # nothing changed
+        # Off the event loop: auto-completing a Triton model opens its graph file.
+        config = await asyncio.to_thread(self._read_config, name)
+        wanted = modelrepo.select_versions(config["version_policy"], available)
+        if not wanted:
+            raise NotFoundError(f"model {name!r} has no version its version_policy selects")
+        fingerprint = _fingerprint(config)
+        current = served.routing.versions if served else {}
+        keep = {
+            v: mv for v, mv in current.items()
+            if v in wanted and _fingerprint(mv.config) == fingerprint
+        }
+        for mv in keep.values():  # a kept version follows the config's cache switch
+            mv.response_cache_enabled = modelrepo.response_cache_enabled(config)
+        missing = [v for v in wanted if v not in keep]
+        futures = [self.loader.load_async((name, v, fingerprint), priority) for v in missing]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        batch_overrides = dict(self.options.batch_overrides)
+        errors = []
+        new = dict(keep)
+        for version, result in zip(missing, results):
+            self.loader.evict((name, version, fingerprint))  # the version owns it now
+            if isinstance(result, BaseException):
+                errors.append(f"version {version}: {result}")
+        if errors and all_or_nothing:
+            first = next(r for r in results if isinstance(r, BaseException))
+            cls = type(first) if isinstance(first, TensorwireError) else UnavailableError
+            raise cls(f"model {name!r} was not changed: {'; '.join(errors)}") from first
+        for version, result in zip(missing, results):
+            if isinstance(result, BaseException):
+                continue
+            new[version] = ModelVersion(
+                name, version, config, result, self.infer_executor, batch_overrides, self.options.device
+            )
+        if not new:
+            raise UnavailableError(f"model {name!r} could not be loaded: {'; '.join(errors)}")
+        # The swap: one assignment; requests that picked old versions finish on them.
+        self._models[name] = ServedModel(name, config, Routing.build(new, config["traffic"]))
+        self._config_stamp[name] = stamp
+        if errors:
+            self._failed[name] = "; ".join(errors)
+        else:
+            self._failed.pop(name, None)
+        retired = [mv for v, mv in current.items() if new.get(v) is not mv]
+        if missing:
+            self.swaps += 1
+            log.info("model %s now serves versions %s", name, sorted(new))
+        self._retire(retired)
 
     def _retire(self, versions: list[ModelVersion]) -> None:
         for version in versions:
@@ -670,7 +698,7 @@ class ModelRepository:
                 raise UnavailableError(f"model {name!r} failed to load: {self._failed[name]}")
             if name in self._unloaded:
                 raise NotFoundError(f"model {name!r} is unloaded; RepositoryModelLoad serves it again")
-            raise NotFoundError(f"unknown model {name!r}")
+            raise NotFoundError(f"unknown model {admission.echo(name)}")
         return served
 
     def version_of(self, name: str, version: str) -> ModelVersion:
@@ -679,12 +707,11 @@ class ModelRepository:
         routing = served.routing
         if not version:
             return routing.pick(self._random.random())
-        if not version.isdigit():
-            raise InvalidArgumentError(f"model version must be a positive integer, got {version!r}")
-        found = routing.versions.get(int(version))
+        number = admission.parse_version(version)
+        found = routing.versions.get(number)
         if found is None:
             ready = ", ".join(str(v) for v in sorted(routing.versions))
-            raise NotFoundError(f"model {name!r} has no ready version {version} (ready: {ready})")
+            raise NotFoundError(f"model {name!r} has no ready version {number} (ready: {ready})")
         return found
 
     async def infer(self, request: InferRequest) -> InferResult:
