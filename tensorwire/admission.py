@@ -68,7 +68,7 @@ def parse_version(text: Any, what: str = "model version") -> int:
     elif isinstance(text, str) and _VERSION.match(text):
         value = int(text)
     else:
-        raise InvalidArgumentError(f"{what} must be a positive integer (ASCII digits), got {echo(text)}")
+        raise InvalidArgumentError(f"{what} must be a positive integer, got {echo(text)} (ASCII digits only)")
     if not 1 <= value <= MAX_VERSION:
         raise InvalidArgumentError(f"{what} must be in 1..{MAX_VERSION}, got {value}")
     return value

@@ -87,6 +87,10 @@ class InferenceApp:
         )
         self.transfer.register(server)
 
+    async def until_ready(self) -> None:
+        """Health turns SERVING once the boot scan of the repository is done."""
+        await self.repository.until_ready()
+
     async def drain(self) -> None:
         self.state.ready = False
 
@@ -102,15 +106,20 @@ class InferenceApp:
             await self.http_pool.aclose()
 
 
-async def create_app(settings: InferenceSettings, *, reuse_port: bool = False) -> InferenceApp:
-    """The started app: repository loaded, HTTP listening (``reuse_port``: worker processes)."""
+async def create_app(
+    settings: InferenceSettings, *, reuse_port: bool = False, wait_for_models: bool = True
+) -> InferenceApp:
+    """The started app: repository loaded, HTTP listening (``reuse_port``: worker processes).
+
+    ``wait_for_models=False`` (the service's entry points) returns with the boot scan
+    still running: the servers listen at once and report NOT_SERVING until it is done."""
     if settings.torch_threads > 0:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
     settings.model_repository.mkdir(parents=True, exist_ok=True)
     app = InferenceApp(settings, reuse_port=reuse_port)
-    await app.repository.start()
+    await app.repository.start(wait=wait_for_models)
     if app.http is not None:
         try:
             await app.http.start()

@@ -50,7 +50,9 @@ import numpy as np
 from tensorwire import admission, modelrepo
 from tensorwire.batching import BatchConfig, Batcher
 from tensorwire.cache import RequestKeys, ResponseCache, decode_tensors, encode_tensors
+from tensorwire.backoff import Backoff
 from tensorwire.errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     TensorwireError,
@@ -165,6 +167,20 @@ def _fingerprint(config: dict[str, Any]) -> str:
 
 def _tensors(specs: list[dict[str, Any]]) -> tuple[TensorInfo, ...]:
     return tuple(TensorInfo(t["name"], t["datatype"], tuple(int(d) for d in t["dims"])) for t in specs)
+
+
+_PERMANENT = (InvalidArgumentError, NotFoundError, FailedPreconditionError)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed load may succeed if tried again: not when it (or what it wraps)
+    says the model itself is wrong."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _PERMANENT):
+            return False
+        seen = seen.__cause__
+    return isinstance(exc, (TensorwireError, OSError))
 
 
 def _set_torch_threads(count: int) -> None:
@@ -438,6 +454,14 @@ class RepositoryOptions:
     fetch: Callable[[str], Awaitable[Any]] | None = None
     """Awaited with a model's name before RepositoryModelLoad reads it from the folder:
     mirrors the model from a remote (HTTP) repository (tensorwire.httppool)."""
+    max_concurrent_syncs: int = 16
+    """Models a scan brings up to date at once (each queues its versions' loads)."""
+    load_retries: int = 2
+    """Tries after the first of a model whose load failed for a transient reason
+    (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, an OSError) in the boot scan;
+    a broken model (bad config, weights that do not fit) is not retried."""
+    retry_backoff: Backoff = field(default_factory=lambda: Backoff(initial_s=0.5, max_s=10.0))
+    """Waits between those tries."""
     max_model_bytes: int = admission.DEFAULT_MAX_MODEL_BYTES
     """Largest model a config override may ask for (parameters and buffers)."""
     cache: ResponseCache | None = None
@@ -474,6 +498,8 @@ class ModelRepository:
             self._load_module, self.options.loader, name="models"
         )
         self.ready = False
+        self._ready_event = asyncio.Event()
+        self._boot_task: asyncio.Task[None] | None = None
         self.swaps = 0
         self.cache = self.options.cache
 
@@ -485,12 +511,31 @@ class ModelRepository:
 
     # -- life cycle ---------------------------------------------------------
 
-    async def start(self) -> None:
-        """Load everything in the repository, then poll it in the background."""
-        await self.scan()
+    async def start(self, *, wait: bool = True) -> None:
+        """Load everything in the repository (the boot scan), then poll it in the background.
+
+        ``wait=False`` returns at once with the boot scan running: ``ready`` stays False
+        (health NOT_SERVING, ServerReady false) until it has tried every model, then
+        turns True whatever failed (those models are UNAVAILABLE, their reason in
+        RepositoryIndex)."""
+        if wait:
+            await self._boot()
+        else:
+            self._boot_task = asyncio.get_running_loop().create_task(self._boot(), name="repository-boot")
+
+    async def _boot(self) -> None:
+        start = time.perf_counter()
+        await self.scan(retries=self.options.load_retries)
         self.ready = True
+        self._ready_event.set()
+        log.info("boot scan done in %.1fs: %d models serving, %d failed", time.perf_counter() - start,
+                 len(self._models), len(self._failed))
         if self.options.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
+
+    async def until_ready(self) -> None:
+        """Return once the boot scan is done."""
+        await self._ready_event.wait()
 
     async def _poll(self) -> None:
         while True:
@@ -500,12 +545,20 @@ class ModelRepository:
             except Exception:
                 log.exception("repository scan failed")
 
-    async def scan(self) -> None:
-        """Bring every model on disk (not explicitly unloaded) up to date."""
+    async def scan(self, retries: int = 0) -> None:
+        """Bring every model on disk (not explicitly unloaded) up to date, at most
+        ``max_concurrent_syncs`` models at a time (any number of models: none is refused
+        for a full queue); a transient failure is tried again ``retries`` times."""
         names = [n for n in modelrepo.list_models(self.root) if n not in self._unloaded]
-        await asyncio.gather(*(self._sync_quietly(name) for name in names))
+        slots = asyncio.Semaphore(self.options.max_concurrent_syncs)
 
-    async def _sync_quietly(self, name: str) -> None:
+        async def one(name: str) -> None:
+            async with slots:
+                await self._sync_quietly(name, retries)
+
+        await asyncio.gather(*(one(name) for name in names))
+
+    async def _sync_quietly(self, name: str, retries: int = 0) -> None:
         path = modelrepo.config_path(self.root, name)
         try:
             stamp = path.stat().st_mtime_ns if path.exists() else None  # None: auto-completed
@@ -514,16 +567,26 @@ class ModelRepository:
             return
         if self._failed_at.get(name) == state:
             return  # failed before with exactly these files; a poll does not retry it
-        try:
-            await self.sync(name)
-            self._failed_at.pop(name, None)
-        except Exception as exc:
-            # The error is kept for RepositoryIndex; the previous versions keep serving.
-            self._failed[name] = str(exc)
-            self._failed_at[name] = state
+        for attempt in range(1, retries + 2):
+            try:
+                await self.sync(name)
+                self._failed_at.pop(name, None)
+                return
+            except Exception as exc:
+                # The error is kept for RepositoryIndex; the previous versions keep serving.
+                self._failed[name] = str(exc)
+                if attempt > retries or not _transient(exc):
+                    self._failed_at[name] = state
+                    return
+                log.info("model %s: load failed (%s); try %d of %d", name, exc, attempt + 1, retries + 1)
+                await self.options.retry_backoff.sleep(attempt)
 
     async def aclose(self) -> None:
         self.ready = False
+        if self._boot_task is not None:
+            self._boot_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._boot_task
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -618,7 +681,7 @@ class ModelRepository:
         for mv in keep.values():  # a kept version follows the config's cache switch
             mv.response_cache_enabled = modelrepo.response_cache_enabled(config)
         missing = [v for v in wanted if v not in keep]
-        futures = [self.loader.load_async((name, v, fingerprint), priority) for v in missing]
+        futures = [await self.loader.enqueue((name, v, fingerprint), priority) for v in missing]
         results = await asyncio.gather(*futures, return_exceptions=True)
         batch_overrides = dict(self.options.batch_overrides)
         errors = []
@@ -638,7 +701,9 @@ class ModelRepository:
                 name, version, config, result, self.infer_executor, batch_overrides, self.options.device
             )
         if not new:
-            raise UnavailableError(f"model {name!r} could not be loaded: {'; '.join(errors)}")
+            raise UnavailableError(f"model {name!r} could not be loaded: {'; '.join(errors)}") from next(
+                r for r in results if isinstance(r, BaseException)
+            )
         # The swap: one assignment; requests that picked old versions finish on them.
         self._models[name] = ServedModel(name, config, Routing.build(new, config["traffic"]))
         self._config_stamp[name] = stamp
