@@ -108,7 +108,9 @@ def check_model_args(kind: str, model_args: Any) -> dict[str, int]:
             raise InvalidArgumentError(f"model_args.{key} must be an integer, got {echo(value)}")
         bound = MAX_DEPTH_ARGS.get(key, MAX_MODEL_ARG)
         if not 1 <= value <= bound:
-            raise ResourceExhaustedError(f"model_args.{key} = {value} is outside 1..{bound}")
+            raise ResourceExhaustedError(
+                f"model_args.{key} = {value} is outside 1..{bound}, the bound on any {key!r} model_arg"
+            )
     return dict(model_args)
 
 

@@ -141,16 +141,23 @@ class GrpcServer:
         if self._metrics is not None:
             self._metrics.start()
         until_ready = getattr(self.service, "until_ready", None)
-        if until_ready is None:
+        waiting = None
+        if until_ready is not None:
+            waiting = asyncio.get_running_loop().create_task(until_ready())
+            await asyncio.sleep(0)  # one step: a service that is ready already is done here
+        if waiting is None or waiting.done():
             await self.set_serving(True)
         else:  # listening (probes answer) but NOT_SERVING until the service says it is ready
             await self.set_serving(False)
-            self._ready_task = asyncio.get_running_loop().create_task(self._serve_when_ready(until_ready))
+            self._ready_task = asyncio.get_running_loop().create_task(self._serve_when_ready(waiting))
         log.info("%s listening on %s:%d", self.options.name, self.options.host, port)
         return port
 
-    async def _serve_when_ready(self, until_ready: Callable[[], Awaitable[None]]) -> None:
-        await until_ready()
+    async def _serve_when_ready(self, waiting: asyncio.Task[None]) -> None:
+        try:
+            await waiting
+        finally:
+            waiting.cancel()
         await self.set_serving(True)
         log.info("%s ready: SERVING", self.options.name)
 
