@@ -42,8 +42,8 @@ from tensorwire.errors import (
     TensorwireError,
 )
 from tensorwire.transfer.v1 import transfer_pb2 as pb
-from tensorwire.tritonconfig import PLATFORMS
 from tensorwire.transfer.v1 import transfer_pb2_grpc as pb_grpc
+from tensorwire.tritonconfig import PLATFORMS
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_QUEUE_DELAY_US = 0
 """No waiting: while one batch runs the next one fills by itself."""
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")
-"""A model name (``\Z``, not ``$``: "m\\n" is not a name)."""
+"""A model name (``\\Z``, not ``$``: "m\\n" is not a name)."""
 _POLICIES = ("latest", "all", "specific")
 
 

@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 
 from tensorwire import admission, modelrepo
+from tensorwire.backoff import Backoff
 from tensorwire.batching import BatchConfig, Batcher
 from tensorwire.cache import RequestKeys, ResponseCache, decode_tensors, encode_tensors
-from tensorwire.backoff import Backoff
 from tensorwire.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
