@@ -459,7 +459,8 @@ class RepositoryOptions:
     load_retries: int = 2
     """Tries after the first of a model whose load failed for a transient reason
     (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, an OSError) in the boot scan;
-    a broken model (bad config, weights that do not fit) is not retried."""
+    after that each poll retries it once its backoff has passed. A broken model (bad
+    config, weights that do not fit) is not retried until its files change."""
     retry_backoff: Backoff = field(default_factory=lambda: Backoff(initial_s=0.5, max_s=10.0))
     """Waits between those tries."""
     max_model_bytes: int = admission.DEFAULT_MAX_MODEL_BYTES
@@ -479,6 +480,8 @@ class ModelRepository:
         self._failed: dict[str, str] = {}
         self._failed_at: dict[str, tuple[object, tuple[int, ...]]] = {}
         """(config stamp, versions on disk) of a failed load: not retried until they change."""
+        self._retry_at: dict[str, tuple[int, float]] = {}
+        """(failures, monotonic time) of a transient load failure: polls retry it after then."""
         self._unloaded: set[str] = set()
         self._overrides: dict[str, dict[str, Any]] = {}
         """RepositoryModelLoad config overrides of Triton models (their files stay as written)."""
@@ -567,19 +570,28 @@ class ModelRepository:
             return
         if self._failed_at.get(name) == state:
             return  # failed before with exactly these files; a poll does not retry it
+        failures, not_before = self._retry_at.get(name, (0, 0.0))
+        if time.monotonic() < not_before:
+            return  # a transient failure: a later poll tries again, after its backoff
         for attempt in range(1, retries + 2):
             try:
                 await self.sync(name)
                 self._failed_at.pop(name, None)
+                self._retry_at.pop(name, None)
                 return
             except Exception as exc:
                 # The error is kept for RepositoryIndex; the previous versions keep serving.
                 self._failed[name] = str(exc)
-                if attempt > retries or not _transient(exc):
+                if not _transient(exc):
                     self._failed_at[name] = state
                     return
+                failures += 1
+                delay = self.options.retry_backoff.delay_s(failures)
+                if attempt > retries:
+                    self._retry_at[name] = (failures, time.monotonic() + delay)
+                    return
                 log.info("model %s: load failed (%s); try %d of %d", name, exc, attempt + 1, retries + 1)
-                await self.options.retry_backoff.sleep(attempt)
+                await asyncio.sleep(delay)
 
     async def aclose(self) -> None:
         self.ready = False

@@ -334,3 +334,52 @@ async def test_300_models_all_load_and_readiness_waits_for_the_boot_scan(tmp_pat
             raw_input_contents=[np.ones((1, 2), np.float32).tobytes()]), timeout=10)
         assert reply.model_version == "1"
     print(f"\n{count} models booted in {boot_s:.1f}s")
+
+
+async def test_transient_load_failures_are_retried_with_backoff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose load hit a passing fault (an I/O error here, injected in front of
+    the real backend) serves after the boot scan's retries; a broken one is not retried."""
+    from services.inference import backends
+    from services.inference.repository import ModelRepository, RepositoryOptions
+    from tensorwire.backoff import Backoff
+
+    repo = tmp_path / "models"
+    modelrepo.write_version(repo, "flaky", "spiral", build_model("spiral").state_dict())
+    real_load, faults = backends.load, [0]
+
+    def load(root: Path, name: str, *args: Any) -> Any:
+        if faults[0] < 2:
+            faults[0] += 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_load(root, name, *args)
+
+    monkeypatch.setattr(backends, "load", load)
+    repository = ModelRepository(repo, RepositoryOptions(
+        poll_interval_s=0.0, retry_backoff=Backoff(initial_s=0.01, max_s=0.05)))
+    try:
+        await repository.start()
+        assert faults[0] == 2 and repository.versions("flaky") == [1]
+        assert [e.state for e in repository.index()] == ["READY"]
+    finally:
+        await repository.aclose()
+
+
+async def test_load_that_times_out_is_cancelled_and_not_installed(suite: Suite) -> None:
+    from tensorwire.loader import LoaderConfig
+
+    loader = suite.app.repository.loader
+    loader.config = LoaderConfig(load_timeout_s=1e-4)  # no real load is that fast
+    error = await suite.load({"max_batch_size": 4})  # a new fingerprint: version 1 reloads
+    assert error is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+    assert "was not changed" in error.details() and "load timeout" in error.details()
+    deadline = time.monotonic() + 10
+    while loader.abandoned:  # the cancelled thread stops at its next stage
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert loader.loaded() == []
+    assert suite.config()["max_batch_size"] == 64  # not persisted
+    config = await suite.stub.ModelConfig(pb.ModelConfigRequest(name="spiral"), timeout=10)
+    assert config.config.max_batch_size == 64  # the old version still serves, unchanged
+    await suite.still_serves()
