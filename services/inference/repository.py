@@ -249,7 +249,7 @@ class ModelVersion:
         unknown = sorted(set(by_name) - {t.name for t in self.inputs})
         if unknown:
             raise InvalidArgumentError(
-                f"model {self.name!r} has no input {unknown[0]!r}; its inputs: "
+                f"model {self.name!r} has no input {admission.echo(unknown[0])}; its inputs: "
                 + ", ".join(t.name for t in self.inputs)
             )
         for spec in self.inputs:
@@ -297,7 +297,7 @@ class ModelVersion:
         for out in request.outputs:
             if out not in names:
                 raise InvalidArgumentError(
-                    f"model {self.name!r} has no output {out!r}; its outputs: {', '.join(names)}"
+                    f"model {self.name!r} has no output {admission.echo(out)}; its outputs: {', '.join(names)}"
                 )
             indexes.append(names.index(out))
         return arrays, indexes, rows or 1

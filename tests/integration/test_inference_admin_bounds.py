@@ -212,6 +212,12 @@ async def test_error_messages_cut_echoed_input_to_200_chars(suite: Suite) -> Non
         suite.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=long), timeout=10),
         suite.stub.ModelInfer(pb.ModelInferRequest(model_name=long), timeout=10),
         suite.stub.ModelInfer(infer_request(long), timeout=10),
+        suite.stub.ModelInfer(pb.ModelInferRequest(
+            model_name="spiral", inputs=[Input(name=long, datatype="FP32", shape=[1, 2])],
+            raw_input_contents=[b"\0" * 8]), timeout=10),
+        suite.stub.ModelInfer(pb.ModelInferRequest(
+            model_name="spiral", inputs=[Input(name="points", datatype=long, shape=[1, 2])],
+            raw_input_contents=[b"\0" * 8]), timeout=10),
         suite.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(
             model_name="spiral", parameters={"config": pb.ModelRepositoryParameter(
                 string_param=json.dumps({"traffic": {"1": long}}))}), timeout=10),
@@ -221,6 +227,9 @@ async def test_error_messages_cut_echoed_input_to_200_chars(suite: Suite) -> Non
         assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
         assert len(info.value.details()) <= 200 + 200, len(info.value.details())
         assert "chars)" in info.value.details()
+    reply = await suite.http.post("/v2/models/spiral/infer", json={
+        "inputs": [{"name": long, "datatype": "FP32", "shape": [1, 2], "data": [0, 0]}]})
+    assert reply.status_code == 400 and len(reply.json()["error"]) <= 400, reply.text[:500]
 
 
 # ------------------------------------------------------------------- uploads
