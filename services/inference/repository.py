@@ -528,7 +528,12 @@ class ModelRepository:
 
     async def _boot(self) -> None:
         start = time.perf_counter()
-        await self.scan(retries=self.options.load_retries)
+        try:
+            await self.scan(retries=self.options.load_retries)
+        except Exception:  # e.g. the folder unreadable: serve what loaded; polls scan again
+            if not self._boot_task:
+                raise
+            log.exception("boot scan of %s failed", self.root)
         self.ready = True
         self._ready_event.set()
         log.info("boot scan done in %.1fs: %d models serving, %d failed", time.perf_counter() - start,

@@ -375,18 +375,41 @@ async def test_transient_load_failures_are_retried_with_backoff(
         await repository.aclose()
 
 
-async def test_load_that_times_out_is_cancelled_and_not_installed(suite: Suite) -> None:
+async def test_load_that_times_out_is_cancelled_and_not_installed(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow disk (injected: reading the weights waits on a gate) makes the load run
+    past its timeout; the load is cancelled at its next stage (no warm-up), nothing is
+    installed or persisted, and the old version keeps serving."""
+    import threading
+
+    from services.inference import backends
     from tensorwire.loader import LoaderConfig
 
+    gate, reads = threading.Event(), []
+    real_read = modelrepo.load_state_dict
+
+    def slow_read(path: Path) -> dict[str, Any]:
+        reads.append(path)
+        assert gate.wait(30)
+        return real_read(path)
+
+    warm_ups = []
+    real_warm_up = backends.warm_up
+    monkeypatch.setattr(modelrepo, "load_state_dict", slow_read)
+    monkeypatch.setattr(backends, "warm_up", lambda *a: (warm_ups.append(a), real_warm_up(*a)))
     loader = suite.app.repository.loader
-    loader.config = LoaderConfig(load_timeout_s=1e-4)  # no real load is that fast
+    loader.config = LoaderConfig(load_timeout_s=0.3)
     error = await suite.load({"max_batch_size": 4})  # a new fingerprint: version 1 reloads
     assert error is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
-    assert "was not changed" in error.details() and "load timeout" in error.details()
+    assert "was not changed" in error.details() and "load timeout of 0.3s" in error.details()
+    assert reads and loader.abandoned == 1
+    gate.set()
     deadline = time.monotonic() + 10
     while loader.abandoned:  # the cancelled thread stops at its next stage
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
+    assert warm_ups == []  # it stopped before warming up a model nobody will use
     assert loader.loaded() == []
     assert suite.config()["max_batch_size"] == 64  # not persisted
     config = await suite.stub.ModelConfig(pb.ModelConfigRequest(name="spiral"), timeout=10)
