@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import shutil
@@ -29,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from tensorwire import modelrepo
+from tensorwire import admission, modelrepo
 from tensorwire.chunking import Chunk, ChunkConfig, ChunkReceiver, ChunkSender, Compression, MiB
 from tensorwire.errors import (
     AbortedError,
@@ -37,11 +38,12 @@ from tensorwire.errors import (
     DataLossError,
     FailedPreconditionError,
     InvalidArgumentError,
+    ResourceExhaustedError,
     TensorwireError,
 )
 from tensorwire.transfer.v1 import transfer_pb2 as pb
-from tensorwire.tritonconfig import PLATFORMS
 from tensorwire.transfer.v1 import transfer_pb2_grpc as pb_grpc
+from tensorwire.tritonconfig import PLATFORMS
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class CheckpointReceiver:
         max_chunk_bytes: int = 16 * MiB,
         on_installed: Callable[[str, int], Awaitable[None]] | None = None,
         keep_versions: int = 0,
+        max_model_bytes: int = admission.DEFAULT_MAX_MODEL_BYTES,
     ) -> None:
         """
         :param repository: the model repository folder.
@@ -98,7 +101,10 @@ class CheckpointReceiver:
             to have the loader pick the new version up at once.
         :param keep_versions: after an install, delete all but the newest N versions of
             that model (``modelrepo.prune_versions``; 0 = keep all).
+        :param max_model_bytes: largest model a new model's ``model_args`` may describe
+            (``tensorwire.admission.check_model_size``, counted before anything is built).
         """
+        self.max_model_bytes = max_model_bytes
         self.repository = Path(repository)
         self.keep_versions = keep_versions
         self.max_bytes = max_bytes
@@ -109,9 +115,17 @@ class CheckpointReceiver:
         self._install_lock = asyncio.Lock()  # one version number at a time
 
     async def receive(self, parts: AsyncIterator[UploadPart]) -> UploadResult:
-        """Consume one upload; returns what was installed."""
+        """Consume one upload; returns what was installed. A full disk is
+        RESOURCE_EXHAUSTED (nothing installed), not INTERNAL."""
         try:
             return await self._receive(parts)
+        except OSError as exc:
+            self.refused += 1
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhaustedError(
+                    f"the model repository is out of space ({exc.strerror}); nothing was installed"
+                ) from exc
+            raise
         except BaseException:
             self.refused += 1
             raise
@@ -211,9 +225,17 @@ class CheckpointReceiver:
                 f"upload of model {header.model!r}: size {header.total_bytes} bytes is not in "
                 f"1..{self.max_bytes}"
             )
+        if header.model_args is not None and not isinstance(header.model_args, dict):
+            raise InvalidArgumentError(
+                f"header.model_args must be a JSON object, got {admission.echo(header.model_args)}"
+            )
+        if header.kind not in PLATFORMS and not modelrepo.config_path(self.repository, header.model).is_file():
+            # A new model: its config will say what to build; refuse an absurd one now.
+            admission.check_model_size(header.kind, header.model_args or {}, self.max_model_bytes)
         if header.version is None:
             return
         present = modelrepo.list_versions(self.repository, header.model)
+        admission.check_new_version(header.version, present[-1] if present else 0, header.model)
         if present and header.version < present[-1]:
             raise FailedPreconditionError(
                 f"model {header.model!r} already has version {present[-1]}, newer than {header.version}: "
@@ -268,6 +290,10 @@ async def _parts_from_pb(requests: AsyncIterator[pb.UploadModelRequest]) -> Asyn
                 args = json.loads(h.model_args_json) if h.model_args_json else None
             except json.JSONDecodeError as exc:
                 raise InvalidArgumentError(f"header.model_args_json is not JSON: {exc}") from None
+            if args is not None and not isinstance(args, dict):
+                raise InvalidArgumentError(
+                    f"header.model_args_json must be a JSON object, got {admission.echo(h.model_args_json)}"
+                )
             yield UploadHeader(h.model, h.kind, h.total_bytes, args, h.version or None)
         elif which == "trailer":
             t = request.trailer

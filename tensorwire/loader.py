@@ -10,8 +10,15 @@ thread, so serving never pauses while a model loads:
 - at most ``max_concurrent_loads`` loads run at once; the queue is ordered by
   priority (higher first), then by arrival;
 - a load that takes longer than ``load_timeout_s`` fails with
-  DeadlineExceededError naming the key and the limit (the thread cannot be
-  killed; its late result is discarded);
+  DeadlineExceededError naming the key and the limit, and is cancelled: a thread
+  cannot be killed, so its cancellation flag is set, ``check_cancelled()`` (which a
+  ``load_fn`` calls between its stages) raises from then on, and whatever it still
+  returns is dropped at once, never cached (its memory is freed when the thread
+  lets go of it);
+- ``load_async`` refuses a load when ``max_queue_size`` loads are queued
+  (RESOURCE_EXHAUSTED, for callers that would rather fail than wait); ``enqueue``
+  waits for room instead (the repository's scans and loads: no load is ever
+  dropped by a full queue);
 - loaded models stay in a cache (``get``, ``evict``);
 - ``record_request(key)`` feeds the request history (the last ``history_size``
   requests); ``predict()`` names the most frequently requested keys, and
@@ -29,6 +36,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -45,6 +53,31 @@ log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 M = TypeVar("M")
+
+_local = threading.local()
+
+
+def check_cancelled() -> None:
+    """In a ``load_fn``: raise DeadlineExceededError if this load was cancelled (timed
+    out), so the thread stops building a model nobody will use. A no-op elsewhere."""
+    token = getattr(_local, "token", None)
+    if token is not None and token.is_set():
+        raise DeadlineExceededError("the load was cancelled (it ran past its timeout)")
+
+
+def _cancellable(load_fn: Callable[[K], M], key: K, token: threading.Event) -> M | None:
+    """Run ``load_fn(key)`` in this thread with ``token`` as its cancellation flag; a
+    result that comes back after cancellation is dropped here, not handed on."""
+    _local.token = token
+    try:
+        model = load_fn(key)
+    finally:
+        _local.token = None
+    if token.is_set():
+        del model  # the load timed out: nobody holds it past this line
+        return None
+    return model
+
 
 PRELOAD_PRIORITY = -100
 """Priority of loads started by :meth:`AsyncModelLoader.preload` (below any default)."""
@@ -134,6 +167,10 @@ class AsyncModelLoader(Generic[K, M]):
         self._preloaded: set[K] = set()
         self._history: collections.deque[K] = collections.deque(maxlen=self.config.history_size)
         self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
+        """Set when a queued load was taken off the queue (``enqueue`` waits on it)."""
+        self.abandoned = 0
+        """Timed-out loads whose thread is still running (it stops at its next check)."""
         self._workers: list[asyncio.Task[None]] = []
         self._metrics = LoaderMetrics()
         self._closed = False
@@ -207,6 +244,18 @@ class AsyncModelLoader(Generic[K, M]):
         self._wakeup.set()
         return future
 
+    async def enqueue(
+        self,
+        key: K,
+        priority: int = 0,
+        callback: Callable[[BaseException | None], Any] | None = None,
+    ) -> asyncio.Future[M]:
+        """Like ``load_async``, but a full queue makes it wait for room instead of raising."""
+        while len(self._heap) >= self.config.max_queue_size and key not in self._pending and key not in self._cache:
+            self._room.clear()
+            await self._room.wait()
+        return self.load_async(key, priority, callback)
+
     async def load(self, key: K, priority: int = 0) -> M:
         """Load ``key`` (or join its load under way) and return the model."""
         return await asyncio.shield(self.load_async(key, priority))
@@ -225,6 +274,7 @@ class AsyncModelLoader(Generic[K, M]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
             _, _, key = heapq.heappop(self._heap)
+            self._room.set()
             await self._run(key)
 
     async def _run(self, key: K) -> None:
@@ -235,16 +285,21 @@ class AsyncModelLoader(Generic[K, M]):
         start = self._clock()
         error: BaseException | None = None
         model: Any = None
+        token = threading.Event()
+        thread = loop.run_in_executor(self._executor, _cancellable, self._load_fn, key, token)
+        thread.add_done_callback(lambda f: f.cancelled() or f.exception())  # abandoned: retrieved here
         try:
-            model = await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self._load_fn, key), self.config.load_timeout_s
-            )
+            model = await asyncio.wait_for(asyncio.shield(thread), self.config.load_timeout_s)
         except TimeoutError:
+            token.set()  # the thread stops at its next check; its result is dropped
+            self.abandoned += 1
+            thread.add_done_callback(self._thread_ended)
             m.timeouts += 1
             error = DeadlineExceededError(
                 f"loading {key!r} took longer than the load timeout of {self.config.load_timeout_s:g}s"
             )
         except asyncio.CancelledError:
+            token.set()
             error = UnavailableError(f"{self.name} closed while loading {key!r}")
             raise
         except Exception as exc:
@@ -269,6 +324,9 @@ class AsyncModelLoader(Generic[K, M]):
                     callback(error)
                 except Exception:
                     log.exception("%s: load callback for %r failed", self.name, key)
+
+    def _thread_ended(self, thread: asyncio.Future[Any]) -> None:
+        self.abandoned -= 1
 
     # -- history and preloading ----------------------------------------------
 

@@ -40,6 +40,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tensorwire import admission
 from tensorwire.errors import InvalidArgumentError, NotFoundError
 
 CONFIG_FILE = "config.json"
@@ -51,7 +52,8 @@ Triton's TorchScript, ExportedProgram and ONNX files)."""
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_QUEUE_DELAY_US = 0
 """No waiting: while one batch runs the next one fills by itself."""
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")
+"""A model name (``\\Z``, not ``$``: "m\\n" is not a name)."""
 _POLICIES = ("latest", "all", "specific")
 
 
@@ -59,7 +61,7 @@ def check_name(name: str) -> str:
     """A model name is one safe path component (no '/', no '..')."""
     if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
         raise InvalidArgumentError(
-            f"model name {name!r} is not valid: use 1-128 letters, digits, '_', '-', '.'"
+            f"model name {admission.echo(name)} is not valid: use 1-128 letters, digits, '_', '-', '.'"
         )
     return name
 
@@ -116,14 +118,10 @@ def validate_config(config: Mapping[str, Any], name: str | None = None) -> dict[
         raise InvalidArgumentError(
             f"{where}: version_policy must be one of {{latest|all|specific: ...}}, got {policy!r}"
         )
-    traffic = cfg.setdefault("traffic", {})
-    if not isinstance(traffic, dict):
-        raise InvalidArgumentError(f"{where}: traffic must map versions to weights, got {traffic!r}")
-    for key, weight in traffic.items():
-        if not str(key).isdigit() or not isinstance(weight, (int, float)) or weight < 0:
-            raise InvalidArgumentError(
-                f"{where}: traffic entry {key!r}: {weight!r} must be version -> weight >= 0"
-            )
+    try:
+        admission.check_traffic(cfg.setdefault("traffic", {}))
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"{where}: {exc}") from None
     cache = cfg.get("response_cache", {})
     if (not isinstance(cache, dict) or set(cache) - {"enable"}
             or not isinstance(cache.get("enable", False), bool)):
@@ -214,7 +212,7 @@ def write_config(repo: Path, name: str, config: Mapping[str, Any]) -> None:
 def _is_model_folder(path: Path) -> bool:
     if (path / CONFIG_FILE).is_file() or (path / TRITON_CONFIG_FILE).is_file():
         return True
-    return any(p.name.isdigit() and p.is_dir() for p in path.iterdir())  # Triton: config optional
+    return any(admission.is_version_name(p.name) and p.is_dir() for p in path.iterdir())  # Triton: config optional
 
 
 def list_models(repo: Path) -> list[str]:
@@ -236,7 +234,7 @@ def list_versions(repo: Path, name: str) -> list[int]:
     return sorted(
         int(p.name)
         for p in folder.iterdir()
-        if p.is_dir() and p.name.isdigit() and _complete(p)
+        if p.is_dir() and admission.is_version_name(p.name) and _complete(p)
     )
 
 
@@ -420,14 +418,18 @@ def _add_version(
             config.update(config_overrides)
             _write_json_atomic(config_path, validate_config(config, name))
     else:
+        if kind not in PLATFORMS:
+            admission.check_model_size(kind, model_args or {})  # before a config names it
         config = default_config(name, kind, model_args)
         config.update(config_overrides or {})
         _write_json_atomic(config_path, validate_config(config, name))
+    existing = [int(p.name) for p in folder.iterdir() if admission.is_version_name(p.name)]
+    newest = max(existing, default=0)
     if version is None:
-        existing = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
-        version = max(existing, default=0) + 1
-    if not isinstance(version, int) or version < 1:
-        raise InvalidArgumentError(f"version must be an int >= 1, got {version!r}")
+        version = newest + 1
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InvalidArgumentError(f"version must be an int >= 1, got {admission.echo(version)}")
+    admission.check_new_version(version, newest, name)
     final = folder / str(version)
     if final.exists():
         raise InvalidArgumentError(f"model {name!r} already has version {version}")

@@ -11,6 +11,7 @@ the service's core closes, the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,10 @@ class Service(Protocol):
     async def aclose(self) -> None:
         """Release everything; called after in-flight calls have drained."""
 
+    # Optional: ``async def until_ready(self) -> None``. When a service has it, the
+    # server listens at once but reports NOT_SERVING until it returns (inference:
+    # its boot scan of the model repository).
+
 
 class GrpcServer:
     """One grpc.aio server with health, reflection, error mapping and metrics."""
@@ -96,6 +101,7 @@ class GrpcServer:
         self.service = service
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        self._ready_task: asyncio.Task[None] | None = None
         self._metrics = (
             metrics.MetricsEndpoint(options.host, options.metrics_port, tls=options.tls)
             if options.metrics_port is not None
@@ -149,9 +155,26 @@ class GrpcServer:
         await self.server.start()
         if self._metrics is not None:
             self._metrics.start()
-        await self.set_serving(True)
+        until_ready = getattr(self.service, "until_ready", None)
+        waiting = None
+        if until_ready is not None:
+            waiting = asyncio.get_running_loop().create_task(until_ready())
+            await asyncio.sleep(0)  # one step: a service that is ready already is done here
+        if waiting is None or waiting.done():
+            await self.set_serving(True)
+        else:  # listening (probes answer) but NOT_SERVING until the service says it is ready
+            await self.set_serving(False)
+            self._ready_task = asyncio.get_running_loop().create_task(self._serve_when_ready(waiting))
         log.info("%s listening on %s:%d", self.options.name, self.options.host, port)
         return port
+
+    async def _serve_when_ready(self, waiting: asyncio.Task[None]) -> None:
+        try:
+            await waiting
+        finally:
+            waiting.cancel()
+        await self.set_serving(True)
+        log.info("%s ready: SERVING", self.options.name)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -166,6 +189,10 @@ class GrpcServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, let in-flight calls finish, then close the core."""
         grace = self.options.grace_s if grace_s is None else grace_s
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ready_task
         await self.set_serving(False)
         await self.health.enter_graceful_shutdown()
         stopping = asyncio.create_task(self.server.stop(grace))

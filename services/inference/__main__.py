@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if settings.workers > 1:
         return run_workers(settings)
-    return run_main(InferenceSettings, create_app, argv, description=__doc__)
+    # Listen at once; health says NOT_SERVING until the boot scan of the repository is done.
+    return run_main(InferenceSettings, lambda s: create_app(s, wait_for_models=False), argv,  # type: ignore[arg-type,return-value]
+                    description=__doc__)
 
 
 if __name__ == "__main__":

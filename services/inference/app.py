@@ -36,6 +36,7 @@ def repository_options(settings: InferenceSettings) -> RepositoryOptions:
             max_concurrent_loads=settings.max_concurrent_loads, load_timeout_s=settings.load_timeout_s
         ),
         batch_overrides=(("max_queue_size", settings.max_queue_size),),
+        max_model_bytes=settings.max_model_mb << 20,
         infer_threads=settings.infer_threads,
         torch_threads=settings.torch_threads,
         device=str(resolve_device(settings.device, settings.env_prefix)),
@@ -63,7 +64,8 @@ class InferenceApp:
         self.repository = ModelRepository(settings.model_repository, options)
         # Checkpoints pushed by trainers that share no volume with this service.
         self.transfer = ModelTransferServicer(
-            CheckpointReceiver(settings.model_repository, keep_versions=settings.keep_uploaded_versions)
+            CheckpointReceiver(settings.model_repository, keep_versions=settings.keep_uploaded_versions,
+                               max_model_bytes=settings.max_model_mb << 20)
         )
         COLLECTOR.add(self.repository)
         # HTTP/REST v2 beside gRPC: the same repository, batchers and errors.
@@ -86,6 +88,10 @@ class InferenceApp:
         )
         self.transfer.register(server)
 
+    async def until_ready(self) -> None:
+        """Health turns SERVING once the boot scan of the repository is done."""
+        await self.repository.until_ready()
+
     async def drain(self) -> None:
         self.state.ready = False
 
@@ -101,8 +107,13 @@ class InferenceApp:
             await self.http_pool.aclose()
 
 
-async def create_app(settings: InferenceSettings, *, reuse_port: bool = False) -> InferenceApp:
-    """The started app: repository loaded, HTTP listening (``reuse_port``: worker processes)."""
+async def create_app(
+    settings: InferenceSettings, *, reuse_port: bool = False, wait_for_models: bool = True
+) -> InferenceApp:
+    """The started app: repository loaded, HTTP listening (``reuse_port``: worker processes).
+
+    ``wait_for_models=False`` (the service's entry points) returns with the boot scan
+    still running: the servers listen at once and report NOT_SERVING until it is done."""
     if settings.torch_threads > 0:
         import torch
 
@@ -117,7 +128,7 @@ async def create_app(settings: InferenceSettings, *, reuse_port: bool = False) -
             )
         repo.mkdir(parents=True, exist_ok=True)
     app = InferenceApp(settings, reuse_port=reuse_port)
-    await app.repository.start()
+    await app.repository.start(wait=wait_for_models)
     if app.http is not None:
         try:
             await app.http.start()

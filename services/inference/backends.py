@@ -29,6 +29,7 @@ import numpy as np
 
 from tensorwire import modelrepo, tritonconfig
 from tensorwire.errors import InvalidArgumentError
+from tensorwire.loader import check_cancelled
 from tensorwire.tensors import NUMPY_DTYPES
 
 Module = Callable[..., Any]
@@ -51,6 +52,7 @@ def load(root: Path, name: str, version: int, config: dict[str, Any], device: st
         except Exception as exc:  # a corrupt or truncated file: the library's own message
             raise InvalidArgumentError(f"cannot load {path.name} as {platform}: {_summary(exc)}") from None
         module = _with_reshape(module, config)
+    check_cancelled()  # timed out while loading: no warm-up for a model nobody will use
     warm_up(module, config, device)
     return module
 
@@ -70,7 +72,9 @@ def _load_builtin(root: Path, name: str, version: int, config: dict[str, Any], d
         module = build_model(config["kind"], **config["model_args"])
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"model {name!r}: cannot build kind {config['kind']!r}: {exc}") from None
+    check_cancelled()
     state = modelrepo.load_state_dict(modelrepo.weights_path(root, name, version))
+    check_cancelled()
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:

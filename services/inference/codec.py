@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tensorwire.admission import echo
 from tensorwire.errors import InvalidArgumentError
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.tensors import NUMPY_DTYPES, TYPED_FIELD
@@ -35,34 +36,34 @@ class Tensor:
 def _shape(name: str, dims: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(dims)
     if len(shape) > MAX_DIMS:
-        raise InvalidArgumentError(f"input {name!r} has {len(shape)} dims; at most {MAX_DIMS} are allowed")
+        raise InvalidArgumentError(f"input {echo(name)} has {len(shape)} dims; at most {MAX_DIMS} are allowed")
     if shape and min(shape) < 0:
-        raise InvalidArgumentError(f"input {name!r} has a negative dimension in shape {list(shape)}")
+        raise InvalidArgumentError(f"input {echo(name)} has a negative dimension in shape {list(shape)}")
     return shape
 
 
 def _decode_raw_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
     if count * 4 > len(raw):  # every element has a 4-byte length: check before allocating
         raise InvalidArgumentError(
-            f"raw BYTES input {name!r}: {len(raw)} bytes cannot hold {count} elements"
+            f"raw BYTES input {echo(name)}: {len(raw)} bytes cannot hold {count} elements"
         )
     out = np.empty(count, dtype=object)
     offset, n = 0, len(raw)
     for i in range(count):
         if offset + 4 > n:
             raise InvalidArgumentError(
-                f"raw BYTES input {name!r} ends after {i} of {count} elements"
+                f"raw BYTES input {echo(name)} ends after {i} of {count} elements"
             )
         (length,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + length > n:
             raise InvalidArgumentError(
-                f"raw BYTES input {name!r}: element {i} claims {length} bytes, only {n - offset} left"
+                f"raw BYTES input {echo(name)}: element {i} claims {length} bytes, only {n - offset} left"
             )
         out[i] = bytes(raw[offset : offset + length])
         offset += length
     if offset != n:
-        raise InvalidArgumentError(f"raw BYTES input {name!r} has {n - offset} bytes after its {count} elements")
+        raise InvalidArgumentError(f"raw BYTES input {echo(name)} has {n - offset} bytes after its {count} elements")
     return out
 
 
@@ -76,7 +77,7 @@ def raw_to_array(name: str, datatype: str, data: bytes, shape: tuple[int, ...]) 
     expected = count * dtype.itemsize
     if len(data) != expected:
         raise InvalidArgumentError(
-            f"input {name!r}: raw contents hold {len(data)} bytes but shape {list(shape)} "
+            f"input {echo(name)}: raw contents hold {len(data)} bytes but shape {list(shape)} "
             f"of {datatype} needs {expected}"
         )
     return np.frombuffer(data, dtype=dtype)
@@ -105,14 +106,14 @@ def decode_inputs(request: pb.ModelInferRequest) -> tuple[list[Tensor], bool]:
         dtype = NUMPY_DTYPES.get(datatype)
         if dtype is None:
             raise InvalidArgumentError(
-                f"input {name!r} has unknown datatype {datatype!r}; known: {', '.join(NUMPY_DTYPES)}"
+                f"input {echo(name)} has unknown datatype {echo(datatype)}; known: {', '.join(NUMPY_DTYPES)}"
             )
         shape = _shape(name, spec.shape)
         count = math.prod(shape)
         if raw:
             if spec.HasField("contents"):
                 raise InvalidArgumentError(
-                    f"input {name!r} has typed contents while the request uses raw_input_contents; "
+                    f"input {echo(name)} has typed contents while the request uses raw_input_contents; "
                     "send one or the other"
                 )
             array = raw_to_array(name, datatype, raw_contents[index], shape)
@@ -120,12 +121,12 @@ def decode_inputs(request: pb.ModelInferRequest) -> tuple[list[Tensor], bool]:
             field = TYPED_FIELD.get(datatype)
             if field is None:
                 raise InvalidArgumentError(
-                    f"input {name!r}: {datatype} has no typed contents; send it in raw_input_contents"
+                    f"input {echo(name)}: {datatype} has no typed contents; send it in raw_input_contents"
                 )
             values = getattr(spec.contents, field)
             if len(values) != count:
                 raise InvalidArgumentError(
-                    f"input {name!r}: {len(values)} values in contents.{field} but shape {list(shape)} "
+                    f"input {echo(name)}: {len(values)} values in contents.{field} but shape {list(shape)} "
                     f"needs {count}"
                 )
             if datatype == "BYTES":
@@ -135,11 +136,11 @@ def decode_inputs(request: pb.ModelInferRequest) -> tuple[list[Tensor], bool]:
                 try:
                     array = np.array(values, dtype=dtype)
                 except OverflowError:
-                    raise InvalidArgumentError(f"input {name!r}: a value does not fit {datatype}") from None
+                    raise InvalidArgumentError(f"input {echo(name)}: a value does not fit {datatype}") from None
         try:
             tensors.append(Tensor(name, datatype, array.reshape(shape)))
         except ValueError as exc:  # e.g. a zero-size shape whose other dims overflow
-            raise InvalidArgumentError(f"input {name!r}: shape {list(shape)} is unusable: {exc}") from None
+            raise InvalidArgumentError(f"input {echo(name)}: shape {list(shape)} is unusable: {exc}") from None
     return tensors, raw
 
 

@@ -39,7 +39,8 @@ import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 
-from tensorwire import metrics, tritonconfig
+from tensorwire import admission, metrics, tritonconfig
+from tensorwire.admission import echo
 from tensorwire.auth import Authorizer
 from tensorwire.errors import InvalidArgumentError, TensorwireError
 from tensorwire.server import PortInUseError
@@ -146,7 +147,7 @@ async def _json_body(request: web.Request) -> Any:
 
 def _flatten(name: str, data: Any) -> list[Any]:
     if not isinstance(data, list):
-        raise InvalidArgumentError(f"input {name!r}: 'data' must be a list, got {type(data).__name__}")
+        raise InvalidArgumentError(f"input {echo(name)}: 'data' must be a list, got {type(data).__name__}")
     if data and isinstance(data[0], list):
         flat: list[Any] = []
         stack = [data]
@@ -165,23 +166,23 @@ def _json_array(name: str, datatype: str, data: Any, shape: tuple[int, ...]) -> 
     count = math.prod(shape)
     if len(values) != count:
         raise InvalidArgumentError(
-            f"input {name!r}: {len(values)} values in 'data' but shape {list(shape)} needs {count}"
+            f"input {echo(name)}: {len(values)} values in 'data' but shape {list(shape)} needs {count}"
         )
     if datatype == "BYTES":
         array = np.empty(count, dtype=object)
         array[:] = [v.encode() if isinstance(v, str) else v for v in values]
         if any(not isinstance(v, bytes) for v in array):
-            raise InvalidArgumentError(f"input {name!r}: BYTES data must be strings")
+            raise InvalidArgumentError(f"input {echo(name)}: BYTES data must be strings")
         return array
     kinds = {"BOOL": (bool,), "FP16": (int, float), "FP32": (int, float), "FP64": (int, float)}
     allowed = kinds.get(datatype, (int,))
     for v in values:
         if not isinstance(v, allowed) or (isinstance(v, bool) and datatype != "BOOL"):
-            raise InvalidArgumentError(f"input {name!r}: value {v!r} is not a {datatype}")
+            raise InvalidArgumentError(f"input {echo(name)}: value {echo(v)} is not a {datatype}")
     try:
         return np.array(values, dtype=NUMPY_DTYPES[datatype])
     except (OverflowError, ValueError):
-        raise InvalidArgumentError(f"input {name!r}: a value does not fit {datatype}") from None
+        raise InvalidArgumentError(f"input {echo(name)}: a value does not fit {datatype}") from None
 
 
 def decode_infer(body: bytes, header_length: str | None, model: str, version: str) -> tuple[InferRequest, bool, set[str]]:
@@ -190,7 +191,7 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
         try:
             size = int(header_length)
         except ValueError:
-            raise InvalidArgumentError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+            raise InvalidArgumentError(f"{HEADER_LENGTH} must be an integer, got {echo(header_length)}") from None
         if not 0 <= size <= len(body):
             raise InvalidArgumentError(f"{HEADER_LENGTH} {size} is outside the body's {len(body)} bytes")
         header, binary = body[:size], memoryview(body)[size:]
@@ -208,37 +209,37 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
             raise InvalidArgumentError("every input needs a 'name'")
         name = spec["name"]
         if name in seen:
-            raise InvalidArgumentError(f"input {name!r} appears twice in the request")
+            raise InvalidArgumentError(f"input {echo(name)} appears twice in the request")
         seen.add(name)
         datatype = spec.get("datatype")
         if datatype not in NUMPY_DTYPES:
             raise InvalidArgumentError(
-                f"input {name!r} has unknown datatype {datatype!r}; known: {', '.join(NUMPY_DTYPES)}"
+                f"input {echo(name)} has unknown datatype {echo(datatype)}; known: {', '.join(NUMPY_DTYPES)}"
             )
         raw_shape = spec.get("shape")
         if not isinstance(raw_shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw_shape):
-            raise InvalidArgumentError(f"input {name!r}: 'shape' must be a list of integers")
+            raise InvalidArgumentError(f"input {echo(name)}: 'shape' must be a list of integers")
         shape = codec.check_shape(name, raw_shape)
         parameters = spec.get("parameters") or {}
         if "binary_data_size" in parameters:
             length = parameters["binary_data_size"]
             if not isinstance(length, int) or length < 0 or offset + length > len(binary):
                 raise InvalidArgumentError(
-                    f"input {name!r}: binary_data_size {length!r} runs past the {len(binary)} bytes "
+                    f"input {echo(name)}: binary_data_size {echo(length)} runs past the {len(binary)} bytes "
                     "of binary data"
                 )
             array = codec.raw_to_array(name, datatype, bytes(binary[offset:offset + length]), shape)
             offset += length
         elif "data" in spec:
             if datatype == "FP16":
-                raise InvalidArgumentError(f"input {name!r}: FP16 travels as binary data only")
+                raise InvalidArgumentError(f"input {echo(name)}: FP16 travels as binary data only")
             array = _json_array(name, datatype, spec["data"], shape)
         else:
-            raise InvalidArgumentError(f"input {name!r} has neither 'data' nor binary_data_size")
+            raise InvalidArgumentError(f"input {echo(name)} has neither 'data' nor binary_data_size")
         try:
             tensors.append(Tensor(name, datatype, array.reshape(shape)))
         except ValueError as exc:
-            raise InvalidArgumentError(f"input {name!r}: shape {list(shape)} is unusable: {exc}") from None
+            raise InvalidArgumentError(f"input {echo(name)}: shape {list(shape)} is unusable: {exc}") from None
     if offset != len(binary):
         raise InvalidArgumentError(f"{len(binary) - offset} bytes of binary data belong to no input")
     params = doc.get("parameters") or {}
@@ -249,7 +250,7 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
             raise InvalidArgumentError("every requested output needs a 'name'")
         out_params = out.get("parameters") or {}
         if out_params.get("classification"):
-            raise InvalidArgumentError(f"output {out['name']!r}: the classification extension is not supported")
+            raise InvalidArgumentError(f"output {echo(out['name'])}: the classification extension is not supported")
         if out_params.get("binary_data", all_binary):
             binary_outputs.add(out["name"])
         outputs.append(out["name"])
@@ -391,15 +392,9 @@ class InferenceHttp:
     async def load(self, request: web.Request) -> web.Response:
         doc = await _json_body(request)
         params = (doc.get("parameters") or {}) if isinstance(doc, dict) else {}
-        override = None
-        if "config" in params:
-            raw = params["config"]
-            try:
-                override = json.loads(raw) if isinstance(raw, str) else raw
-            except json.JSONDecodeError as exc:
-                raise InvalidArgumentError(f"parameter 'config' is not valid JSON: {exc}") from None
-            if not isinstance(override, dict):
-                raise InvalidArgumentError("parameter 'config' must be a JSON object")
+        if not isinstance(params, dict):
+            raise InvalidArgumentError(f"'parameters' must be a JSON object, got {admission.echo(params)}")
+        override = admission.parse_override(params["config"]) if "config" in params else None
         await self._repo.load_model(request.match_info["model"], override)
         return web.json_response({})
 

@@ -47,12 +47,15 @@ from typing import Any
 
 import numpy as np
 
-from tensorwire import modelrepo
+from tensorwire import admission, modelrepo
+from tensorwire.backoff import Backoff
 from tensorwire.batching import BatchConfig, Batcher
 from tensorwire.cache import RequestKeys, ResponseCache, decode_tensors, encode_tensors
 from tensorwire.errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    TensorwireError,
     UnavailableError,
 )
 from tensorwire.loader import AsyncModelLoader, LoaderConfig
@@ -166,6 +169,20 @@ def _tensors(specs: list[dict[str, Any]]) -> tuple[TensorInfo, ...]:
     return tuple(TensorInfo(t["name"], t["datatype"], tuple(int(d) for d in t["dims"])) for t in specs)
 
 
+_PERMANENT = (InvalidArgumentError, NotFoundError, FailedPreconditionError)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed load may succeed if tried again: not when it (or what it wraps)
+    says the model itself is wrong."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _PERMANENT):
+            return False
+        seen = seen.__cause__
+    return isinstance(exc, (TensorwireError, OSError))
+
+
 def _set_torch_threads(count: int) -> None:
     if count > 0:
         import torch
@@ -232,7 +249,7 @@ class ModelVersion:
         unknown = sorted(set(by_name) - {t.name for t in self.inputs})
         if unknown:
             raise InvalidArgumentError(
-                f"model {self.name!r} has no input {unknown[0]!r}; its inputs: "
+                f"model {self.name!r} has no input {admission.echo(unknown[0])}; its inputs: "
                 + ", ".join(t.name for t in self.inputs)
             )
         for spec in self.inputs:
@@ -280,7 +297,7 @@ class ModelVersion:
         for out in request.outputs:
             if out not in names:
                 raise InvalidArgumentError(
-                    f"model {self.name!r} has no output {out!r}; its outputs: {', '.join(names)}"
+                    f"model {self.name!r} has no output {admission.echo(out)}; its outputs: {', '.join(names)}"
                 )
             indexes.append(names.index(out))
         return arrays, indexes, rows or 1
@@ -437,6 +454,17 @@ class RepositoryOptions:
     fetch: Callable[[str], Awaitable[Any]] | None = None
     """Awaited with a model's name before RepositoryModelLoad reads it from the folder:
     mirrors the model from a remote (HTTP) repository (tensorwire.httppool)."""
+    max_concurrent_syncs: int = 16
+    """Models a scan brings up to date at once (each queues its versions' loads)."""
+    load_retries: int = 2
+    """Tries after the first of a model whose load failed for a transient reason
+    (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, an OSError) in the boot scan;
+    after that each poll retries it once its backoff has passed. A broken model (bad
+    config, weights that do not fit) is not retried until its files change."""
+    retry_backoff: Backoff = field(default_factory=lambda: Backoff(initial_s=0.5, max_s=10.0))
+    """Waits between those tries."""
+    max_model_bytes: int = admission.DEFAULT_MAX_MODEL_BYTES
+    """Largest model a config override may ask for (parameters and buffers)."""
     cache: ResponseCache | None = None
     """The server's response cache (its owner closes it); used by the models whose
     config enables it."""
@@ -452,6 +480,8 @@ class ModelRepository:
         self._failed: dict[str, str] = {}
         self._failed_at: dict[str, tuple[object, tuple[int, ...]]] = {}
         """(config stamp, versions on disk) of a failed load: not retried until they change."""
+        self._retry_at: dict[str, tuple[int, float]] = {}
+        """(failures, monotonic time) of a transient load failure: polls retry it after then."""
         self._unloaded: set[str] = set()
         self._overrides: dict[str, dict[str, Any]] = {}
         """RepositoryModelLoad config overrides of Triton models (their files stay as written)."""
@@ -471,6 +501,8 @@ class ModelRepository:
             self._load_module, self.options.loader, name="models"
         )
         self.ready = False
+        self._ready_event = asyncio.Event()
+        self._boot_task: asyncio.Task[None] | None = None
         self.swaps = 0
         self.cache = self.options.cache
 
@@ -482,12 +514,36 @@ class ModelRepository:
 
     # -- life cycle ---------------------------------------------------------
 
-    async def start(self) -> None:
-        """Load everything in the repository, then poll it in the background."""
-        await self.scan()
+    async def start(self, *, wait: bool = True) -> None:
+        """Load everything in the repository (the boot scan), then poll it in the background.
+
+        ``wait=False`` returns at once with the boot scan running: ``ready`` stays False
+        (health NOT_SERVING, ServerReady false) until it has tried every model, then
+        turns True whatever failed (those models are UNAVAILABLE, their reason in
+        RepositoryIndex)."""
+        if wait:
+            await self._boot()
+        else:
+            self._boot_task = asyncio.get_running_loop().create_task(self._boot(), name="repository-boot")
+
+    async def _boot(self) -> None:
+        start = time.perf_counter()
+        try:
+            await self.scan(retries=self.options.load_retries)
+        except Exception:  # e.g. the folder unreadable: serve what loaded; polls scan again
+            if not self._boot_task:
+                raise
+            log.exception("boot scan of %s failed", self.root)
         self.ready = True
+        self._ready_event.set()
+        log.info("boot scan done in %.1fs: %d models serving, %d failed", time.perf_counter() - start,
+                 len(self._models), len(self._failed))
         if self.options.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
+
+    async def until_ready(self) -> None:
+        """Return once the boot scan is done."""
+        await self._ready_event.wait()
 
     async def _poll(self) -> None:
         while True:
@@ -497,12 +553,20 @@ class ModelRepository:
             except Exception:
                 log.exception("repository scan failed")
 
-    async def scan(self) -> None:
-        """Bring every model on disk (not explicitly unloaded) up to date."""
+    async def scan(self, retries: int = 0) -> None:
+        """Bring every model on disk (not explicitly unloaded) up to date, at most
+        ``max_concurrent_syncs`` models at a time (any number of models: none is refused
+        for a full queue); a transient failure is tried again ``retries`` times."""
         names = [n for n in modelrepo.list_models(self.root) if n not in self._unloaded]
-        await asyncio.gather(*(self._sync_quietly(name) for name in names))
+        slots = asyncio.Semaphore(self.options.max_concurrent_syncs)
 
-    async def _sync_quietly(self, name: str) -> None:
+        async def one(name: str) -> None:
+            async with slots:
+                await self._sync_quietly(name, retries)
+
+        await asyncio.gather(*(one(name) for name in names))
+
+    async def _sync_quietly(self, name: str, retries: int = 0) -> None:
         path = modelrepo.config_path(self.root, name)
         try:
             stamp = path.stat().st_mtime_ns if path.exists() else None  # None: auto-completed
@@ -511,16 +575,35 @@ class ModelRepository:
             return
         if self._failed_at.get(name) == state:
             return  # failed before with exactly these files; a poll does not retry it
-        try:
-            await self.sync(name)
-            self._failed_at.pop(name, None)
-        except Exception as exc:
-            # The error is kept for RepositoryIndex; the previous versions keep serving.
-            self._failed[name] = str(exc)
-            self._failed_at[name] = state
+        failures, not_before = self._retry_at.get(name, (0, 0.0))
+        if time.monotonic() < not_before:
+            return  # a transient failure: a later poll tries again, after its backoff
+        for attempt in range(1, retries + 2):
+            try:
+                await self.sync(name)
+                self._failed_at.pop(name, None)
+                self._retry_at.pop(name, None)
+                return
+            except Exception as exc:
+                # The error is kept for RepositoryIndex; the previous versions keep serving.
+                self._failed[name] = str(exc)
+                if not _transient(exc):
+                    self._failed_at[name] = state
+                    return
+                failures += 1
+                delay = self.options.retry_backoff.delay_s(failures)
+                if attempt > retries:
+                    self._retry_at[name] = (failures, time.monotonic() + delay)
+                    return
+                log.info("model %s: load failed (%s); try %d of %d", name, exc, attempt + 1, retries + 1)
+                await asyncio.sleep(delay)
 
     async def aclose(self) -> None:
         self.ready = False
+        if self._boot_task is not None:
+            self._boot_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._boot_task
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -543,7 +626,8 @@ class ModelRepository:
         return backends.load(self.root, name, version, config, self.options.device)
 
     def _read_config(self, name: str) -> dict[str, Any]:
-        """The model's config from the repository, with its in-memory override (Triton models)."""
+        """The model's config from the repository, with its in-memory override (a Triton
+        model's for as long as it is loaded; a tensorwire kind's while its load runs)."""
         config = modelrepo.read_config(self.root, name)
         override = self._overrides.get(name)
         if override:
@@ -555,74 +639,100 @@ class ModelRepository:
         return self._locks.setdefault(name, asyncio.Lock())
 
     async def sync(self, name: str, config_override: dict[str, Any] | None = None, *, priority: int = 0) -> None:
-        """Load the versions ``name``'s policy selects, swap them in, retire the rest."""
+        """Load the versions ``name``'s policy selects, swap them in, retire the rest.
+
+        A ``config_override`` is checked against ``tensorwire.admission``'s bounds before
+        anything is built, applied in memory for the load, and written to config.json
+        (tensorwire kinds) only once every version it selects has loaded; a failed load
+        leaves the previous config and versions serving."""
         async with self._lock(name):
-            path = modelrepo.config_path(self.root, name)
-            stamp = path.stat().st_mtime_ns if path.exists() else None
-            if config_override and modelrepo.is_triton_model(self.root, name):
-                previous = self._overrides.get(name)
-                self._overrides[name] = {**(previous or {}), **config_override}
-                try:
-                    self._read_config(name)
-                except Exception:
-                    self._overrides[name] = previous or {}
-                    raise
+            if not config_override:
+                await self._sync_locked(name, priority)
+                return
+            current = await asyncio.to_thread(self._read_config, name)
+            admission.check_override(current, config_override, modelrepo.list_versions(self.root, name),
+                                     max_model_bytes=self.options.max_model_bytes)
+            previous = self._overrides.get(name)
+            self._overrides[name] = {**(previous or {}), **config_override}
+            try:
+                merged = await asyncio.to_thread(self._read_config, name)  # the whole config, validated
                 self._config_stamp.pop(name, None)  # reconsider the served versions
-            elif config_override:
-                config = modelrepo.read_config(self.root, name)
-                config.update(config_override)
-                modelrepo.write_config(self.root, name, config)
-                stamp = path.stat().st_mtime_ns
-            served = self._models.get(name)
-            available = modelrepo.list_versions(self.root, name)
-            if (
-                served is not None
-                and name in self._config_stamp and stamp == self._config_stamp[name]
-                and set(modelrepo.select_versions(served.config["version_policy"], available))
-                == set(served.routing.versions)
-            ):
-                return  # nothing changed
-            # Off the event loop: auto-completing a Triton model opens its graph file.
-            config = await asyncio.to_thread(self._read_config, name)
-            wanted = modelrepo.select_versions(config["version_policy"], available)
-            if not wanted:
-                raise NotFoundError(f"model {name!r} has no version its version_policy selects")
-            fingerprint = _fingerprint(config)
-            current = served.routing.versions if served else {}
-            keep = {
-                v: mv for v, mv in current.items()
-                if v in wanted and _fingerprint(mv.config) == fingerprint
-            }
-            for mv in keep.values():  # a kept version follows the config's cache switch
-                mv.response_cache_enabled = modelrepo.response_cache_enabled(config)
-            missing = [v for v in wanted if v not in keep]
-            futures = [self.loader.load_async((name, v, fingerprint), priority) for v in missing]
-            results = await asyncio.gather(*futures, return_exceptions=True)
-            batch_overrides = dict(self.options.batch_overrides)
-            errors = []
-            new = dict(keep)
-            for version, result in zip(missing, results):
-                self.loader.evict((name, version, fingerprint))  # the version owns it now
-                if isinstance(result, BaseException):
-                    errors.append(f"version {version}: {result}")
-                    continue
-                new[version] = ModelVersion(
-                    name, version, config, result, self.infer_executor, batch_overrides, self.options.device
-                )
-            if not new:
-                raise UnavailableError(f"model {name!r} could not be loaded: {'; '.join(errors)}")
-            # The swap: one assignment; requests that picked old versions finish on them.
-            self._models[name] = ServedModel(name, config, Routing.build(new, config["traffic"]))
-            self._config_stamp[name] = stamp
-            if errors:
-                self._failed[name] = "; ".join(errors)
-            else:
-                self._failed.pop(name, None)
-            retired = [mv for v, mv in current.items() if new.get(v) is not mv]
-            if missing:
-                self.swaps += 1
-                log.info("model %s now serves versions %s", name, sorted(new))
-            self._retire(retired)
+                await self._sync_locked(name, priority, all_or_nothing=True)
+                if not modelrepo.is_triton_model(self.root, name):
+                    # Serving now: persist it (a Triton model's config.pbtxt stays as its owner wrote it).
+                    await asyncio.to_thread(modelrepo.write_config, self.root, name, merged)
+                    self._overrides.pop(name, None)
+                    self._config_stamp[name] = modelrepo.config_path(self.root, name).stat().st_mtime_ns
+            except BaseException:
+                if previous is None:
+                    self._overrides.pop(name, None)
+                else:
+                    self._overrides[name] = previous
+                raise
+
+    async def _sync_locked(self, name: str, priority: int, *, all_or_nothing: bool = False) -> None:
+        """``sync`` under the model's lock; ``all_or_nothing``: a version that fails to
+        load fails the whole swap (nothing changes)."""
+        path = modelrepo.config_path(self.root, name)
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        served = self._models.get(name)
+        available = modelrepo.list_versions(self.root, name)
+        if (
+            served is not None
+            and name in self._config_stamp and stamp == self._config_stamp[name]
+            and set(modelrepo.select_versions(served.config["version_policy"], available))
+            == set(served.routing.versions)
+        ):
+            return  # nothing changed
+        # Off the event loop: auto-completing a Triton model opens its graph file.
+        config = await asyncio.to_thread(self._read_config, name)
+        wanted = modelrepo.select_versions(config["version_policy"], available)
+        if not wanted:
+            raise NotFoundError(f"model {name!r} has no version its version_policy selects")
+        fingerprint = _fingerprint(config)
+        current = served.routing.versions if served else {}
+        keep = {
+            v: mv for v, mv in current.items()
+            if v in wanted and _fingerprint(mv.config) == fingerprint
+        }
+        for mv in keep.values():  # a kept version follows the config's cache switch
+            mv.response_cache_enabled = modelrepo.response_cache_enabled(config)
+        missing = [v for v in wanted if v not in keep]
+        futures = [await self.loader.enqueue((name, v, fingerprint), priority) for v in missing]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        batch_overrides = dict(self.options.batch_overrides)
+        errors = []
+        new = dict(keep)
+        for version, result in zip(missing, results):
+            self.loader.evict((name, version, fingerprint))  # the version owns it now
+            if isinstance(result, BaseException):
+                errors.append(f"version {version}: {result}")
+        if errors and all_or_nothing:
+            first = next(r for r in results if isinstance(r, BaseException))
+            cls = type(first) if isinstance(first, TensorwireError) else UnavailableError
+            raise cls(f"model {name!r} was not changed: {'; '.join(errors)}") from first
+        for version, result in zip(missing, results):
+            if isinstance(result, BaseException):
+                continue
+            new[version] = ModelVersion(
+                name, version, config, result, self.infer_executor, batch_overrides, self.options.device
+            )
+        if not new:
+            raise UnavailableError(f"model {name!r} could not be loaded: {'; '.join(errors)}") from next(
+                r for r in results if isinstance(r, BaseException)
+            )
+        # The swap: one assignment; requests that picked old versions finish on them.
+        self._models[name] = ServedModel(name, config, Routing.build(new, config["traffic"]))
+        self._config_stamp[name] = stamp
+        if errors:
+            self._failed[name] = "; ".join(errors)
+        else:
+            self._failed.pop(name, None)
+        retired = [mv for v, mv in current.items() if new.get(v) is not mv]
+        if missing:
+            self.swaps += 1
+            log.info("model %s now serves versions %s", name, sorted(new))
+        self._retire(retired)
 
     def _retire(self, versions: list[ModelVersion]) -> None:
         for version in versions:
@@ -670,7 +780,7 @@ class ModelRepository:
                 raise UnavailableError(f"model {name!r} failed to load: {self._failed[name]}")
             if name in self._unloaded:
                 raise NotFoundError(f"model {name!r} is unloaded; RepositoryModelLoad serves it again")
-            raise NotFoundError(f"unknown model {name!r}")
+            raise NotFoundError(f"unknown model {admission.echo(name)}")
         return served
 
     def version_of(self, name: str, version: str) -> ModelVersion:
@@ -679,12 +789,11 @@ class ModelRepository:
         routing = served.routing
         if not version:
             return routing.pick(self._random.random())
-        if not version.isdigit():
-            raise InvalidArgumentError(f"model version must be a positive integer, got {version!r}")
-        found = routing.versions.get(int(version))
+        number = admission.parse_version(version)
+        found = routing.versions.get(number)
         if found is None:
             ready = ", ".join(str(v) for v in sorted(routing.versions))
-            raise NotFoundError(f"model {name!r} has no ready version {version} (ready: {ready})")
+            raise NotFoundError(f"model {name!r} has no ready version {number} (ready: {ready})")
         return found
 
     async def infer(self, request: InferRequest) -> InferResult:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 
 import grpc
 
-from tensorwire import tritonconfig
-from tensorwire.errors import InvalidArgumentError, TensorwireError
+from tensorwire import admission, tritonconfig
+from tensorwire.errors import TensorwireError
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.inference import model_config_pb2 as mc
@@ -40,14 +39,7 @@ def _config_override(parameters: dict) -> dict | None:
     if "config" not in parameters:
         return None
     param = parameters["config"]
-    text = param.string_param or param.bytes_param.decode(errors="replace")
-    try:
-        override = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgumentError(f"parameter 'config' is not valid JSON: {exc}") from None
-    if not isinstance(override, dict):
-        raise InvalidArgumentError("parameter 'config' must be a JSON object")
-    return override
+    return admission.parse_override(param.string_param or param.bytes_param)
 
 
 def _model_config(info: ModelInfo) -> mc.ModelConfig:

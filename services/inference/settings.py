@@ -57,6 +57,11 @@ class InferenceSettings(TorchServiceSettings):
         4096, env="MAX_QUEUE_SIZE",
         help="queued requests per model version beyond which requests get RESOURCE_EXHAUSTED", min=1,
     )
+    max_model_mb: int = setting(
+        1024, env="MAX_MODEL_MB",
+        help="largest model (parameters and buffers, counted before anything is built) that a "
+             "config override or an upload's model_args may ask for; more is RESOURCE_EXHAUSTED", min=1,
+    )
     keep_uploaded_versions: int = setting(
         10, env="KEEP_UPLOADED_VERSIONS",
         help="after a checkpoint upload (UploadModel), versions of that model kept in the "

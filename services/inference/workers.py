@@ -35,7 +35,7 @@ def _worker(settings: InferenceSettings, index: int) -> None:
     logger = twlog.configure(f"{settings.service}-{index}", settings.log_level)
     logger.info("worker %d serving on port %d", index, settings.port)
     options = options_for(settings, reuse_port=True)
-    asyncio.run(serve(options, lambda: create_app(settings, reuse_port=True)))
+    asyncio.run(serve(options, lambda: create_app(settings, reuse_port=True, wait_for_models=False)))
 
 
 def _pick_port(host: str) -> int:

@@ -195,3 +195,84 @@ async def test_metrics_tracking() -> None:
     assert m.loading == 0 and m.queue_depth == 0
     assert "2 ok, 1 failed" in repr(loader)
     await loader.aclose()
+
+
+class Model:
+    """Stands for a model's memory: a weakref tells whether anyone still holds it."""
+
+    def __init__(self) -> None:
+        self.weights = bytearray(8 << 20)
+
+
+async def test_timed_out_load_is_cancelled_and_its_memory_freed() -> None:
+    import weakref
+
+    from tensorwire.loader import check_cancelled
+
+    built: list[weakref.ref[Model]] = []
+    stopped = threading.Event()
+    release = threading.Event()
+
+    def load(key: str) -> Model:
+        model = Model()
+        built.append(weakref.ref(model))
+        try:
+            assert release.wait(10), "never released"
+            check_cancelled()  # the next stage of a load: raises once it timed out
+            return model
+        finally:
+            stopped.set()
+
+    loader = AsyncModelLoader(load, LoaderConfig(load_timeout_s=0.05))
+    with pytest.raises(DeadlineExceededError, match="load timeout of 0.05s"):
+        await loader.load("big")
+    assert loader.abandoned == 1
+    release.set()
+    assert await asyncio.to_thread(stopped.wait, 10)
+    while loader.abandoned:  # the done callback runs on the loop
+        await asyncio.sleep(0.01)
+    assert loader.get("big") is None and built and built[0]() is None  # freed, never installed
+    await loader.aclose()
+
+
+async def test_late_result_of_a_timed_out_load_is_dropped_not_cached() -> None:
+    import weakref
+
+    built: list[weakref.ref[Model]] = []
+    release = threading.Event()
+
+    def load(key: str) -> Model:  # ignores cancellation: returns late
+        model = Model()
+        built.append(weakref.ref(model))
+        assert release.wait(10)
+        return model
+
+    loader = AsyncModelLoader(load, LoaderConfig(load_timeout_s=0.05))
+    with pytest.raises(DeadlineExceededError):
+        await loader.load("late")
+    release.set()
+    while loader.abandoned:
+        await asyncio.sleep(0.01)
+    assert loader.get("late") is None and loader.loaded() == []
+    assert built[0]() is None
+    # A new load of the key runs afresh.
+    release.set()
+    assert isinstance(await loader.load("late"), Model)
+    await loader.aclose()
+
+
+async def test_enqueue_waits_for_room_instead_of_refusing() -> None:
+    fn = Gated(hold=True)
+    loader = AsyncModelLoader(fn, LoaderConfig(max_concurrent_loads=1, max_queue_size=2))
+    first = loader.load_async("a")
+    await _started(fn, 1)
+    queued = [loader.load_async("b"), loader.load_async("c")]
+    with pytest.raises(ResourceExhaustedError):
+        loader.load_async("d")  # the refusing form says so, loudly
+    waiting = asyncio.ensure_future(loader.enqueue("d"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # no room yet: waits, is not dropped
+    fn.gate.set()
+    d = await asyncio.wait_for(waiting, 10)
+    assert await asyncio.gather(first, *queued, d) == ["model<a>", "model<b>", "model<c>", "model<d>"]
+    await loader.aclose()
