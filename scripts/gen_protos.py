@@ -32,9 +32,8 @@ def proto_files() -> list[Path]:
 
 
 def generate(out: Path) -> None:
-    from grpc_tools import protoc  # imported late: only this script needs it
-
     import grpc_tools
+    from grpc_tools import protoc  # imported late: only this script needs it
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")
     files = [str(p.relative_to(PROTOS)) for p in proto_files()]

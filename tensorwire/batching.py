@@ -153,7 +153,7 @@ class BatchResultError(RuntimeError):
 
 
 class _Item(Generic[T]):
-    __slots__ = ("value", "future", "enqueued", "deadline")
+    __slots__ = ("deadline", "enqueued", "future", "value")
 
     def __init__(self, value: T, future: asyncio.Future, enqueued: float, deadline: float | None) -> None:
         self.value = value

@@ -367,10 +367,10 @@ class ResponseCache(abc.ABC):
         """Store ``value`` without making the caller wait; an entry over
         ``max_entry_bytes`` is not stored (``stats.too_large``)."""
 
-    async def flush(self) -> None:
+    async def flush(self) -> None:  # noqa: B027 - a backend without buffered writes keeps it
         """Wait until every write made so far has reached the backend."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - a backend with nothing to release keeps it
         """Release the backend (pending writes are awaited)."""
 
     @property

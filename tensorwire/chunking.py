@@ -203,11 +203,11 @@ class ChunkEncoder:
     def encode(self, raw: bytes) -> Chunk:
         crc = zlib.crc32(raw)
         codec, data = Compression.NONE, raw
-        if self.config.compression is not Compression.NONE and len(raw) > self.config.compress_min_bytes:
-            if self._should_try():
-                self.compress_attempts += 1
-                codec, data = compress(raw, self.config)
-                self._misses = 0 if codec is not Compression.NONE else self._misses + 1
+        wanted = self.config.compression is not Compression.NONE
+        if wanted and len(raw) > self.config.compress_min_bytes and self._should_try():
+            self.compress_attempts += 1
+            codec, data = compress(raw, self.config)
+            self._misses = 0 if codec is not Compression.NONE else self._misses + 1
         chunk = Chunk(self.index, self.offset, data, codec, len(raw), crc)
         self.crc32 = zlib.crc32(raw, self.crc32)
         self.index += 1

@@ -262,7 +262,8 @@ async def _supervise(args: SuiteSettings, children: list[Child], stop: asyncio.E
             page_host = f"[{page_host}]"
         print(f"tensorwire up: all services SERVING in {time.monotonic() - started:.1f}s "
               f"(trainer :{args.trainer_port}, streamer :{args.streamer_port}, "
-              f"inference :{args.inference_port}, HTTP :{args.inference_http_port}); admin token in {token_path}", flush=True)
+              f"inference :{args.inference_port}, HTTP :{args.inference_http_port}); "
+              f"admin token in {token_path}", flush=True)
         # The token travels in the URL's fragment: browsers never send it to a server
         # or in a Referer; the page moves it to sessionStorage and clears the address bar.
         print(f"tensorwire up: open http://{page_host}:{args.web_port}/#token={token}", flush=True)
@@ -289,7 +290,7 @@ async def _stop_all(children: Sequence[Child], grace_s: float) -> None:
             proc.send_signal(signal.SIGTERM)
     try:
         await asyncio.wait_for(asyncio.gather(*(p.wait() for p in alive)), grace_s + 5)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         for proc in alive:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

@@ -251,7 +251,8 @@ def read(folder: Path, name: str, newest_version: Path | None) -> dict[str, Any]
     if not cfg["inputs"] or not cfg["outputs"]:
         if newest_version is None:
             raise InvalidArgumentError(f"model {name!r} lists no inputs/outputs and has no version to read them from")
-        complete(cfg, newest_version / cfg["default_model_filename"], explicit_batch=config.max_batch_size > 0 or path.exists())
+        complete(cfg, newest_version / cfg["default_model_filename"],
+                 explicit_batch=config.max_batch_size > 0 or path.exists())
     return cfg
 
 

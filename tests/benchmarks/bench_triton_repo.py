@@ -68,7 +68,7 @@ def run_load(mode: str, target: str, model: str, concurrency: int, duration_s: f
             while (t0 := time.perf_counter()) < end:
                 try:
                     await call()
-                except Exception:  # noqa: BLE001 - counted, reported
+                except Exception:
                     errors += 1
                     continue
                 if t0 >= measure_from:

@@ -22,7 +22,7 @@ from services.gateway.app import routes_for
 from services.gateway.settings import GatewaySettings
 
 pytest.importorskip("envoy_data_plane")
-from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap  # noqa: E402
+from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
 
 # envoy-data-plane's generated models use a pydantic idiom newer pydantic deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -210,7 +210,7 @@ async def test_max_age_retires_without_failing_in_flight_calls() -> None:
 
 
 async def test_health_checks_pass() -> None:
-    async with echo_server() as (app, port, _):
+    async with echo_server() as (_app, port, _):
         async with ChannelPool(f"127.0.0.1:{port}", min_size=2) as pool:
             await pool.maintain()  # first pass is due at once
             assert pool.size == 2
@@ -220,7 +220,7 @@ async def test_health_checks_pass() -> None:
 
 
 async def test_health_check_failure_replaces_the_channel() -> None:
-    async with echo_server() as (app, port, server):
+    async with echo_server() as (_app, port, server):
         async with ChannelPool(f"127.0.0.1:{port}", min_size=1) as pool:
             await _echo(pool)
             before = pool.channels[0]
@@ -260,7 +260,7 @@ async def test_static_list_spreads_channels_over_addresses() -> None:
 
 
 async def test_closed_pool_refuses_and_closes_channels() -> None:
-    async with echo_server() as (app, port, _):
+    async with echo_server() as (_app, port, _):
         pool = ChannelPool(f"127.0.0.1:{port}")
         await _echo(pool)
         channel = pool.channels[0]
@@ -273,7 +273,7 @@ async def test_closed_pool_refuses_and_closes_channels() -> None:
 
 
 async def test_dns_target_pool_serves_calls() -> None:
-    async with echo_server() as (app, port, _):
+    async with echo_server() as (_app, port, _):
         if resolve_targets(f"dns:///localhost:{port}") != [f"127.0.0.1:{port}"]:
             pytest.skip("localhost resolves to more than 127.0.0.1 here (the server binds only that)")
         async with ChannelPool(f"dns:///localhost:{port}", min_size=1) as pool:

@@ -189,7 +189,7 @@ async def test_compression_enabled(compression: Compression, tmp_path: Path) -> 
     sparse["layer0"][0, :10] = torch.arange(10.0)
     path = tmp_path / "sparse.pt"
     torch.save(sparse, path)
-    async with transfer_server(tmp_path / "repo") as (app, channel):
+    async with transfer_server(tmp_path / "repo") as (_app, channel):
         result = await upload_checkpoint(
             channel, path, model="sparse", kind="spiral", config=ChunkConfig(compression=compression)
         )
@@ -204,7 +204,7 @@ async def test_compression_disabled_and_incompressible_payloads_go_raw(tmp_path:
     noisy = tmp_path / "noisy.pt"
     torch.manual_seed(1)
     torch.save({"w": torch.randn(512, 512)}, noisy)  # random floats: zstd saves < 20 %
-    async with transfer_server(tmp_path / "repo") as (app, channel):
+    async with transfer_server(tmp_path / "repo") as (_app, channel):
         off = await upload_checkpoint(channel, noisy, model="m", kind="spiral",
                                       config=ChunkConfig(compression=Compression.NONE))
         on = await upload_checkpoint(channel, noisy, model="m", kind="spiral")

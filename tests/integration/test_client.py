@@ -148,5 +148,5 @@ async def test_sync_client_infers_by_tensor_name_with_numpy_in_and_out(tmp_path:
         await server.stop(0.5)
     with torch.no_grad():
         expected = model(torch.from_numpy(points)).numpy()
-    (name, got), = out.items()
+    (_name, got), = out.items()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -11,7 +11,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.inference import codec
 from services.inference.app import create_app
@@ -94,7 +95,8 @@ CASES = {
     "unknown output": (raw_request("spiral", "points", "FP32", [1, 2], b"\0" * 8,
                                    outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="nope")]),
                        grpc.StatusCode.INVALID_ARGUMENT, "has no output 'nope'"),
-    "raw count mismatch": (pb.ModelInferRequest(model_name="spiral", inputs=[Input(name="points", datatype="FP32", shape=[1, 2])],
+    "raw count mismatch": (pb.ModelInferRequest(model_name="spiral",
+                                                inputs=[Input(name="points", datatype="FP32", shape=[1, 2])],
                                                 raw_input_contents=[b"\0" * 8, b"\0" * 8]),
                            grpc.StatusCode.INVALID_ARGUMENT, "1 inputs but 2 raw_input_contents"),
     "unknown model": (raw_request("nope", "points", "FP32", [1, 2], b"\0" * 8),

@@ -114,7 +114,8 @@ async def test_local_hits_skip_batcher_and_model_and_answer_the_same(tmp_path: P
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
             s = (await statistics(stub))["1"]
-            assert (s.inference_stats.cache_hit.count, s.inference_stats.cache_miss.count) == (2, 6)  # 4 bad ones missed too
+            # the 4 bad ones missed too
+            assert (s.inference_stats.cache_hit.count, s.inference_stats.cache_miss.count) == (2, 6)
             assert s.inference_stats.cache_hit.ns > 0 and s.inference_stats.cache_miss.ns > 0
             assert s.inference_stats.success.count == 4 and s.inference_count == 12
             assert s.execution_count == 2  # the model ran for the two misses only

@@ -24,7 +24,7 @@ class Authority:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.name)])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.cert = (
             x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
@@ -39,7 +39,7 @@ class Authority:
     def issue(self, name: str, *, server: bool = True, into: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
         """A leaf certificate for localhost/127.0.0.1; returns (cert path, key path)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         cert = (
             x509.CertificateBuilder()

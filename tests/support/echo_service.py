@@ -18,7 +18,6 @@ import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
-
 from pathlib import Path
 
 import grpc

@@ -20,7 +20,6 @@ import json
 import queue
 import sys
 import threading
-import time
 
 import numpy as np
 
