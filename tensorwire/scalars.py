@@ -10,10 +10,15 @@ converts to and from ``tensorwire.common.v1.ScalarBatch``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tensorwire.common.v1 import common_pb2 as cpb
+
+MAX_SERIES = 1000
+"""Most distinct scalar names one run may have (the streamer refuses more with
+INVALID_ARGUMENT; the SDK warns and leaves the new names out)."""
 
 
 @dataclass(slots=True)
@@ -28,15 +33,30 @@ class Bucket:
     count: int
 
     def merge(self, other: Bucket) -> Bucket:
+        """Both buckets as one. A NaN or infinite point makes the mean NaN (a gap in
+        the chart, never a crash); min and max keep the finite extremes."""
         n = self.count + other.count
+        mean = (self.mean * self.count + other.mean * other.count) / n
         return Bucket(
             min(self.first_step, other.first_step),
             max(self.step, other.step),
-            (self.mean * self.count + other.mean * other.count) / n,
-            min(self.lo, other.lo),
-            max(self.hi, other.hi),
+            mean if math.isfinite(mean) else math.nan,
+            _finite_min(self.lo, other.lo),
+            _finite_max(self.hi, other.hi),
             n,
         )
+
+
+def _finite_min(a: float, b: float) -> float:
+    if not math.isfinite(a):
+        return b if math.isfinite(b) else a
+    return a if not math.isfinite(b) or a <= b else b
+
+
+def _finite_max(a: float, b: float) -> float:
+    if not math.isfinite(a):
+        return b if math.isfinite(b) else a
+    return a if not math.isfinite(b) or a >= b else b
 
 
 class ScalarSeriesBuffer:
@@ -123,6 +143,14 @@ class ScalarBuffer:
 
     def __bool__(self) -> bool:
         return any(len(s) for s in self._series.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._series
+
+    @property
+    def series_count(self) -> int:
+        """Distinct names seen (taking points out does not forget a name)."""
+        return len(self._series)
 
     def last_step(self) -> int:
         return max((s.buckets[-1].step for s in self._series.values() if len(s)), default=0)
