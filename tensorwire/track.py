@@ -223,6 +223,7 @@ class Run:
         self.registered = threading.Event()
         """Set once the trainer knows the run (tests and tools wait on it)."""
         self._finished = False
+        self._final_delivered = False
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -374,7 +375,7 @@ class Run:
             self._loop.run_forever()
         finally:
             self._loop.run_until_complete(self._aclose())
-            self._loop.close()
+            # Not closed: gRPC's completion queue may still post a callback to it.
 
     async def _start(self) -> None:
         self._status_wake = asyncio.Event()
@@ -414,8 +415,7 @@ class Run:
 
     def _flushed(self) -> bool:
         streams = self._streams
-        trainer_done = not self.trainer or not self.registered.is_set() or \
-            self._status_sent_seq >= self._status_seq
+        trainer_done = not self.trainer or not self.registered.is_set() or self._final_delivered
         if streams is None or not streams.links or not streams.connected:
             return trainer_done
         idle = all(not (link.pending_status or link.scalars_ready()) for link in streams.links.values())
@@ -480,7 +480,7 @@ class Run:
                         continue
                     names.add(key)
                 try:
-                    points[key] = float(value)
+                    points[key] = float(value.detach() if hasattr(value, "detach") else value)
                 except (TypeError, ValueError, RuntimeError) as exc:
                     self._warn_once(f"value {key}", f"run {self.id}: scalar {key!r} is not a number "
                                                     f"({type(value).__name__}: {exc}); left out")
@@ -602,9 +602,9 @@ class Run:
         call = stub.AttachRun(statuses())
         async for control in call:
             self._apply(control)
-            if self._state in TERMINAL and self._status_sent_seq >= self._status_seq:
-                call.cancel()
-                return
+        # The trainer ends the stream once ours ended: after the final status.
+        if self._state in TERMINAL and self._status_sent_seq >= self._status_seq:
+            self._final_delivered = True
 
     def _apply(self, control: tpb.AttachRunResponse) -> None:
         if dict(control.params) and dict(control.params) != dict(self._params):
