@@ -117,17 +117,22 @@ def load(
                 const="false", help=argparse.SUPPRESS,
             )
             continue
+        repeatable = hints[f.name] == tuple[str, ...]
         parser.add_argument(
             _flag(f.name),
             dest=f.name,
             default=None,
             metavar=f.name.upper(),
-            help=f"{f.metadata['help']} (env {env_name}; default {_show(f.default)})",
+            action="append" if repeatable else "store",
+            help=f"{f.metadata['help']} (env {env_name}; default {_show(f.default)}"
+                 f"{'; repeatable' if repeatable else ''})",
         )
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for f in fields:
         raw, source = getattr(args, f.name), _flag(f.name)
+        if isinstance(raw, list):  # a repeatable flag: each use, each a comma list too
+            raw = ",".join(raw)
         name = prefix + f.metadata["env"]
         if raw is None and name in env:
             raw, source = env[name], name

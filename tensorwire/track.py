@@ -13,7 +13,7 @@
         run.wait_if_paused()                             # Pause/Resume in the browser
         lr = run.params["learning_rate"]                 # changed live (UpdateRun)
     run.checkpoint(model, name="my-cnn", inputs=x)       # exported, pushed to inference
-    run.finish()
+    run.finish()                                         # (else at exit: completed/stopped)
 
 Nothing here blocks the training loop on the network. ``log`` appends to a
 deque (a fraction of a microsecond); ``view`` stores a callback; the rest happens
@@ -128,7 +128,9 @@ def init(
     ``dns:///`` for the streamer), else ``TENSORWIRE_STREAMER``,
     ``TENSORWIRE_TRAINER``, ``TENSORWIRE_INFERENCE``, else the local suite's
     ports; ``""`` turns that connection off. ``params``: numbers, changeable live
-    from the browser. ``token``: a bearer token with the publisher role (else from
+    from the browser: ``run.params`` has the current values, and a dict passed
+    here is updated in place too (one key at a time, from the background thread),
+    so a script that reads its own ``params[...]`` every step follows the browser. ``token``: a bearer token with the publisher role (else from
     the environment).
     """
     values = dict(params or {})
@@ -138,6 +140,7 @@ def init(
         values[key] = float(value)
     if _rank() != 0:
         return DisabledRun(values)
+    shared = params if isinstance(params, dict) else None
     security = ClientSecurity.from_env()
     if token is not None:
         security = ClientSecurity(TokenSource(token), security.tls)
@@ -146,7 +149,7 @@ def init(
         trainer=_address(trainer, "TENSORWIRE_TRAINER", DEFAULT_TRAINER),
         inference=_address(inference, "TENSORWIRE_INFERENCE", DEFAULT_INFERENCE),
         security=security, run_id=run_id or uuid.uuid4().hex[:12], max_fps=max_fps,
-        view_cpu_budget=view_cpu_budget, tick_s=tick_s, max_points=max_points,
+        view_cpu_budget=view_cpu_budget, tick_s=tick_s, max_points=max_points, shared_params=shared,
     )
 
 
@@ -174,6 +177,7 @@ class Run:
         max_points: int = 512,
         status_interval_s: float = 0.25,
         finish_timeout_s: float = 5.0,
+        shared_params: dict[str, Any] | None = None,
     ) -> None:
         if not 0 < max_fps <= 60:
             raise ValueError(f"max_fps must be in (0, 60], got {max_fps}")
@@ -188,6 +192,7 @@ class Run:
         self.status_interval_s = status_interval_s
         self.finish_timeout_s = finish_timeout_s
         self._params: Mapping[str, float] = MappingProxyType(dict(params))
+        self._shared_params = shared_params
         # -- written by the training thread, read by the background thread --
         self._queue: collections.deque[tuple[int, float, dict[str, Any]]] = collections.deque()
         self._views: dict[str, Callable[[], Any]] = {}
@@ -609,6 +614,11 @@ class Run:
     def _apply(self, control: tpb.AttachRunResponse) -> None:
         if dict(control.params) and dict(control.params) != dict(self._params):
             self._params = MappingProxyType({**self._params, **control.params})
+            if self._shared_params is not None:  # the script's own dict follows too
+                for key, value in control.params.items():
+                    if self._shared_params.get(key) != value:
+                        old = self._shared_params.get(key)
+                        self._shared_params[key] = int(value) if isinstance(old, int) and value == int(value) else value
             self._bump_status()
         self._stop = self._stop or control.stop
         self._paused = control.paused and not self._stop

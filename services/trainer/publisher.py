@@ -54,12 +54,13 @@ class Publisher:
         resolve_every_s: float = 30.0,
         backoff_max_s: float = 1.0,
         security: ClientSecurity | None = None,
+        task_modules: tuple[str, ...] = (),
     ) -> None:
         self.runs = runs
         self.target = target
         self.max_fps = max_fps
         self.view_cpu_budget = view_cpu_budget
-        self.view_worker = ViewWorker() if view_process else None
+        self.view_worker = ViewWorker(task_modules) if view_process else None
         self.status_interval_s = status_interval_s
         self.tick_s = tick_s
         self.streams = StreamLinks(
