@@ -19,6 +19,7 @@ load it (they have it already).
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,7 @@ def export_model(module: Any, inputs: tuple[Any, ...], repository: Path, name: s
         try:
             traced = torch.jit.trace(module, inputs)
         except Exception as trace_error:
+            shutil.rmtree(staging, ignore_errors=True)
             raise ValueError(
                 f"cannot export model {name!r}: torch.export failed ({export_error}) and "
                 f"TorchScript tracing failed ({trace_error})"
