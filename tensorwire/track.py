@@ -643,7 +643,7 @@ class DisabledRun(Run):
     """What ``init`` returns on a torch.distributed rank other than 0: every call
     does nothing (rank 0 publishes the run)."""
 
-    def __init__(self, params: dict[str, float]) -> None:  # noqa: D107  (no thread, no network)
+    def __init__(self, params: dict[str, float]) -> None:
         self.id = ""
         self.task = ""
         self._params = MappingProxyType(dict(params))

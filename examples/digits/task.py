@@ -26,7 +26,7 @@ from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.tasks import COMMON_PARAMS, Param, RunConfig, Task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # digits.py beside this file, loaded by path
-from digits import DigitsCNN, load_digits_split  # noqa: E402
+from digits import DigitsCNN, load_digits_split
 
 
 class DigitsTask(Task):

@@ -38,7 +38,8 @@ def main() -> None:
         accuracy = (logits.argmax(1) == y_train[batch]).float().mean()
     with torch.no_grad():
         test_accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-    print(f"step {step}: loss {loss.item():.4f}, test accuracy {test_accuracy:.3f}")
+    print(f"step {step}: loss {loss.item():.4f}, batch accuracy {accuracy.item():.3f}, "
+          f"test accuracy {test_accuracy:.3f}")
     torch.save(model.state_dict(), "digits-cnn.pt")
 
 

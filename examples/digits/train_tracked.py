@@ -42,7 +42,8 @@ def main() -> None:
         run.wait_if_paused()
     with torch.no_grad():
         test_accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-    print(f"step {step}: loss {loss.item():.4f}, test accuracy {test_accuracy:.3f}")
+    print(f"step {step}: loss {loss.item():.4f}, batch accuracy {accuracy.item():.3f}, "
+          f"test accuracy {test_accuracy:.3f}")
     run.checkpoint(model, name="digits-cnn", inputs=x_test[:8]).result()
 
 

@@ -25,9 +25,9 @@ import torch
 from tensorwire import modelrepo
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.errors import (
+    AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
-    AlreadyExistsError,
     NotFoundError,
     ResourceExhaustedError,
     TensorwireError,

@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples" / "digits"))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from digits import DigitsCNN, load_digits_split  # noqa: E402
+import torch
+import torch.nn.functional as F
+from digits import DigitsCNN, load_digits_split
 
-import tensorwire  # noqa: E402
+import tensorwire
 
 
 def free_port() -> int:

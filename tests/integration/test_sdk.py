@@ -22,7 +22,6 @@ from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.scalars import MAX_SERIES
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
-from tensorwire.track import SDKWarning
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
 from tests.conftest import free_port

@@ -26,7 +26,7 @@ DIGITS = ROOT / "examples" / "digits"
 
 async def test_the_tracked_digits_script_is_listed_and_exported(tmp_path: Path) -> None:
     port = free_port()
-    async with streamer_on(port), trainer_for(tmp_path, port) as (app, server):
+    async with streamer_on(port), trainer_for(tmp_path, port) as (_, server):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TENSORWIRE_STREAMER": f"127.0.0.1:{port}",
                "TENSORWIRE_TRAINER": f"127.0.0.1:{server.port}", "TENSORWIRE_INFERENCE": "",
                "TENSORWIRE_EXPORT_DIR": str(tmp_path / "models")}
