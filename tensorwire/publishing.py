@@ -295,9 +295,11 @@ class StreamLinks:
                 if not (link.pending_status or link.pending_views or link.scalars_ready()):
                     link.wake.clear()
                     waiter = asyncio.create_task(link.wake.wait())
-                    done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                    if reader in done:
+                    try:
+                        done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
                         waiter.cancel()
+                    if reader in done:
                         reader.result()
                         return
                     continue

@@ -104,9 +104,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                     paused, stop, params = control
                     yield pb.AttachRunResponse(paused=paused, stop=stop, params=params)
                 waiter = asyncio.create_task(loop.changed.wait())
-                done, _ = await asyncio.wait({reader, waiter}, timeout=1.0,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+                try:
+                    done, _ = await asyncio.wait({reader, waiter}, timeout=1.0,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
                 if reader in done:
                     reader.result()  # raises what the reader raised
                     return
