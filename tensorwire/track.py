@@ -211,7 +211,7 @@ class Run:
         self._metrics: dict[str, float] = {}
         self._rate = 0.0
         self._rate_mark = (time.monotonic(), 0)
-        self._state = cpb.RUN_STATE_RUNNING
+        self._state: int = cpb.RUN_STATE_RUNNING
         self._error = ""
         self._notes: list[str] = []
         self._status_seq = 0

@@ -60,10 +60,10 @@ def _where(exc: BaseException, path: Path | None) -> str:
         return f"{exc.filename}:{exc.lineno}"
     frames = traceback.extract_tb(exc.__traceback__)
     own = [f for f in frames if path is not None and Path(f.filename).resolve() == path.resolve()]
-    frame = (own or frames or [None])[-1]
-    if frame is None:
+    chosen = own or list(frames)
+    if not chosen:
         return str(path) if path is not None else "?"
-    return f"{frame.filename}:{frame.lineno}"
+    return f"{chosen[-1].filename}:{chosen[-1].lineno}"
 
 
 def _import(spec: str) -> tuple[ModuleType, Path | None]:
