@@ -238,3 +238,51 @@ async def test_bad_input_of_script_rpcs(tmp_path: Path) -> None:
             await asyncio.to_thread(run.finish)
         assert app.runs.get_run(run.id).state == cpb.RUN_STATE_COMPLETED
         assert app.runs.get_run(run.id).loop.status.step == 1
+
+
+async def test_the_script_re_registers_when_the_trainer_restarts(tmp_path: Path) -> None:
+    """A trainer restart loses its runs; the script registers its run again by itself,
+    with its id and its current params, and goes on being listed and controlled."""
+    import dataclasses
+
+    from services.trainer.app import create_app as create_trainer
+    from services.trainer.settings import TrainerSettings
+    from tensorwire.server import GrpcServer, ServerOptions
+    from tests.conftest import settings_for
+
+    sport, tport = free_port(), free_port()
+
+    async def trainer_up() -> tuple[Any, GrpcServer]:
+        settings = settings_for(TrainerSettings, tmp_path, streamer_target=f"127.0.0.1:{sport}",
+                                inference_target="", checkpoint_every_s=0.0)
+        app = await create_trainer(dataclasses.replace(settings))
+        server = GrpcServer(ServerOptions(name="trainer", host="127.0.0.1", port=tport, grace_s=0.2), app)
+        await server.start()
+        return app, server
+
+    async with streamer_on(sport):
+        app, server = await trainer_up()
+        run = tensorwire.init(task="restart", params={"learning_rate": 0.05},
+                              streamer=f"127.0.0.1:{sport}", trainer=f"127.0.0.1:{tport}")
+        script = Script(run)
+        try:
+            await until(lambda: run.registered.is_set())
+            await until(lambda: app.runs.get_run(run.id).loop.status.step > 10)
+            await server.stop(0.1)
+            held = script.step
+            await asyncio.sleep(0.5)
+            assert script.step > held  # training goes on while the trainer is away
+            app, server = await trainer_up()
+            await until(lambda: any(r.run_id == run.id for r in app.runs.list_runs()), 30)
+            got = app.runs.get_run(run.id)
+            assert got.external and got.task.name == "restart"
+            await until(lambda: app.runs.get_run(run.id).loop.status.step > script.step - 50, 30)
+            app.runs.update_run(run.id, {"learning_rate": 0.02})  # control works again
+            await until(lambda: run.params["learning_rate"] == pytest.approx(0.02))
+            await app.runs.stop_run(run.id)
+            await asyncio.to_thread(script.thread.join, 20)
+            assert app.runs.get_run(run.id).state == cpb.RUN_STATE_STOPPED
+        finally:
+            run._stop = True  # noqa: SLF001  (ends the script's loop if an assertion failed)
+            await asyncio.to_thread(script.thread.join, 20)
+            await server.stop(0.1)
