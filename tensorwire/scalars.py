@@ -11,7 +11,7 @@ converts to and from ``tensorwire.common.v1.ScalarBatch``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from tensorwire.common.v1 import common_pb2 as cpb
@@ -154,6 +154,29 @@ class ScalarBuffer:
 
     def last_step(self) -> int:
         return max((s.buckets[-1].step for s in self._series.values() if len(s)), default=0)
+
+
+def bucketize(steps: Sequence[int], values: Sequence[float], max_points: int) -> list[Bucket]:
+    """A fresh run of points as buckets: one per point when they fit in ``max_points``,
+    else about ``max_points / 2`` buckets of equal point count, reduced with numpy (the
+    SDK's drain: far cheaper than adding points one by one). NaN/inf make a bucket's
+    mean NaN (a gap); min/max skip NaN."""
+    n = len(steps)
+    if n <= max_points:
+        return [Bucket(s, s, v, v, v, 1) for s, v in zip(steps, values)]
+    import numpy as np
+
+    starts = np.unique(np.linspace(0, n, max(2, max_points // 2), endpoint=False).astype(np.int64))
+    vals = np.asarray(values, dtype=np.float64)
+    st = np.asarray(steps, dtype=np.int64)
+    counts = np.diff(np.append(starts, n))
+    with np.errstate(invalid="ignore", over="ignore"):
+        means = np.add.reduceat(vals, starts) / counts
+    means[~np.isfinite(means)] = np.nan
+    lows, highs = np.fmin.reduceat(vals, starts), np.fmax.reduceat(vals, starts)
+    firsts, lasts = np.minimum.reduceat(st, starts), np.maximum.reduceat(st, starts)
+    return [Bucket(int(f), int(la), float(m), float(lo), float(hi), int(c))
+            for f, la, m, lo, hi, c in zip(firsts, lasts, means, lows, highs, counts)]
 
 
 def to_batch(series: Mapping[str, list[Bucket]]) -> cpb.ScalarBatch:

@@ -70,7 +70,7 @@ from tensorwire.auth import ClientSecurity, TokenSource
 from tensorwire.channels import ChannelPool
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.publishing import StreamLinks
-from tensorwire.scalars import MAX_SERIES, Bucket, ScalarBuffer
+from tensorwire.scalars import MAX_SERIES, Bucket, ScalarBuffer, bucketize
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
@@ -467,35 +467,44 @@ class Run:
             self._maybe_build_views(now)
 
     def _drain(self) -> dict[str, list[Bucket]]:
+        """Every point logged since the last tick, as buckets per name (bounded)."""
         queue = self._queue
         if not queue:
             return {}
-        buffer = ScalarBuffer(self._scalars.max_points)
         names = self._names
-        latest: dict[str, float] = {}
+        points: dict[str, tuple[list[int], list[float]]] = {}
         while queue:
             step, produced_at, values = queue.popleft()
-            points: dict[str, float] = {}
             for key, value in values.items():
-                if key not in names:
-                    if len(names) >= MAX_SERIES:
-                        self._dropped_names += 1
-                        self._warn_once("names", f"run {self.id}: more than {MAX_SERIES} distinct scalar "
-                                                 f"names; {key!r} and later new names are not published")
-                        continue
-                    names.add(key)
+                entry = points.get(key)
+                if entry is None:
+                    if key not in names:
+                        if len(names) >= MAX_SERIES:
+                            self._dropped_names += 1
+                            self._warn_once("names", f"run {self.id}: more than {MAX_SERIES} distinct "
+                                                     f"scalar names; {key!r} and later new names are "
+                                                     "not published")
+                            continue
+                        names.add(key)
+                    entry = points[key] = ([], [])
                 try:
-                    points[key] = float(value.detach() if hasattr(value, "detach") else value)
+                    number = float(value.detach() if hasattr(value, "detach") else value)
                 except (TypeError, ValueError, RuntimeError) as exc:
                     self._warn_once(f"value {key}", f"run {self.id}: scalar {key!r} is not a number "
                                                     f"({type(value).__name__}: {exc}); left out")
-            if points:
-                buffer.add(step, points)
-                latest.update(points)
-            self._step = max(self._step, step)
+                    continue
+                entry[0].append(step)
+                entry[1].append(number)
+            if step > self._step:
+                self._step = step
             self._produced_at = produced_at
-        self._metrics.update(latest)
-        return buffer.take()
+        max_points = self._scalars.max_points
+        out = {}
+        for key, (steps, numbers) in points.items():
+            if steps:
+                self._metrics[key] = numbers[-1]
+                out[key] = bucketize(steps, numbers, max_points)
+        return out
 
     def status_message(self) -> cpb.RunStatus:
         error = self._error or "; ".join(self._notes)

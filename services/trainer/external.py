@@ -156,6 +156,10 @@ class ExternalLoop:
         if self._attachment == attachment:
             self._attached = False
             self._detached_at = self._clock()
+            if self._stopping and self.status.state not in TERMINAL:
+                # Stop was asked and the script went away: it obeyed (its last word lost).
+                self.mark(cpb.RUN_STATE_STOPPED)
+                self._ended.set()
 
     def control(self) -> tuple[bool, bool, dict[str, float]]:
         """(paused, stop, params) as the script should have them."""

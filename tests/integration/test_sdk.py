@@ -84,6 +84,7 @@ async def test_script_run_is_listed_watched_and_controlled(tmp_path: Path) -> No
             listed = (await trainer.ListRuns(tpb.ListRunsRequest())).runs
             assert run.id in [r.run_id for r in listed]
             await until(lambda: app.runs.get_run(run.id).loop.status.step > 20)
+            await until(lambda: app.runs.get_run(run.id).loop.status.steps_per_second > 0)
             got = await get_run(trainer, run.id)
             assert got.task == "my-mlp" and got.state == cpb.RUN_STATE_RUNNING
             assert got.params["learning_rate"] == pytest.approx(0.05)
@@ -281,7 +282,7 @@ async def test_the_script_re_registers_when_the_trainer_restarts(tmp_path: Path)
             await until(lambda: run.params["learning_rate"] == pytest.approx(0.02))
             await app.runs.stop_run(run.id)
             await asyncio.to_thread(script.thread.join, 20)
-            assert app.runs.get_run(run.id).state == cpb.RUN_STATE_STOPPED
+            await until(lambda: app.runs.get_run(run.id).state == cpb.RUN_STATE_STOPPED)
         finally:
             run._stop = True  # noqa: SLF001  (ends the script's loop if an assertion failed)
             await asyncio.to_thread(script.thread.join, 20)
