@@ -246,7 +246,7 @@ class Run:
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if exc is None or isinstance(exc, KeyboardInterrupt):
             self.finish("stopped" if self._stop or exc is not None else "completed")
         else:
@@ -495,8 +495,7 @@ class Run:
                     continue
                 entry[0].append(step)
                 entry[1].append(number)
-            if step > self._step:
-                self._step = step
+            self._step = max(self._step, step)
             self._produced_at = produced_at
         max_points = self._scalars.max_points
         out = {}

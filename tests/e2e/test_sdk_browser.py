@@ -14,7 +14,16 @@ import pytest
 
 from tensorwire.trainer.v1 import trainer_pb2 as pb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as rpc
-from tests.e2e.conftest import CHROMIUM, ROOT, Process, Stack, browser, ensure_bundle, screenshot, wait_http
+from tests.e2e.conftest import (
+    CHROMIUM,
+    ROOT,
+    Process,
+    Stack,
+    browser,
+    ensure_bundle,
+    screenshot,
+    wait_http,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

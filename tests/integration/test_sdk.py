@@ -284,6 +284,6 @@ async def test_the_script_re_registers_when_the_trainer_restarts(tmp_path: Path)
             await asyncio.to_thread(script.thread.join, 20)
             await until(lambda: app.runs.get_run(run.id).state == cpb.RUN_STATE_STOPPED)
         finally:
-            run._stop = True  # noqa: SLF001  (ends the script's loop if an assertion failed)
+            run._stop = True
             await asyncio.to_thread(script.thread.join, 20)
             await server.stop(0.1)
