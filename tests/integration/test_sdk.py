@@ -211,6 +211,13 @@ async def test_bad_input_of_script_rpcs(tmp_path: Path) -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await getattr(trainer, verb)(request(run_id="missing"))
                 assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            own = (await trainer.StartRun(tpb.StartRunRequest(task="spiral", params={"max_steps": 1}))).run
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await one(own.run_id)  # the trainer's own run takes no script
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await trainer.RegisterRun(tpb.RegisterRunRequest(run_id=own.run_id, task="spiral"))
+            assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
             registered = (await trainer.RegisterRun(tpb.RegisterRunRequest(run_id="abc", task="t"))).run
             again = (await trainer.RegisterRun(tpb.RegisterRunRequest(run_id="abc", task="t"))).run
             assert registered.run_id == again.run_id == "abc"
