@@ -73,6 +73,9 @@ _TABLE: Final[dict[str, dict[str, Role | None]]] = {
     "tensorwire.trainer.v1.TrainerService": {
         "ListTasks": _V, "ListRuns": _V, "GetRun": _V,
         "StartRun": _O, "PauseRun": _O, "ResumeRun": _O, "StopRun": _O, "UpdateRun": _O,
+        # A training script (the SDK) registers its run and takes its control over a
+        # stream: it is a publisher, like the identity it publishes to the streamer with.
+        "RegisterRun": _P, "AttachRun": _P,
     },
     "tensorwire.streamer.v1.StreamerService": {"Subscribe": _V, "Publish": _P},
     "inference.GRPCInferenceService": {

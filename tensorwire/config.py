@@ -157,7 +157,8 @@ def load(
                 const="false", help=argparse.SUPPRESS,
             )
             continue
-        repeatable = f.metadata.get("repeatable", False)
+        entries = f.metadata.get("repeatable", False)  # whole entries, env separated by ;
+        repeatable = entries or hints[f.name] == tuple[str, ...]  # comma lists, flag repeatable
         parser.add_argument(
             _flag(f.name),
             dest=f.name,
@@ -165,13 +166,15 @@ def load(
             action="append" if repeatable else "store",
             metavar=f.name.upper(),
             help=f"{f.metadata['help']} ({'repeatable; ' if repeatable else ''}"
-                 f"env {env_name}{', values separated by ;' if repeatable else ''}; "
+                 f"env {env_name}{', values separated by ;' if entries else ''}; "
                  f"default {_show(f.default)})",
         )
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for f in fields:
         raw, source = getattr(args, f.name), _flag(f.name)
+        if isinstance(raw, list) and not f.metadata.get("repeatable"):
+            raw = ",".join(raw)  # a list flag given several times: each use a comma list too
         name = prefix + f.metadata["env"]
         if raw is None and name in env:
             raw, source = env[name], name

@@ -10,10 +10,15 @@ converts to and from ``tensorwire.common.v1.ScalarBatch``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from tensorwire.common.v1 import common_pb2 as cpb
+
+MAX_SERIES = 1000
+"""Most distinct scalar names one run may have (the streamer refuses more with
+INVALID_ARGUMENT; the SDK warns and leaves the new names out)."""
 
 
 @dataclass(slots=True)
@@ -28,15 +33,30 @@ class Bucket:
     count: int
 
     def merge(self, other: Bucket) -> Bucket:
+        """Both buckets as one. A NaN or infinite point makes the mean NaN (a gap in
+        the chart, never a crash); min and max keep the finite extremes."""
         n = self.count + other.count
+        mean = (self.mean * self.count + other.mean * other.count) / n
         return Bucket(
             min(self.first_step, other.first_step),
             max(self.step, other.step),
-            (self.mean * self.count + other.mean * other.count) / n,
-            min(self.lo, other.lo),
-            max(self.hi, other.hi),
+            mean if math.isfinite(mean) else math.nan,
+            _finite_min(self.lo, other.lo),
+            _finite_max(self.hi, other.hi),
             n,
         )
+
+
+def _finite_min(a: float, b: float) -> float:
+    if not math.isfinite(a):
+        return b if math.isfinite(b) else a
+    return a if not math.isfinite(b) or a <= b else b
+
+
+def _finite_max(a: float, b: float) -> float:
+    if not math.isfinite(a):
+        return b if math.isfinite(b) else a
+    return a if not math.isfinite(b) or a >= b else b
 
 
 class ScalarSeriesBuffer:
@@ -124,8 +144,39 @@ class ScalarBuffer:
     def __bool__(self) -> bool:
         return any(len(s) for s in self._series.values())
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._series
+
+    @property
+    def series_count(self) -> int:
+        """Distinct names seen (taking points out does not forget a name)."""
+        return len(self._series)
+
     def last_step(self) -> int:
         return max((s.buckets[-1].step for s in self._series.values() if len(s)), default=0)
+
+
+def bucketize(steps: Sequence[int], values: Sequence[float], max_points: int) -> list[Bucket]:
+    """A fresh run of points as buckets: one per point when they fit in ``max_points``,
+    else about ``max_points / 2`` buckets of equal point count, reduced with numpy (the
+    SDK's drain: far cheaper than adding points one by one). NaN/inf make a bucket's
+    mean NaN (a gap); min/max skip NaN."""
+    n = len(steps)
+    if n <= max_points:
+        return [Bucket(s, s, v, v, v, 1) for s, v in zip(steps, values)]
+    import numpy as np
+
+    starts = np.unique(np.linspace(0, n, max(2, max_points // 2), endpoint=False).astype(np.int64))
+    vals = np.asarray(values, dtype=np.float64)
+    st = np.asarray(steps, dtype=np.int64)
+    counts = np.diff(np.append(starts, n))
+    with np.errstate(invalid="ignore", over="ignore"):
+        means = np.add.reduceat(vals, starts) / counts
+    means[~np.isfinite(means)] = np.nan
+    lows, highs = np.fmin.reduceat(vals, starts), np.fmax.reduceat(vals, starts)
+    firsts, lasts = np.minimum.reduceat(st, starts), np.maximum.reduceat(st, starts)
+    return [Bucket(int(f), int(la), float(m), float(lo), float(hi), int(c))
+            for f, la, m, lo, hi, c in zip(firsts, lasts, means, lows, highs, counts)]
 
 
 def to_batch(series: Mapping[str, list[Bucket]]) -> cpb.ScalarBatch:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from tensorwire import arrays
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
-from tensorwire.scalars import Bucket, ScalarBuffer, from_batch, to_batch
+from tensorwire.scalars import MAX_SERIES, Bucket, ScalarBuffer, from_batch, to_batch
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 log = logging.getLogger(__name__)
@@ -272,19 +272,29 @@ class UpdateHub:
             topic.status_version += 1
         elif body == "scalars":
             series = from_batch(req.scalars)
+            new = [name for name in series if name not in topic.history]
+            if new and topic.history.series_count + len(new) > MAX_SERIES:
+                raise InvalidArgumentError(
+                    f"run {req.run_id!r} would have {topic.history.series_count + len(new)} scalar "
+                    f"series (new: {', '.join(new[:3])}{', ...' if len(new) > 3 else ''}); "
+                    f"a run may have at most {MAX_SERIES} distinct scalar names"
+                )
             topic.history.extend(series)
             topic.seq += 1
             topic.log.append((topic.seq, series))
             self._trim_log(topic)
         elif body == "view":
             view = req.view
+            # Latest wins per view: a run's views are told apart by name (SDK scripts
+            # may show several of one kind), else by kind.
+            key = view.name or view.kind
             cached = CachedView(view.kind, view.step or req.step, view.produced_at or req.produced_at, view)
-            topic.views[view.kind] = cached
+            topic.views[key] = cached
             for sub in topic.subscribers:
                 if sub.wants(view.kind):
-                    if view.kind in sub.pending_views:
+                    if key in sub.pending_views:
                         sub.views_skipped += 1
-                    sub.pending_views[view.kind] = cached
+                    sub.pending_views[key] = cached
         else:
             raise InvalidArgumentError(f"PublishRequest for run {req.run_id!r} has no body")
 
@@ -400,10 +410,10 @@ class UpdateHub:
         if history:
             step = max(b[-1].step for b in history.values())
             out.append(spb.Frame(step=step, scalars=to_batch(history)).SerializeToString() + suffix)
-        for kind, cached in topic.views.items():
-            if sub.wants(kind):
+        for key, cached in topic.views.items():
+            if sub.wants(cached.kind):
                 out.append(cached.frame(sub.codec) + suffix)
-                sub.pending_views.pop(kind, None)
+                sub.pending_views.pop(key, None)
         return out
 
     # -- the ticker -------------------------------------------------------
@@ -460,8 +470,8 @@ class UpdateHub:
                 out.append((frame + suffix, False))
         if sub.views_due:
             sub.views_due = False
-            for kind in list(sub.pending_views):
-                cached = sub.pending_views.pop(kind)
+            for key in list(sub.pending_views):
+                cached = sub.pending_views.pop(key)
                 out.append((cached.frame(sub.codec) + suffix, True))
         return out
 

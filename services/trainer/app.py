@@ -14,10 +14,12 @@ from tensorwire.trainer.v1 import trainer_pb2 as pb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as pb_grpc
 
 from .announce import ModelAnnouncer
+from .plugins import load_tasks
 from .publisher import Publisher
 from .runs import RunManager
 from .servicer import TrainerServicer
 from .settings import TrainerSettings
+from .tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +35,14 @@ class TrainerApp:
     def __init__(self, settings: TrainerSettings) -> None:
         self.settings = settings
         torch.set_num_threads(settings.torch_threads)
+        plugins, self.plugin_errors = load_tasks(settings.task_module, taken=TASKS)
         self.runs = RunManager(
             settings.model_repository,
             checkpoint_every_steps=settings.checkpoint_every_steps,
             checkpoint_every_s=settings.checkpoint_every_s,
             keep_checkpoints=settings.keep_checkpoints,
             max_active_runs=settings.max_active_runs,
+            tasks={**TASKS, **plugins},
             device=resolve_device(settings.device, settings.env_prefix),
         )
         security = settings.client_security()
@@ -49,6 +53,7 @@ class TrainerApp:
         self.publisher = Publisher(
             self.runs, settings.streamer_target, max_fps=settings.max_fps,
             view_cpu_budget=settings.view_cpu_budget, view_process=settings.view_process,
+            task_modules=settings.task_module,
             security=security,
         )
         self.demo_run_id: str | None = None

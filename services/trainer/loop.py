@@ -145,6 +145,10 @@ class TrainingLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def error(self) -> str:
+        return self.status.error
+
     def take_scalars(self) -> dict[str, list[Bucket]]:
         """Every metric point since the last call (merged into buckets if many)."""
         with self._lock:

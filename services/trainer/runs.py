@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import re
 import threading
 import time
 import uuid
@@ -23,6 +25,7 @@ import torch
 from tensorwire import modelrepo
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.errors import (
+    AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -30,10 +33,14 @@ from tensorwire.errors import (
     TensorwireError,
 )
 
+from .external import ExternalLoop, ExternalTask
 from .loop import TERMINAL, Snapshot, TrainingLoop
 from .tasks import TASKS, RunConfig, Task
 
 log = logging.getLogger(__name__)
+
+RUN_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+"""What a script may choose as its run id (the trainer's own are 12 hex digits)."""
 
 CheckpointListener = Callable[[str, int], None]
 """Called (from the writer thread) with (model name, version) after each write."""
@@ -45,7 +52,7 @@ class Run:
 
     run_id: str
     task: Task
-    loop: TrainingLoop
+    loop: TrainingLoop | ExternalLoop
     seed: int
     publish_as: tuple[str, ...] = ()
     created_at: float = field(default_factory=time.time)
@@ -64,6 +71,15 @@ class Run:
     @property
     def config(self) -> RunConfig:
         return self.loop.config
+
+    @property
+    def external(self) -> bool:
+        """Trained by a script of its own (the SDK), not by this trainer."""
+        return isinstance(self.loop, ExternalLoop)
+
+    @property
+    def error(self) -> str:
+        return self.loop.error
 
 
 class CheckpointWriter:
@@ -147,6 +163,7 @@ class RunManager:
         checkpoint_every_s: float = 30.0,
         keep_checkpoints: int = 0,
         max_active_runs: int = 8,
+        max_external_runs: int = 256,
         tasks: Mapping[str, Task] = TASKS,
         device: torch.device | None = None,
     ) -> None:
@@ -156,6 +173,7 @@ class RunManager:
         self._ckpt_steps = checkpoint_every_steps
         self._ckpt_s = checkpoint_every_s
         self._max_active = max_active_runs
+        self._max_external = max_external_runs
         self.listeners: list[CheckpointListener] = []
         self._writer = (
             CheckpointWriter(model_repository, self.listeners, keep_checkpoints) if model_repository else None
@@ -196,7 +214,7 @@ class RunManager:
     ) -> Run:
         task = self.task(task_name)
         config = task.configure(params, options)
-        active = sum(1 for r in self._runs.values() if r.state not in TERMINAL)
+        active = sum(1 for r in self._runs.values() if not r.external and r.state not in TERMINAL)
         if active >= self._max_active:
             raise ResourceExhaustedError(
                 f"{active} runs are active, the limit is {self._max_active}; stop one first"
@@ -217,6 +235,48 @@ class RunManager:
         log.info("run %s: task %s started (seed %d, params %s, options %s)",
                  run_id, task.name, seed, config.params, config.options)
         return run
+
+    def register_run(self, run_id: str, task_name: str, params: Mapping[str, float]) -> Run:
+        """A run that a script trains itself (the SDK). The same id and task again
+        re-adopt the run (a reconnecting script, or one whose trainer restarted)."""
+        task_name = task_name.strip()
+        if not task_name or len(task_name) > 128:
+            raise InvalidArgumentError("task must be a label of 1 to 128 characters")
+        if run_id and not RUN_ID.fullmatch(run_id):
+            raise InvalidArgumentError(
+                f"run_id must be 1 to 64 of a-z, 0-9 and '-' (starting with a letter or digit), "
+                f"got {run_id[:80]!r}"
+            )
+        if len(params) > 256:
+            raise InvalidArgumentError(f"at most 256 params, got {len(params)}")
+        for name, value in params.items():
+            if not name or len(name) > 128:
+                raise InvalidArgumentError(f"param names must have 1 to 128 characters, got {name[:80]!r}")
+            if not math.isfinite(value):
+                raise InvalidArgumentError(f"param {name} must be a finite number, got {value!r}")
+        existing = self._runs.get(run_id) if run_id else None
+        if existing is not None:
+            if not existing.external or existing.task.name != task_name:
+                raise AlreadyExistsError(f"run {run_id!r} exists already (task {existing.task.name!r})")
+            return existing
+        active = sum(1 for r in self._runs.values() if r.external and r.state not in TERMINAL)
+        if active >= self._max_external:
+            raise ResourceExhaustedError(
+                f"{active} script runs are registered and live, the limit is {self._max_external}"
+            )
+        task = ExternalTask(task_name, params)
+        run = Run(run_id or uuid.uuid4().hex[:12], task, ExternalLoop(task.configure(params)), 0)
+        self._runs[run.run_id] = run
+        log.info("run %s: registered by a script (task %s, params %s)", run.run_id, task_name, dict(params))
+        return run
+
+    def external_run(self, run_id: str) -> ExternalLoop:
+        """The loop of a script's run; NOT_FOUND for an unknown id, FAILED_PRECONDITION
+        for a run of this trainer."""
+        run = self.get_run(run_id)
+        if not isinstance(run.loop, ExternalLoop):
+            raise FailedPreconditionError(f"run {run_id!r} is trained by the trainer, not by a script")
+        return run.loop
 
     def _checkpoint(self, run_id: str, snap: Snapshot) -> None:
         run = self._runs.get(run_id)
@@ -273,9 +333,11 @@ class RunManager:
         return self._writer.flush(timeout_s) if self._writer else True
 
     async def aclose(self) -> None:
-        for run in self._runs.values():
+        # A script's run goes on without this trainer (it re-registers when one is back).
+        own = [run for run in self._runs.values() if not run.external]
+        for run in own:
             run.loop.stop()
-        for run in self._runs.values():
+        for run in own:
             await asyncio.to_thread(run.loop.join, 30.0)
         if self._writer is not None:
             await asyncio.to_thread(self._writer.close)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import grpc
 
 from tensorwire.trainer.v1 import trainer_pb2 as pb
@@ -35,7 +38,7 @@ def run_message(run: Run) -> pb.Run:
         run_id=run.run_id, task=run.task.name, state=run.state, step=status.step,
         steps_per_second=status.steps_per_second, params=config.params, options=config.options,
         metrics=status.metrics, created_at=run.created_at, updated_at=run.updated_at,
-        error=status.error, checkpoint_step=run.checkpoint_step, seed=run.seed,
+        error=run.error, checkpoint_step=run.checkpoint_step, seed=run.seed,
         produced_at=status.produced_at,
     )
 
@@ -69,3 +72,47 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
         return pb.ListRunsResponse(runs=[run_message(r) for r in self._runs.list_runs()])
+
+    async def RegisterRun(self, request: pb.RegisterRunRequest, context: grpc.aio.ServicerContext) -> pb.RegisterRunResponse:
+        run = self._runs.register_run(request.run_id, request.task, dict(request.params))
+        return pb.RegisterRunResponse(run=run_message(run))
+
+    async def AttachRun(
+        self, requests: AsyncIterator[pb.AttachRunRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AttachRunResponse]:
+        first = await anext(aiter(requests), None)
+        if first is None:
+            return
+        loop = self._runs.external_run(first.run_id)
+        attachment = loop.attach()
+        if first.HasField("status"):
+            loop.report(first.status)
+
+        async def consume() -> None:
+            async for request in requests:
+                if request.HasField("status"):
+                    loop.report(request.status)
+
+        reader = asyncio.create_task(consume())
+        sent: tuple[bool, bool, dict[str, float]] | None = None
+        try:
+            while loop.attached_by(attachment):
+                loop.changed.clear()
+                control = loop.control()
+                if control != sent:
+                    sent = control
+                    paused, stop, params = control
+                    yield pb.AttachRunResponse(paused=paused, stop=stop, params=params)
+                waiter = asyncio.create_task(loop.changed.wait())
+                try:
+                    done, _ = await asyncio.wait({reader, waiter}, timeout=1.0,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                if reader in done:
+                    reader.result()  # raises what the reader raised
+                    return
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            loop.detach(attachment)

@@ -70,6 +70,12 @@ class TrainerSettings(TorchServiceSettings):
              "a thread costs training less when the trainer is pinned to one CPU; a process "
              "avoids sharing the GIL when the trainer has CPUs to spare)",
     )
+    # Named for its flag, --task-module (repeatable): a tuple of every use.
+    task_module: tuple[str, ...] = setting(
+        (), env="TASK_MODULES",
+        help="task plugins to load: a .py file or a module name (entry points of the group "
+             "tensorwire.tasks load too); one that fails is reported and skipped",
+    )
     max_active_runs: int = setting(
         8, env="MAX_ACTIVE_RUNS", help="runs training at once", min=1, max=256
     )

@@ -47,40 +47,13 @@ scale and offset) decode to floats.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import numpy as np
 
 from tensorwire import arrays
 from tensorwire.common.v1 import common_pb2 as cpb
-
-F16, U8, U8Q = "F16", "U8", "U8q"
-_DTYPES = {F16: cpb.DTYPE_F16, U8: cpb.DTYPE_U8, U8Q: cpb.DTYPE_U8}
+from tensorwire.views import F16, U8, U8Q, make_view
 
 VIEW_KINDS = ("boundary", "paths", "signal", "fusion", "boxes")
-
-
-def make_view(
-    kind: str,
-    fields: Sequence[tuple[str, np.ndarray, str]],
-    meta: Mapping[str, float] | None = None,
-    *,
-    codec: int = cpb.CODEC_DEFLATE,
-) -> cpb.View:
-    """A View of ``kind`` from (name, values, "F16" | "U8" | "U8q") triples.
-
-    ``step`` and ``produced_at`` are filled in by the caller, who knows which
-    weight snapshot the view was built from.
-    """
-    view = cpb.View(kind=kind)
-    for name, values, how in fields:
-        values = np.asarray(values)
-        if how == U8:
-            values = values.astype(np.uint8)
-        view.arrays.append(arrays.encode(name, values, _DTYPES[how], codec))
-    for key, value in (meta or {}).items():
-        view.meta[key] = float(value)
-    return view
 
 
 def boundary(grid: np.ndarray, points: np.ndarray, labels: np.ndarray, extent: float, **meta: float) -> cpb.View:

@@ -20,13 +20,19 @@ from typing import Any
 
 _CACHE: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
 _CACHE_RUNS = 16
+_TASKS: dict[str, Any] = {}
 
 
-def _init() -> None:
+def _init(task_modules: tuple[str, ...] = ()) -> None:
     import torch
 
     torch.set_num_threads(1)
-    import services.trainer.tasks  # noqa: F401  (import once, not on the first view)
+    from services.trainer.plugins import load_tasks
+    from services.trainer.tasks import TASKS
+
+    plugins, _ = load_tasks(task_modules, taken=TASKS)  # the trainer reported any failure
+    _TASKS.update(TASKS)
+    _TASKS.update(plugins)
 
 
 def render(
@@ -36,10 +42,12 @@ def render(
     """The serialized View of ``state_dict`` and the CPU seconds it took."""
     import torch
 
-    from services.trainer.tasks import TASKS
+    if not _TASKS:  # called in this process (tests), not in a worker
+        from services.trainer.tasks import TASKS
 
+        _TASKS.update(TASKS)
     started = time.process_time()
-    task = TASKS[task_name]
+    task = _TASKS[task_name]
     entry = _CACHE.get(run_id)
     if entry is None:
         model = task.build_model(config).eval()
@@ -65,13 +73,15 @@ def _warm() -> bool:
 class ViewWorker:
     """One worker process (started on first use, restarted if it dies)."""
 
-    def __init__(self) -> None:
+    def __init__(self, task_modules: tuple[str, ...] = ()) -> None:
+        self._task_modules = tuple(task_modules)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
     def _get(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("spawn"), initializer=_init
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_init,
+                initargs=(self._task_modules,),
             )
         return self._pool
 

@@ -9,7 +9,8 @@ const COLORS = ["#fb8c00", "#42a5f5", "#66bb6a", "#ab47bc", "#ef5350", "#26c6da"
 
 export class Series {
   steps: number[] = [];
-  values: number[] = [];
+  // null where a value was NaN or infinite: uPlot draws a gap there.
+  values: (number | null)[] = [];
   dirty = false;
 
   /** Append points newer than the last one held; returns how many were taken. */
@@ -18,9 +19,9 @@ export class Series {
     let taken = 0;
     for (let i = 0; i < values.length; i++) {
       const s = Number(steps[i]);
-      if (s <= last || !Number.isFinite(values[i])) continue;
+      if (s <= last) continue;
       this.steps.push(s);
-      this.values.push(values[i]);
+      this.values.push(Number.isFinite(values[i]) ? values[i] : null);
       taken++;
     }
     if (this.steps.length > MAX_POINTS) this.decimate();
@@ -31,7 +32,7 @@ export class Series {
   /** Halve the older half's resolution: the curve keeps its whole extent. */
   private decimate(): void {
     const half = this.steps.length >> 1;
-    const steps: number[] = [], values: number[] = [];
+    const steps: number[] = [], values: (number | null)[] = [];
     for (let i = 0; i < half; i += 2) {
       steps.push(this.steps[i]);
       values.push(this.values[i]);

@@ -249,7 +249,8 @@ function takeView(): void {
   if (!frame || frame.body.case !== "view") return;
   const v = frame.body.value;
   try {
-    live.view = { kind: v.kind, step: Number(v.step || frame.step), arrays: decodeAll(v.arrays), meta: { ...v.meta } };
+    live.view = { kind: v.kind, step: Number(v.step || frame.step), arrays: decodeAll(v.arrays), meta: { ...v.meta },
+                  name: v.name, labels: [...v.labels] };
   } catch (err) {
     message.textContent = `cannot decode the ${v.kind} view: ${String(err)}`;
   }

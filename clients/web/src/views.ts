@@ -1,5 +1,6 @@
-// Canvas renderers of the five live views. Array names and shapes follow the
-// contract in services/trainer/views.py (its module docstring).
+// Canvas renderers of the five live views and of the generic views any model can
+// show (histograms, images, scatter, series: SDK scripts). Array names and shapes
+// follow the contracts in services/trainer/views.py and tensorwire/views.py.
 import type { Decoded } from "./decode";
 
 export interface LiveView {
@@ -7,6 +8,8 @@ export interface LiveView {
   step: number;
   arrays: Map<string, Decoded>;
   meta: Record<string, number>;
+  name?: string;
+  labels?: string[];
 }
 
 const C0 = [66, 133, 244];
@@ -41,6 +44,14 @@ export function drawView(canvas: HTMLCanvasElement, view: LiveView | null): stri
       return fusion(ctx, w, h, view);
     case "boxes":
       return boxes(ctx, w, h, view);
+    case "histograms":
+      return histograms(ctx, w, h, view);
+    case "images":
+      return images(ctx, w, h, view);
+    case "scatter":
+      return scatter(ctx, w, h, view);
+    case "series":
+      return series(ctx, w, h, view);
     default:
       ctx.fillStyle = "#6b7785";
       ctx.fillText(`no renderer for view "${view.kind}"`, 16, 28);
@@ -306,3 +317,111 @@ function boxes(ctx: Ctx, w: number, h: number, v: LiveView): string {
   drawBoxes(v.arrays.get("pred_boxes"), 7, PRED, []);
   return fmt(v.meta, ["threshold"]);
 }
+
+// -- generic views (tensorwire/views.py) ------------------------------------------
+
+function label(ctx: Ctx, text: string, x: number, y: number): void {
+  ctx.fillStyle = "#c9d1d9";
+  ctx.font = "11px system-ui, sans-serif";
+  ctx.fillText(text, x, y);
+}
+
+/** One row per layer: weight histogram left, gradient histogram right (bar heights). */
+function histograms(ctx: Ctx, w: number, h: number, v: LiveView): string {
+  const names = v.labels ?? [];
+  const rows = Math.max(1, names.length);
+  const rowH = h / rows;
+  const half = w / 2;
+  const pairs: [string, string, string][] = [["weights", "weight_ranges", "#42a5f5"], ["grads", "grad_ranges", "#fb8c00"]];
+  pairs.forEach(([key, rangeKey, color], side) => {
+    const hist = v.arrays.get(key);
+    const ranges = v.arrays.get(rangeKey);
+    if (!hist) return;
+    const bins = hist.shape[1] || 1;
+    const barW = (half - 12) / bins;
+    for (let r = 0; r < rows; r++) {
+      let peak = 0;
+      for (let b = 0; b < bins; b++) peak = Math.max(peak, hist.values[r * bins + b]);
+      ctx.fillStyle = color;
+      for (let b = 0; b < bins; b++) {
+        const frac = peak > 0 ? hist.values[r * bins + b] / peak : 0;
+        const bh = frac * (rowH - 16);
+        ctx.fillRect(side * half + 6 + b * barW, (r + 1) * rowH - 4 - bh, Math.max(1, barW - 1), bh);
+      }
+      const lo = ranges ? ranges.values[r * 2] : 0;
+      const hi = ranges ? ranges.values[r * 2 + 1] : 0;
+      label(ctx, `${side ? "grad" : names[r] ?? ""} [${lo.toPrecision(2)}, ${hi.toPrecision(2)}]`, side * half + 6, r * rowH + 11);
+    }
+  });
+  return `${rows} layers · weights (blue) · gradients (orange)`;
+}
+
+/** A grid of grey or RGB images (uint8 [N, H, W, C]); labels under each when given. */
+function images(ctx: Ctx, w: number, h: number, v: LiveView): string {
+  const arr = v.arrays.get("images");
+  if (!arr) return "";
+  const [n, ih, iw, c] = arr.shape;
+  const cols = v.meta.columns || Math.ceil(Math.sqrt(n));
+  const rows = Math.ceil(n / cols);
+  const cell = Math.min(w / cols, h / rows);
+  for (let k = 0; k < n; k++) {
+    const px = new Uint8ClampedArray(iw * ih * 4);
+    for (let i = 0; i < iw * ih; i++) {
+      for (let ch = 0; ch < 3; ch++) px[i * 4 + ch] = arr.values[(k * iw * ih + i) * c + (c === 3 ? ch : 0)];
+      px[i * 4 + 3] = 255;
+    }
+    const x = (k % cols) * cell;
+    const y = Math.floor(k / cols) * cell;
+    image(ctx, px, iw, ih, x + 1, y + 1, cell - 2, cell - 2, false);
+    const text = v.labels?.[k];
+    if (text) label(ctx, text, x + 3, y + cell - 4);
+  }
+  return `${n} images`;
+}
+
+/** Points [N, 2] in their own bounding box, coloured by label when given. */
+function scatter(ctx: Ctx, w: number, h: number, v: LiveView): string {
+  const pts = v.arrays.get("points");
+  if (!pts) return "";
+  const labels = v.arrays.get("labels");
+  const n = pts.shape[0];
+  let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+  for (let i = 0; i < n; i++) {
+    x0 = Math.min(x0, pts.values[2 * i]); x1 = Math.max(x1, pts.values[2 * i]);
+    y0 = Math.min(y0, pts.values[2 * i + 1]); y1 = Math.max(y1, pts.values[2 * i + 1]);
+  }
+  const sx = (w - 20) / (x1 - x0 || 1), sy = (h - 20) / (y1 - y0 || 1);
+  for (let i = 0; i < n; i++) {
+    const k = labels ? labels.values[i] : 0;
+    ctx.fillStyle = `hsl(${(k * 47) % 360}, 70%, 60%)`;
+    ctx.fillRect(10 + (pts.values[2 * i] - x0) * sx - 1.5, h - 10 - (pts.values[2 * i + 1] - y0) * sy - 1.5, 3, 3);
+  }
+  return `${n} points`;
+}
+
+/** S lines of T points (x = index), each scaled to the common min..max. */
+function series(ctx: Ctx, w: number, h: number, v: LiveView): string {
+  const arr = v.arrays.get("values");
+  if (!arr) return "";
+  const [s, t] = arr.shape.length === 2 ? arr.shape : [1, arr.shape[0]];
+  let lo = Infinity, hi = -Infinity;
+  for (const x of arr.values) if (Number.isFinite(x)) { lo = Math.min(lo, x); hi = Math.max(hi, x); }
+  const sy = (h - 30) / (hi - lo || 1);
+  for (let r = 0; r < s; r++) {
+    ctx.strokeStyle = COLORS_SERIES[r % COLORS_SERIES.length];
+    ctx.beginPath();
+    let pen = false;
+    for (let i = 0; i < t; i++) {
+      const y = arr.values[r * t + i];
+      if (!Number.isFinite(y)) { pen = false; continue; }  // a gap
+      const px = 10 + (i * (w - 20)) / Math.max(1, t - 1), py = h - 10 - (y - lo) * sy;
+      if (pen) ctx.lineTo(px, py); else ctx.moveTo(px, py);
+      pen = true;
+    }
+    ctx.stroke();
+    if (v.labels?.[r]) label(ctx, v.labels[r], 10, 14 + r * 13);
+  }
+  return `${s} × ${t} · [${lo.toPrecision(3)}, ${hi.toPrecision(3)}]`;
+}
+
+const COLORS_SERIES = ["#42a5f5", "#fb8c00", "#66bb6a", "#ab47bc", "#ef5350", "#26c6da"];

@@ -127,7 +127,7 @@ class ScalarBatch(_message.Message):
     def __init__(self, series: _Optional[_Iterable[_Union[ScalarSeries, _Mapping]]] = ...) -> None: ...
 
 class View(_message.Message):
-    __slots__ = ("kind", "step", "produced_at", "arrays", "meta")
+    __slots__ = ("kind", "step", "produced_at", "arrays", "meta", "name", "labels")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -140,9 +140,13 @@ class View(_message.Message):
     PRODUCED_AT_FIELD_NUMBER: _ClassVar[int]
     ARRAYS_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     step: int
     produced_at: float
     arrays: _containers.RepeatedCompositeFieldContainer[Array]
     meta: _containers.ScalarMap[str, float]
-    def __init__(self, kind: _Optional[str] = ..., step: _Optional[int] = ..., produced_at: _Optional[float] = ..., arrays: _Optional[_Iterable[_Union[Array, _Mapping]]] = ..., meta: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    name: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[str] = ..., step: _Optional[int] = ..., produced_at: _Optional[float] = ..., arrays: _Optional[_Iterable[_Union[Array, _Mapping]]] = ..., meta: _Optional[_Mapping[str, float]] = ..., name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...

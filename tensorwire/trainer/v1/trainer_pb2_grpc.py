@@ -74,6 +74,16 @@ class TrainerServiceStub:
                 request_serializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
+        self.RegisterRun = channel.unary_unary(
+                '/tensorwire.trainer.v1.TrainerService/RegisterRun',
+                request_serializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.RegisterRunRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.RegisterRunResponse.FromString,
+                _registered_method=True)
+        self.AttachRun = channel.stream_stream(
+                '/tensorwire.trainer.v1.TrainerService/AttachRun',
+                request_serializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.AttachRunRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.AttachRunResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -130,6 +140,25 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterRun(self, request, context):
+        """A training script of its own (the tensorwire SDK, tensorwire.init) registers
+        its run, so it is listed and controlled like a run of this trainer. Calling it
+        again with the same run_id and task re-adopts the run (after a lost connection
+        or a trainer restart).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachRun(self, request_iterator, context):
+        """The script's control stream for a registered run: it sends its status, the
+        trainer answers with the run's wanted control state (pause, stop, live
+        hyper-parameters) at once and whenever it changes. Unknown run -> NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +201,16 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.ListRunsRequest.FromString,
                     response_serializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'RegisterRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterRun,
+                    request_deserializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.RegisterRunRequest.FromString,
+                    response_serializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.RegisterRunResponse.SerializeToString,
+            ),
+            'AttachRun': grpc.stream_stream_rpc_method_handler(
+                    servicer.AttachRun,
+                    request_deserializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.AttachRunRequest.FromString,
+                    response_serializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.AttachRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +429,60 @@ class TrainerService:
             '/tensorwire.trainer.v1.TrainerService/ListRuns',
             tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.ListRunsRequest.SerializeToString,
             tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.trainer.v1.TrainerService/RegisterRun',
+            tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.RegisterRunRequest.SerializeToString,
+            tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.RegisterRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachRun(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tensorwire.trainer.v1.TrainerService/AttachRun',
+            tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.AttachRunRequest.SerializeToString,
+            tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.AttachRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,7 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { RunState } from "../../common/v1/common_pb";
+import type { RunState, RunStatus } from "../../common/v1/common_pb";
 import { file_tensorwire_common_v1_common } from "../../common/v1/common_pb";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tensorwire/trainer/v1/trainer.proto.
  */
 export const file_tensorwire_trainer_v1_trainer: GenFile = /*@__PURE__*/
-  fileDesc("CiN0ZW5zb3J3aXJlL3RyYWluZXIvdjEvdHJhaW5lci5wcm90bxIVdGVuc29yd2lyZS50cmFpbmVyLnYxIn4KCVBhcmFtU3BlYxIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhUKDWRlZmF1bHRfdmFsdWUYAyABKAESCwoDbWluGAQgASgBEgsKA21heBgFIAEoARIPCgdpbnRlZ2VyGAYgASgIEgwKBGxpdmUYByABKAgiVwoKT3B0aW9uU3BlYxIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhUKDWRlZmF1bHRfdmFsdWUYAyABKAkSDwoHY2hvaWNlcxgEIAMoCSLCAQoIVGFza0luZm8SDAoEbmFtZRgBIAEoCRINCgV0aXRsZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIwCgZwYXJhbXMYBCADKAsyIC50ZW5zb3J3aXJlLnRyYWluZXIudjEuUGFyYW1TcGVjEjIKB29wdGlvbnMYBSADKAsyIS50ZW5zb3J3aXJlLnRyYWluZXIudjEuT3B0aW9uU3BlYxINCgV2aWV3cxgGIAMoCRIPCgdtZXRyaWNzGAcgAygJIqgECgNSdW4SDgoGcnVuX2lkGAEgASgJEgwKBHRhc2sYAiABKAkSLQoFc3RhdGUYAyABKA4yHi50ZW5zb3J3aXJlLmNvbW1vbi52MS5SdW5TdGF0ZRIMCgRzdGVwGAQgASgEEhgKEHN0ZXBzX3Blcl9zZWNvbmQYBSABKAESNgoGcGFyYW1zGAYgAygLMiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1bi5QYXJhbXNFbnRyeRI4CgdvcHRpb25zGAcgAygLMicudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1bi5PcHRpb25zRW50cnkSOAoHbWV0cmljcxgIIAMoCzInLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4uTWV0cmljc0VudHJ5EhIKCmNyZWF0ZWRfYXQYCSABKAESEgoKdXBkYXRlZF9hdBgKIAEoARINCgVlcnJvchgLIAEoCRIXCg9jaGVja3BvaW50X3N0ZXAYDCABKAQSDAoEc2VlZBgNIAEoBBITCgtwcm9kdWNlZF9hdBgOIAEoARotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBGi4KDE9wdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGi4KDE1ldHJpY3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBIhIKEExpc3RUYXNrc1JlcXVlc3QiQwoRTGlzdFRhc2tzUmVzcG9uc2USLgoFdGFza3MYASADKAsyHy50ZW5zb3J3aXJlLnRyYWluZXIudjEuVGFza0luZm8ilgIKD1N0YXJ0UnVuUmVxdWVzdBIMCgR0YXNrGAEgASgJEkIKBnBhcmFtcxgCIAMoCzIyLnRlbnNvcndpcmUudHJhaW5lci52MS5TdGFydFJ1blJlcXVlc3QuUGFyYW1zRW50cnkSRAoHb3B0aW9ucxgDIAMoCzIzLnRlbnNvcndpcmUudHJhaW5lci52MS5TdGFydFJ1blJlcXVlc3QuT3B0aW9uc0VudHJ5EgwKBHNlZWQYBCABKAQaLQoLUGFyYW1zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgBOgI4ARouCgxPcHRpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI7ChBTdGFydFJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4iIQoPUGF1c2VSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSI7ChBQYXVzZVJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4iIgoQUmVzdW1lUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiPAoRUmVzdW1lUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biIgCg5TdG9wUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiOgoPU3RvcFJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4ilgEKEFVwZGF0ZVJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEkMKBnBhcmFtcxgCIAMoCzIzLnRlbnNvcndpcmUudHJhaW5lci52MS5VcGRhdGVSdW5SZXF1ZXN0LlBhcmFtc0VudHJ5Gi0KC1BhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEiPAoRVXBkYXRlUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biIfCg1HZXRSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSI5Cg5HZXRSdW5SZXNwb25zZRInCgNydW4YASABKAsyGi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUnVuIhEKD0xpc3RSdW5zUmVxdWVzdCI8ChBMaXN0UnVuc1Jlc3BvbnNlEigKBHJ1bnMYASADKAsyGi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUnVuMvgFCg5UcmFpbmVyU2VydmljZRJeCglMaXN0VGFza3MSJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuTGlzdFRhc2tzUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5MaXN0VGFza3NSZXNwb25zZRJbCghTdGFydFJ1bhImLnRlbnNvcndpcmUudHJhaW5lci52MS5TdGFydFJ1blJlcXVlc3QaJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuU3RhcnRSdW5SZXNwb25zZRJbCghQYXVzZVJ1bhImLnRlbnNvcndpcmUudHJhaW5lci52MS5QYXVzZVJ1blJlcXVlc3QaJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuUGF1c2VSdW5SZXNwb25zZRJeCglSZXN1bWVSdW4SJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuUmVzdW1lUnVuUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5SZXN1bWVSdW5SZXNwb25zZRJYCgdTdG9wUnVuEiUudGVuc29yd2lyZS50cmFpbmVyLnYxLlN0b3BSdW5SZXF1ZXN0GiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlN0b3BSdW5SZXNwb25zZRJeCglVcGRhdGVSdW4SJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuVXBkYXRlUnVuUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5VcGRhdGVSdW5SZXNwb25zZRJVCgZHZXRSdW4SJC50ZW5zb3J3aXJlLnRyYWluZXIudjEuR2V0UnVuUmVxdWVzdBolLnRlbnNvcndpcmUudHJhaW5lci52MS5HZXRSdW5SZXNwb25zZRJbCghMaXN0UnVucxImLnRlbnNvcndpcmUudHJhaW5lci52MS5MaXN0UnVuc1JlcXVlc3QaJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuTGlzdFJ1bnNSZXNwb25zZWIGcHJvdG8z", [file_tensorwire_common_v1_common]);
+  fileDesc("CiN0ZW5zb3J3aXJlL3RyYWluZXIvdjEvdHJhaW5lci5wcm90bxIVdGVuc29yd2lyZS50cmFpbmVyLnYxIn4KCVBhcmFtU3BlYxIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhUKDWRlZmF1bHRfdmFsdWUYAyABKAESCwoDbWluGAQgASgBEgsKA21heBgFIAEoARIPCgdpbnRlZ2VyGAYgASgIEgwKBGxpdmUYByABKAgiVwoKT3B0aW9uU3BlYxIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhUKDWRlZmF1bHRfdmFsdWUYAyABKAkSDwoHY2hvaWNlcxgEIAMoCSLCAQoIVGFza0luZm8SDAoEbmFtZRgBIAEoCRINCgV0aXRsZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIwCgZwYXJhbXMYBCADKAsyIC50ZW5zb3J3aXJlLnRyYWluZXIudjEuUGFyYW1TcGVjEjIKB29wdGlvbnMYBSADKAsyIS50ZW5zb3J3aXJlLnRyYWluZXIudjEuT3B0aW9uU3BlYxINCgV2aWV3cxgGIAMoCRIPCgdtZXRyaWNzGAcgAygJIqgECgNSdW4SDgoGcnVuX2lkGAEgASgJEgwKBHRhc2sYAiABKAkSLQoFc3RhdGUYAyABKA4yHi50ZW5zb3J3aXJlLmNvbW1vbi52MS5SdW5TdGF0ZRIMCgRzdGVwGAQgASgEEhgKEHN0ZXBzX3Blcl9zZWNvbmQYBSABKAESNgoGcGFyYW1zGAYgAygLMiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1bi5QYXJhbXNFbnRyeRI4CgdvcHRpb25zGAcgAygLMicudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1bi5PcHRpb25zRW50cnkSOAoHbWV0cmljcxgIIAMoCzInLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4uTWV0cmljc0VudHJ5EhIKCmNyZWF0ZWRfYXQYCSABKAESEgoKdXBkYXRlZF9hdBgKIAEoARINCgVlcnJvchgLIAEoCRIXCg9jaGVja3BvaW50X3N0ZXAYDCABKAQSDAoEc2VlZBgNIAEoBBITCgtwcm9kdWNlZF9hdBgOIAEoARotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBGi4KDE9wdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGi4KDE1ldHJpY3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBIhIKEExpc3RUYXNrc1JlcXVlc3QiQwoRTGlzdFRhc2tzUmVzcG9uc2USLgoFdGFza3MYASADKAsyHy50ZW5zb3J3aXJlLnRyYWluZXIudjEuVGFza0luZm8ilgIKD1N0YXJ0UnVuUmVxdWVzdBIMCgR0YXNrGAEgASgJEkIKBnBhcmFtcxgCIAMoCzIyLnRlbnNvcndpcmUudHJhaW5lci52MS5TdGFydFJ1blJlcXVlc3QuUGFyYW1zRW50cnkSRAoHb3B0aW9ucxgDIAMoCzIzLnRlbnNvcndpcmUudHJhaW5lci52MS5TdGFydFJ1blJlcXVlc3QuT3B0aW9uc0VudHJ5EgwKBHNlZWQYBCABKAQaLQoLUGFyYW1zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgBOgI4ARouCgxPcHRpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI7ChBTdGFydFJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4iIQoPUGF1c2VSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSI7ChBQYXVzZVJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4iIgoQUmVzdW1lUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiPAoRUmVzdW1lUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biIgCg5TdG9wUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiOgoPU3RvcFJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4ilgEKEFVwZGF0ZVJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEkMKBnBhcmFtcxgCIAMoCzIzLnRlbnNvcndpcmUudHJhaW5lci52MS5VcGRhdGVSdW5SZXF1ZXN0LlBhcmFtc0VudHJ5Gi0KC1BhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEiPAoRVXBkYXRlUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biIfCg1HZXRSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSI5Cg5HZXRSdW5SZXNwb25zZRInCgNydW4YASABKAsyGi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUnVuIhEKD0xpc3RSdW5zUmVxdWVzdCI8ChBMaXN0UnVuc1Jlc3BvbnNlEigKBHJ1bnMYASADKAsyGi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUnVuIqgBChJSZWdpc3RlclJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEgwKBHRhc2sYAiABKAkSRQoGcGFyYW1zGAMgAygLMjUudGVuc29yd2lyZS50cmFpbmVyLnYxLlJlZ2lzdGVyUnVuUmVxdWVzdC5QYXJhbXNFbnRyeRotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBIj4KE1JlZ2lzdGVyUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biJTChBBdHRhY2hSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIvCgZzdGF0dXMYAiABKAsyHy50ZW5zb3J3aXJlLmNvbW1vbi52MS5SdW5TdGF0dXMipgEKEUF0dGFjaFJ1blJlc3BvbnNlEg4KBnBhdXNlZBgBIAEoCBIMCgRzdG9wGAIgASgIEkQKBnBhcmFtcxgDIAMoCzI0LnRlbnNvcndpcmUudHJhaW5lci52MS5BdHRhY2hSdW5SZXNwb25zZS5QYXJhbXNFbnRyeRotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBMsIHCg5UcmFpbmVyU2VydmljZRJeCglMaXN0VGFza3MSJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuTGlzdFRhc2tzUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5MaXN0VGFza3NSZXNwb25zZRJbCghTdGFydFJ1bhImLnRlbnNvcndpcmUudHJhaW5lci52MS5TdGFydFJ1blJlcXVlc3QaJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuU3RhcnRSdW5SZXNwb25zZRJbCghQYXVzZVJ1bhImLnRlbnNvcndpcmUudHJhaW5lci52MS5QYXVzZVJ1blJlcXVlc3QaJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuUGF1c2VSdW5SZXNwb25zZRJeCglSZXN1bWVSdW4SJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuUmVzdW1lUnVuUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5SZXN1bWVSdW5SZXNwb25zZRJYCgdTdG9wUnVuEiUudGVuc29yd2lyZS50cmFpbmVyLnYxLlN0b3BSdW5SZXF1ZXN0GiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlN0b3BSdW5SZXNwb25zZRJeCglVcGRhdGVSdW4SJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuVXBkYXRlUnVuUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5VcGRhdGVSdW5SZXNwb25zZRJVCgZHZXRSdW4SJC50ZW5zb3J3aXJlLnRyYWluZXIudjEuR2V0UnVuUmVxdWVzdBolLnRlbnNvcndpcmUudHJhaW5lci52MS5HZXRSdW5SZXNwb25zZRJbCghMaXN0UnVucxImLnRlbnNvcndpcmUudHJhaW5lci52MS5MaXN0UnVuc1JlcXVlc3QaJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuTGlzdFJ1bnNSZXNwb25zZRJkCgtSZWdpc3RlclJ1bhIpLnRlbnNvcndpcmUudHJhaW5lci52MS5SZWdpc3RlclJ1blJlcXVlc3QaKi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUmVnaXN0ZXJSdW5SZXNwb25zZRJiCglBdHRhY2hSdW4SJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuQXR0YWNoUnVuUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5BdHRhY2hSdW5SZXNwb25zZSgBMAFiBnByb3RvMw", [file_tensorwire_common_v1_common]);
 
 /**
  * One tunable hyper-parameter of a task.
@@ -527,6 +527,116 @@ export const ListRunsResponseSchema: GenMessage<ListRunsResponse> = /*@__PURE__*
   messageDesc(file_tensorwire_trainer_v1_trainer, 19);
 
 /**
+ * @generated from message tensorwire.trainer.v1.RegisterRunRequest
+ */
+export type RegisterRunRequest = Message<"tensorwire.trainer.v1.RegisterRunRequest"> & {
+  /**
+   * Chosen by the script (12 lowercase hex digits or [a-z0-9-], up to 64), or
+   * empty: the trainer chooses.
+   *
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+
+  /**
+   * A label for the run (the script's model or experiment name).
+   *
+   * @generated from field: string task = 2;
+   */
+  task: string;
+
+  /**
+   * Its hyper-parameters; every one can be changed live with UpdateRun.
+   *
+   * @generated from field: map<string, double> params = 3;
+   */
+  params: { [key: string]: number };
+};
+
+/**
+ * Describes the message tensorwire.trainer.v1.RegisterRunRequest.
+ * Use `create(RegisterRunRequestSchema)` to create a new message.
+ */
+export const RegisterRunRequestSchema: GenMessage<RegisterRunRequest> = /*@__PURE__*/
+  messageDesc(file_tensorwire_trainer_v1_trainer, 20);
+
+/**
+ * @generated from message tensorwire.trainer.v1.RegisterRunResponse
+ */
+export type RegisterRunResponse = Message<"tensorwire.trainer.v1.RegisterRunResponse"> & {
+  /**
+   * @generated from field: tensorwire.trainer.v1.Run run = 1;
+   */
+  run?: Run | undefined;
+};
+
+/**
+ * Describes the message tensorwire.trainer.v1.RegisterRunResponse.
+ * Use `create(RegisterRunResponseSchema)` to create a new message.
+ */
+export const RegisterRunResponseSchema: GenMessage<RegisterRunResponse> = /*@__PURE__*/
+  messageDesc(file_tensorwire_trainer_v1_trainer, 21);
+
+/**
+ * @generated from message tensorwire.trainer.v1.AttachRunRequest
+ */
+export type AttachRunRequest = Message<"tensorwire.trainer.v1.AttachRunRequest"> & {
+  /**
+   * The run (set on the first message; later messages may leave it empty).
+   *
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+
+  /**
+   * What the script last did (state, step, steps/s, latest metrics, error).
+   *
+   * @generated from field: tensorwire.common.v1.RunStatus status = 2;
+   */
+  status?: RunStatus | undefined;
+};
+
+/**
+ * Describes the message tensorwire.trainer.v1.AttachRunRequest.
+ * Use `create(AttachRunRequestSchema)` to create a new message.
+ */
+export const AttachRunRequestSchema: GenMessage<AttachRunRequest> = /*@__PURE__*/
+  messageDesc(file_tensorwire_trainer_v1_trainer, 22);
+
+/**
+ * @generated from message tensorwire.trainer.v1.AttachRunResponse
+ */
+export type AttachRunResponse = Message<"tensorwire.trainer.v1.AttachRunResponse"> & {
+  /**
+   * Paused from the browser: the script waits in wait_if_paused().
+   *
+   * @generated from field: bool paused = 1;
+   */
+  paused: boolean;
+
+  /**
+   * Stop pressed: the script sees should_stop and finishes.
+   *
+   * @generated from field: bool stop = 2;
+   */
+  stop: boolean;
+
+  /**
+   * The run's hyper-parameters now (UpdateRun changes them).
+   *
+   * @generated from field: map<string, double> params = 3;
+   */
+  params: { [key: string]: number };
+};
+
+/**
+ * Describes the message tensorwire.trainer.v1.AttachRunResponse.
+ * Use `create(AttachRunResponseSchema)` to create a new message.
+ */
+export const AttachRunResponseSchema: GenMessage<AttachRunResponse> = /*@__PURE__*/
+  messageDesc(file_tensorwire_trainer_v1_trainer, 23);
+
+/**
  * @generated from service tensorwire.trainer.v1.TrainerService
  */
 export const TrainerService: GenService<{
@@ -599,6 +709,31 @@ export const TrainerService: GenService<{
     methodKind: "unary";
     input: typeof ListRunsRequestSchema;
     output: typeof ListRunsResponseSchema;
+  },
+  /**
+   * A training script of its own (the tensorwire SDK, tensorwire.init) registers
+   * its run, so it is listed and controlled like a run of this trainer. Calling it
+   * again with the same run_id and task re-adopts the run (after a lost connection
+   * or a trainer restart).
+   *
+   * @generated from rpc tensorwire.trainer.v1.TrainerService.RegisterRun
+   */
+  registerRun: {
+    methodKind: "unary";
+    input: typeof RegisterRunRequestSchema;
+    output: typeof RegisterRunResponseSchema;
+  },
+  /**
+   * The script's control stream for a registered run: it sends its status, the
+   * trainer answers with the run's wanted control state (pause, stop, live
+   * hyper-parameters) at once and whenever it changes. Unknown run -> NOT_FOUND.
+   *
+   * @generated from rpc tensorwire.trainer.v1.TrainerService.AttachRun
+   */
+  attachRun: {
+    methodKind: "bidi_streaming";
+    input: typeof AttachRunRequestSchema;
+    output: typeof AttachRunResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tensorwire_trainer_v1_trainer, 0);
