@@ -35,6 +35,23 @@ class TrainerSettings(TorchServiceSettings):
         help="stream each checkpoint to inference (ModelTransferService/UploadModel) before "
              "asking it to load: for pods that share no volume with inference",
     )
+    data_dir: Path = setting(
+        Path("var/trainer"), env="DATA_DIR",
+        help="the run store's SQLite file (runs.sqlite3, unless --run-store says otherwise) and "
+             "each run's resumable training state (state/<run_id>.pt)",
+    )
+    run_store: str = setting(
+        "", env="RUN_STORE",
+        help="where runs, events and scalar history are kept: '' = SQLite in --data-dir, a file "
+             "path = SQLite there, postgresql://user:password@host/db = PostgreSQL (trainer replicas "
+             "share one run list), none = memory only",
+    )
+    keep_runs: int = setting(
+        200, env="KEEP_RUNS",
+        help="ended runs kept in the run store; older ones are deleted with their history, "
+             "run-<id> models and training state (0 = keep all)",
+        min=0,
+    )
     demo_task: str = setting(
         "", env="DEMO_TASK", help="task of a run started at boot ('' = none)"
     )
