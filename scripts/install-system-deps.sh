@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # System packages the tests need, from Debian: chromium (the browser e2e tests
 # drive it; never a browser downloaded by playwright) with its fonts, and
-# promtool (package prometheus) to check the alert rules. Idempotent: installs
+# promtool (package prometheus) to check the alert rules, and PostgreSQL (the run
+# store's tests start a real server; it runs as user postgres). Idempotent: installs
 # only what is missing. Needs root (apt-get) the first time.
 set -euo pipefail
 
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium fonts-dejavu-core)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -20,3 +22,4 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 [ -x /usr/bin/chromium ] && /usr/bin/chromium --version
 command -v promtool >/dev/null && promtool --version | head -1
+ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null | head -1

@@ -110,7 +110,7 @@ class Run:
         state = self.state
         if self.interrupted and state == cpb.RUN_STATE_STOPPED:
             state = cpb.RUN_STATE_INTERRUPTED
-        if state in TERMINAL and not self.ended_at:
+        if (state in TERMINAL or state == cpb.RUN_STATE_INTERRUPTED) and not self.ended_at:
             self.ended_at = time.time()
         config = self.config
         return RunRecord(
