@@ -55,11 +55,13 @@ def plan(args: argparse.Namespace) -> list[Child]:
     models = str(args.data_dir / "models")
     children = [
         Child("streamer", "services.streamer", args.streamer_port,
-              [*common, "--port", str(args.streamer_port)]),
+              [*common, "--port", str(args.streamer_port),
+               "--trainer-target", f"{local}:{args.trainer_port}"]),
         Child("inference", "services.inference", args.inference_port,
               [*common, "--port", str(args.inference_port), "--model-repository", models]),
         Child("trainer", "services.trainer", args.trainer_port,
               [*common, "--port", str(args.trainer_port), "--model-repository", models,
+               "--data-dir", str(args.data_dir / "trainer"),
                "--streamer-target", f"{local}:{args.streamer_port}",
                "--inference-target", f"{local}:{args.inference_port}",
                "--demo-task", args.demo_task]),
