@@ -201,3 +201,28 @@ async def test_a_broken_store_never_stops_training_and_is_used_again_once_back(t
         # Nothing was lost: the points buffered during the outage were written too.
         assert [b.step for b in history["loss"]] == list(range(1, stopped_at + 1))
         assert app.runs.recorder.dropped == 0
+
+
+async def test_the_demo_run_never_replaces_a_served_model_and_resumes_after_a_restart(tmp_path: Path) -> None:
+    cfg = settings(tmp_path, "", demo_task="spiral", demo_models=False)
+    repo = cfg.model_repository
+    # A better model is served as "spiral" already.
+    import torch
+
+    from tensorwire.models import build_model
+
+    modelrepo.write_version(repo, "spiral", "spiral", build_model("spiral").state_dict())
+    served = torch.load(modelrepo.weights_path(repo, "spiral", 1), weights_only=True)
+    async with trainer(cfg) as (app, stub, _):
+        demo = app.runs.get_run(app.demo_run_id)
+        assert demo.publish_as == () and demo.tags == ("demo",)
+        await until(lambda: demo.checkpoint_step >= 400)
+        assert modelrepo.list_versions(repo, "spiral") == [1]
+        first_id = demo.run_id
+    after = torch.load(modelrepo.weights_path(repo, "spiral", 1), weights_only=True)
+    assert all(torch.equal(served[k], after[k]) for k in served)
+    async with trainer(cfg) as (app, stub, _):
+        assert app.demo_run_id == first_id  # the interrupted demo run goes on
+        demo = app.runs.get_run(first_id)
+        assert demo.loop.status.step >= 400 and demo.state == cpb.RUN_STATE_RUNNING
+        assert modelrepo.list_versions(repo, "spiral") == [1]
