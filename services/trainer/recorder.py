@@ -237,9 +237,7 @@ class RunRecorder:
                         log.info("runs left live by the previous trainer are INTERRUPTED: %s",
                                  ", ".join(self.interrupted))
                     self._boot_at = None
-                self.store.put_runs(list(runs.values()))
-                self.store.add_events(state_events + events)
-                self.store.add_scalars(rows)
+                self.store.write(list(runs.values()), state_events + events, rows)
             except Exception as exc:
                 self.failures += 1
                 STORE_ERRORS.labels(self._label).inc()

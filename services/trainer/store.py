@@ -272,21 +272,29 @@ def check_page_size(page_size: int) -> int:
 # -- the interface -----------------------------------------------------------------
 
 
+ScalarRow = tuple[str, str, int, float]
+"""(run_id, series, step, value)."""
+
+
 class RunStore(ABC):
     """Where runs, events and scalar history live. Blocking calls; thread-safe."""
 
     description: str = "run store"
 
     @abstractmethod
+    def write(self, records: Sequence[RunRecord] = (), events: Sequence[RunEvent] = (),
+              rows: Sequence[ScalarRow] = ()) -> None:
+        """One batch, all or nothing: runs inserted or replaced, events appended,
+        scalar points added (each step of a series is written once)."""
+
     def put_runs(self, records: Sequence[RunRecord]) -> None:
-        """Insert or replace these runs."""
+        self.write(records=records)
 
-    @abstractmethod
-    def add_events(self, events: Sequence[RunEvent]) -> None: ...
+    def add_events(self, events: Sequence[RunEvent]) -> None:
+        self.write(events=events)
 
-    @abstractmethod
-    def add_scalars(self, rows: Sequence[tuple[str, str, int, float]]) -> None:
-        """(run_id, series, step, value) rows; a step written again replaces the value."""
+    def add_scalars(self, rows: Sequence[ScalarRow]) -> None:
+        self.write(rows=rows)
 
     @abstractmethod
     def get_run(self, run_id: str) -> RunRecord | None: ...
@@ -362,6 +370,27 @@ _UPSERT_SCALAR = (
     "INSERT INTO scalars (run_id, name, step, value) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (run_id, name, step) DO UPDATE SET value = excluded.value"
 )
+
+BLOCK_STEPS = 16
+"""Steps per pre-aggregated block (table scalar_blocks): a long series is
+down-sampled from its blocks, 16 times fewer rows than its points."""
+
+_UPSERT_BLOCK = (
+    # A block is (re)computed from its points (at most 16, by primary key): exact
+    # whatever was written twice or truncated.
+    "INSERT INTO scalar_blocks (run_id, name, block, first_step, last_step, total, lo, hi, n) "
+    "SELECT run_id, name, ?, MIN(step), MAX(step), SUM(value), MIN(value), MAX(value), COUNT(*) "
+    "FROM scalars WHERE run_id = ? AND name = ? AND step >= ? AND step < ? GROUP BY run_id, name "
+    "ON CONFLICT (run_id, name, block) DO UPDATE SET first_step = excluded.first_step, "
+    "last_step = excluded.last_step, total = excluded.total, lo = excluded.lo, hi = excluded.hi, "
+    "n = excluded.n"
+)
+
+
+def _block_args(run_id: str, name: str, block: int) -> tuple[Any, ...]:
+    return (block, run_id, name, block * BLOCK_STEPS, (block + 1) * BLOCK_STEPS)
+
+
 _TERMINAL_SQL = ", ".join(
     str(s) for s in (cpb.RUN_STATE_STOPPED, cpb.RUN_STATE_FAILED, cpb.RUN_STATE_COMPLETED,
                      cpb.RUN_STATE_INTERRUPTED)
@@ -425,32 +454,40 @@ class SqlRunStore(RunStore):
             self._drop()
 
     # -- writes ----------------------------------------------------------
-    def put_runs(self, records: Sequence[RunRecord]) -> None:
-        if records:
-            with self._tx() as cur:
+    def write(self, records: Sequence[RunRecord] = (), events: Sequence[RunEvent] = (),
+              rows: Sequence[ScalarRow] = ()) -> None:
+        if not (records or events or rows):
+            return
+        with self._tx() as cur:
+            if records:
                 cur.executemany(self._sql(_UPSERT_RUN), [_row(r) for r in records])
-
-    def add_events(self, events: Sequence[RunEvent]) -> None:
-        if events:
-            with self._tx() as cur:
+            if events:
                 cur.executemany(
                     self._sql("INSERT INTO events (run_id, at, kind, step, detail) VALUES (?, ?, ?, ?, ?)"),
                     [(e.run_id, e.at, e.kind, e.step, json.dumps(dict(e.detail))) for e in events],
                 )
-
-    def add_scalars(self, rows: Sequence[tuple[str, str, int, float]]) -> None:
-        if rows:
-            with self._tx() as cur:
+            if rows:
                 cur.executemany(self._sql(_UPSERT_SCALAR), rows)
+                cur.executemany(self._sql("INSERT INTO series (run_id, name) VALUES (?, ?) "
+                                          "ON CONFLICT (run_id, name) DO NOTHING"),
+                                sorted({(r[0], r[1]) for r in rows}))
+                blocks = {(r[0], r[1], r[2] // BLOCK_STEPS) for r in rows}
+                cur.executemany(self._sql(_UPSERT_BLOCK), [_block_args(*b) for b in sorted(blocks)])
 
     def truncate_scalars(self, run_id: str, after_step: int) -> None:
         with self._tx() as cur:
             cur.execute(self._sql("DELETE FROM scalars WHERE run_id = ? AND step > ?"), (run_id, after_step))
+            block = after_step // BLOCK_STEPS
+            cur.execute(self._sql("DELETE FROM scalar_blocks WHERE run_id = ? AND block >= ?"), (run_id, block))
+            cur.execute(self._sql("SELECT DISTINCT name FROM scalars WHERE run_id = ?"), (run_id,))
+            # The block the cut falls in, again from its remaining points.
+            cur.executemany(self._sql(_UPSERT_BLOCK),
+                            [_block_args(run_id, name, block) for (name,) in cur.fetchall()])
 
     def delete_run(self, run_id: str) -> bool:
         with self._tx() as cur:
-            cur.execute(self._sql("DELETE FROM scalars WHERE run_id = ?"), (run_id,))
-            cur.execute(self._sql("DELETE FROM events WHERE run_id = ?"), (run_id,))
+            for table in ("scalars", "scalar_blocks", "series", "events"):
+                cur.execute(self._sql(f"DELETE FROM {table} WHERE run_id = ?"), (run_id,))
             cur.execute(self._sql("DELETE FROM runs WHERE run_id = ?"), (run_id,))
             return bool(cur.rowcount)
 
@@ -481,7 +518,7 @@ class SqlRunStore(RunStore):
                 "ORDER BY created_at DESC, run_id DESC OFFSET ?"), (keep,))
             victims = [r[0] for r in cur.fetchall()]
             for run_id in victims:
-                for table in ("scalars", "events", "runs"):
+                for table in ("scalars", "scalar_blocks", "series", "events", "runs"):
                     cur.execute(self._sql(f"DELETE FROM {table} WHERE run_id = ?"), (run_id,))
         return victims
 
@@ -528,19 +565,39 @@ class SqlRunStore(RunStore):
         wanted = set(names)
         out: dict[str, list[Bucket]] = {}
         with self._tx() as cur:
-            cur.execute(self._sql("SELECT name, MIN(step), MAX(step), COUNT(*) FROM scalars "
-                                  "WHERE run_id = ? GROUP BY name ORDER BY name"), (run_id,))
-            for name, lo, hi, count in cur.fetchall():
+            cur.execute(self._sql("SELECT name FROM series WHERE run_id = ? ORDER BY name"), (run_id,))
+            for (name,) in cur.fetchall():
                 if wanted and name not in wanted:
                     continue
+                # The first and last step: two primary-key seeks, not a scan.
+                # (Apart: SQLite seeks for a lone MIN() or MAX(), scans for both.)
+                bounds = []
+                for agg in ("MIN", "MAX"):
+                    cur.execute(self._sql(f"SELECT {agg}(step) FROM scalars WHERE run_id = ? AND name = ?"),
+                                (run_id, name))
+                    bounds.append(cur.fetchone()[0])
+                lo, hi = bounds
+                if lo is None:
+                    continue
                 lo, hi = int(lo), int(hi)
-                if count <= max_points:
+                if hi - lo + 1 <= max_points:
                     cur.execute(self._sql("SELECT step, value FROM scalars WHERE run_id = ? AND name = ? "
                                           "ORDER BY step"), (run_id, name))
                     out[name] = [Bucket(s, s, v, v, v, 1) for s, v in cur.fetchall()]
                     continue
-                # Equal step spans: bucket b covers steps lo + [b, b+1) * span / n.
+                # Equal step spans: bucket b covers steps lo + [b, b+1) * span / n. A
+                # long series is read from its blocks (16 steps each; a bucket's edges
+                # then fall on block edges, within 16 steps of the exact span).
                 span = hi - lo + 1
+                if span >= 4 * BLOCK_STEPS * max_points:
+                    cur.execute(self._sql(
+                        "SELECT MIN(first_step), MAX(last_step), SUM(total), MIN(lo), MAX(hi), SUM(n) "
+                        "FROM scalar_blocks WHERE run_id = ? AND name = ? "
+                        "GROUP BY ((block * ? - ?) * ?) / ? ORDER BY MIN(first_step)"),
+                        (run_id, name, BLOCK_STEPS, lo, max_points, span))
+                    out[name] = [Bucket(int(a), int(b), float(t) / int(c), float(mn), float(mx), int(c))
+                                 for a, b, t, mn, mx, c in cur.fetchall()]
+                    continue
                 cur.execute(self._sql(
                     "SELECT MIN(step), MAX(step), AVG(value), MIN(value), MAX(value), COUNT(*) "
                     "FROM scalars WHERE run_id = ? AND name = ? "
@@ -568,6 +625,12 @@ class SqliteRunStore(SqlRunStore):
         "CREATE INDEX IF NOT EXISTS events_run ON events (run_id, at)",
         "CREATE TABLE IF NOT EXISTS scalars (run_id TEXT NOT NULL, name TEXT NOT NULL, "
         "step INTEGER NOT NULL, value REAL NOT NULL, PRIMARY KEY (run_id, name, step)) WITHOUT ROWID",
+        "CREATE TABLE IF NOT EXISTS scalar_blocks (run_id TEXT NOT NULL, name TEXT NOT NULL, "
+        "block INTEGER NOT NULL, first_step INTEGER NOT NULL, last_step INTEGER NOT NULL, "
+        "total REAL NOT NULL, lo REAL NOT NULL, hi REAL NOT NULL, n INTEGER NOT NULL, "
+        "PRIMARY KEY (run_id, name, block)) WITHOUT ROWID",
+        "CREATE TABLE IF NOT EXISTS series (run_id TEXT NOT NULL, name TEXT NOT NULL, "
+        "PRIMARY KEY (run_id, name)) WITHOUT ROWID",
     )
     errors = (sqlite3.Error,)
 
@@ -602,6 +665,12 @@ class PostgresRunStore(SqlRunStore):
         "CREATE INDEX IF NOT EXISTS events_run ON events (run_id, at)",
         "CREATE TABLE IF NOT EXISTS scalars (run_id TEXT NOT NULL, name TEXT NOT NULL, "
         "step BIGINT NOT NULL, value DOUBLE PRECISION NOT NULL, PRIMARY KEY (run_id, name, step))",
+        "CREATE TABLE IF NOT EXISTS scalar_blocks (run_id TEXT NOT NULL, name TEXT NOT NULL, "
+        "block BIGINT NOT NULL, first_step BIGINT NOT NULL, last_step BIGINT NOT NULL, "
+        "total DOUBLE PRECISION NOT NULL, lo DOUBLE PRECISION NOT NULL, hi DOUBLE PRECISION NOT NULL, "
+        "n BIGINT NOT NULL, PRIMARY KEY (run_id, name, block))",
+        "CREATE TABLE IF NOT EXISTS series (run_id TEXT NOT NULL, name TEXT NOT NULL, "
+        "PRIMARY KEY (run_id, name))",
     )
     placeholder = "%s"
 

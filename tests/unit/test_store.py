@@ -63,7 +63,7 @@ def test_events_in_order(store: RunStore) -> None:
 
 def test_scalars_raw_and_downsampled_over_equal_step_spans(store: RunStore) -> None:
     store.put_runs([rec("s1")])
-    rows = [("s1", "loss", step, 1.0 / step) for step in range(1, 10_001)]
+    rows = [("s1", "loss", step, 1.0 / step) for step in range(1, 6_001)]  # raw: < 4 * 16 * 100
     rows += [("s1", "accuracy", step, step / 100) for step in range(1, 101)]
     store.add_scalars(rows)
     store.add_scalars([("s1", "loss", 1, 5.0)])  # a step written again replaces its value
@@ -72,10 +72,10 @@ def test_scalars_raw_and_downsampled_over_equal_step_spans(store: RunStore) -> N
     assert [b.step for b in acc] == list(range(1, 101)) and all(b.count == 1 for b in acc)
     loss = out["loss"]
     assert len(loss) == 100
-    assert sum(b.count for b in loss) == 10_000  # every point is in a bucket
-    assert all(b.step - b.first_step + 1 == 100 for b in loss)  # equal spans
-    assert loss[0].hi == 5.0 and loss[0].lo == pytest.approx(1 / 100)
-    assert loss[-1].first_step == 9901 and loss[-1].step == 10_000
+    assert sum(b.count for b in loss) == 6_000  # every point is in a bucket
+    assert all(b.step - b.first_step + 1 == 60 for b in loss)  # equal spans
+    assert loss[0].hi == 5.0 and loss[0].lo == pytest.approx(1 / 60)
+    assert loss[-1].first_step == 5941 and loss[-1].step == 6_000
     assert loss[50].lo <= loss[50].mean <= loss[50].hi
     assert set(store.scalars("s1", 100, names=["accuracy"])) == {"accuracy"}
     store.truncate_scalars("s1", 50)
@@ -176,3 +176,24 @@ def test_open_store_specs(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="postgresql://"):
         open_store("mysql://x", tmp_path)
     assert parse_filter("") == []
+
+
+def test_a_long_series_is_read_from_its_blocks_exactly(store: RunStore) -> None:
+    store.put_runs([rec("long")])
+    n = 20_000  # >= 4 * 16 * 100 steps: the blocks answer
+    for lo in range(1, n + 1, 5000):  # in batches, as the recorder writes
+        store.add_scalars([("long", "loss", s, float(s % 97)) for s in range(lo, lo + 5000)])
+    store.add_scalars([("long", "loss", 7, 1000.0)])  # written again: replaced, counted once
+    buckets = store.scalars("long", 100)["loss"]
+    assert 90 <= len(buckets) <= 101
+    assert sum(b.count for b in buckets) == n
+    assert buckets[0].first_step == 1 and buckets[-1].step == n
+    assert buckets[0].hi == 1000.0 and min(b.lo for b in buckets) == 0.0
+    spans = [b.step - b.first_step + 1 for b in buckets[1:-1]]
+    assert max(spans) - min(spans) <= 16  # equal spans, to a block
+    mean = sum(b.mean * b.count for b in buckets) / n
+    exact = (sum(float(s % 97) for s in range(1, n + 1)) - 7 % 97 + 1000.0) / n
+    assert mean == pytest.approx(exact)
+    store.truncate_scalars("long", 10_005)
+    after = store.scalars("long", 100)["loss"]
+    assert after[-1].step == 10_005 and sum(b.count for b in after) == 10_005
