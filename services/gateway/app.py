@@ -42,7 +42,7 @@ from tensorwire.inference import grpc_service_pb2 as inference_pb
 from tensorwire.streamer.v1 import streamer_pb2
 from tensorwire.trainer.v1 import trainer_pb2
 
-from . import grpcweb
+from . import export, grpcweb
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,11 @@ class GrpcWebProxy:
             call.cancel()
         for pool in self._pools.values():
             await pool.aclose()
+
+    def pool_for(self, service: str) -> ChannelPool | None:
+        """The channel pool to ``service`` (a full name), if this gateway routes it."""
+        route = self.routes.get(service)
+        return self._pools[route.target] if route else None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         mode = grpcweb.parse_content_type(request.headers.get("Content-Type"))
@@ -370,6 +375,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/{service}/{method}", proxy.handle)
+    export.add_routes(app, proxy.pool_for)
     _static_routes(app, settings.static_dir)
     app.on_shutdown.append(on_shutdown)
     return app
