@@ -177,6 +177,8 @@ class Topic:
     """Status and history were completed from the lookup."""
     touched_at: float = 0.0
     """Clock time of the last publish (or seeding)."""
+    lookup_at: float = math.inf
+    """When to ask the lookup again (it could not answer; someone waits)."""
 
 
 @dataclass(eq=False)
@@ -374,7 +376,8 @@ class UpdateHub:
         try:
             found = await self.lookup(run_id, self.limits.history_points)
         except UnavailableError as exc:
-            log.info("run %s: no lookup (%s); the subscriber waits for it to publish", run_id, exc)
+            log.info("run %s: no lookup (%s); asking again while someone waits", run_id, exc)
+            self._topic(run_id).lookup_at = self._clock() + 1.0
             return
         topic = self.topics.get(run_id)
         if found is None:
@@ -486,6 +489,7 @@ class UpdateHub:
         now = self._clock() if now is None else now
         limits = self.limits
         self._release_ended(now)
+        self._retry_lookups(now)
         for topic in self.topics.values():
             topic.scalar_cache.clear()
             for sub in topic.subscribers:
@@ -503,6 +507,20 @@ class UpdateHub:
                     sub.views_due = wake = True
                 if wake:
                     sub.wake.set()
+
+    def _retry_lookups(self, now: float) -> None:
+        for topic in self.topics.values():
+            if (now >= topic.lookup_at and topic.subscribers and not topic.seeded
+                    and topic.status is None and topic.run_id not in self._lookups):
+                topic.lookup_at = math.inf
+                run_id = topic.run_id
+                task = self._lookups[run_id] = asyncio.ensure_future(self._seed(run_id))
+                task.add_done_callback(lambda t, r=run_id: self._retried(r, t))
+
+    def _retried(self, run_id: str, task: asyncio.Future[None]) -> None:
+        self._lookups.pop(run_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("run %s: %s", run_id, task.exception())
 
     def _release_ended(self, now: float) -> None:
         doomed = [

@@ -35,12 +35,23 @@ export async function listTasks(): Promise<TaskInfo[]> {
   return (await trainer.listTasks({}, { timeoutMs: CONTROL_TIMEOUT_MS })).tasks;
 }
 
-export async function listRuns(): Promise<Run[]> {
-  return (await trainer.listRuns({}, { timeoutMs: CONTROL_TIMEOUT_MS })).runs;
+/** The newest runs (one page of the stored runs), optionally filtered: a word is
+ *  searched in names, tags and notes; `state = RUNNING`, `task = "spiral"`,
+ *  `tags:"best"` (AIP-160) are passed as they are. */
+export async function listRuns(filter = ""): Promise<Run[]> {
+  const reply = await trainer.listRuns(
+    { pageSize: 200, orderBy: "created_at desc", filter },
+    { timeoutMs: CONTROL_TIMEOUT_MS },
+  );
+  return reply.runs;
 }
 
-export async function startRun(task: string, params: Record<string, number>): Promise<Run | undefined> {
-  return (await trainer.startRun({ task, params }, { timeoutMs: CONTROL_TIMEOUT_MS })).run;
+export async function startRun(task: string, params: Record<string, number>, name = ""): Promise<Run | undefined> {
+  return (await trainer.startRun({ task, params, name }, { timeoutMs: CONTROL_TIMEOUT_MS })).run;
+}
+
+export async function deleteRun(runId: string): Promise<void> {
+  await trainer.deleteRun({ runId }, { timeoutMs: CONTROL_TIMEOUT_MS });
 }
 
 export type Control = "pause" | "resume" | "stop";
