@@ -530,10 +530,13 @@ function syncParamValues(values: Record<string, number>): void {
 
 // ------------------------------------------------------------------ boot
 
-/** The new-run form's max_steps: the chosen task's (finite) default. */
+/** A run started from the page ends by itself unless asked not to (0 = never). */
+const PAGE_MAX_STEPS = 20_000;
+
+/** The new-run form's max_steps: the task's default when finite, else PAGE_MAX_STEPS. */
 function syncMaxSteps(): void {
   const spec = tasks.find((t) => t.name === taskSelect.value)?.params.find((p) => p.name === "max_steps");
-  if (spec) maxSteps.value = String(spec.defaultValue);
+  maxSteps.value = String(spec?.defaultValue || PAGE_MAX_STEPS);
 }
 taskSelect.onchange = syncMaxSteps;
 

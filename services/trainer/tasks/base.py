@@ -61,9 +61,7 @@ COMMON_PARAMS = (
     Param("learning_rate", "Adam learning rate", 0.01, 1e-6, 10.0),
     Param("batch_size", "examples per optimisation step", 64, 1, 4096, integer=True),
     Param("weight_decay", "L2 penalty on the weights", 0.0, 0.0, 1.0),
-    # Finite by default: a run started without thinking about it ends by itself.
-    Param("max_steps", "stop after this many steps (0 = never)", 20_000, 0, 1e12, integer=True,
-          live=False),
+    Param("max_steps", "stop after this many steps (0 = never)", 0, 0, 1e12, integer=True, live=False),
 )
 
 
