@@ -53,7 +53,12 @@ from dataclasses import dataclass, field
 
 from tensorwire import arrays
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
+from tensorwire.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from tensorwire.scalars import Bucket, ScalarBuffer, from_batch, to_batch
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 

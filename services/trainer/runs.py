@@ -19,7 +19,6 @@ resumed from its last checkpoint.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import tempfile

@@ -33,7 +33,7 @@ from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
-from tests.conftest import free_port, serving, settings_for
+from tests.conftest import free_port, settings_for
 
 
 async def until(predicate: Callable[[], Any], timeout_s: float = 30.0) -> None:
