@@ -237,8 +237,8 @@ class CheckpointWriter:
                 if pruned:
                     log.info("model %s: pruned versions %s (keeping the newest %d)", name, pruned, self._keep)
         run.checkpoint_step = snap.step
-        for listener in self.step_listeners:
-            listener(run, snap.step)
+        for notify in self.step_listeners:
+            notify(run, snap.step)
 
 
 class RunManager:

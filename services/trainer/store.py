@@ -196,7 +196,8 @@ def _like(value: str) -> str:
 
 def filter_sql(conditions: Sequence[Condition]) -> tuple[str, list[Any]]:
     """The WHERE clause (with ``?`` placeholders) of parsed conditions."""
-    clauses, args = [], []
+    clauses: list[str] = []
+    args: list[Any] = []
     for c in conditions:
         if c.field == "":
             clauses.append(
