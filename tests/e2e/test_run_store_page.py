@@ -62,10 +62,12 @@ def test_chart_tools_smoothing_log_scale_and_export(suite: Stack) -> None:
         assert page.locator("#smoothing-value").inner_text() == "0.95"
         page.click("#log-scale")
         page.wait_for_function("() => window.tensorwire.charts.loss && window.tensorwire.charts.loss.log", timeout=10_000)
-        # A legend with the value of every series at the cursor; axis titles.
-        box = page.locator('.chart[data-series="loss"]')
-        assert "raw" in box.inner_text() and "step" in box.inner_text()
-        page.mouse.move(*center(box))
+        # The value of every series at the cursor (axis titles are on the canvas: screenshot).
+        over = page.locator('.chart[data-series="loss"] .u-over')
+        over.hover()  # scrolled into view, the pointer at its centre
+        page.mouse.move(center(over)[0] + 5, center(over)[1])
+        page.wait_for_function("""() => /^step \\d+ · loss [-0-9.e]+ · smoothed [-0-9.e]+$/.test(
+            document.querySelector('.chart[data-series="loss"] .readout').textContent)""", timeout=10_000)
         screenshot(page, "store-chart-tools")
         # Export: the page's own link, fetched as the browser would.
         href = page.get_attribute("#export-csv", "href")

@@ -131,6 +131,8 @@ export class ChartPanel {
     const box = document.createElement("div");
     box.className = "chart";
     box.dataset.series = name;
+    const readout = document.createElement("div");
+    readout.className = "readout";
     this.root.append(box);
     const color = COLORS[this.charts.size % COLORS.length];
     const axis = { stroke: "#8b949e", grid: { stroke: "#222a33" }, ticks: { stroke: "#222a33" } };
@@ -139,8 +141,11 @@ export class ChartPanel {
         width: this.width(),
         height: 170,
         title: name,
-        // The legend shows every series' value at the cursor.
-        legend: { show: true, live: true },
+        // uPlot's own legend re-renders with every setData (measured: long tasks and
+        // dropped frames while streaming); a readout written only on cursor moves
+        // shows every series' value at the cursor instead.
+        legend: { show: false },
+        hooks: { setCursor: [(u) => this.readout(u, readout, name)] },
         // Drag to zoom in on steps; double-click resets.
         cursor: { drag: { x: true, y: false } },
         scales: { x: { time: false }, y: this.options.log ? { distr: 3 } : {} },
@@ -158,9 +163,23 @@ export class ChartPanel {
       [[], [], []],
       box,
     );
+    box.append(readout);
     const chart = { plot, box, last: null, lastSmoothed: null };
     this.charts.set(name, chart);
     return chart;
+  }
+
+  /** "step N · raw v · smoothed v" at the cursor (written only when it changes). */
+  private readout(u: uPlot, el: HTMLElement, name: string): void {
+    const i = u.cursor.idx;
+    let text = "";
+    if (i != null) {
+      const fmt = (v: number | null | undefined) => (v == null ? "–" : Math.abs(v) >= 0.01 || v === 0 ? v.toPrecision(4) : v.toExponential(3));
+      const [steps, raw, smoothed] = u.data;
+      text = `step ${steps[i]} · ${name} ${fmt(raw[i])}`;
+      if (this.options.smoothing > 0) text += ` · smoothed ${fmt(smoothed[i])}`;
+    }
+    if (el.textContent !== text) el.textContent = text;
   }
 
   private resize(): void {
