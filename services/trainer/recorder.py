@@ -103,6 +103,8 @@ class RunRecorder:
         self.last_error = ""
         self.failures = 0
         self.dropped = 0
+        self.cpu_s = 0.0
+        """CPU seconds the writer thread spent on batches (what the store costs)."""
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._closed = False
@@ -204,6 +206,13 @@ class RunRecorder:
 
     def write_once(self) -> bool:
         """One batch: boot sweep, run rows, events, points. Whether it worked."""
+        started_cpu = time.thread_time()
+        try:
+            return self._write_once()
+        finally:
+            self.cpu_s += time.thread_time() - started_cpu
+
+    def _write_once(self) -> bool:
         with self._write_lock:
             try:
                 records = list(self.source())

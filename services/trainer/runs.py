@@ -591,6 +591,7 @@ class RunManager:
         record = await asyncio.to_thread(self.find_run, run_id)
         if run is not None:
             await asyncio.to_thread(run.loop.join, 30.0)
+            await asyncio.to_thread(self.flush_checkpoints, 30.0)  # none lands after the delete
             self._runs.pop(run_id, None)
         if self.recorder is not None:
             await asyncio.to_thread(self.recorder.delete_run, run_id)

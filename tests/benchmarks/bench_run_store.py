@@ -59,14 +59,22 @@ def rss_mib() -> float:
     return 0.0
 
 
-async def steps_per_s(store: RunStore | None, seconds: float, tmp: Path) -> float:
+async def steps_per_s(store: RunStore | None, seconds: float, tmp: Path) -> tuple[float, float, float]:
+    """(steps/s, the training thread's CPU ms per step, the recorder's CPU ms per step)."""
     runs = RunManager(tmp / "models", checkpoint_every_s=0, store=store, state_dir=tmp / "state")
     try:
         run = runs.start_run("spiral", {"max_steps": 0}, seed=1)
         await asyncio.sleep(1.0)  # warm-up
+        tid = run.loop._thread.native_id
+        clock = time.pthread_getcpuclockid(run.loop._thread.ident) if tid else None
+        cpu0 = time.clock_gettime(clock) if clock is not None else 0.0
+        rec0 = runs.recorder.cpu_s if runs.recorder else 0.0
         start_step, started = run.loop.status.step, time.perf_counter()
         await asyncio.sleep(seconds)
-        return (run.loop.status.step - start_step) / (time.perf_counter() - started)
+        steps = run.loop.status.step - start_step
+        train_cpu = (time.clock_gettime(clock) - cpu0) if clock is not None else 0.0
+        rec_cpu = (runs.recorder.cpu_s - rec0) if runs.recorder else 0.0
+        return steps / (time.perf_counter() - started), 1000 * train_cpu / steps, 1000 * rec_cpu / steps
     finally:
         await runs.aclose()
 
@@ -75,6 +83,8 @@ async def bench_write_cost(seconds: float, rounds: int, pg_dsn: str | None) -> N
     print(f"1. steps/s of one spiral run, store off vs on, {rounds} alternating rounds of {seconds:g} s")
     kinds = ["off", "sqlite"] + (["postgresql"] if pg_dsn else [])
     results: dict[str, list[float]] = {k: [] for k in kinds}
+    train_ms: dict[str, list[float]] = {k: [] for k in kinds}
+    store_ms: dict[str, list[float]] = {k: [] for k in kinds}
     for r in range(rounds):
         for kind in kinds if r % 2 == 0 else kinds[::-1]:
             with tempfile.TemporaryDirectory() as tmp:
@@ -84,12 +94,20 @@ async def bench_write_cost(seconds: float, rounds: int, pg_dsn: str | None) -> N
                 elif kind == "postgresql":
                     assert pg_dsn
                     store = PostgresRunStore(postgres.fresh_database(pg_dsn))
-                results[kind].append(await steps_per_s(store, seconds, Path(tmp)))
+                rate, train, rec = await steps_per_s(store, seconds, Path(tmp))
+                results[kind].append(rate)
+                train_ms[kind].append(train)
+                store_ms[kind].append(rec)
     off = statistics.median(results["off"])
     for kind in kinds:
         med = statistics.median(results[kind])
         rounds_txt = ", ".join(f"{v:.0f}" for v in results[kind])
         print(f"   {kind:<10} median {med:8.0f} steps/s  ratio {med / off:5.3f}   ({rounds_txt})")
+    print("   CPU per training step (load-independent): training thread, and the store's writer thread")
+    for kind in kinds:
+        train, rec = statistics.median(train_ms[kind]), statistics.median(store_ms[kind])
+        print(f"   {kind:<10} training {train:6.3f} ms/step, store writer {rec:6.3f} ms/step "
+              f"({100 * rec / train:4.1f} % of the training thread's CPU)")
 
 
 def bench_history(points: int) -> None:
@@ -164,9 +182,9 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and cycles")
     parser.add_argument("--seconds", type=float, help="per round (default 8; --quick 4)")
     parser.add_argument("--rounds", type=int, help="alternating rounds (default 4; --quick 2)")
-    parser.add_argument("--cycles", type=int, help="start/stop cycles (default 2000; --quick 300)")
+    parser.add_argument("--cycles", type=int, help="start/stop cycles (default 2000; --quick 300; 0 = skip)")
     parser.add_argument("--keep-runs", type=int, default=200)
-    parser.add_argument("--history-points", type=int, default=1_000_000)
+    parser.add_argument("--history-points", type=int, default=1_000_000, help="0 = skip")
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args()
     for name, full, quick in (("seconds", 8.0, 4.0), ("rounds", 4, 2), ("cycles", 2000, 300)):
@@ -185,8 +203,10 @@ async def main() -> None:
             else:
                 dsn = stack.enter_context(postgres.postgres_server())
         await bench_write_cost(args.seconds, args.rounds, dsn)
-    bench_history(args.history_points)
-    await bench_memory(args.cycles, args.keep_runs)
+    if args.history_points:
+        bench_history(args.history_points)
+    if args.cycles:
+        await bench_memory(args.cycles, args.keep_runs)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,9 @@ async def test_restart_interrupts_then_resume_continues_from_the_checkpoint(tmp_
 
         resumed = (await stub.ResumeRun(tpb.ResumeRunRequest(run_id=run.run_id))).run
         assert resumed.run_id == run.run_id and resumed.state == cpb.RUN_STATE_RUNNING
-        assert resumed.step == got.checkpoint_step
+        assert resumed.step >= got.checkpoint_step  # it trains on at once
+        resumed_event = [e for e in await asyncio.to_thread(app.runs.events, run.run_id) if e.kind == "resumed"]
+        assert [e.step for e in resumed_event] == [got.checkpoint_step]  # from the checkpoint's step
         live = app.runs.get_run(run.run_id)
         adam = next(iter(live.loop.optimizer.state_dict()["state"].values()))
         assert int(adam["step"]) >= got.checkpoint_step  # the optimizer's state came back
@@ -226,3 +228,20 @@ async def test_the_demo_run_never_replaces_a_served_model_and_resumes_after_a_re
         demo = app.runs.get_run(first_id)
         assert demo.loop.status.step >= 400 and demo.state == cpb.RUN_STATE_RUNNING
         assert modelrepo.list_versions(repo, "spiral") == [1]
+
+
+async def test_an_unreachable_postgresql_never_stops_training(tmp_path: Path) -> None:
+    pytest.importorskip("psycopg")
+    cfg = settings(tmp_path, "postgresql://nobody:secret@127.0.0.1:1/none")
+    errors_before = metric("tensorwire_run_store_errors_total", store="runs")
+    async with trainer(cfg) as (app, stub, channel):
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (await health.Check(health_pb2.HealthCheckRequest(service=""))).status == (
+            health_pb2.HealthCheckResponse.SERVING)
+        run = (await stub.StartRun(tpb.StartRunRequest(task="spiral", params={"max_steps": 0}))).run
+        await until(lambda: app.runs.get_run(run.run_id).loop.status.step >= 200)
+        await until(lambda: metric("tensorwire_run_store_errors_total", store="runs") > errors_before)
+        assert "secret" not in app.runs.recorder.store.description
+        assert [r.run_id for r in (await stub.ListRuns(tpb.ListRunsRequest())).runs] == [run.run_id]
+        assert (await stub.GetRun(tpb.GetRunRequest(run_id=run.run_id))).run.state == cpb.RUN_STATE_RUNNING
+        assert await status_of(stub.GetRun(tpb.GetRunRequest(run_id="elsewhere"))) == grpc.StatusCode.UNAVAILABLE
