@@ -43,8 +43,8 @@ class TrainerApp:
             keep_checkpoints=settings.keep_checkpoints,
             max_active_runs=settings.max_active_runs,
             device=resolve_device(settings.device, settings.env_prefix),
-            store=open_store(settings.run_store, settings.data_dir / "runs.sqlite3"),
-            state_dir=settings.data_dir / "state",
+            store=open_store(settings.run_store, settings.data_path / "runs.sqlite3"),
+            state_dir=settings.data_path / "state",
             keep_runs=settings.keep_runs,
         )
         self.announcer = ModelAnnouncer(settings.inference_target,

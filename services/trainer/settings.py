@@ -35,10 +35,11 @@ class TrainerSettings(TorchServiceSettings):
         help="stream each checkpoint to inference (ModelTransferService/UploadModel) before "
              "asking it to load: for pods that share no volume with inference",
     )
-    data_dir: Path = setting(
-        Path("var/trainer"), env="DATA_DIR",
+    data_dir: str = setting(
+        "", env="DATA_DIR",
         help="the run store's SQLite file (runs.sqlite3, unless --run-store says otherwise) and "
-             "each run's resumable training state (state/<run_id>.pt)",
+             "each run's resumable training state (state/<run_id>.pt); '' = 'trainer' beside "
+             "--model-repository (var/trainer)",
     )
     run_store: str = setting(
         "", env="RUN_STORE",
@@ -90,6 +91,11 @@ class TrainerSettings(TorchServiceSettings):
     max_active_runs: int = setting(
         8, env="MAX_ACTIVE_RUNS", help="runs training at once", min=1, max=256
     )
+    @property
+    def data_path(self) -> Path:
+        """--data-dir, or 'trainer' beside the model repository."""
+        return Path(self.data_dir) if self.data_dir else self.model_repository.parent / "trainer"
+
     torch_threads: int = setting(
         1, env="TORCH_THREADS", help="torch intra-op threads per process (small models: 1)",
         min=1, max=256,

@@ -143,7 +143,7 @@ async def bench_memory(cycles: int, keep_runs: int) -> None:
         await s_server.start()
         settings = dataclasses.replace(
             TrainerSettings(), port=t_port, model_repository=Path(tmp) / "models",
-            data_dir=Path(tmp) / "trainer", streamer_target=f"127.0.0.1:{s_port}", inference_target="",
+            data_dir=str(Path(tmp) / "trainer"), streamer_target=f"127.0.0.1:{s_port}", inference_target="",
             checkpoint_every_s=0.0, keep_runs=keep_runs, max_active_runs=64)
         trainer = await create_trainer(settings)
         trainer.runs.release_after_s = 0.2

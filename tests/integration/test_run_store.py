@@ -120,7 +120,7 @@ async def test_restart_interrupts_then_resume_continues_from_the_checkpoint(tmp_
         assert modelrepo.list_versions(repo, f"run-{run.run_id}")
         await stub.DeleteRun(tpb.DeleteRunRequest(run_id=run.run_id))
         assert not (repo / f"run-{run.run_id}").exists()
-        assert not (cfg.data_dir / "state" / f"{run.run_id}.pt").exists()
+        assert not (cfg.data_path / "state" / f"{run.run_id}.pt").exists()
         assert await status_of(stub.GetRun(tpb.GetRunRequest(run_id=run.run_id))) == grpc.StatusCode.NOT_FOUND
         assert (await stub.GetRunScalars(tpb.GetRunScalarsRequest(run_id=done.run_id))).scalars.series
 
