@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # System packages the tests need, from Debian: chromium (the browser e2e tests
 # drive it; never a browser downloaded by playwright) with its fonts, and
-# promtool (package prometheus) to check the alert rules, and redis-server (the
-# response-cache tests start their own on a free port). Idempotent: installs
+# promtool (package prometheus) to check the alert rules, redis-server (the
+# response-cache tests start their own on a free port), PostgreSQL (the run store's
+# tests start a real server; it runs as user postgres) and curl. Idempotent: installs
 # only what is missing. Needs root (apt-get) the first time.
 set -euo pipefail
 
@@ -11,6 +12,7 @@ missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v curl >/dev/null 2>&1 || missing+=(curl)  # the README's curl example runs in a test
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -24,3 +26,4 @@ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 [ -x /usr/bin/chromium ] && /usr/bin/chromium --version
 command -v promtool >/dev/null && promtool --version | head -1
 command -v redis-server >/dev/null && redis-server --version
+ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null | head -1

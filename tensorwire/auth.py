@@ -71,8 +71,9 @@ _V, _O, _A, _P = Role.VIEWER, Role.OPERATOR, Role.ADMIN, Role.PUBLISHER
 
 _TABLE: Final[dict[str, dict[str, Role | None]]] = {
     "tensorwire.trainer.v1.TrainerService": {
-        "ListTasks": _V, "ListRuns": _V, "GetRun": _V,
+        "ListTasks": _V, "ListRuns": _V, "GetRun": _V, "GetRunScalars": _V,
         "StartRun": _O, "PauseRun": _O, "ResumeRun": _O, "StopRun": _O, "UpdateRun": _O,
+        "DeleteRun": _O,
         # A training script (the SDK) registers its run and takes its control over a
         # stream: it is a publisher, like the identity it publishes to the streamer with.
         "RegisterRun": _P, "AttachRun": _P,

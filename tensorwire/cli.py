@@ -103,14 +103,17 @@ def plan(settings: SuiteSettings, token_file: Path, auth_file: Path) -> list[Chi
     local = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     models = str(settings.data_dir / "models")
     children = [
+        # The streamer asks the trainer about runs it has not seen (a viewer's calls).
         Child("streamer", "services.streamer", settings.streamer_port,
-              [*common, "--port", str(settings.streamer_port)]),
+              [*common, "--port", str(settings.streamer_port),
+               "--trainer-target", f"{local}:{settings.trainer_port}", "--token-file", str(token_file)]),
         Child("inference", "services.inference", settings.inference_port,
               [*common, "--port", str(settings.inference_port), "--model-repository", models,
                "--create-model-repository",
                "--http-port", str(settings.inference_http_port)]),
         Child("trainer", "services.trainer", settings.trainer_port,
               [*common, "--port", str(settings.trainer_port), "--model-repository", models,
+               "--data-dir", str(settings.data_dir / "trainer"),
                "--streamer-target", f"{local}:{settings.streamer_port}",
                "--inference-target", f"{local}:{settings.inference_port}",
                "--token-file", str(token_file), "--demo-task", settings.demo_task]),

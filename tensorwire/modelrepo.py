@@ -443,3 +443,19 @@ def _add_version(
         raise
     _fsync_dir(folder)
     return version
+
+
+def delete_model(repo: Path, name: str) -> bool:
+    """Remove model ``name`` (every version and its config); whether it existed.
+
+    The folder first leaves the model namespace by a rename (a reader polling the
+    repository never sees half a model), then its files go.
+    """
+    folder = Path(repo) / check_name(name)
+    doomed = Path(repo) / f".{name}-{uuid.uuid4().hex[:12]}.deleting"
+    try:
+        os.rename(folder, doomed)
+    except FileNotFoundError:
+        return False
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True

@@ -103,6 +103,8 @@ class Link:
         for key in [k for k in self.views if k[0] == run_id]:
             del self.views[key]
             self.pending_views.discard(key)
+        self.watchers.pop(run_id, None)
+        self.demand_fps.pop(run_id, None)
 
     def restore_scalars(self, run_id: str, series: dict[str, list[Bucket]]) -> None:
         """Put back points that were taken but not sent, before any newer ones."""

@@ -22,6 +22,7 @@ from tensorwire.lifecycle import stop_signal
 from tensorwire.server import PortInUseError
 from tensorwire.tls import ServerTls
 
+from . import export
 from .guard import Cors, Guard, RateLimiter, default_hosts
 from .proxy import MAX_REQUEST_BYTES, GrpcWebProxy, routes_for
 from .settings import GatewaySettings
@@ -77,6 +78,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/{service}/{method}", proxy.handle)
+    export.add_routes(app, proxy.pool_for)
     add_static_routes(app, settings.static_dir)
     app.on_shutdown.append(on_shutdown)
     return app

@@ -121,6 +121,11 @@ class GrpcWebProxy:
         for pool in self._pools.values():
             await pool.aclose()
 
+    def pool_for(self, service: str) -> ChannelPool | None:
+        """The channel pool to ``service`` (a full name), if this gateway routes it."""
+        route = self.routes.get(service)
+        return self._pools[route.target] if route else None
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         mode = grpcweb.parse_content_type(request.headers.get("Content-Type"))
         if mode is None:

@@ -7,6 +7,7 @@ import grpc
 from tensorwire.streamer.v1 import streamer_pb2 as pb
 
 from .hub import HubLimits, UpdateHub
+from .lookup import TrainerLookup
 from .servicer import StreamerServicer, register
 from .settings import StreamerSettings
 
@@ -18,12 +19,15 @@ class StreamerApp:
 
     def __init__(self, settings: StreamerSettings) -> None:
         self.settings = settings
+        self.lookup = (TrainerLookup(settings.trainer_target, security=settings.client_security())
+                       if settings.trainer_target else None)
         self.hub = UpdateHub(
             HubLimits(
                 keepalive_s=settings.keepalive_s, max_subscribers=settings.max_subscribers,
                 default_fps=settings.default_fps, tick_s=settings.tick_s,
-                pacing_headroom=settings.pacing_headroom,
-            )
+                pacing_headroom=settings.pacing_headroom, release_after_s=settings.release_after_s,
+            ),
+            lookup=self.lookup.describe if self.lookup else None,
         )
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -34,6 +38,8 @@ class StreamerApp:
 
     async def aclose(self) -> None:
         await self.hub.aclose()
+        if self.lookup is not None:
+            await self.lookup.aclose()
 
 
 async def create_app(settings: StreamerSettings) -> StreamerApp:

@@ -21,7 +21,13 @@ to every subscriber; only ``sent_at`` (and ``snapshot``) is appended per send,
 protobuf's concatenation being a merge.
 
 One ticker task (``tick_s``) decides what every subscriber may send and wakes
-it; there is no poll loop per subscriber.
+it; there is no poll loop per subscriber. It also releases the topics of runs
+that ended, once nobody watches them and nothing was published for
+``release_after_s``.
+
+With a ``lookup`` (the trainer's run store, see ``lookup.py``), a run's topic is
+seeded before its first subscriber reads it: an unknown run is NOT_FOUND, and the
+snapshot holds the run's whole stored curve, not only what this streamer saw.
 
 Keeping the bytes in flight small: a finished gRPC write only means HTTP/2 flow
 control and the kernel took the bytes, and on a slow link the socket buffer
@@ -42,18 +48,28 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from tensorwire import arrays
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
+from tensorwire.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from tensorwire.scalars import MAX_SERIES, Bucket, ScalarBuffer, from_batch, to_batch
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_SUFFIX = spb.Frame(snapshot=True).SerializeToString()
+ENDED = (cpb.RUN_STATE_STOPPED, cpb.RUN_STATE_FAILED, cpb.RUN_STATE_COMPLETED, cpb.RUN_STATE_INTERRUPTED)
+
+RunLookup = Callable[[str, int], Awaitable[tuple[cpb.RunStatus, cpb.ScalarBatch] | None]]
+"""(run_id, max_points) -> the run's status and stored history, or None if there is
+no such run; raises UnavailableError when it cannot tell."""
 
 
 def _sent_at(wall: float) -> bytes:
@@ -162,6 +178,12 @@ class Topic:
     views: dict[str, CachedView] = field(default_factory=dict)
     subscribers: set[Subscriber] = field(default_factory=set)
     scalar_cache: dict[tuple[int, int, int], bytes] = field(default_factory=dict)
+    seeded: bool = False
+    """Status and history were completed from the lookup."""
+    touched_at: float = 0.0
+    """Clock time of the last publish (or seeding)."""
+    lookup_at: float = math.inf
+    """When to ask the lookup again (it could not answer; someone waits)."""
 
 
 @dataclass(eq=False)
@@ -194,6 +216,9 @@ class HubLimits:
     """Scalar batches kept for subscribers that lag; older ones move into the
     lagging subscribers' private buffers (merged, not dropped)."""
     pacing_headroom: float = 2.0
+    release_after_s: float = 30.0
+    """An ended run's topic is dropped this long after its last update, once
+    nobody watches it (a later subscriber gets it again from the lookup)."""
 
 
 class UpdateHub:
@@ -205,8 +230,11 @@ class UpdateHub:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        lookup: RunLookup | None = None,
     ) -> None:
         self.limits = limits or HubLimits()
+        self.lookup = lookup
+        self._lookups: dict[str, asyncio.Future[None]] = {}
         self._clock = clock
         self._wall = wall
         self.topics: dict[str, Topic] = {}
@@ -257,6 +285,7 @@ class UpdateHub:
         if not req.run_id:
             raise InvalidArgumentError("PublishRequest.run_id is empty")
         topic = self._topic(req.run_id)
+        topic.touched_at = self._clock()
         if pub is not None and req.run_id not in pub.runs:
             pub.runs.add(req.run_id)
             pub.changed.set()
@@ -339,6 +368,51 @@ class UpdateHub:
         for pub in self.publishers:
             if run_id in pub.runs:
                 pub.changed.set()
+
+    # -- seeding from the lookup ------------------------------------------
+    async def prepare(self, run_id: str) -> None:
+        """Before a subscription: NotFoundError if the lookup knows no such run (and
+        no trainer published it); else the topic's status and history completed
+        from the lookup (once per topic). Without a lookup, or when it cannot
+        answer, nothing happens (the subscriber waits for the run to publish)."""
+        if self.lookup is None or not run_id:
+            return
+        topic = self.topics.get(run_id)
+        if topic is not None and topic.seeded:
+            return
+        pending = self._lookups.get(run_id)
+        if pending is None:
+            pending = self._lookups[run_id] = asyncio.ensure_future(self._seed(run_id))
+            pending.add_done_callback(lambda _: self._lookups.pop(run_id, None))
+        await asyncio.shield(pending)
+
+    async def _seed(self, run_id: str) -> None:
+        assert self.lookup is not None
+        try:
+            found = await self.lookup(run_id, self.limits.history_points)
+        except UnavailableError as exc:
+            log.info("run %s: no lookup (%s); asking again while someone waits", run_id, exc)
+            self._topic(run_id).lookup_at = self._clock() + 1.0
+            return
+        topic = self.topics.get(run_id)
+        if found is None:
+            if topic is not None and topic.status is not None:
+                return  # a trainer the lookup does not know publishes it
+            raise NotFoundError(f"no run {run_id!r}")
+        status, stored = found
+        topic = self._topic(run_id)
+        if topic.status is None:  # a live status published meanwhile is newer
+            self.publish(spb.PublishRequest(run_id=run_id, status=status))
+        # The stored curve up to where this streamer's own history starts.
+        live = topic.history.peek()
+        history = ScalarBuffer(self.limits.history_points)
+        for name, buckets in from_batch(stored).items():
+            start = live[name][0].first_step if name in live else math.inf
+            history.extend({name: [b for b in buckets if b.step < start]})
+        history.extend(live)
+        topic.history = history
+        topic.seeded = True
+        topic.touched_at = self._clock()
 
     # -- subscribing ------------------------------------------------------
     def subscribe(
@@ -429,6 +503,8 @@ class UpdateHub:
         """Decide, for every subscriber, what it may send now, and wake it."""
         now = self._clock() if now is None else now
         limits = self.limits
+        self._release_ended(now)
+        self._retry_lookups(now)
         for topic in self.topics.values():
             topic.scalar_cache.clear()
             for sub in topic.subscribers:
@@ -446,6 +522,31 @@ class UpdateHub:
                     sub.views_due = wake = True
                 if wake:
                     sub.wake.set()
+
+    def _retry_lookups(self, now: float) -> None:
+        for topic in self.topics.values():
+            if (now >= topic.lookup_at and topic.subscribers and not topic.seeded
+                    and topic.status is None and topic.run_id not in self._lookups):
+                topic.lookup_at = math.inf
+                run_id = topic.run_id
+                task = self._lookups[run_id] = asyncio.ensure_future(self._seed(run_id))
+                task.add_done_callback(lambda t, r=run_id: self._retried(r, t))
+
+    def _retried(self, run_id: str, task: asyncio.Future[None]) -> None:
+        self._lookups.pop(run_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("run %s: %s", run_id, task.exception())
+
+    def _release_ended(self, now: float) -> None:
+        doomed = [
+            t for t in self.topics.values()
+            if not t.subscribers and t.status is not None and t.status.state in ENDED
+            and now - t.touched_at >= self.limits.release_after_s
+        ]
+        for topic in doomed:
+            del self.topics[topic.run_id]
+            for pub in self.publishers:
+                pub.runs.discard(topic.run_id)
 
     # -- sending ----------------------------------------------------------
     def due_frames(self, sub: Subscriber) -> list[tuple[bytes, bool]]:

@@ -30,6 +30,7 @@ class StreamerServicer:
 
     async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext) -> None:
         hub = self._hub
+        await hub.prepare(request.run_id)
         sub = hub.subscribe(
             request.run_id, max_fps=request.max_fps, views=request.views,
             accept_codecs=request.accept_codecs, max_points=request.max_points,

@@ -35,3 +35,14 @@ class StreamerSettings(ServerSettings):
         2.0, env="PACING_HEADROOM",
         help="views use at most 1/this of a subscriber's measured bandwidth", min=1, max=20,
     )
+    trainer_target: str = setting(
+        "", env="TRAINER_TARGET",
+        help="trainer to ask about runs this streamer has not seen: an unknown run id is "
+             "NOT_FOUND and a new subscriber's snapshot holds the run's whole stored curve "
+             "('' = none: a subscriber to an unseen run waits for it to publish)",
+    )
+    release_after_s: float = setting(
+        30.0, env="RELEASE_AFTER_S",
+        help="an ended run's state leaves memory this long after its last update, once "
+             "nobody watches it", min=0,
+    )

@@ -9,7 +9,9 @@ import grpc
 import torch
 
 from tensorwire import modelrepo
+from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.devices import resolve_device
+from tensorwire.errors import TensorwireError
 from tensorwire.trainer.v1 import trainer_pb2 as pb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as pb_grpc
 
@@ -19,6 +21,7 @@ from .publisher import Publisher
 from .runs import RunManager
 from .servicer import TrainerServicer
 from .settings import TrainerSettings
+from .store import open_store
 from .tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,9 @@ class TrainerApp:
             max_active_runs=settings.max_active_runs,
             tasks={**TASKS, **plugins},
             device=resolve_device(settings.device, settings.env_prefix),
+            store=open_store(settings.run_store, settings.data_path / "runs.sqlite3"),
+            state_dir=settings.data_path / "state",
+            keep_runs=settings.keep_runs,
         )
         security = settings.client_security()
         self.announcer = ModelAnnouncer(settings.inference_target,
@@ -56,18 +62,45 @@ class TrainerApp:
             task_modules=settings.task_module,
             security=security,
         )
+        self.runs.release_listeners.append(self.publisher.forget)
         self.demo_run_id: str | None = None
         self._bootstrap: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.announcer.start()
         await self.publisher.start()
+        self.runs.start()
         task = self.settings.demo_task
         if task:
-            run = self.runs.start_run(task, publish_as=(task,))
-            self.demo_run_id = run.run_id
+            self.demo_run_id = await self.start_demo(task)
         if task and self.settings.demo_models:
             self._bootstrap = asyncio.create_task(self.prime_repository(), name="demo-models")
+
+    async def start_demo(self, task: str) -> str:
+        """The boot demo run: the last demo run of ``task`` resumed when a restart
+        interrupted it; else a new one, which publishes as model ``task`` only when
+        the repository has none (it never replaces a better served model)."""
+        try:
+            page = await asyncio.to_thread(
+                self.runs.query_runs, f'task = "{task}" AND tags:"demo"', "created_at desc", 1)
+        except Exception as exc:
+            log.warning("looking for the last demo run failed: %s", exc)
+        else:
+            if page.runs and page.runs[0].state == cpb.RUN_STATE_INTERRUPTED:
+                try:
+                    resumed = await self.runs.resume_run(page.runs[0].run_id)
+                except TensorwireError as exc:
+                    log.info("demo run %s not resumed: %s", page.runs[0].run_id, exc)
+                else:
+                    log.info("demo run %s resumed at step %d", resumed.run_id, resumed.step)
+                    return resumed.run_id
+        try:
+            served = bool(modelrepo.list_versions(self.settings.model_repository, task))
+        except TensorwireError:
+            served = False
+        run = self.runs.start_run(task, {"max_steps": 0}, publish_as=() if served else (task,),
+                                  name=f"demo {task}", tags=("demo",))
+        return run.run_id
 
     async def prime_repository(self) -> None:
         """Train each missing demo model briefly, one after the other, in the background."""
@@ -80,7 +113,8 @@ class TrainerApp:
                     continue
             except Exception:
                 pass  # no such model yet
-            run = self.runs.start_run(name, {"max_steps": steps}, publish_as=(name,), seed=1)
+            run = self.runs.start_run(name, {"max_steps": steps}, publish_as=(name,), seed=1,
+                                      name=f"demo model {name}", tags=("demo-model",))
             await asyncio.to_thread(run.loop.join)
             await asyncio.to_thread(self.runs.flush_checkpoints, 30.0)
             log.info("demo model %s trained (%d steps) and written", name, steps)

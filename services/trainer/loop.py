@@ -18,10 +18,11 @@ mailbox that the thread reads between steps.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
@@ -38,6 +39,16 @@ TERMINAL = (cpb.RUN_STATE_STOPPED, cpb.RUN_STATE_FAILED, cpb.RUN_STATE_COMPLETED
 
 
 @dataclass(frozen=True)
+class TrainingState:
+    """What resuming a run needs beyond its weights (private copies)."""
+
+    optimizer: dict[str, object]
+    generator: torch.Tensor
+    """The batch sampler's RNG state (``torch.Generator.get_state()``)."""
+    step: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The weights after ``step`` (a private copy), and when that step finished."""
 
@@ -45,6 +56,8 @@ class Snapshot:
     produced_at: float
     state_dict: dict[str, torch.Tensor]
     config: RunConfig
+    training: TrainingState | None = None
+    """Set on checkpoint snapshots: optimizer, RNG and step, for resuming."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,8 @@ class TrainingLoop:
         *,
         name: str = "run",
         on_checkpoint: Callable[[Snapshot], None] | None = None,
+        on_scalars: Callable[[int, Mapping[str, float]], None] | None = None,
+        resume: tuple[dict[str, torch.Tensor], TrainingState] | None = None,
         checkpoint_every_steps: int = 0,
         checkpoint_every_s: float = 0.0,
         max_points: int = 512,
@@ -81,6 +96,7 @@ class TrainingLoop:
         self._config = config
         self._pending_config: RunConfig | None = None
         self._on_checkpoint = on_checkpoint
+        self._on_scalars = on_scalars
         self._ckpt_steps = checkpoint_every_steps
         self._ckpt_s = checkpoint_every_s
         self._lock = threading.Lock()
@@ -94,7 +110,16 @@ class TrainingLoop:
         self.data = task.make_data(config, seed)
         self.model = task.build_model(config).to(self.device)
         self.optimizer = task.make_optimizer(self.model, config)
-        self.status = LiveStatus(cpb.RUN_STATE_PENDING, 0, time.time(), 0.0)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._step = 0
+        if resume is not None:
+            weights, training = resume
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(training.optimizer)
+            task.apply_live_params(self.optimizer, config)
+            self._gen.set_state(training.generator)
+            self._step = training.step
+        self.status = LiveStatus(cpb.RUN_STATE_PENDING, self._step, time.time(), 0.0)
         """The latest-value slot: replaced (never mutated) by the thread."""
         self._thread = threading.Thread(target=self._run, name=f"train-{name}", daemon=True)
 
@@ -166,10 +191,18 @@ class TrainingLoop:
         return fut
 
     # -- the thread ------------------------------------------------------
-    def _snapshot(self) -> Snapshot:
+    def _snapshot(self, training: bool = False) -> Snapshot:
         # A CPU copy: views, checkpoints and the inference service read it anywhere.
         state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        return Snapshot(self.status.step, self.status.produced_at, state, self._config)
+        extra = None
+        if training:  # on the training thread only: optimizer and RNG are its own
+            opt = copy.deepcopy(self.optimizer.state_dict())
+            for per_param in opt.get("state", {}).values():  # type: ignore[union-attr]
+                for k, v in per_param.items():
+                    if isinstance(v, torch.Tensor):
+                        per_param[k] = v.detach().to("cpu")
+            extra = TrainingState(opt, self._gen.get_state(), self._step)
+        return Snapshot(self.status.step, self.status.produced_at, state, self._config, extra)
 
     def _serve_snapshots(self) -> None:
         with self._lock:
@@ -189,10 +222,10 @@ class TrainingLoop:
             self._serve_snapshots()
 
     def _train(self) -> None:
-        gen = torch.Generator().manual_seed(self.seed)
-        step = 0
+        gen = self._gen
+        step = self._step
         rate_at, rate_step, rate = time.monotonic(), 0, 0.0
-        last_ckpt_step, last_ckpt_at = 0, time.monotonic()
+        last_ckpt_step, last_ckpt_at = step, time.monotonic()
         max_steps = int(self._config.params.get("max_steps", 0))
         state = cpb.RUN_STATE_RUNNING
         self.model.train()
@@ -223,9 +256,12 @@ class TrainingLoop:
                     batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
                 metrics = self.task.train_step(self.model, self.optimizer, batch)
                 step += 1
+                self._step = step
                 now = time.time()
                 with self._lock:
                     self._scalars.add(step, metrics)
+                if self._on_scalars is not None:
+                    self._on_scalars(step, metrics)
                 mono = time.monotonic()
                 if mono - rate_at >= 0.5:
                     rate = (step - rate_step) / (mono - rate_at)
@@ -236,7 +272,7 @@ class TrainingLoop:
                     or (self._ckpt_s and mono - last_ckpt_at >= self._ckpt_s)
                 ):
                     last_ckpt_step, last_ckpt_at = step, mono
-                    self._on_checkpoint(self._snapshot())
+                    self._on_checkpoint(self._snapshot(training=True))
                 if max_steps and step >= max_steps:
                     state = cpb.RUN_STATE_COMPLETED
                     break
@@ -247,4 +283,4 @@ class TrainingLoop:
             return
         self.status = replace(self.status, state=state, steps_per_second=0.0)
         if self._on_checkpoint is not None and step > last_ckpt_step:
-            self._on_checkpoint(self._snapshot())
+            self._on_checkpoint(self._snapshot(training=True))

@@ -132,6 +132,10 @@ class Publisher:
             status = run.loop.status
             state = run.state
             last = self._last_status.get(run_id)
+            if last is not None and last[2] != state:
+                # Paused -> running (or any change): the views stopped at the pause
+                # are built again (a paused run's view is built once, then no more).
+                self.views_changed(run_id)
             if last is None or last[2] != state or (
                 last[1] != status.step and now - last[0] >= self.status_interval_s
             ):
@@ -163,6 +167,13 @@ class Publisher:
         task = asyncio.create_task(self._build_view(run), name=f"view-{run_id}")
         self._building[run_id] = task
         task.add_done_callback(lambda _: self._building.pop(run_id, None))
+
+    def forget(self, run_id: str) -> None:
+        """A run left the trainer's memory: drop everything kept for it."""
+        for table in (self._last_status, self._next_view_at, self._view_models, self._view_cost_s):
+            table.pop(run_id, None)
+        for link in self.links.values():
+            link.forget(run_id)
 
     def views_changed(self, run_id: str) -> None:
         """Someone new watches: build a view at the next tick."""

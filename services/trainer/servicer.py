@@ -7,10 +7,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from tensorwire.errors import InvalidArgumentError
+from tensorwire.scalars import to_batch
 from tensorwire.trainer.v1 import trainer_pb2 as pb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as pb_grpc
 
 from .runs import Run, RunManager
+from .store import RunRecord
 from .tasks import Task
 
 
@@ -31,16 +34,19 @@ def task_info(task: Task) -> pb.TaskInfo:
     )
 
 
-def run_message(run: Run) -> pb.Run:
-    status = run.loop.status
-    config = run.config
+def run_message(run: Run | RunRecord) -> pb.Run:
+    rec = run.record() if isinstance(run, Run) else run
     return pb.Run(
-        run_id=run.run_id, task=run.task.name, state=run.state, step=status.step,
-        steps_per_second=status.steps_per_second, params=config.params, options=config.options,
-        metrics=status.metrics, created_at=run.created_at, updated_at=run.updated_at,
-        error=run.error, checkpoint_step=run.checkpoint_step, seed=run.seed,
-        produced_at=status.produced_at,
+        run_id=rec.run_id, task=rec.task, state=rec.state, step=rec.step,
+        steps_per_second=rec.steps_per_second, params=rec.params, options=rec.options,
+        metrics=rec.metrics, created_at=rec.created_at, updated_at=rec.updated_at,
+        error=rec.error, checkpoint_step=rec.checkpoint_step, seed=rec.seed,
+        produced_at=rec.produced_at or rec.updated_at, name=rec.name, tags=rec.tags,
+        notes=rec.notes, ended_at=rec.ended_at,
     )
+
+
+_LABELS = ("name", "tags", "notes")
 
 
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
@@ -51,27 +57,48 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         return pb.ListTasksResponse(tasks=[task_info(t) for t in self._runs.list_tasks()])
 
     async def StartRun(self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext) -> pb.StartRunResponse:
-        run = self._runs.start_run(request.task, dict(request.params), dict(request.options), request.seed)
+        run = self._runs.start_run(request.task, dict(request.params), dict(request.options), request.seed,
+                                   name=request.name, tags=list(request.tags), notes=request.notes)
         return pb.StartRunResponse(run=run_message(run))
 
     async def PauseRun(self, request: pb.PauseRunRequest, context: grpc.aio.ServicerContext) -> pb.PauseRunResponse:
         return pb.PauseRunResponse(run=run_message(self._runs.pause_run(request.run_id)))
 
     async def ResumeRun(self, request: pb.ResumeRunRequest, context: grpc.aio.ServicerContext) -> pb.ResumeRunResponse:
-        return pb.ResumeRunResponse(run=run_message(self._runs.resume_run(request.run_id)))
+        return pb.ResumeRunResponse(run=run_message(await self._runs.resume_run(request.run_id)))
 
     async def StopRun(self, request: pb.StopRunRequest, context: grpc.aio.ServicerContext) -> pb.StopRunResponse:
         return pb.StopRunResponse(run=run_message(await self._runs.stop_run(request.run_id)))
 
     async def UpdateRun(self, request: pb.UpdateRunRequest, context: grpc.aio.ServicerContext) -> pb.UpdateRunResponse:
-        run = self._runs.update_run(request.run_id, dict(request.params))
-        return pb.UpdateRunResponse(run=run_message(run))
+        paths = list(request.update_mask.paths) or ["params"]
+        unknown = [p for p in paths if p not in ("params", *_LABELS)]
+        if unknown:
+            raise InvalidArgumentError(
+                f"update_mask names {', '.join(unknown)}; it may name params, name, tags, notes"
+            )
+        record: Run | RunRecord | None = None
+        if "params" in paths:
+            record = self._runs.update_run(request.run_id, dict(request.params))
+        if any(p in _LABELS for p in paths):
+            record = await asyncio.to_thread(
+                self._runs.label_run, request.run_id,
+                name=request.name if "name" in paths else None,
+                tags=list(request.tags) if "tags" in paths else None,
+                notes=request.notes if "notes" in paths else None,
+            )
+        assert record is not None
+        return pb.UpdateRunResponse(run=run_message(record))
 
     async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.GetRunResponse:
-        return pb.GetRunResponse(run=run_message(self._runs.get_run(request.run_id)))
+        return pb.GetRunResponse(run=run_message(await asyncio.to_thread(self._runs.find_run, request.run_id)))
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
-        return pb.ListRunsResponse(runs=[run_message(r) for r in self._runs.list_runs()])
+        page = await asyncio.to_thread(
+            self._runs.query_runs, request.filter, request.order_by, request.page_size, request.page_token
+        )
+        return pb.ListRunsResponse(runs=[run_message(r) for r in page.runs],
+                                   next_page_token=page.next_page_token, total_size=page.total_size)
 
     async def RegisterRun(self, request: pb.RegisterRunRequest, context: grpc.aio.ServicerContext) -> pb.RegisterRunResponse:
         run = self._runs.register_run(request.run_id, request.task, dict(request.params))
@@ -116,3 +143,15 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             loop.detach(attachment)
+
+    async def DeleteRun(self, request: pb.DeleteRunRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRunResponse:
+        await self._runs.delete_run(request.run_id)
+        return pb.DeleteRunResponse()
+
+    async def GetRunScalars(
+        self, request: pb.GetRunScalarsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRunScalarsResponse:
+        series = await asyncio.to_thread(
+            self._runs.scalars, request.run_id, request.max_points or 1024, list(request.names)
+        )
+        return pb.GetRunScalarsResponse(run_id=request.run_id, scalars=to_batch(series))

@@ -35,6 +35,24 @@ class TrainerSettings(TorchServiceSettings):
         help="stream each checkpoint to inference (ModelTransferService/UploadModel) before "
              "asking it to load: for pods that share no volume with inference",
     )
+    data_dir: str = setting(
+        "", env="DATA_DIR",
+        help="the run store's SQLite file (runs.sqlite3, unless --run-store says otherwise) and "
+             "each run's resumable training state (state/<run_id>.pt); '' = 'trainer' beside "
+             "--model-repository (var/trainer)",
+    )
+    run_store: str = setting(
+        "", env="RUN_STORE",
+        help="where runs, events and scalar history are kept: '' = SQLite in --data-dir, a file "
+             "path = SQLite there, postgresql://user:password@host/db = PostgreSQL (trainer replicas "
+             "share one run list), none = memory only",
+    )
+    keep_runs: int = setting(
+        200, env="KEEP_RUNS",
+        help="ended runs kept in the run store; older ones are deleted with their history, "
+             "run-<id> models and training state (0 = keep all)",
+        min=0,
+    )
     demo_task: str = setting(
         "", env="DEMO_TASK", help="task of a run started at boot ('' = none)"
     )
@@ -79,6 +97,11 @@ class TrainerSettings(TorchServiceSettings):
     max_active_runs: int = setting(
         8, env="MAX_ACTIVE_RUNS", help="runs training at once", min=1, max=256
     )
+    @property
+    def data_path(self) -> Path:
+        """--data-dir, or 'trainer' beside the model repository."""
+        return Path(self.data_dir) if self.data_dir else self.model_repository.parent / "trainer"
+
     torch_threads: int = setting(
         1, env="TORCH_THREADS", help="torch intra-op threads per process (small models: 1)",
         min=1, max=256,

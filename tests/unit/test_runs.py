@@ -53,16 +53,17 @@ async def test_lifecycle_and_errors(tmp_path: Path) -> None:
             runs.update_run(run.run_id, {"learning_rate": -1})
         with pytest.raises(InvalidArgumentError, match="params is empty"):
             runs.update_run(run.run_id, {})
-        runs.resume_run(run.run_id)
+        await runs.resume_run(run.run_id)
         wait_for(lambda: run.loop.status.step > paused_at + 20)
         assert run.loop.optimizer.param_groups[0]["lr"] == 0.2
         assert run.config.batch_size == 16
 
         await runs.stop_run(run.run_id)
         assert run.state == cpb.RUN_STATE_STOPPED
-        for verb in (runs.pause_run, runs.resume_run):
-            with pytest.raises(FailedPreconditionError, match="STOPPED"):
-                verb(run.run_id)
+        with pytest.raises(FailedPreconditionError, match="STOPPED"):
+            runs.pause_run(run.run_id)
+        with pytest.raises(FailedPreconditionError, match="STOPPED"):
+            await runs.resume_run(run.run_id)
         with pytest.raises(FailedPreconditionError):
             runs.update_run(run.run_id, {"learning_rate": 0.1})
         with pytest.raises(NotFoundError, match="nope"):

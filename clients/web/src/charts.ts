@@ -42,8 +42,41 @@ export class Series {
   }
 }
 
+/** Chart settings shared by every chart (the Metrics card's controls). */
+export interface ChartOptions {
+  /** EMA weight in [0, 1): 0 = raw. TensorBoard's default is 0.6. */
+  smoothing: number;
+  /** Logarithmic y axis (values <= 0 are left out). */
+  log: boolean;
+}
+
+/**
+ * TensorBoard's smoothing: an exponential moving average, debiased (divided by
+ * 1 - weight^n) so the first points are not pulled towards zero.
+ */
+export function smooth(values: readonly (number | null)[], weight: number): (number | null)[] {
+  if (weight <= 0) return values.slice();
+  const out = new Array<number | null>(values.length);
+  let last = 0;
+  let n = 0;
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (v === null || !Number.isFinite(v)) {
+      out[i] = v;  // a gap (non-finite) stays a gap and does not reset the average
+      continue;
+    }
+    last = last * weight + (1 - weight) * v;
+    n++;
+    out[i] = last / (1 - weight ** n);
+  }
+  return out;
+}
+
+type Chart = { plot: uPlot; box: HTMLElement; last: number | null; lastSmoothed: number | null };
+
 export class ChartPanel {
-  private charts = new Map<string, { plot: uPlot; box: HTMLElement }>();
+  private charts = new Map<string, Chart>();
+  options: ChartOptions = { smoothing: 0.6, log: false };
 
   constructor(private readonly root: HTMLElement) {
     new ResizeObserver(() => this.resize()).observe(root);
@@ -57,14 +90,37 @@ export class ChartPanel {
     this.charts.clear();
   }
 
+  /** New settings: every chart is drawn again (rebuilt when the y scale changes). */
+  setOptions(options: Partial<ChartOptions>, series: Map<string, Series>): void {
+    const rebuild = options.log !== undefined && options.log !== this.options.log;
+    this.options = { ...this.options, ...options };
+    if (rebuild) this.clear();
+    for (const s of series.values()) s.dirty = true;
+    this.render(series);
+  }
+
+  /** What each chart shows, for tests and the curious. */
+  describe(): Record<string, { log: boolean; smoothing: number; last: number | null; lastSmoothed: number | null }> {
+    const out: Record<string, { log: boolean; smoothing: number; last: number | null; lastSmoothed: number | null }> = {};
+    for (const [name, c] of this.charts) {
+      out[name] = { log: this.options.log, smoothing: this.options.smoothing, last: c.last, lastSmoothed: c.lastSmoothed };
+    }
+    return out;
+  }
+
   /** Redraw the series that changed (called from the animation frame only). */
   render(series: Map<string, Series>): void {
+    const { smoothing, log } = this.options;
     for (const [name, s] of series) {
       if (!s.dirty) continue;
       s.dirty = false;
       let chart = this.charts.get(name);
       if (!chart) chart = this.add(name);
-      chart.plot.setData([s.steps, s.values]);
+      const smoothed = smooth(s.values, smoothing);
+      const positive = (v: number | null) => (v === null || (log && !(v > 0)) ? null : v);
+      chart.last = s.values.length ? s.values[s.values.length - 1] : null;
+      chart.lastSmoothed = smoothed.length ? smoothed[smoothed.length - 1] : null;
+      chart.plot.setData([s.steps, s.values.map(positive), smoothed.map(positive)]);
     }
   }
 
@@ -72,36 +128,63 @@ export class ChartPanel {
     return Math.max(240, this.root.clientWidth - 4);
   }
 
-  private add(name: string): { plot: uPlot; box: HTMLElement } {
+  private add(name: string): Chart {
     const box = document.createElement("div");
     box.className = "chart";
     box.dataset.series = name;
+    const readout = document.createElement("div");
+    readout.className = "readout";
     this.root.append(box);
     const color = COLORS[this.charts.size % COLORS.length];
+    const axis = { stroke: "#8b949e", grid: { stroke: "#222a33" }, ticks: { stroke: "#222a33" } };
     const plot = new uPlot(
       {
         width: this.width(),
-        height: 150,
+        height: 170,
         title: name,
+        // uPlot's own legend re-renders with every setData (measured: long tasks and
+        // dropped frames while streaming); a readout written only on cursor moves
+        // shows every series' value at the cursor instead.
         legend: { show: false },
+        hooks: { setCursor: [(u) => this.readout(u, readout, name)] },
+        // Drag to zoom in on steps; double-click resets.
         cursor: { drag: { x: true, y: false } },
-        scales: { x: { time: false } },
+        scales: { x: { time: false }, y: this.options.log ? { distr: 3 } : {} },
         axes: [
-          { stroke: "#8b949e", grid: { stroke: "#222a33" }, ticks: { stroke: "#222a33" } },
-          { stroke: "#8b949e", grid: { stroke: "#222a33" }, ticks: { stroke: "#222a33" }, size: 56 },
+          { ...axis, label: "step", labelSize: 16 },
+          { ...axis, size: 56, label: name, labelSize: 16 },
         ],
-        series: [{ label: "step" }, { label: name, stroke: color, width: 1.5, points: { show: false } }],
+        series: [
+          { label: "step" },
+          { label: "raw", stroke: `${color}55`, width: 1, points: { show: false } },
+          { label: this.options.smoothing > 0 ? `${name} (smoothed)` : name, stroke: color, width: 1.5,
+            points: { show: false } },
+        ],
       },
-      [[], []],
+      [[], [], []],
       box,
     );
-    const chart = { plot, box };
+    box.append(readout);
+    const chart = { plot, box, last: null, lastSmoothed: null };
     this.charts.set(name, chart);
     return chart;
   }
 
+  /** "step N · raw v · smoothed v" at the cursor (written only when it changes). */
+  private readout(u: uPlot, el: HTMLElement, name: string): void {
+    const i = u.cursor.idx;
+    let text = "";
+    if (i != null) {
+      const fmt = (v: number | null | undefined) => (v == null ? "–" : Math.abs(v) >= 0.01 || v === 0 ? v.toPrecision(4) : v.toExponential(3));
+      const [steps, raw, smoothed] = u.data;
+      text = `step ${steps[i]} · ${name} ${fmt(raw[i])}`;
+      if (this.options.smoothing > 0) text += ` · smoothed ${fmt(smoothed[i])}`;
+    }
+    if (el.textContent !== text) el.textContent = text;
+  }
+
   private resize(): void {
     const width = this.width();
-    for (const { plot } of this.charts.values()) plot.setSize({ width, height: 150 });
+    for (const { plot } of this.charts.values()) plot.setSize({ width, height: 170 });
   }
 }

@@ -68,7 +68,9 @@ const stats = {
   get displayedStep() { return live.displayedStep; },
   get lagS() { return live.lagS; },
   get runId() { return live.runId; },
-  get state() { return live.status ? RunState[live.status.state] : ""; },
+  get state() { return RunState[currentState()] === "UNSPECIFIED" ? "" : RunState[currentState()]; },
+  get charts() { return charts.describe(); },
+  get runsShown() { return runs.map((r) => r.runId); },
   get updatesPerS() { return updatesPerSecond(); },
   connection: "connecting" as rpc.ConnectionState,
 };
@@ -79,11 +81,27 @@ const stats = {
 const app = $("#app");
 app.innerHTML = "";
 const taskSelect = h("select", { id: "task" });
+const runName = h("input", { id: "run-name", placeholder: "name (optional)", maxLength: 200 });
+const maxSteps = h("input", { id: "max-steps", type: "number", min: "0", step: "1", title: "max_steps: the run ends after this many steps (0 = never)" });
 const startBtn = h("button", { id: "start", textContent: "Start run" });
+const runFilter = h("input", { id: "run-filter", type: "search", placeholder: "filter: word, state = RUNNING, tags:\"best\"" });
 const runList = h("ul", { id: "runs", className: "runs" });
 const pauseBtn = h("button", { id: "pause", textContent: "Pause" });
 const resumeBtn = h("button", { id: "resume", textContent: "Resume" });
 const stopBtn = h("button", { id: "stop", textContent: "Stop", className: "danger" });
+const deleteBtn = h("button", { id: "delete", textContent: "Delete", className: "danger", title: "delete the run, its history and its models" });
+const smoothing = h("input", { id: "smoothing", type: "range", min: "0", max: "0.99", step: "0.01", value: "0.6", title: "smoothing (EMA weight, debiased)" });
+const smoothingOut = h("output", { id: "smoothing-value", textContent: "0.60" });
+const logScale = h("input", { id: "log-scale", type: "checkbox", title: "logarithmic y axis" });
+const exportCsv = h("a", { id: "export-csv", textContent: "CSV" });
+const exportJson = h("a", { id: "export-json", textContent: "JSON" });
+for (const [link, fmt] of [[exportCsv, "csv"], [exportJson, "json"]] as const) {
+  link.addEventListener("click", (event) => {
+    event.preventDefault();  // a plain link cannot send the tab's token
+    const runId = new URLSearchParams(location.search).get("run");
+    if (runId) rpc.downloadScalars(runId, fmt).catch((err) => console.error(err));
+  });
+}
 const params = h("div", { id: "params", className: "params" });
 const message = h("p", { id: "message", className: "message" });
 const viewCanvas = h("canvas", { id: "view", width: 520, height: 520 });
@@ -93,14 +111,20 @@ const inferRoot = h("section", { id: "inference", className: "card" });
 
 app.append(
   h("aside", { className: "side" },
-    h("section", { className: "card" }, h("h2", { textContent: "New run" }), taskSelect, startBtn),
-    h("section", { className: "card" }, h("h2", { textContent: "Runs" }), runList),
+    h("section", { className: "card" }, h("h2", { textContent: "New run" }), taskSelect, runName,
+      h("label", { className: "param" }, h("span", { textContent: "max_steps" }), maxSteps), startBtn),
+    h("section", { className: "card" }, h("h2", { textContent: "Runs" }), runFilter, runList),
     h("section", { className: "card" }, h("h2", { textContent: "Control" }),
-      h("div", { className: "row" }, pauseBtn, resumeBtn, stopBtn), params, message),
+      h("div", { className: "row" }, pauseBtn, resumeBtn, stopBtn, deleteBtn), params, message),
   ),
   h("section", { className: "stage" },
     h("div", { className: "card view-card" }, h("h2", { id: "view-title", textContent: "Live view" }), viewCanvas, viewInfo),
-    h("div", { className: "card" }, h("h2", { textContent: "Metrics" }), chartsRoot),
+    h("div", { className: "card" },
+      h("div", { className: "chart-tools" }, h("h2", { textContent: "Metrics" }),
+        h("label", {}, "smoothing ", smoothing, smoothingOut),
+        h("label", {}, logScale, " log scale"),
+        h("span", { className: "export" }, "export ", exportCsv, " ", exportJson)),
+      chartsRoot),
   ),
   h("aside", { className: "side right" }, inferRoot),
 );
@@ -176,6 +200,7 @@ const badgeParts = {
   shown: h("span", { id: "displayed-step" }),
   lag: h("span", { id: "lag" }),
   ups: h("span", { id: "ups" }),
+  progress: h("span", { id: "progress" }),
 };
 badge.append(...Object.values(badgeParts));
 
@@ -187,12 +212,35 @@ function setText(el: HTMLElement, text: string, className?: string): void {
 
 function renderBadge(): void {
   const st = live.status;
-  const state = st ? RunState[st.state].toLowerCase() : "—";
+  // Never "unspecified": the streamer's state, else the run list's, else nothing yet.
+  const known = currentState();
+  const state = known !== RunState.UNSPECIFIED ? RunState[known].toLowerCase() : live.runId ? "connecting" : "—";
   setText(badgeParts.state, state, `state state-${state}`);
   setText(badgeParts.server, `server step ${live.serverStep}`);
   setText(badgeParts.shown, `shown ${live.displayedStep}`);
   setText(badgeParts.lag, `lag ${live.lagS.toFixed(2)} s`, live.lagS > 2 ? "warn" : "");
   setText(badgeParts.ups, `${updatesPerSecond()} upd/s`);
+  setText(badgeParts.progress, progressText(st));
+}
+
+/** steps/s, and for a run with max_steps its progress and ETA. */
+function progressText(st: RunStatus | null): string {
+  if (!st) return "";
+  const sps = st.stepsPerSecond;
+  const max = st.params["max_steps"] ?? 0;
+  const step = Number(st.step);
+  const parts = sps > 0 ? [`${sps.toFixed(0)} steps/s`] : [];
+  if (max > 0) {
+    parts.unshift(`${Math.min(100, (100 * step) / max).toFixed(0)} % of ${max}`);
+    if (sps > 0 && step < max) parts.push(`ETA ${fmtDuration((max - step) / sps)}`);
+  }
+  return parts.join(" · ");
+}
+
+function fmtDuration(s: number): string {
+  if (s < 60) return `${Math.ceil(s)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
 }
 
 // The badge's updates/s decays while nothing arrives.
@@ -216,6 +264,8 @@ function onFrame(frame: Frame, receivedAt: number): void {
   const body = frame.body;
   switch (body.case) {
     case "status": {
+      // A streamer that has not heard of the run yet says "unspecified": keep what we know.
+      if (body.value.state === RunState.UNSPECIFIED) break;
       const previous = live.status?.state;
       live.status = body.value;
       if (previous !== body.value.state) {
@@ -287,6 +337,8 @@ function watch(runId: string): void {
   const run = runs.find((r) => r.runId === runId);
   $("#view-title").textContent = run ? `Live view — ${run.task} (${runId})` : `Live view — ${runId}`;
   renderParams();
+  exportCsv.href = `/api/runs/${encodeURIComponent(runId)}/scalars.csv`;
+  exportJson.href = `/api/runs/${encodeURIComponent(runId)}/scalars.json`;
   ["view", "badge", "runs", "controls"].forEach((w) => invalidate(w as "view"));
   const q = new URLSearchParams(location.search);
   q.set("run", runId);
@@ -298,8 +350,9 @@ function watch(runId: string): void {
 
 async function refreshRuns(): Promise<void> {
   try {
-    runs = await rpc.listRuns();
+    runs = await rpc.listRuns(runFilter.value.trim());
     runs.sort((a, b) => b.createdAt - a.createdAt);
+    if (runFilter.value.trim()) message.textContent = "";
     invalidate("runs");
     invalidate("controls");
     if (!live.runId) {
@@ -312,22 +365,31 @@ async function refreshRuns(): Promise<void> {
       if (pick) watch(pick.runId);
     }
   } catch (err) {
+    if (runFilter.value.trim() && rpc.describeError(err).startsWith("InvalidArgument")) {
+      message.textContent = `filter: ${rpc.describeError(err)}`;
+      return;
+    }
     onConnection(stats.connection === "connected" ? "connected" : "reconnecting", rpc.describeError(err));
   }
 }
+let filterTimer = 0;
+runFilter.oninput = () => {
+  clearTimeout(filterTimer);
+  filterTimer = window.setTimeout(() => void refreshRuns(), 250);
+};
 
 let runsShown = "";
 
 function renderRuns(): void {
-  const key = live.runId + "|" + runs.map((r) => `${r.runId}:${r.state}`).join(",");
+  const key = live.runId + "|" + runs.map((r) => `${r.runId}:${r.state}:${r.step}:${r.name}`).join(",");
   if (key === runsShown) return;
   runsShown = key;
   runList.innerHTML = "";
   if (!runs.length) runList.append(h("li", { className: "empty", textContent: "no runs yet" }));
   for (const r of runs) {
-    const li = h("li", { className: r.runId === live.runId ? "active" : "" },
-      h("span", { className: "run-task", textContent: r.task }),
-      h("span", { className: "run-id", textContent: r.runId }),
+    const li = h("li", { className: r.runId === live.runId ? "active" : "", title: [r.notes, r.tags.join(", ")].filter(Boolean).join(" · ") },
+      h("span", { className: "run-task", textContent: r.name || r.task }),
+      h("span", { className: "run-id", textContent: `${r.runId} · step ${r.step}` }),
       h("span", { className: `state state-${RunState[r.state].toLowerCase()}`, textContent: RunState[r.state].toLowerCase() }),
     );
     li.dataset.run = r.runId;
@@ -343,16 +405,25 @@ function currentState(): RunState {
 function renderControls(): void {
   const s = currentState();
   pauseBtn.disabled = s !== RunState.RUNNING;
-  resumeBtn.disabled = s !== RunState.PAUSED;
+  resumeBtn.disabled = !(s === RunState.PAUSED || s === RunState.INTERRUPTED);
+  resumeBtn.title = s === RunState.INTERRUPTED ? "resume from the last checkpoint" : "";
   stopBtn.disabled = !(s === RunState.RUNNING || s === RunState.PAUSED || s === RunState.PENDING);
+  deleteBtn.disabled = !live.runId || !stopBtn.disabled || s === RunState.UNSPECIFIED;
 }
 
 async function act(action: rpc.Control): Promise<void> {
   if (!live.runId) return;
   message.textContent = "";
   try {
+    const wasInterrupted = currentState() === RunState.INTERRUPTED;
     const run = await rpc.controlRun(live.runId, action);
     if (run && live.status) live.status.state = run.state;
+    if (run && action === "resume" && wasInterrupted) {
+      // Resumed from its checkpoint: follow it afresh (history cut back to the checkpoint).
+      const id = live.runId;
+      live.runId = "";
+      watch(id);
+    }
     await refreshRuns();
   } catch (err) {
     message.textContent = rpc.describeError(err);
@@ -361,13 +432,35 @@ async function act(action: rpc.Control): Promise<void> {
 pauseBtn.onclick = () => void act("pause");
 resumeBtn.onclick = () => void act("resume");
 stopBtn.onclick = () => void act("stop");
+deleteBtn.onclick = async () => {
+  const id = live.runId;
+  if (!id || !window.confirm(`Delete run ${id}, its history and its models?`)) return;
+  try {
+    await rpc.deleteRun(id);
+    live.abort?.abort();
+    live.runId = "";
+    charts.clear();
+    message.textContent = `run ${id} deleted`;
+    await refreshRuns();
+  } catch (err) {
+    message.textContent = rpc.describeError(err);
+  }
+};
+smoothing.oninput = () => {
+  const weight = Number(smoothing.value);
+  smoothingOut.textContent = weight.toFixed(2);
+  charts.setOptions({ smoothing: weight }, live.series);
+};
+logScale.onchange = () => charts.setOptions({ log: logScale.checked }, live.series);
 
 startBtn.onclick = async () => {
   const task = tasks.find((t) => t.name === taskSelect.value);
   if (!task) return;
   message.textContent = "";
   try {
-    const run = await rpc.startRun(task.name, {});
+    const steps = Number(maxSteps.value);
+    const run = await rpc.startRun(task.name, Number.isFinite(steps) && maxSteps.value !== "" ? { max_steps: steps } : {},
+      runName.value.trim());
     await refreshRuns();
     if (run) watch(run.runId);
   } catch (err) {
@@ -445,11 +538,22 @@ function syncParamValues(values: Record<string, number>): void {
 
 // ------------------------------------------------------------------ boot
 
+/** A run started from the page ends by itself unless asked not to (0 = never). */
+const PAGE_MAX_STEPS = 20_000;
+
+/** The new-run form's max_steps: the task's default when finite, else PAGE_MAX_STEPS. */
+function syncMaxSteps(): void {
+  const spec = tasks.find((t) => t.name === taskSelect.value)?.params.find((p) => p.name === "max_steps");
+  maxSteps.value = String(spec?.defaultValue || PAGE_MAX_STEPS);
+}
+taskSelect.onchange = syncMaxSteps;
+
 async function loadTasks(): Promise<void> {
   try {
     tasks = await rpc.listTasks();
     taskSelect.innerHTML = "";
     for (const t of tasks) taskSelect.append(h("option", { value: t.name, textContent: t.title || t.name, title: t.description }));
+    syncMaxSteps();
     message.textContent = "";
   } catch (err) {
     message.textContent = `cannot list tasks: ${rpc.describeError(err)}`;

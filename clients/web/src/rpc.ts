@@ -48,6 +48,19 @@ const inference = createClient(GRPCInferenceService, transport);
 const CONTROL_TIMEOUT_MS = 5000;
 
 /** A failed call, in words a person can act on. */
+/** Download a run's scalar history (CSV or JSON) with this tab's token: a plain
+ *  link could not carry the Authorization header. */
+export async function downloadScalars(runId: string, fmt: "csv" | "json"): Promise<void> {
+  const url = `/api/runs/${encodeURIComponent(runId)}/scalars.${fmt}`;
+  const reply = await fetch(url, { headers: token ? { authorization: `Bearer ${token}` } : {} });
+  if (!reply.ok) throw new Error(`export failed: ${reply.status} ${await reply.text()}`);
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await reply.blob());
+  link.download = `run-${runId}-scalars.${fmt}`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+}
+
 export function describeError(err: unknown): string {
   const e = ConnectError.from(err);
   return `${Code[e.code] ?? e.code}: ${e.rawMessage}`;
@@ -59,12 +72,23 @@ export async function listTasks(): Promise<TaskInfo[]> {
   return (await trainer.listTasks({}, { timeoutMs: CONTROL_TIMEOUT_MS })).tasks;
 }
 
-export async function listRuns(): Promise<Run[]> {
-  return (await trainer.listRuns({}, { timeoutMs: CONTROL_TIMEOUT_MS })).runs;
+/** The newest runs (one page of the stored runs), optionally filtered: a word is
+ *  searched in names, tags and notes; `state = RUNNING`, `task = "spiral"`,
+ *  `tags:"best"` (AIP-160) are passed as they are. */
+export async function listRuns(filter = ""): Promise<Run[]> {
+  const reply = await trainer.listRuns(
+    { pageSize: 200, orderBy: "created_at desc", filter },
+    { timeoutMs: CONTROL_TIMEOUT_MS },
+  );
+  return reply.runs;
 }
 
-export async function startRun(task: string, params: Record<string, number>): Promise<Run | undefined> {
-  return (await trainer.startRun({ task, params }, { timeoutMs: CONTROL_TIMEOUT_MS })).run;
+export async function startRun(task: string, params: Record<string, number>, name = ""): Promise<Run | undefined> {
+  return (await trainer.startRun({ task, params, name }, { timeoutMs: CONTROL_TIMEOUT_MS })).run;
+}
+
+export async function deleteRun(runId: string): Promise<void> {
+  await trainer.deleteRun({ runId }, { timeoutMs: CONTROL_TIMEOUT_MS });
 }
 
 export type Control = "pause" | "resume" | "stop";

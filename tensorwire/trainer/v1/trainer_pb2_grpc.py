@@ -84,6 +84,16 @@ class TrainerServiceStub:
                 request_serializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.AttachRunRequest.SerializeToString,
                 response_deserializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.AttachRunResponse.FromString,
                 _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/tensorwire.trainer.v1.TrainerService/DeleteRun',
+                request_serializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.DeleteRunResponse.FromString,
+                _registered_method=True)
+        self.GetRunScalars = channel.unary_unary(
+                '/tensorwire.trainer.v1.TrainerService/GetRunScalars',
+                request_serializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.GetRunScalarsRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.GetRunScalarsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -110,7 +120,9 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResumeRun(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Resume a paused run, or an INTERRUPTED one from its last checkpoint (model,
+        optimizer, step and RNG state; same run id).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -122,7 +134,8 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateRun(self, request, context):
-        """Change hyper-parameters of a live run (learning rate, batch size, ...).
+        """Change hyper-parameters of a live run (learning rate, batch size, ...), or
+        the name, tags and notes of any run (see update_mask).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,7 +148,8 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Runs, a page at a time (AIP-158), filtered (AIP-160) and ordered (AIP-132).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -154,6 +168,21 @@ class TrainerServiceServicer:
         """The script's control stream for a registered run: it sends its status, the
         trainer answers with the run's wanted control state (pause, stop, live
         hyper-parameters) at once and whenever it changes. Unknown run -> NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRun(self, request, context):
+        """Delete an ended run: its record, events, scalar history and run-<id> models.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRunScalars(self, request, context):
+        """A run's stored scalar history, down-sampled into min/mean/max buckets of
+        equal step span.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -211,6 +240,16 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.AttachRun,
                     request_deserializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.AttachRunRequest.FromString,
                     response_serializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.AttachRunResponse.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.DeleteRunRequest.FromString,
+                    response_serializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.DeleteRunResponse.SerializeToString,
+            ),
+            'GetRunScalars': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunScalars,
+                    request_deserializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.GetRunScalarsRequest.FromString,
+                    response_serializer=tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.GetRunScalarsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -483,6 +522,60 @@ class TrainerService:
             '/tensorwire.trainer.v1.TrainerService/AttachRun',
             tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.AttachRunRequest.SerializeToString,
             tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.AttachRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.trainer.v1.TrainerService/DeleteRun',
+            tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.DeleteRunRequest.SerializeToString,
+            tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.DeleteRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunScalars(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.trainer.v1.TrainerService/GetRunScalars',
+            tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.GetRunScalarsRequest.SerializeToString,
+            tensorwire_dot_trainer_dot_v1_dot_trainer__pb2.GetRunScalarsResponse.FromString,
             options,
             channel_credentials,
             insecure,

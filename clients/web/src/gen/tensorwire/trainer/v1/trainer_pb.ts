@@ -6,7 +6,9 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { RunState, RunStatus } from "../../common/v1/common_pb";
+import type { FieldMask } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_field_mask } from "@bufbuild/protobuf/wkt";
+import type { RunState, RunStatus, ScalarBatch } from "../../common/v1/common_pb";
 import { file_tensorwire_common_v1_common } from "../../common/v1/common_pb";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tensorwire/trainer/v1/trainer.proto.
  */
 export const file_tensorwire_trainer_v1_trainer: GenFile = /*@__PURE__*/
-  fileDesc("CiN0ZW5zb3J3aXJlL3RyYWluZXIvdjEvdHJhaW5lci5wcm90bxIVdGVuc29yd2lyZS50cmFpbmVyLnYxIn4KCVBhcmFtU3BlYxIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhUKDWRlZmF1bHRfdmFsdWUYAyABKAESCwoDbWluGAQgASgBEgsKA21heBgFIAEoARIPCgdpbnRlZ2VyGAYgASgIEgwKBGxpdmUYByABKAgiVwoKT3B0aW9uU3BlYxIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhUKDWRlZmF1bHRfdmFsdWUYAyABKAkSDwoHY2hvaWNlcxgEIAMoCSLCAQoIVGFza0luZm8SDAoEbmFtZRgBIAEoCRINCgV0aXRsZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIwCgZwYXJhbXMYBCADKAsyIC50ZW5zb3J3aXJlLnRyYWluZXIudjEuUGFyYW1TcGVjEjIKB29wdGlvbnMYBSADKAsyIS50ZW5zb3J3aXJlLnRyYWluZXIudjEuT3B0aW9uU3BlYxINCgV2aWV3cxgGIAMoCRIPCgdtZXRyaWNzGAcgAygJIqgECgNSdW4SDgoGcnVuX2lkGAEgASgJEgwKBHRhc2sYAiABKAkSLQoFc3RhdGUYAyABKA4yHi50ZW5zb3J3aXJlLmNvbW1vbi52MS5SdW5TdGF0ZRIMCgRzdGVwGAQgASgEEhgKEHN0ZXBzX3Blcl9zZWNvbmQYBSABKAESNgoGcGFyYW1zGAYgAygLMiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1bi5QYXJhbXNFbnRyeRI4CgdvcHRpb25zGAcgAygLMicudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1bi5PcHRpb25zRW50cnkSOAoHbWV0cmljcxgIIAMoCzInLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4uTWV0cmljc0VudHJ5EhIKCmNyZWF0ZWRfYXQYCSABKAESEgoKdXBkYXRlZF9hdBgKIAEoARINCgVlcnJvchgLIAEoCRIXCg9jaGVja3BvaW50X3N0ZXAYDCABKAQSDAoEc2VlZBgNIAEoBBITCgtwcm9kdWNlZF9hdBgOIAEoARotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBGi4KDE9wdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGi4KDE1ldHJpY3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBIhIKEExpc3RUYXNrc1JlcXVlc3QiQwoRTGlzdFRhc2tzUmVzcG9uc2USLgoFdGFza3MYASADKAsyHy50ZW5zb3J3aXJlLnRyYWluZXIudjEuVGFza0luZm8ilgIKD1N0YXJ0UnVuUmVxdWVzdBIMCgR0YXNrGAEgASgJEkIKBnBhcmFtcxgCIAMoCzIyLnRlbnNvcndpcmUudHJhaW5lci52MS5TdGFydFJ1blJlcXVlc3QuUGFyYW1zRW50cnkSRAoHb3B0aW9ucxgDIAMoCzIzLnRlbnNvcndpcmUudHJhaW5lci52MS5TdGFydFJ1blJlcXVlc3QuT3B0aW9uc0VudHJ5EgwKBHNlZWQYBCABKAQaLQoLUGFyYW1zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgBOgI4ARouCgxPcHRpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI7ChBTdGFydFJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4iIQoPUGF1c2VSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSI7ChBQYXVzZVJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4iIgoQUmVzdW1lUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiPAoRUmVzdW1lUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biIgCg5TdG9wUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiOgoPU3RvcFJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4ilgEKEFVwZGF0ZVJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEkMKBnBhcmFtcxgCIAMoCzIzLnRlbnNvcndpcmUudHJhaW5lci52MS5VcGRhdGVSdW5SZXF1ZXN0LlBhcmFtc0VudHJ5Gi0KC1BhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEiPAoRVXBkYXRlUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biIfCg1HZXRSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSI5Cg5HZXRSdW5SZXNwb25zZRInCgNydW4YASABKAsyGi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUnVuIhEKD0xpc3RSdW5zUmVxdWVzdCI8ChBMaXN0UnVuc1Jlc3BvbnNlEigKBHJ1bnMYASADKAsyGi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUnVuIqgBChJSZWdpc3RlclJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEgwKBHRhc2sYAiABKAkSRQoGcGFyYW1zGAMgAygLMjUudGVuc29yd2lyZS50cmFpbmVyLnYxLlJlZ2lzdGVyUnVuUmVxdWVzdC5QYXJhbXNFbnRyeRotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBIj4KE1JlZ2lzdGVyUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biJTChBBdHRhY2hSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIvCgZzdGF0dXMYAiABKAsyHy50ZW5zb3J3aXJlLmNvbW1vbi52MS5SdW5TdGF0dXMipgEKEUF0dGFjaFJ1blJlc3BvbnNlEg4KBnBhdXNlZBgBIAEoCBIMCgRzdG9wGAIgASgIEkQKBnBhcmFtcxgDIAMoCzI0LnRlbnNvcndpcmUudHJhaW5lci52MS5BdHRhY2hSdW5SZXNwb25zZS5QYXJhbXNFbnRyeRotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBMsIHCg5UcmFpbmVyU2VydmljZRJeCglMaXN0VGFza3MSJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuTGlzdFRhc2tzUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5MaXN0VGFza3NSZXNwb25zZRJbCghTdGFydFJ1bhImLnRlbnNvcndpcmUudHJhaW5lci52MS5TdGFydFJ1blJlcXVlc3QaJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuU3RhcnRSdW5SZXNwb25zZRJbCghQYXVzZVJ1bhImLnRlbnNvcndpcmUudHJhaW5lci52MS5QYXVzZVJ1blJlcXVlc3QaJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuUGF1c2VSdW5SZXNwb25zZRJeCglSZXN1bWVSdW4SJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuUmVzdW1lUnVuUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5SZXN1bWVSdW5SZXNwb25zZRJYCgdTdG9wUnVuEiUudGVuc29yd2lyZS50cmFpbmVyLnYxLlN0b3BSdW5SZXF1ZXN0GiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlN0b3BSdW5SZXNwb25zZRJeCglVcGRhdGVSdW4SJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuVXBkYXRlUnVuUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5VcGRhdGVSdW5SZXNwb25zZRJVCgZHZXRSdW4SJC50ZW5zb3J3aXJlLnRyYWluZXIudjEuR2V0UnVuUmVxdWVzdBolLnRlbnNvcndpcmUudHJhaW5lci52MS5HZXRSdW5SZXNwb25zZRJbCghMaXN0UnVucxImLnRlbnNvcndpcmUudHJhaW5lci52MS5MaXN0UnVuc1JlcXVlc3QaJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuTGlzdFJ1bnNSZXNwb25zZRJkCgtSZWdpc3RlclJ1bhIpLnRlbnNvcndpcmUudHJhaW5lci52MS5SZWdpc3RlclJ1blJlcXVlc3QaKi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUmVnaXN0ZXJSdW5SZXNwb25zZRJiCglBdHRhY2hSdW4SJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuQXR0YWNoUnVuUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5BdHRhY2hSdW5SZXNwb25zZSgBMAFiBnByb3RvMw", [file_tensorwire_common_v1_common]);
+  fileDesc("CiN0ZW5zb3J3aXJlL3RyYWluZXIvdjEvdHJhaW5lci5wcm90bxIVdGVuc29yd2lyZS50cmFpbmVyLnYxIn4KCVBhcmFtU3BlYxIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhUKDWRlZmF1bHRfdmFsdWUYAyABKAESCwoDbWluGAQgASgBEgsKA21heBgFIAEoARIPCgdpbnRlZ2VyGAYgASgIEgwKBGxpdmUYByABKAgiVwoKT3B0aW9uU3BlYxIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhUKDWRlZmF1bHRfdmFsdWUYAyABKAkSDwoHY2hvaWNlcxgEIAMoCSLCAQoIVGFza0luZm8SDAoEbmFtZRgBIAEoCRINCgV0aXRsZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIwCgZwYXJhbXMYBCADKAsyIC50ZW5zb3J3aXJlLnRyYWluZXIudjEuUGFyYW1TcGVjEjIKB29wdGlvbnMYBSADKAsyIS50ZW5zb3J3aXJlLnRyYWluZXIudjEuT3B0aW9uU3BlYxINCgV2aWV3cxgGIAMoCRIPCgdtZXRyaWNzGAcgAygJIuUECgNSdW4SDgoGcnVuX2lkGAEgASgJEgwKBHRhc2sYAiABKAkSLQoFc3RhdGUYAyABKA4yHi50ZW5zb3J3aXJlLmNvbW1vbi52MS5SdW5TdGF0ZRIMCgRzdGVwGAQgASgEEhgKEHN0ZXBzX3Blcl9zZWNvbmQYBSABKAESNgoGcGFyYW1zGAYgAygLMiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1bi5QYXJhbXNFbnRyeRI4CgdvcHRpb25zGAcgAygLMicudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1bi5PcHRpb25zRW50cnkSOAoHbWV0cmljcxgIIAMoCzInLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4uTWV0cmljc0VudHJ5EhIKCmNyZWF0ZWRfYXQYCSABKAESEgoKdXBkYXRlZF9hdBgKIAEoARINCgVlcnJvchgLIAEoCRIXCg9jaGVja3BvaW50X3N0ZXAYDCABKAQSDAoEc2VlZBgNIAEoBBITCgtwcm9kdWNlZF9hdBgOIAEoARIMCgRuYW1lGA8gASgJEgwKBHRhZ3MYECADKAkSDQoFbm90ZXMYESABKAkSEAoIZW5kZWRfYXQYEiABKAEaLQoLUGFyYW1zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgBOgI4ARouCgxPcHRpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARouCgxNZXRyaWNzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgBOgI4ASISChBMaXN0VGFza3NSZXF1ZXN0IkMKEUxpc3RUYXNrc1Jlc3BvbnNlEi4KBXRhc2tzGAEgAygLMh8udGVuc29yd2lyZS50cmFpbmVyLnYxLlRhc2tJbmZvIsECCg9TdGFydFJ1blJlcXVlc3QSDAoEdGFzaxgBIAEoCRJCCgZwYXJhbXMYAiADKAsyMi50ZW5zb3J3aXJlLnRyYWluZXIudjEuU3RhcnRSdW5SZXF1ZXN0LlBhcmFtc0VudHJ5EkQKB29wdGlvbnMYAyADKAsyMy50ZW5zb3J3aXJlLnRyYWluZXIudjEuU3RhcnRSdW5SZXF1ZXN0Lk9wdGlvbnNFbnRyeRIMCgRzZWVkGAQgASgEEgwKBG5hbWUYBSABKAkSDAoEdGFncxgGIAMoCRINCgVub3RlcxgHIAEoCRotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBGi4KDE9wdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIjsKEFN0YXJ0UnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biIhCg9QYXVzZVJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJIjsKEFBhdXNlUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biIiChBSZXN1bWVSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSI8ChFSZXN1bWVSdW5SZXNwb25zZRInCgNydW4YASABKAsyGi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUnVuIiAKDlN0b3BSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSI6Cg9TdG9wUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biLyAQoQVXBkYXRlUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSQwoGcGFyYW1zGAIgAygLMjMudGVuc29yd2lyZS50cmFpbmVyLnYxLlVwZGF0ZVJ1blJlcXVlc3QuUGFyYW1zRW50cnkSDAoEbmFtZRgDIAEoCRIMCgR0YWdzGAQgAygJEg0KBW5vdGVzGAUgASgJEi8KC3VwZGF0ZV9tYXNrGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzaxotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBIjwKEVVwZGF0ZVJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4iHwoNR2V0UnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiOQoOR2V0UnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biJaCg9MaXN0UnVuc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSDgoGZmlsdGVyGAMgASgJEhAKCG9yZGVyX2J5GAQgASgJImkKEExpc3RSdW5zUmVzcG9uc2USKAoEcnVucxgBIAMoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhIKCnRvdGFsX3NpemUYAyABKAUiIgoQRGVsZXRlUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiEwoRRGVsZXRlUnVuUmVzcG9uc2UiSQoUR2V0UnVuU2NhbGFyc1JlcXVlc3QSDgoGcnVuX2lkGAEgASgJEg0KBW5hbWVzGAIgAygJEhIKCm1heF9wb2ludHMYAyABKA0iWwoVR2V0UnVuU2NhbGFyc1Jlc3BvbnNlEg4KBnJ1bl9pZBgBIAEoCRIyCgdzY2FsYXJzGAIgASgLMiEudGVuc29yd2lyZS5jb21tb24udjEuU2NhbGFyQmF0Y2giqAEKElJlZ2lzdGVyUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSDAoEdGFzaxgCIAEoCRJFCgZwYXJhbXMYAyADKAsyNS50ZW5zb3J3aXJlLnRyYWluZXIudjEuUmVnaXN0ZXJSdW5SZXF1ZXN0LlBhcmFtc0VudHJ5Gi0KC1BhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEiPgoTUmVnaXN0ZXJSdW5SZXNwb25zZRInCgNydW4YASABKAsyGi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUnVuIlMKEEF0dGFjaFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEi8KBnN0YXR1cxgCIAEoCzIfLnRlbnNvcndpcmUuY29tbW9uLnYxLlJ1blN0YXR1cyKmAQoRQXR0YWNoUnVuUmVzcG9uc2USDgoGcGF1c2VkGAEgASgIEgwKBHN0b3AYAiABKAgSRAoGcGFyYW1zGAMgAygLMjQudGVuc29yd2lyZS50cmFpbmVyLnYxLkF0dGFjaFJ1blJlc3BvbnNlLlBhcmFtc0VudHJ5Gi0KC1BhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEyjgkKDlRyYWluZXJTZXJ2aWNlEl4KCUxpc3RUYXNrcxInLnRlbnNvcndpcmUudHJhaW5lci52MS5MaXN0VGFza3NSZXF1ZXN0GigudGVuc29yd2lyZS50cmFpbmVyLnYxLkxpc3RUYXNrc1Jlc3BvbnNlElsKCFN0YXJ0UnVuEiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlN0YXJ0UnVuUmVxdWVzdBonLnRlbnNvcndpcmUudHJhaW5lci52MS5TdGFydFJ1blJlc3BvbnNlElsKCFBhdXNlUnVuEiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlBhdXNlUnVuUmVxdWVzdBonLnRlbnNvcndpcmUudHJhaW5lci52MS5QYXVzZVJ1blJlc3BvbnNlEl4KCVJlc3VtZVJ1bhInLnRlbnNvcndpcmUudHJhaW5lci52MS5SZXN1bWVSdW5SZXF1ZXN0GigudGVuc29yd2lyZS50cmFpbmVyLnYxLlJlc3VtZVJ1blJlc3BvbnNlElgKB1N0b3BSdW4SJS50ZW5zb3J3aXJlLnRyYWluZXIudjEuU3RvcFJ1blJlcXVlc3QaJi50ZW5zb3J3aXJlLnRyYWluZXIudjEuU3RvcFJ1blJlc3BvbnNlEl4KCVVwZGF0ZVJ1bhInLnRlbnNvcndpcmUudHJhaW5lci52MS5VcGRhdGVSdW5SZXF1ZXN0GigudGVuc29yd2lyZS50cmFpbmVyLnYxLlVwZGF0ZVJ1blJlc3BvbnNlElUKBkdldFJ1bhIkLnRlbnNvcndpcmUudHJhaW5lci52MS5HZXRSdW5SZXF1ZXN0GiUudGVuc29yd2lyZS50cmFpbmVyLnYxLkdldFJ1blJlc3BvbnNlElsKCExpc3RSdW5zEiYudGVuc29yd2lyZS50cmFpbmVyLnYxLkxpc3RSdW5zUmVxdWVzdBonLnRlbnNvcndpcmUudHJhaW5lci52MS5MaXN0UnVuc1Jlc3BvbnNlEmQKC1JlZ2lzdGVyUnVuEikudGVuc29yd2lyZS50cmFpbmVyLnYxLlJlZ2lzdGVyUnVuUmVxdWVzdBoqLnRlbnNvcndpcmUudHJhaW5lci52MS5SZWdpc3RlclJ1blJlc3BvbnNlEmIKCUF0dGFjaFJ1bhInLnRlbnNvcndpcmUudHJhaW5lci52MS5BdHRhY2hSdW5SZXF1ZXN0GigudGVuc29yd2lyZS50cmFpbmVyLnYxLkF0dGFjaFJ1blJlc3BvbnNlKAEwARJeCglEZWxldGVSdW4SJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuRGVsZXRlUnVuUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5EZWxldGVSdW5SZXNwb25zZRJqCg1HZXRSdW5TY2FsYXJzEisudGVuc29yd2lyZS50cmFpbmVyLnYxLkdldFJ1blNjYWxhcnNSZXF1ZXN0GiwudGVuc29yd2lyZS50cmFpbmVyLnYxLkdldFJ1blNjYWxhcnNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_field_mask, file_tensorwire_common_v1_common]);
 
 /**
  * One tunable hyper-parameter of a task.
@@ -231,6 +233,30 @@ export type Run = Message<"tensorwire.trainer.v1.Run"> & {
    * @generated from field: double produced_at = 14;
    */
   producedAt: number;
+
+  /**
+   * User-given label, tags and notes (editable with UpdateRun).
+   *
+   * @generated from field: string name = 15;
+   */
+  name: string;
+
+  /**
+   * @generated from field: repeated string tags = 16;
+   */
+  tags: string[];
+
+  /**
+   * @generated from field: string notes = 17;
+   */
+  notes: string;
+
+  /**
+   * Unix seconds at which the run ended (0 = live).
+   *
+   * @generated from field: double ended_at = 18;
+   */
+  endedAt: number;
 };
 
 /**
@@ -295,6 +321,21 @@ export type StartRunRequest = Message<"tensorwire.trainer.v1.StartRunRequest"> &
    * @generated from field: uint64 seed = 4;
    */
   seed: bigint;
+
+  /**
+   * @generated from field: string name = 5;
+   */
+  name: string;
+
+  /**
+   * @generated from field: repeated string tags = 6;
+   */
+  tags: string[];
+
+  /**
+   * @generated from field: string notes = 7;
+   */
+  notes: string;
 };
 
 /**
@@ -436,6 +477,29 @@ export type UpdateRunRequest = Message<"tensorwire.trainer.v1.UpdateRunRequest">
    * @generated from field: map<string, double> params = 2;
    */
   params: { [key: string]: number };
+
+  /**
+   * @generated from field: string name = 3;
+   */
+  name: string;
+
+  /**
+   * @generated from field: repeated string tags = 4;
+   */
+  tags: string[];
+
+  /**
+   * @generated from field: string notes = 5;
+   */
+  notes: string;
+
+  /**
+   * Fields to change: any of "params", "name", "tags", "notes". Empty = "params"
+   * (the request of old clients).
+   *
+   * @generated from field: google.protobuf.FieldMask update_mask = 6;
+   */
+  updateMask?: FieldMask | undefined;
 };
 
 /**
@@ -500,6 +564,35 @@ export const GetRunResponseSchema: GenMessage<GetRunResponse> = /*@__PURE__*/
  * @generated from message tensorwire.trainer.v1.ListRunsRequest
  */
 export type ListRunsRequest = Message<"tensorwire.trainer.v1.ListRunsRequest"> & {
+  /**
+   * Most runs in one response (0 = 100; at most 1000).
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous response, with the same filter and order_by.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * AIP-160 terms joined by AND: state = RUNNING, state != COMPLETED,
+   * task = "spiral", name : "lr", tags : "best", run_id = "...", or a bare word
+   * searched in name, tags and notes.
+   *
+   * @generated from field: string filter = 3;
+   */
+  filter: string;
+
+  /**
+   * AIP-132: "created_at desc", "name", "step desc", ... (default created_at).
+   *
+   * @generated from field: string order_by = 4;
+   */
+  orderBy: string;
 };
 
 /**
@@ -517,6 +610,20 @@ export type ListRunsResponse = Message<"tensorwire.trainer.v1.ListRunsResponse">
    * @generated from field: repeated tensorwire.trainer.v1.Run runs = 1;
    */
   runs: Run[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+
+  /**
+   * Runs that match the filter, on every page.
+   *
+   * @generated from field: int32 total_size = 3;
+   */
+  totalSize: number;
 };
 
 /**
@@ -525,6 +632,89 @@ export type ListRunsResponse = Message<"tensorwire.trainer.v1.ListRunsResponse">
  */
 export const ListRunsResponseSchema: GenMessage<ListRunsResponse> = /*@__PURE__*/
   messageDesc(file_tensorwire_trainer_v1_trainer, 19);
+
+/**
+ * @generated from message tensorwire.trainer.v1.DeleteRunRequest
+ */
+export type DeleteRunRequest = Message<"tensorwire.trainer.v1.DeleteRunRequest"> & {
+  /**
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+};
+
+/**
+ * Describes the message tensorwire.trainer.v1.DeleteRunRequest.
+ * Use `create(DeleteRunRequestSchema)` to create a new message.
+ */
+export const DeleteRunRequestSchema: GenMessage<DeleteRunRequest> = /*@__PURE__*/
+  messageDesc(file_tensorwire_trainer_v1_trainer, 20);
+
+/**
+ * @generated from message tensorwire.trainer.v1.DeleteRunResponse
+ */
+export type DeleteRunResponse = Message<"tensorwire.trainer.v1.DeleteRunResponse"> & {
+};
+
+/**
+ * Describes the message tensorwire.trainer.v1.DeleteRunResponse.
+ * Use `create(DeleteRunResponseSchema)` to create a new message.
+ */
+export const DeleteRunResponseSchema: GenMessage<DeleteRunResponse> = /*@__PURE__*/
+  messageDesc(file_tensorwire_trainer_v1_trainer, 21);
+
+/**
+ * @generated from message tensorwire.trainer.v1.GetRunScalarsRequest
+ */
+export type GetRunScalarsRequest = Message<"tensorwire.trainer.v1.GetRunScalarsRequest"> & {
+  /**
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+
+  /**
+   * Series to return (empty = all).
+   *
+   * @generated from field: repeated string names = 2;
+   */
+  names: string[];
+
+  /**
+   * Most buckets per series (0 = 1024; at most 100000).
+   *
+   * @generated from field: uint32 max_points = 3;
+   */
+  maxPoints: number;
+};
+
+/**
+ * Describes the message tensorwire.trainer.v1.GetRunScalarsRequest.
+ * Use `create(GetRunScalarsRequestSchema)` to create a new message.
+ */
+export const GetRunScalarsRequestSchema: GenMessage<GetRunScalarsRequest> = /*@__PURE__*/
+  messageDesc(file_tensorwire_trainer_v1_trainer, 22);
+
+/**
+ * @generated from message tensorwire.trainer.v1.GetRunScalarsResponse
+ */
+export type GetRunScalarsResponse = Message<"tensorwire.trainer.v1.GetRunScalarsResponse"> & {
+  /**
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+
+  /**
+   * @generated from field: tensorwire.common.v1.ScalarBatch scalars = 2;
+   */
+  scalars?: ScalarBatch | undefined;
+};
+
+/**
+ * Describes the message tensorwire.trainer.v1.GetRunScalarsResponse.
+ * Use `create(GetRunScalarsResponseSchema)` to create a new message.
+ */
+export const GetRunScalarsResponseSchema: GenMessage<GetRunScalarsResponse> = /*@__PURE__*/
+  messageDesc(file_tensorwire_trainer_v1_trainer, 23);
 
 /**
  * @generated from message tensorwire.trainer.v1.RegisterRunRequest
@@ -558,7 +748,7 @@ export type RegisterRunRequest = Message<"tensorwire.trainer.v1.RegisterRunReque
  * Use `create(RegisterRunRequestSchema)` to create a new message.
  */
 export const RegisterRunRequestSchema: GenMessage<RegisterRunRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 20);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 24);
 
 /**
  * @generated from message tensorwire.trainer.v1.RegisterRunResponse
@@ -575,7 +765,7 @@ export type RegisterRunResponse = Message<"tensorwire.trainer.v1.RegisterRunResp
  * Use `create(RegisterRunResponseSchema)` to create a new message.
  */
 export const RegisterRunResponseSchema: GenMessage<RegisterRunResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 21);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 25);
 
 /**
  * @generated from message tensorwire.trainer.v1.AttachRunRequest
@@ -601,7 +791,7 @@ export type AttachRunRequest = Message<"tensorwire.trainer.v1.AttachRunRequest">
  * Use `create(AttachRunRequestSchema)` to create a new message.
  */
 export const AttachRunRequestSchema: GenMessage<AttachRunRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 22);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 26);
 
 /**
  * @generated from message tensorwire.trainer.v1.AttachRunResponse
@@ -634,7 +824,7 @@ export type AttachRunResponse = Message<"tensorwire.trainer.v1.AttachRunResponse
  * Use `create(AttachRunResponseSchema)` to create a new message.
  */
 export const AttachRunResponseSchema: GenMessage<AttachRunResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 23);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 27);
 
 /**
  * @generated from service tensorwire.trainer.v1.TrainerService
@@ -669,6 +859,9 @@ export const TrainerService: GenService<{
     output: typeof PauseRunResponseSchema;
   },
   /**
+   * Resume a paused run, or an INTERRUPTED one from its last checkpoint (model,
+   * optimizer, step and RNG state; same run id).
+   *
    * @generated from rpc tensorwire.trainer.v1.TrainerService.ResumeRun
    */
   resumeRun: {
@@ -685,7 +878,8 @@ export const TrainerService: GenService<{
     output: typeof StopRunResponseSchema;
   },
   /**
-   * Change hyper-parameters of a live run (learning rate, batch size, ...).
+   * Change hyper-parameters of a live run (learning rate, batch size, ...), or
+   * the name, tags and notes of any run (see update_mask).
    *
    * @generated from rpc tensorwire.trainer.v1.TrainerService.UpdateRun
    */
@@ -703,6 +897,8 @@ export const TrainerService: GenService<{
     output: typeof GetRunResponseSchema;
   },
   /**
+   * Runs, a page at a time (AIP-158), filtered (AIP-160) and ordered (AIP-132).
+   *
    * @generated from rpc tensorwire.trainer.v1.TrainerService.ListRuns
    */
   listRuns: {
@@ -734,6 +930,27 @@ export const TrainerService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof AttachRunRequestSchema;
     output: typeof AttachRunResponseSchema;
+  },
+  /**
+   * Delete an ended run: its record, events, scalar history and run-<id> models.
+   *
+   * @generated from rpc tensorwire.trainer.v1.TrainerService.DeleteRun
+   */
+  deleteRun: {
+    methodKind: "unary";
+    input: typeof DeleteRunRequestSchema;
+    output: typeof DeleteRunResponseSchema;
+  },
+  /**
+   * A run's stored scalar history, down-sampled into min/mean/max buckets of
+   * equal step span.
+   *
+   * @generated from rpc tensorwire.trainer.v1.TrainerService.GetRunScalars
+   */
+  getRunScalars: {
+    methodKind: "unary";
+    input: typeof GetRunScalarsRequestSchema;
+    output: typeof GetRunScalarsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tensorwire_trainer_v1_trainer, 0);

@@ -1,0 +1,717 @@
+"""RunStore: runs, their events and their full scalar history, in a database.
+
+Two backends behind one small interface (:class:`RunStore`):
+
+- :class:`SqliteRunStore` — stdlib ``sqlite3`` in WAL mode, one file under the
+  trainer's data dir: the embedded default;
+- :class:`PostgresRunStore` — psycopg 3, for several trainer replicas sharing one
+  run list (``--run-store postgresql://...``).
+
+Both speak the same SQL (placeholders are written ``?`` and translated), so the
+queries — upserts, the AIP-160 filter, the AIP-132 ordering, the down-sampling
+of scalar history into min/mean/max buckets over equal step spans — exist once.
+Calls are synchronous and blocking: the recorder's thread makes the writes
+(:mod:`services.trainer.recorder`), RPC handlers make the reads with
+``asyncio.to_thread``; a lock serialises the one connection. Every database
+failure surfaces as :class:`RunStoreError` (UNAVAILABLE), and the connection is
+dropped and re-opened on the next call, so a store that comes back is used again.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import re
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.errors import InvalidArgumentError, UnavailableError
+from tensorwire.scalars import Bucket
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = (cpb.RUN_STATE_PENDING, cpb.RUN_STATE_RUNNING, cpb.RUN_STATE_PAUSED)
+"""States of a run that a trainer process is training (lost when it exits)."""
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+class RunStoreError(UnavailableError):
+    """The run store cannot be reached or used (locked, corrupt, down)."""
+
+
+@dataclass
+class RunRecord:
+    """What the store keeps of one run (the row of table ``runs``)."""
+
+    run_id: str
+    task: str
+    state: int
+    params: dict[str, float]
+    options: dict[str, str]
+    seed: int
+    created_at: float
+    updated_at: float
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+    checkpoint_step: int = 0
+    name: str = ""
+    tags: tuple[str, ...] = ()
+    notes: str = ""
+    publish_as: tuple[str, ...] = ()
+    ended_at: float = 0.0
+    steps_per_second: float = 0.0
+    """Live only (not stored)."""
+    produced_at: float = 0.0
+    """Live only (not stored): when ``step`` was produced."""
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """Something that happened to a run: ``kind`` is state | params | checkpoint |
+    labels | resumed; ``detail`` is a small JSON object."""
+
+    run_id: str
+    at: float
+    kind: str
+    step: int = 0
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunPage:
+    runs: list[RunRecord]
+    next_page_token: str = ""
+    total_size: int = 0
+
+
+# -- AIP-160 filter and AIP-132 order_by ------------------------------------------
+
+_FILTER_FIELDS = ("state", "task", "name", "tags", "run_id")
+_ORDER_FIELDS = {
+    "created_at": "created_at", "updated_at": "updated_at", "name": "name", "task": "task",
+    "state": "state", "step": "step", "run_id": "run_id",
+}
+_TERM = re.compile(
+    r"""\s*(?:(?P<field>[A-Za-z_]+)\s*(?P<op>!=|=|:)\s*)?"""
+    r"""(?P<value>"(?:[^"\\]|\\.)*"|[^\s"()]+)\s*"""
+)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One term of a filter: ``field op value`` (field '' = a global search)."""
+
+    field: str
+    op: str
+    value: str | int
+
+
+def _state_value(raw: str) -> int:
+    name = raw.upper()
+    if not name.startswith("RUN_STATE_"):
+        name = "RUN_STATE_" + name
+    try:
+        return cpb.RunState.Value(name)
+    except ValueError:
+        known = ", ".join(n.removeprefix("RUN_STATE_") for n in cpb.RunState.keys()[1:])
+        raise InvalidArgumentError(f"filter: unknown state {raw!r}; known: {known}") from None
+
+
+def parse_filter(text: str) -> list[Condition]:
+    """An AIP-160 filter: terms joined by AND (or juxtaposed). Fields: state (=, !=),
+    task (=, !=), name (=, !=, ':' = contains), tags (':' = has the tag), run_id (=);
+    a bare word or "quoted phrase" searches name, tags and notes."""
+    text = text.strip()
+    if len(text) > 1000:
+        raise InvalidArgumentError(f"filter is {len(text)} characters long; at most 1000")
+    out: list[Condition] = []
+    pos = 0
+    while pos < len(text):
+        m = _TERM.match(text, pos)
+        if m is None or m.end() == pos:
+            raise InvalidArgumentError(f"filter: cannot parse {text[pos:]!r}")
+        pos = m.end()
+        field_, op, value = m.group("field"), m.group("op"), m.group("value")
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if field_ is None:
+            if value == "AND":
+                continue
+            if value in ("OR", "NOT") or value.startswith("-"):
+                raise InvalidArgumentError(f"filter: {value} is not supported; join terms with AND")
+            out.append(Condition("", ":", value))
+            continue
+        field_ = field_.lower()
+        if field_ not in _FILTER_FIELDS:
+            raise InvalidArgumentError(
+                f"filter: unknown field {field_!r}; known: {', '.join(_FILTER_FIELDS)}"
+            )
+        if field_ == "state":
+            if op == ":":
+                raise InvalidArgumentError("filter: state takes = or !=")
+            out.append(Condition(field_, op, _state_value(value)))
+        elif field_ == "tags" and op != ":":
+            raise InvalidArgumentError('filter: tags takes ":" (tags:"best")')
+        elif field_ in ("task", "run_id") and op == ":":
+            raise InvalidArgumentError(f"filter: {field_} takes = or !=")
+        else:
+            out.append(Condition(field_, op, value))
+    return out
+
+
+def parse_order_by(text: str) -> list[tuple[str, bool]]:
+    """AIP-132 order_by: ``field [desc], ...`` -> [(column, descending)]."""
+    out: list[tuple[str, bool]] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        words = part.split()
+        if len(words) > 2 or (len(words) == 2 and words[1].lower() not in ("asc", "desc")):
+            raise InvalidArgumentError(f"order_by: {part!r} is not 'field' or 'field desc'")
+        column = _ORDER_FIELDS.get(words[0].lower())
+        if column is None:
+            raise InvalidArgumentError(
+                f"order_by: unknown field {words[0]!r}; known: {', '.join(_ORDER_FIELDS)}"
+            )
+        out.append((column, len(words) == 2 and words[1].lower() == "desc"))
+    return out or [("created_at", False)]
+
+
+def _like(value: str) -> str:
+    return "%" + value.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def filter_sql(conditions: Sequence[Condition]) -> tuple[str, list[Any]]:
+    """The WHERE clause (with ``?`` placeholders) of parsed conditions."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    for c in conditions:
+        if c.field == "":
+            clauses.append(
+                "(LOWER(name) LIKE ? ESCAPE '\\' OR LOWER(tags) LIKE ? ESCAPE '\\' "
+                "OR LOWER(notes) LIKE ? ESCAPE '\\')"
+            )
+            args += [_like(str(c.value))] * 3
+        elif c.field == "tags":
+            clauses.append("LOWER(tags) LIKE ? ESCAPE '\\'")
+            args.append(_like(json.dumps(str(c.value))))
+        elif c.op == ":":  # name contains
+            clauses.append(f"LOWER({c.field}) LIKE ? ESCAPE '\\'")
+            args.append(_like(str(c.value)))
+        else:
+            clauses.append(f"{c.field} {'=' if c.op == '=' else '<>'} ?")
+            args.append(c.value)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+def matches(record: RunRecord, conditions: Sequence[Condition]) -> bool:
+    """Whether ``record`` passes the conditions (the same meaning as filter_sql)."""
+    for c in conditions:
+        if c.field == "":
+            needle = str(c.value).lower()
+            hay = (record.name, json.dumps(list(record.tags)), record.notes)
+            if not any(needle in h.lower() for h in hay):
+                return False
+        elif c.field == "tags":
+            if str(c.value).lower() not in (t.lower() for t in record.tags):
+                return False
+        else:
+            have = getattr(record, c.field)
+            if c.op == ":":
+                if str(c.value).lower() not in str(have).lower():
+                    return False
+            elif (have == c.value) != (c.op == "="):
+                return False
+    return True
+
+
+def _token_key(filter_: str, order_by: str) -> str:
+    return hashlib.sha256(f"{filter_}\0{order_by}".encode()).hexdigest()[:16]
+
+
+def encode_page_token(offset: int, filter_: str, order_by: str) -> str:
+    raw = json.dumps({"o": offset, "k": _token_key(filter_, order_by)}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str, filter_: str, order_by: str) -> int:
+    """The offset of a page token; INVALID_ARGUMENT if it is not ours or was made
+    for another filter/order_by (AIP-158)."""
+    if not token:
+        return 0
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        offset, key = int(data["o"]), str(data["k"])
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise InvalidArgumentError("page_token is not a token this server gave out") from None
+    if key != _token_key(filter_, order_by) or offset < 0:
+        raise InvalidArgumentError(
+            "page_token was made for another filter or order_by; start again without it"
+        )
+    return offset
+
+
+def check_page_size(page_size: int) -> int:
+    if page_size < 0:
+        raise InvalidArgumentError(f"page_size must be >= 0, got {page_size}")
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+# -- the interface -----------------------------------------------------------------
+
+
+ScalarRow = tuple[str, str, int, float]
+"""(run_id, series, step, value)."""
+
+
+class RunStore(ABC):
+    """Where runs, events and scalar history live. Blocking calls; thread-safe."""
+
+    description: str = "run store"
+
+    @abstractmethod
+    def write(self, records: Sequence[RunRecord] = (), events: Sequence[RunEvent] = (),
+              rows: Sequence[ScalarRow] = ()) -> None:
+        """One batch, all or nothing: runs inserted or replaced, events appended,
+        scalar points added (each step of a series is written once)."""
+
+    def put_runs(self, records: Sequence[RunRecord]) -> None:
+        self.write(records=records)
+
+    def add_events(self, events: Sequence[RunEvent]) -> None:
+        self.write(events=events)
+
+    def add_scalars(self, rows: Sequence[ScalarRow]) -> None:
+        self.write(rows=rows)
+
+    @abstractmethod
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    @abstractmethod
+    def list_runs(self, filter_: str = "", order_by: str = "", page_size: int = 0,
+                  page_token: str = "") -> RunPage: ...
+
+    @abstractmethod
+    def events(self, run_id: str) -> list[RunEvent]: ...
+
+    @abstractmethod
+    def scalars(self, run_id: str, max_points: int = 1024, names: Iterable[str] = ()
+                ) -> dict[str, list[Bucket]]:
+        """Each series of the run in at most ``max_points`` buckets of equal step span
+        (min/mean/max; raw points when there are few enough)."""
+
+    @abstractmethod
+    def truncate_scalars(self, run_id: str, after_step: int) -> None:
+        """Forget points after ``after_step`` (a run resumed from an older checkpoint)."""
+
+    @abstractmethod
+    def delete_run(self, run_id: str) -> bool:
+        """Remove the run, its events and history; whether it existed."""
+
+    @abstractmethod
+    def mark_interrupted(self, at: float) -> list[str]:
+        """Runs left in a live state by a trainer that exited become INTERRUPTED."""
+
+    @abstractmethod
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` ended runs; the deleted ids."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+# -- the SQL both backends share ---------------------------------------------------
+
+_RUN_COLUMNS = (
+    "run_id", "task", "state", "params", "options", "seed", "created_at", "updated_at", "step",
+    "metrics", "error", "checkpoint_step", "name", "tags", "notes", "publish_as", "ended_at",
+)
+
+
+def _row(rec: RunRecord) -> tuple[Any, ...]:
+    return (
+        rec.run_id, rec.task, rec.state, json.dumps(rec.params), json.dumps(rec.options), rec.seed,
+        rec.created_at, rec.updated_at, rec.step, json.dumps(rec.metrics), rec.error,
+        rec.checkpoint_step, rec.name, json.dumps(list(rec.tags)), rec.notes,
+        json.dumps(list(rec.publish_as)), rec.ended_at,
+    )
+
+
+def _record(row: Sequence[Any]) -> RunRecord:
+    v = dict(zip(_RUN_COLUMNS, row, strict=True))
+    return RunRecord(
+        run_id=v["run_id"], task=v["task"], state=int(v["state"]), params=json.loads(v["params"]),
+        options=json.loads(v["options"]), seed=int(v["seed"]), created_at=float(v["created_at"]),
+        updated_at=float(v["updated_at"]), step=int(v["step"]), metrics=json.loads(v["metrics"]),
+        error=v["error"], checkpoint_step=int(v["checkpoint_step"]), name=v["name"],
+        tags=tuple(json.loads(v["tags"])), notes=v["notes"],
+        publish_as=tuple(json.loads(v["publish_as"])), ended_at=float(v["ended_at"]),
+    )
+
+
+_UPSERT_RUN = (
+    f"INSERT INTO runs ({', '.join(_RUN_COLUMNS)}) VALUES ({', '.join('?' * len(_RUN_COLUMNS))}) "
+    "ON CONFLICT (run_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _RUN_COLUMNS[1:])
+)
+_UPSERT_SCALAR = (
+    "INSERT INTO scalars (run_id, name, step, value) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (run_id, name, step) DO UPDATE SET value = excluded.value"
+)
+
+BLOCK_STEPS = 16
+"""Steps per pre-aggregated block (table scalar_blocks): a long series is
+down-sampled from its blocks, 16 times fewer rows than its points."""
+
+_UPSERT_BLOCK = (
+    # A block is (re)computed from its points (at most 16, by primary key): exact
+    # whatever was written twice or truncated.
+    "INSERT INTO scalar_blocks (run_id, name, block, first_step, last_step, total, lo, hi, n) "
+    "SELECT run_id, name, ?, MIN(step), MAX(step), SUM(value), MIN(value), MAX(value), COUNT(*) "
+    "FROM scalars WHERE run_id = ? AND name = ? AND step >= ? AND step < ? GROUP BY run_id, name "
+    "ON CONFLICT (run_id, name, block) DO UPDATE SET first_step = excluded.first_step, "
+    "last_step = excluded.last_step, total = excluded.total, lo = excluded.lo, hi = excluded.hi, "
+    "n = excluded.n"
+)
+
+
+def _block_args(run_id: str, name: str, block: int) -> tuple[Any, ...]:
+    return (block, run_id, name, block * BLOCK_STEPS, (block + 1) * BLOCK_STEPS)
+
+
+_TERMINAL_SQL = ", ".join(
+    str(s) for s in (cpb.RUN_STATE_STOPPED, cpb.RUN_STATE_FAILED, cpb.RUN_STATE_COMPLETED,
+                     cpb.RUN_STATE_INTERRUPTED)
+)
+_LIVE_SQL = ", ".join(str(s) for s in LIVE_STATES)
+
+
+class SqlRunStore(RunStore):
+    """The queries, once; a backend supplies the connection, schema and placeholders."""
+
+    schema: tuple[str, ...] = ()
+    placeholder = "?"
+    errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: Any = None
+
+    @abstractmethod
+    def _connect(self) -> Any: ...
+
+    def _sql(self, text: str) -> str:
+        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        """A cursor in a transaction; committed on success. A database error drops
+        the connection (the next call re-opens it) and becomes RunStoreError."""
+        with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = self._connect()
+                    cur = self._conn.cursor()
+                    for statement in self.schema:
+                        cur.execute(statement)
+                    self._conn.commit()
+                cur = self._conn.cursor()
+                yield cur
+                self._conn.commit()
+            except self.errors as exc:
+                self._drop()
+                raise RunStoreError(f"{self.description} is unavailable: {exc}") from exc
+            except BaseException:
+                if self._conn is not None:
+                    try:
+                        self._conn.rollback()
+                    except self.errors:
+                        self._drop()
+                raise
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # closing a broken connection may fail too
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    # -- writes ----------------------------------------------------------
+    def write(self, records: Sequence[RunRecord] = (), events: Sequence[RunEvent] = (),
+              rows: Sequence[ScalarRow] = ()) -> None:
+        if not (records or events or rows):
+            return
+        with self._tx() as cur:
+            if records:
+                cur.executemany(self._sql(_UPSERT_RUN), [_row(r) for r in records])
+            if events:
+                cur.executemany(
+                    self._sql("INSERT INTO events (run_id, at, kind, step, detail) VALUES (?, ?, ?, ?, ?)"),
+                    [(e.run_id, e.at, e.kind, e.step, json.dumps(dict(e.detail))) for e in events],
+                )
+            if rows:
+                cur.executemany(self._sql(_UPSERT_SCALAR), rows)
+                cur.executemany(self._sql("INSERT INTO series (run_id, name) VALUES (?, ?) "
+                                          "ON CONFLICT (run_id, name) DO NOTHING"),
+                                sorted({(r[0], r[1]) for r in rows}))
+                blocks = {(r[0], r[1], r[2] // BLOCK_STEPS) for r in rows}
+                cur.executemany(self._sql(_UPSERT_BLOCK), [_block_args(*b) for b in sorted(blocks)])
+
+    def truncate_scalars(self, run_id: str, after_step: int) -> None:
+        with self._tx() as cur:
+            cur.execute(self._sql("DELETE FROM scalars WHERE run_id = ? AND step > ?"), (run_id, after_step))
+            block = after_step // BLOCK_STEPS
+            cur.execute(self._sql("DELETE FROM scalar_blocks WHERE run_id = ? AND block >= ?"), (run_id, block))
+            cur.execute(self._sql("SELECT DISTINCT name FROM scalars WHERE run_id = ?"), (run_id,))
+            # The block the cut falls in, again from its remaining points.
+            cur.executemany(self._sql(_UPSERT_BLOCK),
+                            [_block_args(run_id, name, block) for (name,) in cur.fetchall()])
+
+    def delete_run(self, run_id: str) -> bool:
+        with self._tx() as cur:
+            for table in ("scalars", "scalar_blocks", "series", "events"):
+                cur.execute(self._sql(f"DELETE FROM {table} WHERE run_id = ?"), (run_id,))
+            cur.execute(self._sql("DELETE FROM runs WHERE run_id = ?"), (run_id,))
+            return bool(cur.rowcount)
+
+    def mark_interrupted(self, at: float) -> list[str]:
+        with self._tx() as cur:
+            cur.execute(f"SELECT run_id, step, state FROM runs WHERE state IN ({_LIVE_SQL})")
+            rows = cur.fetchall()
+            cur.execute(
+                self._sql(f"UPDATE runs SET state = ?, updated_at = ?, ended_at = ? "
+                          f"WHERE state IN ({_LIVE_SQL})"),
+                (cpb.RUN_STATE_INTERRUPTED, at, at),
+            )
+            cur.executemany(
+                self._sql("INSERT INTO events (run_id, at, kind, step, detail) VALUES (?, ?, ?, ?, ?)"),
+                [(r[0], at, "state", r[1], json.dumps({
+                    "from": cpb.RunState.Name(int(r[2])), "to": "RUN_STATE_INTERRUPTED",
+                    "reason": "the trainer exited while the run was live"})) for r in rows],
+            )
+        return [r[0] for r in rows]
+
+    def prune(self, keep: int) -> list[str]:
+        with self._tx() as cur:
+            cur.execute(self._sql(
+                f"SELECT run_id FROM runs WHERE state IN ({_TERMINAL_SQL}) "
+                "ORDER BY created_at DESC, run_id DESC LIMIT -1 OFFSET ?"
+                if self.placeholder == "?" else
+                f"SELECT run_id FROM runs WHERE state IN ({_TERMINAL_SQL}) "
+                "ORDER BY created_at DESC, run_id DESC OFFSET ?"), (keep,))
+            victims = [r[0] for r in cur.fetchall()]
+            for run_id in victims:
+                for table in ("scalars", "scalar_blocks", "series", "events", "runs"):
+                    cur.execute(self._sql(f"DELETE FROM {table} WHERE run_id = ?"), (run_id,))
+        return victims
+
+    # -- reads -----------------------------------------------------------
+    def get_run(self, run_id: str) -> RunRecord | None:
+        with self._tx() as cur:
+            cur.execute(self._sql(f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE run_id = ?"), (run_id,))
+            row = cur.fetchone()
+        return _record(row) if row else None
+
+    def list_runs(self, filter_: str = "", order_by: str = "", page_size: int = 0,
+                  page_token: str = "") -> RunPage:
+        conditions = parse_filter(filter_)
+        order = parse_order_by(order_by)
+        size = check_page_size(page_size)
+        offset = decode_page_token(page_token, filter_, order_by)
+        where, args = filter_sql(conditions)
+        order_sql = ", ".join(f"{col} {'DESC' if desc else 'ASC'}" for col, desc in order)
+        tie = "run_id DESC" if order[-1][1] else "run_id ASC"
+        with self._tx() as cur:
+            cur.execute(self._sql(f"SELECT COUNT(*) FROM runs{where}"), args)
+            total = int(cur.fetchone()[0])
+            cur.execute(
+                self._sql(f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs{where} "
+                          f"ORDER BY {order_sql}, {tie} LIMIT ? OFFSET ?"),
+                [*args, size + 1, offset],
+            )
+            rows = cur.fetchall()
+        more = len(rows) > size
+        token = encode_page_token(offset + size, filter_, order_by) if more else ""
+        return RunPage([_record(r) for r in rows[:size]], token, total)
+
+    def events(self, run_id: str) -> list[RunEvent]:
+        with self._tx() as cur:
+            cur.execute(self._sql("SELECT run_id, at, kind, step, detail FROM events WHERE run_id = ? "
+                                  "ORDER BY at, id"), (run_id,))
+            rows = cur.fetchall()
+        return [RunEvent(r[0], float(r[1]), r[2], int(r[3]), json.loads(r[4])) for r in rows]
+
+    def scalars(self, run_id: str, max_points: int = 1024, names: Iterable[str] = ()
+                ) -> dict[str, list[Bucket]]:
+        if max_points < 2:
+            raise InvalidArgumentError(f"max_points must be >= 2, got {max_points}")
+        wanted = set(names)
+        out: dict[str, list[Bucket]] = {}
+        with self._tx() as cur:
+            cur.execute(self._sql("SELECT name FROM series WHERE run_id = ? ORDER BY name"), (run_id,))
+            for (name,) in cur.fetchall():
+                if wanted and name not in wanted:
+                    continue
+                # The first and last step: two primary-key seeks, not a scan.
+                # (Apart: SQLite seeks for a lone MIN() or MAX(), scans for both.)
+                bounds = []
+                for agg in ("MIN", "MAX"):
+                    cur.execute(self._sql(f"SELECT {agg}(step) FROM scalars WHERE run_id = ? AND name = ?"),
+                                (run_id, name))
+                    bounds.append(cur.fetchone()[0])
+                lo, hi = bounds
+                if lo is None:
+                    continue
+                lo, hi = int(lo), int(hi)
+                if hi - lo + 1 <= max_points:
+                    cur.execute(self._sql("SELECT step, value FROM scalars WHERE run_id = ? AND name = ? "
+                                          "ORDER BY step"), (run_id, name))
+                    out[name] = [Bucket(s, s, v, v, v, 1) for s, v in cur.fetchall()]
+                    continue
+                # Equal step spans: bucket b covers steps lo + [b, b+1) * span / n. A
+                # long series is read from its blocks (16 steps each; a bucket's edges
+                # then fall on block edges, within 16 steps of the exact span).
+                span = hi - lo + 1
+                if span >= 4 * BLOCK_STEPS * max_points:
+                    cur.execute(self._sql(
+                        "SELECT MIN(first_step), MAX(last_step), SUM(total), MIN(lo), MAX(hi), SUM(n) "
+                        "FROM scalar_blocks WHERE run_id = ? AND name = ? "
+                        "GROUP BY ((block * ? - ?) * ?) / ? ORDER BY MIN(first_step)"),
+                        (run_id, name, BLOCK_STEPS, lo, max_points, span))
+                    out[name] = [Bucket(int(a), int(b), float(t) / int(c), float(mn), float(mx), int(c))
+                                 for a, b, t, mn, mx, c in cur.fetchall()]
+                    continue
+                cur.execute(self._sql(
+                    "SELECT MIN(step), MAX(step), AVG(value), MIN(value), MAX(value), COUNT(*) "
+                    "FROM scalars WHERE run_id = ? AND name = ? "
+                    "GROUP BY ((step - ?) * ?) / ? ORDER BY MIN(step)"),
+                    (run_id, name, lo, max_points, span))
+                out[name] = [Bucket(int(a), int(b), float(m), float(mn), float(mx), int(c))
+                             for a, b, m, mn, mx, c in cur.fetchall()]
+        return out
+
+
+class SqliteRunStore(SqlRunStore):
+    """The embedded default: one SQLite file (WAL), made on first use."""
+
+    schema = (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=NORMAL",
+        "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, task TEXT NOT NULL, "
+        "state INTEGER NOT NULL, params TEXT NOT NULL, options TEXT NOT NULL, seed INTEGER NOT NULL, "
+        "created_at REAL NOT NULL, updated_at REAL NOT NULL, step INTEGER NOT NULL, metrics TEXT NOT NULL, "
+        "error TEXT NOT NULL, checkpoint_step INTEGER NOT NULL, name TEXT NOT NULL, tags TEXT NOT NULL, "
+        "notes TEXT NOT NULL, publish_as TEXT NOT NULL, ended_at REAL NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at)",
+        "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, "
+        "at REAL NOT NULL, kind TEXT NOT NULL, step INTEGER NOT NULL, detail TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS events_run ON events (run_id, at)",
+        "CREATE TABLE IF NOT EXISTS scalars (run_id TEXT NOT NULL, name TEXT NOT NULL, "
+        "step INTEGER NOT NULL, value REAL NOT NULL, PRIMARY KEY (run_id, name, step)) WITHOUT ROWID",
+        "CREATE TABLE IF NOT EXISTS scalar_blocks (run_id TEXT NOT NULL, name TEXT NOT NULL, "
+        "block INTEGER NOT NULL, first_step INTEGER NOT NULL, last_step INTEGER NOT NULL, "
+        "total REAL NOT NULL, lo REAL NOT NULL, hi REAL NOT NULL, n INTEGER NOT NULL, "
+        "PRIMARY KEY (run_id, name, block)) WITHOUT ROWID",
+        "CREATE TABLE IF NOT EXISTS series (run_id TEXT NOT NULL, name TEXT NOT NULL, "
+        "PRIMARY KEY (run_id, name)) WITHOUT ROWID",
+    )
+    errors = (sqlite3.Error,)
+
+    def __init__(self, path: Path, *, timeout_s: float = 2.0) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+        self.description = f"run store {str(self.path)!r} (SQLite)"
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise sqlite3.OperationalError(f"cannot make {self.path.parent}: {exc}") from exc
+        return sqlite3.connect(self.path, timeout=self.timeout_s, check_same_thread=False,
+                               isolation_level="DEFERRED")
+
+
+class PostgresRunStore(SqlRunStore):
+    """Runs in PostgreSQL (psycopg 3): several trainers share one run list."""
+
+    schema = (
+        "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, task TEXT NOT NULL, "
+        "state INTEGER NOT NULL, params TEXT NOT NULL, options TEXT NOT NULL, seed BIGINT NOT NULL, "
+        "created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL, "
+        "step BIGINT NOT NULL, metrics TEXT NOT NULL, error TEXT NOT NULL, "
+        "checkpoint_step BIGINT NOT NULL, name TEXT NOT NULL, tags TEXT NOT NULL, notes TEXT NOT NULL, "
+        "publish_as TEXT NOT NULL, ended_at DOUBLE PRECISION NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at)",
+        "CREATE TABLE IF NOT EXISTS events (id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL, "
+        "at DOUBLE PRECISION NOT NULL, kind TEXT NOT NULL, step BIGINT NOT NULL, detail TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS events_run ON events (run_id, at)",
+        "CREATE TABLE IF NOT EXISTS scalars (run_id TEXT NOT NULL, name TEXT NOT NULL, "
+        "step BIGINT NOT NULL, value DOUBLE PRECISION NOT NULL, PRIMARY KEY (run_id, name, step))",
+        "CREATE TABLE IF NOT EXISTS scalar_blocks (run_id TEXT NOT NULL, name TEXT NOT NULL, "
+        "block BIGINT NOT NULL, first_step BIGINT NOT NULL, last_step BIGINT NOT NULL, "
+        "total DOUBLE PRECISION NOT NULL, lo DOUBLE PRECISION NOT NULL, hi DOUBLE PRECISION NOT NULL, "
+        "n BIGINT NOT NULL, PRIMARY KEY (run_id, name, block))",
+        "CREATE TABLE IF NOT EXISTS series (run_id TEXT NOT NULL, name TEXT NOT NULL, "
+        "PRIMARY KEY (run_id, name))",
+    )
+    placeholder = "%s"
+
+    def __init__(self, dsn: str, *, connect_timeout_s: float = 3.0) -> None:
+        super().__init__()
+        import psycopg  # late: only this backend needs it
+
+        self._psycopg = psycopg
+        self.errors = (psycopg.Error,)
+        self.dsn = dsn
+        self.connect_timeout_s = connect_timeout_s
+        self.description = f"run store {redact_dsn(dsn)!r} (PostgreSQL)"
+
+    def _connect(self) -> Any:
+        conn = self._psycopg.connect(self.dsn, connect_timeout=max(1, int(self.connect_timeout_s)))
+        # Concurrent trainers create the schema at once: one at a time.
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(7215)")
+        return conn
+
+    def _sql(self, text: str) -> str:
+        # psycopg's placeholder is %s; a literal % (none in our SQL but LIKE args) stays in args.
+        return text.replace("?", "%s")
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN without its password, for logs."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
+
+
+def open_store(spec: str, default_path: Path) -> RunStore | None:
+    """The store a ``--run-store`` value names: '' = SQLite at ``default_path``, a
+    path = SQLite there, ``postgresql://...`` = PostgreSQL, 'none' = no store."""
+    spec = spec.strip()
+    if spec.lower() == "none":
+        return None
+    if spec.startswith(("postgresql://", "postgres://")):
+        return PostgresRunStore(spec)
+    if "://" in spec:
+        raise InvalidArgumentError(
+            f"run store {redact_dsn(spec)!r}: use a file path, postgresql://..., or none"
+        )
+    return SqliteRunStore(Path(spec) if spec else default_path)

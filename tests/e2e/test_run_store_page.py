@@ -1,0 +1,139 @@
+"""Runs that last, in Debian's chromium against the real suite (``tensorwire up``):
+start a run, restart the whole suite, and the page reconnects by itself, shows the
+stored run INTERRUPTED with its whole loss curve (never "unspecified"), and
+resumes it from its checkpoint. Also the chart tools: smoothing, log scale, export.
+Screenshots in var/e2e/.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import CHROMIUM, Stack, browser, ensure_bundle, screenshot, wait_http
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+# Every state the page shows, sampled every 50 ms (survives nothing: read before reloads).
+STATE_PROBE = """() => {
+  window.__states = [];
+  setInterval(() => window.__states.push(window.tensorwire.state), 50);
+}"""
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is missing (scripts/install-system-deps.sh installs it)")
+    ensure_bundle()
+    stack = Stack(tmp_path_factory.mktemp("store-stack"))
+    try:
+        stack.start()
+        wait_http(stack.url + "healthz", 20)
+        yield stack
+    finally:
+        stack.stop()
+
+
+def open_page(context: Any, url: str) -> Any:
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    page.wait_for_function("() => window.tensorwire && window.tensorwire.displayedStep > 0", timeout=30_000)
+    assert not errors, errors
+    return page
+
+
+def test_chart_tools_smoothing_log_scale_and_export(suite: Stack) -> None:
+    run_id = suite.start_run("spiral")
+    with browser() as context:
+        page = open_page(context, f"{suite.url}?run={run_id}")
+        page.wait_for_function("() => window.tensorwire.charts.loss && window.tensorwire.charts.loss.last !== null",
+                               timeout=20_000)
+        charts = page.evaluate("() => window.tensorwire.charts")
+        assert charts["loss"]["smoothing"] == 0.6 and not charts["loss"]["log"]
+        page.eval_on_selector("#smoothing", "el => { el.value = '0.95'; el.dispatchEvent(new Event('input')); }")
+        page.wait_for_function("() => window.tensorwire.charts.loss.smoothing === 0.95")
+        assert page.locator("#smoothing-value").inner_text() == "0.95"
+        page.click("#log-scale")
+        page.wait_for_function("() => window.tensorwire.charts.loss && window.tensorwire.charts.loss.log", timeout=10_000)
+        # The value of every series at the cursor (axis titles are on the canvas: screenshot).
+        over = page.locator('.chart[data-series="loss"] .u-over')
+        over.hover()  # scrolled into view, the pointer at its centre
+        page.mouse.move(center(over)[0] + 5, center(over)[1])
+        page.wait_for_function("""() => /^step \\d+ · loss [-0-9.e]+ · smoothed [-0-9.e]+$/.test(
+            document.querySelector('.chart[data-series="loss"] .readout').textContent)""", timeout=10_000)
+        screenshot(page, "store-chart-tools")
+        # Export: the page's own link, fetched as the browser would.
+        href = page.get_attribute("#export-csv", "href")
+        assert href == f"/api/runs/{run_id}/scalars.csv"
+        csv_text = page.evaluate(f"() => fetch('{href}').then(r => r.text())")
+        assert csv_text.startswith("series,step,value,min,max,first_step\n") and "\nloss,1," in csv_text
+        doc = json.loads(page.evaluate(
+            f"() => fetch('/api/runs/{run_id}/scalars.json').then(r => r.text())"))
+        assert doc["series"]["loss"]["step"][0] == 1
+        page.click("#stop")  # the next test measures its own run
+        page.wait_for_function("() => window.tensorwire.state === 'STOPPED'", timeout=20_000)
+
+
+def center(locator: Any) -> tuple[float, float]:
+    b = locator.bounding_box()
+    return b["x"] + b["width"] / 2, b["y"] + b["height"] / 2
+
+
+def test_suite_restart_keeps_runs_curves_and_resumes(suite: Stack, tmp_path: Path) -> None:
+    # A new run from the page's own form, with a name and a finite max_steps.
+    with browser() as context:
+        page = context.new_page()
+        page.goto(f"{suite.url}?stall_ms=2000&backoff_max_ms=1000")
+        page.wait_for_function("() => document.querySelector('#max-steps').value !== ''", timeout=20_000)
+        assert page.input_value("#max-steps") == "20000"  # finite by default
+        page.fill("#run-name", "survivor")
+        page.fill("#max-steps", "1000000")
+        shown = page.evaluate("() => window.tensorwire.runId")
+        page.click("#start")
+        page.wait_for_function(f"() => window.tensorwire.runId !== '{shown}' && window.tensorwire.displayedStep > 300",
+                               timeout=60_000)
+        run_id = page.evaluate("() => window.tensorwire.runId")
+        assert page.locator(f'#runs li[data-run="{run_id}"]').inner_text().startswith("survivor")
+        assert "% of 1000000" in page.locator("#progress").inner_text()
+        page.evaluate(STATE_PROBE)
+        before = page.evaluate("() => window.tensorwire.serverStep")
+
+        suite.stop()  # Ctrl-C: every service goes; the page stays open
+        page.wait_for_function("() => window.tensorwire.connection !== 'connected'", timeout=15_000)
+        screenshot(page, "store-suite-down")
+        suite.start()
+
+        # The page reconnects by itself and shows the stored run, INTERRUPTED.
+        try:
+            page.wait_for_function(
+                "() => window.tensorwire.connection === 'connected' && window.tensorwire.state === 'INTERRUPTED'",
+                timeout=60_000)
+        except Exception:
+            screenshot(page, "store-not-interrupted")
+            print(page.evaluate("() => ({state: window.tensorwire.state, conn: window.tensorwire.connection, "
+                                "runs: window.tensorwire.runsShown, msg: document.querySelector('#message').textContent,"
+                                " title: document.querySelector('#conn').title})"))
+            raise
+        page.wait_for_function(f'() => document.querySelector(\'#runs li[data-run="{run_id}"] .state\')'
+                               "?.textContent === 'interrupted'", timeout=20_000)
+        assert page.locator("#resume").is_enabled()
+        page.wait_for_function(f"() => window.tensorwire.charts.loss && window.tensorwire.serverStep >= {before}",
+                               timeout=20_000)
+        screenshot(page, "store-after-restart")
+        states = page.evaluate("() => window.__states")
+        assert states and "UNSPECIFIED" not in states and "" not in states, sorted(set(states))
+
+        page.click("#resume")
+        page.wait_for_function(f"() => window.tensorwire.state === 'RUNNING' && window.tensorwire.serverStep > {before + 100}",
+                               timeout=60_000)
+        assert page.evaluate("() => window.tensorwire.runId") == run_id  # the same run, continued
+        screenshot(page, "store-resumed")
+        page.click("#stop")
+        page.wait_for_function("() => window.tensorwire.state === 'STOPPED'", timeout=20_000)

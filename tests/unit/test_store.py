@@ -1,0 +1,199 @@
+"""RunStore: the same tests against SQLite and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from services.trainer.store import (
+    PostgresRunStore,
+    RunEvent,
+    RunRecord,
+    RunStore,
+    RunStoreError,
+    SqliteRunStore,
+    open_store,
+    parse_filter,
+)
+from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.errors import InvalidArgumentError
+from tests.support.postgres import pg_dsn, pg_server  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> RunStore:
+    if request.param == "sqlite":
+        s: RunStore = SqliteRunStore(tmp_path / "runs.sqlite3")
+    else:
+        s = PostgresRunStore(request.getfixturevalue("pg_dsn"))
+    yield s
+    s.close()
+
+
+def rec(run_id: str, *, task: str = "spiral", state: int = cpb.RUN_STATE_COMPLETED, created: float = 0.0,
+        name: str = "", tags: tuple[str, ...] = (), notes: str = "", step: int = 0) -> RunRecord:
+    return RunRecord(run_id, task, state, {"learning_rate": 0.03}, {"dataset": "spiral"}, 7,
+                     created or time.time(), created or time.time(), step=step, name=name, tags=tags,
+                     notes=notes, metrics={"loss": 0.5}, publish_as=("spiral",))
+
+
+def test_runs_round_trip_and_upsert(store: RunStore) -> None:
+    r = rec("a1", name="first", tags=("best", "lr"), notes="note %_ \\ x", step=5)
+    store.put_runs([r])
+    assert store.get_run("a1") == r
+    r.state, r.step, r.checkpoint_step, r.error = cpb.RUN_STATE_FAILED, 9, 8, "ValueError: boom"
+    store.put_runs([r])
+    got = store.get_run("a1")
+    assert got is not None and (got.state, got.step, got.checkpoint_step, got.error) == (
+        cpb.RUN_STATE_FAILED, 9, 8, "ValueError: boom")
+    assert store.get_run("nope") is None
+
+
+def test_events_in_order(store: RunStore) -> None:
+    store.put_runs([rec("e1")])
+    store.add_events([RunEvent("e1", 1.0, "state", 0, {"to": "RUN_STATE_RUNNING"}),
+                      RunEvent("e1", 2.0, "checkpoint", 100, {"models": {"run-e1": 1}})])
+    events = store.events("e1")
+    assert [(e.kind, e.step) for e in events] == [("state", 0), ("checkpoint", 100)]
+    assert events[1].detail == {"models": {"run-e1": 1}}
+
+
+def test_scalars_raw_and_downsampled_over_equal_step_spans(store: RunStore) -> None:
+    store.put_runs([rec("s1")])
+    rows = [("s1", "loss", step, 1.0 / step) for step in range(1, 6_001)]  # raw: < 4 * 16 * 100
+    rows += [("s1", "accuracy", step, step / 100) for step in range(1, 101)]
+    store.add_scalars(rows)
+    store.add_scalars([("s1", "loss", 1, 5.0)])  # a step written again replaces its value
+    out = store.scalars("s1", max_points=100)
+    acc = out["accuracy"]
+    assert [b.step for b in acc] == list(range(1, 101)) and all(b.count == 1 for b in acc)
+    loss = out["loss"]
+    assert len(loss) == 100
+    assert sum(b.count for b in loss) == 6_000  # every point is in a bucket
+    assert all(b.step - b.first_step + 1 == 60 for b in loss)  # equal spans
+    assert loss[0].hi == 5.0 and loss[0].lo == pytest.approx(1 / 60)
+    assert loss[-1].first_step == 5941 and loss[-1].step == 6_000
+    assert loss[50].lo <= loss[50].mean <= loss[50].hi
+    assert set(store.scalars("s1", 100, names=["accuracy"])) == {"accuracy"}
+    store.truncate_scalars("s1", 50)
+    assert store.scalars("s1", 1000)["accuracy"][-1].step == 50
+    with pytest.raises(InvalidArgumentError, match="max_points"):
+        store.scalars("s1", 1)
+
+
+def test_list_runs_filter_order_and_pages(store: RunStore) -> None:
+    store.put_runs([
+        rec("r1", task="spiral", state=cpb.RUN_STATE_COMPLETED, created=100, name="lr sweep 1", tags=("best",)),
+        rec("r2", task="spiral", state=cpb.RUN_STATE_RUNNING, created=200, name="lr sweep 2"),
+        rec("r3", task="anomaly", state=cpb.RUN_STATE_FAILED, created=300, name="other", notes="Weird LOSS"),
+        rec("r4", task="anomaly", state=cpb.RUN_STATE_INTERRUPTED, created=400, name="x_y%z"),
+    ])
+    ids = lambda page: [r.run_id for r in page.runs]
+    assert ids(store.list_runs()) == ["r1", "r2", "r3", "r4"]
+    assert ids(store.list_runs(order_by="created_at desc")) == ["r4", "r3", "r2", "r1"]
+    assert ids(store.list_runs('task = "spiral"')) == ["r1", "r2"]
+    assert ids(store.list_runs("state = RUNNING")) == ["r2"]
+    assert ids(store.list_runs("state != RUN_STATE_RUNNING AND task = anomaly")) == ["r3", "r4"]
+    assert ids(store.list_runs("name:sweep")) == ["r1", "r2"]
+    assert ids(store.list_runs('tags:"best"')) == ["r1"]
+    assert ids(store.list_runs("loss")) == ["r3"]  # a bare word searches name, tags, notes
+    assert ids(store.list_runs("name:%")) == ["r4"]  # LIKE wildcards are literal
+    assert ids(store.list_runs("name:_")) == ["r4"]
+    first = store.list_runs(page_size=3, order_by="name")
+    assert len(first.runs) == 3 and first.next_page_token and first.total_size == 4
+    second = store.list_runs(page_size=3, order_by="name", page_token=first.next_page_token)
+    assert len(second.runs) == 1 and not second.next_page_token
+    assert set(ids(first) + ids(second)) == {"r1", "r2", "r3", "r4"}
+    with pytest.raises(InvalidArgumentError, match="another filter or order_by"):
+        store.list_runs(page_size=3, order_by="step", page_token=first.next_page_token)
+    for bad, message in [("color = red", "unknown field 'color'"), ("state = SLEEPING", "unknown state"),
+                         ("a OR b", "OR is not supported"), ('name = "open', "cannot parse"),
+                         ("tags = x", "tags takes")]:
+        with pytest.raises(InvalidArgumentError, match=message):
+            store.list_runs(bad)
+    with pytest.raises(InvalidArgumentError, match="order_by"):
+        store.list_runs(order_by="loss desc")
+    with pytest.raises(InvalidArgumentError, match="page_token"):
+        store.list_runs(page_token="garbage!")
+    with pytest.raises(InvalidArgumentError, match="page_size"):
+        store.list_runs(page_size=-1)
+
+
+def test_mark_interrupted_delete_and_prune(store: RunStore) -> None:
+    store.put_runs([rec("live", state=cpb.RUN_STATE_RUNNING, created=1),
+                    rec("paused", state=cpb.RUN_STATE_PAUSED, created=2),
+                    rec("done1", created=3), rec("done2", created=4), rec("done3", created=5)])
+    store.add_scalars([("done1", "loss", 1, 1.0)])
+    assert sorted(store.mark_interrupted(99.0)) == ["live", "paused"]
+    live = store.get_run("live")
+    assert live is not None and live.state == cpb.RUN_STATE_INTERRUPTED and live.ended_at == 99.0
+    assert store.events("live")[-1].detail["to"] == "RUN_STATE_INTERRUPTED"
+    assert store.mark_interrupted(100.0) == []
+    # Keep the newest 3 ended runs (INTERRUPTED ones count as ended).
+    assert sorted(store.prune(3)) == ["live", "paused"]
+    assert store.delete_run("done1") and store.scalars("done1") == {}
+    assert not store.delete_run("done1")
+    assert [r.run_id for r in store.list_runs().runs] == ["done2", "done3"]
+
+
+def test_sqlite_corrupt_or_locked_file_is_an_error_then_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "runs.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    store = SqliteRunStore(path, timeout_s=0.2)
+    with pytest.raises(RunStoreError, match="unavailable.*not a database"):
+        store.put_runs([rec("c1")])
+    path.unlink()
+    store.put_runs([rec("c1")])  # the connection was re-opened: a new file
+    assert store.get_run("c1") is not None
+    holder = sqlite3.connect(path)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(RunStoreError, match="locked"):
+            store.put_runs([rec("c2")])
+    finally:
+        holder.rollback()
+        holder.close()
+    store.put_runs([rec("c2")])
+    assert store.get_run("c2") is not None
+    store.close()
+
+
+def test_unreachable_postgres_is_an_error() -> None:
+    pytest.importorskip("psycopg")
+    store = PostgresRunStore("postgresql://nobody:secret@127.0.0.1:1/none", connect_timeout_s=1)
+    assert "secret" not in store.description
+    with pytest.raises(RunStoreError, match="unavailable"):
+        store.get_run("x")
+
+
+def test_open_store_specs(tmp_path: Path) -> None:
+    assert open_store("none", tmp_path / "x") is None
+    assert isinstance(open_store("", tmp_path / "d.sqlite3"), SqliteRunStore)
+    assert isinstance(open_store(str(tmp_path / "e.db"), tmp_path / "d"), SqliteRunStore)
+    with pytest.raises(InvalidArgumentError, match="postgresql://"):
+        open_store("mysql://x", tmp_path)
+    assert parse_filter("") == []
+
+
+def test_a_long_series_is_read_from_its_blocks_exactly(store: RunStore) -> None:
+    store.put_runs([rec("long")])
+    n = 20_000  # >= 4 * 16 * 100 steps: the blocks answer
+    for lo in range(1, n + 1, 5000):  # in batches, as the recorder writes
+        store.add_scalars([("long", "loss", s, float(s % 97)) for s in range(lo, lo + 5000)])
+    store.add_scalars([("long", "loss", 7, 1000.0)])  # written again: replaced, counted once
+    buckets = store.scalars("long", 100)["loss"]
+    assert 90 <= len(buckets) <= 101
+    assert sum(b.count for b in buckets) == n
+    assert buckets[0].first_step == 1 and buckets[-1].step == n
+    assert buckets[0].hi == 1000.0 and min(b.lo for b in buckets) == 0.0
+    spans = [b.step - b.first_step + 1 for b in buckets[1:-1]]
+    assert max(spans) - min(spans) <= 16  # equal spans, to a block
+    mean = sum(b.mean * b.count for b in buckets) / n
+    exact = (sum(float(s % 97) for s in range(1, n + 1)) - 7 % 97 + 1000.0) / n
+    assert mean == pytest.approx(exact)
+    store.truncate_scalars("long", 10_005)
+    after = store.scalars("long", 100)["loss"]
+    assert after[-1].step == 10_005 and sum(b.count for b in after) == 10_005
