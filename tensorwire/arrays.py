@@ -18,13 +18,15 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable
 
+from typing import Any
+
 import numpy as np
 import zstandard
 
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.errors import DataLossError, InvalidArgumentError
 
-_NUMPY = {
+_NUMPY: dict[int, np.dtype[Any]] = {
     cpb.DTYPE_F32: np.dtype("<f4"),
     cpb.DTYPE_F16: np.dtype("<f2"),
     cpb.DTYPE_U8: np.dtype("u1"),
@@ -93,8 +95,8 @@ def encode(
     if do_shuffle:
         raw = shuffle(raw, itemsize)
     return cpb.Array(
-        name=name, dtype=dtype, shape=list(values.shape), data=compress(raw, codec), codec=codec,
-        shuffled=do_shuffle, scale=scale, offset=offset,
+        name=name, dtype=dtype, shape=list(values.shape), data=compress(raw, codec),  # type: ignore[arg-type]
+        codec=codec, shuffled=do_shuffle, scale=scale, offset=offset,  # type: ignore[arg-type]
     )
 
 
@@ -126,7 +128,7 @@ def recode(array: cpb.Array, codec: int) -> cpb.Array:
     out = cpb.Array()
     out.CopyFrom(array)
     out.data = compress(decompress(array.data, array.codec), codec)
-    out.codec = codec
+    out.codec = codec  # type: ignore[assignment]  # protobuf enum fields take their int values
     return out
 
 

@@ -190,9 +190,14 @@ def _or(value: int | None, default: int) -> int:
 class NamedArray(Protocol):
     """A request's or answer's tensor (``services.inference.codec.Tensor`` is one)."""
 
-    name: str
-    datatype: str
-    array: np.ndarray
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def datatype(self) -> str: ...
+
+    @property
+    def array(self) -> np.ndarray: ...
 
 
 _LEN = struct.Struct("<I")
@@ -248,9 +253,9 @@ class RequestKeys:
                     h.update(_LEN.pack(len(data)))
                     h.update(data)
             else:
-                data = array if array.flags.c_contiguous else np.ascontiguousarray(array)
-                h.update(_LEN.pack(data.nbytes))
-                h.update(data.data)
+                contiguous = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+                h.update(_LEN.pack(contiguous.nbytes))
+                h.update(contiguous.data)
         h.update(_LEN.pack(len(outputs)))
         for name in outputs:
             _text(h, name)

@@ -360,7 +360,8 @@ async def upload_requests(
         async for c in sender.chunks():
             yield pb.UploadModelRequest(
                 chunk=pb.Chunk(index=c.index, offset=c.offset, data=c.data,
-                               compression=int(c.compression), raw_size=c.raw_size, crc32=c.crc32)
+                               compression=int(c.compression),  # type: ignore[arg-type]  # enum value
+                               raw_size=c.raw_size, crc32=c.crc32)
             )
         if sender.total_bytes != size:
             raise DataLossError(f"{path} changed size while being sent ({size} -> {sender.total_bytes})")

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -239,8 +239,9 @@ async def _supervise(args: SuiteSettings, children: list[Child], stop: asyncio.E
             asyncio.gather(*(_wait_serving(c.port, deadline) for c in waits))  # type: ignore[arg-type]
         )
         interrupted = asyncio.create_task(stop.wait())
-        early_exits = [asyncio.create_task(c.proc.wait()) for c in children if c.proc]  # type: ignore[union-attr]
-        await asyncio.wait([starting, interrupted, *early_exits], return_when=asyncio.FIRST_COMPLETED)
+        early_exits = [asyncio.create_task(c.proc.wait()) for c in children if c.proc]
+        racing: list[asyncio.Future[Any]] = [starting, interrupted, *early_exits]
+        await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
         for task in (interrupted, *early_exits):
             task.cancel()
         if not starting.done():  # Ctrl-C, or a service died while starting
@@ -270,9 +271,10 @@ async def _supervise(args: SuiteSettings, children: list[Child], stop: asyncio.E
         # The token travels in the URL's fragment: browsers never send it to a server
         # or in a Referer; the page moves it to sessionStorage and clears the address bar.
         print(f"tensorwire up: open http://{page_host}:{args.web_port}/#token={token}", flush=True)
-        exited = [asyncio.create_task(c.proc.wait()) for c in children if c.proc]  # type: ignore[union-attr]
+        exited = [asyncio.create_task(c.proc.wait()) for c in children if c.proc]
         stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stopper, *exited], return_when=asyncio.FIRST_COMPLETED)
+        watched: list[asyncio.Future[Any]] = [stopper, *exited]
+        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         if stopper not in done:
             dead = [c.name for c in children if c.proc and c.proc.returncode is not None]
             print(f"tensorwire up: {', '.join(dead)} exited; stopping the suite", flush=True)
@@ -281,9 +283,9 @@ async def _supervise(args: SuiteSettings, children: list[Child], stop: asyncio.E
         return exit_code
     finally:
         await _stop_all(children, args.grace_s)
-        for task in pumps:
+        for pump in pumps:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(task, 2)
+                await asyncio.wait_for(pump, 2)
 
 
 async def _stop_all(children: Sequence[Child], grace_s: float) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -206,7 +206,7 @@ class GrpcServer:
 
 async def serve(
     options: ServerOptions,
-    make_service: Callable[[], Awaitable[Service]],
+    make_service: Callable[[], Awaitable[Any]],
     *,
     on_started: Callable[[GrpcServer], Awaitable[None]] | None = None,
 ) -> None:
@@ -225,8 +225,8 @@ async def serve(
 
 
 def run_program(
-    settings_cls: type,
-    run: Callable[[Any], Awaitable[None]],
+    settings_cls: Any,
+    run: Callable[[Any], Coroutine[Any, Any, None]],
     argv: Sequence[str] | None = None,
     *,
     prog: str | None = None,
@@ -252,7 +252,7 @@ def run_program(
 
 def run_main(
     settings_cls: type,
-    make_service: Callable[[object], Awaitable[Service]],
+    make_service: Callable[[Any], Awaitable[Any]],
     argv: Sequence[str] | None = None,
     description: str | None = None,
 ) -> int:

@@ -129,19 +129,19 @@ class Task(ABC):
         values = {p.name: self.default_of(p) for p in self.params}
         for name, value in (params or {}).items():
             values[name] = self.check_param(name, value)
-        chosen = {o.name: o.default for o in self.options}
+        chosen: dict[str, str] = {o.name: o.default for o in self.options}
         known = {o.name: o for o in self.options}
-        for name, value in (options or {}).items():
+        for name, choice in (options or {}).items():
             if name not in known:
                 raise InvalidArgumentError(
                     f"unknown option {name!r} for task {self.name!r}; "
                     f"known: {', '.join(known) or 'none'}"
                 )
-            if value not in known[name].choices:
+            if choice not in known[name].choices:
                 raise InvalidArgumentError(
-                    f"option {name} must be one of {', '.join(known[name].choices)}, got {value!r}"
+                    f"option {name} must be one of {', '.join(known[name].choices)}, got {choice!r}"
                 )
-            chosen[name] = value
+            chosen[name] = choice
         model_args = {p.name: int(values[p.name]) for p in self.params if p.model_arg}
         return RunConfig(values, chosen, model_args)
 

@@ -508,7 +508,7 @@ class Run:
     def status_message(self) -> cpb.RunStatus:
         error = self._error or "; ".join(self._notes)
         return cpb.RunStatus(
-            run_id=self.id, task=self.task, state=self._state, step=self._step,
+            run_id=self.id, task=self.task, state=self._state, step=self._step,  # type: ignore[arg-type]  # protobuf enum fields take their int values
             steps_per_second=0.0 if self._state in TERMINAL else self._rate,
             produced_at=self._produced_at, metrics=self._metrics, params=dict(self._params),
             error=error,

@@ -115,8 +115,8 @@ class Gateway:
                 f"gateway: cannot listen on {self.settings.host}:{self.settings.port}: "
                 f"{exc.strerror or exc}; choose another with --port (or --host)"
             ) from None
-        server = site._server  # type: ignore[attr-defined]
-        self.port = server.sockets[0].getsockname()[1] if server is not None else self.settings.port
+        sockets = getattr(site._server, "sockets", None) or ()  # aiohttp keeps the bound port there
+        self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
         log.info("gateway on http://%s:%d (routes: %s)", self.settings.host, self.port,
                  ", ".join(f"{r.service} -> {r.target}" for r in self.app[PROXY].routes.values()))
         return self.port

@@ -486,7 +486,7 @@ class ModelRepository:
         self._overrides: dict[str, dict[str, Any]] = {}
         """RepositoryModelLoad config overrides of Triton models (their files stay as written)."""
         self._locks: dict[str, asyncio.Lock] = {}
-        self._config_stamp: dict[str, float] = {}
+        self._config_stamp: dict[str, float | None] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._random = random.Random(seed)

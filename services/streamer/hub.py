@@ -45,6 +45,7 @@ growing to megabytes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -530,7 +531,7 @@ class UpdateHub:
                 topic.lookup_at = math.inf
                 run_id = topic.run_id
                 task = self._lookups[run_id] = asyncio.ensure_future(self._seed(run_id))
-                task.add_done_callback(lambda t, r=run_id: self._retried(r, t))
+                task.add_done_callback(functools.partial(self._retried, run_id))
 
     def _retried(self, run_id: str, task: asyncio.Future[None]) -> None:
         self._lookups.pop(run_id, None)

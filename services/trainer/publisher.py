@@ -23,7 +23,7 @@ from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.publishing import Link, StreamLinks
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
-from .loop import TERMINAL, LiveStatus, Snapshot
+from .loop import TERMINAL, LiveStatus, Snapshot, TrainingLoop
 from .runs import Run, RunManager
 from .viewworker import ViewWorker
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def status_message(run: Run, status: LiveStatus) -> cpb.RunStatus:
     return cpb.RunStatus(
-        run_id=run.run_id, task=run.task.name, state=run.state, step=status.step,
+        run_id=run.run_id, task=run.task.name, state=run.state, step=status.step,  # type: ignore[arg-type]  # protobuf enum fields take their int values
         steps_per_second=status.steps_per_second, produced_at=status.produced_at,
         metrics=status.metrics, params=run.config.params, error=status.error,
     )
@@ -180,8 +180,10 @@ class Publisher:
         self._next_view_at.pop(run_id, None)
 
     async def _build_view(self, run: Run) -> None:
+        loop = run.loop
+        assert isinstance(loop, TrainingLoop), "a script's run builds its own views"
         try:
-            snap = await asyncio.wrap_future(run.loop.request_snapshot())
+            snap = await asyncio.wrap_future(loop.request_snapshot())
             if self.view_worker is not None:
                 data, cost = await self.view_worker.render(
                     run.run_id, run.task.name, snap.config, run.seed, snap.state_dict,
@@ -212,7 +214,8 @@ class Publisher:
             for name, tensor in model.state_dict().items():  # type: ignore[attr-defined]
                 tensor.copy_(snap.state_dict[name])
         with torch.inference_mode():
-            view = run.task.build_view(model, run.loop.data, snap.config)  # type: ignore[arg-type]
+            data = run.loop.data if isinstance(run.loop, TrainingLoop) else None
+            view = run.task.build_view(model, data, snap.config)  # type: ignore[arg-type]
         view.step = snap.step
         view.produced_at = snap.produced_at
         self._record_cost(run.run_id, time.thread_time() - started)

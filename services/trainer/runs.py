@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import operator
 import os
 import re
 import tempfile
@@ -375,7 +376,7 @@ class RunManager:
         found = [r for r in self.records() if matches(r, conditions)]
         found.sort(key=lambda r: r.run_id, reverse=order[-1][1])
         for column, desc in reversed(order):
-            found.sort(key=lambda r, c=column: getattr(r, c), reverse=desc)
+            found.sort(key=operator.attrgetter(column), reverse=desc)
         chunk = found[offset:offset + size]
         more = offset + size < len(found)
         return RunPage(chunk, encode_page_token(offset + size, filter_, order_by) if more else "",

@@ -37,7 +37,7 @@ def task_info(task: Task) -> pb.TaskInfo:
 def run_message(run: Run | RunRecord) -> pb.Run:
     rec = run.record() if isinstance(run, Run) else run
     return pb.Run(
-        run_id=rec.run_id, task=rec.task, state=rec.state, step=rec.step,
+        run_id=rec.run_id, task=rec.task, state=rec.state, step=rec.step,  # type: ignore[arg-type]  # protobuf enum fields take their int values
         steps_per_second=rec.steps_per_second, params=rec.params, options=rec.options,
         metrics=rec.metrics, created_at=rec.created_at, updated_at=rec.updated_at,
         error=rec.error, checkpoint_step=rec.checkpoint_step, seed=rec.seed,
