@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable
-
 from typing import Any
 
 import numpy as np

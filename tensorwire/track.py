@@ -130,8 +130,8 @@ def init(
     ports; ``""`` turns that connection off. ``params``: numbers, changeable live
     from the browser: ``run.params`` has the current values, and a dict passed
     here is updated in place too (one key at a time, from the background thread),
-    so a script that reads its own ``params[...]`` every step follows the browser. ``token``: a bearer token with the publisher role (else from
-    the environment).
+    so a script that reads its own ``params[...]`` every step follows the browser.
+    ``token``: a bearer token with the publisher role (else from the environment).
     """
     values = dict(params or {})
     for key, value in values.items():

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 
-import tensorwire
 import torch
 import torch.nn.functional as F
 from digits import DigitsCNN, load_digits_split
+
+import tensorwire
 
 
 def main() -> None:

@@ -100,7 +100,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         return pb.ListRunsResponse(runs=[run_message(r) for r in page.runs],
                                    next_page_token=page.next_page_token, total_size=page.total_size)
 
-    async def RegisterRun(self, request: pb.RegisterRunRequest, context: grpc.aio.ServicerContext) -> pb.RegisterRunResponse:
+    async def RegisterRun(
+        self, request: pb.RegisterRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterRunResponse:
         run = self._runs.register_run(request.run_id, request.task, dict(request.params))
         return pb.RegisterRunResponse(run=run_message(run))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.benchmarks.bench_inference import (  # noqa: E402
+from tests.benchmarks.bench_inference import (
     cpu_seconds,
     free_port,
     load_in_process,

@@ -31,10 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tensorwire.channels import ChannelPool  # noqa: E402
-from tensorwire.checkpoints import upload_checkpoint  # noqa: E402
-from tensorwire.chunking import ChunkConfig, Compression  # noqa: E402
-from tests.support.echo_service import method, reset_peak_rss, running, status_kib  # noqa: E402
+from tensorwire.channels import ChannelPool
+from tensorwire.checkpoints import upload_checkpoint
+from tensorwire.chunking import ChunkConfig, Compression
+from tests.support.echo_service import method, reset_peak_rss, running, status_kib
 
 
 async def bench_reuse(port: int, calls: int) -> None:

@@ -32,24 +32,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
-import torch  # noqa: E402
+import grpc
+import torch
 
-from services.streamer.app import create_app as create_streamer  # noqa: E402
-from services.streamer.settings import StreamerSettings  # noqa: E402
-from services.trainer.app import create_app as create_trainer  # noqa: E402
-from services.trainer.runs import RunManager  # noqa: E402
-from services.trainer.settings import TrainerSettings  # noqa: E402
-from services.trainer.store import PostgresRunStore, RunRecord, RunStore, SqliteRunStore  # noqa: E402
-from tensorwire import modelrepo  # noqa: E402
-from tensorwire.common.v1 import common_pb2 as cpb  # noqa: E402
-from tensorwire.scalars import to_batch  # noqa: E402
-from tensorwire.server import GrpcServer, ServerOptions  # noqa: E402
-from tensorwire.streamer.v1 import streamer_pb2 as spb  # noqa: E402
-from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc  # noqa: E402
-from tensorwire.trainer.v1 import trainer_pb2 as tpb  # noqa: E402
-from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc  # noqa: E402
-from tests.support import postgres  # noqa: E402
+from services.streamer.app import create_app as create_streamer
+from services.streamer.settings import StreamerSettings
+from services.trainer.app import create_app as create_trainer
+from services.trainer.runs import RunManager
+from services.trainer.settings import TrainerSettings
+from services.trainer.store import PostgresRunStore, RunRecord, RunStore, SqliteRunStore
+from tensorwire import modelrepo
+from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.scalars import to_batch
+from tensorwire.server import GrpcServer, ServerOptions
+from tensorwire.streamer.v1 import streamer_pb2 as spb
+from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
+from tensorwire.trainer.v1 import trainer_pb2 as tpb
+from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
+from tests.support import postgres
 
 
 def rss_mib() -> float:

@@ -99,7 +99,7 @@ async def _code(coro: object) -> tuple[grpc.StatusCode, str]:
 
 async def test_bad_inputs_get_precise_codes(tmp_path: Path) -> None:
     port = free_port()
-    async with streamer_on(port, max_subscribers=1), trainer_for(tmp_path, port) as (app, server):
+    async with streamer_on(port, max_subscribers=1), trainer_for(tmp_path, port) as (_app, server):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as tch, \
                 grpc.aio.insecure_channel(f"127.0.0.1:{port}") as sch:
             t = tpb_grpc.TrainerServiceStub(tch)

@@ -86,14 +86,14 @@ async def test_unknown_run_is_not_found_and_a_new_viewer_after_a_restart_sees_th
     tmp_path: Path,
 ) -> None:
     trainer_port, streamer_port = free_port(), free_port()
-    async with suite(tmp_path, trainer_port, streamer_port) as (trainer, streamer, tstub, sstub):
+    async with suite(tmp_path, trainer_port, streamer_port) as (trainer, _streamer, tstub, sstub):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await first_frames(sstub, "no-such-run")
         assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-run" in info.value.details()
         run = (await tstub.StartRun(tpb.StartRunRequest(task="spiral", params={"max_steps": 0}))).run
         await until(lambda: trainer.runs.get_run(run.run_id).checkpoint_step >= 300)
     # Both services restarted: the streamer has never seen the run.
-    async with suite(tmp_path, trainer_port, streamer_port) as (trainer, streamer, tstub, sstub):
+    async with suite(tmp_path, trainer_port, streamer_port) as (trainer, _streamer, tstub, sstub):
         stored = (await tstub.GetRun(tpb.GetRunRequest(run_id=run.run_id))).run
         assert stored.state == cpb.RUN_STATE_INTERRUPTED
         status, scalars = await first_frames(sstub, run.run_id, max_points=64)
@@ -114,7 +114,7 @@ async def test_unknown_run_is_not_found_and_a_new_viewer_after_a_restart_sees_th
 
 
 async def test_pause_then_resume_rearms_the_live_views(tmp_path: Path) -> None:
-    async with suite(tmp_path, free_port(), free_port()) as (trainer, streamer, tstub, sstub):
+    async with suite(tmp_path, free_port(), free_port()) as (trainer, _streamer, tstub, sstub):
         run = (await tstub.StartRun(tpb.StartRunRequest(task="spiral", params={"max_steps": 0}))).run
         call = sstub.Subscribe(spb.SubscribeRequest(run_id=run.run_id, views=["boundary"], max_fps=10),
                                timeout=60)

@@ -215,7 +215,7 @@ async def test_the_demo_run_never_replaces_a_served_model_and_resumes_after_a_re
 
     modelrepo.write_version(repo, "spiral", "spiral", build_model("spiral").state_dict())
     served = torch.load(modelrepo.weights_path(repo, "spiral", 1), weights_only=True)
-    async with trainer(cfg) as (app, stub, _):
+    async with trainer(cfg) as (app, _stub, _):
         demo = app.runs.get_run(app.demo_run_id)
         assert demo.publish_as == () and demo.tags == ("demo",)
         await until(lambda: demo.checkpoint_step >= 400)
@@ -223,7 +223,7 @@ async def test_the_demo_run_never_replaces_a_served_model_and_resumes_after_a_re
         first_id = demo.run_id
     after = torch.load(modelrepo.weights_path(repo, "spiral", 1), weights_only=True)
     assert all(torch.equal(served[k], after[k]) for k in served)
-    async with trainer(cfg) as (app, stub, _):
+    async with trainer(cfg) as (app, _stub, _):
         assert app.demo_run_id == first_id  # the interrupted demo run goes on
         demo = app.runs.get_run(first_id)
         assert demo.loop.status.step >= 400 and demo.state == cpb.RUN_STATE_RUNNING

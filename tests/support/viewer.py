@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import statistics
 import sys
@@ -236,7 +237,7 @@ async def alternate(
         await mark()
     for ch in channels:
         await ch.close()
-    rates = [(s1 - s0) / (t1 - t0) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if t1 > t0]
+    rates = [(s1 - s0) / (t1 - t0) for (s0, t0), (s1, t1) in itertools.pairwise(marks) if t1 > t0]
     ratios = _paired(rates)
     cpu_ratios: list[float] = []
     if len(cpu) == len(marks):

@@ -91,7 +91,8 @@ def test_list_runs_filter_order_and_pages(store: RunStore) -> None:
         rec("r3", task="anomaly", state=cpb.RUN_STATE_FAILED, created=300, name="other", notes="Weird LOSS"),
         rec("r4", task="anomaly", state=cpb.RUN_STATE_INTERRUPTED, created=400, name="x_y%z"),
     ])
-    ids = lambda page: [r.run_id for r in page.runs]
+    def ids(page):
+        return [r.run_id for r in page.runs]
     assert ids(store.list_runs()) == ["r1", "r2", "r3", "r4"]
     assert ids(store.list_runs(order_by="created_at desc")) == ["r4", "r3", "r2", "r1"]
     assert ids(store.list_runs('task = "spiral"')) == ["r1", "r2"]
