@@ -11,7 +11,7 @@ WEB_BUILT := $(WEB)/dist/index.html
 WEB_SOURCES := $(wildcard $(WEB)/src/*.ts $(WEB)/src/*.css $(WEB)/src/gen/*/*.ts $(WEB)/src/gen/*/*/*.ts \
 	$(WEB)/src/gen/*/*/*/*.ts) $(WEB)/index.html $(WEB)/build.mjs $(WEB)/tsconfig.json
 
-.PHONY: setup run test gen check-gen bench clean web system-deps
+.PHONY: setup run test lint gen check-gen bench clean web system-deps
 
 setup: $(STAMP)
 
@@ -39,7 +39,13 @@ system-deps:
 run: setup web
 	$(VENV)/bin/tensorwire up
 
-test: setup system-deps web
+# ruff (pyflakes, pycodestyle, isort, bugbear, pyupgrade, ...) and mypy, pinned in the
+# test extra; zero findings, or `make test` stops here.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy tensorwire services
+
+test: setup lint system-deps web
 	$(PY) scripts/gen_protos.py --check
 	$(PY) -m pytest -q -ra
 

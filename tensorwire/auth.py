@@ -370,22 +370,22 @@ class _Bearer:
 # grpc.aio files an interceptor under the first of the four kinds it is an instance
 # of, so each kind is its own class.
 class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def,override]
+    async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
 
 class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def,override]
+    async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
 
 class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def,override]
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
 
 
 class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def,override]
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
 
 

@@ -128,7 +128,7 @@ class GrpcServer:
             reflection.SERVICE_NAME,
         )
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(names), registrar  # type: ignore[arg-type]
+            reflection.aio.ReflectionServicer(names), registrar
         )
 
     @property

@@ -162,7 +162,7 @@ class Cors:
         return self.any or origin in self.origins or origin == f"{request.scheme}://{request.host}"
 
     @web.middleware
-    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]
+    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         if origin is None:
             return await handler(request)

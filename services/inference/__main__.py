@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.workers > 1:
         return run_workers(settings)
     # Listen at once; health says NOT_SERVING until the boot scan of the repository is done.
-    return run_main(InferenceSettings, lambda s: create_app(s, wait_for_models=False), argv,  # type: ignore[arg-type,return-value]
+    return run_main(InferenceSettings, lambda s: create_app(s, wait_for_models=False), argv,
                     description=__doc__)
 
 

@@ -56,14 +56,28 @@ log = logging.getLogger(__name__)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _STATUS = {
-    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400,
-    "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429,
-    "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNIMPLEMENTED": 501, "ABORTED": 409,
-    "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "OUT_OF_RANGE": 400,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    "UNIMPLEMENTED": 501,
+    "ABORTED": 409,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
 }
-_JSON_INTS = frozenset({
-    "dims", "shape", "versions", "max_queue_delay_microseconds", "num_versions",
-})
+_JSON_INTS = frozenset(
+    {
+        "dims",
+        "shape",
+        "versions",
+        "max_queue_delay_microseconds",
+        "num_versions",
+    }
+)
 """ModelConfig int64 fields: JSON numbers, as Triton writes them (protobuf's JSON uses strings)."""
 
 MAX_BODY = web.AppKey("max_body_bytes", int)
@@ -95,8 +109,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     except TensorwireError as exc:
         return error(_STATUS.get(exc.code.name, 500), str(exc) or exc.code.name)
     except web.HTTPRequestEntityTooLarge:
-        return error(413, f"request body is over the limit of {request.app[MAX_BODY]} bytes "
-                          "(--max-message-mb)")
+        return error(413, f"request body is over the limit of {request.app[MAX_BODY]} bytes (--max-message-mb)")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -122,16 +135,20 @@ def _duration(d: Any) -> dict[str, int]:
 
 def _stats_json(name: str, version: int, s: VersionStats) -> dict[str, Any]:
     return {
-        "name": name, "version": str(version), "last_inference": s.last_inference_ms,
-        "inference_count": s.inference_count, "execution_count": s.execution_count,
+        "name": name,
+        "version": str(version),
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
         "inference_stats": {
-            "success": _duration(s.success), "fail": _duration(s.fail), "queue": _duration(s.queue),
-            "compute_input": _duration(s.compute_input), "compute_infer": _duration(s.compute_infer),
+            "success": _duration(s.success),
+            "fail": _duration(s.fail),
+            "queue": _duration(s.queue),
+            "compute_input": _duration(s.compute_input),
+            "compute_infer": _duration(s.compute_infer),
             "compute_output": _duration(s.compute_output),
         },
-        "batch_stats": [
-            {"batch_size": size, "compute_infer": _duration(d)} for size, d in sorted(s.batches.items())
-        ],
+        "batch_stats": [{"batch_size": size, "compute_infer": _duration(d)} for size, d in sorted(s.batches.items())],
     }
 
 
@@ -185,7 +202,9 @@ def _json_array(name: str, datatype: str, data: Any, shape: tuple[int, ...]) -> 
         raise InvalidArgumentError(f"input {echo(name)}: a value does not fit {datatype}") from None
 
 
-def decode_infer(body: bytes, header_length: str | None, model: str, version: str) -> tuple[InferRequest, bool, set[str]]:
+def decode_infer(
+    body: bytes, header_length: str | None, model: str, version: str
+) -> tuple[InferRequest, bool, set[str]]:
     """(the core request, whether every output goes back binary, outputs asked binary)."""
     if header_length is not None:
         try:
@@ -217,7 +236,9 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
                 f"input {echo(name)} has unknown datatype {echo(datatype)}; known: {', '.join(NUMPY_DTYPES)}"
             )
         raw_shape = spec.get("shape")
-        if not isinstance(raw_shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw_shape):
+        if not isinstance(raw_shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in raw_shape
+        ):
             raise InvalidArgumentError(f"input {echo(name)}: 'shape' must be a list of integers")
         shape = codec.check_shape(name, raw_shape)
         parameters = spec.get("parameters") or {}
@@ -228,7 +249,7 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
                     f"input {echo(name)}: binary_data_size {echo(length)} runs past the {len(binary)} bytes "
                     "of binary data"
                 )
-            array = codec.raw_to_array(name, datatype, bytes(binary[offset:offset + length]), shape)
+            array = codec.raw_to_array(name, datatype, bytes(binary[offset : offset + length]), shape)
             offset += length
         elif "data" in spec:
             if datatype == "FP16":
@@ -269,8 +290,9 @@ def encode_infer(result: InferResult, all_binary: bool, binary_outputs: set[str]
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif tensor.datatype == "BYTES":
-            entry["data"] = [b.decode(errors="replace") if isinstance(b, bytes) else str(b)
-                             for b in tensor.array.reshape(-1)]
+            entry["data"] = [
+                b.decode(errors="replace") if isinstance(b, bytes) else str(b) for b in tensor.array.reshape(-1)
+            ]
         else:
             entry["data"] = tensor.array.reshape(-1).tolist()
         outputs.append(entry)
@@ -281,17 +303,25 @@ def encode_infer(result: InferResult, all_binary: bool, binary_outputs: set[str]
     if not blobs:
         return web.Response(body=header, content_type="application/json")
     return web.Response(
-        body=b"".join((header, *blobs)), content_type="application/octet-stream",
+        body=b"".join((header, *blobs)),
+        content_type="application/octet-stream",
         headers={HEADER_LENGTH: str(len(header))},
     )
 
 
 _SERVICE = "inference.GRPCInferenceService"
 _ROUTE_METHODS = {
-    "live": "ServerLive", "ready": "ServerReady", "server_metadata": "ServerMetadata",
-    "model_metadata": "ModelMetadata", "model_ready": "ModelReady", "model_config": "ModelConfig",
-    "stats": "ModelStatistics", "infer": "ModelInfer", "index": "RepositoryIndex",
-    "load": "RepositoryModelLoad", "unload": "RepositoryModelUnload",
+    "live": "ServerLive",
+    "ready": "ServerReady",
+    "server_metadata": "ServerMetadata",
+    "model_metadata": "ModelMetadata",
+    "model_ready": "ModelReady",
+    "model_config": "ModelConfig",
+    "stats": "ModelStatistics",
+    "infer": "ModelInfer",
+    "index": "RepositoryIndex",
+    "load": "RepositoryModelLoad",
+    "unload": "RepositoryModelUnload",
 }
 """Handler name -> the gRPC method whose role the route needs (one role table for both)."""
 
@@ -299,8 +329,9 @@ _ROUTE_METHODS = {
 class InferenceHttp:
     """The aiohttp application of the HTTP endpoint; handlers are protocol adapters only."""
 
-    def __init__(self, state: ServerState, repository: ModelRepository, max_body_bytes: int,
-                 authorizer: Authorizer | None = None) -> None:
+    def __init__(
+        self, state: ServerState, repository: ModelRepository, max_body_bytes: int, authorizer: Authorizer | None = None
+    ) -> None:
         self._state = state
         self._repo = repository
         self.max_body_bytes = max_body_bytes
@@ -311,16 +342,20 @@ class InferenceHttp:
         model = "/v2/models/{model}"
         versioned = "/v2/models/{model}/versions/{version}"
         routes = [
-            get("/v2/health/live", self.live), get("/v2/health/ready", self.ready),
-            get("/v2", self.server_metadata), get("/v2/models/stats", self.stats),
+            get("/v2/health/live", self.live),
+            get("/v2/health/ready", self.ready),
+            get("/v2", self.server_metadata),
+            get("/v2/models/stats", self.stats),
             post("/v2/repository/index", self.index),
             post("/v2/repository/models/{model}/load", self.load),
             post("/v2/repository/models/{model}/unload", self.unload),
         ]
         for base in (model, versioned):
             routes += [
-                get(base, self.model_metadata), get(base + "/ready", self.model_ready),
-                get(base + "/config", self.model_config), get(base + "/stats", self.stats),
+                get(base, self.model_metadata),
+                get(base + "/ready", self.model_ready),
+                get(base + "/config", self.model_config),
+                get(base + "/stats", self.stats),
                 post(base + "/infer", self.infer),
             ]
         self.app.add_routes(routes)
@@ -331,8 +366,9 @@ class InferenceHttp:
         if self._authorizer is not None and self._authorizer.enabled:
             method = _ROUTE_METHODS.get(getattr(handler, "__name__", ""))
             if method is not None:  # unmatched routes answer 404 on their own
-                self._authorizer.check(f"/{_SERVICE}/{method}",
-                                       (("authorization", request.headers.get("Authorization", "")),))
+                self._authorizer.check(
+                    f"/{_SERVICE}/{method}", (("authorization", request.headers.get("Authorization", "")),)
+                )
         return await handler(request)
 
     @staticmethod
@@ -356,10 +392,15 @@ class InferenceHttp:
         def tensors(specs: Any) -> list[dict[str, Any]]:
             return [{"name": t.name, "datatype": t.datatype, "shape": batch + list(t.dims)} for t in specs]
 
-        return web.json_response({
-            "name": info.name, "versions": [str(v) for v in info.versions], "platform": info.platform,
-            "inputs": tensors(info.inputs), "outputs": tensors(info.outputs),
-        })
+        return web.json_response(
+            {
+                "name": info.name,
+                "versions": [str(v) for v in info.versions],
+                "platform": info.platform,
+                "inputs": tensors(info.inputs),
+                "outputs": tensors(info.outputs),
+            }
+        )
 
     async def model_ready(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self._repo.model_ready(*self._target(request)) else 400)
@@ -377,17 +418,20 @@ class InferenceHttp:
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
         body = await request.read()
-        infer_request, all_binary, binary = decode_infer(body, request.headers.get(HEADER_LENGTH),
-                                                         *self._target(request))
+        infer_request, all_binary, binary = decode_infer(
+            body, request.headers.get(HEADER_LENGTH), *self._target(request)
+        )
         return encode_infer(await self._repo.infer(infer_request), all_binary, binary)
 
     async def index(self, request: web.Request) -> web.Response:
         doc = await _json_body(request)
         ready = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
-        return web.json_response([
-            {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
-            for e in self._repo.index(ready)
-        ])
+        return web.json_response(
+            [
+                {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+                for e in self._repo.index(ready)
+            ]
+        )
 
     async def load(self, request: web.Request) -> web.Response:
         doc = await _json_body(request)
@@ -406,8 +450,9 @@ class InferenceHttp:
 class HttpEndpoint:
     """Runs an :class:`InferenceHttp` on a port; ``start`` returns the bound port."""
 
-    def __init__(self, http: InferenceHttp, host: str, port: int, *, reuse_port: bool = False,
-                 tls: ServerTls | None = None) -> None:
+    def __init__(
+        self, http: InferenceHttp, host: str, port: int, *, reuse_port: bool = False, tls: ServerTls | None = None
+    ) -> None:
         self.http, self.host, self.port = http, host, port
         self.reuse_port = reuse_port
         self.tls = tls
@@ -416,8 +461,13 @@ class HttpEndpoint:
     async def start(self) -> int:
         self._runner = web.AppRunner(self.http.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_port=self.reuse_port or None,
-                           ssl_context=self.tls.ssl_context() if self.tls is not None else None)
+        site = web.TCPSite(
+            self._runner,
+            self.host,
+            self.port,
+            reuse_port=self.reuse_port or None,
+            ssl_context=self.tls.ssl_context() if self.tls is not None else None,
+        )
         try:
             await site.start()
         except OSError as exc:

@@ -40,21 +40,47 @@ class InferenceCollector:
         labels = ["model", "version"]
         counters = {
             "batches": CounterMetricFamily("tensorwire_inference_batches", "Batched forwards run.", labels=labels),
-            "requests": CounterMetricFamily("tensorwire_inference_batched_requests", "Requests run in batches.", labels=labels),
-            "size_dispatches": CounterMetricFamily("tensorwire_inference_size_dispatches", "Batches cut because they were full.", labels=labels),
-            "timeout_dispatches": CounterMetricFamily("tensorwire_inference_timeout_dispatches", "Batches cut when the queue delay ran out or the queue emptied.", labels=labels),
-            "rejected": CounterMetricFamily("tensorwire_inference_rejected", "Requests refused with RESOURCE_EXHAUSTED (queue full).", labels=labels),
-            "failed": CounterMetricFamily("tensorwire_inference_failed", "Requests whose forward raised.", labels=labels),
+            "requests": CounterMetricFamily(
+                "tensorwire_inference_batched_requests", "Requests run in batches.", labels=labels
+            ),
+            "size_dispatches": CounterMetricFamily(
+                "tensorwire_inference_size_dispatches", "Batches cut because they were full.", labels=labels
+            ),
+            "timeout_dispatches": CounterMetricFamily(
+                "tensorwire_inference_timeout_dispatches",
+                "Batches cut when the queue delay ran out or the queue emptied.",
+                labels=labels,
+            ),
+            "rejected": CounterMetricFamily(
+                "tensorwire_inference_rejected", "Requests refused with RESOURCE_EXHAUSTED (queue full).", labels=labels
+            ),
+            "failed": CounterMetricFamily(
+                "tensorwire_inference_failed", "Requests whose forward raised.", labels=labels
+            ),
         }
         gauges = {
-            "average_batch_size": GaugeMetricFamily("tensorwire_inference_average_batch_size", "Requests per batch so far.", labels=labels),
-            "efficiency": GaugeMetricFamily("tensorwire_inference_batch_efficiency", "Mean batch fill relative to the size limit (0..1).", labels=labels),
-            "queue_depth": GaugeMetricFamily("tensorwire_inference_queue_depth", "Requests waiting for a batch.", labels=labels),
-            "limit": GaugeMetricFamily("tensorwire_inference_batch_size_limit", "Current batch size limit (adaptive).", labels=labels),
+            "average_batch_size": GaugeMetricFamily(
+                "tensorwire_inference_average_batch_size", "Requests per batch so far.", labels=labels
+            ),
+            "efficiency": GaugeMetricFamily(
+                "tensorwire_inference_batch_efficiency",
+                "Mean batch fill relative to the size limit (0..1).",
+                labels=labels,
+            ),
+            "queue_depth": GaugeMetricFamily(
+                "tensorwire_inference_queue_depth", "Requests waiting for a batch.", labels=labels
+            ),
+            "limit": GaugeMetricFamily(
+                "tensorwire_inference_batch_size_limit", "Current batch size limit (adaptive).", labels=labels
+            ),
         }
-        loads = CounterMetricFamily("tensorwire_inference_model_loads", "Model version loads, by outcome.", labels=["outcome"])
+        loads = CounterMetricFamily(
+            "tensorwire_inference_model_loads", "Model version loads, by outcome.", labels=["outcome"]
+        )
         load_time = GaugeMetricFamily("tensorwire_inference_model_load_seconds_average", "Average model load time.")
-        load_queue = GaugeMetricFamily("tensorwire_inference_model_load_queue_depth", "Loads waiting for a loader slot.")
+        load_queue = GaugeMetricFamily(
+            "tensorwire_inference_model_load_queue_depth", "Loads waiting for a loader slot."
+        )
         outcomes = {"success": 0, "failure": 0, "timeout": 0}
         total_time = 0.0
         done = 0
@@ -88,25 +114,79 @@ class InferenceCollector:
     def _cache_metrics(self) -> Iterator[Metric]:
         labels = ["model", "version"]
         per_version = {
-            "hits": CounterMetricFamily("tensorwire_inference_cache_hits", "Requests answered from the response cache (Triton: nv_cache_num_hits_per_model).", labels=labels),
-            "misses": CounterMetricFamily("tensorwire_inference_cache_misses", "Requests the response cache did not have (Triton: nv_cache_num_misses_per_model).", labels=labels),
-            "hit_s": CounterMetricFamily("tensorwire_inference_cache_hit_duration_seconds", "Time spent looking up and decoding cache hits.", labels=labels),
-            "miss_s": CounterMetricFamily("tensorwire_inference_cache_miss_duration_seconds", "Time spent looking up and storing cache misses.", labels=labels),
+            "hits": CounterMetricFamily(
+                "tensorwire_inference_cache_hits",
+                "Requests answered from the response cache (Triton: nv_cache_num_hits_per_model).",
+                labels=labels,
+            ),
+            "misses": CounterMetricFamily(
+                "tensorwire_inference_cache_misses",
+                "Requests the response cache did not have (Triton: nv_cache_num_misses_per_model).",
+                labels=labels,
+            ),
+            "hit_s": CounterMetricFamily(
+                "tensorwire_inference_cache_hit_duration_seconds",
+                "Time spent looking up and decoding cache hits.",
+                labels=labels,
+            ),
+            "miss_s": CounterMetricFamily(
+                "tensorwire_inference_cache_miss_duration_seconds",
+                "Time spent looking up and storing cache misses.",
+                labels=labels,
+            ),
         }
         cache_label = ["cache"]
         per_cache = {
-            "inserts": CounterMetricFamily("tensorwire_inference_cache_inserts", "Answers stored in the response cache.", labels=cache_label),
-            "inserted_bytes": CounterMetricFamily("tensorwire_inference_cache_inserted_bytes", "Bytes of answers stored in the response cache.", labels=cache_label),
-            "evictions": CounterMetricFamily("tensorwire_inference_cache_evictions", "Entries evicted from the local cache to make room.", labels=cache_label),
-            "errors": CounterMetricFamily("tensorwire_inference_cache_errors", "Failed cache commands (the request ran on the model).", labels=cache_label),
-            "too_large": CounterMetricFamily("tensorwire_inference_cache_too_large", "Answers served but not cached: over the entry size limit.", labels=cache_label),
-            "bypassed": CounterMetricFamily("tensorwire_inference_cache_bypassed", "Lookups and writes skipped while the cache backend was down.", labels=cache_label),
-            "dropped_writes": CounterMetricFamily("tensorwire_inference_cache_dropped_writes", "Writes dropped because too many were in flight.", labels=cache_label),
-            "commands": CounterMetricFamily("tensorwire_inference_cache_commands", "Round trips to the cache backend (Redis: one per batch of lookups or writes).", labels=cache_label),
+            "inserts": CounterMetricFamily(
+                "tensorwire_inference_cache_inserts", "Answers stored in the response cache.", labels=cache_label
+            ),
+            "inserted_bytes": CounterMetricFamily(
+                "tensorwire_inference_cache_inserted_bytes",
+                "Bytes of answers stored in the response cache.",
+                labels=cache_label,
+            ),
+            "evictions": CounterMetricFamily(
+                "tensorwire_inference_cache_evictions",
+                "Entries evicted from the local cache to make room.",
+                labels=cache_label,
+            ),
+            "errors": CounterMetricFamily(
+                "tensorwire_inference_cache_errors",
+                "Failed cache commands (the request ran on the model).",
+                labels=cache_label,
+            ),
+            "too_large": CounterMetricFamily(
+                "tensorwire_inference_cache_too_large",
+                "Answers served but not cached: over the entry size limit.",
+                labels=cache_label,
+            ),
+            "bypassed": CounterMetricFamily(
+                "tensorwire_inference_cache_bypassed",
+                "Lookups and writes skipped while the cache backend was down.",
+                labels=cache_label,
+            ),
+            "dropped_writes": CounterMetricFamily(
+                "tensorwire_inference_cache_dropped_writes",
+                "Writes dropped because too many were in flight.",
+                labels=cache_label,
+            ),
+            "commands": CounterMetricFamily(
+                "tensorwire_inference_cache_commands",
+                "Round trips to the cache backend (Redis: one per batch of lookups or writes).",
+                labels=cache_label,
+            ),
         }
-        held = GaugeMetricFamily("tensorwire_inference_cache_bytes", "Bytes held by the local cache.", labels=cache_label)
-        entries = GaugeMetricFamily("tensorwire_inference_cache_entries", "Entries held by the local cache.", labels=cache_label)
-        up = GaugeMetricFamily("tensorwire_inference_cache_up", "1 while the cache backend answers, 0 while it is bypassed after errors.", labels=cache_label)
+        held = GaugeMetricFamily(
+            "tensorwire_inference_cache_bytes", "Bytes held by the local cache.", labels=cache_label
+        )
+        entries = GaugeMetricFamily(
+            "tensorwire_inference_cache_entries", "Entries held by the local cache.", labels=cache_label
+        )
+        up = GaugeMetricFamily(
+            "tensorwire_inference_cache_up",
+            "1 while the cache backend answers, 0 while it is bypassed after errors.",
+            labels=cache_label,
+        )
         for repository in list(self._repositories):
             cache = repository.cache
             if cache is None:
@@ -129,4 +209,4 @@ class InferenceCollector:
 
 
 COLLECTOR = InferenceCollector()
-REGISTRY.register(COLLECTOR)  # type: ignore[arg-type]
+REGISTRY.register(COLLECTOR)

@@ -46,7 +46,7 @@ def _model_config(info: ModelInfo) -> mc.ModelConfig:
     return tritonconfig.model_config_of(info.config)
 
 
-def _duration(d) -> pb.StatisticDuration:  # type: ignore[no-untyped-def]
+def _duration(d) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
@@ -55,20 +55,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._state = state
         self._repo = repository
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._state.live)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._state.ready and self._repo.ready)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self._repo.model_ready(request.name, request.version))
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
         meta = self._state.metadata()
         return pb.ServerMetadataResponse(name=meta.name, version=meta.version, extensions=list(meta.extensions))
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
         info = self._repo.info(request.name, request.version)
         batch = (-1,) if info.max_batch_size > 0 else ()
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -80,7 +90,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name=t.name, datatype=t.datatype, shape=batch + t.dims) for t in info.outputs],
         )
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         infer_request, raw = to_request(request)
         return to_response(await self._repo.infer(infer_request), raw)
 
@@ -97,12 +109,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 result = await self._repo.infer(infer_request)
                 await responses.put(pb.ModelStreamInferResponse(infer_response=to_response(result, raw)))
             except TensorwireError as exc:
-                await responses.put(pb.ModelStreamInferResponse(
-                    error_message=f"{exc.code.name}: {exc}",
-                    infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id
-                    ),
-                ))
+                await responses.put(
+                    pb.ModelStreamInferResponse(
+                        error_message=f"{exc.code.name}: {exc}",
+                        infer_response=pb.ModelInferResponse(
+                            model_name=request.model_name, model_version=request.model_version, id=request.id
+                        ),
+                    )
+                )
             finally:
                 slots.release()
 
@@ -127,10 +141,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
             await asyncio.gather(reader, *tasks, return_exceptions=True)
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=_model_config(self._repo.info(request.name, request.version)))
 
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
         reply = pb.ModelStatisticsResponse()
         for name, version, s in self._repo.statistics(request.name, request.version):
             reply.model_stats.add(
@@ -140,10 +158,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 inference_count=s.inference_count,
                 execution_count=s.execution_count,
                 inference_stats=pb.InferStatistics(
-                    success=_duration(s.success), fail=_duration(s.fail), queue=_duration(s.queue),
-                    compute_input=_duration(s.compute_input), compute_infer=_duration(s.compute_infer),
+                    success=_duration(s.success),
+                    fail=_duration(s.fail),
+                    queue=_duration(s.queue),
+                    compute_input=_duration(s.compute_input),
+                    compute_infer=_duration(s.compute_infer),
                     compute_output=_duration(s.compute_output),
-                    cache_hit=_duration(s.cache_hit), cache_miss=_duration(s.cache_miss),
+                    cache_hit=_duration(s.cache_hit),
+                    cache_miss=_duration(s.cache_miss),
                 ),
                 batch_stats=[
                     pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
@@ -152,17 +174,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         return reply
 
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
         entry = pb.RepositoryIndexResponse.ModelIndex
-        return pb.RepositoryIndexResponse(models=[
-            entry(name=e.name, version=e.version, state=e.state, reason=e.reason)
-            for e in self._repo.index(request.ready)
-        ])
+        return pb.RepositoryIndexResponse(
+            models=[
+                entry(name=e.name, version=e.version, state=e.state, reason=e.reason)
+                for e in self._repo.index(request.ready)
+            ]
+        )
 
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
         await self._repo.load_model(request.model_name, _config_override(dict(request.parameters)))
         return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
         await self._repo.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()

@@ -54,7 +54,11 @@ def run_workers(settings: InferenceSettings) -> int:
     processes = []
     for index in range(settings.workers):
         worker_settings = dataclasses.replace(
-            settings, port=port, http_port=http_port, metrics_port=settings.metrics_port if index == 0 else -1, workers=1
+            settings,
+            port=port,
+            http_port=http_port,
+            metrics_port=settings.metrics_port if index == 0 else -1,
+            workers=1,
         )
         process = context.Process(target=_worker, args=(worker_settings, index), name=f"inference-{index}")
         process.start()

@@ -197,7 +197,7 @@ class TrainingLoop:
         extra = None
         if training:  # on the training thread only: optimizer and RNG are its own
             opt = copy.deepcopy(self.optimizer.state_dict())
-            for per_param in opt.get("state", {}).values():  # type: ignore[union-attr]
+            for per_param in opt.get("state", {}).values():
                 for k, v in per_param.items():
                     if isinstance(v, torch.Tensor):
                         per_param[k] = v.detach().to("cpu")

@@ -209,7 +209,7 @@ class Publisher:
         model = self._view_models.get(run.run_id)
         if model is None:
             model = self._view_models[run.run_id] = run.task.build_model(snap.config)
-            model.eval()  # type: ignore[attr-defined]
+            model.eval()
         with torch.no_grad():  # cheaper than load_state_dict, same effect
             for name, tensor in model.state_dict().items():  # type: ignore[attr-defined]
                 tensor.copy_(snap.state_dict[name])
