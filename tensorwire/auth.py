@@ -74,7 +74,7 @@ _TABLE: Final[dict[str, dict[str, Role | None]]] = {
         "ListTasks": _V, "ListRuns": _V, "GetRun": _V,
         "StartRun": _O, "PauseRun": _O, "ResumeRun": _O, "StopRun": _O, "UpdateRun": _O,
     },
-    "tensorwire.streamer.v1.StreamerService": {"Subscribe": _V, "Publish": _P},
+    "tensorwire.streamer.v1.StreamerService": {"Subscribe": _V, "Ack": _V, "Publish": _P},
     "inference.GRPCInferenceService": {
         # Triton's "health" group: open like grpc.health.v1 (load balancers probe them).
         "ServerLive": OPEN, "ServerReady": OPEN,

@@ -35,3 +35,18 @@ class StreamerSettings(ServerSettings):
         2.0, env="PACING_HEADROOM",
         help="views use at most 1/this of a subscriber's measured bandwidth", min=1, max=20,
     )
+    unacked_cap_kb: float = setting(
+        6.0, env="UNACKED_CAP_KB",
+        help="subscribers that send no Ack get no view while more than this many KB are "
+             "estimated in flight", min=1, max=100_000,
+    )
+    unacked_floor_kbps: float = setting(
+        64.0, env="UNACKED_FLOOR_KBPS",
+        help="without Acks, bytes in flight are assumed to drain at least this fast (kbit/s): "
+             "the slowest link the cap holds to its bound", min=1, max=10_000_000,
+    )
+    ack_stale_s: float = setting(
+        3.0, env="ACK_STALE_S",
+        help="a subscriber whose last Ack is older than this is held to the cap again",
+        min=0.5, max=60,
+    )

@@ -5,9 +5,13 @@ command inside a network namespace: ``python -m tests.support.viewer ...``, whic
 prints one JSON line of results).
 
 Per viewer it records: the lag of the view on screen (now minus the production
-time of the step it shows, sampled every ``sample_s``), heavy frame sizes and the
+time of the step it shows, sampled every ``sample_s``), the lag of the scalars
+on screen (the trainer's step now, extrapolated from the newest status, minus
+the newest scalar step received, over steps/s), the arrival lag of status
+frames, heavy frame sizes and the
 same frames as JSON, status frame gaps, and whether the scalar series it received
-covers every step (no missing ranges).
+covers every step (no missing ranges). It acknowledges frames like the browser does
+(``tensorwire.live.FrameAcker``) unless told not to (``ack=False``: an old client).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import grpc
 
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.live import FrameAcker
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
 
@@ -42,6 +47,9 @@ class ViewerStats:
     json_bytes: list[int] = field(default_factory=list)
     lags: list[float] = field(default_factory=list)
     arrival_lags: list[float] = field(default_factory=list)
+    status_lags: list[float] = field(default_factory=list)
+    scalar_lags: list[float] = field(default_factory=list)
+    acks: int = 0
     max_status_gap_s: float = 0.0
     first_live_view_s: float | None = None
     scalar_first: int = 0
@@ -64,6 +72,9 @@ class ViewerStats:
             "json_bytes_mean": statistics.fmean(self.json_bytes) if self.json_bytes else None,
             "lag_p50": pct(self.lags, 0.5), "lag_p95": pct(self.lags, 0.95),
             "arrival_lag_p50": pct(self.arrival_lags, 0.5), "arrival_lag_p95": pct(self.arrival_lags, 0.95),
+            "status_lag_p50": pct(self.status_lags, 0.5), "status_lag_p95": pct(self.status_lags, 0.95),
+            "scalar_lag_p50": pct(self.scalar_lags, 0.5), "scalar_lag_p95": pct(self.scalar_lags, 0.95),
+            "acks": self.acks,
             "max_status_gap_s": self.max_status_gap_s, "first_live_view_s": self.first_live_view_s,
             "scalar_first": self.scalar_first, "scalar_last": self.scalar_last,
             "scalar_gaps": len(self.scalar_gaps), "error": self.error,
@@ -95,20 +106,29 @@ async def watch(
     series: str = "loss",
     stats: ViewerStats | None = None,
     live_only: bool = False,
+    ack: bool = True,
 ) -> ViewerStats:
     """Subscribe to ``run_id`` for ``duration_s`` and measure what arrives."""
     stats = stats or ViewerStats()
     shown_produced_at: list[float] = []
+    newest_status: list[cpb.RunStatus] = []
+    scalar_step = [0]
     start = time.monotonic()
 
     async def sample() -> None:
         while True:
             await asyncio.sleep(sample_s)
+            now = time.time()
             if shown_produced_at:
-                stats.lags.append(time.time() - shown_produced_at[0])
+                stats.lags.append(now - shown_produced_at[0])
+            if newest_status and scalar_step[0] and newest_status[0].steps_per_second > 0:
+                st = newest_status[0]
+                trainer_step = st.step + (now - st.produced_at) * st.steps_per_second
+                stats.scalar_lags.append(max(0.0, trainer_step - scalar_step[0]) / st.steps_per_second)
 
     stub = spb_grpc.StreamerServiceStub(channel)
     call = stub.Subscribe(spb.SubscribeRequest(run_id=run_id, accept_codecs=[cpb.CODEC_DEFLATE]))
+    acker = FrameAcker(channel, run_id) if ack else None
     sampler = asyncio.create_task(sample()) if measure else None
     last_status = None
     stats.scalar_last = 0  # continuity is checked per subscription
@@ -116,10 +136,16 @@ async def watch(
         async with asyncio.timeout(duration_s):
             async for frame in call:
                 now = time.time()
+                if acker is not None:
+                    acker.received(frame, now)
                 stats.frames += 1
                 body = frame.WhichOneof("body")
                 if body == "status":
                     stats.statuses += 1
+                    if measure and frame.status.state == cpb.RUN_STATE_RUNNING:
+                        newest_status[:] = [frame.status]
+                        if not frame.snapshot:
+                            stats.status_lags.append(now - frame.status.produced_at)
                     stats.last_status_step = frame.status.step
                     mono = time.monotonic()
                     if last_status is not None:
@@ -129,6 +155,7 @@ async def watch(
                     stats.scalar_frames += 1
                     if measure:
                         _check_scalars(stats, frame, series)
+                        scalar_step[0] = max(scalar_step[0], frame.step)
                 elif body == "view":
                     stats.views += 1
                     if not frame.snapshot and stats.first_live_view_s is None:
@@ -149,6 +176,9 @@ async def watch(
         call.cancel()
         if sampler is not None:
             sampler.cancel()
+        if acker is not None:
+            stats.acks += acker.acks_sent
+            await acker.aclose()
     return stats
 
 

@@ -1,0 +1,136 @@
+"""Delivery feedback for a live subscription, client side: ``FrameAcker``.
+
+A ``Subscribe`` stream's frames carry sequence numbers (``Frame.seq``; the
+first frame also ``Frame.subscription_id``). Telling the streamer what arrived,
+with ``StreamerService/Ack``, lets it keep at most about one heavy frame in
+flight to this subscriber, so the view on screen stays fresh on a slow link
+whatever this client's HTTP/2 window or the TCP buffers would otherwise hold
+(services/streamer/feedback.py has the streamer's side).
+
+The policy (the browser client in clients/web/src/rpc.ts does the same): a
+view is acknowledged at once; other frames at most every ``interval_s``; one
+ack in flight at a time, naming the newest frame received. Each answer carries
+the streamer's clock, so the acker also estimates the clock offset from the
+round trip with the least delay (NTP style): ``server_time()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+
+import grpc
+
+from tensorwire.streamer.v1 import streamer_pb2 as spb
+
+log = logging.getLogger(__name__)
+
+ACK_METHOD = "/tensorwire.streamer.v1.StreamerService/Ack"
+
+
+class FrameAcker:
+    """Acknowledges one subscription's frames; call :meth:`received` for each frame."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        run_id: str,
+        *,
+        interval_s: float = 0.25,
+        timeout_s: float = 5.0,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self._call = channel.unary_unary(
+            ACK_METHOD, request_serializer=spb.AckRequest.SerializeToString,
+            response_deserializer=spb.AckResponse.FromString,
+        )
+        self.run_id = run_id
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._wall = wall
+        self.subscription_id = ""
+        self._seq = 0
+        self._received_at = 0.0
+        self._acked_seq = 0
+        self._last_sent = -math.inf
+        self._due = asyncio.Event()
+        self._urgent = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._samples: deque[tuple[float, float]] = deque(maxlen=32)  # (rtt, offset)
+        self.acks_sent = 0
+        self.errors = 0
+        self.last_reply: spb.AckResponse | None = None
+
+    def __repr__(self) -> str:
+        return (f"<FrameAcker {self.subscription_id or 'no id yet'}: received {self._seq}, "
+                f"acked {self._acked_seq}, {self.acks_sent} acks, {self.errors} errors>")
+
+    @property
+    def clock_offset_s(self) -> float | None:
+        """Streamer clock minus this clock, from the ack with the shortest round trip."""
+        return min(self._samples)[1] if self._samples else None
+
+    def server_time(self) -> float:
+        """Now on the streamer's clock (this clock when no ack has measured the offset)."""
+        return self._wall() + (self.clock_offset_s or 0.0)
+
+    def received(self, frame: spb.Frame, received_at: float | None = None) -> None:
+        """Note a frame that arrived (cheap; the ack goes out from a background task)."""
+        if frame.subscription_id:
+            self.subscription_id = frame.subscription_id
+        if not frame.seq or not self.subscription_id:
+            return  # a streamer without feedback: nothing to acknowledge
+        self._seq = frame.seq
+        self._received_at = self._wall() if received_at is None else received_at
+        self._due.set()
+        if frame.HasField("view"):
+            self._urgent.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"ack {self.subscription_id}")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._due.wait()
+            delay = self._last_sent + self.interval_s - loop.time()
+            if delay > 0 and not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._urgent.wait()
+            self._due.clear()
+            self._urgent.clear()
+            seq = self._seq
+            request = spb.AckRequest(
+                subscription_id=self.subscription_id, run_id=self.run_id, seq=seq,
+                received_at=self._received_at,
+            )
+            self._last_sent = loop.time()
+            sent = self._wall()
+            try:
+                reply = await self._call(request, timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                self.errors += 1
+                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED,
+                                  grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    log.info("acks for %s stop: %s: %s", self.subscription_id, exc.code().name, exc.details())
+                    return  # the subscription ended, or this streamer takes no acks
+                continue
+            back = self._wall()
+            self.acks_sent += 1
+            self._acked_seq = max(self._acked_seq, seq)
+            self.last_reply = reply
+            if reply.server_time > 0 and back >= sent:
+                self._samples.append((back - sent, reply.server_time - (sent + back) / 2))
