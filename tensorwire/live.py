@@ -8,8 +8,11 @@ whatever this client's HTTP/2 window or the TCP buffers would otherwise hold
 (services/streamer/feedback.py has the streamer's side).
 
 The policy (the browser client in clients/web/src/rpc.ts does the same): a
-view is acknowledged at once; other frames at most every ``interval_s``; one
-ack in flight at a time, naming the newest frame received. Each answer carries
+view is acknowledged at once; other frames at most every ``interval_s``; each
+ack names the newest frame received. An ack's answer comes back on the slow
+direction, behind the frames, so acks do not wait for answers (at most
+``max_outstanding`` at once; the streamer ignores one that arrives after a
+newer one). Each answer carries
 the streamer's clock, so the acker also estimates the clock offset from the
 round trip with the least delay (NTP style): ``server_time()``.
 """
@@ -43,6 +46,7 @@ class FrameAcker:
         *,
         interval_s: float = 0.25,
         timeout_s: float = 5.0,
+        max_outstanding: int = 8,
         wall: Callable[[], float] = time.time,
     ) -> None:
         if not interval_s > 0:
@@ -53,6 +57,9 @@ class FrameAcker:
         )
         self.run_id = run_id
         self.interval_s = interval_s
+        self._slots = asyncio.Semaphore(max_outstanding)
+        self._calls: set[asyncio.Task[None]] = set()
+        self._stopped = False
         self.timeout_s = timeout_s
         self._wall = wall
         self.subscription_id = ""
@@ -85,7 +92,7 @@ class FrameAcker:
         """Note a frame that arrived (cheap; the ack goes out from a background task)."""
         if frame.subscription_id:
             self.subscription_id = frame.subscription_id
-        if not frame.seq or not self.subscription_id:
+        if not frame.seq or not self.subscription_id or self._stopped:
             return  # a streamer without feedback: nothing to acknowledge
         self._seq = frame.seq
         self._received_at = self._wall() if received_at is None else received_at
@@ -96,28 +103,38 @@ class FrameAcker:
             self._task = asyncio.create_task(self._run(), name=f"ack {self.subscription_id}")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        tasks = [*self._calls, *([self._task] if self._task else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopped:
             await self._due.wait()
             delay = self._last_sent + self.interval_s - loop.time()
             if delay > 0 and not self._urgent.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._urgent.wait()
+            await self._slots.acquire()
+            if self._stopped:
+                self._slots.release()
+                return
             self._due.clear()
             self._urgent.clear()
-            seq = self._seq
+            self._last_sent = loop.time()
             request = spb.AckRequest(
-                subscription_id=self.subscription_id, run_id=self.run_id, seq=seq,
+                subscription_id=self.subscription_id, run_id=self.run_id, seq=self._seq,
                 received_at=self._received_at,
             )
-            self._last_sent = loop.time()
+            call = asyncio.create_task(self._send(request))
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+
+    async def _send(self, request: spb.AckRequest) -> None:
+        try:
             sent = self._wall()
             try:
                 reply = await self._call(request, timeout=self.timeout_s)
@@ -126,11 +143,15 @@ class FrameAcker:
                 if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED,
                                   grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
                     log.info("acks for %s stop: %s: %s", self.subscription_id, exc.code().name, exc.details())
-                    return  # the subscription ended, or this streamer takes no acks
-                continue
+                    self._stopped = True  # the subscription ended, or this streamer takes no acks
+                    self._due.set()
+                return
             back = self._wall()
+            seq = request.seq
             self.acks_sent += 1
             self._acked_seq = max(self._acked_seq, seq)
             self.last_reply = reply
             if reply.server_time > 0 and back >= sent:
                 self._samples.append((back - sent, reply.server_time - (sent + back) / 2))
+        finally:
+            self._slots.release()

@@ -61,6 +61,15 @@ class FeedbackLimits:
     stale_s: float = 3.0
     """Feedback older than this no longer counts (the subscriber stopped acking);
     status frames go out every second, so a live subscriber acks more often."""
+    slack_bytes: int = 1500
+    """With feedback, a heavy frame may go out while this many bytes of light
+    frames (status, scalars) are still in flight."""
+    frame_overhead_bytes: int = 80
+    """Wire bytes of a frame beyond its message: gRPC prefix (5), HTTP/2 DATA
+    header (9), TCP/IP (52) and link headers (14). Small frames are mostly that."""
+    ack_reply_bytes: int = 160
+    """Wire bytes of an Ack's answer (HEADERS, DATA, trailers): it shares the slow
+    direction with the frames and delays the ones behind it."""
     max_records: int = 1024
     """Frames remembered for acks; older ones count as delivered."""
 
@@ -93,10 +102,17 @@ class _Sent:
 
 
 class DeliveryWindow:
-    """One subscriber's frames in flight, its delivery rate and the heavy-frame gate."""
+    """One subscriber's frames in flight, its delivery rate and the heavy-frame gate.
 
-    RATE_GAIN = 0.3
-    """Weight of a new rate sample in the moving estimate."""
+    Sizes count wire bytes: each frame's message plus ``frame_overhead_bytes``,
+    and each Ack's answer as ``ack_reply_bytes`` in flight behind the frames
+    sent before it.
+    """
+
+    RATE_WINDOW_S = 2.0
+    """The rate estimate is the largest sample of this much receive time: a link
+    the streamer did not fill (views held, nothing to send) gives low samples
+    that must not drag the estimate down, as in BBR's max filter."""
     MIN_SAMPLE_S = 0.05
     """Receive-time spans shorter than this give no rate sample (bursts)."""
 
@@ -112,6 +128,7 @@ class DeliveryWindow:
         self.last_ack_at: float | None = None
         self._last_received_at: float | None = None
         self._sample_bytes = 0
+        self._samples: deque[tuple[float, float]] = deque()  # (received_at, bytes/s)
         self._queued = 0.0
         self._queued_at = 0.0
         self.acks = 0
@@ -139,16 +156,20 @@ class DeliveryWindow:
     def may_send(self, nbytes: int, now: float, fallback_bytes_per_s: float | None = None) -> bool:
         """May a heavy frame of ``nbytes`` go out now?
 
-        With fresh feedback: when at most about that one frame's worth is in
-        flight. Without: when the estimate is within the cap.
+        With fresh feedback: when the previous heavy frame arrived and at most
+        ``slack_bytes`` of light frames and ack answers are on their way, so
+        this frame is about the only one in flight. Without: when the estimate
+        is within the cap. (``nbytes`` is the frame's size, for policies that
+        weigh it; these do not.)
         """
-        allowance = nbytes if self.has_feedback(now) else self.limits.cap_bytes
+        allowance = self.limits.slack_bytes if self.has_feedback(now) else self.limits.cap_bytes
         return self.in_flight(now, fallback_bytes_per_s) <= allowance
 
     # -- events --------------------------------------------------------
     def sent(self, nbytes: int, kind: str, produced_at: float, now: float,
              fallback_bytes_per_s: float | None = None) -> int:
         """Record a frame handed to the transport; returns its sequence number."""
+        nbytes += self.limits.frame_overhead_bytes
         self._queued = self.in_flight(now, fallback_bytes_per_s) + nbytes
         self._queued_at = now
         self.last_seq += 1
@@ -176,9 +197,14 @@ class DeliveryWindow:
         while self._sent and self._sent[0].seq <= seq:
             record = self._sent.popleft()
             acked_bytes += record.nbytes
-            produced.append((record.kind, record.produced_at))
+            if record.kind != "ack":
+                produced.append((record.kind, record.produced_at))
         self.unacked_bytes -= acked_bytes
         self.acked_seq = seq
+        # this ack's answer goes out behind every frame sent so far
+        if self.limits.ack_reply_bytes:
+            self._sent.append(_Sent(self.last_seq, self.limits.ack_reply_bytes, "ack", 0.0))
+            self.unacked_bytes += self.limits.ack_reply_bytes
         self._queued = float(self.unacked_bytes)
         self._queued_at = now
         return AckResult(AckOutcome.ACCEPTED, produced, self._sample_rate(acked_bytes, received_at))
@@ -200,7 +226,9 @@ class DeliveryWindow:
         self._last_received_at = received_at
         self._sample_bytes = 0
         if sample > 0:
-            self.bytes_per_s = sample if self.bytes_per_s is None else (
-                (1 - self.RATE_GAIN) * self.bytes_per_s + self.RATE_GAIN * sample
-            )
+            samples = self._samples
+            while samples and samples[0][0] < received_at - self.RATE_WINDOW_S:
+                samples.popleft()
+            samples.append((received_at, sample))
+            self.bytes_per_s = max(rate for _, rate in samples)
         return sample

@@ -172,6 +172,8 @@ class Subscriber:
     scalars_due: bool = False
     last_scalars_at: float = -math.inf
     pending_views: dict[str, CachedView] = field(default_factory=dict)
+    scalar_row_bytes: float = 40.0
+    """Bytes per point in every series of a scalar frame, measured on the last one."""
     views_due: bool = False
     next_view_at: float = 0.0
     frames_sent: int = 0
@@ -229,6 +231,9 @@ class HubLimits:
     """Scalar batches kept for subscribers that lag; older ones move into the
     lagging subscribers' private buffers (merged, not dropped)."""
     pacing_headroom: float = 2.0
+    scalar_share: float = 0.15
+    """On a link whose rate is known (acks, or blocked writes), scalar frames are
+    down-sampled to use at most this share of it: status and views need the rest."""
     feedback: FeedbackLimits = field(default_factory=FeedbackLimits)
     """In-flight limits: ack-clocked with feedback, a cap without (feedback.py)."""
 
@@ -563,17 +568,30 @@ class UpdateHub:
                 out.append(Outgoing(cached.frame(sub.codec) + suffix, "view", cached.produced_at))
         return out
 
+    def _scalar_points(self, sub: Subscriber) -> int:
+        """Points per series in ``sub``'s next scalar frame: its ``max_points``, fewer
+        when its link is known to be slow (merged into buckets, never dropped)."""
+        now = self._clock()
+        rate = sub.window.bytes_per_s if sub.window.has_feedback(now) else sub.pacer.bytes_per_s
+        if not rate:
+            return sub.max_points
+        budget = self.limits.scalar_share * rate * self.limits.scalar_interval_s
+        return max(2, min(sub.max_points, int(budget / sub.scalar_row_bytes)))
+
     def _scalar_frame(self, sub: Subscriber) -> bytes:
         topic = sub.topic
         start, end = sub.scalar_cursor, topic.seq
         sub.scalar_cursor = end
+        points = self._scalar_points(sub)
         if sub.overflow is None:
-            key = (start, end, sub.max_points)
+            key = (start, end, points)
             cached = topic.scalar_cache.get(key)
             if cached is not None:
                 return cached
         private = sub.overflow is not None
-        buffer = sub.overflow or ScalarBuffer(sub.max_points)
+        buffer = ScalarBuffer(points)
+        if sub.overflow is not None:
+            buffer.extend(sub.overflow.take())
         sub.overflow = None
         for seq, series in topic.log:
             if seq > start:
@@ -583,8 +601,9 @@ class UpdateHub:
             return b""
         step = max(b[-1].step for b in series_out.values())
         frame = spb.Frame(step=step, scalars=to_batch(series_out)).SerializeToString()
+        sub.scalar_row_bytes = max(8.0, len(frame) / max(len(b) for b in series_out.values()))
         if not private:
-            topic.scalar_cache[(start, end, sub.max_points)] = frame
+            topic.scalar_cache[(start, end, points)] = frame
         self._trim_log(topic)
         return frame
 

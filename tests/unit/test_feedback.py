@@ -31,8 +31,22 @@ def _send_all(hub: UpdateHub, sub: object) -> list[spb.Frame]:
 
 # -- the window alone ------------------------------------------------------------
 
+BARE = FeedbackLimits(frame_overhead_bytes=0, ack_reply_bytes=0)
+"""Message bytes only, so the figures below are easy to follow."""
+
+
+def test_wire_overheads_count_as_in_flight() -> None:
+    w = DeliveryWindow(FeedbackLimits(frame_overhead_bytes=80, ack_reply_bytes=160))
+    w.sent(100, "status", 0.0, now=0.0)
+    w.sent(100, "status", 0.0, now=0.0)
+    assert w.unacked_bytes == 360
+    w.ack(1, 0.0, now=0.1)  # frame 2 and this ack's answer are on their way
+    assert w.unacked_bytes == 180 + 160
+    w.ack(2, 0.0, now=0.2)  # the first answer went ahead of ... nothing newer: gone
+    assert w.unacked_bytes == 160
+
 def test_ack_removes_what_arrived_and_samples_the_rate_on_the_receivers_clock() -> None:
-    w = DeliveryWindow()
+    w = DeliveryWindow(BARE)
     for i in range(4):
         assert w.sent(1000, "view", 10.0 + i, now=100.0) == i + 1
     assert w.unacked_bytes == 4000
@@ -43,11 +57,17 @@ def test_ack_removes_what_arrived_and_samples_the_rate_on_the_receivers_clock() 
     assert result.rate_sample == pytest.approx(2000 / 0.25)
     assert w.bytes_per_s == pytest.approx(8000)
     assert w.unacked_bytes == 1000 and w.in_flight(103.0) == 1000
-    assert "1000 B unacked" in repr(w)
+    w.sent(1000, "view", 14.0, now=103.0)
+    w.ack(5, received_at=51.25, now=104.0)  # a link not filled: a low sample ...
+    assert w.bytes_per_s == pytest.approx(8000)  # ... does not drag the estimate down
+    w.sent(1000, "view", 14.0, now=104.0)
+    w.ack(6, received_at=54.0, now=104.0)  # the fast sample left the window
+    assert w.bytes_per_s == pytest.approx(1000 / 2.75)
+    assert "0 B unacked, 364 B/s" in repr(w)
 
 
 def test_future_and_backward_sequence_numbers_are_ignored_and_counted() -> None:
-    w = DeliveryWindow()
+    w = DeliveryWindow(BARE)
     for _ in range(3):
         w.sent(500, "status", 0.0, now=1.0)
     assert w.ack(7, 0.0, now=1.1).outcome is AckOutcome.FUTURE
@@ -58,7 +78,7 @@ def test_future_and_backward_sequence_numbers_are_ignored_and_counted() -> None:
 
 
 def test_with_feedback_a_heavy_frame_waits_for_an_ack_not_for_time() -> None:
-    w = DeliveryWindow(FeedbackLimits(stale_s=3.0))
+    w = DeliveryWindow(FeedbackLimits(frame_overhead_bytes=0, ack_reply_bytes=0, stale_s=3.0, slack_bytes=950))
     w.sent(100, "status", 0.0, now=0.0)
     w.ack(1, 0.0, now=0.1)
     assert w.may_send(900, now=0.1)
@@ -71,7 +91,7 @@ def test_with_feedback_a_heavy_frame_waits_for_an_ack_not_for_time() -> None:
 
 
 def test_without_feedback_the_cap_drains_at_the_floor_rate() -> None:
-    w = DeliveryWindow(FeedbackLimits(cap_bytes=4000, floor_bytes_per_s=8000))
+    w = DeliveryWindow(FeedbackLimits(frame_overhead_bytes=0, ack_reply_bytes=0, cap_bytes=4000, floor_bytes_per_s=8000))
     for _ in range(8):
         w.sent(1000, "view", 0.0, now=10.0)
     assert w.in_flight(10.0) == 8000 and not w.may_send(1000, now=10.0)
@@ -82,7 +102,7 @@ def test_without_feedback_the_cap_drains_at_the_floor_rate() -> None:
 
 
 def test_a_subscriber_that_stops_acking_falls_back_to_the_cap() -> None:
-    w = DeliveryWindow(FeedbackLimits(cap_bytes=3000, floor_bytes_per_s=1000, stale_s=2.0))
+    w = DeliveryWindow(FeedbackLimits(frame_overhead_bytes=0, ack_reply_bytes=0, cap_bytes=3000, floor_bytes_per_s=1000, stale_s=2.0))
     w.sent(500, "view", 0.0, now=0.0)
     w.ack(1, 1.0, now=0.1)
     assert w.has_feedback(1.0)
@@ -95,7 +115,7 @@ def test_a_subscriber_that_stops_acking_falls_back_to_the_cap() -> None:
 
 
 def test_the_record_of_frames_is_bounded_for_subscribers_that_never_ack() -> None:
-    w = DeliveryWindow(FeedbackLimits(max_records=10))
+    w = DeliveryWindow(FeedbackLimits(frame_overhead_bytes=0, ack_reply_bytes=0, max_records=10))
     for i in range(1000):
         w.sent(10, "scalars", 0.0, now=float(i))
     assert len(w._sent) == 10 and w.unacked_bytes == 100 and w.acked_seq == 990
@@ -126,7 +146,7 @@ def test_frames_carry_sequence_numbers_and_the_first_one_the_subscription_id() -
 
 
 def test_an_acking_subscriber_gets_the_next_view_when_the_previous_one_arrived() -> None:
-    hub, clock = _hub()
+    hub, clock = _hub(frame_overhead_bytes=0, ack_reply_bytes=0, slack_bytes=50)
     sub = hub.subscribe("r", max_fps=30)
     hub.publish(_status(1))
     hub.tick()
@@ -142,8 +162,8 @@ def test_an_acking_subscriber_gets_the_next_view_when_the_previous_one_arrived()
         hub.tick()
         assert not sub.views_due, step  # view 1 is still in flight
         _send_all(hub, sub)  # statuses go out meanwhile
-    reply = hub.ack(sub.id, "r", sent[-1].seq, received_at=clock.now)
-    assert reply.server_time == clock.now and reply.in_flight_bytes < 300  # statuses, at most
+    reply = hub.ack(sub.id, "r", sub.window.last_seq, received_at=clock.now)
+    assert reply.server_time == clock.now and reply.in_flight_bytes == 0
     assert sub.views_due and sub.wake.is_set()  # released by the ack, not by the next tick
     views = [f.view.step for f in _send_all(hub, sub) if f.HasField("view")]
     assert views == [5]  # latest wins: 2..4 were skipped
