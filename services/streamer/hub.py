@@ -523,12 +523,12 @@ class UpdateHub:
             )
         now = self._clock()
         result = sub.window.ack(seq, received_at, now)
-        metrics.ACKS.labels(result.outcome.value).inc()
+        _ACKS[result.outcome].inc()
         if result.outcome is AckOutcome.ACCEPTED:
             wall = self._wall()
             for kind, produced_at in result.produced_at:
                 if produced_at > 0:
-                    metrics.ACK_LAG.labels(kind).observe(max(0.0, wall - produced_at))
+                    _ACK_LAG[kind].observe(max(0.0, wall - produced_at))
             if result.rate_sample is not None:
                 metrics.DELIVERY_RATE.observe(result.rate_sample)
             if (sub.pending_views and not sub.views_due and now >= sub.next_view_at
@@ -614,7 +614,7 @@ class UpdateHub:
         seq = sub.window.sent(len(out.data), out.kind, out.produced_at, now, sub.pacer.bytes_per_s)
         suffix = spb.Frame(seq=seq, subscription_id=sub.id if seq == 1 else "").SerializeToString()
         if out.produced_at > 0:
-            metrics.SEND_LAG.labels(out.kind).observe(max(0.0, self._wall() - out.produced_at))
+            _SEND_LAG[out.kind].observe(max(0.0, self._wall() - out.produced_at))
         return out.data + suffix
 
     def record_write(self, sub: Subscriber, nbytes: int, seconds: float, kind: str) -> None:
@@ -651,3 +651,6 @@ _SENT_BYTES = {kind: metrics.SENT_BYTES.labels(kind) for kind in _KINDS}
 _VIEWS_SKIPPED = metrics.FRAMES_SKIPPED.labels("view")
 _HELD_ACKED = metrics.HEAVY_HELD.labels("acked")
 _HELD_CAP = metrics.HEAVY_HELD.labels("cap")
+_SEND_LAG = {kind: metrics.SEND_LAG.labels(kind) for kind in _KINDS}
+_ACK_LAG = {kind: metrics.ACK_LAG.labels(kind) for kind in _KINDS}
+_ACKS = {outcome: metrics.ACKS.labels(outcome.value) for outcome in AckOutcome}

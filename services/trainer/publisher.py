@@ -37,6 +37,7 @@ from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.scalars import Bucket, ScalarBuffer, to_batch
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
+from . import metrics
 from .loop import TERMINAL, LiveStatus, Snapshot
 from .runs import Run, RunManager
 from .viewworker import ViewWorker
@@ -115,6 +116,10 @@ class _Link:
     def scalars_ready(self) -> bool:
         return any(bool(b) for b in self.scalars.values())
 
+    def depth(self) -> int:
+        """Updates waiting: statuses, views, and runs with scalars."""
+        return len(self.pending_status) + len(self.pending_views) + sum(1 for b in self.scalars.values() if b)
+
     def drain(self) -> list[tuple[bytes, tuple[str, dict[str, list[Bucket]]] | None]]:
         """What to write now, most urgent first: statuses, scalars, newest views.
 
@@ -172,6 +177,7 @@ class Publisher:
         self.links: dict[str, _Link] = {}
         self.views_built = 0
         self._last_status: dict[str, tuple[float, int, int]] = {}
+        self._steps_counted: dict[str, int] = {}
         self._next_view_at: dict[str, float] = {}
         self._building: dict[str, asyncio.Task[None]] = {}
         self._view_models: dict[str, object] = {}
@@ -225,6 +231,7 @@ class Publisher:
         for address in addresses:
             if address not in self.links:
                 link = _Link(address, pool=channel_pool(address, self.security))
+                metrics.PUBLISH_RECONNECTS.labels(address)  # exported from 0, before any failure
                 for run_id, data in self._latest_statuses().items():
                     link.set_status(run_id, data)
                 link.task = asyncio.create_task(self._link_forever(link), name=f"publish-{address}")
@@ -262,6 +269,7 @@ class Publisher:
     def collect(self) -> None:
         """One tick: statuses, scalars and (when watched) view builds."""
         now = time.monotonic()
+        active = 0
         for run in self.runs.list_runs():
             run_id = run.run_id
             series = run.loop.take_scalars()
@@ -270,6 +278,11 @@ class Publisher:
                     link.add_scalars(run_id, series, self.max_points)
             status = run.loop.status
             state = run.state
+            active += state not in TERMINAL
+            counted = self._steps_counted.get(run_id, 0)
+            if status.step > counted:
+                metrics.STEPS.labels(run_id).inc(status.step - counted)
+                self._steps_counted[run_id] = status.step
             last = self._last_status.get(run_id)
             if last is None or last[2] != state or (
                 last[1] != status.step and now - last[0] >= self.status_interval_s
@@ -282,6 +295,9 @@ class Publisher:
                 for link in self.links.values():
                     link.set_status(run_id, msg)
             self._maybe_build_view(run, now, state)
+        metrics.RUNS_ACTIVE.set(active)
+        for link in self.links.values():
+            metrics.PUBLISH_QUEUE.labels(link.address).set(link.depth())
 
     def _maybe_build_view(self, run: Run, now: float, state: int) -> None:
         run_id = run.run_id
@@ -386,6 +402,8 @@ class Publisher:
             link.resend_all()
             link.connected = True
             link.connects += 1
+            if link.connects > 1:
+                metrics.PUBLISH_RECONNECTS.labels(link.address).inc()
             while True:
                 if not (link.pending_status or link.pending_views or link.scalars_ready()):
                     link.wake.clear()
@@ -407,6 +425,7 @@ class Publisher:
                                 link.restore_scalars(*taken)
                         raise
                     link.sent_frames += 1
+                metrics.PUBLISH_QUEUE.labels(link.address).set(link.depth())
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)

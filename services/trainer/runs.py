@@ -31,6 +31,7 @@ from tensorwire.errors import (
 )
 
 from .loop import TERMINAL, Snapshot, TrainingLoop
+from .metrics import CHECKPOINTS
 from .tasks import TASKS, RunConfig, Task
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,10 @@ class CheckpointWriter:
             try:
                 self._write(run, snap)
             except Exception:
+                CHECKPOINTS.labels("failed").inc()
                 log.exception("checkpoint of run %s at step %d failed", run.run_id, snap.step)
+            else:
+                CHECKPOINTS.labels("written").inc()
 
     def _write(self, run: Run, snap: Snapshot) -> None:
         for name in (run.model_name, *run.publish_as):

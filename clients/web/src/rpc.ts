@@ -92,6 +92,92 @@ export type ConnectionState = "connecting" | "connected" | "reconnecting" | "off
 export interface SubscriptionHandlers {
   frame(frame: Frame, receivedAt: number): void;
   state(state: ConnectionState, detail: string): void;
+  /** This clock minus the streamer's, seconds, whenever an ack measured it better. */
+  clockOffset?(offsetS: number): void;
+}
+
+/** Acks answered since the page loaded (all subscriptions; for tests and the curious). */
+export const feedback = { acks: 0 };
+
+const ACK_STOP = new Set([Code.NotFound, Code.Unimplemented, Code.PermissionDenied, Code.Unauthenticated]);
+
+/**
+ * Delivery feedback for one subscription (the same policy as tensorwire/live.py):
+ * a view is acknowledged at once, other frames at most every `intervalMs`; acks
+ * do not wait for answers (those come back behind the frames on the slow
+ * direction), at most `maxOutstanding` at once. The streamer then keeps at most
+ * about one view in flight, so what arrives is fresh whatever the link holds.
+ * Each answer carries the streamer's clock: the round trip with the least delay
+ * gives the clock offset (NTP style) that makes the lag badge true.
+ */
+export class Acker {
+  acks = 0;
+  private subscriptionId = "";
+  private seq = 0n;
+  private receivedAt = 0;
+  private lastSentMs = -Infinity;
+  private outstanding = 0;
+  private timer = 0;
+  private stopped = false;
+  private samples: { rtt: number; offset: number }[] = [];
+
+  constructor(
+    private readonly runId: string,
+    private readonly signal: AbortSignal,
+    private readonly onOffset?: (offsetS: number) => void,
+    private readonly intervalMs = 250,
+    private readonly maxOutstanding = 8,
+  ) {}
+
+  received(frame: Frame, receivedAt: number): void {
+    if (frame.subscriptionId) this.subscriptionId = frame.subscriptionId;
+    if (!frame.seq || !this.subscriptionId || this.stopped) return;
+    this.seq = frame.seq;
+    this.receivedAt = receivedAt;
+    const wait = this.lastSentMs + this.intervalMs - performance.now();
+    if (frame.body.case === "view" || wait <= 0) this.send();
+    else if (!this.timer) this.timer = window.setTimeout(() => this.send(), wait);
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+  }
+
+  private send(): void {
+    clearTimeout(this.timer);
+    this.timer = 0;
+    if (this.stopped || this.signal.aborted) return;
+    if (this.outstanding >= this.maxOutstanding) {
+      this.timer = window.setTimeout(() => this.send(), this.intervalMs);
+      return;
+    }
+    this.lastSentMs = performance.now();
+    this.outstanding++;
+    const sent = Date.now() / 1000;
+    streamer
+      .ack(
+        { subscriptionId: this.subscriptionId, runId: this.runId, seq: this.seq, receivedAt: this.receivedAt },
+        { signal: this.signal, timeoutMs: CONTROL_TIMEOUT_MS },
+      )
+      .then((reply) => {
+        this.acks++;
+        feedback.acks++;
+        const back = Date.now() / 1000;
+        if (reply.serverTime > 0 && back >= sent) {
+          this.samples.push({ rtt: back - sent, offset: (sent + back) / 2 - reply.serverTime });
+          if (this.samples.length > 32) this.samples.shift();
+          const best = this.samples.reduce((a, b) => (b.rtt < a.rtt ? b : a));
+          this.onOffset?.(best.offset);
+        }
+      })
+      .catch((err) => {
+        if (ACK_STOP.has(ConnectError.from(err).code)) this.stop();
+      })
+      .finally(() => {
+        this.outstanding--;
+      });
+  }
 }
 
 /** Tunables of the live subscription (tests shorten them through the URL). */
@@ -133,6 +219,7 @@ export async function followRun(
     const onAbort = () => attempt.abort();
     signal.addEventListener("abort", onAbort);
     let stall = 0;
+    let acker: Acker | null = null;
     const arm = () => {
       clearTimeout(stall);
       stall = window.setTimeout(() => attempt.abort(new Error("stream stalled")), options.stallMs);
@@ -143,8 +230,10 @@ export async function followRun(
         { runId, maxFps: options.maxFps, acceptCodecs: [Codec.DEFLATE] },
         { signal: attempt.signal },
       );
+      acker = new Acker(runId, attempt.signal, handlers.clockOffset);
       for await (const frame of stream) {
         arm();
+        acker.received(frame, Date.now() / 1000);
         if (failures !== 0 || frame.snapshot) {
           failures = 0;
         }
@@ -164,6 +253,7 @@ export async function followRun(
       }
     } finally {
       clearTimeout(stall);
+      acker?.stop();
       signal.removeEventListener("abort", onAbort);
       attempt.abort();
     }
