@@ -13,8 +13,13 @@ ack names the newest frame received. An ack's answer comes back on the slow
 direction, behind the frames, so acks do not wait for answers (at most
 ``max_outstanding`` at once; the streamer ignores one that arrives after a
 newer one). Each answer carries
-the streamer's clock, so the acker also estimates the clock offset from the
-round trip with the least delay (NTP style): ``server_time()``.
+the streamer's clock, so the acker also estimates the clock offset:
+``server_time()``. A round trip's midpoint (NTP) is biased on a link whose two
+directions differ (a slow download: the answer waits behind frames), so it
+uses bounds instead: the streamer answered an ack after it left and before
+its answer came back, and a frame arrived after the streamer stamped it
+(``sent_at``); the offset lies between the tightest lower and upper bound of
+all of them (each tight on a fast direction), the estimate is the middle.
 """
 
 from __future__ import annotations
@@ -70,7 +75,8 @@ class FrameAcker:
         self._due = asyncio.Event()
         self._urgent = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._samples: deque[tuple[float, float]] = deque(maxlen=32)  # (rtt, offset)
+        self._low: deque[float] = deque(maxlen=64)  # streamer minus this clock: lower bounds
+        self._high: deque[float] = deque(maxlen=64)  # ... and upper bounds
         self.acks_sent = 0
         self.errors = 0
         self.last_reply: spb.AckResponse | None = None
@@ -81,8 +87,11 @@ class FrameAcker:
 
     @property
     def clock_offset_s(self) -> float | None:
-        """Streamer clock minus this clock, from the ack with the shortest round trip."""
-        return min(self._samples)[1] if self._samples else None
+        """Streamer clock minus this clock (None until a frame or an ack measured it)."""
+        if not self._low:
+            return None
+        low = max(self._low)
+        return (low + min(self._high, default=low)) / 2
 
     def server_time(self) -> float:
         """Now on the streamer's clock (this clock when no ack has measured the offset)."""
@@ -92,6 +101,9 @@ class FrameAcker:
         """Note a frame that arrived (cheap; the ack goes out from a background task)."""
         if frame.subscription_id:
             self.subscription_id = frame.subscription_id
+        if frame.sent_at:
+            # stamped before it arrived: streamer - this clock >= sent_at - arrival
+            self._low.append(frame.sent_at - (self._wall() if received_at is None else received_at))
         if not frame.seq or not self.subscription_id or self._stopped:
             return  # a streamer without feedback: nothing to acknowledge
         self._seq = frame.seq
@@ -151,7 +163,9 @@ class FrameAcker:
             self.acks_sent += 1
             self._acked_seq = max(self._acked_seq, seq)
             self.last_reply = reply
-            if reply.server_time > 0 and back >= sent:
-                self._samples.append((back - sent, reply.server_time - (sent + back) / 2))
+            if reply.server_time > 0:
+                # answered after the ack left and before the answer came back
+                self._high.append(reply.server_time - sent)
+                self._low.append(reply.server_time - back)
         finally:
             self._slots.release()

@@ -92,8 +92,42 @@ export type ConnectionState = "connecting" | "connected" | "reconnecting" | "off
 export interface SubscriptionHandlers {
   frame(frame: Frame, receivedAt: number): void;
   state(state: ConnectionState, detail: string): void;
-  /** This clock minus the streamer's, seconds, whenever an ack measured it better. */
+  /** This clock minus the streamer's, seconds, whenever acks have measured it. */
   clockOffset?(offsetS: number): void;
+}
+
+/**
+ * This clock minus the streamer's, from bounds (as tensorwire/live.py): a frame
+ * arrived after the streamer stamped it (`sentAt`), and an ack was answered
+ * after it left and before its answer came back. A round trip's midpoint (NTP)
+ * would be biased on a link whose directions differ (a slow download: the
+ * answer waits behind frames); the tightest bounds are each tight on a fast
+ * direction, and the estimate is the middle of the interval they leave.
+ */
+export class ClockOffset {
+  // Bounds on (streamer clock - this clock), newest 64 of each.
+  private low: number[] = [];
+  private high: number[] = [];
+
+  fromFrame(sentAt: number, receivedAt: number): void {
+    if (sentAt) push(this.low, sentAt - receivedAt);
+  }
+
+  fromAck(sent: number, serverTime: number, back: number): void {
+    push(this.high, serverTime - sent);
+    push(this.low, serverTime - back);
+  }
+
+  /** This clock minus the streamer's, seconds (null until an ack answered). */
+  get offsetS(): number | null {
+    if (!this.high.length || !this.low.length) return null;
+    return -(Math.max(...this.low) + Math.min(...this.high)) / 2;
+  }
+}
+
+function push(values: number[], value: number): void {
+  values.push(value);
+  if (values.length > 64) values.shift();
 }
 
 /** Acks answered since the page loaded (all subscriptions; for tests and the curious). */
@@ -107,8 +141,8 @@ const ACK_STOP = new Set([Code.NotFound, Code.Unimplemented, Code.PermissionDeni
  * do not wait for answers (those come back behind the frames on the slow
  * direction), at most `maxOutstanding` at once. The streamer then keeps at most
  * about one view in flight, so what arrives is fresh whatever the link holds.
- * Each answer carries the streamer's clock: the round trip with the least delay
- * gives the clock offset (NTP style) that makes the lag badge true.
+ * Each answer carries the streamer's clock: with the frames' `sentAt` it bounds
+ * the clock offset (ClockOffset) that makes the lag badge true.
  */
 export class Acker {
   acks = 0;
@@ -119,18 +153,21 @@ export class Acker {
   private outstanding = 0;
   private timer = 0;
   private stopped = false;
-  private samples: { rtt: number; offset: number }[] = [];
+  readonly clock = new ClockOffset();
 
   constructor(
     private readonly runId: string,
     private readonly signal: AbortSignal,
     private readonly onOffset?: (offsetS: number) => void,
     private readonly intervalMs = 250,
-    private readonly maxOutstanding = 8,
+    // Browsers open at most 6 HTTP/1.1 connections per origin and each unary call
+    // holds one until its answer: leave room for the stream and the controls.
+    private readonly maxOutstanding = 2,
   ) {}
 
   received(frame: Frame, receivedAt: number): void {
     if (frame.subscriptionId) this.subscriptionId = frame.subscriptionId;
+    this.clock.fromFrame(frame.sentAt, receivedAt);
     if (!frame.seq || !this.subscriptionId || this.stopped) return;
     this.seq = frame.seq;
     this.receivedAt = receivedAt;
@@ -164,11 +201,10 @@ export class Acker {
         this.acks++;
         feedback.acks++;
         const back = Date.now() / 1000;
-        if (reply.serverTime > 0 && back >= sent) {
-          this.samples.push({ rtt: back - sent, offset: (sent + back) / 2 - reply.serverTime });
-          if (this.samples.length > 32) this.samples.shift();
-          const best = this.samples.reduce((a, b) => (b.rtt < a.rtt ? b : a));
-          this.onOffset?.(best.offset);
+        if (reply.serverTime > 0) {
+          this.clock.fromAck(sent, reply.serverTime, back);
+          const offset = this.clock.offsetS;
+          if (offset !== null) this.onOffset?.(offset);
         }
       })
       .catch((err) => {
