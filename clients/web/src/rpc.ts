@@ -41,6 +41,11 @@ const transport = createGrpcWebTransport({
   useBinaryFormat: true,
   interceptors: [bearer],
 });
+// Sent on Subscribe and Ack: a proxy in front of several streamer replicas
+// (deploy/envoy/envoy.yaml hashes on it) sends a page's acks to the replica
+// that serves its stream.
+const AFFINITY = { "x-tensorwire-affinity": Math.random().toString(36).slice(2) };
+
 const trainer = createClient(TrainerService, transport);
 const streamer = createClient(StreamerService, transport);
 const inference = createClient(GRPCInferenceService, transport);
@@ -195,7 +200,7 @@ export class Acker {
     streamer
       .ack(
         { subscriptionId: this.subscriptionId, runId: this.runId, seq: this.seq, receivedAt: this.receivedAt },
-        { signal: this.signal, timeoutMs: CONTROL_TIMEOUT_MS },
+        { signal: this.signal, timeoutMs: CONTROL_TIMEOUT_MS, headers: AFFINITY },
       )
       .then((reply) => {
         this.acks++;
@@ -264,7 +269,7 @@ export async function followRun(
       arm();
       const stream = streamer.subscribe(
         { runId, maxFps: options.maxFps, acceptCodecs: [Codec.DEFLATE] },
-        { signal: attempt.signal },
+        { signal: attempt.signal, headers: AFFINITY },
       );
       acker = new Acker(runId, attempt.signal, handlers.clockOffset);
       for await (const frame of stream) {
