@@ -13,9 +13,10 @@ sequence number it got, and when) closes the loop:
   acks over the time between their receive times (the subscriber's own clock:
   ack delays on the way back do not matter) sample the delivery rate (exported
   and returned to the subscriber);
-- between acks nothing more is assumed delivered: the gate below is clocked by
-  acks alone, so a rate estimate that lags a link getting slower cannot
-  overfill it.
+- between acks, what was in flight at the last ack drains at half the
+  measured rate, and what went out since counts in full: the gate below stays
+  clocked by acks, so a rate estimate that lags a link getting slower
+  misjudges at most one ack's worth.
 
 A heavy frame goes out only when at most about one frame's worth is in flight
 (:meth:`DeliveryWindow.may_send`), so the queue in front of the viewer is never
@@ -55,9 +56,10 @@ class FeedbackLimits:
     cap_bytes: int = 6144
     """Bytes in flight (estimated) above which a subscriber without fresh feedback
     gets no heavy frame: 0.75 s at 64 kbit/s."""
-    floor_bytes_per_s: float = 8000.0
+    floor_bytes_per_s: float = 6000.0
     """Without fresh feedback, the in-flight estimate drains at least this fast
-    (64 kbit/s: the slowest link the cap is meant to hold to its bound)."""
+    (48 kbit/s: below the slowest link the cap is meant to hold to its bound,
+    64 kbit/s, so what the accounting misses does not pile up)."""
     stale_s: float = 3.0
     """Feedback older than this no longer counts (the subscriber stopped acking);
     status frames go out every second, so a live subscriber acks more often."""
@@ -131,6 +133,8 @@ class DeliveryWindow:
         self._samples: deque[tuple[float, float]] = deque()  # (received_at, bytes/s)
         self._queued = 0.0
         self._queued_at = 0.0
+        self._at_ack = 0  # bytes in flight when the last ack came
+        self._since_ack = 0  # bytes sent since
         self.acks = 0
         self.ignored_acks = 0
 
@@ -147,9 +151,14 @@ class DeliveryWindow:
     def in_flight(self, now: float, fallback_bytes_per_s: float | None = None) -> float:
         """Estimated bytes sent and not yet delivered, now."""
         if self.has_feedback(now):
-            rate = 0.0  # ack-clocked: only an ack says what arrived
-        else:
-            rate = max(fallback_bytes_per_s or 0.0, self.limits.floor_bytes_per_s)
+            # What was in flight at the last ack may have arrived since: it drains at
+            # half the measured rate. What went out after it counts in full until an
+            # ack says otherwise, so a rate estimate that lags a link getting slower
+            # misjudges at most the bytes of one ack.
+            assert self.last_ack_at is not None
+            drained = 0.5 * (self.bytes_per_s or 0.0) * max(0.0, now - self.last_ack_at)
+            return max(0.0, self._at_ack - drained) + self._since_ack
+        rate = max(fallback_bytes_per_s or 0.0, self.limits.floor_bytes_per_s)
         drained = rate * max(0.0, now - self._queued_at)
         return max(0.0, self._queued - drained)
 
@@ -172,6 +181,7 @@ class DeliveryWindow:
         nbytes += self.limits.frame_overhead_bytes
         self._queued = self.in_flight(now, fallback_bytes_per_s) + nbytes
         self._queued_at = now
+        self._since_ack += nbytes
         self.last_seq += 1
         self._sent.append(_Sent(self.last_seq, nbytes, kind, produced_at))
         self.unacked_bytes += nbytes
@@ -207,6 +217,8 @@ class DeliveryWindow:
             self.unacked_bytes += self.limits.ack_reply_bytes
         self._queued = float(self.unacked_bytes)
         self._queued_at = now
+        self._at_ack = self.unacked_bytes
+        self._since_ack = 0
         return AckResult(AckOutcome.ACCEPTED, produced, self._sample_rate(acked_bytes, received_at))
 
     def _sample_rate(self, acked_bytes: int, received_at: float) -> float | None:

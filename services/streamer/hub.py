@@ -225,7 +225,8 @@ class HubLimits:
     default_max_points: int = 64
     max_points_limit: int = 4096
     history_points: int = 1024
-    """Buckets per series kept for a new subscriber's snapshot."""
+    """Buckets per series kept for a new subscriber's snapshot (which gets them
+    down-sampled to twice its ``max_points``)."""
     max_subscribers: int = 1000
     max_log_chunks: int = 4096
     """Scalar batches kept for subscribers that lag; older ones move into the
@@ -453,6 +454,12 @@ class UpdateHub:
             sub.last_status_at = self._clock()
             sub.status_due = False
         history = topic.history.peek()
+        if history and max(len(b) for b in history.values()) > 2 * sub.max_points:
+            # The first screen needs the curve's shape, not 1024 buckets: at 64 kbit/s
+            # those alone would hold every live frame back for seconds.
+            coarse = ScalarBuffer(2 * sub.max_points)
+            coarse.extend(history)
+            history = coarse.take()
         if history:
             step = max(b[-1].step for b in history.values())
             out.append(Outgoing(

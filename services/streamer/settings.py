@@ -41,9 +41,9 @@ class StreamerSettings(ServerSettings):
              "estimated in flight", min=1, max=100_000,
     )
     unacked_floor_kbps: float = setting(
-        64.0, env="UNACKED_FLOOR_KBPS",
+        48.0, env="UNACKED_FLOOR_KBPS",
         help="without Acks, bytes in flight are assumed to drain at least this fast (kbit/s): "
-             "the slowest link the cap holds to its bound", min=1, max=10_000_000,
+             "a little below the slowest link the cap holds to its bound", min=1, max=10_000_000,
     )
     ack_stale_s: float = setting(
         3.0, env="ACK_STALE_S",

@@ -86,7 +86,8 @@ class ViewerStats:
             "in_flight_p95": pct([float(b) for b in self.in_flight], 0.95),
             "max_status_gap_s": self.max_status_gap_s, "first_live_view_s": self.first_live_view_s,
             "scalar_first": self.scalar_first, "scalar_last": self.scalar_last,
-            "scalar_gaps": len(self.scalar_gaps), "error": self.error,
+            "scalar_gaps": len(self.scalar_gaps), "scalar_gap_list": self.scalar_gaps[:5],
+            "error": self.error,
         }
 
 

@@ -10,7 +10,7 @@ from services.streamer.feedback import AckOutcome, DeliveryWindow, FeedbackLimit
 from services.streamer.hub import HubLimits, UpdateHub
 from tensorwire.errors import InvalidArgumentError, NotFoundError
 from tensorwire.streamer.v1 import streamer_pb2 as spb
-from tests.unit.test_hub import Clock, _status, _view
+from tests.unit.test_hub import Clock, _covered, _scalars, _status, _view
 
 
 def _hub(**feedback: float) -> tuple[UpdateHub, Clock]:
@@ -88,6 +88,19 @@ def test_with_feedback_a_heavy_frame_waits_for_an_ack_not_for_time() -> None:
     assert not w.may_send(900, now=0.2) and not w.may_send(900, now=2.5)
     w.ack(2, 0.0, now=2.6)  # the view arrived; the status (100 B) still in flight
     assert w.may_send(900, now=2.6)
+
+
+def test_between_acks_only_what_was_in_flight_at_the_ack_drains() -> None:
+    w = DeliveryWindow(BARE)
+    for _ in range(3):
+        w.sent(1000, "view", 0.0, now=0.0)
+    w.ack(1, received_at=10.0, now=0.5)
+    w.ack(2, received_at=10.5, now=1.0)  # 1000 B in 0.5 s of receive time: 2000 B/s
+    assert w.bytes_per_s == pytest.approx(2000)
+    w.sent(500, "status", 0.0, now=1.0)
+    assert w.in_flight(1.0) == 1500
+    assert w.in_flight(1.5) == pytest.approx(500 + 1000 - 0.5 * 2000 * 0.5)
+    assert w.in_flight(3.5) == 500 != w.unacked_bytes  # never below what went out since
 
 
 def test_without_feedback_the_cap_drains_at_the_floor_rate() -> None:
@@ -198,3 +211,14 @@ def test_future_acks_through_the_hub_change_nothing() -> None:
     hub.ack(sub.id, "r", 10**12, received_at=clock.now)
     assert sub.window.unacked_bytes == before and sub.window.ignored_acks == 1
     assert not sub.window.has_feedback(clock.now)
+
+
+def test_the_snapshot_history_is_coarse_but_covers_every_step() -> None:
+    hub, _ = _hub()
+    for first in range(1, 5000, 10):  # 500 batches: the history keeps 1024 buckets
+        hub.publish(_scalars(first, first + 9))
+    sub = hub.subscribe("r", max_points=32)
+    (frame,) = [spb.Frame.FromString(d) for d in hub.snapshot(sub)]
+    (series,) = frame.scalars.series
+    assert len(series.steps) <= 64
+    assert _covered([frame]) == list(range(1, 5000))
