@@ -221,4 +221,4 @@ def test_the_snapshot_history_is_coarse_but_covers_every_step() -> None:
     (frame,) = [spb.Frame.FromString(d) for d in hub.snapshot(sub)]
     (series,) = frame.scalars.series
     assert len(series.steps) <= 64
-    assert _covered([frame]) == list(range(1, 5000))
+    assert _covered([frame]) == list(range(1, 5001))
