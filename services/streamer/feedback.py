@@ -13,10 +13,9 @@ sequence number it got, and when) closes the loop:
   acks over the time between their receive times (the subscriber's own clock:
   ack delays on the way back do not matter) sample the delivery rate (exported
   and returned to the subscriber);
-- between acks, what was in flight at the last ack drains at half the
-  measured rate, and what went out since counts in full: the gate below stays
-  clocked by acks, so a rate estimate that lags a link getting slower
-  misjudges at most one ack's worth.
+- between acks nothing more is assumed delivered: the gate below is clocked by
+  acks alone, so a rate estimate that lags a link getting slower cannot
+  overfill it.
 
 A heavy frame goes out only when at most about one frame's worth is in flight
 (:meth:`DeliveryWindow.may_send`), so the queue in front of the viewer is never
@@ -25,9 +24,8 @@ the TCP stack do.
 
 A subscriber that never acks (grpcurl, an old client), or whose acks stopped
 for ``stale_s``, is held to a conservative cap instead: its bytes in flight are
-estimated by draining at the larger of the write-blocking bandwidth estimate
-and ``floor_bytes_per_s`` (a link assumed no slower than that), and a heavy
-frame waits while the estimate exceeds ``cap_bytes``. Sending is never
+estimated by draining at ``floor_bytes_per_s`` (a link assumed no slower than
+that), and a heavy frame waits while the estimate exceeds ``cap_bytes``. Sending is never
 unbounded.
 
 Plain Python: the clock is passed in; no gRPC.
@@ -133,8 +131,6 @@ class DeliveryWindow:
         self._samples: deque[tuple[float, float]] = deque()  # (received_at, bytes/s)
         self._queued = 0.0
         self._queued_at = 0.0
-        self._at_ack = 0  # bytes in flight when the last ack came
-        self._since_ack = 0  # bytes sent since
         self.acks = 0
         self.ignored_acks = 0
 
@@ -151,16 +147,23 @@ class DeliveryWindow:
     def in_flight(self, now: float, fallback_bytes_per_s: float | None = None) -> float:
         """Estimated bytes sent and not yet delivered, now."""
         if self.has_feedback(now):
-            # What was in flight at the last ack may have arrived since: it drains at
-            # half the measured rate. What went out after it counts in full until an
-            # ack says otherwise, so a rate estimate that lags a link getting slower
-            # misjudges at most the bytes of one ack.
-            assert self.last_ack_at is not None
-            drained = 0.5 * (self.bytes_per_s or 0.0) * max(0.0, now - self.last_ack_at)
-            return max(0.0, self._at_ack - drained) + self._since_ack
-        rate = max(fallback_bytes_per_s or 0.0, self.limits.floor_bytes_per_s)
+            rate = 0.0  # ack-clocked: only an ack says what arrived (a rate-based
+            # drain between acks was tried: the max-filtered rate overshoots, and the
+            # queue doubled on a 64 kbit/s link)
+        else:
+            rate = self.fallback_rate(fallback_bytes_per_s)
         drained = rate * max(0.0, now - self._queued_at)
         return max(0.0, self._queued - drained)
+
+    def fallback_rate(self, measured_bytes_per_s: float | None = None) -> float:
+        """The rate assumed without fresh feedback: the floor.
+
+        (``measured_bytes_per_s``, the write-blocking estimate, is not trusted:
+        with the kernel's default buffers writes rarely block, and between blocks
+        that estimate creeps up to re-probe the link; draining the cap at it let a
+        64 kbit/s subscriber fall 16 s behind.)
+        """
+        return self.limits.floor_bytes_per_s
 
     def may_send(self, nbytes: int, now: float, fallback_bytes_per_s: float | None = None) -> bool:
         """May a heavy frame of ``nbytes`` go out now?
@@ -181,7 +184,6 @@ class DeliveryWindow:
         nbytes += self.limits.frame_overhead_bytes
         self._queued = self.in_flight(now, fallback_bytes_per_s) + nbytes
         self._queued_at = now
-        self._since_ack += nbytes
         self.last_seq += 1
         self._sent.append(_Sent(self.last_seq, nbytes, kind, produced_at))
         self.unacked_bytes += nbytes
@@ -217,8 +219,6 @@ class DeliveryWindow:
             self.unacked_bytes += self.limits.ack_reply_bytes
         self._queued = float(self.unacked_bytes)
         self._queued_at = now
-        self._at_ack = self.unacked_bytes
-        self._since_ack = 0
         return AckResult(AckOutcome.ACCEPTED, produced, self._sample_rate(acked_bytes, received_at))
 
     def _sample_rate(self, acked_bytes: int, received_at: float) -> float | None:

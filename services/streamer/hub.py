@@ -232,9 +232,13 @@ class HubLimits:
     """Scalar batches kept for subscribers that lag; older ones move into the
     lagging subscribers' private buffers (merged, not dropped)."""
     pacing_headroom: float = 2.0
+    slow_link_bytes_per_s: float = 32_000.0
+    """Below this measured delivery rate (256 kbit/s) a changed status goes out at
+    most every 2 x ``status_interval_s``."""
     scalar_share: float = 0.15
-    """On a link whose rate is known (acks, or blocked writes), scalar frames are
-    down-sampled to use at most this share of it: status and views need the rest."""
+    """Scalar frames are down-sampled to use at most this share of a subscriber's
+    delivery rate (measured from acks; without feedback, the cap's floor): status
+    and views need the rest."""
     feedback: FeedbackLimits = field(default_factory=FeedbackLimits)
     """In-flight limits: ack-clocked with feedback, a cap without (feedback.py)."""
 
@@ -489,8 +493,12 @@ class UpdateHub:
             for sub in topic.subscribers:
                 wake = False
                 since = now - sub.last_status_at
+                interval = limits.status_interval_s
+                rate = sub.window.bytes_per_s
+                if rate and rate < limits.slow_link_bytes_per_s and sub.window.has_feedback(now):
+                    interval *= 2  # on a slow link every status costs the views bandwidth
                 if since >= limits.keepalive_s or (
-                    sub.status_version != topic.status_version and since >= limits.status_interval_s
+                    sub.status_version != topic.status_version and since >= interval
                 ):
                     sub.status_due = wake = True
                 if (topic.seq > sub.scalar_cursor or sub.overflow) and (
@@ -579,7 +587,10 @@ class UpdateHub:
         """Points per series in ``sub``'s next scalar frame: its ``max_points``, fewer
         when its link is known to be slow (merged into buckets, never dropped)."""
         now = self._clock()
-        rate = sub.window.bytes_per_s if sub.window.has_feedback(now) else sub.pacer.bytes_per_s
+        if sub.window.has_feedback(now):
+            rate = sub.window.bytes_per_s
+        else:  # no feedback: as slow as the floor the cap assumes, or what writes measured
+            rate = sub.window.fallback_rate(sub.pacer.bytes_per_s)
         if not rate:
             return sub.max_points
         budget = self.limits.scalar_share * rate * self.limits.scalar_interval_s

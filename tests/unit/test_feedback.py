@@ -90,7 +90,7 @@ def test_with_feedback_a_heavy_frame_waits_for_an_ack_not_for_time() -> None:
     assert w.may_send(900, now=2.6)
 
 
-def test_between_acks_only_what_was_in_flight_at_the_ack_drains() -> None:
+def test_between_acks_nothing_more_is_assumed_delivered() -> None:
     w = DeliveryWindow(BARE)
     for _ in range(3):
         w.sent(1000, "view", 0.0, now=0.0)
@@ -98,9 +98,7 @@ def test_between_acks_only_what_was_in_flight_at_the_ack_drains() -> None:
     w.ack(2, received_at=10.5, now=1.0)  # 1000 B in 0.5 s of receive time: 2000 B/s
     assert w.bytes_per_s == pytest.approx(2000)
     w.sent(500, "status", 0.0, now=1.0)
-    assert w.in_flight(1.0) == 1500
-    assert w.in_flight(1.5) == pytest.approx(500 + 1000 - 0.5 * 2000 * 0.5)
-    assert w.in_flight(3.5) == 500 != w.unacked_bytes  # never below what went out since
+    assert w.in_flight(1.0) == w.in_flight(3.5) == 1500  # however fast the link was
 
 
 def test_without_feedback_the_cap_drains_at_the_floor_rate() -> None:
@@ -110,8 +108,8 @@ def test_without_feedback_the_cap_drains_at_the_floor_rate() -> None:
     assert w.in_flight(10.0) == 8000 and not w.may_send(1000, now=10.0)
     assert w.in_flight(10.25) == pytest.approx(6000)
     assert w.may_send(1000, now=10.5)  # 4000 left: within the cap
-    # a measured bandwidth above the floor drains faster
-    assert w.in_flight(10.25, fallback_bytes_per_s=32000) == 0
+    # the write-blocking estimate is not trusted (it creeps up between blocked writes)
+    assert w.in_flight(10.25, fallback_bytes_per_s=1e9) == pytest.approx(6000)
 
 
 def test_a_subscriber_that_stops_acking_falls_back_to_the_cap() -> None:
