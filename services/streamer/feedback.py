@@ -13,9 +13,10 @@ sequence number it got, and when) closes the loop:
   acks over the time between their receive times (the subscriber's own clock:
   ack delays on the way back do not matter) sample the delivery rate (exported
   and returned to the subscriber);
-- between acks nothing more is assumed delivered: the gate below is clocked by
-  acks alone, so a rate estimate that lags a link getting slower cannot
-  overfill it.
+- between acks the estimate drains at the lower of the measured rate and
+  ``floor_bytes_per_s``; each ack puts it back on what really arrived, so a
+  rate estimate that lags a link getting slower misjudges one ack interval at
+  most.
 
 A heavy frame goes out only when at most about one frame's worth is in flight
 (:meth:`DeliveryWindow.may_send`), so the queue in front of the viewer is never
@@ -147,9 +148,12 @@ class DeliveryWindow:
     def in_flight(self, now: float, fallback_bytes_per_s: float | None = None) -> float:
         """Estimated bytes sent and not yet delivered, now."""
         if self.has_feedback(now):
-            rate = 0.0  # ack-clocked: only an ack says what arrived (a rate-based
-            # drain between acks was tried: the max-filtered rate overshoots, and the
-            # queue doubled on a 64 kbit/s link)
+            # Between acks, bytes drain at the lower of the measured rate and the floor
+            # (each ack puts the estimate back on what really arrived). Not at the
+            # measured rate alone: its max filter overshoots, and the queue doubled on
+            # a 64 kbit/s link; not at all: then views wait for acks, which lag by the
+            # ack interval, and came about once a second at 64 kbit/s.
+            rate = min(self.bytes_per_s or 0.0, self.limits.floor_bytes_per_s)
         else:
             rate = self.fallback_rate(fallback_bytes_per_s)
         drained = rate * max(0.0, now - self._queued_at)

@@ -90,15 +90,18 @@ def test_with_feedback_a_heavy_frame_waits_for_an_ack_not_for_time() -> None:
     assert w.may_send(900, now=2.6)
 
 
-def test_between_acks_nothing_more_is_assumed_delivered() -> None:
-    w = DeliveryWindow(BARE)
+def test_between_acks_the_estimate_drains_at_most_at_the_floor_rate() -> None:
+    w = DeliveryWindow(FeedbackLimits(frame_overhead_bytes=0, ack_reply_bytes=0, floor_bytes_per_s=1000))
     for _ in range(3):
         w.sent(1000, "view", 0.0, now=0.0)
     w.ack(1, received_at=10.0, now=0.5)
     w.ack(2, received_at=10.5, now=1.0)  # 1000 B in 0.5 s of receive time: 2000 B/s
     assert w.bytes_per_s == pytest.approx(2000)
     w.sent(500, "status", 0.0, now=1.0)
-    assert w.in_flight(1.0) == w.in_flight(3.5) == 1500  # however fast the link was
+    assert w.in_flight(1.0) == 1500
+    assert w.in_flight(1.5) == pytest.approx(1000)  # the floor (1000 B/s), below the measured 2000
+    w.ack(3, received_at=10.6, now=1.6)  # the ack says what really arrived
+    assert w.in_flight(1.6) == 500
 
 
 def test_without_feedback_the_cap_drains_at_the_floor_rate() -> None:
