@@ -49,7 +49,7 @@ class FrameAcker:
         channel: grpc.aio.Channel,
         run_id: str,
         *,
-        interval_s: float = 0.25,
+        interval_s: float = 0.5,
         timeout_s: float = 5.0,
         max_outstanding: int = 8,
         wall: Callable[[], float] = time.time,

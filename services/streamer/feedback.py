@@ -68,9 +68,10 @@ class FeedbackLimits:
     frame_overhead_bytes: int = 80
     """Wire bytes of a frame beyond its message: gRPC prefix (5), HTTP/2 DATA
     header (9), TCP/IP (52) and link headers (14). Small frames are mostly that."""
-    ack_reply_bytes: int = 160
-    """Wire bytes of an Ack's answer (HEADERS, DATA, trailers): it shares the slow
-    direction with the frames and delays the ones behind it."""
+    ack_reply_bytes: int = 300
+    """Wire bytes an Ack costs on the slow direction: its answer (HEADERS, DATA,
+    trailers, ~160 bytes with TCP/IP) and the TCP ACK and HTTP/2 window update
+    its request draws; they share the link with the frames."""
     max_records: int = 1024
     """Frames remembered for acks; older ones count as delivered."""
 

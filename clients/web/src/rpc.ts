@@ -164,7 +164,7 @@ export class Acker {
     private readonly runId: string,
     private readonly signal: AbortSignal,
     private readonly onOffset?: (offsetS: number) => void,
-    private readonly intervalMs = 250,
+    private readonly intervalMs = 500,
     // Browsers open at most 6 HTTP/1.1 connections per origin and each unary call
     // holds one until its answer: leave room for the stream and the controls.
     private readonly maxOutstanding = 2,
