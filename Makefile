@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The browser app: npm ci when the lock file changes, type-check + bundle when a
-# source changes (prints the bundle's gzip size; fails over its 80 KiB budget).
+# source changes (prints the bundle's gzip size; fails over its 84 KiB budget).
 web: $(WEB_BUILT)
 
 $(WEB)/node_modules/.installed: $(WEB)/package-lock.json

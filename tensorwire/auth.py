@@ -78,7 +78,7 @@ _TABLE: Final[dict[str, dict[str, Role | None]]] = {
         # stream: it is a publisher, like the identity it publishes to the streamer with.
         "RegisterRun": _P, "AttachRun": _P,
     },
-    "tensorwire.streamer.v1.StreamerService": {"Subscribe": _V, "Publish": _P},
+    "tensorwire.streamer.v1.StreamerService": {"Subscribe": _V, "Ack": _V, "Publish": _P},
     "inference.GRPCInferenceService": {
         # Triton's "health" group: open like grpc.health.v1 (load balancers probe them).
         "ServerLive": OPEN, "ServerReady": OPEN,

@@ -117,6 +117,10 @@ class Link:
     def scalars_ready(self) -> bool:
         return any(bool(b) for b in self.scalars.values())
 
+    def depth(self) -> int:
+        """Updates waiting: statuses, views, and runs with scalars."""
+        return len(self.pending_status) + len(self.pending_views) + sum(1 for b in self.scalars.values() if b)
+
     def drain(self) -> list[tuple[bytes, tuple[str, dict[str, list[Bucket]]] | None]]:
         """What to write now, most urgent first: statuses, scalars, newest views.
 

@@ -6,6 +6,7 @@ import grpc
 
 from tensorwire.streamer.v1 import streamer_pb2 as pb
 
+from .feedback import FeedbackLimits
 from .hub import HubLimits, UpdateHub
 from .lookup import TrainerLookup
 from .servicer import StreamerServicer, register
@@ -26,6 +27,11 @@ class StreamerApp:
                 keepalive_s=settings.keepalive_s, max_subscribers=settings.max_subscribers,
                 default_fps=settings.default_fps, tick_s=settings.tick_s,
                 pacing_headroom=settings.pacing_headroom, release_after_s=settings.release_after_s,
+                feedback=FeedbackLimits(
+                    cap_bytes=int(settings.unacked_cap_kb * 1024),
+                    floor_bytes_per_s=settings.unacked_floor_kbps * 1000 / 8,
+                    stale_s=settings.ack_stale_s,
+                ),
             ),
             lookup=self.lookup.describe if self.lookup else None,
         )

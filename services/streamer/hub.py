@@ -32,7 +32,12 @@ snapshot holds the run's whole stored curve, not only what this streamer saw.
 Keeping the bytes in flight small: a finished gRPC write only means HTTP/2 flow
 control and the kernel took the bytes, and on a slow link the socket buffer
 alone can hold seconds of data, so "latest wins" would still show old frames.
-Three things keep it short: (1) pacing, here: each subscriber's bandwidth is
+Every frame carries a sequence number (``Frame.seq``; the first frame also the
+``subscription_id``), and a subscriber that acknowledges what arrived (the
+``Ack`` RPC) gets heavy frames only while at most about one frame's worth is in
+flight: see feedback.py, which also holds subscribers without feedback to a
+conservative cap. Beside that, for subscribers without feedback:
+(1) pacing, here: each subscriber's bandwidth is
 estimated from how long its writes block, and views are spaced so they use at
 most ``1 / headroom`` of it; (2) on the streamer's host, a small
 ``net.ipv4.tcp_notsent_lowat`` (``sysctl -w net.ipv4.tcp_notsent_lowat=16384``;
@@ -48,9 +53,11 @@ import asyncio
 import functools
 import logging
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from tensorwire import arrays
 from tensorwire.common.v1 import common_pb2 as cpb
@@ -62,6 +69,9 @@ from tensorwire.errors import (
 )
 from tensorwire.scalars import MAX_SERIES, Bucket, ScalarBuffer, from_batch, to_batch
 from tensorwire.streamer.v1 import streamer_pb2 as spb
+
+from . import metrics
+from .feedback import AckOutcome, DeliveryWindow, FeedbackLimits
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +85,28 @@ no such run; raises UnavailableError when it cannot tell."""
 
 def _sent_at(wall: float) -> bytes:
     return spb.Frame(sent_at=wall).SerializeToString()
+
+
+class Outgoing(NamedTuple):
+    """One frame for one subscriber: its bytes, what it is, and when its step was produced."""
+
+    data: bytes
+    kind: str
+    """The frame's body: "status", "scalars" or "view" (the metrics' label)."""
+    produced_at: float = 0.0
+
+    @property
+    def heavy(self) -> bool:
+        return self.kind == "view"
+
+
+@dataclass(frozen=True)
+class AckReply:
+    """What the hub answers an ack: its clock, and the subscriber's delivery state."""
+
+    server_time: float
+    delivery_bytes_per_s: float
+    in_flight_bytes: int
 
 
 @dataclass
@@ -143,6 +175,9 @@ class Subscriber:
     codec: int
     max_points: int
     topic: Topic
+    id: str = ""
+    """Names the subscription in acks (unguessable: only its stream's reader knows it)."""
+    window: DeliveryWindow = field(default_factory=DeliveryWindow)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     pacer: Pacer = field(default_factory=Pacer)
     closed: bool = False
@@ -154,6 +189,8 @@ class Subscriber:
     scalars_due: bool = False
     last_scalars_at: float = -math.inf
     pending_views: dict[str, CachedView] = field(default_factory=dict)
+    scalar_row_bytes: float = 40.0
+    """Bytes per point in every series of a scalar frame, measured on the last one."""
     views_due: bool = False
     next_view_at: float = 0.0
     frames_sent: int = 0
@@ -211,7 +248,8 @@ class HubLimits:
     default_max_points: int = 64
     max_points_limit: int = 4096
     history_points: int = 1024
-    """Buckets per series kept for a new subscriber's snapshot."""
+    """Buckets per series kept for a new subscriber's snapshot (which gets them
+    down-sampled to twice its ``max_points``)."""
     max_subscribers: int = 1000
     max_log_chunks: int = 4096
     """Scalar batches kept for subscribers that lag; older ones move into the
@@ -220,6 +258,15 @@ class HubLimits:
     release_after_s: float = 30.0
     """An ended run's topic is dropped this long after its last update, once
     nobody watches it (a later subscriber gets it again from the lookup)."""
+    slow_link_bytes_per_s: float = 32_000.0
+    """Below this measured delivery rate (256 kbit/s) a changed status goes out at
+    most every 2 x ``status_interval_s``."""
+    scalar_share: float = 0.15
+    """Scalar frames are down-sampled to use at most this share of a subscriber's
+    delivery rate (measured from acks; without feedback, the cap's floor): status
+    and views need the rest."""
+    feedback: FeedbackLimits = field(default_factory=FeedbackLimits)
+    """In-flight limits: ack-clocked with feedback, a cap without (feedback.py)."""
 
 
 class UpdateHub:
@@ -241,6 +288,7 @@ class UpdateHub:
         self.topics: dict[str, Topic] = {}
         self.publishers: set[PublisherHandle] = set()
         self.subscriber_count = 0
+        self.subscriptions: dict[str, Subscriber] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -324,6 +372,7 @@ class UpdateHub:
                 if sub.wants(view.kind):
                     if key in sub.pending_views:
                         sub.views_skipped += 1
+                        _VIEWS_SKIPPED.inc()
                     sub.pending_views[key] = cached
         else:
             raise InvalidArgumentError(f"PublishRequest for run {req.run_id!r} has no body")
@@ -451,19 +500,27 @@ class UpdateHub:
         sub = Subscriber(
             run_id, frozenset(views), max_fps or limits.default_fps, codec,
             max_points or limits.default_max_points, topic,
+            id=secrets.token_urlsafe(12), window=DeliveryWindow(limits.feedback),
         )
         sub.pacer.headroom = limits.pacing_headroom
         sub.scalar_cursor = topic.seq
         topic.subscribers.add(sub)
+        self.subscriptions[sub.id] = sub
         self.subscriber_count += 1
+        metrics.SUBSCRIBERS.labels(run_id).set(len(topic.subscribers))
         self._watchers_changed(run_id)
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
         if sub in sub.topic.subscribers:
             sub.topic.subscribers.discard(sub)
+            self.subscriptions.pop(sub.id, None)
             self.subscriber_count -= 1
             self._watchers_changed(sub.run_id)
+            if sub.topic.subscribers:
+                metrics.SUBSCRIBERS.labels(sub.run_id).set(len(sub.topic.subscribers))
+            else:
+                metrics.SUBSCRIBERS.remove(sub.run_id)
         sub.closed = True
         sub.pending_views.clear()
         sub.overflow = None
@@ -473,21 +530,33 @@ class UpdateHub:
 
     def snapshot(self, sub: Subscriber) -> list[bytes]:
         """The frames a new subscriber gets first: status, history, latest views."""
+        return [out.data for out in self._snapshot(sub)]
+
+    def _snapshot(self, sub: Subscriber) -> list[Outgoing]:
         topic = sub.topic
         suffix = SNAPSHOT_SUFFIX + _sent_at(self._wall())
-        out: list[bytes] = []
+        out: list[Outgoing] = []
         if topic.status_frame:
-            out.append(topic.status_frame + suffix)
+            assert topic.status is not None
+            out.append(Outgoing(topic.status_frame + suffix, "status", topic.status.produced_at))
             sub.status_version = topic.status_version
             sub.last_status_at = self._clock()
             sub.status_due = False
         history = topic.history.peek()
+        if history and max(len(b) for b in history.values()) > 2 * sub.max_points:
+            # The first screen needs the curve's shape, not 1024 buckets: at 64 kbit/s
+            # those alone would hold every live frame back for seconds.
+            coarse = ScalarBuffer(2 * sub.max_points)
+            coarse.extend(history)
+            history = coarse.take()
         if history:
             step = max(b[-1].step for b in history.values())
-            out.append(spb.Frame(step=step, scalars=to_batch(history)).SerializeToString() + suffix)
+            out.append(Outgoing(
+                spb.Frame(step=step, scalars=to_batch(history)).SerializeToString() + suffix, "scalars"
+            ))
         for key, cached in topic.views.items():
             if sub.wants(cached.kind):
-                out.append(cached.frame(sub.codec) + suffix)
+                out.append(Outgoing(cached.frame(sub.codec) + suffix, "view", cached.produced_at))
                 sub.pending_views.pop(key, None)
         return out
 
@@ -511,15 +580,19 @@ class UpdateHub:
             for sub in topic.subscribers:
                 wake = False
                 since = now - sub.last_status_at
+                interval = limits.status_interval_s
+                rate = sub.window.bytes_per_s
+                if rate and rate < limits.slow_link_bytes_per_s and sub.window.has_feedback(now):
+                    interval *= 2  # on a slow link every status costs the views bandwidth
                 if since >= limits.keepalive_s or (
-                    sub.status_version != topic.status_version and since >= limits.status_interval_s
+                    sub.status_version != topic.status_version and since >= interval
                 ):
                     sub.status_due = wake = True
                 if (topic.seq > sub.scalar_cursor or sub.overflow) and (
                     now - sub.last_scalars_at >= limits.scalar_interval_s
                 ):
                     sub.scalars_due = wake = True
-                if sub.pending_views and now >= sub.next_view_at:
+                if sub.pending_views and now >= sub.next_view_at and self._window_open(sub, now):
                     sub.views_due = wake = True
                 if wake:
                     sub.wake.set()
@@ -549,13 +622,58 @@ class UpdateHub:
             for pub in self.publishers:
                 pub.runs.discard(topic.run_id)
 
+    def _window_open(self, sub: Subscriber, now: float) -> bool:
+        """May ``sub``'s pending views go out, given the bytes in flight to it?"""
+        nbytes = max(len(cached.frame(sub.codec)) for cached in sub.pending_views.values())
+        if sub.window.may_send(nbytes, now, sub.pacer.bytes_per_s):
+            return True
+        (_HELD_ACKED if sub.window.has_feedback(now) else _HELD_CAP).inc()
+        return False
+
+    # -- feedback ---------------------------------------------------------
+    def ack(self, subscription_id: str, run_id: str, seq: int, received_at: float) -> AckReply:
+        """A subscriber received every frame up to ``seq`` (see feedback.py).
+
+        Sequence numbers never sent or older than one acknowledged already are
+        ignored and counted, not errors: acks may be reordered on the way.
+        """
+        if not subscription_id:
+            raise InvalidArgumentError("subscription_id is empty (it comes in the first frame of Subscribe)")
+        if math.isnan(received_at) or math.isinf(received_at) or received_at < 0:
+            raise InvalidArgumentError(f"received_at must be Unix seconds >= 0, got {received_at}")
+        sub = self.subscriptions.get(subscription_id)
+        if sub is None or (run_id and run_id != sub.run_id):
+            raise NotFoundError(
+                f"no subscription {subscription_id!r}"
+                + (f" to run {run_id!r}" if run_id else "")
+                + " on this streamer (it ended, or another replica serves it)"
+            )
+        now = self._clock()
+        result = sub.window.ack(seq, received_at, now)
+        _ACKS[result.outcome].inc()
+        if result.outcome is AckOutcome.ACCEPTED:
+            wall = self._wall()
+            for kind, produced_at in result.produced_at:
+                if produced_at > 0:
+                    _ACK_LAG[kind].observe(max(0.0, wall - produced_at))
+            if result.rate_sample is not None:
+                metrics.DELIVERY_RATE.observe(result.rate_sample)
+            if (sub.pending_views and not sub.views_due and now >= sub.next_view_at
+                    and self._window_open(sub, now)):
+                sub.views_due = True  # the view waited for this ack: send it now, not at the next tick
+                sub.wake.set()
+        return AckReply(
+            server_time=self._wall(), delivery_bytes_per_s=sub.window.bytes_per_s or 0.0,
+            in_flight_bytes=sub.window.unacked_bytes,
+        )
+
     # -- sending ----------------------------------------------------------
-    def due_frames(self, sub: Subscriber) -> list[tuple[bytes, bool]]:
-        """What ``sub`` sends now, most urgent first, as (bytes, is_heavy)."""
+    def due_frames(self, sub: Subscriber) -> list[Outgoing]:
+        """What ``sub`` sends now, most urgent first."""
         topic = sub.topic
         now = self._clock()
         suffix = _sent_at(self._wall())
-        out: list[tuple[bytes, bool]] = []
+        out: list[Outgoing] = []
         if sub.status_due:
             sub.status_due = False
             sub.last_status_at = now
@@ -563,31 +681,47 @@ class UpdateHub:
             frame = topic.status_frame or spb.Frame(
                 status=cpb.RunStatus(run_id=sub.run_id, state=cpb.RUN_STATE_UNSPECIFIED)
             ).SerializeToString()
-            out.append((frame + suffix, False))
+            out.append(Outgoing(frame + suffix, "status", topic.status.produced_at if topic.status else 0.0))
         if sub.scalars_due:
             sub.scalars_due = False
             sub.last_scalars_at = now
             frame = self._scalar_frame(sub)
             if frame:
-                out.append((frame + suffix, False))
+                out.append(Outgoing(frame + suffix, "scalars"))
         if sub.views_due:
             sub.views_due = False
             for key in list(sub.pending_views):
                 cached = sub.pending_views.pop(key)
-                out.append((cached.frame(sub.codec) + suffix, True))
+                out.append(Outgoing(cached.frame(sub.codec) + suffix, "view", cached.produced_at))
         return out
+
+    def _scalar_points(self, sub: Subscriber) -> int:
+        """Points per series in ``sub``'s next scalar frame: its ``max_points``, fewer
+        when its link is known to be slow (merged into buckets, never dropped)."""
+        now = self._clock()
+        if sub.window.has_feedback(now):
+            rate = sub.window.bytes_per_s
+        else:  # no feedback: as slow as the floor the cap assumes, or what writes measured
+            rate = sub.window.fallback_rate(sub.pacer.bytes_per_s)
+        if not rate:
+            return sub.max_points
+        budget = self.limits.scalar_share * rate * self.limits.scalar_interval_s
+        return max(2, min(sub.max_points, int(budget / sub.scalar_row_bytes)))
 
     def _scalar_frame(self, sub: Subscriber) -> bytes:
         topic = sub.topic
         start, end = sub.scalar_cursor, topic.seq
         sub.scalar_cursor = end
+        points = self._scalar_points(sub)
         if sub.overflow is None:
-            key = (start, end, sub.max_points)
+            key = (start, end, points)
             cached = topic.scalar_cache.get(key)
             if cached is not None:
                 return cached
         private = sub.overflow is not None
-        buffer = sub.overflow or ScalarBuffer(sub.max_points)
+        buffer = ScalarBuffer(points)
+        if sub.overflow is not None:
+            buffer.extend(sub.overflow.take())
         sub.overflow = None
         for seq, series in topic.log:
             if seq > start:
@@ -597,31 +731,56 @@ class UpdateHub:
             return b""
         step = max(b[-1].step for b in series_out.values())
         frame = spb.Frame(step=step, scalars=to_batch(series_out)).SerializeToString()
+        sub.scalar_row_bytes = max(8.0, len(frame) / max(len(b) for b in series_out.values()))
         if not private:
-            topic.scalar_cache[(start, end, sub.max_points)] = frame
+            topic.scalar_cache[(start, end, points)] = frame
         self._trim_log(topic)
         return frame
 
-    def record_write(self, sub: Subscriber, nbytes: int, seconds: float, heavy: bool) -> None:
+    def numbered(self, sub: Subscriber, out: Outgoing) -> bytes:
+        """``out``'s bytes with its sequence number (and, first, the subscription id),
+        recorded as in flight: call it as the frame goes to the transport."""
+        now = self._clock()
+        seq = sub.window.sent(len(out.data), out.kind, out.produced_at, now, sub.pacer.bytes_per_s)
+        suffix = spb.Frame(seq=seq, subscription_id=sub.id if seq == 1 else "").SerializeToString()
+        if out.produced_at > 0:
+            _SEND_LAG[out.kind].observe(max(0.0, self._wall() - out.produced_at))
+        return out.data + suffix
+
+    def record_write(self, sub: Subscriber, nbytes: int, seconds: float, kind: str) -> None:
         """A frame took ``seconds`` to write: feed pacing and the stats."""
         sub.pacer.record(nbytes, seconds)
         sub.frames_sent += 1
         sub.bytes_sent += nbytes
-        if heavy:
+        _SENT[kind].inc()
+        _SENT_BYTES[kind].inc(nbytes)
+        if kind == "view":
             sub.views_sent += 1
             now = self._clock()
-            sub.next_view_at = max(
-                now - seconds + 1.0 / sub.max_fps, now + sub.pacer.spacing_s(nbytes) - seconds
-            )
+            spacing = 1.0 / sub.max_fps
+            if not sub.window.has_feedback(now):  # acks pace it better than blocking writes
+                spacing = max(spacing, sub.pacer.spacing_s(nbytes))
+            sub.next_view_at = now - seconds + spacing
 
-    async def frames(self, sub: Subscriber) -> AsyncIterator[tuple[bytes, bool]]:
+    async def frames(self, sub: Subscriber) -> AsyncIterator[Outgoing]:
         """The subscriber's stream: snapshot, then what the ticker lets through."""
-        for data in self.snapshot(sub):
-            yield data, False
+        for out in self._snapshot(sub):
+            yield out
         while not sub.closed:
             await sub.wake.wait()
             sub.wake.clear()
             if sub.closed:
                 return
-            for item in self.due_frames(sub):
-                yield item
+            for out in self.due_frames(sub):
+                yield out
+
+
+_KINDS = ("status", "scalars", "view")
+_SENT = {kind: metrics.FRAMES_SENT.labels(kind) for kind in _KINDS}
+_SENT_BYTES = {kind: metrics.SENT_BYTES.labels(kind) for kind in _KINDS}
+_VIEWS_SKIPPED = metrics.FRAMES_SKIPPED.labels("view")
+_HELD_ACKED = metrics.HEAVY_HELD.labels("acked")
+_HELD_CAP = metrics.HEAVY_HELD.labels("cap")
+_SEND_LAG = {kind: metrics.SEND_LAG.labels(kind) for kind in _KINDS}
+_ACK_LAG = {kind: metrics.ACK_LAG.labels(kind) for kind in _KINDS}
+_ACKS = {outcome: metrics.ACKS.labels(outcome.value) for outcome in AckOutcome}

@@ -36,7 +36,8 @@ class StreamerServicer:
             accept_codecs=request.accept_codecs, max_points=request.max_points,
         )
         try:
-            async for data, heavy in hub.frames(sub):
+            async for out in hub.frames(sub):
+                data = hub.numbered(sub, out)
                 started = time.monotonic()
                 try:
                     await context.write(data)  # returns once gRPC took the frame
@@ -44,9 +45,16 @@ class StreamerServicer:
                     if context.done():
                         return  # the viewer went away mid-write: nothing to report
                     raise
-                hub.record_write(sub, len(data), time.monotonic() - started, heavy)
+                hub.record_write(sub, len(data), time.monotonic() - started, out.kind)
         finally:
             hub.unsubscribe(sub)
+
+    async def Ack(self, request: pb.AckRequest, context: grpc.aio.ServicerContext) -> pb.AckResponse:
+        reply = self._hub.ack(request.subscription_id, request.run_id, request.seq, request.received_at)
+        return pb.AckResponse(
+            server_time=reply.server_time, delivery_bytes_per_s=reply.delivery_bytes_per_s,
+            in_flight_bytes=reply.in_flight_bytes,
+        )
 
     async def Publish(
         self, requests: AsyncIterator[pb.PublishRequest], context: grpc.aio.ServicerContext
@@ -86,6 +94,10 @@ def register(servicer: StreamerServicer, server: grpc.aio.Server) -> None:
         "Publish": grpc.stream_stream_rpc_method_handler(
             servicer.Publish, request_deserializer=pb.PublishRequest.FromString,
             response_serializer=pb.PublishResponse.SerializeToString,
+        ),
+        "Ack": grpc.unary_unary_rpc_method_handler(
+            servicer.Ack, request_deserializer=pb.AckRequest.FromString,
+            response_serializer=pb.AckResponse.SerializeToString,
         ),
     }
     generic = grpc.method_handlers_generic_handler(SERVICE, handlers)

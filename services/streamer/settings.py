@@ -46,3 +46,18 @@ class StreamerSettings(ServerSettings):
         help="an ended run's state leaves memory this long after its last update, once "
              "nobody watches it", min=0,
     )
+    unacked_cap_kb: float = setting(
+        6.0, env="UNACKED_CAP_KB",
+        help="subscribers that send no Ack get no view while more than this many KB are "
+             "estimated in flight", min=1, max=100_000,
+    )
+    unacked_floor_kbps: float = setting(
+        48.0, env="UNACKED_FLOOR_KBPS",
+        help="without Acks, bytes in flight are assumed to drain at least this fast (kbit/s): "
+             "a little below the slowest link the cap holds to its bound", min=1, max=10_000_000,
+    )
+    ack_stale_s: float = setting(
+        3.0, env="ACK_STALE_S",
+        help="a subscriber whose last Ack is older than this is held to the cap again",
+        min=0.5, max=60,
+    )

@@ -23,6 +23,7 @@ from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.publishing import Link, StreamLinks
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
+from . import metrics
 from .loop import TERMINAL, LiveStatus, Snapshot, TrainingLoop
 from .runs import Run, RunManager
 from .viewworker import ViewWorker
@@ -69,6 +70,8 @@ class Publisher:
         )
         self.views_built = 0
         self._last_status: dict[str, tuple[float, int, int]] = {}
+        self._reconnects_counted: dict[str, int] = {}
+        self._steps_counted: dict[str, int] = {}
         self._next_view_at: dict[str, float] = {}
         self._building: dict[str, asyncio.Task[None]] = {}
         self._view_models: dict[str, object] = {}
@@ -122,6 +125,7 @@ class Publisher:
     def collect(self) -> None:
         """One tick: statuses, scalars and (when watched) view builds."""
         now = time.monotonic()
+        active = 0
         for run in self.runs.list_runs():
             run_id = run.run_id
             if run.external:
@@ -131,6 +135,11 @@ class Publisher:
                 self.streams.publish_scalars(run_id, series)
             status = run.loop.status
             state = run.state
+            active += state not in TERMINAL
+            counted = self._steps_counted.get(run_id, 0)
+            if status.step > counted:
+                metrics.STEPS.labels(run_id).inc(status.step - counted)
+                self._steps_counted[run_id] = status.step
             last = self._last_status.get(run_id)
             if last is not None and last[2] != state:
                 # Paused -> running (or any change): the views stopped at the pause
@@ -146,6 +155,14 @@ class Publisher:
                 ).SerializeToString()
                 self.streams.publish_status(run_id, msg)
             self._maybe_build_view(run, now, state)
+        metrics.RUNS_ACTIVE.set(active)
+        for link in self.links.values():
+            metrics.PUBLISH_QUEUE.labels(link.address).set(link.depth())
+            # Reconnects: every connect after a link's first (counted from 0, before any).
+            counted = self._reconnects_counted.get(link.address, 0)
+            reconnects = max(0, link.connects - 1)
+            metrics.PUBLISH_RECONNECTS.labels(link.address).inc(reconnects - counted)
+            self._reconnects_counted[link.address] = reconnects
 
     def _maybe_build_view(self, run: Run, now: float, state: int) -> None:
         run_id = run.run_id

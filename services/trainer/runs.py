@@ -47,6 +47,7 @@ from tensorwire.errors import (
 
 from .external import ExternalLoop, ExternalTask
 from .loop import TERMINAL, Snapshot, TrainingLoop, TrainingState
+from .metrics import CHECKPOINTS
 from .recorder import RunRecorder
 from .store import (
     RunEvent,
@@ -224,7 +225,10 @@ class CheckpointWriter:
             try:
                 self._write(run, snap)
             except Exception:
+                CHECKPOINTS.labels("failed").inc()
                 log.exception("checkpoint of run %s at step %d failed", run.run_id, snap.step)
+            else:
+                CHECKPOINTS.labels("written").inc()
             finally:
                 self.writing = None
 

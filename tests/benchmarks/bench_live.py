@@ -2,13 +2,15 @@
 
 Run as root (it creates a network namespace and shapes its loopback with htb)::
 
-    sudo .venv/bin/python tests/benchmarks/bench_live.py            # ~7 minutes
+    sudo .venv/bin/python tests/benchmarks/bench_live.py            # ~20 minutes
     sudo .venv/bin/python tests/benchmarks/bench_live.py --window-s 5 --tasks spiral
+    sudo .venv/bin/python tests/benchmarks/bench_live.py --tasks spiral --no-naive \
+        --conditions 64kbit,32kbit --scenarios all          # the harshest links only
 
 Inside a fresh namespace it starts the real streamer and trainer processes,
 starts a run, and measures training steps/s in windows: no viewer, one viewer
 with the streamer's port throttled to 1 Mbit/s, to 500 kbit/s, and 100
-unthrottled viewers; each no-viewer window sits between the others and each
+unthrottled viewers (and 64 and 32 kbit/s); each no-viewer window sits between the others and each
 ratio is taken against the mean of the neighbouring no-viewer windows (the
 machine is shared, so absolute speeds drift). It prints, for ``spiral`` and a
 heavier task, unpinned and with the trainer pinned to CPU 0 and streamer +
@@ -19,7 +21,13 @@ viewers to CPU 1 (``taskset``):
   step shown, sampled every 50 ms);
 - bytes per heavy frame, and the same frame as JSON;
 - the same for a naive sender (each step's view as JSON, the loop awaiting the
-  send), the user's original complaint.
+  send), the user's original complaint;
+- lag scenarios with one viewer on gRPC's default channel settings (the
+  namespace keeps kernel-default sysctls unless ``--notsent-lowat`` is given):
+  64 kbit/s with and without acks, 32 kbit/s, 1 Mbit/s, a 1 Mbit/s -> 64 kbit/s
+  -> 1 Mbit/s step (time until the view lag is back under 0.5 s), and 300 ms
+  RTT at 256 kbit/s through tests/support/delay_proxy.py: status, scalar and
+  view lag p50/p95 (status: produced -> arrived; scalars and view: age on screen).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 PY = sys.executable
-STREAMER_PORT, TRAINER_PORT, NAIVE_PORT = 52052, 52051, 52053
+STREAMER_PORT, TRAINER_PORT, NAIVE_PORT, PROXY_PORT = 52052, 52051, 52053, 52054
 
 
 def _pin(core: int | None) -> list[str]:
@@ -129,7 +137,64 @@ async def _viewer(run_id: str, count: int, pairs: int, slot_s: float, core: int 
     return json.loads(lines[-1]) if lines else {"error": "viewer printed nothing"}
 
 
-CONDITIONS = (("1mbit", 1, "1mbit"), ("500kbit", 1, "500kbit"), ("100 viewers", 100, None))
+CONDITIONS = (("1mbit", 1, "1mbit"), ("500kbit", 1, "500kbit"), ("64kbit", 1, "64kbit"),
+              ("32kbit", 1, "32kbit"), ("100 viewers", 100, None))
+
+SCENARIOS = ("64kbit", "64kbit no ack", "32kbit", "1mbit", "step", "rtt300")
+
+
+async def _watch(target_port: int, run_id: str, seconds: float, core: int | None, log: Path,
+                 *extra: str) -> asyncio.subprocess.Process:
+    cmd = [*_pin(core), PY, "-m", "tests.support.viewer", "--target", f"127.0.0.1:{target_port}",
+           "--trainer", f"127.0.0.1:{TRAINER_PORT}", "--run-id", run_id, "--watch-s", str(seconds),
+           "--plain-channel", *extra]
+    return await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                                                stderr=open(log, "ab"))
+
+
+async def _summary(proc: asyncio.subprocess.Process) -> dict:
+    out, _ = await proc.communicate()
+    lines = out.decode().strip().splitlines()
+    return json.loads(lines[-1]) if lines else {"error": "viewer printed nothing"}
+
+
+async def measure_scenarios(run_id: str, names: list[str], core: int | None, ns: object, log: Path) -> dict:
+    """One viewer per scenario on gRPC's default channel settings (see the module doc)."""
+    out: dict[str, dict] = {}
+    for name in names:
+        if name == "step":
+            ns.throttle(STREAMER_PORT, "1mbit")  # type: ignore[attr-defined]
+            proc = await _watch(STREAMER_PORT, run_id, 20, core, log, "--warmup-s", "2")
+            await asyncio.sleep(7)
+            ns.throttle(STREAMER_PORT, "64kbit")  # type: ignore[attr-defined]
+            await asyncio.sleep(7)
+            ns.throttle(STREAMER_PORT, "1mbit")  # type: ignore[attr-defined]
+            back = time.time()
+            result = await _summary(proc)
+            series = result.pop("lag_series", [])
+            slow = sorted(v for t, v in series if back - 5 <= t < back)
+            late = [t for t, v in series if t >= back and v >= 0.5]
+            result["recovery_s"] = (max(late) - back) if late else 0.0
+            result["slow_lag_p95"] = slow[int(0.95 * len(slow))] if slow else None
+            out[name] = result
+            continue
+        if name == "rtt300":
+            ns.throttle(PROXY_PORT, "256kbit")  # type: ignore[attr-defined]
+            proxy = _spawn([*_pin(core), PY, "-m", "tests.support.delay_proxy", "--listen", str(PROXY_PORT),
+                            "--target", f"127.0.0.1:{STREAMER_PORT}", "--delay-ms", "150"], log)
+            await asyncio.sleep(1.0)
+            try:
+                out[name] = await _summary(await _watch(PROXY_PORT, run_id, 20, core, log, "--warmup-s", "5"))
+            finally:
+                _stop(proxy)
+            out[name].pop("lag_series", None)
+            continue
+        rate = name.split()[0]
+        ns.throttle(STREAMER_PORT, rate)  # type: ignore[attr-defined]
+        extra = ["--no-ack"] if "no ack" in name else []
+        out[name] = await _summary(await _watch(STREAMER_PORT, run_id, 20, core, log, "--warmup-s", "5", *extra))
+        out[name].pop("lag_series", None)
+    return out
 
 
 async def measure_design(task: str, pinned: bool, args: argparse.Namespace, ns: object, workdir: Path) -> dict:
@@ -151,6 +216,7 @@ async def measure_design(task: str, pinned: bool, args: argparse.Namespace, ns: 
         run_id = await client.start(task)
         await asyncio.sleep(3.0)  # warm up
         results: dict[str, dict] = {}
+        load_before = os.getloadavg()
         for name, count, rate in CONDITIONS:
             if args.conditions and name not in args.conditions.split(","):
                 continue
@@ -160,6 +226,11 @@ async def measure_design(task: str, pinned: bool, args: argparse.Namespace, ns: 
                 ns.unthrottle()  # type: ignore[attr-defined]
             results[name] = await _viewer(run_id, count, args.pairs, args.slot_s, other_core, log,
                                           _python_child(trainer.pid))
+        chosen = {"all": ",".join(SCENARIOS), "none": ""}.get(args.scenarios, args.scenarios)
+        scenarios = [s for s in chosen.split(",") if s]
+        if scenarios:
+            results["scenarios"] = await measure_scenarios(run_id, scenarios, other_core, ns, log)
+        results["load"] = {"before": load_before, "after": os.getloadavg()}
         return results
     finally:
         if client is not None:
@@ -307,6 +378,17 @@ def report(task: str, pinned: bool, design: dict, naive: dict | None) -> None:
               f"{_fmt(v.get('steps_per_s_on'), '.0f')} steps/s watched vs {_fmt(v.get('steps_per_s_off'), '.0f')} not); "
               f"lag p50 {_fmt(v.get('lag_p50'))} s, p95 {_fmt(v.get('lag_p95'))} s; views {v.get('views')}, "
               f"status max gap {_fmt(v.get('max_status_gap_s'))} s, scalar gaps {v.get('scalar_gaps')}{extra}{errors}")
+    for name, v in design.get("scenarios", {}).items():
+        step = (f"; back under 0.5 s {_fmt(v.get('recovery_s'))} s after the bandwidth returned, "
+                f"view lag p95 during 64 kbit/s {_fmt(v.get('slow_lag_p95'))} s") if name == "step" else ""
+        print(f"  {name:>13} (default channel): status lag p50 {_fmt(v.get('status_lag_p50'))} "
+              f"p95 {_fmt(v.get('status_lag_p95'))} s; scalars p50 {_fmt(v.get('scalar_lag_p50'))} "
+              f"p95 {_fmt(v.get('scalar_lag_p95'))} s; view p50 {_fmt(v.get('lag_p50'))} "
+              f"p95 {_fmt(v.get('lag_p95'))} s; transit p50 {_fmt(v.get('transit_p50'))} s; "
+              f"views {v.get('views')}, acks {v.get('acks')}, scalar gaps {v.get('scalar_gaps')}"
+              f"{step}{', error ' + v['error'] if v.get('error') else ''}")
+    if "load" in design:
+        print(f"  load average (1, 5, 15 min) before {design['load']['before']}, after {design['load']['after']}")
     v = design.get("1mbit", {})
     if v.get("view_bytes_mean") and v.get("json_bytes_mean"):
         print(f"  bytes per heavy frame: {v['view_bytes_mean']:.0f} vs JSON {v['json_bytes_mean']:.0f} "
@@ -341,7 +423,12 @@ def main() -> int:
     parser.add_argument("--slot-s", type=float, default=2.0, help="length of a viewer on/off slot")
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--pinning", choices=("both", "pinned", "unpinned"), default="both")
-    parser.add_argument("--conditions", default="", help="comma list of: 1mbit,500kbit,100 viewers")
+    parser.add_argument("--conditions", default="",
+                        help="comma list of: 1mbit,500kbit,64kbit,32kbit,100 viewers")
+    parser.add_argument("--scenarios", default="all",
+                        help=f"comma list of: {','.join(SCENARIOS)}; all; or none")
+    parser.add_argument("--notsent-lowat", type=int, default=0,
+                        help="net.ipv4.tcp_notsent_lowat in the namespace (0: the kernel's default)")
     parser.add_argument("--trainer-arg", action="append", default=[],
                         help="extra flag for the trainer, e.g. --trainer-arg=--max-fps=5")
     parser.add_argument("--inside", help=argparse.SUPPRESS)
@@ -362,10 +449,11 @@ def main() -> int:
     if not is_root():
         print("bench_live needs root (network namespace + tc); run it with sudo", file=sys.stderr)
         return 2
-    with ThrottledNetns("twa") as ns:
+    with ThrottledNetns("twa", notsent_lowat=args.notsent_lowat) as ns:
         cmd = [*ns.prefix(), PY, __file__, "--inside", ns.name, "--tasks", args.tasks,
                "--window-s", str(args.window_s), "--pinning", args.pinning,
-               "--pairs", str(args.pairs), "--slot-s", str(args.slot_s), "--conditions", args.conditions]
+               "--pairs", str(args.pairs), "--slot-s", str(args.slot_s), "--conditions", args.conditions,
+               "--scenarios", args.scenarios]
         cmd += [f"--trainer-arg={a}" for a in args.trainer_arg]
         cmd += ["--no-naive"] if args.no_naive else []
         return subprocess.call(cmd, cwd=ROOT)

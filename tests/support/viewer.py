@@ -5,9 +5,13 @@ command inside a network namespace: ``python -m tests.support.viewer ...``, whic
 prints one JSON line of results).
 
 Per viewer it records: the lag of the view on screen (now minus the production
-time of the step it shows, sampled every ``sample_s``), heavy frame sizes and the
+time of the step it shows, sampled every ``sample_s``), the lag of the scalars
+on screen (the trainer's step now, extrapolated from the newest status, minus
+the newest scalar step received, over steps/s), the arrival lag of status
+frames, heavy frame sizes and the
 same frames as JSON, status frame gaps, and whether the scalar series it received
-covers every step (no missing ranges).
+covers every step (no missing ranges). It acknowledges frames like the browser does
+(``tensorwire.live.FrameAcker``) unless told not to (``ack=False``: an old client).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import grpc
 
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.live import FrameAcker
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
 
@@ -42,7 +47,16 @@ class ViewerStats:
     view_bytes: list[int] = field(default_factory=list)
     json_bytes: list[int] = field(default_factory=list)
     lags: list[float] = field(default_factory=list)
+    lag_times: list[float] = field(default_factory=list)
+    """Wall time of each ``lags`` sample (for a bandwidth step's recovery)."""
     arrival_lags: list[float] = field(default_factory=list)
+    status_lags: list[float] = field(default_factory=list)
+    transit_lags: list[float] = field(default_factory=list)
+    """Streamer send -> arrival (``sent_at``; same host clock in the tests), any frame."""
+    scalar_lags: list[float] = field(default_factory=list)
+    acks: int = 0
+    in_flight: list[int] = field(default_factory=list)
+    """Bytes in flight as the streamer's ack answers said (sampled)."""
     max_status_gap_s: float = 0.0
     first_live_view_s: float | None = None
     scalar_first: int = 0
@@ -65,9 +79,16 @@ class ViewerStats:
             "json_bytes_mean": statistics.fmean(self.json_bytes) if self.json_bytes else None,
             "lag_p50": pct(self.lags, 0.5), "lag_p95": pct(self.lags, 0.95),
             "arrival_lag_p50": pct(self.arrival_lags, 0.5), "arrival_lag_p95": pct(self.arrival_lags, 0.95),
+            "transit_p50": pct(self.transit_lags, 0.5), "transit_p95": pct(self.transit_lags, 0.95),
+            "status_lag_p50": pct(self.status_lags, 0.5), "status_lag_p95": pct(self.status_lags, 0.95),
+            "scalar_lag_p50": pct(self.scalar_lags, 0.5), "scalar_lag_p95": pct(self.scalar_lags, 0.95),
+            "acks": self.acks,
+            "in_flight_p50": pct([float(b) for b in self.in_flight], 0.5),
+            "in_flight_p95": pct([float(b) for b in self.in_flight], 0.95),
             "max_status_gap_s": self.max_status_gap_s, "first_live_view_s": self.first_live_view_s,
             "scalar_first": self.scalar_first, "scalar_last": self.scalar_last,
-            "scalar_gaps": len(self.scalar_gaps), "error": self.error,
+            "scalar_gaps": len(self.scalar_gaps), "scalar_gap_list": self.scalar_gaps[:5],
+            "error": self.error,
         }
 
 
@@ -96,20 +117,37 @@ async def watch(
     series: str = "loss",
     stats: ViewerStats | None = None,
     live_only: bool = False,
+    ack: bool = True,
+    warmup_s: float = 0.0,
 ) -> ViewerStats:
-    """Subscribe to ``run_id`` for ``duration_s`` and measure what arrives."""
+    """Subscribe to ``run_id`` for ``duration_s`` and measure what arrives (lags
+    only after ``warmup_s``: the snapshot's own transfer is not steady state)."""
     stats = stats or ViewerStats()
     shown_produced_at: list[float] = []
+    newest_status: list[cpb.RunStatus] = []
+    scalar_step = [0]
     start = time.monotonic()
+    measure_from = time.time() + warmup_s
 
     async def sample() -> None:
         while True:
             await asyncio.sleep(sample_s)
+            now = time.time()
+            if now < measure_from:
+                continue
+            if acker is not None and acker.last_reply is not None:
+                stats.in_flight.append(acker.last_reply.in_flight_bytes)
             if shown_produced_at:
-                stats.lags.append(time.time() - shown_produced_at[0])
+                stats.lags.append(now - shown_produced_at[0])
+                stats.lag_times.append(now)
+            if newest_status and scalar_step[0] and newest_status[0].steps_per_second > 0:
+                st = newest_status[0]
+                trainer_step = st.step + (now - st.produced_at) * st.steps_per_second
+                stats.scalar_lags.append(max(0.0, trainer_step - scalar_step[0]) / st.steps_per_second)
 
     stub = spb_grpc.StreamerServiceStub(channel)
     call = stub.Subscribe(spb.SubscribeRequest(run_id=run_id, accept_codecs=[cpb.CODEC_DEFLATE]))
+    acker = FrameAcker(channel, run_id) if ack else None
     sampler = asyncio.create_task(sample()) if measure else None
     last_status = None
     stats.scalar_last = 0  # continuity is checked per subscription
@@ -117,10 +155,18 @@ async def watch(
         async with asyncio.timeout(duration_s):
             async for frame in call:
                 now = time.time()
+                if acker is not None:
+                    acker.received(frame, now)
                 stats.frames += 1
+                if measure and frame.sent_at and now >= measure_from:
+                    stats.transit_lags.append(now - frame.sent_at)
                 body = frame.WhichOneof("body")
                 if body == "status":
                     stats.statuses += 1
+                    if measure and frame.status.state == cpb.RUN_STATE_RUNNING:
+                        newest_status[:] = [frame.status]
+                        if not frame.snapshot and now >= measure_from:
+                            stats.status_lags.append(now - frame.status.produced_at)
                     stats.last_status_step = frame.status.step
                     mono = time.monotonic()
                     if last_status is not None:
@@ -130,6 +176,7 @@ async def watch(
                     stats.scalar_frames += 1
                     if measure:
                         _check_scalars(stats, frame, series)
+                        scalar_step[0] = max(scalar_step[0], frame.step)
                 elif body == "view":
                     stats.views += 1
                     if not frame.snapshot and stats.first_live_view_s is None:
@@ -150,6 +197,9 @@ async def watch(
         call.cancel()
         if sampler is not None:
             sampler.cancel()
+        if acker is not None:
+            stats.acks += acker.acks_sent
+            await acker.aclose()
     return stats
 
 
@@ -264,6 +314,28 @@ def _paired(rates: list[float]) -> list[float]:
     return [rates[i] / ((rates[i - 1] + rates[i + 1]) / 2) for i in range(1, len(rates) - 1, 2)]
 
 
+async def watch_once(
+    target: str, trainer_target: str, run_id: str, duration_s: float, *, ack: bool, plain: bool,
+    warmup_s: float = 0.0,
+) -> dict[str, object]:
+    """One viewer for ``duration_s``; the summary plus every (time, view lag) sample."""
+    from tensorwire.trainer.v1 import trainer_pb2 as tpb
+    from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
+
+    if run_id == "auto":
+        async with grpc.aio.insecure_channel(trainer_target) as tch:
+            listed = await tpb_grpc.TrainerServiceStub(tch).ListRuns(
+                tpb.ListRunsRequest(), timeout=60, wait_for_ready=True)
+            run_id = listed.runs[0].run_id
+    channel = grpc.aio.insecure_channel(target) if plain else open_channel(target)
+    async with channel:
+        stats = await watch(channel, run_id, duration_s, ack=ack, warmup_s=warmup_s)
+    summary: dict[str, object] = dict(stats.summary())
+    summary["lag_series"] = [[round(t, 3), round(v, 3)] for t, v in zip(stats.lag_times, stats.lags)]
+    summary["started_at"] = time.time() - duration_s
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--target", required=True)
@@ -273,7 +345,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--slot-s", type=float, default=2.0)
     parser.add_argument("--trainer-pid", type=int, default=0)
+    parser.add_argument("--watch-s", type=float, default=0.0,
+                        help="one viewer for this long instead of alternating slots")
+    parser.add_argument("--no-ack", action="store_true", help="send no Ack (an old client)")
+    parser.add_argument("--plain-channel", action="store_true",
+                        help="gRPC's default channel settings (BDP probing on)")
+    parser.add_argument("--warmup-s", type=float, default=0.0, help="--watch-s: lags measured after this")
     args = parser.parse_args(argv)
+    if args.watch_s:
+        summary = asyncio.run(watch_once(args.target, args.trainer, args.run_id, args.watch_s,
+                                         ack=not args.no_ack, plain=args.plain_channel,
+                                         warmup_s=args.warmup_s))
+        print(json.dumps(summary), flush=True)
+        return 0
     summary = asyncio.run(
         alternate(args.target, args.trainer, args.run_id, args.count, args.pairs, args.slot_s,
                   args.trainer_pid or None)

@@ -46,7 +46,7 @@ def _view(step: int, kind: str = "boundary") -> spb.PublishRequest:
 
 
 def _frames(hub: UpdateHub, sub: object) -> list[spb.Frame]:
-    return [spb.Frame.FromString(data) for data, _ in hub.due_frames(sub)]  # type: ignore[arg-type]
+    return [spb.Frame.FromString(out.data) for out in hub.due_frames(sub)]  # type: ignore[arg-type]
 
 
 def _covered(frames: list[spb.Frame]) -> list[int]:
@@ -140,8 +140,8 @@ def test_views_respect_max_fps_and_pacing() -> None:
     hub.snapshot(sub)
     hub.publish(_view(1))
     hub.tick()
-    data = [d for d, heavy in hub.due_frames(sub) if heavy]
-    hub.record_write(sub, len(data[0]), 0.0, True)
+    data = [out.data for out in hub.due_frames(sub) if out.heavy]
+    hub.record_write(sub, len(data[0]), 0.0, "view")
     hub.publish(_view(2))
     clock.now += 0.25
     hub.tick()

@@ -29,7 +29,11 @@ interface Live {
   pendingProducedAt: number;
   displayedStep: number;
   lagS: number;
+  /** This clock minus the servers': from ack round trips, else gross skew only. */
   clockOffsetS: number;
+  clockFromAcks: boolean;
+  /** Production time of the view on screen (0: none yet). */
+  viewProducedAt: number;
   arrivals: number[];
   series: Map<string, Series>;
   view: LiveView | null;
@@ -47,6 +51,8 @@ const live: Live = {
   displayedStep: 0,
   lagS: 0,
   clockOffsetS: 0,
+  clockFromAcks: false,
+  viewProducedAt: 0,
   arrivals: [],
   series: new Map(),
   view: null,
@@ -67,6 +73,11 @@ const stats = {
   get serverStep() { return live.serverStep; },
   get displayedStep() { return live.displayedStep; },
   get lagS() { return live.lagS; },
+  get clockOffsetS() { return live.clockOffsetS; },
+  get acks() { return rpc.feedback.acks; },
+  get viewStep() { return live.view?.step ?? 0; },
+  get stepsPerS() { return live.status?.stepsPerSecond ?? 0; },
+  get viewProducedAt() { return live.viewProducedAt; },
   get runId() { return live.runId; },
   get state() { return RunState[currentState()] === "UNSPECIFIED" ? "" : RunState[currentState()]; },
   get charts() { return charts.describe(); },
@@ -158,10 +169,13 @@ function render(): void {
   const now = Date.now() / 1000;
   if (live.pendingStep > live.displayedStep || (live.pendingStep && !live.displayedStep)) {
     live.displayedStep = live.pendingStep;
-    live.lagS = Math.max(0, now - live.clockOffsetS - live.pendingProducedAt);
     dirty.add("badge");
   }
   const drewView = dirty.has("view");
+  // The lag is the age of what is on screen: the view once there is one, measured
+  // on the servers' clock, and it grows while nothing new arrives.
+  const shownAt = live.viewProducedAt || live.pendingProducedAt;
+  if (shownAt) live.lagS = Math.max(0, now - live.clockOffsetS - shownAt);
   if (drewView) {
     takeView();
     live.viewLabel = drawView(viewCanvas, live.view);
@@ -243,8 +257,8 @@ function fmtDuration(s: number): string {
   return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
 }
 
-// The badge's updates/s decays while nothing arrives.
-setInterval(() => invalidate("badge"), 1000);
+// The badge's updates/s decays, and its lag grows, while nothing arrives.
+setInterval(() => invalidate("badge"), 250);
 
 // ------------------------------------------------------------------ live frames
 
@@ -254,7 +268,7 @@ function onFrame(frame: Frame, receivedAt: number): void {
   // Clock skew between this browser and the servers: only corrected when it is
   // obviously skew (seconds), never the network delay we want to show as lag.
   const skew = receivedAt - frame.sentAt;
-  if (frame.sentAt && Math.abs(skew) > 5) live.clockOffsetS = skew;
+  if (!live.clockFromAcks && frame.sentAt && Math.abs(skew) > 5) live.clockOffsetS = skew;
   const step = Number(frame.step);
   if (step > live.serverStep) live.serverStep = step;
   if (step >= live.pendingStep && frame.producedAt) {
@@ -301,9 +315,15 @@ function takeView(): void {
   try {
     live.view = { kind: v.kind, step: Number(v.step || frame.step), arrays: decodeAll(v.arrays), meta: { ...v.meta },
                   name: v.name, labels: [...v.labels] };
+    live.viewProducedAt = v.producedAt || frame.producedAt;
   } catch (err) {
     message.textContent = `cannot decode the ${v.kind} view: ${String(err)}`;
   }
+}
+
+function onClockOffset(offsetS: number): void {
+  live.clockOffsetS = offsetS;
+  live.clockFromAcks = true;
 }
 
 function onConnection(state: rpc.ConnectionState, detail: string): void {
@@ -329,7 +349,7 @@ function watch(runId: string): void {
   live.abort?.abort();
   Object.assign(live, {
     runId, status: null, serverStep: 0, pendingStep: 0, pendingProducedAt: 0, displayedStep: 0,
-    lagS: 0, arrivals: [], series: new Map(), view: null, nextView: null,
+    lagS: 0, viewProducedAt: 0, arrivals: [], series: new Map(), view: null, nextView: null,
   });
   charts.clear();
   const abort = new AbortController();
@@ -343,7 +363,7 @@ function watch(runId: string): void {
   const q = new URLSearchParams(location.search);
   q.set("run", runId);
   history.replaceState(null, "", `?${q}`);
-  void rpc.followRun(runId, { frame: onFrame, state: onConnection }, abort.signal, tuning);
+  void rpc.followRun(runId, { frame: onFrame, state: onConnection, clockOffset: onClockOffset }, abort.signal, tuning);
 }
 
 // ------------------------------------------------------------------ runs & controls

@@ -41,6 +41,11 @@ const transport = createGrpcWebTransport({
   useBinaryFormat: true,
   interceptors: [bearer],
 });
+// Sent on Subscribe and Ack: a proxy in front of several streamer replicas
+// (deploy/envoy/envoy.yaml hashes on it) sends a page's acks to the replica
+// that serves its stream.
+const AFFINITY = { "x-tensorwire-affinity": Math.random().toString(36).slice(2) };
+
 const trainer = createClient(TrainerService, transport);
 const streamer = createClient(StreamerService, transport);
 const inference = createClient(GRPCInferenceService, transport);
@@ -116,6 +121,128 @@ export type ConnectionState = "connecting" | "connected" | "reconnecting" | "off
 export interface SubscriptionHandlers {
   frame(frame: Frame, receivedAt: number): void;
   state(state: ConnectionState, detail: string): void;
+  /** This clock minus the streamer's, seconds, whenever acks have measured it. */
+  clockOffset?(offsetS: number): void;
+}
+
+/**
+ * This clock minus the streamer's, from bounds (as tensorwire/live.py): a frame
+ * arrived after the streamer stamped it (`sentAt`), and an ack was answered
+ * after it left and before its answer came back. A round trip's midpoint (NTP)
+ * would be biased on a link whose directions differ (a slow download: the
+ * answer waits behind frames); the tightest bounds are each tight on a fast
+ * direction, and the estimate is the middle of the interval they leave.
+ */
+export class ClockOffset {
+  // Bounds on (streamer clock - this clock), newest 64 of each.
+  private low: number[] = [];
+  private high: number[] = [];
+
+  fromFrame(sentAt: number, receivedAt: number): void {
+    if (sentAt) push(this.low, sentAt - receivedAt);
+  }
+
+  fromAck(sent: number, serverTime: number, back: number): void {
+    push(this.high, serverTime - sent);
+    push(this.low, serverTime - back);
+  }
+
+  /** This clock minus the streamer's, seconds (null until an ack answered). */
+  get offsetS(): number | null {
+    if (!this.high.length || !this.low.length) return null;
+    return -(Math.max(...this.low) + Math.min(...this.high)) / 2;
+  }
+}
+
+function push(values: number[], value: number): void {
+  values.push(value);
+  if (values.length > 64) values.shift();
+}
+
+/** Acks answered since the page loaded (all subscriptions; for tests and the curious). */
+export const feedback = { acks: 0 };
+
+const ACK_STOP = new Set([Code.NotFound, Code.Unimplemented, Code.PermissionDenied, Code.Unauthenticated]);
+
+/**
+ * Delivery feedback for one subscription (the same policy as tensorwire/live.py):
+ * a view is acknowledged at once, other frames at most every `intervalMs`; acks
+ * do not wait for answers (those come back behind the frames on the slow
+ * direction), at most `maxOutstanding` at once. The streamer then keeps at most
+ * about one view in flight, so what arrives is fresh whatever the link holds.
+ * Each answer carries the streamer's clock: with the frames' `sentAt` it bounds
+ * the clock offset (ClockOffset) that makes the lag badge true.
+ */
+export class Acker {
+  acks = 0;
+  private subscriptionId = "";
+  private seq = 0n;
+  private receivedAt = 0;
+  private lastSentMs = -Infinity;
+  private outstanding = 0;
+  private timer = 0;
+  private stopped = false;
+  readonly clock = new ClockOffset();
+
+  constructor(
+    private readonly runId: string,
+    private readonly signal: AbortSignal,
+    private readonly onOffset?: (offsetS: number) => void,
+    private readonly intervalMs = 500,
+    // Browsers open at most 6 HTTP/1.1 connections per origin and each unary call
+    // holds one until its answer: leave room for the stream and the controls.
+    private readonly maxOutstanding = 2,
+  ) {}
+
+  received(frame: Frame, receivedAt: number): void {
+    if (frame.subscriptionId) this.subscriptionId = frame.subscriptionId;
+    this.clock.fromFrame(frame.sentAt, receivedAt);
+    if (!frame.seq || !this.subscriptionId || this.stopped) return;
+    this.seq = frame.seq;
+    this.receivedAt = receivedAt;
+    const wait = this.lastSentMs + this.intervalMs - performance.now();
+    if (frame.body.case === "view" || wait <= 0) this.send();
+    else if (!this.timer) this.timer = window.setTimeout(() => this.send(), wait);
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+  }
+
+  private send(): void {
+    clearTimeout(this.timer);
+    this.timer = 0;
+    if (this.stopped || this.signal.aborted) return;
+    if (this.outstanding >= this.maxOutstanding) {
+      this.timer = window.setTimeout(() => this.send(), this.intervalMs);
+      return;
+    }
+    this.lastSentMs = performance.now();
+    this.outstanding++;
+    const sent = Date.now() / 1000;
+    streamer
+      .ack(
+        { subscriptionId: this.subscriptionId, runId: this.runId, seq: this.seq, receivedAt: this.receivedAt },
+        { signal: this.signal, timeoutMs: CONTROL_TIMEOUT_MS, headers: AFFINITY },
+      )
+      .then((reply) => {
+        this.acks++;
+        feedback.acks++;
+        const back = Date.now() / 1000;
+        if (reply.serverTime > 0) {
+          this.clock.fromAck(sent, reply.serverTime, back);
+          const offset = this.clock.offsetS;
+          if (offset !== null) this.onOffset?.(offset);
+        }
+      })
+      .catch((err) => {
+        if (ACK_STOP.has(ConnectError.from(err).code)) this.stop();
+      })
+      .finally(() => {
+        this.outstanding--;
+      });
+  }
 }
 
 /** Tunables of the live subscription (tests shorten them through the URL). */
@@ -157,6 +284,7 @@ export async function followRun(
     const onAbort = () => attempt.abort();
     signal.addEventListener("abort", onAbort);
     let stall = 0;
+    let acker: Acker | null = null;
     const arm = () => {
       clearTimeout(stall);
       stall = window.setTimeout(() => attempt.abort(new Error("stream stalled")), options.stallMs);
@@ -165,10 +293,12 @@ export async function followRun(
       arm();
       const stream = streamer.subscribe(
         { runId, maxFps: options.maxFps, acceptCodecs: [Codec.DEFLATE] },
-        { signal: attempt.signal },
+        { signal: attempt.signal, headers: AFFINITY },
       );
+      acker = new Acker(runId, attempt.signal, handlers.clockOffset);
       for await (const frame of stream) {
         arm();
+        acker.received(frame, Date.now() / 1000);
         if (failures !== 0 || frame.snapshot) {
           failures = 0;
         }
@@ -188,6 +318,7 @@ export async function followRun(
       }
     } finally {
       clearTimeout(stall);
+      acker?.stop();
       signal.removeEventListener("abort", onAbort);
       attempt.abort();
     }

@@ -22,7 +22,7 @@ class SubscribeRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., max_fps: _Optional[float] = ..., views: _Optional[_Iterable[str]] = ..., accept_codecs: _Optional[_Iterable[_Union[_common_pb2.Codec, str]]] = ..., max_points: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("step", "produced_at", "sent_at", "status", "scalars", "view", "snapshot")
+    __slots__ = ("step", "produced_at", "sent_at", "status", "scalars", "view", "snapshot", "seq", "subscription_id")
     STEP_FIELD_NUMBER: _ClassVar[int]
     PRODUCED_AT_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,8 @@ class Frame(_message.Message):
     SCALARS_FIELD_NUMBER: _ClassVar[int]
     VIEW_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]
     step: int
     produced_at: float
     sent_at: float
@@ -37,7 +39,9 @@ class Frame(_message.Message):
     scalars: _common_pb2.ScalarBatch
     view: _common_pb2.View
     snapshot: bool
-    def __init__(self, step: _Optional[int] = ..., produced_at: _Optional[float] = ..., sent_at: _Optional[float] = ..., status: _Optional[_Union[_common_pb2.RunStatus, _Mapping]] = ..., scalars: _Optional[_Union[_common_pb2.ScalarBatch, _Mapping]] = ..., view: _Optional[_Union[_common_pb2.View, _Mapping]] = ..., snapshot: _Optional[bool] = ...) -> None: ...
+    seq: int
+    subscription_id: str
+    def __init__(self, step: _Optional[int] = ..., produced_at: _Optional[float] = ..., sent_at: _Optional[float] = ..., status: _Optional[_Union[_common_pb2.RunStatus, _Mapping]] = ..., scalars: _Optional[_Union[_common_pb2.ScalarBatch, _Mapping]] = ..., view: _Optional[_Union[_common_pb2.View, _Mapping]] = ..., snapshot: _Optional[bool] = ..., seq: _Optional[int] = ..., subscription_id: _Optional[str] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
     __slots__ = ("run_id", "step", "produced_at", "status", "scalars", "view")
@@ -84,3 +88,25 @@ class ViewDemand(_message.Message):
     views: _containers.RepeatedScalarFieldContainer[str]
     max_fps: float
     def __init__(self, views: _Optional[_Iterable[str]] = ..., max_fps: _Optional[float] = ...) -> None: ...
+
+class AckRequest(_message.Message):
+    __slots__ = ("subscription_id", "run_id", "seq", "received_at")
+    SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    subscription_id: str
+    run_id: str
+    seq: int
+    received_at: float
+    def __init__(self, subscription_id: _Optional[str] = ..., run_id: _Optional[str] = ..., seq: _Optional[int] = ..., received_at: _Optional[float] = ...) -> None: ...
+
+class AckResponse(_message.Message):
+    __slots__ = ("server_time", "delivery_bytes_per_s", "in_flight_bytes")
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    server_time: float
+    delivery_bytes_per_s: float
+    in_flight_bytes: int
+    def __init__(self, server_time: _Optional[float] = ..., delivery_bytes_per_s: _Optional[float] = ..., in_flight_bytes: _Optional[int] = ...) -> None: ...

@@ -44,6 +44,11 @@ class StreamerServiceStub:
                 request_serializer=tensorwire_dot_streamer_dot_v1_dot_streamer__pb2.PublishRequest.SerializeToString,
                 response_deserializer=tensorwire_dot_streamer_dot_v1_dot_streamer__pb2.PublishResponse.FromString,
                 _registered_method=True)
+        self.Ack = channel.unary_unary(
+                '/tensorwire.streamer.v1.StreamerService/Ack',
+                request_serializer=tensorwire_dot_streamer_dot_v1_dot_streamer__pb2.AckRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_streamer_dot_v1_dot_streamer__pb2.AckResponse.FromString,
+                _registered_method=True)
 
 
 class StreamerServiceServicer:
@@ -66,6 +71,16 @@ class StreamerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Ack(self, request, context):
+        """Delivery feedback from a subscriber: the newest frame that arrived. With it
+        the streamer paces heavy frames on what really arrived (at most about one
+        frame in flight) instead of on socket writes; without it a subscriber gets
+        a conservative cap on bytes in flight.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StreamerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +93,11 @@ def add_StreamerServiceServicer_to_server(servicer, server):
                     servicer.Publish,
                     request_deserializer=tensorwire_dot_streamer_dot_v1_dot_streamer__pb2.PublishRequest.FromString,
                     response_serializer=tensorwire_dot_streamer_dot_v1_dot_streamer__pb2.PublishResponse.SerializeToString,
+            ),
+            'Ack': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ack,
+                    request_deserializer=tensorwire_dot_streamer_dot_v1_dot_streamer__pb2.AckRequest.FromString,
+                    response_serializer=tensorwire_dot_streamer_dot_v1_dot_streamer__pb2.AckResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +154,33 @@ class StreamerService:
             '/tensorwire.streamer.v1.StreamerService/Publish',
             tensorwire_dot_streamer_dot_v1_dot_streamer__pb2.PublishRequest.SerializeToString,
             tensorwire_dot_streamer_dot_v1_dot_streamer__pb2.PublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.streamer.v1.StreamerService/Ack',
+            tensorwire_dot_streamer_dot_v1_dot_streamer__pb2.AckRequest.SerializeToString,
+            tensorwire_dot_streamer_dot_v1_dot_streamer__pb2.AckResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tensorwire/streamer/v1/streamer.proto.
  */
 export const file_tensorwire_streamer_v1_streamer: GenFile = /*@__PURE__*/
-  fileDesc("CiV0ZW5zb3J3aXJlL3N0cmVhbWVyL3YxL3N0cmVhbWVyLnByb3RvEhZ0ZW5zb3J3aXJlLnN0cmVhbWVyLnYxIooBChBTdWJzY3JpYmVSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIPCgdtYXhfZnBzGAIgASgBEg0KBXZpZXdzGAMgAygJEjIKDWFjY2VwdF9jb2RlY3MYBCADKA4yGy50ZW5zb3J3aXJlLmNvbW1vbi52MS5Db2RlYxISCgptYXhfcG9pbnRzGAUgASgNIuoBCgVGcmFtZRIMCgRzdGVwGAEgASgEEhMKC3Byb2R1Y2VkX2F0GAIgASgBEg8KB3NlbnRfYXQYAyABKAESMQoGc3RhdHVzGAQgASgLMh8udGVuc29yd2lyZS5jb21tb24udjEuUnVuU3RhdHVzSAASNAoHc2NhbGFycxgFIAEoCzIhLnRlbnNvcndpcmUuY29tbW9uLnYxLlNjYWxhckJhdGNoSAASKgoEdmlldxgGIAEoCzIaLnRlbnNvcndpcmUuY29tbW9uLnYxLlZpZXdIABIQCghzbmFwc2hvdBgHIAEoCEIGCgRib2R5IuABCg5QdWJsaXNoUmVxdWVzdBIOCgZydW5faWQYASABKAkSDAoEc3RlcBgCIAEoBBITCgtwcm9kdWNlZF9hdBgDIAEoARIxCgZzdGF0dXMYBCABKAsyHy50ZW5zb3J3aXJlLmNvbW1vbi52MS5SdW5TdGF0dXNIABI0CgdzY2FsYXJzGAUgASgLMiEudGVuc29yd2lyZS5jb21tb24udjEuU2NhbGFyQmF0Y2hIABIqCgR2aWV3GAYgASgLMhoudGVuc29yd2lyZS5jb21tb24udjEuVmlld0gAQgYKBGJvZHkiowIKD1B1Ymxpc2hSZXNwb25zZRJHCgh3YXRjaGVycxgBIAMoCzI1LnRlbnNvcndpcmUuc3RyZWFtZXIudjEuUHVibGlzaFJlc3BvbnNlLldhdGNoZXJzRW50cnkSQwoGZGVtYW5kGAIgAygLMjMudGVuc29yd2lyZS5zdHJlYW1lci52MS5QdWJsaXNoUmVzcG9uc2UuRGVtYW5kRW50cnkaLwoNV2F0Y2hlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKA06AjgBGlEKC0RlbWFuZEVudHJ5EgsKA2tleRgBIAEoCRIxCgV2YWx1ZRgCIAEoCzIiLnRlbnNvcndpcmUuc3RyZWFtZXIudjEuVmlld0RlbWFuZDoCOAEiLAoKVmlld0RlbWFuZBINCgV2aWV3cxgBIAMoCRIPCgdtYXhfZnBzGAIgASgBMskBCg9TdHJlYW1lclNlcnZpY2USVgoJU3Vic2NyaWJlEigudGVuc29yd2lyZS5zdHJlYW1lci52MS5TdWJzY3JpYmVSZXF1ZXN0Gh0udGVuc29yd2lyZS5zdHJlYW1lci52MS5GcmFtZTABEl4KB1B1Ymxpc2gSJi50ZW5zb3J3aXJlLnN0cmVhbWVyLnYxLlB1Ymxpc2hSZXF1ZXN0GicudGVuc29yd2lyZS5zdHJlYW1lci52MS5QdWJsaXNoUmVzcG9uc2UoATABYgZwcm90bzM", [file_tensorwire_common_v1_common]);
+  fileDesc("CiV0ZW5zb3J3aXJlL3N0cmVhbWVyL3YxL3N0cmVhbWVyLnByb3RvEhZ0ZW5zb3J3aXJlLnN0cmVhbWVyLnYxIooBChBTdWJzY3JpYmVSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIPCgdtYXhfZnBzGAIgASgBEg0KBXZpZXdzGAMgAygJEjIKDWFjY2VwdF9jb2RlY3MYBCADKA4yGy50ZW5zb3J3aXJlLmNvbW1vbi52MS5Db2RlYxISCgptYXhfcG9pbnRzGAUgASgNIpACCgVGcmFtZRIMCgRzdGVwGAEgASgEEhMKC3Byb2R1Y2VkX2F0GAIgASgBEg8KB3NlbnRfYXQYAyABKAESMQoGc3RhdHVzGAQgASgLMh8udGVuc29yd2lyZS5jb21tb24udjEuUnVuU3RhdHVzSAASNAoHc2NhbGFycxgFIAEoCzIhLnRlbnNvcndpcmUuY29tbW9uLnYxLlNjYWxhckJhdGNoSAASKgoEdmlldxgGIAEoCzIaLnRlbnNvcndpcmUuY29tbW9uLnYxLlZpZXdIABIQCghzbmFwc2hvdBgHIAEoCBILCgNzZXEYCCABKAQSFwoPc3Vic2NyaXB0aW9uX2lkGAkgASgJQgYKBGJvZHki4AEKDlB1Ymxpc2hSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIMCgRzdGVwGAIgASgEEhMKC3Byb2R1Y2VkX2F0GAMgASgBEjEKBnN0YXR1cxgEIAEoCzIfLnRlbnNvcndpcmUuY29tbW9uLnYxLlJ1blN0YXR1c0gAEjQKB3NjYWxhcnMYBSABKAsyIS50ZW5zb3J3aXJlLmNvbW1vbi52MS5TY2FsYXJCYXRjaEgAEioKBHZpZXcYBiABKAsyGi50ZW5zb3J3aXJlLmNvbW1vbi52MS5WaWV3SABCBgoEYm9keSKjAgoPUHVibGlzaFJlc3BvbnNlEkcKCHdhdGNoZXJzGAEgAygLMjUudGVuc29yd2lyZS5zdHJlYW1lci52MS5QdWJsaXNoUmVzcG9uc2UuV2F0Y2hlcnNFbnRyeRJDCgZkZW1hbmQYAiADKAsyMy50ZW5zb3J3aXJlLnN0cmVhbWVyLnYxLlB1Ymxpc2hSZXNwb25zZS5EZW1hbmRFbnRyeRovCg1XYXRjaGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoDToCOAEaUQoLRGVtYW5kRW50cnkSCwoDa2V5GAEgASgJEjEKBXZhbHVlGAIgASgLMiIudGVuc29yd2lyZS5zdHJlYW1lci52MS5WaWV3RGVtYW5kOgI4ASIsCgpWaWV3RGVtYW5kEg0KBXZpZXdzGAEgAygJEg8KB21heF9mcHMYAiABKAEiVwoKQWNrUmVxdWVzdBIXCg9zdWJzY3JpcHRpb25faWQYASABKAkSDgoGcnVuX2lkGAIgASgJEgsKA3NlcRgDIAEoBBITCgtyZWNlaXZlZF9hdBgEIAEoASJZCgtBY2tSZXNwb25zZRITCgtzZXJ2ZXJfdGltZRgBIAEoARIcChRkZWxpdmVyeV9ieXRlc19wZXJfcxgCIAEoARIXCg9pbl9mbGlnaHRfYnl0ZXMYAyABKAQymQIKD1N0cmVhbWVyU2VydmljZRJWCglTdWJzY3JpYmUSKC50ZW5zb3J3aXJlLnN0cmVhbWVyLnYxLlN1YnNjcmliZVJlcXVlc3QaHS50ZW5zb3J3aXJlLnN0cmVhbWVyLnYxLkZyYW1lMAESXgoHUHVibGlzaBImLnRlbnNvcndpcmUuc3RyZWFtZXIudjEuUHVibGlzaFJlcXVlc3QaJy50ZW5zb3J3aXJlLnN0cmVhbWVyLnYxLlB1Ymxpc2hSZXNwb25zZSgBMAESTgoDQWNrEiIudGVuc29yd2lyZS5zdHJlYW1lci52MS5BY2tSZXF1ZXN0GiMudGVuc29yd2lyZS5zdHJlYW1lci52MS5BY2tSZXNwb25zZWIGcHJvdG8z", [file_tensorwire_common_v1_common]);
 
 /**
  * @generated from message tensorwire.streamer.v1.SubscribeRequest
@@ -115,6 +115,20 @@ export type Frame = Message<"tensorwire.streamer.v1.Frame"> & {
    * @generated from field: bool snapshot = 7;
    */
   snapshot: boolean;
+
+  /**
+   * Number of this frame in its subscription, from 1; what Ack names.
+   *
+   * @generated from field: uint64 seq = 8;
+   */
+  seq: bigint;
+
+  /**
+   * Id of this subscription, in the first frame of the stream (for Ack).
+   *
+   * @generated from field: string subscription_id = 9;
+   */
+  subscriptionId: string;
 };
 
 /**
@@ -223,6 +237,80 @@ export const ViewDemandSchema: GenMessage<ViewDemand> = /*@__PURE__*/
   messageDesc(file_tensorwire_streamer_v1_streamer, 4);
 
 /**
+ * @generated from message tensorwire.streamer.v1.AckRequest
+ */
+export type AckRequest = Message<"tensorwire.streamer.v1.AckRequest"> & {
+  /**
+   * From the first frame of the stream (Frame.subscription_id).
+   *
+   * @generated from field: string subscription_id = 1;
+   */
+  subscriptionId: string;
+
+  /**
+   * The run subscribed to (checked against the subscription).
+   *
+   * @generated from field: string run_id = 2;
+   */
+  runId: string;
+
+  /**
+   * The newest frame received (Frame.seq).
+   *
+   * @generated from field: uint64 seq = 3;
+   */
+  seq: bigint;
+
+  /**
+   * Unix seconds, subscriber's clock, at which frame `seq` arrived (0 = unknown).
+   *
+   * @generated from field: double received_at = 4;
+   */
+  receivedAt: number;
+};
+
+/**
+ * Describes the message tensorwire.streamer.v1.AckRequest.
+ * Use `create(AckRequestSchema)` to create a new message.
+ */
+export const AckRequestSchema: GenMessage<AckRequest> = /*@__PURE__*/
+  messageDesc(file_tensorwire_streamer_v1_streamer, 5);
+
+/**
+ * @generated from message tensorwire.streamer.v1.AckResponse
+ */
+export type AckResponse = Message<"tensorwire.streamer.v1.AckResponse"> & {
+  /**
+   * Unix seconds, streamer's clock, when the ack was handled: with the call's
+   * round trip, the subscriber estimates its clock offset (NTP style).
+   *
+   * @generated from field: double server_time = 1;
+   */
+  serverTime: number;
+
+  /**
+   * Estimated delivery rate to this subscriber, bytes per second (0 = none yet).
+   *
+   * @generated from field: double delivery_bytes_per_s = 2;
+   */
+  deliveryBytesPerS: number;
+
+  /**
+   * Bytes sent to this subscriber and not acknowledged yet.
+   *
+   * @generated from field: uint64 in_flight_bytes = 3;
+   */
+  inFlightBytes: bigint;
+};
+
+/**
+ * Describes the message tensorwire.streamer.v1.AckResponse.
+ * Use `create(AckResponseSchema)` to create a new message.
+ */
+export const AckResponseSchema: GenMessage<AckResponse> = /*@__PURE__*/
+  messageDesc(file_tensorwire_streamer_v1_streamer, 6);
+
+/**
  * @generated from service tensorwire.streamer.v1.StreamerService
  */
 export const StreamerService: GenService<{
@@ -248,6 +336,19 @@ export const StreamerService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof PublishRequestSchema;
     output: typeof PublishResponseSchema;
+  },
+  /**
+   * Delivery feedback from a subscriber: the newest frame that arrived. With it
+   * the streamer paces heavy frames on what really arrived (at most about one
+   * frame in flight) instead of on socket writes; without it a subscriber gets
+   * a conservative cap on bytes in flight.
+   *
+   * @generated from rpc tensorwire.streamer.v1.StreamerService.Ack
+   */
+  ack: {
+    methodKind: "unary";
+    input: typeof AckRequestSchema;
+    output: typeof AckResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tensorwire_streamer_v1_streamer, 0);
