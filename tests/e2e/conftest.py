@@ -122,6 +122,10 @@ class Stack:
         """The page URL as ``tensorwire up`` prints it (the token in the fragment)."""
         return f"{self.base_url}#token={self.token}"
 
+    def page_url(self, query: str = "") -> str:
+        """The page with a query string, the token in the fragment (after the query)."""
+        return f"{self.base_url}{'?' + query if query else ''}#token={self.token}"
+
     def targets(self) -> list[str]:
         return [
             "--trainer-target", f"127.0.0.1:{self.trainer_port}",

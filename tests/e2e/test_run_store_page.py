@@ -33,7 +33,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(tmp_path_factory.mktemp("store-stack"))
     try:
         stack.start()
-        wait_http(stack.url + "healthz", 20)
+        wait_http(stack.base_url + "healthz", 20)
         yield stack
     finally:
         stack.stop()
@@ -52,7 +52,7 @@ def open_page(context: Any, url: str) -> Any:
 def test_chart_tools_smoothing_log_scale_and_export(suite: Stack) -> None:
     run_id = suite.start_run("spiral")
     with browser() as context:
-        page = open_page(context, f"{suite.url}?run={run_id}")
+        page = open_page(context, suite.page_url(f"run={run_id}"))
         page.wait_for_function("() => window.tensorwire.charts.loss && window.tensorwire.charts.loss.last !== null",
                                timeout=20_000)
         charts = page.evaluate("() => window.tensorwire.charts")
@@ -69,14 +69,20 @@ def test_chart_tools_smoothing_log_scale_and_export(suite: Stack) -> None:
         page.wait_for_function("""() => /^step \\d+ · loss [-0-9.e]+ · smoothed [-0-9.e]+$/.test(
             document.querySelector('.chart[data-series="loss"] .readout').textContent)""", timeout=10_000)
         screenshot(page, "store-chart-tools")
-        # Export: the page's own link, fetched as the browser would.
+        # Export: the page's own link, fetched as the page does (with the tab's token;
+        # without one the trainer refuses it).
         href = page.get_attribute("#export-csv", "href")
         assert href == f"/api/runs/{run_id}/scalars.csv"
-        csv_text = page.evaluate(f"() => fetch('{href}').then(r => r.text())")
+        assert page.evaluate(f"() => fetch('{href}').then(r => r.status)") == 401
+        auth = "{headers: {authorization: 'Bearer ' + sessionStorage.getItem('tensorwire.token')}}"
+        csv_text = page.evaluate(f"() => fetch('{href}', {auth}).then(r => r.text())")
         assert csv_text.startswith("series,step,value,min,max,first_step\n") and "\nloss,1," in csv_text
         doc = json.loads(page.evaluate(
-            f"() => fetch('/api/runs/{run_id}/scalars.json').then(r => r.text())"))
+            f"() => fetch('/api/runs/{run_id}/scalars.json', {auth}).then(r => r.text())"))
         assert doc["series"]["loss"]["step"][0] == 1
+        with page.expect_download() as download:  # the link's click: fetched with the token
+            page.click("#export-csv")
+        assert download.value.suggested_filename == f"run-{run_id}-scalars.csv"
         page.click("#stop")  # the next test measures its own run
         page.wait_for_function("() => window.tensorwire.state === 'STOPPED'", timeout=20_000)
 
@@ -90,7 +96,7 @@ def test_suite_restart_keeps_runs_curves_and_resumes(suite: Stack, tmp_path: Pat
     # A new run from the page's own form, with a name and a finite max_steps.
     with browser() as context:
         page = context.new_page()
-        page.goto(f"{suite.url}?stall_ms=2000&backoff_max_ms=1000")
+        page.goto(suite.page_url("stall_ms=2000&backoff_max_ms=1000"))
         page.wait_for_function("() => document.querySelector('#max-steps').value !== ''", timeout=20_000)
         assert page.input_value("#max-steps") == "20000"  # finite by default
         page.fill("#run-name", "survivor")
