@@ -82,6 +82,7 @@ class GrpcServer:
         self.service = service
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        self._frontend: Any = None
         self._metrics = (
             metrics.MetricsEndpoint(options.host, options.metrics_port, tls=options.tls)
             if options.metrics_port is not None
@@ -119,6 +120,9 @@ class GrpcServer:
         """Bind, start, report SERVING; returns the bound port."""
         host = self.options.host
         address = f"[{host}]:{self.options.port}" if ":" in host else f"{host}:{self.options.port}"
+        frontend = getattr(self.service, "frontend", None)
+        if frontend is not None and self.options.tls is None:
+            return await self._start_behind(frontend, address)
         try:
             if self.options.tls is not None:
                 port = self.server.add_secure_port(address, self.options.tls.grpc_credentials())
@@ -139,6 +143,32 @@ class GrpcServer:
         log.info("%s listening on %s:%d", self.options.name, self.options.host, port)
         return port
 
+    async def _start_behind(self, frontend: Any, address: str) -> int:
+        """A service with a native ``frontend`` (the inference service's): that frontend
+        listens on the port and forwards what it does not serve itself to this
+        server, which listens on a loopback port only."""
+        backend = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        port = await asyncio.to_thread(
+            frontend.start, address, backend, name=self.options.name,
+            max_message_bytes=self.options.max_message_bytes, reuse_port=self.options.reuse_port,
+            authorizer=self.options.authorizer,
+        )
+        if port == 0:
+            await self.server.stop(0)
+            raise PortInUseError(
+                f"{self.options.name}: cannot listen on {address}: the port is in use or the "
+                "address is not this machine's; choose another with --port (or --host)"
+            )
+        self.port = port
+        self._frontend = frontend
+        if self._metrics is not None:
+            self._metrics.start()
+        await self.set_serving(True)
+        log.info("%s listening on %s:%d (native frontend; Python server on 127.0.0.1:%d)",
+                 self.options.name, self.options.host, port, backend)
+        return port
+
     async def set_serving(self, serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
@@ -154,6 +184,8 @@ class GrpcServer:
         grace = self.options.grace_s if grace_s is None else grace_s
         await self.set_serving(False)
         await self.health.enter_graceful_shutdown()
+        if self._frontend is not None:  # first: its forwarded calls need this server
+            await asyncio.to_thread(self._frontend.stop, grace)
         stopping = asyncio.create_task(self.server.stop(grace))
         await self.service.drain()
         await stopping

@@ -18,6 +18,7 @@ from tensorwire.loader import LoaderConfig
 
 from .http import HttpEndpoint, InferenceHttp
 from .metrics import COLLECTOR
+from .native import NativeFrontend, choose
 from .repository import ModelRepository, RepositoryOptions
 from .server_state import ServerState
 from .servicer import InferenceServicer
@@ -65,6 +66,12 @@ class InferenceApp:
             CheckpointReceiver(settings.model_repository, keep_versions=settings.keep_uploaded_versions)
         )
         COLLECTOR.add(self.repository)
+        # Who serves gRPC on the port: the native frontend (tensorwire.server.GrpcServer
+        # then binds the Python server to a loopback port behind it) or Python alone.
+        self.frontend: NativeFrontend | None
+        self.frontend, line = choose(settings.frontend, self.repository, settings.infer_threads,
+                                     tls=settings.server_tls() is not None)
+        log.info("%s", line)
         # HTTP/REST v2 beside gRPC: the same repository, batchers and errors.
         self.http: HttpEndpoint | None = None
         if settings.http_port >= 0:
