@@ -28,6 +28,7 @@ import numpy as np
 
 from tensorwire import metrics
 from tensorwire.auth import Authorizer
+from tensorwire.errors import TensorwireError
 from tensorwire.tensors import NUMPY_DTYPES
 
 from .codec import MAX_DIMS
@@ -86,7 +87,7 @@ class NativeHooks:
         try:
             versions = self._repo.versions(model)
             mv = self._repo.version_of(model, str(versions[-1]))
-        except Exception:
+        except TensorwireError:  # unknown, unloaded, failed: Python says which
             return None
         config = mv.batcher.config
         tensors = (*mv.inputs, *mv.outputs)
@@ -120,7 +121,7 @@ class NativeHooks:
         try:
             self._authorizer.check("/inference.GRPCInferenceService/ModelInfer",
                                    (("authorization", header.decode("latin-1")),))
-        except Exception:
+        except TensorwireError:
             return False
         return True
 

@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from services.inference import codec, native
 from services.inference.app import InferenceApp, create_app
 from services.inference.repository import ModelRepository
 from services.inference.settings import InferenceSettings
-from prometheus_client import REGISTRY
-
 from tensorwire import modelrepo
 from tensorwire.auth import Authorizer, TokenFile
 from tensorwire.inference import grpc_service_pb2 as pb
@@ -131,7 +131,7 @@ async def test_model_infer_is_served_natively_in_batches(tmp_path: Path) -> None
 async def test_health_reflection_and_draining_on_the_native_port(tmp_path: Path) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    async with server_of(tmp_path, "native", spiral_repo(tmp_path)) as (app, port):
+    async with server_of(tmp_path, "native", spiral_repo(tmp_path)) as (_, port):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=5)
