@@ -20,7 +20,10 @@ unloads a model (``ModelRepository.on_change``); there is no second copy of them
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import sys
 import time
 from typing import Any
 
@@ -41,9 +44,23 @@ INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def load_module() -> tuple[Any | None, str]:
-    """The built extension (None when it is not built or cannot load) and why."""
+    """The built extension (None when it is not built or cannot load) and why.
+    ``TENSORWIRE_NATIVE_MODULE`` names another build of it to load instead (the
+    AddressSanitizer build of the fuzz test)."""
+    path = os.environ.get("TENSORWIRE_NATIVE_MODULE")
     try:
-        from . import _native  # type: ignore[attr-defined]
+        if path:
+            name = f"{__package__}._native"
+            if name not in sys.modules:
+                spec = importlib.util.spec_from_file_location(name, path)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"cannot load {path}")
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                sys.modules[name] = module
+            _native = sys.modules[name]
+        else:
+            from . import _native  # type: ignore[attr-defined]
     except ImportError as exc:
         return None, f"not built ({exc}); scripts/build-native.sh builds it (make native)"
     return _native, f"grpc++ {_native.GRPC_VERSION}"

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -40,6 +43,7 @@ from tests.integration.test_security import TOKENS, bearer, write_tokens
 MODULE, WHY = native.load_module()
 needs_native = pytest.mark.skipif(MODULE is None, reason=f"native frontend {WHY}")
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def spiral_repo(tmp_path: Path, **config: object) -> Path:
@@ -224,3 +228,22 @@ async def test_native_answers_exactly_as_python_does(tmp_path: Path) -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{native_port}") as channel:
             reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request(np.ones((1, 2), np.float32)))
             assert reply.model_version == "1"
+
+
+@pytest.mark.skipif(os.environ.get("TENSORWIRE_ASAN_FUZZ") != "1",
+                    reason="opt-in (TENSORWIRE_ASAN_FUZZ=1): builds the extension with AddressSanitizer (minutes)")
+def test_native_decoder_under_address_sanitizer() -> None:
+    """The native tests above (differential fuzzing included) against an
+    AddressSanitizer + UBSan build of the extension: any memory error aborts."""
+    subprocess.run(["bash", "scripts/build-native.sh", sys.executable, "--asan"], cwd=ROOT, check=True)
+    module = next((ROOT / "build" / "native-asan").glob("_native*.so"))
+    runtime = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    env = {**os.environ, "TENSORWIRE_NATIVE_MODULE": str(module), "LD_PRELOAD": runtime,
+           "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1", "UBSAN_OPTIONS": "halt_on_error=1",
+           "TENSORWIRE_ASAN_FUZZ": "0"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                             "tests/integration/test_inference_native.py", "-k", "not address_sanitizer"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "ERROR: AddressSanitizer" not in result.stderr
