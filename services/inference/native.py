@@ -58,12 +58,14 @@ def load_module() -> tuple[Any | None, str]:
                 module = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(module)
                 sys.modules[name] = module
-            _native = sys.modules[name]
+            loaded: Any = sys.modules[name]
         else:
             from . import _native  # type: ignore[attr-defined]
+
+            loaded = _native
     except ImportError as exc:
         return None, f"not built ({exc}); scripts/build-native.sh builds it (make native)"
-    return _native, f"grpc++ {_native.GRPC_VERSION}"
+    return loaded, f"grpc++ {loaded.GRPC_VERSION}"
 
 
 def _bulk_observe(histogram: Any, values: np.ndarray) -> None:
