@@ -132,6 +132,36 @@ async def test_model_infer_is_served_natively_in_batches(tmp_path: Path) -> None
 
 
 @needs_native
+async def test_deadlines_and_cancellation_while_queued(tmp_path: Path) -> None:
+    """A request whose deadline passes in the native queue is dropped before its batch
+    runs (the client sees DEADLINE_EXCEEDED); the rest are served once the model frees."""
+    import threading
+
+    async with server_of(tmp_path, "native", spiral_repo(tmp_path)) as (app, port):
+        assert app.frontend is not None
+        version = app.repository.version_of("spiral", "1")
+        gate = threading.Event()
+        forward = version.forward_columns
+        version.forward_columns = lambda *a: (gate.wait(30), forward(*a))[1]  # type: ignore[method-assign]
+        x = np.ones((1, 2), np.float32)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            first = asyncio.ensure_future(stub.ModelInfer(request(x), timeout=30))
+            while app.frontend.stats()["running"] != 1:
+                await asyncio.sleep(0.005)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelInfer(request(x), timeout=0.3)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            later = asyncio.ensure_future(stub.ModelInfer(request(x), timeout=30))
+            while app.frontend.stats()["queued"] != 2:
+                await asyncio.sleep(0.005)
+            gate.set()
+            assert (await first).model_version == "1" and (await later).model_version == "1"
+            stats = app.frontend.stats()
+            assert stats["expired"] == 1 and stats["native"] == 2 and stats["queued"] == 0, stats
+
+
+@needs_native
 async def test_health_reflection_and_draining_on_the_native_port(tmp_path: Path) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
