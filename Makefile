@@ -11,7 +11,7 @@ WEB_BUILT := $(WEB)/dist/index.html
 WEB_SOURCES := $(wildcard $(WEB)/src/*.ts $(WEB)/src/*.css $(WEB)/src/gen/*/*.ts $(WEB)/src/gen/*/*/*.ts \
 	$(WEB)/src/gen/*/*/*/*.ts) $(WEB)/index.html $(WEB)/build.mjs $(WEB)/tsconfig.json
 
-.PHONY: setup run test lint gen check-gen bench clean web system-deps
+.PHONY: setup run test lint gen check-gen bench clean web system-deps native
 
 setup: $(STAMP)
 
@@ -36,7 +36,13 @@ $(WEB_BUILT): $(WEB)/node_modules/.installed $(WEB_SOURCES)
 system-deps:
 	bash scripts/install-system-deps.sh
 
-run: setup web
+# The native inference frontend (native/frontend.cc, Debian's grpc++): built into
+# services/inference/_native*.so when the system-deps packages are there, else
+# skipped in one line (the service then serves with its Python frontend).
+native: setup
+	bash scripts/build-native.sh $(PY)
+
+run: setup native web
 	$(VENV)/bin/tensorwire up
 
 # ruff (pyflakes, pycodestyle, isort, bugbear, pyupgrade, ...) and mypy, pinned in the
@@ -45,7 +51,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy tensorwire services
 
-test: setup lint system-deps web
+test: setup lint system-deps native web
 	$(PY) scripts/gen_protos.py --check
 	$(PY) -m pytest -q -ra
 
@@ -53,4 +59,5 @@ gen: setup
 	$(PY) scripts/gen_protos.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache $(WEB)/node_modules $(WEB)/dist
+	rm -rf $(VENV) var .pytest_cache $(WEB)/node_modules $(WEB)/dist build/native build/native-asan \
+		services/inference/_native*.so

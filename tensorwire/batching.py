@@ -279,6 +279,18 @@ class Batcher(Generic[T, R]):
         if self._own_executor:
             self._executor.shutdown(wait=True)
 
+    def record_external(self, size: int, elapsed_s: float, queue_time_s: float, by_size: bool) -> None:
+        """Count a batch that another batcher with this one's config formed and ran
+        (the native inference frontend's), so the metrics cover every request."""
+        m = self._metrics
+        if by_size:
+            m.size_dispatches += 1
+        else:
+            m.timeout_dispatches += 1
+        m.fill_sum += min(1.0, size / max(1, self.batch_size_limit))
+        m.queue_time_s += queue_time_s
+        self._record(size, elapsed_s)
+
     # -- collector ----------------------------------------------------------
 
     def _target(self) -> tuple[int, bool]:

@@ -102,6 +102,7 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._ready_task: asyncio.Task[None] | None = None
+        self._frontend: Any = None
         self._metrics = (
             metrics.MetricsEndpoint(options.host, options.metrics_port, tls=options.tls)
             if options.metrics_port is not None
@@ -136,23 +137,16 @@ class GrpcServer:
         return self._metrics.port if self._metrics else None
 
     async def start(self) -> int:
-        """Bind, start, report SERVING; returns the bound port."""
+        """Bind, start, report SERVING (or NOT_SERVING until the service is ready);
+        returns the bound port."""
         host = self.options.host
         address = f"[{host}]:{self.options.port}" if ":" in host else f"{host}:{self.options.port}"
-        try:
-            if self.options.tls is not None:
-                port = self.server.add_secure_port(address, self.options.tls.grpc_credentials())
-            else:
-                port = self.server.add_insecure_port(address)
-        except RuntimeError:
-            port = 0
-        if port == 0:
-            raise PortInUseError(
-                f"{self.options.name}: cannot listen on {address}: the port is in use or the "
-                "address is not this machine's; choose another with --port (or --host)"
-            )
+        frontend = getattr(self.service, "frontend", None)
+        if frontend is not None and self.options.tls is None:
+            port = await self._start_behind(frontend, address)
+        else:
+            port = await self._listen(address)
         self.port = port
-        await self.server.start()
         if self._metrics is not None:
             self._metrics.start()
         until_ready = getattr(self.service, "until_ready", None)
@@ -168,6 +162,22 @@ class GrpcServer:
         log.info("%s listening on %s:%d", self.options.name, self.options.host, port)
         return port
 
+    async def _listen(self, address: str) -> int:
+        try:
+            if self.options.tls is not None:
+                port = self.server.add_secure_port(address, self.options.tls.grpc_credentials())
+            else:
+                port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise PortInUseError(
+                f"{self.options.name}: cannot listen on {address}: the port is in use or the "
+                "address is not this machine's; choose another with --port (or --host)"
+            )
+        await self.server.start()
+        return port
+
     async def _serve_when_ready(self, waiting: asyncio.Task[None]) -> None:
         try:
             await waiting
@@ -175,6 +185,28 @@ class GrpcServer:
             waiting.cancel()
         await self.set_serving(True)
         log.info("%s ready: SERVING", self.options.name)
+
+    async def _start_behind(self, frontend: Any, address: str) -> int:
+        """A service with a native ``frontend`` (the inference service's): that frontend
+        listens on the port and forwards what it does not serve itself to this
+        server, which listens on a loopback port only."""
+        backend = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        port = await asyncio.to_thread(
+            frontend.start, address, backend, name=self.options.name,
+            max_message_bytes=self.options.max_message_bytes, reuse_port=self.options.reuse_port,
+            authorizer=self.options.authorizer,
+        )
+        if port == 0:
+            await self.server.stop(0)
+            raise PortInUseError(
+                f"{self.options.name}: cannot listen on {address}: the port is in use or the "
+                "address is not this machine's; choose another with --port (or --host)"
+            )
+        self._frontend = frontend
+        log.info("%s: native frontend on %s:%d, Python server behind it on 127.0.0.1:%d",
+                 self.options.name, self.options.host, port, backend)
+        return port
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -195,6 +227,8 @@ class GrpcServer:
                 await self._ready_task
         await self.set_serving(False)
         await self.health.enter_graceful_shutdown()
+        if self._frontend is not None:  # first: its forwarded calls need this server
+            await asyncio.to_thread(self._frontend.stop, grace)
         stopping = asyncio.create_task(self.server.stop(grace))
         await self.service.drain()
         await stopping

@@ -19,6 +19,7 @@ from tensorwire.loader import LoaderConfig
 
 from .http import HttpEndpoint, InferenceHttp
 from .metrics import COLLECTOR
+from .native import NativeFrontend, choose
 from .repository import ModelRepository, RepositoryOptions
 from .server_state import ServerState
 from .servicer import InferenceServicer
@@ -68,6 +69,12 @@ class InferenceApp:
                                max_model_bytes=settings.max_model_mb << 20)
         )
         COLLECTOR.add(self.repository)
+        # Who serves gRPC on the port: the native frontend (tensorwire.server.GrpcServer
+        # then binds the Python server to a loopback port behind it) or Python alone.
+        self.frontend: NativeFrontend | None
+        self.frontend, line = choose(settings.frontend, self.repository, settings.infer_threads,
+                                     tls=settings.server_tls() is not None)
+        log.info("%s", line)
         # HTTP/REST v2 beside gRPC: the same repository, batchers and errors.
         self.http: HttpEndpoint | None = None
         if settings.http_port >= 0:

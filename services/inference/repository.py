@@ -339,14 +339,25 @@ class ModelVersion:
 
     def _forward_batch(self, items: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
         """Runs in an executor thread: one forward over every item's rows."""
-        import torch
-
-        t0 = time.perf_counter()
         if len(items) == 1:
             columns = [np.array(a, copy=not a.flags.writeable) for a in items[0]]
         else:
             columns = [np.concatenate([item[i] for item in items]) for i in range(len(self.inputs))]
-        sizes = [item[0].shape[0] for item in items]
+        outs = self.forward_columns(columns, len(items))
+        results: list[list[np.ndarray]] = []
+        offset = 0
+        for size in (item[0].shape[0] for item in items):
+            results.append([o[offset : offset + size] for o in outs])
+            offset += size
+        return results
+
+    def forward_columns(self, columns: list[np.ndarray], requests: int) -> list[np.ndarray]:
+        """One forward over ``columns`` (the rows of ``requests`` requests, each input
+        contiguous, in the config's order): the outputs, as numpy arrays; counted in
+        the statistics. The Python batcher's batches and the native frontend's alike."""
+        import torch
+
+        t0 = time.perf_counter()
         tensors = [torch.from_numpy(c) for c in columns]
         if self.device != "cpu":
             tensors = [t.to(self.device, non_blocking=True) for t in tensors]
@@ -362,20 +373,23 @@ class ModelVersion:
             raise RuntimeError(
                 f"model {self.name!r} returned {len(outs)} outputs, its config lists {len(self.outputs)}"
             )
-        results: list[list[np.ndarray]] = []
-        offset = 0
-        for size in sizes:
-            results.append([o[offset : offset + size] for o in outs])
-            offset += size
         t3 = time.perf_counter()
         stats = self.stats
-        rows = sum(sizes)
+        rows = columns[0].shape[0] if columns else 0
         stats.execution_count += 1
-        stats.compute_input.add(t1 - t0, len(items))
-        stats.compute_infer.add(t2 - t1, len(items))
-        stats.compute_output.add(t3 - t2, len(items))
+        stats.compute_input.add(t1 - t0, requests)
+        stats.compute_infer.add(t2 - t1, requests)
+        stats.compute_output.add(t3 - t2, requests)
         stats.batches.setdefault(rows, Duration()).add(t2 - t1)
-        return results
+        return outs
+
+    def record_batch(self, requests: int, rows: int, total_s: float) -> None:
+        """Statistics of a batch the native frontend queued and ran (forward_columns
+        counted its compute, the batcher its queueing): ``total_s`` summed over its requests."""
+        stats = self.stats
+        stats.success.add(total_s, requests)
+        stats.inference_count += rows
+        stats.last_inference_ms = int(time.time() * 1000)
 
     def snapshot_stats(self) -> VersionStats:
         stats = self.stats
@@ -505,6 +519,9 @@ class ModelRepository:
         self._boot_task: asyncio.Task[None] | None = None
         self.swaps = 0
         self.cache = self.options.cache
+        self.on_change: list[Callable[[str], None]] = []
+        """Called with a model's name after its routing was replaced or it was unloaded
+        (the native frontend drops the rules it validated that model's requests with)."""
 
     def __repr__(self) -> str:
         served = ", ".join(
@@ -724,6 +741,7 @@ class ModelRepository:
         # The swap: one assignment; requests that picked old versions finish on them.
         self._models[name] = ServedModel(name, config, Routing.build(new, config["traffic"]))
         self._config_stamp[name] = stamp
+        self._changed(name)
         if errors:
             self._failed[name] = "; ".join(errors)
         else:
@@ -764,7 +782,15 @@ class ModelRepository:
             self._unloaded.add(name)
             self._config_stamp.pop(name, None)
             if served is not None:
+                self._changed(name)
                 self._retire(list(served.routing.versions.values()))
+
+    def _changed(self, name: str) -> None:
+        for listener in list(self.on_change):
+            try:
+                listener(name)
+            except Exception:
+                log.exception("on_change listener failed for model %s", name)
 
     async def wait_retired(self) -> None:
         """Wait until every retired version has drained and closed (tests, shutdown)."""
@@ -890,6 +916,10 @@ class ModelRepository:
     def load_errors(self) -> dict[str, str]:
         """The last load error of each model whose newest load failed."""
         return dict(self._failed)
+
+    def routing(self, name: str) -> Routing:
+        """The routing table serving ``name`` now (NotFoundError/UnavailableError as infer)."""
+        return self._served(name).routing
 
     def versions(self, name: str) -> list[int]:
         return sorted(self._served(name).routing.versions)

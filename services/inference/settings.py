@@ -78,6 +78,12 @@ class InferenceSettings(TorchServiceSettings):
         1, env="WORKERS",
         help="server processes sharing the port with SO_REUSEPORT (multi-core hosts)", min=1, max=256,
     )
+    frontend: str = setting(
+        "auto", env="FRONTEND", choices=("auto", "native", "python"),
+        help="who serves gRPC on --port: native (the grpc++ frontend; ModelInfer batched with no "
+             "Python per request, the other RPCs forwarded to the Python server on a loopback "
+             "port), python (grpc.aio only), auto (native when built, else python)",
+    )
     cache_config: CacheConfig | None = setting(
         None, env="CACHE_CONFIG", repeatable=True, parse=parse_cache_config,
         help="response cache, Triton's form <cache>,<key>=<value>: local,size=<bytes> "

@@ -7,14 +7,20 @@ Servers (each its own process, on 127.0.0.1):
   parse + serialize, nothing else): the ceiling of a one-process Python server;
 - ``tensorwire``: ``python -m services.inference`` (interceptor, validation,
   batcher, torch forward in a thread) on the spiral MLP (2-16-16-2);
-- ``tensorwire x2``: the same with ``--workers 2`` (SO_REUSEPORT).
+- ``tensorwire x2``: the same with ``--workers 2`` (SO_REUSEPORT);
+- ``native echo``: the native ceiling: a bare grpc++ (Debian's libgrpc++, callback
+  API, in native/frontend.cc) ModelInfer echo: parse + serialize, nothing else;
+- ``tensorwire native``: ``python -m services.inference --frontend native`` (the
+  grpc++ frontend; Python once per batch); ``tensorwire native x2``: two workers.
+  The Python servers run with ``--frontend python``.
 
 Load: a Python grpc.aio closed-loop generator in its own process at
 concurrency 1, 16, 64 (the issue's reference figures were measured with a
 Python load generator), and perf_analyzer (C++, the tritonclient wheel's binary)
 when its libraries are present (Debian libb64-0d, libcudart.so.12 on
 LD_LIBRARY_PATH; set TW_CUDART_DIR to the folder holding it). Prints RPS, p50,
-p99 and the ratio to the ceiling measured in the same run.
+p99, server CPU per request, RSS per server process (workers: per worker), and
+the ratios to both ceilings measured in the same run, with the load average.
 
 ``--cache`` measures the response cache instead (issue 16), in one run: the
 server without a cache, with ``--cache-config local,size=...`` and with a Redis
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -107,6 +114,19 @@ def run_echo(port: int) -> None:
         await server.wait_for_termination()
 
     asyncio.run(main())
+
+
+def run_native_echo(port: int) -> None:
+    import signal
+
+    from services.inference import _native  # type: ignore[attr-defined]
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    echo = _native.Echo()
+    if not echo.start(f"127.0.0.1:{port}"):
+        raise SystemExit(f"native echo: cannot listen on {port}")
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    echo.stop()
 
 
 # -- load generator (its own process) -----------------------------------------------
@@ -246,11 +266,15 @@ def start_server(kind: str, repo: Path, extra: list[str] | None = None) -> tuple
     port = free_port()
     if kind == "echo":
         cmd = [sys.executable, __file__, "--echo-server", str(port)]
+    elif kind == "native echo":
+        cmd = [sys.executable, __file__, "--native-echo-server", str(port)]
     else:
         workers = "2" if kind.endswith("x2") else "1"
+        frontend = "native" if "native" in kind else "python"
         cmd = [sys.executable, "-m", "services.inference", "--host", "127.0.0.1", "--port", str(port),
-               "--metrics-port", "-1", "--model-repository", str(repo), "--poll-interval-s", "0",
-               "--workers", workers, "--log-level", "WARNING", *(extra or [])]
+               "--metrics-port", "-1", "--http-port", "-1", "--model-repository", str(repo),
+               "--poll-interval-s", "0", "--workers", workers, "--frontend", frontend,
+               "--log-level", "WARNING", *(extra or [])]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, f"127.0.0.1:{port}"
 
@@ -274,6 +298,22 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def rss_mib(pid: int) -> tuple[float, int]:
+    """(resident MiB of a process and its children, how many of those processes
+    serve: the children in multi-process mode, else the process itself)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            pids += [int(p) for p in (task / "children").read_text().split()]
+    total = 0.0
+    for p in pids:
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+    return total, max(1, len(pids) - 1) if len(pids) > 1 else 1
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -288,8 +328,9 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--perf-analyzer", choices=("auto", "off"), default="auto")
-    parser.add_argument("--servers", default="echo,tensorwire,tensorwire x2",
-                        help="comma-separated subset of: echo, tensorwire, tensorwire x2")
+    parser.add_argument("--servers", default="echo,native echo,tensorwire,tensorwire native",
+                        help="comma-separated subset of: echo, native echo, tensorwire, tensorwire x2, "
+                             "tensorwire native, tensorwire native x2")
     parser.add_argument("--cache", action="store_true",
                         help="measure the response cache (none / local / redis) instead")
     parser.add_argument("--repeats", type=int, default=3, help="--cache: runs per point (median)")
@@ -299,9 +340,13 @@ def main() -> int:
     parser.add_argument("--hit-pct", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--salt", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--echo-server", type=int, metavar="PORT")
+    parser.add_argument("--native-echo-server", type=int, metavar="PORT")
     args = parser.parse_args()
     if args.echo_server:
         run_echo(args.echo_server)
+        return 0
+    if args.native_echo_server:
+        run_native_echo(args.native_echo_server)
         return 0
     if args.loadgen:
         target, c, d, w = args.loadgen
@@ -332,6 +377,7 @@ def main() -> int:
     # every server back to back, so the ratios compare neighbours in time on a machine
     # whose background load drifts.
     procs = {server: start_server(server, repo) for server in servers}
+    rss: dict[str, tuple[float, int]] = {}
     try:
         for gen, env in generators:
             for c in CONCURRENCY:
@@ -356,6 +402,7 @@ def main() -> int:
                     print(f"  {gen:13s} {server:13s} c={c:<3d} {r['rps']:8.0f} rps  "
                           f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
                           f"server cpu {r['cpu_us']:5.0f} us/req  errors {r['errors']}", flush=True)
+        rss = {server: rss_mib(proc.pid) for server, (proc, _) in procs.items()}
     finally:
         for proc, _ in procs.values():
             stop_server(proc)
@@ -363,17 +410,24 @@ def main() -> int:
     load1, load5, _ = os.getloadavg()
     print(f"\nload average during the run (1/5 min): {load1:.1f} / {load5:.1f} on {os.cpu_count()} cores")
 
-    print("\nsummary (ratio = RPS / echo RPS, same concurrency and generator; "
-          "cpu x = server CPU per request / echo's)")
-    print(f"  {'generator':13s} {'server':13s} {'c':>3s} {'rps':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
-          f"{'ratio':>6s} {'cpu x':>6s}")
+    for server, (mib, processes) in rss.items():
+        print(f"  RSS {server:20s} {mib / processes:7.1f} MiB per serving process ({processes})")
+
+    print("\nsummary (ratio = RPS / echo RPS, same concurrency and generator; cpu x = server CPU "
+          "per request / echo's; n-ratio, n-cpu x: the same against the native echo)")
+    print(f"  {'generator':13s} {'server':20s} {'c':>3s} {'rps':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
+          f"{'cpu us':>6s} {'ratio':>6s} {'cpu x':>6s} {'n-ratio':>7s} {'n-cpu x':>7s}")
+    nan = {"rps": float("nan"), "cpu_us": float("nan")}
     for gen, _ in generators:
         for server in servers:
             for c in CONCURRENCY:
                 r = results[(gen, server, c)]
-                echo = results.get((gen, "echo", c), {"rps": float("nan"), "cpu_us": float("nan")})
-                print(f"  {gen:13s} {server:13s} {c:3d} {r['rps']:8.0f} {r['p50_ms']:7.2f} "
-                      f"{r['p99_ms']:7.2f} {r['rps'] / echo['rps']:6.2f} {r['cpu_us'] / echo['cpu_us']:6.2f}")
+                echo = results.get((gen, "echo", c), nan)
+                fast = results.get((gen, "native echo", c), nan)
+                print(f"  {gen:13s} {server:20s} {c:3d} {r['rps']:8.0f} {r['p50_ms']:7.2f} "
+                      f"{r['p99_ms']:7.2f} {r['cpu_us']:6.0f} {r['rps'] / echo['rps']:6.2f} "
+                      f"{r['cpu_us'] / echo['cpu_us']:6.2f} {r['rps'] / fast['rps']:7.2f} "
+                      f"{r['cpu_us'] / fast['cpu_us']:7.2f}")
     return 0
 
 
@@ -476,6 +530,7 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
                     print(f"  {name:8s} c={c:<3d} hits {hit_pct:3d} %  {r['rps']:8.0f} rps  "
                           f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
                           f"server cpu {r['cpu_us']:5.0f} us/req  errors {r['errors']}", flush=True)
+        rss = {server: rss_mib(proc.pid) for server, (proc, _) in procs.items()}
     finally:
         for proc, _ in procs.values():
             stop_server(proc)

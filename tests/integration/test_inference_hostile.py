@@ -25,6 +25,8 @@ from tensorwire.models import build_model
 from tensorwire.server import GrpcServer, ServerOptions
 from tests.conftest import settings_for
 
+pytestmark = pytest.mark.usefixtures("inference_frontend")  # both frontends: python, native
+
 Input = pb.ModelInferRequest.InferInputTensor
 MAX_MESSAGE = 1 << 20
 
@@ -148,16 +150,26 @@ async def test_malformed_protobuf_is_invalid_argument(stub) -> None:  # type: ig
 async def test_full_queue_is_resource_exhausted(stub, app_of) -> None:  # type: ignore[no-untyped-def]
     client, _ = stub
     repository = app_of.repository
-    # Occupy every inference thread, so the first batch cannot start and the queue fills.
     gate = threading.Event()
-    blockers = [repository.infer_executor.submit(gate.wait, 30)
-                for _ in range(repository.options.infer_threads)]
-    batcher = repository.version_of("spiral", "1").batcher
+    version = repository.version_of("spiral", "1")
+    if app_of.frontend is None:
+        # Occupy every inference thread, so the first batch cannot start and the queue fills.
+        blockers = [repository.infer_executor.submit(gate.wait, 30)
+                    for _ in range(repository.options.infer_threads)]
+        batcher = version.batcher
+        running, depth = (lambda: batcher.in_flight), (lambda: batcher.queue_depth)
+    else:
+        # The native frontend's batch threads: the first batch's forward waits at the gate.
+        forward = version.forward_columns
+        version.forward_columns = lambda *a: (gate.wait(30), forward(*a))[1]  # type: ignore[method-assign]
+        blockers = []
+        running = lambda: app_of.frontend.stats()["running"]  # noqa: E731
+        depth = lambda: app_of.frontend.stats()["queued"]  # noqa: E731
     try:
         first = asyncio.ensure_future(client.ModelInfer(good(), timeout=30))
-        await until(lambda: batcher.in_flight == 1)
+        await until(lambda: running() == 1)
         queued = [asyncio.ensure_future(client.ModelInfer(good(), timeout=30)) for _ in range(2)]
-        await until(lambda: batcher.queue_depth == 2)
+        await until(lambda: depth() == 2)
         for _ in range(3):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await client.ModelInfer(good(), timeout=30)

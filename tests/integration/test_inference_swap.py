@@ -26,6 +26,8 @@ from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.models import build_model
 from tests.conftest import serving, settings_for
 
+pytestmark = pytest.mark.usefixtures("inference_frontend")  # both frontends: python, native
+
 
 def spiral_state(seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)

@@ -26,6 +26,8 @@ from tensorwire.models import build_model, example_inputs
 from tests.conftest import serving, settings_for
 from tests.support.triton_client import message_fields
 
+pytestmark = pytest.mark.usefixtures("inference_frontend")  # both frontends: python, native
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_SUBSET = {
     "inference.ModelConfig", "inference.ModelInput", "inference.ModelOutput",

@@ -1,0 +1,817 @@
+// The native inference frontend: a grpc++ server (Debian's libgrpc++) inside the
+// Python process, owning its own threads. ModelInfer requests that it can prove
+// valid against the model's config are batched here and handed to Python once per
+// batch (contiguous numpy columns, zero-copy); every other call -- other RPCs,
+// streams, requests it cannot prove valid, bad tokens -- is forwarded byte for
+// byte to the Python gRPC server on a loopback port, which answers exactly as it
+// does without this frontend (one source of truth for statuses and messages).
+//
+// The rules it validates with come from the Python core (hooks.spec(model)): the
+// names, datatypes, dims, item sizes, max_batch_size, batching knobs. See
+// services/inference/native.py and the README section "Native frontend".
+
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/support/byte_buffer.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <random>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "tensorwire/inference/grpc_service.pb.h"
+
+namespace py = pybind11;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+const char kInferMethod[] = "/inference.GRPCInferenceService/ModelInfer";
+const char kBearer[] = "authorization";
+
+// -- model specs (from Python) -------------------------------------------------
+
+struct TensorSpec {
+  std::string name;
+  std::string datatype;
+  std::vector<int64_t> dims;  // without the batch dim; -1 = any
+  int64_t itemsize = 0;
+};
+
+struct Spec {
+  bool eligible = false;  // false: every request of this model goes to Python
+  int64_t max_batch_size = 0;
+  int64_t max_queue_size = 0;
+  double max_queue_delay_s = 0;
+  std::vector<int64_t> preferred;
+  int64_t concurrency = 1;
+  int64_t max_dims = 16;
+  std::vector<TensorSpec> inputs, outputs;
+  // The routing table (Python's Routing): ready versions, traffic split.
+  std::vector<int64_t> ready, choices;
+  std::vector<double> cumulative;
+
+  // The version a request goes to: its explicit one if ready (else "" -> Python
+  // says why), or one picked by the traffic split, as Routing.pick does.
+  std::string Route(const std::string& version) const {
+    if (!version.empty()) {
+      if (version.size() > 18) return "";
+      for (char c : version) if (c < '0' || c > '9') return "";
+      int64_t v = std::stoll(version);
+      for (int64_t r : ready) if (r == v) return std::to_string(v);
+      return "";
+    }
+    if (choices.empty()) return "";
+    thread_local std::mt19937_64 rng{std::random_device{}()};
+    double x = std::uniform_real_distribution<double>(0.0, 1.0)(rng) * cumulative.back();
+    size_t i = std::upper_bound(cumulative.begin(), cumulative.end(), x) - cumulative.begin();
+    return std::to_string(choices[std::min(i, choices.size() - 1)]);
+  }
+};
+
+bool Parse(const grpc::ByteBuffer& buffer, google::protobuf::MessageLite* message) {
+  std::vector<grpc::Slice> slices;
+  if (!buffer.Dump(&slices).ok()) return false;
+  if (slices.size() == 1) return message->ParseFromArray(slices[0].begin(), static_cast<int>(slices[0].size()));
+  std::string joined;
+  joined.reserve(buffer.Length());
+  for (const auto& s : slices) joined.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return message->ParseFromString(joined);
+}
+
+grpc::ByteBuffer Serialize(const google::protobuf::MessageLite& message) {
+  std::string bytes = message.SerializeAsString();
+  grpc::Slice slice(std::move(bytes));
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+class Frontend;
+
+// Keeps this native thread's Python thread state for the thread's life: without it
+// every GIL acquisition creates and destroys one (~30 us on this machine, per batch).
+struct PinThreadState {
+  PinThreadState() {
+    py::gil_scoped_acquire gil;
+    gil.inc_ref();
+  }
+  ~PinThreadState() {
+    py::gil_scoped_acquire gil;
+    gil.dec_ref();
+  }
+};
+
+// -- one call: a ModelInfer served here, or any call proxied to Python ---------
+
+class Call;
+
+class BackendCall : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  explicit BackendCall(Call* call) : call_(call) {}
+  void OnWriteDone(bool ok) override;
+  void OnReadDone(bool ok) override;
+  void OnDone(const grpc::Status& status) override;
+  grpc::ClientContext context;
+  grpc::ByteBuffer out;
+
+ private:
+  Call* call_;
+};
+
+class Call : public grpc::ServerGenericBidiReactor {
+ public:
+  Call(Frontend* frontend, grpc::GenericCallbackServerContext* ctx);
+  ~Call() override { delete backend_; }
+
+  // ModelInfer, validated: set by the frontend before queueing.
+  inference::ModelInferRequest request;
+  std::shared_ptr<const Spec> spec;
+  std::vector<int> input_order;   // spec input i -> request input index
+  std::vector<int> output_order;  // outputs to send (spec indexes)
+  int64_t rows = 0;
+  Clock::time_point enqueued;
+  Clock::time_point deadline = Clock::time_point::max();
+  grpc::ByteBuffer first;  // the request as received (forwarded if it falls back)
+
+  grpc::GenericCallbackServerContext* ctx() { return ctx_; }
+  bool cancelled() const { return cancelled_.load(); }
+  void Reply(const grpc::ByteBuffer& response) { response_ = response; StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK); }
+  void Fail(grpc::StatusCode code, const std::string& message) { Finish(grpc::Status(code, message)); }
+  // Forward this call to the Python server ("first" already read, if `have_first`).
+  void Proxy(bool have_first);
+
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+  // Backend side.
+  void BackendWriteDone(bool ok);
+  void BackendReadDone(bool ok);
+  void BackendDone(const grpc::Status& status);
+
+ private:
+  void MaybeFinish();  // with mu_ held
+
+  Frontend* frontend_;
+  grpc::GenericCallbackServerContext* ctx_;
+  bool infer_;
+  std::atomic<bool> proxying_{false};
+  std::atomic<bool> cancelled_{false};
+  grpc::ByteBuffer in_, response_;
+  BackendCall* backend_ = nullptr;
+  std::mutex mu_;
+  bool writing_ = false, backend_done_ = false, finished_ = false;
+  grpc::Status backend_status_;
+};
+
+// -- the batcher ---------------------------------------------------------------
+
+struct Queue {
+  std::string model, version, label;
+  std::shared_ptr<const Spec> spec;
+  std::deque<Call*> items;
+  int64_t running = 0;
+};
+
+struct Counters {
+  std::atomic<uint64_t> native{0}, proxied{0}, batches{0}, rejected{0}, fallbacks{0}, expired{0};
+};
+
+class Frontend : public grpc::CallbackGenericService {
+ public:
+  Frontend(std::string backend, py::object hooks, int threads, bool auth)
+      : hooks_(std::move(hooks)), threads_(threads), auth_(auth) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);
+    args.SetMaxSendMessageSize(-1);
+    channel_ = grpc::CreateCustomChannel(backend, grpc::InsecureChannelCredentials(), args);
+    stub_ = std::make_unique<grpc::GenericStub>(channel_);
+  }
+
+  int Start(const std::string& address, int64_t max_message_bytes, bool reuse_port) {
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+    builder.SetMaxReceiveMessageSize(static_cast<int>(max_message_bytes));
+    builder.SetMaxSendMessageSize(static_cast<int>(max_message_bytes));
+    builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, reuse_port ? 1 : 0);
+    builder.RegisterCallbackGenericService(this);
+    server_ = builder.BuildAndStart();
+    if (!server_ || port == 0) {
+      server_.reset();
+      return 0;
+    }
+    running_ = true;
+    for (int i = 0; i < threads_; ++i) workers_.emplace_back([this] { Work(); });
+    return port;
+  }
+
+  void Stop(double grace_s) {
+    if (server_) {
+      server_->Shutdown(std::chrono::system_clock::now() +
+                        std::chrono::microseconds(static_cast<int64_t>(grace_s * 1e6)));
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      running_ = false;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+    std::vector<Call*> left;  // what the workers did not take: answered, so Wait() returns
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& [key, q] : queues_) {
+        left.insert(left.end(), q->items.begin(), q->items.end());
+        q->items.clear();
+      }
+    }
+    for (Call* c : left) c->Fail(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
+    if (server_) server_->Wait();
+    server_.reset();
+  }
+
+  void Invalidate() {
+    std::lock_guard<std::mutex> lock(spec_mu_);
+    specs_.clear();
+    tokens_.clear();
+  }
+
+  py::dict Stats() {
+    py::dict d;
+    d["native"] = counters_.native.load();
+    d["proxied"] = counters_.proxied.load();
+    d["batches"] = counters_.batches.load();
+    d["rejected"] = counters_.rejected.load();
+    d["fallbacks"] = counters_.fallbacks.load();
+    d["expired"] = counters_.expired.load();
+    int64_t queued = 0, running = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& [key, q] : queues_) {
+        queued += q->items.size();
+        running += q->running;
+      }
+    }
+    d["queued"] = queued;
+    d["running"] = running;
+    return d;
+  }
+
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    return new Call(this, ctx);
+  }
+
+  grpc::GenericStub* stub() { return stub_.get(); }
+  Counters& counters() { return counters_; }
+
+  // A ModelInfer request arrived: serve it here, or forward it.
+  void Admit(Call* call) {
+    if (!Authorized(call) || !Parse(call->first, &call->request)) return call->Proxy(true);
+    auto spec = SpecOf(call->request.model_name());
+    if (!spec || !spec->eligible || !Validate(call, *spec)) return call->Proxy(true);
+    call->spec = spec;
+    call->enqueued = Clock::now();
+    auto deadline = call->ctx()->deadline();
+    if (deadline != std::chrono::system_clock::time_point::max()) {
+      call->deadline = call->enqueued + std::chrono::duration_cast<Clock::duration>(
+                                            deadline - std::chrono::system_clock::now());
+    }
+    const std::string& model = call->request.model_name();
+    const std::string version = spec->Route(call->request.model_version());
+    if (version.empty()) return call->Proxy(true);
+    std::string key = model + '\0' + version;
+    std::string full;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto& q = queues_[key];
+      if (!q) {
+        q = std::make_unique<Queue>();
+        q->model = model;
+        q->version = version;
+        q->label = model + ":" + version;
+      }
+      q->spec = spec;  // the newest rules for what is taken from now on
+      if (static_cast<int64_t>(q->items.size()) >= spec->max_queue_size) {
+        full = q->label + ": request queue is full (" + std::to_string(spec->max_queue_size) +
+               " waiting); retry later";
+      } else {
+        q->items.push_back(call);
+      }
+    }
+    if (!full.empty()) {
+      counters_.rejected++;
+      return call->Fail(grpc::StatusCode::RESOURCE_EXHAUSTED, full);
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  bool Authorized(Call* call) {
+    if (!auth_) return true;
+    const auto& md = call->ctx()->client_metadata();
+    auto it = md.find(kBearer);
+    if (it == md.end()) return false;  // Python says precisely what is missing
+    std::string header(it->second.data(), it->second.size());
+    auto now = Clock::now();
+    {
+      std::lock_guard<std::mutex> lock(spec_mu_);
+      auto found = tokens_.find(header);
+      if (found != tokens_.end() && found->second > now) return true;
+    }
+    bool ok = false;
+    {
+      py::gil_scoped_acquire gil;
+      try {
+        ok = hooks_.attr("authorize")(py::bytes(header)).cast<bool>();
+      } catch (py::error_already_set&) {
+        ok = false;
+      }
+    }
+    if (ok) {  // a token file is re-read within a second; so is this cache
+      std::lock_guard<std::mutex> lock(spec_mu_);
+      if (tokens_.size() > 4096) tokens_.clear();
+      tokens_[header] = now + std::chrono::seconds(1);
+    }
+    return ok;
+  }
+
+  std::shared_ptr<const Spec> SpecOf(const std::string& model) {
+    {
+      std::lock_guard<std::mutex> lock(spec_mu_);
+      auto it = specs_.find(model);
+      if (it != specs_.end()) return it->second;
+    }
+    auto spec = std::make_shared<Spec>();
+    {
+      py::gil_scoped_acquire gil;
+      try {
+        py::object got = hooks_.attr("spec")(model);
+        if (!got.is_none()) {
+          py::dict d = got.cast<py::dict>();
+          spec->eligible = true;
+          spec->max_batch_size = d["max_batch_size"].cast<int64_t>();
+          spec->max_queue_size = d["max_queue_size"].cast<int64_t>();
+          spec->max_queue_delay_s = d["max_queue_delay_s"].cast<double>();
+          spec->preferred = d["preferred_batch_sizes"].cast<std::vector<int64_t>>();
+          spec->concurrency = std::max<int64_t>(1, d["max_concurrent_batches"].cast<int64_t>());
+          spec->max_dims = d["max_dims"].cast<int64_t>();
+          spec->ready = d["ready"].cast<std::vector<int64_t>>();
+          spec->choices = d["choices"].cast<std::vector<int64_t>>();
+          spec->cumulative = d["cumulative"].cast<std::vector<double>>();
+          for (auto which : {"inputs", "outputs"}) {
+            for (auto t : d[which]) {
+              auto tup = t.cast<py::tuple>();
+              TensorSpec ts{tup[0].cast<std::string>(), tup[1].cast<std::string>(),
+                            tup[2].cast<std::vector<int64_t>>(), tup[3].cast<int64_t>()};
+              (std::string(which) == "inputs" ? spec->inputs : spec->outputs).push_back(ts);
+            }
+          }
+        }
+      } catch (py::error_already_set& e) {
+        spec->eligible = false;
+      }
+    }
+    std::lock_guard<std::mutex> lock(spec_mu_);
+    if (specs_.size() > 4096) specs_.clear();  // unknown names must not grow it without bound
+    specs_[model] = spec;
+    return spec;
+  }
+
+  // True when the request is certainly valid for the model; false sends it to
+  // Python, which rejects it with its own message (or serves it).
+  static bool Validate(Call* call, const Spec& spec) {
+    const auto& r = call->request;
+    const auto& version = r.model_version();
+    for (char c : version) if (c < '0' || c > '9') return false;
+    const int n = spec.inputs.size();
+    if (r.inputs_size() != n || r.raw_input_contents_size() != n) return false;
+    call->input_order.assign(n, -1);
+    int64_t rows = -1;
+    for (int j = 0; j < n; ++j) {
+      const auto& in = r.inputs(j);
+      int i = 0;
+      while (i < n && spec.inputs[i].name != in.name()) ++i;
+      if (i == n || call->input_order[i] != -1) return false;
+      call->input_order[i] = j;
+      const TensorSpec& ts = spec.inputs[i];
+      if (in.datatype() != ts.datatype || in.has_contents()) return false;
+      if (in.shape_size() != static_cast<int>(ts.dims.size()) + 1 || in.shape_size() > spec.max_dims) return false;
+      int64_t count = 1;
+      for (int d = 0; d < in.shape_size(); ++d) {
+        int64_t v = in.shape(d);
+        if (v < 0) return false;
+        if (d > 0 && ts.dims[d - 1] != -1 && ts.dims[d - 1] != v) return false;
+        if (v > (int64_t{1} << 40) || (count > 0 && v > (int64_t{1} << 40) / count)) return false;
+        count *= v;
+      }
+      int64_t b = in.shape(0);
+      if (b < 1 || b > spec.max_batch_size) return false;
+      if (rows != -1 && rows != b) return false;
+      rows = b;
+      if (static_cast<int64_t>(r.raw_input_contents(j).size()) != count * ts.itemsize) return false;
+    }
+    call->rows = rows;
+    call->output_order.clear();
+    if (r.outputs_size() == 0) {
+      for (size_t i = 0; i < spec.outputs.size(); ++i) call->output_order.push_back(i);
+    } else {
+      for (const auto& out : r.outputs()) {
+        size_t i = 0;
+        while (i < spec.outputs.size() && spec.outputs[i].name != out.name()) ++i;
+        if (i == spec.outputs.size()) return false;
+        call->output_order.push_back(i);
+      }
+    }
+    return true;
+  }
+
+  // (items to cut now, 0 = wait) for one queue, mutex held.
+  static int64_t Target(const Queue& q) {
+    int64_t depth = q.items.size(), limit = q.spec->max_batch_size;
+    if (depth >= limit) return limit;
+    int64_t best = 0;
+    for (int64_t p : q.spec->preferred) if (p <= limit && p > best) best = p;
+    if (best && depth >= best) return best;
+    return 0;
+  }
+
+  void Work() {
+    PinThreadState pin;
+    std::unique_lock<std::mutex> lock(mu_);
+    while (true) {
+      if (!running_) break;
+      Queue* ready = nullptr;
+      int64_t size = 0;
+      auto now = Clock::now();
+      auto wake = Clock::time_point::max();
+      for (auto& [key, q] : queues_) {
+        if (q->items.empty() || q->running >= q->spec->concurrency) continue;
+        int64_t target = Target(*q);
+        auto cut_at = q->items.front()->enqueued +
+                      std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(q->spec->max_queue_delay_s));
+        if (target == 0 && now >= cut_at) target = std::min<int64_t>(q->items.size(), q->spec->max_batch_size);
+        if (target > 0) { ready = q.get(); size = target; break; }
+        wake = std::min(wake, cut_at);
+      }
+      if (!ready) {
+        if (wake == Clock::time_point::max()) cv_.wait(lock);
+        else cv_.wait_until(lock, wake);
+        continue;
+      }
+      bool by_size = Target(*ready) > 0;
+      std::vector<Call*> batch, dropped;
+      while (!ready->items.empty() && static_cast<int64_t>(batch.size()) < size) {
+        Call* c = ready->items.front();
+        ready->items.pop_front();
+        (c->cancelled() || now >= c->deadline ? dropped : batch).push_back(c);
+      }
+      ready->running++;
+      Queue* q = ready;
+      lock.unlock();
+      for (Call* c : dropped) {
+        counters_.expired++;
+        if (c->cancelled()) c->Fail(grpc::StatusCode::CANCELLED, "cancelled while queued");
+        else c->Fail(grpc::StatusCode::DEADLINE_EXCEEDED, q->label + ": deadline passed while queued");
+      }
+      if (!batch.empty()) Run(*q, batch, by_size);
+      lock.lock();
+      q->running--;
+      if (!batch.empty() || !dropped.empty()) cv_.notify_all();
+    }
+  }
+
+  // One batch: contiguous columns -> Python once -> responses split and encoded here.
+  void Run(const Queue& q, const std::vector<Call*>& batch, bool by_size) {
+    const Spec& spec = *batch.front()->spec;
+    for (Call* c : batch) {
+      if (c->spec.get() != &spec) {  // the rules changed between two of its requests
+        for (Call* f : batch) f->Proxy(true);
+        counters_.fallbacks += batch.size();
+        return;
+      }
+    }
+    const size_t n_in = spec.inputs.size();
+    int64_t total_rows = 0;
+    for (Call* c : batch) total_rows += c->rows;
+    auto start = Clock::now();
+    std::vector<double> waits(batch.size());
+    for (size_t k = 0; k < batch.size(); ++k)
+      waits[k] = std::chrono::duration<double>(start - batch[k]->enqueued).count();
+
+    std::string version;
+    std::vector<py::object> outputs;  // kept alive (GIL) until encoding is done
+    std::vector<const char*> out_data;
+    std::vector<std::vector<int64_t>> out_shape;
+    bool ok = false;
+    {
+      py::gil_scoped_acquire gil;
+      try {
+        py::list columns;
+        for (size_t i = 0; i < n_in; ++i) {
+          const TensorSpec& ts = spec.inputs[i];
+          std::vector<py::ssize_t> shape{total_rows};
+          // dims of the first request (all equal unless a -1 dim varies: then Python
+          // is asked to serve them one by one below)
+          const auto& first_in = batch.front()->request.inputs(batch.front()->input_order[i]);
+          for (int d = 1; d < first_in.shape_size(); ++d) {
+            shape.push_back(first_in.shape(d));
+          }
+          for (Call* c : batch) {
+            const auto& in = c->request.inputs(c->input_order[i]);
+            for (int d = 1; d < in.shape_size(); ++d)
+              if (in.shape(d) != first_in.shape(d)) throw std::runtime_error("ragged");
+          }
+          std::vector<py::ssize_t> strides(shape.size(), ts.itemsize);  // C order
+          for (int d = static_cast<int>(shape.size()) - 2; d >= 0; --d) strides[d] = strides[d + 1] * shape[d + 1];
+          py::array column(py::reinterpret_borrow<py::dtype>(hooks_.attr("numpy_dtype")(ts.datatype)), shape, strides);
+          char* dst = static_cast<char*>(column.mutable_data());
+          {
+            py::gil_scoped_release nogil;
+            for (Call* c : batch) {
+              const std::string& raw = c->request.raw_input_contents(c->input_order[i]);
+              std::memcpy(dst, raw.data(), raw.size());
+              dst += raw.size();
+            }
+          }
+          columns.append(column);
+        }
+        py::array_t<double> wait_array(waits.size(), waits.data());
+        py::tuple result = hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size);
+        version = result[0].cast<std::string>();
+        for (auto o : result[1].cast<py::list>()) {
+          py::array a = py::reinterpret_borrow<py::array>(o);
+          if (!(a.flags() & py::array::c_style) || a.ndim() < 1 || a.shape(0) != total_rows)
+            throw std::runtime_error("output not contiguous or not one row per input row");
+          out_data.push_back(static_cast<const char*>(a.data()));
+          out_shape.emplace_back(a.shape(), a.shape() + a.ndim());
+          outputs.push_back(a);
+        }
+        ok = outputs.size() == spec.outputs.size();
+      } catch (std::exception&) {
+        ok = false;  // py::error_already_set included: Python serves each one instead
+      }
+    }
+    if (!ok) {
+      counters_.fallbacks += batch.size();
+      py::gil_scoped_acquire gil;
+      outputs.clear();
+      py::gil_scoped_release nogil;
+      for (Call* c : batch) c->Proxy(true);
+      return;
+    }
+    counters_.batches++;
+    counters_.native += batch.size();
+    int64_t offset = 0;
+    for (Call* c : batch) {
+      inference::ModelInferResponse response;
+      response.set_model_name(c->request.model_name());
+      response.set_model_version(version);
+      response.set_id(c->request.id());
+      for (int i : c->output_order) {
+        const TensorSpec& ts = spec.outputs[i];
+        const auto& shape = out_shape[i];
+        int64_t row_bytes = ts.itemsize;
+        for (size_t d = 1; d < shape.size(); ++d) row_bytes *= shape[d];
+        auto* out = response.add_outputs();
+        out->set_name(ts.name);
+        out->set_datatype(ts.datatype);
+        out->add_shape(c->rows);
+        for (size_t d = 1; d < shape.size(); ++d) out->add_shape(shape[d]);
+        response.add_raw_output_contents(out_data[i] + offset * row_bytes, c->rows * row_bytes);
+      }
+      offset += c->rows;
+      c->Reply(Serialize(response));
+    }
+    py::gil_scoped_acquire gil;
+    outputs.clear();
+  }
+
+  py::object hooks_;
+  int threads_;
+  bool auth_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<grpc::GenericStub> stub_;
+  std::unique_ptr<grpc::Server> server_;
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool running_ = false;
+  std::map<std::string, std::unique_ptr<Queue>> queues_;
+  std::mutex spec_mu_;
+  std::unordered_map<std::string, std::shared_ptr<const Spec>> specs_;
+  std::unordered_map<std::string, Clock::time_point> tokens_;
+  Counters counters_;
+};
+
+// -- Call ---------------------------------------------------------------------
+
+Call::Call(Frontend* frontend, grpc::GenericCallbackServerContext* ctx)
+    : frontend_(frontend), ctx_(ctx), infer_(ctx->method() == kInferMethod) {
+  if (infer_) {
+    StartRead(&first);
+  } else {
+    Proxy(false);
+  }
+}
+
+void Call::Proxy(bool have_first) {
+  frontend_->counters().proxied++;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    proxying_ = true;
+  }
+  backend_ = new BackendCall(this);
+  auto& context = backend_->context;
+  for (const auto& [key, value] : ctx_->client_metadata()) {
+    std::string k(key.data(), key.size());
+    if (k.empty() || k[0] == ':' || k.rfind("grpc-", 0) == 0 || k == "user-agent" || k == "content-type" ||
+        k == "te" || k == "host")
+      continue;
+    context.AddMetadata(k, std::string(value.data(), value.size()));
+  }
+  context.set_deadline(ctx_->deadline());
+  frontend_->stub()->PrepareBidiStreamingCall(&context, ctx_->method(), grpc::StubOptions(), backend_);
+  if (have_first) backend_->StartWrite(&first);
+  backend_->StartRead(&backend_->out);
+  backend_->StartCall();
+  if (!have_first) StartRead(&in_);  // reads from the client once the backend call is under way
+}
+
+void Call::OnReadDone(bool ok) {
+  if (infer_ && !proxying_) {
+    if (!ok) {  // no request message: Python's server answers that case
+      Proxy(false);
+      return;
+    }
+    frontend_->Admit(this);
+    return;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (backend_done_) return;
+  if (ok) {
+    backend_->StartWrite(&in_);
+  } else {
+    backend_->StartWritesDone();
+  }
+}
+
+void Call::BackendWriteDone(bool ok) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (ok && !finished_) StartRead(&in_);
+}
+
+void Call::BackendReadDone(bool ok) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!ok || finished_) return;
+  writing_ = true;
+  StartWrite(&backend_->out);
+}
+
+void Call::OnWriteDone(bool ok) {
+  if (!proxying_) return;  // the native reply (StartWriteAndFinish)
+  std::lock_guard<std::mutex> lock(mu_);
+  writing_ = false;
+  if (backend_done_) {
+    MaybeFinish();
+  } else if (ok) {
+    backend_->StartRead(&backend_->out);
+  }
+}
+
+void Call::BackendDone(const grpc::Status& status) {
+  std::lock_guard<std::mutex> lock(mu_);
+  backend_done_ = true;
+  backend_status_ = status;
+  for (const auto& [key, value] : backend_->context.GetServerTrailingMetadata()) {
+    std::string k(key.data(), key.size());
+    if (k.rfind("grpc-", 0) == 0) continue;
+    ctx_->AddTrailingMetadata(k, std::string(value.data(), value.size()));
+  }
+  MaybeFinish();
+}
+
+void Call::MaybeFinish() {
+  if (writing_ || finished_) return;
+  finished_ = true;
+  Finish(backend_status_);
+}
+
+void Call::OnCancel() {
+  cancelled_ = true;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (backend_ && !backend_done_) backend_->context.TryCancel();
+}
+
+void Call::OnDone() { delete this; }
+
+void BackendCall::OnWriteDone(bool ok) { call_->BackendWriteDone(ok); }
+void BackendCall::OnReadDone(bool ok) { call_->BackendReadDone(ok); }
+void BackendCall::OnDone(const grpc::Status& status) { call_->BackendDone(status); }
+
+// -- the bare native echo (the benchmark's ceiling) ---------------------------
+
+class Echo : public grpc::CallbackGenericService {
+ public:
+  class Reactor : public grpc::ServerGenericBidiReactor {
+   public:
+    Reactor() { StartRead(&in_); }
+    void OnReadDone(bool ok) override {
+      if (!ok) return Finish(grpc::Status::OK);
+      inference::ModelInferRequest request;
+      inference::ModelInferResponse response;
+      if (Parse(in_, &request)) {
+        response.set_model_name(request.model_name());
+        response.set_id(request.id());
+        for (int i = 0; i < request.inputs_size(); ++i) {
+          auto* out = response.add_outputs();
+          out->set_name(request.inputs(i).name());
+          out->set_datatype(request.inputs(i).datatype());
+          *out->mutable_shape() = request.inputs(i).shape();
+        }
+        *response.mutable_raw_output_contents() = request.raw_input_contents();
+      }
+      out_ = Serialize(response);
+      StartWriteAndFinish(&out_, grpc::WriteOptions(), grpc::Status::OK);
+    }
+    void OnDone() override { delete this; }
+
+   private:
+    grpc::ByteBuffer in_, out_;
+  };
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext*) override {
+    return new Reactor();
+  }
+  int Start(const std::string& address) {
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+    builder.RegisterCallbackGenericService(this);
+    server_ = builder.BuildAndStart();
+    return server_ ? port : 0;
+  }
+  void Stop() {
+    if (server_) {
+      server_->Shutdown(std::chrono::system_clock::now());
+      server_->Wait();
+      server_.reset();
+    }
+  }
+
+ private:
+  std::unique_ptr<grpc::Server> server_;
+};
+
+// The in-process shape's hand-off: from a thread of our own, take the GIL and call
+// Python, `n` times; mean nanoseconds per call (bench_frontend_shapes.py).
+double HandoffNs(py::object fn, int n) {
+  double ns = 0;
+  {
+    py::gil_scoped_release nogil;
+    std::thread t([&] {
+      PinThreadState pin;
+      auto start = Clock::now();
+      for (int i = 0; i < n; ++i) {
+        py::gil_scoped_acquire gil;
+        fn();
+      }
+      ns = std::chrono::duration<double, std::nano>(Clock::now() - start).count() / n;
+    });
+    t.join();
+  }
+  return ns;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "tensorwire's native inference frontend (grpc++ from Debian); see native/frontend.cc";
+  m.attr("GRPC_VERSION") = grpc::Version();
+  py::class_<Frontend>(m, "Frontend")
+      .def(py::init<std::string, py::object, int, bool>(), py::arg("backend"), py::arg("hooks"),
+           py::arg("threads"), py::arg("auth"))
+      .def("start", &Frontend::Start, py::arg("address"), py::arg("max_message_bytes"), py::arg("reuse_port"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("stop", &Frontend::Stop, py::arg("grace_s"), py::call_guard<py::gil_scoped_release>())
+      .def("invalidate", &Frontend::Invalidate)
+      .def("stats", &Frontend::Stats);
+  m.def("handoff_ns", &HandoffNs, py::arg("fn"), py::arg("n"));
+  py::class_<Echo>(m, "Echo")
+      .def(py::init<>())
+      .def("start", &Echo::Start, py::call_guard<py::gil_scoped_release>())
+      .def("stop", &Echo::Stop, py::call_guard<py::gil_scoped_release>());
+}

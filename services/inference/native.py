@@ -1,0 +1,223 @@
+"""The native inference frontend: which frontend serves, and Python's side of the native one.
+
+``--frontend native`` puts a grpc++ server (``native/frontend.cc``, built by
+``scripts/build-native.sh`` into ``services/inference/_native*.so``) on the public
+port, in this process, with its own threads. It serves ``ModelInfer`` requests it
+can prove valid against the model's config: it parses them, batches them (the
+knobs of the version's :class:`~tensorwire.batching.BatchConfig`), and calls
+:meth:`NativeHooks.run_batch` once per batch with contiguous numpy columns; it
+splits and encodes the answers itself. Everything else -- the other RPCs,
+streams, health, reflection, requests it cannot prove valid, calls whose token it
+has not seen accepted -- it forwards byte for byte to the Python gRPC server,
+which listens on a loopback port and answers exactly as it does without the
+native frontend (same statuses, same messages, same role checks).
+
+The rules the native side validates with come from here (:meth:`NativeHooks.spec`:
+the model's inputs, datatypes, dims, item sizes and batching knobs, read from the
+repository's loaded version), and are dropped whenever the repository swaps or
+unloads a model (``ModelRepository.on_change``); there is no second copy of them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from tensorwire import metrics
+from tensorwire.auth import Authorizer
+from tensorwire.errors import TensorwireError
+from tensorwire.tensors import NUMPY_DTYPES
+
+from .codec import MAX_DIMS
+from .repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+FRONTENDS = ("auto", "native", "python")
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def load_module() -> tuple[Any | None, str]:
+    """The built extension (None when it is not built or cannot load) and why.
+    ``TENSORWIRE_NATIVE_MODULE`` names another build of it to load instead (the
+    AddressSanitizer build of the fuzz test)."""
+    path = os.environ.get("TENSORWIRE_NATIVE_MODULE")
+    try:
+        if path:
+            name = f"{__package__}._native"
+            if name not in sys.modules:
+                spec = importlib.util.spec_from_file_location(name, path)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"cannot load {path}")
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                sys.modules[name] = module
+            loaded: Any = sys.modules[name]
+        else:
+            from . import _native  # type: ignore[attr-defined]
+
+            loaded = _native
+    except ImportError as exc:
+        return None, f"not built ({exc}); scripts/build-native.sh builds it (make native)"
+    return loaded, f"grpc++ {loaded.GRPC_VERSION}"
+
+
+def _bulk_observe(histogram: Any, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, in a few numpy calls (prometheus_client's
+    Histogram child: cumulative buckets are computed at collection time)."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:  # another client version: one by one
+        for v in values.tolist():
+            histogram.observe(v)
+        return
+    counts = np.bincount(np.searchsorted(np.asarray(bounds), values, side="left"), minlength=len(bounds))
+    for index, count in enumerate(counts.tolist()):
+        if count:
+            buckets[index].inc(count)
+    total.inc(float(values.sum()))
+
+
+class NativeHooks:
+    """What the native frontend calls, with the GIL, once per model (``spec``), once
+    per token a second (``authorize``) and once per batch (``run_batch``)."""
+
+    def __init__(self, repository: ModelRepository, authorizer: Authorizer | None, service: str) -> None:
+        self._repo = repository
+        self._authorizer = authorizer if authorizer is not None and authorizer.enabled else None
+        self._handled = metrics.RPC_HANDLED.labels(service, "ModelInfer", "OK")
+        self._latency = metrics.RPC_LATENCY.labels(service, "ModelInfer")
+
+    @staticmethod
+    def numpy_dtype(datatype: str) -> np.dtype:
+        return NUMPY_DTYPES[datatype]
+
+    def spec(self, model: str) -> dict[str, Any] | None:
+        """The rules a request of ``model`` must meet to be served natively; None: the
+        model is not served natively (unknown, unbatched, BYTES tensors, response
+        cache): its requests go to the Python frontend."""
+        try:
+            versions = self._repo.versions(model)
+            mv = self._repo.version_of(model, str(versions[-1]))
+        except TensorwireError:  # unknown, unloaded, failed: Python says which
+            return None
+        config = mv.batcher.config
+        tensors = (*mv.inputs, *mv.outputs)
+        if (mv.max_batch_size <= 0 or config.adaptive or any(t.datatype not in NUMPY_DTYPES or t.datatype == "BYTES"
+                                                             for t in tensors)):
+            return None
+        if self._repo.cache is not None and any(
+            self._repo.version_of(model, str(v)).response_cache_enabled for v in versions
+        ):
+            return None
+        routing = self._repo.routing(model)
+        return {
+            "ready": sorted(routing.versions),
+            "choices": list(routing.choices),
+            "cumulative": list(routing.cumulative),
+            "max_batch_size": config.max_batch_size,
+            "max_queue_size": config.max_queue_size,
+            "max_queue_delay_s": config.max_queue_delay_s,
+            "preferred_batch_sizes": list(config.preferred_batch_sizes),
+            "max_concurrent_batches": config.max_concurrent_batches,
+            "max_dims": MAX_DIMS,
+            "inputs": [(t.name, t.datatype, list(t.dims), NUMPY_DTYPES[t.datatype].itemsize) for t in mv.inputs],
+            "outputs": [(t.name, t.datatype, list(t.dims), NUMPY_DTYPES[t.datatype].itemsize) for t in mv.outputs],
+        }
+
+    def authorize(self, header: bytes) -> bool:
+        """Whether a ModelInfer call with this ``authorization`` value passes the role
+        check (False: the call goes to the Python server, which says why not)."""
+        if self._authorizer is None:
+            return True
+        try:
+            self._authorizer.check("/inference.GRPCInferenceService/ModelInfer",
+                                   (("authorization", header.decode("latin-1")),))
+        except TensorwireError:
+            return False
+        return True
+
+    def run_batch(self, model: str, version: str, columns: list[np.ndarray], waits: np.ndarray,
+                  by_size: bool) -> tuple[str, list[np.ndarray]]:
+        """One forward over a batch of natively validated requests for one version (the
+        frontend routed each by the traffic split it got from ``spec``); ``waits``: each
+        request's seconds in the native queue; ``by_size``: cut because it was full.
+        Raises when that version is gone or no longer takes these columns (a swap):
+        the frontend then hands each request to the Python path."""
+        start = time.perf_counter()
+        mv = self._repo.version_of(model, version)
+        if len(columns) != len(mv.inputs):
+            raise ValueError("inputs changed")
+        for spec, column in zip(mv.inputs, columns):
+            if column.dtype != NUMPY_DTYPES[spec.datatype] or len(column.shape) != len(spec.dims) + 1 or any(
+                d != -1 and d != s for d, s in zip(spec.dims, column.shape[1:])
+            ):
+                raise ValueError(f"input {spec.name!r} changed")
+        outs = mv.forward_columns(columns, len(waits))
+        outs = [np.ascontiguousarray(o, dtype=NUMPY_DTYPES[t.datatype]) for t, o in zip(mv.outputs, outs)]
+        latencies = waits + (time.perf_counter() - start)
+        mv.record_batch(len(waits), columns[0].shape[0], float(latencies.sum()))
+        mv.batcher.record_external(len(waits), time.perf_counter() - start, float(waits.sum()), by_size)
+        self._handled.inc(len(waits))
+        _bulk_observe(self._latency, latencies)
+        return str(mv.version), outs
+
+
+class NativeFrontend:
+    """The native server of one inference app (see the module docstring)."""
+
+    def __init__(self, module: Any, repository: ModelRepository, threads: int) -> None:
+        self._module = module
+        self._repo = repository
+        self._threads = threads
+        self._server: Any = None
+
+    def start(self, address: str, backend_port: int, *, name: str, max_message_bytes: int,
+              reuse_port: bool, authorizer: Authorizer | None) -> int:
+        """Listen on ``address``, forwarding to the Python server on ``backend_port``;
+        returns the bound port (0: cannot bind)."""
+        hooks = NativeHooks(self._repo, authorizer, name)
+        auth = authorizer is not None and authorizer.enabled
+        self._server = self._module.Frontend(f"127.0.0.1:{backend_port}", hooks, self._threads, auth)
+        port = int(self._server.start(address, max_message_bytes, reuse_port))
+        if port:
+            self._repo.on_change.append(self._changed)
+        return port
+
+    def _changed(self, model: str) -> None:
+        if self._server is not None:
+            self._server.invalidate()
+
+    def stats(self) -> dict[str, int]:
+        """Requests served natively, forwarded, batches, rejections, fallbacks."""
+        return dict(self._server.stats()) if self._server is not None else {}
+
+    def stop(self, grace_s: float) -> None:
+        """Blocking (run it off the event loop: forwarded calls need the loop)."""
+        if self._server is not None:
+            self._server.stop(grace_s)
+            if self._changed in self._repo.on_change:
+                self._repo.on_change.remove(self._changed)
+
+
+def choose(frontend: str, repository: ModelRepository, threads: int, *, tls: bool) -> tuple[NativeFrontend | None, str]:
+    """The frontend ``--frontend`` selects, and the one line that says which serves and why."""
+    if frontend == "python":
+        return None, "frontend: python (--frontend python)"
+    module, why = load_module()
+    if module is None:
+        if frontend == "native":
+            raise RuntimeError(f"--frontend native: the native frontend is {why}")
+        return None, f"frontend: python (the native frontend is {why})"
+    if tls:
+        if frontend == "native":
+            raise RuntimeError("--frontend native does not serve TLS yet; use --frontend python or auto")
+        return None, "frontend: python (TLS is on; the native frontend serves plaintext only)"
+    return NativeFrontend(module, repository, threads), f"frontend: native ({why}; {threads} batch threads)"
