@@ -38,7 +38,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tensorwire import admission
 from tensorwire.errors import InvalidArgumentError, NotFoundError
@@ -153,11 +153,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".tmp", dir=path.parent)
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, synced, then renamed over
+    it: a reader sees the old file or the whole new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -165,6 +167,10 @@ def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    write_atomic(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True).encode()))
 
 
 def is_triton_model(repo: Path, name: str) -> bool:

@@ -22,9 +22,7 @@ import asyncio
 import logging
 import math
 import operator
-import os
 import re
-import tempfile
 import threading
 import time
 import uuid
@@ -151,20 +149,12 @@ def write_training_state(path: Path, snap: Snapshot) -> None:
     """Weights + optimizer + RNG + step of ``snap``, written atomically."""
     assert snap.training is not None
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({
-                "weights": snap.state_dict, "optimizer": snap.training.optimizer,
-                "generator": snap.training.generator, "step": snap.training.step,
-                "params": dict(snap.config.params), "options": dict(snap.config.options),
-            }, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    state = {
+        "weights": snap.state_dict, "optimizer": snap.training.optimizer,
+        "generator": snap.training.generator, "step": snap.training.step,
+        "params": dict(snap.config.params), "options": dict(snap.config.options),
+    }
+    modelrepo.write_atomic(path, lambda f: torch.save(state, f))
 
 
 def read_training_state(path: Path) -> tuple[dict[str, torch.Tensor], TrainingState, RunConfig]:
