@@ -530,7 +530,6 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
                     print(f"  {name:8s} c={c:<3d} hits {hit_pct:3d} %  {r['rps']:8.0f} rps  "
                           f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
                           f"server cpu {r['cpu_us']:5.0f} us/req  errors {r['errors']}", flush=True)
-        rss = {server: rss_mib(proc.pid) for server, (proc, _) in procs.items()}
     finally:
         for proc, _ in procs.values():
             stop_server(proc)
