@@ -139,7 +139,10 @@ async def test_pause_then_resume_rearms_the_live_views(tmp_path: Path) -> None:
 
 
 async def test_ended_runs_leave_trainer_and_streamer_memory(tmp_path: Path) -> None:
-    async with suite(tmp_path, free_port(), free_port()) as (trainer, streamer, tstub, sstub):
+    # 20 runs started back to back: room for all of them at once, whatever the machine's
+    # speed (the point is what is left after they end, not the active-runs cap).
+    async with suite(tmp_path, free_port(), free_port(), max_active_runs=32) as (
+            trainer, streamer, tstub, sstub):
         trainer.runs.release_after_s = 0.2
         ids = []
         for _ in range(20):
