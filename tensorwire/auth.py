@@ -182,7 +182,10 @@ class TokenFile:
         self.reloads = 0
 
     def _stat(self) -> tuple[int, int, int]:
-        st = self.path.stat()
+        try:
+            st = self.path.stat()
+        except OSError:
+            return (-1, -1, -1)  # gone: one stamp for it, so it is logged once
         return st.st_ino, st.st_size, st.st_mtime_ns
 
     def _read(self) -> dict[bytes, Identity]:
@@ -212,10 +215,7 @@ class TokenFile:
                 self.reloads += 1
                 log.info("token file %s reloaded (%d tokens)", self.path, len(self._table))
             except (OSError, TokenFileError) as exc:
-                try:
-                    self._stamp = self._stat()  # do not log again until it changes
-                except OSError:
-                    pass
+                self._stamp = self._stat()  # do not log again until it changes
                 log.error("token file not reloaded, keeping the previous tokens: %s", exc)
 
     def lookup(self, token: str) -> Identity | None:

@@ -508,3 +508,15 @@ def test_ctrl_c_while_starting_stops_the_suite_promptly(tmp_path: Path) -> None:
     assert proc.returncode == 0, out
     assert time.monotonic() - started < 30, out
     assert "Traceback" not in out, out
+
+
+def test_a_token_file_that_goes_away_keeps_the_last_tokens_and_logs_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    path = write_tokens(tmp_path / "t.csv")
+    tokens = TokenFile(path, check_interval_s=1.0, clock=lambda: now[0])
+    path.unlink()
+    for t in range(2, 8):
+        now[0] = float(t)
+        assert tokens.lookup(TOKENS["viewer"]) is not None
+    assert sum("not reloaded" in r.message for r in caplog.records) == 1
