@@ -247,6 +247,7 @@ class Authorizer:
                  table: Mapping[str, Role | None] = METHOD_ROLES) -> None:
         self.tokens = tokens
         self._table = dict(table)
+        self._checkers: dict[str, Callable[[Iterable[tuple[str, Any]] | None], Identity] | None] = {}
         if open_inference:
             for method in INFERENCE_READ_METHODS:
                 self._table[method] = OPEN
@@ -266,8 +267,12 @@ class Authorizer:
             ) from None
 
     def check(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> Identity | None:
-        """Decide one call of ``method`` with this metadata."""
-        checker = self.checker(method)
+        """Decide one call of ``method`` with this metadata (HTTP routes: the check is
+        built once per method and kept, as gRPC handlers keep theirs)."""
+        try:
+            checker = self._checkers[method]
+        except KeyError:
+            checker = self._checkers[method] = self.checker(method)
         return checker(metadata) if checker is not None else None
 
     def checker(self, method: str) -> Callable[[Iterable[tuple[str, Any]] | None], Identity] | None:
