@@ -1,4 +1,5 @@
-"""Delivery feedback for a live subscription, client side: ``FrameAcker``.
+"""Delivery feedback for a live subscription, client side: ``FrameAcker``, and
+``HeldArrays`` for a subscription that asked for ``reuse_arrays``.
 
 A ``Subscribe`` stream's frames carry sequence numbers (``Frame.seq``; the
 first frame also ``Frame.subscription_id``). Telling the streamer what arrived,
@@ -34,9 +35,43 @@ from collections.abc import Callable
 
 import grpc
 
+from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 log = logging.getLogger(__name__)
+
+
+class HeldArrays:
+    """The arrays of the last view of each name on one ``Subscribe`` stream.
+
+    A subscriber that sets ``SubscribeRequest.reuse_arrays`` gets an array that
+    did not change since the last view of the same name (a task's dataset) as
+    ``Array(name=..., unchanged=True)`` without its bytes; :meth:`fill` puts the
+    held array back, so the view is whole again. One per stream: a new
+    subscription starts empty on both sides.
+    """
+
+    def __init__(self) -> None:
+        self._views: dict[str, dict[str, cpb.Array]] = {}
+
+    def fill(self, frame: spb.Frame) -> None:
+        """Complete ``frame``'s view in place (other frames pass unchanged).
+
+        Raises ValueError when an array is named unchanged that this stream never
+        carried (a streamer bug: the view cannot be shown).
+        """
+        if not frame.HasField("view"):
+            return
+        view = frame.view
+        key = view.name or view.kind
+        held = self._views.get(key, {})
+        for i, array in enumerate(view.arrays):
+            if array.unchanged:
+                kept = held.get(array.name)
+                if kept is None:
+                    raise ValueError(f"view {key}: array {array.name!r} is named unchanged but was never sent")
+                view.arrays[i].CopyFrom(kept)
+        self._views[key] = {a.name: a for a in view.arrays}
 
 ACK_METHOD = "/tensorwire.streamer.v1.StreamerService/Ack"
 

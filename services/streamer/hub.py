@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import math
 import secrets
@@ -111,25 +112,46 @@ class AckReply:
 
 @dataclass
 class CachedView:
-    """One published view, serialized once per codec on first use."""
+    """One published view, serialized once per codec (and per set of arrays left
+    out as unchanged) on first use."""
 
     kind: str
     step: int
     produced_at: float
     view: cpb.View
-    _frames: dict[int, bytes] = field(default_factory=dict)
+    _frames: dict[tuple[int, frozenset[str]], bytes] = field(default_factory=dict)
+    _digests: dict[str, bytes] | None = None
 
-    def frame(self, codec: int) -> bytes:
-        data = self._frames.get(codec)
+    @property
+    def digests(self) -> dict[str, bytes]:
+        """Each array's content digest (BLAKE2b-128 of its message: name, dtype,
+        shape, scaling and bytes), by array name."""
+        if self._digests is None:
+            self._digests = {
+                a.name: hashlib.blake2b(a.SerializeToString(), digest_size=16).digest() for a in self.view.arrays
+            }
+            if len(self._digests) != len(self.view.arrays):
+                self._digests = {}  # two arrays of one name: nothing can be named as unchanged
+        return self._digests
+
+    def frame(self, codec: int, unchanged: frozenset[str] = frozenset()) -> bytes:
+        """The frame's bytes, arrays recoded to ``codec``; the arrays named in
+        ``unchanged`` go as ``Array(name, unchanged=True)`` without their bytes."""
+        data = self._frames.get((codec, unchanged))
         if data is None:
             view = self.view
-            if any(a.codec != codec for a in view.arrays):
+            if unchanged or any(a.codec != codec for a in view.arrays):
                 view = cpb.View()
                 view.CopyFrom(self.view)
                 del view.arrays[:]
-                view.arrays.extend(arrays.recode(a, codec) for a in self.view.arrays)
+                view.arrays.extend(
+                    cpb.Array(name=a.name, unchanged=True) if a.name in unchanged else arrays.recode(a, codec)
+                    for a in self.view.arrays
+                )
             data = spb.Frame(step=self.step, produced_at=self.produced_at, view=view).SerializeToString()
-            self._frames[codec] = data
+            if len(self._frames) >= 8:  # a handful of variants at most; never grows with viewers
+                self._frames.pop(next(iter(self._frames)))
+            self._frames[(codec, unchanged)] = data
         return data
 
 
@@ -197,9 +219,28 @@ class Subscriber:
     bytes_sent: int = 0
     views_sent: int = 0
     views_skipped: int = 0
+    reuse_arrays: bool = False
+    """The subscriber keeps each view's last arrays (SubscribeRequest.reuse_arrays)."""
+    held: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    """For a ``reuse_arrays`` subscriber: per view name, the digests of the arrays
+    of the last view of that name sent on this stream."""
 
     def wants(self, kind: str) -> bool:
         return not self.views or kind in self.views
+
+    def unchanged_arrays(self, key: str, cached: CachedView) -> frozenset[str]:
+        """The arrays of ``cached`` this subscriber already holds, byte for byte."""
+        held = self.held.get(key) if self.reuse_arrays else None
+        if not held:
+            return frozenset()
+        return frozenset(name for name, digest in cached.digests.items() if held.get(name) == digest)
+
+    def view_frame(self, key: str, cached: CachedView) -> bytes:
+        """The bytes of view ``cached`` for this subscriber; from now on it holds its arrays."""
+        data = cached.frame(self.codec, self.unchanged_arrays(key, cached))
+        if self.reuse_arrays:
+            self.held[key] = cached.digests
+        return data
 
 
 @dataclass(eq=False)
@@ -473,6 +514,7 @@ class UpdateHub:
         views: Iterable[str] = (),
         accept_codecs: Iterable[int] = (),
         max_points: int = 0,
+        reuse_arrays: bool = False,
     ) -> Subscriber:
         """A new mailbox for ``run_id`` (a run may publish later: the stream waits)."""
         limits = self.limits
@@ -500,7 +542,7 @@ class UpdateHub:
         sub = Subscriber(
             run_id, frozenset(views), max_fps or limits.default_fps, codec,
             max_points or limits.default_max_points, topic,
-            id=secrets.token_urlsafe(12), window=DeliveryWindow(limits.feedback),
+            id=secrets.token_urlsafe(12), window=DeliveryWindow(limits.feedback), reuse_arrays=reuse_arrays,
         )
         sub.pacer.headroom = limits.pacing_headroom
         sub.scalar_cursor = topic.seq
@@ -523,6 +565,7 @@ class UpdateHub:
                 metrics.SUBSCRIBERS.remove(sub.run_id)
         sub.closed = True
         sub.pending_views.clear()
+        sub.held.clear()
         sub.overflow = None
         topic = sub.topic
         if not topic.subscribers and topic.status is None and not topic.views:
@@ -556,7 +599,7 @@ class UpdateHub:
             ))
         for key, cached in topic.views.items():
             if sub.wants(cached.kind):
-                out.append(Outgoing(cached.frame(sub.codec) + suffix, "view", cached.produced_at))
+                out.append(Outgoing(sub.view_frame(key, cached) + suffix, "view", cached.produced_at))
                 sub.pending_views.pop(key, None)
         return out
 
@@ -624,7 +667,8 @@ class UpdateHub:
 
     def _window_open(self, sub: Subscriber, now: float) -> bool:
         """May ``sub``'s pending views go out, given the bytes in flight to it?"""
-        nbytes = max(len(cached.frame(sub.codec)) for cached in sub.pending_views.values())
+        nbytes = max(len(cached.frame(sub.codec, sub.unchanged_arrays(key, cached)))
+                     for key, cached in sub.pending_views.items())
         if sub.window.may_send(nbytes, now, sub.pacer.bytes_per_s):
             return True
         (_HELD_ACKED if sub.window.has_feedback(now) else _HELD_CAP).inc()
@@ -692,7 +736,7 @@ class UpdateHub:
             sub.views_due = False
             for key in list(sub.pending_views):
                 cached = sub.pending_views.pop(key)
-                out.append(Outgoing(cached.frame(sub.codec) + suffix, "view", cached.produced_at))
+                out.append(Outgoing(sub.view_frame(key, cached) + suffix, "view", cached.produced_at))
         return out
 
     def _scalar_points(self, sub: Subscriber) -> int:

@@ -34,6 +34,7 @@ class StreamerServicer:
         sub = hub.subscribe(
             request.run_id, max_fps=request.max_fps, views=request.views,
             accept_codecs=request.accept_codecs, max_points=request.max_points,
+            reuse_arrays=request.reuse_arrays,
         )
         try:
             async for out in hub.frames(sub):

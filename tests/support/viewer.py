@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.live import FrameAcker
+from tensorwire.live import FrameAcker, HeldArrays
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
 
@@ -146,8 +146,10 @@ async def watch(
                 stats.scalar_lags.append(max(0.0, trainer_step - scalar_step[0]) / st.steps_per_second)
 
     stub = spb_grpc.StreamerServiceStub(channel)
-    call = stub.Subscribe(spb.SubscribeRequest(run_id=run_id, accept_codecs=[cpb.CODEC_DEFLATE]))
+    # A client with feedback is today's client: it also keeps each view's arrays.
+    call = stub.Subscribe(spb.SubscribeRequest(run_id=run_id, accept_codecs=[cpb.CODEC_DEFLATE], reuse_arrays=ack))
     acker = FrameAcker(channel, run_id) if ack else None
+    held = HeldArrays()
     sampler = asyncio.create_task(sample()) if measure else None
     last_status = None
     stats.scalar_last = 0  # continuity is checked per subscription
@@ -157,6 +159,8 @@ async def watch(
                 now = time.time()
                 if acker is not None:
                     acker.received(frame, now)
+                wire_bytes = frame.ByteSize()  # what crossed the link, before held arrays fill it
+                held.fill(frame)
                 stats.frames += 1
                 if measure and frame.sent_at and now >= measure_from:
                     stats.transit_lags.append(now - frame.sent_at)
@@ -184,7 +188,7 @@ async def watch(
                     if measure and (live_only is False or not frame.snapshot):
                         shown_produced_at[:] = [frame.produced_at]
                         stats.arrival_lags.append(now - frame.produced_at)
-                        stats.view_bytes.append(frame.ByteSize())
+                        stats.view_bytes.append(wire_bytes)
                         if json_every and stats.views % json_every == 1:
                             from services.trainer.views import as_json
 

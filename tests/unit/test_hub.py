@@ -205,3 +205,69 @@ def test_views_are_serialized_once_and_recoded_per_codec() -> None:
     frame = spb.Frame.FromString(hub.snapshot(plain)[0])
     assert frame.view.arrays[0].codec == cpb.CODEC_UNSPECIFIED
     assert arrays.decode(frame.view.arrays[0])[0, 0] == 3.0
+
+
+def _dataset_view(step: int, points: list[list[float]]) -> spb.PublishRequest:
+    """A view whose grid changes every step beside a dataset that does not."""
+    view = cpb.View(kind="boundary", step=step, produced_at=float(step))
+    view.arrays.append(arrays.encode("grid", [[step, step + 0.5]], cpb.DTYPE_F32, cpb.CODEC_UNSPECIFIED))
+    view.arrays.append(arrays.encode("points", points, cpb.DTYPE_F32, cpb.CODEC_UNSPECIFIED))
+    view.arrays.append(arrays.encode("labels", [0, 1, 1], cpb.DTYPE_U8, cpb.CODEC_UNSPECIFIED))
+    return spb.PublishRequest(run_id="r", step=step, produced_at=float(step), view=view)
+
+
+def _next_view(hub: UpdateHub, clock: Clock, sub: object) -> spb.Frame:
+    clock.now += 1.0
+    hub.tick()
+    views = [f for f in _frames(hub, sub) if f.HasField("view")]
+    assert len(views) == 1
+    return views[0]
+
+
+def test_reuse_arrays_sends_a_dataset_once_per_stream_and_the_client_rebuilds_the_view() -> None:
+    from tensorwire.live import HeldArrays
+
+    hub, clock = _hub()
+    dataset = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    hub.publish(_status(1))
+    hub.publish(_dataset_view(1, dataset))
+    reuse = hub.subscribe("r", reuse_arrays=True)
+    plain = hub.subscribe("r")
+    held = HeldArrays()
+    first = [spb.Frame.FromString(d) for d in hub.snapshot(reuse)][-1]
+    assert not any(a.unchanged for a in first.view.arrays)  # a new stream gets everything
+    held.fill(first)
+    hub.snapshot(plain)
+
+    hub.publish(_dataset_view(2, dataset))
+    second = _next_view(hub, clock, reuse)
+    by_name = {a.name: a for a in second.view.arrays}
+    assert [a.name for a in second.view.arrays] == ["grid", "points", "labels"]  # order kept
+    assert not by_name["grid"].unchanged and by_name["grid"].data
+    assert by_name["points"].unchanged and not by_name["points"].data
+    assert by_name["labels"].unchanged and not by_name["labels"].data
+    full = _next_view(hub, clock, plain)
+    assert second.ByteSize() < full.ByteSize() - 24  # the dataset's bytes stayed home
+    held.fill(second)
+    assert second.view == full.view  # what the client shows is the whole view
+
+    # The dataset changes (a new task parameter): it is sent again, once.
+    moved = [[9.0, 9.0], *dataset[1:]]
+    hub.publish(_dataset_view(3, moved))
+    third = _next_view(hub, clock, reuse)
+    assert not any(a.unchanged for a in third.view.arrays if a.name == "points")
+    assert [a.name for a in third.view.arrays if a.unchanged] == ["labels"]
+    held.fill(third)
+    assert arrays.decode(third.view.arrays[1]).tolist() == moved
+
+    # A new subscription starts from nothing on both sides.
+    again = hub.subscribe("r", reuse_arrays=True)
+    assert not any(a.unchanged for a in spb.Frame.FromString(hub.snapshot(again)[-1]).view.arrays)
+
+
+def test_an_array_named_unchanged_that_never_came_is_an_error_not_a_blank_view() -> None:
+    from tensorwire.live import HeldArrays
+
+    frame = spb.Frame(view=cpb.View(kind="boundary", arrays=[cpb.Array(name="points", unchanged=True)]))
+    with pytest.raises(ValueError, match="points"):
+        HeldArrays().fill(frame)

@@ -4,7 +4,7 @@
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
-import { Codec } from "./gen/tensorwire/common/v1/common_pb";
+import { type Array as PackedArray, Codec } from "./gen/tensorwire/common/v1/common_pb";
 import { type Frame, StreamerService } from "./gen/tensorwire/streamer/v1/streamer_pb";
 import { type Run, type TaskInfo, TrainerService } from "./gen/tensorwire/trainer/v1/trainer_pb";
 import {
@@ -173,6 +173,28 @@ const ACK_STOP = new Set([Code.NotFound, Code.Unimplemented, Code.PermissionDeni
  * Each answer carries the streamer's clock: with the frames' `sentAt` it bounds
  * the clock offset (ClockOffset) that makes the lag badge true.
  */
+/** The arrays of the last view of each name on one stream: the streamer sends an
+ * array that did not change since (a task's dataset) as `unchanged`, without its
+ * bytes (SubscribeRequest.reuseArrays), and this puts the held one back. */
+export class HeldArrays {
+  private readonly views = new Map<string, Map<string, PackedArray>>();
+
+  fill(frame: Frame): void {
+    if (frame.body.case !== "view") return;
+    const view = frame.body.value;
+    const key = view.name || view.kind;
+    const held = this.views.get(key);
+    const arrays = view.arrays.map((a) => {
+      if (!a.unchanged) return a;
+      const kept = held?.get(a.name);
+      if (!kept) throw new Error(`view ${key}: the streamer named array ${a.name} unchanged, but it was never sent`);
+      return kept;
+    });
+    view.arrays = arrays;
+    this.views.set(key, new Map(arrays.map((a) => [a.name, a])));
+  }
+}
+
 export class Acker {
   acks = 0;
   private subscriptionId = "";
@@ -292,13 +314,15 @@ export async function followRun(
     try {
       arm();
       const stream = streamer.subscribe(
-        { runId, maxFps: options.maxFps, acceptCodecs: [Codec.DEFLATE] },
+        { runId, maxFps: options.maxFps, acceptCodecs: [Codec.DEFLATE], reuseArrays: true },
         { signal: attempt.signal, headers: AFFINITY },
       );
       acker = new Acker(runId, attempt.signal, handlers.clockOffset);
+      const held = new HeldArrays();
       for await (const frame of stream) {
         arm();
         acker.received(frame, Date.now() / 1000);
+        held.fill(frame);
         if (failures !== 0 || frame.snapshot) {
           failures = 0;
         }

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tensorwire/common/v1/common.proto\x12\x14tensorwire.common.v1\"\xbb\x01\n\x05\x41rray\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1b.tensorwire.common.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12*\n\x05\x63odec\x18\x05 \x01(\x0e\x32\x1b.tensorwire.common.v1.Codec\x12\x10\n\x08shuffled\x18\x06 \x01(\x08\x12\r\n\x05scale\x18\x07 \x01(\x02\x12\x0e\n\x06offset\x18\x08 \x01(\x02\"\xff\x02\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.tensorwire.common.v1.RunState\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x18\n\x10steps_per_second\x18\x05 \x01(\x01\x12\x13\n\x0bproduced_at\x18\x06 \x01(\x01\x12=\n\x07metrics\x18\x07 \x03(\x0b\x32,.tensorwire.common.v1.RunStatus.MetricsEntry\x12;\n\x06params\x18\x08 \x03(\x0b\x32+.tensorwire.common.v1.RunStatus.ParamsEntry\x12\r\n\x05\x65rror\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"j\n\x0cScalarSeries\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x03(\x04\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\x0b\n\x03min\x18\x04 \x03(\x02\x12\x0b\n\x03max\x18\x05 \x03(\x02\x12\x13\n\x0b\x66irst_steps\x18\x06 \x03(\x04\"A\n\x0bScalarBatch\x12\x32\n\x06series\x18\x01 \x03(\x0b\x32\".tensorwire.common.v1.ScalarSeries\"\xe3\x01\n\x04View\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0bproduced_at\x18\x03 \x01(\x01\x12+\n\x06\x61rrays\x18\x04 \x03(\x0b\x32\x1b.tensorwire.common.v1.Array\x12\x32\n\x04meta\x18\x05 \x03(\x0b\x32$.tensorwire.common.v1.View.MetaEntry\x12\x0c\n\x04name\x18\x06 \x01(\t\x12\x0e\n\x06labels\x18\x07 \x03(\t\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\xca\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x14\n\x10RUN_STATE_PAUSED\x10\x03\x12\x15\n\x11RUN_STATE_STOPPED\x10\x04\x12\x14\n\x10RUN_STATE_FAILED\x10\x05\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x06\x12\x19\n\x15RUN_STATE_INTERRUPTED\x10\x07*h\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0c\n\x08\x44TYPE_U8\x10\x03\x12\r\n\tDTYPE_I32\x10\x04\x12\r\n\tDTYPE_U16\x10\x05*A\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x11\n\rCODEC_DEFLATE\x10\x01\x12\x0e\n\nCODEC_ZSTD\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tensorwire/common/v1/common.proto\x12\x14tensorwire.common.v1\"\xce\x01\n\x05\x41rray\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1b.tensorwire.common.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12*\n\x05\x63odec\x18\x05 \x01(\x0e\x32\x1b.tensorwire.common.v1.Codec\x12\x10\n\x08shuffled\x18\x06 \x01(\x08\x12\r\n\x05scale\x18\x07 \x01(\x02\x12\x0e\n\x06offset\x18\x08 \x01(\x02\x12\x11\n\tunchanged\x18\t \x01(\x08\"\xff\x02\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.tensorwire.common.v1.RunState\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x18\n\x10steps_per_second\x18\x05 \x01(\x01\x12\x13\n\x0bproduced_at\x18\x06 \x01(\x01\x12=\n\x07metrics\x18\x07 \x03(\x0b\x32,.tensorwire.common.v1.RunStatus.MetricsEntry\x12;\n\x06params\x18\x08 \x03(\x0b\x32+.tensorwire.common.v1.RunStatus.ParamsEntry\x12\r\n\x05\x65rror\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"j\n\x0cScalarSeries\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x03(\x04\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\x0b\n\x03min\x18\x04 \x03(\x02\x12\x0b\n\x03max\x18\x05 \x03(\x02\x12\x13\n\x0b\x66irst_steps\x18\x06 \x03(\x04\"A\n\x0bScalarBatch\x12\x32\n\x06series\x18\x01 \x03(\x0b\x32\".tensorwire.common.v1.ScalarSeries\"\xe3\x01\n\x04View\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0bproduced_at\x18\x03 \x01(\x01\x12+\n\x06\x61rrays\x18\x04 \x03(\x0b\x32\x1b.tensorwire.common.v1.Array\x12\x32\n\x04meta\x18\x05 \x03(\x0b\x32$.tensorwire.common.v1.View.MetaEntry\x12\x0c\n\x04name\x18\x06 \x01(\t\x12\x0e\n\x06labels\x18\x07 \x03(\t\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\xca\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x14\n\x10RUN_STATE_PAUSED\x10\x03\x12\x15\n\x11RUN_STATE_STOPPED\x10\x04\x12\x14\n\x10RUN_STATE_FAILED\x10\x05\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x06\x12\x19\n\x15RUN_STATE_INTERRUPTED\x10\x07*h\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0c\n\x08\x44TYPE_U8\x10\x03\x12\r\n\tDTYPE_I32\x10\x04\x12\r\n\tDTYPE_U16\x10\x05*A\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x11\n\rCODEC_DEFLATE\x10\x01\x12\x0e\n\nCODEC_ZSTD\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,26 +37,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNSTATUS_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_VIEW_METAENTRY']._loaded_options = None
   _globals['_VIEW_METAENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=1041
-  _globals['_RUNSTATE']._serialized_end=1243
-  _globals['_DTYPE']._serialized_start=1245
-  _globals['_DTYPE']._serialized_end=1349
-  _globals['_CODEC']._serialized_start=1351
-  _globals['_CODEC']._serialized_end=1416
+  _globals['_RUNSTATE']._serialized_start=1060
+  _globals['_RUNSTATE']._serialized_end=1262
+  _globals['_DTYPE']._serialized_start=1264
+  _globals['_DTYPE']._serialized_end=1368
+  _globals['_CODEC']._serialized_start=1370
+  _globals['_CODEC']._serialized_end=1435
   _globals['_ARRAY']._serialized_start=60
-  _globals['_ARRAY']._serialized_end=247
-  _globals['_RUNSTATUS']._serialized_start=250
-  _globals['_RUNSTATUS']._serialized_end=633
-  _globals['_RUNSTATUS_METRICSENTRY']._serialized_start=540
-  _globals['_RUNSTATUS_METRICSENTRY']._serialized_end=586
-  _globals['_RUNSTATUS_PARAMSENTRY']._serialized_start=588
-  _globals['_RUNSTATUS_PARAMSENTRY']._serialized_end=633
-  _globals['_SCALARSERIES']._serialized_start=635
-  _globals['_SCALARSERIES']._serialized_end=741
-  _globals['_SCALARBATCH']._serialized_start=743
-  _globals['_SCALARBATCH']._serialized_end=808
-  _globals['_VIEW']._serialized_start=811
-  _globals['_VIEW']._serialized_end=1038
-  _globals['_VIEW_METAENTRY']._serialized_start=995
-  _globals['_VIEW_METAENTRY']._serialized_end=1038
+  _globals['_ARRAY']._serialized_end=266
+  _globals['_RUNSTATUS']._serialized_start=269
+  _globals['_RUNSTATUS']._serialized_end=652
+  _globals['_RUNSTATUS_METRICSENTRY']._serialized_start=559
+  _globals['_RUNSTATUS_METRICSENTRY']._serialized_end=605
+  _globals['_RUNSTATUS_PARAMSENTRY']._serialized_start=607
+  _globals['_RUNSTATUS_PARAMSENTRY']._serialized_end=652
+  _globals['_SCALARSERIES']._serialized_start=654
+  _globals['_SCALARSERIES']._serialized_end=760
+  _globals['_SCALARBATCH']._serialized_start=762
+  _globals['_SCALARBATCH']._serialized_end=827
+  _globals['_VIEW']._serialized_start=830
+  _globals['_VIEW']._serialized_end=1057
+  _globals['_VIEW_METAENTRY']._serialized_start=1014
+  _globals['_VIEW_METAENTRY']._serialized_end=1057
 # @@protoc_insertion_point(module_scope)

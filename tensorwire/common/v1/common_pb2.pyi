@@ -51,7 +51,7 @@ CODEC_DEFLATE: Codec
 CODEC_ZSTD: Codec
 
 class Array(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "data", "codec", "shuffled", "scale", "offset")
+    __slots__ = ("name", "dtype", "shape", "data", "codec", "shuffled", "scale", "offset", "unchanged")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class Array(_message.Message):
     SHUFFLED_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -68,7 +69,8 @@ class Array(_message.Message):
     shuffled: bool
     scale: float
     offset: float
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., codec: _Optional[_Union[Codec, str]] = ..., shuffled: _Optional[bool] = ..., scale: _Optional[float] = ..., offset: _Optional[float] = ...) -> None: ...
+    unchanged: bool
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., codec: _Optional[_Union[Codec, str]] = ..., shuffled: _Optional[bool] = ..., scale: _Optional[float] = ..., offset: _Optional[float] = ..., unchanged: _Optional[bool] = ...) -> None: ...
 
 class RunStatus(_message.Message):
     __slots__ = ("run_id", "task", "state", "step", "steps_per_second", "produced_at", "metrics", "params", "error")
