@@ -152,6 +152,13 @@ async def _watch(target_port: int, run_id: str, seconds: float, core: int | None
                                                 stderr=open(log, "ab"))
 
 
+def _per_s(by_kind: dict[str, int] | None, seconds: float | None) -> str:
+    """Received bytes per second by frame kind (the link's budget, spent)."""
+    if not by_kind or not seconds:
+        return "-"
+    return " ".join(f"{kind} {n / seconds:.0f}" for kind, n in sorted(by_kind.items()))
+
+
 async def _summary(proc: asyncio.subprocess.Process) -> dict:
     out, _ = await proc.communicate()
     lines = out.decode().strip().splitlines()
@@ -385,7 +392,8 @@ def report(task: str, pinned: bool, design: dict, naive: dict | None) -> None:
               f"p95 {_fmt(v.get('status_lag_p95'))} s; scalars p50 {_fmt(v.get('scalar_lag_p50'))} "
               f"p95 {_fmt(v.get('scalar_lag_p95'))} s; view p50 {_fmt(v.get('lag_p50'))} "
               f"p95 {_fmt(v.get('lag_p95'))} s; transit p50 {_fmt(v.get('transit_p50'))} s; "
-              f"views {v.get('views')}, acks {v.get('acks')}, scalar gaps {v.get('scalar_gaps')}"
+              f"views {v.get('views')}, acks {v.get('acks')}, scalar gaps {v.get('scalar_gaps')}; "
+              f"bytes/s {_per_s(v.get('bytes_by_kind'), v.get('duration_s'))}"
               f"{step}{', error ' + v['error'] if v.get('error') else ''}")
     if "load" in design:
         print(f"  load average (1, 5, 15 min) before {design['load']['before']}, after {design['load']['after']}")

@@ -63,6 +63,8 @@ class ViewerStats:
     scalar_last: int = 0
     scalar_gaps: list[tuple[int, int]] = field(default_factory=list)
     last_status_step: int = 0
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    """Wire bytes of the frames received, by body kind."""
     error: str = ""
 
     def summary(self) -> dict[str, float | int | str | None]:
@@ -74,7 +76,7 @@ class ViewerStats:
 
         return {
             "frames": self.frames, "views": self.views, "statuses": self.statuses,
-            "scalar_frames": self.scalar_frames,
+            "scalar_frames": self.scalar_frames, "bytes_by_kind": self.bytes_by_kind,
             "view_bytes_mean": statistics.fmean(self.view_bytes) if self.view_bytes else None,
             "json_bytes_mean": statistics.fmean(self.json_bytes) if self.json_bytes else None,
             "lag_p50": pct(self.lags, 0.5), "lag_p95": pct(self.lags, 0.95),
@@ -165,6 +167,7 @@ async def watch(
                 if measure and frame.sent_at and now >= measure_from:
                     stats.transit_lags.append(now - frame.sent_at)
                 body = frame.WhichOneof("body")
+                stats.bytes_by_kind[str(body)] = stats.bytes_by_kind.get(str(body), 0) + wire_bytes
                 if body == "status":
                     stats.statuses += 1
                     if measure and frame.status.state == cpb.RUN_STATE_RUNNING:
@@ -337,6 +340,7 @@ async def watch_once(
     summary: dict[str, object] = dict(stats.summary())
     summary["lag_series"] = [[round(t, 3), round(v, 3)] for t, v in zip(stats.lag_times, stats.lags)]
     summary["started_at"] = time.time() - duration_s
+    summary["duration_s"] = duration_s
     return summary
 
 
