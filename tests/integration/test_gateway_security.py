@@ -150,6 +150,13 @@ async def test_page_has_security_headers(suite: Suite) -> None:
         assert "frame-ancestors 'none'" in csp
         assert reply.headers["X-Content-Type-Options"] == "nosniff"
         assert reply.headers["Referrer-Policy"] == "no-referrer"
+    # An RPC answer is no document: nosniff only (each byte counts on a slow link).
+    list_runs = trainer_pb2.ListRunsRequest().SerializeToString()
+    async with suite.http.post(f"{suite.url}{TRAINER}/ListRuns", data=framed(list_runs),
+                               headers={**BINARY, **_bearer("viewer")}) as reply:
+        assert reply.status == 200 and b"grpc-status:0" in await reply.read(), dict(reply.headers)
+        assert reply.headers["X-Content-Type-Options"] == "nosniff"
+        assert "Content-Security-Policy" not in reply.headers
 
 
 async def test_gateway_metrics_need_a_viewer_token(suite: Suite) -> None:
