@@ -212,6 +212,8 @@ class Subscriber:
     last_scalars_at: float = -math.inf
     pending_views: dict[str, CachedView] = field(default_factory=dict)
     scalar_row_bytes: float = 40.0
+    scalar_frame_bytes: int = 0
+    """Size of the last scalar frame sent (its spacing on a slow link)."""
     """Bytes per point in every series of a scalar frame, measured on the last one."""
     views_due: bool = False
     next_view_at: float = 0.0
@@ -299,13 +301,13 @@ class HubLimits:
     release_after_s: float = 30.0
     """An ended run's topic is dropped this long after its last update, once
     nobody watches it (a later subscriber gets it again from the lookup)."""
-    slow_link_bytes_per_s: float = 32_000.0
-    """Below this measured delivery rate (256 kbit/s) a changed status goes out at
-    most every 2 x ``status_interval_s``."""
+    status_share: float = 0.1
+    """On a link whose rate acks measured, changed statuses are spaced to use at most
+    this share of it (a 0.3 KB status: every 0.45 s at 64 kbit/s, 0.9 s at 32)."""
     scalar_share: float = 0.15
     """Scalar frames are down-sampled to use at most this share of a subscriber's
-    delivery rate (measured from acks; without feedback, the cap's floor): status
-    and views need the rest."""
+    delivery rate (measured from acks; without feedback, the cap's floor), and
+    spaced so their headers fit in it too: status and views need the rest."""
     feedback: FeedbackLimits = field(default_factory=FeedbackLimits)
     """In-flight limits: ack-clocked with feedback, a cap without (feedback.py)."""
 
@@ -623,22 +625,32 @@ class UpdateHub:
             for sub in topic.subscribers:
                 wake = False
                 since = now - sub.last_status_at
-                interval = limits.status_interval_s
-                rate = sub.window.bytes_per_s
-                if rate and rate < limits.slow_link_bytes_per_s and sub.window.has_feedback(now):
-                    interval *= 2  # on a slow link every status costs the views bandwidth
+                # On a link whose rate acks measured, light frames are spaced to use at
+                # most their share of it: each frame costs its headers whatever it holds.
+                rate = sub.window.bytes_per_s if sub.window.has_feedback(now) else None
+                interval = self._spacing(limits.status_interval_s, len(topic.status_frame), limits.status_share, rate)
                 if since >= limits.keepalive_s or (
                     sub.status_version != topic.status_version and since >= interval
                 ):
                     sub.status_due = wake = True
+                scalar_interval = self._spacing(limits.scalar_interval_s, sub.scalar_frame_bytes,
+                                                limits.scalar_share, rate)
                 if (topic.seq > sub.scalar_cursor or sub.overflow) and (
-                    now - sub.last_scalars_at >= limits.scalar_interval_s
+                    now - sub.last_scalars_at >= scalar_interval
                 ):
                     sub.scalars_due = wake = True
                 if sub.pending_views and now >= sub.next_view_at and self._window_open(sub, now):
                     sub.views_due = wake = True
                 if wake:
                     sub.wake.set()
+
+    def _spacing(self, base_s: float, nbytes: int, share: float, rate: float | None) -> float:
+        """Seconds between light frames of ``nbytes`` so that they use at most ``share``
+        of a link delivering ``rate`` bytes/s: ``base_s`` at least, the keepalive at most."""
+        if not rate:
+            return base_s
+        wire = nbytes + self.limits.feedback.frame_overhead_bytes
+        return min(self.limits.keepalive_s, max(base_s, wire / (share * rate)))
 
     def _retry_lookups(self, now: float) -> None:
         for topic in self.topics.values():
@@ -761,6 +773,7 @@ class UpdateHub:
             key = (start, end, points)
             cached = topic.scalar_cache.get(key)
             if cached is not None:
+                sub.scalar_frame_bytes = len(cached)
                 return cached
         private = sub.overflow is not None
         buffer = ScalarBuffer(points)
@@ -776,6 +789,7 @@ class UpdateHub:
         step = max(b[-1].step for b in series_out.values())
         frame = spb.Frame(step=step, scalars=to_batch(series_out)).SerializeToString()
         sub.scalar_row_bytes = max(8.0, len(frame) / max(len(b) for b in series_out.values()))
+        sub.scalar_frame_bytes = len(frame)
         if not private:
             topic.scalar_cache[(start, end, points)] = frame
         self._trim_log(topic)

@@ -271,3 +271,35 @@ def test_an_array_named_unchanged_that_never_came_is_an_error_not_a_blank_view()
     frame = spb.Frame(view=cpb.View(kind="boundary", arrays=[cpb.Array(name="points", unchanged=True)]))
     with pytest.raises(ValueError, match="points"):
         HeldArrays().fill(frame)
+
+
+def test_light_frames_fit_their_share_of_a_slow_link() -> None:
+    """Status and scalar frames cost their headers whatever they hold: on a link
+    acks measured at 16 kbit/s they are spaced to fit their shares (10 % and 15 %),
+    on a fast one they go at the base intervals."""
+    hub, clock = _hub()
+    hub.publish(_status(1))
+    slow, fast = hub.subscribe("r"), hub.subscribe("r")
+    for sub, rate in ((slow, 2000.0), (fast, 125_000.0)):
+        hub.snapshot(sub)
+        sub.window.bytes_per_s = rate  # as acks measured it
+    sent = {id(slow): {"status": 0, "scalars": 0}, id(fast): {"status": 0, "scalars": 0}}
+    for i in range(2, 202):  # 10 s: a new status and scalars every 50 ms
+        clock.now += 0.05
+        for sub in (slow, fast):
+            sub.window.last_ack_at = clock.now  # feedback stays fresh
+        hub.publish(_status(i))
+        hub.publish(_scalars(10 * i, 10 * i + 9))
+        hub.tick()
+        for sub in (slow, fast):
+            for f in _frames(hub, sub):
+                kind = f.WhichOneof("body")
+                if kind in sent[id(sub)]:
+                    sent[id(sub)][kind] += 1
+    status_wire = len(hub.topics["r"].status_frame) + 80
+    slow_sent, fast_sent = sent[id(slow)], sent[id(fast)]
+    assert fast_sent["status"] >= 30 and fast_sent["scalars"] >= 38, fast_sent  # every 0.25 / 0.2 s (50 ms ticks)
+    assert slow_sent["status"] * status_wire / 10 <= 0.1 * 2000 * 1.15, (slow_sent, status_wire)
+    assert slow_sent["status"] >= 9, slow_sent  # never under the 1 s keepalive
+    assert slow_sent["scalars"] < 0.75 * fast_sent["scalars"], (slow_sent, fast_sent)
+    assert slow_sent["scalars"] >= 9, slow_sent
