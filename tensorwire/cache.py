@@ -36,6 +36,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import logging
 import struct
@@ -213,6 +214,30 @@ def _text(h: Any, text: str) -> None:
     h.update(data)
 
 
+def _prefixed(text: str) -> bytes:
+    data = text.encode()
+    return _LEN.pack(len(data)) + data
+
+
+_SHAPES = tuple(struct.Struct(f"<{n}q") for n in range(256))
+"""Packers of a shape with 0..255 dims (a value stores ndim in one byte; the codec caps it at 16)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensor_head(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
+    """What a key hashes before a tensor's data: its name, datatype and shape,
+    length-prefixed (the same few shapes repeat: computed once each)."""
+    return _prefixed(name) + _prefixed(datatype) + _LEN.pack(len(shape)) + _SHAPES[len(shape)].pack(*shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _value_head(name: str, datatype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
+    """What :func:`encode_tensors` writes before a tensor's data."""
+    name_b, datatype_b = name.encode(), datatype.encode()
+    return (_TENSOR.pack(len(name_b), len(datatype_b), len(shape), nbytes) + name_b + datatype_b
+            + _SHAPES[len(shape)].pack(*shape))
+
+
 class RequestKeys:
     """Cache keys of one model version's requests.
 
@@ -246,27 +271,28 @@ class RequestKeys:
     def key(self, inputs: Sequence[NamedArray], outputs: Sequence[str] = ()) -> bytes:
         """The key of a request with these inputs and requested outputs (empty = all)."""
         h = self._base.copy()
-        h.update(_LEN.pack(len(inputs)))
+        head = _LEN.pack(len(inputs))
         if len(inputs) > 1:
             inputs = sorted(inputs, key=_name)
         for tensor in inputs:
-            _text(h, tensor.name)
-            _text(h, tensor.datatype)
             array = tensor.array
-            h.update(_LEN.pack(array.ndim))
-            h.update(struct.pack(f"<{array.ndim}q", *array.shape))
+            head += _tensor_head(tensor.name, tensor.datatype, array.shape)
             if array.dtype == object:
+                h.update(head)
+                head = b""
                 for element in array.reshape(-1):
                     data = element if isinstance(element, bytes) else str(element).encode()
                     h.update(_LEN.pack(len(data)))
                     h.update(data)
             else:
                 contiguous = array if array.flags.c_contiguous else np.ascontiguousarray(array)
-                h.update(_LEN.pack(contiguous.nbytes))
+                h.update(head + _LEN.pack(contiguous.nbytes))
                 h.update(contiguous.data)
-        h.update(_LEN.pack(len(outputs)))
+                head = b""
+        head += _LEN.pack(len(outputs))
         for name in outputs:
-            _text(h, name)
+            head += _prefixed(name)
+        h.update(head)
         return h.digest()
 
 
@@ -293,10 +319,9 @@ def encode_tensors(tensors: Sequence[NamedArray]) -> bytes:
                 chunks += [_LEN.pack(len(data)), data]
             payload = b"".join(chunks)
         else:
-            payload = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[tensor.datatype]).tobytes()
-        name, datatype = tensor.name.encode(), tensor.datatype.encode()
-        parts += [_TENSOR.pack(len(name), len(datatype), array.ndim, len(payload)), name, datatype,
-                  struct.pack(f"<{array.ndim}q", *array.shape), payload]
+            dtype = NUMPY_DTYPES[tensor.datatype]
+            payload = (array if array.dtype == dtype else array.astype(dtype)).tobytes()  # C order
+        parts += [_value_head(tensor.name, tensor.datatype, array.shape, len(payload)), payload]
     return b"".join(parts)
 
 
@@ -310,13 +335,13 @@ def decode_tensors(value: bytes) -> list[tuple[str, str, np.ndarray]]:
     offset = _HEAD.size
     out = []
     for _ in range(count):
-        name_len, dt_len, ndim, nbytes = _TENSOR.unpack_from(view, offset)
+        name_len, dt_len, ndim, nbytes = _TENSOR.unpack_from(value, offset)
         offset += _TENSOR.size
-        name = bytes(view[offset : offset + name_len]).decode()
+        name = value[offset : offset + name_len].decode()
         offset += name_len
-        datatype = bytes(view[offset : offset + dt_len]).decode()
+        datatype = value[offset : offset + dt_len].decode()
         offset += dt_len
-        shape = struct.unpack_from(f"<{ndim}q", view, offset)
+        shape = _SHAPES[ndim].unpack_from(value, offset)
         offset += 8 * ndim
         if datatype == "BYTES":
             elements, end, at = [], offset + nbytes, offset
@@ -372,6 +397,9 @@ class ResponseCache(abc.ABC):
     """"local" or "redis": the ``cache`` label of its metrics."""
     thread_timeout_s: float = 5.0
     """How long :meth:`lookup_from_thread` waits for the event loop before it reads misses."""
+    remote: bool = False
+    """Whether a lookup waits on the network (Redis): the native frontend then lets one
+    more batch of a model run while another waits for its lookups."""
 
     def __init__(self, max_entry_bytes: int) -> None:
         self.max_entry_bytes = max_entry_bytes
@@ -552,6 +580,7 @@ class RedisCache(ResponseCache):
     """
 
     kind = "redis"
+    remote = True
 
     def __init__(
         self,

@@ -118,6 +118,11 @@ class NativeHooks:
                                                              for t in tensors)):
             return None
         routing = self._repo.routing(model)
+        concurrent = config.max_concurrent_batches
+        if self._repo.cache is not None and self._repo.cache.remote and any(
+            self._repo.version_of(model, str(v)).response_cache_enabled for v in versions
+        ):
+            concurrent += 1  # a batch waiting for Redis's answer does not hold the model
         return {
             "ready": sorted(routing.versions),
             "choices": list(routing.choices),
@@ -126,7 +131,7 @@ class NativeHooks:
             "max_queue_size": config.max_queue_size,
             "max_queue_delay_s": config.max_queue_delay_s,
             "preferred_batch_sizes": list(config.preferred_batch_sizes),
-            "max_concurrent_batches": config.max_concurrent_batches,
+            "max_concurrent_batches": concurrent,
             "max_dims": MAX_DIMS,
             "inputs": [(t.name, t.datatype, list(t.dims), NUMPY_DTYPES[t.datatype].itemsize) for t in mv.inputs],
             "outputs": [(t.name, t.datatype, list(t.dims), NUMPY_DTYPES[t.datatype].itemsize) for t in mv.outputs],
