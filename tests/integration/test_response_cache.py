@@ -383,6 +383,40 @@ async def test_redis_outage_fails_no_request_and_hits_resume(tmp_path: Path, red
 
 
 @needs_redis
+async def test_an_entry_this_server_cannot_read_is_an_error_and_the_model_answers(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Whatever sits under a key (another program's value, a truncated one) is never
+    sent: the request runs on the model, the error is counted, the entry rewritten."""
+    repo = tmp_path / "models"
+    state = spiral_state(1)
+    modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
+    app = await make_app(tmp_path, repo, cache_entries("redis", redis_server.port))
+    x = np.random.default_rng(9).standard_normal((2, 2)).astype(np.float32)
+    client = redis.Redis(port=redis_server.port)
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await stub.ModelInfer(spiral_request(x), timeout=10)
+            assert app.cache is not None
+            await app.cache.flush()
+            (key,) = list(client.scan_iter(match=KEY_PREFIX + "*"))
+            good = client.get(key)
+            assert good is not None
+            for garbage in (b"not a cached answer", good[:-3], b"\x01" + good[1:] + b"tail"):
+                client.set(key, garbage)
+                reply = await stub.ModelInfer(spiral_request(x), timeout=10)
+                np.testing.assert_allclose(logits(reply), expected(state, x), rtol=1e-5, atol=1e-6)
+                await app.cache.flush()
+                assert client.get(key) == good  # the model's answer replaced it
+            s = (await statistics(stub))["1"]
+    client.close()
+    assert app.cache.stats.errors == 3
+    assert (s.inference_stats.cache_hit.count, s.inference_stats.cache_miss.count) == (0, 4)
+    assert s.execution_count == 4
+
+
+@needs_redis
 async def test_redis_password_and_db_are_used_and_a_wrong_one_fails_no_request(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     modelrepo.write_version(repo, "spiral", "spiral", spiral_state(1), config_overrides=CACHE_ON)
