@@ -223,10 +223,17 @@ _SHAPES = tuple(struct.Struct(f"<{n}q") for n in range(256))
 """Packers of a shape with 0..255 dims (a value stores ndim in one byte; the codec caps it at 16)."""
 
 
-@functools.lru_cache(maxsize=4096)
 def _tensor_head(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
     """What a key hashes before a tensor's data: its name, datatype and shape,
-    length-prefixed (the same few shapes repeat: computed once each)."""
+    length-prefixed. The same few repeat: remembered, unless the client sent long
+    names (keys are computed before validation: they must not fill memory)."""
+    if len(name) + len(datatype) <= 256:
+        return _known_tensor_head(name, datatype, shape)
+    return _prefixed(name) + _prefixed(datatype) + _LEN.pack(len(shape)) + _SHAPES[len(shape)].pack(*shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _known_tensor_head(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
     return _prefixed(name) + _prefixed(datatype) + _LEN.pack(len(shape)) + _SHAPES[len(shape)].pack(*shape)
 
 
