@@ -49,6 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -486,6 +487,52 @@ def local_cache_work_us() -> tuple[float, float]:
     return (t1 - t0) / n * 1e6, (t2 - t1) / n * 1e6
 
 
+def native_batch_cache_work_us(batch: int = 16, batches: int = 2000) -> tuple[float, float, float]:
+    """CPU microseconds per request of a native frontend's batch (``batch`` requests of
+    one row) in Python: the forward alone, through the local cache with every request
+    a miss, and with every request a hit (ModelRepository.answer_columns), one torch
+    thread, in this process: what the cache costs and saves per request on that path."""
+    import numpy as np
+    import torch
+
+    from services.inference.repository import ModelRepository, RepositoryOptions
+    from tensorwire import modelrepo
+    from tensorwire.cache import LocalCache
+    from tensorwire.models import build_model
+
+    torch.set_num_threads(1)
+
+    async def measure() -> tuple[float, float, float]:
+        with tempfile.TemporaryDirectory() as tmp:
+            repo = Path(tmp)
+            modelrepo.write_version(repo, "spiral", "spiral", build_model("spiral").state_dict(),
+                                    config_overrides={"response_cache": {"enable": True}})
+            repository = ModelRepository(repo, RepositoryOptions(cache=LocalCache(256 << 20)))
+            await repository.start()
+            try:
+                mv = repository.version_of("spiral", "1")
+                rows = [1] * batch
+                rng = np.random.default_rng(0)
+                fresh = [[rng.random((batch, 2), dtype=np.float32)] for _ in range(batches)]
+                hot = [rng.random((batch, 2), dtype=np.float32)]
+                repository.answer_columns(mv, hot, rows, None)
+
+                def per_request(run: Any) -> float:
+                    t0 = time.process_time()
+                    for columns in fresh:
+                        run(columns)
+                    return (time.process_time() - t0) / (batches * batch) * 1e6
+
+                forward = per_request(lambda columns: mv.forward_columns(columns, batch))
+                misses = per_request(lambda columns: repository.answer_columns(mv, columns, rows, None))
+                hits = per_request(lambda columns: repository.answer_columns(mv, hot, rows, None))
+            finally:
+                await repository.aclose()
+        return forward, misses, hits
+
+    return asyncio.run(measure())
+
+
 def bench_cache(duration_s: float, warmup_s: float, repeats: int,
                 concurrency: tuple[int, ...] = CACHE_CONCURRENCY, hit_pcts: tuple[int, ...] = HIT_PCTS,
                 frontends: tuple[str, ...] = ("python", "native")) -> int:
@@ -572,6 +619,10 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
             base_cpu = statistics_median([results[(frontend, "no cache", c, h)]["cpu_us"] for h in hit_pcts])
             print(f"  {frontend:6s} c={c:<3d} = {miss_us / base_cpu:.1%} of the server's CPU per request "
                   f"without a cache ({base_cpu:.0f} us): the 0 % hits cost; RPS ratios above carry the noise")
+    if "native" in frontends:
+        forward, misses, hits = native_batch_cache_work_us()
+        print(f"\nnative batches of 16 in Python, CPU per request: forward alone {forward:.1f} us, through the "
+              f"local cache all misses {misses:.1f} us, all hits {hits:.1f} us")
     print("\ngoals (issue 16; RPS ratios, and server CPU per request for comparison):")
     def ratio(frontend: str, c: int, name: str, hit_pct: int, key: str) -> float:
         return results[(frontend, name, c, hit_pct)][key] / results[(frontend, "no cache", c, hit_pct)][key]
