@@ -550,8 +550,28 @@ class Frontend : public grpc::CallbackGenericService {
           }
           columns.append(column);
         }
-        py::array_t<double> wait_array(waits.size(), waits.data());
-        py::tuple result = hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size);
+        // Shape and strides spelled out: with Debian's pybind11 the (count, pointer)
+        // constructor handed Python the first wait repeated (the queue times were wrong).
+        py::array_t<double> wait_array(std::vector<py::ssize_t>{static_cast<py::ssize_t>(waits.size())},
+                                       std::vector<py::ssize_t>{sizeof(double)}, waits.data());
+        // Each request's rows and, when any named some, the outputs each asked for
+        // (the response cache keys on them).
+        py::list rows;
+        py::object named = py::none();
+        for (Call* c : batch) {
+          rows.append(c->rows);
+          if (c->request.outputs_size() > 0) named = py::list();
+        }
+        if (!named.is_none()) {
+          py::list lists = py::reinterpret_borrow<py::list>(named);
+          for (Call* c : batch) {
+            py::tuple names(c->request.outputs_size());
+            for (int o = 0; o < c->request.outputs_size(); ++o) names[o] = py::str(c->request.outputs(o).name());
+            lists.append(names);
+          }
+        }
+        py::tuple result =
+            hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size, rows, named);
         version = result[0].cast<std::string>();
         for (auto o : result[1].cast<py::list>()) {
           py::array a = py::reinterpret_borrow<py::array>(o);

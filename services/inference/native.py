@@ -16,6 +16,10 @@ The rules the native side validates with come from here (:meth:`NativeHooks.spec
 the model's inputs, datatypes, dims, item sizes and batching knobs, read from the
 repository's loaded version), and are dropped whenever the repository swaps or
 unloads a model (``ModelRepository.on_change``); there is no second copy of them.
+
+A model with the response cache on is served natively too: ``run_batch`` hands the
+batch to the repository's ``answer_columns`` (the same keys, entries and statistics
+as the Python path), which answers the hits from the cache and runs only the misses.
 """
 
 from __future__ import annotations
@@ -101,8 +105,8 @@ class NativeHooks:
 
     def spec(self, model: str) -> dict[str, Any] | None:
         """The rules a request of ``model`` must meet to be served natively; None: the
-        model is not served natively (unknown, unbatched, BYTES tensors, response
-        cache): its requests go to the Python frontend."""
+        model is not served natively (unknown, unbatched, BYTES tensors): its requests
+        go to the Python frontend."""
         try:
             versions = self._repo.versions(model)
             mv = self._repo.version_of(model, str(versions[-1]))
@@ -113,11 +117,12 @@ class NativeHooks:
         if (mv.max_batch_size <= 0 or config.adaptive or any(t.datatype not in NUMPY_DTYPES or t.datatype == "BYTES"
                                                              for t in tensors)):
             return None
-        if self._repo.cache is not None and any(
+        routing = self._repo.routing(model)
+        concurrent = config.max_concurrent_batches
+        if self._repo.cache is not None and self._repo.cache.remote and any(
             self._repo.version_of(model, str(v)).response_cache_enabled for v in versions
         ):
-            return None
-        routing = self._repo.routing(model)
+            concurrent += 1  # a batch waiting for Redis's answer does not hold the model
         return {
             "ready": sorted(routing.versions),
             "choices": list(routing.choices),
@@ -126,7 +131,7 @@ class NativeHooks:
             "max_queue_size": config.max_queue_size,
             "max_queue_delay_s": config.max_queue_delay_s,
             "preferred_batch_sizes": list(config.preferred_batch_sizes),
-            "max_concurrent_batches": config.max_concurrent_batches,
+            "max_concurrent_batches": concurrent,
             "max_dims": MAX_DIMS,
             "inputs": [(t.name, t.datatype, list(t.dims), NUMPY_DTYPES[t.datatype].itemsize) for t in mv.inputs],
             "outputs": [(t.name, t.datatype, list(t.dims), NUMPY_DTYPES[t.datatype].itemsize) for t in mv.outputs],
@@ -145,10 +150,13 @@ class NativeHooks:
         return True
 
     def run_batch(self, model: str, version: str, columns: list[np.ndarray], waits: np.ndarray,
-                  by_size: bool) -> tuple[str, list[np.ndarray]]:
+                  by_size: bool, rows: list[int],
+                  outputs: list[tuple[str, ...]] | None) -> tuple[str, list[np.ndarray]]:
         """One forward over a batch of natively validated requests for one version (the
         frontend routed each by the traffic split it got from ``spec``); ``waits``: each
-        request's seconds in the native queue; ``by_size``: cut because it was full.
+        request's seconds in the native queue; ``by_size``: cut because it was full;
+        ``rows``: each request's rows; ``outputs``: the outputs each asked for (None:
+        none named any). With the response cache on, only the misses run on the model.
         Raises when that version is gone or no longer takes these columns (a swap):
         the frontend then hands each request to the Python path."""
         start = time.perf_counter()
@@ -160,11 +168,18 @@ class NativeHooks:
                 d != -1 and d != s for d, s in zip(spec.dims, column.shape[1:])
             ):
                 raise ValueError(f"input {spec.name!r} changed")
-        outs = mv.forward_columns(columns, len(waits))
+        if self._repo.caches(mv):
+            outs, ran = self._repo.answer_columns(mv, columns, rows, outputs)
+            ran_count = len(ran)
+            queued = float(waits[ran].sum()) if ran_count < len(waits) else float(waits.sum())
+        else:
+            outs, ran_count = mv.forward_columns(columns, len(waits)), len(waits)
+            queued = float(waits.sum())
         outs = [np.ascontiguousarray(o, dtype=NUMPY_DTYPES[t.datatype]) for t, o in zip(mv.outputs, outs)]
         latencies = waits + (time.perf_counter() - start)
         mv.record_batch(len(waits), columns[0].shape[0], float(latencies.sum()))
-        mv.batcher.record_external(len(waits), time.perf_counter() - start, float(waits.sum()), by_size)
+        if ran_count:  # the batcher's statistics count the requests that reached the model (as in Python)
+            mv.batcher.record_external(ran_count, time.perf_counter() - start, queued, by_size)
         self._handled.inc(len(waits))
         _bulk_observe(self._latency, latencies)
         return str(mv.version), outs

@@ -28,9 +28,10 @@ cache (a ``redis-server`` this script starts on a free port), each at
 concurrency 16 and 64 with 100 %, 50 % and 0 % of the requests repeating one hot
 request (the rest unique), every point measured for the three servers back to
 back, ``--repeats`` times in rotating order (the median counts: a shared machine's
-background load drifts). Prints RPS, p50, p99, server CPU per request and the ratio
-to the server without a cache at the same point; goals: 100 % local hits >= 1.3x,
-0 % hits >= 0.97x.
+background load drifts), for each frontend of ``--frontends`` (python, native: the
+native one when it is built). Prints RPS, p50, p99, server CPU per request and the
+ratio to the server without a cache on the same frontend at the same point; goals:
+100 % local hits >= 1.3x, 0 % hits >= 0.97x.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -336,6 +338,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="--cache: runs per point (median)")
     parser.add_argument("--concurrency", default="16,64", help="--cache: concurrencies")
     parser.add_argument("--hits", default="100,50,0", help="--cache: hit shares in percent")
+    parser.add_argument("--frontends", default="python,native",
+                        help="--cache: inference frontends to measure (native: skipped when not built)")
     parser.add_argument("--loadgen", nargs=4, metavar=("TARGET", "C", "DURATION", "WARMUP"))
     parser.add_argument("--hit-pct", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--salt", type=int, default=0, help=argparse.SUPPRESS)
@@ -355,7 +359,8 @@ def main() -> int:
     if args.cache:
         return bench_cache(args.duration_s, args.warmup_s, args.repeats,
                            tuple(int(c) for c in args.concurrency.split(",")),
-                           tuple(int(h) for h in args.hits.split(",")))
+                           tuple(int(h) for h in args.hits.split(",")),
+                           tuple(f.strip() for f in args.frontends.split(",") if f.strip()))
 
     import torch
 
@@ -482,10 +487,58 @@ def local_cache_work_us() -> tuple[float, float]:
     return (t1 - t0) / n * 1e6, (t2 - t1) / n * 1e6
 
 
-def bench_cache(duration_s: float, warmup_s: float, repeats: int,
-                concurrency: tuple[int, ...] = CACHE_CONCURRENCY, hit_pcts: tuple[int, ...] = HIT_PCTS) -> int:
+def native_batch_cache_work_us(batch: int = 16, batches: int = 2000) -> tuple[float, float, float]:
+    """CPU microseconds per request of a native frontend's batch (``batch`` requests of
+    one row) in Python: the forward alone, through the local cache with every request
+    a miss, and with every request a hit (ModelRepository.answer_columns), one torch
+    thread, in this process: what the cache costs and saves per request on that path."""
+    import numpy as np
     import torch
 
+    from services.inference.repository import ModelRepository, RepositoryOptions
+    from tensorwire import modelrepo
+    from tensorwire.cache import LocalCache
+    from tensorwire.models import build_model
+
+    torch.set_num_threads(1)
+
+    async def measure() -> tuple[float, float, float]:
+        with tempfile.TemporaryDirectory() as tmp:
+            repo = Path(tmp)
+            modelrepo.write_version(repo, "spiral", "spiral", build_model("spiral").state_dict(),
+                                    config_overrides={"response_cache": {"enable": True}})
+            repository = ModelRepository(repo, RepositoryOptions(cache=LocalCache(256 << 20)))
+            await repository.start()
+            try:
+                mv = repository.version_of("spiral", "1")
+                rows = [1] * batch
+                rng = np.random.default_rng(0)
+                fresh = [[rng.random((batch, 2), dtype=np.float32)] for _ in range(batches)]
+                hot = [rng.random((batch, 2), dtype=np.float32)]
+                repository.answer_columns(mv, hot, rows, None)
+
+                def per_request(run: Any) -> float:
+                    t0 = time.process_time()
+                    for columns in fresh:
+                        run(columns)
+                    return (time.process_time() - t0) / (batches * batch) * 1e6
+
+                forward = per_request(lambda columns: mv.forward_columns(columns, batch))
+                misses = per_request(lambda columns: repository.answer_columns(mv, columns, rows, None))
+                hits = per_request(lambda columns: repository.answer_columns(mv, hot, rows, None))
+            finally:
+                await repository.aclose()
+        return forward, misses, hits
+
+    return asyncio.run(measure())
+
+
+def bench_cache(duration_s: float, warmup_s: float, repeats: int,
+                concurrency: tuple[int, ...] = CACHE_CONCURRENCY, hit_pcts: tuple[int, ...] = HIT_PCTS,
+                frontends: tuple[str, ...] = ("python", "native")) -> int:
+    import torch
+
+    from services.inference.native import load_module
     from tensorwire import modelrepo
     from tensorwire.models import build_model
     from tests.support.redis_server import REDIS_SERVER, RedisServer
@@ -493,6 +546,9 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
     if REDIS_SERVER is None:
         print("bench_inference --cache: redis-server is not installed (scripts/install-system-deps.sh)")
         return 1
+    if "native" in frontends and load_module()[0] is None:
+        print(f"bench_inference --cache: native frontend {load_module()[1]}: measuring python only")
+        frontends = tuple(f for f in frontends if f != "native")
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     repo = tmp / "models"
     torch.manual_seed(0)
@@ -506,72 +562,83 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
         "redis": ["--cache-config", "redis,host=127.0.0.1", "--cache-config", f"redis,port={redis.port}"],
     }
     print(f"bench_inference --cache: {os.cpu_count()} cores, {duration_s:g}s per point, spiral MLP, "
-          f"batch 1 requests, Python generator, median of {repeats}; redis-server on 127.0.0.1:{redis.port}")
-    results: dict[tuple[str, int, int], dict[str, float]] = {}
-    procs = {name: start_server("tensorwire", repo, extra) for name, extra in caches.items()}
+          f"batch 1 requests, Python generator, median of {repeats}; frontends {', '.join(frontends)}; "
+          f"redis-server on 127.0.0.1:{redis.port}; load average at start {os.getloadavg()[0]:.1f}")
+    results: dict[tuple[str, str, int, int], dict[str, float]] = {}
     salt = 0
     try:
-        names = list(caches)
-        for c in concurrency:
-            for hit_pct in hit_pcts:
-                runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-                for rep in range(repeats):
-                    # the three servers back to back (neighbours in time), in rotating order
-                    for name in names[rep % len(names):] + names[:rep % len(names)]:
-                        proc, target = procs[name]
-                        salt += 1
-                        cpu0 = cpu_seconds(proc.pid)
-                        r = load_in_process(target, c, duration_s, warmup_s, hit_pct, salt)
-                        served = r["rps"] * (duration_s + warmup_s)
-                        r["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) / max(served, 1) * 1e6
-                        runs[name].append(r)
-                for name in names:
-                    r = results[(name, c, hit_pct)] = _median_point(runs[name])
-                    print(f"  {name:8s} c={c:<3d} hits {hit_pct:3d} %  {r['rps']:8.0f} rps  "
-                          f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
-                          f"server cpu {r['cpu_us']:5.0f} us/req  errors {r['errors']}", flush=True)
+        for frontend in frontends:
+            kind = "tensorwire native" if frontend == "native" else "tensorwire"
+            procs = {name: start_server(kind, repo, extra) for name, extra in caches.items()}
+            try:
+                names = list(caches)
+                for c in concurrency:
+                    for hit_pct in hit_pcts:
+                        runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+                        for rep in range(repeats):
+                            # the three servers back to back (neighbours in time), in rotating order
+                            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                                proc, target = procs[name]
+                                salt += 1
+                                cpu0 = cpu_seconds(proc.pid)
+                                r = load_in_process(target, c, duration_s, warmup_s, hit_pct, salt)
+                                served = r["rps"] * (duration_s + warmup_s)
+                                r["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) / max(served, 1) * 1e6
+                                runs[name].append(r)
+                        for name in names:
+                            r = results[(frontend, name, c, hit_pct)] = _median_point(runs[name])
+                            print(f"  {frontend:6s} {name:8s} c={c:<3d} hits {hit_pct:3d} %  {r['rps']:8.0f} rps  "
+                                  f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
+                                  f"server cpu {r['cpu_us']:5.0f} us/req  errors {r['errors']}", flush=True)
+            finally:
+                for proc, _ in procs.values():
+                    stop_server(proc)
     finally:
-        for proc, _ in procs.values():
-            stop_server(proc)
         redis.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     load1, load5, _ = os.getloadavg()
-    print(f"\nload average during the run (1/5 min): {load1:.1f} / {load5:.1f} on {os.cpu_count()} cores")
-    print("\nsummary (ratio = RPS / RPS without a cache, same concurrency and hit share; "
+    print(f"\nload average at the end (1/5 min): {load1:.1f} / {load5:.1f} on {os.cpu_count()} cores")
+    print("\nsummary (ratio = RPS / RPS without a cache, same frontend, concurrency and hit share; "
           "the server without a cache has no hits whatever the share)")
-    print(f"  {'cache':8s} {'c':>3s} {'hits':>5s} {'rps':>8s} {'p50 ms':>7s} {'p99 ms':>7s} {'ratio':>6s} "
-          f"{'cpu us':>7s} {'cpu x':>6s}")
-    for c in concurrency:
-        for hit_pct in hit_pcts:
-            base = results[("no cache", c, hit_pct)]
-            for name in caches:
-                r = results[(name, c, hit_pct)]
-                print(f"  {name:8s} {c:3d} {hit_pct:4d}% {r['rps']:8.0f} {r['p50_ms']:7.2f} "
-                      f"{r['p99_ms']:7.2f} {r['rps'] / base['rps']:6.2f} {r['cpu_us']:7.0f} "
-                      f"{r['cpu_us'] / base['cpu_us']:6.2f}")
+    print(f"  {'frontend':8s} {'cache':8s} {'c':>3s} {'hits':>5s} {'rps':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
+          f"{'ratio':>6s} {'cpu us':>7s} {'cpu x':>6s}")
+    for frontend in frontends:
+        for c in concurrency:
+            for hit_pct in hit_pcts:
+                base = results[(frontend, "no cache", c, hit_pct)]
+                for name in caches:
+                    r = results[(frontend, name, c, hit_pct)]
+                    print(f"  {frontend:8s} {name:8s} {c:3d} {hit_pct:4d}% {r['rps']:8.0f} {r['p50_ms']:7.2f} "
+                          f"{r['p99_ms']:7.2f} {r['rps'] / base['rps']:6.2f} {r['cpu_us']:7.0f} "
+                          f"{r['cpu_us'] / base['cpu_us']:6.2f}")
     miss_us, hit_us = local_cache_work_us()
     print(f"\nlocal cache work measured alone: {miss_us:.1f} us CPU added to a miss, {hit_us:.1f} us "
           f"spent on a hit")
-    for c in concurrency:
-        base_cpu = statistics_median([results[("no cache", c, h)]["cpu_us"] for h in hit_pcts])
-        print(f"  c={c:<3d} = {miss_us / base_cpu:.1%} of the server's CPU per request without a cache "
-              f"({base_cpu:.0f} us): the 0 % hits cost; RPS ratios above carry the machine's noise")
+    for frontend in frontends:
+        for c in concurrency:
+            base_cpu = statistics_median([results[(frontend, "no cache", c, h)]["cpu_us"] for h in hit_pcts])
+            print(f"  {frontend:6s} c={c:<3d} = {miss_us / base_cpu:.1%} of the server's CPU per request "
+                  f"without a cache ({base_cpu:.0f} us): the 0 % hits cost; RPS ratios above carry the noise")
+    if "native" in frontends:
+        forward, misses, hits = native_batch_cache_work_us()
+        print(f"\nnative batches of 16 in Python, CPU per request: forward alone {forward:.1f} us, through the "
+              f"local cache all misses {misses:.1f} us, all hits {hits:.1f} us")
     print("\ngoals (issue 16; RPS ratios, and server CPU per request for comparison):")
-    for c in concurrency:
-        def ratio(name: str, hit_pct: int, key: str) -> float:
-            return results[(name, c, hit_pct)][key] / results[("no cache", c, hit_pct)][key]
+    def ratio(frontend: str, c: int, name: str, hit_pct: int, key: str) -> float:
+        return results[(frontend, name, c, hit_pct)][key] / results[(frontend, "no cache", c, hit_pct)][key]
 
-        if 100 in hit_pcts:
-            full = ratio("local", 100, "rps")
-            print(f"  c={c:<3d} 100 % local hits: {full:.2f}x no cache RPS (goal >= 1.3) "
-                  f"{'met' if full >= 1.3 else 'NOT met'}; cpu/request {ratio('local', 100, 'cpu_us'):.2f}x")
-        if 0 in hit_pcts:
-            for name in ("local", "redis"):
-                none = ratio(name, 0, "rps")
-                print(f"  c={c:<3d} 0 % hits, {name:5s}: {none:.2f}x no cache RPS (goal >= 0.97) "
-                      f"{'met' if none >= 0.97 else 'NOT met'}; cpu/request {ratio(name, 0, 'cpu_us'):.2f}x")
+    for frontend in frontends:
+        for c in concurrency:
+            if 100 in hit_pcts:
+                full = ratio(frontend, c, "local", 100, "rps")
+                print(f"  {frontend:6s} c={c:<3d} 100 % local hits: {full:.2f}x no cache RPS (goal >= 1.3) "
+                      f"{'met' if full >= 1.3 else 'NOT met'}; cpu/request {ratio(frontend, c, 'local', 100, 'cpu_us'):.2f}x")
+            if 0 in hit_pcts:
+                for name in ("local", "redis"):
+                    none = ratio(frontend, c, name, 0, "rps")
+                    print(f"  {frontend:6s} c={c:<3d} 0 % hits, {name:5s}: {none:.2f}x no cache RPS (goal >= 0.97) "
+                          f"{'met' if none >= 0.97 else 'NOT met'}; cpu/request {ratio(frontend, c, name, 0, 'cpu_us'):.2f}x")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,9 @@
 
 Real torch models, a real ``redis-server`` started on a free port (skipped when
 Debian's redis-server is missing), real gRPC clients; waits are polls with deadlines
-on observable state.
+on observable state. Every test runs on both frontends (python, native): on the
+native one the batches go through the same cache (``ModelRepository.answer_columns``),
+and requests it forwards (typed contents, bad input) meet the same entries in Python.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tests.integration.test_inference_swap import expected, spiral_request, spir
 from tests.support.redis_server import RedisServer, needs_redis
 
 CACHE_ON = {"response_cache": {"enable": True}}
+pytestmark = pytest.mark.usefixtures("inference_frontend")  # both frontends: python, native
 
 
 @pytest.fixture
@@ -120,6 +123,8 @@ async def test_local_hits_skip_batcher_and_model_and_answer_the_same(tmp_path: P
             assert s.inference_stats.success.count == 4 and s.inference_count == 12
             assert s.execution_count == 2  # the model ran for the two misses only
             assert app.repository.version_of("spiral", "1").batcher.metrics.requests == 2
+            if app.frontend is not None:  # native: the raw requests were served there, hit included
+                assert app.frontend.stats()["native"] == 3
 
             # The model that did not opt in never touches the cache.
             for _ in range(2):
@@ -137,6 +142,57 @@ async def test_local_hits_skip_batcher_and_model_and_answer_the_same(tmp_path: P
             assert metrics[("tensorwire_inference_cache_inserts_total", (("cache", "local"),))] == 2
             assert metrics[("tensorwire_inference_cache_entries", (("cache", "local"),))] == 2
             assert metrics[("tensorwire_inference_cache_bytes", (("cache", "local"),))] > 0
+
+
+@pytest.mark.parametrize("kind", ["local", pytest.param("redis", marks=needs_redis)])
+async def test_a_batch_of_hits_and_misses_runs_only_the_misses(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Concurrent requests, half of them cached, some naming their output: each gets its
+    own answer; only the misses' rows reach the model (on the native frontend they share
+    batches with the hits: answer_columns splits them)."""
+    port = request.getfixturevalue("redis_server").port if kind == "redis" else None
+    repo = tmp_path / "models"
+    state = spiral_state(1)
+    # A queue delay long enough that the concurrent requests share batches.
+    modelrepo.write_version(repo, "spiral", "spiral", state,
+                            config_overrides={**CACHE_ON, "max_queue_delay_us": 20000})
+    app = await make_app(tmp_path, repo, cache_entries(kind, port))
+    rng = np.random.default_rng(7)
+    warm = [rng.standard_normal((1 + i % 3, 2)).astype(np.float32) for i in range(8)]
+    fresh = [rng.standard_normal((1 + i % 3, 2)).astype(np.float32) for i in range(8)]
+
+    def ask(x: np.ndarray, named: bool) -> pb.ModelInferRequest:
+        message = spiral_request(x)
+        if named:
+            message.outputs.add(name="logits")
+        return message
+
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for i, x in enumerate(warm):  # one by one: each a miss, stored
+                await stub.ModelInfer(ask(x, i % 2 == 1), timeout=10)
+            assert app.cache is not None
+            await app.cache.flush()
+            before = (await statistics(stub))["1"]
+            native_before = app.frontend.stats()["native"] if app.frontend is not None else 0
+            mixed = [(x, i % 2 == 1) for i, x in enumerate(warm)] + [(x, i % 2 == 0) for i, x in enumerate(fresh)]
+            replies = await asyncio.gather(*(stub.ModelInfer(ask(x, named), timeout=10) for x, named in mixed))
+            for (x, _), reply in zip(mixed, replies):
+                assert reply.outputs[0].shape == [x.shape[0], 2]
+                np.testing.assert_allclose(logits(reply), expected(state, x), rtol=1e-5, atol=1e-6)
+            after = (await statistics(stub))["1"]
+    hits = after.inference_stats.cache_hit.count - before.inference_stats.cache_hit.count
+    misses = after.inference_stats.cache_miss.count - before.inference_stats.cache_miss.count
+    assert (hits, misses) == (8, 8)
+    assert after.inference_count - before.inference_count == sum(x.shape[0] for x, _ in mixed)
+    forwarded = {b.batch_size: b.compute_infer.count for b in after.batch_stats}
+    earlier = {b.batch_size: b.compute_infer.count for b in before.batch_stats}
+    rows_run = sum(size * (count - earlier.get(size, 0)) for size, count in forwarded.items())
+    assert rows_run == sum(x.shape[0] for x in fresh)  # the model saw the misses' rows only
+    if app.frontend is not None:  # every one of them was served natively
+        assert app.frontend.stats()["native"] - native_before == len(mixed)
 
 
 async def test_a_config_change_switches_the_cache_for_a_served_model(tmp_path: Path) -> None:
@@ -324,6 +380,40 @@ async def test_redis_outage_fails_no_request_and_hits_resume(tmp_path: Path, red
     assert cache.stats.bypassed > 0
     metrics = scrape()  # the repository is closed; the counters were read above via cache.stats
     assert metrics is not None
+
+
+@needs_redis
+async def test_an_entry_this_server_cannot_read_is_an_error_and_the_model_answers(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Whatever sits under a key (another program's value, a truncated one) is never
+    sent: the request runs on the model, the error is counted, the entry rewritten."""
+    repo = tmp_path / "models"
+    state = spiral_state(1)
+    modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
+    app = await make_app(tmp_path, repo, cache_entries("redis", redis_server.port))
+    x = np.random.default_rng(9).standard_normal((2, 2)).astype(np.float32)
+    client = redis.Redis(port=redis_server.port)
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await stub.ModelInfer(spiral_request(x), timeout=10)
+            assert app.cache is not None
+            await app.cache.flush()
+            (key,) = list(client.scan_iter(match=KEY_PREFIX + "*"))
+            good = client.get(key)
+            assert good is not None
+            for garbage in (b"not a cached answer", good[:-3], b"\x01" + good[1:] + b"tail"):
+                client.set(key, garbage)
+                reply = await stub.ModelInfer(spiral_request(x), timeout=10)
+                np.testing.assert_allclose(logits(reply), expected(state, x), rtol=1e-5, atol=1e-6)
+                await app.cache.flush()
+                assert client.get(key) == good  # the model's answer replaced it
+            s = (await statistics(stub))["1"]
+    client.close()
+    assert app.cache.stats.errors == 3
+    assert (s.inference_stats.cache_hit.count, s.inference_stats.cache_miss.count) == (0, 4)
+    assert s.execution_count == 4
 
 
 @needs_redis

@@ -129,6 +129,42 @@ def test_a_key_covers_model_version_inputs_and_outputs() -> None:
     assert keys.key([_t("t", texts, "BYTES")]) != keys.key([_t("t", np.array([b"a", b"bc"], dtype=object), "BYTES")])
 
 
+def test_a_key_does_not_depend_on_the_order_inputs_are_listed_in() -> None:
+    """The native frontend hands inputs over in the config's order, a client may list
+    them in any: both frontends must compute one key for one request."""
+    keys = RequestKeys("pair", 1, "fp")
+    a, b = _t("a", np.zeros((1, 2), np.float32)), _t("b", np.ones((1, 3), np.float32))
+    assert keys.key([a, b]) == keys.key([b, a])
+    assert keys.key([a, b]) != keys.key([_t("a", b.array), _t("b", a.array)])  # names still bind bytes
+
+
+def test_the_local_cache_serves_other_threads() -> None:
+    """The native frontend's batch threads look up and store directly (one lock)."""
+    import asyncio
+    import threading
+
+    cache = LocalCache(1 << 20)
+    loop = asyncio.new_event_loop()  # not running: the local cache never needs it
+    keys = [bytes([i]) * 16 for i in range(64)]
+
+    def worker(offset: int) -> None:
+        for round_ in range(200):
+            key = keys[(offset + round_) % len(keys)]
+            if cache.lookup_from_thread([key], loop)[0] is None:
+                cache.put_from_thread(key, key * 4, loop)
+
+    threads = [threading.Thread(target=worker, args=(i * 7,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    loop.close()
+    assert cache.lookup_from_thread(keys, loop) == [key * 4 for key in keys]
+    assert cache.entries == len(keys)
+    assert cache.held_bytes == sum(len(k) * 5 + ENTRY_OVERHEAD_BYTES for k in keys)
+    assert cache.stats.hits + cache.stats.misses == 4 * 200 + len(keys)
+
+
 def test_values_round_trip() -> None:
     tensors = [
         _t("logits", np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)),
