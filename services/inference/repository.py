@@ -90,7 +90,7 @@ class ModelInfo:
     outputs: tuple[TensorInfo, ...]
     max_queue_delay_us: int
     preferred_batch_size: tuple[int, ...]
-    version_policy: dict[str, Any]
+    version_policy: modelrepo.VersionPolicy
     response_cache_enabled: bool = False
     """``response_cache { enable: true }`` in config.pbtxt (or the config.json key)."""
     config: dict[str, Any] = field(default_factory=dict)
@@ -697,13 +697,13 @@ class ModelRepository:
         if (
             served is not None
             and name in self._config_stamp and stamp == self._config_stamp[name]
-            and set(modelrepo.select_versions(served.config["version_policy"], available))
+            and set(served.config["version_policy"].select(available))
             == set(served.routing.versions)
         ):
             return  # nothing changed
         # Off the event loop: auto-completing a Triton model opens its graph file.
         config = await asyncio.to_thread(self._read_config, name)
-        wanted = modelrepo.select_versions(config["version_policy"], available)
+        wanted = config["version_policy"].select(available)
         if not wanted:
             raise NotFoundError(f"model {name!r} has no version its version_policy selects")
         fingerprint = _fingerprint(config)
@@ -872,7 +872,7 @@ class ModelRepository:
             outputs=_tensors(cfg["outputs"]),
             max_queue_delay_us=int(cfg["max_queue_delay_us"]),
             preferred_batch_size=tuple(cfg.get("preferred_batch_size", [])),
-            version_policy=dict(cfg["version_policy"]),
+            version_policy=cfg["version_policy"],
             response_cache_enabled=bool(cfg.get("response_cache_enabled", False)),
             config={**cfg, "platform": cfg.get("platform", PLATFORM)},
         )
