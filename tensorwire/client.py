@@ -45,7 +45,8 @@ from tensorwire.errors import (
     from_status,
 )
 from tensorwire.inference import grpc_service_pb2 as pb
-from tensorwire.tensors import NUMPY_DTYPES, TYPED_FIELD, datatype_of
+from tensorwire.oip import decode_outputs
+from tensorwire.tensors import NUMPY_DTYPES, datatype_of
 
 R = TypeVar("R", bound=Message)
 
@@ -190,28 +191,6 @@ def _encode_input(name: str, array: np.ndarray) -> tuple[pb.ModelInferRequest.In
         raise InvalidArgumentError(f"input {name!r}: BYTES inputs are not supported by this client")
     tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=list(array.shape))
     return tensor, np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype]).tobytes()
-
-
-def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    """The outputs of a ModelInferResponse as numpy arrays (raw or typed contents)."""
-    out: dict[str, np.ndarray] = {}
-    raw = list(response.raw_output_contents)
-    for i, tensor in enumerate(response.outputs):
-        dtype = NUMPY_DTYPES.get(tensor.datatype)
-        if dtype is None or tensor.datatype == "BYTES":
-            raise InvalidArgumentError(
-                f"output {tensor.name!r} has datatype {tensor.datatype!r}, not supported by this client"
-            )
-        shape = tuple(tensor.shape)
-        if i < len(raw):
-            array = np.frombuffer(raw[i], dtype=dtype)
-        else:
-            field = TYPED_FIELD.get(tensor.datatype)
-            if field is None:
-                raise InvalidArgumentError(f"output {tensor.name!r} ({tensor.datatype}) has no contents")
-            array = np.asarray(getattr(tensor.contents, field), dtype=dtype)
-        out[tensor.name] = array.reshape(shape)
-    return out
 
 
 class InferenceClient(GrpcClient):

@@ -32,9 +32,8 @@ import numpy as np
 from tensorwire import metrics
 from tensorwire.auth import Authorizer
 from tensorwire.errors import TensorwireError
-from tensorwire.tensors import NUMPY_DTYPES
+from tensorwire.tensors import MAX_DIMS, NUMPY_DTYPES
 
-from .codec import MAX_DIMS
 from .repository import ModelRepository
 
 log = logging.getLogger(__name__)

@@ -59,9 +59,9 @@ from tensorwire.errors import (
     UnavailableError,
 )
 from tensorwire.loader import AsyncModelLoader, LoaderConfig
+from tensorwire.tensors import Tensor
 
 from . import backends
-from .codec import Tensor
 
 log = logging.getLogger(__name__)
 

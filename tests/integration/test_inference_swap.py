@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.inference import codec
 from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo
+from tensorwire import modelrepo, oip
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.models import build_model
@@ -89,7 +88,7 @@ async def test_hot_swap_under_load_drops_nothing(tmp_path: Path) -> None:
                     if version < newest:
                         regressions.append(f"client {i} went back from v{newest} to v{version}")
                     newest = max(newest, version)
-                    got = codec.decode_outputs(reply)["logits"]
+                    got = oip.decode_outputs(reply)["logits"]
                     if not np.allclose(got, want[version], rtol=1e-5, atol=1e-6):
                         wrong.append(f"v{version} answered other weights")
 
