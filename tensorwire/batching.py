@@ -143,10 +143,6 @@ class BatchMetrics:
         """Mean fill of a batch relative to the size limit when it was cut (0..1)."""
         return self.fill_sum / self.batches if self.batches else 0.0
 
-    @property
-    def size_dispatch_ratio(self) -> float:
-        return self.size_dispatches / self.batches if self.batches else 0.0
-
 
 class BatchResultError(RuntimeError):
     """The batch function returned a wrong number of results (a bug in it)."""

@@ -106,7 +106,6 @@ class InferRequest:
     inputs: Sequence[Tensor]
     outputs: Sequence[str] = ()
     """Requested outputs; empty = all."""
-    timeout_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +307,7 @@ class ModelVersion:
         self._idle.clear()
         start = time.perf_counter()
         try:
-            outputs = await self.batcher.submit(arrays, timeout_s=request.timeout_s)
+            outputs = await self.batcher.submit(arrays)
         except Exception:
             self.stats.fail.add(time.perf_counter() - start)
             raise
