@@ -46,11 +46,14 @@ from tensorwire.errors import (
 )
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.oip import decode_outputs
+from tensorwire.rpcnames import method_path, service_name
 from tensorwire.tensors import NUMPY_DTYPES, datatype_of
+from tensorwire.transfer.v1 import transfer_pb2
 
 R = TypeVar("R", bound=Message)
 
-_INFERENCE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_INFERENCE = service_name(pb, "GRPCInferenceService")
+_UPLOAD_METHOD = method_path(transfer_pb2, "ModelTransferService", "UploadModel")
 
 
 
@@ -298,7 +301,7 @@ class InferenceClient(GrpcClient):
                     wait_for_ready=self.wait_for_ready,
                 )
         except grpc.aio.AioRpcError as exc:
-            raise _domain_error("/tensorwire.transfer.v1.ModelTransferService/UploadModel", exc) from None
+            raise _domain_error(_UPLOAD_METHOD, exc) from None
 
 
 class SyncInferenceClient:

@@ -34,11 +34,12 @@ from collections.abc import Callable
 
 import grpc
 
+from tensorwire.rpcnames import method_path
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 log = logging.getLogger(__name__)
 
-ACK_METHOD = "/tensorwire.streamer.v1.StreamerService/Ack"
+ACK_METHOD = method_path(spb, "StreamerService", "Ack")
 
 
 class FrameAcker:

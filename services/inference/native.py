@@ -32,6 +32,8 @@ import numpy as np
 from tensorwire import metrics
 from tensorwire.auth import Authorizer
 from tensorwire.errors import TensorwireError
+from tensorwire.inference import grpc_service_pb2 as pb
+from tensorwire.rpcnames import method_path
 from tensorwire.tensors import MAX_DIMS, NUMPY_DTYPES
 
 from .repository import ModelRepository
@@ -39,7 +41,7 @@ from .repository import ModelRepository
 log = logging.getLogger(__name__)
 
 FRONTENDS = ("auto", "native", "python")
-INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+INFER_METHOD = method_path(pb, "GRPCInferenceService", "ModelInfer")
 
 
 def load_module() -> tuple[Any | None, str]:
@@ -137,7 +139,7 @@ class NativeHooks:
         if self._authorizer is None:
             return True
         try:
-            self._authorizer.check("/inference.GRPCInferenceService/ModelInfer",
+            self._authorizer.check(INFER_METHOD,
                                    (("authorization", header.decode("latin-1")),))
         except TensorwireError:
             return False
