@@ -165,7 +165,7 @@ class NativeHooks:
         outs = [np.ascontiguousarray(o, dtype=NUMPY_DTYPES[t.datatype]) for t, o in zip(mv.outputs, outs)]
         latencies = waits + (time.perf_counter() - start)
         mv.record_batch(len(waits), columns[0].shape[0], float(latencies.sum()))
-        mv.batcher.record_external(len(waits), time.perf_counter() - start, float(waits.sum()), by_size)
+        mv.batcher.record_external(len(waits), time.perf_counter() - start, waits.tolist(), by_size)
         self._handled.inc(len(waits))
         _bulk_observe(self._latency, latencies)
         return str(mv.version), outs

@@ -227,5 +227,8 @@ async def test_prometheus_metrics_of_batcher_and_loader(tmp_path: Path) -> None:
     assert lines[f"tensorwire_inference_batched_requests_total{key}"] == 20
     batches = lines[f"tensorwire_inference_batches_total{key}"]
     assert 1 <= batches <= 20
-    assert lines[f"tensorwire_inference_average_batch_size{key}"] == pytest.approx(20 / batches)
+    # Batch size is a histogram: its mean is still requests per batch.
+    assert lines[f"tensorwire_inference_batch_size_count{key}"] == batches
+    assert lines[f"tensorwire_inference_batch_size_sum{key}"] == 20
+    assert lines[f"tensorwire_inference_queue_wait_seconds_count{key}"] == 20
     assert lines['tensorwire_inference_model_loads_total{outcome="success"}'] >= 1
