@@ -26,7 +26,7 @@ from tensorwire.streamer.v1 import streamer_pb2 as spb
 from . import metrics
 from .loop import TERMINAL, LiveStatus, Snapshot, TrainingLoop
 from .runs import Run, RunManager
-from .viewworker import ViewWorker
+from .viewworker import ViewWorker, draw
 
 log = logging.getLogger(__name__)
 
@@ -220,21 +220,14 @@ class Publisher:
         self.streams.publish_view((run.run_id, view.name or view.kind), data)
 
     def _render(self, run: Run, snap: Snapshot) -> cpb.View:
-        import torch
-
+        """In this process (no view worker): the worker's renderer, this run's live data."""
         started = time.thread_time()
         model = self._view_models.get(run.run_id)
         if model is None:
             model = self._view_models[run.run_id] = run.task.build_model(snap.config)
             model.eval()
-        with torch.no_grad():  # cheaper than load_state_dict, same effect
-            for name, tensor in model.state_dict().items():  # type: ignore[attr-defined]
-                tensor.copy_(snap.state_dict[name])
-        with torch.inference_mode():
-            data = run.loop.data if isinstance(run.loop, TrainingLoop) else None
-            view = run.task.build_view(model, data, snap.config)  # type: ignore[arg-type]
-        view.step = snap.step
-        view.produced_at = snap.produced_at
+        data = run.loop.data if isinstance(run.loop, TrainingLoop) else None
+        view: cpb.View = draw(run.task, model, data, snap.config, snap.state_dict, snap.step, snap.produced_at)
         self._record_cost(run.run_id, time.thread_time() - started)
         return view
 
