@@ -59,6 +59,7 @@ from tensorwire.errors import (
     UnavailableError,
 )
 from tensorwire.loader import AsyncModelLoader, LoaderConfig
+from tensorwire.periodic import Periodic
 from tensorwire.tensors import Tensor
 
 from . import backends
@@ -501,7 +502,7 @@ class ModelRepository:
         self._locks: dict[str, asyncio.Lock] = {}
         self._config_stamp: dict[str, float | None] = {}
         self._retiring: set[asyncio.Task[None]] = set()
-        self._poller: asyncio.Task[None] | None = None
+        self._poller: Periodic | None = None
         self._random = random.Random(seed)
         # OpenMP's thread count is per calling thread: a pool thread that never called
         # torch.set_num_threads runs every op on all cores' spinning OpenMP workers (on
@@ -555,19 +556,11 @@ class ModelRepository:
         log.info("boot scan done in %.1fs: %d models serving, %d failed", time.perf_counter() - start,
                  len(self._models), len(self._failed))
         if self.options.poll_interval_s > 0:
-            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
+            self._poller = Periodic(self.scan, self.options.poll_interval_s, name="repository poll").start()
 
     async def until_ready(self) -> None:
         """Return once the boot scan is done."""
         await self._ready_event.wait()
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.options.poll_interval_s)
-            try:
-                await self.scan()
-            except Exception:
-                log.exception("repository scan failed")
 
     async def scan(self, retries: int = 0) -> None:
         """Bring every model on disk (not explicitly unloaded) up to date, at most
@@ -621,9 +614,7 @@ class ModelRepository:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._boot_task
         if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+            await self._poller.aclose()
         for model in list(self._models.values()):
             self._retire(list(model.routing.versions.values()))
         self._models.clear()

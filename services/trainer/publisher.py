@@ -20,6 +20,7 @@ import time
 
 from tensorwire.auth import ClientSecurity
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.periodic import Periodic
 from tensorwire.publishing import Link, StreamLinks
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
@@ -77,6 +78,7 @@ class Publisher:
         self._view_models: dict[str, object] = {}
         self._view_cost_s: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._collector: Periodic | None = None
         self.ready = asyncio.Event()
         """Set once views can be built (the view worker process has started)."""
 
@@ -88,10 +90,8 @@ class Publisher:
         if not self.target:
             return
         await self.streams.start()
-        self._tasks = [
-            asyncio.create_task(self._warm_up(), name="publisher-warm-up"),
-            asyncio.create_task(self._collect_forever(), name="publisher-collect"),
-        ]
+        self._tasks = [asyncio.create_task(self._warm_up(), name="publisher-warm-up")]
+        self._collector = Periodic(self._collect_now, self.tick_s, name="publisher collect", immediately=True).start()
 
     async def _warm_up(self) -> None:
         if self.view_worker is not None:
@@ -105,6 +105,8 @@ class Publisher:
         return self.streams.watchers(run_id)
 
     async def aclose(self) -> None:
+        if self._collector is not None:
+            await self._collector.aclose()
         tasks = [*self._tasks, *self._building.values()]
         for task in tasks:
             task.cancel()
@@ -114,13 +116,8 @@ class Publisher:
             self.view_worker.close()
 
     # -- collecting -------------------------------------------------------
-    async def _collect_forever(self) -> None:
-        while True:
-            try:
-                self.collect()
-            except Exception:
-                log.exception("publisher collect failed")
-            await asyncio.sleep(self.tick_s)
+    async def _collect_now(self) -> None:
+        self.collect()
 
     def collect(self) -> None:
         """One tick: statuses, scalars and (when watched) view builds."""
