@@ -15,6 +15,8 @@ single tensor is allocated and raises a domain error naming the bound:
 - ``check_override``: a config override may only touch ``OVERRIDABLE`` keys, never
   change ``name``, ``kind`` or ``platform``, and its traffic weights must be finite,
   >= 0 and name versions on disk;
+- ``VersionPolicy``: a model's version policy, parsed once (config.json, an override,
+  config.pbtxt) into one typed value;
 - ``echo``: input quoted in an error message is cut to ``MAX_ECHO`` characters.
 """
 
@@ -23,8 +25,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection, Mapping
-from typing import Any
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
 
@@ -77,6 +80,62 @@ def parse_version(text: Any, what: str = "model version") -> int:
 def is_version_name(text: str) -> bool:
     """Whether a folder name is a version (strict: no Unicode digits, in range)."""
     return bool(_VERSION.match(text)) and 1 <= int(text) <= MAX_VERSION
+
+
+PolicyKind = Literal["latest", "all", "specific"]
+_POLICY_KINDS: tuple[PolicyKind, ...] = ("latest", "all", "specific")
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPolicy:
+    """Which of a model's versions on disk are served (Triton's ``version_policy``).
+
+    In config.json it reads ``{"latest": {"num_versions": 1}}``, ``{"all": {}}`` or
+    ``{"specific": {"versions": [1, 3]}}``; ``parse`` turns that into this value once,
+    ``to_json`` turns it back."""
+
+    kind: PolicyKind = "latest"
+    num_versions: int = 1
+    """``latest``: the newest this many versions."""
+    versions: tuple[int, ...] = ()
+    """``specific``: exactly these versions (those of them on disk)."""
+
+    @classmethod
+    def parse(cls, raw: Any, where: str = "version_policy") -> VersionPolicy:
+        """A policy from its JSON shape (or a VersionPolicy, returned as it is);
+        InvalidArgumentError naming ``where`` and the bad value otherwise."""
+        if isinstance(raw, VersionPolicy):
+            return raw
+        if (not isinstance(raw, Mapping) or len(raw) != 1 or next(iter(raw)) not in _POLICY_KINDS
+                or not isinstance(next(iter(raw.values())) or {}, Mapping)):
+            raise InvalidArgumentError(f"{where} must be one of {{latest|all|specific: {{...}}}}, got {echo(raw)}")
+        (kind, args), = raw.items()
+        args = args or {}
+        if kind == "latest":
+            _check_int(args, "num_versions", 1, MAX_VERSION, f"{where}.latest.")
+            return cls("latest", num_versions=args.get("num_versions", 1))
+        if kind == "specific":
+            listed = args.get("versions", [])
+            if not isinstance(listed, list):
+                raise InvalidArgumentError(f"{where}.specific.versions must be a list, got {echo(listed)}")
+            return cls("specific", versions=tuple(parse_version(v, f"{where} version") for v in listed))
+        return cls("all")
+
+    def to_json(self) -> dict[str, Any]:
+        """The config.json shape ``parse`` reads."""
+        if self.kind == "latest":
+            return {"latest": {"num_versions": self.num_versions}}
+        if self.kind == "specific":
+            return {"specific": {"versions": list(self.versions)}}
+        return {"all": {}}
+
+    def select(self, available: Sequence[int]) -> list[int]:
+        """The versions this policy serves out of those on disk, ascending."""
+        if self.kind == "all":
+            return sorted(available)
+        if self.kind == "specific":
+            return sorted(v for v in available if v in self.versions)
+        return sorted(available)[-self.num_versions:] if self.num_versions > 0 else []
 
 
 def check_new_version(version: int, newest: int, model: str) -> int:
@@ -173,11 +232,11 @@ def parse_override(raw: Any) -> dict[str, Any]:
     return raw
 
 
-def _check_int(cfg: Mapping[str, Any], key: str, low: int, high: int) -> None:
+def _check_int(cfg: Mapping[str, Any], key: str, low: int, high: int, prefix: str = "") -> None:
     if key in cfg:
         value = cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise InvalidArgumentError(f"{key} must be an integer in {low}..{high}, got {echo(value)}")
+            raise InvalidArgumentError(f"{prefix}{key} must be an integer in {low}..{high}, got {echo(value)}")
 
 
 def check_override(
@@ -214,23 +273,7 @@ def check_override(
                 f"preferred_batch_size must be a list of integers in 1..{MAX_BATCH_SIZE}, got {echo(sizes)}"
             )
     if "version_policy" in override:
-        policy = override["version_policy"]
-        if not isinstance(policy, Mapping) or len(policy) != 1 or next(iter(policy)) not in (
-            "latest", "all", "specific"
-        ) or not isinstance(next(iter(policy.values())) or {}, Mapping):
-            raise InvalidArgumentError(
-                f"version_policy must be one of {{latest|all|specific: {{...}}}}, got {echo(policy)}"
-            )
-        (kind, args), = policy.items()
-        args = args or {}
-        if kind == "latest":
-            _check_int(args, "num_versions", 1, MAX_VERSION)
-        if kind == "specific":
-            listed = args.get("versions", [])
-            if not isinstance(listed, list):
-                raise InvalidArgumentError(f"version_policy.specific.versions must be a list, got {echo(listed)}")
-            for v in listed:
-                parse_version(v, "version_policy version")
+        VersionPolicy.parse(override["version_policy"])
     if "traffic" in override:
         check_traffic(override["traffic"], set(versions))
     if "model_args" in override:

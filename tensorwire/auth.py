@@ -30,12 +30,19 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Final
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from tensorwire.errors import PermissionDeniedError, UnauthenticatedError
+from tensorwire.inference import grpc_service_pb2
+from tensorwire.rpcnames import method_path
+from tensorwire.streamer.v1 import streamer_pb2
 from tensorwire.tls import ClientTls
+from tensorwire.trainer.v1 import trainer_pb2
+from tensorwire.transfer.v1 import transfer_pb2
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +76,34 @@ OPEN: Final = None
 
 _V, _O, _A, _P = Role.VIEWER, Role.OPERATOR, Role.ADMIN, Role.PUBLISHER
 
-_TABLE: Final[dict[str, dict[str, Role | None]]] = {
-    "tensorwire.trainer.v1.TrainerService": {
+def _roles(module: ModuleType, service: str, roles: Mapping[str, Role | None]) -> dict[str, Role | None]:
+    """``roles`` by full method path, each name checked against the proto's descriptor."""
+    return {method_path(module, service, method): role for method, role in roles.items()}
+
+
+_TABLE: Final[dict[str, Role | None]] = {
+    **_roles(trainer_pb2, "TrainerService", {
         "ListTasks": _V, "ListRuns": _V, "GetRun": _V, "GetRunScalars": _V,
         "StartRun": _O, "PauseRun": _O, "ResumeRun": _O, "StopRun": _O, "UpdateRun": _O,
         "DeleteRun": _O,
         # A training script (the SDK) registers its run and takes its control over a
         # stream: it is a publisher, like the identity it publishes to the streamer with.
         "RegisterRun": _P, "AttachRun": _P,
-    },
-    "tensorwire.streamer.v1.StreamerService": {"Subscribe": _V, "Ack": _V, "Publish": _P},
-    "inference.GRPCInferenceService": {
+    }),
+    **_roles(streamer_pb2, "StreamerService", {"Subscribe": _V, "Ack": _V, "Publish": _P}),
+    **_roles(grpc_service_pb2, "GRPCInferenceService", {
         # Triton's "health" group: open like grpc.health.v1 (load balancers probe them).
         "ServerLive": OPEN, "ServerReady": OPEN,
         "ModelReady": _V, "ServerMetadata": _V, "ModelMetadata": _V, "ModelConfig": _V,
         "ModelStatistics": _V, "RepositoryIndex": _V,
         "ModelInfer": _V, "ModelStreamInfer": _V,
         "RepositoryModelLoad": _A, "RepositoryModelUnload": _A,
-    },
-    "tensorwire.transfer.v1.ModelTransferService": {"UploadModel": _A},
-    "grpc.health.v1.Health": {"Check": OPEN, "Watch": OPEN, "List": OPEN},
-    "grpc.reflection.v1alpha.ServerReflection": {"ServerReflectionInfo": _V},
-    "grpc.reflection.v1.ServerReflection": {"ServerReflectionInfo": _V},
+    }),
+    **_roles(transfer_pb2, "ModelTransferService", {"UploadModel": _A}),
+    **_roles(health_pb2, "Health", {"Check": OPEN, "Watch": OPEN, "List": OPEN}),
+    # Reflection has two package names (v1alpha and v1) and no v1 module in grpcio-reflection.
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _V,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _V,
 }
 
 _HTTP_ROUTES: Final[dict[str, Role | None]] = {
@@ -98,17 +111,12 @@ _HTTP_ROUTES: Final[dict[str, Role | None]] = {
 }
 """HTTP routes that are not gRPC methods (the gateway's), by ``METHOD /path``."""
 
-METHOD_ROLES: Final[Mapping[str, Role | None]] = {
-    **{f"/{service}/{method}": role
-       for service, methods in _TABLE.items()
-       for method, role in methods.items()},
-    **_HTTP_ROUTES,
-}
+METHOD_ROLES: Final[Mapping[str, Role | None]] = {**_TABLE, **_HTTP_ROUTES}
 """Full method path (``/package.Service/Method``) or HTTP route -> the role it
 needs (None: open)."""
 
 INFERENCE_READ_METHODS: Final = frozenset(
-    f"/inference.GRPCInferenceService/{m}"
+    method_path(grpc_service_pb2, "GRPCInferenceService", m)
     for m in ("ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
               "ModelStatistics", "RepositoryIndex", "ModelInfer", "ModelStreamInfer")
 )

@@ -51,6 +51,7 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from tensorwire.histogram import BATCH_SIZE_BUCKETS, QUEUE_WAIT_BUCKETS, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,10 @@ class BatchMetrics:
     """Total seconds items waited between submit and their batch starting."""
     size_counts: dict[int, int] = field(default_factory=dict)
     """How many batches had each size."""
+    batch_sizes: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))
+    """Requests per batch."""
+    queue_waits: Histogram = field(default_factory=lambda: Histogram(QUEUE_WAIT_BUCKETS))
+    """Seconds each item waited between submit and its batch starting."""
 
     @property
     def average_batch_size(self) -> float:
@@ -142,10 +147,6 @@ class BatchMetrics:
     def efficiency(self) -> float:
         """Mean fill of a batch relative to the size limit when it was cut (0..1)."""
         return self.fill_sum / self.batches if self.batches else 0.0
-
-    @property
-    def size_dispatch_ratio(self) -> float:
-        return self.size_dispatches / self.batches if self.batches else 0.0
 
 
 class BatchResultError(RuntimeError):
@@ -202,7 +203,8 @@ class Batcher(Generic[T, R]):
     @property
     def metrics(self) -> BatchMetrics:
         m = self._metrics
-        return BatchMetrics(**{**m.__dict__, "size_counts": dict(m.size_counts)})
+        return BatchMetrics(**{**m.__dict__, "size_counts": dict(m.size_counts),
+                               "batch_sizes": m.batch_sizes.copy(), "queue_waits": m.queue_waits.copy()})
 
     @property
     def batch_size_limit(self) -> int:
@@ -279,16 +281,18 @@ class Batcher(Generic[T, R]):
         if self._own_executor:
             self._executor.shutdown(wait=True)
 
-    def record_external(self, size: int, elapsed_s: float, queue_time_s: float, by_size: bool) -> None:
+    def record_external(self, size: int, elapsed_s: float, waits_s: Sequence[float], by_size: bool) -> None:
         """Count a batch that another batcher with this one's config formed and ran
-        (the native inference frontend's), so the metrics cover every request."""
+        (the native inference frontend's), so the metrics cover every request;
+        ``waits_s``: each request's time in the queue."""
         m = self._metrics
         if by_size:
             m.size_dispatches += 1
         else:
             m.timeout_dispatches += 1
         m.fill_sum += min(1.0, size / max(1, self.batch_size_limit))
-        m.queue_time_s += queue_time_s
+        m.queue_time_s += float(sum(waits_s))
+        m.queue_waits.observe_all(waits_s)
         self._record(size, elapsed_s)
 
     # -- collector ----------------------------------------------------------
@@ -357,6 +361,7 @@ class Batcher(Generic[T, R]):
                 )
                 continue
             m.queue_time_s += now - item.enqueued
+            m.queue_waits.observe(now - item.enqueued)
             batch.append(item)
         return batch
 
@@ -405,6 +410,7 @@ class Batcher(Generic[T, R]):
         m.batch_time_s += elapsed_s
         m.max_batch_size_seen = max(m.max_batch_size_seen, size)
         m.size_counts[size] = m.size_counts.get(size, 0) + 1
+        m.batch_sizes.observe(size)
         cfg = self.config
         if not cfg.adaptive:
             return

@@ -193,7 +193,7 @@ def _or(value: int | None, default: int) -> int:
 
 
 class NamedArray(Protocol):
-    """A request's or answer's tensor (``services.inference.codec.Tensor`` is one)."""
+    """A request's or answer's tensor (``tensorwire.tensors.Tensor`` is one)."""
 
     @property
     def name(self) -> str: ...

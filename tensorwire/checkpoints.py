@@ -41,13 +41,14 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     TensorwireError,
 )
+from tensorwire.rpcnames import service_name
 from tensorwire.transfer.v1 import transfer_pb2 as pb
 from tensorwire.transfer.v1 import transfer_pb2_grpc as pb_grpc
 from tensorwire.tritonconfig import PLATFORMS
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelTransferService"].full_name
+SERVICE_NAME = service_name(pb, "ModelTransferService")
 
 
 @dataclass(frozen=True)

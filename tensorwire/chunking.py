@@ -139,10 +139,6 @@ class StreamMetrics:
         """Raw bytes per wire byte (1.0 = nothing saved)."""
         return self.raw_bytes / self.wire_bytes if self.wire_bytes else 1.0
 
-    @property
-    def average_chunk_bytes(self) -> float:
-        return self.raw_bytes / self.chunks if self.chunks else 0.0
-
 
 # ------------------------------------------------------------------ compression
 
@@ -337,10 +333,6 @@ class BoundedBuffer(Generic[T]):
     _error: BaseException | None = None
     _cond: asyncio.Condition = field(default_factory=asyncio.Condition)
     peak_bytes: int = 0
-
-    @property
-    def buffered_bytes(self) -> int:
-        return self._bytes
 
     async def wait_for_space(self, nbytes: int) -> None:
         """Wait until ``nbytes`` more fit (a producer calls it before reading more)."""

@@ -45,11 +45,15 @@ from tensorwire.errors import (
     from_status,
 )
 from tensorwire.inference import grpc_service_pb2 as pb
-from tensorwire.tensors import NUMPY_DTYPES, TYPED_FIELD, datatype_of
+from tensorwire.oip import decode_outputs
+from tensorwire.rpcnames import method_path, service_name
+from tensorwire.tensors import NUMPY_DTYPES, datatype_of
+from tensorwire.transfer.v1 import transfer_pb2
 
 R = TypeVar("R", bound=Message)
 
-_INFERENCE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_INFERENCE = service_name(pb, "GRPCInferenceService")
+_UPLOAD_METHOD = method_path(transfer_pb2, "ModelTransferService", "UploadModel")
 
 
 
@@ -192,28 +196,6 @@ def _encode_input(name: str, array: np.ndarray) -> tuple[pb.ModelInferRequest.In
     return tensor, np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype]).tobytes()
 
 
-def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    """The outputs of a ModelInferResponse as numpy arrays (raw or typed contents)."""
-    out: dict[str, np.ndarray] = {}
-    raw = list(response.raw_output_contents)
-    for i, tensor in enumerate(response.outputs):
-        dtype = NUMPY_DTYPES.get(tensor.datatype)
-        if dtype is None or tensor.datatype == "BYTES":
-            raise InvalidArgumentError(
-                f"output {tensor.name!r} has datatype {tensor.datatype!r}, not supported by this client"
-            )
-        shape = tuple(tensor.shape)
-        if i < len(raw):
-            array = np.frombuffer(raw[i], dtype=dtype)
-        else:
-            field = TYPED_FIELD.get(tensor.datatype)
-            if field is None:
-                raise InvalidArgumentError(f"output {tensor.name!r} ({tensor.datatype}) has no contents")
-            array = np.asarray(getattr(tensor.contents, field), dtype=dtype)
-        out[tensor.name] = array.reshape(shape)
-    return out
-
-
 class InferenceClient(GrpcClient):
     """The Open Inference Protocol calls a backend service needs, plus checkpoint upload."""
 
@@ -319,7 +301,7 @@ class InferenceClient(GrpcClient):
                     wait_for_ready=self.wait_for_ready,
                 )
         except grpc.aio.AioRpcError as exc:
-            raise _domain_error("/tensorwire.transfer.v1.ModelTransferService/UploadModel", exc) from None
+            raise _domain_error(_UPLOAD_METHOD, exc) from None
 
 
 class SyncInferenceClient:

@@ -231,9 +231,9 @@ class HttpModelRepository:
         async with lock:
             config = modelrepo.validate_config(await self.pool.get_json(self._url(name, "config.json")), name)
             have = set(modelrepo.list_versions(self.local, name))
-            policy = config["version_policy"]
-            if "specific" in policy:
-                wanted = [int(v) for v in policy["specific"].get("versions", [])]
+            policy: modelrepo.VersionPolicy = config["version_policy"]
+            if policy.kind == "specific":
+                wanted = list(policy.versions)
             else:
                 wanted, probe = [], max(have, default=0) + 1
                 while await self.pool.exists(self._url(name, probe, modelrepo.WEIGHTS_FILE)):

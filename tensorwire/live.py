@@ -36,9 +36,11 @@ from collections.abc import Callable
 import grpc
 
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.rpcnames import method_path
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 log = logging.getLogger(__name__)
+
 
 
 class HeldArrays:
@@ -73,7 +75,8 @@ class HeldArrays:
                 view.arrays[i].CopyFrom(kept)
         self._views[key] = {a.name: a for a in view.arrays}
 
-ACK_METHOD = "/tensorwire.streamer.v1.StreamerService/Ack"
+
+ACK_METHOD = method_path(spb, "StreamerService", "Ack")
 
 
 class FrameAcker:

@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from tensorwire.errors import (
@@ -48,6 +48,7 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from tensorwire.histogram import LOAD_TIME_BUCKETS, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class LoaderMetrics:
     failures: int = 0
     timeouts: int = 0
     total_load_time_s: float = 0.0
+    load_times: Histogram = field(default_factory=lambda: Histogram(LOAD_TIME_BUCKETS))
+    """Seconds each finished load took (success or failure)."""
     queue_depth: int = 0
     loading: int = 0
     requests: int = 0
@@ -184,7 +187,7 @@ class AsyncModelLoader(Generic[K, M]):
 
     @property
     def metrics(self) -> LoaderMetrics:
-        m = LoaderMetrics(**self._metrics.__dict__)
+        m = LoaderMetrics(**{**self._metrics.__dict__, "load_times": self._metrics.load_times.copy()})
         m.queue_depth = len(self._heap)
         return m
 
@@ -306,7 +309,9 @@ class AsyncModelLoader(Generic[K, M]):
             error = exc
         finally:
             m.loading -= 1
-            m.total_load_time_s += self._clock() - start
+            elapsed = self._clock() - start
+            m.total_load_time_s += elapsed
+            m.load_times.observe(elapsed)
             future = self._pending.pop(key, None)
             if error is None:
                 m.successes += 1

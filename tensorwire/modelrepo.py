@@ -11,7 +11,8 @@ Layout::
 ``dims`` without the batch dimension), the batching knobs
 ``max_queue_delay_us`` and ``preferred_batch_size`` (a list), ``version_policy``
 (``{"latest": {"num_versions": 1}}``, ``{"all": {}}`` or
-``{"specific": {"versions": [1, 3]}}``), ``traffic`` (version -> weight, for
+``{"specific": {"versions": [1, 3]}}``; a validated config holds it parsed, as a
+``VersionPolicy``), ``traffic`` (version -> weight, for
 A/B tests and gradual roll-outs; empty means "all traffic on the newest") and,
 optionally, ``response_cache`` (``{"enable": true}``: identical requests are answered
 from the server's response cache, Triton's ``response_cache { enable: true }``).
@@ -36,12 +37,15 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from tensorwire import admission
+from tensorwire.admission import VersionPolicy
 from tensorwire.errors import InvalidArgumentError, NotFoundError
+
+__all__ = ["VersionPolicy"]  # re-exported: the version_policy of a validated config
 
 CONFIG_FILE = "config.json"
 TRITON_CONFIG_FILE = "config.pbtxt"
@@ -54,7 +58,6 @@ DEFAULT_MAX_QUEUE_DELAY_US = 0
 """No waiting: while one batch runs the next one fills by itself."""
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")
 """A model name (``\\Z``, not ``$``: "m\\n" is not a name)."""
-_POLICIES = ("latest", "all", "specific")
 
 
 def check_name(name: str) -> str:
@@ -91,7 +94,7 @@ def default_config(name: str, kind: str, model_args: Mapping[str, Any] | None = 
         "outputs": tensors(outputs),
         "max_queue_delay_us": DEFAULT_MAX_QUEUE_DELAY_US,
         "preferred_batch_size": [],
-        "version_policy": {"latest": {"num_versions": 1}},
+        "version_policy": VersionPolicy(),
         "traffic": {},
     }
 
@@ -113,11 +116,8 @@ def validate_config(config: Mapping[str, Any], name: str | None = None) -> dict[
         raise InvalidArgumentError(f"{where}: max_queue_delay_us must be an int >= 0, got {delay!r}")
     cfg.setdefault("model_args", {})
     cfg.setdefault("preferred_batch_size", [])
-    policy = cfg.setdefault("version_policy", {"latest": {"num_versions": 1}})
-    if not isinstance(policy, dict) or len(policy) != 1 or next(iter(policy)) not in _POLICIES:
-        raise InvalidArgumentError(
-            f"{where}: version_policy must be one of {{latest|all|specific: ...}}, got {policy!r}"
-        )
+    cfg["version_policy"] = VersionPolicy.parse(cfg.get("version_policy", VersionPolicy()),
+                                                f"{where}: version_policy")
     try:
         admission.check_traffic(cfg.setdefault("traffic", {}))
     except InvalidArgumentError as exc:
@@ -169,7 +169,9 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+def _write_json_atomic(path: Path, config: Mapping[str, Any]) -> None:
+    """A validated config as config.json (its VersionPolicy in the JSON shape)."""
+    data = {**config, "version_policy": config["version_policy"].to_json()}
     write_atomic(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True).encode()))
 
 
@@ -251,24 +253,11 @@ def _complete(version: Path) -> bool:
     )
 
 
-def select_versions(policy: Mapping[str, Any], available: Sequence[int]) -> list[int]:
-    """The versions a version policy serves out of those on disk."""
-    (kind, args), = policy.items()
-    args = args or {}
-    if kind == "all":
-        return sorted(available)
-    if kind == "specific":
-        wanted = {int(v) for v in args.get("versions", [])}
-        return sorted(v for v in available if v in wanted)
-    count = int(args.get("num_versions", 1))
-    return sorted(available)[-count:] if count > 0 else []
-
-
 def prune_versions(repo: Path, name: str, keep: int, protect: Collection[int] = ()) -> list[int]:
     """Delete all but the newest ``keep`` versions of ``name``; returns those deleted.
 
-    Never deletes what the model's config still serves (``select_versions`` of its
-    version policy: under ``all`` nothing is pruned), the versions its traffic split
+    Never deletes what the model's config still serves (what its version policy
+    selects: under ``all`` nothing is pruned), the versions its traffic split
     names, nor those in ``protect`` (e.g. the one just installed). A
     version goes first by a rename out of the version namespace (a reader polling the
     repository never sees half of one), then its files; leftovers of a pruning that
@@ -284,7 +273,7 @@ def prune_versions(repo: Path, name: str, keep: int, protect: Collection[int] = 
     versions = list_versions(root, name)
     kept = (
         set(versions[-keep:])
-        | set(select_versions(config["version_policy"], versions))
+        | set(config["version_policy"].select(versions))
         | {int(v) for v in config.get("traffic", {})}  # where an A/B test or a roll-out points
         | set(protect)
     )

@@ -33,12 +33,13 @@ import grpc
 
 from tensorwire.auth import ClientSecurity
 from tensorwire.channels import ChannelPool, resolve_targets
+from tensorwire.rpcnames import method_path
 from tensorwire.scalars import Bucket, ScalarBuffer, to_batch
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 log = logging.getLogger(__name__)
 
-PUBLISH_METHOD = "/tensorwire.streamer.v1.StreamerService/Publish"
+PUBLISH_METHOD = method_path(spb, "StreamerService", "Publish")
 
 ViewKey = tuple[str, str]
 """(run id, view name): the unit of "latest wins" for heavy views."""

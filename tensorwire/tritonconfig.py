@@ -37,6 +37,7 @@ from typing import Any
 
 from google.protobuf import text_format
 
+from tensorwire.admission import VersionPolicy
 from tensorwire.errors import InvalidArgumentError
 
 CONFIG_FILE = "config.pbtxt"
@@ -204,12 +205,12 @@ def to_dict(config: Any, name: str) -> dict[str, Any]:
             raise InvalidArgumentError(f"model {name!r}: parameter 'traffic' is not JSON: {exc}") from None
     which = config.version_policy.WhichOneof("policy_choice")
     if which == "all":
-        policy: dict[str, Any] = {"all": {}}
+        policy = VersionPolicy("all")
     elif which == "specific":
-        policy = {"specific": {"versions": [int(v) for v in config.version_policy.specific.versions]}}
+        policy = VersionPolicy("specific", versions=tuple(int(v) for v in config.version_policy.specific.versions))
     else:
         num = config.version_policy.latest.num_versions if which == "latest" else 1
-        policy = {"latest": {"num_versions": int(num)}}
+        policy = VersionPolicy("latest", num_versions=int(num))
     tensor_fields = {"name", "data_type", "dims", "reshape"}
     return {
         "name": name,
@@ -377,13 +378,13 @@ def model_config_of(cfg: Mapping[str, Any]) -> Any:
     if int(cfg["max_batch_size"]) > 0:
         config.dynamic_batching.max_queue_delay_microseconds = int(cfg["max_queue_delay_us"])
         config.dynamic_batching.preferred_batch_size.extend(cfg.get("preferred_batch_size", []))
-    (kind, args), = cfg["version_policy"].items()
-    if kind == "latest":
-        config.version_policy.latest.num_versions = int((args or {}).get("num_versions", 1))
-    elif kind == "all":
+    policy: VersionPolicy = cfg["version_policy"]
+    if policy.kind == "latest":
+        config.version_policy.latest.num_versions = policy.num_versions
+    elif policy.kind == "all":
         config.version_policy.all.SetInParent()
     else:
-        config.version_policy.specific.versions.extend(int(v) for v in (args or {}).get("versions", []))
+        config.version_policy.specific.versions.extend(policy.versions)
     config.instance_group.add(count=int(cfg.get("instance_count", 1)), kind=mc.ModelInstanceGroup.KIND_AUTO)
     if "default_model_filename" in cfg:
         config.default_model_filename = cfg["default_model_filename"]

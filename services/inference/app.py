@@ -16,6 +16,7 @@ from tensorwire.httppool import HttpModelRepository, HttpPool
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.loader import LoaderConfig
+from tensorwire.rpcnames import service_name
 
 from .http import HttpEndpoint, InferenceHttp
 from .metrics import COLLECTOR
@@ -27,7 +28,7 @@ from .settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVICE_NAME = service_name(pb, "GRPCInferenceService")
 
 
 def repository_options(settings: InferenceSettings) -> RepositoryOptions:

@@ -44,11 +44,9 @@ from tensorwire.admission import echo
 from tensorwire.auth import Authorizer
 from tensorwire.errors import InvalidArgumentError, TensorwireError
 from tensorwire.server import PortInUseError
-from tensorwire.tensors import NUMPY_DTYPES
+from tensorwire.tensors import NUMPY_DTYPES, Tensor, check_shape, encode_raw, raw_to_array
 from tensorwire.tls import ServerTls
 
-from . import codec
-from .codec import Tensor
 from .repository import InferRequest, InferResult, ModelRepository, VersionStats
 from .server_state import ServerState
 
@@ -240,7 +238,7 @@ def decode_infer(
             isinstance(d, int) and not isinstance(d, bool) for d in raw_shape
         ):
             raise InvalidArgumentError(f"input {echo(name)}: 'shape' must be a list of integers")
-        shape = codec.check_shape(name, raw_shape)
+        shape = check_shape(name, raw_shape)
         parameters = spec.get("parameters") or {}
         if "binary_data_size" in parameters:
             length = parameters["binary_data_size"]
@@ -249,7 +247,7 @@ def decode_infer(
                     f"input {echo(name)}: binary_data_size {echo(length)} runs past the {len(binary)} bytes "
                     "of binary data"
                 )
-            array = codec.raw_to_array(name, datatype, bytes(binary[offset : offset + length]), shape)
+            array = raw_to_array(name, datatype, bytes(binary[offset : offset + length]), shape)
             offset += length
         elif "data" in spec:
             if datatype == "FP16":
@@ -286,7 +284,7 @@ def encode_infer(result: InferResult, all_binary: bool, binary_outputs: set[str]
     for tensor in result.outputs:
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.array.shape)}
         if all_binary or tensor.name in binary_outputs or tensor.datatype == "FP16":
-            blob = codec.encode_raw(tensor.array, tensor.datatype)
+            blob = encode_raw(tensor.array, tensor.datatype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif tensor.datatype == "BYTES":

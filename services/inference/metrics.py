@@ -1,8 +1,9 @@
 """Prometheus metrics of the inference core, read from the live objects at scrape time.
 
 Batcher metrics per model version (batches, requests, size- vs timeout-dispatch,
-rejected, average batch size, efficiency, queue depth, size limit), the
-async loader's (loads, failures, timeouts, average load time, queue depth), and
+rejected, efficiency, queue depth, size limit; batch size and queue wait as
+histograms), the async loader's (loads, failures, timeouts, queue depth; load time
+as a histogram), and
 the response cache's: hits, misses and their durations per model version
 (Triton's ``nv_cache_num_hits_per_model``, ``nv_cache_num_misses_per_model``,
 ``nv_cache_hit_duration_per_model``, ``nv_cache_miss_duration_per_model``) and,
@@ -15,7 +16,15 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    REGISTRY,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from tensorwire.histogram import LOAD_TIME_BUCKETS, Histogram
 
 if TYPE_CHECKING:
     from .repository import ModelRepository
@@ -59,9 +68,6 @@ class InferenceCollector:
             ),
         }
         gauges = {
-            "average_batch_size": GaugeMetricFamily(
-                "tensorwire_inference_average_batch_size", "Requests per batch so far.", labels=labels
-            ),
             "efficiency": GaugeMetricFamily(
                 "tensorwire_inference_batch_efficiency",
                 "Mean batch fill relative to the size limit (0..1).",
@@ -77,13 +83,22 @@ class InferenceCollector:
         loads = CounterMetricFamily(
             "tensorwire_inference_model_loads", "Model version loads, by outcome.", labels=["outcome"]
         )
-        load_time = GaugeMetricFamily("tensorwire_inference_model_load_seconds_average", "Average model load time.")
+        histograms = {
+            "batch_sizes": HistogramMetricFamily(
+                "tensorwire_inference_batch_size", "Requests per batch.", labels=labels
+            ),
+            "queue_waits": HistogramMetricFamily(
+                "tensorwire_inference_queue_wait_seconds",
+                "Time a request waited in the queue for its batch.",
+                labels=labels,
+            ),
+        }
+        load_time = HistogramMetricFamily("tensorwire_inference_model_load_seconds", "Model version load time.")
+        load_times = Histogram(LOAD_TIME_BUCKETS)
         load_queue = GaugeMetricFamily(
             "tensorwire_inference_model_load_queue_depth", "Loads waiting for a loader slot."
         )
         outcomes = {"success": 0, "failure": 0, "timeout": 0}
-        total_time = 0.0
-        done = 0
         depth = 0
         for repository in list(self._repositories):
             for model, version, batcher in repository.batchers():
@@ -91,7 +106,9 @@ class InferenceCollector:
                 key = [model, str(version)]
                 for name in counters:
                     counters[name].add_metric(key, getattr(m, name))
-                gauges["average_batch_size"].add_metric(key, m.average_batch_size)
+                for name, family in histograms.items():
+                    h = getattr(m, name)
+                    family.add_metric(key, h.cumulative(), h.sum)
                 gauges["efficiency"].add_metric(key, m.efficiency)
                 gauges["queue_depth"].add_metric(key, batcher.queue_depth)
                 gauges["limit"].add_metric(key, batcher.batch_size_limit)
@@ -99,15 +116,16 @@ class InferenceCollector:
             outcomes["success"] += lm.successes
             outcomes["failure"] += lm.failures - lm.timeouts
             outcomes["timeout"] += lm.timeouts
-            total_time += lm.total_load_time_s
-            done += lm.successes + lm.failures
+            load_times.counts = [a + b for a, b in zip(load_times.counts, lm.load_times.counts)]
+            load_times.sum += lm.load_times.sum
             depth += lm.queue_depth
         for outcome, count in outcomes.items():
             loads.add_metric([outcome], count)
-        load_time.add_metric([], total_time / done if done else 0.0)
+        load_time.add_metric([], load_times.cumulative(), load_times.sum)
         load_queue.add_metric([], depth)
         yield from counters.values()
         yield from gauges.values()
+        yield from histograms.values()
         yield from (loads, load_time, load_queue)
         yield from self._cache_metrics()
 

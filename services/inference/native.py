@@ -36,15 +36,16 @@ import numpy as np
 from tensorwire import metrics
 from tensorwire.auth import Authorizer
 from tensorwire.errors import TensorwireError
-from tensorwire.tensors import NUMPY_DTYPES
+from tensorwire.inference import grpc_service_pb2 as pb
+from tensorwire.rpcnames import method_path
+from tensorwire.tensors import MAX_DIMS, NUMPY_DTYPES
 
-from .codec import MAX_DIMS
 from .repository import ModelRepository
 
 log = logging.getLogger(__name__)
 
 FRONTENDS = ("auto", "native", "python")
-INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+INFER_METHOD = method_path(pb, "GRPCInferenceService", "ModelInfer")
 
 
 def load_module() -> tuple[Any | None, str]:
@@ -143,7 +144,7 @@ class NativeHooks:
         if self._authorizer is None:
             return True
         try:
-            self._authorizer.check("/inference.GRPCInferenceService/ModelInfer",
+            self._authorizer.check(INFER_METHOD,
                                    (("authorization", header.decode("latin-1")),))
         except TensorwireError:
             return False
@@ -171,15 +172,15 @@ class NativeHooks:
         if self._repo.caches(mv):
             outs, ran = self._repo.answer_columns(mv, columns, rows, outputs)
             ran_count = len(ran)
-            queued = float(waits[ran].sum()) if ran_count < len(waits) else float(waits.sum())
+            queued = waits[ran] if ran_count < len(waits) else waits
         else:
             outs, ran_count = mv.forward_columns(columns, len(waits)), len(waits)
-            queued = float(waits.sum())
+            queued = waits
         outs = [np.ascontiguousarray(o, dtype=NUMPY_DTYPES[t.datatype]) for t, o in zip(mv.outputs, outs)]
         latencies = waits + (time.perf_counter() - start)
         mv.record_batch(len(waits), columns[0].shape[0], float(latencies.sum()))
         if ran_count:  # the batcher's statistics count the requests that reached the model (as in Python)
-            mv.batcher.record_external(ran_count, time.perf_counter() - start, queued, by_size)
+            mv.batcher.record_external(ran_count, time.perf_counter() - start, queued.tolist(), by_size)
         self._handled.inc(len(waits))
         _bulk_observe(self._latency, latencies)
         return str(mv.version), outs

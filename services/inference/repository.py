@@ -62,10 +62,10 @@ from tensorwire.errors import (
     UnavailableError,
 )
 from tensorwire.loader import AsyncModelLoader, LoaderConfig
-from tensorwire.tensors import NUMPY_DTYPES
+from tensorwire.periodic import Periodic
+from tensorwire.tensors import NUMPY_DTYPES, Tensor
 
 from . import backends
-from .codec import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ModelInfo:
     outputs: tuple[TensorInfo, ...]
     max_queue_delay_us: int
     preferred_batch_size: tuple[int, ...]
-    version_policy: dict[str, Any]
+    version_policy: modelrepo.VersionPolicy
     response_cache_enabled: bool = False
     """``response_cache { enable: true }`` in config.pbtxt (or the config.json key)."""
     config: dict[str, Any] = field(default_factory=dict)
@@ -110,7 +110,6 @@ class InferRequest:
     inputs: Sequence[Tensor]
     outputs: Sequence[str] = ()
     """Requested outputs; empty = all."""
-    timeout_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +311,7 @@ class ModelVersion:
         self._idle.clear()
         start = time.perf_counter()
         try:
-            outputs = await self.batcher.submit(arrays, timeout_s=request.timeout_s)
+            outputs = await self.batcher.submit(arrays)
         except Exception:
             self.stats.fail.add(time.perf_counter() - start)
             raise
@@ -506,7 +505,7 @@ class ModelRepository:
         self._locks: dict[str, asyncio.Lock] = {}
         self._config_stamp: dict[str, float | None] = {}
         self._retiring: set[asyncio.Task[None]] = set()
-        self._poller: asyncio.Task[None] | None = None
+        self._poller: Periodic | None = None
         self._random = random.Random(seed)
         # OpenMP's thread count is per calling thread: a pool thread that never called
         # torch.set_num_threads runs every op on all cores' spinning OpenMP workers (on
@@ -563,19 +562,11 @@ class ModelRepository:
         log.info("boot scan done in %.1fs: %d models serving, %d failed", time.perf_counter() - start,
                  len(self._models), len(self._failed))
         if self.options.poll_interval_s > 0:
-            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
+            self._poller = Periodic(self.scan, self.options.poll_interval_s, name="repository poll").start()
 
     async def until_ready(self) -> None:
         """Return once the boot scan is done."""
         await self._ready_event.wait()
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.options.poll_interval_s)
-            try:
-                await self.scan()
-            except Exception:
-                log.exception("repository scan failed")
 
     async def scan(self, retries: int = 0) -> None:
         """Bring every model on disk (not explicitly unloaded) up to date, at most
@@ -629,9 +620,7 @@ class ModelRepository:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._boot_task
         if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+            await self._poller.aclose()
         for model in list(self._models.values()):
             self._retire(list(model.routing.versions.values()))
         self._models.clear()
@@ -704,13 +693,13 @@ class ModelRepository:
         if (
             served is not None
             and name in self._config_stamp and stamp == self._config_stamp[name]
-            and set(modelrepo.select_versions(served.config["version_policy"], available))
+            and set(served.config["version_policy"].select(available))
             == set(served.routing.versions)
         ):
             return  # nothing changed
         # Off the event loop: auto-completing a Triton model opens its graph file.
         config = await asyncio.to_thread(self._read_config, name)
-        wanted = modelrepo.select_versions(config["version_policy"], available)
+        wanted = config["version_policy"].select(available)
         if not wanted:
             raise NotFoundError(f"model {name!r} has no version its version_policy selects")
         fingerprint = _fingerprint(config)
@@ -973,7 +962,7 @@ class ModelRepository:
             outputs=_tensors(cfg["outputs"]),
             max_queue_delay_us=int(cfg["max_queue_delay_us"]),
             preferred_batch_size=tuple(cfg.get("preferred_batch_size", [])),
-            version_policy=dict(cfg["version_policy"]),
+            version_policy=cfg["version_policy"],
             response_cache_enabled=bool(cfg.get("response_cache_enabled", False)),
             config={**cfg, "platform": cfg.get("platform", PLATFORM)},
         )

@@ -7,13 +7,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from tensorwire import admission, tritonconfig
+from tensorwire import admission, oip, tritonconfig
 from tensorwire.errors import TensorwireError
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.inference import model_config_pb2 as mc
 
-from . import codec
 from .repository import InferRequest, InferResult, ModelInfo, ModelRepository
 from .server_state import ServerState
 
@@ -25,14 +24,14 @@ def to_request(request: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
     """The core request, and whether its inputs came raw. It carries no deadline: gRPC
     cancels the handler when the client's deadline passes, and with it the queued item
     (dropped before its batch runs), so a batcher timer per request would be waste."""
-    inputs, raw = codec.decode_inputs(request)
+    inputs, raw = oip.decode_inputs(request)
     outputs = tuple(o.name for o in request.outputs) if request.outputs else ()
     return InferRequest(request.model_name, request.model_version, request.id, inputs, outputs), raw
 
 
 def to_response(result: InferResult, raw: bool) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=result.id)
-    return codec.encode_outputs(response, result.outputs, raw=raw)
+    return oip.encode_outputs(response, result.outputs, raw=raw)
 
 
 def _config_override(parameters: dict) -> dict | None:

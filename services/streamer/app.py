@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from tensorwire.rpcnames import service_name
 from tensorwire.streamer.v1 import streamer_pb2 as pb
 
 from .feedback import FeedbackLimits
@@ -12,7 +13,7 @@ from .lookup import TrainerLookup
 from .servicer import StreamerServicer, register
 from .settings import StreamerSettings
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StreamerService"].full_name
+SERVICE_NAME = service_name(pb, "StreamerService")
 
 
 class StreamerApp:

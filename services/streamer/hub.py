@@ -68,6 +68,7 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from tensorwire.periodic import Periodic
 from tensorwire.scalars import MAX_SERIES, Bucket, ScalarBuffer, from_batch, to_batch
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
@@ -332,13 +333,13 @@ class UpdateHub:
         self.publishers: set[PublisherHandle] = set()
         self.subscriber_count = 0
         self.subscriptions: dict[str, Subscriber] = {}
-        self._ticker: asyncio.Task[None] | None = None
+        self._ticker: Periodic | None = None
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> None:
         if self._ticker is None:
-            self._ticker = asyncio.create_task(self._tick_forever(), name="hub-ticker")
+            self._ticker = Periodic(self._tick_now, self.limits.tick_s, name="hub ticker", immediately=True).start()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -349,8 +350,7 @@ class UpdateHub:
         for pub in self.publishers:
             pub.changed.set()
         if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
+            await self._ticker.aclose()
             self._ticker = None
 
     @property
@@ -606,13 +606,8 @@ class UpdateHub:
         return out
 
     # -- the ticker -------------------------------------------------------
-    async def _tick_forever(self) -> None:
-        while True:
-            try:
-                self.tick()
-            except Exception:
-                log.exception("hub tick failed")
-            await asyncio.sleep(self.limits.tick_s)
+    async def _tick_now(self) -> None:
+        self.tick()
 
     def tick(self, now: float | None = None) -> None:
         """Decide, for every subscriber, what it may send now, and wake it."""

@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from tensorwire.rpcnames import method_names, service_name
 from tensorwire.streamer.v1 import streamer_pb2 as pb
 
 from .hub import UpdateHub
 
-SERVICE = "tensorwire.streamer.v1.StreamerService"
+SERVICE = service_name(pb, "StreamerService")
 
 
 def _frame_bytes(frame: bytes | pb.Frame) -> bytes:
@@ -101,6 +102,8 @@ def register(servicer: StreamerServicer, server: grpc.aio.Server) -> None:
             response_serializer=pb.AckResponse.SerializeToString,
         ),
     }
+    # Hand-registered (Subscribe sends pre-serialized frames): exactly the proto's methods.
+    assert set(handlers) == method_names(pb, "StreamerService"), sorted(handlers)
     generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
     server.add_generic_rpc_handlers((generic,))
     server.add_registered_method_handlers(SERVICE, handlers)

@@ -12,6 +12,7 @@ from tensorwire import modelrepo
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.devices import resolve_device
 from tensorwire.errors import TensorwireError
+from tensorwire.rpcnames import service_name
 from tensorwire.trainer.v1 import trainer_pb2 as pb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as pb_grpc
 
@@ -26,7 +27,7 @@ from .tasks import TASKS
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainerService"].full_name
+SERVICE_NAME = service_name(pb, "TrainerService")
 
 DEMO_MODELS = {"trajectory": 1500, "anomaly": 1500, "fusion": 1500, "detection": 300}
 """Models every demo needs in the repository, and how many steps to train each."""

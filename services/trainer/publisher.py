@@ -20,13 +20,14 @@ import time
 
 from tensorwire.auth import ClientSecurity
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.periodic import Periodic
 from tensorwire.publishing import Link, StreamLinks
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 from . import metrics
 from .loop import TERMINAL, LiveStatus, Snapshot, TrainingLoop
 from .runs import Run, RunManager
-from .viewworker import ViewWorker
+from .viewworker import ViewWorker, draw
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Publisher:
         self._view_models: dict[str, object] = {}
         self._view_cost_s: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._collector: Periodic | None = None
         self.ready = asyncio.Event()
         """Set once views can be built (the view worker process has started)."""
 
@@ -88,10 +90,8 @@ class Publisher:
         if not self.target:
             return
         await self.streams.start()
-        self._tasks = [
-            asyncio.create_task(self._warm_up(), name="publisher-warm-up"),
-            asyncio.create_task(self._collect_forever(), name="publisher-collect"),
-        ]
+        self._tasks = [asyncio.create_task(self._warm_up(), name="publisher-warm-up")]
+        self._collector = Periodic(self._collect_now, self.tick_s, name="publisher collect", immediately=True).start()
 
     async def _warm_up(self) -> None:
         if self.view_worker is not None:
@@ -105,6 +105,8 @@ class Publisher:
         return self.streams.watchers(run_id)
 
     async def aclose(self) -> None:
+        if self._collector is not None:
+            await self._collector.aclose()
         tasks = [*self._tasks, *self._building.values()]
         for task in tasks:
             task.cancel()
@@ -114,13 +116,8 @@ class Publisher:
             self.view_worker.close()
 
     # -- collecting -------------------------------------------------------
-    async def _collect_forever(self) -> None:
-        while True:
-            try:
-                self.collect()
-            except Exception:
-                log.exception("publisher collect failed")
-            await asyncio.sleep(self.tick_s)
+    async def _collect_now(self) -> None:
+        self.collect()
 
     def collect(self) -> None:
         """One tick: statuses, scalars and (when watched) view builds."""
@@ -220,21 +217,14 @@ class Publisher:
         self.streams.publish_view((run.run_id, view.name or view.kind), data)
 
     def _render(self, run: Run, snap: Snapshot) -> cpb.View:
-        import torch
-
+        """In this process (no view worker): the worker's renderer, this run's live data."""
         started = time.thread_time()
         model = self._view_models.get(run.run_id)
         if model is None:
             model = self._view_models[run.run_id] = run.task.build_model(snap.config)
             model.eval()
-        with torch.no_grad():  # cheaper than load_state_dict, same effect
-            for name, tensor in model.state_dict().items():  # type: ignore[attr-defined]
-                tensor.copy_(snap.state_dict[name])
-        with torch.inference_mode():
-            data = run.loop.data if isinstance(run.loop, TrainingLoop) else None
-            view = run.task.build_view(model, data, snap.config)  # type: ignore[arg-type]
-        view.step = snap.step
-        view.produced_at = snap.produced_at
+        data = run.loop.data if isinstance(run.loop, TrainingLoop) else None
+        view: cpb.View = draw(run.task, model, data, snap.config, snap.state_dict, snap.step, snap.produced_at)
         self._record_cost(run.run_id, time.thread_time() - started)
         return view
 

@@ -42,6 +42,7 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     TensorwireError,
 )
+from tensorwire.periodic import Periodic
 
 from .external import ExternalLoop, ExternalTask
 from .loop import TERMINAL, Snapshot, TrainingLoop, TrainingState
@@ -307,7 +308,8 @@ class RunManager:
             self._writer.step_listeners.append(self._checkpointed)
         if self.recorder is not None:
             self.recorder.start(mark_interrupted_at=time.time())
-        self._housekeeper: asyncio.Task[None] | None = None
+        self._housekeeper: Periodic | None = None
+        self._housekeeping_ticks = 0
 
     def __repr__(self) -> str:
         live = sum(1 for r in self._runs.values() if r.state not in TERMINAL)
@@ -673,19 +675,13 @@ class RunManager:
     def start(self, every_s: float = 1.0) -> None:
         """Start releasing stored ended runs from memory and pruning old ones."""
         if self.recorder is not None and self._housekeeper is None:
-            self._housekeeper = asyncio.create_task(self._housekeep_forever(every_s), name="run-housekeeping")
+            self._housekeeper = Periodic(self._housekeep, every_s, name="run housekeeping").start()
 
-    async def _housekeep_forever(self, every_s: float) -> None:
-        ticks = 0
-        while True:
-            await asyncio.sleep(every_s)
-            try:
-                released = self.release_ended()
-                ticks += 1
-                if released or ticks % 60 == 1:
-                    await self.prune()
-            except Exception:
-                log.exception("run housekeeping failed")
+    async def _housekeep(self) -> None:
+        released = self.release_ended()
+        self._housekeeping_ticks += 1
+        if released or self._housekeeping_ticks % 60 == 1:
+            await self.prune()
 
     def release_ended(self, now: float | None = None) -> list[str]:
         """Forget runs that ended ``release_after_s`` ago and are stored."""
@@ -727,8 +723,7 @@ class RunManager:
 
     async def aclose(self) -> None:
         if self._housekeeper is not None:
-            self._housekeeper.cancel()
-            await asyncio.gather(self._housekeeper, return_exceptions=True)
+            await self._housekeeper.aclose()
         # A shutdown, not a user, stops the live runs: they are INTERRUPTED, and the
         # loops write a last checkpoint, so the next trainer resumes them where they were.
         # A script's run goes on without this trainer (it re-registers when one is back).

@@ -7,6 +7,9 @@ only the CPU time the view takes, which the publisher caps with
 ``view_cpu_budget``. The worker rebuilds a run's data from (task, config, seed)
 (every task's data is seeded) and keeps a model per run, so a request carries
 only the weight snapshot.
+
+``draw`` is the one view renderer: the worker's ``render`` and the publisher's
+in-process fallback (no worker) both call it.
 """
 
 from __future__ import annotations
@@ -35,13 +38,27 @@ def _init(task_modules: tuple[str, ...] = ()) -> None:
     _TASKS.update(plugins)
 
 
+def draw(task: Any, model: Any, data: Any, config: Any, state_dict: dict[str, Any],
+         step: int, produced_at: float) -> Any:
+    """``task``'s View of ``model`` holding ``state_dict`` (copied into it in place:
+    cheaper than load_state_dict, same effect) over ``data``, stamped with ``step``."""
+    import torch
+
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(state_dict[name])
+    with torch.inference_mode():
+        view = task.build_view(model, data, config)
+    view.step = step
+    view.produced_at = produced_at
+    return view
+
+
 def render(
     run_id: str, task_name: str, config: Any, seed: int, state_dict: dict[str, Any],
     step: int, produced_at: float,
 ) -> tuple[bytes, float]:
-    """The serialized View of ``state_dict`` and the CPU seconds it took."""
-    import torch
-
+    """The serialized View of ``state_dict`` and the CPU seconds it took (in the worker)."""
     if not _TASKS:  # called in this process (tests), not in a worker
         from services.trainer.tasks import TASKS
 
@@ -56,13 +73,7 @@ def render(
             _CACHE.popitem(last=False)
     _CACHE.move_to_end(run_id)
     model, data = entry
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            tensor.copy_(state_dict[name])
-    with torch.inference_mode():
-        view = task.build_view(model, data, config)
-    view.step = step
-    view.produced_at = produced_at
+    view = draw(task, model, data, config, state_dict, step, produced_at)
     return view.SerializeToString(), time.process_time() - started
 
 

@@ -460,8 +460,8 @@ def local_cache_work_us() -> tuple[float, float]:
     process: steadier than RPS ratios on a shared machine."""
     import numpy as np
 
-    from services.inference.codec import Tensor
     from tensorwire.cache import LocalCache, RequestKeys, decode_tensors, encode_tensors
+    from tensorwire.tensors import Tensor
 
     keys = RequestKeys("spiral", 1, "0123456789ab")
     outputs = [Tensor("logits", "FP32", np.zeros((1, 2), np.float32))]

@@ -14,15 +14,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.inference import codec
 from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo
+from tensorwire import modelrepo, oip
 from tensorwire.errors import InvalidArgumentError
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.models import build_model
 from tensorwire.server import GrpcServer, ServerOptions
+from tensorwire.tensors import TYPED_FIELD, Tensor, encode_raw
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.usefixtures("inference_frontend")  # both frontends: python, native
@@ -202,9 +202,9 @@ def test_codec_round_trips_every_datatype() -> None:
         "BYTES": np.array([[b"ab", b""]], dtype=object),
     }
     for raw in (True, False):
-        tensors = [codec.Tensor(f"t{dt}", dt, a) for dt, a in arrays.items()]
-        response = codec.encode_outputs(pb.ModelInferResponse(), tensors, raw=raw)
-        decoded = codec.decode_outputs(pb.ModelInferResponse.FromString(response.SerializeToString()))
+        tensors = [Tensor(f"t{dt}", dt, a) for dt, a in arrays.items()]
+        response = oip.encode_outputs(pb.ModelInferResponse(), tensors, raw=raw)
+        decoded = oip.decode_outputs(pb.ModelInferResponse.FromString(response.SerializeToString()))
         # And back in as a request, raw or typed (FP16 only travels raw).
         request = pb.ModelInferRequest()
         for t in tensors:
@@ -212,11 +212,11 @@ def test_codec_round_trips_every_datatype() -> None:
                 continue
             request.inputs.add(name=t.name, datatype=t.datatype, shape=t.array.shape)
             if raw:
-                request.raw_input_contents.append(codec._encode_raw(t.array, t.datatype))
+                request.raw_input_contents.append(encode_raw(t.array, t.datatype))
             else:
-                field = getattr(request.inputs[-1].contents, codec.TYPED_FIELD[t.datatype])
+                field = getattr(request.inputs[-1].contents, TYPED_FIELD[t.datatype])
                 field.extend(t.array.reshape(-1).tolist())
-        inputs, was_raw = codec.decode_inputs(request)
+        inputs, was_raw = oip.decode_inputs(request)
         assert was_raw is raw
         for dt, a in arrays.items():
             np.testing.assert_array_equal(decoded[f"t{dt}"], a)
@@ -225,11 +225,11 @@ def test_codec_round_trips_every_datatype() -> None:
             np.testing.assert_array_equal(t.array, arrays[t.datatype])
     with pytest.raises(InvalidArgumentError, match="FP16 has no typed contents"):
         bad = pb.ModelInferRequest(inputs=[Input(name="h", datatype="FP16", shape=[1])])
-        codec.decode_inputs(bad)
+        oip.decode_inputs(bad)
     with pytest.raises(InvalidArgumentError, match="claims 100 bytes"):
         bad = pb.ModelInferRequest(inputs=[Input(name="s", datatype="BYTES", shape=[1])],
                                    raw_input_contents=[struct.pack("<I", 100) + b"x"])
-        codec.decode_inputs(bad)
+        oip.decode_inputs(bad)
 
 
 DATATYPES = ["FP32", "FP64", "FP16", "INT32", "INT64", "BOOL", "BYTES", "UINT8", "", "??"]

@@ -27,11 +27,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from services.inference import codec, native
+from services.inference import native
 from services.inference.app import InferenceApp, create_app
 from services.inference.repository import ModelRepository
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo
+from tensorwire import modelrepo, oip
 from tensorwire.auth import Authorizer, TokenFile
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
@@ -110,7 +110,7 @@ async def test_model_infer_is_served_natively_in_batches(tmp_path: Path) -> None
                 assert (reply.model_name, reply.model_version, reply.id) == ("spiral", "1", str(i))
                 with torch.no_grad():
                     want = model(torch.from_numpy(x)).numpy()
-                np.testing.assert_allclose(codec.decode_outputs(reply)["logits"], want, rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(oip.decode_outputs(reply)["logits"], want, rtol=1e-5, atol=1e-6)
             # Only the requested outputs; an unknown one goes to Python, which names it.
             reply = await stub.ModelInfer(request(xs[0], outputs=[{"name": "logits"}]), timeout=10)
             assert [o.name for o in reply.outputs] == ["logits"]

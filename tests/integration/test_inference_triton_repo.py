@@ -229,9 +229,9 @@ async def test_hot_swap_ab_split_and_upload_of_an_onnx_model(
 async def test_reshape_variable_dims_and_instance_count(tmp_path: Path) -> None:
     """Clients send [B, 2, 2] where the ONNX graph takes [B, 4] (reshape); a -1 dim takes any
     size; instance_group count becomes batches running at once."""
-    from services.inference.codec import Tensor
     from services.inference.repository import InferRequest, ModelRepository, RepositoryOptions
     from tensorwire.errors import InvalidArgumentError
+    from tensorwire.tensors import Tensor
 
     root = tmp_path / "models"
     model = tm.mlp(8)

@@ -22,10 +22,9 @@ import redis
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.inference import codec
 from services.inference.app import InferenceApp, create_app
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo
+from tensorwire import modelrepo, oip
 from tensorwire.cache import KEY_PREFIX, RedisCache, parse_cache_config
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
@@ -74,7 +73,7 @@ def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def logits(reply: pb.ModelInferResponse) -> np.ndarray:
-    return codec.decode_outputs(reply)["logits"]
+    return oip.decode_outputs(reply)["logits"]
 
 
 async def test_local_hits_skip_batcher_and_model_and_answer_the_same(tmp_path: Path) -> None:

@@ -197,6 +197,10 @@ async def test_metrics_accuracy() -> None:
     assert m.max_batch_size_seen == 4
     assert m.efficiency == pytest.approx((0.25 + 1 + 1 + 0.25) / 4)
     assert m.batch_time_s > 0 and m.queue_time_s > 0
+    # The distributions, as histograms (le buckets, cumulative): sizes 1, 4, 4, 1.
+    assert dict(m.batch_sizes.cumulative())["1.0"] == 2 and dict(m.batch_sizes.cumulative())["4.0"] == 4
+    assert m.batch_sizes.sum == 10 and m.batch_sizes.count == 4
+    assert m.queue_waits.count == 10 and m.queue_waits.sum == pytest.approx(m.queue_time_s)
     assert "4 batches, 10 requests" in repr(batcher)
     await batcher.aclose()
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from services.inference.__main__ import main as inference_main
-from services.inference.codec import Tensor
 from services.inference.settings import InferenceSettings
 from tensorwire import config, modelrepo
 from tensorwire.cache import (
@@ -22,6 +21,7 @@ from tensorwire.cache import (
     parse_cache_config,
 )
 from tensorwire.errors import InvalidArgumentError
+from tensorwire.tensors import Tensor
 
 # -- --cache-config -----------------------------------------------------------------------
 

@@ -192,6 +192,7 @@ async def test_metrics_tracking() -> None:
     m = loader.metrics
     assert (m.loads, m.successes, m.failures, m.timeouts) == (3, 2, 1, 0)
     assert m.average_load_time_s > 0
+    assert m.load_times.count == 3 and m.load_times.sum == pytest.approx(m.total_load_time_s)
     assert m.loading == 0 and m.queue_depth == 0
     assert "2 ok, 1 failed" in repr(loader)
     await loader.aclose()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tensorwire import modelrepo
+from tensorwire.errors import InvalidArgumentError
 from tensorwire.models import build_model
 
 
@@ -57,3 +60,26 @@ def test_protected_versions_stay_and_a_dead_pruning_is_cleaned_up(tmp_path: Path
     assert modelrepo.prune_versions(repo, "m", 1, protect=(2,)) == [1, 3]
     assert modelrepo.list_versions(repo, "m") == [2, 4]
     assert not leftover.exists()
+
+
+def test_version_policy_is_parsed_once_and_written_back_as_json(tmp_path: Path) -> None:
+    repo = _repo_with_versions(tmp_path, 3, version_policy={"specific": {"versions": [1, 3]}})
+    policy = modelrepo.read_config(repo, "m")["version_policy"]
+    assert policy == modelrepo.VersionPolicy("specific", versions=(1, 3))
+    assert policy.select([1, 2, 3]) == [1, 3]
+    assert '"specific"' in (repo / "m" / "config.json").read_text()
+    assert modelrepo.VersionPolicy.parse({"latest": {"num_versions": 2}}).select([3, 1, 2]) == [2, 3]
+    assert modelrepo.VersionPolicy.parse({"all": {}}).select([2, 1]) == [1, 2]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"newest": {}}, "must be one of"),
+    ({"latest": {"num_versions": 0}}, "num_versions must be an integer in 1.."),
+    ({"latest": {"num_versions": True}}, "num_versions must be an integer"),
+    ({"specific": {"versions": 3}}, "versions must be a list"),
+    ({"specific": {"versions": ["²"]}}, "ASCII digits only"),
+    ({"all": {}, "latest": {}}, "must be one of"),
+])
+def test_a_bad_version_policy_is_refused_with_its_value(tmp_path: Path, raw: object, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        _repo_with_versions(tmp_path, 1, version_policy=raw)

@@ -31,7 +31,7 @@ def test_every_supported_field_is_read() -> None:
     assert cfg["outputs"] == [{"name": "y", "datatype": "INT64", "dims": [-1]}]
     assert cfg["max_batch_size"] == 16 and cfg["max_queue_delay_us"] == 250
     assert cfg["preferred_batch_size"] == [4, 8]
-    assert cfg["version_policy"] == {"specific": {"versions": [1, 3]}}
+    assert cfg["version_policy"].to_json() == {"specific": {"versions": [1, 3]}}
     assert cfg["instance_count"] == 3
     assert cfg["traffic"] == {"1": 3, "3": 1}
     assert cfg["response_cache_enabled"] is True
