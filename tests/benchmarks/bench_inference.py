@@ -48,11 +48,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 CONCURRENCY = (1, 16, 64)
+TS_PACKAGE = "org.pytorch.serve.grpc.inference"
 
 
 def free_port() -> int:
@@ -132,14 +134,37 @@ def run_native_echo(port: int) -> None:
 # -- load generator (its own process) -----------------------------------------------
 
 
+def torchserve_messages() -> tuple[type, type]:
+    """TorchServe's gRPC ``PredictionsRequest``/``PredictionResponse`` (its inference.proto,
+    fields 1 and 3 / 1), described here so that the generator needs no generated code."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fd = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="bench_torchserve.proto", package=TS_PACKAGE,
+                                               syntax="proto3")
+    request = proto.message_type.add(name="PredictionsRequest")
+    request.field.add(name="model_name", number=1, type=fd.TYPE_STRING, label=fd.LABEL_OPTIONAL)
+    entry = request.nested_type.add(name="InputEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=fd.TYPE_STRING, label=fd.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=fd.TYPE_BYTES, label=fd.LABEL_OPTIONAL)
+    request.field.add(name="input", number=3, type=fd.TYPE_MESSAGE, label=fd.LABEL_REPEATED,
+                      type_name=f".{TS_PACKAGE}.PredictionsRequest.InputEntry")
+    response = proto.message_type.add(name="PredictionResponse")
+    response.field.add(name="prediction", number=1, type=fd.TYPE_BYTES, label=fd.LABEL_OPTIONAL)
+    classes = message_factory.GetMessages([proto], pool=descriptor_pool.DescriptorPool())
+    return classes[f"{TS_PACKAGE}.PredictionsRequest"], classes[f"{TS_PACKAGE}.PredictionResponse"]
+
+
 def run_load(
     target: str, concurrency: int, duration_s: float, warmup_s: float,
-    hit_pct: int | None = None, salt: int = 0,
+    hit_pct: int | None = None, salt: int = 0, protocol: str = "oip",
 ) -> dict[str, float]:
     """Closed-loop load. ``hit_pct`` None: one request, sent again and again. Else
     ``hit_pct`` % of each worker's requests are one hot request (the same for every
     worker and run) and the rest are unique (``salt`` keeps runs apart); every
-    request message is built per call either way, so the client's cost is the same."""
+    request message is built per call either way, so the client's cost is the same.
+    ``protocol="torchserve"``: the same rows through TorchServe's ``Predictions``."""
     import grpc
     import numpy as np
 
@@ -166,8 +191,17 @@ def run_load(
         channel = (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(Path(ca).read_bytes()))
                    if ca else grpc.aio.insecure_channel(target))
         async with channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            await stub.ModelInfer(request, timeout=60, wait_for_ready=True, metadata=metadata)
+            infer: Any = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            if protocol == "torchserve":
+                ts_request, ts_response = torchserve_messages()
+                predict = channel.unary_unary(f"/{TS_PACKAGE}.InferenceAPIsService/Predictions",
+                                              request_serializer=ts_request.SerializeToString,
+                                              response_deserializer=ts_response.FromString)
+
+                def infer(message: pb.ModelInferRequest, **kw: Any) -> Any:
+                    return predict(ts_request(model_name=message.model_name,
+                                              input={"data": message.raw_input_contents[0]}), **kw)
+            await infer(request, timeout=60, wait_for_ready=True, metadata=metadata)
             latencies: list[float] = []
             errors = 0
             start = time.perf_counter()
@@ -184,7 +218,7 @@ def run_load(
                     message = next_request(index, n)
                     n += 1
                     try:
-                        await stub.ModelInfer(message, timeout=30, metadata=metadata)
+                        await infer(message, timeout=30, metadata=metadata)
                     except grpc.aio.AioRpcError:
                         errors += 1
                         continue
@@ -206,9 +240,10 @@ def run_load(
 
 def load_in_process(
     target: str, concurrency: int, duration_s: float, warmup_s: float,
-    hit_pct: int | None = None, salt: int = 0, env: dict[str, str] | None = None,
+    hit_pct: int | None = None, salt: int = 0, env: dict[str, str] | None = None, protocol: str = "oip",
 ) -> dict[str, float]:
     extra = [] if hit_pct is None else ["--hit-pct", str(hit_pct), "--salt", str(salt)]
+    extra += ["--protocol", protocol]
     out = subprocess.run(
         [sys.executable, __file__, "--loadgen", target, str(concurrency), str(duration_s), str(warmup_s),
          *extra],
@@ -262,7 +297,61 @@ def perf_analyzer(target: str, concurrency: int, duration_s: float, env: dict[st
 # -- servers ------------------------------------------------------------------------
 
 
+def torchserve_binary() -> Path | None:
+    """TorchServe's launcher: ``$TW_TORCHSERVE``, else ``torchserve`` on PATH (None: not installed)."""
+    found = os.environ.get("TW_TORCHSERVE") or shutil.which("torchserve")
+    return Path(found) if found and Path(found).exists() else None
+
+
+def start_torchserve(binary: Path, repo: Path) -> tuple[subprocess.Popen, str]:
+    """TorchServe (Java frontend + one Python worker) serving the spiral MLP of ``repo``
+    (same weights) through ``torchserve_spiral.py``, batching as the issue measured it
+    (batch 32, 5 ms); its own session, so that stopping it stops the JVM and the worker."""
+    work = Path(tempfile.mkdtemp(prefix="bench-torchserve-", dir=repo.parent))
+    store = work / "store"
+    store.mkdir()
+    weights = sorted((repo / "spiral").glob("*/model.pt"))[-1]
+    subprocess.run([str(binary.parent / "torch-model-archiver"), "--model-name", "spiral", "--version", "1",
+                    "--serialized-file", str(weights), "--handler", str(Path(__file__).parent / "torchserve_spiral.py"),
+                    "--export-path", str(store), "--archive-format", "no-archive"], check=True, cwd=work)
+    grpc_port, ports = free_port(), [free_port() for _ in range(4)]
+    models = {"spiral": {"1": {"defaultVersion": True, "marName": "spiral", "minWorkers": 1, "maxWorkers": 1,
+                               "batchSize": 32, "maxBatchDelay": 5, "responseTimeout": 60}}}
+    (work / "config.properties").write_text("\n".join([
+        f"inference_address=http://127.0.0.1:{ports[0]}", f"management_address=http://127.0.0.1:{ports[1]}",
+        f"metrics_address=http://127.0.0.1:{ports[2]}", f"grpc_inference_port={grpc_port}",
+        f"grpc_management_port={ports[3]}", "grpc_inference_address=127.0.0.1", "grpc_management_address=127.0.0.1",
+        f"model_store={store}", "load_models=spiral", f"models={json.dumps(models)}",
+        "default_workers_per_model=1", "disable_token_authorization=true", "enable_envvars_config=false",
+        "disable_system_metrics=true", "vmargs=-Xmx512m -XX:+UseG1GC", "",
+    ]))
+    proc = subprocess.Popen([str(binary), "--start", "--foreground", "--ncs", "--disable-token-auth",
+                             "--model-store", str(store), "--ts-config", str(work / "config.properties")],
+                            cwd=work, stdout=(work / "torchserve.log").open("wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "LOG_LOCATION": str(work),
+                                 "METRICS_LOCATION": str(work)}, start_new_session=True)
+    import urllib.request
+
+    deadline = time.monotonic() + 180
+    while True:  # /ping says Healthy once the model's worker is up
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/ping", timeout=2) as r:
+                if b"Healthy" in r.read():
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"torchserve did not come up; see {work / 'torchserve.log'}")
+        time.sleep(0.5)
+    return proc, f"127.0.0.1:{grpc_port}"
+
+
 def start_server(kind: str, repo: Path, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    if kind == "torchserve":
+        binary = torchserve_binary()
+        assert binary is not None
+        return start_torchserve(binary, repo)
     port = free_port()
     if kind == "echo":
         cmd = [sys.executable, __file__, "--echo-server", str(port)]
@@ -279,17 +368,24 @@ def start_server(kind: str, repo: Path, extra: list[str] | None = None) -> tuple
     return proc, f"127.0.0.1:{port}"
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (workers; TorchServe's JVM and its Python worker)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(FileNotFoundError):  # the thread ended since the listing
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its (multi-process mode) children, from /proc."""
+    """utime + stime of a process and its descendants, from /proc."""
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            pids += [int(p) for p in (task / "children").read_text().split()]
-        except FileNotFoundError:  # the thread ended since the listing
-            continue
-    for p in pids:
+    for p in process_tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except FileNotFoundError:
@@ -299,12 +395,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def rss_mib(pid: int) -> tuple[float, int]:
-    """(resident MiB of a process and its children, how many of those processes
-    serve: the children in multi-process mode, else the process itself)."""
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            pids += [int(p) for p in (task / "children").read_text().split()]
+    """(resident MiB of a process and its descendants, how many of those processes
+    serve: the workers in multi-process mode, else 1)."""
+    pids = process_tree(pid)
     total = 0.0
     for p in pids:
         with contextlib.suppress(FileNotFoundError):
@@ -315,12 +408,19 @@ def rss_mib(pid: int) -> tuple[float, int]:
 
 
 def stop_server(proc: subprocess.Popen) -> None:
+    tree = process_tree(proc.pid)
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    for pid in tree[1:]:  # what outlived its parent (TorchServe's JVM and worker)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in tree[1:]):
+        time.sleep(0.1)
 
 
 def main() -> int:
@@ -339,6 +439,7 @@ def main() -> int:
     parser.add_argument("--loadgen", nargs=4, metavar=("TARGET", "C", "DURATION", "WARMUP"))
     parser.add_argument("--hit-pct", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--salt", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--protocol", choices=("oip", "torchserve"), default="oip", help=argparse.SUPPRESS)
     parser.add_argument("--echo-server", type=int, metavar="PORT")
     parser.add_argument("--native-echo-server", type=int, metavar="PORT")
     args = parser.parse_args()
@@ -350,7 +451,7 @@ def main() -> int:
         return 0
     if args.loadgen:
         target, c, d, w = args.loadgen
-        print(json.dumps(run_load(target, int(c), float(d), float(w), args.hit_pct, args.salt)))
+        print(json.dumps(run_load(target, int(c), float(d), float(w), args.hit_pct, args.salt, args.protocol)))
         return 0
     if args.cache:
         return bench_cache(args.duration_s, args.warmup_s, args.repeats,
