@@ -188,7 +188,7 @@ struct Queue {
 };
 
 struct Counters {
-  std::atomic<uint64_t> native{0}, proxied{0}, batches{0}, rejected{0}, fallbacks{0}, expired{0};
+  std::atomic<uint64_t> native{0}, proxied{0}, batches{0}, rejected{0}, fallbacks{0}, expired{0}, inline_runs{0};
 };
 
 class Frontend : public grpc::CallbackGenericService {
@@ -259,6 +259,7 @@ class Frontend : public grpc::CallbackGenericService {
     d["rejected"] = counters_.rejected.load();
     d["fallbacks"] = counters_.fallbacks.load();
     d["expired"] = counters_.expired.load();
+    d["inline"] = counters_.inline_runs.load();
     int64_t queued = 0, running = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -296,6 +297,7 @@ class Frontend : public grpc::CallbackGenericService {
     if (version.empty()) return call->Proxy(true);
     std::string key = model + '\0' + version;
     std::string full;
+    Queue* inline_queue = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto& q = queues_[key];
@@ -309,6 +311,15 @@ class Frontend : public grpc::CallbackGenericService {
       if (static_cast<int64_t>(q->items.size()) >= spec->max_queue_size) {
         full = q->label + ": request queue is full (" + std::to_string(spec->max_queue_size) +
                " waiting); retry later";
+      } else if (q->items.empty() && q->running < spec->concurrency && spec->max_queue_delay_s <= 0 &&
+                 running_ && !inline_busy_) {
+        // Nothing waits and a slot is free: without a queue delay the batcher would cut
+        // this request alone at once, so it runs here, on this gRPC thread: no hand-off
+        // to a batch thread (a futex wake and a context switch each way at c=1). One
+        // such run at a time, so that gRPC's other callback threads keep serving.
+        q->running++;
+        inline_busy_ = true;
+        inline_queue = q.get();
       } else {
         q->items.push_back(call);
       }
@@ -317,6 +328,7 @@ class Frontend : public grpc::CallbackGenericService {
       counters_.rejected++;
       return call->Fail(grpc::StatusCode::RESOURCE_EXHAUSTED, full);
     }
+    if (inline_queue) return RunHere(inline_queue, call);
     cv_.notify_one();
   }
 
@@ -440,6 +452,45 @@ class Frontend : public grpc::CallbackGenericService {
     return true;
   }
 
+  // A batch of one on the calling gRPC thread (Admit decided, holding a slot of `q`).
+  void RunHere(Queue* q, Call* call) {
+    PinThisThread();
+    counters_.inline_runs++;
+    if (call->cancelled() || Clock::now() >= call->deadline) {
+      counters_.expired++;
+      if (call->cancelled()) call->Fail(grpc::StatusCode::CANCELLED, "cancelled while queued");
+      else call->Fail(grpc::StatusCode::DEADLINE_EXCEEDED, q->label + ": deadline passed while queued");
+      Release(q, true);
+    } else {
+      Run(q, {call}, q->spec->max_batch_size <= 1, true);
+    }
+  }
+
+  // Gives back the slot of `q` a batch held (`here`: an inline one); wakes the batch
+  // threads when requests wait (queued while it ran: a batch thread takes them now).
+  void Release(Queue* q, bool here) {
+    bool waiting;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      q->running--;
+      if (here) inline_busy_ = false;
+      waiting = !q->items.empty();
+    }
+    if (waiting) cv_.notify_all();
+  }
+
+  // gRPC's callback threads (a fixed set per process) run inline batches and take the
+  // GIL for them; each keeps its Python thread state for good, as the batch threads do
+  // for their life: without that every acquisition creates and destroys one. Never
+  // released: a thread may end after Python did (grpc shuts its pool down at exit).
+  static void PinThisThread() {
+    thread_local bool pinned = false;
+    if (pinned) return;
+    py::gil_scoped_acquire gil;
+    gil.inc_ref();
+    pinned = true;
+  }
+
   // (items to cut now, 0 = wait) for one queue, mutex held.
   static int64_t Target(const Queue& q) {
     int64_t depth = q.items.size(), limit = q.spec->max_batch_size;
@@ -488,18 +539,21 @@ class Frontend : public grpc::CallbackGenericService {
         if (c->cancelled()) c->Fail(grpc::StatusCode::CANCELLED, "cancelled while queued");
         else c->Fail(grpc::StatusCode::DEADLINE_EXCEEDED, q->label + ": deadline passed while queued");
       }
-      if (!batch.empty()) Run(*q, batch, by_size);
+      if (batch.empty()) Release(q, false);
+      else Run(q, batch, by_size, false);
       lock.lock();
-      q->running--;
-      if (!batch.empty() || !dropped.empty()) cv_.notify_all();
     }
   }
 
-  // One batch: contiguous columns -> Python once -> responses split and encoded here.
-  void Run(const Queue& q, const std::vector<Call*>& batch, bool by_size) {
+  // One batch: contiguous columns -> Python once (one GIL acquisition) -> responses
+  // split and encoded here. Holds a slot of `q` (taken by the caller; `here`: on a gRPC
+  // thread) until the model has run, not while the replies are encoded and sent: a
+  // client's next request finds it free.
+  void Run(Queue* q, const std::vector<Call*>& batch, bool by_size, bool here) {
     const Spec& spec = *batch.front()->spec;
     for (Call* c : batch) {
       if (c->spec.get() != &spec) {  // the rules changed between two of its requests
+        Release(q, here);
         for (Call* f : batch) f->Proxy(true);
         counters_.fallbacks += batch.size();
         return;
@@ -514,8 +568,7 @@ class Frontend : public grpc::CallbackGenericService {
       waits[k] = std::chrono::duration<double>(start - batch[k]->enqueued).count();
 
     std::string version;
-    std::vector<py::object> outputs;  // kept alive (GIL) until encoding is done
-    std::vector<const char*> out_data;
+    std::vector<std::string> out_bytes;  // the output columns, copied out with the GIL held
     std::vector<std::vector<int64_t>> out_shape;
     bool ok = false;
     {
@@ -551,26 +604,28 @@ class Frontend : public grpc::CallbackGenericService {
           columns.append(column);
         }
         py::array_t<double> wait_array(waits.size(), waits.data());
-        py::tuple result = hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size);
+        py::tuple result = hooks_.attr("run_batch")(q->model, q->version, columns, wait_array, by_size);
         version = result[0].cast<std::string>();
         for (auto o : result[1].cast<py::list>()) {
           py::array a = py::reinterpret_borrow<py::array>(o);
           if (!(a.flags() & py::array::c_style) || a.ndim() < 1 || a.shape(0) != total_rows)
             throw std::runtime_error("output not contiguous or not one row per input row");
-          out_data.push_back(static_cast<const char*>(a.data()));
+          if (out_bytes.size() == spec.outputs.size()) throw std::runtime_error("more outputs than the config's");
           out_shape.emplace_back(a.shape(), a.shape() + a.ndim());
-          outputs.push_back(a);
+          // The size from the config's item size: Debian's pybind11 2.10 reads a NumPy 2
+          // descriptor's itemsize from the wrong place (so no a.nbytes()/a.itemsize()).
+          int64_t bytes = spec.outputs[out_bytes.size()].itemsize;
+          for (auto d : out_shape.back()) bytes *= d;
+          out_bytes.emplace_back(static_cast<const char*>(a.data()), bytes);
         }
-        ok = outputs.size() == spec.outputs.size();
+        ok = out_bytes.size() == spec.outputs.size();
       } catch (std::exception&) {
         ok = false;  // py::error_already_set included: Python serves each one instead
       }
     }
+    Release(q, here);
     if (!ok) {
       counters_.fallbacks += batch.size();
-      py::gil_scoped_acquire gil;
-      outputs.clear();
-      py::gil_scoped_release nogil;
       for (Call* c : batch) c->Proxy(true);
       return;
     }
@@ -592,13 +647,11 @@ class Frontend : public grpc::CallbackGenericService {
         out->set_datatype(ts.datatype);
         out->add_shape(c->rows);
         for (size_t d = 1; d < shape.size(); ++d) out->add_shape(shape[d]);
-        response.add_raw_output_contents(out_data[i] + offset * row_bytes, c->rows * row_bytes);
+        response.add_raw_output_contents(out_bytes[i].data() + offset * row_bytes, c->rows * row_bytes);
       }
       offset += c->rows;
       c->Reply(Serialize(response));
     }
-    py::gil_scoped_acquire gil;
-    outputs.clear();
   }
 
   py::object hooks_;
@@ -611,6 +664,7 @@ class Frontend : public grpc::CallbackGenericService {
   std::mutex mu_;
   std::condition_variable cv_;
   bool running_ = false;
+  bool inline_busy_ = false;  // a batch runs on a gRPC thread (RunHere); guarded by mu_
   std::map<std::string, std::unique_ptr<Queue>> queues_;
   std::mutex spec_mu_;
   std::unordered_map<std::string, std::shared_ptr<const Spec>> specs_;
@@ -729,32 +783,70 @@ class Echo : public grpc::CallbackGenericService {
  public:
   class Reactor : public grpc::ServerGenericBidiReactor {
    public:
-    Reactor() { StartRead(&in_); }
+    explicit Reactor(const std::string& method) : method_(method) { StartRead(&in_); }
     void OnReadDone(bool ok) override {
       if (!ok) return Finish(grpc::Status::OK);
-      inference::ModelInferRequest request;
-      inference::ModelInferResponse response;
-      if (Parse(in_, &request)) {
-        response.set_model_name(request.model_name());
-        response.set_id(request.id());
-        for (int i = 0; i < request.inputs_size(); ++i) {
-          auto* out = response.add_outputs();
-          out->set_name(request.inputs(i).name());
-          out->set_datatype(request.inputs(i).datatype());
-          *out->mutable_shape() = request.inputs(i).shape();
+      if (method_ == kInferMethod) {
+        inference::ModelInferRequest request;
+        inference::ModelInferResponse response;
+        if (Parse(in_, &request)) {
+          response.set_model_name(request.model_name());
+          response.set_id(request.id());
+          for (int i = 0; i < request.inputs_size(); ++i) {
+            auto* out = response.add_outputs();
+            out->set_name(request.inputs(i).name());
+            out->set_datatype(request.inputs(i).datatype());
+            *out->mutable_shape() = request.inputs(i).shape();
+          }
+          *response.mutable_raw_output_contents() = request.raw_input_contents();
         }
-        *response.mutable_raw_output_contents() = request.raw_input_contents();
+        out_ = Serialize(response);
+      } else if (method_ == "/inference.GRPCInferenceService/ModelMetadata") {
+        // What perf_analyzer asks before it sends load: an echo "model" of FP32 [-1, 2].
+        inference::ModelMetadataResponse response;
+        response.set_name("spiral");
+        response.add_versions("1");
+        response.set_platform("pytorch_libtorch");
+        for (auto* t : {response.add_inputs(), response.add_outputs()}) {
+          t->set_name("points");
+          t->set_datatype("FP32");
+          t->add_shape(-1);
+          t->add_shape(2);
+        }
+        out_ = Serialize(response);
+      } else if (method_ == "/inference.GRPCInferenceService/ModelConfig") {
+        inference::ModelConfigResponse response;
+        auto* config = response.mutable_config();
+        config->set_name("spiral");
+        config->set_platform("pytorch_libtorch");
+        config->set_max_batch_size(64);
+        auto* in = config->add_input();
+        in->set_name("points");
+        in->set_data_type(inference::TYPE_FP32);
+        in->add_dims(2);
+        auto* out = config->add_output();
+        out->set_name("points");
+        out->set_data_type(inference::TYPE_FP32);
+        out->add_dims(2);
+        out_ = Serialize(response);
+      } else if (method_ == "/inference.GRPCInferenceService/ServerMetadata") {
+        inference::ServerMetadataResponse response;
+        response.set_name("native echo");
+        response.set_version("0");
+        out_ = Serialize(response);
+      } else {
+        return Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "the native echo does not serve " + method_));
       }
-      out_ = Serialize(response);
       StartWriteAndFinish(&out_, grpc::WriteOptions(), grpc::Status::OK);
     }
     void OnDone() override { delete this; }
 
    private:
+    std::string method_;
     grpc::ByteBuffer in_, out_;
   };
-  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext*) override {
-    return new Reactor();
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    return new Reactor(ctx->method());
   }
   int Start(const std::string& address) {
     grpc::ServerBuilder builder;

@@ -134,7 +134,7 @@ def run_native_echo(port: int) -> None:
 # -- load generator (its own process) -----------------------------------------------
 
 
-def torchserve_messages() -> tuple[type, type]:
+def torchserve_messages() -> tuple[Any, Any]:
     """TorchServe's gRPC ``PredictionsRequest``/``PredictionResponse`` (its inference.proto,
     fields 1 and 3 / 1), described here so that the generator needs no generated code."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -281,7 +281,7 @@ def perf_analyzer(target: str, concurrency: int, duration_s: float, env: dict[st
                "--concurrency-range", f"{concurrency}:{concurrency}",
                "--measurement-interval", str(int(duration_s * 1000)),
                # A shared 2-core machine is never "stable" by perf_analyzer's default 10 %.
-               "--stability-percentage", "100", "--max-trials", "5", "-f", str(report)]
+               "--stability-percentage", "999", "--max-trials", "10", "-f", str(report)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=duration_s * 10 + 120)
         if out.returncode != 0 or not report.exists():
             raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
@@ -428,9 +428,9 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--perf-analyzer", choices=("auto", "off"), default="auto")
-    parser.add_argument("--servers", default="echo,native echo,tensorwire,tensorwire native",
+    parser.add_argument("--servers", default="echo,native echo,tensorwire,tensorwire native,torchserve",
                         help="comma-separated subset of: echo, native echo, tensorwire, tensorwire x2, "
-                             "tensorwire native, tensorwire native x2")
+                             "tensorwire native, tensorwire native x2, torchserve")
     parser.add_argument("--cache", action="store_true",
                         help="measure the response cache (none / local / redis) instead")
     parser.add_argument("--repeats", type=int, default=3, help="--cache: runs per point (median)")
@@ -464,6 +464,10 @@ def main() -> int:
     from tensorwire.models import build_model
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if "torchserve" in servers and torchserve_binary() is None:
+        print("torchserve: not installed, skipped (pip install torchserve torch-model-archiver into a venv "
+              "that sees torch; TW_TORCHSERVE=<venv>/bin/torchserve)")
+        servers.remove("torchserve")
     tmp = Path(tempfile.mkdtemp(prefix="bench-inference-"))
     repo = tmp / "models"
     torch.manual_seed(0)
@@ -485,8 +489,11 @@ def main() -> int:
                 for server in servers:
                     proc, target = procs[server]
                     cpu0 = cpu_seconds(proc.pid)
+                    if gen == "perf_analyzer" and server == "torchserve":
+                        continue  # TorchServe's gRPC API is its own, not the OIP perf_analyzer speaks
                     if gen == "python":
-                        r = load_in_process(target, c, args.duration_s, args.warmup_s)
+                        r = load_in_process(target, c, args.duration_s, args.warmup_s,
+                                            protocol="torchserve" if server == "torchserve" else "oip")
                         # Server CPU per request: steadier than RPS on a shared machine
                         # (includes the warm-up's requests, so slightly high).
                         served = r["rps"] * (args.duration_s + args.warmup_s)
@@ -515,20 +522,56 @@ def main() -> int:
         print(f"  RSS {server:20s} {mib / processes:7.1f} MiB per serving process ({processes})")
 
     print("\nsummary (ratio = RPS / echo RPS, same concurrency and generator; cpu x = server CPU "
-          "per request / echo's; n-ratio, n-cpu x: the same against the native echo)")
+          "per request / echo's; n-ratio, n-cpu x: the same against the native echo; ts-ratio, ts-cpu x: "
+          "against TorchServe)")
     print(f"  {'generator':13s} {'server':20s} {'c':>3s} {'rps':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
-          f"{'cpu us':>6s} {'ratio':>6s} {'cpu x':>6s} {'n-ratio':>7s} {'n-cpu x':>7s}")
-    nan = {"rps": float("nan"), "cpu_us": float("nan")}
+          f"{'cpu us':>6s} {'ratio':>6s} {'cpu x':>6s} {'n-ratio':>7s} {'n-cpu x':>7s} {'ts-ratio':>8s} "
+          f"{'ts-cpu x':>8s}")
+    nan = {"rps": float("nan"), "cpu_us": float("nan"), "p50_ms": float("nan")}
     for gen, _ in generators:
         for server in servers:
             for c in CONCURRENCY:
+                if (gen, server, c) not in results:
+                    continue
                 r = results[(gen, server, c)]
                 echo = results.get((gen, "echo", c), nan)
                 fast = results.get((gen, "native echo", c), nan)
+                ts = results.get(("python", "torchserve", c), nan)
                 print(f"  {gen:13s} {server:20s} {c:3d} {r['rps']:8.0f} {r['p50_ms']:7.2f} "
                       f"{r['p99_ms']:7.2f} {r['cpu_us']:6.0f} {r['rps'] / echo['rps']:6.2f} "
                       f"{r['cpu_us'] / echo['cpu_us']:6.2f} {r['rps'] / fast['rps']:7.2f} "
-                      f"{r['cpu_us'] / fast['cpu_us']:7.2f}")
+                      f"{r['cpu_us'] / fast['cpu_us']:7.2f} {r['rps'] / ts['rps']:8.2f} "
+                      f"{r['cpu_us'] / ts['cpu_us']:8.2f}")
+
+    if "tensorwire native" in servers:  # issue 18's goals, from this run
+        def get(gen: str, server: str, c: int) -> dict[str, float]:
+            return results.get((gen, server, c), nan)
+
+        def verdict(ok: bool) -> str:
+            return "met" if ok else "NOT met"
+
+        print("\ngoals (issue 18; tensorwire native, 1 worker):")
+        for c in (16, 64):
+            pa = get("perf_analyzer", "tensorwire native", c)["rps"] / get("perf_analyzer", "native echo", c)["rps"]
+            print(f"  perf_analyzer c={c}: {pa:.2f}x the native echo's RPS (goal >= 0.5) {verdict(pa >= 0.5)}")
+        for c, goal in ((16, 3.0), (64, 1.5)):
+            x = get("python", "tensorwire native", c)["rps"] / get("python", "torchserve", c)["rps"]
+            print(f"  Python generator c={c}: {x:.2f}x TorchServe's RPS (goal >= {goal:g}) {verdict(x >= goal)}")
+        cpu = get("python", "tensorwire native", 64)["cpu_us"]
+        for name, limit in (("TorchServe", 0.4), ("native echo", 2.5)):
+            other = get("python", "torchserve" if name == "TorchServe" else "native echo", 64)["cpu_us"]
+            print(f"  server CPU/request c=64: {cpu:.0f} us = {cpu / other:.2f}x {name}'s {other:.0f} us "
+                  f"(goal <= {limit:g}x) {verdict(cpu / other <= limit)}")
+        print(f"  server CPU/request c=64 <= 50 us: {cpu:.0f} us {verdict(cpu <= 50)}")
+        for gen, _ in generators:
+            p50 = get(gen, "tensorwire native", 1)["p50_ms"]
+            echo_p50 = get(gen, "native echo", 1)["p50_ms"]
+            print(f"  c=1 p50 ({gen}): {p50:.2f} ms, native echo {echo_p50:.2f} ms (goal <= 0.3 ms) "
+                  f"{verdict(p50 <= 0.3)}")
+        if "tensorwire" in rss:
+            native_mib, python_mib = rss["tensorwire native"][0], rss["tensorwire"][0]
+            print(f"  RSS per worker: {native_mib:.0f} MiB native vs {python_mib:.0f} MiB Python "
+                  f"({native_mib - python_mib:+.0f} MiB; goal <= 0) {verdict(native_mib <= python_mib)}")
     return 0
 
 
