@@ -188,7 +188,7 @@ struct Queue {
 };
 
 struct Counters {
-  std::atomic<uint64_t> native{0}, proxied{0}, batches{0}, rejected{0}, fallbacks{0}, expired{0}, inline_runs{0};
+  std::atomic<uint64_t> native{0}, proxied{0}, batches{0}, rejected{0}, fallbacks{0}, expired{0};
 };
 
 class Frontend : public grpc::CallbackGenericService {
@@ -259,7 +259,6 @@ class Frontend : public grpc::CallbackGenericService {
     d["rejected"] = counters_.rejected.load();
     d["fallbacks"] = counters_.fallbacks.load();
     d["expired"] = counters_.expired.load();
-    d["inline"] = counters_.inline_runs.load();
     int64_t queued = 0, running = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -297,7 +296,6 @@ class Frontend : public grpc::CallbackGenericService {
     if (version.empty()) return call->Proxy(true);
     std::string key = model + '\0' + version;
     std::string full;
-    Queue* inline_queue = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto& q = queues_[key];
@@ -311,15 +309,6 @@ class Frontend : public grpc::CallbackGenericService {
       if (static_cast<int64_t>(q->items.size()) >= spec->max_queue_size) {
         full = q->label + ": request queue is full (" + std::to_string(spec->max_queue_size) +
                " waiting); retry later";
-      } else if (q->items.empty() && q->running < spec->concurrency && spec->max_queue_delay_s <= 0 &&
-                 running_ && !inline_busy_) {
-        // Nothing waits and a slot is free: without a queue delay the batcher would cut
-        // this request alone at once, so it runs here, on this gRPC thread: no hand-off
-        // to a batch thread (a futex wake and a context switch each way at c=1). One
-        // such run at a time, so that gRPC's other callback threads keep serving.
-        q->running++;
-        inline_busy_ = true;
-        inline_queue = q.get();
       } else {
         q->items.push_back(call);
       }
@@ -328,7 +317,6 @@ class Frontend : public grpc::CallbackGenericService {
       counters_.rejected++;
       return call->Fail(grpc::StatusCode::RESOURCE_EXHAUSTED, full);
     }
-    if (inline_queue) return RunHere(inline_queue, call);
     cv_.notify_one();
   }
 
@@ -452,45 +440,6 @@ class Frontend : public grpc::CallbackGenericService {
     return true;
   }
 
-  // A batch of one on the calling gRPC thread (Admit decided, holding a slot of `q`).
-  void RunHere(Queue* q, Call* call) {
-    PinThisThread();
-    counters_.inline_runs++;
-    if (call->cancelled() || Clock::now() >= call->deadline) {
-      counters_.expired++;
-      if (call->cancelled()) call->Fail(grpc::StatusCode::CANCELLED, "cancelled while queued");
-      else call->Fail(grpc::StatusCode::DEADLINE_EXCEEDED, q->label + ": deadline passed while queued");
-      Release(q, true);
-    } else {
-      Run(q, {call}, q->spec->max_batch_size <= 1, true);
-    }
-  }
-
-  // Gives back the slot of `q` a batch held (`here`: an inline one); wakes the batch
-  // threads when requests wait (queued while it ran: a batch thread takes them now).
-  void Release(Queue* q, bool here) {
-    bool waiting;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      q->running--;
-      if (here) inline_busy_ = false;
-      waiting = !q->items.empty();
-    }
-    if (waiting) cv_.notify_all();
-  }
-
-  // gRPC's callback threads (a fixed set per process) run inline batches and take the
-  // GIL for them; each keeps its Python thread state for good, as the batch threads do
-  // for their life: without that every acquisition creates and destroys one. Never
-  // released: a thread may end after Python did (grpc shuts its pool down at exit).
-  static void PinThisThread() {
-    thread_local bool pinned = false;
-    if (pinned) return;
-    py::gil_scoped_acquire gil;
-    gil.inc_ref();
-    pinned = true;
-  }
-
   // (items to cut now, 0 = wait) for one queue, mutex held.
   static int64_t Target(const Queue& q) {
     int64_t depth = q.items.size(), limit = q.spec->max_batch_size;
@@ -539,21 +488,22 @@ class Frontend : public grpc::CallbackGenericService {
         if (c->cancelled()) c->Fail(grpc::StatusCode::CANCELLED, "cancelled while queued");
         else c->Fail(grpc::StatusCode::DEADLINE_EXCEEDED, q->label + ": deadline passed while queued");
       }
-      if (batch.empty()) Release(q, false);
-      else Run(q, batch, by_size, false);
+      if (!batch.empty()) Run(*q, batch, by_size);
       lock.lock();
+      q->running--;
+      if (!batch.empty() || !dropped.empty()) cv_.notify_all();
     }
   }
 
   // One batch: contiguous columns -> Python once (one GIL acquisition) -> responses
-  // split and encoded here. Holds a slot of `q` (taken by the caller; `here`: on a gRPC
-  // thread) until the model has run, not while the replies are encoded and sent: a
-  // client's next request finds it free.
-  void Run(Queue* q, const std::vector<Call*>& batch, bool by_size, bool here) {
+  // split and encoded here. (Measured: running a lone request on the gRPC thread that
+  // read it, or freeing the slot before the replies are encoded, halves the batches
+  // at c=16/64 -- the requests that gather meanwhile make the next batch -- for no
+  // c=1 gain beyond noise; see the README.)
+  void Run(const Queue& q, const std::vector<Call*>& batch, bool by_size) {
     const Spec& spec = *batch.front()->spec;
     for (Call* c : batch) {
       if (c->spec.get() != &spec) {  // the rules changed between two of its requests
-        Release(q, here);
         for (Call* f : batch) f->Proxy(true);
         counters_.fallbacks += batch.size();
         return;
@@ -604,7 +554,7 @@ class Frontend : public grpc::CallbackGenericService {
           columns.append(column);
         }
         py::array_t<double> wait_array(waits.size(), waits.data());
-        py::tuple result = hooks_.attr("run_batch")(q->model, q->version, columns, wait_array, by_size);
+        py::tuple result = hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size);
         version = result[0].cast<std::string>();
         for (auto o : result[1].cast<py::list>()) {
           py::array a = py::reinterpret_borrow<py::array>(o);
@@ -623,7 +573,6 @@ class Frontend : public grpc::CallbackGenericService {
         ok = false;  // py::error_already_set included: Python serves each one instead
       }
     }
-    Release(q, here);
     if (!ok) {
       counters_.fallbacks += batch.size();
       for (Call* c : batch) c->Proxy(true);
@@ -664,7 +613,6 @@ class Frontend : public grpc::CallbackGenericService {
   std::mutex mu_;
   std::condition_variable cv_;
   bool running_ = false;
-  bool inline_busy_ = false;  // a batch runs on a gRPC thread (RunHere); guarded by mu_
   std::map<std::string, std::unique_ptr<Queue>> queues_;
   std::mutex spec_mu_;
   std::unordered_map<std::string, std::shared_ptr<const Spec>> specs_;

@@ -394,16 +394,25 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def rss_mib(pid: int) -> tuple[float, int]:
-    """(resident MiB of a process and its descendants, how many of those processes
-    serve: the workers in multi-process mode, else 1)."""
+def rss_mib(pid: int) -> tuple[dict[str, float], int]:
+    """({"rss", "pss", "private"}: MiB of a process and its descendants, from
+    smaps_rollup; how many of those processes serve: the workers in multi-process mode,
+    else 1). RSS counts every shared library page a process has touched in full (the
+    native frontend's libgrpc/libprotobuf, torch's), PSS divides shared pages among the
+    processes that map them, private is what the process alone holds."""
     pids = process_tree(pid)
-    total = 0.0
+    total = {"rss": 0.0, "pss": 0.0, "private": 0.0}
     for p in pids:
-        with contextlib.suppress(FileNotFoundError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:]:
+                key, value = line.split(":", 1)
+                kib = int(value.split()[0]) / 1024
+                if key == "Rss":
+                    total["rss"] += kib
+                elif key == "Pss":
+                    total["pss"] += kib
+                elif key in ("Private_Clean", "Private_Dirty"):
+                    total["private"] += kib
     return total, max(1, len(pids) - 1) if len(pids) > 1 else 1
 
 
@@ -482,7 +491,7 @@ def main() -> int:
     # every server back to back, so the ratios compare neighbours in time on a machine
     # whose background load drifts.
     procs = {server: start_server(server, repo) for server in servers}
-    rss: dict[str, tuple[float, int]] = {}
+    rss: dict[str, tuple[dict[str, float], int]] = {}
     try:
         for gen, env in generators:
             for c in CONCURRENCY:
@@ -519,7 +528,8 @@ def main() -> int:
     print(f"\nload average during the run (1/5 min): {load1:.1f} / {load5:.1f} on {os.cpu_count()} cores")
 
     for server, (mib, processes) in rss.items():
-        print(f"  RSS {server:20s} {mib / processes:7.1f} MiB per serving process ({processes})")
+        print(f"  memory {server:20s} RSS {mib['rss'] / processes:6.1f}  PSS {mib['pss'] / processes:6.1f}  "
+              f"private {mib['private'] / processes:6.1f} MiB per serving process ({processes})")
 
     print("\nsummary (ratio = RPS / echo RPS, same concurrency and generator; cpu x = server CPU "
           "per request / echo's; n-ratio, n-cpu x: the same against the native echo; ts-ratio, ts-cpu x: "
@@ -569,9 +579,11 @@ def main() -> int:
             print(f"  c=1 p50 ({gen}): {p50:.2f} ms, native echo {echo_p50:.2f} ms (goal <= 0.3 ms) "
                   f"{verdict(p50 <= 0.3)}")
         if "tensorwire" in rss:
-            native_mib, python_mib = rss["tensorwire native"][0], rss["tensorwire"][0]
-            print(f"  RSS per worker: {native_mib:.0f} MiB native vs {python_mib:.0f} MiB Python "
-                  f"({native_mib - python_mib:+.0f} MiB; goal <= 0) {verdict(native_mib <= python_mib)}")
+            for kind in ("rss", "pss", "private"):
+                native_mib, python_mib = rss["tensorwire native"][0][kind], rss["tensorwire"][0][kind]
+                print(f"  {kind.upper() if kind != 'private' else 'private'} per worker: {native_mib:.0f} MiB native "
+                      f"vs {python_mib:.0f} MiB Python ({native_mib - python_mib:+.1f} MiB; goal <= 0) "
+                      f"{verdict(native_mib <= python_mib)}")
     return 0
 
 

@@ -173,47 +173,6 @@ async def test_deadlines_and_cancellation_while_queued(tmp_path: Path) -> None:
 
 
 @needs_native
-async def test_a_lone_request_runs_at_once_on_the_grpc_thread(tmp_path: Path) -> None:
-    """Without a queue delay, a request that finds its queue empty and the model free
-    runs at once on the gRPC thread that read it (no hand-off to a batch thread); the
-    ones that arrive while a batch runs queue and go together to a batch thread."""
-    import threading
-
-    async with server_of(tmp_path, "native", spiral_repo(tmp_path)) as (app, port):
-        assert app.frontend is not None
-        x = np.ones((1, 2), np.float32)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            for _ in range(100):  # until the native side knows the model's rules
-                await stub.ModelInfer(request(x), timeout=10)
-                if app.frontend.stats()["native"]:
-                    break
-            base = app.frontend.stats()
-            for _ in range(5):
-                assert (await stub.ModelInfer(request(x), timeout=10)).model_version == "1"
-            now = app.frontend.stats()
-            assert {k: now[k] - base[k] for k in ("native", "inline", "batches")} == {
-                "native": 5, "inline": 5, "batches": 5}, (base, now)
-
-            version = app.repository.version_of("spiral", "1")
-            gate = threading.Event()
-            forward = version.forward_columns
-            version.forward_columns = lambda *a: (gate.wait(30), forward(*a))[1]  # type: ignore[method-assign]
-            first = asyncio.ensure_future(stub.ModelInfer(request(x), timeout=30))
-            while app.frontend.stats()["running"] != 1:
-                await asyncio.sleep(0.005)
-            later = [asyncio.ensure_future(stub.ModelInfer(request(x, id=i), timeout=30)) for i in range(3)]
-            while app.frontend.stats()["queued"] != 3:
-                await asyncio.sleep(0.005)
-            gate.set()
-            replies = [await first, *[await f for f in later]]
-            assert [r.id for r in replies] == ["", "0", "1", "2"]
-            end = app.frontend.stats()
-            assert {k: end[k] - now[k] for k in ("native", "inline", "batches")} == {
-                "native": 4, "inline": 1, "batches": 2}, (now, end)
-
-
-@needs_native
 async def test_health_reflection_and_draining_on_the_native_port(tmp_path: Path) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
