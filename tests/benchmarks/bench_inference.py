@@ -440,6 +440,8 @@ def main() -> int:
     parser.add_argument("--servers", default="echo,native echo,tensorwire,tensorwire native,torchserve",
                         help="comma-separated subset of: echo, native echo, tensorwire, tensorwire x2, "
                              "tensorwire native, tensorwire native x2, torchserve")
+    parser.add_argument("--torchserve-warmup-s", type=float, default=30.0,
+                        help="load on TorchServe before measuring (its JVM's JIT warm-up)")
     parser.add_argument("--cache", action="store_true",
                         help="measure the response cache (none / local / redis) instead")
     parser.add_argument("--repeats", type=int, default=3, help="--cache: runs per point (median)")
@@ -491,6 +493,9 @@ def main() -> int:
     # every server back to back, so the ratios compare neighbours in time on a machine
     # whose background load drifts.
     procs = {server: start_server(server, repo) for server in servers}
+    if "torchserve" in procs:  # the JVM compiles its hot paths in the first seconds of load
+        warm = load_in_process(procs["torchserve"][1], 16, args.torchserve_warmup_s, 0, protocol="torchserve")
+        print(f"  torchserve warm-up: {args.torchserve_warmup_s:g} s at c=16, {warm['rps']:.0f} rps", flush=True)
     rss: dict[str, tuple[dict[str, float], int]] = {}
     try:
         for gen, env in generators:
@@ -520,6 +525,8 @@ def main() -> int:
                           f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
                           f"server cpu {r['cpu_us']:5.0f} us/req  errors {r['errors']}", flush=True)
         rss = {server: rss_mib(proc.pid) for server, (proc, _) in procs.items()}
+        if "torchserve" in rss:  # one serving unit: its launcher, JVM and Python worker together
+            rss["torchserve"] = (rss["torchserve"][0], 1)
     finally:
         for proc, _ in procs.values():
             stop_server(proc)
