@@ -76,6 +76,10 @@ def load_module() -> tuple[Any | None, str]:
 def _bulk_observe(histogram: Any, values: np.ndarray) -> None:
     """``histogram.observe(v)`` for every value, in a few numpy calls (prometheus_client's
     Histogram child: cumulative buckets are computed at collection time)."""
+    if len(values) <= 4:  # the batches of a lightly loaded server: numpy's set-up costs more
+        for v in values.tolist():
+            histogram.observe(v)
+        return
     bounds = getattr(histogram, "_upper_bounds", None)
     buckets = getattr(histogram, "_buckets", None)
     total = getattr(histogram, "_sum", None)

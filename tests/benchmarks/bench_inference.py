@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 CONCURRENCY = (1, 16, 64)
+TS_PACKAGE = "org.pytorch.serve.grpc.inference"
 
 
 def free_port() -> int:
@@ -134,14 +135,37 @@ def run_native_echo(port: int) -> None:
 # -- load generator (its own process) -----------------------------------------------
 
 
+def torchserve_messages() -> tuple[Any, Any]:
+    """TorchServe's gRPC ``PredictionsRequest``/``PredictionResponse`` (its inference.proto,
+    fields 1 and 3 / 1), described here so that the generator needs no generated code."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fd = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="bench_torchserve.proto", package=TS_PACKAGE,
+                                               syntax="proto3")
+    request = proto.message_type.add(name="PredictionsRequest")
+    request.field.add(name="model_name", number=1, type=fd.TYPE_STRING, label=fd.LABEL_OPTIONAL)
+    entry = request.nested_type.add(name="InputEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=fd.TYPE_STRING, label=fd.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=fd.TYPE_BYTES, label=fd.LABEL_OPTIONAL)
+    request.field.add(name="input", number=3, type=fd.TYPE_MESSAGE, label=fd.LABEL_REPEATED,
+                      type_name=f".{TS_PACKAGE}.PredictionsRequest.InputEntry")
+    response = proto.message_type.add(name="PredictionResponse")
+    response.field.add(name="prediction", number=1, type=fd.TYPE_BYTES, label=fd.LABEL_OPTIONAL)
+    classes = message_factory.GetMessages([proto], pool=descriptor_pool.DescriptorPool())
+    return classes[f"{TS_PACKAGE}.PredictionsRequest"], classes[f"{TS_PACKAGE}.PredictionResponse"]
+
+
 def run_load(
     target: str, concurrency: int, duration_s: float, warmup_s: float,
-    hit_pct: int | None = None, salt: int = 0,
+    hit_pct: int | None = None, salt: int = 0, protocol: str = "oip",
 ) -> dict[str, float]:
     """Closed-loop load. ``hit_pct`` None: one request, sent again and again. Else
     ``hit_pct`` % of each worker's requests are one hot request (the same for every
     worker and run) and the rest are unique (``salt`` keeps runs apart); every
-    request message is built per call either way, so the client's cost is the same."""
+    request message is built per call either way, so the client's cost is the same.
+    ``protocol="torchserve"``: the same rows through TorchServe's ``Predictions``."""
     import grpc
     import numpy as np
 
@@ -168,8 +192,17 @@ def run_load(
         channel = (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(Path(ca).read_bytes()))
                    if ca else grpc.aio.insecure_channel(target))
         async with channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            await stub.ModelInfer(request, timeout=60, wait_for_ready=True, metadata=metadata)
+            infer: Any = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            if protocol == "torchserve":
+                ts_request, ts_response = torchserve_messages()
+                predict = channel.unary_unary(f"/{TS_PACKAGE}.InferenceAPIsService/Predictions",
+                                              request_serializer=ts_request.SerializeToString,
+                                              response_deserializer=ts_response.FromString)
+
+                def infer(message: pb.ModelInferRequest, **kw: Any) -> Any:
+                    return predict(ts_request(model_name=message.model_name,
+                                              input={"data": message.raw_input_contents[0]}), **kw)
+            await infer(request, timeout=60, wait_for_ready=True, metadata=metadata)
             latencies: list[float] = []
             errors = 0
             start = time.perf_counter()
@@ -186,7 +219,7 @@ def run_load(
                     message = next_request(index, n)
                     n += 1
                     try:
-                        await stub.ModelInfer(message, timeout=30, metadata=metadata)
+                        await infer(message, timeout=30, metadata=metadata)
                     except grpc.aio.AioRpcError:
                         errors += 1
                         continue
@@ -208,9 +241,10 @@ def run_load(
 
 def load_in_process(
     target: str, concurrency: int, duration_s: float, warmup_s: float,
-    hit_pct: int | None = None, salt: int = 0, env: dict[str, str] | None = None,
+    hit_pct: int | None = None, salt: int = 0, env: dict[str, str] | None = None, protocol: str = "oip",
 ) -> dict[str, float]:
     extra = [] if hit_pct is None else ["--hit-pct", str(hit_pct), "--salt", str(salt)]
+    extra += ["--protocol", protocol]
     out = subprocess.run(
         [sys.executable, __file__, "--loadgen", target, str(concurrency), str(duration_s), str(warmup_s),
          *extra],
@@ -248,7 +282,7 @@ def perf_analyzer(target: str, concurrency: int, duration_s: float, env: dict[st
                "--concurrency-range", f"{concurrency}:{concurrency}",
                "--measurement-interval", str(int(duration_s * 1000)),
                # A shared 2-core machine is never "stable" by perf_analyzer's default 10 %.
-               "--stability-percentage", "100", "--max-trials", "5", "-f", str(report)]
+               "--stability-percentage", "999", "--max-trials", "10", "-f", str(report)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=duration_s * 10 + 120)
         if out.returncode != 0 or not report.exists():
             raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
@@ -264,7 +298,61 @@ def perf_analyzer(target: str, concurrency: int, duration_s: float, env: dict[st
 # -- servers ------------------------------------------------------------------------
 
 
+def torchserve_binary() -> Path | None:
+    """TorchServe's launcher: ``$TW_TORCHSERVE``, else ``torchserve`` on PATH (None: not installed)."""
+    found = os.environ.get("TW_TORCHSERVE") or shutil.which("torchserve")
+    return Path(found) if found and Path(found).exists() else None
+
+
+def start_torchserve(binary: Path, repo: Path) -> tuple[subprocess.Popen, str]:
+    """TorchServe (Java frontend + one Python worker) serving the spiral MLP of ``repo``
+    (same weights) through ``torchserve_spiral.py``, batching as the issue measured it
+    (batch 32, 5 ms); its own session, so that stopping it stops the JVM and the worker."""
+    work = Path(tempfile.mkdtemp(prefix="bench-torchserve-", dir=repo.parent))
+    store = work / "store"
+    store.mkdir()
+    weights = sorted((repo / "spiral").glob("*/model.pt"))[-1]
+    subprocess.run([str(binary.parent / "torch-model-archiver"), "--model-name", "spiral", "--version", "1",
+                    "--serialized-file", str(weights), "--handler", str(Path(__file__).parent / "torchserve_spiral.py"),
+                    "--export-path", str(store), "--archive-format", "no-archive"], check=True, cwd=work)
+    grpc_port, ports = free_port(), [free_port() for _ in range(4)]
+    models = {"spiral": {"1": {"defaultVersion": True, "marName": "spiral", "minWorkers": 1, "maxWorkers": 1,
+                               "batchSize": 32, "maxBatchDelay": 5, "responseTimeout": 60}}}
+    (work / "config.properties").write_text("\n".join([
+        f"inference_address=http://127.0.0.1:{ports[0]}", f"management_address=http://127.0.0.1:{ports[1]}",
+        f"metrics_address=http://127.0.0.1:{ports[2]}", f"grpc_inference_port={grpc_port}",
+        f"grpc_management_port={ports[3]}", "grpc_inference_address=127.0.0.1", "grpc_management_address=127.0.0.1",
+        f"model_store={store}", "load_models=spiral", f"models={json.dumps(models)}",
+        "default_workers_per_model=1", "disable_token_authorization=true", "enable_envvars_config=false",
+        "disable_system_metrics=true", "vmargs=-Xmx512m -XX:+UseG1GC", "",
+    ]))
+    proc = subprocess.Popen([str(binary), "--start", "--foreground", "--ncs", "--disable-token-auth",
+                             "--model-store", str(store), "--ts-config", str(work / "config.properties")],
+                            cwd=work, stdout=(work / "torchserve.log").open("wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "LOG_LOCATION": str(work),
+                                 "METRICS_LOCATION": str(work)}, start_new_session=True)
+    import urllib.request
+
+    deadline = time.monotonic() + 180
+    while True:  # /ping says Healthy once the model's worker is up
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/ping", timeout=2) as r:
+                if b"Healthy" in r.read():
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"torchserve did not come up; see {work / 'torchserve.log'}")
+        time.sleep(0.5)
+    return proc, f"127.0.0.1:{grpc_port}"
+
+
 def start_server(kind: str, repo: Path, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    if kind == "torchserve":
+        binary = torchserve_binary()
+        assert binary is not None
+        return start_torchserve(binary, repo)
     port = free_port()
     if kind == "echo":
         cmd = [sys.executable, __file__, "--echo-server", str(port)]
@@ -281,17 +369,24 @@ def start_server(kind: str, repo: Path, extra: list[str] | None = None) -> tuple
     return proc, f"127.0.0.1:{port}"
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (workers; TorchServe's JVM and its Python worker)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(FileNotFoundError):  # the thread ended since the listing
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its (multi-process mode) children, from /proc."""
+    """utime + stime of a process and its descendants, from /proc."""
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            pids += [int(p) for p in (task / "children").read_text().split()]
-        except FileNotFoundError:  # the thread ended since the listing
-            continue
-    for p in pids:
+    for p in process_tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except FileNotFoundError:
@@ -300,29 +395,42 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def rss_mib(pid: int) -> tuple[float, int]:
-    """(resident MiB of a process and its children, how many of those processes
-    serve: the children in multi-process mode, else the process itself)."""
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            pids += [int(p) for p in (task / "children").read_text().split()]
-    total = 0.0
+def rss_mib(pid: int) -> tuple[dict[str, float], int]:
+    """({"rss", "pss", "private"}: MiB of a process and its descendants, from
+    smaps_rollup; how many of those processes serve: the workers in multi-process mode,
+    else 1). RSS counts every shared library page a process has touched in full (the
+    native frontend's libgrpc/libprotobuf, torch's), PSS divides shared pages among the
+    processes that map them, private is what the process alone holds."""
+    pids = process_tree(pid)
+    total = {"rss": 0.0, "pss": 0.0, "private": 0.0}
     for p in pids:
-        with contextlib.suppress(FileNotFoundError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:]:
+                key, value = line.split(":", 1)
+                kib = int(value.split()[0]) / 1024
+                if key == "Rss":
+                    total["rss"] += kib
+                elif key == "Pss":
+                    total["pss"] += kib
+                elif key in ("Private_Clean", "Private_Dirty"):
+                    total["private"] += kib
     return total, max(1, len(pids) - 1) if len(pids) > 1 else 1
 
 
 def stop_server(proc: subprocess.Popen) -> None:
+    tree = process_tree(proc.pid)
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    for pid in tree[1:]:  # what outlived its parent (TorchServe's JVM and worker)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in tree[1:]):
+        time.sleep(0.1)
 
 
 def main() -> int:
@@ -330,9 +438,11 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--perf-analyzer", choices=("auto", "off"), default="auto")
-    parser.add_argument("--servers", default="echo,native echo,tensorwire,tensorwire native",
+    parser.add_argument("--servers", default="echo,native echo,tensorwire,tensorwire native,torchserve",
                         help="comma-separated subset of: echo, native echo, tensorwire, tensorwire x2, "
-                             "tensorwire native, tensorwire native x2")
+                             "tensorwire native, tensorwire native x2, torchserve")
+    parser.add_argument("--torchserve-warmup-s", type=float, default=30.0,
+                        help="load on TorchServe before measuring (its JVM's JIT warm-up)")
     parser.add_argument("--cache", action="store_true",
                         help="measure the response cache (none / local / redis) instead")
     parser.add_argument("--repeats", type=int, default=3, help="--cache: runs per point (median)")
@@ -343,6 +453,7 @@ def main() -> int:
     parser.add_argument("--loadgen", nargs=4, metavar=("TARGET", "C", "DURATION", "WARMUP"))
     parser.add_argument("--hit-pct", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--salt", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--protocol", choices=("oip", "torchserve"), default="oip", help=argparse.SUPPRESS)
     parser.add_argument("--echo-server", type=int, metavar="PORT")
     parser.add_argument("--native-echo-server", type=int, metavar="PORT")
     args = parser.parse_args()
@@ -354,7 +465,7 @@ def main() -> int:
         return 0
     if args.loadgen:
         target, c, d, w = args.loadgen
-        print(json.dumps(run_load(target, int(c), float(d), float(w), args.hit_pct, args.salt)))
+        print(json.dumps(run_load(target, int(c), float(d), float(w), args.hit_pct, args.salt, args.protocol)))
         return 0
     if args.cache:
         return bench_cache(args.duration_s, args.warmup_s, args.repeats,
@@ -368,6 +479,10 @@ def main() -> int:
     from tensorwire.models import build_model
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if "torchserve" in servers and torchserve_binary() is None:
+        print("torchserve: not installed, skipped (pip install torchserve torch-model-archiver into a venv "
+              "that sees torch; TW_TORCHSERVE=<venv>/bin/torchserve)")
+        servers.remove("torchserve")
     tmp = Path(tempfile.mkdtemp(prefix="bench-inference-"))
     repo = tmp / "models"
     torch.manual_seed(0)
@@ -382,15 +497,21 @@ def main() -> int:
     # every server back to back, so the ratios compare neighbours in time on a machine
     # whose background load drifts.
     procs = {server: start_server(server, repo) for server in servers}
-    rss: dict[str, tuple[float, int]] = {}
+    if "torchserve" in procs:  # the JVM compiles its hot paths in the first seconds of load
+        warm = load_in_process(procs["torchserve"][1], 16, args.torchserve_warmup_s, 0, protocol="torchserve")
+        print(f"  torchserve warm-up: {args.torchserve_warmup_s:g} s at c=16, {warm['rps']:.0f} rps", flush=True)
+    rss: dict[str, tuple[dict[str, float], int]] = {}
     try:
         for gen, env in generators:
             for c in CONCURRENCY:
                 for server in servers:
                     proc, target = procs[server]
                     cpu0 = cpu_seconds(proc.pid)
+                    if gen == "perf_analyzer" and server == "torchserve":
+                        continue  # TorchServe's gRPC API is its own, not the OIP perf_analyzer speaks
                     if gen == "python":
-                        r = load_in_process(target, c, args.duration_s, args.warmup_s)
+                        r = load_in_process(target, c, args.duration_s, args.warmup_s,
+                                            protocol="torchserve" if server == "torchserve" else "oip")
                         # Server CPU per request: steadier than RPS on a shared machine
                         # (includes the warm-up's requests, so slightly high).
                         served = r["rps"] * (args.duration_s + args.warmup_s)
@@ -408,6 +529,8 @@ def main() -> int:
                           f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
                           f"server cpu {r['cpu_us']:5.0f} us/req  errors {r['errors']}", flush=True)
         rss = {server: rss_mib(proc.pid) for server, (proc, _) in procs.items()}
+        if "torchserve" in rss:  # one serving unit: its launcher, JVM and Python worker together
+            rss["torchserve"] = (rss["torchserve"][0], 1)
     finally:
         for proc, _ in procs.values():
             stop_server(proc)
@@ -416,23 +539,62 @@ def main() -> int:
     print(f"\nload average during the run (1/5 min): {load1:.1f} / {load5:.1f} on {os.cpu_count()} cores")
 
     for server, (mib, processes) in rss.items():
-        print(f"  RSS {server:20s} {mib / processes:7.1f} MiB per serving process ({processes})")
+        print(f"  memory {server:20s} RSS {mib['rss'] / processes:6.1f}  PSS {mib['pss'] / processes:6.1f}  "
+              f"private {mib['private'] / processes:6.1f} MiB per serving process ({processes})")
 
     print("\nsummary (ratio = RPS / echo RPS, same concurrency and generator; cpu x = server CPU "
-          "per request / echo's; n-ratio, n-cpu x: the same against the native echo)")
+          "per request / echo's; n-ratio, n-cpu x: the same against the native echo; ts-ratio, ts-cpu x: "
+          "against TorchServe)")
     print(f"  {'generator':13s} {'server':20s} {'c':>3s} {'rps':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
-          f"{'cpu us':>6s} {'ratio':>6s} {'cpu x':>6s} {'n-ratio':>7s} {'n-cpu x':>7s}")
-    nan = {"rps": float("nan"), "cpu_us": float("nan")}
+          f"{'cpu us':>6s} {'ratio':>6s} {'cpu x':>6s} {'n-ratio':>7s} {'n-cpu x':>7s} {'ts-ratio':>8s} "
+          f"{'ts-cpu x':>8s}")
+    nan = {"rps": float("nan"), "cpu_us": float("nan"), "p50_ms": float("nan")}
     for gen, _ in generators:
         for server in servers:
             for c in CONCURRENCY:
+                if (gen, server, c) not in results:
+                    continue
                 r = results[(gen, server, c)]
                 echo = results.get((gen, "echo", c), nan)
                 fast = results.get((gen, "native echo", c), nan)
+                ts = results.get(("python", "torchserve", c), nan)
                 print(f"  {gen:13s} {server:20s} {c:3d} {r['rps']:8.0f} {r['p50_ms']:7.2f} "
                       f"{r['p99_ms']:7.2f} {r['cpu_us']:6.0f} {r['rps'] / echo['rps']:6.2f} "
                       f"{r['cpu_us'] / echo['cpu_us']:6.2f} {r['rps'] / fast['rps']:7.2f} "
-                      f"{r['cpu_us'] / fast['cpu_us']:7.2f}")
+                      f"{r['cpu_us'] / fast['cpu_us']:7.2f} {r['rps'] / ts['rps']:8.2f} "
+                      f"{r['cpu_us'] / ts['cpu_us']:8.2f}")
+
+    if "tensorwire native" in servers:  # issue 18's goals, from this run
+        def get(gen: str, server: str, c: int) -> dict[str, float]:
+            return results.get((gen, server, c), nan)
+
+        def verdict(ok: bool) -> str:
+            return "met" if ok else "NOT met"
+
+        print("\ngoals (issue 18; tensorwire native, 1 worker):")
+        for c in (16, 64):
+            pa = get("perf_analyzer", "tensorwire native", c)["rps"] / get("perf_analyzer", "native echo", c)["rps"]
+            print(f"  perf_analyzer c={c}: {pa:.2f}x the native echo's RPS (goal >= 0.5) {verdict(pa >= 0.5)}")
+        for c, goal in ((16, 3.0), (64, 1.5)):
+            x = get("python", "tensorwire native", c)["rps"] / get("python", "torchserve", c)["rps"]
+            print(f"  Python generator c={c}: {x:.2f}x TorchServe's RPS (goal >= {goal:g}) {verdict(x >= goal)}")
+        cpu = get("python", "tensorwire native", 64)["cpu_us"]
+        for name, limit in (("TorchServe", 0.4), ("native echo", 2.5)):
+            other = get("python", "torchserve" if name == "TorchServe" else "native echo", 64)["cpu_us"]
+            print(f"  server CPU/request c=64: {cpu:.0f} us = {cpu / other:.2f}x {name}'s {other:.0f} us "
+                  f"(goal <= {limit:g}x) {verdict(cpu / other <= limit)}")
+        print(f"  server CPU/request c=64 <= 50 us: {cpu:.0f} us {verdict(cpu <= 50)}")
+        for gen, _ in generators:
+            p50 = get(gen, "tensorwire native", 1)["p50_ms"]
+            echo_p50 = get(gen, "native echo", 1)["p50_ms"]
+            print(f"  c=1 p50 ({gen}): {p50:.2f} ms, native echo {echo_p50:.2f} ms (goal <= 0.3 ms) "
+                  f"{verdict(p50 <= 0.3)}")
+        if "tensorwire" in rss:
+            for kind in ("rss", "pss", "private"):
+                native_mib, python_mib = rss["tensorwire native"][0][kind], rss["tensorwire"][0][kind]
+                print(f"  {kind.upper() if kind != 'private' else 'private'} per worker: {native_mib:.0f} MiB native "
+                      f"vs {python_mib:.0f} MiB Python ({native_mib - python_mib:+.1f} MiB; goal <= 0) "
+                      f"{verdict(native_mib <= python_mib)}")
     return 0
 
 
