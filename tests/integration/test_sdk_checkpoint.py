@@ -1,5 +1,5 @@
 """run.checkpoint against a real inference server: every checkpoint the SDK writes is
-served (READY), whether torch.export captured the model or it fell back to TorchScript
+served (READY when its future resolves), whether torch.export captured the model or it fell back to TorchScript
 tracing, and the real tritonclient (gRPC and HTTP, in a subprocess) gets what the
 module computes. The config the SDK sends with the file is checked before any chunk."""
 
@@ -22,7 +22,6 @@ from tensorwire import export
 from tensorwire.checkpoints import upload_checkpoint
 from tests.conftest import serving, settings_for
 from tests.integration.test_inference_triton_repo import run_client
-from tests.integration.test_live import until
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +45,8 @@ async def test_every_sdk_checkpoint_is_served_and_tritonclient_gets_what_the_mod
     torch.manual_seed(0)
     branchy = Branchy().eval()
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).eval()
-    settings = settings_for(InferenceSettings, tmp_path)  # polls its repository: the uploads appear
+    # No repository polling: the push itself (upload + RepositoryModelLoad) makes them served.
+    settings = settings_for(InferenceSettings, tmp_path, poll_interval_s=0.0)
     app = await create_app(settings)
     async with serving(app, "inference") as server:
         target = f"127.0.0.1:{server.port}"
@@ -63,7 +63,7 @@ async def test_every_sdk_checkpoint_is_served_and_tritonclient_gets_what_the_mod
         # Served as uploaded: the config came with the file (TorchScript has no signature).
         served = settings.model_repository / "branchy" / "config.pbtxt"
         assert served.read_text() == traced.config_text
-        await until(lambda: app.repository.model_ready("branchy") and app.repository.model_ready("cnn"), 60)
+        assert app.repository.model_ready("branchy") and app.repository.model_ready("cnn")
         out = str(tmp_path / "report")
         await asyncio.to_thread(run_client, "models", target, f"127.0.0.1:{app.http_port}", out, "branchy", "cnn")
     report = json.loads(Path(out + ".json").read_text())
