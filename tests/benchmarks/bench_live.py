@@ -124,14 +124,21 @@ class Trainer:
         reply = await self.stub.StartRun(pb.StartRunRequest(task=task, seed=1), timeout=30)
         return reply.run.run_id
 
-    async def script_run(self, timeout_s: float = 300.0) -> str:
-        """The run id of the training script that registered itself (the only run), once
-        it trains (its first step can take seconds: imports, data, torch's first kernels)."""
+    async def run_ids(self) -> set[str]:
+        from tensorwire.trainer.v1 import trainer_pb2 as pb
+
+        return {r.run_id for r in (await self.stub.ListRuns(pb.ListRunsRequest(), timeout=10)).runs}
+
+    async def script_run(self, known: set[str], timeout_s: float = 300.0) -> str:
+        """The run id of the training script that registered itself (a run not in
+        ``known``: the trainer's run store keeps earlier tasks' runs), once it trains
+        (its first step can take seconds: imports, data, torch's first kernels)."""
         from tensorwire.trainer.v1 import trainer_pb2 as pb
 
         deadline = time.monotonic() + timeout_s
         while True:
-            runs = (await self.stub.ListRuns(pb.ListRunsRequest(), timeout=10)).runs
+            runs = [r for r in (await self.stub.ListRuns(pb.ListRunsRequest(), timeout=10)).runs
+                    if r.run_id not in known]
             if runs and runs[0].step > 0:
                 return runs[0].run_id
             if time.monotonic() > deadline:
@@ -244,13 +251,14 @@ async def measure_design(task: str, pinned: bool, args: argparse.Namespace, ns: 
         await _wait_healthy(TRAINER_PORT)
         client = Trainer(TRAINER_PORT)
         if script:
+            known = await client.run_ids()
             runner = _spawn([*_pin(trainer_core), PY, script, *(args.script_arg or ["--steps", "1000000000"])],
                             log, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                                       "TENSORWIRE_STREAMER": f"127.0.0.1:{STREAMER_PORT}",
                                       "TENSORWIRE_TRAINER": f"127.0.0.1:{TRAINER_PORT}",
                                       "TENSORWIRE_INFERENCE": "",
                                       "TENSORWIRE_EXPORT_DIR": str(workdir / "exports")})
-            run_id = await client.script_run()
+            run_id = await client.script_run(known)
         else:
             run_id = await client.start(task)
         training_pid = _python_child((runner or trainer).pid)
