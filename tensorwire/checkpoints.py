@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from tensorwire import admission, modelrepo
+from tensorwire import admission, modelrepo, tritonconfig
 from tensorwire.chunking import Chunk, ChunkConfig, ChunkReceiver, ChunkSender, Compression, MiB
 from tensorwire.errors import (
     AbortedError,
@@ -59,6 +59,9 @@ class UploadHeader:
     model_args: dict[str, Any] | None = None
     version: int | None = None
     """None = the next free version number."""
+    triton_config: str = ""
+    """For a Triton model file: its config.pbtxt, installed with the version ("" = keep
+    the folder's, or auto-complete)."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,7 @@ class CheckpointReceiver:
                     weights,
                     model_args=header.model_args,
                     version=header.version,
+                    triton_config=header.triton_config,
                 )
                 try:
                     pruned = await asyncio.to_thread(
@@ -230,6 +234,13 @@ class CheckpointReceiver:
             raise InvalidArgumentError(
                 f"header.model_args must be a JSON object, got {admission.echo(header.model_args)}"
             )
+        if header.triton_config:
+            if header.kind not in PLATFORMS:
+                raise InvalidArgumentError(
+                    f"upload of model {header.model!r}: a config.pbtxt comes only with a Triton model "
+                    f"file ({', '.join(PLATFORMS)}), not kind {admission.echo(header.kind)}"
+                )
+            tritonconfig.check_sent_config(header.triton_config, header.model, header.kind)  # before any chunk
         if header.kind not in PLATFORMS and not modelrepo.config_path(self.repository, header.model).is_file():
             # A new model: its config will say what to build; refuse an absurd one now.
             admission.check_model_size(header.kind, header.model_args or {}, self.max_model_bytes)
@@ -265,8 +276,6 @@ def _check_model_file(path: Path, platform: str) -> None:
     import zipfile
 
     if platform == "onnxruntime_onnx":
-        from tensorwire import tritonconfig
-
         tritonconfig.signature(platform, path)  # InvalidArgumentError when unreadable
         return
     if not zipfile.is_zipfile(path):
@@ -295,7 +304,7 @@ async def _parts_from_pb(requests: AsyncIterator[pb.UploadModelRequest]) -> Asyn
                 raise InvalidArgumentError(
                     f"header.model_args_json must be a JSON object, got {admission.echo(h.model_args_json)}"
                 )
-            yield UploadHeader(h.model, h.kind, h.total_bytes, args, h.version or None)
+            yield UploadHeader(h.model, h.kind, h.total_bytes, args, h.version or None, h.triton_config)
         elif which == "trailer":
             t = request.trailer
             yield UploadTrailer(t.crc32, t.total_bytes, t.chunks)
@@ -331,12 +340,13 @@ def _lost_status(exc: grpc.aio.AioRpcError) -> bool:
 
 
 def _header_request(
-    model: str, kind: str, size: int, model_args: dict[str, Any] | None, version: int | None
+    model: str, kind: str, size: int, model_args: dict[str, Any] | None, version: int | None,
+    triton_config: str = "",
 ) -> pb.UploadModelRequest:
     return pb.UploadModelRequest(
         header=pb.UploadHeader(
             model=model, kind=kind, total_bytes=size, version=version or 0,
-            model_args_json=json.dumps(model_args) if model_args else "",
+            model_args_json=json.dumps(model_args) if model_args else "", triton_config=triton_config,
         )
     )
 
@@ -350,11 +360,12 @@ async def upload_requests(
     version: int | None = None,
     config: ChunkConfig = ChunkConfig(),
     sender_out: list[ChunkSender] | None = None,
+    triton_config: str = "",
 ) -> AsyncIterator[pb.UploadModelRequest]:
     """The request stream of one upload of the file at ``path``."""
     with open(path, "rb") as source:
         size = Path(path).stat().st_size
-        yield _header_request(model, kind, size, model_args, version)
+        yield _header_request(model, kind, size, model_args, version, triton_config)
         sender = ChunkSender(source, config)
         if sender_out is not None:
             sender_out.append(sender)
@@ -383,9 +394,11 @@ async def upload_checkpoint(
     config: ChunkConfig = ChunkConfig(),
     timeout_s: float | None = None,
     wait_for_ready: bool | None = None,
+    triton_config: str = "",
 ) -> UploadResult:
     """Stream the weights file at ``path`` to a ModelTransferService; returns what the
-    receiver installed. gRPC errors are raised as ``grpc.aio.AioRpcError`` (use
+    receiver installed. ``triton_config``: the config.pbtxt of a Triton model file
+    (``kind`` a platform), installed with it. gRPC errors are raised as ``grpc.aio.AioRpcError`` (use
     ``tensorwire.client`` for domain errors and pooling)."""
     # A missing file fails here, as FileNotFoundError; inside the request stream gRPC
     # would only cancel the call.
@@ -394,7 +407,7 @@ async def upload_checkpoint(
     try:
         reply = await stub.UploadModel(
             upload_requests(path, model=model, kind=kind, model_args=model_args, version=version,
-                            config=config),
+                            config=config, triton_config=triton_config),
             timeout=timeout_s, wait_for_ready=wait_for_ready,
         )
     except grpc.aio.AioRpcError as exc:
@@ -404,7 +417,7 @@ async def upload_checkpoint(
         # as its status arrived replaced that status with INTERNAL. The header alone
         # gets the receiver's own answer (it installs nothing: no trailer follows).
         async def header_only() -> AsyncIterator[pb.UploadModelRequest]:
-            yield _header_request(model, kind, size, model_args, version)
+            yield _header_request(model, kind, size, model_args, version, triton_config)
 
         try:
             await stub.UploadModel(header_only(), timeout=timeout_s, wait_for_ready=wait_for_ready)

@@ -10,7 +10,7 @@ outputs (names: the ExportedProgram's own input names, or Triton's ``INPUT__i``
 for TorchScript; outputs ``OUTPUT__i``), with ``max_batch_size`` when the batch
 dimension is dynamic. ``push`` uploads the model file to inference's
 ``ModelTransferService`` (chunked, checksummed: :mod:`tensorwire.checkpoints`)
-with the platform as its kind.
+with the platform as its kind and the config.pbtxt in the upload's header.
 
 torch is imported here, not by ``tensorwire`` itself: only scripts that export
 load it (they have it already).
@@ -155,16 +155,25 @@ def load_exported(exported: ExportedModel) -> Any:
 
 async def push(exported: ExportedModel, target: str, *, security: ClientSecurity | None = None,
                timeout_s: float = 300.0) -> int:
-    """Upload the exported model file to the inference service at ``target``; returns the
-    version it installed."""
+    """Upload the exported model file and its config.pbtxt to the inference service at
+    ``target`` (so a TorchScript model, which has no signature to auto-complete from, is
+    served too, and the served config says ``exported_with``), then load it there
+    (``RepositoryModelLoad``, as the trainer announces its checkpoints: served now, not
+    at inference's next repository poll, and a model that cannot load raises here);
+    returns the version it installed."""
     from tensorwire.channels import ChannelPool
     from tensorwire.checkpoints import upload_checkpoint
+    from tensorwire.inference import grpc_service_pb2 as ipb
+    from tensorwire.inference import grpc_service_pb2_grpc as ipb_grpc
 
     pool = ChannelPool(target, min_size=1, max_size=1, name=f"checkpoint {target}", security=security)
     try:
         async with pool.acquire() as channel:
             result = await upload_checkpoint(channel, exported.file, model=exported.name,
-                                             kind=exported.platform, timeout_s=timeout_s)
+                                             kind=exported.platform, timeout_s=timeout_s,
+                                             triton_config=exported.config_text)
+            await ipb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
+                ipb.RepositoryModelLoadRequest(model_name=exported.name), timeout=timeout_s)
         return result.version
     finally:
         await pool.aclose()

@@ -352,14 +352,18 @@ def install_weights_file(
     model_args: dict | None = None,
     version: int | None = None,
     config_overrides: dict | None = None,
+    triton_config: str = "",
 ) -> int:
     """Like ``write_version``, but moves an already written (and fsynced) weights
     file in, without loading it: checkpoints received over the network
     (tensorwire.checkpoints). ``weights_file`` must be on the repository's filesystem.
     A ``kind`` of ``tensorwire.tritonconfig.PLATFORMS`` installs a Triton model file
-    (model.pt / model.pt2 / model.onnx) beside the folder's config.pbtxt."""
+    (model.pt / model.pt2 / model.onnx) beside the folder's config.pbtxt;
+    ``triton_config`` (checked by ``tritonconfig.check_sent_config``), when given,
+    is written as that config.pbtxt just before the version appears."""
     return _add_version(repo, name, kind, lambda path: os.replace(weights_file, path),
-                        model_args=model_args, version=version, config_overrides=config_overrides)
+                        model_args=model_args, version=version, config_overrides=config_overrides,
+                        triton_config=triton_config)
 
 
 def _add_version(
@@ -371,6 +375,7 @@ def _add_version(
     model_args: dict | None,
     version: int | None,
     config_overrides: dict | None,
+    triton_config: str = "",
 ) -> int:
     root = Path(repo)
     folder = root / check_name(name)
@@ -403,6 +408,13 @@ def _add_version(
             file_name = parsed.default_model_filename or PLATFORMS[kind]
         else:
             file_name = PLATFORMS[kind]
+        if triton_config:
+            from tensorwire import tritonconfig
+
+            sent = tritonconfig.check_sent_config(triton_config, name, kind)
+            file_name = sent.default_model_filename or PLATFORMS[kind]
+    elif triton_config:
+        raise InvalidArgumentError(f"a config.pbtxt comes only with a Triton model file, not a {kind!r} model")
     elif config_path.is_file():
         config = read_config(root, name)
         if config["kind"] != kind:
@@ -432,6 +444,8 @@ def _add_version(
     try:
         write_weights(tmp / file_name)
         _fsync_dir(tmp)
+        if triton_config:  # before the version: a reader never sees it under the old config
+            write_atomic(folder / TRITON_CONFIG_FILE, lambda f: f.write(triton_config.encode()))
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -316,7 +316,8 @@ class Run:
         push: bool = True,
     ) -> concurrent.futures.Future[Any]:
         """Export ``model`` with example ``inputs`` into a Triton model repository
-        folder and push it to inference (chunked upload), in the background.
+        folder, push it to inference (chunked upload, with its config.pbtxt) and have
+        inference load it, in the background.
 
         A copy of the model is taken here (so training may go on changing it); the
         export (torch.export, else TorchScript tracing) and upload run in the
@@ -341,7 +342,7 @@ class Run:
                 except Exception as exc:
                     self._warn_once(f"push {model_name}",
                                     f"checkpoint {model_name!r} was exported to {exported.folder} but "
-                                    f"not pushed to inference at {self.inference}: {exc}")
+                                    f"is not served by inference at {self.inference}: {exc}")
             return exported
 
         return asyncio.run_coroutine_threadsafe(work(), self._loop)

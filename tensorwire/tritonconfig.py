@@ -231,6 +231,32 @@ def to_dict(config: Any, name: str) -> dict[str, Any]:
     }
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config.pbtxt accepted from a sender (an upload's ``triton_config``)."""
+
+
+def check_sent_config(text: str, name: str, platform: str) -> Any:
+    """The parsed ModelConfig of a config.pbtxt sent with a ``platform`` model file for
+    model ``name`` (an upload); InvalidArgumentError when it is too large, does not
+    parse, names another model or platform, or is not servable (the rules of ``to_dict``)."""
+    where = f"the config.pbtxt sent for model {name!r}"
+    if len(text.encode()) > MAX_CONFIG_BYTES:
+        raise InvalidArgumentError(f"{where} is {len(text.encode())} bytes; the limit is {MAX_CONFIG_BYTES}")
+    config = parse(text, where)
+    if platform_of(config, name) not in ("", platform):
+        raise InvalidArgumentError(
+            f"{where} says platform {platform_of(config, name)!r}, but the file sent is a {platform!r} model"
+        )
+    config.platform, config.backend = platform, ""
+    cfg = to_dict(config, name)
+    if platform == "pytorch_libtorch" and not (cfg["inputs"] and cfg["outputs"]):
+        raise InvalidArgumentError(
+            f"{where} lists no {'inputs' if not cfg['inputs'] else 'outputs'}; a TorchScript model has "
+            "no signature to auto-complete from"
+        )
+    return config
+
+
 def read(folder: Path, name: str, newest_version: Path | None) -> dict[str, Any]:
     """The config dict of Triton model folder ``folder``: config.pbtxt, completed from
     the model file in ``newest_version`` where it lists no inputs/outputs."""

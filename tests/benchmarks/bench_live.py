@@ -6,6 +6,17 @@ Run as root (it creates a network namespace and shapes its loopback with htb)::
     sudo .venv/bin/python tests/benchmarks/bench_live.py --window-s 5 --tasks spiral
     sudo .venv/bin/python tests/benchmarks/bench_live.py --tasks spiral --no-naive \
         --conditions 64kbit,32kbit --scenarios all          # the harshest links only
+    sudo .venv/bin/python tests/benchmarks/bench_live.py --conditions 1mbit,500kbit --scenarios none \
+        --tasks digits,script:examples/digits/train_tracked.py \
+        --task-module examples/digits/task.py               # the digits example, both ways
+
+A task is a built-in task, a plugin task (``--task-module``, loaded by the trainer
+and by the naive sender), or ``script:PATH``: a training script of its own that
+uses the SDK (``tensorwire.init``), run as a process beside the services (with
+``--script-arg`` flags, default ``--steps 1000000000``; one torch thread,
+``OMP_NUM_THREADS=1``, like the trainer's runs) and watched like any run: its
+steps/s come from its own published status, its CPU seconds from its process,
+the trainer only relays (it sits with the streamer). A script has no naive sender.
 
 Inside a fresh namespace it starts the real streamer and trainer processes,
 starts a run, and measures training steps/s in windows: no viewer, one viewer
@@ -56,9 +67,10 @@ def _pin(core: int | None) -> list[str]:
     return ["taskset", "-c", str(core)] if core is not None else []
 
 
-def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     out = open(log, "ab")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=None if env is None else {**os.environ, **env})
 
 
 def _python_child(pid: int) -> int:
@@ -111,6 +123,27 @@ class Trainer:
 
         reply = await self.stub.StartRun(pb.StartRunRequest(task=task, seed=1), timeout=30)
         return reply.run.run_id
+
+    async def run_ids(self) -> set[str]:
+        from tensorwire.trainer.v1 import trainer_pb2 as pb
+
+        return {r.run_id for r in (await self.stub.ListRuns(pb.ListRunsRequest(), timeout=10)).runs}
+
+    async def script_run(self, known: set[str], timeout_s: float = 300.0) -> str:
+        """The run id of the training script that registered itself (a run not in
+        ``known``: the trainer's run store keeps earlier tasks' runs), once it trains
+        (its first step can take seconds: imports, data, torch's first kernels)."""
+        from tensorwire.trainer.v1 import trainer_pb2 as pb
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            runs = [r for r in (await self.stub.ListRuns(pb.ListRunsRequest(), timeout=10)).runs
+                    if r.run_id not in known]
+            if runs and runs[0].step > 0:
+                return runs[0].run_id
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no training script registered within {timeout_s:g} s")
+            await asyncio.sleep(0.2)
 
     async def step(self, run_id: str) -> int:
         from tensorwire.trainer.v1 import trainer_pb2 as pb
@@ -205,22 +238,37 @@ async def measure_scenarios(run_id: str, names: list[str], core: int | None, ns:
 
 
 async def measure_design(task: str, pinned: bool, args: argparse.Namespace, ns: object, workdir: Path) -> dict:
-    """The real trainer + streamer under each viewing condition."""
+    """The real trainer + streamer under each viewing condition (a ``script:PATH`` task:
+    the script trains on the trainer's core, the trainer relays from the other)."""
     trainer_core, other_core = (0, 1) if pinned else (None, None)
-    log = workdir / f"{task}-{'pinned' if pinned else 'unpinned'}.log"
+    script = task.removeprefix("script:") if task.startswith("script:") else None
+    log = workdir / f"{Path(script).stem if script else task}-{'pinned' if pinned else 'unpinned'}.log"
     streamer = _spawn([*_pin(other_core), PY, "-m", "services.streamer", "--host", "127.0.0.1",
                        "--port", str(STREAMER_PORT), "--metrics-port", "-1"], log)
-    trainer = _spawn([*_pin(trainer_core), PY, "-m", "services.trainer", "--host", "127.0.0.1",
+    trainer = _spawn([*_pin(other_core if script else trainer_core), PY, "-m", "services.trainer",
+                      "--host", "127.0.0.1",
                       "--port", str(TRAINER_PORT), "--metrics-port", "-1",
                       "--streamer-target", f"127.0.0.1:{STREAMER_PORT}", "--inference-target", "",
                       "--model-repository", str(workdir / "models"), "--checkpoint-every-s", "0",
-                      *args.trainer_arg], log)
+                      *[f"--task-module={m}" for m in args.task_module], *args.trainer_arg], log)
     client = None
+    runner = None
     try:
         await _wait_healthy(STREAMER_PORT)
         await _wait_healthy(TRAINER_PORT)
         client = Trainer(TRAINER_PORT)
-        run_id = await client.start(task)
+        if script:
+            known = await client.run_ids()
+            runner = _spawn([*_pin(trainer_core), PY, script, *(args.script_arg or ["--steps", "1000000000"])],
+                            log, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                      "TENSORWIRE_STREAMER": f"127.0.0.1:{STREAMER_PORT}",
+                                      "TENSORWIRE_TRAINER": f"127.0.0.1:{TRAINER_PORT}",
+                                      "TENSORWIRE_INFERENCE": "",
+                                      "TENSORWIRE_EXPORT_DIR": str(workdir / "exports")})
+            run_id = await client.script_run(known)
+        else:
+            run_id = await client.start(task)
+        training_pid = _python_child((runner or trainer).pid)
         await asyncio.sleep(3.0)  # warm up
         results: dict[str, dict] = {}
         load_before = os.getloadavg()
@@ -232,7 +280,7 @@ async def measure_design(task: str, pinned: bool, args: argparse.Namespace, ns: 
             else:
                 ns.unthrottle()  # type: ignore[attr-defined]
             results[name] = await _viewer(run_id, count, args.pairs, args.slot_s, other_core, log,
-                                          _python_child(trainer.pid))
+                                          training_pid)
         chosen = {"all": ",".join(SCENARIOS), "none": ""}.get(args.scenarios, args.scenarios)
         scenarios = [s for s in chosen.split(",") if s]
         if scenarios:
@@ -242,22 +290,25 @@ async def measure_design(task: str, pinned: bool, args: argparse.Namespace, ns: 
     finally:
         if client is not None:
             await client.channel.close()
+        if runner is not None:
+            _stop(runner)
         _stop(trainer)
         _stop(streamer)
         ns.unthrottle()  # type: ignore[attr-defined]
 
 
 # -- the naive sender -------------------------------------------------------
-def naive_server(port: int, task_name: str, window_s: float) -> None:
+def naive_server(port: int, task_name: str, window_s: float, task_modules: list[str]) -> None:
     """Trains alone for a window, then trains while awaiting a JSON send per step."""
     import grpc
     import torch
 
+    from services.trainer.plugins import load_tasks
     from services.trainer.tasks import TASKS
     from services.trainer.views import as_json
 
     torch.set_num_threads(1)
-    task = TASKS[task_name]
+    task = {**TASKS, **load_tasks(task_modules, taken=TASKS, entry_points=False)[0]}[task_name]
     config = task.configure()
     data = task.make_data(config, 1)
     model = task.build_model(config)
@@ -343,12 +394,14 @@ def naive_viewer(port: int, duration_s: float) -> None:
     }), flush=True)
 
 
-async def measure_naive(task: str, pinned: bool, window_s: float, ns: object, workdir: Path) -> dict:
+async def measure_naive(task: str, pinned: bool, window_s: float, ns: object, workdir: Path,
+                        task_modules: list[str]) -> dict:
     trainer_core, other_core = (0, 1) if pinned else (None, None)
     ns.throttle(NAIVE_PORT, "1mbit")  # type: ignore[attr-defined]
     server = await asyncio.create_subprocess_exec(
         *_pin(trainer_core), PY, __file__, "--naive-server", str(NAIVE_PORT), "--tasks", task,
-        "--window-s", str(window_s), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        "--window-s", str(window_s), *[f"--task-module={m}" for m in task_modules], cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
     )
     assert server.stdout is not None
     line = await server.stdout.readline()  # READY once the solo window is done
@@ -372,7 +425,10 @@ def _fmt(value: object, spec: str = ".2f") -> str:
 
 
 def report(task: str, pinned: bool, design: dict, naive: dict | None) -> None:
-    label = "pinned (trainer CPU 0; streamer + viewers CPU 1)" if pinned else "unpinned"
+    label = "unpinned"
+    if pinned:
+        label = ("pinned (script CPU 0; trainer + streamer + viewers CPU 1)" if task.startswith("script:")
+                 else "pinned (trainer CPU 0; streamer + viewers CPU 1)")
     print(f"\n== {task}, {label}")
     for name, count, _ in CONDITIONS:
         if name not in design:
@@ -381,9 +437,11 @@ def report(task: str, pinned: bool, design: dict, naive: dict | None) -> None:
         extra = f", {v.get('viewers_with_views')}/{count} viewers got views" if count > 1 else ""
         errors = f", errors {v['viewer_errors']}" if v.get("viewer_errors") else ""
         print(f"  {name:>11}: ratio {_fmt(v.get('ratio'), '.3f')} (median {_fmt(v.get('ratio_median'), '.3f')}; "
-              f"per trainer CPU-second {_fmt(v.get('cpu_ratio'), '.3f')}; "
+              f"per training CPU-second {_fmt(v.get('cpu_ratio'), '.3f')}; "
               f"{_fmt(v.get('steps_per_s_on'), '.0f')} steps/s watched vs {_fmt(v.get('steps_per_s_off'), '.0f')} not); "
-              f"lag p50 {_fmt(v.get('lag_p50'))} s, p95 {_fmt(v.get('lag_p95'))} s; views {v.get('views')}, "
+              f"lag p50 {_fmt(v.get('lag_p50'))} s, p95 {_fmt(v.get('lag_p95'))} s "
+              f"(status p95 {_fmt(v.get('status_lag_p95'))} s, scalars p95 {_fmt(v.get('scalar_lag_p95'))} s); "
+              f"views {v.get('views')}, "
               f"status max gap {_fmt(v.get('max_status_gap_s'))} s, scalar gaps {v.get('scalar_gaps')}{extra}{errors}")
     for name, v in design.get("scenarios", {}).items():
         step = (f"; back under 0.5 s {_fmt(v.get('recovery_s'))} s after the bandwidth returned, "
@@ -419,7 +477,9 @@ async def inside(args: argparse.Namespace) -> None:
     for task in args.tasks.split(","):
         for pinned in {"both": (False, True), "pinned": (True,), "unpinned": (False,)}[args.pinning]:
             design = await measure_design(task, pinned, args, ns, workdir)
-            naive = await measure_naive(task, pinned, args.window_s, ns, workdir) if not args.no_naive else None
+            naive = None
+            if not args.no_naive and not task.startswith("script:"):
+                naive = await measure_naive(task, pinned, args.window_s, ns, workdir, args.task_module)
             report(task, pinned, design, naive)
 
 
@@ -439,12 +499,16 @@ def main() -> int:
                         help="net.ipv4.tcp_notsent_lowat in the namespace (0: the kernel's default)")
     parser.add_argument("--trainer-arg", action="append", default=[],
                         help="extra flag for the trainer, e.g. --trainer-arg=--max-fps=5")
+    parser.add_argument("--task-module", action="append", default=[],
+                        help="a task plugin (file or module) for the trainer and the naive sender; repeatable")
+    parser.add_argument("--script-arg", action="append", default=[],
+                        help="a flag for script:PATH tasks (default --steps 1000000000), e.g. --script-arg=--steps=9")
     parser.add_argument("--inside", help=argparse.SUPPRESS)
     parser.add_argument("--naive-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--naive-viewer", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.naive_server:
-        naive_server(args.naive_server, args.tasks, args.window_s)
+        naive_server(args.naive_server, args.tasks, args.window_s, args.task_module)
         return 0
     if args.naive_viewer:
         naive_viewer(args.naive_viewer, args.window_s)
@@ -463,6 +527,8 @@ def main() -> int:
                "--pairs", str(args.pairs), "--slot-s", str(args.slot_s), "--conditions", args.conditions,
                "--scenarios", args.scenarios]
         cmd += [f"--trainer-arg={a}" for a in args.trainer_arg]
+        cmd += [f"--task-module={m}" for m in args.task_module]
+        cmd += [f"--script-arg={a}" for a in args.script_arg]
         cmd += ["--no-naive"] if args.no_naive else []
         return subprocess.call(cmd, cwd=ROOT)
 

@@ -1,7 +1,9 @@
 """The README's marked examples run against a suite this test starts, so an example
 cannot go stale: every fenced ``sh`` or ``python`` block right after a
 ``<!-- readme-test -->`` line runs with the data dir ``var/`` and the default ports
-mapped to this suite's."""
+mapped to this suite's (in the code, and for the SDK's defaults through its
+``TENSORWIRE_STREAMER/TRAINER/INFERENCE``), in a folder laid out like a clone's
+(``examples/``, ``.venv/``)."""
 
 from __future__ import annotations
 
@@ -78,11 +80,18 @@ def test_readme_examples_run_against_a_real_suite(tmp_path: Path) -> None:
             time.sleep(0.2)
         token = (tmp_path / "var" / "admin.token").read_text().strip()
         _wait_model(f"127.0.0.1:{ports['inference']}", token, "spiral", 120, proc)
+        (tmp_path / "examples").symlink_to(ROOT / "examples")
+        (tmp_path / ".venv").symlink_to(Path(sys.prefix))
+        sdk_env = {**env, "TENSORWIRE_STREAMER": f"127.0.0.1:{ports['streamer']}",
+                   "TENSORWIRE_TRAINER": f"127.0.0.1:{ports['trainer']}",
+                   "TENSORWIRE_INFERENCE": f"127.0.0.1:{ports['inference']}",
+                   # torch's default of a thread per core spins for minutes on a loaded CI machine
+                   "OMP_NUM_THREADS": "1"}
         for lang, code in blocks:
             for name, default in DEFAULT_PORTS.items():
                 code = re.sub(rf"\b(127\.0\.0\.1|localhost):{default}\b", rf"\g<1>:{ports[name]}", code)
             argv = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
-            done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+            done = subprocess.run(argv, cwd=tmp_path, env=sdk_env, capture_output=True, text=True, timeout=240)
             assert done.returncode == 0, f"README {lang} example failed:\n{code}\n{done.stdout}\n{done.stderr}"
             assert done.stdout.strip(), f"README {lang} example printed nothing:\n{code}"
     finally:

@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tensorwire/transfer/v1/transfer.proto\x12\x16tensorwire.transfer.v1\"\x8f\x01\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x38\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32#.tensorwire.transfer.v1.Compression\x12\x10\n\x08raw_size\x18\x05 \x01(\r\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"j\n\x0cUploadHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x17\n\x0fmodel_args_json\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\"C\n\rUploadTrailer\x12\r\n\x05\x63rc32\x18\x01 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x04\"\xbe\x01\n\x12UploadModelRequest\x12\x36\n\x06header\x18\x01 \x01(\x0b\x32$.tensorwire.transfer.v1.UploadHeaderH\x00\x12.\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1d.tensorwire.transfer.v1.ChunkH\x00\x12\x38\n\x07trailer\x18\x03 \x01(\x0b\x32%.tensorwire.transfer.v1.UploadTrailerH\x00\x42\x06\n\x04part\"w\n\x13UploadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x04\x12\x12\n\nwire_bytes\x18\x06 \x01(\x04*V\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x12\x14\n\x10\x43OMPRESSION_GZIP\x10\x02\x32\x80\x01\n\x14ModelTransferService\x12h\n\x0bUploadModel\x12*.tensorwire.transfer.v1.UploadModelRequest\x1a+.tensorwire.transfer.v1.UploadModelResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tensorwire/transfer/v1/transfer.proto\x12\x16tensorwire.transfer.v1\"\x8f\x01\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x38\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32#.tensorwire.transfer.v1.Compression\x12\x10\n\x08raw_size\x18\x05 \x01(\r\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"\x81\x01\n\x0cUploadHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x17\n\x0fmodel_args_json\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x15\n\rtriton_config\x18\x06 \x01(\t\"C\n\rUploadTrailer\x12\r\n\x05\x63rc32\x18\x01 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x04\"\xbe\x01\n\x12UploadModelRequest\x12\x36\n\x06header\x18\x01 \x01(\x0b\x32$.tensorwire.transfer.v1.UploadHeaderH\x00\x12.\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1d.tensorwire.transfer.v1.ChunkH\x00\x12\x38\n\x07trailer\x18\x03 \x01(\x0b\x32%.tensorwire.transfer.v1.UploadTrailerH\x00\x42\x06\n\x04part\"w\n\x13UploadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x04\x12\x12\n\nwire_bytes\x18\x06 \x01(\x04*V\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x12\x14\n\x10\x43OMPRESSION_GZIP\x10\x02\x32\x80\x01\n\x14ModelTransferService\x12h\n\x0bUploadModel\x12*.tensorwire.transfer.v1.UploadModelRequest\x1a+.tensorwire.transfer.v1.UploadModelResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorwire.transfer.v1.transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSION']._serialized_start=702
-  _globals['_COMPRESSION']._serialized_end=788
+  _globals['_COMPRESSION']._serialized_start=726
+  _globals['_COMPRESSION']._serialized_end=812
   _globals['_CHUNK']._serialized_start=66
   _globals['_CHUNK']._serialized_end=209
-  _globals['_UPLOADHEADER']._serialized_start=211
-  _globals['_UPLOADHEADER']._serialized_end=317
-  _globals['_UPLOADTRAILER']._serialized_start=319
-  _globals['_UPLOADTRAILER']._serialized_end=386
-  _globals['_UPLOADMODELREQUEST']._serialized_start=389
-  _globals['_UPLOADMODELREQUEST']._serialized_end=579
-  _globals['_UPLOADMODELRESPONSE']._serialized_start=581
-  _globals['_UPLOADMODELRESPONSE']._serialized_end=700
-  _globals['_MODELTRANSFERSERVICE']._serialized_start=791
-  _globals['_MODELTRANSFERSERVICE']._serialized_end=919
+  _globals['_UPLOADHEADER']._serialized_start=212
+  _globals['_UPLOADHEADER']._serialized_end=341
+  _globals['_UPLOADTRAILER']._serialized_start=343
+  _globals['_UPLOADTRAILER']._serialized_end=410
+  _globals['_UPLOADMODELREQUEST']._serialized_start=413
+  _globals['_UPLOADMODELREQUEST']._serialized_end=603
+  _globals['_UPLOADMODELRESPONSE']._serialized_start=605
+  _globals['_UPLOADMODELRESPONSE']._serialized_end=724
+  _globals['_MODELTRANSFERSERVICE']._serialized_start=815
+  _globals['_MODELTRANSFERSERVICE']._serialized_end=943
 # @@protoc_insertion_point(module_scope)

@@ -32,18 +32,20 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., raw_size: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("model", "kind", "model_args_json", "version", "total_bytes")
+    __slots__ = ("model", "kind", "model_args_json", "version", "total_bytes", "triton_config")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRITON_CONFIG_FIELD_NUMBER: _ClassVar[int]
     model: str
     kind: str
     model_args_json: str
     version: int
     total_bytes: int
-    def __init__(self, model: _Optional[str] = ..., kind: _Optional[str] = ..., model_args_json: _Optional[str] = ..., version: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    triton_config: str
+    def __init__(self, model: _Optional[str] = ..., kind: _Optional[str] = ..., model_args_json: _Optional[str] = ..., version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., triton_config: _Optional[str] = ...) -> None: ...
 
 class UploadTrailer(_message.Message):
     __slots__ = ("crc32", "total_bytes", "chunks")
