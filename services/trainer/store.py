@@ -468,12 +468,16 @@ class SqlRunStore(RunStore):
                     [(e.run_id, e.at, e.kind, e.step, json.dumps(dict(e.detail))) for e in events],
                 )
             if rows:
-                cur.executemany(self._sql(_UPSERT_SCALAR), rows)
-                cur.executemany(self._sql("INSERT INTO series (run_id, name) VALUES (?, ?) "
-                                          "ON CONFLICT (run_id, name) DO NOTHING"),
-                                sorted({(r[0], r[1]) for r in rows}))
-                blocks = {(r[0], r[1], r[2] // BLOCK_STEPS) for r in rows}
-                cur.executemany(self._sql(_UPSERT_BLOCK), [_block_args(*b) for b in sorted(blocks)])
+                self._write_scalars(cur, rows)
+
+    def _write_scalars(self, cur: Any, rows: Sequence[ScalarRow]) -> None:
+        """The points, their series and the blocks they fall in (in a transaction)."""
+        cur.executemany(self._sql(_UPSERT_SCALAR), rows)
+        cur.executemany(self._sql("INSERT INTO series (run_id, name) VALUES (?, ?) "
+                                  "ON CONFLICT (run_id, name) DO NOTHING"),
+                        sorted({(r[0], r[1]) for r in rows}))
+        blocks = {(r[0], r[1], r[2] // BLOCK_STEPS) for r in rows}
+        cur.executemany(self._sql(_UPSERT_BLOCK), [_block_args(*b) for b in sorted(blocks)])
 
     def truncate_scalars(self, run_id: str, after_step: int) -> None:
         with self._tx() as cur:
@@ -650,6 +654,32 @@ class SqliteRunStore(SqlRunStore):
                                isolation_level="DEFERRED")
 
 
+_PG_POINTS = "unnest(%b::text[], %b::text[], %b::bigint[], %b::float8[]) WITH ORDINALITY AS p(r, n, s, v, i)"
+_PG_UPSERT_SCALARS = (
+    # A step given twice in one batch: the last value wins (one row may be upserted once).
+    "INSERT INTO scalars (run_id, name, step, value) "
+    f"SELECT DISTINCT ON (r, n, s) r, n, s, v FROM {_PG_POINTS} ORDER BY r, n, s, i DESC "
+    "ON CONFLICT (run_id, name, step) DO UPDATE SET value = excluded.value"
+)
+_PG_ADD_SERIES = (
+    "INSERT INTO series (run_id, name) SELECT DISTINCT r, n FROM unnest(%b::text[], %b::text[]) AS p(r, n) "
+    "ON CONFLICT (run_id, name) DO NOTHING"
+)
+_PG_UPSERT_BLOCKS = (
+    # As _UPSERT_BLOCK, every block the batch touched in one statement (LATERAL: each
+    # block from its points by primary key, never a join over the whole table).
+    "INSERT INTO scalar_blocks (run_id, name, block, first_step, last_step, total, lo, hi, n) "
+    f"SELECT k.r, k.n, k.b, a.* FROM (SELECT DISTINCT r, n, s / {BLOCK_STEPS} AS b "
+    "FROM unnest(%b::text[], %b::text[], %b::bigint[]) AS p(r, n, s)) k, LATERAL ("
+    "SELECT MIN(step), MAX(step), SUM(value), MIN(value), MAX(value), COUNT(*) FROM scalars "
+    f"WHERE run_id = k.r AND name = k.n AND step >= k.b * {BLOCK_STEPS} "
+    f"AND step < (k.b + 1) * {BLOCK_STEPS}) a "
+    "ON CONFLICT (run_id, name, block) DO UPDATE SET first_step = excluded.first_step, "
+    "last_step = excluded.last_step, total = excluded.total, lo = excluded.lo, hi = excluded.hi, "
+    "n = excluded.n"
+)
+
+
 class PostgresRunStore(SqlRunStore):
     """Runs in PostgreSQL (psycopg 3): several trainers share one run list."""
 
@@ -695,6 +725,14 @@ class PostgresRunStore(SqlRunStore):
     def _sql(self, text: str) -> str:
         # psycopg's placeholder is %s; a literal % (none in our SQL but LIKE args) stays in args.
         return text.replace("?", "%s")
+
+    def _write_scalars(self, cur: Any, rows: Sequence[ScalarRow]) -> None:
+        # Three statements whatever the batch size, the columns sent as binary arrays:
+        # executemany would cost a round of Python (and a server round) per point.
+        run_ids, names, steps, values = (list(column) for column in zip(*rows, strict=True))
+        cur.execute(_PG_UPSERT_SCALARS, (run_ids, names, steps, values))
+        cur.execute(_PG_ADD_SERIES, (run_ids, names))
+        cur.execute(_PG_UPSERT_BLOCKS, (run_ids, names, steps))
 
 
 def redact_dsn(dsn: str) -> str:
