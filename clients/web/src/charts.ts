@@ -5,40 +5,62 @@ import uPlot from "uplot";
 import "uplot/dist/uPlot.min.css";
 
 const MAX_POINTS = 4000;
-const COLORS = ["#fb8c00", "#42a5f5", "#66bb6a", "#ab47bc", "#ef5350", "#26c6da"];
+export const COLORS = ["#fb8c00", "#42a5f5", "#66bb6a", "#ab47bc", "#ef5350", "#26c6da"];
 
 export class Series {
   steps: number[] = [];
   // null where a value was NaN or infinite: uPlot draws a gap there.
   values: (number | null)[] = [];
+  /** Each point's raw min and max (the point itself unless it is a bucket). */
+  lo: (number | null)[] = [];
+  hi: (number | null)[] = [];
+  /** Whether any point is a bucket of several steps: the chart draws the band. */
+  banded = false;
   dirty = false;
 
-  /** Append points newer than the last one held; returns how many were taken. */
-  append(steps: readonly bigint[] | readonly number[], values: readonly number[]): number {
+  /** Append points newer than the last one held; returns how many were taken.
+   *  ``lo``/``hi``: the buckets' raw min and max when the points are down-sampled. */
+  append(steps: readonly bigint[] | readonly number[], values: readonly number[],
+         lo: readonly number[] = [], hi: readonly number[] = []): number {
     const last = this.steps.length ? this.steps[this.steps.length - 1] : -1;
+    const bucketed = lo.length === values.length && hi.length === values.length;
+    const finite = (v: number) => (Number.isFinite(v) ? v : null);
     let taken = 0;
     for (let i = 0; i < values.length; i++) {
       const s = Number(steps[i]);
       if (s <= last) continue;
       this.steps.push(s);
-      this.values.push(Number.isFinite(values[i]) ? values[i] : null);
+      const v = finite(values[i]);
+      this.values.push(v);
+      this.lo.push(bucketed ? finite(lo[i]) : v);
+      this.hi.push(bucketed ? finite(hi[i]) : v);
       taken++;
     }
+    if (bucketed && taken) this.banded = true;
     if (this.steps.length > MAX_POINTS) this.decimate();
     if (taken) this.dirty = true;
     return taken;
   }
 
-  /** Halve the older half's resolution: the curve keeps its whole extent. */
+  /** Halve the older half's resolution: the curve keeps its whole extent, the band
+   *  the extremes of the points it drops. */
   private decimate(): void {
     const half = this.steps.length >> 1;
-    const steps: number[] = [], values: (number | null)[] = [];
+    const steps: number[] = [], values: (number | null)[] = [], lo: (number | null)[] = [], hi: (number | null)[] = [];
+    const pick = (a: number | null, b: number | null, f: (x: number, y: number) => number) =>
+      a === null ? b : b === null ? a : f(a, b);
     for (let i = 0; i < half; i += 2) {
+      const j = Math.min(i + 1, half - 1);
       steps.push(this.steps[i]);
       values.push(this.values[i]);
+      lo.push(pick(this.lo[i], this.lo[j], Math.min));
+      hi.push(pick(this.hi[i], this.hi[j], Math.max));
     }
+    this.banded = true;
     this.steps = steps.concat(this.steps.slice(half));
     this.values = values.concat(this.values.slice(half));
+    this.lo = lo.concat(this.lo.slice(half));
+    this.hi = hi.concat(this.hi.slice(half));
   }
 }
 
@@ -74,6 +96,16 @@ export function smooth(values: readonly (number | null)[], weight: number): (num
 
 type Chart = { plot: uPlot; box: HTMLElement; last: number | null; lastSmoothed: number | null };
 
+export interface ChartInfo {
+  log: boolean;
+  smoothing: number;
+  last: number | null;
+  lastSmoothed: number | null;
+  /** Points drawn, and whether a raw min/max band is drawn (down-sampled points). */
+  points: number;
+  band: boolean;
+}
+
 export class ChartPanel {
   private charts = new Map<string, Chart>();
   options: ChartOptions = { smoothing: 0.6, log: false };
@@ -100,10 +132,11 @@ export class ChartPanel {
   }
 
   /** What each chart shows, for tests and the curious. */
-  describe(): Record<string, { log: boolean; smoothing: number; last: number | null; lastSmoothed: number | null }> {
-    const out: Record<string, { log: boolean; smoothing: number; last: number | null; lastSmoothed: number | null }> = {};
+  describe(): Record<string, ChartInfo> {
+    const out: Record<string, ChartInfo> = {};
     for (const [name, c] of this.charts) {
-      out[name] = { log: this.options.log, smoothing: this.options.smoothing, last: c.last, lastSmoothed: c.lastSmoothed };
+      out[name] = { log: this.options.log, smoothing: this.options.smoothing, last: c.last, lastSmoothed: c.lastSmoothed,
+                    points: c.plot.data[0].length, band: c.plot.data[3].some((v) => v != null) };
     }
     return out;
   }
@@ -120,7 +153,8 @@ export class ChartPanel {
       const positive = (v: number | null) => (v === null || (log && !(v > 0)) ? null : v);
       chart.last = s.values.length ? s.values[s.values.length - 1] : null;
       chart.lastSmoothed = smoothed.length ? smoothed[smoothed.length - 1] : null;
-      chart.plot.setData([s.steps, s.values.map(positive), smoothed.map(positive)]);
+      const band = (a: (number | null)[]) => (s.banded ? a.map(positive) : a.map(() => null));
+      chart.plot.setData([s.steps, s.values.map(positive), smoothed.map(positive), band(s.lo), band(s.hi)]);
     }
   }
 
@@ -159,9 +193,13 @@ export class ChartPanel {
           { label: "raw", stroke: `${color}55`, width: 1, points: { show: false } },
           { label: this.options.smoothing > 0 ? `${name} (smoothed)` : name, stroke: color, width: 1.5,
             points: { show: false } },
+          // The raw min/max of down-sampled points: a band between these two.
+          { label: "min", stroke: "transparent", width: 0, points: { show: false } },
+          { label: "max", stroke: "transparent", width: 0, points: { show: false } },
         ],
+        bands: [{ series: [4, 3], fill: `${color}30` }],
       },
-      [[], [], []],
+      [[], [], [], [], []],
       box,
     );
     box.append(readout);
