@@ -14,7 +14,8 @@ export class Series {
   /** Each point's raw min and max (the point itself unless it is a bucket). */
   lo: (number | null)[] = [];
   hi: (number | null)[] = [];
-  /** Whether any point is a bucket of several steps: the chart draws the band. */
+  /** Whether points came down-sampled (buckets of several steps): the chart draws
+   *  their band. Client-side decimation keeps the extremes in lo/hi but draws none. */
   banded = false;
   dirty = false;
 
@@ -56,7 +57,6 @@ export class Series {
       lo.push(pick(this.lo[i], this.lo[j], Math.min));
       hi.push(pick(this.hi[i], this.hi[j], Math.max));
     }
-    this.banded = true;
     this.steps = steps.concat(this.steps.slice(half));
     this.values = values.concat(this.values.slice(half));
     this.lo = lo.concat(this.lo.slice(half));
@@ -94,7 +94,7 @@ export function smooth(values: readonly (number | null)[], weight: number): (num
   return out;
 }
 
-type Chart = { plot: uPlot; box: HTMLElement; last: number | null; lastSmoothed: number | null };
+type Chart = { plot: uPlot; box: HTMLElement; color: string; banded: boolean; last: number | null; lastSmoothed: number | null };
 
 export interface ChartInfo {
   log: boolean;
@@ -136,7 +136,7 @@ export class ChartPanel {
     const out: Record<string, ChartInfo> = {};
     for (const [name, c] of this.charts) {
       out[name] = { log: this.options.log, smoothing: this.options.smoothing, last: c.last, lastSmoothed: c.lastSmoothed,
-                    points: c.plot.data[0].length, band: c.plot.data[3].some((v) => v != null) };
+                    points: c.plot.data[0].length, band: c.banded };
     }
     return out;
   }
@@ -148,13 +148,19 @@ export class ChartPanel {
       if (!s.dirty) continue;
       s.dirty = false;
       let chart = this.charts.get(name);
-      if (!chart) chart = this.add(name);
+      if (chart && chart.banded !== s.banded) {  // the band's two series join the chart, in place
+        const old = chart;
+        chart = this.add(name, s.banded, old.color);
+        old.box.replaceWith(chart.box);
+        old.plot.destroy();
+      }
+      if (!chart) chart = this.add(name, s.banded);
       const smoothed = smooth(s.values, smoothing);
       const positive = (v: number | null) => (v === null || (log && !(v > 0)) ? null : v);
       chart.last = s.values.length ? s.values[s.values.length - 1] : null;
       chart.lastSmoothed = smoothed.length ? smoothed[smoothed.length - 1] : null;
-      const band = (a: (number | null)[]) => (s.banded ? a.map(positive) : a.map(() => null));
-      chart.plot.setData([s.steps, s.values.map(positive), smoothed.map(positive), band(s.lo), band(s.hi)]);
+      const data: uPlot.AlignedData = [s.steps, s.values.map(positive), smoothed.map(positive)];
+      chart.plot.setData(s.banded ? [...data, s.lo.map(positive), s.hi.map(positive)] : data);
     }
   }
 
@@ -162,14 +168,13 @@ export class ChartPanel {
     return Math.max(240, this.root.clientWidth - 4);
   }
 
-  private add(name: string): Chart {
+  private add(name: string, banded: boolean, color = COLORS[this.charts.size % COLORS.length]): Chart {
     const box = document.createElement("div");
     box.className = "chart";
     box.dataset.series = name;
     const readout = document.createElement("div");
     readout.className = "readout";
     this.root.append(box);
-    const color = COLORS[this.charts.size % COLORS.length];
     const axis = { stroke: "#8b949e", grid: { stroke: "#222a33" }, ticks: { stroke: "#222a33" } };
     const plot = new uPlot(
       {
@@ -194,16 +199,16 @@ export class ChartPanel {
           { label: this.options.smoothing > 0 ? `${name} (smoothed)` : name, stroke: color, width: 1.5,
             points: { show: false } },
           // The raw min/max of down-sampled points: a band between these two.
-          { label: "min", stroke: "transparent", width: 0, points: { show: false } },
-          { label: "max", stroke: "transparent", width: 0, points: { show: false } },
+          ...(banded ? [{ label: "min", stroke: "transparent", width: 0, points: { show: false } },
+                        { label: "max", stroke: "transparent", width: 0, points: { show: false } }] : []),
         ],
-        bands: [{ series: [4, 3], fill: `${color}30` }],
+        bands: banded ? [{ series: [4, 3], fill: `${color}30` }] : [],
       },
-      [[], [], [], [], []],
+      banded ? [[], [], [], [], []] : [[], [], []],
       box,
     );
     box.append(readout);
-    const chart = { plot, box, last: null, lastSmoothed: null };
+    const chart = { plot, box, color, banded, last: null, lastSmoothed: null };
     this.charts.set(name, chart);
     return chart;
   }

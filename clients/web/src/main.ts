@@ -82,8 +82,10 @@ const stats = {
   get state() { return RunState[currentState()] === "UNSPECIFIED" ? "" : RunState[currentState()]; },
   get charts() { return charts.describe(); },
   get compare() { return compare?.describe() ?? {}; },
-  /** Milliseconds from navigation start to the first chart with points on screen. */
+  /** Milliseconds from navigation start to the first chart with points on screen,
+   *  and to the start of the subscription that brought them (the run's history). */
   firstChartMs: 0,
+  subscribedMs: 0,
   get runsShown() { return runs.map((r) => r.runId); },
   get updatesPerS() { return updatesPerSecond(); },
   connection: "connecting" as rpc.ConnectionState,
@@ -380,6 +382,7 @@ function watch(runId: string): void {
   const q = new URLSearchParams(location.search);
   q.set("run", runId);
   history.replaceState(null, "", `?${q}`);
+  if (!stats.firstChartMs) stats.subscribedMs = performance.now();
   void rpc.followRun(runId, { frame: onFrame, state: onConnection, clockOffset: onClockOffset }, abort.signal, tuning);
 }
 
