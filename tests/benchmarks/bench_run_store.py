@@ -221,13 +221,24 @@ async def bench_memory(cycles: int, keep_runs: int) -> None:
                     grpc.aio.insecure_channel(f"127.0.0.1:{s_port}") as sch:
                 tstub, sstub = tpb_grpc.TrainerServiceStub(tch), spb_grpc.StreamerServiceStub(sch)
                 marks: list[tuple[int, float]] = []
+                stalls: list[str] = []
                 started = time.perf_counter()
                 for i in range(1, cycles + 1):
                     run = (await tstub.StartRun(tpb.StartRunRequest(task="spiral", params={"max_steps": 20}))).run
                     call = sstub.Subscribe(spb.SubscribeRequest(run_id=run.run_id), timeout=30)
-                    async for frame in call:
-                        if frame.HasField("status") and frame.status.state == cpb.RUN_STATE_COMPLETED:
-                            break
+                    seen: list[int] = []
+                    try:
+                        async for frame in call:
+                            if frame.HasField("status"):
+                                seen.append(frame.status.state)
+                                if frame.status.state == cpb.RUN_STATE_COMPLETED:
+                                    break
+                    except grpc.aio.AioRpcError as exc:  # reported, not hidden: a stalled subscription
+                        stored = (await tstub.GetRun(tpb.GetRunRequest(run_id=run.run_id))).run
+                        stalls.append(f"cycle {i}: {exc.code().name} after statuses "
+                                      f"{[cpb.RunState.Name(x) for x in seen]}; GetRun says "
+                                      f"{cpb.RunState.Name(stored.state)} at step {stored.step}")
+                        print("   STALL", stalls[-1], flush=True)
                     call.cancel()
                     if i == max(1, cycles // 10) or i == cycles:
                         await asyncio.sleep(1.5)  # releases and pruning happen
@@ -236,6 +247,7 @@ async def bench_memory(cycles: int, keep_runs: int) -> None:
                 models = [m for m in modelrepo.list_models(settings.model_repository) if m.startswith("run-")]
                 print(f"   {cycles} cycles in {time.perf_counter() - started:.0f} s; RSS {first:.0f} MiB "
                       f"after {first_i}, {last:.0f} MiB after {last_i}: {100 * (last / first - 1):+.1f} %")
+                print(f"   subscriptions that saw no COMPLETED within 30 s: {len(stalls)}")
                 print(f"   in memory at the end: trainer {len(trainer.runs.list_runs())} runs, streamer "
                       f"{len(streamer.hub.topics)} topics; run-<id> models on disk {len(models)} "
                       f"(--keep-runs {keep_runs})")

@@ -158,7 +158,7 @@ const conn = $("#conn");
 const badge = $("#badge");
 const charts = new ChartPanel(chartsRoot);
 let compare: CompareView | null = null;
-// Not needed for the first chart: loaded after it (smaller first download).
+// Not needed for the first chart: loaded once the run list is in (a smaller first download).
 const loadInference = () => import("./inference").then((m) => new m.InferencePanel(inferRoot));
 
 // ------------------------------------------------------------------ rendering
