@@ -189,8 +189,8 @@ class Publisher:
         """Whether ``run``'s current (final) state and its last points were handed to
         every streamer link: until then it must not leave memory, or the streamers
         would show it live forever (forget() drops what is still queued)."""
-        if run.external:
-            return True  # its own script publishes it
+        if run.external or not self.target:
+            return True  # its own script publishes it; or no streamer to tell
         last = self._last_status.get(run.run_id)
         if last is None or last[2] != run.state:
             return False

@@ -53,19 +53,21 @@ async def test_an_ended_run_stays_until_the_publisher_sent_its_final_state(tmp_p
 
     runs = RunManager(tmp_path / "models", checkpoint_every_s=0, store=SqliteRunStore(tmp_path / "r.sqlite3"),
                       state_dir=tmp_path / "state", release_after_s=0.0, store_flush_every_s=0.05)
-    publisher = Publisher(runs, "")  # not started: its collector ticks only when this test says
+    publisher = Publisher(runs, "127.0.0.1:1")  # not started: it collects when this test says
     runs.release_listeners.append(publisher.forget)
     runs.release_checks.append(publisher.final_sent)
     link = publisher.streams.links["streamer:1"] = Link("streamer:1")
     try:
         run = runs.start_run("spiral", {"max_steps": 10})
         await asyncio.to_thread(run.loop.join, 30)
+        assert runs.flush_checkpoints(30)  # its last checkpoint written (and noted in its record)
         deadline = time.monotonic() + 20
         while not runs.recorder or not runs.recorder.persisted(run.run_id, cpb.RUN_STATE_COMPLETED):
             assert time.monotonic() < deadline
             runs.records()  # as the recorder's source: the run's end is noted
             await asyncio.sleep(0.05)
         later = time.time() + 60
+        assert runs.recorder.persisted(run.run_id, cpb.RUN_STATE_COMPLETED)
         assert runs.release_ended(later) == []  # stored, but COMPLETED not published yet
         publisher.collect()  # the final status and points go to the link's outbox
         assert run.run_id in link.pending_status
