@@ -64,6 +64,7 @@ class TrainerApp:
             security=security,
         )
         self.runs.release_listeners.append(self.publisher.forget)
+        self.runs.release_checks.append(self.publisher.final_sent)
         self.demo_run_id: str | None = None
         self._bootstrap: asyncio.Task[None] | None = None
 

@@ -182,6 +182,18 @@ class Publisher:
         self._building[run_id] = task
         task.add_done_callback(lambda _: self._building.pop(run_id, None))
 
+    def final_sent(self, run: Run) -> bool:
+        """Whether ``run``'s current (final) state and its last points were handed to
+        every streamer link: until then it must not leave memory, or the streamers
+        would show it live forever (forget() drops what is still queued)."""
+        if run.external or not self.target:
+            return True  # its own script publishes it; or no streamer to tell
+        last = self._last_status.get(run.run_id)
+        if last is None or last[2] != run.state:
+            return False
+        return not any(run.run_id in link.pending_status or link.scalars.get(run.run_id)
+                       for link in self.links.values())
+
     def forget(self, run_id: str) -> None:
         """A run left the trainer's memory: drop everything kept for it."""
         for table in (self._last_status, self._next_view_at, self._view_models, self._view_cost_s):

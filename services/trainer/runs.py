@@ -297,6 +297,9 @@ class RunManager:
         self._max_external = max_external_runs
         self.listeners: list[CheckpointListener] = []
         self.release_listeners: list[ReleaseListener] = []
+        self.release_checks: list[Callable[[Run], bool]] = []
+        """An ended run leaves memory only once each of these says its last state is
+        out (the publisher: sent to the streamers), besides being stored."""
         self._writer = (
             CheckpointWriter(model_repository, self.listeners, keep_checkpoints, state_dir)
             if model_repository else None
@@ -694,7 +697,8 @@ class RunManager:
             if (state in TERMINAL and run.ended_at and now - run.ended_at >= self.release_after_s
                     and not run.loop.alive
                     and not (self._writer is not None and self._writer.busy_with(run.run_id))
-                    and self.recorder.persisted(run.run_id, state)):
+                    and self.recorder.persisted(run.run_id, state)
+                    and all(check(run) for check in self.release_checks)):
                 self._runs.pop(run.run_id, None)
                 self._released(run.run_id)
                 out.append(run.run_id)

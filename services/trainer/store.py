@@ -376,20 +376,33 @@ BLOCK_STEPS = 16
 """Steps per pre-aggregated block (table scalar_blocks): a long series is
 down-sampled from its blocks, 16 times fewer rows than its points."""
 
-_UPSERT_BLOCK = (
-    # A block is (re)computed from its points (at most 16, by primary key): exact
-    # whatever was written twice or truncated.
+_UPSERT_BLOCKS = (
+    # Blocks are (re)computed from their points (by primary key): exact whatever was
+    # written twice or truncated. One statement per series and batch: every block
+    # from the batch's first step of the series to its last.
     "INSERT INTO scalar_blocks (run_id, name, block, first_step, last_step, total, lo, hi, n) "
-    "SELECT run_id, name, ?, MIN(step), MAX(step), SUM(value), MIN(value), MAX(value), COUNT(*) "
-    "FROM scalars WHERE run_id = ? AND name = ? AND step >= ? AND step < ? GROUP BY run_id, name "
+    f"SELECT run_id, name, step / {BLOCK_STEPS}, MIN(step), MAX(step), SUM(value), MIN(value), "
+    "MAX(value), COUNT(*) FROM scalars WHERE run_id = ? AND name = ? AND step >= ? AND step < ? "
+    f"GROUP BY run_id, name, step / {BLOCK_STEPS} "
     "ON CONFLICT (run_id, name, block) DO UPDATE SET first_step = excluded.first_step, "
     "last_step = excluded.last_step, total = excluded.total, lo = excluded.lo, hi = excluded.hi, "
     "n = excluded.n"
 )
 
 
-def _block_args(run_id: str, name: str, block: int) -> tuple[Any, ...]:
-    return (block, run_id, name, block * BLOCK_STEPS, (block + 1) * BLOCK_STEPS)
+def _block_spans(rows: Sequence[ScalarRow]) -> list[tuple[str, str, int, int]]:
+    """(run_id, name, first step, end step) of the blocks each series of ``rows`` touched."""
+    spans: dict[tuple[str, str], list[int]] = {}
+    for run_id, name, step, _ in rows:
+        span = spans.get((run_id, name))
+        if span is None:
+            spans[(run_id, name)] = [step, step]
+        elif step < span[0]:
+            span[0] = step
+        elif step > span[1]:
+            span[1] = step
+    return [(run_id, name, lo - lo % BLOCK_STEPS, hi - hi % BLOCK_STEPS + BLOCK_STEPS)
+            for (run_id, name), (lo, hi) in sorted(spans.items())]
 
 
 _TERMINAL_SQL = ", ".join(
@@ -468,12 +481,18 @@ class SqlRunStore(RunStore):
                     [(e.run_id, e.at, e.kind, e.step, json.dumps(dict(e.detail))) for e in events],
                 )
             if rows:
-                cur.executemany(self._sql(_UPSERT_SCALAR), rows)
-                cur.executemany(self._sql("INSERT INTO series (run_id, name) VALUES (?, ?) "
-                                          "ON CONFLICT (run_id, name) DO NOTHING"),
-                                sorted({(r[0], r[1]) for r in rows}))
-                blocks = {(r[0], r[1], r[2] // BLOCK_STEPS) for r in rows}
-                cur.executemany(self._sql(_UPSERT_BLOCK), [_block_args(*b) for b in sorted(blocks)])
+                self._write_scalars(cur, rows)
+
+    def _write_scalars(self, cur: Any, rows: Sequence[ScalarRow]) -> None:
+        """The points, their series and the blocks they fall in (in a transaction)."""
+        spans = _block_spans(rows)
+        self._upsert_points(cur, rows)
+        cur.executemany(self._sql("INSERT INTO series (run_id, name) VALUES (?, ?) "
+                                  "ON CONFLICT (run_id, name) DO NOTHING"), [span[:2] for span in spans])
+        cur.executemany(self._sql(_UPSERT_BLOCKS), spans)
+
+    def _upsert_points(self, cur: Any, rows: Sequence[ScalarRow]) -> None:
+        cur.executemany(self._sql(_UPSERT_SCALAR), rows)
 
     def truncate_scalars(self, run_id: str, after_step: int) -> None:
         with self._tx() as cur:
@@ -482,8 +501,9 @@ class SqlRunStore(RunStore):
             cur.execute(self._sql("DELETE FROM scalar_blocks WHERE run_id = ? AND block >= ?"), (run_id, block))
             cur.execute(self._sql("SELECT DISTINCT name FROM scalars WHERE run_id = ?"), (run_id,))
             # The block the cut falls in, again from its remaining points.
-            cur.executemany(self._sql(_UPSERT_BLOCK),
-                            [_block_args(run_id, name, block) for (name,) in cur.fetchall()])
+            cur.executemany(self._sql(_UPSERT_BLOCKS),
+                            [(run_id, name, block * BLOCK_STEPS, (block + 1) * BLOCK_STEPS)
+                             for (name,) in cur.fetchall()])
 
     def delete_run(self, run_id: str) -> bool:
         with self._tx() as cur:
@@ -650,6 +670,14 @@ class SqliteRunStore(SqlRunStore):
                                isolation_level="DEFERRED")
 
 
+_PG_POINTS = "unnest(%b::text[], %b::text[], %b::bigint[], %b::float8[]) WITH ORDINALITY AS p(r, n, s, v, i)"
+_PG_UPSERT_SCALARS = (
+    # A step given twice in one batch: the last value wins (one row may be upserted once).
+    "INSERT INTO scalars (run_id, name, step, value) "
+    f"SELECT DISTINCT ON (r, n, s) r, n, s, v FROM {_PG_POINTS} ORDER BY r, n, s, i DESC "
+    "ON CONFLICT (run_id, name, step) DO UPDATE SET value = excluded.value"
+)
+
 class PostgresRunStore(SqlRunStore):
     """Runs in PostgreSQL (psycopg 3): several trainers share one run list."""
 
@@ -695,6 +723,11 @@ class PostgresRunStore(SqlRunStore):
     def _sql(self, text: str) -> str:
         # psycopg's placeholder is %s; a literal % (none in our SQL but LIKE args) stays in args.
         return text.replace("?", "%s")
+
+    def _upsert_points(self, cur: Any, rows: Sequence[ScalarRow]) -> None:
+        # One statement, the columns sent as binary arrays: executemany would cost a
+        # round of Python (and a server round) per point.
+        cur.execute(_PG_UPSERT_SCALARS, [list(column) for column in zip(*rows, strict=True)])
 
 
 def redact_dsn(dsn: str) -> str:

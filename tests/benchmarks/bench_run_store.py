@@ -4,9 +4,13 @@
 
 1. Write cost: the spiral training loop's steps/s with the run store off, on
    (SQLite) and on (PostgreSQL, a throw-away server started here, when the
-   ``postgresql`` package is installed), in alternating rounds of ``--seconds``
-   each, one run at a time. Reported: the median steps/s and the ratio on/off
-   (goal >= 0.98).
+   ``postgresql`` package is installed), one run at a time, each kind for the same
+   ``--seconds`` per round, the order reversed every round. Reported: the median over
+   the rounds of each round's ratio on/off (goal >= 0.98); the same not counting the
+   time the training thread waited for a CPU held by other processes (Linux
+   schedstat: on a shared machine that wait is most of the noise); and the CPU per
+   step of the training thread and of the store (writer thread + database server);
+   then the store's CPU per batch the recorder writes (writer thread, database server).
 2. History query: a 1M-step run's scalars (2 series) down-sampled to 1,024 buckets
    per series: time and the bytes of the GetRunScalars answer (SQLite).
 3. Memory: RSS of one process holding a real trainer and a real streamer (gRPC on
@@ -23,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import os
 import statistics
 import sys
 import tempfile
@@ -59,32 +64,67 @@ def rss_mib() -> float:
     return 0.0
 
 
-async def steps_per_s(store: RunStore | None, seconds: float, tmp: Path) -> tuple[float, float, float]:
-    """(steps/s, the training thread's CPU ms per step, the recorder's CPU ms per step)."""
+def postgres_cpu_s() -> float:
+    """CPU seconds of every PostgreSQL server process on this machine (the store's
+    server-side cost: on a small machine it competes with training for the cores)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            text = stat.read_text()
+            if "(postgres)" in text:
+                fields = text.rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def run_queue_s(native_id: int) -> float:
+    """Seconds a thread of this process has waited for a CPU while runnable (schedstat)."""
+    return int(Path(f"/proc/self/task/{native_id}/schedstat").read_text().split()[1]) / 1e9
+
+
+@dataclasses.dataclass
+class Round:
+    rate: float
+    """Steps per second of the training thread over the window."""
+    rate_own: float
+    """Steps per second not counting the time the training thread waited for a CPU
+    that other processes held: what other engineers' load does not change (the waits
+    for the GIL, the writer's share, remain)."""
+    train_ms: float
+    """The training thread's CPU per step."""
+    store_ms: float
+    """The store's CPU per step: the recorder's writer thread plus the database server."""
+
+
+async def measure(store: RunStore | None, seconds: float, tmp: Path) -> Round:
+    """One spiral run: a warm-up second, then a window of ``seconds``. Steps and their
+    times come from the loop's own status (the step and when it was produced), so
+    the window is exact whatever the event loop's wake-up delay."""
     runs = RunManager(tmp / "models", checkpoint_every_s=0, store=store, state_dir=tmp / "state")
     try:
         run = runs.start_run("spiral", {"max_steps": 0}, seed=1)
         await asyncio.sleep(1.0)  # warm-up
-        tid = run.loop._thread.native_id
-        clock = time.pthread_getcpuclockid(run.loop._thread.ident) if tid else None
-        cpu0 = time.clock_gettime(clock) if clock is not None else 0.0
-        rec0 = runs.recorder.cpu_s if runs.recorder else 0.0
-        start_step, started = run.loop.status.step, time.perf_counter()
+        thread = run.loop._thread
+        assert thread.ident is not None and thread.native_id is not None
+        clock = time.pthread_getcpuclockid(thread.ident)
+        pg0, rec0 = postgres_cpu_s(), runs.recorder.cpu_s if runs.recorder else 0.0
+        first, cpu0, rq0 = run.loop.status, time.clock_gettime(clock), run_queue_s(thread.native_id)
         await asyncio.sleep(seconds)
-        steps = run.loop.status.step - start_step
-        train_cpu = (time.clock_gettime(clock) - cpu0) if clock is not None else 0.0
-        rec_cpu = (runs.recorder.cpu_s - rec0) if runs.recorder else 0.0
-        return steps / (time.perf_counter() - started), 1000 * train_cpu / steps, 1000 * rec_cpu / steps
+        last, cpu1, rq1 = run.loop.status, time.clock_gettime(clock), run_queue_s(thread.native_id)
+        pg = postgres_cpu_s() - pg0 if isinstance(store, PostgresRunStore) else 0.0
+        rec = (runs.recorder.cpu_s - rec0) if runs.recorder else 0.0
+        steps, window = last.step - first.step, last.produced_at - first.produced_at
+        return Round(steps / window, steps / (window - (rq1 - rq0)), 1000 * (cpu1 - cpu0) / steps,
+                     1000 * (rec + pg) / steps)
     finally:
         await runs.aclose()
 
 
 async def bench_write_cost(seconds: float, rounds: int, pg_dsn: str | None) -> None:
-    print(f"1. steps/s of one spiral run, store off vs on, {rounds} alternating rounds of {seconds:g} s")
     kinds = ["off", "sqlite"] + (["postgresql"] if pg_dsn else [])
-    results: dict[str, list[float]] = {k: [] for k in kinds}
-    train_ms: dict[str, list[float]] = {k: [] for k in kinds}
-    store_ms: dict[str, list[float]] = {k: [] for k in kinds}
+    print(f"1. steps/s of one spiral run, store off vs on: {rounds} rounds of {seconds:g} s per kind, "
+          f"the order reversed every round ({' '.join(kinds)} / {' '.join(kinds[::-1])})")
+    results: dict[str, list[Round]] = {k: [] for k in kinds}
     for r in range(rounds):
         for kind in kinds if r % 2 == 0 else kinds[::-1]:
             with tempfile.TemporaryDirectory() as tmp:
@@ -94,20 +134,47 @@ async def bench_write_cost(seconds: float, rounds: int, pg_dsn: str | None) -> N
                 elif kind == "postgresql":
                     assert pg_dsn
                     store = PostgresRunStore(postgres.fresh_database(pg_dsn))
-                rate, train, rec = await steps_per_s(store, seconds, Path(tmp))
-                results[kind].append(rate)
-                train_ms[kind].append(train)
-                store_ms[kind].append(rec)
-    off = statistics.median(results["off"])
+                results[kind].append(await measure(store, seconds, Path(tmp)))
+    # Each round's ratio against the "off" run of the same round (minutes apart at
+    # most, so under about the same load), then the median over the rounds.
+    for label, field in (("steps/s", "rate"), ("steps/s not counting waits for a CPU held by "
+                                                  "other processes", "rate_own")):
+        print(f"   {label}:")
+        for kind in kinds:
+            rates = [getattr(x, field) for x in results[kind]]
+            ratios = sorted(getattr(x, field) / getattr(o, field)
+                            for x, o in zip(results[kind], results["off"], strict=True))
+            spread = f"(rounds {ratios[0]:.3f}..{ratios[-1]:.3f})" if kind != "off" else ""
+            print(f"   {kind:<10} median {statistics.median(rates):6.0f} steps/s   ratio on/off "
+                  f"{statistics.median(ratios):5.3f} {spread:<22} {', '.join(f'{v:.0f}' for v in rates)}")
+    print("   CPU per training step (load-independent): the training thread, and the store "
+          "(writer thread + database server)")
     for kind in kinds:
-        med = statistics.median(results[kind])
-        rounds_txt = ", ".join(f"{v:.0f}" for v in results[kind])
-        print(f"   {kind:<10} median {med:8.0f} steps/s  ratio {med / off:5.3f}   ({rounds_txt})")
-    print("   CPU per training step (load-independent): training thread, and the store's writer thread")
-    for kind in kinds:
-        train, rec = statistics.median(train_ms[kind]), statistics.median(store_ms[kind])
-        print(f"   {kind:<10} training {train:6.3f} ms/step, store writer {rec:6.3f} ms/step "
-              f"({100 * rec / train:4.1f} % of the training thread's CPU)")
+        train = statistics.median(x.train_ms for x in results[kind])
+        cost = statistics.median(x.store_ms for x in results[kind])
+        print(f"   {kind:<10} training {train:6.3f} ms/step, store {cost:6.3f} ms/step "
+              f"({100 * cost / train:4.1f} % of the training thread's CPU)")
+
+
+def bench_batch_cost(pg_dsn: str | None, batches: int = 200, steps: int = 150) -> None:
+    """The store's CPU per batch as the recorder writes one (``steps`` steps of 2 series,
+    about 0.5 s of a spiral run): the writer thread's, and the database server's."""
+    print(f"1b. CPU per batch of {steps} steps x 2 series ({batches} batches, one run)")
+    with tempfile.TemporaryDirectory() as tmp:
+        stores: list[tuple[str, RunStore]] = [("sqlite", SqliteRunStore(Path(tmp) / "runs.sqlite3"))]
+        if pg_dsn:
+            stores.append(("postgresql", PostgresRunStore(postgres.fresh_database(pg_dsn))))
+        for kind, store in stores:
+            store.put_runs([RunRecord("b", "spiral", cpb.RUN_STATE_RUNNING, {}, {}, 1, 0.0, 0.0)])
+            pg0, cpu0 = postgres_cpu_s(), time.thread_time()
+            for b in range(batches):
+                first = 1 + b * steps
+                store.write(rows=[("b", name, s, 1.0 / s) for s in range(first, first + steps)
+                                  for name in ("loss", "accuracy")])
+            writer = 1000 * (time.thread_time() - cpu0) / batches
+            server = 1000 * (postgres_cpu_s() - pg0) / batches if kind == "postgresql" else 0.0
+            print(f"   {kind:<10} writer {writer:5.2f} ms, database server {server:5.2f} ms per batch")
+            store.close()
 
 
 def bench_history(points: int) -> None:
@@ -154,13 +221,24 @@ async def bench_memory(cycles: int, keep_runs: int) -> None:
                     grpc.aio.insecure_channel(f"127.0.0.1:{s_port}") as sch:
                 tstub, sstub = tpb_grpc.TrainerServiceStub(tch), spb_grpc.StreamerServiceStub(sch)
                 marks: list[tuple[int, float]] = []
+                stalls: list[str] = []
                 started = time.perf_counter()
                 for i in range(1, cycles + 1):
                     run = (await tstub.StartRun(tpb.StartRunRequest(task="spiral", params={"max_steps": 20}))).run
                     call = sstub.Subscribe(spb.SubscribeRequest(run_id=run.run_id), timeout=30)
-                    async for frame in call:
-                        if frame.HasField("status") and frame.status.state == cpb.RUN_STATE_COMPLETED:
-                            break
+                    seen: list[int] = []
+                    try:
+                        async for frame in call:
+                            if frame.HasField("status"):
+                                seen.append(frame.status.state)
+                                if frame.status.state == cpb.RUN_STATE_COMPLETED:
+                                    break
+                    except grpc.aio.AioRpcError as exc:  # reported, not hidden: a stalled subscription
+                        stored = (await tstub.GetRun(tpb.GetRunRequest(run_id=run.run_id))).run
+                        stalls.append(f"cycle {i}: {exc.code().name} after statuses "
+                                      f"{[cpb.RunState.Name(x) for x in seen]}; GetRun says "
+                                      f"{cpb.RunState.Name(stored.state)} at step {stored.step}")
+                        print("   STALL", stalls[-1], flush=True)
                     call.cancel()
                     if i == max(1, cycles // 10) or i == cycles:
                         await asyncio.sleep(1.5)  # releases and pruning happen
@@ -169,6 +247,7 @@ async def bench_memory(cycles: int, keep_runs: int) -> None:
                 models = [m for m in modelrepo.list_models(settings.model_repository) if m.startswith("run-")]
                 print(f"   {cycles} cycles in {time.perf_counter() - started:.0f} s; RSS {first:.0f} MiB "
                       f"after {first_i}, {last:.0f} MiB after {last_i}: {100 * (last / first - 1):+.1f} %")
+                print(f"   subscriptions that saw no COMPLETED within 30 s: {len(stalls)}")
                 print(f"   in memory at the end: trainer {len(trainer.runs.list_runs())} runs, streamer "
                       f"{len(streamer.hub.topics)} topics; run-<id> models on disk {len(models)} "
                       f"(--keep-runs {keep_runs})")
@@ -180,14 +259,14 @@ async def bench_memory(cycles: int, keep_runs: int) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and cycles")
-    parser.add_argument("--seconds", type=float, help="per round (default 8; --quick 4)")
-    parser.add_argument("--rounds", type=int, help="alternating rounds (default 4; --quick 2)")
+    parser.add_argument("--seconds", type=float, help="per kind per round (default 4; --quick 3)")
+    parser.add_argument("--rounds", type=int, help="rounds, the order reversed each (default 8; --quick 4; 0 = skip)")
     parser.add_argument("--cycles", type=int, help="start/stop cycles (default 2000; --quick 300; 0 = skip)")
     parser.add_argument("--keep-runs", type=int, default=200)
     parser.add_argument("--history-points", type=int, default=1_000_000, help="0 = skip")
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args()
-    for name, full, quick in (("seconds", 8.0, 4.0), ("rounds", 4, 2), ("cycles", 2000, 300)):
+    for name, full, quick in (("seconds", 4.0, 3.0), ("rounds", 8, 4), ("cycles", 2000, 300)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     torch.set_num_threads(1)  # as the trainer does (--torch-threads 1)
@@ -196,13 +275,15 @@ async def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     with contextlib.ExitStack() as stack:
         dsn = None
-        if not args.no_postgres:
+        if args.rounds and not args.no_postgres:
             reason = postgres.unavailable_reason()
             if reason:
                 print(f"(PostgreSQL skipped: {reason})")
             else:
                 dsn = stack.enter_context(postgres.postgres_server())
-        await bench_write_cost(args.seconds, args.rounds, dsn)
+        if args.rounds:
+            await bench_write_cost(args.seconds, args.rounds, dsn)
+            bench_batch_cost(dsn)
     if args.history_points:
         bench_history(args.history_points)
     if args.cycles:

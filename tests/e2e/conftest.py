@@ -9,6 +9,7 @@ var/e2e/ (kept after the run, ignored by git).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -150,16 +151,17 @@ class Stack:
         self.up.wait_for_line(f"open {self.url}", 5)
         return self
 
-    def start_run(self, task: str = "spiral") -> str:
+    def start_run(self, task: str = "spiral", params: dict[str, float] | None = None, name: str = "") -> str:
         """Start a run through the trainer's own gRPC API; returns its id."""
         argv = [*_server_prefix(self.netns), sys.executable, "-c",
-                "import sys, grpc\n"
+                "import json, sys, grpc\n"
                 "from tensorwire.trainer.v1 import trainer_pb2 as pb, trainer_pb2_grpc as rpc\n"
                 "with grpc.insecure_channel(sys.argv[1]) as ch:\n"
-                "    run = rpc.TrainerServiceStub(ch).StartRun(pb.StartRunRequest(task=sys.argv[2]),"
+                "    run = rpc.TrainerServiceStub(ch).StartRun(pb.StartRunRequest(task=sys.argv[2],"
+                " params=json.loads(sys.argv[4]), name=sys.argv[5]),"
                 " timeout=30, metadata=[('authorization', 'Bearer ' + sys.argv[3])]).run\n"
                 "print(run.run_id)\n",
-                f"127.0.0.1:{self.trainer_port}", task, self.token]
+                f"127.0.0.1:{self.trainer_port}", task, self.token, json.dumps(params or {}), name]
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"StartRun failed ({done.returncode}): {done.stderr[-2000:]}"
         return done.stdout.strip()

@@ -8,6 +8,7 @@ Screenshots in var/e2e/.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,75 @@ def center(locator: Any) -> tuple[float, float]:
     return b["x"] + b["width"] / 2, b["y"] + b["height"] / 2
 
 
+def row_order(page: Any, *run_ids: str) -> list[str]:
+    """The given runs in the order the runs table shows them."""
+    shown = page.eval_on_selector_all("#runs tbody tr[data-run]", "rows => rows.map(r => r.dataset.run)")
+    return [r for r in shown if r in run_ids]
+
+
+def test_runs_table_sorts_filters_and_compares_runs(suite: Stack) -> None:
+    # Two finished runs that differ in one hyper-parameter; 2,500 steps each, more
+    # than the 1,024 buckets a compared run is fetched in: their min/max band shows.
+    fast = suite.start_run("spiral", {"learning_rate": 0.03, "max_steps": 2500}, name="cmp-lr-fast")
+    slow = suite.start_run("spiral", {"learning_rate": 0.003, "max_steps": 2500}, name="cmp-lr-slow")
+    with browser() as context:
+        page = open_page(context, suite.page_url(f"run={fast}"))
+        for run_id in (fast, slow):
+            page.wait_for_function(f'() => document.querySelector(\'#runs tr[data-run="{run_id}"] .state\')'
+                                   "?.textContent === 'completed'", timeout=120_000)
+        # A column per hyper-parameter, with each run's value.
+        lr = page.locator('#runs th[data-key="p:learning_rate"]')
+        assert lr.inner_text().startswith("learning_rate")
+        column = page.eval_on_selector_all("#runs thead th", "ths => ths.map(th => th.dataset.key)").index(
+            "p:learning_rate")
+        cells = {r: page.locator(f'#runs tr[data-run="{r}"] td').nth(column).inner_text() for r in (fast, slow)}
+        assert cells == {fast: "0.0300", slow: "3.00e-3"}, cells
+        assert page.locator(f'#runs tr[data-run="{fast}"] .run-name').inner_text() == "cmp-lr-fast"
+        # Sortable: by learning_rate, descending then ascending.
+        lr.click()
+        page.wait_for_function("() => document.querySelector('#runs th[data-key=\"p:learning_rate\"]')"
+                               ".textContent.endsWith('▾')")
+        assert row_order(page, fast, slow) == [fast, slow]
+        lr.click()
+        page.wait_for_function("() => document.querySelector('#runs th[data-key=\"p:learning_rate\"]')"
+                               ".textContent.endsWith('▴')")
+        assert row_order(page, fast, slow) == [slow, fast]
+        # Filterable: a word searches the names (the table shows only those runs).
+        page.fill("#run-filter", "cmp-lr")
+        page.wait_for_function("() => document.querySelectorAll('#runs tbody tr[data-run]').length === 2",
+                               timeout=10_000)
+        # Select to compare: both runs' curves in one chart per metric, a legend entry
+        # each, and the raw min/max band of the down-sampled history.
+        for run_id in (fast, slow):
+            page.check(f'#runs tr[data-run="{run_id}"] input[type="checkbox"]')
+        page.click("#compare")
+        page.wait_for_function("() => window.tensorwire.compare.loss && window.tensorwire.compare.loss.runs.length === 2",
+                               timeout=20_000)
+        compare = page.evaluate("() => window.tensorwire.compare")
+        assert compare["loss"]["runs"] == [fast, slow] and compare["loss"]["band"], compare
+        assert set(compare) >= {"loss", "accuracy"}
+        assert 2000 <= compare["loss"]["points"] <= 2 * 1024, compare  # down-sampled, not 5,000 points
+        legend = page.locator('.compare-chart[data-series="loss"] .u-legend')
+        assert "cmp-lr-fast" in legend.inner_text() and "cmp-lr-slow" in legend.inner_text()
+        chart = page.locator('.compare-chart[data-series="loss"] .u-over')
+        chart.scroll_into_view_if_needed()
+        chart.hover()  # the legend shows each run's value at the cursor
+        values = page.eval_on_selector_all(
+            '.compare-chart[data-series="loss"] .u-legend tr.u-series:not(.band-edge) .u-value',
+            "cells => cells.map(c => c.textContent)")
+        assert len(values) == 3 and all(re.fullmatch(r"[-0-9.,e]+", v) for v in values), values  # step + 2 runs
+        page.click("#log-scale")  # the chart tools apply to the comparison too
+        page.wait_for_function("() => document.querySelector('.compare-chart[data-series=\"loss\"]') !== null")
+        page.click("#log-scale")
+        page.locator('.compare-chart[data-series="loss"]').scroll_into_view_if_needed()
+        screenshot(page, "store-compare-runs")
+        # Unselecting a run takes its curve away.
+        page.uncheck(f'#runs tr[data-run="{slow}"] input[type="checkbox"]')
+        page.wait_for_function("() => window.tensorwire.compare.loss && window.tensorwire.compare.loss.runs.length === 1",
+                               timeout=20_000)
+        page.fill("#run-filter", "")
+
+
 def test_suite_restart_keeps_runs_curves_and_resumes(suite: Stack, tmp_path: Path) -> None:
     # A new run from the page's own form, with a name and a finite max_steps.
     with browser() as context:
@@ -106,7 +176,7 @@ def test_suite_restart_keeps_runs_curves_and_resumes(suite: Stack, tmp_path: Pat
         page.wait_for_function(f"() => window.tensorwire.runId !== '{shown}' && window.tensorwire.displayedStep > 300",
                                timeout=60_000)
         run_id = page.evaluate("() => window.tensorwire.runId")
-        assert page.locator(f'#runs li[data-run="{run_id}"]').inner_text().startswith("survivor")
+        assert page.locator(f'#runs tr[data-run="{run_id}"] .run-name').inner_text() == "survivor"
         assert "% of 1000000" in page.locator("#progress").inner_text()
         page.evaluate(STATE_PROBE)
         before = page.evaluate("() => window.tensorwire.serverStep")
@@ -127,7 +197,7 @@ def test_suite_restart_keeps_runs_curves_and_resumes(suite: Stack, tmp_path: Pat
                                 "runs: window.tensorwire.runsShown, msg: document.querySelector('#message').textContent,"
                                 " title: document.querySelector('#conn').title})"))
             raise
-        page.wait_for_function(f'() => document.querySelector(\'#runs li[data-run="{run_id}"] .state\')'
+        page.wait_for_function(f'() => document.querySelector(\'#runs tr[data-run="{run_id}"] .state\')'
                                "?.textContent === 'interrupted'", timeout=20_000)
         assert page.locator("#resume").is_enabled()
         page.wait_for_function(f"() => window.tensorwire.charts.loss && window.tensorwire.serverStep >= {before}",

@@ -42,3 +42,39 @@ async def test_keep_runs_deletes_the_oldest_ended_runs_with_their_models_and_sta
             assert runs.find_run(kept).state == cpb.RUN_STATE_COMPLETED
     finally:
         await runs.aclose()
+
+
+async def test_an_ended_run_stays_until_the_publisher_sent_its_final_state(tmp_path: Path) -> None:
+    # The race a loaded machine hit (bench_run_store, cycle 170 of 600): a run
+    # released before the publisher's next tick never had COMPLETED published, and
+    # the streamers showed it RUNNING for good.
+    from services.trainer.publisher import Publisher
+    from tensorwire.publishing import Link
+
+    runs = RunManager(tmp_path / "models", checkpoint_every_s=0, store=SqliteRunStore(tmp_path / "r.sqlite3"),
+                      state_dir=tmp_path / "state", release_after_s=0.0, store_flush_every_s=0.05)
+    publisher = Publisher(runs, "127.0.0.1:1")  # not started: it collects when this test says
+    runs.release_listeners.append(publisher.forget)
+    runs.release_checks.append(publisher.final_sent)
+    link = publisher.streams.links["streamer:1"] = Link("streamer:1")
+    try:
+        run = runs.start_run("spiral", {"max_steps": 10})
+        await asyncio.to_thread(run.loop.join, 30)
+        assert runs.flush_checkpoints(30)  # its last checkpoint written (and noted in its record)
+        deadline = time.monotonic() + 20
+        while not runs.recorder or not runs.recorder.persisted(run.run_id, cpb.RUN_STATE_COMPLETED):
+            assert time.monotonic() < deadline
+            runs.records()  # as the recorder's source: the run's end is noted
+            await asyncio.sleep(0.05)
+        later = time.time() + 60
+        assert runs.recorder.persisted(run.run_id, cpb.RUN_STATE_COMPLETED)
+        assert runs.release_ended(later) == []  # stored, but COMPLETED not published yet
+        publisher.collect()  # the final status and points go to the link's outbox
+        assert run.run_id in link.pending_status
+        assert runs.release_ended(later) == []  # queued, not yet handed to the stream
+        sent = link.drain()
+        assert sent
+        assert runs.release_ended(later) == [run.run_id]
+        assert run.run_id not in link.statuses  # forgotten once released
+    finally:
+        await runs.aclose()

@@ -198,3 +198,14 @@ def test_a_long_series_is_read_from_its_blocks_exactly(store: RunStore) -> None:
     store.truncate_scalars("long", 10_005)
     after = store.scalars("long", 100)["loss"]
     assert after[-1].step == 10_005 and sum(b.count for b in after) == 10_005
+
+
+def test_a_step_given_twice_in_one_batch_keeps_the_last_value(store: RunStore) -> None:
+    store.put_runs([rec("twice")])
+    store.add_scalars([("twice", "loss", s, float(s)) for s in range(1, 201)]
+                      + [("twice", "loss", 3, 30.0), ("twice", "acc", 1, 0.5), ("twice", "loss", 3, 300.0)])
+    raw = store.scalars("twice", 1000)
+    assert [b.mean for b in raw["loss"][:4]] == [1.0, 2.0, 300.0, 4.0]
+    assert len(raw["loss"]) == 200 and [b.mean for b in raw["acc"]] == [0.5]
+    merged = store.scalars("twice", 2)["loss"]  # from the blocks: each step counted once
+    assert sum(b.count for b in merged) == 200 and max(b.hi for b in merged) == 300.0

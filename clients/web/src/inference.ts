@@ -4,6 +4,7 @@
 // to P points and its predicted positions are drawn after it; a [2] input
 // (spiral) gets the last point; any other model gets zeros of its input shapes.
 import * as rpc from "./rpc";
+import { infer, listModels, modelMetadata } from "./inference-rpc";
 
 const PAD = 260;
 // Pad coordinates -> model coordinates: the trajectory model was trained on
@@ -74,7 +75,7 @@ export class InferencePanel {
 
   async loadModels(): Promise<void> {
     try {
-      const models = await rpc.listModels();
+      const models = await listModels();
       const names = [...new Set(models.map((m) => m.name))].sort((a, b) =>
         a === "trajectory" ? -1 : b === "trajectory" ? 1 : a.localeCompare(b));
       const keep = this.select.value;
@@ -92,7 +93,7 @@ export class InferencePanel {
     this.inputs = [];
     if (!this.select.value) return;
     try {
-      const meta = await rpc.modelMetadata(this.select.value);
+      const meta = await modelMetadata(this.select.value);
       this.inputs = meta.inputs.map((t) => ({ name: t.name, shape: t.shape.map(Number) }));
       const dims = this.inputs[0]?.shape.filter((d, i) => !(i === 0 && d === -1)) ?? [];
       this.hint.textContent = dims.length === 2 && dims[1] === 2
@@ -139,7 +140,7 @@ export class InferencePanel {
     if (!model || !this.inputs.length || !this.path.length) return;
     const { tensors, trajectory } = this.tensors();
     try {
-      const reply = await rpc.infer(model, tensors);
+      const reply = await infer(model, tensors);
       this.latency.textContent = `${reply.latencyMs.toFixed(1)} ms round trip · ${model} v${reply.modelVersion || "?"}`;
       const lines = reply.outputs.map((o) => `${o.name} [${o.shape.join(", ")}]: ${preview(o.values)}`);
       if (trajectory && reply.outputs[0]) {

@@ -9,7 +9,7 @@ import * as rpc from "./rpc";
 import { decodeAll } from "./decode";
 import { drawView, type LiveView } from "./views";
 import { ChartPanel, Series } from "./charts";
-import { InferencePanel } from "./inference";
+import { CompareView } from "./compare";
 
 const $ = <T extends HTMLElement>(sel: string, root: ParentNode = document): T => root.querySelector(sel) as T;
 const h = <K extends keyof HTMLElementTagNameMap>(tag: K, props: Partial<HTMLElementTagNameMap[K]> = {}, ...kids: (Node | string)[]): HTMLElementTagNameMap[K] => {
@@ -81,6 +81,11 @@ const stats = {
   get runId() { return live.runId; },
   get state() { return RunState[currentState()] === "UNSPECIFIED" ? "" : RunState[currentState()]; },
   get charts() { return charts.describe(); },
+  get compare() { return compare?.describe() ?? {}; },
+  /** Milliseconds from navigation start to the first chart with points on screen,
+   *  and to the start of the subscription that brought them (the run's history). */
+  firstChartMs: 0,
+  subscribedMs: 0,
   get runsShown() { return runs.map((r) => r.runId); },
   get updatesPerS() { return updatesPerSecond(); },
   connection: "connecting" as rpc.ConnectionState,
@@ -96,7 +101,9 @@ const runName = h("input", { id: "run-name", placeholder: "name (optional)", max
 const maxSteps = h("input", { id: "max-steps", type: "number", min: "0", step: "1", title: "max_steps: the run ends after this many steps (0 = never)" });
 const startBtn = h("button", { id: "start", textContent: "Start run" });
 const runFilter = h("input", { id: "run-filter", type: "search", placeholder: "filter: word, state = RUNNING, tags:\"best\"" });
-const runList = h("ul", { id: "runs", className: "runs" });
+const runTable = h("table", { id: "runs", className: "runs" });
+const compareBtn = h("button", { id: "compare", textContent: "Compare", title: "overlay the selected runs' curves" });
+const clearBtn = h("button", { id: "compare-clear", textContent: "Clear", title: "unselect every run" });
 const pauseBtn = h("button", { id: "pause", textContent: "Pause" });
 const resumeBtn = h("button", { id: "resume", textContent: "Resume" });
 const stopBtn = h("button", { id: "stop", textContent: "Stop", className: "danger" });
@@ -119,16 +126,22 @@ const viewCanvas = h("canvas", { id: "view", width: 520, height: 520 });
 const viewInfo = h("div", { id: "view-info", className: "view-info" });
 const chartsRoot = h("div", { id: "charts", className: "charts" });
 const inferRoot = h("section", { id: "inference", className: "card" });
+const compareCard = h("div", { id: "compare-card", className: "card", hidden: true });
+const compareTitle = h("h2", { textContent: "Compare" });
+const compareRoot = h("div", { id: "compare-charts", className: "charts" });
+compareCard.append(compareTitle, compareRoot);
 
 app.append(
   h("aside", { className: "side" },
     h("section", { className: "card" }, h("h2", { textContent: "New run" }), taskSelect, runName,
       h("label", { className: "param" }, h("span", { textContent: "max_steps" }), maxSteps), startBtn),
-    h("section", { className: "card" }, h("h2", { textContent: "Runs" }), runFilter, runList),
     h("section", { className: "card" }, h("h2", { textContent: "Control" }),
       h("div", { className: "row" }, pauseBtn, resumeBtn, stopBtn, deleteBtn), params, message),
   ),
   h("section", { className: "stage" },
+    h("div", { className: "card runs-card" },
+      h("div", { className: "chart-tools" }, h("h2", { textContent: "Runs" }), runFilter, compareBtn, clearBtn),
+      h("div", { className: "runs-scroll" }, runTable)),
     h("div", { className: "card view-card" }, h("h2", { id: "view-title", textContent: "Live view" }), viewCanvas, viewInfo),
     h("div", { className: "card" },
       h("div", { className: "chart-tools" }, h("h2", { textContent: "Metrics" }),
@@ -136,6 +149,7 @@ app.append(
         h("label", {}, logScale, " log scale"),
         h("span", { className: "export" }, "export ", exportCsv, " ", exportJson)),
       chartsRoot),
+    compareCard,
   ),
   h("aside", { className: "side right" }, inferRoot),
 );
@@ -143,7 +157,9 @@ app.append(
 const conn = $("#conn");
 const badge = $("#badge");
 const charts = new ChartPanel(chartsRoot);
-new InferencePanel(inferRoot);
+let compare: CompareView | null = null;
+// Not needed for the first chart: loaded once the run list is in (a smaller first download).
+const loadInference = () => import("./inference").then((m) => new m.InferencePanel(inferRoot));
 
 // ------------------------------------------------------------------ rendering
 
@@ -189,6 +205,9 @@ function render(): void {
     if ((drewView && since >= CHARTS_MIN_INTERVAL_MS) || since >= CHARTS_MAX_WAIT_MS) {
       lastChartsAt = performance.now();
       charts.render(live.series);
+      if (!stats.firstChartMs && [...live.series.values()].some((s) => s.steps.length)) {
+        stats.firstChartMs = performance.now();
+      }
     } else {
       dirty.delete("charts");
       clearTimeout(chartsTimer);
@@ -293,7 +312,7 @@ function onFrame(frame: Frame, receivedAt: number): void {
       for (const s of body.value.series) {
         let series = live.series.get(s.name);
         if (!series) live.series.set(s.name, (series = new Series()));
-        series.append(s.steps, s.values);
+        series.append(s.steps, s.values, s.min, s.max);
       }
       invalidate("charts");
       break;
@@ -363,6 +382,7 @@ function watch(runId: string): void {
   const q = new URLSearchParams(location.search);
   q.set("run", runId);
   history.replaceState(null, "", `?${q}`);
+  if (!stats.firstChartMs) stats.subscribedMs = performance.now();
   void rpc.followRun(runId, { frame: onFrame, state: onConnection, clockOffset: onClockOffset }, abort.signal, tuning);
 }
 
@@ -399,24 +419,128 @@ runFilter.oninput = () => {
 };
 
 let runsShown = "";
+/** Runs ticked for comparison, in the order they were ticked (their colours). */
+const selected: string[] = [];
+let sortKey = "started";
+let sortDesc = true;
+
+type Column = { key: string; title: string; value: (r: Run) => number | string; text?: (r: Run) => string };
+
+function columns(): Column[] {
+  const now = Date.now() / 1000;
+  const paramNames = [...new Set(runs.flatMap((r) => Object.keys(r.params)))].sort();
+  const metricNames = [...new Set(runs.flatMap((r) => Object.keys(r.metrics)))]
+    .sort((a, b) => (a === "loss" ? -1 : b === "loss" ? 1 : a.localeCompare(b)));
+  const num = (v: number | undefined) => (v === undefined ? "" : fmtParam(v, Number.isInteger(v)));
+  const duration = (r: Run) => (r.endedAt || (r.state === RunState.RUNNING ? now : r.updatedAt)) - r.createdAt;
+  return [
+    { key: "name", title: "name", value: (r) => r.name || r.task },
+    { key: "task", title: "task", value: (r) => r.task },
+    { key: "state", title: "state", value: (r) => RunState[r.state].toLowerCase() },
+    { key: "step", title: "step", value: (r) => Number(r.step) },
+    { key: "steps/s", title: "steps/s", value: (r) => r.stepsPerSecond,
+      text: (r) => (r.stepsPerSecond > 0 ? r.stepsPerSecond.toFixed(0) : "") },
+    { key: "started", title: "started", value: (r) => r.createdAt, text: (r) => fmtTime(r.createdAt) },
+    { key: "duration", title: "duration", value: duration, text: (r) => fmtDuration(Math.max(0, duration(r))) },
+    ...metricNames.map((m): Column => ({ key: `m:${m}`, title: m, value: (r) => r.metrics[m] ?? NaN,
+                                         text: (r) => num(r.metrics[m]) })),
+    ...paramNames.map((p): Column => ({ key: `p:${p}`, title: p, value: (r) => r.params[p] ?? NaN,
+                                        text: (r) => num(r.params[p]) })),
+  ];
+}
+
+function fmtTime(unixS: number): string {
+  const d = new Date(unixS * 1000);
+  const sameDay = d.toDateString() === new Date().toDateString();
+  return sameDay ? d.toLocaleTimeString([], { hour12: false }) : d.toLocaleDateString();
+}
+
+function sortedRuns(cols: Column[]): Run[] {
+  const col = cols.find((c) => c.key === sortKey) ?? cols[5];
+  const sign = sortDesc ? -1 : 1;
+  return [...runs].sort((a, b) => {
+    const x = col.value(a), y = col.value(b);
+    if (typeof x === "number" && typeof y === "number") {
+      if (Number.isNaN(x) || Number.isNaN(y)) return Number.isNaN(x) ? 1 : Number.isNaN(y) ? -1 : 0;
+      return sign * (x - y);
+    }
+    return sign * String(x).localeCompare(String(y));
+  });
+}
 
 function renderRuns(): void {
-  const key = live.runId + "|" + runs.map((r) => `${r.runId}:${r.state}:${r.step}:${r.name}`).join(",");
+  const cols = columns();
+  const key = [live.runId, sortKey, sortDesc, selected.join(","), cols.map((c) => c.key).join(","),
+               runs.map((r) => `${r.runId}:${r.state}:${r.step}:${r.name}:${r.stepsPerSecond.toFixed(0)}`).join(",")].join("|");
   if (key === runsShown) return;
   runsShown = key;
-  runList.innerHTML = "";
-  if (!runs.length) runList.append(h("li", { className: "empty", textContent: "no runs yet" }));
-  for (const r of runs) {
-    const li = h("li", { className: r.runId === live.runId ? "active" : "", title: [r.notes, r.tags.join(", ")].filter(Boolean).join(" · ") },
-      h("span", { className: "run-task", textContent: r.name || r.task }),
-      h("span", { className: "run-id", textContent: `${r.runId} · step ${r.step}` }),
-      h("span", { className: `state state-${RunState[r.state].toLowerCase()}`, textContent: RunState[r.state].toLowerCase() }),
-    );
-    li.dataset.run = r.runId;
-    li.onclick = () => watch(r.runId);
-    runList.append(li);
+  compareBtn.disabled = selected.length < 1;
+  clearBtn.disabled = selected.length < 1;
+  const head = h("tr", {}, h("th", { className: "select" }));
+  for (const c of cols) {
+    const th = h("th", { textContent: c.title + (c.key === sortKey ? (sortDesc ? " ▾" : " ▴") : ""), title: `sort by ${c.title}` });
+    th.dataset.key = c.key;
+    if (c.key.startsWith("p:")) th.className = "param-col";
+    th.onclick = () => {
+      sortDesc = c.key === sortKey ? !sortDesc : c.key !== "name" && c.key !== "task";
+      sortKey = c.key;
+      invalidate("runs");
+    };
+    head.append(th);
+  }
+  const body = h("tbody");
+  if (!runs.length) body.append(h("tr", { className: "empty" }, h("td", { colSpan: cols.length + 1, textContent: "no runs yet" })));
+  for (const r of sortedRuns(cols)) {
+    const box = h("input", { type: "checkbox", checked: selected.includes(r.runId), title: "select to compare" });
+    box.onclick = (event) => event.stopPropagation();
+    box.onchange = () => {
+      const at = selected.indexOf(r.runId);
+      if (box.checked && at < 0) selected.push(r.runId);
+      if (!box.checked && at >= 0) selected.splice(at, 1);
+      invalidate("runs");
+      if (!compareCard.hidden) void showCompare();
+    };
+    const tr = h("tr", { className: r.runId === live.runId ? "active" : "", title: [r.runId, r.notes, r.tags.join(", ")].filter(Boolean).join(" · ") },
+      h("td", { className: "select" }, box));
+    for (const c of cols) {
+      const td = h("td", { textContent: c.text ? c.text(r) : String(c.value(r)) });
+      if (c.key === "name") td.className = "run-name";
+      if (c.key === "state") {
+        td.textContent = "";
+        td.append(h("span", { className: `state state-${c.value(r)}`, textContent: String(c.value(r)) }));
+      }
+      tr.append(td);
+    }
+    tr.dataset.run = r.runId;
+    tr.onclick = () => watch(r.runId);
+    body.append(tr);
+  }
+  runTable.replaceChildren(h("thead", {}, head), body);
+}
+
+/** Overlay the selected runs' stored curves. */
+async function showCompare(): Promise<void> {
+  const chosen = selected.map((id) => runs.find((r) => r.runId === id)).filter((r): r is Run => !!r);
+  if (!chosen.length) {
+    compareCard.hidden = true;
+    compare?.clear();
+    return;
+  }
+  compareCard.hidden = false;
+  compareTitle.textContent = `Compare ${chosen.length} run${chosen.length > 1 ? "s" : ""}`;
+  try {
+    compare ??= new CompareView(compareRoot);
+    await compare.show(chosen, charts.options);
+  } catch (err) {
+    message.textContent = `compare: ${rpc.describeError(err)}`;
   }
 }
+compareBtn.onclick = () => void showCompare();
+clearBtn.onclick = () => {
+  selected.length = 0;
+  invalidate("runs");
+  void showCompare();
+};
 
 function currentState(): RunState {
   return live.status?.state || (runs.find((r) => r.runId === live.runId)?.state ?? RunState.UNSPECIFIED);
@@ -470,8 +594,12 @@ smoothing.oninput = () => {
   const weight = Number(smoothing.value);
   smoothingOut.textContent = weight.toFixed(2);
   charts.setOptions({ smoothing: weight }, live.series);
+  if (!compareCard.hidden) compare?.redraw(charts.options);
 };
-logScale.onchange = () => charts.setOptions({ log: logScale.checked }, live.series);
+logScale.onchange = () => {
+  charts.setOptions({ log: logScale.checked }, live.series);
+  if (!compareCard.hidden) compare?.redraw(charts.options);
+};
 
 startBtn.onclick = async () => {
   const task = tasks.find((t) => t.name === taskSelect.value);
@@ -582,6 +710,7 @@ async function loadTasks(): Promise<void> {
 
 async function boot(): Promise<void> {
   await Promise.all([loadTasks(), refreshRuns()]);
+  void loadInference();
   renderParams();
   invalidate("view");
   invalidate("controls");

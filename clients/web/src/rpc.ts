@@ -1,17 +1,13 @@
-// All RPC code of the app: the gRPC-Web transport, the trainer / streamer /
-// inference clients, and the live subscription with reconnect and backoff.
+// All RPC code of the app: the gRPC-Web transport, the trainer and streamer
+// clients, and the live subscription with reconnect and backoff (the inference
+// calls are in inference-rpc.ts, loaded with the inference panel, on this transport).
 // UI modules call these functions and never touch a transport or a stub.
-import { create } from "@bufbuild/protobuf";
-import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
+import type { DescService } from "@bufbuild/protobuf";
+import { type Client, Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
-import { type Array as PackedArray, Codec } from "./gen/tensorwire/common/v1/common_pb";
+import { type Array as PackedArray, Codec, type ScalarSeries } from "./gen/tensorwire/common/v1/common_pb";
 import { type Frame, StreamerService } from "./gen/tensorwire/streamer/v1/streamer_pb";
 import { type Run, type TaskInfo, TrainerService } from "./gen/tensorwire/trainer/v1/trainer_pb";
-import {
-  GRPCInferenceService,
-  type ModelMetadataResponse,
-  ModelInferRequest_InferInputTensorSchema,
-} from "./gen/tensorwire/inference/grpc_service_pb";
 
 // The access token: `tensorwire up` prints the page URL with `#token=...`. It is
 // read once, kept in this tab's sessionStorage and removed from the address bar
@@ -48,9 +44,13 @@ const AFFINITY = { "x-tensorwire-affinity": Math.random().toString(36).slice(2) 
 
 const trainer = createClient(TrainerService, transport);
 const streamer = createClient(StreamerService, transport);
-const inference = createClient(GRPCInferenceService, transport);
 
-const CONTROL_TIMEOUT_MS = 5000;
+/** A client of ``service`` on the page's transport (token, binary gRPC-Web). */
+export function clientFor<T extends DescService>(service: T): Client<T> {
+  return createClient(service, transport);
+}
+
+export const CONTROL_TIMEOUT_MS = 5000;
 
 /** A failed call, in words a person can act on. */
 /** Download a run's scalar history (CSV or JSON) with this tab's token: a plain
@@ -86,6 +86,13 @@ export async function listRuns(filter = ""): Promise<Run[]> {
     { timeoutMs: CONTROL_TIMEOUT_MS },
   );
   return reply.runs;
+}
+
+/** A run's stored scalar history, each series in at most ``maxPoints`` buckets
+ *  (min/mean/max over equal step spans; raw points when there are few). */
+export async function runScalars(runId: string, maxPoints: number): Promise<ScalarSeries[]> {
+  const reply = await trainer.getRunScalars({ runId, maxPoints }, { timeoutMs: CONTROL_TIMEOUT_MS });
+  return reply.scalars?.series ?? [];
 }
 
 export async function startRun(task: string, params: Record<string, number>, name = ""): Promise<Run | undefined> {
@@ -362,62 +369,4 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
     const timer = setTimeout(done, ms);
     signal.addEventListener("abort", done);
   });
-}
-
-// ---------------------------------------------------------------- inference
-
-export interface ModelEntry {
-  name: string;
-  version: string;
-  state: string;
-}
-
-export async function listModels(): Promise<ModelEntry[]> {
-  const reply = await inference.repositoryIndex({ ready: false }, { timeoutMs: CONTROL_TIMEOUT_MS });
-  return reply.models.map((m) => ({ name: m.name, version: m.version, state: m.state }));
-}
-
-export async function modelMetadata(name: string): Promise<ModelMetadataResponse> {
-  return inference.modelMetadata({ name }, { timeoutMs: CONTROL_TIMEOUT_MS });
-}
-
-export interface InferResult {
-  outputs: { name: string; shape: number[]; values: Float32Array }[];
-  modelVersion: string;
-  latencyMs: number;
-}
-
-/** One ModelInfer call with FP32 inputs as raw little-endian bytes. */
-export async function infer(
-  model: string,
-  inputs: { name: string; shape: number[]; values: Float32Array }[],
-): Promise<InferResult> {
-  const started = performance.now();
-  const reply = await inference.modelInfer(
-    {
-      modelName: model,
-      inputs: inputs.map((t) =>
-        create(ModelInferRequest_InferInputTensorSchema, {
-          name: t.name,
-          datatype: "FP32",
-          shape: t.shape.map((d) => BigInt(d)),
-        }),
-      ),
-      rawInputContents: inputs.map((t) => new Uint8Array(t.values.buffer, t.values.byteOffset, t.values.byteLength)),
-    },
-    { timeoutMs: CONTROL_TIMEOUT_MS },
-  );
-  const latencyMs = performance.now() - started;
-  const outputs = reply.outputs.map((o, i) => {
-    const raw = reply.rawOutputContents[i];
-    let values: Float32Array;
-    if (raw && raw.byteLength) {
-      const copy = raw.slice(); // aligned copy
-      values = new Float32Array(copy.buffer, 0, copy.byteLength / 4);
-    } else {
-      values = Float32Array.from(o.contents?.fp32Contents ?? []);
-    }
-    return { name: o.name, shape: o.shape.map(Number), values };
-  });
-  return { outputs, modelVersion: reply.modelVersion, latencyMs };
 }

@@ -1,0 +1,128 @@
+// Several runs side by side: one chart per metric with every selected run's curve
+// overlaid, each run its own colour and legend entry (the legend shows each run's
+// value at the cursor), and each run's raw min/max band where its history is
+// down-sampled. The histories come from the run store (GetRunScalars), so ended
+// and interrupted runs compare as well as live ones.
+import uPlot from "uplot";
+import type { ScalarSeries } from "./gen/tensorwire/common/v1/common_pb";
+import type { Run } from "./gen/tensorwire/trainer/v1/trainer_pb";
+import { RunState } from "./gen/tensorwire/common/v1/common_pb";
+import { type ChartOptions, COLORS, smooth } from "./charts";
+import { runScalars } from "./rpc";
+
+/** Buckets per series and run: about one per pixel of a wide chart. */
+const MAX_POINTS = 1024;
+
+export interface CompareInfo {
+  runs: string[];
+  /** Whether a raw min/max band is drawn (some run's history is down-sampled). */
+  band: boolean;
+  points: number;
+}
+
+export class CompareView {
+  private plots = new Map<string, { plot: uPlot; box: HTMLElement; info: CompareInfo }>();
+  /** Histories of ended runs (they do not change); live runs are fetched again. */
+  private cache = new Map<string, ScalarSeries[]>();
+  private shown: { run: Run; series: ScalarSeries[] }[] = [];
+
+  constructor(private readonly root: HTMLElement) {
+    new ResizeObserver(() => {
+      for (const { plot } of this.plots.values()) plot.setSize({ width: this.width(), height: 220 });
+    }).observe(root);
+  }
+
+  /** Show ``runs`` (in this order: each run keeps its colour while others come and go). */
+  async show(runs: Run[], options: ChartOptions): Promise<void> {
+    const histories = await Promise.all(runs.map(async (run) => {
+      const cached = this.cache.get(run.runId);
+      if (cached) return cached;
+      const series = await runScalars(run.runId, MAX_POINTS);
+      const live = run.state === RunState.RUNNING || run.state === RunState.PAUSED || run.state === RunState.PENDING;
+      if (!live) this.cache.set(run.runId, series);
+      return series;
+    }));
+    this.shown = runs.map((run, i) => ({ run, series: histories[i] }));
+    this.draw(options);
+  }
+
+  /** Draw again with other options (smoothing, log scale) from what was fetched. */
+  redraw(options: ChartOptions): void {
+    this.draw(options);
+  }
+
+  clear(): void {
+    for (const { plot, box } of this.plots.values()) {
+      plot.destroy();
+      box.remove();
+    }
+    this.plots.clear();
+    this.shown = [];
+  }
+
+  describe(): Record<string, CompareInfo> {
+    const out: Record<string, CompareInfo> = {};
+    for (const [name, { info }] of this.plots) out[name] = info;
+    return out;
+  }
+
+  private width(): number {
+    return Math.max(240, this.root.clientWidth - 4);
+  }
+
+  private draw(options: ChartOptions): void {
+    const histories = this.shown;
+    for (const { plot, box } of this.plots.values()) {
+      plot.destroy();
+      box.remove();
+    }
+    this.plots.clear();
+    const names = [...new Set(histories.flatMap((h) => h.series.map((s) => s.name)))]
+      .sort((a, b) => (a === "loss" ? -1 : b === "loss" ? 1 : a.localeCompare(b)));
+    const positive = (v: number | null) => (v === null || !Number.isFinite(v) || (options.log && !(v > 0)) ? null : v);
+    const axis = { stroke: "#8b949e", grid: { stroke: "#222a33" }, ticks: { stroke: "#222a33" } };
+    for (const name of names) {
+      const tables: uPlot.AlignedData[] = [];
+      const series: uPlot.Series[] = [{ label: "step" }];
+      const bands: uPlot.Band[] = [];
+      const info: CompareInfo = { runs: [], band: false, points: 0 };
+      histories.forEach(({ run, series: all }, i) => {
+        const s = all.find((x) => x.name === name);
+        if (!s || !s.steps.length) return;
+        const color = COLORS[i % COLORS.length];
+        const steps = s.steps.map(Number);
+        const values = s.values.map((v) => (Number.isFinite(v) ? v : null));
+        const bucketed = s.min.length === s.values.length && s.max.length === s.values.length;
+        tables.push([steps, smooth(values, options.smoothing).map(positive),
+                     (bucketed ? s.min : values).map((v) => positive(v)),
+                     (bucketed ? s.max : values).map((v) => positive(v))]);
+        const at = series.length;
+        series.push(
+          { label: run.name || `${run.task} ${run.runId}`, stroke: color, width: 1.5, spanGaps: true, points: { show: false } },
+          { label: "min", class: "band-edge", stroke: "transparent", width: 0, spanGaps: true, points: { show: false } },
+          { label: "max", class: "band-edge", stroke: "transparent", width: 0, spanGaps: true, points: { show: false } },
+        );
+        if (bucketed) bands.push({ series: [at + 2, at + 1], fill: `${color}30` });
+        info.runs.push(run.runId);
+        info.band ||= bucketed;
+        info.points += steps.length;
+      });
+      if (!tables.length) continue;
+      const box = document.createElement("div");
+      box.className = "chart compare-chart";
+      box.dataset.series = name;
+      this.root.append(box);
+      const plot = new uPlot({
+        width: this.width(),
+        height: 220,
+        title: `${name}${options.smoothing > 0 ? " (smoothed)" : ""}`,
+        cursor: { drag: { x: true, y: false } },  // drag to zoom; double-click resets
+        scales: { x: { time: false }, y: options.log ? { distr: 3 } : {} },
+        axes: [{ ...axis, label: "step", labelSize: 16 }, { ...axis, size: 56, label: name, labelSize: 16 }],
+        series,
+        bands,
+      }, tables.length === 1 ? tables[0] : uPlot.join(tables), box);
+      this.plots.set(name, { plot, box, info });
+    }
+  }
+}
