@@ -68,7 +68,7 @@ class DigitsTask(Task):
         return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(1) == y).float().mean()}
 
     def build_view(self, model: nn.Module, data: Any, config: RunConfig) -> cpb.View:
-        _, (x, y) = data
+        _, (x, _) = data
         predicted = model(x[:32]).argmax(1)
         view = views.images(x[:32], name="images")
         view.meta["test_accuracy"] = self._test_accuracy(model, data)
