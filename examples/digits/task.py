@@ -49,7 +49,8 @@ class DigitsTask(Task):
     budget pictures came only every 1.2 s."""
 
     def __init__(self) -> None:
-        self._accuracy: dict[int, tuple[float, float]] = {}  # id(data) -> (measured at, value)
+        # id(data) -> (data, measured at, value); holding data keeps its id from being reused
+        self._accuracy: dict[int, tuple[Any, float, float]] = {}
 
     def make_data(self, config: RunConfig, seed: int) -> Any:
         return load_digits_split(seed=seed)
@@ -78,10 +79,10 @@ class DigitsTask(Task):
     def _test_accuracy(self, model: nn.Module, data: Any) -> float:
         _, (x, y) = data
         now = time.monotonic()
-        at, value = self._accuracy.get(id(data), (-float("inf"), 0.0))
+        _, at, value = self._accuracy.get(id(data), (None, -float("inf"), 0.0))
         if now - at >= self.accuracy_every_s:
             value = float((model(x).argmax(1) == y).float().mean())
             if len(self._accuracy) >= 16 and id(data) not in self._accuracy:
                 self._accuracy.pop(next(iter(self._accuracy)))
-            self._accuracy[id(data)] = (now, value)
+            self._accuracy[id(data)] = (data, now, value)
         return value
