@@ -405,14 +405,14 @@ def _add_version(
                     f"model {name!r} is a {tritonconfig.platform_of(parsed, name)!r} model; "
                     f"cannot add a {kind!r} version"
                 )
-            file_name = parsed.default_model_filename or PLATFORMS[kind]
+            file_name = tritonconfig.model_filename(parsed, kind, name)
         else:
             file_name = PLATFORMS[kind]
         if triton_config:
             from tensorwire import tritonconfig
 
             sent = tritonconfig.check_sent_config(triton_config, name, kind)
-            file_name = sent.default_model_filename or PLATFORMS[kind]
+            file_name = tritonconfig.model_filename(sent, kind, name)
     elif triton_config:
         raise InvalidArgumentError(f"a config.pbtxt comes only with a Triton model file, not a {kind!r} model")
     elif config_path.is_file():

@@ -69,6 +69,8 @@ class Link:
     scalars: dict[str, ScalarBuffer] = field(default_factory=dict)
     views: dict[ViewKey, bytes] = field(default_factory=dict)
     pending_status: set[str] = field(default_factory=set)
+    writing_status: set[str] = field(default_factory=set)
+    """Statuses drained and not yet written: still owed if the write fails."""
     pending_views: set[ViewKey] = field(default_factory=set)
     watchers: dict[str, int] = field(default_factory=dict)
     demand_fps: dict[str, float] = field(default_factory=dict)
@@ -130,6 +132,7 @@ class Link:
         out: list[tuple[bytes, tuple[str, dict[str, list[Bucket]]] | None]] = [
             (self.statuses[r], None) for r in sorted(self.pending_status) if r in self.statuses
         ]
+        self.writing_status |= self.pending_status
         self.pending_status.clear()
         for run_id, buffer in self.scalars.items():
             series = buffer.take()
@@ -141,7 +144,12 @@ class Link:
         self.pending_views.clear()
         return out
 
+    def owes_status(self, run_id: str) -> bool:
+        """``run_id``'s status is queued or being written (not yet handed over)."""
+        return run_id in self.pending_status or run_id in self.writing_status
+
     def resend_all(self) -> None:
+        self.writing_status.clear()
         self.pending_status = set(self.statuses)
         self.pending_views = set(self.views)
         self.wake.set()
@@ -321,6 +329,7 @@ class StreamLinks:
                                 link.restore_scalars(*taken)
                         raise
                     link.sent_frames += 1
+                link.writing_status.clear()
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)

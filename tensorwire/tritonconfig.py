@@ -227,8 +227,23 @@ def to_dict(config: Any, name: str) -> dict[str, Any]:
         "instance_count": count or 1,
         "parameters": parameters,
         "response_cache_enabled": bool(config.response_cache.enable),
-        "default_model_filename": config.default_model_filename or PLATFORMS[platform],
+        "default_model_filename": model_filename(config, platform, name),
     }
+
+
+def model_filename(config: Any, platform: str, name: str) -> str:
+    """The model file inside a version folder: ``default_model_filename`` or the
+    platform's default. A plain file name only: a config may come over the network
+    (an upload's ``triton_config``), and ``../x`` or ``/x`` would write or read the
+    model file outside its version folder."""
+    file_name = str(config.default_model_filename) or PLATFORMS[platform]
+    if (file_name in (".", "..") or "/" in file_name or "\\" in file_name or "\0" in file_name
+            or len(file_name.encode()) > 255):
+        raise InvalidArgumentError(
+            f"model {name!r}: default_model_filename must be a plain file name inside the version "
+            f"folder, got {file_name!r}"
+        )
+    return file_name
 
 
 MAX_CONFIG_BYTES = 1 << 20

@@ -14,6 +14,7 @@ the class in its entry points instead::
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class DigitsTask(Task):
     def __init__(self) -> None:
         # id(data) -> (data, measured at, value); holding data keeps its id from being reused
         self._accuracy: dict[int, tuple[Any, float, float]] = {}
+        self._lock = threading.Lock()  # views of several runs may be drawn in threads at once
 
     def make_data(self, config: RunConfig, seed: int) -> Any:
         return load_digits_split(seed=seed)
@@ -79,10 +81,12 @@ class DigitsTask(Task):
     def _test_accuracy(self, model: nn.Module, data: Any) -> float:
         _, (x, y) = data
         now = time.monotonic()
-        _, at, value = self._accuracy.get(id(data), (None, -float("inf"), 0.0))
+        with self._lock:
+            _, at, value = self._accuracy.get(id(data), (None, -float("inf"), 0.0))
         if now - at >= self.accuracy_every_s:
             value = float((model(x).argmax(1) == y).float().mean())
-            if len(self._accuracy) >= 16 and id(data) not in self._accuracy:
-                self._accuracy.pop(next(iter(self._accuracy)))
-            self._accuracy[id(data)] = (data, now, value)
+            with self._lock:
+                if len(self._accuracy) >= 16 and id(data) not in self._accuracy:
+                    self._accuracy.pop(next(iter(self._accuracy)))
+                self._accuracy[id(data)] = (data, now, value)
         return value

@@ -123,11 +123,10 @@ class NativeHooks:
                                                              for t in tensors)):
             return None
         routing = self._repo.routing(model)
+        # Not raised for Redis: the native queue's limit bounds whole batches, forward
+        # included, and a model's max_concurrent_batches is a promise (GPU memory, a
+        # module that is not thread-safe).
         concurrent = config.max_concurrent_batches
-        if self._repo.cache is not None and self._repo.cache.remote and any(
-            self._repo.version_of(model, str(v)).response_cache_enabled for v in versions
-        ):
-            concurrent += 1  # a batch waiting for Redis's answer does not hold the model
         return {
             "ready": sorted(routing.versions),
             "choices": list(routing.choices),

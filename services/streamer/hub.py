@@ -213,9 +213,9 @@ class Subscriber:
     last_scalars_at: float = -math.inf
     pending_views: dict[str, CachedView] = field(default_factory=dict)
     scalar_row_bytes: float = 40.0
+    """Bytes per point in every series of a scalar frame, measured on the last one."""
     scalar_frame_bytes: int = 0
     """Size of the last scalar frame sent (its spacing on a slow link)."""
-    """Bytes per point in every series of a scalar frame, measured on the last one."""
     views_due: bool = False
     next_view_at: float = 0.0
     frames_sent: int = 0
@@ -409,6 +409,12 @@ class UpdateHub:
             # Latest wins per view: a run's views are told apart by name (SDK scripts
             # may show several of one kind), else by kind.
             key = view.name or view.kind
+            marked = [a.name for a in view.arrays if a.unchanged]
+            if marked:
+                raise InvalidArgumentError(
+                    f"view {key!r} of run {req.run_id!r}: array {marked[0]!r} is marked unchanged; only "
+                    "the streamer sets Array.unchanged (towards its subscribers): publish every array's bytes"
+                )
             cached = CachedView(view.kind, view.step or req.step, view.produced_at or req.produced_at, view)
             topic.views[key] = cached
             for sub in topic.subscribers:

@@ -39,6 +39,11 @@ def status_message(run: Run, status: LiveStatus) -> cpb.RunStatus:
     )
 
 
+FINAL_SEND_WAIT_S = 120.0
+"""How long an ended run waits in memory for a disconnected streamer link to take
+its final state (connected links are always waited for)."""
+
+
 class Publisher:
     """Streams every run of ``runs`` to every streamer address of ``target``."""
 
@@ -188,10 +193,14 @@ class Publisher:
         would show it live forever (forget() drops what is still queued)."""
         if run.external or not self.target:
             return True  # its own script publishes it; or no streamer to tell
+        # A streamer that stays unreachable must not keep ended runs in memory for
+        # ever: after FINAL_SEND_WAIT_S a disconnected link is no longer waited for.
+        overdue = bool(run.ended_at) and time.time() - run.ended_at > FINAL_SEND_WAIT_S
         last = self._last_status.get(run.run_id)
         if last is None or last[2] != run.state:
-            return False
-        return not any(run.run_id in link.pending_status or link.scalars.get(run.run_id)
+            return overdue
+        return not any((link.connected or not overdue)
+                       and (link.owes_status(run.run_id) or link.scalars.get(run.run_id))
                        for link in self.links.values())
 
     def forget(self, run_id: str) -> None:

@@ -81,6 +81,10 @@ async def test_every_sdk_checkpoint_is_served_and_tritonclient_gets_what_the_mod
     assert report["ready_after_load"] is True
 
 
+_IO = ('input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]\n'
+       'output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]\n')
+
+
 @pytest.mark.parametrize(("kind", "config", "words"), [
     ("pytorch_libtorch", 'name: "m"\nplatform: "torch_export"\n', "says platform 'torch_export'"),
     ("pytorch_libtorch", 'name: "other"\nplatform: "pytorch_libtorch"\n', "names it 'other'"),
@@ -88,6 +92,13 @@ async def test_every_sdk_checkpoint_is_served_and_tritonclient_gets_what_the_mod
     ("pytorch_libtorch", 'name: "m"\ninput [ { name: x }', "config.pbtxt sent for model 'm':"),
     ("pytorch_libtorch", 'name: "m"\noptimization { priority: PRIORITY_MAX }\n', "'optimization'"),
     ("spiral", 'name: "m"\n', "comes only with a Triton model file"),
+    # A model file name from the network may not leave its version folder.
+    ("pytorch_libtorch", 'name: "m"\ndefault_model_filename: "../../escaped.pt"\n' + _IO,
+     "default_model_filename must be a plain file name"),
+    ("pytorch_libtorch", 'name: "m"\ndefault_model_filename: "/tmp/escaped.pt"\n' + _IO,
+     "default_model_filename must be a plain file name"),
+    ("pytorch_libtorch", 'name: "m"\ndefault_model_filename: ".."\n' + _IO,
+     "default_model_filename must be a plain file name"),
 ])
 async def test_a_bad_config_sent_with_a_model_is_refused_before_any_chunk(
     tmp_path: Path, kind: str, config: str, words: str

@@ -303,3 +303,14 @@ def test_light_frames_fit_their_share_of_a_slow_link() -> None:
     assert slow_sent["status"] >= 9, slow_sent  # never under the 1 s keepalive
     assert slow_sent["scalars"] < 0.75 * fast_sent["scalars"], (slow_sent, fast_sent)
     assert slow_sent["scalars"] >= 9, slow_sent
+
+
+def test_a_publisher_may_not_mark_arrays_unchanged() -> None:
+    """Array.unchanged is the streamer's word to a subscriber: from a publisher it
+    would leave fresh subscribers with a view they cannot rebuild."""
+    hub, _ = _hub()
+    req = _dataset_view(1, [[0.0, 1.0]])
+    req.view.arrays[1].unchanged = True
+    with pytest.raises(InvalidArgumentError, match="'points' is marked unchanged"):
+        hub.publish(req)
+    assert "boundary" not in hub.topics["r"].views

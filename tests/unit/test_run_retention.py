@@ -74,7 +74,40 @@ async def test_an_ended_run_stays_until_the_publisher_sent_its_final_state(tmp_p
         assert runs.release_ended(later) == []  # queued, not yet handed to the stream
         sent = link.drain()
         assert sent
+        assert runs.release_ended(later) == []  # drained, but the write may still fail
+        link.writing_status.clear()  # what the stream does once every write went out
         assert runs.release_ended(later) == [run.run_id]
         assert run.run_id not in link.statuses  # forgotten once released
+    finally:
+        await runs.aclose()
+
+
+async def test_an_unreachable_streamer_does_not_keep_ended_runs_for_ever(tmp_path: Path) -> None:
+    from services.trainer.publisher import FINAL_SEND_WAIT_S, Publisher
+    from tensorwire.publishing import Link
+
+    runs = RunManager(tmp_path / "models", checkpoint_every_s=0, store=SqliteRunStore(tmp_path / "r.sqlite3"),
+                      state_dir=tmp_path / "state", release_after_s=0.0, store_flush_every_s=0.05)
+    publisher = Publisher(runs, "127.0.0.1:1")
+    runs.release_listeners.append(publisher.forget)
+    runs.release_checks.append(publisher.final_sent)
+    link = publisher.streams.links["streamer:1"] = Link("streamer:1")  # never connects
+    try:
+        run = runs.start_run("spiral", {"max_steps": 10})
+        await asyncio.to_thread(run.loop.join, 30)
+        assert runs.flush_checkpoints(30)
+        deadline = time.monotonic() + 20
+        while not runs.recorder or not runs.recorder.persisted(run.run_id, cpb.RUN_STATE_COMPLETED):
+            assert time.monotonic() < deadline
+            runs.records()
+            await asyncio.sleep(0.05)
+        publisher.collect()
+        assert link.owes_status(run.run_id)
+        assert runs.release_ended(time.time() + 60) == []  # a disconnected link is waited for a while
+        link.connected = True
+        run.ended_at -= FINAL_SEND_WAIT_S + 1
+        assert runs.release_ended(time.time() + 60) == []  # ... a connected one always
+        link.connected = False
+        assert runs.release_ended(time.time() + 60) == [run.run_id]  # then memory wins
     finally:
         await runs.aclose()

@@ -25,6 +25,8 @@ export class CompareView {
   /** Histories of ended runs (they do not change); live runs are fetched again. */
   private cache = new Map<string, ScalarSeries[]>();
   private shown: { run: Run; series: ScalarSeries[] }[] = [];
+  /** Numbers show() calls: an answer to an older selection is not drawn. */
+  private request = 0;
 
   constructor(private readonly root: HTMLElement) {
     new ResizeObserver(() => {
@@ -34,6 +36,7 @@ export class CompareView {
 
   /** Show ``runs`` (in this order: each run keeps its colour while others come and go). */
   async show(runs: Run[], options: ChartOptions): Promise<void> {
+    const request = ++this.request;
     const histories = await Promise.all(runs.map(async (run) => {
       const cached = this.cache.get(run.runId);
       if (cached) return cached;
@@ -42,6 +45,7 @@ export class CompareView {
       if (!live) this.cache.set(run.runId, series);
       return series;
     }));
+    if (request !== this.request) return; // a newer selection was asked for meanwhile
     this.shown = runs.map((run, i) => ({ run, series: histories[i] }));
     this.draw(options);
   }
@@ -52,6 +56,7 @@ export class CompareView {
   }
 
   clear(): void {
+    this.request++; // answers still on their way are for a view no longer shown
     for (const { plot, box } of this.plots.values()) {
       plot.destroy();
       box.remove();
