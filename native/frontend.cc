@@ -162,6 +162,13 @@ class Call : public grpc::ServerGenericBidiReactor {
   void BackendWriteDone(bool ok);
   void BackendReadDone(bool ok);
   void BackendDone(const grpc::Status& status);
+  // The last of the two reactors' OnDone (this call's, and its backend call's when
+  // it was proxied) deletes it: each side's library still runs after the other's
+  // OnDone, so neither may free the pair alone (a ClientContext freed under the
+  // backend call's own finish aborted the process: "pure virtual method called").
+  void Unref() {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+  }
 
  private:
   void MaybeFinish();  // with mu_ held
@@ -176,6 +183,8 @@ class Call : public grpc::ServerGenericBidiReactor {
   std::mutex mu_;
   bool writing_ = false, backend_done_ = false, finished_ = false;
   grpc::Status backend_status_;
+  std::atomic<int> refs_{1};
+  bool server_done_ = false;  // this call's OnDone ran: its context is gone (mu_)
 };
 
 // -- the batcher ---------------------------------------------------------------
@@ -657,6 +666,7 @@ void Call::Proxy(bool have_first) {
     std::lock_guard<std::mutex> lock(mu_);
     proxying_ = true;
   }
+  refs_.fetch_add(1, std::memory_order_relaxed);  // the backend call's OnDone gives it back
   backend_ = new BackendCall(this);
   auto& context = backend_->context;
   for (const auto& [key, value] : ctx_->client_metadata()) {
@@ -694,12 +704,12 @@ void Call::OnReadDone(bool ok) {
 
 void Call::BackendWriteDone(bool ok) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (ok && !finished_) StartRead(&in_);
+  if (ok && !finished_ && !server_done_) StartRead(&in_);
 }
 
 void Call::BackendReadDone(bool ok) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (!ok || finished_) return;
+  if (!ok || finished_ || server_done_) return;
   writing_ = true;
   StartWrite(&backend_->out);
 }
@@ -719,6 +729,7 @@ void Call::BackendDone(const grpc::Status& status) {
   std::lock_guard<std::mutex> lock(mu_);
   backend_done_ = true;
   backend_status_ = status;
+  if (server_done_) return;  // the client went away: nothing to answer
   for (const auto& [key, value] : backend_->context.GetServerTrailingMetadata()) {
     std::string k(key.data(), key.size());
     if (k.rfind("grpc-", 0) == 0) continue;
@@ -739,11 +750,21 @@ void Call::OnCancel() {
   if (backend_ && !backend_done_) backend_->context.TryCancel();
 }
 
-void Call::OnDone() { delete this; }
+void Call::OnDone() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    server_done_ = true;
+  }
+  Unref();
+}
 
 void BackendCall::OnWriteDone(bool ok) { call_->BackendWriteDone(ok); }
 void BackendCall::OnReadDone(bool ok) { call_->BackendReadDone(ok); }
-void BackendCall::OnDone(const grpc::Status& status) { call_->BackendDone(status); }
+void BackendCall::OnDone(const grpc::Status& status) {
+  Call* call = call_;
+  call->BackendDone(status);
+  call->Unref();  // may delete this backend call (with its context): nothing after it
+}
 
 // -- the bare native echo (the benchmark's ceiling) ---------------------------
 

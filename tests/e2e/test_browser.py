@@ -202,8 +202,15 @@ def test_inference_panel_answers_through_grpc_web(stack: Stack) -> None:
         page.mouse.down()
         page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.5, steps=8)
         page.mouse.up()
-        page.wait_for_function("() => document.querySelector('#infer-latency').textContent.includes('ms')",
-                               timeout=10_000)
+        try:
+            page.wait_for_function("() => document.querySelector('#infer-latency').textContent.includes('ms')",
+                                   timeout=10_000)
+        except Exception:
+            screenshot(page, "inference-no-answer")
+            print(page.evaluate("""() => ({ result: document.querySelector('#infer-result').textContent,
+                latency: document.querySelector('#infer-latency').textContent,
+                hint: document.querySelector('#infer-hint')?.textContent, model: document.querySelector('#model').value })"""))
+            raise
         latency = page.locator("#infer-latency").inner_text()
         result = page.locator("#infer-result").inner_text()
         print(f"\n[inference] {latency}: {result}")
