@@ -232,3 +232,41 @@ async def test_prometheus_metrics_of_batcher_and_loader(tmp_path: Path) -> None:
     assert lines[f"tensorwire_inference_batch_size_sum{key}"] == 20
     assert lines[f"tensorwire_inference_queue_wait_seconds_count{key}"] == 20
     assert lines['tensorwire_inference_model_loads_total{outcome="success"}'] >= 1
+
+
+async def test_proxied_calls_and_batches_through_repeated_swaps(tmp_path: Path) -> None:
+    """Calls the native frontend forwards to Python (metadata; batches a swap made
+    stale) while versions keep coming: each must be answered and the process must
+    live (it once aborted here: a forwarded call's context freed under gRPC)."""
+    repo = tmp_path / "models"
+    modelrepo.write_version(repo, "spiral", "spiral", spiral_state(1))
+    settings = settings_for(InferenceSettings, tmp_path, model_repository=repo, poll_interval_s=0.02)
+    app = await create_app(settings)
+    x = np.random.default_rng(0).standard_normal((1, 2)).astype(np.float32)
+    errors: list[str] = []
+    answered = collections.Counter[str]()
+    stop = asyncio.Event()
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def client() -> None:
+                while not stop.is_set():
+                    try:
+                        await stub.ModelMetadata(pb.ModelMetadataRequest(name="spiral"), timeout=10)
+                        answered["metadata"] += 1
+                        await stub.ModelInfer(spiral_request(x), timeout=10)
+                        answered["infer"] += 1
+                    except grpc.aio.AioRpcError as exc:
+                        errors.append(f"{exc.code()}: {exc.details()}")
+
+            clients = [asyncio.create_task(client()) for _ in range(16)]
+            for version in range(2, 32):
+                await asyncio.sleep(0.1)
+                modelrepo.write_version(repo, "spiral", "spiral", spiral_state(version))
+            await until(lambda: app.repository.versions("spiral") == [31], what="the last version")
+            await asyncio.sleep(0.25)
+            stop.set()
+            await asyncio.gather(*clients)
+    assert errors == []
+    assert answered["metadata"] >= 100 and answered["infer"] >= 100, answered
