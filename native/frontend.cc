@@ -134,7 +134,7 @@ class BackendCall : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteB
 class Call : public grpc::ServerGenericBidiReactor {
  public:
   Call(Frontend* frontend, grpc::GenericCallbackServerContext* ctx);
-  ~Call() override { delete backend_; }
+  ~Call() override;
 
   // ModelInfer, validated: set by the frontend before queueing.
   inference::ModelInferRequest request;
@@ -162,13 +162,12 @@ class Call : public grpc::ServerGenericBidiReactor {
   void BackendWriteDone(bool ok);
   void BackendReadDone(bool ok);
   void BackendDone(const grpc::Status& status);
-  // The last of the two reactors' OnDone (this call's, and its backend call's when
-  // it was proxied) deletes it: each side's library still runs after the other's
-  // OnDone, so neither may free the pair alone (a ClientContext freed under the
-  // backend call's own finish aborted the process: "pure virtual method called").
-  void Unref() {
-    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
-  }
+  // After the last of the two reactors' OnDone (this call's, and its backend call's
+  // when it was forwarded) the call goes to the frontend's graveyard, freed a moment
+  // later: gRPC's own code still runs right after each OnDone, so neither side may
+  // free the pair (the ClientContext included) from its OnDone or from the other
+  // side's (that aborted the process: "pure virtual method called").
+  void Unref();
 
  private:
   void MaybeFinish();  // with mu_ held
@@ -251,6 +250,12 @@ class Frontend : public grpc::CallbackGenericService {
     }
     for (Call* c : left) c->Fail(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
     if (server_) server_->Wait();
+    // A forwarded call may outlive its server side by its backend call's OnDone:
+    // let those finish (into the graveyard) before the channel, stub and this go.
+    for (int i = 0; i < 500 && live_calls_.load() > Buried(); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    std::this_thread::sleep_for(kGraveDelay);
+    Reap(true);
     server_.reset();
   }
 
@@ -282,10 +287,24 @@ class Frontend : public grpc::CallbackGenericService {
   }
 
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    Reap(false);
     return new Call(this, ctx);
   }
 
   grpc::GenericStub* stub() { return stub_.get(); }
+  void CallStarted() { live_calls_.fetch_add(1, std::memory_order_relaxed); }
+  void CallEnded() { live_calls_.fetch_sub(1, std::memory_order_acq_rel); }
+  static constexpr auto kGraveDelay = std::chrono::milliseconds(200);
+  void Bury(Call* call) {
+    std::lock_guard<std::mutex> lock(grave_mu_);
+    grave_.emplace_back(Clock::now(), call);
+  }
+  int64_t Buried() {
+    std::lock_guard<std::mutex> lock(grave_mu_);
+    return static_cast<int64_t>(grave_.size());
+  }
+  // Frees the calls buried over kGraveDelay ago (`all`: every one).
+  void Reap(bool all);
   Counters& counters() { return counters_; }
 
   // A ModelInfer request arrived: serve it here, or forward it.
@@ -643,6 +662,9 @@ class Frontend : public grpc::CallbackGenericService {
   std::condition_variable cv_;
   bool running_ = false;
   std::map<std::string, std::unique_ptr<Queue>> queues_;
+  std::atomic<int64_t> live_calls_{0};  // Call objects not yet deleted
+  std::mutex grave_mu_;
+  std::deque<std::pair<Clock::time_point, Call*>> grave_;  // done, to be freed
   std::mutex spec_mu_;
   std::unordered_map<std::string, std::shared_ptr<const Spec>> specs_;
   std::unordered_map<std::string, Clock::time_point> tokens_;
@@ -651,8 +673,31 @@ class Frontend : public grpc::CallbackGenericService {
 
 // -- Call ---------------------------------------------------------------------
 
+void Call::Unref() {
+  if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) frontend_->Bury(this);
+}
+
+void Frontend::Reap(bool all) {
+  std::vector<Call*> dead;
+  {
+    std::lock_guard<std::mutex> lock(grave_mu_);
+    auto now = Clock::now();
+    while (!grave_.empty() && (all || now - grave_.front().first >= kGraveDelay)) {
+      dead.push_back(grave_.front().second);
+      grave_.pop_front();
+    }
+  }
+  for (Call* c : dead) delete c;
+}
+
+Call::~Call() {
+  delete backend_;
+  frontend_->CallEnded();
+}
+
 Call::Call(Frontend* frontend, grpc::GenericCallbackServerContext* ctx)
     : frontend_(frontend), ctx_(ctx), infer_(ctx->method() == kInferMethod) {
+  frontend_->CallStarted();
   if (infer_) {
     StartRead(&first);
   } else {
@@ -763,7 +808,7 @@ void BackendCall::OnReadDone(bool ok) { call_->BackendReadDone(ok); }
 void BackendCall::OnDone(const grpc::Status& status) {
   Call* call = call_;
   call->BackendDone(status);
-  call->Unref();  // may delete this backend call (with its context): nothing after it
+  call->Unref();  // may bury the call (and this backend call with it): nothing after it
 }
 
 // -- the bare native echo (the benchmark's ceiling) ---------------------------
