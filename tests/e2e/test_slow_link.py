@@ -46,6 +46,14 @@ def throttled_namespace(port: int, rate: str = "1mbit") -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
 
 
+def chromium_in(netns: str, folder: Path) -> Path:
+    """A chromium executable that runs inside ``netns``, so it reaches the throttled port."""
+    wrapper = folder / "chromium-in-netns"
+    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {CHROMIUM} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and tc need root")
 @pytest.mark.skipif(shutil.which("tc") is None, reason="tc (iproute2) is missing")
 def test_lag_stays_low_on_a_1_mbit_link(tmp_path: Path) -> None:
@@ -56,10 +64,7 @@ def test_lag_stays_low_on_a_1_mbit_link(tmp_path: Path) -> None:
     stack.data_dir.mkdir()
     with throttled_namespace(stack.web_port) as netns:
         stack.netns = netns
-        # Chromium runs inside the namespace too, so it reaches the throttled port.
-        wrapper = tmp_path / "chromium-in-netns"
-        wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {CHROMIUM} "$@"\n')
-        wrapper.chmod(0o755)
+        wrapper = chromium_in(netns, tmp_path)
         try:
             stack.start()
             stack.start_run("spiral")
@@ -106,9 +111,7 @@ def test_64_kbit_gateway_with_feedback_and_a_truthful_badge(tmp_path: Path) -> N
     stack.data_dir.mkdir()
     with throttled_namespace(stack.web_port, "64kbit") as netns:
         stack.netns = netns
-        wrapper = tmp_path / "chromium-in-netns"
-        wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {CHROMIUM} "$@"\n')
-        wrapper.chmod(0o755)
+        wrapper = chromium_in(netns, tmp_path)
         try:
             stack.start()
             stack.start_run("spiral")
