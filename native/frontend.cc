@@ -181,6 +181,15 @@ class Call : public grpc::ServerGenericBidiReactor {
   BackendCall* backend_ = nullptr;
   std::mutex mu_;
   bool writing_ = false, backend_done_ = false, finished_ = false;
+  // The two holds on the backend stream (its read flow and its write flow are driven
+  // from this call's reactions, outside the backend's own: without a hold, the backend
+  // stream may complete and free itself between its status arriving and our next
+  // StartRead/StartWrite on it -- a second completion, a second grpc_call_unref and
+  // "pure virtual method called" when the context later unrefs the freed call).
+  // Released (mu_ held) once no operation will be started on that flow again.
+  bool read_hold_ = false, write_hold_ = false;
+  void ReleaseReadHold();   // mu_ held
+  void ReleaseWriteHold();  // mu_ held
   grpc::Status backend_status_;
   std::atomic<int> refs_{1};
   bool server_done_ = false;  // this call's OnDone ran: its context is gone (mu_)
@@ -707,13 +716,9 @@ Call::Call(Frontend* frontend, grpc::GenericCallbackServerContext* ctx)
 
 void Call::Proxy(bool have_first) {
   frontend_->counters().proxied++;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    proxying_ = true;
-  }
   refs_.fetch_add(1, std::memory_order_relaxed);  // the backend call's OnDone gives it back
-  backend_ = new BackendCall(this);
-  auto& context = backend_->context;
+  auto* backend = new BackendCall(this);
+  auto& context = backend->context;
   for (const auto& [key, value] : ctx_->client_metadata()) {
     std::string k(key.data(), key.size());
     if (k.empty() || k[0] == ':' || k.rfind("grpc-", 0) == 0 || k == "user-agent" || k == "content-type" ||
@@ -722,11 +727,31 @@ void Call::Proxy(bool have_first) {
     context.AddMetadata(k, std::string(value.data(), value.size()));
   }
   context.set_deadline(ctx_->deadline());
-  frontend_->stub()->PrepareBidiStreamingCall(&context, ctx_->method(), grpc::StubOptions(), backend_);
-  if (have_first) backend_->StartWrite(&first);
-  backend_->StartRead(&backend_->out);
-  backend_->StartCall();
+  frontend_->stub()->PrepareBidiStreamingCall(&context, ctx_->method(), grpc::StubOptions(), backend);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    backend_ = backend;
+    proxying_ = true;
+    read_hold_ = write_hold_ = true;
+  }
+  backend->AddMultipleHolds(2);  // before StartCall: the read flow and the write flow
+  if (have_first) backend->StartWrite(&first);
+  backend->StartRead(&backend->out);
+  backend->StartCall();
+  if (cancelled_) context.TryCancel();  // the client left while this was being set up
   if (!have_first) StartRead(&in_);  // reads from the client once the backend call is under way
+}
+
+void Call::ReleaseReadHold() {
+  if (!read_hold_) return;
+  read_hold_ = false;
+  backend_->RemoveHold();  // OnDone, if it follows, is scheduled (never run inline here)
+}
+
+void Call::ReleaseWriteHold() {
+  if (!write_hold_) return;
+  write_hold_ = false;
+  backend_->RemoveHold();
 }
 
 void Call::OnReadDone(bool ok) {
@@ -739,22 +764,28 @@ void Call::OnReadDone(bool ok) {
     return;
   }
   std::lock_guard<std::mutex> lock(mu_);
-  if (backend_done_) return;
+  if (!write_hold_) return;  // the backend stream is over: nothing more goes to it
   if (ok) {
     backend_->StartWrite(&in_);
   } else {
     backend_->StartWritesDone();
+    ReleaseWriteHold();
   }
 }
 
 void Call::BackendWriteDone(bool ok) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (ok && !finished_ && !server_done_) StartRead(&in_);
+  if (!ok) return ReleaseWriteHold();  // the backend takes no more writes
+  if (write_hold_ && !finished_ && !server_done_) StartRead(&in_);
 }
 
 void Call::BackendReadDone(bool ok) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (!ok || finished_ || server_done_) return;
+  if (!ok) {  // the backend's status is in (or the call failed): both flows are over
+    ReleaseReadHold();
+    ReleaseWriteHold();
+    return;
+  }
   writing_ = true;
   StartWrite(&backend_->out);
 }
@@ -766,7 +797,11 @@ void Call::OnWriteDone(bool ok) {
   if (backend_done_) {
     MaybeFinish();
   } else if (ok) {
-    backend_->StartRead(&backend_->out);
+    backend_->StartRead(&backend_->out);  // the read hold is still ours: no read has failed
+  } else {  // the client is gone: end the backend call, read nothing more from it
+    backend_->context.TryCancel();
+    ReleaseReadHold();
+    ReleaseWriteHold();
   }
 }
 

@@ -79,11 +79,10 @@ class InferenceSettings(TorchServiceSettings):
         help="server processes sharing the port with SO_REUSEPORT (multi-core hosts)", min=1, max=256,
     )
     frontend: str = setting(
-        "python", env="FRONTEND", choices=("auto", "native", "python"),
-        help="who serves gRPC on --port: python (grpc.aio only; the default), native (the grpc++ "
-             "frontend; ModelInfer batched with no Python per request, the other RPCs forwarded to "
-             "the Python server on a loopback port), auto (native when built, else python). The "
-             "native frontend is opt-in while a crash under forwarded calls during hot swaps is open",
+        "auto", env="FRONTEND", choices=("auto", "native", "python"),
+        help="who serves gRPC on --port: native (the grpc++ frontend; ModelInfer batched with no "
+             "Python per request, the other RPCs forwarded to the Python server on a loopback port), "
+             "python (grpc.aio only), auto (native when built and TLS is off, else python; the default)",
     )
     cache_config: CacheConfig | None = setting(
         None, env="CACHE_CONFIG", repeatable=True, parse=parse_cache_config,

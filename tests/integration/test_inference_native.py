@@ -274,17 +274,23 @@ async def test_native_answers_exactly_as_python_does(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.environ.get("TENSORWIRE_ASAN_FUZZ") != "1",
                     reason="opt-in (TENSORWIRE_ASAN_FUZZ=1): builds the extension with AddressSanitizer (minutes)")
 def test_native_decoder_under_address_sanitizer() -> None:
-    """The native tests above (differential fuzzing included) against an
-    AddressSanitizer + UBSan build of the extension: any memory error aborts."""
+    """The native tests above (differential fuzzing included) and the hot-swap tests
+    (forwarded calls during swaps) against an AddressSanitizer + UBSan build of the
+    extension: any memory error aborts."""
     subprocess.run(["bash", "scripts/build-native.sh", sys.executable, "--asan"], cwd=ROOT, check=True)
     module = next((ROOT / "build" / "native-asan").glob("_native*.so"))
     runtime = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True,
                              check=True).stdout.strip()
-    env = {**os.environ, "TENSORWIRE_NATIVE_MODULE": str(module), "LD_PRELOAD": runtime,
+    # libstdc++ preloaded with the runtime: otherwise ASan's __cxa_throw interceptor finds
+    # no real __cxa_throw and aborts at the first C++ exception (a batch Python refused).
+    libstdcxx = subprocess.run(["g++", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    env = {**os.environ, "TENSORWIRE_NATIVE_MODULE": str(module), "LD_PRELOAD": f"{runtime} {libstdcxx}",
            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1", "UBSAN_OPTIONS": "halt_on_error=1",
            "TENSORWIRE_ASAN_FUZZ": "0"}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                             "tests/integration/test_inference_native.py", "-k", "not address_sanitizer"],
+                             "tests/integration/test_inference_native.py", "tests/integration/test_inference_swap.py",
+                             "-k", "native and not address_sanitizer"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "ERROR: AddressSanitizer" not in result.stderr
