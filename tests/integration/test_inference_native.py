@@ -273,6 +273,7 @@ async def test_native_answers_exactly_as_python_does(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.environ.get("TENSORWIRE_ASAN_FUZZ") != "1",
                     reason="opt-in (TENSORWIRE_ASAN_FUZZ=1): builds the extension with AddressSanitizer (minutes)")
+@pytest.mark.timeout(2400)  # the ASan build alone takes 3-9 minutes here
 def test_native_decoder_under_address_sanitizer() -> None:
     """The native tests above (differential fuzzing included) and the hot-swap tests
     (forwarded calls during swaps) against an AddressSanitizer + UBSan build of the
