@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,7 +28,8 @@ from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.scalars import from_batch
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
-from tests.conftest import serving, settings_for
+from tests.conftest import free_port, serving, settings_for
+from tests.deploy.processes import ROOT, wait_serving
 from tests.support.postgres import pg_dsn, pg_server  # noqa: F401  (fixtures)
 
 
@@ -245,3 +250,64 @@ async def test_an_unreachable_postgresql_never_stops_training(tmp_path: Path) ->
         assert [r.run_id for r in (await stub.ListRuns(tpb.ListRunsRequest())).runs] == [run.run_id]
         assert (await stub.GetRun(tpb.GetRunRequest(run_id=run.run_id))).run.state == cpb.RUN_STATE_RUNNING
         assert await status_of(stub.GetRun(tpb.GetRunRequest(run_id="elsewhere"))) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_second_stop_signal_while_draining_still_writes_the_last_checkpoint(tmp_path: Path) -> None:
+    """Ctrl-C on ``tensorwire up`` reaches the trainer twice: from the terminal (every
+    process of its group) and from ``up`` (SIGTERM to each child). The second signal
+    comes while the trainer drains; it must not kill it there: the live run's last
+    checkpoint (here its only one) is written and the run recorded INTERRUPTED, and
+    the next trainer resumes it from that step. (A trainer killed there left no
+    checkpoint, and the page's Resume after a suite restart answered FAILED_PRECONDITION.)"""
+    cfg = settings_for(TrainerSettings, tmp_path, streamer_target="", inference_target="",
+                       checkpoint_every_s=0.0, checkpoint_every_steps=0)  # only the last checkpoint
+    port = free_port()
+    log_path = tmp_path / "trainer.log"
+    argv = [sys.executable, "-m", "services.trainer", "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", "-1", "--grace-s", "3", "--streamer-target=", "--inference-target=",
+            "--model-repository", str(cfg.model_repository), "--data-dir", str(cfg.data_path),
+            "--checkpoint-every-s", "0", "--checkpoint-every-steps", "0", "--demo-task="]
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    attached = asyncio.Event()
+    try:
+        await wait_serving(f"127.0.0.1:{port}", 60, proc)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = tpb_grpc.TrainerServiceStub(channel)
+            run = (await stub.StartRun(tpb.StartRunRequest(task="spiral", params={"max_steps": 0}))).run
+            await until(lambda: _step_above(stub, run.run_id, 200))
+            # A training script attached (an SDK run): its open stream holds the
+            # drain for the grace period, the time a second signal has to arrive in.
+            script = (await stub.RegisterRun(tpb.RegisterRunRequest(task="script"))).run
+
+            async def requests() -> AsyncIterator[tpb.AttachRunRequest]:
+                yield tpb.AttachRunRequest(run_id=script.run_id)
+                await attached.wait()
+
+            attach = stub.AttachRun(requests())
+            await attach.read()  # attached
+            proc.send_signal(signal.SIGTERM)  # the terminal's Ctrl-C ...
+            await until(lambda: b"shutdown signal" in log_path.read_bytes(), 20)
+            proc.send_signal(signal.SIGTERM)  # ... and `tensorwire up`'s SIGTERM, while it drains
+            code = await asyncio.to_thread(proc.wait, 30)
+            attached.set()
+        log_text = log_path.read_text(errors="replace")
+        assert code == 0 and "trainer stopped" in log_text, log_text[-3000:]
+    finally:
+        attached.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    async with trainer(cfg) as (app, stub, _):
+        got = (await stub.GetRun(tpb.GetRunRequest(run_id=run.run_id))).run
+        assert got.state == cpb.RUN_STATE_INTERRUPTED and got.step > 200
+        assert got.checkpoint_step == got.step  # written on the way out, at the last step
+        resumed = (await stub.ResumeRun(tpb.ResumeRunRequest(run_id=run.run_id))).run
+        assert resumed.state == cpb.RUN_STATE_RUNNING and resumed.step >= got.step
+        await until(lambda: app.runs.get_run(run.run_id).loop.status.step > got.step + 100)
+        await stub.StopRun(tpb.StopRunRequest(run_id=run.run_id))
+
+
+async def _step_above(stub: tpb_grpc.TrainerServiceStub, run_id: str, step: int) -> bool:
+    return (await stub.GetRun(tpb.GetRunRequest(run_id=run_id))).run.step > step
