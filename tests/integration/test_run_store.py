@@ -179,6 +179,42 @@ async def test_list_runs_pages_filters_labels_and_hostile_input(tmp_path: Path, 
         assert len((await stub.ListRuns(tpb.ListRunsRequest())).runs) == 3
 
 
+async def test_list_runs_gives_each_run_the_best_value_of_its_main_metric(tmp_path: Path, store_spec: str) -> None:
+    cfg = settings(tmp_path, store_spec)
+    async with trainer(cfg) as (app, stub, _):
+        # spiral is judged by its highest accuracy, anomaly by its lowest loss.
+        spiral = (await stub.StartRun(tpb.StartRunRequest(task="spiral", params={"max_steps": 300}))).run
+        anomaly = (await stub.StartRun(tpb.StartRunRequest(task="anomaly", params={"max_steps": 100}))).run
+        live = (await stub.StartRun(tpb.StartRunRequest(task="spiral", params={"max_steps": 0}))).run
+        ended = (spiral.run_id, anomaly.run_id)
+        await until(lambda: all(app.runs.get_run(i).state == cpb.RUN_STATE_COMPLETED for i in ended))
+        await until(lambda: app.runs.get_run(live.run_id).loop.status.step > 50)
+
+        async def history(run_id: str, name: str) -> list[float]:
+            series = from_batch((await stub.GetRunScalars(tpb.GetRunScalarsRequest(
+                run_id=run_id, max_points=100_000, names=[name]))).scalars)[name]
+            assert all(b.count == 1 for b in series)  # raw points
+            return [b.mean for b in series]
+
+        async def best() -> dict[str, tpb.BestMetric]:
+            listed = (await stub.ListRuns(tpb.ListRunsRequest())).runs
+            return {r.run_id: r.best for r in listed if r.HasField("best")}
+
+        accuracy, loss = await history(spiral.run_id, "accuracy"), await history(anomaly.run_id, "loss")
+        assert len(accuracy) == 300 and len(loss) == 100
+        expected = {spiral.run_id: tpb.BestMetric(name="accuracy", value=max(accuracy), higher_is_better=True),
+                    anomaly.run_id: tpb.BestMetric(name="loss", value=min(loss), higher_is_better=False)}
+        found = await best()
+        assert {r: found[r] for r in ended} == expected, found
+        assert found[live.run_id].name == "accuracy" and 0 < found[live.run_id].value <= 1  # live runs too
+        # Once the ended runs left memory, the same values come from the store alone.
+        app.runs.release_after_s = 0.0
+        await until(lambda: not any(r.run_id in ended for r in app.runs.list_runs()))
+        found = await best()
+        assert {r: found[r] for r in ended} == expected
+        await stub.StopRun(tpb.StopRunRequest(run_id=live.run_id))
+
+
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
