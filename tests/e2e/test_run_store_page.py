@@ -134,6 +134,8 @@ def test_runs_table_sorts_filters_and_compares_runs(suite: Stack) -> None:
                 .then(r => r.json()).then(d => 'accuracy ' + Math.max(...d.series.accuracy.value).toPrecision(3))""")
             page.wait_for_function(f"""() => document.querySelector('#runs tr[data-run="{run_id}"] .best')
                 ?.textContent === '{best}'""", timeout=20_000)
+        page.locator("#runs").scroll_into_view_if_needed()
+        screenshot(page, "store-runs-table")
         # Sortable: by learning_rate, descending then ascending.
         lr.click()
         page.wait_for_function("() => document.querySelector('#runs th[data-key=\"p:learning_rate\"]')"
