@@ -405,6 +405,40 @@ _UPSERT_BLOCKS = (
 )
 
 
+_UPSERT_SERIES = (
+    # Each series keeps the lowest and highest value written to it (a run's best metric
+    # is then one row, whatever the length of its history).
+    "INSERT INTO series (run_id, name, lo, hi) VALUES (?, ?, ?, ?) ON CONFLICT (run_id, name) DO UPDATE SET "
+    "lo = CASE WHEN series.lo IS NULL OR excluded.lo < series.lo THEN excluded.lo ELSE series.lo END, "
+    "hi = CASE WHEN series.hi IS NULL OR excluded.hi > series.hi THEN excluded.hi ELSE series.hi END"
+)
+_SERIES_FROM_BLOCKS = (
+    # Extremes again from the blocks (after a truncation; for a store written before
+    # the series had them): WHERE chooses the rows.
+    "UPDATE series SET lo = (SELECT MIN(b.lo) FROM scalar_blocks b WHERE b.run_id = series.run_id "
+    "AND b.name = series.name), hi = (SELECT MAX(b.hi) FROM scalar_blocks b WHERE b.run_id = series.run_id "
+    "AND b.name = series.name) WHERE "
+)
+
+
+def _series_extremes(rows: Sequence[ScalarRow]) -> list[tuple[str, str, float, float]]:
+    """(run_id, name, lowest, highest) of each series in ``rows`` (a step given twice:
+    its last value, as the points keep). A step written again in a later batch with
+    another value leaves its old one counted (the recorder rewrites a step only with
+    its own value; a resumed run is truncated first, which recomputes them)."""
+    last = {(run_id, name, step): value for run_id, name, step, value in rows}
+    out: dict[tuple[str, str], list[float]] = {}
+    for (run_id, name, _), value in last.items():
+        span = out.get((run_id, name))
+        if span is None:
+            out[(run_id, name)] = [value, value]
+        elif value < span[0]:
+            span[0] = value
+        elif value > span[1]:
+            span[1] = value
+    return [(run_id, name, lo, hi) for (run_id, name), (lo, hi) in sorted(out.items())]
+
+
 def _block_spans(rows: Sequence[ScalarRow]) -> list[tuple[str, str, int, int]]:
     """(run_id, name, first step, end step) of the blocks each series of ``rows`` touched."""
     spans: dict[tuple[str, str], list[int]] = {}
@@ -441,6 +475,17 @@ class SqlRunStore(RunStore):
     @abstractmethod
     def _connect(self) -> Any: ...
 
+    def _migrate(self, cur: Any) -> None:
+        """Bring a store written by an older trainer up to the schema (on connect)."""
+        # Series got their extremes (lo, hi) after the first release: filled once
+        # from the blocks (a series written since always has them).
+        self._add_float_columns(cur, "series", ("lo", "hi"))
+        cur.execute(_SERIES_FROM_BLOCKS + "lo IS NULL")
+
+    @abstractmethod
+    def _add_float_columns(self, cur: Any, table: str, names: Sequence[str]) -> None:
+        """Add those of ``names`` that ``table`` lacks, as nullable float columns."""
+
     def _sql(self, text: str) -> str:
         return text if self.placeholder == "?" else text.replace("?", self.placeholder)
 
@@ -455,6 +500,7 @@ class SqlRunStore(RunStore):
                     cur = self._conn.cursor()
                     for statement in self.schema:
                         cur.execute(statement)
+                    self._migrate(cur)
                     self._conn.commit()
                 cur = self._conn.cursor()
                 yield cur
@@ -502,8 +548,7 @@ class SqlRunStore(RunStore):
         """The points, their series and the blocks they fall in (in a transaction)."""
         spans = _block_spans(rows)
         self._upsert_points(cur, rows)
-        cur.executemany(self._sql("INSERT INTO series (run_id, name) VALUES (?, ?) "
-                                  "ON CONFLICT (run_id, name) DO NOTHING"), [span[:2] for span in spans])
+        cur.executemany(self._sql(_UPSERT_SERIES), _series_extremes(rows))
         cur.executemany(self._sql(_UPSERT_BLOCKS), spans)
 
     def _upsert_points(self, cur: Any, rows: Sequence[ScalarRow]) -> None:
@@ -519,6 +564,7 @@ class SqlRunStore(RunStore):
             cur.executemany(self._sql(_UPSERT_BLOCKS),
                             [(run_id, name, block * BLOCK_STEPS, (block + 1) * BLOCK_STEPS)
                              for (name,) in cur.fetchall()])
+            cur.execute(self._sql(_SERIES_FROM_BLOCKS + "run_id = ?"), (run_id,))
 
     def delete_run(self, run_id: str) -> bool:
         with self._tx() as cur:
@@ -595,16 +641,15 @@ class SqlRunStore(RunStore):
         return [RunEvent(r[0], float(r[1]), r[2], int(r[3]), json.loads(r[4])) for r in rows]
 
     def extremes(self, run_ids: Sequence[str]) -> dict[tuple[str, str], tuple[float, float]]:
-        # From the blocks (each holds its 16 points' lowest and highest): 16 times
-        # fewer rows than the points, read along the primary key.
+        # One row per series (kept as points are written), not a scan of the history.
         out: dict[tuple[str, str], tuple[float, float]] = {}
         ids = list(dict.fromkeys(run_ids))
         with self._tx() as cur:
             for at in range(0, len(ids), 500):  # within any backend's limit of parameters
                 chunk = ids[at:at + 500]
                 cur.execute(self._sql(
-                    "SELECT run_id, name, MIN(lo), MAX(hi) FROM scalar_blocks "
-                    f"WHERE run_id IN ({', '.join('?' * len(chunk))}) GROUP BY run_id, name"), chunk)
+                    f"SELECT run_id, name, lo, hi FROM series WHERE run_id IN ({', '.join('?' * len(chunk))}) "
+                    "AND lo IS NOT NULL"), chunk)
                 for run_id, name, lo, hi in cur.fetchall():
                     out[(run_id, name)] = (float(lo), float(hi))
         return out
@@ -681,9 +726,16 @@ class SqliteRunStore(SqlRunStore):
         "total REAL NOT NULL, lo REAL NOT NULL, hi REAL NOT NULL, n INTEGER NOT NULL, "
         "PRIMARY KEY (run_id, name, block)) WITHOUT ROWID",
         "CREATE TABLE IF NOT EXISTS series (run_id TEXT NOT NULL, name TEXT NOT NULL, "
-        "PRIMARY KEY (run_id, name)) WITHOUT ROWID",
+        "lo REAL, hi REAL, PRIMARY KEY (run_id, name)) WITHOUT ROWID",
     )
     errors = (sqlite3.Error,)
+
+    def _add_float_columns(self, cur: Any, table: str, names: Sequence[str]) -> None:
+        cur.execute(f"PRAGMA table_info({table})")
+        have = {row[1] for row in cur.fetchall()}
+        for name in names:
+            if name not in have:
+                cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} REAL")
 
     def __init__(self, path: Path, *, timeout_s: float = 2.0) -> None:
         super().__init__()
@@ -729,9 +781,13 @@ class PostgresRunStore(SqlRunStore):
         "total DOUBLE PRECISION NOT NULL, lo DOUBLE PRECISION NOT NULL, hi DOUBLE PRECISION NOT NULL, "
         "n BIGINT NOT NULL, PRIMARY KEY (run_id, name, block))",
         "CREATE TABLE IF NOT EXISTS series (run_id TEXT NOT NULL, name TEXT NOT NULL, "
-        "PRIMARY KEY (run_id, name))",
+        "lo DOUBLE PRECISION, hi DOUBLE PRECISION, PRIMARY KEY (run_id, name))",
     )
     placeholder = "%s"
+
+    def _add_float_columns(self, cur: Any, table: str, names: Sequence[str]) -> None:
+        for name in names:
+            cur.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} DOUBLE PRECISION")
 
     def __init__(self, dsn: str, *, connect_timeout_s: float = 3.0) -> None:
         super().__init__()
