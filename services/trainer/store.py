@@ -407,10 +407,18 @@ _UPSERT_BLOCKS = (
 
 _UPSERT_SERIES = (
     # Each series keeps the lowest and highest value written to it (a run's best metric
-    # is then one row, whatever the length of its history).
-    "INSERT INTO series (run_id, name, lo, hi) VALUES (?, ?, ?, ?) ON CONFLICT (run_id, name) DO UPDATE SET "
+    # is then one row, whatever the length of its history): after each batch, from the
+    # blocks it touched (just recomputed from their points: a step given twice counts
+    # with the value kept). A step rewritten later with another value leaves its old
+    # one counted; the recorder rewrites a step only with its own value, and a resumed
+    # run is truncated first, which recomputes them (_SERIES_FROM_BLOCKS).
+    "INSERT INTO series (run_id, name, lo, hi) SELECT run_id, name, MIN(lo), MAX(hi) FROM scalar_blocks "
+    "WHERE run_id = ? AND name = ? AND block >= ? AND block < ? GROUP BY run_id, name "
+    "ON CONFLICT (run_id, name) DO UPDATE SET "
     "lo = CASE WHEN series.lo IS NULL OR excluded.lo < series.lo THEN excluded.lo ELSE series.lo END, "
-    "hi = CASE WHEN series.hi IS NULL OR excluded.hi > series.hi THEN excluded.hi ELSE series.hi END"
+    "hi = CASE WHEN series.hi IS NULL OR excluded.hi > series.hi THEN excluded.hi ELSE series.hi END "
+    # Only a batch that goes past them writes the row (a plateau costs no page write).
+    "WHERE series.lo IS NULL OR series.hi IS NULL OR excluded.lo < series.lo OR excluded.hi > series.hi"
 )
 _SERIES_FROM_BLOCKS = (
     # Extremes again from the blocks (after a truncation; for a store written before
@@ -419,24 +427,6 @@ _SERIES_FROM_BLOCKS = (
     "AND b.name = series.name), hi = (SELECT MAX(b.hi) FROM scalar_blocks b WHERE b.run_id = series.run_id "
     "AND b.name = series.name) WHERE "
 )
-
-
-def _series_extremes(rows: Sequence[ScalarRow]) -> list[tuple[str, str, float, float]]:
-    """(run_id, name, lowest, highest) of each series in ``rows`` (a step given twice:
-    its last value, as the points keep). A step written again in a later batch with
-    another value leaves its old one counted (the recorder rewrites a step only with
-    its own value; a resumed run is truncated first, which recomputes them)."""
-    last = {(run_id, name, step): value for run_id, name, step, value in rows}
-    out: dict[tuple[str, str], list[float]] = {}
-    for (run_id, name, _), value in last.items():
-        span = out.get((run_id, name))
-        if span is None:
-            out[(run_id, name)] = [value, value]
-        elif value < span[0]:
-            span[0] = value
-        elif value > span[1]:
-            span[1] = value
-    return [(run_id, name, lo, hi) for (run_id, name), (lo, hi) in sorted(out.items())]
 
 
 def _block_spans(rows: Sequence[ScalarRow]) -> list[tuple[str, str, int, int]]:
@@ -548,8 +538,9 @@ class SqlRunStore(RunStore):
         """The points, their series and the blocks they fall in (in a transaction)."""
         spans = _block_spans(rows)
         self._upsert_points(cur, rows)
-        cur.executemany(self._sql(_UPSERT_SERIES), _series_extremes(rows))
         cur.executemany(self._sql(_UPSERT_BLOCKS), spans)
+        cur.executemany(self._sql(_UPSERT_SERIES), [
+            (run_id, name, lo // BLOCK_STEPS, end // BLOCK_STEPS) for run_id, name, lo, end in spans])
 
     def _upsert_points(self, cur: Any, rows: Sequence[ScalarRow]) -> None:
         cur.executemany(self._sql(_UPSERT_SCALAR), rows)
