@@ -4,8 +4,16 @@
 
     async with stop_signal() as stop:
         await thing.start()
-        await stop.wait()          # until SIGTERM or Ctrl-C
-    # handlers removed here; the caller shuts ``thing`` down in order
+        try:
+            await stop.wait()      # until SIGTERM or Ctrl-C
+        finally:
+            await thing.aclose()   # still inside: a second signal changes nothing
+    # handlers removed here
+
+Shut down *inside* the block. Outside it, SIGTERM has its default action again,
+and a second signal is the rule, not the exception: Ctrl-C reaches every process
+of the terminal's group and ``tensorwire up`` then sends its children SIGTERM
+too; it would kill a service half-way through its shutdown.
 """
 
 from __future__ import annotations

@@ -247,15 +247,21 @@ async def serve(
     """Run one service until SIGTERM or SIGINT, then shut it down gracefully."""
     service = await make_service()
     server = GrpcServer(options, service)
-    try:
-        async with stop_signal() as stop:
+    # The handlers stay installed until the shutdown is done: a second signal while
+    # draining is common (Ctrl-C reaches every process of the terminal's group, and
+    # `tensorwire up` then sends its children SIGTERM too), and with the default
+    # action back it would kill the service half-way, e.g. a trainer before it wrote
+    # its live runs' last checkpoints and marked them INTERRUPTED. The drain is
+    # bounded by the grace period; a supervisor that will not wait sends SIGKILL.
+    async with stop_signal() as stop:
+        try:
             await server.start()
             if on_started is not None:
                 await on_started(server)
             await stop.wait()
             log.info("%s: shutdown signal, draining (grace %.1fs)", options.name, options.grace_s)
-    finally:
-        await server.stop()
+        finally:
+            await server.stop()
 
 
 def run_program(

@@ -98,6 +98,10 @@ class Task(ABC):
     options: tuple[Option, ...] = ()
     defaults: Mapping[str, float] = {}
     """Task-specific defaults for COMMON_PARAMS (e.g. a learning rate)."""
+    main_metric: str = "loss"
+    """The metric a run is judged by: the runs table shows its best value so far."""
+    higher_is_better: bool = False
+    """Whether ``main_metric`` improves upwards (accuracy) or downwards (loss)."""
 
     # -- hyper-parameters -------------------------------------------------
     def param(self, name: str) -> Param:

@@ -49,6 +49,7 @@ from .loop import TERMINAL, Snapshot, TrainingLoop, TrainingState
 from .metrics import CHECKPOINTS
 from .recorder import RunRecorder
 from .store import (
+    BestMetric,
     RunEvent,
     RunPage,
     RunRecord,
@@ -367,6 +368,7 @@ class RunManager:
                     run = self._runs.get(rec.run_id)
                     if run is not None:
                         page.runs[i] = run.record()
+                self._add_best(page.runs)
                 return page
         conditions = parse_filter(filter_)
         order = parse_order_by(order_by)
@@ -380,6 +382,23 @@ class RunManager:
         more = offset + size < len(found)
         return RunPage(chunk, encode_page_token(offset + size, filter_, order_by) if more else "",
                        len(found))
+
+    def _add_best(self, records: Sequence[RunRecord]) -> None:
+        """Each run's best value of its task's main metric, from the stored history
+        (blocking). A run of an unknown task (a script's) is judged by its loss."""
+        if self.recorder is None or not records:
+            return
+        try:
+            extremes = self.recorder.store.extremes([r.run_id for r in records])
+        except RunStoreError as exc:
+            log.warning("runs listed without their best metric: %s", exc)
+            return
+        for rec in records:
+            task = self.tasks.get(rec.task)
+            name, higher = (task.main_metric, task.higher_is_better) if task else ("loss", False)
+            found = extremes.get((rec.run_id, name))
+            if found is not None:
+                rec.best = BestMetric(name, found[1] if higher else found[0], higher)
 
     def scalars(self, run_id: str, max_points: int = 1024, names: Sequence[str] = ()) -> dict[str, list]:
         """A run's stored scalar history, down-sampled (blocking)."""

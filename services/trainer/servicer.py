@@ -43,6 +43,8 @@ def run_message(run: Run | RunRecord) -> pb.Run:
         error=rec.error, checkpoint_step=rec.checkpoint_step, seed=rec.seed,
         produced_at=rec.produced_at or rec.updated_at, name=rec.name, tags=rec.tags,
         notes=rec.notes, ended_at=rec.ended_at,
+        best=pb.BestMetric(name=rec.best.name, value=rec.best.value,
+                           higher_is_better=rec.best.higher_is_better) if rec.best else None,
     )
 
 

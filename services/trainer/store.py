@@ -51,6 +51,15 @@ class RunStoreError(UnavailableError):
     """The run store cannot be reached or used (locked, corrupt, down)."""
 
 
+@dataclass(frozen=True)
+class BestMetric:
+    """The best value so far of a run's main metric."""
+
+    name: str
+    value: float
+    higher_is_better: bool = False
+
+
 @dataclass
 class RunRecord:
     """What the store keeps of one run (the row of table ``runs``)."""
@@ -76,6 +85,8 @@ class RunRecord:
     """Live only (not stored)."""
     produced_at: float = 0.0
     """Live only (not stored): when ``step`` was produced."""
+    best: BestMetric | None = None
+    """Read from the scalar history when runs are listed (not a column)."""
 
 
 @dataclass(frozen=True)
@@ -314,6 +325,10 @@ class RunStore(ABC):
         (min/mean/max; raw points when there are few enough)."""
 
     @abstractmethod
+    def extremes(self, run_ids: Sequence[str]) -> dict[tuple[str, str], tuple[float, float]]:
+        """(lowest, highest) value of every stored series of the runs, by (run id, series)."""
+
+    @abstractmethod
     def truncate_scalars(self, run_id: str, after_step: int) -> None:
         """Forget points after ``after_step`` (a run resumed from an older checkpoint)."""
 
@@ -390,6 +405,30 @@ _UPSERT_BLOCKS = (
 )
 
 
+_UPSERT_SERIES = (
+    # Each series keeps the lowest and highest value written to it (a run's best metric
+    # is then one row, whatever the length of its history): after each batch, from the
+    # blocks it touched (just recomputed from their points: a step given twice counts
+    # with the value kept). A step rewritten later with another value leaves its old
+    # one counted; the recorder rewrites a step only with its own value, and a resumed
+    # run is truncated first, which recomputes them (_SERIES_FROM_BLOCKS).
+    "INSERT INTO series (run_id, name, lo, hi) SELECT run_id, name, MIN(lo), MAX(hi) FROM scalar_blocks "
+    "WHERE run_id = ? AND name = ? AND block >= ? AND block < ? GROUP BY run_id, name "
+    "ON CONFLICT (run_id, name) DO UPDATE SET "
+    "lo = CASE WHEN series.lo IS NULL OR excluded.lo < series.lo THEN excluded.lo ELSE series.lo END, "
+    "hi = CASE WHEN series.hi IS NULL OR excluded.hi > series.hi THEN excluded.hi ELSE series.hi END "
+    # Only a batch that goes past them writes the row (a plateau costs no page write).
+    "WHERE series.lo IS NULL OR series.hi IS NULL OR excluded.lo < series.lo OR excluded.hi > series.hi"
+)
+_SERIES_FROM_BLOCKS = (
+    # Extremes again from the blocks (after a truncation; for a store written before
+    # the series had them): WHERE chooses the rows.
+    "UPDATE series SET lo = (SELECT MIN(b.lo) FROM scalar_blocks b WHERE b.run_id = series.run_id "
+    "AND b.name = series.name), hi = (SELECT MAX(b.hi) FROM scalar_blocks b WHERE b.run_id = series.run_id "
+    "AND b.name = series.name) WHERE "
+)
+
+
 def _block_spans(rows: Sequence[ScalarRow]) -> list[tuple[str, str, int, int]]:
     """(run_id, name, first step, end step) of the blocks each series of ``rows`` touched."""
     spans: dict[tuple[str, str], list[int]] = {}
@@ -426,6 +465,17 @@ class SqlRunStore(RunStore):
     @abstractmethod
     def _connect(self) -> Any: ...
 
+    def _migrate(self, cur: Any) -> None:
+        """Bring a store written by an older trainer up to the schema (on connect)."""
+        # Series got their extremes (lo, hi) after the first release: filled once
+        # from the blocks (a series written since always has them).
+        self._add_float_columns(cur, "series", ("lo", "hi"))
+        cur.execute(_SERIES_FROM_BLOCKS + "lo IS NULL")
+
+    @abstractmethod
+    def _add_float_columns(self, cur: Any, table: str, names: Sequence[str]) -> None:
+        """Add those of ``names`` that ``table`` lacks, as nullable float columns."""
+
     def _sql(self, text: str) -> str:
         return text if self.placeholder == "?" else text.replace("?", self.placeholder)
 
@@ -440,6 +490,7 @@ class SqlRunStore(RunStore):
                     cur = self._conn.cursor()
                     for statement in self.schema:
                         cur.execute(statement)
+                    self._migrate(cur)
                     self._conn.commit()
                 cur = self._conn.cursor()
                 yield cur
@@ -487,9 +538,9 @@ class SqlRunStore(RunStore):
         """The points, their series and the blocks they fall in (in a transaction)."""
         spans = _block_spans(rows)
         self._upsert_points(cur, rows)
-        cur.executemany(self._sql("INSERT INTO series (run_id, name) VALUES (?, ?) "
-                                  "ON CONFLICT (run_id, name) DO NOTHING"), [span[:2] for span in spans])
         cur.executemany(self._sql(_UPSERT_BLOCKS), spans)
+        cur.executemany(self._sql(_UPSERT_SERIES), [
+            (run_id, name, lo // BLOCK_STEPS, end // BLOCK_STEPS) for run_id, name, lo, end in spans])
 
     def _upsert_points(self, cur: Any, rows: Sequence[ScalarRow]) -> None:
         cur.executemany(self._sql(_UPSERT_SCALAR), rows)
@@ -504,6 +555,7 @@ class SqlRunStore(RunStore):
             cur.executemany(self._sql(_UPSERT_BLOCKS),
                             [(run_id, name, block * BLOCK_STEPS, (block + 1) * BLOCK_STEPS)
                              for (name,) in cur.fetchall()])
+            cur.execute(self._sql(_SERIES_FROM_BLOCKS + "run_id = ?"), (run_id,))
 
     def delete_run(self, run_id: str) -> bool:
         with self._tx() as cur:
@@ -579,6 +631,20 @@ class SqlRunStore(RunStore):
             rows = cur.fetchall()
         return [RunEvent(r[0], float(r[1]), r[2], int(r[3]), json.loads(r[4])) for r in rows]
 
+    def extremes(self, run_ids: Sequence[str]) -> dict[tuple[str, str], tuple[float, float]]:
+        # One row per series (kept as points are written), not a scan of the history.
+        out: dict[tuple[str, str], tuple[float, float]] = {}
+        ids = list(dict.fromkeys(run_ids))
+        with self._tx() as cur:
+            for at in range(0, len(ids), 500):  # within any backend's limit of parameters
+                chunk = ids[at:at + 500]
+                cur.execute(self._sql(
+                    f"SELECT run_id, name, lo, hi FROM series WHERE run_id IN ({', '.join('?' * len(chunk))}) "
+                    "AND lo IS NOT NULL"), chunk)
+                for run_id, name, lo, hi in cur.fetchall():
+                    out[(run_id, name)] = (float(lo), float(hi))
+        return out
+
     def scalars(self, run_id: str, max_points: int = 1024, names: Iterable[str] = ()
                 ) -> dict[str, list[Bucket]]:
         if max_points < 2:
@@ -651,9 +717,16 @@ class SqliteRunStore(SqlRunStore):
         "total REAL NOT NULL, lo REAL NOT NULL, hi REAL NOT NULL, n INTEGER NOT NULL, "
         "PRIMARY KEY (run_id, name, block)) WITHOUT ROWID",
         "CREATE TABLE IF NOT EXISTS series (run_id TEXT NOT NULL, name TEXT NOT NULL, "
-        "PRIMARY KEY (run_id, name)) WITHOUT ROWID",
+        "lo REAL, hi REAL, PRIMARY KEY (run_id, name)) WITHOUT ROWID",
     )
     errors = (sqlite3.Error,)
+
+    def _add_float_columns(self, cur: Any, table: str, names: Sequence[str]) -> None:
+        cur.execute(f"PRAGMA table_info({table})")
+        have = {row[1] for row in cur.fetchall()}
+        for name in names:
+            if name not in have:
+                cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} REAL")
 
     def __init__(self, path: Path, *, timeout_s: float = 2.0) -> None:
         super().__init__()
@@ -699,9 +772,13 @@ class PostgresRunStore(SqlRunStore):
         "total DOUBLE PRECISION NOT NULL, lo DOUBLE PRECISION NOT NULL, hi DOUBLE PRECISION NOT NULL, "
         "n BIGINT NOT NULL, PRIMARY KEY (run_id, name, block))",
         "CREATE TABLE IF NOT EXISTS series (run_id TEXT NOT NULL, name TEXT NOT NULL, "
-        "PRIMARY KEY (run_id, name))",
+        "lo DOUBLE PRECISION, hi DOUBLE PRECISION, PRIMARY KEY (run_id, name))",
     )
     placeholder = "%s"
+
+    def _add_float_columns(self, cur: Any, table: str, names: Sequence[str]) -> None:
+        for name in names:
+            cur.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} DOUBLE PRECISION")
 
     def __init__(self, dsn: str, *, connect_timeout_s: float = 3.0) -> None:
         super().__init__()

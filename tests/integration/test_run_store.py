@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,7 +28,8 @@ from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.scalars import from_batch
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
-from tests.conftest import serving, settings_for
+from tests.conftest import free_port, serving, settings_for
+from tests.deploy.processes import ROOT, wait_serving
 from tests.support.postgres import pg_dsn, pg_server  # noqa: F401  (fixtures)
 
 
@@ -174,6 +179,42 @@ async def test_list_runs_pages_filters_labels_and_hostile_input(tmp_path: Path, 
         assert len((await stub.ListRuns(tpb.ListRunsRequest())).runs) == 3
 
 
+async def test_list_runs_gives_each_run_the_best_value_of_its_main_metric(tmp_path: Path, store_spec: str) -> None:
+    cfg = settings(tmp_path, store_spec)
+    async with trainer(cfg) as (app, stub, _):
+        # spiral is judged by its highest accuracy, anomaly by its lowest loss.
+        spiral = (await stub.StartRun(tpb.StartRunRequest(task="spiral", params={"max_steps": 300}))).run
+        anomaly = (await stub.StartRun(tpb.StartRunRequest(task="anomaly", params={"max_steps": 100}))).run
+        live = (await stub.StartRun(tpb.StartRunRequest(task="spiral", params={"max_steps": 0}))).run
+        ended = (spiral.run_id, anomaly.run_id)
+        await until(lambda: all(app.runs.get_run(i).state == cpb.RUN_STATE_COMPLETED for i in ended))
+        await until(lambda: app.runs.get_run(live.run_id).loop.status.step > 50)
+
+        async def history(run_id: str, name: str) -> list[float]:
+            series = from_batch((await stub.GetRunScalars(tpb.GetRunScalarsRequest(
+                run_id=run_id, max_points=100_000, names=[name]))).scalars)[name]
+            assert all(b.count == 1 for b in series)  # raw points
+            return [b.mean for b in series]
+
+        async def best() -> dict[str, tpb.BestMetric]:
+            listed = (await stub.ListRuns(tpb.ListRunsRequest())).runs
+            return {r.run_id: r.best for r in listed if r.HasField("best")}
+
+        accuracy, loss = await history(spiral.run_id, "accuracy"), await history(anomaly.run_id, "loss")
+        assert len(accuracy) == 300 and len(loss) == 100
+        expected = {spiral.run_id: tpb.BestMetric(name="accuracy", value=max(accuracy), higher_is_better=True),
+                    anomaly.run_id: tpb.BestMetric(name="loss", value=min(loss), higher_is_better=False)}
+        found = await best()
+        assert {r: found[r] for r in ended} == expected, found
+        assert found[live.run_id].name == "accuracy" and 0 < found[live.run_id].value <= 1  # live runs too
+        # Once the ended runs left memory, the same values come from the store alone.
+        app.runs.release_after_s = 0.0
+        await until(lambda: not any(r.run_id in ended for r in app.runs.list_runs()))
+        found = await best()
+        assert {r: found[r] for r in ended} == expected
+        await stub.StopRun(tpb.StopRunRequest(run_id=live.run_id))
+
+
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -245,3 +286,64 @@ async def test_an_unreachable_postgresql_never_stops_training(tmp_path: Path) ->
         assert [r.run_id for r in (await stub.ListRuns(tpb.ListRunsRequest())).runs] == [run.run_id]
         assert (await stub.GetRun(tpb.GetRunRequest(run_id=run.run_id))).run.state == cpb.RUN_STATE_RUNNING
         assert await status_of(stub.GetRun(tpb.GetRunRequest(run_id="elsewhere"))) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_second_stop_signal_while_draining_still_writes_the_last_checkpoint(tmp_path: Path) -> None:
+    """Ctrl-C on ``tensorwire up`` reaches the trainer twice: from the terminal (every
+    process of its group) and from ``up`` (SIGTERM to each child). The second signal
+    comes while the trainer drains; it must not kill it there: the live run's last
+    checkpoint (here its only one) is written and the run recorded INTERRUPTED, and
+    the next trainer resumes it from that step. (A trainer killed there left no
+    checkpoint, and the page's Resume after a suite restart answered FAILED_PRECONDITION.)"""
+    cfg = settings_for(TrainerSettings, tmp_path, streamer_target="", inference_target="",
+                       checkpoint_every_s=0.0, checkpoint_every_steps=0)  # only the last checkpoint
+    port = free_port()
+    log_path = tmp_path / "trainer.log"
+    argv = [sys.executable, "-m", "services.trainer", "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", "-1", "--grace-s", "3", "--streamer-target=", "--inference-target=",
+            "--model-repository", str(cfg.model_repository), "--data-dir", str(cfg.data_path),
+            "--checkpoint-every-s", "0", "--checkpoint-every-steps", "0", "--demo-task="]
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    attached = asyncio.Event()
+    try:
+        await wait_serving(f"127.0.0.1:{port}", 60, proc)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = tpb_grpc.TrainerServiceStub(channel)
+            run = (await stub.StartRun(tpb.StartRunRequest(task="spiral", params={"max_steps": 0}))).run
+            await until(lambda: _step_above(stub, run.run_id, 200))
+            # A training script attached (an SDK run): its open stream holds the
+            # drain for the grace period, the time a second signal has to arrive in.
+            script = (await stub.RegisterRun(tpb.RegisterRunRequest(task="script"))).run
+
+            async def requests() -> AsyncIterator[tpb.AttachRunRequest]:
+                yield tpb.AttachRunRequest(run_id=script.run_id)
+                await attached.wait()
+
+            attach = stub.AttachRun(requests())
+            await attach.read()  # attached
+            proc.send_signal(signal.SIGTERM)  # the terminal's Ctrl-C ...
+            await until(lambda: b"shutdown signal" in log_path.read_bytes(), 20)
+            proc.send_signal(signal.SIGTERM)  # ... and `tensorwire up`'s SIGTERM, while it drains
+            code = await asyncio.to_thread(proc.wait, 30)
+            attached.set()
+        log_text = log_path.read_text(errors="replace")
+        assert code == 0 and "trainer stopped" in log_text, log_text[-3000:]
+    finally:
+        attached.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    async with trainer(cfg) as (app, stub, _):
+        got = (await stub.GetRun(tpb.GetRunRequest(run_id=run.run_id))).run
+        assert got.state == cpb.RUN_STATE_INTERRUPTED and got.step > 200
+        assert got.checkpoint_step == got.step  # written on the way out, at the last step
+        resumed = (await stub.ResumeRun(tpb.ResumeRunRequest(run_id=run.run_id))).run
+        assert resumed.state == cpb.RUN_STATE_RUNNING and resumed.step >= got.step
+        await until(lambda: app.runs.get_run(run.run_id).loop.status.step > got.step + 100)
+        await stub.StopRun(tpb.StopRunRequest(run_id=run.run_id))
+
+
+async def _step_above(stub: tpb_grpc.TrainerServiceStub, run_id: str, step: int) -> bool:
+    return (await stub.GetRun(tpb.GetRunRequest(run_id=run_id))).run.step > step

@@ -209,3 +209,31 @@ def test_a_step_given_twice_in_one_batch_keeps_the_last_value(store: RunStore) -
     assert len(raw["loss"]) == 200 and [b.mean for b in raw["acc"]] == [0.5]
     merged = store.scalars("twice", 2)["loss"]  # from the blocks: each step counted once
     assert sum(b.count for b in merged) == 200 and max(b.hi for b in merged) == 300.0
+
+
+def test_each_series_keeps_its_extremes_through_writes_and_truncation(store: RunStore) -> None:
+    store.put_runs([rec("ext"), rec("quiet")])
+    for lo in range(1, 3001, 1000):  # in batches, as the recorder writes
+        store.add_scalars([("ext", "loss", s, float(s)) for s in range(lo, lo + 1000)]
+                          + [("ext", "acc", s, -float(s)) for s in range(lo, lo + 1000)])
+    # A step given twice in one batch counts with its last value only.
+    store.add_scalars([("ext", "loss", 3001, 9000.0), ("ext", "loss", 3001, 0.5)])
+    assert store.extremes(["ext", "quiet", "nope"]) == {
+        ("ext", "loss"): (0.5, 3000.0), ("ext", "acc"): (-3000.0, -1.0)}
+    # A resumed run's history is cut back: its extremes are those of what is left.
+    store.truncate_scalars("ext", 1234)
+    assert store.extremes(["ext"]) == {("ext", "loss"): (1.0, 1234.0), ("ext", "acc"): (-1234.0, -1.0)}
+    store.delete_run("ext")
+    assert store.extremes(["ext"]) == {}
+
+
+def test_a_store_from_before_the_series_extremes_gets_them_on_open(store: RunStore) -> None:
+    store.put_runs([rec("old")])
+    store.add_scalars([("old", "loss", s, float((s * 37) % 101)) for s in range(1, 501)])
+    with store._tx() as cur:  # the series table as the first release made it
+        cur.execute("ALTER TABLE series DROP COLUMN lo")
+        cur.execute("ALTER TABLE series DROP COLUMN hi")
+    store.close()
+    assert store.extremes(["old"]) == {("old", "loss"): (0.0, 100.0)}  # re-opened: filled from the blocks
+    store.add_scalars([("old", "loss", 501, 200.0)])
+    assert store.extremes(["old"]) == {("old", "loss"): (0.0, 200.0)}

@@ -442,6 +442,10 @@ function columns(): Column[] {
       text: (r) => (r.stepsPerSecond > 0 ? r.stepsPerSecond.toFixed(0) : "") },
     { key: "started", title: "started", value: (r) => r.createdAt, text: (r) => fmtTime(r.createdAt) },
     { key: "duration", title: "duration", value: duration, text: (r) => fmtDuration(Math.max(0, duration(r))) },
+    // The best value so far of each run's main metric (its task's: highest accuracy,
+    // lowest loss...), from the trainer's stored history.
+    { key: "best", title: "best metric", value: (r) => r.best?.value ?? NaN,
+      text: (r) => (r.best ? `${r.best.name} ${fmtParam(r.best.value, false)}` : "") },
     ...metricNames.map((m): Column => ({ key: `m:${m}`, title: m, value: (r) => r.metrics[m] ?? NaN,
                                          text: (r) => num(r.metrics[m]) })),
     ...paramNames.map((p): Column => ({ key: `p:${p}`, title: p, value: (r) => r.params[p] ?? NaN,
@@ -471,7 +475,7 @@ function sortedRuns(cols: Column[]): Run[] {
 function renderRuns(): void {
   const cols = columns();
   const key = [live.runId, sortKey, sortDesc, selected.join(","), cols.map((c) => c.key).join(","),
-               runs.map((r) => `${r.runId}:${r.state}:${r.step}:${r.name}:${r.stepsPerSecond.toFixed(0)}`).join(",")].join("|");
+               runs.map((r) => `${r.runId}:${r.state}:${r.step}:${r.name}:${r.stepsPerSecond.toFixed(0)}:${r.best?.value}`).join(",")].join("|");
   if (key === runsShown) return;
   runsShown = key;
   compareBtn.disabled = selected.length < 1;
@@ -505,6 +509,7 @@ function renderRuns(): void {
     for (const c of cols) {
       const td = h("td", { textContent: c.text ? c.text(r) : String(c.value(r)) });
       if (c.key === "name") td.className = "run-name";
+      if (c.key === "best") td.className = "best";
       if (c.key === "state") {
         td.textContent = "";
         td.append(h("span", { className: `state state-${c.value(r)}`, textContent: String(c.value(r)) }));

@@ -46,6 +46,7 @@ class FusionTask(Task):
     model_kind = "fusion"
     views = ("fusion",)
     metrics = ("loss", "position_error")
+    main_metric = "position_error"
     defaults = {"learning_rate": 0.002, "batch_size": 128}
 
     def make_data(self, config: RunConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

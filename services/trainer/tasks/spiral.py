@@ -62,6 +62,8 @@ class SpiralTask(Task):
     model_kind = "spiral"
     views = ("boundary",)
     metrics = ("loss", "accuracy")
+    main_metric = "accuracy"
+    higher_is_better = True
     params = COMMON_PARAMS + (
         Param("noise", "label noise of the dataset", 0.1, 0.0, 1.0, live=False),
         Param("points", "points in the dataset", 1000, 10, 20000, integer=True, live=False),

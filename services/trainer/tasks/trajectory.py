@@ -36,6 +36,7 @@ class TrajectoryTask(Task):
     model_kind = "trajectory"
     views = ("paths",)
     metrics = ("loss", "ade")
+    main_metric = "ade"
     defaults = {"learning_rate": 0.003, "batch_size": 128}
 
     def make_data(self, config: RunConfig, seed: int) -> torch.Tensor:

@@ -57,7 +57,7 @@ class TaskInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., options: _Optional[_Iterable[_Union[OptionSpec, _Mapping]]] = ..., views: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "task", "state", "step", "steps_per_second", "params", "options", "metrics", "created_at", "updated_at", "error", "checkpoint_step", "seed", "produced_at", "name", "tags", "notes", "ended_at")
+    __slots__ = ("run_id", "task", "state", "step", "steps_per_second", "params", "options", "metrics", "created_at", "updated_at", "error", "checkpoint_step", "seed", "produced_at", "name", "tags", "notes", "ended_at", "best")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class Run(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    BEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     task: str
     state: _common_pb2.RunState
@@ -115,7 +116,18 @@ class Run(_message.Message):
     tags: _containers.RepeatedScalarFieldContainer[str]
     notes: str
     ended_at: float
-    def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.RunState, str]] = ..., step: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., params: _Optional[_Mapping[str, float]] = ..., options: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., error: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., seed: _Optional[int] = ..., produced_at: _Optional[float] = ..., name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., notes: _Optional[str] = ..., ended_at: _Optional[float] = ...) -> None: ...
+    best: BestMetric
+    def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.RunState, str]] = ..., step: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., params: _Optional[_Mapping[str, float]] = ..., options: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., error: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., seed: _Optional[int] = ..., produced_at: _Optional[float] = ..., name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., notes: _Optional[str] = ..., ended_at: _Optional[float] = ..., best: _Optional[_Union[BestMetric, _Mapping]] = ...) -> None: ...
+
+class BestMetric(_message.Message):
+    __slots__ = ("name", "value", "higher_is_better")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    HIGHER_IS_BETTER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    higher_is_better: bool
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., higher_is_better: _Optional[bool] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
     __slots__ = ()

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tensorwire/trainer/v1/trainer.proto.
  */
 export const file_tensorwire_trainer_v1_trainer: GenFile = /*@__PURE__*/
-  fileDesc("CiN0ZW5zb3J3aXJlL3RyYWluZXIvdjEvdHJhaW5lci5wcm90bxIVdGVuc29yd2lyZS50cmFpbmVyLnYxIn4KCVBhcmFtU3BlYxIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhUKDWRlZmF1bHRfdmFsdWUYAyABKAESCwoDbWluGAQgASgBEgsKA21heBgFIAEoARIPCgdpbnRlZ2VyGAYgASgIEgwKBGxpdmUYByABKAgiVwoKT3B0aW9uU3BlYxIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhUKDWRlZmF1bHRfdmFsdWUYAyABKAkSDwoHY2hvaWNlcxgEIAMoCSLCAQoIVGFza0luZm8SDAoEbmFtZRgBIAEoCRINCgV0aXRsZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIwCgZwYXJhbXMYBCADKAsyIC50ZW5zb3J3aXJlLnRyYWluZXIudjEuUGFyYW1TcGVjEjIKB29wdGlvbnMYBSADKAsyIS50ZW5zb3J3aXJlLnRyYWluZXIudjEuT3B0aW9uU3BlYxINCgV2aWV3cxgGIAMoCRIPCgdtZXRyaWNzGAcgAygJIuUECgNSdW4SDgoGcnVuX2lkGAEgASgJEgwKBHRhc2sYAiABKAkSLQoFc3RhdGUYAyABKA4yHi50ZW5zb3J3aXJlLmNvbW1vbi52MS5SdW5TdGF0ZRIMCgRzdGVwGAQgASgEEhgKEHN0ZXBzX3Blcl9zZWNvbmQYBSABKAESNgoGcGFyYW1zGAYgAygLMiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1bi5QYXJhbXNFbnRyeRI4CgdvcHRpb25zGAcgAygLMicudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1bi5PcHRpb25zRW50cnkSOAoHbWV0cmljcxgIIAMoCzInLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4uTWV0cmljc0VudHJ5EhIKCmNyZWF0ZWRfYXQYCSABKAESEgoKdXBkYXRlZF9hdBgKIAEoARINCgVlcnJvchgLIAEoCRIXCg9jaGVja3BvaW50X3N0ZXAYDCABKAQSDAoEc2VlZBgNIAEoBBITCgtwcm9kdWNlZF9hdBgOIAEoARIMCgRuYW1lGA8gASgJEgwKBHRhZ3MYECADKAkSDQoFbm90ZXMYESABKAkSEAoIZW5kZWRfYXQYEiABKAEaLQoLUGFyYW1zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgBOgI4ARouCgxPcHRpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARouCgxNZXRyaWNzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgBOgI4ASISChBMaXN0VGFza3NSZXF1ZXN0IkMKEUxpc3RUYXNrc1Jlc3BvbnNlEi4KBXRhc2tzGAEgAygLMh8udGVuc29yd2lyZS50cmFpbmVyLnYxLlRhc2tJbmZvIsECCg9TdGFydFJ1blJlcXVlc3QSDAoEdGFzaxgBIAEoCRJCCgZwYXJhbXMYAiADKAsyMi50ZW5zb3J3aXJlLnRyYWluZXIudjEuU3RhcnRSdW5SZXF1ZXN0LlBhcmFtc0VudHJ5EkQKB29wdGlvbnMYAyADKAsyMy50ZW5zb3J3aXJlLnRyYWluZXIudjEuU3RhcnRSdW5SZXF1ZXN0Lk9wdGlvbnNFbnRyeRIMCgRzZWVkGAQgASgEEgwKBG5hbWUYBSABKAkSDAoEdGFncxgGIAMoCRINCgVub3RlcxgHIAEoCRotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBGi4KDE9wdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIjsKEFN0YXJ0UnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biIhCg9QYXVzZVJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJIjsKEFBhdXNlUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biIiChBSZXN1bWVSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSI8ChFSZXN1bWVSdW5SZXNwb25zZRInCgNydW4YASABKAsyGi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUnVuIiAKDlN0b3BSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSI6Cg9TdG9wUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biLyAQoQVXBkYXRlUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSQwoGcGFyYW1zGAIgAygLMjMudGVuc29yd2lyZS50cmFpbmVyLnYxLlVwZGF0ZVJ1blJlcXVlc3QuUGFyYW1zRW50cnkSDAoEbmFtZRgDIAEoCRIMCgR0YWdzGAQgAygJEg0KBW5vdGVzGAUgASgJEi8KC3VwZGF0ZV9tYXNrGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzaxotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBIjwKEVVwZGF0ZVJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4iHwoNR2V0UnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiOQoOR2V0UnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biJaCg9MaXN0UnVuc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSDgoGZmlsdGVyGAMgASgJEhAKCG9yZGVyX2J5GAQgASgJImkKEExpc3RSdW5zUmVzcG9uc2USKAoEcnVucxgBIAMoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhIKCnRvdGFsX3NpemUYAyABKAUiIgoQRGVsZXRlUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiEwoRRGVsZXRlUnVuUmVzcG9uc2UiSQoUR2V0UnVuU2NhbGFyc1JlcXVlc3QSDgoGcnVuX2lkGAEgASgJEg0KBW5hbWVzGAIgAygJEhIKCm1heF9wb2ludHMYAyABKA0iWwoVR2V0UnVuU2NhbGFyc1Jlc3BvbnNlEg4KBnJ1bl9pZBgBIAEoCRIyCgdzY2FsYXJzGAIgASgLMiEudGVuc29yd2lyZS5jb21tb24udjEuU2NhbGFyQmF0Y2giqAEKElJlZ2lzdGVyUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSDAoEdGFzaxgCIAEoCRJFCgZwYXJhbXMYAyADKAsyNS50ZW5zb3J3aXJlLnRyYWluZXIudjEuUmVnaXN0ZXJSdW5SZXF1ZXN0LlBhcmFtc0VudHJ5Gi0KC1BhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEiPgoTUmVnaXN0ZXJSdW5SZXNwb25zZRInCgNydW4YASABKAsyGi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUnVuIlMKEEF0dGFjaFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEi8KBnN0YXR1cxgCIAEoCzIfLnRlbnNvcndpcmUuY29tbW9uLnYxLlJ1blN0YXR1cyKmAQoRQXR0YWNoUnVuUmVzcG9uc2USDgoGcGF1c2VkGAEgASgIEgwKBHN0b3AYAiABKAgSRAoGcGFyYW1zGAMgAygLMjQudGVuc29yd2lyZS50cmFpbmVyLnYxLkF0dGFjaFJ1blJlc3BvbnNlLlBhcmFtc0VudHJ5Gi0KC1BhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEyjgkKDlRyYWluZXJTZXJ2aWNlEl4KCUxpc3RUYXNrcxInLnRlbnNvcndpcmUudHJhaW5lci52MS5MaXN0VGFza3NSZXF1ZXN0GigudGVuc29yd2lyZS50cmFpbmVyLnYxLkxpc3RUYXNrc1Jlc3BvbnNlElsKCFN0YXJ0UnVuEiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlN0YXJ0UnVuUmVxdWVzdBonLnRlbnNvcndpcmUudHJhaW5lci52MS5TdGFydFJ1blJlc3BvbnNlElsKCFBhdXNlUnVuEiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlBhdXNlUnVuUmVxdWVzdBonLnRlbnNvcndpcmUudHJhaW5lci52MS5QYXVzZVJ1blJlc3BvbnNlEl4KCVJlc3VtZVJ1bhInLnRlbnNvcndpcmUudHJhaW5lci52MS5SZXN1bWVSdW5SZXF1ZXN0GigudGVuc29yd2lyZS50cmFpbmVyLnYxLlJlc3VtZVJ1blJlc3BvbnNlElgKB1N0b3BSdW4SJS50ZW5zb3J3aXJlLnRyYWluZXIudjEuU3RvcFJ1blJlcXVlc3QaJi50ZW5zb3J3aXJlLnRyYWluZXIudjEuU3RvcFJ1blJlc3BvbnNlEl4KCVVwZGF0ZVJ1bhInLnRlbnNvcndpcmUudHJhaW5lci52MS5VcGRhdGVSdW5SZXF1ZXN0GigudGVuc29yd2lyZS50cmFpbmVyLnYxLlVwZGF0ZVJ1blJlc3BvbnNlElUKBkdldFJ1bhIkLnRlbnNvcndpcmUudHJhaW5lci52MS5HZXRSdW5SZXF1ZXN0GiUudGVuc29yd2lyZS50cmFpbmVyLnYxLkdldFJ1blJlc3BvbnNlElsKCExpc3RSdW5zEiYudGVuc29yd2lyZS50cmFpbmVyLnYxLkxpc3RSdW5zUmVxdWVzdBonLnRlbnNvcndpcmUudHJhaW5lci52MS5MaXN0UnVuc1Jlc3BvbnNlEmQKC1JlZ2lzdGVyUnVuEikudGVuc29yd2lyZS50cmFpbmVyLnYxLlJlZ2lzdGVyUnVuUmVxdWVzdBoqLnRlbnNvcndpcmUudHJhaW5lci52MS5SZWdpc3RlclJ1blJlc3BvbnNlEmIKCUF0dGFjaFJ1bhInLnRlbnNvcndpcmUudHJhaW5lci52MS5BdHRhY2hSdW5SZXF1ZXN0GigudGVuc29yd2lyZS50cmFpbmVyLnYxLkF0dGFjaFJ1blJlc3BvbnNlKAEwARJeCglEZWxldGVSdW4SJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuRGVsZXRlUnVuUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5EZWxldGVSdW5SZXNwb25zZRJqCg1HZXRSdW5TY2FsYXJzEisudGVuc29yd2lyZS50cmFpbmVyLnYxLkdldFJ1blNjYWxhcnNSZXF1ZXN0GiwudGVuc29yd2lyZS50cmFpbmVyLnYxLkdldFJ1blNjYWxhcnNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_field_mask, file_tensorwire_common_v1_common]);
+  fileDesc("CiN0ZW5zb3J3aXJlL3RyYWluZXIvdjEvdHJhaW5lci5wcm90bxIVdGVuc29yd2lyZS50cmFpbmVyLnYxIn4KCVBhcmFtU3BlYxIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhUKDWRlZmF1bHRfdmFsdWUYAyABKAESCwoDbWluGAQgASgBEgsKA21heBgFIAEoARIPCgdpbnRlZ2VyGAYgASgIEgwKBGxpdmUYByABKAgiVwoKT3B0aW9uU3BlYxIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhUKDWRlZmF1bHRfdmFsdWUYAyABKAkSDwoHY2hvaWNlcxgEIAMoCSLCAQoIVGFza0luZm8SDAoEbmFtZRgBIAEoCRINCgV0aXRsZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIwCgZwYXJhbXMYBCADKAsyIC50ZW5zb3J3aXJlLnRyYWluZXIudjEuUGFyYW1TcGVjEjIKB29wdGlvbnMYBSADKAsyIS50ZW5zb3J3aXJlLnRyYWluZXIudjEuT3B0aW9uU3BlYxINCgV2aWV3cxgGIAMoCRIPCgdtZXRyaWNzGAcgAygJIpYFCgNSdW4SDgoGcnVuX2lkGAEgASgJEgwKBHRhc2sYAiABKAkSLQoFc3RhdGUYAyABKA4yHi50ZW5zb3J3aXJlLmNvbW1vbi52MS5SdW5TdGF0ZRIMCgRzdGVwGAQgASgEEhgKEHN0ZXBzX3Blcl9zZWNvbmQYBSABKAESNgoGcGFyYW1zGAYgAygLMiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1bi5QYXJhbXNFbnRyeRI4CgdvcHRpb25zGAcgAygLMicudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1bi5PcHRpb25zRW50cnkSOAoHbWV0cmljcxgIIAMoCzInLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4uTWV0cmljc0VudHJ5EhIKCmNyZWF0ZWRfYXQYCSABKAESEgoKdXBkYXRlZF9hdBgKIAEoARINCgVlcnJvchgLIAEoCRIXCg9jaGVja3BvaW50X3N0ZXAYDCABKAQSDAoEc2VlZBgNIAEoBBITCgtwcm9kdWNlZF9hdBgOIAEoARIMCgRuYW1lGA8gASgJEgwKBHRhZ3MYECADKAkSDQoFbm90ZXMYESABKAkSEAoIZW5kZWRfYXQYEiABKAESLwoEYmVzdBgTIAEoCzIhLnRlbnNvcndpcmUudHJhaW5lci52MS5CZXN0TWV0cmljGi0KC1BhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEaLgoMT3B0aW9uc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaLgoMTWV0cmljc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAToCOAEiQwoKQmVzdE1ldHJpYxIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgBEhgKEGhpZ2hlcl9pc19iZXR0ZXIYAyABKAgiEgoQTGlzdFRhc2tzUmVxdWVzdCJDChFMaXN0VGFza3NSZXNwb25zZRIuCgV0YXNrcxgBIAMoCzIfLnRlbnNvcndpcmUudHJhaW5lci52MS5UYXNrSW5mbyLBAgoPU3RhcnRSdW5SZXF1ZXN0EgwKBHRhc2sYASABKAkSQgoGcGFyYW1zGAIgAygLMjIudGVuc29yd2lyZS50cmFpbmVyLnYxLlN0YXJ0UnVuUmVxdWVzdC5QYXJhbXNFbnRyeRJECgdvcHRpb25zGAMgAygLMjMudGVuc29yd2lyZS50cmFpbmVyLnYxLlN0YXJ0UnVuUmVxdWVzdC5PcHRpb25zRW50cnkSDAoEc2VlZBgEIAEoBBIMCgRuYW1lGAUgASgJEgwKBHRhZ3MYBiADKAkSDQoFbm90ZXMYByABKAkaLQoLUGFyYW1zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgBOgI4ARouCgxPcHRpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI7ChBTdGFydFJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4iIQoPUGF1c2VSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSI7ChBQYXVzZVJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4iIgoQUmVzdW1lUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiPAoRUmVzdW1lUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biIgCg5TdG9wUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiOgoPU3RvcFJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4i8gEKEFVwZGF0ZVJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEkMKBnBhcmFtcxgCIAMoCzIzLnRlbnNvcndpcmUudHJhaW5lci52MS5VcGRhdGVSdW5SZXF1ZXN0LlBhcmFtc0VudHJ5EgwKBG5hbWUYAyABKAkSDAoEdGFncxgEIAMoCRINCgVub3RlcxgFIAEoCRIvCgt1cGRhdGVfbWFzaxgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2saLQoLUGFyYW1zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgBOgI4ASI8ChFVcGRhdGVSdW5SZXNwb25zZRInCgNydW4YASABKAsyGi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUnVuIh8KDUdldFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJIjkKDkdldFJ1blJlc3BvbnNlEicKA3J1bhgBIAEoCzIaLnRlbnNvcndpcmUudHJhaW5lci52MS5SdW4iWgoPTGlzdFJ1bnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEg4KBmZpbHRlchgDIAEoCRIQCghvcmRlcl9ieRgEIAEoCSJpChBMaXN0UnVuc1Jlc3BvbnNlEigKBHJ1bnMYASADKAsyGi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUnVuEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCRISCgp0b3RhbF9zaXplGAMgASgFIiIKEERlbGV0ZVJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJIhMKEURlbGV0ZVJ1blJlc3BvbnNlIkkKFEdldFJ1blNjYWxhcnNSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRINCgVuYW1lcxgCIAMoCRISCgptYXhfcG9pbnRzGAMgASgNIlsKFUdldFJ1blNjYWxhcnNSZXNwb25zZRIOCgZydW5faWQYASABKAkSMgoHc2NhbGFycxgCIAEoCzIhLnRlbnNvcndpcmUuY29tbW9uLnYxLlNjYWxhckJhdGNoIqgBChJSZWdpc3RlclJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEgwKBHRhc2sYAiABKAkSRQoGcGFyYW1zGAMgAygLMjUudGVuc29yd2lyZS50cmFpbmVyLnYxLlJlZ2lzdGVyUnVuUmVxdWVzdC5QYXJhbXNFbnRyeRotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBIj4KE1JlZ2lzdGVyUnVuUmVzcG9uc2USJwoDcnVuGAEgASgLMhoudGVuc29yd2lyZS50cmFpbmVyLnYxLlJ1biJTChBBdHRhY2hSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIvCgZzdGF0dXMYAiABKAsyHy50ZW5zb3J3aXJlLmNvbW1vbi52MS5SdW5TdGF0dXMipgEKEUF0dGFjaFJ1blJlc3BvbnNlEg4KBnBhdXNlZBgBIAEoCBIMCgRzdG9wGAIgASgIEkQKBnBhcmFtcxgDIAMoCzI0LnRlbnNvcndpcmUudHJhaW5lci52MS5BdHRhY2hSdW5SZXNwb25zZS5QYXJhbXNFbnRyeRotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBMo4JCg5UcmFpbmVyU2VydmljZRJeCglMaXN0VGFza3MSJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuTGlzdFRhc2tzUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5MaXN0VGFza3NSZXNwb25zZRJbCghTdGFydFJ1bhImLnRlbnNvcndpcmUudHJhaW5lci52MS5TdGFydFJ1blJlcXVlc3QaJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuU3RhcnRSdW5SZXNwb25zZRJbCghQYXVzZVJ1bhImLnRlbnNvcndpcmUudHJhaW5lci52MS5QYXVzZVJ1blJlcXVlc3QaJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuUGF1c2VSdW5SZXNwb25zZRJeCglSZXN1bWVSdW4SJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuUmVzdW1lUnVuUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5SZXN1bWVSdW5SZXNwb25zZRJYCgdTdG9wUnVuEiUudGVuc29yd2lyZS50cmFpbmVyLnYxLlN0b3BSdW5SZXF1ZXN0GiYudGVuc29yd2lyZS50cmFpbmVyLnYxLlN0b3BSdW5SZXNwb25zZRJeCglVcGRhdGVSdW4SJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuVXBkYXRlUnVuUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5VcGRhdGVSdW5SZXNwb25zZRJVCgZHZXRSdW4SJC50ZW5zb3J3aXJlLnRyYWluZXIudjEuR2V0UnVuUmVxdWVzdBolLnRlbnNvcndpcmUudHJhaW5lci52MS5HZXRSdW5SZXNwb25zZRJbCghMaXN0UnVucxImLnRlbnNvcndpcmUudHJhaW5lci52MS5MaXN0UnVuc1JlcXVlc3QaJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuTGlzdFJ1bnNSZXNwb25zZRJkCgtSZWdpc3RlclJ1bhIpLnRlbnNvcndpcmUudHJhaW5lci52MS5SZWdpc3RlclJ1blJlcXVlc3QaKi50ZW5zb3J3aXJlLnRyYWluZXIudjEuUmVnaXN0ZXJSdW5SZXNwb25zZRJiCglBdHRhY2hSdW4SJy50ZW5zb3J3aXJlLnRyYWluZXIudjEuQXR0YWNoUnVuUmVxdWVzdBooLnRlbnNvcndpcmUudHJhaW5lci52MS5BdHRhY2hSdW5SZXNwb25zZSgBMAESXgoJRGVsZXRlUnVuEicudGVuc29yd2lyZS50cmFpbmVyLnYxLkRlbGV0ZVJ1blJlcXVlc3QaKC50ZW5zb3J3aXJlLnRyYWluZXIudjEuRGVsZXRlUnVuUmVzcG9uc2USagoNR2V0UnVuU2NhbGFycxIrLnRlbnNvcndpcmUudHJhaW5lci52MS5HZXRSdW5TY2FsYXJzUmVxdWVzdBosLnRlbnNvcndpcmUudHJhaW5lci52MS5HZXRSdW5TY2FsYXJzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_field_mask, file_tensorwire_common_v1_common]);
 
 /**
  * One tunable hyper-parameter of a task.
@@ -257,6 +257,15 @@ export type Run = Message<"tensorwire.trainer.v1.Run"> & {
    * @generated from field: double ended_at = 18;
    */
   endedAt: number;
+
+  /**
+   * The best value so far of the run's main metric (the task's: the highest
+   * accuracy, the lowest loss, ...) over its stored history. Set by ListRuns;
+   * unset before the run's first point of it, or without a run store.
+   *
+   * @generated from field: tensorwire.trainer.v1.BestMetric best = 19;
+   */
+  best?: BestMetric | undefined;
 };
 
 /**
@@ -265,6 +274,37 @@ export type Run = Message<"tensorwire.trainer.v1.Run"> & {
  */
 export const RunSchema: GenMessage<Run> = /*@__PURE__*/
   messageDesc(file_tensorwire_trainer_v1_trainer, 3);
+
+/**
+ * @generated from message tensorwire.trainer.v1.BestMetric
+ */
+export type BestMetric = Message<"tensorwire.trainer.v1.BestMetric"> & {
+  /**
+   * The metric (a scalar series of the run, e.g. "accuracy").
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: double value = 2;
+   */
+  value: number;
+
+  /**
+   * Whether higher values are better (accuracy) or lower ones (loss).
+   *
+   * @generated from field: bool higher_is_better = 3;
+   */
+  higherIsBetter: boolean;
+};
+
+/**
+ * Describes the message tensorwire.trainer.v1.BestMetric.
+ * Use `create(BestMetricSchema)` to create a new message.
+ */
+export const BestMetricSchema: GenMessage<BestMetric> = /*@__PURE__*/
+  messageDesc(file_tensorwire_trainer_v1_trainer, 4);
 
 /**
  * @generated from message tensorwire.trainer.v1.ListTasksRequest
@@ -277,7 +317,7 @@ export type ListTasksRequest = Message<"tensorwire.trainer.v1.ListTasksRequest">
  * Use `create(ListTasksRequestSchema)` to create a new message.
  */
 export const ListTasksRequestSchema: GenMessage<ListTasksRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 4);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 5);
 
 /**
  * @generated from message tensorwire.trainer.v1.ListTasksResponse
@@ -294,7 +334,7 @@ export type ListTasksResponse = Message<"tensorwire.trainer.v1.ListTasksResponse
  * Use `create(ListTasksResponseSchema)` to create a new message.
  */
 export const ListTasksResponseSchema: GenMessage<ListTasksResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 5);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 6);
 
 /**
  * @generated from message tensorwire.trainer.v1.StartRunRequest
@@ -343,7 +383,7 @@ export type StartRunRequest = Message<"tensorwire.trainer.v1.StartRunRequest"> &
  * Use `create(StartRunRequestSchema)` to create a new message.
  */
 export const StartRunRequestSchema: GenMessage<StartRunRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 6);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 7);
 
 /**
  * @generated from message tensorwire.trainer.v1.StartRunResponse
@@ -360,7 +400,7 @@ export type StartRunResponse = Message<"tensorwire.trainer.v1.StartRunResponse">
  * Use `create(StartRunResponseSchema)` to create a new message.
  */
 export const StartRunResponseSchema: GenMessage<StartRunResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 7);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 8);
 
 /**
  * @generated from message tensorwire.trainer.v1.PauseRunRequest
@@ -377,7 +417,7 @@ export type PauseRunRequest = Message<"tensorwire.trainer.v1.PauseRunRequest"> &
  * Use `create(PauseRunRequestSchema)` to create a new message.
  */
 export const PauseRunRequestSchema: GenMessage<PauseRunRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 8);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 9);
 
 /**
  * @generated from message tensorwire.trainer.v1.PauseRunResponse
@@ -394,7 +434,7 @@ export type PauseRunResponse = Message<"tensorwire.trainer.v1.PauseRunResponse">
  * Use `create(PauseRunResponseSchema)` to create a new message.
  */
 export const PauseRunResponseSchema: GenMessage<PauseRunResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 9);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 10);
 
 /**
  * @generated from message tensorwire.trainer.v1.ResumeRunRequest
@@ -411,7 +451,7 @@ export type ResumeRunRequest = Message<"tensorwire.trainer.v1.ResumeRunRequest">
  * Use `create(ResumeRunRequestSchema)` to create a new message.
  */
 export const ResumeRunRequestSchema: GenMessage<ResumeRunRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 10);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 11);
 
 /**
  * @generated from message tensorwire.trainer.v1.ResumeRunResponse
@@ -428,7 +468,7 @@ export type ResumeRunResponse = Message<"tensorwire.trainer.v1.ResumeRunResponse
  * Use `create(ResumeRunResponseSchema)` to create a new message.
  */
 export const ResumeRunResponseSchema: GenMessage<ResumeRunResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 11);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 12);
 
 /**
  * @generated from message tensorwire.trainer.v1.StopRunRequest
@@ -445,7 +485,7 @@ export type StopRunRequest = Message<"tensorwire.trainer.v1.StopRunRequest"> & {
  * Use `create(StopRunRequestSchema)` to create a new message.
  */
 export const StopRunRequestSchema: GenMessage<StopRunRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 12);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 13);
 
 /**
  * @generated from message tensorwire.trainer.v1.StopRunResponse
@@ -462,7 +502,7 @@ export type StopRunResponse = Message<"tensorwire.trainer.v1.StopRunResponse"> &
  * Use `create(StopRunResponseSchema)` to create a new message.
  */
 export const StopRunResponseSchema: GenMessage<StopRunResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 13);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 14);
 
 /**
  * @generated from message tensorwire.trainer.v1.UpdateRunRequest
@@ -507,7 +547,7 @@ export type UpdateRunRequest = Message<"tensorwire.trainer.v1.UpdateRunRequest">
  * Use `create(UpdateRunRequestSchema)` to create a new message.
  */
 export const UpdateRunRequestSchema: GenMessage<UpdateRunRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 14);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 15);
 
 /**
  * @generated from message tensorwire.trainer.v1.UpdateRunResponse
@@ -524,7 +564,7 @@ export type UpdateRunResponse = Message<"tensorwire.trainer.v1.UpdateRunResponse
  * Use `create(UpdateRunResponseSchema)` to create a new message.
  */
 export const UpdateRunResponseSchema: GenMessage<UpdateRunResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 15);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 16);
 
 /**
  * @generated from message tensorwire.trainer.v1.GetRunRequest
@@ -541,7 +581,7 @@ export type GetRunRequest = Message<"tensorwire.trainer.v1.GetRunRequest"> & {
  * Use `create(GetRunRequestSchema)` to create a new message.
  */
 export const GetRunRequestSchema: GenMessage<GetRunRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 16);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 17);
 
 /**
  * @generated from message tensorwire.trainer.v1.GetRunResponse
@@ -558,7 +598,7 @@ export type GetRunResponse = Message<"tensorwire.trainer.v1.GetRunResponse"> & {
  * Use `create(GetRunResponseSchema)` to create a new message.
  */
 export const GetRunResponseSchema: GenMessage<GetRunResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 17);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 18);
 
 /**
  * @generated from message tensorwire.trainer.v1.ListRunsRequest
@@ -600,7 +640,7 @@ export type ListRunsRequest = Message<"tensorwire.trainer.v1.ListRunsRequest"> &
  * Use `create(ListRunsRequestSchema)` to create a new message.
  */
 export const ListRunsRequestSchema: GenMessage<ListRunsRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 18);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 19);
 
 /**
  * @generated from message tensorwire.trainer.v1.ListRunsResponse
@@ -631,7 +671,7 @@ export type ListRunsResponse = Message<"tensorwire.trainer.v1.ListRunsResponse">
  * Use `create(ListRunsResponseSchema)` to create a new message.
  */
 export const ListRunsResponseSchema: GenMessage<ListRunsResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 19);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 20);
 
 /**
  * @generated from message tensorwire.trainer.v1.DeleteRunRequest
@@ -648,7 +688,7 @@ export type DeleteRunRequest = Message<"tensorwire.trainer.v1.DeleteRunRequest">
  * Use `create(DeleteRunRequestSchema)` to create a new message.
  */
 export const DeleteRunRequestSchema: GenMessage<DeleteRunRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 20);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 21);
 
 /**
  * @generated from message tensorwire.trainer.v1.DeleteRunResponse
@@ -661,7 +701,7 @@ export type DeleteRunResponse = Message<"tensorwire.trainer.v1.DeleteRunResponse
  * Use `create(DeleteRunResponseSchema)` to create a new message.
  */
 export const DeleteRunResponseSchema: GenMessage<DeleteRunResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 21);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 22);
 
 /**
  * @generated from message tensorwire.trainer.v1.GetRunScalarsRequest
@@ -692,7 +732,7 @@ export type GetRunScalarsRequest = Message<"tensorwire.trainer.v1.GetRunScalarsR
  * Use `create(GetRunScalarsRequestSchema)` to create a new message.
  */
 export const GetRunScalarsRequestSchema: GenMessage<GetRunScalarsRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 22);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 23);
 
 /**
  * @generated from message tensorwire.trainer.v1.GetRunScalarsResponse
@@ -714,7 +754,7 @@ export type GetRunScalarsResponse = Message<"tensorwire.trainer.v1.GetRunScalars
  * Use `create(GetRunScalarsResponseSchema)` to create a new message.
  */
 export const GetRunScalarsResponseSchema: GenMessage<GetRunScalarsResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 23);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 24);
 
 /**
  * @generated from message tensorwire.trainer.v1.RegisterRunRequest
@@ -748,7 +788,7 @@ export type RegisterRunRequest = Message<"tensorwire.trainer.v1.RegisterRunReque
  * Use `create(RegisterRunRequestSchema)` to create a new message.
  */
 export const RegisterRunRequestSchema: GenMessage<RegisterRunRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 24);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 25);
 
 /**
  * @generated from message tensorwire.trainer.v1.RegisterRunResponse
@@ -765,7 +805,7 @@ export type RegisterRunResponse = Message<"tensorwire.trainer.v1.RegisterRunResp
  * Use `create(RegisterRunResponseSchema)` to create a new message.
  */
 export const RegisterRunResponseSchema: GenMessage<RegisterRunResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 25);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 26);
 
 /**
  * @generated from message tensorwire.trainer.v1.AttachRunRequest
@@ -791,7 +831,7 @@ export type AttachRunRequest = Message<"tensorwire.trainer.v1.AttachRunRequest">
  * Use `create(AttachRunRequestSchema)` to create a new message.
  */
 export const AttachRunRequestSchema: GenMessage<AttachRunRequest> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 26);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 27);
 
 /**
  * @generated from message tensorwire.trainer.v1.AttachRunResponse
@@ -824,7 +864,7 @@ export type AttachRunResponse = Message<"tensorwire.trainer.v1.AttachRunResponse
  * Use `create(AttachRunResponseSchema)` to create a new message.
  */
 export const AttachRunResponseSchema: GenMessage<AttachRunResponse> = /*@__PURE__*/
-  messageDesc(file_tensorwire_trainer_v1_trainer, 27);
+  messageDesc(file_tensorwire_trainer_v1_trainer, 28);
 
 /**
  * @generated from service tensorwire.trainer.v1.TrainerService
