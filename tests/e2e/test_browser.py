@@ -184,19 +184,25 @@ def test_reconnects_by_itself_after_the_gateway_restarts(stack: Stack, tmp_path:
 def test_inference_panel_answers_through_grpc_web(stack: Stack) -> None:
     with browser() as context:
         page = live_page(context, stack.url)
-        # The run's checkpoints reach the inference service every few seconds.
-        page.wait_for_function("""async () => {
+        # The run's checkpoints reach the inference service every few seconds. The run's
+        # model is chosen in the same step that finds it (a model list refreshed between
+        # finding and choosing once left nothing chosen: the drawing then asked nothing).
+        model = page.wait_for_function("""() => {
           const select = document.querySelector("#model");
-          if (![...select.options].some((o) => o.value.startsWith("run-"))) {
+          const run = [...select.options].find((o) => o.value.startsWith("run-"));
+          if (!run) {
             document.querySelector("#inference button").click();
             return false;
           }
-          return true;
-        }""", polling=1000, timeout=45_000)
-        model = page.evaluate("""() => [...document.querySelector("#model").options]
-            .map((o) => o.value).find((v) => v.startsWith("run-"))""")
-        page.select_option("#model", model)
-        page.wait_for_function("() => document.querySelector('#infer-result').textContent.includes('inputs:')")
+          if (select.value !== run.value) {
+            select.value = run.value;
+            select.dispatchEvent(new Event("change"));
+          }
+          return run.value;
+        }""", polling=1000, timeout=45_000).json_value()
+        assert model.startswith("run-"), model
+        page.wait_for_function("""(model) => document.querySelector('#model').value === model
+            && document.querySelector('#infer-result').textContent.includes('inputs:')""", arg=model)
         box = page.locator("#pad").bounding_box()
         page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
         page.mouse.down()

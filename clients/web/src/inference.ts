@@ -17,6 +17,7 @@ interface Tensor { name: string; shape: number[]; values: Float32Array }
 
 export class InferencePanel {
   private readonly select = document.createElement("select");
+  private listSeq = 0;
   private readonly pad = document.createElement("canvas");
   private readonly result = document.createElement("pre");
   private readonly latency = document.createElement("div");
@@ -74,8 +75,12 @@ export class InferencePanel {
   }
 
   async loadModels(): Promise<void> {
+    // Only the newest list counts: an older answer that arrives late (a slow call
+    // from before the run's model existed) must not wipe the model chosen since.
+    const seq = ++this.listSeq;
     try {
       const models = await listModels();
+      if (seq !== this.listSeq) return;
       const names = [...new Set(models.map((m) => m.name))].sort((a, b) =>
         a === "trajectory" ? -1 : b === "trajectory" ? 1 : a.localeCompare(b));
       const keep = this.select.value;
@@ -85,6 +90,7 @@ export class InferencePanel {
       if (names.includes(keep)) this.select.value = keep;
       await this.loadMetadata();
     } catch (err) {
+      if (seq !== this.listSeq) return;
       this.result.textContent = `cannot list models: ${rpc.describeError(err)}`;
     }
   }
