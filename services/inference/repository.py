@@ -28,6 +28,15 @@ usual and its answer is stored. Keys include the resolved version, so a new vers
 never answers from an old one's entries and each side of a traffic split has its own.
 The native frontend's batches go through the same cache here (``answer_columns``):
 the hits of a batch are answered from their entries, only its misses reach the model.
+
+Lazy models (``RepositoryOptions.lazy_models``: by default ``run-*``, the trainer's
+per-run checkpoints, thousands of them after a while) are not loaded at boot nor
+looked at by polls. RepositoryIndex lists them UNAVAILABLE ("not loaded") until the
+first request that names one (ModelInfer, ModelStreamInfer, ModelMetadata,
+ModelConfig, ModelReady; gRPC and HTTP) loads it — that request waits for the load,
+concurrent ones share it — or RepositoryModelLoad does (the trainer asks for one
+after each checkpoint). Once loaded, one is served and polled like any other model;
+an explicit RepositoryModelUnload keeps it unloaded until it is loaded again.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import asyncio
 import bisect
 import concurrent.futures
 import contextlib
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -68,6 +78,9 @@ from tensorwire.tensors import NUMPY_DTYPES, Tensor
 from . import backends
 
 log = logging.getLogger(__name__)
+
+LAZY_MODELS = ("run-*",)
+"""Models loaded on their first request, not at boot: the trainer's per-run checkpoints."""
 
 PLATFORM = "pytorch_libtorch"
 """What ModelMetadata/ModelConfig report as the platform of the tensorwire kinds
@@ -485,6 +498,10 @@ class RepositoryOptions:
     cache: ResponseCache | None = None
     """The server's response cache (its owner closes it); used by the models whose
     config enables it."""
+    lazy_models: tuple[str, ...] = LAZY_MODELS
+    """Name patterns (fnmatch, case-sensitive) of the models loaded on their first
+    request or RepositoryModelLoad instead of at boot, and not polled until then; () =
+    every model at boot."""
 
 
 class ModelRepository:
@@ -500,6 +517,8 @@ class ModelRepository:
         self._retry_at: dict[str, tuple[int, float]] = {}
         """(failures, monotonic time) of a transient load failure: polls retry it after then."""
         self._unloaded: set[str] = set()
+        self._demand: dict[str, asyncio.Task[None]] = {}
+        """The load of a lazy model that requests are waiting for, by name (one each)."""
         self._overrides: dict[str, dict[str, Any]] = {}
         """RepositoryModelLoad config overrides of Triton models (their files stay as written)."""
         self._locks: dict[str, asyncio.Lock] = {}
@@ -572,7 +591,7 @@ class ModelRepository:
         """Bring every model on disk (not explicitly unloaded) up to date, at most
         ``max_concurrent_syncs`` models at a time (any number of models: none is refused
         for a full queue); a transient failure is tried again ``retries`` times."""
-        names = [n for n in modelrepo.list_models(self.root) if n not in self._unloaded]
+        names = modelrepo.list_models(self.root, skip=self._not_scanned)
         slots = asyncio.Semaphore(self.options.max_concurrent_syncs)
 
         async def one(name: str) -> None:
@@ -581,7 +600,42 @@ class ModelRepository:
 
         await asyncio.gather(*(one(name) for name in names))
 
-    async def _sync_quietly(self, name: str, retries: int = 0) -> None:
+    def _not_scanned(self, name: str) -> bool:
+        """Left out of scans: explicitly unloaded models, and lazy ones not loaded."""
+        return name in self._unloaded or (name not in self._models and self.is_lazy(name))
+
+    def is_lazy(self, name: str) -> bool:
+        """Whether ``name`` is loaded on its first request (``lazy_models``), not at boot."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.options.lazy_models)
+
+    async def load_on_demand(self, name: str) -> None:
+        """Load ``name`` now if it is a lazy model on disk that is not loaded (nor
+        explicitly unloaded), and return once that load has finished, loaded or not
+        (the caller then finds it served, or ``_served`` says why not). Concurrent
+        callers wait for the same load, which goes on when a caller is cancelled.
+        Returns at once for any other model."""
+        if name in self._models or name in self._unloaded or not self.is_lazy(name):
+            return
+        task = self._demand.get(name)
+        if task is None:
+            if not modelrepo.has_model(self.root, name):
+                return  # NOT_FOUND, from whatever the caller asks next
+            task = asyncio.get_running_loop().create_task(self._load_lazily(name), name=f"load {name}")
+            self._demand[name] = task
+            task.add_done_callback(lambda _: self._demand.pop(name, None))
+        await asyncio.shield(task)
+
+    async def _load_lazily(self, name: str) -> None:
+        start = time.perf_counter()
+        # As a poll would: a model that failed with these very files is not tried again,
+        # a transient failure only after its backoff (a broken model costs its requests
+        # no load each); the reason stays in _failed for the caller's status.
+        await self._sync_quietly(name, priority=10, skip_unloaded=True)
+        if name in self._models:
+            log.info("model %s loaded on demand in %.2fs", name, time.perf_counter() - start)
+
+    async def _sync_quietly(self, name: str, retries: int = 0, *, priority: int = 0,
+                            skip_unloaded: bool = True) -> None:
         path = modelrepo.config_path(self.root, name)
         try:
             stamp = path.stat().st_mtime_ns if path.exists() else None  # None: auto-completed
@@ -595,7 +649,7 @@ class ModelRepository:
             return  # a transient failure: a later poll tries again, after its backoff
         for attempt in range(1, retries + 2):
             try:
-                await self.sync(name)
+                await self.sync(name, priority=priority, skip_unloaded=skip_unloaded)
                 self._failed_at.pop(name, None)
                 self._retry_at.pop(name, None)
                 return
@@ -621,6 +675,9 @@ class ModelRepository:
                 await self._boot_task
         if self._poller is not None:
             await self._poller.aclose()
+        for task in list(self._demand.values()):
+            task.cancel()
+        await asyncio.gather(*list(self._demand.values()), return_exceptions=True)
         for model in list(self._models.values()):
             self._retire(list(model.routing.versions.values()))
         self._models.clear()
@@ -651,14 +708,19 @@ class ModelRepository:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def sync(self, name: str, config_override: dict[str, Any] | None = None, *, priority: int = 0) -> None:
+    async def sync(self, name: str, config_override: dict[str, Any] | None = None, *, priority: int = 0,
+                   skip_unloaded: bool = False) -> None:
         """Load the versions ``name``'s policy selects, swap them in, retire the rest.
+        ``skip_unloaded``: do nothing if ``name`` is explicitly unloaded by the time it is
+        its turn (a scan or a first request that raced RepositoryModelUnload).
 
         A ``config_override`` is checked against ``tensorwire.admission``'s bounds before
         anything is built, applied in memory for the load, and written to config.json
         (tensorwire kinds) only once every version it selects has loaded; a failed load
         leaves the previous config and versions serving."""
         async with self._lock(name):
+            if skip_unloaded and name in self._unloaded:
+                return
             if not config_override:
                 await self._sync_locked(name, priority)
                 return
@@ -759,7 +821,7 @@ class ModelRepository:
         modelrepo.check_name(name)
         if self.options.fetch is not None:
             await self.options.fetch(name)
-        if name not in modelrepo.list_models(self.root):
+        if not modelrepo.has_model(self.root, name):
             raise NotFoundError(f"model {name!r} is not in the repository {str(self.root)!r}")
         self._unloaded.discard(name)
         try:
@@ -773,7 +835,7 @@ class ModelRepository:
         modelrepo.check_name(name)
         async with self._lock(name):
             served = self._models.pop(name, None)
-            if served is None and name not in modelrepo.list_models(self.root):
+            if served is None and not modelrepo.has_model(self.root, name):
                 raise NotFoundError(f"model {name!r} is neither loaded nor in the repository")
             self._unloaded.add(name)
             self._config_stamp.pop(name, None)
@@ -802,6 +864,9 @@ class ModelRepository:
                 raise UnavailableError(f"model {name!r} failed to load: {self._failed[name]}")
             if name in self._unloaded:
                 raise NotFoundError(f"model {name!r} is unloaded; RepositoryModelLoad serves it again")
+            if self.is_lazy(name) and modelrepo.has_model(self.root, name):
+                raise UnavailableError(f"model {name!r} is not loaded; its first request "
+                                       "(ModelInfer, ModelMetadata, ModelReady) or RepositoryModelLoad loads it")
             raise NotFoundError(f"unknown model {admission.echo(name)}")
         return served
 
@@ -819,6 +884,8 @@ class ModelRepository:
         return found
 
     async def infer(self, request: InferRequest) -> InferResult:
+        if request.model not in self._models:
+            await self.load_on_demand(request.model)
         version = self.version_of(request.model, request.version)
         if self.cache is not None and version.response_cache_enabled:
             return await self._infer_cached(self.cache, version, request)
@@ -991,6 +1058,8 @@ class ModelRepository:
                     entries.append(IndexEntry(name, str(v), "READY"))
             elif not ready_only:
                 reason = self._failed.get(name) or ("unloaded" if name in self._unloaded else "not loaded")
+                if reason == "not loaded" and self.is_lazy(name):
+                    reason = "not loaded; loads on its first request"
                 entries.append(IndexEntry(name, "", "UNAVAILABLE", reason))
         return entries
 

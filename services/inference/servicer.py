@@ -67,6 +67,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
+        await self._repo.load_on_demand(request.name)  # a lazy model: loaded first (answer: loaded or not)
         return pb.ModelReadyResponse(ready=self._repo.model_ready(request.name, request.version))
 
     async def ServerMetadata(
@@ -78,6 +79,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
+        await self._repo.load_on_demand(request.name)
         info = self._repo.info(request.name, request.version)
         batch = (-1,) if info.max_batch_size > 0 else ()
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -143,6 +145,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
+        await self._repo.load_on_demand(request.name)
         return pb.ModelConfigResponse(config=_model_config(self._repo.info(request.name, request.version)))
 
     async def ModelStatistics(
