@@ -47,8 +47,10 @@ from tensorwire.server import PortInUseError
 from tensorwire.tensors import NUMPY_DTYPES, Tensor, check_shape, encode_raw, raw_to_array
 from tensorwire.tls import ServerTls
 
-from .repository import InferRequest, InferResult, ModelRepository, VersionStats
+from .records import InferRequest, InferResult
+from .repository import ModelRepository
 from .server_state import ServerState
+from .stats import VersionStats
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.inference import model_config_pb2 as mc
 
-from .repository import InferRequest, InferResult, ModelInfo, ModelRepository
+from .records import InferRequest, InferResult, ModelInfo
+from .repository import ModelRepository
 from .server_state import ServerState
 
 MAX_STREAM_IN_FLIGHT = 256
