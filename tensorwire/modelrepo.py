@@ -232,8 +232,9 @@ def list_models(repo: Path, skip: Callable[[str], bool] | None = None) -> list[s
     if not root.is_dir():
         return []
     return sorted(
-        p.name for p in root.iterdir()
-        if not (skip is not None and skip(p.name)) and p.is_dir() and _NAME.match(p.name) and _is_model_folder(p)
+        name for name in os.listdir(root)
+        if not (skip is not None and skip(name)) and _NAME.match(name) and (root / name).is_dir()
+        and _is_model_folder(root / name)
     )
 
 

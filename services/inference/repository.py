@@ -50,6 +50,7 @@ import contextlib
 import fnmatch
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -149,6 +150,9 @@ class ModelRepository:
         self._retry_at: dict[str, tuple[int, float]] = {}
         """(failures, monotonic time) of a transient load failure: polls retry it after then."""
         self._unloaded: set[str] = set()
+        self._lazy = (re.compile("|".join(fnmatch.translate(p) for p in self.options.lazy_models))
+                      if self.options.lazy_models else None)
+        """``lazy_models`` as one pattern (a poll matches every name in the folder)."""
         self._demand: dict[str, asyncio.Task[None]] = {}
         """The load of a lazy model that requests are waiting for, by name (one each)."""
         self._overrides: dict[str, dict[str, Any]] = {}
@@ -238,7 +242,7 @@ class ModelRepository:
 
     def is_lazy(self, name: str) -> bool:
         """Whether ``name`` is loaded on its first request (``lazy_models``), not at boot."""
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.options.lazy_models)
+        return self._lazy is not None and self._lazy.match(name) is not None
 
     async def load_on_demand(self, name: str) -> None:
         """Load ``name`` now if it is a lazy model on disk that is not loaded (nor
