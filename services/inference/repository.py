@@ -38,8 +38,9 @@ looked at by polls. RepositoryIndex lists them UNAVAILABLE ("not loaded") until 
 first request that names one (ModelInfer, ModelStreamInfer, ModelMetadata,
 ModelConfig, ModelReady; gRPC and HTTP) loads it — that request waits for the load,
 concurrent ones share it — or RepositoryModelLoad does (the trainer asks for one
-after each checkpoint). Once loaded, one is served and polled like any other model;
-an explicit RepositoryModelUnload keeps it unloaded until it is loaded again.
+after each checkpoint). Once loaded, one is served and polled like any other model,
+and unloaded by the poll that finds its folder gone (the trainer deleted the run); an
+explicit RepositoryModelUnload keeps it unloaded until it is loaded again.
 """
 
 from __future__ import annotations
@@ -226,7 +227,9 @@ class ModelRepository:
     async def scan(self, retries: int = 0) -> None:
         """Bring every model on disk (not explicitly unloaded) up to date, at most
         ``max_concurrent_syncs`` models at a time (any number of models: none is refused
-        for a full queue); a transient failure is tried again ``retries`` times."""
+        for a full queue); a transient failure is tried again ``retries`` times. A loaded
+        lazy model whose folder is gone (the trainer's DeleteRun, ``--keep-runs``) is
+        unloaded."""
         names = modelrepo.list_models(self.root, skip=self._not_scanned)
         slots = asyncio.Semaphore(self.options.max_concurrent_syncs)
 
@@ -235,6 +238,26 @@ class ModelRepository:
                 await self._sync_quietly(name, retries)
 
         await asyncio.gather(*(one(name) for name in names))
+        listed = set(names)
+        for name in [n for n in self._models if n not in listed and self.is_lazy(n)]:
+            if self.root.is_dir() and not modelrepo.has_model(self.root, name):
+                await self._forget(name)
+
+    async def _forget(self, name: str) -> None:
+        """Stop serving a lazy model that left the repository (as a first request
+        would, a new folder of that name loads on its first request)."""
+        async with self._lock(name):
+            if modelrepo.has_model(self.root, name):
+                return  # back meanwhile
+            served = self._models.pop(name, None)
+            self._config_stamp.pop(name, None)
+            self._failed.pop(name, None)
+            self._failed_at.pop(name, None)
+            self._retry_at.pop(name, None)
+            if served is not None:
+                log.info("model %s left the repository; unloaded", name)
+                self._changed(name)
+                self._retire(list(served.routing.versions.values()))
 
     def _not_scanned(self, name: str) -> bool:
         """Left out of scans: explicitly unloaded models, and lazy ones not loaded."""

@@ -126,6 +126,19 @@ async def test_boot_loads_no_run_model_and_the_first_infer_loads_one(repo: Path,
         assert states(await stub.RepositoryIndex(pb.RepositoryIndexRequest()))[run_name(8)][1] == "UNAVAILABLE"
         assert app.repository.loader.metrics.loads == 3  # spiral, run 7 v1, run 7 v2
 
+        # The trainer deletes the run (DeleteRun, --keep-runs): the next polls unload it.
+        assert modelrepo.delete_model(repo, target)
+
+        async def gone() -> bool:
+            return target not in states(await stub.RepositoryIndex(pb.RepositoryIndexRequest()))
+
+        await until(gone, what="the poll to unload the deleted run model")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ModelInfer(infer_request(target, x))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert [m for m, _, _ in app.repository.batchers()] == ["spiral"]
+        await app.repository.wait_retired()
+
 
 async def test_metadata_ready_and_config_load_and_the_other_rpcs_keep_their_meaning(
         repo: Path, tmp_path: Path) -> None:
