@@ -223,15 +223,31 @@ def _is_model_folder(path: Path) -> bool:
     return any(admission.is_version_name(p.name) and p.is_dir() for p in path.iterdir())  # Triton: config optional
 
 
-def list_models(repo: Path) -> list[str]:
+def list_models(repo: Path, skip: Callable[[str], bool] | None = None) -> list[str]:
     """Names of the models in the repository (folders holding a config.json or a
-    config.pbtxt, or Triton model folders with only version folders)."""
+    config.pbtxt, or Triton model folders with only version folders). ``skip``: names
+    left out by name alone, before their folders are looked at (a poll that ignores
+    thousands of models costs one directory listing, not a stat of each)."""
     root = Path(repo)
     if not root.is_dir():
         return []
     return sorted(
-        p.name for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and _is_model_folder(p)
+        name for name in os.listdir(root)
+        if not (skip is not None and skip(name)) and _NAME.match(name) and (root / name).is_dir()
+        and _is_model_folder(root / name)
     )
+
+
+def has_model(repo: Path, name: str) -> bool:
+    """Whether ``name`` is a model of the repository (as ``list_models`` would say),
+    looking at that one folder; False for a name that is not a valid model name."""
+    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+        return False
+    folder = Path(repo) / name
+    try:
+        return folder.is_dir() and _is_model_folder(folder)
+    except OSError:
+        return False
 
 
 def list_versions(repo: Path, name: str) -> list[int]:

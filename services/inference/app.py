@@ -42,6 +42,7 @@ def repository_options(settings: InferenceSettings) -> RepositoryOptions:
         infer_threads=settings.infer_threads,
         torch_threads=settings.torch_threads,
         device=str(resolve_device(settings.device, settings.env_prefix)),
+        lazy_models=tuple(p.strip() for p in settings.lazy_models.split(",") if p.strip()),
     )
 
 

@@ -47,8 +47,10 @@ from tensorwire.server import PortInUseError
 from tensorwire.tensors import NUMPY_DTYPES, Tensor, check_shape, encode_raw, raw_to_array
 from tensorwire.tls import ServerTls
 
-from .repository import InferRequest, InferResult, ModelRepository, VersionStats
+from .records import InferRequest, InferResult
+from .repository import ModelRepository
 from .server_state import ServerState
+from .stats import VersionStats
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +386,9 @@ class InferenceHttp:
         return web.json_response({"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)})
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        info = self._repo.info(*self._target(request))
+        name, version = self._target(request)
+        await self._repo.load_on_demand(name)  # a lazy model: loaded first
+        info = self._repo.info(name, version)
         batch = [-1] if info.max_batch_size > 0 else []
 
         def tensors(specs: Any) -> list[dict[str, Any]]:
@@ -401,10 +405,14 @@ class InferenceHttp:
         )
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self._repo.model_ready(*self._target(request)) else 400)
+        name, version = self._target(request)
+        await self._repo.load_on_demand(name)
+        return web.Response(status=200 if self._repo.model_ready(name, version) else 400)
 
     async def model_config(self, request: web.Request) -> web.Response:
-        config = tritonconfig.model_config_of(self._repo.info(*self._target(request)).config)
+        name, version = self._target(request)
+        await self._repo.load_on_demand(name)
+        config = tritonconfig.model_config_of(self._repo.info(name, version).config)
         doc = json_format.MessageToDict(config, preserving_proto_field_name=True)
         return web.json_response(_ints(doc))
 

@@ -1,5 +1,12 @@
 """The inference core: models from a repository, versions, hot swap, traffic split.
 
+The core's parts: ``records`` (what a model looks like, a request and its answer),
+``stats`` (Triton's statistics), ``version`` (one loaded version behind its batcher),
+``routing`` (the traffic split between a model's versions), ``cached`` (the response
+cache on the request path), and here ``ModelRepository``: the repository folder's
+scan and poll, the loads and swaps of versions, and the serving API the servicer,
+the HTTP endpoint and the native frontend call.
+
 ``ModelRepository`` serves every model in a model repository folder
 (``tensorwire.modelrepo`` layout). For each model it loads the versions its
 ``version_policy`` selects, each with its own request batcher, and routes
@@ -21,27 +28,30 @@ the same loader, batcher, swap and traffic split. A Triton model's traffic split
 is its ``traffic`` parameter, and RepositoryModelLoad's ``config`` parameter
 overrides its config in memory (its config.pbtxt is left as its owner wrote it).
 
-Response cache (``tensorwire.cache``): when the server has one and a model's config
-enables it, a request is looked up once its version is resolved, before it enters
-that version's batcher; a hit is answered without batcher or model, a miss runs as
-usual and its answer is stored. Keys include the resolved version, so a new version
-never answers from an old one's entries and each side of a traffic split has its own.
-The native frontend's batches go through the same cache here (``answer_columns``):
-the hits of a batch are answered from their entries, only its misses reach the model.
+Response cache (``tensorwire.cache``, ``cached``): when the server has one and a
+model's config enables it, a request is looked up once its version is resolved, before
+it enters that version's batcher; the native frontend's batches too (``answer_columns``).
+
+Lazy models (``RepositoryOptions.lazy_models``: by default ``run-*``, the trainer's
+per-run checkpoints, thousands of them after a while) are not loaded at boot nor
+looked at by polls. RepositoryIndex lists them UNAVAILABLE ("not loaded") until the
+first request that names one (ModelInfer, ModelStreamInfer, ModelMetadata,
+ModelConfig, ModelReady; gRPC and HTTP) loads it — that request waits for the load,
+concurrent ones share it — or RepositoryModelLoad does (the trainer asks for one
+after each checkpoint). Once loaded, one is served and polled like any other model,
+and unloaded by the poll that finds its folder gone (the trainer deleted the run); an
+explicit RepositoryModelUnload keeps it unloaded until it is loaded again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import concurrent.futures
 import contextlib
-import hashlib
-import itertools
-import json
+import fnmatch
 import logging
 import random
-import struct
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,8 +62,8 @@ import numpy as np
 
 from tensorwire import admission, modelrepo
 from tensorwire.backoff import Backoff
-from tensorwire.batching import BatchConfig, Batcher
-from tensorwire.cache import RequestKeys, ResponseCache, decode_tensors, encode_tensors
+from tensorwire.batching import Batcher
+from tensorwire.cache import ResponseCache
 from tensorwire.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -63,113 +73,17 @@ from tensorwire.errors import (
 )
 from tensorwire.loader import AsyncModelLoader, LoaderConfig
 from tensorwire.periodic import Periodic
-from tensorwire.tensors import NUMPY_DTYPES, Tensor
 
-from . import backends
+from . import backends, cached
+from .records import PLATFORM, IndexEntry, InferRequest, InferResult, ModelInfo, tensor_infos
+from .routing import Routing, ServedModel
+from .stats import VersionStats
+from .version import ModelVersion, config_fingerprint, set_torch_threads
 
 log = logging.getLogger(__name__)
 
-PLATFORM = "pytorch_libtorch"
-"""What ModelMetadata/ModelConfig report as the platform of the tensorwire kinds
-(Triton's name for torch); Triton models report their own."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    datatype: str
-    dims: tuple[int, ...]
-    """Without the batch dimension."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a model looks like from the outside (metadata and config RPCs)."""
-
-    name: str
-    versions: tuple[int, ...]
-    platform: str
-    max_batch_size: int
-    inputs: tuple[TensorInfo, ...]
-    outputs: tuple[TensorInfo, ...]
-    max_queue_delay_us: int
-    preferred_batch_size: tuple[int, ...]
-    version_policy: modelrepo.VersionPolicy
-    response_cache_enabled: bool = False
-    """``response_cache { enable: true }`` in config.pbtxt (or the config.json key)."""
-    config: dict[str, Any] = field(default_factory=dict)
-    """The whole config (what the ModelConfig RPC returns)."""
-
-
-@dataclass(frozen=True, slots=True)
-class InferRequest:
-    model: str
-    version: str
-    """Empty: picked by the traffic split."""
-    id: str
-    inputs: Sequence[Tensor]
-    outputs: Sequence[str] = ()
-    """Requested outputs; empty = all."""
-
-
-@dataclass(frozen=True, slots=True)
-class InferResult:
-    model: str
-    version: str
-    id: str
-    outputs: list[Tensor]
-
-
-@dataclass
-class Duration:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, seconds: float, count: int = 1) -> None:
-        self.count += count
-        self.ns += int(seconds * 1e9)
-
-
-@dataclass
-class VersionStats:
-    """Triton's statistics for one model version."""
-
-    inference_count: int = 0
-    """Rows (batch elements) inferred."""
-    execution_count: int = 0
-    """Batched forward calls."""
-    last_inference_ms: int = 0
-    success: Duration = field(default_factory=Duration)
-    fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
-    batches: dict[int, Duration] = field(default_factory=dict)
-    """Rows per forward call -> compute time of those calls."""
-    cache_hit: Duration = field(default_factory=Duration)
-    """Requests answered from the response cache; time to look up and decode."""
-    cache_miss: Duration = field(default_factory=Duration)
-    """Requests the cache did not have; time to look up and to store the answer."""
-
-
-@dataclass(frozen=True)
-class IndexEntry:
-    name: str
-    version: str
-    state: str
-    reason: str = ""
-
-
-def _fingerprint(config: dict[str, Any]) -> str:
-    """What makes a loaded module reusable: kind, model_args, tensors, file."""
-    key = {k: config.get(k) for k in ("kind", "model_args", "inputs", "outputs", "default_model_filename",
-                                     "max_batch_size")}
-    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _tensors(specs: list[dict[str, Any]]) -> tuple[TensorInfo, ...]:
-    return tuple(TensorInfo(t["name"], t["datatype"], tuple(int(d) for d in t["dims"])) for t in specs)
+LAZY_MODELS = ("run-*",)
+"""Models loaded on their first request, not at boot: the trainer's per-run checkpoints."""
 
 
 _PERMANENT = (InvalidArgumentError, NotFoundError, FailedPreconditionError)
@@ -184,273 +98,6 @@ def _transient(exc: BaseException) -> bool:
             return False
         seen = seen.__cause__
     return isinstance(exc, (TensorwireError, OSError))
-
-
-def _set_torch_threads(count: int) -> None:
-    if count > 0:
-        import torch
-
-        torch.set_num_threads(count)
-
-
-class ModelVersion:
-    """One loaded version: its torch module behind a request batcher."""
-
-    def __init__(
-        self,
-        name: str,
-        version: int,
-        config: dict[str, Any],
-        module: Any,
-        executor: concurrent.futures.Executor,
-        batch_overrides: dict[str, Any],
-        device: str = "cpu",
-    ) -> None:
-        self.name = name
-        self.version = version
-        self.config = config
-        self.module = module
-        self.device = device
-        self.inputs = _tensors(config["inputs"])
-        self.outputs = _tensors(config["outputs"])
-        self._variable = tuple(-1 in t.dims for t in self.inputs)
-        """Per input: has a -1 dim (any size), so its shape check goes dim by dim."""
-        self._all_outputs = tuple(range(len(self.outputs)))
-        self._version_str = str(version)
-        self.max_batch_size = int(config["max_batch_size"])
-        self.stats = VersionStats()
-        self.response_cache_enabled = modelrepo.response_cache_enabled(config)
-        self.cache_keys = RequestKeys(name, version, _fingerprint(config))
-        """Response cache keys: this version's identity, then each request's own bytes."""
-        self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        knobs = {
-            "max_batch_size": max(1, self.max_batch_size),
-            "max_queue_delay_s": config["max_queue_delay_us"] / 1e6,
-            "preferred_batch_sizes": tuple(
-                p for p in config.get("preferred_batch_size", []) if p <= max(1, self.max_batch_size)
-            ),
-            # Triton's instance_group count: that many batches run at once (the
-            # instances share one module: torch and onnxruntime sessions are
-            # thread-safe for inference).
-            "max_concurrent_batches": int(config.get("instance_count", 1)),
-        }
-        knobs.update(batch_overrides)
-        self.batcher: Batcher[list[np.ndarray], list[np.ndarray]] = Batcher(
-            self._forward_batch, BatchConfig(**knobs), name=f"{name}:{version}", executor=executor
-        )
-
-    def __repr__(self) -> str:
-        return f"<ModelVersion {self.name}:{self.version} in_flight={self.in_flight}>"
-
-    def _in_forward_order(self, tensors: Sequence[Tensor]) -> Sequence[Tensor]:
-        """The request's tensors in the config's input order; errors name what is wrong."""
-        if len(tensors) == len(self.inputs) and all(t.name == s.name for t, s in zip(tensors, self.inputs)):
-            return tensors  # the usual case: already in order
-        by_name = {t.name: t for t in tensors}
-        unknown = sorted(set(by_name) - {t.name for t in self.inputs})
-        if unknown:
-            raise InvalidArgumentError(
-                f"model {self.name!r} has no input {admission.echo(unknown[0])}; its inputs: "
-                + ", ".join(t.name for t in self.inputs)
-            )
-        for spec in self.inputs:
-            if spec.name not in by_name:
-                raise InvalidArgumentError(f"model {self.name!r} needs input {spec.name!r}; it is missing")
-        return [by_name[spec.name] for spec in self.inputs]
-
-    def check(self, request: InferRequest) -> tuple[list[np.ndarray], Sequence[int], int]:
-        """Validate inputs against the config: (arrays in forward order, output indexes, rows)."""
-        arrays, rows = [], None
-        batched = self.max_batch_size > 0
-        for spec, variable, tensor in zip(self.inputs, self._variable, self._in_forward_order(request.inputs)):
-            if tensor.datatype != spec.datatype:
-                raise InvalidArgumentError(
-                    f"input {spec.name!r} of model {self.name!r} must be {spec.datatype}, got {tensor.datatype}"
-                )
-            shape = tensor.array.shape
-            if variable:
-                inner = shape[1:] if batched else shape
-                bad = (batched and not shape) or len(inner) != len(spec.dims) or any(
-                    d != -1 and d != s for d, s in zip(spec.dims, inner)
-                )
-            else:
-                bad = (not shape or shape[1:] != spec.dims) if batched else shape != spec.dims
-            if bad:
-                want = ("B", *spec.dims) if batched else spec.dims
-                raise InvalidArgumentError(
-                    f"input {spec.name!r} of model {self.name!r} must have shape "
-                    f"[{', '.join(str(d) for d in want)}], got {list(shape)}"
-                )
-            n = shape[0] if batched else 1
-            if batched and not 1 <= n <= self.max_batch_size:
-                raise InvalidArgumentError(
-                    f"input {spec.name!r}: batch of {n} is outside 1..{self.max_batch_size} "
-                    f"(max_batch_size of model {self.name!r})"
-                )
-            if rows is not None and n != rows:
-                raise InvalidArgumentError(f"inputs of model {self.name!r} disagree on the batch size")
-            rows = n
-            arrays.append(tensor.array if batched else tensor.array[None])
-        if not request.outputs:
-            return arrays, self._all_outputs, rows or 1
-        names = [t.name for t in self.outputs]
-        indexes = []
-        for out in request.outputs:
-            if out not in names:
-                raise InvalidArgumentError(
-                    f"model {self.name!r} has no output {admission.echo(out)}; its outputs: {', '.join(names)}"
-                )
-            indexes.append(names.index(out))
-        return arrays, indexes, rows or 1
-
-    async def infer(self, request: InferRequest) -> InferResult:
-        arrays, indexes, rows = self.check(request)
-        self.in_flight += 1
-        self._idle.clear()
-        start = time.perf_counter()
-        try:
-            outputs = await self.batcher.submit(arrays)
-        except Exception:
-            self.stats.fail.add(time.perf_counter() - start)
-            raise
-        finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
-        self.stats.success.add(time.perf_counter() - start)
-        self.stats.inference_count += rows
-        self.stats.last_inference_ms = int(time.time() * 1000)
-        batched = self.max_batch_size > 0
-        result = []
-        for i in indexes:
-            spec, array = self.outputs[i], outputs[i]
-            result.append(Tensor(spec.name, spec.datatype, array if batched else array[0]))
-        return InferResult(self.name, self._version_str, request.id, result)
-
-    def cached_result(self, request: InferRequest, value: bytes, seconds: float) -> InferResult:
-        """The answer to ``request`` from a cache entry (counted as a hit that took
-        ``seconds`` so far). Only a request that succeeded was stored, so it was valid."""
-        outputs = [Tensor(name, datatype, array) for name, datatype, array in decode_tensors(value)]
-        stats = self.stats
-        stats.inference_count += request.inputs[0].array.shape[0] if self.max_batch_size > 0 else 1
-        stats.last_inference_ms = int(time.time() * 1000)
-        stats.success.add(seconds)
-        stats.cache_hit.add(seconds)
-        return InferResult(self.name, self._version_str, request.id, outputs)
-
-    def _forward_batch(self, items: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
-        """Runs in an executor thread: one forward over every item's rows."""
-        if len(items) == 1:
-            columns = [np.array(a, copy=not a.flags.writeable) for a in items[0]]
-        else:
-            columns = [np.concatenate([item[i] for item in items]) for i in range(len(self.inputs))]
-        outs = self.forward_columns(columns, len(items))
-        results: list[list[np.ndarray]] = []
-        offset = 0
-        for size in (item[0].shape[0] for item in items):
-            results.append([o[offset : offset + size] for o in outs])
-            offset += size
-        return results
-
-    def forward_columns(self, columns: list[np.ndarray], requests: int) -> list[np.ndarray]:
-        """One forward over ``columns`` (the rows of ``requests`` requests, each input
-        contiguous, in the config's order): the outputs, as numpy arrays; counted in
-        the statistics. The Python batcher's batches and the native frontend's alike."""
-        import torch
-
-        t0 = time.perf_counter()
-        tensors = [torch.from_numpy(c) for c in columns]
-        if self.device != "cpu":
-            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
-        t1 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.module(*tensors)
-        if self.device != "cpu":
-            torch.cuda.synchronize(self.device)  # so compute_infer times the kernels, not their launch
-        t2 = time.perf_counter()
-        outs = [o.numpy() if o.device.type == "cpu" else o.cpu().numpy()
-                for o in (out if isinstance(out, (tuple, list)) else (out,))]
-        if len(outs) != len(self.outputs):
-            raise RuntimeError(
-                f"model {self.name!r} returned {len(outs)} outputs, its config lists {len(self.outputs)}"
-            )
-        t3 = time.perf_counter()
-        stats = self.stats
-        rows = columns[0].shape[0] if columns else 0
-        stats.execution_count += 1
-        stats.compute_input.add(t1 - t0, requests)
-        stats.compute_infer.add(t2 - t1, requests)
-        stats.compute_output.add(t3 - t2, requests)
-        stats.batches.setdefault(rows, Duration()).add(t2 - t1)
-        return outs
-
-    def record_batch(self, requests: int, rows: int, total_s: float) -> None:
-        """Statistics of a batch the native frontend queued and ran (forward_columns
-        counted its compute, the batcher its queueing): ``total_s`` summed over its requests."""
-        stats = self.stats
-        stats.success.add(total_s, requests)
-        stats.inference_count += rows
-        stats.last_inference_ms = int(time.time() * 1000)
-
-    def snapshot_stats(self) -> VersionStats:
-        stats = self.stats
-        queue = Duration(self.batcher.metrics.requests, int(self.batcher.metrics.queue_time_s * 1e9))
-        return VersionStats(
-            inference_count=stats.inference_count,
-            execution_count=stats.execution_count,
-            last_inference_ms=stats.last_inference_ms,
-            success=Duration(stats.success.count, stats.success.ns),
-            fail=Duration(stats.fail.count, stats.fail.ns),
-            queue=queue,
-            compute_input=Duration(stats.compute_input.count, stats.compute_input.ns),
-            compute_infer=Duration(stats.compute_infer.count, stats.compute_infer.ns),
-            compute_output=Duration(stats.compute_output.count, stats.compute_output.ns),
-            batches={k: Duration(v.count, v.ns) for k, v in stats.batches.items()},
-            cache_hit=Duration(stats.cache_hit.count, stats.cache_hit.ns),
-            cache_miss=Duration(stats.cache_miss.count, stats.cache_miss.ns),
-        )
-
-    async def drain_and_close(self) -> None:
-        """Wait for in-flight requests, then stop the batcher."""
-        await self._idle.wait()
-        await self.batcher.aclose()
-
-
-@dataclass(frozen=True)
-class Routing:
-    """An immutable routing table: replaced in one assignment on a swap."""
-
-    versions: dict[int, ModelVersion]
-    choices: tuple[int, ...]
-    cumulative: tuple[float, ...]
-
-    @classmethod
-    def build(cls, versions: dict[int, ModelVersion], traffic: dict[str, float]) -> Routing:
-        weights = {v: float(traffic.get(str(v), 0)) for v in versions}
-        if not any(weights.values()):
-            weights = {max(versions): 1.0} if versions else {}
-        choices, cumulative, total = [], [], 0.0
-        for version in sorted(weights):
-            if weights[version] > 0:
-                total += weights[version]
-                choices.append(version)
-                cumulative.append(total)
-        return cls(dict(versions), tuple(choices), tuple(cumulative))
-
-    def pick(self, rand: float) -> ModelVersion:
-        index = bisect.bisect_right(self.cumulative, rand * self.cumulative[-1])
-        return self.versions[self.choices[min(index, len(self.choices) - 1)]]
-
-
-@dataclass
-class ServedModel:
-    name: str
-    config: dict[str, Any]
-    routing: Routing
-    state: str = "READY"
-    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -485,6 +132,10 @@ class RepositoryOptions:
     cache: ResponseCache | None = None
     """The server's response cache (its owner closes it); used by the models whose
     config enables it."""
+    lazy_models: tuple[str, ...] = LAZY_MODELS
+    """Name patterns (fnmatch, case-sensitive) of the models loaded on their first
+    request or RepositoryModelLoad instead of at boot, and not polled until then; () =
+    every model at boot."""
 
 
 class ModelRepository:
@@ -500,6 +151,11 @@ class ModelRepository:
         self._retry_at: dict[str, tuple[int, float]] = {}
         """(failures, monotonic time) of a transient load failure: polls retry it after then."""
         self._unloaded: set[str] = set()
+        self._lazy = (re.compile("|".join(fnmatch.translate(p) for p in self.options.lazy_models))
+                      if self.options.lazy_models else None)
+        """``lazy_models`` as one pattern (a poll matches every name in the folder)."""
+        self._demand: dict[str, asyncio.Task[None]] = {}
+        """The load of a lazy model that requests are waiting for, by name (one each)."""
         self._overrides: dict[str, dict[str, Any]] = {}
         """RepositoryModelLoad config overrides of Triton models (their files stay as written)."""
         self._locks: dict[str, asyncio.Lock] = {}
@@ -512,7 +168,7 @@ class ModelRepository:
         # 2 busy cores, a 70 us forward took 20 ms). Each inference thread sets it first.
         self.infer_executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.options.infer_threads, thread_name_prefix="infer",
-            initializer=_set_torch_threads, initargs=(self.options.torch_threads,),
+            initializer=set_torch_threads, initargs=(self.options.torch_threads,),
         )
         self.loader: AsyncModelLoader[tuple[str, int, str], Any] = AsyncModelLoader(
             self._load_module, self.options.loader, name="models"
@@ -571,8 +227,10 @@ class ModelRepository:
     async def scan(self, retries: int = 0) -> None:
         """Bring every model on disk (not explicitly unloaded) up to date, at most
         ``max_concurrent_syncs`` models at a time (any number of models: none is refused
-        for a full queue); a transient failure is tried again ``retries`` times."""
-        names = [n for n in modelrepo.list_models(self.root) if n not in self._unloaded]
+        for a full queue); a transient failure is tried again ``retries`` times. A loaded
+        lazy model whose folder is gone (the trainer's DeleteRun, ``--keep-runs``) is
+        unloaded."""
+        names = modelrepo.list_models(self.root, skip=self._not_scanned)
         slots = asyncio.Semaphore(self.options.max_concurrent_syncs)
 
         async def one(name: str) -> None:
@@ -580,8 +238,63 @@ class ModelRepository:
                 await self._sync_quietly(name, retries)
 
         await asyncio.gather(*(one(name) for name in names))
+        listed = set(names)
+        for name in [n for n in self._models if n not in listed and self.is_lazy(n)]:
+            if self.root.is_dir() and not modelrepo.has_model(self.root, name):
+                await self._forget(name)
 
-    async def _sync_quietly(self, name: str, retries: int = 0) -> None:
+    async def _forget(self, name: str) -> None:
+        """Stop serving a lazy model that left the repository (as a first request
+        would, a new folder of that name loads on its first request)."""
+        async with self._lock(name):
+            if modelrepo.has_model(self.root, name):
+                return  # back meanwhile
+            served = self._models.pop(name, None)
+            self._config_stamp.pop(name, None)
+            self._failed.pop(name, None)
+            self._failed_at.pop(name, None)
+            self._retry_at.pop(name, None)
+            if served is not None:
+                log.info("model %s left the repository; unloaded", name)
+                self._changed(name)
+                self._retire(list(served.routing.versions.values()))
+
+    def _not_scanned(self, name: str) -> bool:
+        """Left out of scans: explicitly unloaded models, and lazy ones not loaded."""
+        return name in self._unloaded or (name not in self._models and self.is_lazy(name))
+
+    def is_lazy(self, name: str) -> bool:
+        """Whether ``name`` is loaded on its first request (``lazy_models``), not at boot."""
+        return self._lazy is not None and self._lazy.match(name) is not None
+
+    async def load_on_demand(self, name: str) -> None:
+        """Load ``name`` now if it is a lazy model on disk that is not loaded (nor
+        explicitly unloaded), and return once that load has finished, loaded or not
+        (the caller then finds it served, or ``_served`` says why not). Concurrent
+        callers wait for the same load, which goes on when a caller is cancelled.
+        Returns at once for any other model."""
+        if name in self._models or name in self._unloaded or not self.is_lazy(name):
+            return
+        task = self._demand.get(name)
+        if task is None:
+            if not modelrepo.has_model(self.root, name):
+                return  # NOT_FOUND, from whatever the caller asks next
+            task = asyncio.get_running_loop().create_task(self._load_lazily(name), name=f"load {name}")
+            self._demand[name] = task
+            task.add_done_callback(lambda _: self._demand.pop(name, None))
+        await asyncio.shield(task)
+
+    async def _load_lazily(self, name: str) -> None:
+        start = time.perf_counter()
+        # As a poll would: a model that failed with these very files is not tried again,
+        # a transient failure only after its backoff (a broken model costs its requests
+        # no load each); the reason stays in _failed for the caller's status.
+        await self._sync_quietly(name, priority=10, skip_unloaded=True)
+        if name in self._models:
+            log.info("model %s loaded on demand in %.2fs", name, time.perf_counter() - start)
+
+    async def _sync_quietly(self, name: str, retries: int = 0, *, priority: int = 0,
+                            skip_unloaded: bool = True) -> None:
         path = modelrepo.config_path(self.root, name)
         try:
             stamp = path.stat().st_mtime_ns if path.exists() else None  # None: auto-completed
@@ -595,7 +308,7 @@ class ModelRepository:
             return  # a transient failure: a later poll tries again, after its backoff
         for attempt in range(1, retries + 2):
             try:
-                await self.sync(name)
+                await self.sync(name, priority=priority, skip_unloaded=skip_unloaded)
                 self._failed_at.pop(name, None)
                 self._retry_at.pop(name, None)
                 return
@@ -621,6 +334,9 @@ class ModelRepository:
                 await self._boot_task
         if self._poller is not None:
             await self._poller.aclose()
+        for task in list(self._demand.values()):
+            task.cancel()
+        await asyncio.gather(*list(self._demand.values()), return_exceptions=True)
         for model in list(self._models.values()):
             self._retire(list(model.routing.versions.values()))
         self._models.clear()
@@ -634,7 +350,7 @@ class ModelRepository:
     def _load_module(self, key: tuple[str, int, str]) -> Any:
         """Loader thread: the version's backend loads it safely and warms it up."""
         name, version, _ = key
-        _set_torch_threads(self.options.torch_threads)  # this is a loader thread: see infer_executor
+        set_torch_threads(self.options.torch_threads)  # this is a loader thread: see infer_executor
         config = self._read_config(name)
         return backends.load(self.root, name, version, config, self.options.device)
 
@@ -651,14 +367,19 @@ class ModelRepository:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def sync(self, name: str, config_override: dict[str, Any] | None = None, *, priority: int = 0) -> None:
+    async def sync(self, name: str, config_override: dict[str, Any] | None = None, *, priority: int = 0,
+                   skip_unloaded: bool = False) -> None:
         """Load the versions ``name``'s policy selects, swap them in, retire the rest.
+        ``skip_unloaded``: do nothing if ``name`` is explicitly unloaded by the time it is
+        its turn (a scan or a first request that raced RepositoryModelUnload).
 
         A ``config_override`` is checked against ``tensorwire.admission``'s bounds before
         anything is built, applied in memory for the load, and written to config.json
         (tensorwire kinds) only once every version it selects has loaded; a failed load
         leaves the previous config and versions serving."""
         async with self._lock(name):
+            if skip_unloaded and name in self._unloaded:
+                return
             if not config_override:
                 await self._sync_locked(name, priority)
                 return
@@ -702,11 +423,11 @@ class ModelRepository:
         wanted = config["version_policy"].select(available)
         if not wanted:
             raise NotFoundError(f"model {name!r} has no version its version_policy selects")
-        fingerprint = _fingerprint(config)
+        fingerprint = config_fingerprint(config)
         current = served.routing.versions if served else {}
         keep = {
             v: mv for v, mv in current.items()
-            if v in wanted and _fingerprint(mv.config) == fingerprint
+            if v in wanted and config_fingerprint(mv.config) == fingerprint
         }
         for mv in keep.values():  # a kept version follows the config's cache switch
             mv.response_cache_enabled = modelrepo.response_cache_enabled(config)
@@ -759,7 +480,7 @@ class ModelRepository:
         modelrepo.check_name(name)
         if self.options.fetch is not None:
             await self.options.fetch(name)
-        if name not in modelrepo.list_models(self.root):
+        if not modelrepo.has_model(self.root, name):
             raise NotFoundError(f"model {name!r} is not in the repository {str(self.root)!r}")
         self._unloaded.discard(name)
         try:
@@ -773,7 +494,7 @@ class ModelRepository:
         modelrepo.check_name(name)
         async with self._lock(name):
             served = self._models.pop(name, None)
-            if served is None and name not in modelrepo.list_models(self.root):
+            if served is None and not modelrepo.has_model(self.root, name):
                 raise NotFoundError(f"model {name!r} is neither loaded nor in the repository")
             self._unloaded.add(name)
             self._config_stamp.pop(name, None)
@@ -802,6 +523,9 @@ class ModelRepository:
                 raise UnavailableError(f"model {name!r} failed to load: {self._failed[name]}")
             if name in self._unloaded:
                 raise NotFoundError(f"model {name!r} is unloaded; RepositoryModelLoad serves it again")
+            if self.is_lazy(name) and modelrepo.has_model(self.root, name):
+                raise UnavailableError(f"model {name!r} is not loaded; its first request "
+                                       "(ModelInfer, ModelMetadata, ModelReady) or RepositoryModelLoad loads it")
             raise NotFoundError(f"unknown model {admission.echo(name)}")
         return served
 
@@ -819,9 +543,11 @@ class ModelRepository:
         return found
 
     async def infer(self, request: InferRequest) -> InferResult:
+        if request.model not in self._models:
+            await self.load_on_demand(request.model)
         version = self.version_of(request.model, request.version)
         if self.cache is not None and version.response_cache_enabled:
-            return await self._infer_cached(self.cache, version, request)
+            return await cached.infer_cached(self.cache, version, request)
         return await version.infer(request)
 
     # -- the response cache: the one place requests meet it (both frontends) ----------
@@ -830,116 +556,13 @@ class ModelRepository:
         """Whether ``version``'s requests go through the response cache."""
         return self.cache is not None and version.response_cache_enabled
 
-    async def _infer_cached(self, cache: ResponseCache, version: ModelVersion, request: InferRequest) -> InferResult:
-        """Look the request up in the response cache; on a miss run it and store the answer."""
-        start = time.perf_counter()
-        key = version.cache_keys.key(request.inputs, request.outputs)
-        value = await cache.get(key)
-        if value is not None:
-            try:
-                return version.cached_result(request, value, time.perf_counter() - start)
-            except (ValueError, KeyError, struct.error) as exc:  # an entry this server cannot read
-                cache.stats.errors += 1
-                log.warning("response cache entry of %s:%s unreadable (%s); running the model",
-                            version.name, version.version, exc)
-        lookup_s = time.perf_counter() - start
-        try:
-            result = await version.infer(request)
-        except BaseException:
-            version.stats.cache_miss.add(lookup_s)  # a miss all the same; nothing to store
-            raise
-        stored = time.perf_counter()
-        cache.put(key, encode_tensors(result.outputs))
-        version.stats.cache_miss.add(lookup_s + time.perf_counter() - stored)
-        return result
-
     def answer_columns(self, version: ModelVersion, columns: list[np.ndarray], rows: Sequence[int],
                        outputs: Sequence[Sequence[str]] | None) -> tuple[list[np.ndarray], list[int]]:
-        """A native frontend's batch through the response cache, from its batch thread:
-        request ``i`` is the next ``rows[i]`` rows of every column (the config's input
-        order) and asked for ``outputs[i]`` (empty or ``outputs`` None: all). The hits
-        are answered from their entries, the misses run on the model in one forward
-        and their answers are stored. Returns (every output column, one row per input
-        row; the indexes of the requests that ran on the model). Raises ValueError when
-        an entry does not fit the batch's columns (the frontend then serves each
-        request on the Python path)."""
+        """A native frontend's batch through the response cache (``cached.answer_columns``),
+        from its batch thread."""
         cache, loop = self.cache, self._loop
         assert cache is not None and loop is not None
-        start = time.perf_counter()
-        bounds = [0, *itertools.accumulate(rows)]
-        wanted: Sequence[Sequence[str]] = outputs or [()] * len(rows)
-        keys = [
-            version.cache_keys.key(
-                [Tensor(spec.name, spec.datatype, column[bounds[i] : bounds[i + 1]])
-                 for spec, column in zip(version.inputs, columns)],
-                wanted[i],
-            )
-            for i in range(len(rows))
-        ]
-        found: dict[int, dict[str, tuple[str, np.ndarray]]] = {}
-        for i, value in enumerate(cache.lookup_from_thread(keys, loop)):
-            if value is None:
-                continue
-            try:
-                found[i] = {name: (datatype, array) for name, datatype, array in decode_tensors(value)}
-            except (ValueError, KeyError, struct.error) as exc:
-                cache.stats.errors += 1
-                log.warning("response cache entry of %s:%s unreadable (%s); running the model",
-                            version.name, version.version, exc)
-        lookup_s = time.perf_counter() - start
-        misses = [i for i in range(len(rows)) if i not in found]
-        if not found:
-            outs = version.forward_columns(columns, len(rows))
-        else:
-            ran: list[np.ndarray] = []
-            if misses:
-                ran = version.forward_columns(
-                    [np.concatenate([column[bounds[i] : bounds[i + 1]] for i in misses]) for column in columns],
-                    len(misses))
-            outs = self._merge_answers(version, ran, misses, found, bounds)
-        stored = time.perf_counter()
-        names = [t.name for t in version.outputs]
-        for i in misses:
-            picked = [names.index(name) for name in wanted[i]] if wanted[i] else range(len(names))
-            cache.put_from_thread(keys[i], encode_tensors(
-                [Tensor(names[j], version.outputs[j].datatype, outs[j][bounds[i] : bounds[i + 1]]) for j in picked]
-            ), loop)
-        stats = version.stats
-        if found:
-            stats.cache_hit.add(lookup_s * len(found), len(found))
-        if misses:
-            stats.cache_miss.add((lookup_s + time.perf_counter() - stored) * len(misses), len(misses))
-        return outs, misses
-
-    @staticmethod
-    def _merge_answers(version: ModelVersion, ran: list[np.ndarray], misses: list[int],
-                       found: dict[int, dict[str, tuple[str, np.ndarray]]], bounds: list[int]) -> list[np.ndarray]:
-        """The batch's output columns from the model's answers to ``misses`` (``ran``)
-        and the cache's to the others (``found``); an output a hit did not ask for
-        stays zero there (the frontend does not send it)."""
-        outs = []
-        for j, spec in enumerate(version.outputs):
-            if ran:
-                inner = ran[j].shape[1:]
-            else:
-                inner = next((answer[spec.name][1].shape[1:] for answer in found.values() if spec.name in answer),
-                             tuple(max(d, 1) for d in spec.dims))
-            column = np.zeros((bounds[-1], *inner), dtype=NUMPY_DTYPES[spec.datatype])
-            at = 0
-            for i in misses:
-                size = bounds[i + 1] - bounds[i]
-                column[bounds[i] : bounds[i + 1]] = ran[j][at : at + size]
-                at += size
-            for i, answer in found.items():
-                if spec.name not in answer:
-                    continue
-                datatype, array = answer[spec.name]
-                if datatype != spec.datatype or array.shape != (bounds[i + 1] - bounds[i], *inner):
-                    raise ValueError(f"cached answer of {version.name}:{version.version} does not fit the batch "
-                                     f"({spec.name!r}: {datatype} {list(array.shape)})")
-                column[bounds[i] : bounds[i + 1]] = array
-            outs.append(column)
-        return outs
+        return cached.answer_columns(cache, loop, version, columns, rows, outputs)
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -958,8 +581,8 @@ class ModelRepository:
             versions=tuple(sorted(served.routing.versions)),
             platform=cfg.get("platform", PLATFORM),
             max_batch_size=int(cfg["max_batch_size"]),
-            inputs=_tensors(cfg["inputs"]),
-            outputs=_tensors(cfg["outputs"]),
+            inputs=tensor_infos(cfg["inputs"]),
+            outputs=tensor_infos(cfg["outputs"]),
             max_queue_delay_us=int(cfg["max_queue_delay_us"]),
             preferred_batch_size=tuple(cfg.get("preferred_batch_size", [])),
             version_policy=cfg["version_policy"],
@@ -991,6 +614,8 @@ class ModelRepository:
                     entries.append(IndexEntry(name, str(v), "READY"))
             elif not ready_only:
                 reason = self._failed.get(name) or ("unloaded" if name in self._unloaded else "not loaded")
+                if reason == "not loaded" and self.is_lazy(name):
+                    reason = "not loaded; loads on its first request"
                 entries.append(IndexEntry(name, "", "UNAVAILABLE", reason))
         return entries
 

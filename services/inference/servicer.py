@@ -13,7 +13,8 @@ from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.inference import model_config_pb2 as mc
 
-from .repository import InferRequest, InferResult, ModelInfo, ModelRepository
+from .records import InferRequest, InferResult, ModelInfo
+from .repository import ModelRepository
 from .server_state import ServerState
 
 MAX_STREAM_IN_FLIGHT = 256
@@ -67,6 +68,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
+        await self._repo.load_on_demand(request.name)  # a lazy model: loaded first (answer: loaded or not)
         return pb.ModelReadyResponse(ready=self._repo.model_ready(request.name, request.version))
 
     async def ServerMetadata(
@@ -78,6 +80,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
+        await self._repo.load_on_demand(request.name)
         info = self._repo.info(request.name, request.version)
         batch = (-1,) if info.max_batch_size > 0 else ()
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -143,6 +146,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
+        await self._repo.load_on_demand(request.name)
         return pb.ModelConfigResponse(config=_model_config(self._repo.info(request.name, request.version)))
 
     async def ModelStatistics(

@@ -47,6 +47,12 @@ class InferenceSettings(TorchServiceSettings):
         1.0, env="POLL_INTERVAL_S", help="seconds between scans of the repository for new versions (0 = never)",
         min=0,
     )
+    lazy_models: str = setting(
+        "run-*", env="LAZY_MODELS",
+        help="comma-separated name patterns (fnmatch) of models loaded on their first request "
+             "(ModelInfer, ModelMetadata, ModelReady, ...) or RepositoryModelLoad instead of at boot, "
+             "and not polled until then: the trainer's per-run checkpoints ('' = every model at boot)",
+    )
     max_concurrent_loads: int = setting(
         3, env="MAX_CONCURRENT_LOADS", help="model versions loading at the same time", min=1, max=64
     )

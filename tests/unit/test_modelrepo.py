@@ -83,3 +83,16 @@ def test_version_policy_is_parsed_once_and_written_back_as_json(tmp_path: Path) 
 def test_a_bad_version_policy_is_refused_with_its_value(tmp_path: Path, raw: object, message: str) -> None:
     with pytest.raises(InvalidArgumentError, match=message):
         _repo_with_versions(tmp_path, 1, version_policy=raw)
+
+
+def test_list_models_skips_by_name_and_has_model_looks_at_one_folder(tmp_path: Path) -> None:
+    state = build_model("spiral").state_dict()
+    for name in ("spiral", "run-1", "run-2"):
+        modelrepo.write_version(tmp_path, name, "spiral", state)
+    (tmp_path / "run-3").mkdir()  # a folder, not a model
+    (tmp_path / "run-4").write_text("a file")
+    assert modelrepo.list_models(tmp_path) == ["run-1", "run-2", "spiral"]
+    assert modelrepo.list_models(tmp_path, skip=lambda name: name.startswith("run-")) == ["spiral"]
+    assert modelrepo.has_model(tmp_path, "run-1") and modelrepo.has_model(tmp_path, "spiral")
+    for name in ("run-3", "run-4", "run-5", "..", "run-1/1", "../" + tmp_path.name + "/spiral", ""):
+        assert not modelrepo.has_model(tmp_path, name), name

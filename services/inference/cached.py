@@ -1,0 +1,140 @@
+"""The response cache on the request path, the one place requests meet it (both frontends).
+
+A request is looked up once its version is resolved, before it enters that version's
+batcher; a hit is answered without batcher or model, a miss runs as usual and its answer
+is stored. Keys include the resolved version (``ModelVersion.cache_keys``), so a new
+version never answers from an old one's entries and each side of a traffic split has its
+own. The native frontend's batches go through the same cache (``answer_columns``): the
+hits of a batch are answered from their entries, only its misses reach the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import struct
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from tensorwire.cache import ResponseCache, decode_tensors, encode_tensors
+from tensorwire.tensors import NUMPY_DTYPES, Tensor
+
+from .records import InferRequest, InferResult
+from .version import ModelVersion
+
+log = logging.getLogger(__name__)
+
+
+async def infer_cached(cache: ResponseCache, version: ModelVersion, request: InferRequest) -> InferResult:
+    """Look the request up in the response cache; on a miss run it and store the answer."""
+    start = time.perf_counter()
+    key = version.cache_keys.key(request.inputs, request.outputs)
+    value = await cache.get(key)
+    if value is not None:
+        try:
+            return version.cached_result(request, value, time.perf_counter() - start)
+        except (ValueError, KeyError, struct.error) as exc:  # an entry this server cannot read
+            cache.stats.errors += 1
+            log.warning("response cache entry of %s:%s unreadable (%s); running the model",
+                        version.name, version.version, exc)
+    lookup_s = time.perf_counter() - start
+    try:
+        result = await version.infer(request)
+    except BaseException:
+        version.stats.cache_miss.add(lookup_s)  # a miss all the same; nothing to store
+        raise
+    stored = time.perf_counter()
+    cache.put(key, encode_tensors(result.outputs))
+    version.stats.cache_miss.add(lookup_s + time.perf_counter() - stored)
+    return result
+
+
+def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, version: ModelVersion,
+                   columns: list[np.ndarray], rows: Sequence[int],
+                   outputs: Sequence[Sequence[str]] | None) -> tuple[list[np.ndarray], list[int]]:
+    """A native frontend's batch through the response cache, from its batch thread:
+    request ``i`` is the next ``rows[i]`` rows of every column (the config's input
+    order) and asked for ``outputs[i]`` (empty or ``outputs`` None: all). The hits
+    are answered from their entries, the misses run on the model in one forward
+    and their answers are stored. Returns (every output column, one row per input
+    row; the indexes of the requests that ran on the model). Raises ValueError when
+    an entry does not fit the batch's columns (the frontend then serves each
+    request on the Python path)."""
+    start = time.perf_counter()
+    bounds = [0, *itertools.accumulate(rows)]
+    wanted: Sequence[Sequence[str]] = outputs or [()] * len(rows)
+    keys = [
+        version.cache_keys.key(
+            [Tensor(spec.name, spec.datatype, column[bounds[i] : bounds[i + 1]])
+             for spec, column in zip(version.inputs, columns)],
+            wanted[i],
+        )
+        for i in range(len(rows))
+    ]
+    found: dict[int, dict[str, tuple[str, np.ndarray]]] = {}
+    for i, value in enumerate(cache.lookup_from_thread(keys, loop)):
+        if value is None:
+            continue
+        try:
+            found[i] = {name: (datatype, array) for name, datatype, array in decode_tensors(value)}
+        except (ValueError, KeyError, struct.error) as exc:
+            cache.stats.errors += 1
+            log.warning("response cache entry of %s:%s unreadable (%s); running the model",
+                        version.name, version.version, exc)
+    lookup_s = time.perf_counter() - start
+    misses = [i for i in range(len(rows)) if i not in found]
+    if not found:
+        outs = version.forward_columns(columns, len(rows))
+    else:
+        ran: list[np.ndarray] = []
+        if misses:
+            ran = version.forward_columns(
+                [np.concatenate([column[bounds[i] : bounds[i + 1]] for i in misses]) for column in columns],
+                len(misses))
+        outs = _merge_answers(version, ran, misses, found, bounds)
+    stored = time.perf_counter()
+    names = [t.name for t in version.outputs]
+    for i in misses:
+        picked = [names.index(name) for name in wanted[i]] if wanted[i] else range(len(names))
+        cache.put_from_thread(keys[i], encode_tensors(
+            [Tensor(names[j], version.outputs[j].datatype, outs[j][bounds[i] : bounds[i + 1]]) for j in picked]
+        ), loop)
+    stats = version.stats
+    if found:
+        stats.cache_hit.add(lookup_s * len(found), len(found))
+    if misses:
+        stats.cache_miss.add((lookup_s + time.perf_counter() - stored) * len(misses), len(misses))
+    return outs, misses
+
+
+def _merge_answers(version: ModelVersion, ran: list[np.ndarray], misses: list[int],
+                   found: dict[int, dict[str, tuple[str, np.ndarray]]], bounds: list[int]) -> list[np.ndarray]:
+    """The batch's output columns from the model's answers to ``misses`` (``ran``)
+    and the cache's to the others (``found``); an output a hit did not ask for
+    stays zero there (the frontend does not send it)."""
+    outs = []
+    for j, spec in enumerate(version.outputs):
+        if ran:
+            inner = ran[j].shape[1:]
+        else:
+            inner = next((answer[spec.name][1].shape[1:] for answer in found.values() if spec.name in answer),
+                         tuple(max(d, 1) for d in spec.dims))
+        column = np.zeros((bounds[-1], *inner), dtype=NUMPY_DTYPES[spec.datatype])
+        at = 0
+        for i in misses:
+            size = bounds[i + 1] - bounds[i]
+            column[bounds[i] : bounds[i + 1]] = ran[j][at : at + size]
+            at += size
+        for i, answer in found.items():
+            if spec.name not in answer:
+                continue
+            datatype, array = answer[spec.name]
+            if datatype != spec.datatype or array.shape != (bounds[i + 1] - bounds[i], *inner):
+                raise ValueError(f"cached answer of {version.name}:{version.version} does not fit the batch "
+                                 f"({spec.name!r}: {datatype} {list(array.shape)})")
+            column[bounds[i] : bounds[i + 1]] = array
+        outs.append(column)
+    return outs
