@@ -101,6 +101,8 @@ class _Sent:
     nbytes: int
     kind: str
     produced_at: float
+    sent_at: float
+    """When it went to the transport (the streamer's clock)."""
 
 
 class DeliveryWindow:
@@ -129,6 +131,7 @@ class DeliveryWindow:
         """Delivery rate estimated from acks (None until two acks measured it)."""
         self.last_ack_at: float | None = None
         self._last_received_at: float | None = None
+        self._last_sent_at = 0.0  # send time of the newest frame acked at the last sample point
         self._sample_bytes = 0
         self._samples: deque[tuple[float, float]] = deque()  # (received_at, bytes/s)
         self._queued = 0.0
@@ -190,7 +193,7 @@ class DeliveryWindow:
         self._queued = self.in_flight(now, fallback_bytes_per_s) + nbytes
         self._queued_at = now
         self.last_seq += 1
-        self._sent.append(_Sent(self.last_seq, nbytes, kind, produced_at))
+        self._sent.append(_Sent(self.last_seq, nbytes, kind, produced_at, now))
         self.unacked_bytes += nbytes
         if len(self._sent) > self.limits.max_records:
             old = self._sent.popleft()
@@ -211,36 +214,54 @@ class DeliveryWindow:
         self.last_ack_at = now
         acked_bytes = 0
         produced: list[tuple[str, float]] = []
+        sent_at = None
         while self._sent and self._sent[0].seq <= seq:
             record = self._sent.popleft()
             acked_bytes += record.nbytes
+            sent_at = record.sent_at if sent_at is None else max(sent_at, record.sent_at)
             if record.kind != "ack":
                 produced.append((record.kind, record.produced_at))
         self.unacked_bytes -= acked_bytes
         self.acked_seq = seq
         # this ack's answer goes out behind every frame sent so far
         if self.limits.ack_reply_bytes:
-            self._sent.append(_Sent(self.last_seq, self.limits.ack_reply_bytes, "ack", 0.0))
+            self._sent.append(_Sent(self.last_seq, self.limits.ack_reply_bytes, "ack", 0.0, now))
             self.unacked_bytes += self.limits.ack_reply_bytes
         self._queued = float(self.unacked_bytes)
         self._queued_at = now
-        return AckResult(AckOutcome.ACCEPTED, produced, self._sample_rate(acked_bytes, received_at))
+        return AckResult(AckOutcome.ACCEPTED, produced, self._sample_rate(acked_bytes, received_at, sent_at))
 
-    def _sample_rate(self, acked_bytes: int, received_at: float) -> float | None:
-        """Bytes acknowledged since the last sample point over the receive-time span."""
+    def _sample_rate(self, acked_bytes: int, received_at: float, sent_at: float | None) -> float | None:
+        """Bytes acknowledged since the last sample point over the longer of the
+        receive-time span and the send-time span of those bytes.
+
+        The send span guards against receive times squeezed together (as BBR's
+        rate samples do against ack compression): a subscriber busy elsewhere
+        reads frames that waited in its socket all at once, and bytes over that
+        squeezed span overestimated a 32 kbit/s link 2-4x (the max filter kept
+        the highest of them), so status, scalars and the in-flight drain were
+        paced for a link twice as fast. Bytes cannot have arrived faster than
+        they were sent, and on a link that queues (the only one where the rate
+        matters) they arrive no faster than it delivers.
+        """
         if not (math.isfinite(received_at) and received_at > 0):
             return None  # no usable receive time: the rate keeps its estimate
         previous = self._last_received_at
         self._sample_bytes += acked_bytes
         if previous is None or received_at < previous:  # first ack, or the client's clock jumped
             self._last_received_at = received_at
+            self._last_sent_at = sent_at or 0.0
             self._sample_bytes = 0
             return None
         span = received_at - previous
         if span < self.MIN_SAMPLE_S:
             return None  # a burst: wait for a longer span
+        if sent_at is not None and self._last_sent_at:
+            span = max(span, sent_at - self._last_sent_at)
         sample = self._sample_bytes / span
         self._last_received_at = received_at
+        if sent_at is not None:
+            self._last_sent_at = sent_at
         self._sample_bytes = 0
         if sample > 0:
             samples = self._samples

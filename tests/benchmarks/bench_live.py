@@ -539,7 +539,9 @@ def report(task: str, pinned: bool, design: dict, naive: dict | None) -> None:
               f"bytes/s {_per_s(v.get('bytes_by_kind'), v.get('duration_s'))}"
               f"{step}{', error ' + v['error'] if v.get('error') else ''}")
         if "link" in v:
-            print(f"  {'':>13} link: {v['link']}")
+            print(f"  {'':>13} link: {v['link']}; streamer's delivery rate estimate p50 "
+                  f"{_fmt(v.get('delivery_rate_p50'), '.0f')} p95 {_fmt(v.get('delivery_rate_p95'), '.0f')} B/s, "
+                  f"in flight p50 {_fmt(v.get('in_flight_p50'), '.0f')} p95 {_fmt(v.get('in_flight_p95'), '.0f')} B")
     if "load" in design:
         print(f"  load average (1, 5, 15 min) before {design['load']['before']}, after {design['load']['after']}")
     v = design.get("1mbit", {})

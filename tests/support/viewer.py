@@ -57,6 +57,8 @@ class ViewerStats:
     acks: int = 0
     in_flight: list[int] = field(default_factory=list)
     """Bytes in flight as the streamer's ack answers said (sampled)."""
+    delivery_rates: list[float] = field(default_factory=list)
+    """The streamer's delivery rate estimate, bytes/s, as its ack answers said (sampled)."""
     max_status_gap_s: float = 0.0
     first_live_view_s: float | None = None
     scalar_first: int = 0
@@ -87,6 +89,8 @@ class ViewerStats:
             "acks": self.acks,
             "in_flight_p50": pct([float(b) for b in self.in_flight], 0.5),
             "in_flight_p95": pct([float(b) for b in self.in_flight], 0.95),
+            "delivery_rate_p50": pct(self.delivery_rates, 0.5),
+            "delivery_rate_p95": pct(self.delivery_rates, 0.95),
             "max_status_gap_s": self.max_status_gap_s, "first_live_view_s": self.first_live_view_s,
             "scalar_first": self.scalar_first, "scalar_last": self.scalar_last,
             "scalar_gaps": len(self.scalar_gaps), "scalar_gap_list": self.scalar_gaps[:5],
@@ -139,6 +143,8 @@ async def watch(
                 continue
             if acker is not None and acker.last_reply is not None:
                 stats.in_flight.append(acker.last_reply.in_flight_bytes)
+                if acker.last_reply.delivery_bytes_per_s:
+                    stats.delivery_rates.append(acker.last_reply.delivery_bytes_per_s)
             if shown_produced_at:
                 stats.lags.append(now - shown_produced_at[0])
                 stats.lag_times.append(now)

@@ -66,6 +66,20 @@ def test_ack_removes_what_arrived_and_samples_the_rate_on_the_receivers_clock() 
     assert "0 B unacked, 364 B/s" in repr(w)
 
 
+def test_receive_times_squeezed_together_do_not_inflate_the_rate() -> None:
+    """A subscriber that reads two frames late, at once, gives a short receive span;
+    the bytes were sent further apart than that, and cannot have arrived faster."""
+    w = DeliveryWindow(BARE)
+    w.sent(1000, "view", 0.0, now=0.0)
+    w.ack(1, received_at=10.25, now=0.3)
+    w.sent(1000, "view", 0.0, now=0.3)
+    assert w.ack(2, received_at=10.5, now=0.55).rate_sample == pytest.approx(1000 / 0.25)
+    w.sent(1000, "view", 0.0, now=0.55)
+    # frame 3 was read 0.05 s after frame 2 (the reader was busy): 20 kB/s on its clock
+    assert w.ack(3, received_at=10.55, now=0.6).rate_sample == pytest.approx(1000 / 0.25)
+    assert w.bytes_per_s == pytest.approx(4000)
+
+
 def test_future_and_backward_sequence_numbers_are_ignored_and_counted() -> None:
     w = DeliveryWindow(BARE)
     for _ in range(3):
