@@ -117,8 +117,14 @@ class DeliveryWindow:
     """The rate estimate is the largest sample of this much receive time: a link
     the streamer did not fill (views held, nothing to send) gives low samples
     that must not drag the estimate down, as in BBR's max filter."""
-    MIN_SAMPLE_S = 0.05
-    """Receive-time spans shorter than this give no rate sample (bursts)."""
+    MIN_SAMPLE_S = 0.25
+    """Receive-time spans shorter than this give no rate sample: the bytes acknowledged
+    accumulate until the span is this long. A subscriber's receive times jitter by
+    its scheduling (a busy page or process reads late, then several frames at once);
+    over 50 ms spans that jitter made single samples 5-9x a 32 kbit/s link, and the
+    max filter kept them. (On a fast link, 0.25 s spans see the streamer's own
+    traffic, not the link: the estimate is lower there, which only spaces status and
+    scalar frames a little more once it is under ~15 KB/s.)"""
 
     def __init__(self, limits: FeedbackLimits | None = None) -> None:
         self.limits = limits or FeedbackLimits()

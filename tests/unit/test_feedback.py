@@ -67,16 +67,22 @@ def test_ack_removes_what_arrived_and_samples_the_rate_on_the_receivers_clock() 
 
 
 def test_receive_times_squeezed_together_do_not_inflate_the_rate() -> None:
-    """A subscriber that reads two frames late, at once, gives a short receive span;
-    the bytes were sent further apart than that, and cannot have arrived faster."""
-    w = DeliveryWindow(BARE)
-    w.sent(1000, "view", 0.0, now=0.0)
-    w.ack(1, received_at=10.25, now=0.3)
-    w.sent(1000, "view", 0.0, now=0.3)
-    assert w.ack(2, received_at=10.5, now=0.55).rate_sample == pytest.approx(1000 / 0.25)
-    w.sent(1000, "view", 0.0, now=0.55)
-    # frame 3 was read 0.05 s after frame 2 (the reader was busy): 20 kB/s on its clock
-    assert w.ack(3, received_at=10.55, now=0.6).rate_sample == pytest.approx(1000 / 0.25)
+    """A subscriber that reads frames late gives short receive spans; the bytes were
+    sent further apart than that, and cannot have arrived faster. Spans under
+    MIN_SAMPLE_S give no sample at all: their bytes count in the next one."""
+    w = DeliveryWindow(BARE)  # a 4 kB/s link, 2 kB frames ack-clocked: 0.5 s each
+    w.sent(2000, "view", 0.0, now=0.0)
+    w.ack(1, received_at=10.5, now=0.5)
+    w.sent(2000, "view", 0.0, now=0.5)
+    assert w.ack(2, received_at=11.0, now=1.0).rate_sample == pytest.approx(4000)
+    w.sent(2000, "view", 0.0, now=1.0)
+    # frame 3 arrived at 11.5, read 0.2 s early on this clock's view of it (the
+    # previous one was read late): 6.7 kB/s on the receive times alone
+    assert w.ack(3, received_at=11.3, now=1.5).rate_sample == pytest.approx(4000)
+    w.sent(2000, "view", 0.0, now=1.5)
+    assert w.ack(4, received_at=11.4, now=2.0).rate_sample is None  # 0.1 s: wait ...
+    w.sent(2000, "view", 0.0, now=2.0)
+    assert w.ack(5, received_at=12.5, now=2.5).rate_sample == pytest.approx(4000 / 1.2)  # ... and count it
     assert w.bytes_per_s == pytest.approx(4000)
 
 
