@@ -64,7 +64,10 @@ class FeedbackLimits:
     status frames go out every second, so a live subscriber acks more often."""
     slack_bytes: int = 1500
     """With feedback, a heavy frame may go out while this many bytes of light
-    frames (status, scalars) are still in flight."""
+    frames (status, scalars) are still in flight ..."""
+    slack_s: float = 0.2
+    """... and no more than this many seconds of them at the measured rate (on a
+    32 kbit/s link 1.5 KB is 0.37 s that every status waits behind)."""
     frame_overhead_bytes: int = 80
     """Wire bytes of a frame beyond its message: gRPC prefix (5), HTTP/2 DATA
     header (9), TCP/IP (52) and link headers (14). Small frames are mostly that."""
@@ -82,6 +85,8 @@ class FeedbackLimits:
             raise ValueError(f"floor_bytes_per_s must be > 0, got {self.floor_bytes_per_s}")
         if not self.stale_s > 0:
             raise ValueError(f"stale_s must be > 0, got {self.stale_s}")
+        if not self.slack_s > 0:
+            raise ValueError(f"slack_s must be > 0, got {self.slack_s}")
         if self.max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {self.max_records}")
 
@@ -188,7 +193,12 @@ class DeliveryWindow:
         is within the cap. (``nbytes`` is the frame's size, for policies that
         weigh it; these do not.)
         """
-        allowance = self.limits.slack_bytes if self.has_feedback(now) else self.limits.cap_bytes
+        if self.has_feedback(now):
+            allowance = self.limits.slack_bytes
+            if self.bytes_per_s:
+                allowance = min(allowance, self.limits.slack_s * self.bytes_per_s)
+        else:
+            allowance = self.limits.cap_bytes
         return self.in_flight(now, fallback_bytes_per_s) <= allowance
 
     # -- events --------------------------------------------------------

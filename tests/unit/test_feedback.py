@@ -110,6 +110,20 @@ def test_with_feedback_a_heavy_frame_waits_for_an_ack_not_for_time() -> None:
     assert w.may_send(900, now=2.6)
 
 
+def test_on_a_slow_link_the_slack_is_a_fraction_of_a_second_of_it() -> None:
+    w = DeliveryWindow(FeedbackLimits(frame_overhead_bytes=0, ack_reply_bytes=0, slack_bytes=1500, slack_s=0.2,
+                                      floor_bytes_per_s=1.0))
+    w.sent(4000, "view", 0.0, now=0.0)
+    w.ack(0, received_at=10.0, now=0.0)
+    w.ack(1, received_at=11.0, now=1.0)  # 4000 B/s: 0.2 s of it is 800 B
+    assert w.bytes_per_s == pytest.approx(4000)
+    w.sent(900, "status", 0.0, now=1.0)
+    assert not w.may_send(700, now=1.0)  # 900 B in flight: under 1500 B, over 0.2 s
+    w.sent(100, "status", 0.0, now=1.1)
+    w.ack(2, received_at=11.3, now=1.3)
+    assert w.may_send(700, now=1.3)  # 100 B
+
+
 def test_between_acks_the_estimate_drains_at_most_at_the_floor_rate() -> None:
     w = DeliveryWindow(FeedbackLimits(frame_overhead_bytes=0, ack_reply_bytes=0, floor_bytes_per_s=1000))
     for _ in range(3):
