@@ -66,6 +66,13 @@ VIEWER_HOST = "[::1]"
 over IPv4 (the streamer listens on ``localhost``, both): its traffic, the streamer's TCP
 ACKs to it included, is not on the viewer's link (netns.ThrottledNetns.throttle)."""
 STREAMER_PORT, TRAINER_PORT, NAIVE_PORT, PROXY_PORT = 52052, 52051, 52053, 52054
+SHAPE_ALL = False
+"""--shape-all: everything leaving the streamer's port is shaped, the trainer's connection
+included (how this benchmark measured before; viewers then dial 127.0.0.1)."""
+
+
+def _viewer_host() -> str:
+    return "127.0.0.1" if SHAPE_ALL else VIEWER_HOST
 
 
 def _pin(core: int | None) -> list[str]:
@@ -165,7 +172,7 @@ class Trainer:
 
 async def _viewer(run_id: str, count: int, pairs: int, slot_s: float, core: int | None, log: Path,
                   trainer_pid: int) -> dict:
-    cmd = [*_pin(core), PY, "-m", "tests.support.viewer", "--target", f"{VIEWER_HOST}:{STREAMER_PORT}",
+    cmd = [*_pin(core), PY, "-m", "tests.support.viewer", "--target", f"{_viewer_host()}:{STREAMER_PORT}",
            "--trainer", f"127.0.0.1:{TRAINER_PORT}", "--run-id", run_id, "--count", str(count),
            "--pairs", str(pairs), "--slot-s", str(slot_s), "--trainer-pid", str(trainer_pid)]
     proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
@@ -183,7 +190,7 @@ SCENARIOS = ("64kbit", "64kbit no ack", "32kbit", "1mbit", "step", "rtt300")
 
 async def _watch(target_port: int, run_id: str, seconds: float, core: int | None, log: Path,
                  *extra: str) -> asyncio.subprocess.Process:
-    host = VIEWER_HOST if target_port == STREAMER_PORT else "127.0.0.1"
+    host = _viewer_host() if target_port == STREAMER_PORT else "127.0.0.1"
     cmd = [*_pin(core), PY, "-m", "tests.support.viewer", "--target", f"{host}:{target_port}",
            "--trainer", f"127.0.0.1:{TRAINER_PORT}", "--run-id", run_id, "--watch-s", str(seconds),
            "--plain-channel", *extra]
@@ -281,12 +288,12 @@ async def measure_scenarios(run_id: str, names: list[str], core: int | None, ns:
     out: dict[str, dict] = {}
     for name in names:
         if name == "step":
-            ns.throttle(STREAMER_PORT, "1mbit", ipv6_only=True)  # type: ignore[attr-defined]
+            ns.throttle(STREAMER_PORT, "1mbit", ipv6_only=not SHAPE_ALL)  # type: ignore[attr-defined]
             proc = await _watch(STREAMER_PORT, run_id, 20, core, log, "--warmup-s", "2")
             await asyncio.sleep(7)
-            ns.throttle(STREAMER_PORT, "64kbit", ipv6_only=True)  # type: ignore[attr-defined]
+            ns.throttle(STREAMER_PORT, "64kbit", ipv6_only=not SHAPE_ALL)  # type: ignore[attr-defined]
             await asyncio.sleep(7)
-            ns.throttle(STREAMER_PORT, "1mbit", ipv6_only=True)  # type: ignore[attr-defined]
+            ns.throttle(STREAMER_PORT, "1mbit", ipv6_only=not SHAPE_ALL)  # type: ignore[attr-defined]
             back = time.time()
             result = await _summary(proc)
             series = result.pop("lag_series", [])
@@ -308,7 +315,7 @@ async def measure_scenarios(run_id: str, names: list[str], core: int | None, ns:
             out[name].pop("lag_series", None)
             continue
         rate = name.split()[0]
-        ns.throttle(STREAMER_PORT, rate, ipv6_only=True)  # type: ignore[attr-defined]
+        ns.throttle(STREAMER_PORT, rate, ipv6_only=not SHAPE_ALL)  # type: ignore[attr-defined]
         extra = ["--no-ack"] if "no ack" in name else []
         proc = await _watch(STREAMER_PORT, run_id, 20, core, log, "--warmup-s", "5", *extra)
         await asyncio.sleep(5)
@@ -361,7 +368,7 @@ async def measure_design(task: str, pinned: bool, args: argparse.Namespace, ns: 
             if args.conditions and name not in args.conditions.split(","):
                 continue
             if rate:
-                ns.throttle(STREAMER_PORT, rate, ipv6_only=True)  # type: ignore[attr-defined]
+                ns.throttle(STREAMER_PORT, rate, ipv6_only=not SHAPE_ALL)  # type: ignore[attr-defined]
             else:
                 ns.unthrottle()  # type: ignore[attr-defined]
             results[name] = await _viewer(run_id, count, args.pairs, args.slot_s, other_core, log,
@@ -596,6 +603,8 @@ def main() -> int:
     parser.add_argument("--script-arg", action="append", default=[],
                         help="a flag for script:PATH tasks (default --steps 1000000000), e.g. --script-arg=--steps=9")
     parser.add_argument("--netns-prefix", default="twa", help="name prefix of the namespace it makes")
+    parser.add_argument("--shape-all", action="store_true",
+                        help="shape the trainer's connection to the streamer too (the old, wrong, link)")
     parser.add_argument("--inside", help=argparse.SUPPRESS)
     parser.add_argument("--naive-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--naive-viewer", type=int, help=argparse.SUPPRESS)
@@ -607,6 +616,8 @@ def main() -> int:
         naive_viewer(args.naive_viewer, args.window_s)
         return 0
     if args.inside:
+        global SHAPE_ALL
+        SHAPE_ALL = args.shape_all
         asyncio.run(inside(args))
         return 0
     from tests.support.netns import ThrottledNetns, is_root
@@ -623,6 +634,7 @@ def main() -> int:
         cmd += [f"--task-module={m}" for m in args.task_module]
         cmd += [f"--script-arg={a}" for a in args.script_arg]
         cmd += ["--no-naive"] if args.no_naive else []
+        cmd += ["--shape-all"] if args.shape_all else []
         return subprocess.call(cmd, cwd=ROOT)
 
 
