@@ -188,11 +188,13 @@ class DeliveryWindow:
         """May a heavy frame of ``nbytes`` go out now?
 
         With fresh feedback: when the previous heavy frame arrived and at most
-        ``slack_bytes`` of light frames and ack answers are on their way, so
+        ``slack_bytes`` (and ``slack_s`` at the measured rate) of light frames and
+        ack answers are on their way, so
         this frame is about the only one in flight. Without: when the estimate
         is within the cap. (``nbytes`` is the frame's size, for policies that
         weigh it; these do not.)
         """
+        allowance: float
         if self.has_feedback(now):
             allowance = self.limits.slack_bytes
             if self.bytes_per_s:
