@@ -762,12 +762,13 @@ class UpdateHub:
         """Points per series in ``sub``'s next scalar frame: its ``max_points``, fewer
         when its link is known to be slow (merged into buckets, never dropped)."""
         now = self._clock()
-        if sub.window.has_feedback(now):
-            rate = sub.window.bytes_per_s
-        else:  # no feedback: as slow as the floor the cap assumes, or what writes measured
-            rate = sub.window.fallback_rate(sub.pacer.bytes_per_s)
+        rate = sub.window.bytes_per_s if sub.window.has_feedback(now) else None
         if not rate:
-            return sub.max_points
+            # No feedback, or acks that have not measured the rate yet (their samples
+            # need 0.25 s): as slow as the floor the cap assumes. Full frames five
+            # times a second before the first rate sample held 18 KB in front of a
+            # new 32 kbit/s subscriber, and its first live view came 6-9 s late.
+            rate = sub.window.fallback_rate(sub.pacer.bytes_per_s)
         budget = self.limits.scalar_share * rate * self.limits.scalar_interval_s
         return max(2, min(sub.max_points, int(budget / sub.scalar_row_bytes)))
 

@@ -257,3 +257,22 @@ def test_the_snapshot_history_is_coarse_but_covers_every_step() -> None:
     (series,) = frame.scalars.series
     assert len(series.steps) <= 64
     assert _covered([frame]) == list(range(1, 5001))
+
+
+def test_scalars_are_down_sampled_for_the_floor_until_acks_measured_the_rate() -> None:
+    hub, clock = _hub(floor_bytes_per_s=2000)
+    sub = hub.subscribe("r", max_points=64)
+    hub.snapshot(sub)
+    hub.publish(_status(1))
+    hub.tick()
+    _send_all(hub, sub)
+    hub.ack(sub.id, "r", sub.window.last_seq, received_at=clock.now)  # feedback, no rate yet
+    assert sub.window.has_feedback(clock.now) and sub.window.bytes_per_s is None
+    hub.publish(_scalars(1, 500))
+    clock.now += 1.0
+    hub.tick()
+    frames = [f for f in _send_all(hub, sub) if f.HasField("scalars")]
+    (series,) = frames[0].scalars.series
+    # 15 % of 2000 B/s for 0.2 s: 60 B, a few buckets (never the 64 points asked for)
+    assert len(series.steps) < 10
+    assert _covered(frames) == list(range(1, 501))
