@@ -549,7 +549,8 @@ def report(task: str, pinned: bool, design: dict, naive: dict | None) -> None:
             print(f"  {'':>13} link: {v['link']}; streamer's delivery rate estimate p50 "
                   f"{_fmt(v.get('delivery_rate_p50'), '.0f')} p95 {_fmt(v.get('delivery_rate_p95'), '.0f')} B/s, "
                   f"in flight p50 {_fmt(v.get('in_flight_p50'), '.0f')} p95 {_fmt(v.get('in_flight_p95'), '.0f')} B; "
-                  f"view arrival lag p50 {_fmt(v.get('arrival_lag_p50'))} p95 {_fmt(v.get('arrival_lag_p95'))} s, "
+                  f"view arrival lag p50 {_fmt(v.get('arrival_lag_p50'))} p95 {_fmt(v.get('arrival_lag_p95'))} s "
+                  f"(produced -> sent p50 {_fmt(v.get('view_send_lag_p50'), '.3f')} s), "
                   f"gaps between views p50 {_fmt(v.get('view_gap_p50'))} p95 {_fmt(v.get('view_gap_p95'))} "
                   f"max {_fmt(v.get('view_gap_max'))} s")
     if "load" in design:

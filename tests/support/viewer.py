@@ -50,6 +50,8 @@ class ViewerStats:
     lag_times: list[float] = field(default_factory=list)
     """Wall time of each ``lags`` sample (for a bandwidth step's recovery)."""
     arrival_lags: list[float] = field(default_factory=list)
+    send_lags: list[float] = field(default_factory=list)
+    """Views: production -> the streamer's send (``sent_at``; same host clock in the tests)."""
     view_gaps: list[float] = field(default_factory=list)
     """Seconds between consecutive live views' arrivals (measured ones)."""
     last_view_at: float = 0.0
@@ -86,6 +88,7 @@ class ViewerStats:
             "json_bytes_mean": statistics.fmean(self.json_bytes) if self.json_bytes else None,
             "lag_p50": pct(self.lags, 0.5), "lag_p95": pct(self.lags, 0.95),
             "arrival_lag_p50": pct(self.arrival_lags, 0.5), "arrival_lag_p95": pct(self.arrival_lags, 0.95),
+            "view_send_lag_p50": pct(self.send_lags, 0.5), "view_send_lag_p95": pct(self.send_lags, 0.95),
             "view_gap_p50": pct(self.view_gaps, 0.5), "view_gap_p95": pct(self.view_gaps, 0.95),
             "view_gap_max": max(self.view_gaps, default=None),
             "transit_p50": pct(self.transit_lags, 0.5), "transit_p95": pct(self.transit_lags, 0.95),
@@ -202,6 +205,8 @@ async def watch(
                     if measure and (live_only is False or not frame.snapshot):
                         shown_produced_at[:] = [frame.produced_at]
                         stats.arrival_lags.append(now - frame.produced_at)
+                        if frame.sent_at:
+                            stats.send_lags.append(frame.sent_at - frame.produced_at)
                         if stats.last_view_at and now >= measure_from:
                             stats.view_gaps.append(now - stats.last_view_at)
                         stats.last_view_at = now
