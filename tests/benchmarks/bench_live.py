@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -60,7 +61,18 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 PY = sys.executable
+VIEWER_HOST = "[::1]"
+"""Viewers dial the streamer over IPv6 and only that is shaped; the trainer publishes
+over IPv4 (the streamer listens on ``localhost``, both): its traffic, the streamer's TCP
+ACKs to it included, is not on the viewer's link (netns.ThrottledNetns.throttle)."""
 STREAMER_PORT, TRAINER_PORT, NAIVE_PORT, PROXY_PORT = 52052, 52051, 52053, 52054
+SHAPE_ALL = False
+"""--shape-all: everything leaving the streamer's port is shaped, the trainer's connection
+included (how this benchmark measured before; viewers then dial 127.0.0.1)."""
+
+
+def _viewer_host() -> str:
+    return "127.0.0.1" if SHAPE_ALL else VIEWER_HOST
 
 
 def _pin(core: int | None) -> list[str]:
@@ -160,7 +172,7 @@ class Trainer:
 
 async def _viewer(run_id: str, count: int, pairs: int, slot_s: float, core: int | None, log: Path,
                   trainer_pid: int) -> dict:
-    cmd = [*_pin(core), PY, "-m", "tests.support.viewer", "--target", f"127.0.0.1:{STREAMER_PORT}",
+    cmd = [*_pin(core), PY, "-m", "tests.support.viewer", "--target", f"{_viewer_host()}:{STREAMER_PORT}",
            "--trainer", f"127.0.0.1:{TRAINER_PORT}", "--run-id", run_id, "--count", str(count),
            "--pairs", str(pairs), "--slot-s", str(slot_s), "--trainer-pid", str(trainer_pid)]
     proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
@@ -178,7 +190,8 @@ SCENARIOS = ("64kbit", "64kbit no ack", "32kbit", "1mbit", "step", "rtt300")
 
 async def _watch(target_port: int, run_id: str, seconds: float, core: int | None, log: Path,
                  *extra: str) -> asyncio.subprocess.Process:
-    cmd = [*_pin(core), PY, "-m", "tests.support.viewer", "--target", f"127.0.0.1:{target_port}",
+    host = _viewer_host() if target_port == STREAMER_PORT else "127.0.0.1"
+    cmd = [*_pin(core), PY, "-m", "tests.support.viewer", "--target", f"{host}:{target_port}",
            "--trainer", f"127.0.0.1:{TRAINER_PORT}", "--run-id", run_id, "--watch-s", str(seconds),
            "--plain-channel", *extra]
     return await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
@@ -192,6 +205,78 @@ def _per_s(by_kind: dict[str, int] | None, seconds: float | None) -> str:
     return " ".join(f"{kind} {n / seconds:.0f}" for kind, n in sorted(by_kind.items()))
 
 
+def _sockets(port: int) -> dict[str, dict[str, int]]:
+    """TCP counters of every established socket on local ``port``, by peer address
+    (``ss -ti``: payload bytes sent, segments sent (pure ACKs included), unsent bytes)."""
+    out = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True).stdout
+    found: dict[str, dict[str, int]] = {}
+    peer = ""
+    for line in out.splitlines():
+        if line and not line[0].isspace():
+            fields = line.split()
+            peer = fields[-1] if len(fields) >= 4 else ""
+            found[peer] = {}
+            continue
+        for key in ("bytes_sent", "segs_out", "notsent", "unacked", "cwnd"):
+            m = re.search(rf"\b{key}:(\d+)", line)
+            if m and peer:
+                found[peer][key] = int(m.group(1))
+    return found
+
+
+class LinkProbe:
+    """What the slow class of the namespace carries while a scenario runs: its bytes
+    and packets per second (headers included), its queue (htb backlog), and the
+    streamer port's sockets' own counters, to tell whose bytes they are."""
+
+    def __init__(self, ns: object, port: int) -> None:
+        self.ns = ns
+        self.port = port
+        self.backlog: list[int] = []
+        self.backlog_packets: list[int] = []
+        self.notsent: list[int] = []
+        self._task: asyncio.Task[None] | None = None
+        self._start: tuple[float, tuple[int, int, int, int], dict[str, dict[str, int]]] | None = None
+
+    def start(self) -> None:
+        self._start = (time.monotonic(), self.ns.slow_class(), _sockets(self.port))  # type: ignore[attr-defined]
+        self._task = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            _, _, queued, packets = self.ns.slow_class()  # type: ignore[attr-defined]
+            self.backlog.append(queued)
+            self.backlog_packets.append(packets)
+            self.notsent.append(sum(s.get("notsent", 0) for s in _sockets(self.port).values()))
+
+    async def stop(self) -> dict:
+        assert self._start is not None and self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        t0, (b0, p0, _, _), socks0 = self._start
+        seconds = time.monotonic() - t0
+        b1, p1, _, _ = self.ns.slow_class()  # type: ignore[attr-defined]
+        socks1 = _sockets(self.port)
+        peers = {}
+        for peer, c in socks1.items():
+            c0 = socks0.get(peer, {})
+            peers[peer] = {
+                "payload_per_s": round((c.get("bytes_sent", 0) - c0.get("bytes_sent", 0)) / seconds),
+                "segs_per_s": round((c.get("segs_out", 0) - c0.get("segs_out", 0)) / seconds, 1),
+            }
+
+        def pct(values: list[int], q: float) -> int | None:
+            return sorted(values)[int(q * (len(values) - 1))] if values else None
+
+        return {"link_bytes_per_s": round((b1 - b0) / seconds), "link_packets_per_s": round((p1 - p0) / seconds, 1),
+                "backlog_p50": pct(self.backlog, 0.5), "backlog_p95": pct(self.backlog, 0.95),
+                "backlog_packets_p50": pct(self.backlog_packets, 0.5),
+                "notsent_p95": pct(self.notsent, 0.95), "sockets": peers}
+
+
 async def _summary(proc: asyncio.subprocess.Process) -> dict:
     out, _ = await proc.communicate()
     lines = out.decode().strip().splitlines()
@@ -203,12 +288,12 @@ async def measure_scenarios(run_id: str, names: list[str], core: int | None, ns:
     out: dict[str, dict] = {}
     for name in names:
         if name == "step":
-            ns.throttle(STREAMER_PORT, "1mbit")  # type: ignore[attr-defined]
+            ns.throttle(STREAMER_PORT, "1mbit", ipv6_only=not SHAPE_ALL)  # type: ignore[attr-defined]
             proc = await _watch(STREAMER_PORT, run_id, 20, core, log, "--warmup-s", "2")
             await asyncio.sleep(7)
-            ns.throttle(STREAMER_PORT, "64kbit")  # type: ignore[attr-defined]
+            ns.throttle(STREAMER_PORT, "64kbit", ipv6_only=not SHAPE_ALL)  # type: ignore[attr-defined]
             await asyncio.sleep(7)
-            ns.throttle(STREAMER_PORT, "1mbit")  # type: ignore[attr-defined]
+            ns.throttle(STREAMER_PORT, "1mbit", ipv6_only=not SHAPE_ALL)  # type: ignore[attr-defined]
             back = time.time()
             result = await _summary(proc)
             series = result.pop("lag_series", [])
@@ -230,9 +315,16 @@ async def measure_scenarios(run_id: str, names: list[str], core: int | None, ns:
             out[name].pop("lag_series", None)
             continue
         rate = name.split()[0]
-        ns.throttle(STREAMER_PORT, rate)  # type: ignore[attr-defined]
+        ns.throttle(STREAMER_PORT, rate, ipv6_only=not SHAPE_ALL)  # type: ignore[attr-defined]
         extra = ["--no-ack"] if "no ack" in name else []
-        out[name] = await _summary(await _watch(STREAMER_PORT, run_id, 20, core, log, "--warmup-s", "5", *extra))
+        proc = await _watch(STREAMER_PORT, run_id, 20, core, log, "--warmup-s", "5", *extra)
+        await asyncio.sleep(5)
+        probe = LinkProbe(ns, STREAMER_PORT)
+        probe.start()
+        await asyncio.sleep(13)  # while the viewer is connected: its socket's counters too
+        link = await probe.stop()
+        out[name] = await _summary(proc)
+        out[name]["link"] = link
         out[name].pop("lag_series", None)
     return out
 
@@ -243,7 +335,7 @@ async def measure_design(task: str, pinned: bool, args: argparse.Namespace, ns: 
     trainer_core, other_core = (0, 1) if pinned else (None, None)
     script = task.removeprefix("script:") if task.startswith("script:") else None
     log = workdir / f"{Path(script).stem if script else task}-{'pinned' if pinned else 'unpinned'}.log"
-    streamer = _spawn([*_pin(other_core), PY, "-m", "services.streamer", "--host", "127.0.0.1",
+    streamer = _spawn([*_pin(other_core), PY, "-m", "services.streamer", "--host", "localhost",
                        "--port", str(STREAMER_PORT), "--metrics-port", "-1"], log)
     trainer = _spawn([*_pin(other_core if script else trainer_core), PY, "-m", "services.trainer",
                       "--host", "127.0.0.1",
@@ -276,7 +368,7 @@ async def measure_design(task: str, pinned: bool, args: argparse.Namespace, ns: 
             if args.conditions and name not in args.conditions.split(","):
                 continue
             if rate:
-                ns.throttle(STREAMER_PORT, rate)  # type: ignore[attr-defined]
+                ns.throttle(STREAMER_PORT, rate, ipv6_only=not SHAPE_ALL)  # type: ignore[attr-defined]
             else:
                 ns.unthrottle()  # type: ignore[attr-defined]
             results[name] = await _viewer(run_id, count, args.pairs, args.slot_s, other_core, log,
@@ -453,6 +545,14 @@ def report(task: str, pinned: bool, design: dict, naive: dict | None) -> None:
               f"views {v.get('views')}, acks {v.get('acks')}, scalar gaps {v.get('scalar_gaps')}; "
               f"bytes/s {_per_s(v.get('bytes_by_kind'), v.get('duration_s'))}"
               f"{step}{', error ' + v['error'] if v.get('error') else ''}")
+        if "link" in v:
+            print(f"  {'':>13} link: {v['link']}; streamer's delivery rate estimate p50 "
+                  f"{_fmt(v.get('delivery_rate_p50'), '.0f')} p95 {_fmt(v.get('delivery_rate_p95'), '.0f')} B/s, "
+                  f"in flight p50 {_fmt(v.get('in_flight_p50'), '.0f')} p95 {_fmt(v.get('in_flight_p95'), '.0f')} B; "
+                  f"view arrival lag p50 {_fmt(v.get('arrival_lag_p50'))} p95 {_fmt(v.get('arrival_lag_p95'))} s "
+                  f"(produced -> sent p50 {_fmt(v.get('view_send_lag_p50'), '.3f')} s), "
+                  f"gaps between views p50 {_fmt(v.get('view_gap_p50'))} p95 {_fmt(v.get('view_gap_p95'))} "
+                  f"max {_fmt(v.get('view_gap_max'))} s")
     if "load" in design:
         print(f"  load average (1, 5, 15 min) before {design['load']['before']}, after {design['load']['after']}")
     v = design.get("1mbit", {})
@@ -503,6 +603,9 @@ def main() -> int:
                         help="a task plugin (file or module) for the trainer and the naive sender; repeatable")
     parser.add_argument("--script-arg", action="append", default=[],
                         help="a flag for script:PATH tasks (default --steps 1000000000), e.g. --script-arg=--steps=9")
+    parser.add_argument("--netns-prefix", default="twa", help="name prefix of the namespace it makes")
+    parser.add_argument("--shape-all", action="store_true",
+                        help="shape the trainer's connection to the streamer too (the old, wrong, link)")
     parser.add_argument("--inside", help=argparse.SUPPRESS)
     parser.add_argument("--naive-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--naive-viewer", type=int, help=argparse.SUPPRESS)
@@ -514,6 +617,8 @@ def main() -> int:
         naive_viewer(args.naive_viewer, args.window_s)
         return 0
     if args.inside:
+        global SHAPE_ALL
+        SHAPE_ALL = args.shape_all
         asyncio.run(inside(args))
         return 0
     from tests.support.netns import ThrottledNetns, is_root
@@ -521,7 +626,7 @@ def main() -> int:
     if not is_root():
         print("bench_live needs root (network namespace + tc); run it with sudo", file=sys.stderr)
         return 2
-    with ThrottledNetns("twa", notsent_lowat=args.notsent_lowat) as ns:
+    with ThrottledNetns(args.netns_prefix, notsent_lowat=args.notsent_lowat) as ns:
         cmd = [*ns.prefix(), PY, __file__, "--inside", ns.name, "--tasks", args.tasks,
                "--window-s", str(args.window_s), "--pinning", args.pinning,
                "--pairs", str(args.pairs), "--slot-s", str(args.slot_s), "--conditions", args.conditions,
@@ -530,6 +635,7 @@ def main() -> int:
         cmd += [f"--task-module={m}" for m in args.task_module]
         cmd += [f"--script-arg={a}" for a in args.script_arg]
         cmd += ["--no-naive"] if args.no_naive else []
+        cmd += ["--shape-all"] if args.shape_all else []
         return subprocess.call(cmd, cwd=ROOT)
 
 

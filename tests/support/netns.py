@@ -11,6 +11,7 @@ buffer small, as the streamer's deployment notes ask.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ class ThrottledNetns:
     def __init__(self, prefix: str = "twa", notsent_lowat: int = 16384) -> None:
         self.name = f"{prefix}{uuid.uuid4().hex[:8]}"
         self.notsent_lowat = notsent_lowat
-        self._throttled: int | None = None
+        self._throttled: tuple[int, bool] | None = None
 
     def __enter__(self) -> ThrottledNetns:
         _run("ip", "netns", "add", self.name)
@@ -62,15 +63,39 @@ class ThrottledNetns:
         """Command prefix that runs a program inside the namespace."""
         return ["ip", "netns", "exec", self.name]
 
-    def throttle(self, port: int, rate: str) -> None:
-        """Limit what leaves ``port`` to ``rate`` (e.g. "1mbit", "500kbit")."""
+    def throttle(self, port: int, rate: str, *, ipv6_only: bool = False) -> None:
+        """Limit what leaves ``port`` to ``rate`` (e.g. "1mbit", "500kbit").
+
+        ``ipv6_only``: only what leaves it over IPv6. A server listening on
+        ``localhost`` takes both; clients that dial ``[::1]`` (the viewers) then get
+        the slow link, and clients that dial ``127.0.0.1`` (a trainer publishing to
+        the streamer) do not: a viewer's link must not also carry the server's TCP
+        ACKs and answers to another client (at 32 kbit/s the trainer's alone took
+        ~1.5 KB/s of the 4 KB/s)."""
         self.exec_("tc", "class", "change", "dev", "lo", "parent", "1:", "classid", "1:20", "htb",
                    "rate", rate, "ceil", rate)
-        if self._throttled != port:
+        if self._throttled != (port, ipv6_only):
             self.unthrottle()
-            self.exec_("tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
-                       "u32", "match", "ip", "sport", str(port), "0xffff", "flowid", "1:20")
-            self._throttled = port
+            if ipv6_only:
+                self.exec_("tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ipv6", "prio", "1",
+                           "u32", "match", "ip6", "sport", str(port), "0xffff", "flowid", "1:20")
+            else:
+                self.exec_("tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
+                           "u32", "match", "ip", "sport", str(port), "0xffff", "flowid", "1:20")
+            self._throttled = (port, ipv6_only)
+
+    def slow_class(self) -> tuple[int, int, int, int]:
+        """What the slow class has carried so far: (bytes sent, packets sent, bytes
+        queued now, packets queued now; tc rounds the queued bytes to KiB). Bytes count what htb shapes: each packet's IP/TCP headers and
+        the loopback's 14-byte link header included."""
+        out = subprocess.run([*self.prefix(), "tc", "-s", "class", "show", "dev", "lo", "classid", "1:20"],
+                             capture_output=True, text=True, check=True).stdout
+        sent = re.search(r"Sent (\d+) bytes (\d+) pkt", out)
+        backlog = re.search(r"backlog (\d+)([KM]?)b (\d+)p", out)
+        if sent is None or backlog is None:
+            raise RuntimeError(f"unexpected tc output: {out!r}")
+        queued = int(backlog.group(1)) * {"": 1, "K": 1024, "M": 1 << 20}[backlog.group(2)]
+        return int(sent.group(1)), int(sent.group(2)), queued, int(backlog.group(3))
 
     def unthrottle(self) -> None:
         if self._throttled is not None:

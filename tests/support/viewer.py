@@ -50,6 +50,11 @@ class ViewerStats:
     lag_times: list[float] = field(default_factory=list)
     """Wall time of each ``lags`` sample (for a bandwidth step's recovery)."""
     arrival_lags: list[float] = field(default_factory=list)
+    send_lags: list[float] = field(default_factory=list)
+    """Views: production -> the streamer's send (``sent_at``; same host clock in the tests)."""
+    view_gaps: list[float] = field(default_factory=list)
+    """Seconds between consecutive live views' arrivals (measured ones)."""
+    last_view_at: float = 0.0
     status_lags: list[float] = field(default_factory=list)
     transit_lags: list[float] = field(default_factory=list)
     """Streamer send -> arrival (``sent_at``; same host clock in the tests), any frame."""
@@ -57,6 +62,8 @@ class ViewerStats:
     acks: int = 0
     in_flight: list[int] = field(default_factory=list)
     """Bytes in flight as the streamer's ack answers said (sampled)."""
+    delivery_rates: list[float] = field(default_factory=list)
+    """The streamer's delivery rate estimate, bytes/s, as its ack answers said (sampled)."""
     max_status_gap_s: float = 0.0
     first_live_view_s: float | None = None
     scalar_first: int = 0
@@ -81,12 +88,17 @@ class ViewerStats:
             "json_bytes_mean": statistics.fmean(self.json_bytes) if self.json_bytes else None,
             "lag_p50": pct(self.lags, 0.5), "lag_p95": pct(self.lags, 0.95),
             "arrival_lag_p50": pct(self.arrival_lags, 0.5), "arrival_lag_p95": pct(self.arrival_lags, 0.95),
+            "view_send_lag_p50": pct(self.send_lags, 0.5), "view_send_lag_p95": pct(self.send_lags, 0.95),
+            "view_gap_p50": pct(self.view_gaps, 0.5), "view_gap_p95": pct(self.view_gaps, 0.95),
+            "view_gap_max": max(self.view_gaps, default=None),
             "transit_p50": pct(self.transit_lags, 0.5), "transit_p95": pct(self.transit_lags, 0.95),
             "status_lag_p50": pct(self.status_lags, 0.5), "status_lag_p95": pct(self.status_lags, 0.95),
             "scalar_lag_p50": pct(self.scalar_lags, 0.5), "scalar_lag_p95": pct(self.scalar_lags, 0.95),
             "acks": self.acks,
             "in_flight_p50": pct([float(b) for b in self.in_flight], 0.5),
             "in_flight_p95": pct([float(b) for b in self.in_flight], 0.95),
+            "delivery_rate_p50": pct(self.delivery_rates, 0.5),
+            "delivery_rate_p95": pct(self.delivery_rates, 0.95),
             "max_status_gap_s": self.max_status_gap_s, "first_live_view_s": self.first_live_view_s,
             "scalar_first": self.scalar_first, "scalar_last": self.scalar_last,
             "scalar_gaps": len(self.scalar_gaps), "scalar_gap_list": self.scalar_gaps[:5],
@@ -139,6 +151,8 @@ async def watch(
                 continue
             if acker is not None and acker.last_reply is not None:
                 stats.in_flight.append(acker.last_reply.in_flight_bytes)
+                if acker.last_reply.delivery_bytes_per_s:
+                    stats.delivery_rates.append(acker.last_reply.delivery_bytes_per_s)
             if shown_produced_at:
                 stats.lags.append(now - shown_produced_at[0])
                 stats.lag_times.append(now)
@@ -191,6 +205,11 @@ async def watch(
                     if measure and (live_only is False or not frame.snapshot):
                         shown_produced_at[:] = [frame.produced_at]
                         stats.arrival_lags.append(now - frame.produced_at)
+                        if frame.sent_at:
+                            stats.send_lags.append(frame.sent_at - frame.produced_at)
+                        if stats.last_view_at and now >= measure_from:
+                            stats.view_gaps.append(now - stats.last_view_at)
+                        stats.last_view_at = now
                         stats.view_bytes.append(wire_bytes)
                         if json_every and stats.views % json_every == 1:
                             from services.trainer.views import as_json
