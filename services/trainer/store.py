@@ -441,9 +441,8 @@ _UPSERT_LEVELS = tuple(
 _SCALAR_TABLES = ("scalars",) + tuple(table for table, _ in _LEVELS)
 
 
-def _block_table(steps: int, types: tuple[str, str, str]) -> str:
+def _block_table(table: str, types: tuple[str, str, str]) -> str:
     """The schema of one block level; ``types``: (integer, float, table suffix)."""
-    table = "scalar_blocks" if steps == BLOCK_STEPS else f"scalar_blocks_{steps}"
     integer, real, suffix = types
     return (f"CREATE TABLE IF NOT EXISTS {table} (run_id TEXT NOT NULL, name TEXT NOT NULL, "
             f"block {integer} NOT NULL, first_step {integer} NOT NULL, last_step {integer} NOT NULL, "
@@ -788,7 +787,7 @@ class SqliteRunStore(SqlRunStore):
         "CREATE INDEX IF NOT EXISTS events_run ON events (run_id, at)",
         "CREATE TABLE IF NOT EXISTS scalars (run_id TEXT NOT NULL, name TEXT NOT NULL, "
         "step INTEGER NOT NULL, value REAL NOT NULL, PRIMARY KEY (run_id, name, step)) WITHOUT ROWID",
-        *(_block_table(steps, ("INTEGER", "REAL", " WITHOUT ROWID")) for _, steps in _LEVELS),
+        *(_block_table(table, ("INTEGER", "REAL", " WITHOUT ROWID")) for table, _ in _LEVELS),
         "CREATE TABLE IF NOT EXISTS series (run_id TEXT NOT NULL, name TEXT NOT NULL, "
         "lo REAL, hi REAL, PRIMARY KEY (run_id, name)) WITHOUT ROWID",
     )
@@ -840,7 +839,7 @@ class PostgresRunStore(SqlRunStore):
         "CREATE INDEX IF NOT EXISTS events_run ON events (run_id, at)",
         "CREATE TABLE IF NOT EXISTS scalars (run_id TEXT NOT NULL, name TEXT NOT NULL, "
         "step BIGINT NOT NULL, value DOUBLE PRECISION NOT NULL, PRIMARY KEY (run_id, name, step))",
-        *(_block_table(steps, ("BIGINT", "DOUBLE PRECISION", "")) for _, steps in _LEVELS),
+        *(_block_table(table, ("BIGINT", "DOUBLE PRECISION", "")) for table, _ in _LEVELS),
         "CREATE TABLE IF NOT EXISTS series (run_id TEXT NOT NULL, name TEXT NOT NULL, "
         "lo DOUBLE PRECISION, hi DOUBLE PRECISION, PRIMARY KEY (run_id, name))",
     )
