@@ -38,10 +38,17 @@ class TrainerLookup:
         try:
             async with self._pool.acquire() as channel:
                 stub = tpb_grpc.TrainerServiceStub(channel)
-                run = (await stub.GetRun(tpb.GetRunRequest(run_id=run_id), timeout=self.timeout_s)).run
-                scalars = (await stub.GetRunScalars(
-                    tpb.GetRunScalarsRequest(run_id=run_id, max_points=max_points), timeout=self.timeout_s
-                )).scalars
+                # Both at once (a grpc.aio call starts when made): a new viewer's first
+                # chart waits for the slower one only. A failed one cancels the other.
+                run_call = stub.GetRun(tpb.GetRunRequest(run_id=run_id), timeout=self.timeout_s)
+                scalars_call = stub.GetRunScalars(
+                    tpb.GetRunScalarsRequest(run_id=run_id, max_points=max_points), timeout=self.timeout_s)
+                try:
+                    run = (await run_call).run
+                    scalars = (await scalars_call).scalars
+                finally:
+                    run_call.cancel()  # no-op once done
+                    scalars_call.cancel()
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None

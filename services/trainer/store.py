@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -404,6 +405,53 @@ _UPSERT_BLOCKS = (
     "n = excluded.n"
 )
 
+COARSE_STEPS = (32, 64, 128, 256, 512, 1024)
+"""Steps per row of the coarser block tables (``scalar_blocks_<steps>``), each
+made from the level below it (2 of its rows): a long series is down-sampled from
+the coarsest level that still has at least 4 rows per bucket, so reading it costs
+4 to 8 rows per bucket, not its length (1M steps, 1024 buckets: 7,813 rows per
+series instead of 62,500 blocks; 128 buckets: 977). Each level costs a write one
+more statement per series and batch, and 1/32, 1/64... of the points in rows.
+A store opened by a trainer from before the levels gets them built once; a trainer
+from before them that writes to a store after that leaves them behind its points
+(several trainers on one PostgreSQL: upgrade them all together)."""
+
+_LEVELS: tuple[tuple[str, int], ...] = (("scalar_blocks", BLOCK_STEPS),) + tuple(
+    (f"scalar_blocks_{steps}", steps) for steps in COARSE_STEPS)
+"""(table, steps per row), finest first."""
+
+
+def _upsert_level(table: str, finer: str, ratio: int) -> str:
+    """Rows of ``table`` from those of ``finer`` (``ratio`` of them each) whose
+    blocks are in [?, ?): recomputed whole, like the blocks from their points."""
+    return (
+        f"INSERT INTO {table} (run_id, name, block, first_step, last_step, total, lo, hi, n) "
+        f"SELECT run_id, name, block / {ratio}, MIN(first_step), MAX(last_step), SUM(total), MIN(lo), "
+        f"MAX(hi), SUM(n) FROM {finer} WHERE run_id = ? AND name = ? AND block >= ? AND block < ? "
+        f"GROUP BY run_id, name, block / {ratio} "
+        "ON CONFLICT (run_id, name, block) DO UPDATE SET first_step = excluded.first_step, "
+        "last_step = excluded.last_step, total = excluded.total, lo = excluded.lo, hi = excluded.hi, "
+        "n = excluded.n"
+    )
+
+
+_UPSERT_LEVELS = tuple(
+    (_upsert_level(table, finer, steps // finer_steps), steps, finer_steps)
+    for (finer, finer_steps), (table, steps) in itertools.pairwise(_LEVELS)
+)
+"""(statement, steps per row, steps per row of the finer level), coarse in order."""
+
+_SCALAR_TABLES = ("scalars",) + tuple(table for table, _ in _LEVELS)
+
+
+def _block_table(table: str, types: tuple[str, str, str]) -> str:
+    """The schema of one block level; ``types``: (integer, float, table suffix)."""
+    integer, real, suffix = types
+    return (f"CREATE TABLE IF NOT EXISTS {table} (run_id TEXT NOT NULL, name TEXT NOT NULL, "
+            f"block {integer} NOT NULL, first_step {integer} NOT NULL, last_step {integer} NOT NULL, "
+            f"total {real} NOT NULL, lo {real} NOT NULL, hi {real} NOT NULL, n {integer} NOT NULL, "
+            f"PRIMARY KEY (run_id, name, block)){suffix}")
+
 
 _UPSERT_SERIES = (
     # Each series keeps the lowest and highest value written to it (a run's best metric
@@ -471,6 +519,21 @@ class SqlRunStore(RunStore):
         # from the blocks (a series written since always has them).
         self._add_float_columns(cur, "series", ("lo", "hi"))
         cur.execute(_SERIES_FROM_BLOCKS + "lo IS NULL")
+        # The coarse block levels came later: an empty level under a filled one is
+        # built from it once (every write since fills them all).
+        for (finer, finer_steps), (table, steps) in itertools.pairwise(_LEVELS):
+            cur.execute(f"SELECT 1 FROM {table} LIMIT 1")
+            if cur.fetchone() is not None:
+                continue
+            cur.execute(f"SELECT 1 FROM {finer} LIMIT 1")
+            if cur.fetchone() is None:
+                continue
+            ratio = steps // finer_steps
+            log.info("%s: building %s from %s (once)", self.description, table, finer)
+            cur.execute(
+                f"INSERT INTO {table} (run_id, name, block, first_step, last_step, total, lo, hi, n) "
+                f"SELECT run_id, name, block / {ratio}, MIN(first_step), MAX(last_step), SUM(total), "
+                f"MIN(lo), MAX(hi), SUM(n) FROM {finer} GROUP BY run_id, name, block / {ratio}")
 
     @abstractmethod
     def _add_float_columns(self, cur: Any, table: str, names: Sequence[str]) -> None:
@@ -539,6 +602,11 @@ class SqlRunStore(RunStore):
         spans = _block_spans(rows)
         self._upsert_points(cur, rows)
         cur.executemany(self._sql(_UPSERT_BLOCKS), spans)
+        for statement, steps, finer_steps in _UPSERT_LEVELS:
+            # Every coarse row the batch touched: [lo, end) widened to its edges.
+            cur.executemany(self._sql(statement), [
+                (run_id, name, (lo - lo % steps) // finer_steps, -(-end // steps) * steps // finer_steps)
+                for run_id, name, lo, end in spans])
         cur.executemany(self._sql(_UPSERT_SERIES), [
             (run_id, name, lo // BLOCK_STEPS, end // BLOCK_STEPS) for run_id, name, lo, end in spans])
 
@@ -551,15 +619,22 @@ class SqlRunStore(RunStore):
             block = after_step // BLOCK_STEPS
             cur.execute(self._sql("DELETE FROM scalar_blocks WHERE run_id = ? AND block >= ?"), (run_id, block))
             cur.execute(self._sql("SELECT DISTINCT name FROM scalars WHERE run_id = ?"), (run_id,))
+            names = [name for (name,) in cur.fetchall()]
             # The block the cut falls in, again from its remaining points.
             cur.executemany(self._sql(_UPSERT_BLOCKS),
-                            [(run_id, name, block * BLOCK_STEPS, (block + 1) * BLOCK_STEPS)
-                             for (name,) in cur.fetchall()])
+                            [(run_id, name, block * BLOCK_STEPS, (block + 1) * BLOCK_STEPS) for name in names])
+            # And each coarse level's, from the level below (just cut itself).
+            for (table, steps), (statement, _, finer_steps) in zip(_LEVELS[1:], _UPSERT_LEVELS):
+                cut = after_step // steps
+                cur.execute(self._sql(f"DELETE FROM {table} WHERE run_id = ? AND block >= ?"), (run_id, cut))
+                cur.executemany(self._sql(statement), [
+                    (run_id, name, cut * steps // finer_steps, (cut + 1) * steps // finer_steps)
+                    for name in names])
             cur.execute(self._sql(_SERIES_FROM_BLOCKS + "run_id = ?"), (run_id,))
 
     def delete_run(self, run_id: str) -> bool:
         with self._tx() as cur:
-            for table in ("scalars", "scalar_blocks", "series", "events"):
+            for table in (*_SCALAR_TABLES, "series", "events"):
                 cur.execute(self._sql(f"DELETE FROM {table} WHERE run_id = ?"), (run_id,))
             cur.execute(self._sql("DELETE FROM runs WHERE run_id = ?"), (run_id,))
             return bool(cur.rowcount)
@@ -591,7 +666,7 @@ class SqlRunStore(RunStore):
                 "ORDER BY created_at DESC, run_id DESC OFFSET ?"), (keep,))
             victims = [r[0] for r in cur.fetchall()]
             for run_id in victims:
-                for table in ("scalars", "scalar_blocks", "series", "events", "runs"):
+                for table in (*_SCALAR_TABLES, "series", "events", "runs"):
                     cur.execute(self._sql(f"DELETE FROM {table} WHERE run_id = ?"), (run_id,))
         return victims
 
@@ -673,15 +748,18 @@ class SqlRunStore(RunStore):
                     out[name] = [Bucket(s, s, v, v, v, 1) for s, v in cur.fetchall()]
                     continue
                 # Equal step spans: bucket b covers steps lo + [b, b+1) * span / n. A
-                # long series is read from its blocks (16 steps each; a bucket's edges
-                # then fall on block edges, within 16 steps of the exact span).
+                # long series is read from the coarsest block level with at least 4
+                # rows per bucket (a bucket's edges then fall on block edges, within a
+                # quarter of a bucket of the exact span).
                 span = hi - lo + 1
-                if span >= 4 * BLOCK_STEPS * max_points:
+                level = [(t, s) for t, s in _LEVELS if span >= 4 * s * max_points]
+                if level:
+                    table, steps = level[-1]
                     cur.execute(self._sql(
                         "SELECT MIN(first_step), MAX(last_step), SUM(total), MIN(lo), MAX(hi), SUM(n) "
-                        "FROM scalar_blocks WHERE run_id = ? AND name = ? "
+                        f"FROM {table} WHERE run_id = ? AND name = ? "
                         "GROUP BY ((block * ? - ?) * ?) / ? ORDER BY MIN(first_step)"),
-                        (run_id, name, BLOCK_STEPS, lo, max_points, span))
+                        (run_id, name, steps, lo, max_points, span))
                     out[name] = [Bucket(int(a), int(b), float(t) / int(c), float(mn), float(mx), int(c))
                                  for a, b, t, mn, mx, c in cur.fetchall()]
                     continue
@@ -712,10 +790,7 @@ class SqliteRunStore(SqlRunStore):
         "CREATE INDEX IF NOT EXISTS events_run ON events (run_id, at)",
         "CREATE TABLE IF NOT EXISTS scalars (run_id TEXT NOT NULL, name TEXT NOT NULL, "
         "step INTEGER NOT NULL, value REAL NOT NULL, PRIMARY KEY (run_id, name, step)) WITHOUT ROWID",
-        "CREATE TABLE IF NOT EXISTS scalar_blocks (run_id TEXT NOT NULL, name TEXT NOT NULL, "
-        "block INTEGER NOT NULL, first_step INTEGER NOT NULL, last_step INTEGER NOT NULL, "
-        "total REAL NOT NULL, lo REAL NOT NULL, hi REAL NOT NULL, n INTEGER NOT NULL, "
-        "PRIMARY KEY (run_id, name, block)) WITHOUT ROWID",
+        *(_block_table(table, ("INTEGER", "REAL", " WITHOUT ROWID")) for table, _ in _LEVELS),
         "CREATE TABLE IF NOT EXISTS series (run_id TEXT NOT NULL, name TEXT NOT NULL, "
         "lo REAL, hi REAL, PRIMARY KEY (run_id, name)) WITHOUT ROWID",
     )
@@ -767,10 +842,7 @@ class PostgresRunStore(SqlRunStore):
         "CREATE INDEX IF NOT EXISTS events_run ON events (run_id, at)",
         "CREATE TABLE IF NOT EXISTS scalars (run_id TEXT NOT NULL, name TEXT NOT NULL, "
         "step BIGINT NOT NULL, value DOUBLE PRECISION NOT NULL, PRIMARY KEY (run_id, name, step))",
-        "CREATE TABLE IF NOT EXISTS scalar_blocks (run_id TEXT NOT NULL, name TEXT NOT NULL, "
-        "block BIGINT NOT NULL, first_step BIGINT NOT NULL, last_step BIGINT NOT NULL, "
-        "total DOUBLE PRECISION NOT NULL, lo DOUBLE PRECISION NOT NULL, hi DOUBLE PRECISION NOT NULL, "
-        "n BIGINT NOT NULL, PRIMARY KEY (run_id, name, block))",
+        *(_block_table(table, ("BIGINT", "DOUBLE PRECISION", "")) for table, _ in _LEVELS),
         "CREATE TABLE IF NOT EXISTS series (run_id TEXT NOT NULL, name TEXT NOT NULL, "
         "lo DOUBLE PRECISION, hi DOUBLE PRECISION, PRIMARY KEY (run_id, name))",
     )

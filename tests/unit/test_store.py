@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.trainer.store import (
+    COARSE_STEPS,
     PostgresRunStore,
     RunEvent,
     RunRecord,
@@ -181,7 +182,7 @@ def test_open_store_specs(tmp_path: Path) -> None:
 
 def test_a_long_series_is_read_from_its_blocks_exactly(store: RunStore) -> None:
     store.put_runs([rec("long")])
-    n = 20_000  # >= 4 * 16 * 100 steps: the blocks answer
+    n = 20_000  # >= 4 * 32 * 100 steps (< 4 * 64 * 100): the 32-step blocks answer
     for lo in range(1, n + 1, 5000):  # in batches, as the recorder writes
         store.add_scalars([("long", "loss", s, float(s % 97)) for s in range(lo, lo + 5000)])
     store.add_scalars([("long", "loss", 7, 1000.0)])  # written again: replaced, counted once
@@ -191,7 +192,7 @@ def test_a_long_series_is_read_from_its_blocks_exactly(store: RunStore) -> None:
     assert buckets[0].first_step == 1 and buckets[-1].step == n
     assert buckets[0].hi == 1000.0 and min(b.lo for b in buckets) == 0.0
     spans = [b.step - b.first_step + 1 for b in buckets[1:-1]]
-    assert max(spans) - min(spans) <= 16  # equal spans, to a block
+    assert max(spans) - min(spans) <= 32  # equal spans, to a block
     mean = sum(b.mean * b.count for b in buckets) / n
     exact = (sum(float(s % 97) for s in range(1, n + 1)) - 7 % 97 + 1000.0) / n
     assert mean == pytest.approx(exact)
@@ -237,3 +238,49 @@ def test_a_store_from_before_the_series_extremes_gets_them_on_open(store: RunSto
     assert store.extremes(["old"]) == {("old", "loss"): (0.0, 100.0)}  # re-opened: filled from the blocks
     store.add_scalars([("old", "loss", 501, 200.0)])
     assert store.extremes(["old"]) == {("old", "loss"): (0.0, 200.0)}
+
+
+def _levels_match_points(store: RunStore, run_id: str) -> int:
+    """Every coarse block level holds exactly the aggregate of the points under it."""
+    levels = 0
+    with store._tx() as cur:
+        for steps in (16, *COARSE_STEPS):
+            table = "scalar_blocks" if steps == 16 else f"scalar_blocks_{steps}"
+            cur.execute(store._sql(
+                f"SELECT name, block, first_step, last_step, lo, hi, n FROM {table} WHERE run_id = ? "
+                "ORDER BY name, block"), (run_id,))
+            got = [tuple(r) for r in cur.fetchall()]
+            cur.execute(store._sql(
+                f"SELECT name, step / {steps}, MIN(step), MAX(step), MIN(value), MAX(value), COUNT(*) "
+                f"FROM scalars WHERE run_id = ? GROUP BY name, step / {steps} ORDER BY name, step / {steps}"),
+                (run_id,))
+            assert got == [tuple(r) for r in cur.fetchall()], table
+            levels += bool(got)
+    return levels
+
+
+def test_coarse_block_levels_stay_exact_and_a_long_history_reads_few_rows(store: RunStore) -> None:
+    store.put_runs([rec("pyr")])
+    n = 9_000
+    at = 1
+    for size in (1, 37, 1000, 2963, 5000 - 1):  # uneven batches: edges fall mid-block
+        store.add_scalars([("pyr", "loss", s, float((s * 7) % 113)) for s in range(at, at + size)])
+        at += size
+    store.add_scalars([("pyr", "loss", 300, 5000.0)])  # a step written again
+    assert _levels_match_points(store, "pyr") == 1 + len(COARSE_STEPS)
+    coarse = store.scalars("pyr", 2)["loss"]  # span >= 4 * 1024 * 2: from the 1024-step level
+    assert sum(b.count for b in coarse) == n and max(b.hi for b in coarse) == 5000.0
+    assert coarse[0].first_step == 1 and coarse[-1].step == n
+    store.truncate_scalars("pyr", 5_555)  # a cut inside a block of every level
+    assert _levels_match_points(store, "pyr") == 1 + len(COARSE_STEPS)
+    assert sum(b.count for b in store.scalars("pyr", 2)["loss"]) == 5_555
+
+
+def test_a_store_from_before_the_coarse_levels_gets_them_on_open(store: RunStore) -> None:
+    store.put_runs([rec("older")])
+    store.add_scalars([("older", "loss", s, float(s % 31)) for s in range(1, 3001)])
+    with store._tx() as cur:
+        for steps in COARSE_STEPS:
+            cur.execute(f"DROP TABLE scalar_blocks_{steps}")
+    store.close()
+    assert _levels_match_points(store, "older") == 1 + len(COARSE_STEPS)  # re-opened: built once
