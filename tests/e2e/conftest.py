@@ -60,9 +60,12 @@ class Process:
     log: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    offset: int = 0
+    """Where this start's output begins in ``log`` (a restart appends to the same file)."""
 
     def start(self) -> Process:
         handle = self.log.open("ab")
+        self.offset = handle.tell()
         self.proc = subprocess.Popen(
             list(self.argv), cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, start_new_session=True,
@@ -70,14 +73,20 @@ class Process:
         handle.close()
         return self
 
+    def output(self) -> str:
+        """What this start of the process has written (not an earlier start's lines)."""
+        with self.log.open("rb") as f:
+            f.seek(self.offset)
+            return f.read().decode(errors="replace")
+
     def wait_for_line(self, text: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while text not in self.log.read_text(errors="replace"):
+        while text not in self.output():
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.argv[0]} exited: {self.log.read_text()[-3000:]}")
+                raise AssertionError(f"{self.argv[0]} exited: {self.output()[-3000:]}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} within {timeout_s}s: {self.log.read_text()[-3000:]}")
+                raise AssertionError(f"no {text!r} within {timeout_s}s: {self.output()[-3000:]}")
             time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20) -> None:

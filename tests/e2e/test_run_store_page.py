@@ -217,7 +217,7 @@ def test_suite_restart_keeps_runs_curves_and_resumes(suite: Stack, tmp_path: Pat
                 timeout=60_000)
         except Exception:
             screenshot(page, "store-not-interrupted")
-            print(page_state(page))
+            print(page_state(page), suite.up.log.read_text(errors="replace")[-4000:] if suite.up else "")
             raise
         page.wait_for_function(f'() => document.querySelector(\'#runs tr[data-run="{run_id}"] .state\')'
                                "?.textContent === 'interrupted'", timeout=20_000)
