@@ -272,8 +272,15 @@ class ModelRepository:
         explicitly unloaded), and return once that load has finished, loaded or not
         (the caller then finds it served, or ``_served`` says why not). Concurrent
         callers wait for the same load, which goes on when a caller is cancelled.
-        Returns at once for any other model."""
-        if name in self._models or name in self._unloaded or not self.is_lazy(name):
+        Returns at once for any other model, except while the boot scan runs: a model
+        on disk that it has not reached yet is waited for (the servers listen before it
+        ends; "unknown model" would be wrong, and it is loading)."""
+        if name in self._models or name in self._unloaded:
+            return
+        if not self.ready and not self.is_lazy(name) and modelrepo.has_model(self.root, name):
+            await self._ready_event.wait()  # bounded by the caller's deadline
+            return
+        if not self.is_lazy(name):
             return
         task = self._demand.get(name)
         if task is None:
@@ -526,6 +533,8 @@ class ModelRepository:
             if self.is_lazy(name) and modelrepo.has_model(self.root, name):
                 raise UnavailableError(f"model {name!r} is not loaded; its first request "
                                        "(ModelInfer, ModelMetadata, ModelReady) or RepositoryModelLoad loads it")
+            if not self.ready and modelrepo.has_model(self.root, name):
+                raise UnavailableError(f"model {name!r} is loading: the repository's boot scan is running")
             raise NotFoundError(f"unknown model {admission.echo(name)}")
         return served
 

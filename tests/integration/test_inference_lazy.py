@@ -247,3 +247,33 @@ async def test_lazy_models_setting_empty_loads_everything_at_boot(repo: Path, tm
         assert len(app.repository.batchers()) == RUNS + 1
     finally:
         await app.aclose()
+
+
+async def test_a_request_during_the_boot_scan_waits_for_it(tmp_path: Path) -> None:
+    """The servers listen before the boot scan ends (health says NOT_SERVING meanwhile).
+    A request for a model on disk that the scan has not reached yet waits for the scan
+    and is answered; it used to get NOT_FOUND "unknown model" (seen by two workers
+    sharing a port, one still scanning). A name not on disk is still NOT_FOUND."""
+    from services.inference.records import InferRequest
+    from services.inference.repository import ModelRepository, RepositoryOptions
+    from tensorwire.errors import NotFoundError, UnavailableError
+    from tensorwire.tensors import Tensor
+
+    root = tmp_path / "models"
+    state = spiral_state(5)
+    modelrepo.write_version(root, "spiral", "spiral", state)
+    repository = ModelRepository(root, RepositoryOptions(poll_interval_s=0))
+    await repository.start(wait=False)  # returns before the scan task has run at all
+    try:
+        assert not repository.ready
+        with pytest.raises(UnavailableError, match="is loading: the repository's boot scan is running"):
+            repository.version_of("spiral", "")  # asked without waiting: retry, not "unknown"
+        x = np.random.default_rng(1).standard_normal((3, 2)).astype(np.float32)
+        result = await asyncio.wait_for(repository.infer(InferRequest("spiral", "", "r", [Tensor("points", "FP32", x)])),
+                                        timeout=60)
+        assert repository.ready
+        np.testing.assert_allclose(result.outputs[0].array, expected(state, x), rtol=1e-5, atol=1e-6)
+        with pytest.raises(NotFoundError, match="unknown model"):
+            await repository.infer(InferRequest("absent", "", "r", [Tensor("points", "FP32", x)]))
+    finally:
+        await repository.aclose()
