@@ -737,9 +737,11 @@ void Call::Proxy(bool have_first) {
   backend->AddMultipleHolds(2);  // before StartCall: the read flow and the write flow
   if (have_first) backend->StartWrite(&first);
   backend->StartRead(&backend->out);
-  backend->StartCall();
   if (cancelled_) context.TryCancel();  // the client left while this was being set up
-  if (!have_first) StartRead(&in_);  // reads from the client once the backend call is under way
+  if (!have_first) StartRead(&in_);  // the client's messages wait (backlogged) for StartCall
+  // Last: from here the whole exchange may complete on other threads and this call be
+  // buried and freed (a batch thread descheduled past the grave delay): touch nothing.
+  backend->StartCall();
 }
 
 void Call::ReleaseReadHold() {

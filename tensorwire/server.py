@@ -251,8 +251,8 @@ async def serve(
     # draining is common (Ctrl-C reaches every process of the terminal's group, and
     # `tensorwire up` then sends its children SIGTERM too), and with the default
     # action back it would kill the service half-way, e.g. a trainer before it wrote
-    # its live runs' last checkpoints and marked them INTERRUPTED. The drain is
-    # bounded by the grace period; a supervisor that will not wait sends SIGKILL.
+    # its live runs' last checkpoints and marked them INTERRUPTED. A third signal
+    # exits at once (lifecycle.FORCE_AFTER); `tensorwire up` sends SIGKILL after grace + 5 s.
     async with stop_signal() as stop:
         try:
             await server.start()

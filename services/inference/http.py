@@ -406,7 +406,7 @@ class InferenceHttp:
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = self._target(request)
-        await self._repo.load_on_demand(name)
+        await self._repo.load_on_demand(name, wait_for_boot=False)
         return web.Response(status=200 if self._repo.model_ready(name, version) else 400)
 
     async def model_config(self, request: web.Request) -> web.Response:

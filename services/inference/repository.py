@@ -175,6 +175,8 @@ class ModelRepository:
         )
         self.ready = False
         self._ready_event = asyncio.Event()
+        self._boot_over = asyncio.Event()
+        """Set when the boot scan ends or the repository closes (requests that wait for it)."""
         self._boot_task: asyncio.Task[None] | None = None
         self.swaps = 0
         self.cache = self.options.cache
@@ -215,6 +217,7 @@ class ModelRepository:
             log.exception("boot scan of %s failed", self.root)
         self.ready = True
         self._ready_event.set()
+        self._boot_over.set()
         log.info("boot scan done in %.1fs: %d models serving, %d failed", time.perf_counter() - start,
                  len(self._models), len(self._failed))
         if self.options.poll_interval_s > 0:
@@ -267,18 +270,20 @@ class ModelRepository:
         """Whether ``name`` is loaded on its first request (``lazy_models``), not at boot."""
         return self._lazy is not None and self._lazy.match(name) is not None
 
-    async def load_on_demand(self, name: str) -> None:
+    async def load_on_demand(self, name: str, *, wait_for_boot: bool = True) -> None:
         """Load ``name`` now if it is a lazy model on disk that is not loaded (nor
         explicitly unloaded), and return once that load has finished, loaded or not
         (the caller then finds it served, or ``_served`` says why not). Concurrent
         callers wait for the same load, which goes on when a caller is cancelled.
         Returns at once for any other model, except while the boot scan runs: a model
-        on disk that it has not reached yet is waited for (the servers listen before it
-        ends; "unknown model" would be wrong, and it is loading)."""
+        on disk that it has not tried yet is waited for (the servers listen before it
+        ends; "unknown model" would be wrong, and it is loading). ``wait_for_boot=False``
+        (ModelReady: a probe wants its answer now) never waits for the scan."""
         if name in self._models or name in self._unloaded:
             return
-        if not self.ready and not self.is_lazy(name) and modelrepo.has_model(self.root, name):
-            await self._ready_event.wait()  # bounded by the caller's deadline
+        if (not self.ready and wait_for_boot and not self.is_lazy(name) and name not in self._failed
+                and modelrepo.has_model(self.root, name)):
+            await self._boot_over.wait()  # bounded by the caller's deadline, and by aclose
             return
         if not self.is_lazy(name):
             return
@@ -339,6 +344,7 @@ class ModelRepository:
             self._boot_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._boot_task
+        self._boot_over.set()  # requests waiting for a scan that will not finish answer now
         if self._poller is not None:
             await self._poller.aclose()
         for task in list(self._demand.values()):

@@ -68,7 +68,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        await self._repo.load_on_demand(request.name)  # a lazy model: loaded first (answer: loaded or not)
+        # a lazy model: loaded first (answer: loaded or not); never waits for the boot scan
+        await self._repo.load_on_demand(request.name, wait_for_boot=False)
         return pb.ModelReadyResponse(ready=self._repo.model_ready(request.name, request.version))
 
     async def ServerMetadata(

@@ -533,7 +533,10 @@ class SqlRunStore(RunStore):
             cur.execute(
                 f"INSERT INTO {table} (run_id, name, block, first_step, last_step, total, lo, hi, n) "
                 f"SELECT run_id, name, block / {ratio}, MIN(first_step), MAX(last_step), SUM(total), "
-                f"MIN(lo), MAX(hi), SUM(n) FROM {finer} GROUP BY run_id, name, block / {ratio}")
+                f"MIN(lo), MAX(hi), SUM(n) FROM {finer} WHERE true GROUP BY run_id, name, block / {ratio} "
+                # two new trainers opening one old PostgreSQL store at once: the second
+                # one's build finds the first one's rows (WHERE: SQLite's upsert syntax)
+                "ON CONFLICT (run_id, name, block) DO NOTHING")
 
     @abstractmethod
     def _add_float_columns(self, cur: Any, table: str, names: Sequence[str]) -> None:
