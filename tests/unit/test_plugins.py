@@ -38,6 +38,28 @@ def test_the_digits_plugin_loads_and_trains() -> None:
     assert "digits" in [t.name for t in runs.list_tasks()]
 
 
+def test_the_digits_pictures_show_the_whole_test_sets_accuracy_a_slice_at_a_time() -> None:
+    tasks, _ = load_tasks([str(DIGITS)], taken=TASKS, entry_points=False)
+    task = tasks["digits"]
+    config = task.configure({"batch_size": 32})
+    data = task.make_data(config, seed=2)
+    model = task.build_model(config).eval()
+    optimizer = task.make_optimizer(model, config)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(40):
+        task.train_step(model.train(), optimizer, task.sample_batch(data, config, gen))
+    model.eval()
+    _, (x, y) = data
+    with torch.inference_mode():
+        whole = int((model(x).argmax(1) == y).sum()) / len(x)
+        seen = [task.build_view(model, data, config).meta["test_accuracy"] for _ in range(task.accuracy_chunks)]
+        # a pass over the whole set, one slice per picture: then exactly the whole set's accuracy
+        assert seen[-1] == pytest.approx(whole)
+        # and it stays exact as the slices come round again
+        assert task.build_view(model, data, config).meta["test_accuracy"] == pytest.approx(whole)
+    assert 0 < whole < 1  # a partly trained model: right on some images, wrong on others
+
+
 def test_broken_plugins_are_reported_with_file_and_line(tmp_path: Path) -> None:
     syntax = tmp_path / "syntax.py"
     syntax.write_text("def broken(:\n    pass\n")
