@@ -155,6 +155,48 @@ class Link:
         self.wake.set()
 
 
+class ViewPacer:
+    """When the next heavy view of each key (a run, or one of a run's views) may be
+    built: at most ``max_fps`` times a second (lowered to what the viewers asked
+    for), and within ``cpu_budget`` of one CPU per key: a view that costs 3 ms of
+    CPU at a 2 % budget waits at least 150 ms. The trainer's publisher and the SDK
+    both pace their views here."""
+
+    def __init__(self, max_fps: float, cpu_budget: float) -> None:
+        self.max_fps = max_fps
+        self.cpu_budget = cpu_budget
+        self._next_at: dict[str, float] = {}
+        self._cost_s: dict[str, float] = {}
+
+    def due(self, key: str, now: float) -> bool:
+        return now >= self._next_at.get(key, 0.0)
+
+    def interval_s(self, key: str, demand_fps: float) -> float:
+        """Seconds until the view after one built now (``demand_fps`` 0: no cap asked)."""
+        fps = min(self.max_fps, demand_fps) if demand_fps else self.max_fps
+        return max(1.0 / fps, self._cost_s.get(key, 0.0) / self.cpu_budget)
+
+    def started(self, key: str, now: float, demand_fps: float, *, last: bool = False) -> None:
+        """A view of ``key`` is being built now; ``last``: no more until :meth:`wake`."""
+        self._next_at[key] = float("inf") if last else now + self.interval_s(key, demand_fps)
+
+    def cost(self, key: str, cost_s: float) -> None:
+        """A view of ``key`` took ``cost_s`` CPU seconds (smoothed over the last few)."""
+        previous = self._cost_s.get(key)
+        self._cost_s[key] = cost_s if previous is None else 0.7 * previous + 0.3 * cost_s
+
+    def wake(self, key: str) -> None:
+        """Build a view of ``key`` at the next chance (someone new watches)."""
+        self._next_at.pop(key, None)
+
+    def wake_all(self) -> None:
+        self._next_at.clear()
+
+    def forget(self, key: str) -> None:
+        self._next_at.pop(key, None)
+        self._cost_s.pop(key, None)
+
+
 class StreamLinks:
     """The Publish streams to every streamer address of ``target`` (asyncio, one loop).
 

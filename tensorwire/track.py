@@ -69,7 +69,7 @@ from tensorwire import views as _views
 from tensorwire.auth import ClientSecurity, TokenSource
 from tensorwire.channels import ChannelPool
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.publishing import StreamLinks
+from tensorwire.publishing import StreamLinks, ViewPacer
 from tensorwire.scalars import MAX_SERIES, Bucket, ScalarBuffer, bucketize
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
@@ -220,8 +220,7 @@ class Run:
         self._status_step = -1
         self._last_status_at = -math.inf
         self._status_wake: asyncio.Event | None = None
-        self._next_view_at: dict[str, float] = {}
-        self._view_cost_s: dict[str, float] = {}
+        self._pacer = ViewPacer(max_fps, view_cpu_budget)
         self._building: set[str] = set()
         self._failed_views: set[str] = set()
         self._warned: set[str] = set()
@@ -387,7 +386,7 @@ class Run:
         self._status_wake = asyncio.Event()
         self._streams = StreamLinks(
             self.streamer, security=self.security, max_points=self._scalars.max_points,
-            on_watched=lambda _: self._next_view_at.clear(), on_refused=self._refused,
+            on_watched=lambda _: self._pacer.wake_all(), on_refused=self._refused,
         )
         self._tasks = [asyncio.create_task(self._start_streams(), name="sdk-streams"),
                        asyncio.create_task(self._collect_forever(), name="sdk-collect")]
@@ -521,15 +520,11 @@ class Run:
     # -- views ----------------------------------------------------------------
     def _maybe_build_views(self, now: float) -> None:
         assert self._streams is not None
-        fps = self.max_fps
         demand = self._streams.demand_fps(self.id)
-        if demand:
-            fps = min(fps, demand)
         for name, fn in list(self._views.items()):
-            if name in self._failed_views or name in self._building or now < self._next_view_at.get(name, 0.0):
+            if name in self._failed_views or name in self._building or not self._pacer.due(name, now):
                 continue
-            interval = max(1.0 / fps, self._view_cost_s.get(name, 0.0) / self.view_cpu_budget)
-            self._next_view_at[name] = now + interval
+            self._pacer.started(name, now, demand)
             self._building.add(name)
             task = asyncio.create_task(self._build_view(name, fn), name=f"sdk-view-{name}")
             task.add_done_callback(lambda _, n=name: self._building.discard(n))  # type: ignore[misc]
@@ -551,8 +546,7 @@ class Run:
             self._bump_status()
             self._warn_once(f"view {name}", f"run {self.id}: {note}")
             return
-        previous = self._view_cost_s.get(name)
-        self._view_cost_s[name] = cost if previous is None else 0.7 * previous + 0.3 * cost
+        self._pacer.cost(name, cost)
         view.step = view.step or step
         view.produced_at = view.produced_at or produced_at
         data = spb.PublishRequest(run_id=self.id, step=view.step, produced_at=view.produced_at, view=view)
