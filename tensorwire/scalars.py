@@ -6,6 +6,25 @@ buckets are merged pairwise (min of mins, count-weighted mean, max of maxes,
 last step), so memory stays bounded, every step range stays covered and the
 curve keeps its extremes. :class:`ScalarBuffer` does that for many series and
 converts to and from ``tensorwire.common.v1.ScalarBatch``.
+
+This merge is the only one on the live path. Three stages hold points, each in its
+own ScalarBuffer with its own bound, on purpose: one buffer each would not bound
+what the other two hold.
+
+- the training loop (``services/trainer/loop.py``, 512): points between two
+  publisher ticks; bounds the trainer when nothing takes them (no streamer target,
+  a stalled event loop);
+- each streamer link's outbox (``publishing.Link``, 512): points while that one
+  streamer is slow or down (one per address: a slow streamer must not hold back
+  or thin the points of a fast one);
+- the streamer's hub (``services/streamer/hub.py``): the run's history for new
+  subscribers (1024), and per subscriber what it has not yet been sent, merged to
+  the ``max_points`` it asked for (and coarser on a slow link).
+
+Whichever stage merged it, a bucket's min, max and mean are exact over the points
+it covers; only how many buckets remain differs. Not this merge: :func:`bucketize` (the SDK's
+numpy fast path for a fresh run of points) and the run store's SQL levels
+(``services/trainer/store.py``), which read a stored series back in buckets.
 """
 
 from __future__ import annotations
