@@ -18,7 +18,7 @@ A payload (a checkpoint file, a bulk output) travels as a sequence of ``Chunk``:
 
 ``ChunkSender`` turns a file into chunks; ``ChunkReceiver`` verifies chunks and
 writes them to a file. Both are plain Python over asyncio, used by the checkpoint
-transfer RPC (``tensorwire.checkpoints``) and testable without gRPC.
+transfer RPC (``tensorwire.checkpoint_receiver`` and ``checkpoint_upload``) and testable without gRPC.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ from google.protobuf.message import Message
 from tensorwire.auth import ClientSecurity, TokenSource
 from tensorwire.backoff import Backoff
 from tensorwire.channels import ChannelPool
-from tensorwire.checkpoints import UploadResult, upload_checkpoint
+from tensorwire.checkpoint_receiver import UploadResult
+from tensorwire.checkpoint_upload import upload_checkpoint
 from tensorwire.chunking import ChunkConfig
 from tensorwire.errors import (
     DeadlineExceededError,

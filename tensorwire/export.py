@@ -162,7 +162,7 @@ async def push(exported: ExportedModel, target: str, *, security: ClientSecurity
     at inference's next repository poll, and a model that cannot load raises here);
     returns the version it installed."""
     from tensorwire.channels import ChannelPool
-    from tensorwire.checkpoints import upload_checkpoint
+    from tensorwire.checkpoint_upload import upload_checkpoint
     from tensorwire.inference import grpc_service_pb2 as ipb
     from tensorwire.inference import grpc_service_pb2_grpc as ipb_grpc
 

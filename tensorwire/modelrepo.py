@@ -372,7 +372,7 @@ def install_weights_file(
 ) -> int:
     """Like ``write_version``, but moves an already written (and fsynced) weights
     file in, without loading it: checkpoints received over the network
-    (tensorwire.checkpoints). ``weights_file`` must be on the repository's filesystem.
+    (tensorwire.checkpoint_receiver). ``weights_file`` must be on the repository's filesystem.
     A ``kind`` of ``tensorwire.tritonconfig.PLATFORMS`` installs a Triton model file
     (model.pt / model.pt2 / model.onnx) beside the folder's config.pbtxt;
     ``triton_config`` (checked by ``tritonconfig.check_sent_config``), when given,

@@ -7,9 +7,10 @@ import logging
 
 import grpc
 
+from services.inference.transfer import SERVICE_NAME as TRANSFER_SERVICE_NAME
+from services.inference.transfer import ModelTransferServicer
 from tensorwire.cache import describe_cache, open_cache
-from tensorwire.checkpoints import SERVICE_NAME as TRANSFER_SERVICE_NAME
-from tensorwire.checkpoints import CheckpointReceiver, ModelTransferServicer
+from tensorwire.checkpoint_receiver import CheckpointReceiver
 from tensorwire.config import SettingsError
 from tensorwire.devices import resolve_device
 from tensorwire.httppool import HttpModelRepository, HttpPool

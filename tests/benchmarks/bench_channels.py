@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tensorwire.channels import ChannelPool
-from tensorwire.checkpoints import upload_checkpoint
+from tensorwire.checkpoint_upload import upload_checkpoint
 from tensorwire.chunking import ChunkConfig, Compression
 from tests.support.echo_service import method, reset_peak_rss, running, status_kib
 

@@ -15,14 +15,10 @@ import grpc
 import pytest
 import torch
 
+from services.inference.transfer import SERVICE_NAME, ModelTransferServicer
 from tensorwire import modelrepo
-from tensorwire.checkpoints import (
-    SERVICE_NAME,
-    CheckpointReceiver,
-    ModelTransferServicer,
-    upload_checkpoint,
-    upload_requests,
-)
+from tensorwire.checkpoint_receiver import CheckpointReceiver
+from tensorwire.checkpoint_upload import upload_checkpoint, upload_requests
 from tensorwire.chunking import (
     Chunk,
     ChunkConfig,

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
 from tensorwire import admission, modelrepo
-from tensorwire.checkpoints import upload_checkpoint
+from tensorwire.checkpoint_upload import upload_checkpoint
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.models import build_model

@@ -23,7 +23,7 @@ import torch
 
 from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
-from tensorwire.checkpoints import upload_checkpoint
+from tensorwire.checkpoint_upload import upload_checkpoint
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import serving, settings_for

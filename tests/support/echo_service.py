@@ -22,8 +22,9 @@ from pathlib import Path
 
 import grpc
 
-from tensorwire.checkpoints import SERVICE_NAME as TRANSFER_SERVICE
-from tensorwire.checkpoints import CheckpointReceiver, ModelTransferServicer
+from services.inference.transfer import SERVICE_NAME as TRANSFER_SERVICE
+from services.inference.transfer import ModelTransferServicer
+from tensorwire.checkpoint_receiver import CheckpointReceiver
 from tensorwire.server import GrpcServer, ServerOptions
 
 SERVICE = "tensorwire.test.Echo"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from tensorwire.checkpoints import upload_requests
+from tensorwire.checkpoint_upload import upload_requests
 from tensorwire.chunking import ChunkConfig, ChunkSender
 from tensorwire.transfer.v1 import transfer_pb2_grpc as pb_grpc
 

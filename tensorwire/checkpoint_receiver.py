@@ -1,17 +1,17 @@
-"""Checkpoint transfer between services that share no filesystem.
+"""Receiving checkpoints from services that share no filesystem (protobuf-free).
 
-The sender (the trainer) streams a weights file with ``upload_checkpoint``: a
-header (model, kind, size), the file as ``tensorwire.chunking`` chunks, a trailer
-(whole-file CRC32). The receiver (the inference service) runs
-``CheckpointReceiver``: it writes the chunks into a staging folder inside the
-model's folder of its repository, verifies every chunk and the whole, checks the
-file is a loadable state_dict (memory-mapped, tensors not read), and installs it
-atomically as a new version with ``modelrepo.install_weights_file``.
+An upload is a header (model, kind, size), the file as ``tensorwire.chunking``
+chunks, and a trailer (whole-file CRC32). ``CheckpointReceiver`` writes the chunks
+into a staging folder inside the model's folder of its repository, verifies every
+chunk and the whole, checks the file is a loadable state_dict (memory-mapped,
+tensors not read) or model file of its platform, and installs it atomically as a
+new version with ``modelrepo.install_weights_file``.
 
 Nothing is ever installed from a bad stream: a checksum, order or size mismatch is
 ``DataLossError`` (DATA_LOSS); a stream that ends without its trailer, or is
 cancelled, is ``AbortedError`` (ABORTED) or a cancellation; in every case the
-staging folder is removed. ``ModelTransferServicer`` is the thin gRPC adapter.
+staging folder is removed. The gRPC adapter is the inference service's
+(``services/inference/transfer.py``); the sender is :mod:`tensorwire.checkpoint_upload`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import shutil
 import tempfile
@@ -28,10 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from tensorwire import admission, modelrepo, tritonconfig
-from tensorwire.chunking import Chunk, ChunkConfig, ChunkReceiver, ChunkSender, Compression, MiB
+from tensorwire.chunking import Chunk, ChunkReceiver, MiB
 from tensorwire.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -41,14 +38,9 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     TensorwireError,
 )
-from tensorwire.rpcnames import service_name
-from tensorwire.transfer.v1 import transfer_pb2 as pb
-from tensorwire.transfer.v1 import transfer_pb2_grpc as pb_grpc
 from tensorwire.tritonconfig import PLATFORMS
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = service_name(pb, "ModelTransferService")
 
 
 @dataclass(frozen=True)
@@ -281,148 +273,3 @@ def _check_model_file(path: Path, platform: str) -> None:
     if not zipfile.is_zipfile(path):
         raise InvalidArgumentError(f"the uploaded file is not a {platform} model (not a zip archive)")
 
-
-# ------------------------------------------------------------------- gRPC adapter
-
-
-def _chunk_from_pb(msg: pb.Chunk) -> Chunk:
-    return Chunk(msg.index, msg.offset, msg.data, Compression(msg.compression), msg.raw_size, msg.crc32)
-
-
-async def _parts_from_pb(requests: AsyncIterator[pb.UploadModelRequest]) -> AsyncIterator[UploadPart]:
-    async for request in requests:
-        which = request.WhichOneof("part")
-        if which == "chunk":
-            yield _chunk_from_pb(request.chunk)
-        elif which == "header":
-            h = request.header
-            try:
-                args = json.loads(h.model_args_json) if h.model_args_json else None
-            except json.JSONDecodeError as exc:
-                raise InvalidArgumentError(f"header.model_args_json is not JSON: {exc}") from None
-            if args is not None and not isinstance(args, dict):
-                raise InvalidArgumentError(
-                    f"header.model_args_json must be a JSON object, got {admission.echo(h.model_args_json)}"
-                )
-            yield UploadHeader(h.model, h.kind, h.total_bytes, args, h.version or None, h.triton_config)
-        elif which == "trailer":
-            t = request.trailer
-            yield UploadTrailer(t.crc32, t.total_bytes, t.chunks)
-        else:
-            raise InvalidArgumentError("an UploadModelRequest must hold a header, chunk or trailer")
-
-
-class ModelTransferServicer(pb_grpc.ModelTransferServiceServicer):
-    """tensorwire.transfer.v1.ModelTransferService over a CheckpointReceiver."""
-
-    def __init__(self, receiver: CheckpointReceiver) -> None:
-        self._receiver = receiver
-
-    async def UploadModel(
-        self, request_iterator: AsyncIterator[pb.UploadModelRequest], context: grpc.aio.ServicerContext
-    ) -> pb.UploadModelResponse:
-        result = await self._receiver.receive(_parts_from_pb(request_iterator))
-        return pb.UploadModelResponse(
-            model=result.model, version=result.version, bytes=result.bytes, crc32=result.crc32,
-            chunks=result.chunks, wire_bytes=result.wire_bytes,
-        )
-
-    def register(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_ModelTransferServiceServicer_to_server(self, server)
-
-
-# --------------------------------------------------------------------- sender side
-
-
-def _lost_status(exc: grpc.aio.AioRpcError) -> bool:
-    """Whether a client-streaming call failed on a write after the server had ended it."""
-    return exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (exc.debug_error_string() or "")
-
-
-def _header_request(
-    model: str, kind: str, size: int, model_args: dict[str, Any] | None, version: int | None,
-    triton_config: str = "",
-) -> pb.UploadModelRequest:
-    return pb.UploadModelRequest(
-        header=pb.UploadHeader(
-            model=model, kind=kind, total_bytes=size, version=version or 0,
-            model_args_json=json.dumps(model_args) if model_args else "", triton_config=triton_config,
-        )
-    )
-
-
-async def upload_requests(
-    path: Path,
-    *,
-    model: str,
-    kind: str,
-    model_args: dict[str, Any] | None = None,
-    version: int | None = None,
-    config: ChunkConfig = ChunkConfig(),
-    sender_out: list[ChunkSender] | None = None,
-    triton_config: str = "",
-) -> AsyncIterator[pb.UploadModelRequest]:
-    """The request stream of one upload of the file at ``path``."""
-    with open(path, "rb") as source:
-        size = Path(path).stat().st_size
-        yield _header_request(model, kind, size, model_args, version, triton_config)
-        sender = ChunkSender(source, config)
-        if sender_out is not None:
-            sender_out.append(sender)
-        async for c in sender.chunks():
-            yield pb.UploadModelRequest(
-                chunk=pb.Chunk(index=c.index, offset=c.offset, data=c.data,
-                               compression=int(c.compression),  # type: ignore[arg-type]  # enum value
-                               raw_size=c.raw_size, crc32=c.crc32)
-            )
-        if sender.total_bytes != size:
-            raise DataLossError(f"{path} changed size while being sent ({size} -> {sender.total_bytes})")
-        yield pb.UploadModelRequest(
-            trailer=pb.UploadTrailer(crc32=sender.crc32, total_bytes=sender.total_bytes,
-                                     chunks=sender.chunk_count)
-        )
-
-
-async def upload_checkpoint(
-    channel: grpc.aio.Channel,
-    path: Path,
-    *,
-    model: str,
-    kind: str,
-    model_args: dict[str, Any] | None = None,
-    version: int | None = None,
-    config: ChunkConfig = ChunkConfig(),
-    timeout_s: float | None = None,
-    wait_for_ready: bool | None = None,
-    triton_config: str = "",
-) -> UploadResult:
-    """Stream the weights file at ``path`` to a ModelTransferService; returns what the
-    receiver installed. ``triton_config``: the config.pbtxt of a Triton model file
-    (``kind`` a platform), installed with it. gRPC errors are raised as ``grpc.aio.AioRpcError`` (use
-    ``tensorwire.client`` for domain errors and pooling)."""
-    # A missing file fails here, as FileNotFoundError; inside the request stream gRPC
-    # would only cancel the call.
-    size = Path(path).stat().st_size
-    stub = pb_grpc.ModelTransferServiceStub(channel)
-    try:
-        reply = await stub.UploadModel(
-            upload_requests(path, model=model, kind=kind, model_args=model_args, version=version,
-                            config=config, triton_config=triton_config),
-            timeout=timeout_s, wait_for_ready=wait_for_ready,
-        )
-    except grpc.aio.AioRpcError as exc:
-        if not _lost_status(exc):
-            raise
-        # grpc/grpc#36066: the receiver refused the upload early, and a chunk written
-        # as its status arrived replaced that status with INTERNAL. The header alone
-        # gets the receiver's own answer (it installs nothing: no trailer follows).
-        async def header_only() -> AsyncIterator[pb.UploadModelRequest]:
-            yield _header_request(model, kind, size, model_args, version, triton_config)
-
-        try:
-            await stub.UploadModel(header_only(), timeout=timeout_s, wait_for_ready=wait_for_ready)
-        except grpc.aio.AioRpcError as verdict:
-            if verdict.code() not in (grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL):
-                raise verdict from None  # the refusal the first call lost
-        raise
-    return UploadResult(reply.model, reply.version, reply.bytes, reply.crc32, reply.chunks, reply.wire_bytes)
