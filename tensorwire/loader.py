@@ -19,18 +19,12 @@ thread, so serving never pauses while a model loads:
   (RESOURCE_EXHAUSTED, for callers that would rather fail than wait); ``enqueue``
   waits for room instead (the repository's scans and loads: no load is ever
   dropped by a full queue);
-- loaded models stay in a cache (``get``, ``evict``);
-- ``record_request(key)`` feeds the request history (the last ``history_size``
-  requests); ``predict()`` names the most frequently requested keys, and
-  ``preload()`` queues those not loaded yet at a low priority. Hit rate = share
-  of requests that found their model loaded; preload accuracy = share of
-  preloaded models that were later requested.
+- loaded models stay in a cache (``get``, ``evict``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import heapq
@@ -80,10 +74,6 @@ def _cancellable(load_fn: Callable[[K], M], key: K, token: threading.Event) -> M
     return model
 
 
-PRELOAD_PRIORITY = -100
-"""Priority of loads started by :meth:`AsyncModelLoader.preload` (below any default)."""
-
-
 @dataclass(frozen=True)
 class LoaderConfig:
     """Limits of an :class:`AsyncModelLoader`."""
@@ -94,13 +84,9 @@ class LoaderConfig:
     """A load running longer fails with DeadlineExceededError."""
     max_queue_size: int = 256
     """Queued loads beyond which load_async raises ResourceExhaustedError."""
-    history_size: int = 100
-    """Requests remembered for predicting what to preload."""
-    preload_top_k: int = 3
-    """How many of the most requested keys preload() considers."""
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrent_loads", "max_queue_size", "history_size", "preload_top_k"):
+        for name in ("max_concurrent_loads", "max_queue_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(f"LoaderConfig.{name} must be an int >= 1, got {value!r}")
@@ -120,27 +106,11 @@ class LoaderMetrics:
     """Seconds each finished load took (success or failure)."""
     queue_depth: int = 0
     loading: int = 0
-    requests: int = 0
-    hits: int = 0
-    """Requests that found their model already loaded."""
-    misses: int = 0
-    preloads: int = 0
-    """Loads started by preload()."""
-    preloads_used: int = 0
-    """Preloaded models that were requested afterwards."""
 
     @property
     def average_load_time_s(self) -> float:
         done = self.successes + self.failures
         return self.total_load_time_s / done if done else 0.0
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
-
-    @property
-    def preload_accuracy(self) -> float:
-        return self.preloads_used / self.preloads if self.preloads else 0.0
 
 
 class AsyncModelLoader(Generic[K, M]):
@@ -167,8 +137,6 @@ class AsyncModelLoader(Generic[K, M]):
         self._pending: dict[K, asyncio.Future[M]] = {}
         self._callbacks: dict[K, list[Callable[[BaseException | None], Any]]] = {}
         self._cache: dict[K, M] = {}
-        self._preloaded: set[K] = set()
-        self._history: collections.deque[K] = collections.deque(maxlen=self.config.history_size)
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         """Set when a queued load was taken off the queue (``enqueue`` waits on it)."""
@@ -204,7 +172,6 @@ class AsyncModelLoader(Generic[K, M]):
 
     def evict(self, key: K) -> M | None:
         """Forget a loaded model (the caller releases it); returns it if it was loaded."""
-        self._preloaded.discard(key)
         return self._cache.pop(key, None)
 
     # -- loading --------------------------------------------------------------
@@ -238,7 +205,7 @@ class AsyncModelLoader(Generic[K, M]):
             )
         self._ensure_workers()
         future = loop.create_future()
-        # Nobody may await a failed preload; do not warn about it.
+        # Nobody may await a failed background load; do not warn about it.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._pending[key] = future
         if callback is not None:
@@ -332,49 +299,6 @@ class AsyncModelLoader(Generic[K, M]):
 
     def _thread_ended(self, thread: asyncio.Future[Any]) -> None:
         self.abandoned -= 1
-
-    # -- history and preloading ----------------------------------------------
-
-    def record_request(self, key: K) -> bool:
-        """Note a request for ``key``; returns whether its model was loaded (a hit)."""
-        m = self._metrics
-        m.requests += 1
-        self._history.append(key)
-        if key in self._cache:
-            m.hits += 1
-            if key in self._preloaded:
-                self._preloaded.discard(key)
-                m.preloads_used += 1
-            return True
-        m.misses += 1
-        return False
-
-    def predict(self, k: int | None = None) -> list[K]:
-        """The ``k`` most requested keys in the history, most frequent first
-        (ties: the most recently requested first)."""
-        k = self.config.preload_top_k if k is None else k
-        counts = collections.Counter(self._history)
-        recency = {key: i for i, key in enumerate(self._history)}
-        ranked = sorted(counts, key=lambda key: (-counts[key], -recency[key]))
-        return ranked[:k]
-
-    def preload(self) -> list[K]:
-        """Queue loads for predicted keys that are neither loaded nor loading."""
-        started = []
-        for key in self.predict():
-            if key in self._cache or key in self._pending:
-                continue
-            self.load_async(key, PRELOAD_PRIORITY, self._mark_preloaded(key))
-            self._metrics.preloads += 1
-            started.append(key)
-        return started
-
-    def _mark_preloaded(self, key: K) -> Callable[[BaseException | None], None]:
-        def done(error: BaseException | None) -> None:
-            if error is None:
-                self._preloaded.add(key)
-
-        return done
 
     async def aclose(self) -> None:
         """Stop the workers, fail queued loads, drop the cache."""

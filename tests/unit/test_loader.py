@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from tensorwire.errors import DeadlineExceededError, ResourceExhaustedError
-from tensorwire.loader import PRELOAD_PRIORITY, AsyncModelLoader, LoaderConfig
+from tensorwire.loader import AsyncModelLoader, LoaderConfig
 
 
 class Gated:
@@ -79,101 +79,13 @@ async def test_async_load_failure() -> None:
     await loader.aclose()
 
 
-async def test_load_prediction() -> None:
-    loader = AsyncModelLoader(Gated(), LoaderConfig(preload_top_k=2, history_size=10))
-    for key in ["a", "b", "a", "c", "a", "b"]:
-        loader.record_request(key)
-    assert loader.predict() == ["a", "b"]
-    # History is bounded: old requests age out and predictions follow the traffic.
-    for key in ["c"] * 9:
-        loader.record_request(key)
-    assert loader.predict() == ["c", "b"]
-    await loader.aclose()
-
-
-async def test_preload_accuracy() -> None:
-    loader = AsyncModelLoader(Gated(), LoaderConfig(preload_top_k=2))
-    for key in ["hot", "hot", "warm", "cold", "hot", "warm"]:
-        loader.record_request(key)  # all misses: nothing is loaded
-    assert loader.metrics.hit_rate == 0.0
-    started = loader.preload()
-    assert started == ["hot", "warm"]
-    await asyncio.gather(loader.load("hot"), loader.load("warm"))
-    for key in ["hot", "hot", "warm", "hot"]:
-        assert loader.record_request(key)
-    m = loader.metrics
-    assert m.preloads == 2 and m.preloads_used == 2
-    assert m.preload_accuracy == 1.0
-    assert m.hit_rate == pytest.approx(4 / 10)
-    assert loader.preload() == []  # nothing left to preload
-    await loader.aclose()
-
-
-async def test_load_timeout() -> None:
-    fn = Gated(hold=True)
-    loader = AsyncModelLoader(fn, LoaderConfig(load_timeout_s=0.05))
-    with pytest.raises(DeadlineExceededError, match=r"'slow'.*load timeout of 0.05s"):
-        await loader.load("slow")
-    m = loader.metrics
-    assert m.timeouts == 1 and m.failures == 1
-    fn.gate.set()  # the stuck thread finishes; its late result is discarded
-    assert loader.get("slow") is None
-    await loader.aclose()
-
-
-async def test_queue_management() -> None:
-    fn = Gated(hold=True)
-    loader = AsyncModelLoader(fn, LoaderConfig(max_concurrent_loads=1, max_queue_size=2))
-    running = loader.load_async("r")
-    await _started(fn, 1)
-    queued = [loader.load_async("q1"), loader.load_async("q2")]
-    assert loader.metrics.queue_depth == 2
-    assert loader.load_async("q1") is queued[0]  # the same key is never queued twice
-    with pytest.raises(ResourceExhaustedError, match="2 loads already queued"):
-        loader.load_async("q3")
-    fn.gate.set()
-    await asyncio.gather(running, *queued)
-    assert loader.metrics.queue_depth == 0
-    assert fn.order == ["r", "q1", "q2"]
-    await loader.aclose()
-
-
-async def test_concurrent_loads() -> None:
-    fn = Gated(hold=True)
-    loader = AsyncModelLoader(fn, LoaderConfig(max_concurrent_loads=3))
-    futures = [loader.load_async(f"m{i}") for i in range(7)]
-    await _started(fn, 3)
-    assert loader.metrics.loading == 3
-    assert loader.metrics.queue_depth == 4
-    fn.gate.set()
-    assert await asyncio.gather(*futures) == [f"model<m{i}>" for i in range(7)]
-    assert fn.peak == 3
-    await loader.aclose()
-
-
-async def test_cache_integration() -> None:
-    fn = Gated()
-    loader = AsyncModelLoader(fn)
-    first = await loader.load("m")
-    again = await loader.load("m")
-    assert first is again and fn.order == ["m"]  # served from the cache
-    assert loader.record_request("m") is True
-    assert loader.evict("m") == "model<m>"
-    assert loader.record_request("m") is False
-    await loader.load("m")
-    assert fn.order == ["m", "m"]  # evicted: loaded again
-    m = loader.metrics
-    assert (m.hits, m.misses) == (1, 1)
-    await loader.aclose()
-
-
 async def test_priority_handling() -> None:
     fn = Gated(hold=True)
     loader = AsyncModelLoader(fn, LoaderConfig(max_concurrent_loads=1))
     blocker = loader.load_async("blocker")
     await _started(fn, 1)
     futures = [
-        loader.load_async("low", priority=PRELOAD_PRIORITY),
+        loader.load_async("low", priority=-100),
         loader.load_async("normal-1"),
         loader.load_async("urgent", priority=10),
         loader.load_async("normal-2"),
