@@ -10,7 +10,7 @@ from services.streamer.feedback import AckOutcome, DeliveryWindow, FeedbackLimit
 from services.streamer.hub import HubLimits, UpdateHub
 from tensorwire.errors import InvalidArgumentError, NotFoundError
 from tensorwire.streamer.v1 import streamer_pb2 as spb
-from tests.unit.test_hub import Clock, _covered, _scalars, _status, _view
+from tests.unit.services.streamer.test_hub import Clock, _covered, _scalars, _status, _view
 
 
 def _hub(**feedback: float) -> tuple[UpdateHub, Clock]:

@@ -15,7 +15,7 @@ from services.trainer.settings import TrainerSettings
 from tensorwire import config
 from tensorwire.devices import resolve_device
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("cls", [TrainerSettings, InferenceSettings])

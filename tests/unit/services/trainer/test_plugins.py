@@ -15,7 +15,7 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.tasks import TASKS
 from tensorwire.config import load
 
-DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits" / "task.py"
+DIGITS = Path(__file__).resolve().parents[4] / "examples" / "digits" / "task.py"
 
 
 def test_the_digits_plugin_loads_and_trains() -> None:

@@ -16,7 +16,7 @@ from services.trainer.settings import TrainerSettings
 from tensorwire import config
 from tensorwire.cli import SuiteSettings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize(("cls", "argv", "env", "expected"), [

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 HUNG_SHUTDOWN = """
 import asyncio, sys
 from tensorwire.lifecycle import stop_signal
