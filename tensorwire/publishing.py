@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,9 @@ from dataclasses import dataclass, field
 import grpc
 
 from tensorwire.auth import ClientSecurity
+from tensorwire.backoff import Backoff
 from tensorwire.channels import ChannelPool, resolve_targets
+from tensorwire.periodic import Periodic
 from tensorwire.rpcnames import method_path
 from tensorwire.scalars import Bucket, ScalarBuffer, to_batch
 from tensorwire.streamer.v1 import streamer_pb2 as spb
@@ -225,7 +226,7 @@ class StreamLinks:
         self.on_watched = on_watched
         self.on_refused = on_refused
         self.links: dict[str, Link] = {}
-        self._resolver: asyncio.Task[None] | None = None
+        self._resolver: Periodic | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -237,13 +238,13 @@ class StreamLinks:
             return
         await self._resolve()
         if self.target.startswith("dns:"):
-            self._resolver = asyncio.create_task(self._resolve_forever(), name="publish-resolve")
+            self._resolver = Periodic(self._resolve, self.resolve_every_s, name="publish resolve").start()
 
     async def aclose(self) -> None:
         self._closed = True
-        tasks = [link.task for link in self.links.values() if link.task is not None]
         if self._resolver is not None:
-            tasks.append(self._resolver)
+            await self._resolver.aclose()
+        tasks = [link.task for link in self.links.values() if link.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -303,14 +304,10 @@ class StreamLinks:
             return dict(link.statuses)
         return {}
 
-    async def _resolve_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.resolve_every_s)
-            await self._resolve()
-
     # -- links ------------------------------------------------------------
     async def _link_forever(self, link: Link) -> None:
-        backoff = 0.05
+        backoff = Backoff(initial_s=min(0.05, self.backoff_max_s), max_s=self.backoff_max_s, jitter=0.5)
+        failures = 0
         while not self._closed:
             started = time.monotonic()
             try:
@@ -333,9 +330,9 @@ class StreamLinks:
                 link.connected = False
                 link.watchers.clear()
             if time.monotonic() - started > 5.0:
-                backoff = 0.05
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(self.backoff_max_s, backoff * 2)
+                failures = 0  # it was up a while: this is a new outage
+            failures += 1
+            await backoff.sleep(failures)
 
     async def _stream(self, link: Link, channel: grpc.aio.Channel) -> None:
         publish = channel.stream_stream(

@@ -52,7 +52,6 @@ import copy
 import logging
 import math
 import os
-import random
 import sys
 import threading
 import time
@@ -67,8 +66,10 @@ import grpc
 
 from tensorwire import views as _views
 from tensorwire.auth import ClientSecurity, TokenSource
+from tensorwire.backoff import Backoff
 from tensorwire.channels import ChannelPool
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.periodic import Periodic
 from tensorwire.publishing import StreamLinks, ViewPacer
 from tensorwire.scalars import MAX_SERIES, Bucket, ScalarBuffer, bucketize
 from tensorwire.streamer.v1 import streamer_pb2 as spb
@@ -87,6 +88,9 @@ _GIVE_UP = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
             grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
             grpc.StatusCode.UNIMPLEMENTED)
 """Answers of the trainer that retrying does not change: warned about (and retried slowly)."""
+_TRAINER_BACKOFF = Backoff(initial_s=0.1, max_s=2.0, jitter=0.5)
+_REFUSED_BACKOFF = Backoff(initial_s=5.0, max_s=5.0, jitter=0.5)
+"""After a _GIVE_UP answer, until the link stays up a while."""
 
 
 class SDKWarning(UserWarning):
@@ -233,6 +237,7 @@ class Run:
         self._started = threading.Event()
         self._streams: StreamLinks | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._collector: Periodic | None = None
         self._thread = threading.Thread(target=self._thread_main, name=f"tensorwire-{run_id}", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -388,8 +393,9 @@ class Run:
             self.streamer, security=self.security, max_points=self._scalars.max_points,
             on_watched=lambda _: self._pacer.wake_all(), on_refused=self._refused,
         )
-        self._tasks = [asyncio.create_task(self._start_streams(), name="sdk-streams"),
-                       asyncio.create_task(self._collect_forever(), name="sdk-collect")]
+        self._tasks = [asyncio.create_task(self._start_streams(), name="sdk-streams")]
+        self._collector = Periodic(self._collect_now, self.tick_s, name=f"run {self.id}: collecting updates",
+                                   immediately=True).start()
         if self.trainer:
             self._tasks.append(asyncio.create_task(self._control_forever(), name="sdk-control"))
 
@@ -398,6 +404,8 @@ class Run:
         await self._streams.start()
 
     async def _aclose(self) -> None:
+        if self._collector is not None:
+            await self._collector.aclose()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -426,13 +434,8 @@ class Run:
         idle = all(not (link.pending_status or link.scalars_ready()) for link in streams.links.values())
         return trainer_done and idle
 
-    async def _collect_forever(self) -> None:
-        while True:
-            try:
-                self.collect()
-            except Exception:
-                log.exception("run %s: collecting updates failed", self.id)
-            await asyncio.sleep(self.tick_s)
+    async def _collect_now(self) -> None:
+        self.collect()
 
     def collect(self) -> None:
         """One tick (background thread): scalars, status, views."""
@@ -557,7 +560,7 @@ class Run:
     async def _control_forever(self) -> None:
         pool = ChannelPool(self.trainer, min_size=1, max_size=1, name=f"sdk trainer {self.trainer}",
                            security=self.security)
-        backoff = 0.1
+        failures, refused = 0, False
         try:
             while True:
                 started = time.monotonic()
@@ -573,15 +576,15 @@ class Run:
                         self._warn_once(f"trainer {exc.code().name}",
                                         f"run {self.id}: the trainer at {self.trainer} refused the run: "
                                         f"{exc.code().name}: {exc.details()}")
-                        backoff = max(backoff, 5.0)
+                        refused = True
                     else:
                         log.debug("run %s: trainer link: %s %s", self.id, exc.code().name, exc.details())
                 except Exception as exc:
                     log.debug("run %s: trainer link failed: %s", self.id, exc)
                 if time.monotonic() - started > 5.0:
-                    backoff = 0.1
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(5.0 if backoff >= 5.0 else 2.0, backoff * 2)
+                    failures, refused = 0, False  # it was up a while: this is a new outage
+                failures += 1
+                await (_REFUSED_BACKOFF if refused else _TRAINER_BACKOFF).sleep(failures)
         finally:
             await pool.aclose()
 
