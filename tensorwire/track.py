@@ -21,7 +21,7 @@ in one background thread with its own asyncio loop, which every ``tick_s``:
 
 - drains the deque into a bounded scalar buffer (merged into min/mean/max
   buckets, never dropped; tensors are read there, not on the training thread)
-  and into the outboxes of :class:`tensorwire.publishing.StreamLinks` (the
+  and into the outboxes of :class:`tensorwire.calls.publishing.StreamLinks` (the
   trainer service's publishing code: one ``Publish`` stream per streamer
   address, latest-wins status and views, reconnects by itself);
 - builds a view only while someone watches the run, at most ``max_fps`` a
@@ -33,7 +33,7 @@ in one background thread with its own asyncio loop, which every ``tick_s``:
 A streamer or trainer that is down, slow or absent never stops training: the
 links retry with backoff and catch up (scalars merged meanwhile). Connections
 take credentials from ``token=`` or ``TENSORWIRE_TOKEN``/``TENSORWIRE_TOKEN_FILE``
-and TLS from ``TENSORWIRE_TLS_CA`` (:meth:`tensorwire.auth.ClientSecurity.from_env`);
+and TLS from ``TENSORWIRE_TLS_CA`` (:meth:`tensorwire.rpc.auth.ClientSecurity.from_env`);
 the token needs the publisher role.
 
 Distributed training (``torch.distributed`` initialised): only rank 0 publishes;
@@ -65,13 +65,13 @@ from typing import Any
 import grpc
 
 from tensorwire import views as _views
-from tensorwire.auth import ClientSecurity, TokenSource
-from tensorwire.backoff import Backoff
-from tensorwire.channels import ChannelPool
+from tensorwire.calls.backoff import Backoff
+from tensorwire.calls.channels import ChannelPool
+from tensorwire.calls.periodic import Periodic
+from tensorwire.calls.publishing import StreamLinks, ViewPacer
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.periodic import Periodic
-from tensorwire.publishing import StreamLinks, ViewPacer
-from tensorwire.scalars import MAX_SERIES, Bucket, ScalarBuffer, bucketize
+from tensorwire.data.scalars import MAX_SERIES, Bucket, ScalarBuffer, bucketize
+from tensorwire.rpc.auth import ClientSecurity, TokenSource
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc

@@ -1,5 +1,5 @@
 """tensorwire.transfer.v1.ModelTransferService: protobuf <-> the library's
-:class:`~tensorwire.checkpoint_receiver.CheckpointReceiver` (a few lines per message)."""
+:class:`~tensorwire.checkpoints.receiver.CheckpointReceiver` (a few lines per message)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from tensorwire import admission
-from tensorwire.checkpoint_receiver import CheckpointReceiver, UploadHeader, UploadPart, UploadTrailer
-from tensorwire.chunking import Chunk, Compression
+from tensorwire.checkpoints.chunking import Chunk, Compression
+from tensorwire.checkpoints.receiver import CheckpointReceiver, UploadHeader, UploadPart, UploadTrailer
 from tensorwire.errors import InvalidArgumentError
-from tensorwire.rpcnames import service_name
+from tensorwire.rpc.rpcnames import service_name
+from tensorwire.serving import admission
 from tensorwire.transfer.v1 import transfer_pb2 as pb
 from tensorwire.transfer.v1 import transfer_pb2_grpc as pb_grpc
 

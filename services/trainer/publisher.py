@@ -2,7 +2,7 @@
 
 One collector task reads each run's status and scalar buffer every ``tick_s``
 (through :class:`~services.trainer.runs.Run`'s narrow API) and fills the outboxes
-of :class:`tensorwire.publishing.StreamLinks` (outbox, link and transport: one per
+of :class:`tensorwire.calls.publishing.StreamLinks` (outbox, link and transport: one per
 streamer address; see there for ordering, merging and reconnects). The streamer
 answers with who is watching; :class:`~services.trainer.viewbuilds.ViewBuilds`
 builds views of the watched runs (scheduling there, rendering in viewworker.py).
@@ -17,10 +17,10 @@ import asyncio
 import logging
 import time
 
-from tensorwire.auth import ClientSecurity
+from tensorwire.calls.periodic import Periodic
+from tensorwire.calls.publishing import Link, StreamLinks
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.periodic import Periodic
-from tensorwire.publishing import Link, StreamLinks
+from tensorwire.rpc.auth import ClientSecurity
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 from . import metrics

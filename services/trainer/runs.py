@@ -3,7 +3,7 @@
 Each run is a :class:`~services.trainer.loop.TrainingLoop` thread. Checkpoint
 snapshots go to one writer thread (latest wins per run, so a slow disk never
 holds a training thread back) that writes them with
-``tensorwire.modelrepo.write_version`` as model ``run-<run_id>`` (plus any
+``tensorwire.serving.modelrepo.write_version`` as model ``run-<run_id>`` (plus any
 ``publish_as`` names), and — with a ``state_dir`` — the optimizer, RNG and step
 beside them (``<state_dir>/<run_id>.pt``) so the run can be resumed, and then
 reports each written version to a callback.
@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from tensorwire import modelrepo
+from tensorwire.calls.periodic import Periodic
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.data.scalars import Bucket
 from tensorwire.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -44,8 +45,7 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     TensorwireError,
 )
-from tensorwire.periodic import Periodic
-from tensorwire.scalars import Bucket
+from tensorwire.serving import modelrepo
 
 from .external import ExternalLoop, ExternalTask
 from .loop import TERMINAL, LiveStatus, Snapshot, TrainingLoop, TrainingState

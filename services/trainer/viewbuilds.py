@@ -1,7 +1,7 @@
 """Which watched runs get a view built now, and building them.
 
 A view is built only for a run someone watches, paced by
-:class:`tensorwire.publishing.ViewPacer` (``max_fps``, the viewers' own cap, a CPU
+:class:`tensorwire.calls.publishing.ViewPacer` (``max_fps``, the viewers' own cap, a CPU
 budget), from a weight snapshot, in a worker process (viewworker.py) or, without
 one, in a thread of this process; it is serialized once for every streamer link.
 A terminal or paused run's weights do not change: it gets one view, then no more
@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from tensorwire.calls.publishing import StreamLinks, ViewPacer
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.publishing import StreamLinks, ViewPacer
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 from .loop import TERMINAL

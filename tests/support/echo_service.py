@@ -24,8 +24,8 @@ import grpc
 
 from services.inference.transfer import SERVICE_NAME as TRANSFER_SERVICE
 from services.inference.transfer import ModelTransferServicer
-from tensorwire.checkpoint_receiver import CheckpointReceiver
-from tensorwire.server import GrpcServer, ServerOptions
+from tensorwire.checkpoints.receiver import CheckpointReceiver
+from tensorwire.rpc.server import GrpcServer, ServerOptions
 
 SERVICE = "tensorwire.test.Echo"
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.inference.settings import InferenceSettings
-from tensorwire import config
 from tensorwire.cli import SuiteSettings, plan
+from tensorwire.rpc import config
 
 
 def _args(**overrides: object) -> SuiteSettings:

@@ -81,8 +81,8 @@ def test_bad_names_and_unexportable_models_are_refused(tmp_path: Path) -> None:
     assert not [p.name for p in (tmp_path / "opaque").iterdir()]  # nothing half-written
 
 
-@pytest.mark.skipif(not (Path(tensorwire.__file__).parent / "tritonconfig.py").is_file(),
-                    reason="for the merger: needs issue 13's Triton repository loader (tensorwire.tritonconfig)")
+@pytest.mark.skipif(not (Path(tensorwire.__file__).parent / "serving" / "tritonconfig.py").is_file(),
+                    reason="for the merger: needs issue 13's Triton repository loader (tensorwire.serving.tritonconfig)")
 async def test_exported_checkpoint_is_served_by_inference(tmp_path: Path) -> None:
     """After merging issue 13: push to a real inference server, a tritonclient-style call
     returns what the model computes."""

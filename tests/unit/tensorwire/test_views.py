@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from services.streamer.hub import UpdateHub
-from tensorwire import arrays, views
+from tensorwire import views
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.scalars import Bucket, ScalarBuffer
+from tensorwire.data import arrays
+from tensorwire.data.scalars import Bucket, ScalarBuffer
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from services.streamer.hub import HubLimits, Pacer, UpdateHub
-from tensorwire import arrays
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.data import arrays
+from tensorwire.data.scalars import ScalarBuffer, to_batch
 from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
-from tensorwire.scalars import ScalarBuffer, to_batch
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 

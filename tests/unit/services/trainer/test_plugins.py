@@ -13,7 +13,7 @@ from services.trainer.plugins import ENTRY_POINT_GROUP, load_tasks
 from services.trainer.runs import RunManager
 from services.trainer.settings import TrainerSettings
 from services.trainer.tasks import TASKS
-from tensorwire.config import load
+from tensorwire.rpc.config import load
 
 DIGITS = Path(__file__).resolve().parents[4] / "examples" / "digits" / "task.py"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from services.trainer.runs import RunManager
 from services.trainer.store import SqliteRunStore
-from tensorwire import modelrepo
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.serving import modelrepo
 
 
 async def test_keep_runs_deletes_the_oldest_ended_runs_with_their_models_and_state(tmp_path: Path) -> None:
@@ -49,7 +49,7 @@ async def test_an_ended_run_stays_until_the_publisher_sent_its_final_state(tmp_p
     # released before the publisher's next tick never had COMPLETED published, and
     # the streamers showed it RUNNING for good.
     from services.trainer.publisher import Publisher
-    from tensorwire.publishing import Link
+    from tensorwire.calls.publishing import Link
 
     runs = RunManager(tmp_path / "models", checkpoint_every_s=0, store=SqliteRunStore(tmp_path / "r.sqlite3"),
                       state_dir=tmp_path / "state", release_after_s=0.0, store_flush_every_s=0.05)
@@ -84,7 +84,7 @@ async def test_an_ended_run_stays_until_the_publisher_sent_its_final_state(tmp_p
 
 async def test_an_unreachable_streamer_does_not_keep_ended_runs_for_ever(tmp_path: Path) -> None:
     from services.trainer.publisher import FINAL_SEND_WAIT_S, Publisher
-    from tensorwire.publishing import Link
+    from tensorwire.calls.publishing import Link
 
     runs = RunManager(tmp_path / "models", checkpoint_every_s=0, store=SqliteRunStore(tmp_path / "r.sqlite3"),
                       state_dir=tmp_path / "state", release_after_s=0.0, store_flush_every_s=0.05)

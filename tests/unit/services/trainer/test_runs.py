@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from services.trainer.runs import RunManager
-from tensorwire import modelrepo
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.errors import (
     FailedPreconditionError,
@@ -18,7 +17,8 @@ from tensorwire.errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from tensorwire.models import build_model
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from services.trainer import views
 from services.trainer.tasks import TASKS
-from tensorwire import arrays
+from tensorwire.data import arrays
 from tensorwire.errors import InvalidArgumentError
 
 VIEW_SHAPES = {
