@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tensorwire.cache import ResponseCache, decode_tensors, encode_tensors
-from tensorwire.tensors import NUMPY_DTYPES, Tensor
+from tensorwire.data.tensors import NUMPY_DTYPES, Tensor
+from tensorwire.serving.cache import ResponseCache, decode_tensors, encode_tensors
 
 from .records import InferRequest, InferResult
 from .version import ModelVersion

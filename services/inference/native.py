@@ -4,7 +4,7 @@
 ``scripts/build-native.sh`` into ``services/inference/_native*.so``) on the public
 port, in this process, with its own threads. It serves ``ModelInfer`` requests it
 can prove valid against the model's config: it parses them, batches them (the
-knobs of the version's :class:`~tensorwire.batching.BatchConfig`), and calls
+knobs of the version's :class:`~tensorwire.serving.batching.BatchConfig`), and calls
 :meth:`NativeHooks.run_batch` once per batch with contiguous numpy columns; it
 splits and encodes the answers itself. Everything else -- the other RPCs,
 streams, health, reflection, requests it cannot prove valid, calls whose token it
@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from tensorwire import metrics
-from tensorwire.auth import Authorizer
+from tensorwire.data.tensors import MAX_DIMS, NUMPY_DTYPES
 from tensorwire.errors import TensorwireError
 from tensorwire.inference import grpc_service_pb2 as pb
-from tensorwire.rpcnames import method_path
-from tensorwire.tensors import MAX_DIMS, NUMPY_DTYPES
+from tensorwire.rpc import metrics
+from tensorwire.rpc.auth import Authorizer
+from tensorwire.rpc.rpcnames import method_path
 
 from .repository import ModelRepository
 

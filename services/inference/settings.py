@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tensorwire.cache import CacheConfig, parse_cache_config
-from tensorwire.config import setting
-from tensorwire.devices import TorchServiceSettings
+from tensorwire.rpc.config import setting
+from tensorwire.serving.cache import CacheConfig, parse_cache_config
+from tensorwire.serving.devices import TorchServiceSettings
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class InferenceSettings(TorchServiceSettings):
     def authorizer(self) -> Any:
         authorizer = super().authorizer()
         if authorizer is not None and self.open_inference:
-            from tensorwire.auth import Authorizer
+            from tensorwire.rpc.auth import Authorizer
 
             authorizer = Authorizer(authorizer.tokens, open_inference=True)
         return authorizer

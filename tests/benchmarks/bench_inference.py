@@ -475,8 +475,8 @@ def main() -> int:
 
     import torch
 
-    from tensorwire import modelrepo
-    from tensorwire.models import build_model
+    from tensorwire.serving import modelrepo
+    from tensorwire.serving.models import build_model
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     if "torchserve" in servers and torchserve_binary() is None:
@@ -622,8 +622,8 @@ def local_cache_work_us() -> tuple[float, float]:
     process: steadier than RPS ratios on a shared machine."""
     import numpy as np
 
-    from tensorwire.cache import LocalCache, RequestKeys, decode_tensors, encode_tensors
-    from tensorwire.tensors import Tensor
+    from tensorwire.data.tensors import Tensor
+    from tensorwire.serving.cache import LocalCache, RequestKeys, decode_tensors, encode_tensors
 
     keys = RequestKeys("spiral", 1, "0123456789ab")
     outputs = [Tensor("logits", "FP32", np.zeros((1, 2), np.float32))]
@@ -658,9 +658,9 @@ def native_batch_cache_work_us(batch: int = 16, batches: int = 2000) -> tuple[fl
     import torch
 
     from services.inference.repository import ModelRepository, RepositoryOptions
-    from tensorwire import modelrepo
-    from tensorwire.cache import LocalCache
-    from tensorwire.models import build_model
+    from tensorwire.serving import modelrepo
+    from tensorwire.serving.cache import LocalCache
+    from tensorwire.serving.models import build_model
 
     torch.set_num_threads(1)
 
@@ -701,8 +701,8 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
     import torch
 
     from services.inference.native import load_module
-    from tensorwire import modelrepo
-    from tensorwire.models import build_model
+    from tensorwire.serving import modelrepo
+    from tensorwire.serving.models import build_model
     from tests.support.redis_server import REDIS_SERVER, RedisServer
 
     if REDIS_SERVER is None:

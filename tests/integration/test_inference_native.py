@@ -31,11 +31,12 @@ from services.inference import native
 from services.inference.app import InferenceApp, create_app
 from services.inference.repository import ModelRepository
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo, oip
-from tensorwire.auth import Authorizer, TokenFile
+from tensorwire.data import oip
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
-from tensorwire.models import build_model
+from tensorwire.rpc.auth import Authorizer, TokenFile
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model
 from tests.conftest import serving, settings_for
 from tests.integration.test_inference_hostile import requests as fuzzed_requests
 from tests.integration.test_security import TOKENS, bearer, write_tokens

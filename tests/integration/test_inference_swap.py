@@ -19,10 +19,11 @@ import torch
 
 from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo, oip
+from tensorwire.data import oip
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
-from tensorwire.models import build_model
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model
 from tests.conftest import serving, settings_for
 
 pytestmark = pytest.mark.usefixtures("inference_frontend")  # both frontends: python, native

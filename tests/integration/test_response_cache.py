@@ -24,10 +24,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.inference.app import InferenceApp, create_app
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo, oip
-from tensorwire.cache import KEY_PREFIX, RedisCache, parse_cache_config
+from tensorwire.data import oip
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
+from tensorwire.serving import modelrepo
+from tensorwire.serving.cache import KEY_PREFIX, RedisCache, parse_cache_config
 from tests.conftest import free_port, serving, settings_for
 from tests.integration.test_inference_swap import expected, spiral_request, spiral_state
 from tests.support.redis_server import RedisServer, needs_redis
