@@ -172,7 +172,8 @@ class NativeHooks:
         request's seconds in the native queue; ``by_size``: cut because it was full;
         ``rows``: each request's rows; ``outputs``: the outputs each asked for (None:
         none named any); ``unary``: which requests are ModelInfer calls, not stream
-        messages (None: all are; only those count as ModelInfer RPCs). With the response cache on, only the misses run on the model.
+        messages (None: all are; only those count as ModelInfer RPCs). With the
+        response cache on, only the misses run on the model.
         Raises when that version is gone or no longer takes these columns (a swap):
         the frontend then hands each request to the Python path."""
         start = time.perf_counter()
