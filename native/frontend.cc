@@ -276,8 +276,8 @@ class StreamItem : public Item {
   void Forwarded(const grpc::Status& status);  // the unary forward's completion
 
   bool parsed = false;
-  grpc::ClientContext context;  // of the unary forward
-  grpc::ByteBuffer out;         // its reply
+  std::unique_ptr<grpc::ClientContext> context;  // of the unary forward, if any
+  grpc::ByteBuffer out;                          // its reply
 
  private:
   Frontend* frontend_;
@@ -1112,18 +1112,19 @@ void Stream::OnReadDone(bool ok) {
 void Stream::Forward(StreamItem* item) {
   frontend_->counters().proxied++;
   static const std::string method = kInferMethod;  // grpc keeps a pointer to the name
-  for (const auto& [key, value] : metadata_) item->context.AddMetadata(key, value);
-  if (wall_deadline_ != std::chrono::system_clock::time_point::max()) item->context.set_deadline(wall_deadline_);
+  item->context = std::make_unique<grpc::ClientContext>();
+  for (const auto& [key, value] : metadata_) item->context->AddMetadata(key, value);
+  if (wall_deadline_ != std::chrono::system_clock::time_point::max()) item->context->set_deadline(wall_deadline_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     forwards_[item] = true;
   }
-  frontend_->stub()->UnaryCall(&item->context, method, grpc::StubOptions(), &item->first, &item->out,
+  frontend_->stub()->UnaryCall(item->context.get(), method, grpc::StubOptions(), &item->first, &item->out,
                                [item](grpc::Status status) { item->Forwarded(status); });
   // The client left meanwhile: cancel it, unless it is answered already (then it is
   // no longer in forwards_, and may be buried: not touched).
   std::lock_guard<std::mutex> lock(mu_);
-  if (cancelled_ && forwards_.count(item)) item->context.TryCancel();
+  if (cancelled_ && forwards_.count(item)) item->context->TryCancel();
 }
 
 void Stream::Answer(StreamItem* item, grpc::ByteBuffer* bytes, const grpc::Status* end) {
@@ -1164,7 +1165,9 @@ void Stream::OnWriteDone(bool ok) {
 }
 
 void Stream::MaybeFinish() {
-  if (finished_ || reading_ || writing_) return;  // Finish waits for the outstanding read and write
+  // Finish waits for the outstanding write, and read (but a message that did not parse
+  // ends the stream at once, as Python's abort does: the read then fails).
+  if (finished_ || writing_ || (reading_ && !failed_)) return;
   bool over = failed_ || cancelled_ || write_failed_;
   if (!over && !(read_closed_ && in_flight_ == 0 && pending_.empty())) return;
   finished_ = true;
@@ -1178,7 +1181,7 @@ void Stream::MaybeFinish() {
 void Stream::OnCancel() {
   std::lock_guard<std::mutex> lock(mu_);
   cancelled_ = true;
-  for (auto& [item, _] : forwards_) item->context.TryCancel();  // answered (and dropped) soon
+  for (auto& [item, _] : forwards_) item->context->TryCancel();  // answered (and dropped) soon
   MaybeFinish();
 }
 

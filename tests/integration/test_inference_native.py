@@ -346,19 +346,30 @@ def stream_answer(r: pb.ModelStreamInferResponse) -> tuple[bytes, dict[str, np.n
     return bare.SerializeToString(), values
 
 
-async def streamed(port: int, messages: list[bytes], **kw: object) -> tuple[list[bytes], str, str]:
-    """Every answer's bytes, and the stream's final status and details."""
+async def streamed(port: int, messages: list[bytes], hold: bool = False, **kw: object) -> tuple[list[bytes], str, str]:
+    """Every answer's bytes, and the stream's final status and details (``hold``: the
+    client does not half-close after its messages)."""
     answers: list[bytes] = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        async def send() -> AsyncIterator[bytes]:
-            for m in messages:
-                yield m
+        call = channel.stream_stream(STREAM)(timeout=30, **kw)
 
+        async def send() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the server ended it
+                for m in messages:
+                    await call.write(m)
+                if not hold:
+                    await call.done_writing()
+
+        writer = asyncio.ensure_future(send())
         try:
-            async for answer in channel.stream_stream(STREAM)(send(), timeout=30, **kw):
+            while (answer := await call.read()) is not grpc.aio.EOF:
                 answers.append(answer)
+            await writer
         except grpc.aio.AioRpcError as exc:
             return answers, exc.code().name, exc.details() or ""
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
     return answers, "OK", ""
 
 
@@ -417,11 +428,11 @@ async def test_native_stream_answers_exactly_as_python_does(tmp_path: Path) -> N
 
         # A message that does not parse ends the stream, with Python's words, on both.
         valid = request(np.ones((1, 2), np.float32), id="a").SerializeToString()
-        for body in (b"\xff\xff\xff", valid[:-3]):
+        for body, hold in ((b"\xff\xff\xff", False), (valid[:-3], False), (b"\xff\xff\xff", True)):
             (_, code, details), (_, native_code, native_details) = await asyncio.gather(
-                streamed(py_port, [valid, valid, body]), streamed(native_port, [valid, valid, body]))
+                streamed(py_port, [valid, valid, body], hold), streamed(native_port, [valid, valid, body], hold))
             assert (native_code, native_details) == (code, details)
-            assert code == "INVALID_ARGUMENT" and "not a valid inference.ModelInferRequest" in details
+            assert code == "INVALID_ARGUMENT" and "not a valid inference.ModelInferRequest" in details, (code, details)
         # An empty stream, and the server still serves.
         assert await streamed(native_port, []) == await streamed(py_port, []) == ([], "OK", "")
         answers, code, _ = await streamed(native_port, [valid] * 3)
