@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.benchmarks.bench_inference import cpu_seconds, start_server, stop_server  # noqa: E402
+from tests.benchmarks.bench_inference import cpu_seconds, start_server, stop_server
 
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
@@ -60,7 +60,7 @@ def run_stream_load(target: str, inflight: int, duration_s: float, warmup_s: flo
             call = channel.stream_stream(STREAM)(send(), timeout=duration_s + warmup_s + 60)
             async for answer in call:
                 now = time.perf_counter()
-                if b"\x0a" == answer[:1]:  # error_message (field 1) set
+                if answer[:1] == b"\x0a":  # error_message (field 1) set
                     errors += 1
                 if now >= end:
                     outbox.put_nowait(None)
@@ -113,7 +113,7 @@ def main() -> int:
         servers = {kind: start_server(kind, repo) for kind in ("tensorwire", "tensorwire native")}
         try:
             load_before = os.getloadavg()
-            for kind, (proc, target) in servers.items():  # ready, and warm
+            for proc, target in servers.values():  # ready, and warm
                 measure(target, proc.pid, args.inflight, 1.0, 1.0)
             rows: dict[str, list[dict[str, float]]] = {kind: [] for kind in servers}
             for r in range(args.rounds):
