@@ -412,6 +412,9 @@ class Frontend : public grpc::CallbackGenericService {
     d["fallbacks"] = counters_.fallbacks.load();
     d["expired"] = counters_.expired.load();
     d["streams"] = counters_.streams.load();
+    // Calls, streams and stream messages alive and not yet in the graveyard: 0 once
+    // everything is answered (a reference never given back shows here).
+    d["unburied"] = live_calls_.load() - Buried();
     int64_t queued = 0, running = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);

@@ -82,6 +82,8 @@ def test_start_up_line_names_the_frontend(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert native.choose("auto", repository, 2, tls=True)[1].startswith("frontend: python (TLS is on")
     frontend, line = native.choose("auto", repository, 3, tls=False)
     assert frontend is not None and line == "frontend: native (grpc++ 1.51.1; 3 batch threads)"
+    line = native.choose("auto", repository, 3, tls=False, streams=False)[1]
+    assert line == "frontend: native (grpc++ 1.51.1; 3 batch threads; streams forwarded)"
 
 
 @needs_native
@@ -373,6 +375,17 @@ async def streamed(port: int, messages: list[bytes], hold: bool = False, **kw: o
     return answers, "OK", ""
 
 
+async def until_all_buried(app: InferenceApp) -> None:
+    """Every call, stream and stream message of the native frontend has given back its
+    references (is freed or in the graveyard)."""
+    assert app.frontend is not None
+    for _ in range(500):
+        if app.frontend.stats()["unburied"] == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"native objects still referenced: {app.frontend.stats()}")
+
+
 @needs_native
 async def test_native_stream_answers_exactly_as_python_does(tmp_path: Path) -> None:
     """One stream -- 300 valid messages at once (past the 256 in flight), the bad, the
@@ -437,6 +450,7 @@ async def test_native_stream_answers_exactly_as_python_does(tmp_path: Path) -> N
         assert await streamed(native_port, []) == await streamed(py_port, []) == ([], "OK", "")
         answers, code, _ = await streamed(native_port, [valid] * 3)
         assert code == "OK" and len(answers) == 3
+        await until_all_buried(app)
 
 
 @pytest.mark.parametrize("frontend", ["python", "native"])
@@ -500,6 +514,7 @@ async def test_stream_cancelled_mid_stream_releases_everything(frontend: str, tm
                     await asyncio.sleep(0.01)
                 assert stats["queued"] == 0 and stats["running"] == 0, stats
                 assert stats["streams"] == 2
+                await until_all_buried(app)
 
 
 @needs_native
