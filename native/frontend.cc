@@ -42,7 +42,6 @@ namespace {
 
 const char kInferMethod[] = "/inference.GRPCInferenceService/ModelInfer";
 const char kStreamMethod[] = "/inference.GRPCInferenceService/ModelStreamInfer";
-constexpr int64_t kMaxStreamInFlight = 256;  // services/inference/servicer.py's MAX_STREAM_IN_FLIGHT
 const char kBearer[] = "authorization";
 
 // -- model specs (from Python) -------------------------------------------------
@@ -247,8 +246,8 @@ class Call : public grpc::ServerGenericBidiReactor, public Item {
 // ModelInferRequest, answered (in completion order) by a ModelStreamInferResponse
 // with `infer_response`, or `error_message` "<CODE>: <message>" and the request's
 // model name, version and id; a bad request does not end the stream, a message that
-// does not parse does (its INVALID_ARGUMENT, from Python). At most 256 messages run
-// at once (reading waits). The stream ends OK after the client's half-close once
+// does not parse does (its INVALID_ARGUMENT, from Python). At most MAX_STREAM_IN_FLIGHT
+// (256) messages run at once (reading waits). The stream ends OK after the client's half-close once
 // every answer is written.
 //
 // A message it can prove valid goes into the same per-version queue as ModelInfer;
@@ -338,8 +337,9 @@ struct Counters {
 
 class Frontend : public grpc::CallbackGenericService {
  public:
-  Frontend(std::string backend, py::object hooks, int threads, bool auth, bool streams)
-      : hooks_(std::move(hooks)), threads_(threads), auth_(auth), streams_(streams) {
+  Frontend(std::string backend, py::object hooks, int threads, bool auth, bool streams, int64_t stream_in_flight)
+      : hooks_(std::move(hooks)), threads_(threads), auth_(auth), streams_(streams),
+        stream_in_flight_(stream_in_flight) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(-1);
     args.SetMaxSendMessageSize(-1);
@@ -450,6 +450,7 @@ class Frontend : public grpc::CallbackGenericService {
   }
 
   grpc::GenericStub* stub() { return stub_.get(); }
+  int64_t stream_in_flight() const { return stream_in_flight_; }
   void CallStarted() { live_calls_.fetch_add(1, std::memory_order_relaxed); }
   void CallEnded() { live_calls_.fetch_sub(1, std::memory_order_acq_rel); }
   static constexpr auto kGraveDelay = std::chrono::milliseconds(200);
@@ -831,6 +832,7 @@ class Frontend : public grpc::CallbackGenericService {
   py::object hooks_;
   int threads_;
   bool auth_, streams_;
+  int64_t stream_in_flight_;  // messages of one stream running at once (Python's MAX_STREAM_IN_FLIGHT)
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<grpc::GenericStub> stub_;
   std::unique_ptr<grpc::Server> server_;
@@ -1084,7 +1086,7 @@ void Stream::Unref() {
 
 void Stream::ReadMore() {
   if (reading_ || read_closed_ || finished_ || failed_ || cancelled_ || write_failed_) return;
-  if (in_flight_ >= kMaxStreamInFlight) {
+  if (in_flight_ >= frontend_->stream_in_flight()) {
     stalled_ = true;  // the next answer starts the read
     return;
   }
@@ -1315,8 +1317,8 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "tensorwire's native inference frontend (grpc++ from Debian); see native/frontend.cc";
   m.attr("GRPC_VERSION") = grpc::Version();
   py::class_<Frontend>(m, "Frontend")
-      .def(py::init<std::string, py::object, int, bool, bool>(), py::arg("backend"), py::arg("hooks"),
-           py::arg("threads"), py::arg("auth"), py::arg("streams"))
+      .def(py::init<std::string, py::object, int, bool, bool, int64_t>(), py::arg("backend"), py::arg("hooks"),
+           py::arg("threads"), py::arg("auth"), py::arg("streams"), py::arg("stream_in_flight"))
       .def("start", &Frontend::Start, py::arg("address"), py::arg("max_message_bytes"), py::arg("reuse_port"),
            py::call_guard<py::gil_scoped_release>())
       .def("stop", &Frontend::Stop, py::arg("grace_s"), py::call_guard<py::gil_scoped_release>())

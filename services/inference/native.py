@@ -43,6 +43,7 @@ from tensorwire.rpcnames import method_path
 from tensorwire.tensors import MAX_DIMS, NUMPY_DTYPES
 
 from .repository import ModelRepository
+from .servicer import MAX_STREAM_IN_FLIGHT
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,8 @@ class NativeFrontend:
         returns the bound port (0: cannot bind)."""
         hooks = NativeHooks(self._repo, authorizer, name)
         auth = authorizer is not None and authorizer.enabled
-        self._server = self._module.Frontend(f"127.0.0.1:{backend_port}", hooks, self._threads, auth, self._streams)
+        self._server = self._module.Frontend(f"127.0.0.1:{backend_port}", hooks, self._threads, auth, self._streams,
+                                             MAX_STREAM_IN_FLIGHT)
         port = int(self._server.start(address, max_message_bytes, reuse_port))
         if port:
             self._repo.on_change.append(self._changed)
