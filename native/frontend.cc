@@ -1,10 +1,11 @@
 // The native inference frontend: a grpc++ server (Debian's libgrpc++) inside the
-// Python process, owning its own threads. ModelInfer requests that it can prove
-// valid against the model's config are batched here and handed to Python once per
-// batch (contiguous numpy columns, zero-copy); every other call -- other RPCs,
-// streams, requests it cannot prove valid, bad tokens -- is forwarded byte for
-// byte to the Python gRPC server on a loopback port, which answers exactly as it
-// does without this frontend (one source of truth for statuses and messages).
+// Python process, owning its own threads. ModelInfer requests, and ModelStreamInfer
+// messages, that it can prove valid against the model's config are batched here and
+// handed to Python once per batch (contiguous numpy columns, zero-copy); every other
+// call -- other RPCs, requests it cannot prove valid (a stream's: one unary ModelInfer
+// each), bad tokens -- is forwarded byte for byte to the Python gRPC server on a
+// loopback port, which answers exactly as it does without this frontend (one source
+// of truth for statuses and messages).
 //
 // The rules it validates with come from the Python core (hooks.spec(model)): the
 // names, datatypes, dims, item sizes, max_batch_size, batching knobs. See
