@@ -76,7 +76,7 @@ class InferenceApp:
         # then binds the Python server to a loopback port behind it) or Python alone.
         self.frontend: NativeFrontend | None
         self.frontend, line = choose(settings.frontend, self.repository, settings.infer_threads,
-                                     tls=settings.server_tls() is not None)
+                                     tls=settings.server_tls() is not None, streams=settings.native_streams)
         log.info("%s", line)
         # HTTP/REST v2 beside gRPC: the same repository, batchers and errors.
         self.http: HttpEndpoint | None = None

@@ -90,6 +90,11 @@ class InferenceSettings(TorchServiceSettings):
              "Python per request, the other RPCs forwarded to the Python server on a loopback port), "
              "python (grpc.aio only), auto (native when built and TLS is off, else python; the default)",
     )
+    native_streams: bool = setting(
+        True, env="NATIVE_STREAMS",
+        help="with the native frontend: serve ModelStreamInfer natively too (its messages batched "
+             "with ModelInfer); off: streams are forwarded to the Python server",
+    )
     cache_config: CacheConfig | None = setting(
         None, env="CACHE_CONFIG", repeatable=True, parse=parse_cache_config,
         help="response cache, Triton's form <cache>,<key>=<value>: local,size=<bytes> "

@@ -86,6 +86,8 @@ async def test_tritonclient_calls_every_rpc(model: str, repo: Path, tmp_path: Pa
     async with serving(app, "inference") as server:
         out = str(tmp_path / "report")
         await asyncio.to_thread(run_client, "rpcs", f"127.0.0.1:{server.port}", model, "run-42", out)
+        if app.frontend is not None:  # tritonclient's stream was served natively
+            assert app.frontend.stats()["streams"] == 1
     report = json.loads(Path(out + ".json").read_text())
     arrays = dict(np.load(out + ".npz"))
 
