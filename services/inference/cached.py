@@ -97,11 +97,13 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
         outs = _merge_answers(version, ran, misses, found, bounds)
     stored = time.perf_counter()
     names = [t.name for t in version.outputs]
+    writes = []
     for i in misses:
         picked = [names.index(name) for name in wanted[i]] if wanted[i] else range(len(names))
-        cache.put_from_thread(keys[i], encode_tensors(
+        writes.append((keys[i], encode_tensors(
             [Tensor(names[j], version.outputs[j].datatype, outs[j][bounds[i] : bounds[i + 1]]) for j in picked]
-        ), loop)
+        )))
+    cache.put_many_from_thread(writes, loop)
     stats = version.stats
     if found:
         stats.cache_hit.add(lookup_s * len(found), len(found))

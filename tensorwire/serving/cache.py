@@ -13,7 +13,7 @@ Triton's response cache, in its conventions:
 
 Two backends behind one interface (:class:`ResponseCache`): ``await get(key)`` and
 ``put(key, value)`` on the event loop, ``lookup_from_thread(keys, loop)`` and
-``put_from_thread(key, value, loop)`` for the native frontend's batch threads:
+``put_many_from_thread(items, loop)`` for the native frontend's batch threads:
 
 - :class:`LocalCache`: a byte-bounded LRU in the process (each ``--workers``
   process has its own), behind a lock that is only ever held for a dict operation;
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import binascii
 import collections
 import concurrent.futures
 import contextlib
@@ -436,9 +437,15 @@ class ResponseCache(abc.ABC):
     async def _get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         return list(await asyncio.gather(*(self.get(key) for key in keys)))
 
-    def put_from_thread(self, key: bytes, value: bytes, loop: asyncio.AbstractEventLoop) -> None:
-        """``put`` from a thread that is not ``loop``'s; does not wait."""
-        loop.call_soon_threadsafe(self.put, key, value)
+    def put_many_from_thread(self, items: Sequence[tuple[bytes, bytes]], loop: asyncio.AbstractEventLoop) -> None:
+        """``put`` of each (key, value) from a thread that is not ``loop``'s, in one hop
+        (one wake-up of the loop for a whole batch); does not wait."""
+        if items:
+            loop.call_soon_threadsafe(self._put_many, items)
+
+    def _put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        for key, value in items:
+            self.put(key, value)
 
     async def flush(self) -> None:  # noqa: B027 - a backend without buffered writes keeps it
         """Wait until every write made so far has reached the backend."""
@@ -513,8 +520,8 @@ class LocalCache(ResponseCache):
     def lookup_from_thread(self, keys: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> list[bytes | None]:
         return [self._get(key) for key in keys]
 
-    def put_from_thread(self, key: bytes, value: bytes, loop: asyncio.AbstractEventLoop) -> None:
-        self.put(key, value)
+    def put_many_from_thread(self, items: Sequence[tuple[bytes, bytes]], loop: asyncio.AbstractEventLoop) -> None:
+        self._put_many(items)
 
     def put(self, key: bytes, value: bytes) -> None:
         cost = self._cost(key, value)
@@ -567,6 +574,18 @@ return #KEYS
 """Many ``SET key value [EX ttl]`` in one call (KEYS: keys; ARGV: ttl, then the values)."""
 
 
+_KEY_PREFIX = KEY_PREFIX.encode()
+
+
+def _redis_key(key: bytes) -> bytes:
+    return _KEY_PREFIX + binascii.hexlify(key)
+
+
+def _resolve(future: asyncio.Future[list[bytes | None]], values: list[bytes | None]) -> None:
+    if not future.done():  # its request may have been cancelled meanwhile
+        future.set_result(values)
+
+
 class RedisCache(ResponseCache):
     """Entries in Redis with a TTL, shared by every replica; an outage reads as misses.
 
@@ -601,6 +620,7 @@ class RedisCache(ResponseCache):
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+        from redis.exceptions import NoScriptError
 
         super().__init__(config.max_entry_bytes)
         self.config = config
@@ -625,16 +645,17 @@ class RedisCache(ResponseCache):
         self._down_until: float | None = None
         """None while Redis answers; else when the next probe may go."""
         self._probing = False
-        self._lookups: list[tuple[str, asyncio.Future[bytes | None]]] = []
-        """Lookups waiting for their MGET."""
+        self._lookups: list[tuple[Sequence[bytes], Any]] = []
+        """Lookups waiting for their MGET: (keys of a request or a batch, deliver(values))."""
         self._mget_in_flight = False
-        self._writes: list[tuple[str, bytes]] = []
+        self._writes: list[tuple[bytes, bytes]] = []
         """Writes of this loop iteration, waiting for their pipeline."""
         self._pending_writes = 0
         """Writes waiting or in flight."""
         self._write_delay_s = write_delay_s
         self._write_timer: asyncio.TimerHandle | None = None
         self._commands: set[asyncio.Task[None]] = set()
+        self._no_script = NoScriptError
         self._set_many = self._client.register_script(_SET_MANY)
         """Loaded on first use and again after a Redis restart (redis-py handles NOSCRIPT)."""
 
@@ -687,43 +708,110 @@ class RedisCache(ResponseCache):
             self.stats.bypassed += 1
             self.stats.misses += 1
             return None
-        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-        self._lookups.append((KEY_PREFIX + key.hex(), future))
-        if len(self._lookups) == 1 and not self._mget_in_flight:
-            self._mget_in_flight = True  # claimed now; sent once this loop iteration's lookups joined
-            asyncio.get_running_loop().call_soon(self._send_lookups)
-        value = await future
+        future: asyncio.Future[list[bytes | None]] = asyncio.get_running_loop().create_future()
+        self._queue_lookup((key,), functools.partial(_resolve, future))
+        (value,) = await future
         if value is None:
             self.stats.misses += 1
             return None
         self.stats.hits += 1
         return value
 
+    def lookup_from_thread(self, keys: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> list[bytes | None]:
+        """The keys join the next MGET as one group: one hop to the loop, no task per key."""
+        done: concurrent.futures.Future[list[bytes | None]] = concurrent.futures.Future()
+        loop.call_soon_threadsafe(self._lookup_for_thread, keys, done)
+        try:
+            return done.result(timeout=self.thread_timeout_s)
+        except concurrent.futures.TimeoutError:  # the loop is stuck: misses, not a stuck batch
+            done.cancel()
+            self.stats.errors += 1
+            return [None] * len(keys)
+
+    def _lookup_for_thread(self, keys: Sequence[bytes],
+                           done: concurrent.futures.Future[list[bytes | None]]) -> None:
+        if not done.set_running_or_notify_cancel():
+            return
+        if not self._may_try():
+            self.stats.bypassed += len(keys)
+            self.stats.misses += len(keys)
+            done.set_result([None] * len(keys))
+            return
+        self._queue_lookup(keys, functools.partial(self._deliver_to_thread, done))
+
+    def _deliver_to_thread(self, done: concurrent.futures.Future[list[bytes | None]],
+                           values: list[bytes | None]) -> None:
+        found = sum(value is not None for value in values)
+        self.stats.hits += found
+        self.stats.misses += len(values) - found
+        done.set_result(values)
+
+    def _queue_lookup(self, keys: Sequence[bytes], deliver: Any) -> None:
+        """``deliver(values)`` once the MGET that carries ``keys`` answered (None: missing
+        or failed)."""
+        self._lookups.append((keys, deliver))
+        if not self._mget_in_flight:
+            self._mget_in_flight = True  # claimed now; sent once this loop iteration's lookups joined
+            asyncio.get_running_loop().call_soon(self._send_lookups)
+
     def _send_lookups(self) -> None:
         batch, self._lookups = self._lookups, []
         if batch:
-            self._spawn(self._mget(batch))
+            self._spawn(self._mget(batch, self._take_writes()))
         else:
             self._mget_in_flight = False
 
-    async def _mget(self, batch: list[tuple[str, asyncio.Future[bytes | None]]]) -> None:
+    async def _mget(self, batch: list[tuple[Sequence[bytes], Any]], writes: list[tuple[bytes, bytes]]) -> None:
+        """One round trip: the MGET of ``batch``'s keys and, in the same pipeline after it,
+        the writes waiting (nobody waits for those; Redis answers them in microseconds)."""
         values: list[Any] = []
+        stored: Any = None
         self.stats.commands += 1
         try:
-            values = await self._client.mget([key for key, _ in batch])
+            keys = [_redis_key(key) for group, _ in batch for key in group]
+            if writes:
+                pipe = self._client.pipeline(transaction=False)
+                pipe.mget(keys)
+                # EVALSHA, not the Script object: a pipeline checks its scripts with an
+                # extra round trip first; a NOSCRIPT (Redis restarted) is handled below.
+                pipe.execute_command("EVALSHA", self._set_many.sha, len(writes), *(key for key, _ in writes),
+                                     self.config.ttl_s, *(value for _, value in writes))
+                values, stored = await pipe.execute(raise_on_error=False)
+                if isinstance(values, Exception):
+                    raise values
+            else:
+                values = await self._client.mget(keys)
         except asyncio.CancelledError:
             self._probing = False
             raise
         except Exception as exc:  # redis errors, OSError, timeouts: never the request's failure
             self._failed("MGET", exc)
+            stored = exc
         else:
             self._succeeded()
         finally:
-            for index, (_, future) in enumerate(batch):
-                if not future.done():
-                    found = values[index] if index < len(values) else None
-                    future.set_result(bytes(found) if found is not None else None)
+            at = 0
+            for group, deliver in batch:
+                n = len(group)
+                part = values[at : at + n] if at + n <= len(values) else [None] * n
+                at += n
+                deliver([v if v is None or type(v) is bytes else bytes(v) for v in part])
+            if writes:
+                self._written(writes, stored)
             self._send_lookups()  # those that came meanwhile (or none: nothing in flight)
+
+    def _written(self, writes: list[tuple[bytes, bytes]], reply: Any) -> None:
+        """Account for writes that rode along with an MGET (``reply``: the script's, or the error)."""
+        if isinstance(reply, self._no_script) and self._down_until is None:
+            self._spawn(self._set(writes))  # loads the script (Redis restarted and lost it)
+            return
+        self._pending_writes -= len(writes)
+        if isinstance(reply, BaseException):
+            if self._down_until is None:  # the MGET succeeded: the script call alone failed
+                self._failed("SET", reply)
+            return
+        self.stats.inserts += len(writes)
+        self.stats.inserted_bytes += sum(len(value) for _, value in writes)
 
     def put(self, key: bytes, value: bytes) -> None:
         if not self._fits(value):
@@ -735,19 +823,24 @@ class RedisCache(ResponseCache):
             self.stats.dropped_writes += 1
             return
         self._pending_writes += 1
-        self._writes.append((KEY_PREFIX + key.hex(), value))
+        self._writes.append((_redis_key(key), value))
         if len(self._writes) == 1:
             self._write_timer = asyncio.get_running_loop().call_later(self._write_delay_s, self._send_writes)
 
-    def _send_writes(self) -> None:
+    def _take_writes(self) -> list[tuple[bytes, bytes]]:
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
         batch, self._writes = self._writes, []
+        return batch
+
+    def _send_writes(self) -> None:
+        """The writes that no MGET took along within ``write_delay_s``, on their own."""
+        batch = self._take_writes()
         if batch:
             self._spawn(self._set(batch))
 
-    async def _set(self, batch: list[tuple[str, bytes]]) -> None:
+    async def _set(self, batch: list[tuple[bytes, bytes]]) -> None:
         ttl = self.config.ttl_s or None
         self.stats.commands += 1
         try:
@@ -765,7 +858,7 @@ class RedisCache(ResponseCache):
         self.stats.inserted_bytes += sum(len(value) for _, value in batch)
 
     async def flush(self) -> None:
-        await asyncio.sleep(0)  # runs the writes other threads handed over (put_from_thread)
+        await asyncio.sleep(0)  # runs the writes other threads handed over (put_many_from_thread)
         while self._commands or self._lookups or self._writes:
             self._send_writes()  # now, not after the write delay
             await asyncio.sleep(0)  # lets the scheduled lookups start

@@ -152,7 +152,7 @@ def test_the_local_cache_serves_other_threads() -> None:
         for round_ in range(200):
             key = keys[(offset + round_) % len(keys)]
             if cache.lookup_from_thread([key], loop)[0] is None:
-                cache.put_from_thread(key, key * 4, loop)
+                cache.put_many_from_thread([(key, key * 4)], loop)
 
     threads = [threading.Thread(target=worker, args=(i * 7,)) for i in range(4)]
     for t in threads:
