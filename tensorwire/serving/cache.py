@@ -20,7 +20,7 @@ Two backends behind one interface (:class:`ResponseCache`): ``await get(key)`` a
 - :class:`RedisCache`: shared by every replica, keys with a TTL. Redis being
   down never fails a request: a failed command counts an error and reads as a
   miss, then the cache is bypassed for a backoff period (50 ms doubling to 2 s)
-  after which one request probes it again; redis-py reconnects on demand.
+  after which one request probes it again, on a new connection.
 
 Values are the answer's tensors in a small binary form (:func:`encode_tensors`),
 so both backends hold bytes and the local cache's bound is exact. Writes never
@@ -741,19 +741,22 @@ class RedisCache(ResponseCache):
     """Entries in Redis with a TTL, shared by every replica; an outage reads as misses.
 
     Round trips are shared: one ``MGET`` is in flight at a time and the lookups made
-    meanwhile wait for it and go together in the next (no timer: an idle server's
-    lookup goes at once, a busy one's fill the next MGET, as the request batcher
-    fills batches); writes wait up to ``write_delay_s`` (nobody waits for them) and go as one
-    script call (``SET key value EX ttl`` for each). Under load a request's share is
-    a fraction of a round trip, which is what costs on the server's CPU (redis-py's
-    Python and two system calls per command), not Redis. A standalone Redis (or a
+    meanwhile (a request's key, or a native batch's keys as one group) wait for it and
+    go together in the next (no timer: an idle server's lookup goes at once, a busy
+    one's fill the next MGET, as the request batcher fills batches). Writes (nobody
+    waits for them) ride along: the next MGET's round trip carries them after it, as
+    one script call (``SET key value EX ttl`` for each); those no MGET took within
+    ``write_delay_s`` go on their own. Under load a request's share is a fraction of a
+    round trip, which is what costs on the server's CPU (Python and two system calls
+    per round trip), not Redis. The connection is this module's own (:class:`_RedisLink`:
+    pipelined, hiredis in C), not a client library's. A standalone Redis (or a
     primary), not Redis Cluster: one call's keys may lie in different slots.
 
     After a failed command the cache is bypassed for a backoff period (``initial_backoff_s``
     doubling to ``max_backoff_s``); then the next lookup probes Redis (one at a time) and
-    a success ends the outage. Connections are redis-py's pool's: a broken one is
-    dropped and a new one made on the next command. ``stats.errors`` counts failed
-    commands (one MGET may have carried several lookups).
+    a success ends the outage. A broken or timed-out connection is dropped and a new
+    one made by the next round trip. ``stats.errors`` counts failed round trips (one
+    MGET may have carried several lookups).
     """
 
     kind = "redis"
