@@ -303,6 +303,42 @@ class RequestKeys:
         return h.digest()
 
 
+    def batch_keys(self, inputs: Sequence[tuple[str, str]], columns: Sequence[np.ndarray],
+                   bounds: Sequence[int], outputs: Sequence[Sequence[str]]) -> list[bytes]:
+        """The key of each request of a batch, the same as :meth:`key` gives: request
+        ``i`` is rows ``bounds[i]:bounds[i + 1]`` of every column (``inputs``: each
+        column's name and datatype; fixed-size datatypes) and asked for ``outputs[i]``.
+        What repeats between the requests (heads, shapes, output names) is packed once."""
+        order = sorted(range(len(inputs)), key=lambda j: inputs[j][0])
+        data = []
+        for j in order:
+            column = np.ascontiguousarray(columns[j])
+            row_bytes = column.nbytes // column.shape[0] if column.shape[0] else 0
+            data.append((inputs[j][0], inputs[j][1], column.shape[1:], row_bytes,
+                         column.reshape(-1).view(np.uint8).data))
+        heads: dict[int, list[bytes]] = {}
+        tails: dict[tuple[str, ...], bytes] = {}
+        keys = []
+        for i, wanted in enumerate(outputs):
+            start, stop = bounds[i], bounds[i + 1]
+            rows = stop - start
+            head = heads.get(rows)
+            if head is None:
+                head = heads[rows] = [_tensor_head(name, datatype, (rows, *inner)) + _LEN.pack(rows * row_bytes)
+                                      for name, datatype, inner, row_bytes, _ in data]
+                head[0] = _LEN.pack(len(inputs)) + head[0]
+            tail = tails.get(tuple(wanted))
+            if tail is None:
+                tail = tails[tuple(wanted)] = _LEN.pack(len(wanted)) + b"".join(_prefixed(n) for n in wanted)
+            h = self._base.copy()
+            for part, (_, _, _, row_bytes, raw) in zip(head, data):
+                h.update(part)
+                h.update(raw[start * row_bytes : stop * row_bytes])
+            h.update(tail)
+            keys.append(h.digest())
+        return keys
+
+
 def _name(tensor: NamedArray) -> str:
     return tensor.name
 
@@ -329,6 +365,16 @@ def encode_tensors(tensors: Sequence[NamedArray]) -> bytes:
             dtype = NUMPY_DTYPES[tensor.datatype]
             payload = (array if array.dtype == dtype else array.astype(dtype)).tobytes()  # C order
         parts += [_value_head(tensor.name, tensor.datatype, array.shape, len(payload)), payload]
+    return b"".join(parts)
+
+
+def encode_rows(columns: Sequence[tuple[str, str, np.ndarray]], start: int, stop: int) -> bytes:
+    """:func:`encode_tensors` of rows ``start:stop`` of each (name, datatype, column);
+    the columns C-contiguous in their datatype's dtype, fixed-size (a batch's outputs)."""
+    parts: list[bytes | memoryview] = [_HEAD.pack(_FORMAT, len(columns))]
+    for name, datatype, column in columns:
+        payload = column[start:stop].data
+        parts += [_value_head(name, datatype, (stop - start, *column.shape[1:]), payload.nbytes), payload]
     return b"".join(parts)
 
 
