@@ -601,6 +601,9 @@ class LocalCache(ResponseCache):
 
 KEY_PREFIX = "tensorwire:response:"
 """Every key the Redis cache writes starts with this (``redis-cli --scan --pattern``)."""
+THREAD_WRITES_DELAY_S = 0.05
+"""How long the writes of a native batch thread may wait for the next lookup to take
+them to the loop, before a timer does."""
 MAX_PENDING_WRITES = 1024
 """Redis writes waiting or in flight at once; more are dropped (and counted), never queued."""
 
@@ -840,6 +843,10 @@ class RedisCache(ResponseCache):
         """Writes waiting or in flight."""
         self._write_delay_s = write_delay_s
         self._write_timer: asyncio.TimerHandle | None = None
+        self._handed: list[tuple[bytes, bytes]] = []
+        """Writes the native frontend's batch threads handed over, not yet taken by the loop."""
+        self._handed_lock = threading.Lock()
+        self._handover_armed = False
         self._commands: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -913,6 +920,7 @@ class RedisCache(ResponseCache):
 
     def _lookup_for_thread(self, keys: Sequence[bytes],
                            done: concurrent.futures.Future[list[bytes | None]]) -> None:
+        self._take_handed()  # the writes of earlier batches ride along with this lookup
         if not done.set_running_or_notify_cancel():
             return
         if not self._may_try():
@@ -928,6 +936,38 @@ class RedisCache(ResponseCache):
         self.stats.hits += found
         self.stats.misses += len(values) - found
         done.set_result(values)
+
+    def put_many_from_thread(self, items: Sequence[tuple[bytes, bytes]], loop: asyncio.AbstractEventLoop) -> None:
+        """Handed over without waking the loop: the next batch's lookup (a hop to the
+        loop anyway) takes them along, else a timer armed by the first of them after
+        ``THREAD_WRITES_DELAY_S`` (one wake-up per period at most, not one per batch)."""
+        if not items:
+            return
+        with self._handed_lock:
+            self._handed += items
+            arm = not self._handover_armed
+            self._handover_armed = True
+        if arm:
+            loop.call_soon_threadsafe(self._arm_handover)
+
+    def _arm_handover(self) -> None:
+        asyncio.get_running_loop().call_later(THREAD_WRITES_DELAY_S, self._handover_due)
+
+    def _handover_due(self) -> None:
+        with self._handed_lock:
+            items, self._handed = self._handed, []
+            if not items:
+                self._handover_armed = False  # the next write from a thread arms it again
+        if items:
+            self._put_many(items)
+            self._send_writes()  # no lookup came to take them: they have waited long enough
+            self._arm_handover()
+
+    def _take_handed(self) -> None:
+        if self._handed:
+            with self._handed_lock:
+                items, self._handed = self._handed, []
+            self._put_many(items)
 
     def _queue_lookup(self, keys: Sequence[bytes], deliver: Any) -> None:
         """``deliver(values)`` once the MGET that carries ``keys`` answered (None: missing
@@ -1028,7 +1068,8 @@ class RedisCache(ResponseCache):
         self._written(batch, reply, loaded=load)
 
     async def flush(self) -> None:
-        await asyncio.sleep(0)  # runs the writes other threads handed over (put_many_from_thread)
+        await asyncio.sleep(0)  # runs what other threads scheduled
+        self._take_handed()
         while self._commands or self._lookups or self._writes:
             self._send_writes()  # now, not after the write delay
             await asyncio.sleep(0)  # lets the scheduled lookups start

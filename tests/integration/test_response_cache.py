@@ -499,3 +499,30 @@ async def test_redis_that_never_answers_times_out_as_a_miss() -> None:
         server.close()
         for writer in connections:
             writer.close()
+
+
+@needs_redis
+async def test_redis_writes_from_batch_threads_go_with_the_next_lookup_or_a_timer(
+    redis_server: RedisServer,
+) -> None:
+    """A native batch thread's writes do not wake the loop each: the next lookup takes
+    them along, or, when none comes, the timer the first of them armed."""
+    cache = RedisCache(RedisCacheConfig(host="127.0.0.1", port=redis_server.port), write_delay_s=60.0)
+    loop = asyncio.get_running_loop()
+    keys = [bytes([i]) * 16 for i in range(4)]
+    try:
+        await asyncio.to_thread(cache.put_many_from_thread, [(keys[0], b"zero"), (keys[1], b"one")], loop)
+        deadline = time.monotonic() + 5.0
+        while cache.stats.inserts < 2:  # no lookup, no flush: the timer sends them
+            assert time.monotonic() < deadline, repr(cache)
+            await asyncio.sleep(0.01)
+        commands = cache.stats.commands
+        await asyncio.to_thread(cache.put_many_from_thread, [(keys[2], b"two"), (keys[3], b"three")], loop)
+        found = await asyncio.to_thread(cache.lookup_from_thread, keys, loop)
+        assert found[:2] == [b"zero", b"one"]
+        assert cache.stats.commands == commands + 1  # the MGET carried the two writes
+        await cache.flush()
+        assert cache.stats.inserts == 4
+        assert await asyncio.to_thread(cache.lookup_from_thread, keys[2:], loop) == [b"two", b"three"]
+    finally:
+        await cache.aclose()
