@@ -659,8 +659,8 @@ def redis_cache_work_us(port: int, requests: int = 4000, concurrency: int = 16) 
 
     import numpy as np
 
-    from tensorwire.cache import RedisCache, RedisCacheConfig, encode_tensors
-    from tensorwire.tensors import Tensor
+    from tensorwire.data.tensors import Tensor
+    from tensorwire.serving.cache import RedisCache, RedisCacheConfig, encode_tensors
 
     value = encode_tensors([Tensor("logits", "FP32", np.zeros((1, 2), np.float32))])
     out: dict[str, float] = {}
