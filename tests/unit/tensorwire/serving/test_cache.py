@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from tensorwire.serving.cache import (
     RedisCacheConfig,
     RequestKeys,
     decode_tensors,
+    encode_rows,
     encode_tensors,
     parse_cache_config,
 )
@@ -139,6 +141,26 @@ def test_a_key_does_not_depend_on_the_order_inputs_are_listed_in() -> None:
     assert keys.key([a, b]) != keys.key([_t("a", b.array), _t("b", a.array)])  # names still bind bytes
 
 
+def test_a_native_batchs_keys_and_values_are_those_of_its_requests() -> None:
+    """The native frontend keys and encodes a batch's requests from its columns at once:
+    the same keys and values as the Python path computes request by request."""
+    keys = RequestKeys("pair", 1, "fp")
+    rng = np.random.default_rng(3)
+    rows = [1, 3, 1, 2]
+    bounds = [0, 1, 4, 5, 7]
+    b = rng.random((7, 3), dtype=np.float32)  # the config lists b first: keys sort by name
+    a = rng.integers(0, 9, (7, 2, 2)).astype(np.int64)
+    outputs = [(), ("y",), ("y", "x"), ()]
+    batch = keys.batch_keys([("b", "FP32"), ("a", "INT64")], [b, a], bounds, outputs)
+    one_by_one = [keys.key([_t("b", b[s:e]), _t("a", a[s:e], "INT64")], out)
+                  for s, e, out in zip(bounds, bounds[1:], outputs)]
+    assert batch == one_by_one and len(set(batch)) == len(rows)
+    x, y = rng.random((7, 2), dtype=np.float32), np.arange(7, dtype=np.int32)
+    for s, e in itertools.pairwise(bounds):
+        assert encode_rows([("x", "FP32", x), ("y", "INT32", y)], s, e) == encode_tensors(
+            [_t("x", x[s:e]), _t("y", y[s:e], "INT32")])
+
+
 def test_the_local_cache_serves_other_threads() -> None:
     """The native frontend's batch threads look up and store directly (one lock)."""
     import asyncio
@@ -152,7 +174,7 @@ def test_the_local_cache_serves_other_threads() -> None:
         for round_ in range(200):
             key = keys[(offset + round_) % len(keys)]
             if cache.lookup_from_thread([key], loop)[0] is None:
-                cache.put_from_thread(key, key * 4, loop)
+                cache.put_many_from_thread([(key, key * 4)], loop)
 
     threads = [threading.Thread(target=worker, args=(i * 7,)) for i in range(4)]
     for t in threads:
