@@ -102,6 +102,11 @@ class Task(ABC):
     """The metric a run is judged by: the runs table shows its best value so far."""
     higher_is_better: bool = False
     """Whether ``main_metric`` improves upwards (accuracy) or downwards (loss)."""
+    max_view_fps: float | None = None
+    """At most this many views a second of this task's runs (None: the trainer's
+    ``--max-fps``). A view that takes milliseconds to build can ask for fewer: the
+    trainer spends up to ``--view-cpu-budget`` of a core on views, and each view also
+    costs the training thread a little beyond its build (the GIL, caches)."""
 
     # -- hyper-parameters -------------------------------------------------
     def param(self, name: str) -> Param:

@@ -42,6 +42,10 @@ class DigitsTask(Task):
               model_arg=True),
     )
     defaults = {"learning_rate": 1e-3, "batch_size": 64}
+    max_view_fps = 4.0
+    """A grid of 32 digits and their predicted labels: four new ones a second are
+    plenty to watch, and each costs ~3.5 ms to build (a pinned trainer at ten a
+    second, its 2 % view budget used up, trained 3-5 % slower while watched)."""
     accuracy_chunks = 8
     """The test set's accuracy is measured a slice at a time: each picture runs the
     model on its 32 shown images plus the next eighth of the other 328 in one forward

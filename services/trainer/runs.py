@@ -130,6 +130,10 @@ class Run:
         return self.task.name
 
     @property
+    def max_view_fps(self) -> float | None:
+        return self.task.max_view_fps
+
+    @property
     def status(self) -> LiveStatus:
         """The latest step, rate, metrics and error (never blocks training)."""
         return self.loop.status

@@ -63,7 +63,9 @@ class ViewBuilds:
         # was tried: after a streamer restart the first live view then came late in
         # 2-5 of 8 runs of test_streamer_restart_publisher_reconnects, against 0 of 6.)
         still = state in TERMINAL or state == cpb.RUN_STATE_PAUSED
-        self.pacer.started(run_id, now, self.streams.demand_fps(run_id), last=still)
+        # the viewers' demand and the task's own cap (0 / None: none)
+        caps = [fps for fps in (self.streams.demand_fps(run_id), run.max_view_fps) if fps]
+        self.pacer.started(run_id, now, min(caps, default=0.0), last=still)
         task = asyncio.create_task(self._build(run), name=f"view-{run_id}")
         self._building[run_id] = task
         task.add_done_callback(lambda _: self._building.pop(run_id, None))
