@@ -1031,8 +1031,11 @@ void StreamItem::Reply(inference::ModelInferResponse* response) {
 }
 
 void StreamItem::Fail(grpc::StatusCode code, const std::string& message) {
-  // Cancelled or past the stream's deadline: the stream is over, nothing to say.
-  if (code == grpc::StatusCode::CANCELLED || code == grpc::StatusCode::DEADLINE_EXCEEDED)
+  // Cancelled, or past the stream's deadline: the stream is over, nothing to say. A
+  // DEADLINE_EXCEEDED of this message alone (Python's: a lazy model's load took too
+  // long) is answered, as the servicer answers it.
+  if (code == grpc::StatusCode::CANCELLED || stream_->cancelled() ||
+      (code == grpc::StatusCode::DEADLINE_EXCEEDED && Clock::now() >= stream_->deadline()))
     return stream_->Answer(this, nullptr, nullptr);
   inference::ModelStreamInferResponse answer;  // as the servicer words a TensorwireError
   answer.set_error_message(CodeName(code) + ": " + message);
@@ -1121,16 +1124,20 @@ void Stream::Forward(StreamItem* item) {
   item->context = std::make_unique<grpc::ClientContext>();
   for (const auto& [key, value] : metadata_) item->context->AddMetadata(key, value);
   if (wall_deadline_ != std::chrono::system_clock::time_point::max()) item->context->set_deadline(wall_deadline_);
+  bool cancel;
   {
     std::lock_guard<std::mutex> lock(mu_);
     forwards_[item] = true;
+    cancel = cancelled_;  // OnCancel cancels the forwards it finds; this one it may miss
   }
-  frontend_->stub()->UnaryCall(item->context.get(), method, grpc::StubOptions(), &item->first, &item->out,
-                               [item](grpc::Status status) { item->Forwarded(status); });
-  // The client left meanwhile: cancel it, unless it is answered already (then it is
-  // no longer in forwards_, and may be buried: not touched).
-  std::lock_guard<std::mutex> lock(mu_);
-  if (cancelled_ && forwards_.count(item)) item->context->TryCancel();
+  // A ClientContext cancelled before its call starts cancels the call when it starts.
+  if (cancel) item->context->TryCancel();
+  auto* stub = frontend_->stub();
+  // The last touch: once started, the call may complete, answer the item and give
+  // back the stream's last reference at once (from a batch thread nothing else holds
+  // one), so neither this stream nor the item may be touched after it.
+  stub->UnaryCall(item->context.get(), method, grpc::StubOptions(), &item->first, &item->out,
+                  [item](grpc::Status status) { item->Forwarded(status); });
 }
 
 void Stream::Answer(StreamItem* item, grpc::ByteBuffer* bytes, const grpc::Status* end) {
