@@ -284,3 +284,38 @@ def test_a_store_from_before_the_coarse_levels_gets_them_on_open(store: RunStore
             cur.execute(f"DROP TABLE scalar_blocks_{steps}")
     store.close()
     assert _levels_match_points(store, "older") == 1 + len(COARSE_STEPS)  # re-opened: built once
+
+
+def test_a_batch_of_many_series_and_runs_with_rewritten_steps_stays_exact(store: RunStore) -> None:
+    """One batch holds many series of several runs (PostgreSQL writes each block level
+    of all of them in one statement); steps written again in a later batch replace
+    only themselves, also between sparse steps and after a truncation."""
+    store.put_runs([rec("m1"), rec("m2")])
+    names = [f"metric_{i}" for i in range(12)]
+    want: dict[tuple[str, str, int], float] = {}
+    seen: dict[tuple[str, str], list[float]] = {}  # extremes: every value written since a cut
+
+    def write(points: list[tuple[str, str, int, float]]) -> None:
+        store.add_scalars(points)
+        want.update({(r, n, s): v for r, n, s, v in points})
+        for r, n, _, v in points:
+            seen.setdefault((r, n), []).append(v)
+
+    write([(r, n, s, float(s * (i + 1))) for r in ("m1", "m2") for i, n in enumerate(names)
+           for s in range(1, 701)] + [("m1", "sparse", s, float(s)) for s in range(10, 1001, 10)])
+    # Rewritten steps in a later batch, mid-block and across blocks, of a few series;
+    # steps between sparse ones; new steps after the end.
+    write([("m1", "metric_3", s, -float(s)) for s in range(95, 140)]
+          + [("m2", "metric_0", 1, 1e6), ("m1", "sparse", 15, 0.25), ("m1", "sparse", 500, 7.0)]
+          + [("m2", "metric_11", s, 0.5) for s in range(701, 750)])
+    store.truncate_scalars("m1", 333)  # a resumed run: its history cut back, then rewritten
+    want = {k: v for k, v in want.items() if k[0] != "m1" or k[2] <= 333}
+    for key in [k for k in seen if k[0] == "m1"]:
+        seen[key] = [v for k, v in want.items() if k[:2] == key]
+    write([("m1", n, s, 3.0) for n in names[:5] for s in range(300, 400)])
+    for run_id in ("m1", "m2"):
+        got = {(run_id, n, b.step): b.mean for n, bs in store.scalars(run_id, 10_000).items() for b in bs}
+        assert got == {k: v for k, v in want.items() if k[0] == run_id}, run_id
+        assert _levels_match_points(store, run_id) == 1 + len(COARSE_STEPS)
+        assert store.extremes([run_id]) == {
+            k: (min(v), max(v)) for k, v in seen.items() if k[0] == run_id}, run_id
