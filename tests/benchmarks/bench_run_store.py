@@ -15,8 +15,9 @@
    per series: time and the bytes of the GetRunScalars answer (SQLite).
 3. Memory: RSS of one process holding a real trainer and a real streamer (gRPC on
    sockets, a viewer subscribing to each run) over ``--cycles`` start -> complete ->
-   released cycles; RSS after the first 10 % of cycles vs at the end (goal: within
-   10 %), and the ``run-<id>`` models left (``--keep-runs``).
+   released cycles; RSS after the first cycle, 10 % and each quarter of them; after
+   the first 10 % vs at the end (goal: within 10 %), and the ``run-<id>`` models
+   left (``--keep-runs``).
 
 The machine is shared and noisy: read the ratios, not the absolute numbers.
 """
@@ -221,6 +222,8 @@ async def bench_memory(cycles: int, keep_runs: int) -> None:
                     grpc.aio.insecure_channel(f"127.0.0.1:{s_port}") as sch:
                 tstub, sstub = tpb_grpc.TrainerServiceStub(tch), spb_grpc.StreamerServiceStub(sch)
                 marks: list[tuple[int, float]] = []
+                # The curve: the first cycle, 10 % (the reference: caches warm), every quarter.
+                curve_at = {1, max(1, cycles // 10), *(cycles * q // 4 for q in (1, 2, 3, 4))}
                 stalls: list[str] = []
                 started = time.perf_counter()
                 for i in range(1, cycles + 1):
@@ -240,10 +243,12 @@ async def bench_memory(cycles: int, keep_runs: int) -> None:
                                       f"{cpb.RunState.Name(stored.state)} at step {stored.step}")
                         print("   STALL", stalls[-1], flush=True)
                     call.cancel()
-                    if i == max(1, cycles // 10) or i == cycles:
+                    if i in curve_at:
                         await asyncio.sleep(1.5)  # releases and pruning happen
                         marks.append((i, rss_mib()))
-                (first_i, first), (last_i, last) = marks[0], marks[-1]
+                        print(f"   after {i} cycles: RSS {marks[-1][1]:.0f} MiB", flush=True)
+                (first_i, first) = next(m for m in marks if m[0] == max(1, cycles // 10))
+                (last_i, last) = marks[-1]
                 models = [m for m in modelrepo.list_models(settings.model_repository) if m.startswith("run-")]
                 print(f"   {cycles} cycles in {time.perf_counter() - started:.0f} s; RSS {first:.0f} MiB "
                       f"after {first_i}, {last:.0f} MiB after {last_i}: {100 * (last / first - 1):+.1f} %")
