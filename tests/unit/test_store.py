@@ -319,3 +319,28 @@ def test_a_batch_of_many_series_and_runs_with_rewritten_steps_stays_exact(store:
         assert _levels_match_points(store, run_id) == 1 + len(COARSE_STEPS)
         assert store.extremes([run_id]) == {
             k: (min(v), max(v)) for k, v in seen.items() if k[0] == run_id}, run_id
+
+
+def test_points_keep_their_exact_values_and_any_series_name(store: RunStore) -> None:
+    """Values read back as the same doubles (PostgreSQL receives them as text), series
+    names with the characters of array syntax stay whole."""
+    import math
+    import random
+
+    rng = random.Random(15)
+    odd = ['a"b', "c,d", "{e}", "f\\g", "h i", "NULL", ""]
+    values = [rng.uniform(-1e6, 1e6) for _ in range(300)] + [
+        1e-300, -1e-300, 5e-324, 1.7976931348623157e308, -0.0, math.inf, 0.1 + 0.2]
+    store.put_runs([rec("x,\"1"), rec("plain")])
+    store.add_scalars([("x,\"1", name, s, v) for name in odd for s, v in enumerate(values, 1)]
+                      + [("plain", "loss", 1, 2.5)])
+    got = store.scalars("x,\"1", 10_000)
+    assert sorted(got) == sorted(odd)
+    for name in odd:
+        assert [b.step for b in got[name]] == list(range(1, len(values) + 1))
+        assert [b.mean for b in got[name]] == values  # == : bit-exact but for -0.0 == 0.0
+    assert store.scalars("plain", 10)["loss"][0].mean == 2.5
+    if isinstance(store, PostgresRunStore):  # SQLite: -0.0 reads back 0.0, NaN fails (NULL)
+        assert math.copysign(1, got["a\"b"][len(values) - 3].mean) == -1
+        store.add_scalars([("plain", "loss", 2, math.nan)])
+        assert math.isnan(store.scalars("plain", 10)["loss"][1].mean)
