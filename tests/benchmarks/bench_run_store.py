@@ -158,8 +158,8 @@ async def bench_write_cost(seconds: float, rounds: int, pg_dsn: str | None) -> N
 
 
 def bench_batch_cost(pg_dsn: str | None, batches: int = 200, steps: int = 150) -> None:
-    """The store's CPU per batch as the recorder writes one (``steps`` steps of 2 series,
-    about 0.5 s of a spiral run): the writer thread's, and the database server's."""
+    """The store's CPU per batch as the recorder writes one (``steps`` steps of 2 series;
+    150: about 0.5 s of a spiral run): the writer thread's, and the database server's."""
     print(f"1b. CPU per batch of {steps} steps x 2 series ({batches} batches, one run)")
     with tempfile.TemporaryDirectory() as tmp:
         stores: list[tuple[str, RunStore]] = [("sqlite", SqliteRunStore(Path(tmp) / "runs.sqlite3"))]
@@ -267,6 +267,9 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, help="per kind per round (default 4; --quick 3)")
     parser.add_argument("--rounds", type=int, help="rounds, the order reversed each (default 8; --quick 4; 0 = skip)")
     parser.add_argument("--cycles", type=int, help="start/stop cycles (default 2000; --quick 300; 0 = skip)")
+    parser.add_argument("--batch-steps", type=int, default=150,
+                        help="steps per batch in 1b (150: 0.5 s of a 300 steps/s run; the recorder "
+                             "writes every 2 s)")
     parser.add_argument("--keep-runs", type=int, default=200)
     parser.add_argument("--history-points", type=int, default=1_000_000, help="0 = skip")
     parser.add_argument("--no-postgres", action="store_true")
@@ -288,7 +291,7 @@ async def main() -> None:
                 dsn = stack.enter_context(postgres.postgres_server())
         if args.rounds:
             await bench_write_cost(args.seconds, args.rounds, dsn)
-            bench_batch_cost(dsn)
+            bench_batch_cost(dsn, steps=args.batch_steps)
     if args.history_points:
         bench_history(args.history_points)
     if args.cycles:
