@@ -1,10 +1,11 @@
 // The native inference frontend: a grpc++ server (Debian's libgrpc++) inside the
-// Python process, owning its own threads. ModelInfer requests that it can prove
-// valid against the model's config are batched here and handed to Python once per
-// batch (contiguous numpy columns, zero-copy); every other call -- other RPCs,
-// streams, requests it cannot prove valid, bad tokens -- is forwarded byte for
-// byte to the Python gRPC server on a loopback port, which answers exactly as it
-// does without this frontend (one source of truth for statuses and messages).
+// Python process, owning its own threads. ModelInfer requests, and ModelStreamInfer
+// messages, that it can prove valid against the model's config are batched here and
+// handed to Python once per batch (contiguous numpy columns, zero-copy); every other
+// call -- other RPCs, requests it cannot prove valid (a stream's: one unary ModelInfer
+// each), bad tokens -- is forwarded byte for byte to the Python gRPC server on a
+// loopback port, which answers exactly as it does without this frontend (one source
+// of truth for statuses and messages).
 //
 // The rules it validates with come from the Python core (hooks.spec(model)): the
 // names, datatypes, dims, item sizes, max_batch_size, batching knobs. See
@@ -41,6 +42,7 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 const char kInferMethod[] = "/inference.GRPCInferenceService/ModelInfer";
+const char kStreamMethod[] = "/inference.GRPCInferenceService/ModelStreamInfer";
 const char kBearer[] = "authorization";
 
 // -- model specs (from Python) -------------------------------------------------
@@ -114,6 +116,56 @@ struct PinThreadState {
   }
 };
 
+// Python's grpc.StatusCode names (the stream's error_message is "<NAME>: <message>").
+std::string CodeName(grpc::StatusCode code) {
+  static const char* const names[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+                                      "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+                                      "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",
+                                      "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
+  int i = static_cast<int>(code);
+  return i >= 0 && i < 17 ? names[i] : std::to_string(i);
+}
+
+// The client metadata a forwarded call carries to the Python server.
+std::vector<std::pair<std::string, std::string>> ForwardedMetadata(grpc::GenericCallbackServerContext* ctx) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& [key, value] : ctx->client_metadata()) {
+    std::string k(key.data(), key.size());
+    if (k.empty() || k[0] == ':' || k.rfind("grpc-", 0) == 0 || k == "user-agent" || k == "content-type" ||
+        k == "te" || k == "host")
+      continue;
+    out.emplace_back(std::move(k), std::string(value.data(), value.size()));
+  }
+  return out;
+}
+
+// What the frontend's graveyard frees (a moment after the last use; see Call::Unref).
+struct Grave {
+  virtual ~Grave() = default;
+};
+
+// One ModelInfer request for the batcher: a unary call (Call), or one message of a
+// ModelStreamInfer stream (StreamItem). Each is answered exactly once, by Reply, Fail
+// or Fallback, and not touched by the batcher after that.
+class Item : public Grave {
+ public:
+  explicit Item(bool streamed) : streamed(streamed) {}
+  const bool streamed;
+  inference::ModelInferRequest request;
+  std::shared_ptr<const Spec> spec;
+  std::vector<int> input_order;   // spec input i -> request input index
+  std::vector<int> output_order;  // outputs to send (spec indexes)
+  int64_t rows = 0;
+  Clock::time_point enqueued;
+  Clock::time_point deadline = Clock::time_point::max();
+  grpc::ByteBuffer first;  // the request as received (forwarded if it falls back)
+
+  virtual bool cancelled() const = 0;
+  virtual void Reply(inference::ModelInferResponse* response) = 0;  // may take the response's contents
+  virtual void Fail(grpc::StatusCode code, const std::string& message) = 0;
+  virtual void Fallback() = 0;  // Python serves it (it says why, or answers)
+};
+
 // -- one call: a ModelInfer served here, or any call proxied to Python ---------
 
 class Call;
@@ -131,25 +183,19 @@ class BackendCall : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteB
   Call* call_;
 };
 
-class Call : public grpc::ServerGenericBidiReactor {
+class Call : public grpc::ServerGenericBidiReactor, public Item {
  public:
   Call(Frontend* frontend, grpc::GenericCallbackServerContext* ctx);
   ~Call() override;
 
-  // ModelInfer, validated: set by the frontend before queueing.
-  inference::ModelInferRequest request;
-  std::shared_ptr<const Spec> spec;
-  std::vector<int> input_order;   // spec input i -> request input index
-  std::vector<int> output_order;  // outputs to send (spec indexes)
-  int64_t rows = 0;
-  Clock::time_point enqueued;
-  Clock::time_point deadline = Clock::time_point::max();
-  grpc::ByteBuffer first;  // the request as received (forwarded if it falls back)
-
   grpc::GenericCallbackServerContext* ctx() { return ctx_; }
-  bool cancelled() const { return cancelled_.load(); }
-  void Reply(const grpc::ByteBuffer& response) { response_ = response; StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK); }
-  void Fail(grpc::StatusCode code, const std::string& message) { Finish(grpc::Status(code, message)); }
+  bool cancelled() const override { return cancelled_.load(); }
+  void Reply(inference::ModelInferResponse* response) override {
+    response_ = Serialize(*response);
+    StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+  }
+  void Fail(grpc::StatusCode code, const std::string& message) override { Finish(grpc::Status(code, message)); }
+  void Fallback() override { Proxy(true); }
   // Forward this call to the Python server ("first" already read, if `have_first`).
   void Proxy(bool have_first);
 
@@ -195,23 +241,106 @@ class Call : public grpc::ServerGenericBidiReactor {
   bool server_done_ = false;  // this call's OnDone ran: its context is gone (mu_)
 };
 
+// -- ModelStreamInfer, served here --------------------------------------------
+//
+// Python's semantics (InferenceServicer.ModelStreamInfer): each message is a
+// ModelInferRequest, answered (in completion order) by a ModelStreamInferResponse
+// with `infer_response`, or `error_message` "<CODE>: <message>" and the request's
+// model name, version and id; a bad request does not end the stream, a message that
+// does not parse does (its INVALID_ARGUMENT, from Python). At most MAX_STREAM_IN_FLIGHT
+// (256) messages run at once (reading waits). The stream ends OK after the client's half-close once
+// every answer is written.
+//
+// A message it can prove valid goes into the same per-version queue as ModelInfer;
+// any other goes to Python as one unary ModelInfer call, whose status becomes the
+// error_message (the words are the same: both come from the same TensorwireError).
+//
+// Lifetime: each message (StreamItem) holds a reference on its Stream from its
+// creation to the end of its answer (Stream::Answer); the server side holds one until
+// OnDone. The last reference buries the stream; an item is buried at its answer (its
+// unary forward's ClientContext included): the graveyard frees both 200 ms later.
+// Nothing touches the ServerContext after OnDone: the forward metadata and deadline
+// are copied at the start. Writes go one at a time (a queue); Finish waits for the
+// outstanding read and write.
+
+class Stream;
+
+class StreamItem : public Item {
+ public:
+  StreamItem(Frontend* frontend, Stream* stream);
+  ~StreamItem() override;
+  bool cancelled() const override;
+  void Reply(inference::ModelInferResponse* response) override;
+  void Fail(grpc::StatusCode code, const std::string& message) override;
+  void Fallback() override;
+  void Forwarded(const grpc::Status& status);  // the unary forward's completion
+
+  bool parsed = false;
+  std::unique_ptr<grpc::ClientContext> context;  // of the unary forward, if any
+  grpc::ByteBuffer out;                          // its reply
+
+ private:
+  Frontend* frontend_;
+  Stream* stream_;
+};
+
+class Stream : public grpc::ServerGenericBidiReactor, public Grave {
+ public:
+  Stream(Frontend* frontend, grpc::GenericCallbackServerContext* ctx);
+  ~Stream() override;
+  bool cancelled() const { return cancelled_.load(); }
+  Clock::time_point deadline() const { return deadline_; }
+
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+  // One item's answer, its last touch: `bytes` to write (null: none), `end` a status
+  // that ends the stream (null: none). Gives back the item's reference.
+  void Answer(StreamItem* item, grpc::ByteBuffer* bytes, const grpc::Status* end);
+  void Forward(StreamItem* item);  // the item to Python as a unary ModelInfer
+  void Unref();
+
+ private:
+  void MaybeFinish();  // mu_ held
+  void ReadMore();     // mu_ held
+
+  Frontend* frontend_;
+  Clock::time_point started_ = Clock::now();
+  Clock::time_point deadline_ = Clock::time_point::max();
+  std::chrono::system_clock::time_point wall_deadline_;
+  std::vector<std::pair<std::string, std::string>> metadata_;
+  grpc::ByteBuffer in_;
+  std::atomic<bool> cancelled_{false};
+  std::atomic<int> refs_{1};
+  std::mutex mu_;
+  std::deque<grpc::ByteBuffer> pending_;  // answers to write, the front one being written
+  std::unordered_map<StreamItem*, bool> forwards_;  // unary forwards in flight
+  int64_t in_flight_ = 0;
+  bool reading_ = false, stalled_ = false, read_closed_ = false, writing_ = false;
+  bool write_failed_ = false, failed_ = false, finished_ = false;
+  grpc::Status end_status_;
+};
+
 // -- the batcher ---------------------------------------------------------------
 
 struct Queue {
   std::string model, version, label;
   std::shared_ptr<const Spec> spec;
-  std::deque<Call*> items;
+  std::deque<Item*> items;
   int64_t running = 0;
 };
 
 struct Counters {
-  std::atomic<uint64_t> native{0}, proxied{0}, batches{0}, rejected{0}, fallbacks{0}, expired{0};
+  std::atomic<uint64_t> native{0}, proxied{0}, batches{0}, rejected{0}, fallbacks{0}, expired{0}, streams{0};
 };
 
 class Frontend : public grpc::CallbackGenericService {
  public:
-  Frontend(std::string backend, py::object hooks, int threads, bool auth)
-      : hooks_(std::move(hooks)), threads_(threads), auth_(auth) {
+  Frontend(std::string backend, py::object hooks, int threads, bool auth, bool streams, int64_t stream_in_flight)
+      : hooks_(std::move(hooks)), threads_(threads), auth_(auth), streams_(streams),
+        stream_in_flight_(stream_in_flight) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(-1);
     args.SetMaxSendMessageSize(-1);
@@ -249,7 +378,7 @@ class Frontend : public grpc::CallbackGenericService {
     cv_.notify_all();
     for (auto& t : workers_) t.join();
     workers_.clear();
-    std::vector<Call*> left;  // what the workers did not take: answered, so Wait() returns
+    std::vector<Item*> left;  // what the workers did not take: answered, so Wait() returns
     {
       std::lock_guard<std::mutex> lock(mu_);
       for (auto& [key, q] : queues_) {
@@ -257,9 +386,10 @@ class Frontend : public grpc::CallbackGenericService {
         q->items.clear();
       }
     }
-    for (Call* c : left) c->Fail(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
+    for (Item* c : left) c->Fail(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
     if (server_) server_->Wait();
-    // A forwarded call may outlive its server side by its backend call's OnDone:
+    // A forwarded call may outlive its server side by its backend call's OnDone (a
+    // stream's items, by their batch or unary forward):
     // let those finish (into the graveyard) before the channel, stub and this go.
     for (int i = 0; i < 500 && live_calls_.load() > Buried(); ++i)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -282,6 +412,10 @@ class Frontend : public grpc::CallbackGenericService {
     d["rejected"] = counters_.rejected.load();
     d["fallbacks"] = counters_.fallbacks.load();
     d["expired"] = counters_.expired.load();
+    d["streams"] = counters_.streams.load();
+    // Calls, streams and stream messages alive and not yet in the graveyard: 0 once
+    // everything is answered (a reference never given back shows here).
+    d["unburied"] = live_calls_.load() - Buried();
     int64_t queued = 0, running = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -297,14 +431,31 @@ class Frontend : public grpc::CallbackGenericService {
 
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
     Reap(false);
+    // A stream whose token the native side has not seen pass is forwarded whole
+    // (Python's interceptor checks it once, at the start, as here).
+    if (streams_ && ctx->method() == kStreamMethod && Authorized(ctx)) {
+      counters_.streams++;
+      return new Stream(this, ctx);
+    }
     return new Call(this, ctx);
   }
 
+  // Once per natively served stream (its end): the RPC metrics Python's interceptor
+  // keeps for a stream it serves.
+  void StreamDone(const std::string& code, double seconds) {
+    py::gil_scoped_acquire gil;
+    try {
+      hooks_.attr("stream_done")(code, seconds);
+    } catch (py::error_already_set&) {
+    }
+  }
+
   grpc::GenericStub* stub() { return stub_.get(); }
+  int64_t stream_in_flight() const { return stream_in_flight_; }
   void CallStarted() { live_calls_.fetch_add(1, std::memory_order_relaxed); }
   void CallEnded() { live_calls_.fetch_sub(1, std::memory_order_acq_rel); }
   static constexpr auto kGraveDelay = std::chrono::milliseconds(200);
-  void Bury(Call* call) {
+  void Bury(Grave* call) {
     std::lock_guard<std::mutex> lock(grave_mu_);
     grave_.emplace_back(Clock::now(), call);
   }
@@ -318,19 +469,32 @@ class Frontend : public grpc::CallbackGenericService {
 
   // A ModelInfer request arrived: serve it here, or forward it.
   void Admit(Call* call) {
-    if (!Authorized(call) || !Parse(call->first, &call->request)) return call->Proxy(true);
+    if (!Authorized(call->ctx()) || !Parse(call->first, &call->request)) return call->Proxy(true);
+    auto deadline = call->ctx()->deadline();
+    auto now = Clock::now();
+    if (deadline != std::chrono::system_clock::time_point::max()) {
+      call->deadline = now + std::chrono::duration_cast<Clock::duration>(deadline - std::chrono::system_clock::now());
+    }
+    Enqueue(call);
+  }
+
+  // One message of a natively served stream (the stream's token passed at its start).
+  void Admit(StreamItem* item, Clock::time_point deadline) {
+    item->parsed = Parse(item->first, &item->request);
+    if (!item->parsed) return item->Fallback();
+    item->deadline = deadline;
+    Enqueue(item);
+  }
+
+  // A parsed request: into its version's queue if it is certainly valid, else to Python.
+  void Enqueue(Item* call) {
     auto spec = SpecOf(call->request.model_name());
-    if (!spec || !spec->eligible || !Validate(call, *spec)) return call->Proxy(true);
+    if (!spec || !spec->eligible || !Validate(call, *spec)) return call->Fallback();
     call->spec = spec;
     call->enqueued = Clock::now();
-    auto deadline = call->ctx()->deadline();
-    if (deadline != std::chrono::system_clock::time_point::max()) {
-      call->deadline = call->enqueued + std::chrono::duration_cast<Clock::duration>(
-                                            deadline - std::chrono::system_clock::now());
-    }
     const std::string& model = call->request.model_name();
     const std::string version = spec->Route(call->request.model_version());
-    if (version.empty()) return call->Proxy(true);
+    if (version.empty()) return call->Fallback();
     std::string key = model + '\0' + version;
     std::string full;
     {
@@ -358,9 +522,9 @@ class Frontend : public grpc::CallbackGenericService {
   }
 
  private:
-  bool Authorized(Call* call) {
+  bool Authorized(grpc::GenericCallbackServerContext* ctx) {
     if (!auth_) return true;
-    const auto& md = call->ctx()->client_metadata();
+    const auto& md = ctx->client_metadata();
     auto it = md.find(kBearer);
     if (it == md.end()) return false;  // Python says precisely what is missing
     std::string header(it->second.data(), it->second.size());
@@ -431,7 +595,7 @@ class Frontend : public grpc::CallbackGenericService {
 
   // True when the request is certainly valid for the model; false sends it to
   // Python, which rejects it with its own message (or serves it).
-  static bool Validate(Call* call, const Spec& spec) {
+  static bool Validate(Item* call, const Spec& spec) {
     const auto& r = call->request;
     const auto& version = r.model_version();
     for (char c : version) if (c < '0' || c > '9') return false;
@@ -511,16 +675,16 @@ class Frontend : public grpc::CallbackGenericService {
         continue;
       }
       bool by_size = Target(*ready) > 0;
-      std::vector<Call*> batch, dropped;
+      std::vector<Item*> batch, dropped;
       while (!ready->items.empty() && static_cast<int64_t>(batch.size()) < size) {
-        Call* c = ready->items.front();
+        Item* c = ready->items.front();
         ready->items.pop_front();
         (c->cancelled() || now >= c->deadline ? dropped : batch).push_back(c);
       }
       ready->running++;
       Queue* q = ready;
       lock.unlock();
-      for (Call* c : dropped) {
+      for (Item* c : dropped) {
         counters_.expired++;
         if (c->cancelled()) c->Fail(grpc::StatusCode::CANCELLED, "cancelled while queued");
         else c->Fail(grpc::StatusCode::DEADLINE_EXCEEDED, q->label + ": deadline passed while queued");
@@ -537,18 +701,19 @@ class Frontend : public grpc::CallbackGenericService {
   // read it, or freeing the slot before the replies are encoded, halves the batches
   // at c=16/64 -- the requests that gather meanwhile make the next batch -- for no
   // c=1 gain beyond noise; see the README.)
-  void Run(const Queue& q, const std::vector<Call*>& batch, bool by_size) {
-    const Spec& spec = *batch.front()->spec;
-    for (Call* c : batch) {
+  void Run(const Queue& q, const std::vector<Item*>& batch, bool by_size) {
+    const std::shared_ptr<const Spec> rules = batch.front()->spec;  // items may go once answered
+    const Spec& spec = *rules;
+    for (Item* c : batch) {
       if (c->spec.get() != &spec) {  // the rules changed between two of its requests
-        for (Call* f : batch) f->Proxy(true);
+        for (Item* f : batch) f->Fallback();
         counters_.fallbacks += batch.size();
         return;
       }
     }
     const size_t n_in = spec.inputs.size();
     int64_t total_rows = 0;
-    for (Call* c : batch) total_rows += c->rows;
+    for (Item* c : batch) total_rows += c->rows;
     auto start = Clock::now();
     std::vector<double> waits(batch.size());
     for (size_t k = 0; k < batch.size(); ++k)
@@ -571,7 +736,7 @@ class Frontend : public grpc::CallbackGenericService {
           for (int d = 1; d < first_in.shape_size(); ++d) {
             shape.push_back(first_in.shape(d));
           }
-          for (Call* c : batch) {
+          for (Item* c : batch) {
             const auto& in = c->request.inputs(c->input_order[i]);
             for (int d = 1; d < in.shape_size(); ++d)
               if (in.shape(d) != first_in.shape(d)) throw std::runtime_error("ragged");
@@ -582,7 +747,7 @@ class Frontend : public grpc::CallbackGenericService {
           char* dst = static_cast<char*>(column.mutable_data());
           {
             py::gil_scoped_release nogil;
-            for (Call* c : batch) {
+            for (Item* c : batch) {
               const std::string& raw = c->request.raw_input_contents(c->input_order[i]);
               std::memcpy(dst, raw.data(), raw.size());
               dst += raw.size();
@@ -597,21 +762,26 @@ class Frontend : public grpc::CallbackGenericService {
         // Each request's rows and, when any named some, the outputs each asked for
         // (the response cache keys on them).
         py::list rows;
-        py::object named = py::none();
-        for (Call* c : batch) {
+        py::object named = py::none(), unary = py::none();
+        for (Item* c : batch) {
           rows.append(c->rows);
           if (c->request.outputs_size() > 0) named = py::list();
+          if (c->streamed) unary = py::list();
+        }
+        if (!unary.is_none()) {  // stream messages: no ModelInfer RPC metrics for those
+          py::list flags = py::reinterpret_borrow<py::list>(unary);
+          for (Item* c : batch) flags.append(!c->streamed);
         }
         if (!named.is_none()) {
           py::list lists = py::reinterpret_borrow<py::list>(named);
-          for (Call* c : batch) {
+          for (Item* c : batch) {
             py::tuple names(c->request.outputs_size());
             for (int o = 0; o < c->request.outputs_size(); ++o) names[o] = py::str(c->request.outputs(o).name());
             lists.append(names);
           }
         }
         py::tuple result =
-            hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size, rows, named);
+            hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size, rows, named, unary);
         version = result[0].cast<std::string>();
         for (auto o : result[1].cast<py::list>()) {
           py::array a = py::reinterpret_borrow<py::array>(o);
@@ -632,13 +802,13 @@ class Frontend : public grpc::CallbackGenericService {
     }
     if (!ok) {
       counters_.fallbacks += batch.size();
-      for (Call* c : batch) c->Proxy(true);
+      for (Item* c : batch) c->Fallback();
       return;
     }
     counters_.batches++;
     counters_.native += batch.size();
     int64_t offset = 0;
-    for (Call* c : batch) {
+    for (Item* c : batch) {
       inference::ModelInferResponse response;
       response.set_model_name(c->request.model_name());
       response.set_model_version(version);
@@ -656,13 +826,14 @@ class Frontend : public grpc::CallbackGenericService {
         response.add_raw_output_contents(out_bytes[i].data() + offset * row_bytes, c->rows * row_bytes);
       }
       offset += c->rows;
-      c->Reply(Serialize(response));
+      c->Reply(&response);
     }
   }
 
   py::object hooks_;
   int threads_;
-  bool auth_;
+  bool auth_, streams_;
+  int64_t stream_in_flight_;  // messages of one stream running at once (Python's MAX_STREAM_IN_FLIGHT)
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<grpc::GenericStub> stub_;
   std::unique_ptr<grpc::Server> server_;
@@ -673,7 +844,7 @@ class Frontend : public grpc::CallbackGenericService {
   std::map<std::string, std::unique_ptr<Queue>> queues_;
   std::atomic<int64_t> live_calls_{0};  // Call objects not yet deleted
   std::mutex grave_mu_;
-  std::deque<std::pair<Clock::time_point, Call*>> grave_;  // done, to be freed
+  std::deque<std::pair<Clock::time_point, Grave*>> grave_;  // done, to be freed
   std::mutex spec_mu_;
   std::unordered_map<std::string, std::shared_ptr<const Spec>> specs_;
   std::unordered_map<std::string, Clock::time_point> tokens_;
@@ -687,7 +858,7 @@ void Call::Unref() {
 }
 
 void Frontend::Reap(bool all) {
-  std::vector<Call*> dead;
+  std::vector<Grave*> dead;
   {
     std::lock_guard<std::mutex> lock(grave_mu_);
     auto now = Clock::now();
@@ -696,7 +867,7 @@ void Frontend::Reap(bool all) {
       grave_.pop_front();
     }
   }
-  for (Call* c : dead) delete c;
+  for (Grave* c : dead) delete c;
 }
 
 Call::~Call() {
@@ -705,7 +876,7 @@ Call::~Call() {
 }
 
 Call::Call(Frontend* frontend, grpc::GenericCallbackServerContext* ctx)
-    : frontend_(frontend), ctx_(ctx), infer_(ctx->method() == kInferMethod) {
+    : Item(false), frontend_(frontend), ctx_(ctx), infer_(ctx->method() == kInferMethod) {
   frontend_->CallStarted();
   if (infer_) {
     StartRead(&first);
@@ -719,13 +890,7 @@ void Call::Proxy(bool have_first) {
   refs_.fetch_add(1, std::memory_order_relaxed);  // the backend call's OnDone gives it back
   auto* backend = new BackendCall(this);
   auto& context = backend->context;
-  for (const auto& [key, value] : ctx_->client_metadata()) {
-    std::string k(key.data(), key.size());
-    if (k.empty() || k[0] == ':' || k.rfind("grpc-", 0) == 0 || k == "user-agent" || k == "content-type" ||
-        k == "te" || k == "host")
-      continue;
-    context.AddMetadata(k, std::string(value.data(), value.size()));
-  }
+  for (const auto& [key, value] : ForwardedMetadata(ctx_)) context.AddMetadata(key, value);
   context.set_deadline(ctx_->deadline());
   frontend_->stub()->PrepareBidiStreamingCall(&context, ctx_->method(), grpc::StubOptions(), backend);
   {
@@ -848,6 +1013,194 @@ void BackendCall::OnDone(const grpc::Status& status) {
   call->Unref();  // may bury the call (and this backend call with it): nothing after it
 }
 
+// -- Stream -------------------------------------------------------------------
+
+StreamItem::StreamItem(Frontend* frontend, Stream* stream) : Item(true), frontend_(frontend), stream_(stream) {
+  frontend_->CallStarted();
+}
+
+StreamItem::~StreamItem() { frontend_->CallEnded(); }
+
+bool StreamItem::cancelled() const { return stream_->cancelled(); }
+
+void StreamItem::Reply(inference::ModelInferResponse* response) {
+  inference::ModelStreamInferResponse answer;
+  answer.mutable_infer_response()->Swap(response);
+  grpc::ByteBuffer bytes = Serialize(answer);
+  stream_->Answer(this, &bytes, nullptr);
+}
+
+void StreamItem::Fail(grpc::StatusCode code, const std::string& message) {
+  // Cancelled or past the stream's deadline: the stream is over, nothing to say.
+  if (code == grpc::StatusCode::CANCELLED || code == grpc::StatusCode::DEADLINE_EXCEEDED)
+    return stream_->Answer(this, nullptr, nullptr);
+  inference::ModelStreamInferResponse answer;  // as the servicer words a TensorwireError
+  answer.set_error_message(CodeName(code) + ": " + message);
+  auto* echo = answer.mutable_infer_response();
+  echo->set_model_name(request.model_name());
+  echo->set_model_version(request.model_version());
+  echo->set_id(request.id());
+  grpc::ByteBuffer bytes = Serialize(answer);
+  stream_->Answer(this, &bytes, nullptr);
+}
+
+void StreamItem::Fallback() { stream_->Forward(this); }
+
+void StreamItem::Forwarded(const grpc::Status& status) {
+  if (status.ok()) {  // the ModelInferResponse's bytes, as field 2 of a ModelStreamInferResponse
+    std::vector<grpc::Slice> slices;
+    std::string bytes;
+    if (out.Dump(&slices).ok()) {
+      size_t n = out.Length();
+      bytes.push_back('\x12');
+      for (; n >= 0x80; n >>= 7) bytes.push_back(static_cast<char>((n & 0x7f) | 0x80));
+      bytes.push_back(static_cast<char>(n));
+      for (const auto& slice : slices) bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+    }
+    grpc::Slice slice(std::move(bytes));
+    grpc::ByteBuffer answer(&slice, 1);
+    return stream_->Answer(this, &answer, nullptr);
+  }
+  if (!parsed) return stream_->Answer(this, nullptr, &status);  // Python's malformed-message abort
+  // An unexpected error in Python's stream handler ends that message's task with no answer.
+  if (status.error_code() == grpc::StatusCode::INTERNAL && status.error_message().rfind("internal error in ", 0) == 0)
+    return stream_->Answer(this, nullptr, nullptr);
+  Fail(status.error_code(), status.error_message());
+}
+
+Stream::Stream(Frontend* frontend, grpc::GenericCallbackServerContext* ctx)
+    : frontend_(frontend), wall_deadline_(ctx->deadline()), metadata_(ForwardedMetadata(ctx)) {
+  frontend_->CallStarted();
+  if (wall_deadline_ != std::chrono::system_clock::time_point::max()) {
+    deadline_ = started_ + std::chrono::duration_cast<Clock::duration>(wall_deadline_ - std::chrono::system_clock::now());
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  reading_ = true;
+  StartRead(&in_);
+}
+
+Stream::~Stream() { frontend_->CallEnded(); }
+
+void Stream::Unref() {
+  if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) frontend_->Bury(this);
+}
+
+void Stream::ReadMore() {
+  if (reading_ || read_closed_ || finished_ || failed_ || cancelled_ || write_failed_) return;
+  if (in_flight_ >= frontend_->stream_in_flight()) {
+    stalled_ = true;  // the next answer starts the read
+    return;
+  }
+  stalled_ = false;
+  reading_ = true;
+  StartRead(&in_);
+}
+
+void Stream::OnReadDone(bool ok) {
+  StreamItem* item = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    reading_ = false;
+    if (!ok) read_closed_ = true;  // the client's half-close (or it is gone)
+    if (!ok || cancelled_ || failed_ || finished_) return MaybeFinish();
+    item = new StreamItem(frontend_, this);
+    refs_.fetch_add(1, std::memory_order_relaxed);  // given back by Answer
+    in_flight_++;
+    item->first = std::move(in_);
+    in_.Clear();
+  }
+  frontend_->Reap(false);
+  frontend_->Admit(item, deadline_);  // may answer it at once (Answer takes mu_)
+  std::lock_guard<std::mutex> lock(mu_);
+  ReadMore();
+}
+
+void Stream::Forward(StreamItem* item) {
+  frontend_->counters().proxied++;
+  static const std::string method = kInferMethod;  // grpc keeps a pointer to the name
+  item->context = std::make_unique<grpc::ClientContext>();
+  for (const auto& [key, value] : metadata_) item->context->AddMetadata(key, value);
+  if (wall_deadline_ != std::chrono::system_clock::time_point::max()) item->context->set_deadline(wall_deadline_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    forwards_[item] = true;
+  }
+  frontend_->stub()->UnaryCall(item->context.get(), method, grpc::StubOptions(), &item->first, &item->out,
+                               [item](grpc::Status status) { item->Forwarded(status); });
+  // The client left meanwhile: cancel it, unless it is answered already (then it is
+  // no longer in forwards_, and may be buried: not touched).
+  std::lock_guard<std::mutex> lock(mu_);
+  if (cancelled_ && forwards_.count(item)) item->context->TryCancel();
+}
+
+void Stream::Answer(StreamItem* item, grpc::ByteBuffer* bytes, const grpc::Status* end) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    forwards_.erase(item);
+    in_flight_--;
+    if (end && !failed_) {
+      failed_ = true;
+      end_status_ = *end;
+    }
+    if (bytes && !finished_ && !failed_ && !cancelled_ && !write_failed_) {
+      pending_.push_back(std::move(*bytes));
+      if (!writing_) {
+        writing_ = true;
+        StartWrite(&pending_.front());
+      }
+    }
+    if (stalled_) ReadMore();
+    MaybeFinish();
+  }
+  frontend_->Bury(item);
+  Unref();  // may bury this stream: nothing after it
+}
+
+void Stream::OnWriteDone(bool ok) {
+  std::lock_guard<std::mutex> lock(mu_);
+  writing_ = false;
+  pending_.pop_front();
+  if (!ok) {  // the client is gone: nothing more is written
+    write_failed_ = true;
+    pending_.clear();
+  } else if (!pending_.empty() && !failed_ && !cancelled_) {
+    writing_ = true;
+    StartWrite(&pending_.front());
+  }
+  MaybeFinish();
+}
+
+void Stream::MaybeFinish() {
+  // Finish waits for the outstanding write, and read (but a message that did not parse
+  // ends the stream at once, as Python's abort does: the read then fails).
+  if (finished_ || writing_ || (reading_ && !failed_)) return;
+  bool over = failed_ || cancelled_ || write_failed_;
+  if (!over && !(read_closed_ && in_flight_ == 0 && pending_.empty())) return;
+  finished_ = true;
+  pending_.clear();
+  // Items still running keep their reference; their answers are dropped.
+  if (failed_) Finish(end_status_);
+  else if (cancelled_ || write_failed_) Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
+  else Finish(grpc::Status::OK);
+}
+
+void Stream::OnCancel() {
+  std::lock_guard<std::mutex> lock(mu_);
+  cancelled_ = true;
+  for (auto& [item, _] : forwards_) item->context->TryCancel();  // answered (and dropped) soon
+  MaybeFinish();
+}
+
+void Stream::OnDone() {
+  std::string code;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    code = failed_ ? CodeName(end_status_.error_code()) : (cancelled_ || write_failed_) ? "CANCELLED" : "OK";
+  }
+  frontend_->StreamDone(code, std::chrono::duration<double>(Clock::now() - started_).count());
+  Unref();
+}
+
 // -- the bare native echo (the benchmark's ceiling) ---------------------------
 
 class Echo : public grpc::CallbackGenericService {
@@ -965,8 +1318,8 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "tensorwire's native inference frontend (grpc++ from Debian); see native/frontend.cc";
   m.attr("GRPC_VERSION") = grpc::Version();
   py::class_<Frontend>(m, "Frontend")
-      .def(py::init<std::string, py::object, int, bool>(), py::arg("backend"), py::arg("hooks"),
-           py::arg("threads"), py::arg("auth"))
+      .def(py::init<std::string, py::object, int, bool, bool, int64_t>(), py::arg("backend"), py::arg("hooks"),
+           py::arg("threads"), py::arg("auth"), py::arg("streams"), py::arg("stream_in_flight"))
       .def("start", &Frontend::Start, py::arg("address"), py::arg("max_message_bytes"), py::arg("reuse_port"),
            py::call_guard<py::gil_scoped_release>())
       .def("stop", &Frontend::Stop, py::arg("grace_s"), py::call_guard<py::gil_scoped_release>())

@@ -1,7 +1,10 @@
-"""tensorwire's shared library: server wiring, settings, errors, channels, batching,
-chunked streaming, and the in-process SDK (``tensorwire.init``, see
-:mod:`tensorwire.track`). It imports no service code. Generated protobuf stubs live
-in its subpackages (``tensorwire.trainer.v1``, ``tensorwire.inference``, ...).
+"""tensorwire's shared library; it imports no service code. At the top level, what
+users import: the in-process SDK (``tensorwire.init``, see :mod:`tensorwire.track`),
+the inference client, tasks, views, errors. Hand-written parts in ``rpc`` (server
+wiring, settings, auth), ``calls`` (channels, backoff, periodic loops, publishing),
+``checkpoints`` (chunked transfer), ``serving`` (batching, loader, repository) and
+``data`` (tensors, arrays, scalars); generated protobuf stubs in ``common``,
+``trainer``, ``streamer``, ``transfer`` (``.v1``) and ``inference``.
 
 Nothing heavy is imported with the package: ``tensorwire.init`` and
 ``tensorwire.Run`` load :mod:`tensorwire.track` on first use.

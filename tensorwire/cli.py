@@ -25,9 +25,9 @@ from typing import Any, ClassVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensorwire import auth, config
-from tensorwire.config import setting
-from tensorwire.lifecycle import stop_signal
+from tensorwire.rpc import auth, config
+from tensorwire.rpc.config import setting
+from tensorwire.rpc.lifecycle import stop_signal
 
 _PR_SET_PDEATHSIG = 1
 

@@ -33,11 +33,13 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
-from tensorwire.auth import ClientSecurity, TokenSource
-from tensorwire.backoff import Backoff
-from tensorwire.channels import ChannelPool
-from tensorwire.checkpoints import UploadResult, upload_checkpoint
-from tensorwire.chunking import ChunkConfig
+from tensorwire.calls.backoff import Backoff
+from tensorwire.calls.channels import ChannelPool
+from tensorwire.checkpoints.chunking import ChunkConfig
+from tensorwire.checkpoints.receiver import UploadResult
+from tensorwire.checkpoints.upload import upload_checkpoint
+from tensorwire.data.oip import decode_outputs
+from tensorwire.data.tensors import NUMPY_DTYPES, datatype_of
 from tensorwire.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -45,9 +47,8 @@ from tensorwire.errors import (
     from_status,
 )
 from tensorwire.inference import grpc_service_pb2 as pb
-from tensorwire.oip import decode_outputs
-from tensorwire.rpcnames import method_path, service_name
-from tensorwire.tensors import NUMPY_DTYPES, datatype_of
+from tensorwire.rpc.auth import ClientSecurity, TokenSource
+from tensorwire.rpc.rpcnames import method_path, service_name
 from tensorwire.transfer.v1 import transfer_pb2
 
 R = TypeVar("R", bound=Message)

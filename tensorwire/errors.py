@@ -1,4 +1,4 @@
-"""Domain errors. The core raises these; tensorwire.interceptor maps them to status codes.
+"""Domain errors. The core raises these; tensorwire.rpc.interceptor maps them to status codes.
 
 Callers of tensorwire's own clients see the same classes back (see
 ``tensorwire.client``), never raw transport errors.

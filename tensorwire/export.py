@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tensorwire import modelrepo
-from tensorwire.auth import ClientSecurity
+from tensorwire.rpc.auth import ClientSecurity
+from tensorwire.serving import modelrepo
 
 MAX_BATCH_SIZE = 64
 """max_batch_size written for a model exported with a dynamic batch dimension."""
@@ -161,8 +161,8 @@ async def push(exported: ExportedModel, target: str, *, security: ClientSecurity
     (``RepositoryModelLoad``, as the trainer announces its checkpoints: served now, not
     at inference's next repository poll, and a model that cannot load raises here);
     returns the version it installed."""
-    from tensorwire.channels import ChannelPool
-    from tensorwire.checkpoints import upload_checkpoint
+    from tensorwire.calls.channels import ChannelPool
+    from tensorwire.checkpoints.upload import upload_checkpoint
     from tensorwire.inference import grpc_service_pb2 as ipb
     from tensorwire.inference import grpc_service_pb2_grpc as ipb_grpc
 

@@ -36,7 +36,7 @@ from collections.abc import Callable
 import grpc
 
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.rpcnames import method_path
+from tensorwire.rpc.rpcnames import method_path
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from torch import nn
 
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.errors import InvalidArgumentError
-from tensorwire.models import build_model
+from tensorwire.serving.models import build_model
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ in one background thread with its own asyncio loop, which every ``tick_s``:
 
 - drains the deque into a bounded scalar buffer (merged into min/mean/max
   buckets, never dropped; tensors are read there, not on the training thread)
-  and into the outboxes of :class:`tensorwire.publishing.StreamLinks` (the
+  and into the outboxes of :class:`tensorwire.calls.publishing.StreamLinks` (the
   trainer service's publishing code: one ``Publish`` stream per streamer
   address, latest-wins status and views, reconnects by itself);
 - builds a view only while someone watches the run, at most ``max_fps`` a
@@ -33,7 +33,7 @@ in one background thread with its own asyncio loop, which every ``tick_s``:
 A streamer or trainer that is down, slow or absent never stops training: the
 links retry with backoff and catch up (scalars merged meanwhile). Connections
 take credentials from ``token=`` or ``TENSORWIRE_TOKEN``/``TENSORWIRE_TOKEN_FILE``
-and TLS from ``TENSORWIRE_TLS_CA`` (:meth:`tensorwire.auth.ClientSecurity.from_env`);
+and TLS from ``TENSORWIRE_TLS_CA`` (:meth:`tensorwire.rpc.auth.ClientSecurity.from_env`);
 the token needs the publisher role.
 
 Distributed training (``torch.distributed`` initialised): only rank 0 publishes;
@@ -52,7 +52,6 @@ import copy
 import logging
 import math
 import os
-import random
 import sys
 import threading
 import time
@@ -66,11 +65,13 @@ from typing import Any
 import grpc
 
 from tensorwire import views as _views
-from tensorwire.auth import ClientSecurity, TokenSource
-from tensorwire.channels import ChannelPool
+from tensorwire.calls.backoff import Backoff
+from tensorwire.calls.channels import ChannelPool
+from tensorwire.calls.periodic import Periodic
+from tensorwire.calls.publishing import StreamLinks, ViewPacer
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.publishing import StreamLinks
-from tensorwire.scalars import MAX_SERIES, Bucket, ScalarBuffer, bucketize
+from tensorwire.data.scalars import MAX_SERIES, Bucket, ScalarBuffer, bucketize
+from tensorwire.rpc.auth import ClientSecurity, TokenSource
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
@@ -87,6 +88,9 @@ _GIVE_UP = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
             grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
             grpc.StatusCode.UNIMPLEMENTED)
 """Answers of the trainer that retrying does not change: warned about (and retried slowly)."""
+_TRAINER_BACKOFF = Backoff(initial_s=0.1, max_s=2.0, jitter=0.5)
+_REFUSED_BACKOFF = Backoff(initial_s=5.0, max_s=5.0, jitter=0.5)
+"""After a _GIVE_UP answer, until the link stays up a while."""
 
 
 class SDKWarning(UserWarning):
@@ -220,8 +224,7 @@ class Run:
         self._status_step = -1
         self._last_status_at = -math.inf
         self._status_wake: asyncio.Event | None = None
-        self._next_view_at: dict[str, float] = {}
-        self._view_cost_s: dict[str, float] = {}
+        self._pacer = ViewPacer(max_fps, view_cpu_budget)
         self._building: set[str] = set()
         self._failed_views: set[str] = set()
         self._warned: set[str] = set()
@@ -234,6 +237,7 @@ class Run:
         self._started = threading.Event()
         self._streams: StreamLinks | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._collector: Periodic | None = None
         self._thread = threading.Thread(target=self._thread_main, name=f"tensorwire-{run_id}", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -387,10 +391,11 @@ class Run:
         self._status_wake = asyncio.Event()
         self._streams = StreamLinks(
             self.streamer, security=self.security, max_points=self._scalars.max_points,
-            on_watched=lambda _: self._next_view_at.clear(), on_refused=self._refused,
+            on_watched=lambda _: self._pacer.wake_all(), on_refused=self._refused,
         )
-        self._tasks = [asyncio.create_task(self._start_streams(), name="sdk-streams"),
-                       asyncio.create_task(self._collect_forever(), name="sdk-collect")]
+        self._tasks = [asyncio.create_task(self._start_streams(), name="sdk-streams")]
+        self._collector = Periodic(self._collect_now, self.tick_s, name=f"run {self.id}: collecting updates",
+                                   immediately=True).start()
         if self.trainer:
             self._tasks.append(asyncio.create_task(self._control_forever(), name="sdk-control"))
 
@@ -399,6 +404,8 @@ class Run:
         await self._streams.start()
 
     async def _aclose(self) -> None:
+        if self._collector is not None:
+            await self._collector.aclose()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -427,13 +434,8 @@ class Run:
         idle = all(not (link.pending_status or link.scalars_ready()) for link in streams.links.values())
         return trainer_done and idle
 
-    async def _collect_forever(self) -> None:
-        while True:
-            try:
-                self.collect()
-            except Exception:
-                log.exception("run %s: collecting updates failed", self.id)
-            await asyncio.sleep(self.tick_s)
+    async def _collect_now(self) -> None:
+        self.collect()
 
     def collect(self) -> None:
         """One tick (background thread): scalars, status, views."""
@@ -521,15 +523,11 @@ class Run:
     # -- views ----------------------------------------------------------------
     def _maybe_build_views(self, now: float) -> None:
         assert self._streams is not None
-        fps = self.max_fps
         demand = self._streams.demand_fps(self.id)
-        if demand:
-            fps = min(fps, demand)
         for name, fn in list(self._views.items()):
-            if name in self._failed_views or name in self._building or now < self._next_view_at.get(name, 0.0):
+            if name in self._failed_views or name in self._building or not self._pacer.due(name, now):
                 continue
-            interval = max(1.0 / fps, self._view_cost_s.get(name, 0.0) / self.view_cpu_budget)
-            self._next_view_at[name] = now + interval
+            self._pacer.started(name, now, demand)
             self._building.add(name)
             task = asyncio.create_task(self._build_view(name, fn), name=f"sdk-view-{name}")
             task.add_done_callback(lambda _, n=name: self._building.discard(n))  # type: ignore[misc]
@@ -551,8 +549,7 @@ class Run:
             self._bump_status()
             self._warn_once(f"view {name}", f"run {self.id}: {note}")
             return
-        previous = self._view_cost_s.get(name)
-        self._view_cost_s[name] = cost if previous is None else 0.7 * previous + 0.3 * cost
+        self._pacer.cost(name, cost)
         view.step = view.step or step
         view.produced_at = view.produced_at or produced_at
         data = spb.PublishRequest(run_id=self.id, step=view.step, produced_at=view.produced_at, view=view)
@@ -563,7 +560,7 @@ class Run:
     async def _control_forever(self) -> None:
         pool = ChannelPool(self.trainer, min_size=1, max_size=1, name=f"sdk trainer {self.trainer}",
                            security=self.security)
-        backoff = 0.1
+        failures, refused = 0, False
         try:
             while True:
                 started = time.monotonic()
@@ -579,15 +576,15 @@ class Run:
                         self._warn_once(f"trainer {exc.code().name}",
                                         f"run {self.id}: the trainer at {self.trainer} refused the run: "
                                         f"{exc.code().name}: {exc.details()}")
-                        backoff = max(backoff, 5.0)
+                        refused = True
                     else:
                         log.debug("run %s: trainer link: %s %s", self.id, exc.code().name, exc.details())
                 except Exception as exc:
                     log.debug("run %s: trainer link failed: %s", self.id, exc)
                 if time.monotonic() - started > 5.0:
-                    backoff = 0.1
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(5.0 if backoff >= 5.0 else 2.0, backoff * 2)
+                    failures, refused = 0, False  # it was up a while: this is a new outage
+                failures += 1
+                await (_REFUSED_BACKOFF if refused else _TRAINER_BACKOFF).sleep(failures)
         finally:
             await pool.aclose()
 

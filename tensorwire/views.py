@@ -3,7 +3,7 @@
 A view is a ``tensorwire.common.v1.View``: ``kind`` (what the browser draws),
 ``name`` (which of a run's views it is, when a run has several), ``step`` and
 ``produced_at`` (the training step it shows), ``arrays`` (packed, see
-:mod:`tensorwire.arrays`), ``meta`` (plain numbers) and ``labels`` (row names).
+:mod:`tensorwire.data.arrays`), ``meta`` (plain numbers) and ``labels`` (row names).
 Arrays are row-major; "F16" and "U8q" (uint8 quantized, decode as
 ``offset + scale * byte``) decode to floats, "U8" is plain bytes.
 
@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from tensorwire import arrays
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.data import arrays
 
 F16, U8, U8Q = "F16", "U8", "U8q"
 _DTYPES = {F16: cpb.DTYPE_F16, U8: cpb.DTYPE_U8, U8Q: cpb.DTYPE_U8}

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tensorwire.server import GrpcServer, ServerOptions
+from tensorwire.rpc.server import GrpcServer, ServerOptions
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tensorwire.server import run_program
+from tensorwire.rpc.server import run_program
 
 from .app import serve
 from .settings import GatewaySettings

@@ -18,9 +18,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tensorwire.errors import TensorwireError
-from tensorwire.lifecycle import stop_signal
-from tensorwire.server import PortInUseError
-from tensorwire.tls import ServerTls
+from tensorwire.rpc.lifecycle import stop_signal
+from tensorwire.rpc.server import PortInUseError
+from tensorwire.rpc.tls import ServerTls
 
 from . import export
 from .guard import Cors, Guard, RateLimiter, default_hosts

@@ -16,7 +16,7 @@ import json
 import grpc
 from aiohttp import web
 
-from tensorwire.scalars import from_batch
+from tensorwire.data.scalars import from_batch
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
 

@@ -9,7 +9,7 @@
   ``Sec-Fetch-Site: cross-site``/``same-site`` but no Origin is refused too. Calls
   with no browser context (curl, services) pass: they hold no one's cookies.
 - **Rate limit** on control calls (the operator and admin methods of
-  ``tensorwire.auth.METHOD_ROLES``), per bearer token, or per peer address without one.
+  ``tensorwire.rpc.auth.METHOD_ROLES``), per bearer token, or per peer address without one.
 - **Security headers** on every answer: a CSP without inline script, nosniff,
   no referrer, no framing.
 """
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from tensorwire.auth import METHOD_ROLES, Role
-from tensorwire.tls import ServerTls
+from tensorwire.rpc.auth import METHOD_ROLES, Role
+from tensorwire.rpc.tls import ServerTls
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -25,10 +25,10 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Gauge
 
-from tensorwire.auth import ClientSecurity
-from tensorwire.channels import ChannelPool
+from tensorwire.calls.channels import ChannelPool
 from tensorwire.errors import InvalidArgumentError, TensorwireError
 from tensorwire.inference import grpc_service_pb2 as inference_pb
+from tensorwire.rpc.auth import ClientSecurity
 from tensorwire.streamer.v1 import streamer_pb2
 from tensorwire.trainer.v1 import trainer_pb2
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from tensorwire.config import ServerSettings, setting
+from tensorwire.rpc.config import ServerSettings, setting
 
 _WEB_DIST = Path(__file__).resolve().parents[2] / "clients" / "web" / "dist"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from tensorwire import config
-from tensorwire.devices import resolve_device
-from tensorwire.server import run_main
+from tensorwire.rpc import config
+from tensorwire.rpc.server import run_main
+from tensorwire.serving.devices import resolve_device
 
 from .app import create_app
 from .settings import InferenceSettings

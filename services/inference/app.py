@@ -7,16 +7,17 @@ import logging
 
 import grpc
 
-from tensorwire.cache import describe_cache, open_cache
-from tensorwire.checkpoints import SERVICE_NAME as TRANSFER_SERVICE_NAME
-from tensorwire.checkpoints import CheckpointReceiver, ModelTransferServicer
-from tensorwire.config import SettingsError
-from tensorwire.devices import resolve_device
-from tensorwire.httppool import HttpModelRepository, HttpPool
+from services.inference.transfer import SERVICE_NAME as TRANSFER_SERVICE_NAME
+from services.inference.transfer import ModelTransferServicer
+from tensorwire.calls.httppool import HttpModelRepository, HttpPool
+from tensorwire.checkpoints.receiver import CheckpointReceiver
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
-from tensorwire.loader import LoaderConfig
-from tensorwire.rpcnames import service_name
+from tensorwire.rpc.config import SettingsError
+from tensorwire.rpc.rpcnames import service_name
+from tensorwire.serving.cache import describe_cache, open_cache
+from tensorwire.serving.devices import resolve_device
+from tensorwire.serving.loader import LoaderConfig
 
 from .http import HttpEndpoint, InferenceHttp
 from .metrics import COLLECTOR
@@ -71,11 +72,11 @@ class InferenceApp:
                                max_model_bytes=settings.max_model_mb << 20)
         )
         COLLECTOR.add(self.repository)
-        # Who serves gRPC on the port: the native frontend (tensorwire.server.GrpcServer
+        # Who serves gRPC on the port: the native frontend (tensorwire.rpc.server.GrpcServer
         # then binds the Python server to a loopback port behind it) or Python alone.
         self.frontend: NativeFrontend | None
         self.frontend, line = choose(settings.frontend, self.repository, settings.infer_threads,
-                                     tls=settings.server_tls() is not None)
+                                     tls=settings.server_tls() is not None, streams=settings.native_streams)
         log.info("%s", line)
         # HTTP/REST v2 beside gRPC: the same repository, batchers and errors.
         self.http: HttpEndpoint | None = None

@@ -4,7 +4,7 @@ Every backend gives a callable taking batch-first torch tensors (one per config
 input, in config order) and returning one tensor or a tuple of them (config
 output order), so ``ModelVersion`` runs them all alike:
 
-- ``tensorwire`` kinds (config.json): ``tensorwire.models`` built from
+- ``tensorwire`` kinds (config.json): ``tensorwire.serving.models`` built from
   ``model_args``, weights from ``torch.load(weights_only=True)``;
 - ``pytorch_libtorch``: a TorchScript file (``torch.jit.load``: a graph and its
   tensors, no pickle);
@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from tensorwire import modelrepo, tritonconfig
+from tensorwire.data.tensors import NUMPY_DTYPES
 from tensorwire.errors import InvalidArgumentError
-from tensorwire.loader import check_cancelled
-from tensorwire.tensors import NUMPY_DTYPES
+from tensorwire.serving import modelrepo, tritonconfig
+from tensorwire.serving.loader import check_cancelled
 
 Module = Callable[..., Any]
 
@@ -66,7 +66,7 @@ def _summary(exc: BaseException) -> str:
 
 
 def _load_builtin(root: Path, name: str, version: int, config: dict[str, Any], device: str) -> Module:
-    from tensorwire.models import build_model
+    from tensorwire.serving.models import build_model
 
     try:
         module = build_model(config["kind"], **config["model_args"])

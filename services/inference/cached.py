@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tensorwire.cache import ResponseCache, decode_tensors, encode_tensors
-from tensorwire.tensors import NUMPY_DTYPES, Tensor
+from tensorwire.data.tensors import NUMPY_DTYPES
+from tensorwire.serving.cache import ResponseCache, decode_tensors, encode_rows, encode_tensors
 
 from .records import InferRequest, InferResult
 from .version import ModelVersion
@@ -66,14 +66,8 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     start = time.perf_counter()
     bounds = [0, *itertools.accumulate(rows)]
     wanted: Sequence[Sequence[str]] = outputs or [()] * len(rows)
-    keys = [
-        version.cache_keys.key(
-            [Tensor(spec.name, spec.datatype, column[bounds[i] : bounds[i + 1]])
-             for spec, column in zip(version.inputs, columns)],
-            wanted[i],
-        )
-        for i in range(len(rows))
-    ]
+    keys = version.cache_keys.batch_keys([(spec.name, spec.datatype) for spec in version.inputs],
+                                         columns, bounds, wanted)
     found: dict[int, dict[str, tuple[str, np.ndarray]]] = {}
     for i, value in enumerate(cache.lookup_from_thread(keys, loop)):
         if value is None:
@@ -96,12 +90,14 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
                 len(misses))
         outs = _merge_answers(version, ran, misses, found, bounds)
     stored = time.perf_counter()
-    names = [t.name for t in version.outputs]
+    answers = [(spec.name, spec.datatype, np.ascontiguousarray(out, dtype=NUMPY_DTYPES[spec.datatype]))
+               for spec, out in zip(version.outputs, outs)]
+    names = [spec.name for spec in version.outputs]
+    writes = []
     for i in misses:
-        picked = [names.index(name) for name in wanted[i]] if wanted[i] else range(len(names))
-        cache.put_from_thread(keys[i], encode_tensors(
-            [Tensor(names[j], version.outputs[j].datatype, outs[j][bounds[i] : bounds[i + 1]]) for j in picked]
-        ), loop)
+        picked = [answers[names.index(name)] for name in wanted[i]] if wanted[i] else answers
+        writes.append((keys[i], encode_rows(picked, bounds[i], bounds[i + 1])))
+    cache.put_many_from_thread(writes, loop)
     stats = version.stats
     if found:
         stats.cache_hit.add(lookup_s * len(found), len(found))

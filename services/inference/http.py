@@ -39,13 +39,14 @@ import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 
-from tensorwire import admission, metrics, tritonconfig
-from tensorwire.admission import echo
-from tensorwire.auth import Authorizer
+from tensorwire.data.tensors import NUMPY_DTYPES, Tensor, check_shape, encode_raw, raw_to_array
 from tensorwire.errors import InvalidArgumentError, TensorwireError
-from tensorwire.server import PortInUseError
-from tensorwire.tensors import NUMPY_DTYPES, Tensor, check_shape, encode_raw, raw_to_array
-from tensorwire.tls import ServerTls
+from tensorwire.rpc import metrics
+from tensorwire.rpc.auth import Authorizer
+from tensorwire.rpc.server import PortInUseError
+from tensorwire.rpc.tls import ServerTls
+from tensorwire.serving import admission, tritonconfig
+from tensorwire.serving.admission import echo
 
 from .records import InferRequest, InferResult
 from .repository import ModelRepository
@@ -362,7 +363,7 @@ class InferenceHttp:
 
     @web.middleware
     async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Each route needs the role of the gRPC method it mirrors (tensorwire.auth)."""
+        """Each route needs the role of the gRPC method it mirrors (tensorwire.rpc.auth)."""
         if self._authorizer is not None and self._authorizer.enabled:
             method = _ROUTE_METHODS.get(getattr(handler, "__name__", ""))
             if method is not None:  # unmatched routes answer 404 on their own

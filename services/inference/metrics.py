@@ -24,7 +24,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from tensorwire.histogram import LOAD_TIME_BUCKETS, Histogram
+from tensorwire.rpc.histogram import LOAD_TIME_BUCKETS, Histogram
 
 if TYPE_CHECKING:
     from .repository import ModelRepository

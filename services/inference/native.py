@@ -2,13 +2,15 @@
 
 ``--frontend native`` puts a grpc++ server (``native/frontend.cc``, built by
 ``scripts/build-native.sh`` into ``services/inference/_native*.so``) on the public
-port, in this process, with its own threads. It serves ``ModelInfer`` requests it
-can prove valid against the model's config: it parses them, batches them (the
-knobs of the version's :class:`~tensorwire.batching.BatchConfig`), and calls
-:meth:`NativeHooks.run_batch` once per batch with contiguous numpy columns; it
-splits and encodes the answers itself. Everything else -- the other RPCs,
-streams, health, reflection, requests it cannot prove valid, calls whose token it
-has not seen accepted -- it forwards byte for byte to the Python gRPC server,
+port, in this process, with its own threads. It serves ``ModelInfer`` requests,
+and the messages of ``ModelStreamInfer`` streams, that it can prove valid against
+the model's config: it parses them, batches them (the knobs of the version's
+:class:`~tensorwire.serving.batching.BatchConfig`), and calls :meth:`NativeHooks.run_batch`
+once per batch with contiguous numpy columns; it splits and encodes the answers
+itself. Everything else -- the other RPCs, health, reflection, requests it cannot
+prove valid (a stream's: one unary ``ModelInfer`` each, answered in the stream as
+the Python servicer words it), calls whose token it has not seen accepted -- it
+forwards byte for byte to the Python gRPC server,
 which listens on a loopback port and answers exactly as it does without the
 native frontend (same statuses, same messages, same role checks).
 
@@ -33,14 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from tensorwire import metrics
-from tensorwire.auth import Authorizer
+from tensorwire.data.tensors import MAX_DIMS, NUMPY_DTYPES
 from tensorwire.errors import TensorwireError
 from tensorwire.inference import grpc_service_pb2 as pb
-from tensorwire.rpcnames import method_path
-from tensorwire.tensors import MAX_DIMS, NUMPY_DTYPES
+from tensorwire.rpc import metrics
+from tensorwire.rpc.auth import Authorizer
+from tensorwire.rpc.rpcnames import method_path
 
 from .repository import ModelRepository
+from .servicer import MAX_STREAM_IN_FLIGHT
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +104,10 @@ class NativeHooks:
     def __init__(self, repository: ModelRepository, authorizer: Authorizer | None, service: str) -> None:
         self._repo = repository
         self._authorizer = authorizer if authorizer is not None and authorizer.enabled else None
+        self._service = service
         self._handled = metrics.RPC_HANDLED.labels(service, "ModelInfer", "OK")
         self._latency = metrics.RPC_LATENCY.labels(service, "ModelInfer")
+        self._stream_latency = metrics.RPC_LATENCY.labels(service, "ModelStreamInfer")
 
     @staticmethod
     def numpy_dtype(datatype: str) -> np.dtype:
@@ -153,14 +158,23 @@ class NativeHooks:
             return False
         return True
 
+    def stream_done(self, code: str, seconds: float) -> None:
+        """A natively served ModelStreamInfer stream ended: its RPC metrics, as the
+        interceptor records a stream it serves (once per stream, not per message)."""
+        self._stream_latency.observe(seconds)
+        metrics.RPC_HANDLED.labels(self._service, "ModelStreamInfer", code).inc()
+
     def run_batch(self, model: str, version: str, columns: list[np.ndarray], waits: np.ndarray,
                   by_size: bool, rows: list[int],
-                  outputs: list[tuple[str, ...]] | None) -> tuple[str, list[np.ndarray]]:
+                  outputs: list[tuple[str, ...]] | None,
+                  unary: list[bool] | None = None) -> tuple[str, list[np.ndarray]]:
         """One forward over a batch of natively validated requests for one version (the
         frontend routed each by the traffic split it got from ``spec``); ``waits``: each
         request's seconds in the native queue; ``by_size``: cut because it was full;
         ``rows``: each request's rows; ``outputs``: the outputs each asked for (None:
-        none named any). With the response cache on, only the misses run on the model.
+        none named any); ``unary``: which requests are ModelInfer calls, not stream
+        messages (None: all are; only those count as ModelInfer RPCs). With the
+        response cache on, only the misses run on the model.
         Raises when that version is gone or no longer takes these columns (a swap):
         the frontend then hands each request to the Python path."""
         start = time.perf_counter()
@@ -184,18 +198,22 @@ class NativeHooks:
         mv.record_batch(len(waits), columns[0].shape[0], float(latencies.sum()))
         if ran_count:  # the batcher's statistics count the requests that reached the model (as in Python)
             mv.batcher.record_external(ran_count, time.perf_counter() - start, queued.tolist(), by_size)
-        self._handled.inc(len(waits))
-        _bulk_observe(self._latency, latencies)
+        if unary is not None:
+            latencies = latencies[np.asarray(unary, dtype=bool)]
+        if len(latencies):
+            self._handled.inc(len(latencies))
+            _bulk_observe(self._latency, latencies)
         return str(mv.version), outs
 
 
 class NativeFrontend:
     """The native server of one inference app (see the module docstring)."""
 
-    def __init__(self, module: Any, repository: ModelRepository, threads: int) -> None:
+    def __init__(self, module: Any, repository: ModelRepository, threads: int, *, streams: bool = True) -> None:
         self._module = module
         self._repo = repository
         self._threads = threads
+        self._streams = streams
         self._server: Any = None
 
     def start(self, address: str, backend_port: int, *, name: str, max_message_bytes: int,
@@ -204,7 +222,8 @@ class NativeFrontend:
         returns the bound port (0: cannot bind)."""
         hooks = NativeHooks(self._repo, authorizer, name)
         auth = authorizer is not None and authorizer.enabled
-        self._server = self._module.Frontend(f"127.0.0.1:{backend_port}", hooks, self._threads, auth)
+        self._server = self._module.Frontend(f"127.0.0.1:{backend_port}", hooks, self._threads, auth, self._streams,
+                                             MAX_STREAM_IN_FLIGHT)
         port = int(self._server.start(address, max_message_bytes, reuse_port))
         if port:
             self._repo.on_change.append(self._changed)
@@ -215,7 +234,7 @@ class NativeFrontend:
             self._server.invalidate()
 
     def stats(self) -> dict[str, int]:
-        """Requests served natively, forwarded, batches, rejections, fallbacks."""
+        """Requests served natively, forwarded, batches, rejections, fallbacks, streams."""
         return dict(self._server.stats()) if self._server is not None else {}
 
     def stop(self, grace_s: float) -> None:
@@ -226,7 +245,8 @@ class NativeFrontend:
                 self._repo.on_change.remove(self._changed)
 
 
-def choose(frontend: str, repository: ModelRepository, threads: int, *, tls: bool) -> tuple[NativeFrontend | None, str]:
+def choose(frontend: str, repository: ModelRepository, threads: int, *, tls: bool,
+           streams: bool = True) -> tuple[NativeFrontend | None, str]:
     """The frontend ``--frontend`` selects, and the one line that says which serves and why."""
     if frontend == "python":
         return None, "frontend: python (--frontend python)"
@@ -239,4 +259,5 @@ def choose(frontend: str, repository: ModelRepository, threads: int, *, tls: boo
         if frontend == "native":
             raise RuntimeError("--frontend native does not serve TLS yet; use --frontend python or auto")
         return None, "frontend: python (TLS is on; the native frontend serves plaintext only)"
-    return NativeFrontend(module, repository, threads), f"frontend: native ({why}; {threads} batch threads)"
+    return (NativeFrontend(module, repository, threads, streams=streams),
+            f"frontend: native ({why}; {threads} batch threads{'' if streams else '; streams forwarded'})")

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tensorwire import modelrepo
-from tensorwire.tensors import Tensor
+from tensorwire.data.tensors import Tensor
+from tensorwire.serving import modelrepo
 
 PLATFORM = "pytorch_libtorch"
 """What ModelMetadata/ModelConfig report as the platform of the tensorwire kinds

@@ -8,7 +8,7 @@ scan and poll, the loads and swaps of versions, and the serving API the servicer
 the HTTP endpoint and the native frontend call.
 
 ``ModelRepository`` serves every model in a model repository folder
-(``tensorwire.modelrepo`` layout). For each model it loads the versions its
+(``tensorwire.serving.modelrepo`` layout). For each model it loads the versions its
 ``version_policy`` selects, each with its own request batcher, and routes
 requests without an explicit version by the config's ``traffic`` weights
 (version -> weight; none = all on the newest).
@@ -28,7 +28,7 @@ the same loader, batcher, swap and traffic split. A Triton model's traffic split
 is its ``traffic`` parameter, and RepositoryModelLoad's ``config`` parameter
 overrides its config in memory (its config.pbtxt is left as its owner wrote it).
 
-Response cache (``tensorwire.cache``, ``cached``): when the server has one and a
+Response cache (``tensorwire.serving.cache``, ``cached``): when the server has one and a
 model's config enables it, a request is looked up once its version is resolved, before
 it enters that version's batcher; the native frontend's batches too (``answer_columns``).
 
@@ -60,10 +60,8 @@ from typing import Any
 
 import numpy as np
 
-from tensorwire import admission, modelrepo
-from tensorwire.backoff import Backoff
-from tensorwire.batching import Batcher
-from tensorwire.cache import ResponseCache
+from tensorwire.calls.backoff import Backoff
+from tensorwire.calls.periodic import Periodic
 from tensorwire.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -71,8 +69,10 @@ from tensorwire.errors import (
     TensorwireError,
     UnavailableError,
 )
-from tensorwire.loader import AsyncModelLoader, LoaderConfig
-from tensorwire.periodic import Periodic
+from tensorwire.serving import admission, modelrepo
+from tensorwire.serving.batching import Batcher
+from tensorwire.serving.cache import ResponseCache
+from tensorwire.serving.loader import AsyncModelLoader, LoaderConfig
 
 from . import backends, cached
 from .records import PLATFORM, IndexEntry, InferRequest, InferResult, ModelInfo, tensor_infos
@@ -117,7 +117,7 @@ class RepositoryOptions:
     """Torch device the models live and run on ("cpu", "cuda:0", ...)."""
     fetch: Callable[[str], Awaitable[Any]] | None = None
     """Awaited with a model's name before RepositoryModelLoad reads it from the folder:
-    mirrors the model from a remote (HTTP) repository (tensorwire.httppool)."""
+    mirrors the model from a remote (HTTP) repository (tensorwire.calls.httppool)."""
     max_concurrent_syncs: int = 16
     """Models a scan brings up to date at once (each queues its versions' loads)."""
     load_retries: int = 2
@@ -386,7 +386,7 @@ class ModelRepository:
         ``skip_unloaded``: do nothing if ``name`` is explicitly unloaded by the time it is
         its turn (a scan or a first request that raced RepositoryModelUnload).
 
-        A ``config_override`` is checked against ``tensorwire.admission``'s bounds before
+        A ``config_override`` is checked against ``tensorwire.serving.admission``'s bounds before
         anything is built, applied in memory for the load, and written to config.json
         (tensorwire kinds) only once every version it selects has loaded; a failed load
         leaves the previous config and versions serving."""

@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from tensorwire import admission, oip, tritonconfig
+from tensorwire.data import oip
 from tensorwire.errors import TensorwireError
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.inference import model_config_pb2 as mc
+from tensorwire.serving import admission, tritonconfig
 
 from .records import InferRequest, InferResult, ModelInfo
 from .repository import ModelRepository

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tensorwire.cache import CacheConfig, parse_cache_config
-from tensorwire.config import setting
-from tensorwire.devices import TorchServiceSettings
+from tensorwire.rpc.config import setting
+from tensorwire.serving.cache import CacheConfig, parse_cache_config
+from tensorwire.serving.devices import TorchServiceSettings
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,11 @@ class InferenceSettings(TorchServiceSettings):
              "Python per request, the other RPCs forwarded to the Python server on a loopback port), "
              "python (grpc.aio only), auto (native when built and TLS is off, else python; the default)",
     )
+    native_streams: bool = setting(
+        True, env="NATIVE_STREAMS",
+        help="with the native frontend: serve ModelStreamInfer natively too (its messages batched "
+             "with ModelInfer); off: streams are forwarded to the Python server",
+    )
     cache_config: CacheConfig | None = setting(
         None, env="CACHE_CONFIG", repeatable=True, parse=parse_cache_config,
         help="response cache, Triton's form <cache>,<key>=<value>: local,size=<bytes> "
@@ -101,7 +106,7 @@ class InferenceSettings(TorchServiceSettings):
     def authorizer(self) -> Any:
         authorizer = super().authorizer()
         if authorizer is not None and self.open_inference:
-            from tensorwire.auth import Authorizer
+            from tensorwire.rpc.auth import Authorizer
 
             authorizer = Authorizer(authorizer.tokens, open_inference=True)
         return authorizer

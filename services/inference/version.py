@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from tensorwire import admission, modelrepo
-from tensorwire.batching import BatchConfig, Batcher
-from tensorwire.cache import RequestKeys, decode_tensors
+from tensorwire.data.tensors import Tensor
 from tensorwire.errors import InvalidArgumentError
-from tensorwire.tensors import Tensor
+from tensorwire.serving import admission, modelrepo
+from tensorwire.serving.batching import BatchConfig, Batcher
+from tensorwire.serving.cache import RequestKeys, decode_tensors
 
 from .records import InferRequest, InferResult, tensor_infos
 from .stats import Duration, VersionStats

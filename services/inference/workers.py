@@ -20,9 +20,9 @@ import signal
 import socket
 from types import FrameType
 
-from tensorwire import log as twlog
-from tensorwire.config import describe
-from tensorwire.server import options_for, serve
+from tensorwire.rpc import log as twlog
+from tensorwire.rpc.config import describe
+from tensorwire.rpc.server import options_for, serve
 
 from .settings import InferenceSettings
 

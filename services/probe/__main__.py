@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tensorwire.lifecycle import stop_signal
-from tensorwire.metrics import MetricsEndpoint
-from tensorwire.server import run_program
+from tensorwire.rpc.lifecycle import stop_signal
+from tensorwire.rpc.metrics import MetricsEndpoint
+from tensorwire.rpc.server import run_program
 
 from .lag import LagProbe
 from .settings import ProbeSettings

@@ -28,12 +28,12 @@ from collections.abc import Callable
 import grpc
 from prometheus_client import Counter, Gauge
 
-from tensorwire.auth import ClientSecurity
-from tensorwire.backoff import Backoff
-from tensorwire.channels import ChannelPool, resolve_targets
+from tensorwire.calls.backoff import Backoff
+from tensorwire.calls.channels import ChannelPool, resolve_targets
+from tensorwire.calls.periodic import Periodic
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.errors import TensorwireError
-from tensorwire.periodic import Periodic
+from tensorwire.rpc.auth import ClientSecurity
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
 from tensorwire.trainer.v1 import trainer_pb2 as tpb

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tensorwire.config import ClientSettings, setting
+from tensorwire.rpc.config import ClientSettings, setting
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from tensorwire.rpcnames import service_name
+from tensorwire.rpc.rpcnames import service_name
 from tensorwire.streamer.v1 import streamer_pb2 as pb
 
 from .feedback import FeedbackLimits

@@ -60,16 +60,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from tensorwire import arrays
+from tensorwire.calls.periodic import Periodic
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.data import arrays
+from tensorwire.data.scalars import MAX_SERIES, Bucket, ScalarBuffer, from_batch, to_batch
 from tensorwire.errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
     UnavailableError,
 )
-from tensorwire.periodic import Periodic
-from tensorwire.scalars import MAX_SERIES, Bucket, ScalarBuffer, from_batch, to_batch
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 
 from . import metrics

@@ -12,10 +12,10 @@ import logging
 
 import grpc
 
-from tensorwire.auth import ClientSecurity
-from tensorwire.channels import ChannelPool
+from tensorwire.calls.channels import ChannelPool
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.errors import UnavailableError
+from tensorwire.rpc.auth import ClientSecurity
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
 

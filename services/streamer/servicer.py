@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from tensorwire.rpcnames import method_names, service_name
+from tensorwire.rpc.rpcnames import method_names, service_name
 from tensorwire.streamer.v1 import streamer_pb2 as pb
 
 from .hub import UpdateHub

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tensorwire.server import run_main
+from tensorwire.rpc.server import run_main
 
 from .app import create_app
 from .settings import TrainerSettings

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import grpc
 
-from tensorwire import modelrepo
-from tensorwire.auth import ClientSecurity
-from tensorwire.backoff import Backoff
-from tensorwire.channels import ChannelPool
+from tensorwire.calls.backoff import Backoff
+from tensorwire.calls.channels import ChannelPool
 from tensorwire.client import InferenceClient, RetryPolicy
 from tensorwire.errors import AlreadyExistsError, FailedPreconditionError, TensorwireError
+from tensorwire.rpc.auth import ClientSecurity
+from tensorwire.serving import modelrepo
 
 log = logging.getLogger(__name__)
 

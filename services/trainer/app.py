@@ -8,11 +8,11 @@ import logging
 import grpc
 import torch
 
-from tensorwire import modelrepo
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.devices import resolve_device
 from tensorwire.errors import TensorwireError
-from tensorwire.rpcnames import service_name
+from tensorwire.rpc.rpcnames import service_name
+from tensorwire.serving import modelrepo
+from tensorwire.serving.devices import resolve_device
 from tensorwire.trainer.v1 import trainer_pb2 as pb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as pb_grpc
 

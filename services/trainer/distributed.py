@@ -20,7 +20,7 @@ deploy/k8s/jobs/distributed-training).
         python -m services.trainer.distributed --task spiral --steps 300
 
 Rank 0 writes the trained weights into the model repository through
-:func:`tensorwire.modelrepo.write_version` (model ``--model-name``, default
+:func:`tensorwire.serving.modelrepo.write_version` (model ``--model-name``, default
 ``ddp-<task>``), where the inference service picks them up like any checkpoint.
 """
 
@@ -41,10 +41,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from tensorwire import config as twconfig
-from tensorwire import modelrepo
-from tensorwire.config import setting
 from tensorwire.errors import InvalidArgumentError
+from tensorwire.rpc import config as twconfig
+from tensorwire.rpc.config import setting
+from tensorwire.serving import modelrepo
 
 from .tasks import TASKS, Task
 
@@ -237,7 +237,7 @@ def _json_object(name: str, raw: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """One rank: ``python -m services.trainer.distributed --task spiral --steps 300``."""
-    from tensorwire import log as twlog
+    from tensorwire.rpc import log as twlog
 
     try:
         settings = twconfig.load(

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.scalars import Bucket, ScalarBuffer
+from tensorwire.data.scalars import Bucket, ScalarBuffer
 
 from .tasks import RunConfig, Task
 

@@ -3,7 +3,7 @@
 Each run is a :class:`~services.trainer.loop.TrainingLoop` thread. Checkpoint
 snapshots go to one writer thread (latest wins per run, so a slow disk never
 holds a training thread back) that writes them with
-``tensorwire.modelrepo.write_version`` as model ``run-<run_id>`` (plus any
+``tensorwire.serving.modelrepo.write_version`` as model ``run-<run_id>`` (plus any
 ``publish_as`` names), and — with a ``state_dir`` — the optimizer, RNG and step
 beside them (``<state_dir>/<run_id>.pt``) so the run can be resumed, and then
 reports each written version to a callback.
@@ -27,13 +27,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from tensorwire import modelrepo
+from tensorwire.calls.periodic import Periodic
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.data.scalars import Bucket
 from tensorwire.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -42,10 +45,10 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     TensorwireError,
 )
-from tensorwire.periodic import Periodic
+from tensorwire.serving import modelrepo
 
 from .external import ExternalLoop, ExternalTask
-from .loop import TERMINAL, Snapshot, TrainingLoop, TrainingState
+from .loop import TERMINAL, LiveStatus, Snapshot, TrainingLoop, TrainingState
 from .metrics import CHECKPOINTS
 from .recorder import RunRecorder
 from .store import (
@@ -121,9 +124,33 @@ class Run:
     def error(self) -> str:
         return self.loop.error
 
+    # -- what the publisher reads: it never reaches into the loop or the task --
+    @property
+    def task_name(self) -> str:
+        return self.task.name
+
+    @property
+    def status(self) -> LiveStatus:
+        """The latest step, rate, metrics and error (never blocks training)."""
+        return self.loop.status
+
+    def take_scalars(self) -> dict[str, list[Bucket]]:
+        """Every metric point since the last call (a script's run: none, it publishes its own)."""
+        return self.loop.take_scalars()
+
+    def request_snapshot(self) -> Future[Snapshot]:
+        """A future of the weights after the current step (this trainer's runs only)."""
+        if not isinstance(self.loop, TrainingLoop):
+            raise FailedPreconditionError(f"run {self.run_id} is trained by a script: it builds its own views")
+        return self.loop.request_snapshot()
+
+    def view_inputs(self) -> tuple[Task, Any]:
+        """The task and the run's live data, to render a view in this process."""
+        return self.task, self.loop.data if isinstance(self.loop, TrainingLoop) else None
+
     def record(self) -> RunRecord:
         """What the store keeps of this run, now (live fields included)."""
-        status = self.loop.status
+        status = self.status
         state = self.state
         if self.interrupted and state == cpb.RUN_STATE_STOPPED:
             state = cpb.RUN_STATE_INTERRUPTED

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from tensorwire.data.scalars import to_batch
 from tensorwire.errors import InvalidArgumentError
-from tensorwire.scalars import to_batch
 from tensorwire.trainer.v1 import trainer_pb2 as pb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as pb_grpc
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from tensorwire.config import setting
-from tensorwire.devices import TorchServiceSettings
+from tensorwire.rpc.config import setting
+from tensorwire.serving.devices import TorchServiceSettings
 
 
 @dataclass(frozen=True)

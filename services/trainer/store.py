@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.data.scalars import Bucket
 from tensorwire.errors import InvalidArgumentError, UnavailableError
-from tensorwire.scalars import Bucket
 
 log = logging.getLogger(__name__)
 

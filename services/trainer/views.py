@@ -2,7 +2,7 @@
 
 Every view is a ``tensorwire.common.v1.View`` with ``kind``, ``step`` (the training
 step whose weights it shows), ``produced_at`` (Unix seconds when the trainer
-produced that step), ``arrays`` (packed, see :mod:`tensorwire.arrays` for how to
+produced that step), ``arrays`` (packed, see :mod:`tensorwire.data.arrays` for how to
 decode) and ``meta`` (plain numbers). Arrays are row-major; "F16" and "U8q"
 (uint8 quantized, decode as ``offset + scale * byte``; each array has its own
 scale and offset) decode to floats.
@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tensorwire import arrays
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.data import arrays
 from tensorwire.views import F16, U8, U8Q, make_view
 
 VIEW_KINDS = ("boundary", "paths", "signal", "fusion", "boxes")

@@ -8,8 +8,8 @@ only the CPU time the view takes, which the publisher caps with
 (every task's data is seeded) and keeps a model per run, so a request carries
 only the weight snapshot.
 
-``draw`` is the one view renderer: the worker's ``render`` and the publisher's
-in-process fallback (no worker) both call it.
+``draw`` is the one view renderer: the worker's ``render`` and the in-process
+fallback (``LocalRenderer``, no worker) both call it.
 """
 
 from __future__ import annotations
@@ -75,6 +75,26 @@ def render(
     model, data = entry
     view = draw(task, model, data, config, state_dict, step, produced_at)
     return view.SerializeToString(), time.process_time() - started
+
+
+class LocalRenderer:
+    """Renders in this process (no worker): the run's live data, a model per run."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, Any] = {}
+
+    def render(self, run_id: str, task: Any, data: Any, snap: Any) -> tuple[Any, float]:
+        """(thread) The View of ``snap`` (a trainer Snapshot) and the CPU seconds it took."""
+        started = time.thread_time()
+        model = self._models.get(run_id)
+        if model is None:
+            model = self._models[run_id] = task.build_model(snap.config)
+            model.eval()
+        view = draw(task, model, data, snap.config, snap.state_dict, snap.step, snap.produced_at)
+        return view, time.thread_time() - started
+
+    def forget(self, run_id: str) -> None:
+        self._models.pop(run_id, None)
 
 
 def _warm() -> bool:

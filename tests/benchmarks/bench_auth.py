@@ -42,7 +42,7 @@ def _check_cost_us(tokens: Path, token: str, calls: int = 200_000) -> float:
     """Time of the per-call check as the server runs it (metadata as gRPC hands it over)."""
     import time
 
-    from tensorwire.auth import Authorizer, TokenFile
+    from tensorwire.rpc.auth import Authorizer, TokenFile
 
     check = Authorizer(TokenFile(tokens)).checker("/inference.GRPCInferenceService/ModelInfer")
     assert check is not None
@@ -66,8 +66,8 @@ def main() -> int:
 
     import torch
 
-    from tensorwire import modelrepo
-    from tensorwire.models import build_model
+    from tensorwire.serving import modelrepo
+    from tensorwire.serving.models import build_model
     from tests.support.certs import Authority
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-auth-"))

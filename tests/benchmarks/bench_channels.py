@@ -31,9 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tensorwire.channels import ChannelPool
-from tensorwire.checkpoints import upload_checkpoint
-from tensorwire.chunking import ChunkConfig, Compression
+from tensorwire.calls.channels import ChannelPool
+from tensorwire.checkpoints.chunking import ChunkConfig, Compression
+from tensorwire.checkpoints.upload import upload_checkpoint
 from tests.support.echo_service import method, reset_peak_rss, running, status_kib
 
 

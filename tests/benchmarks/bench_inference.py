@@ -475,8 +475,8 @@ def main() -> int:
 
     import torch
 
-    from tensorwire import modelrepo
-    from tensorwire.models import build_model
+    from tensorwire.serving import modelrepo
+    from tensorwire.serving.models import build_model
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     if "torchserve" in servers and torchserve_binary() is None:
@@ -622,8 +622,8 @@ def local_cache_work_us() -> tuple[float, float]:
     process: steadier than RPS ratios on a shared machine."""
     import numpy as np
 
-    from tensorwire.cache import LocalCache, RequestKeys, decode_tensors, encode_tensors
-    from tensorwire.tensors import Tensor
+    from tensorwire.data.tensors import Tensor
+    from tensorwire.serving.cache import LocalCache, RequestKeys, decode_tensors, encode_tensors
 
     keys = RequestKeys("spiral", 1, "0123456789ab")
     outputs = [Tensor("logits", "FP32", np.zeros((1, 2), np.float32))]
@@ -649,6 +649,72 @@ def local_cache_work_us() -> tuple[float, float]:
     return (t1 - t0) / n * 1e6, (t2 - t1) / n * 1e6
 
 
+def redis_cache_work_us(port: int, requests: int = 4000, concurrency: int = 16) -> dict[str, float]:
+    """CPU microseconds the Redis cache adds to a miss in this process (lookup, store;
+    Redis's own CPU not counted), all misses, a 1 ms sleep standing in for the model:
+    ``concurrency`` requests at a time on the event loop (the Python frontend's path),
+    and batches of 16 from two threads (the native frontend's), each against the
+    same loop without the cache; and round trips per request."""
+    import threading
+
+    import numpy as np
+
+    from tensorwire.data.tensors import Tensor
+    from tensorwire.serving.cache import RedisCache, RedisCacheConfig, encode_tensors
+
+    value = encode_tensors([Tensor("logits", "FP32", np.zeros((1, 2), np.float32))])
+    out: dict[str, float] = {}
+
+    async def measure() -> None:
+        cache = RedisCache(RedisCacheConfig(host="127.0.0.1", port=port))
+        loop = asyncio.get_running_loop()
+        rng = np.random.default_rng(int(time.time()))
+
+        async def client(use: bool) -> None:
+            for _ in range(requests // concurrency):
+                key = rng.bytes(16)
+                if use:
+                    await cache.get(key)
+                await asyncio.sleep(0.001)
+                if use:
+                    cache.put(key, value)
+
+        def batches(use: bool) -> None:
+            for _ in range(requests // 32):
+                keys = [rng.bytes(16) for _ in range(16)]
+                if use:
+                    cache.lookup_from_thread(keys, loop)
+                time.sleep(0.001)
+                if use:
+                    cache.put_many_from_thread([(key, value) for key in keys], loop)
+
+        async def python(use: bool) -> None:
+            await asyncio.gather(*(client(use) for _ in range(concurrency)))
+
+        async def native(use: bool) -> None:
+            threads = [threading.Thread(target=batches, args=(use,)) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            while any(thread.is_alive() for thread in threads):
+                await asyncio.sleep(0.005)
+
+        for name, run in (("python", python), ("native", native)):
+            spent = {True: 0.0, False: 0.0}
+            commands = cache.stats.commands
+            for use in (False, True, False, True):  # alternating, the sum of two each
+                t0 = time.process_time()
+                await run(use)
+                await cache.flush()
+                spent[use] += time.process_time() - t0
+            out[f"{name}_us"] = (spent[True] - spent[False]) / (2 * requests) * 1e6
+            out[f"{name}_round_trips"] = (cache.stats.commands - commands) / (2 * requests)
+        out["errors"] = cache.stats.errors
+        await cache.aclose()
+
+    asyncio.run(measure())
+    return out
+
+
 def native_batch_cache_work_us(batch: int = 16, batches: int = 2000) -> tuple[float, float, float]:
     """CPU microseconds per request of a native frontend's batch (``batch`` requests of
     one row) in Python: the forward alone, through the local cache with every request
@@ -658,9 +724,9 @@ def native_batch_cache_work_us(batch: int = 16, batches: int = 2000) -> tuple[fl
     import torch
 
     from services.inference.repository import ModelRepository, RepositoryOptions
-    from tensorwire import modelrepo
-    from tensorwire.cache import LocalCache
-    from tensorwire.models import build_model
+    from tensorwire.serving import modelrepo
+    from tensorwire.serving.cache import LocalCache
+    from tensorwire.serving.models import build_model
 
     torch.set_num_threads(1)
 
@@ -701,8 +767,8 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
     import torch
 
     from services.inference.native import load_module
-    from tensorwire import modelrepo
-    from tensorwire.models import build_model
+    from tensorwire.serving import modelrepo
+    from tensorwire.serving.models import build_model
     from tests.support.redis_server import REDIS_SERVER, RedisServer
 
     if REDIS_SERVER is None:
@@ -755,6 +821,7 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
             finally:
                 for proc, _ in procs.values():
                     stop_server(proc)
+        redis_work = redis_cache_work_us(redis.port)
     finally:
         redis.kill()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -781,6 +848,10 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
             base_cpu = statistics_median([results[(frontend, "no cache", c, h)]["cpu_us"] for h in hit_pcts])
             print(f"  {frontend:6s} c={c:<3d} = {miss_us / base_cpu:.1%} of the server's CPU per request "
                   f"without a cache ({base_cpu:.0f} us): the 0 % hits cost; RPS ratios above carry the noise")
+    print(f"redis cache work measured alone (all misses, 1 ms model): {redis_work['python_us']:.1f} us CPU added "
+          f"to a request on the event loop ({redis_work['python_round_trips']:.3f} round trips per request, c=16), "
+          f"{redis_work['native_us']:.1f} us in native batches of 16 ({redis_work['native_round_trips']:.3f}); "
+          f"errors {redis_work['errors']:.0f}")
     if "native" in frontends:
         forward, misses, hits = native_batch_cache_work_us()
         print(f"\nnative batches of 16 in Python, CPU per request: forward alone {forward:.1f} us, through the "

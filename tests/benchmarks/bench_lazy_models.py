@@ -34,8 +34,8 @@ from tests.benchmarks.bench_triton_repo import rss_mib, wait_ready
 def make_repo(root: Path, runs: int) -> None:
     import torch
 
-    from tensorwire import modelrepo
-    from tensorwire.models import build_model
+    from tensorwire.serving import modelrepo
+    from tensorwire.serving.models import build_model
 
     torch.manual_seed(0)
     state = build_model("spiral").state_dict()

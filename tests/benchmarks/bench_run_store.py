@@ -47,10 +47,10 @@ from services.trainer.app import create_app as create_trainer
 from services.trainer.runs import RunManager
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import PostgresRunStore, RunRecord, RunStore, SqliteRunStore
-from tensorwire import modelrepo
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.scalars import to_batch
-from tensorwire.server import GrpcServer, ServerOptions
+from tensorwire.data.scalars import to_batch
+from tensorwire.rpc.server import GrpcServer, ServerOptions
+from tensorwire.serving import modelrepo
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
 from tensorwire.trainer.v1 import trainer_pb2 as tpb

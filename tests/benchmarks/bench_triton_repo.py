@@ -140,8 +140,8 @@ def make_repo(root: Path) -> None:
     """The spiral MLP three ways, with the same weights."""
     import torch
 
-    from tensorwire import modelrepo
-    from tensorwire.models import build_model
+    from tensorwire.serving import modelrepo
+    from tensorwire.serving.models import build_model
     from tests.support.triton_models import write_onnx
 
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """TorchServe's handler for bench_inference.py's side-by-side run (``--servers torchserve``).
 
-The same spiral MLP as tensorwire serves (``tensorwire.models.build_model("spiral")``,
+The same spiral MLP as tensorwire serves (``tensorwire.serving.models.build_model("spiral")``,
 the same ``model.pt`` weights), behind TorchServe's gRPC ``Predictions`` API: each
 request's ``input["data"]`` is raw float32 rows of 2, its ``prediction`` the raw float32
 logits. A function handler (``handle(data, context)``, called with ``data=None`` once to
@@ -21,7 +21,7 @@ _model: torch.nn.Module | None = None
 def handle(data: list[dict[str, Any]] | None, context: Any) -> list[bytes] | None:
     global _model
     if data is None:  # TorchServe's load call
-        from tensorwire.models import build_model
+        from tensorwire.serving.models import build_model
 
         torch.set_num_threads(1)
         model = build_model("spiral")

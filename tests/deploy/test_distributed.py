@@ -20,8 +20,8 @@ import torch
 
 from services.trainer import distributed
 from services.trainer.tasks import TASKS
-from tensorwire import modelrepo
 from tensorwire.errors import InvalidArgumentError
+from tensorwire.serving import modelrepo
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

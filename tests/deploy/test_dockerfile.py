@@ -184,7 +184,7 @@ def test_context_copies_exist_and_pass_dockerignore() -> None:
         (".venv/bin/python", True), ("var/models/spiral/1/model.pt", True), (".git/HEAD", True),
         ("clients/web/node_modules/esbuild/package.json", True), ("clients/web/dist/app.js", True),
         ("tests/conftest.py", True), ("tensorwire/__pycache__/x.cpython-311.pyc", True),
-        ("tensorwire/server.py", False), ("services/trainer/app.py", False),
+        ("tensorwire/rpc/server.py", False), ("services/trainer/app.py", False),
         ("pyproject.toml", False), ("clients/web/src/main.ts", False),
     ],
 )

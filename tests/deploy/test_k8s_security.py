@@ -2,7 +2,7 @@
 
 - every service that listens beyond loopback reads a token file mounted read-only
   from a Secret, and the clients (trainer, lag probe) their own token, with the roles
-  their calls need (checked with tensorwire.auth on the dev overlay's tokens);
+  their calls need (checked with tensorwire.rpc.auth on the dev overlay's tokens);
 - the NetworkPolicies, evaluated as the network plugin would (a small evaluator of the
   NetworkPolicy semantics below), allow exactly the connections of the suite's
   picture and nothing else;
@@ -34,11 +34,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tensorwire import auth
-from tensorwire.auth import ClientSecurity
-from tensorwire.channels import ChannelPool
-from tensorwire.config import is_loopback
-from tensorwire.tls import ClientTls
+from tensorwire.calls.channels import ChannelPool
+from tensorwire.rpc import auth
+from tensorwire.rpc.auth import ClientSecurity
+from tensorwire.rpc.config import is_loopback
+from tensorwire.rpc.tls import ClientTls
 from tests.support.certs import Authority
 
 from .test_manifests import (

@@ -31,7 +31,7 @@ from services.probe.settings import ProbeSettings
 from services.streamer.settings import StreamerSettings
 from services.trainer.distributed import DistributedSettings
 from services.trainer.settings import TrainerSettings
-from tensorwire import config
+from tensorwire.rpc import config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -514,7 +514,7 @@ def test_envoy_runs_the_config_of_deploy_envoy_against_services_that_exist(entry
 
 @needs_kubectl
 def test_redis_component_gives_every_inference_replica_one_shared_cache() -> None:
-    from tensorwire.cache import RedisCacheConfig
+    from tensorwire.serving.cache import RedisCacheConfig
 
     for entry in ("overlays/prod", "overlays/prod-gpu"):
         docs = render(entry)

@@ -20,9 +20,9 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from tensorwire import modelrepo
 from tensorwire.client import InferenceClient
-from tensorwire.models import build_model
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
 from tensorwire.trainer.v1 import trainer_pb2 as tpb

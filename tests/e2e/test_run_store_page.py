@@ -184,7 +184,7 @@ def test_runs_table_sorts_filters_and_compares_runs(suite: Stack) -> None:
 # Once quarantined (Resume after the restart stalled in 2 of 4 CI runs): the second
 # SIGTERM of a Ctrl-C'd suite killed the trainer before it wrote the run's last
 # checkpoint, so a run younger than one checkpoint interval had none to resume from
-# (FAILED_PRECONDITION on the page). Now tensorwire.server.serve keeps its signal
+# (FAILED_PRECONDITION on the page). Now tensorwire.rpc.server.serve keeps its signal
 # handlers through the drain; tests/integration/test_run_store.py sends that signal.
 def test_suite_restart_keeps_runs_curves_and_resumes(suite: Stack, tmp_path: Path) -> None:
     # A new run from the page's own form, with a name and a finite max_steps.

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from tensorwire.channels import ChannelPool, ChannelState, resolve_targets
+from tensorwire.calls.channels import ChannelPool, ChannelState, resolve_targets
 from tensorwire.errors import InvalidArgumentError, UnavailableError
 from tests.conftest import serving
 from tests.support.echo_service import EchoApp, method

@@ -15,15 +15,8 @@ import grpc
 import pytest
 import torch
 
-from tensorwire import modelrepo
-from tensorwire.checkpoints import (
-    SERVICE_NAME,
-    CheckpointReceiver,
-    ModelTransferServicer,
-    upload_checkpoint,
-    upload_requests,
-)
-from tensorwire.chunking import (
+from services.inference.transfer import SERVICE_NAME, ModelTransferServicer
+from tensorwire.checkpoints.chunking import (
     Chunk,
     ChunkConfig,
     ChunkDecoder,
@@ -35,8 +28,11 @@ from tensorwire.chunking import (
     KiB,
     MiB,
 )
+from tensorwire.checkpoints.receiver import CheckpointReceiver
+from tensorwire.checkpoints.upload import upload_checkpoint, upload_requests
 from tensorwire.errors import DataLossError
-from tensorwire.models import build_model
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model
 from tensorwire.transfer.v1 import transfer_pb2 as pb
 from tensorwire.transfer.v1 import transfer_pb2_grpc as pb_grpc
 from tests.conftest import serving

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tensorwire import modelrepo
+from tensorwire.serving import modelrepo
 
 pytestmark = [
     pytest.mark.root,

@@ -15,7 +15,7 @@ from services.inference.settings import InferenceSettings
 from tensorwire.client import InferenceClient, RetryPolicy, decode_outputs
 from tensorwire.errors import DeadlineExceededError, UnavailableError
 from tensorwire.inference import grpc_service_pb2 as pb
-from tensorwire.server import GrpcServer, ServerOptions
+from tensorwire.rpc.server import GrpcServer, ServerOptions
 from tests.conftest import free_port, settings_for
 
 FAST = RetryPolicy(attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
@@ -112,11 +112,11 @@ def test_infer_request_encoding_round_trips() -> None:
 async def test_sync_client_infers_by_tensor_name_with_numpy_in_and_out(tmp_path: Path) -> None:
     """The scripts' client: blocking calls, ``infer("spiral", points=array)``, numpy back,
     the same domain errors, a token from the environment when the server wants one."""
-    from tensorwire import modelrepo
-    from tensorwire.auth import Authorizer, TokenFile
     from tensorwire.client import SyncInferenceClient
     from tensorwire.errors import NotFoundError, UnauthenticatedError
-    from tensorwire.models import build_model
+    from tensorwire.rpc.auth import Authorizer, TokenFile
+    from tensorwire.serving import modelrepo
+    from tensorwire.serving.models import build_model
 
     torch.manual_seed(0)
     model = build_model("spiral")
@@ -131,7 +131,7 @@ async def test_sync_client_infers_by_tensor_name_with_numpy_in_and_out(tmp_path:
     points = np.random.default_rng(1).standard_normal((5, 2)).astype(np.float32)
 
     def script(env: dict[str, str]) -> dict[str, np.ndarray]:
-        from tensorwire.auth import ClientSecurity
+        from tensorwire.rpc.auth import ClientSecurity
 
         with SyncInferenceClient(f"127.0.0.1:{port}", timeout_s=30,
                                  security=ClientSecurity.from_env(env)) as client:

@@ -109,7 +109,7 @@ async def test_unknown_method_and_malformed_request(name: str, tmp_path: Path) -
 
 
 def test_settings_name_the_bad_value() -> None:
-    from tensorwire.config import SettingsError, load
+    from tensorwire.rpc.config import SettingsError, load
 
     with pytest.raises(SettingsError, match=r"port \(--port\) must be <= 65535, got 70000"):
         load(TrainerSettings, ["--port", "70000"], env={})

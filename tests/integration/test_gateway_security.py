@@ -19,7 +19,7 @@ from services.streamer.app import create_app as create_streamer
 from services.streamer.settings import StreamerSettings
 from services.trainer.app import create_app as create_trainer
 from services.trainer.settings import TrainerSettings
-from tensorwire.auth import Authorizer, TokenFile
+from tensorwire.rpc.auth import Authorizer, TokenFile
 from tensorwire.trainer.v1 import trainer_pb2
 from tests.conftest import free_port, serving, settings_for
 from tests.integration.test_security import TOKENS, write_tokens

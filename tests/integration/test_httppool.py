@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tensorwire import modelrepo
+from tensorwire.calls.httppool import HttpModelRepository, HttpPool, HttpPoolConfig
 from tensorwire.errors import InvalidArgumentError, NotFoundError, UnavailableError
-from tensorwire.httppool import HttpModelRepository, HttpPool, HttpPoolConfig
-from tensorwire.models import build_model
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model
 from tests.conftest import free_port
 
 

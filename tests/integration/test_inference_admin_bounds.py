@@ -23,11 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
-from tensorwire import admission, modelrepo
-from tensorwire.checkpoints import upload_checkpoint
+from tensorwire.checkpoints.upload import upload_checkpoint
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
-from tensorwire.models import build_model
+from tensorwire.serving import admission, modelrepo
+from tensorwire.serving.models import build_model
 from tensorwire.transfer.v1 import transfer_pb2 as tpb
 from tensorwire.transfer.v1 import transfer_pb2_grpc as tpb_grpc
 from tests.conftest import serving, settings_for
@@ -352,7 +352,7 @@ async def test_transient_load_failures_are_retried_with_backoff(
     the real backend) serves after the boot scan's retries; a broken one is not retried."""
     from services.inference import backends
     from services.inference.repository import ModelRepository, RepositoryOptions
-    from tensorwire.backoff import Backoff
+    from tensorwire.calls.backoff import Backoff
 
     repo = tmp_path / "models"
     modelrepo.write_version(repo, "flaky", "spiral", build_model("spiral").state_dict())
@@ -384,7 +384,7 @@ async def test_load_that_times_out_is_cancelled_and_not_installed(
     import threading
 
     from services.inference import backends
-    from tensorwire.loader import LoaderConfig
+    from tensorwire.serving.loader import LoaderConfig
 
     gate, reads = threading.Event(), []
     real_read = modelrepo.load_state_dict

@@ -16,13 +16,14 @@ from hypothesis import strategies as st
 
 from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo, oip
+from tensorwire.data import oip
+from tensorwire.data.tensors import TYPED_FIELD, Tensor, encode_raw
 from tensorwire.errors import InvalidArgumentError
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
-from tensorwire.models import build_model
-from tensorwire.server import GrpcServer, ServerOptions
-from tensorwire.tensors import TYPED_FIELD, Tensor, encode_raw
+from tensorwire.rpc.server import GrpcServer, ServerOptions
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.usefixtures("inference_frontend")  # both frontends: python, native

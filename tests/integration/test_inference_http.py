@@ -19,8 +19,8 @@ import torch
 
 from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo
-from tensorwire.models import build_model
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model
 from tests.conftest import serving, settings_for
 from tests.support import triton_models as tm
 
@@ -158,7 +158,7 @@ async def test_hostile_bodies_get_400_naming_the_tensor(http) -> None:  # type: 
 
 
 async def test_http_requests_are_counted_like_rpcs(http) -> None:  # type: ignore[no-untyped-def]
-    from tensorwire import metrics
+    from tensorwire.rpc import metrics
 
     client, _, _ = http
     method = "HTTP POST /v2/models/{model}/infer"

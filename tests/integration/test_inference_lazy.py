@@ -20,10 +20,11 @@ import torch
 
 from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo, oip
+from tensorwire.data import oip
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
-from tensorwire.models import build_model
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model
 from tests.conftest import serving, settings_for
 
 RUNS = 40
@@ -256,8 +257,8 @@ async def test_a_request_during_the_boot_scan_waits_for_it(tmp_path: Path) -> No
     sharing a port, one still scanning). A name not on disk is still NOT_FOUND."""
     from services.inference.records import InferRequest
     from services.inference.repository import ModelRepository, RepositoryOptions
+    from tensorwire.data.tensors import Tensor
     from tensorwire.errors import NotFoundError, UnavailableError
-    from tensorwire.tensors import Tensor
 
     root = tmp_path / "models"
     state = spiral_state(5)

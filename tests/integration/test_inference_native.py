@@ -31,11 +31,12 @@ from services.inference import native
 from services.inference.app import InferenceApp, create_app
 from services.inference.repository import ModelRepository
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo, oip
-from tensorwire.auth import Authorizer, TokenFile
+from tensorwire.data import oip
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
-from tensorwire.models import build_model
+from tensorwire.rpc.auth import Authorizer, TokenFile
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model
 from tests.conftest import serving, settings_for
 from tests.integration.test_inference_hostile import requests as fuzzed_requests
 from tests.integration.test_security import TOKENS, bearer, write_tokens
@@ -82,6 +83,8 @@ def test_start_up_line_names_the_frontend(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert native.choose("auto", repository, 2, tls=True)[1].startswith("frontend: python (TLS is on")
     frontend, line = native.choose("auto", repository, 3, tls=False)
     assert frontend is not None and line == "frontend: native (grpc++ 1.51.1; 3 batch threads)"
+    line = native.choose("auto", repository, 3, tls=False, streams=False)[1]
+    assert line == "frontend: native (grpc++ 1.51.1; 3 batch threads; streams forwarded)"
 
 
 @needs_native
@@ -295,3 +298,236 @@ def test_native_decoder_under_address_sanitizer() -> None:
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "ERROR: AddressSanitizer" not in result.stderr
+
+
+# -- ModelStreamInfer, served natively ------------------------------------------
+
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+def stream_messages() -> list[pb.ModelInferRequest]:
+    """300 valid messages (more than the 256 a stream runs at once) with every kind of
+    message the native side cannot serve itself interleaved."""
+    rng = np.random.default_rng(5)
+    x = np.ones((2, 2), np.float32)
+    tensor = pb.ModelInferRequest.InferInputTensor
+    odd = [
+        request(np.ones((1, 3), np.float32), id="shape"),
+        pb.ModelInferRequest(model_name="nope", id="unknown"),
+        request(x, id="version-x", model_version="x"),
+        request(x, id="version-7", model_version="7"),
+        request(x, id="version-1", model_version="1"),
+        request(x, id="out-nope", outputs=[{"name": "nope"}]),
+        request(x, id="out-logits", outputs=[{"name": "logits"}]),
+        request(np.ones((9, 2), np.float32), id="rows"),  # over max_batch_size 8
+        pb.ModelInferRequest(model_name="spiral", id="typed", inputs=[tensor(
+            name="points", datatype="FP32", shape=[1, 2], contents=pb.InferTensorContents(fp32_contents=[1.0, 2.0]))]),
+        pb.ModelInferRequest(model_name="spiral", id="dtype", raw_input_contents=[x.astype(np.float64).tobytes()],
+                             inputs=[tensor(name="points", datatype="FP64", shape=[2, 2])]),
+        pb.ModelInferRequest(model_name="spiral", id="short", raw_input_contents=[x.tobytes()[:-1]],
+                             inputs=[tensor(name="points", datatype="FP32", shape=[2, 2])]),
+        pb.ModelInferRequest(model_name="spiral", id="no-input"),
+        request(x),  # no id
+    ]
+    valid = [request(rng.standard_normal((int(rng.integers(1, 4)), 2)).astype(np.float32), id=f"v{i}")
+             for i in range(300)]
+    messages = list(valid)
+    for k, m in enumerate(odd):
+        messages.insert(k * 23, m)
+    return messages
+
+
+def stream_answer(r: pb.ModelStreamInferResponse) -> tuple[bytes, dict[str, np.ndarray]]:
+    """An answer's bytes without its output values, and the values (compared within
+    float tolerance: the two servers batch differently)."""
+    values = {} if r.error_message else oip.decode_outputs(r.infer_response)
+    bare = pb.ModelStreamInferResponse()
+    bare.CopyFrom(r)
+    del bare.infer_response.raw_output_contents[:]
+    for out in bare.infer_response.outputs:
+        out.ClearField("contents")
+    return bare.SerializeToString(), values
+
+
+async def streamed(port: int, messages: list[bytes], hold: bool = False, **kw: object) -> tuple[list[bytes], str, str]:
+    """Every answer's bytes, and the stream's final status and details (``hold``: the
+    client does not half-close after its messages)."""
+    answers: list[bytes] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.stream_stream(STREAM)(timeout=30, **kw)
+
+        async def send() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the server ended it
+                for m in messages:
+                    await call.write(m)
+                if not hold:
+                    await call.done_writing()
+
+        writer = asyncio.ensure_future(send())
+        try:
+            while (answer := await call.read()) is not grpc.aio.EOF:
+                answers.append(answer)
+            await writer
+        except grpc.aio.AioRpcError as exc:
+            return answers, exc.code().name, exc.details() or ""
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+    return answers, "OK", ""
+
+
+async def until_all_buried(app: InferenceApp) -> None:
+    """Every call, stream and stream message of the native frontend has given back its
+    references (is freed or in the graveyard)."""
+    assert app.frontend is not None
+    for _ in range(500):
+        if app.frontend.stats()["unburied"] == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"native objects still referenced: {app.frontend.stats()}")
+
+
+@needs_native
+async def test_native_stream_answers_exactly_as_python_does(tmp_path: Path) -> None:
+    """One stream -- 300 valid messages at once (past the 256 in flight), the bad, the
+    unknown and the ones only Python serves among them -- answered by a Python and a
+    native server: the same answers (by id: completion order may differ), the bad
+    ones as the same error_message; a message that does not parse ends both streams
+    with the same status. Statistics and metrics count the natively served ones."""
+    repo = spiral_repo(tmp_path, max_queue_delay_us=1000)
+    messages = stream_messages()
+    bodies = [m.SerializeToString() for m in messages]
+    labels = {"service": "inference", "method": "ModelStreamInfer", "code": "OK"}
+    async with server_of(tmp_path, "python", repo) as (_, py_port), \
+            server_of(tmp_path, "native", repo) as (app, native_port):
+        assert app.frontend is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{native_port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(100):  # the native side learns the model's rules (first requests: Python)
+                await stub.ModelInfer(request(np.ones((1, 2), np.float32)), timeout=10)
+                if app.frontend.stats()["native"]:
+                    break
+            stats0 = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="spiral"), timeout=10)).model_stats[0]
+        base = app.frontend.stats()
+        streams0 = REGISTRY.get_sample_value("tensorwire_rpc_handled_total", labels) or 0.0
+        (theirs, code, _), (ours, native_code, _) = await asyncio.gather(
+            streamed(py_port, bodies), streamed(native_port, bodies))
+        assert code == native_code == "OK"
+        assert len(theirs) == len(ours) == len(messages)
+        expected = {pb.ModelStreamInferResponse.FromString(a).infer_response.id: stream_answer(
+            pb.ModelStreamInferResponse.FromString(a)) for a in theirs}
+        got = {pb.ModelStreamInferResponse.FromString(a).infer_response.id: stream_answer(
+            pb.ModelStreamInferResponse.FromString(a)) for a in ours}
+        assert got.keys() == expected.keys() and len(got) == len(messages)
+        for key, (bare, values) in expected.items():
+            assert got[key][0] == bare, key
+            assert got[key][1].keys() == values.keys(), key
+            for name, value in values.items():
+                np.testing.assert_allclose(got[key][1][name], value, rtol=1e-5, atol=1e-6)
+        errors = {k: pb.ModelStreamInferResponse.FromString(b).error_message for k, (b, _) in got.items()}
+        assert errors["unknown"] == "NOT_FOUND: unknown model 'nope'"
+        assert errors["shape"].startswith("INVALID_ARGUMENT: input 'points'")
+        assert sum(bool(e) for e in errors.values()) == 9, errors  # typed, out-logits, version-1, no id: served
+        now = app.frontend.stats()
+        assert now["streams"] - base["streams"] == 1
+        assert now["native"] - base["native"] >= 290, (base, now)  # the valid ones (a few may meet a re-read)
+        assert now["proxied"] - base["proxied"] >= 9, (base, now)  # the odd ones, one unary call each
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{native_port}") as channel:
+            stats = (await pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+                pb.ModelStatisticsRequest(name="spiral"), timeout=10)).model_stats[0]
+        rows = sum(m.inputs[0].shape[0] for m in messages if m.id[:1] == "v" and m.id[1:].isdigit())
+        assert stats.inference_count - stats0.inference_count == rows + 2 + 2 + 1 + 2  # + version-1, out-logits, typed, no id
+        assert stats.inference_stats.success.count - stats0.inference_stats.success.count == 304
+        assert REGISTRY.get_sample_value("tensorwire_rpc_handled_total", labels) - streams0 == 2  # one per stream
+
+        # A message that does not parse ends the stream, with Python's words, on both.
+        valid = request(np.ones((1, 2), np.float32), id="a").SerializeToString()
+        for body, hold in ((b"\xff\xff\xff", False), (valid[:-3], False), (b"\xff\xff\xff", True)):
+            (_, code, details), (_, native_code, native_details) = await asyncio.gather(
+                streamed(py_port, [valid, valid, body], hold), streamed(native_port, [valid, valid, body], hold))
+            assert (native_code, native_details) == (code, details)
+            assert code == "INVALID_ARGUMENT" and "not a valid inference.ModelInferRequest" in details, (code, details)
+        # An empty stream, and the server still serves.
+        assert await streamed(native_port, []) == await streamed(py_port, []) == ([], "OK", "")
+        answers, code, _ = await streamed(native_port, [valid] * 3)
+        assert code == "OK" and len(answers) == 3
+        await until_all_buried(app)
+
+
+@pytest.mark.parametrize("frontend", ["python", "native"])
+async def test_stream_cancelled_mid_stream_releases_everything(frontend: str, tmp_path: Path) -> None:
+    """The client cancels a stream while its messages are queued, in a running batch and
+    forwarded to Python (the model held): the server lets go of all of them (the queue
+    drains, the batch's answers are dropped) and serves the next stream; the same on
+    both frontends."""
+    if frontend == "native" and MODULE is None:
+        pytest.skip(f"native frontend {WHY}")
+    import threading
+
+    async with server_of(tmp_path, frontend, spiral_repo(tmp_path, max_queue_delay_us=500)) as (app, port):
+        version = app.repository.version_of("spiral", "1")
+        gate = threading.Event()
+        forward = version.forward_columns
+        version.forward_columns = lambda *a: (gate.wait(30), forward(*a))[1]  # type: ignore[method-assign]
+        x = np.ones((1, 2), np.float32)
+        typed = pb.ModelInferRequest(model_name="spiral", id="typed", inputs=[pb.ModelInferRequest.InferInputTensor(
+            name="points", datatype="FP32", shape=[1, 2], contents=pb.InferTensorContents(fp32_contents=[1.0, 2.0]))])
+        held = asyncio.Event()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def send() -> AsyncIterator[pb.ModelInferRequest]:
+                yield pb.ModelInferRequest(model_name="nope", id="unknown")
+                for i in range(40):
+                    yield request(x, id=f"v{i}")
+                yield typed
+                await held.wait()  # no half-close: the client cancels
+
+            call = stub.ModelStreamInfer(send(), timeout=30)
+            first = await call.read()
+            assert first.infer_response.id == "unknown" and first.error_message.startswith("NOT_FOUND")
+            if app.frontend is not None:
+                for _ in range(1000):
+                    stats = app.frontend.stats()
+                    if stats["running"] == 1 and stats["queued"] >= 1:
+                        break
+                    await asyncio.sleep(0.005)
+                assert stats["running"] == 1 and stats["queued"] >= 1, stats
+            else:
+                await asyncio.sleep(0.3)
+            call.cancel()
+            held.set()
+            await asyncio.sleep(0.1)
+            gate.set()
+            # The next stream on the same server: every answer.
+            async def again() -> AsyncIterator[pb.ModelInferRequest]:
+                for i in range(20):
+                    yield request(x, id=f"w{i}")
+
+            ids = sorted([r.infer_response.id async for r in stub.ModelStreamInfer(again(), timeout=30)
+                          if not r.error_message])
+            assert ids == sorted(f"w{i}" for i in range(20))
+            if app.frontend is not None:
+                for _ in range(500):
+                    stats = app.frontend.stats()
+                    if stats["queued"] == 0 and stats["running"] == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                assert stats["queued"] == 0 and stats["running"] == 0, stats
+                assert stats["streams"] == 2
+                await until_all_buried(app)
+
+
+@needs_native
+async def test_native_stream_roles_and_tokens(tmp_path: Path) -> None:
+    """A stream is checked once, at its start, as Python's interceptor does: a refused
+    token gets the same status from the native port; an accepted one is served natively."""
+    authorizer = Authorizer(TokenFile(write_tokens(tmp_path / "tokens.csv")))
+    body = request(np.ones((1, 2), np.float32), id="a").SerializeToString()
+    async with server_of(tmp_path, "native", spiral_repo(tmp_path), authorizer=authorizer) as (app, port):
+        answers, code, details = await streamed(port, [body], metadata=(("authorization", "Bearer wrong-token"),))
+        assert (answers, code) == ([], "UNAUTHENTICATED") and "unknown bearer token" in details
+        assert app.frontend is not None and app.frontend.stats()["streams"] == 0  # forwarded whole
+        answers, code, _ = await streamed(port, [body] * 3, metadata=bearer("viewer"))
+        assert code == "OK" and len(answers) == 3
+        assert app.frontend.stats()["streams"] == 1

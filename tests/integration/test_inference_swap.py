@@ -10,6 +10,7 @@ import asyncio
 import collections
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -19,10 +20,11 @@ import torch
 
 from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo, oip
+from tensorwire.data import oip
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
-from tensorwire.models import build_model
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model
 from tests.conftest import serving, settings_for
 
 pytestmark = pytest.mark.usefixtures("inference_frontend")  # both frontends: python, native
@@ -270,3 +272,59 @@ async def test_proxied_calls_and_batches_through_repeated_swaps(tmp_path: Path) 
             await asyncio.gather(*clients)
     assert errors == []
     assert answered["metadata"] >= 100 and answered["infer"] >= 100, answered
+
+
+async def test_hot_swaps_mid_stream_drop_nothing(tmp_path: Path) -> None:
+    """Streams with many messages in flight while versions keep coming: every message is
+    answered, none with an error, each by the weights of the version it names (on the
+    native frontend, batches a swap made stale go to Python mid-stream)."""
+    repo = tmp_path / "models"
+    states = {v: spiral_state(v) for v in range(1, 9)}
+    modelrepo.write_version(repo, "spiral", "spiral", states[1])
+    settings = settings_for(InferenceSettings, tmp_path, model_repository=repo, poll_interval_s=0.02)
+    app = await create_app(settings)
+    x = np.random.default_rng(0).standard_normal((2, 2)).astype(np.float32)
+    want = {v: expected(s, x) for v, s in states.items()}
+    problems: list[str] = []
+    answered = collections.Counter[str]()
+    stop = asyncio.Event()
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def client(c: int) -> None:
+                while not stop.is_set():
+                    sent = [f"{c}-{i}" for i in range(64)]
+
+                    async def send() -> AsyncIterator[pb.ModelInferRequest]:
+                        for rid in sent:
+                            r = spiral_request(x)
+                            r.id = rid
+                            yield r
+
+                    ids = []
+                    async for reply in stub.ModelStreamInfer(send(), timeout=30):
+                        ids.append(reply.infer_response.id)
+                        if reply.error_message:
+                            problems.append(reply.error_message)
+                            continue
+                        version = int(reply.infer_response.model_version)
+                        answered[str(version)] += 1
+                        got = oip.decode_outputs(reply.infer_response)["logits"]
+                        if not np.allclose(got, want[version], rtol=1e-5, atol=1e-6):
+                            problems.append(f"v{version} answered other weights")
+                    if sorted(ids) != sorted(sent):
+                        problems.append(f"stream {c}: {len(ids)} answers for {len(sent)} messages")
+
+            clients = [asyncio.create_task(client(c)) for c in range(4)]
+            for version in range(2, 9):
+                await asyncio.sleep(0.15)
+                modelrepo.write_version(repo, "spiral", "spiral", states[version])
+            await until(lambda: app.repository.versions("spiral") == [8], what="the last version")
+            await until(lambda: answered["8"] >= 64, what="traffic on the last version")
+            stop.set()
+            await asyncio.gather(*clients)
+    assert problems == []
+    assert sum(answered.values()) >= 500, answered
+    if app.frontend is not None:
+        assert app.frontend.stats()["streams"] >= 4

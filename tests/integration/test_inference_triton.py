@@ -2,7 +2,7 @@
 
 tritonclient runs in a subprocess (its protobuf symbols clash with ours); the
 server runs in this process on port 0, serving models trained for a few steps
-and written through tensorwire.modelrepo, and predictions are compared with a
+and written through tensorwire.serving.modelrepo, and predictions are compared with a
 torch forward of the same weights in this process.
 """
 
@@ -20,9 +20,9 @@ import torch
 
 from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo
 from tensorwire.inference import grpc_service_pb2, model_config_pb2
-from tensorwire.models import build_model, example_inputs
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model, example_inputs
 from tests.conftest import serving, settings_for
 from tests.support.triton_client import message_fields
 
@@ -86,6 +86,8 @@ async def test_tritonclient_calls_every_rpc(model: str, repo: Path, tmp_path: Pa
     async with serving(app, "inference") as server:
         out = str(tmp_path / "report")
         await asyncio.to_thread(run_client, "rpcs", f"127.0.0.1:{server.port}", model, "run-42", out)
+        if app.frontend is not None:  # tritonclient's stream was served natively
+            assert app.frontend.stats()["streams"] == 1
     report = json.loads(Path(out + ".json").read_text())
     arrays = dict(np.load(out + ".npz"))
 

@@ -23,7 +23,7 @@ import torch
 
 from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
-from tensorwire.checkpoints import upload_checkpoint
+from tensorwire.checkpoints.upload import upload_checkpoint
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import serving, settings_for
@@ -230,8 +230,8 @@ async def test_reshape_variable_dims_and_instance_count(tmp_path: Path) -> None:
     """Clients send [B, 2, 2] where the ONNX graph takes [B, 4] (reshape); a -1 dim takes any
     size; instance_group count becomes batches running at once."""
     from services.inference.repository import InferRequest, ModelRepository, RepositoryOptions
+    from tensorwire.data.tensors import Tensor
     from tensorwire.errors import InvalidArgumentError
-    from tensorwire.tensors import Tensor
 
     root = tmp_path / "models"
     model = tm.mlp(8)

@@ -11,10 +11,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from tensorwire import modelrepo
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
-from tensorwire.models import build_model
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,9 +17,9 @@ from services.streamer.settings import StreamerSettings
 from services.trainer.app import TrainerApp
 from services.trainer.app import create_app as create_trainer
 from services.trainer.settings import TrainerSettings
-from tensorwire import arrays
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.server import GrpcServer, ServerOptions
+from tensorwire.data import arrays
+from tensorwire.rpc.server import GrpcServer, ServerOptions
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
 from tensorwire.trainer.v1 import trainer_pb2 as tpb

@@ -24,10 +24,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.inference.app import InferenceApp, create_app
 from services.inference.settings import InferenceSettings
-from tensorwire import modelrepo, oip
-from tensorwire.cache import KEY_PREFIX, RedisCache, parse_cache_config
+from tensorwire.data import oip
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
+from tensorwire.serving import modelrepo
+from tensorwire.serving.cache import KEY_PREFIX, RedisCache, RedisCacheConfig, parse_cache_config
 from tests.conftest import free_port, serving, settings_for
 from tests.integration.test_inference_swap import expected, spiral_request, spiral_state
 from tests.support.redis_server import RedisServer, needs_redis
@@ -440,3 +441,88 @@ async def test_redis_password_and_db_are_used_and_a_wrong_one_fails_no_request(t
         client = redis.Redis(port=server.port, password="s3cret", db=3)
         assert len(list(client.scan_iter(match=KEY_PREFIX + "*"))) == 1  # in db 3
         client.close()
+
+
+@needs_redis
+async def test_redis_writes_ride_with_lookups_and_survive_a_lost_script(redis_server: RedisServer) -> None:
+    """Writes go in the next MGET's round trip (one command for both); after Redis lost
+    the script (a restart, SCRIPT FLUSH) the writes are resent with it, not dropped."""
+    cache = RedisCache(RedisCacheConfig(host="127.0.0.1", port=redis_server.port, ttl_s=30),
+                       write_delay_s=60.0)  # no timer: only an MGET takes the writes
+    client = redis.Redis(port=redis_server.port)
+    keys = [bytes([i]) * 16 for i in range(5)]
+    try:
+        cache.put(keys[0], b"zero")
+        cache.put(keys[1], b"one")
+        assert await cache.get(keys[4]) is None  # its round trip carries the writes
+        await cache.flush()  # a fresh Redis has no script yet: NOSCRIPT, then EVAL
+        assert (cache.stats.commands, cache.stats.inserts, cache.stats.misses) == (2, 2, 1)
+        cache.put(keys[2], b"two")
+        cache.put(keys[3], b"three")
+        assert await cache.get(keys[0]) == b"zero"
+        assert (cache.stats.commands, cache.stats.inserts) == (3, 4)  # EVALSHA: known now
+        client.script_flush()
+        cache.put(keys[2], b"two")
+        cache.put(keys[3], b"three")
+        assert await cache.get(keys[1]) == b"one"
+        await cache.flush()
+        assert (cache.stats.commands, cache.stats.inserts, cache.stats.errors) == (5, 6, 0)
+        assert [await cache.get(key) for key in keys] == [b"zero", b"one", b"two", b"three", None]
+        assert 0 < client.ttl(KEY_PREFIX + keys[3].hex()) <= 30
+    finally:
+        await cache.aclose()
+        client.close()
+
+
+async def test_redis_that_never_answers_times_out_as_a_miss() -> None:
+    """A server that accepts and never answers: the lookup is a miss after socket_timeout,
+    counted, and the next round trip after the backoff uses a new connection."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cache = RedisCache(RedisCacheConfig(host="127.0.0.1", port=port, socket_timeout_s=0.05),
+                       initial_backoff_s=0.01)
+    try:
+        started = time.monotonic()
+        assert await cache.get(b"k" * 16) is None
+        assert time.monotonic() - started < 1.0
+        assert (cache.stats.errors, cache.stats.misses, cache.up) == (1, 1, False)
+        await asyncio.sleep(0.02)
+        assert await cache.get(b"k" * 16) is None
+        assert cache.stats.errors == 2 and len(connections) == 2  # the timed-out one was dropped
+    finally:
+        await cache.aclose()
+        server.close()
+        for writer in connections:
+            writer.close()
+
+
+@needs_redis
+async def test_redis_writes_from_batch_threads_go_with_the_next_lookup_or_a_timer(
+    redis_server: RedisServer,
+) -> None:
+    """A native batch thread's writes do not wake the loop each: the next lookup takes
+    them along, or, when none comes, the timer the first of them armed."""
+    cache = RedisCache(RedisCacheConfig(host="127.0.0.1", port=redis_server.port), write_delay_s=60.0)
+    loop = asyncio.get_running_loop()
+    keys = [bytes([i]) * 16 for i in range(4)]
+    try:
+        await asyncio.to_thread(cache.put_many_from_thread, [(keys[0], b"zero"), (keys[1], b"one")], loop)
+        deadline = time.monotonic() + 5.0
+        while cache.stats.inserts < 2:  # no lookup, no flush: the timer sends them
+            assert time.monotonic() < deadline, repr(cache)
+            await asyncio.sleep(0.01)
+        commands = cache.stats.commands
+        await asyncio.to_thread(cache.put_many_from_thread, [(keys[2], b"two"), (keys[3], b"three")], loop)
+        found = await asyncio.to_thread(cache.lookup_from_thread, keys, loop)
+        assert found[:2] == [b"zero", b"one"]
+        assert cache.stats.commands == commands + 1  # the MGET carried the two writes
+        await cache.flush()
+        assert cache.stats.inserts == 4
+        assert await asyncio.to_thread(cache.lookup_from_thread, keys[2:], loop) == [b"two", b"three"]
+    finally:
+        await cache.aclose()

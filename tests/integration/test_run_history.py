@@ -27,8 +27,8 @@ from services.trainer.app import TrainerApp
 from services.trainer.app import create_app as create_trainer
 from services.trainer.settings import TrainerSettings
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.scalars import from_batch
-from tensorwire.server import GrpcServer, ServerOptions
+from tensorwire.data.scalars import from_batch
+from tensorwire.rpc.server import GrpcServer, ServerOptions
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
 from tensorwire.trainer.v1 import trainer_pb2 as tpb

@@ -23,9 +23,9 @@ from prometheus_client import REGISTRY
 from services.trainer.app import TrainerApp
 from services.trainer.app import create_app as create_trainer
 from services.trainer.settings import TrainerSettings
-from tensorwire import modelrepo
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.scalars import from_batch
+from tensorwire.data.scalars import from_batch
+from tensorwire.serving import modelrepo
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
 from tests.conftest import free_port, serving, settings_for
@@ -252,7 +252,7 @@ async def test_the_demo_run_never_replaces_a_served_model_and_resumes_after_a_re
     # A better model is served as "spiral" already.
     import torch
 
-    from tensorwire.models import build_model
+    from tensorwire.serving.models import build_model
 
     modelrepo.write_version(repo, "spiral", "spiral", build_model("spiral").state_dict())
     served = torch.load(modelrepo.weights_path(repo, "spiral", 1), weights_only=True)

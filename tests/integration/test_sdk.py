@@ -19,7 +19,7 @@ from torch import nn
 
 import tensorwire
 from tensorwire.common.v1 import common_pb2 as cpb
-from tensorwire.scalars import MAX_SERIES
+from tensorwire.data.scalars import MAX_SERIES
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
@@ -255,7 +255,7 @@ async def test_the_script_re_registers_when_the_trainer_restarts(tmp_path: Path)
 
     from services.trainer.app import create_app as create_trainer
     from services.trainer.settings import TrainerSettings
-    from tensorwire.server import GrpcServer, ServerOptions
+    from tensorwire.rpc.server import GrpcServer, ServerOptions
     from tests.conftest import settings_for
 
     sport, tport = free_port(), free_port()

@@ -19,7 +19,7 @@ import tensorwire
 from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
 from tensorwire import export
-from tensorwire.checkpoints import upload_checkpoint
+from tensorwire.checkpoints.upload import upload_checkpoint
 from tests.conftest import serving, settings_for
 from tests.integration.test_inference_triton_repo import run_client
 

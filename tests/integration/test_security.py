@@ -25,14 +25,14 @@ from services.streamer.app import create_app as create_streamer
 from services.streamer.settings import StreamerSettings
 from services.trainer.app import create_app as create_trainer
 from services.trainer.settings import TrainerSettings
-from tensorwire import auth, config
-from tensorwire.auth import METHOD_ROLES, Authorizer, Role, TokenFile
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.inference import grpc_service_pb2 as ipb
-from tensorwire.server import GrpcServer, ServerOptions
+from tensorwire.rpc import auth, config
+from tensorwire.rpc.auth import METHOD_ROLES, Authorizer, Role, TokenFile
+from tensorwire.rpc.server import GrpcServer, ServerOptions
+from tensorwire.rpc.tls import ServerTls
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
-from tensorwire.tls import ServerTls
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
 from tensorwire.transfer.v1 import transfer_pb2
@@ -76,7 +76,7 @@ def every_method() -> list[tuple[str, bool, bool]]:
 
 def test_every_method_of_every_service_has_a_role() -> None:
     missing = [path for path, _, _ in every_method() if path not in METHOD_ROLES]
-    assert not missing, f"methods without a role in tensorwire.auth.METHOD_ROLES: {missing}"
+    assert not missing, f"methods without a role in tensorwire.rpc.auth.METHOD_ROLES: {missing}"
     # Only health checks (and Triton's liveness/readiness) are open.
     open_methods = sorted(p for p, role in METHOD_ROLES.items() if role is None)
     assert all(p.startswith(("/grpc.health.v1.", "/inference.GRPCInferenceService/Server"))
@@ -462,8 +462,8 @@ async def test_inference_http_routes_need_the_same_roles_as_their_rpcs(tmp_path:
     admin, health stays open."""
     import httpx
 
-    from tensorwire import modelrepo
-    from tensorwire.models import build_model
+    from tensorwire.serving import modelrepo
+    from tensorwire.serving.models import build_model
 
     tokens = write_tokens(tmp_path / "tokens.csv")
     settings = settings_for(InferenceSettings, tmp_path, auth_token_file=str(tokens))

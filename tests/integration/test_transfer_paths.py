@@ -25,10 +25,10 @@ from services.inference.app import create_app as create_inference
 from services.inference.settings import InferenceSettings
 from services.trainer.app import create_app as create_trainer
 from services.trainer.settings import TrainerSettings
-from tensorwire import modelrepo
 from tensorwire.client import InferenceClient
 from tensorwire.errors import NotFoundError
-from tensorwire.models import build_model
+from tensorwire.serving import modelrepo
+from tensorwire.serving.models import build_model
 from tests.conftest import serving, settings_for
 
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import grpc
 
-from tensorwire.checkpoints import SERVICE_NAME as TRANSFER_SERVICE
-from tensorwire.checkpoints import CheckpointReceiver, ModelTransferServicer
-from tensorwire.server import GrpcServer, ServerOptions
+from services.inference.transfer import SERVICE_NAME as TRANSFER_SERVICE
+from services.inference.transfer import ModelTransferServicer
+from tensorwire.checkpoints.receiver import CheckpointReceiver
+from tensorwire.rpc.server import GrpcServer, ServerOptions
 
 SERVICE = "tensorwire.test.Echo"
 ROOT = Path(__file__).resolve().parents[2]

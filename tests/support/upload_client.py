@@ -16,8 +16,8 @@ from pathlib import Path
 
 import grpc
 
-from tensorwire.checkpoints import upload_requests
-from tensorwire.chunking import ChunkConfig, ChunkSender
+from tensorwire.checkpoints.chunking import ChunkConfig, ChunkSender
+from tensorwire.checkpoints.upload import upload_requests
 from tensorwire.transfer.v1 import transfer_pb2_grpc as pb_grpc
 
 

@@ -1,4 +1,4 @@
-// Packed arrays (tensorwire.common.v1.Array) to Float32Array, as tensorwire/arrays.py
+// Packed arrays (tensorwire.common.v1.Array) to Float32Array, as tensorwire/data/arrays.py
 // documents them: inflate (DEFLATE = zlib format), un-shuffle bytes, read
 // little-endian elements, dequantize uint8.
 //

@@ -8,7 +8,7 @@
 // batching, version policy, instance groups, parameters, response cache.
 // Names and field numbers are Triton's; fields tensorwire does not use are left
 // out, so their numbers stay free and wire-compatible (a config.pbtxt naming one
-// is refused with the field's name: tensorwire.tritonconfig).
+// is refused with the field's name: tensorwire.serving.tritonconfig).
 
 import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";

@@ -81,7 +81,7 @@ export type UploadHeader = Message<"tensorwire.transfer.v1.UploadHeader"> & {
   model: string;
 
   /**
-   * A key of tensorwire.models.MODELS ("spiral", ...); used when the model is new.
+   * A key of tensorwire.serving.models.MODELS ("spiral", ...); used when the model is new.
    *
    * @generated from field: string kind = 2;
    */

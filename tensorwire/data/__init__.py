@@ -1,0 +1,2 @@
+"""Data on the wire: tensors and the Open Inference Protocol codec, packed arrays,
+scalar buckets."""
