@@ -264,7 +264,8 @@ async def bench_memory(cycles: int, keep_runs: int) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and cycles")
-    parser.add_argument("--seconds", type=float, help="per kind per round (default 4; --quick 3)")
+    parser.add_argument("--seconds", type=float, help="per kind per round (default 4; --quick 3); the "
+                        "recorder writes every 2 s: 6 or more steadies the store's CPU per step")
     parser.add_argument("--rounds", type=int, help="rounds, the order reversed each (default 8; --quick 4; 0 = skip)")
     parser.add_argument("--cycles", type=int, help="start/stop cycles (default 2000; --quick 300; 0 = skip)")
     parser.add_argument("--batch-steps", type=int, default=150,
