@@ -456,7 +456,8 @@ made from the level below it (2 of its rows): a long series is down-sampled from
 the coarsest level that still has at least 4 rows per bucket, so reading it costs
 4 to 8 rows per bucket, not its length (1M steps, 1024 buckets: 7,813 rows per
 series instead of 62,500 blocks; 128 buckets: 977). Each level costs a write one
-more statement per series and batch, and 1/32, 1/64... of the points in rows.
+more statement per batch (SQLite: per series and batch), and 1/32, 1/64... of the
+points in rows.
 A store opened by a trainer from before the levels gets them built once; a trainer
 from before them that writes to a store after that leaves them behind its points
 (several trainers on one PostgreSQL: upgrade them all together)."""
