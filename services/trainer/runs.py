@@ -304,7 +304,7 @@ class RunManager:
         state_dir: Path | None = None,
         keep_runs: int = 200,
         release_after_s: float = 10.0,
-        store_flush_every_s: float = 0.5,
+        store_flush_every_s: float = 2.0,
     ) -> None:
         """
         :param store: where runs, events and scalar history are kept (None = memory

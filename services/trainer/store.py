@@ -30,7 +30,7 @@ import sqlite3
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,18 +392,63 @@ BLOCK_STEPS = 16
 """Steps per pre-aggregated block (table scalar_blocks): a long series is
 down-sampled from its blocks, 16 times fewer rows than its points."""
 
-_UPSERT_BLOCKS = (
-    # Blocks are (re)computed from their points (by primary key): exact whatever was
-    # written twice or truncated. One statement per series and batch: every block
-    # from the batch's first step of the series to its last.
-    "INSERT INTO scalar_blocks (run_id, name, block, first_step, last_step, total, lo, hi, n) "
-    f"SELECT run_id, name, step / {BLOCK_STEPS}, MIN(step), MAX(step), SUM(value), MIN(value), "
-    "MAX(value), COUNT(*) FROM scalars WHERE run_id = ? AND name = ? AND step >= ? AND step < ? "
-    f"GROUP BY run_id, name, step / {BLOCK_STEPS} "
+_SET_BLOCK = (
     "ON CONFLICT (run_id, name, block) DO UPDATE SET first_step = excluded.first_step, "
     "last_step = excluded.last_step, total = excluded.total, lo = excluded.lo, hi = excluded.hi, "
     "n = excluded.n"
 )
+
+
+@dataclass(frozen=True)
+class SpanSql:
+    """How a statement picks the rows of some series between two keys: ``source``
+    is its FROM clause, with ``{table}`` and ``{key}`` (the key column) to fill in.
+    SQLite: one series per statement, executed for each (run_id, name, lo, end);
+    PostgreSQL: every series in one statement, the spans sent as four arrays."""
+
+    source: str
+
+    def _from(self, table: str, key: str) -> str:
+        return self.source.format(table=table, key=key)
+
+    def upsert_blocks(self) -> str:
+        # Blocks are (re)computed from their points (by primary key): exact whatever was
+        # written twice or truncated. Every block from a series' first step in the
+        # batch to its last.
+        return (
+            "INSERT INTO scalar_blocks (run_id, name, block, first_step, last_step, total, lo, hi, n) "
+            f"SELECT run_id, name, step / {BLOCK_STEPS}, MIN(step), MAX(step), SUM(value), MIN(value), "
+            f"MAX(value), COUNT(*) {self._from('scalars', 'step')} "
+            f"GROUP BY run_id, name, step / {BLOCK_STEPS} " + _SET_BLOCK
+        )
+
+    def upsert_level(self, table: str, finer: str, ratio: int) -> str:
+        """Rows of ``table`` from those of ``finer`` (``ratio`` of them each) whose
+        blocks are in the spans: recomputed whole, like the blocks from their points."""
+        return (
+            f"INSERT INTO {table} (run_id, name, block, first_step, last_step, total, lo, hi, n) "
+            f"SELECT run_id, name, block / {ratio}, MIN(first_step), MAX(last_step), SUM(total), MIN(lo), "
+            f"MAX(hi), SUM(n) {self._from(finer, 'block')} "
+            f"GROUP BY run_id, name, block / {ratio} " + _SET_BLOCK
+        )
+
+    def upsert_series(self) -> str:
+        # Each series keeps the lowest and highest value written to it (a run's best metric
+        # is then one row, whatever the length of its history): after each batch, from the
+        # blocks it touched (just recomputed from their points: a step given twice counts
+        # with the value kept). A step rewritten later with another value leaves its old
+        # one counted; the recorder rewrites a step only with its own value, and a resumed
+        # run is truncated first, which recomputes them (_SERIES_FROM_BLOCKS).
+        return (
+            f"INSERT INTO series (run_id, name, lo, hi) SELECT run_id, name, MIN(lo), MAX(hi) "
+            f"{self._from('scalar_blocks', 'block')} GROUP BY run_id, name "
+            "ON CONFLICT (run_id, name) DO UPDATE SET "
+            "lo = CASE WHEN series.lo IS NULL OR excluded.lo < series.lo THEN excluded.lo ELSE series.lo END, "
+            "hi = CASE WHEN series.hi IS NULL OR excluded.hi > series.hi THEN excluded.hi ELSE series.hi END "
+            # Only a batch that goes past them writes the row (a plateau costs no page write).
+            "WHERE series.lo IS NULL OR series.hi IS NULL OR excluded.lo < series.lo OR excluded.hi > series.hi"
+        )
+
 
 COARSE_STEPS = (32, 64, 128, 256, 512, 1024)
 """Steps per row of the coarser block tables (``scalar_blocks_<steps>``), each
@@ -411,7 +456,8 @@ made from the level below it (2 of its rows): a long series is down-sampled from
 the coarsest level that still has at least 4 rows per bucket, so reading it costs
 4 to 8 rows per bucket, not its length (1M steps, 1024 buckets: 7,813 rows per
 series instead of 62,500 blocks; 128 buckets: 977). Each level costs a write one
-more statement per series and batch, and 1/32, 1/64... of the points in rows.
+more statement per batch (SQLite: per series and batch), and 1/32, 1/64... of the
+points in rows.
 A store opened by a trainer from before the levels gets them built once; a trainer
 from before them that writes to a store after that leaves them behind its points
 (several trainers on one PostgreSQL: upgrade them all together)."""
@@ -421,25 +467,22 @@ _LEVELS: tuple[tuple[str, int], ...] = (("scalar_blocks", BLOCK_STEPS),) + tuple
 """(table, steps per row), finest first."""
 
 
-def _upsert_level(table: str, finer: str, ratio: int) -> str:
-    """Rows of ``table`` from those of ``finer`` (``ratio`` of them each) whose
-    blocks are in [?, ?): recomputed whole, like the blocks from their points."""
-    return (
-        f"INSERT INTO {table} (run_id, name, block, first_step, last_step, total, lo, hi, n) "
-        f"SELECT run_id, name, block / {ratio}, MIN(first_step), MAX(last_step), SUM(total), MIN(lo), "
-        f"MAX(hi), SUM(n) FROM {finer} WHERE run_id = ? AND name = ? AND block >= ? AND block < ? "
-        f"GROUP BY run_id, name, block / {ratio} "
-        "ON CONFLICT (run_id, name, block) DO UPDATE SET first_step = excluded.first_step, "
-        "last_step = excluded.last_step, total = excluded.total, lo = excluded.lo, hi = excluded.hi, "
-        "n = excluded.n"
-    )
+@dataclass(frozen=True)
+class ScalarSql:
+    """The statements that write a batch's blocks, coarse levels and series extremes."""
 
+    blocks: str
+    levels: tuple[tuple[str, int, int], ...]
+    """(statement, steps per row, steps per row of the finer level), coarse in order."""
+    series: str
 
-_UPSERT_LEVELS = tuple(
-    (_upsert_level(table, finer, steps // finer_steps), steps, finer_steps)
-    for (finer, finer_steps), (table, steps) in itertools.pairwise(_LEVELS)
-)
-"""(statement, steps per row, steps per row of the finer level), coarse in order."""
+    @classmethod
+    def of(cls, spans: SpanSql) -> ScalarSql:
+        return cls(spans.upsert_blocks(), tuple(
+            (spans.upsert_level(table, finer, steps // finer_steps), steps, finer_steps)
+            for (finer, finer_steps), (table, steps) in itertools.pairwise(_LEVELS)
+        ), spans.upsert_series())
+
 
 _SCALAR_TABLES = ("scalars",) + tuple(table for table, _ in _LEVELS)
 
@@ -453,21 +496,6 @@ def _block_table(table: str, types: tuple[str, str, str]) -> str:
             f"PRIMARY KEY (run_id, name, block)){suffix}")
 
 
-_UPSERT_SERIES = (
-    # Each series keeps the lowest and highest value written to it (a run's best metric
-    # is then one row, whatever the length of its history): after each batch, from the
-    # blocks it touched (just recomputed from their points: a step given twice counts
-    # with the value kept). A step rewritten later with another value leaves its old
-    # one counted; the recorder rewrites a step only with its own value, and a resumed
-    # run is truncated first, which recomputes them (_SERIES_FROM_BLOCKS).
-    "INSERT INTO series (run_id, name, lo, hi) SELECT run_id, name, MIN(lo), MAX(hi) FROM scalar_blocks "
-    "WHERE run_id = ? AND name = ? AND block >= ? AND block < ? GROUP BY run_id, name "
-    "ON CONFLICT (run_id, name) DO UPDATE SET "
-    "lo = CASE WHEN series.lo IS NULL OR excluded.lo < series.lo THEN excluded.lo ELSE series.lo END, "
-    "hi = CASE WHEN series.hi IS NULL OR excluded.hi > series.hi THEN excluded.hi ELSE series.hi END "
-    # Only a batch that goes past them writes the row (a plateau costs no page write).
-    "WHERE series.lo IS NULL OR series.hi IS NULL OR excluded.lo < series.lo OR excluded.hi > series.hi"
-)
 _SERIES_FROM_BLOCKS = (
     # Extremes again from the blocks (after a truncation; for a store written before
     # the series had them): WHERE chooses the rows.
@@ -505,6 +533,7 @@ class SqlRunStore(RunStore):
     schema: tuple[str, ...] = ()
     placeholder = "?"
     errors: tuple[type[BaseException], ...] = ()
+    _scalar_sql = ScalarSql.of(SpanSql("FROM {table} WHERE run_id = ? AND name = ? AND {key} >= ? AND {key} < ?"))
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -589,7 +618,7 @@ class SqlRunStore(RunStore):
               rows: Sequence[ScalarRow] = ()) -> None:
         if not (records or events or rows):
             return
-        with self._tx() as cur:
+        with self._tx() as cur, self._batch(cur):
             if records:
                 cur.executemany(self._sql(_UPSERT_RUN), [_row(r) for r in records])
             if events:
@@ -600,20 +629,30 @@ class SqlRunStore(RunStore):
             if rows:
                 self._write_scalars(cur, rows)
 
+    def _batch(self, cur: Any) -> AbstractContextManager[Any]:
+        """Around the statements of one :meth:`write` (in its transaction)."""
+        return nullcontext()
+
     def _write_scalars(self, cur: Any, rows: Sequence[ScalarRow]) -> None:
         """The points, their series and the blocks they fall in (in a transaction)."""
         spans = _block_spans(rows)
-        self._upsert_points(cur, rows)
-        cur.executemany(self._sql(_UPSERT_BLOCKS), spans)
-        for statement, steps, finer_steps in _UPSERT_LEVELS:
+        sql = self._scalar_sql
+        self._upsert_points(cur, rows, spans)
+        self._each_span(cur, sql.blocks, spans)
+        for statement, steps, finer_steps in sql.levels:
             # Every coarse row the batch touched: [lo, end) widened to its edges.
-            cur.executemany(self._sql(statement), [
+            self._each_span(cur, statement, [
                 (run_id, name, (lo - lo % steps) // finer_steps, -(-end // steps) * steps // finer_steps)
                 for run_id, name, lo, end in spans])
-        cur.executemany(self._sql(_UPSERT_SERIES), [
+        self._each_span(cur, sql.series, [
             (run_id, name, lo // BLOCK_STEPS, end // BLOCK_STEPS) for run_id, name, lo, end in spans])
 
-    def _upsert_points(self, cur: Any, rows: Sequence[ScalarRow]) -> None:
+    def _each_span(self, cur: Any, statement: str, spans: Sequence[tuple[str, str, int, int]]) -> None:
+        """``statement`` (of :class:`SpanSql`) for each (run_id, name, lo, end)."""
+        cur.executemany(self._sql(statement), spans)
+
+    def _upsert_points(self, cur: Any, rows: Sequence[ScalarRow],
+                       spans: Sequence[tuple[str, str, int, int]]) -> None:
         cur.executemany(self._sql(_UPSERT_SCALAR), rows)
 
     def truncate_scalars(self, run_id: str, after_step: int) -> None:
@@ -623,14 +662,15 @@ class SqlRunStore(RunStore):
             cur.execute(self._sql("DELETE FROM scalar_blocks WHERE run_id = ? AND block >= ?"), (run_id, block))
             cur.execute(self._sql("SELECT DISTINCT name FROM scalars WHERE run_id = ?"), (run_id,))
             names = [name for (name,) in cur.fetchall()]
+            sql = self._scalar_sql
             # The block the cut falls in, again from its remaining points.
-            cur.executemany(self._sql(_UPSERT_BLOCKS),
+            self._each_span(cur, sql.blocks,
                             [(run_id, name, block * BLOCK_STEPS, (block + 1) * BLOCK_STEPS) for name in names])
             # And each coarse level's, from the level below (just cut itself).
-            for (table, steps), (statement, _, finer_steps) in zip(_LEVELS[1:], _UPSERT_LEVELS):
+            for (table, steps), (statement, _, finer_steps) in zip(_LEVELS[1:], sql.levels):
                 cut = after_step // steps
                 cur.execute(self._sql(f"DELETE FROM {table} WHERE run_id = ? AND block >= ?"), (run_id, cut))
-                cur.executemany(self._sql(statement), [
+                self._each_span(cur, statement, [
                     (run_id, name, cut * steps // finer_steps, (cut + 1) * steps // finer_steps)
                     for name in names])
             cur.execute(self._sql(_SERIES_FROM_BLOCKS + "run_id = ?"), (run_id,))
@@ -821,13 +861,43 @@ class SqliteRunStore(SqlRunStore):
                                isolation_level="DEFERRED")
 
 
-_PG_POINTS = "unnest(%b::text[], %b::text[], %b::bigint[], %b::float8[]) WITH ORDINALITY AS p(r, n, s, v, i)"
-_PG_UPSERT_SCALARS = (
-    # A step given twice in one batch: the last value wins (one row may be upserted once).
-    "INSERT INTO scalars (run_id, name, step, value) "
-    f"SELECT DISTINCT ON (r, n, s) r, n, s, v FROM {_PG_POINTS} ORDER BY r, n, s, i DESC "
-    "ON CONFLICT (run_id, name, step) DO UPDATE SET value = excluded.value"
+_PG_SPANS = SpanSql(
+    # Each span an index range scan: LATERAL ... OFFSET 0 keeps the planner from
+    # making it a join, which the cached plan of a small table makes a hash join
+    # over a scan of the whole table (then a batch costs as much as the history).
+    "FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::bigint[]) WITH ORDINALITY "
+    "AS w(w_run, w_name, w_lo, w_end, w_series), "
+    "LATERAL (SELECT *, ctid AS row_id FROM {table} WHERE run_id = w_run AND name = w_name "
+    "AND {key} >= w_lo AND {key} < w_end OFFSET 0) AS t")
+_PG_CLEAR_POINTS = (
+    # The batch's steps that are stored already (a step written again): found in the
+    # spans' range scans (in a run that appends, the few points of its first block),
+    # deleted by row id, so the points go in with a plain INSERT (ON CONFLICT costs
+    # the server about twice as much per point). Points as in _PG_INSERT_POINTS.
+    "DELETE FROM scalars WHERE ctid = ANY(ARRAY(SELECT row_id "
+    + _PG_SPANS.source.format(table="scalars", key="step")
+    + " WHERE (w_series, step) IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))))"
 )
+_PG_BATCH_SETTINGS = (
+    # For the transaction of one batch. Generic plans: the statements are the same every
+    # batch (psycopg prepares them), their plans the same whatever the values
+    # (per-span index range scans): planning them each time cost the server about a
+    # quarter of a batch. synchronous_commit off: the batch's COMMIT does not wait
+    # for its WAL to reach the disk; a crash of the server can lose the batches of the
+    # last ~0.6 s (3 x wal_writer_delay), never corrupt the store (PostgreSQL's
+    # documented guarantee). Deletes, truncations and the boot sweep stay synchronous.
+    "SELECT set_config('plan_cache_mode', 'force_generic_plan', true), "
+    "set_config('synchronous_commit', 'off', true)"
+)
+_PG_INSERT_POINTS = (
+    # Each point: its series (an index into the batch's series), step and value, sent
+    # as three array literals (text): dumping arrays element by element cost the
+    # client 1-3 us per element, more than the server's insert.
+    "INSERT INTO scalars (run_id, name, step, value) SELECT k.r[i], k.n[i], s, v "
+    "FROM (SELECT %b::text[] AS r, %b::text[] AS n) AS k, "
+    "unnest(%s::bigint[], %s::bigint[], %s::float8[]) AS p(i, s, v)"
+)
+
 
 class PostgresRunStore(SqlRunStore):
     """Runs in PostgreSQL (psycopg 3): several trainers share one run list."""
@@ -850,6 +920,7 @@ class PostgresRunStore(SqlRunStore):
         "lo DOUBLE PRECISION, hi DOUBLE PRECISION, PRIMARY KEY (run_id, name))",
     )
     placeholder = "%s"
+    _scalar_sql = ScalarSql.of(_PG_SPANS)
 
     def _add_float_columns(self, cur: Any, table: str, names: Sequence[str]) -> None:
         for name in names:
@@ -876,10 +947,33 @@ class PostgresRunStore(SqlRunStore):
         # psycopg's placeholder is %s; a literal % (none in our SQL but LIKE args) stays in args.
         return text.replace("?", "%s")
 
-    def _upsert_points(self, cur: Any, rows: Sequence[ScalarRow]) -> None:
-        # One statement, the columns sent as binary arrays: executemany would cost a
-        # round of Python (and a server round) per point.
-        cur.execute(_PG_UPSERT_SCALARS, [list(column) for column in zip(*rows, strict=True)])
+    @contextmanager
+    def _batch(self, cur: Any) -> Iterator[None]:
+        # A batch is one round trip: its statements and COMMIT go in one pipeline
+        # (psycopg sends them without waiting for each answer).
+        with self._conn.pipeline():
+            cur.execute(_PG_BATCH_SETTINGS)
+            yield
+            self._conn.commit()
+
+    def _each_span(self, cur: Any, statement: str, spans: Sequence[tuple[str, str, int, int]]) -> None:
+        # Every series in one statement, the spans as four binary arrays.
+        if spans:
+            cur.execute(statement, [list(column) for column in zip(*spans, strict=True)])
+
+    def _upsert_points(self, cur: Any, rows: Sequence[ScalarRow],
+                       spans: Sequence[tuple[str, str, int, int]]) -> None:
+        # Two statements whatever the number of points (executemany would cost a round
+        # of Python and of the server per point). A step given twice: the last value wins.
+        points = {(run_id, name, step): value for run_id, name, step, value in rows}
+        series = {(run_id, name): str(i) for i, (run_id, name, _, _) in enumerate(spans, 1)}
+        index = "{" + ",".join([series[(run_id, name)] for run_id, name, _ in points]) + "}"
+        steps = "{" + ",".join([str(step) for _, _, step in points]) + "}"
+        # repr: the shortest text that reads back as the same double (nan, inf too).
+        values = "{" + ",".join(map(repr, points.values())) + "}"
+        columns = [list(column) for column in zip(*spans, strict=True)]
+        cur.execute(_PG_CLEAR_POINTS, [*columns, index, steps])
+        cur.execute(_PG_INSERT_POINTS, [columns[0], columns[1], index, steps, values])
 
 
 def redact_dsn(dsn: str) -> str:

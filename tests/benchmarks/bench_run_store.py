@@ -15,8 +15,9 @@
    per series: time and the bytes of the GetRunScalars answer (SQLite).
 3. Memory: RSS of one process holding a real trainer and a real streamer (gRPC on
    sockets, a viewer subscribing to each run) over ``--cycles`` start -> complete ->
-   released cycles; RSS after the first 10 % of cycles vs at the end (goal: within
-   10 %), and the ``run-<id>`` models left (``--keep-runs``).
+   released cycles; RSS after the first cycle, 10 % and each quarter of them; after
+   the first 10 % vs at the end (goal: within 10 %), and the ``run-<id>`` models
+   left (``--keep-runs``).
 
 The machine is shared and noisy: read the ratios, not the absolute numbers.
 """
@@ -157,8 +158,8 @@ async def bench_write_cost(seconds: float, rounds: int, pg_dsn: str | None) -> N
 
 
 def bench_batch_cost(pg_dsn: str | None, batches: int = 200, steps: int = 150) -> None:
-    """The store's CPU per batch as the recorder writes one (``steps`` steps of 2 series,
-    about 0.5 s of a spiral run): the writer thread's, and the database server's."""
+    """The store's CPU per batch as the recorder writes one (``steps`` steps of 2 series;
+    150: about 0.5 s of a spiral run): the writer thread's, and the database server's."""
     print(f"1b. CPU per batch of {steps} steps x 2 series ({batches} batches, one run)")
     with tempfile.TemporaryDirectory() as tmp:
         stores: list[tuple[str, RunStore]] = [("sqlite", SqliteRunStore(Path(tmp) / "runs.sqlite3"))]
@@ -221,6 +222,8 @@ async def bench_memory(cycles: int, keep_runs: int) -> None:
                     grpc.aio.insecure_channel(f"127.0.0.1:{s_port}") as sch:
                 tstub, sstub = tpb_grpc.TrainerServiceStub(tch), spb_grpc.StreamerServiceStub(sch)
                 marks: list[tuple[int, float]] = []
+                # The curve: the first cycle, 10 % (the reference: caches warm), every quarter.
+                curve_at = {1, max(1, cycles // 10), *(cycles * q // 4 for q in (1, 2, 3, 4))}
                 stalls: list[str] = []
                 started = time.perf_counter()
                 for i in range(1, cycles + 1):
@@ -240,10 +243,12 @@ async def bench_memory(cycles: int, keep_runs: int) -> None:
                                       f"{cpb.RunState.Name(stored.state)} at step {stored.step}")
                         print("   STALL", stalls[-1], flush=True)
                     call.cancel()
-                    if i == max(1, cycles // 10) or i == cycles:
+                    if i in curve_at:
                         await asyncio.sleep(1.5)  # releases and pruning happen
                         marks.append((i, rss_mib()))
-                (first_i, first), (last_i, last) = marks[0], marks[-1]
+                        print(f"   after {i} cycles: RSS {marks[-1][1]:.0f} MiB", flush=True)
+                (first_i, first) = next(m for m in marks if m[0] == max(1, cycles // 10))
+                (last_i, last) = marks[-1]
                 models = [m for m in modelrepo.list_models(settings.model_repository) if m.startswith("run-")]
                 print(f"   {cycles} cycles in {time.perf_counter() - started:.0f} s; RSS {first:.0f} MiB "
                       f"after {first_i}, {last:.0f} MiB after {last_i}: {100 * (last / first - 1):+.1f} %")
@@ -259,9 +264,13 @@ async def bench_memory(cycles: int, keep_runs: int) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and cycles")
-    parser.add_argument("--seconds", type=float, help="per kind per round (default 4; --quick 3)")
+    parser.add_argument("--seconds", type=float, help="per kind per round (default 4; --quick 3); the "
+                        "recorder writes every 2 s: 6 or more steadies the store's CPU per step")
     parser.add_argument("--rounds", type=int, help="rounds, the order reversed each (default 8; --quick 4; 0 = skip)")
     parser.add_argument("--cycles", type=int, help="start/stop cycles (default 2000; --quick 300; 0 = skip)")
+    parser.add_argument("--batch-steps", type=int, default=150,
+                        help="steps per batch in 1b (150: 0.5 s of a 300 steps/s run; the recorder "
+                             "writes every 2 s)")
     parser.add_argument("--keep-runs", type=int, default=200)
     parser.add_argument("--history-points", type=int, default=1_000_000, help="0 = skip")
     parser.add_argument("--no-postgres", action="store_true")
@@ -283,7 +292,7 @@ async def main() -> None:
                 dsn = stack.enter_context(postgres.postgres_server())
         if args.rounds:
             await bench_write_cost(args.seconds, args.rounds, dsn)
-            bench_batch_cost(dsn)
+            bench_batch_cost(dsn, steps=args.batch_steps)
     if args.history_points:
         bench_history(args.history_points)
     if args.cycles:

@@ -56,3 +56,21 @@ def test_a_failing_store_buffers_within_bounds_counts_drops_and_recovers(tmp_pat
         assert steps == list(range(31, 81))
     finally:
         recorder.close()
+
+
+def test_a_full_batch_is_written_before_the_period_ends(tmp_path: Path) -> None:
+    recorder = RunRecorder(SqliteRunStore(tmp_path / "s.sqlite3"), lambda: [record("r1")],
+                           flush_every_s=30, batch_points=100)
+    recorder.start()
+    try:
+        for step in range(1, 100):
+            recorder.add_scalars("r1", step, {"loss": float(step)})
+        time.sleep(0.3)
+        assert recorder.store.scalars("r1", 1000) == {}  # 99 steps: waiting for the period
+        recorder.add_scalars("r1", 100, {"loss": 100.0})
+        deadline = time.monotonic() + 10
+        while not recorder.store.scalars("r1", 1000) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [b.step for b in recorder.store.scalars("r1", 1000)["loss"]] == list(range(1, 101))
+    finally:
+        recorder.close()

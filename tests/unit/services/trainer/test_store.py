@@ -284,3 +284,63 @@ def test_a_store_from_before_the_coarse_levels_gets_them_on_open(store: RunStore
             cur.execute(f"DROP TABLE scalar_blocks_{steps}")
     store.close()
     assert _levels_match_points(store, "older") == 1 + len(COARSE_STEPS)  # re-opened: built once
+
+
+def test_a_batch_of_many_series_and_runs_with_rewritten_steps_stays_exact(store: RunStore) -> None:
+    """One batch holds many series of several runs (PostgreSQL writes each block level
+    of all of them in one statement); steps written again in a later batch replace
+    only themselves, also between sparse steps and after a truncation."""
+    store.put_runs([rec("m1"), rec("m2")])
+    names = [f"metric_{i}" for i in range(12)]
+    want: dict[tuple[str, str, int], float] = {}
+    seen: dict[tuple[str, str], list[float]] = {}  # extremes: every value written since a cut
+
+    def write(points: list[tuple[str, str, int, float]]) -> None:
+        store.add_scalars(points)
+        want.update({(r, n, s): v for r, n, s, v in points})
+        for r, n, _, v in points:
+            seen.setdefault((r, n), []).append(v)
+
+    write([(r, n, s, float(s * (i + 1))) for r in ("m1", "m2") for i, n in enumerate(names)
+           for s in range(1, 701)] + [("m1", "sparse", s, float(s)) for s in range(10, 1001, 10)])
+    # Rewritten steps in a later batch, mid-block and across blocks, of a few series;
+    # steps between sparse ones; new steps after the end.
+    write([("m1", "metric_3", s, -float(s)) for s in range(95, 140)]
+          + [("m2", "metric_0", 1, 1e6), ("m1", "sparse", 15, 0.25), ("m1", "sparse", 500, 7.0)]
+          + [("m2", "metric_11", s, 0.5) for s in range(701, 750)])
+    store.truncate_scalars("m1", 333)  # a resumed run: its history cut back, then rewritten
+    want = {k: v for k, v in want.items() if k[0] != "m1" or k[2] <= 333}
+    for key in [k for k in seen if k[0] == "m1"]:
+        seen[key] = [v for k, v in want.items() if k[:2] == key]
+    write([("m1", n, s, 3.0) for n in names[:5] for s in range(300, 400)])
+    for run_id in ("m1", "m2"):
+        got = {(run_id, n, b.step): b.mean for n, bs in store.scalars(run_id, 10_000).items() for b in bs}
+        assert got == {k: v for k, v in want.items() if k[0] == run_id}, run_id
+        assert _levels_match_points(store, run_id) == 1 + len(COARSE_STEPS)
+        assert store.extremes([run_id]) == {
+            k: (min(v), max(v)) for k, v in seen.items() if k[0] == run_id}, run_id
+
+
+def test_points_keep_their_exact_values_and_any_series_name(store: RunStore) -> None:
+    """Values read back as the same doubles (PostgreSQL receives them as text), series
+    names with the characters of array syntax stay whole."""
+    import math
+    import random
+
+    rng = random.Random(15)
+    odd = ['a"b', "c,d", "{e}", "f\\g", "h i", "NULL", ""]
+    values = [rng.uniform(-1e6, 1e6) for _ in range(300)] + [
+        1e-300, -1e-300, 5e-324, 1.7976931348623157e308, -0.0, math.inf, 0.1 + 0.2]
+    store.put_runs([rec("x,\"1"), rec("plain")])
+    store.add_scalars([("x,\"1", name, s, v) for name in odd for s, v in enumerate(values, 1)]
+                      + [("plain", "loss", 1, 2.5)])
+    got = store.scalars("x,\"1", 10_000)
+    assert sorted(got) == sorted(odd)
+    for name in odd:
+        assert [b.step for b in got[name]] == list(range(1, len(values) + 1))
+        assert [b.mean for b in got[name]] == values  # == : bit-exact but for -0.0 == 0.0
+    assert store.scalars("plain", 10)["loss"][0].mean == 2.5
+    if isinstance(store, PostgresRunStore):  # SQLite: -0.0 reads back 0.0, NaN fails (NULL)
+        assert math.copysign(1, got["a\"b"][len(values) - 3].mean) == -1
+        store.add_scalars([("plain", "loss", 2, math.nan)])
+        assert math.isnan(store.scalars("plain", 10)["loss"][1].mean)
