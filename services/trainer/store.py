@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import re
 import sqlite3
 import threading
@@ -845,6 +846,16 @@ class SqliteRunStore(SqlRunStore):
         for name in names:
             if name not in have:
                 cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} REAL")
+
+    def _write_scalars(self, cur: Any, rows: Sequence[ScalarRow]) -> None:
+        # SQLite stores a NaN as NULL, and a block's sum of +inf and -inf is a NaN:
+        # one such point failed its whole batch, and the recorder retried it until
+        # its buffer dropped points. SQLite's history keeps the finite points (the
+        # chart joins their neighbours); the live stream still shows the gap, and
+        # PostgreSQL keeps every value.
+        finite = [row for row in rows if math.isfinite(row[3])]
+        if finite:
+            super()._write_scalars(cur, finite)
 
     def __init__(self, path: Path, *, timeout_s: float = 2.0) -> None:
         super().__init__()

@@ -336,11 +336,32 @@ def test_points_keep_their_exact_values_and_any_series_name(store: RunStore) -> 
                       + [("plain", "loss", 1, 2.5)])
     got = store.scalars("x,\"1", 10_000)
     assert sorted(got) == sorted(odd)
+    # SQLite keeps the finite points only (it cannot store a NaN; see the next test)
+    kept = [(s, v) for s, v in enumerate(values, 1) if isinstance(store, PostgresRunStore) or math.isfinite(v)]
     for name in odd:
-        assert [b.step for b in got[name]] == list(range(1, len(values) + 1))
-        assert [b.mean for b in got[name]] == values  # == : bit-exact but for -0.0 == 0.0
+        assert [b.step for b in got[name]] == [s for s, _ in kept]
+        assert [b.mean for b in got[name]] == [v for _, v in kept]  # == : bit-exact but for -0.0 == 0.0
     assert store.scalars("plain", 10)["loss"][0].mean == 2.5
-    if isinstance(store, PostgresRunStore):  # SQLite: -0.0 reads back 0.0, NaN fails (NULL)
+    if isinstance(store, PostgresRunStore):  # SQLite: -0.0 reads back 0.0
         assert math.copysign(1, got["a\"b"][len(values) - 3].mean) == -1
         store.add_scalars([("plain", "loss", 2, math.nan)])
         assert math.isnan(store.scalars("plain", 10)["loss"][1].mean)
+
+
+def test_non_finite_points_never_fail_a_batch(store: RunStore) -> None:
+    """A NaN loss, or +inf and -inf in one block, is written with its batch (SQLite:
+    left out of the history, which keeps the batch's finite points)."""
+    import math
+
+    store.put_runs([rec("r")])
+    store.write(records=[rec("r", step=5)], rows=[("r", "loss", 1, 1.0), ("r", "loss", 2, math.nan),
+                                                  ("r", "loss", 3, math.inf), ("r", "loss", 4, -math.inf),
+                                                  ("r", "acc", 1, 0.5)])
+    store.add_scalars([("r", "loss", 5, 0.25)])
+    got = store.scalars("r", 64)
+    assert store.get_run("r").step == 5  # type: ignore[union-attr]
+    assert got["acc"][0].mean == 0.5
+    steps = [b.step for b in got["loss"]]
+    assert steps[0] == 1 and steps[-1] == 5 and got["loss"][-1].mean == 0.25
+    if isinstance(store, PostgresRunStore):
+        assert steps == [1, 2, 3, 4, 5]
