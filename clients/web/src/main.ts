@@ -2,16 +2,14 @@
 // live badge, connection indicator, inference panel. Frames only update state;
 // drawing happens in at most one requestAnimationFrame callback at a time.
 import "./style.css";
-import "uplot/dist/uPlot.min.css";  // the charts' CSS, inlined in the page; their code comes later
 import type { Frame } from "./gen/tensorwire/streamer/v1/streamer_pb";
 import { RunState, type RunStatus } from "./gen/tensorwire/common/v1/common_pb";
 import type { Run, TaskInfo } from "./gen/tensorwire/trainer/v1/trainer_pb";
 import * as rpc from "./rpc";
 import { decodeAll } from "./decode";
 import { drawView, type LiveView } from "./views";
-import type { ChartPanel } from "./charts";
-import type { CompareView } from "./compare";
-import { type ChartOptions, Series } from "./series";
+import { ChartPanel, Series } from "./charts";
+import { CompareView } from "./compare";
 
 const $ = <T extends HTMLElement>(sel: string, root: ParentNode = document): T => root.querySelector(sel) as T;
 const h = <K extends keyof HTMLElementTagNameMap>(tag: K, props: Partial<HTMLElementTagNameMap[K]> = {}, ...kids: (Node | string)[]): HTMLElementTagNameMap[K] => {
@@ -82,13 +80,11 @@ const stats = {
   get viewProducedAt() { return live.viewProducedAt; },
   get runId() { return live.runId; },
   get state() { return RunState[currentState()] === "UNSPECIFIED" ? "" : RunState[currentState()]; },
-  get charts() { return charts?.describe() ?? {}; },
+  get charts() { return charts.describe(); },
   get compare() { return compare?.describe() ?? {}; },
   /** Milliseconds from navigation start to the first chart with points on screen,
    *  and to the start of the subscription that brought them (the run's history). */
   firstChartMs: 0,
-  /** Milliseconds from navigation start to the first live view on screen. */
-  firstViewMs: 0,
   subscribedMs: 0,
   get runsShown() { return runs.map((r) => r.runId); },
   get updatesPerS() { return updatesPerSecond(); },
@@ -160,31 +156,7 @@ app.append(
 
 const conn = $("#conn");
 const badge = $("#badge");
-// The charts' code (uPlot: a third of the first screen's bytes) is not in the first
-// download. It is fetched when there are points to draw: at once for a run that is
-// not running, after the first view for a running one (on a slow link the view
-// comes first), or CHARTS_WAIT_FOR_VIEW_MS after the first points when no view
-// comes (a script that logs scalars only). The points wait in live.series.
-let charts: ChartPanel | null = null;
-let chartOptions: ChartOptions = { smoothing: 0.6, log: false };
-let chartsLoad: Promise<void> | null = null;
-let chartsLoadTimer = 0;
-const CHARTS_WAIT_FOR_VIEW_MS = 1000;
-function loadCharts(): void {
-  clearTimeout(chartsLoadTimer);
-  chartsLoad ??= import("./charts").then((m) => {
-    charts = new m.ChartPanel(chartsRoot, chartOptions);
-    invalidate("charts");
-  }, (err: unknown) => {
-    chartsLoad = null;  // the next points try again
-    message.textContent = `charts: ${rpc.describeError(err)}`;
-  });
-}
-function wantCharts(): void {
-  if (chartsLoad) return;
-  if (live.view || currentState() !== RunState.RUNNING) loadCharts();
-  else chartsLoadTimer ||= window.setTimeout(loadCharts, CHARTS_WAIT_FOR_VIEW_MS);
-}
+const charts = new ChartPanel(chartsRoot);
 let compare: CompareView | null = null;
 // Not needed for the first chart: loaded once the run list is in (a smaller first download).
 const loadInference = () => import("./inference").then((m) => new m.InferencePanel(inferRoot));
@@ -224,13 +196,11 @@ function render(): void {
     takeView();
     live.viewLabel = drawView(viewCanvas, live.view);
     setText(viewInfo, live.view ? `step ${live.view.step}${live.viewLabel ? " · " + live.viewLabel : ""}` : "");
-    if (live.view && !stats.firstViewMs) stats.firstViewMs = performance.now();
   }
   // Charts redraw whole (uPlot). They redraw in the frames that redraw the view
   // anyway, or after CHARTS_MAX_WAIT_MS: every changed canvas is copied to the
   // compositor at commit, so fewer frames with canvas changes keep commits short.
-  if ((drewView && live.view) || dirty.has("charts")) wantCharts();
-  if (dirty.has("charts") && charts) {
+  if (dirty.has("charts")) {
     const since = performance.now() - lastChartsAt;
     if ((drewView && since >= CHARTS_MIN_INTERVAL_MS) || since >= CHARTS_MAX_WAIT_MS) {
       lastChartsAt = performance.now();
@@ -400,7 +370,7 @@ function watch(runId: string): void {
     runId, status: null, serverStep: 0, pendingStep: 0, pendingProducedAt: 0, displayedStep: 0,
     lagS: 0, viewProducedAt: 0, arrivals: [], series: new Map(), view: null, nextView: null,
   });
-  charts?.clear();
+  charts.clear();
   const abort = new AbortController();
   live.abort = abort;
   const run = runs.find((r) => r.runId === runId);
@@ -564,8 +534,8 @@ async function showCompare(): Promise<void> {
   compareCard.hidden = false;
   compareTitle.textContent = `Compare ${chosen.length} run${chosen.length > 1 ? "s" : ""}`;
   try {
-    compare ??= new (await import("./compare")).CompareView(compareRoot);
-    await compare.show(chosen, chartOptions);
+    compare ??= new CompareView(compareRoot);
+    await compare.show(chosen, charts.options);
   } catch (err) {
     message.textContent = `compare: ${rpc.describeError(err)}`;
   }
@@ -618,7 +588,7 @@ deleteBtn.onclick = async () => {
     await rpc.deleteRun(id);
     live.abort?.abort();
     live.runId = "";
-    charts?.clear();
+    charts.clear();
     message.textContent = `run ${id} deleted`;
     await refreshRuns();
   } catch (err) {
@@ -628,14 +598,12 @@ deleteBtn.onclick = async () => {
 smoothing.oninput = () => {
   const weight = Number(smoothing.value);
   smoothingOut.textContent = weight.toFixed(2);
-  chartOptions = { ...chartOptions, smoothing: weight };
-  charts?.setOptions(chartOptions, live.series);
-  if (!compareCard.hidden) compare?.redraw(chartOptions);
+  charts.setOptions({ smoothing: weight }, live.series);
+  if (!compareCard.hidden) compare?.redraw(charts.options);
 };
 logScale.onchange = () => {
-  chartOptions = { ...chartOptions, log: logScale.checked };
-  charts?.setOptions(chartOptions, live.series);
-  if (!compareCard.hidden) compare?.redraw(chartOptions);
+  charts.setOptions({ log: logScale.checked }, live.series);
+  if (!compareCard.hidden) compare?.redraw(charts.options);
 };
 
 startBtn.onclick = async () => {
