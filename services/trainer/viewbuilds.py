@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 from tensorwire.calls.publishing import StreamLinks, ViewPacer
 from tensorwire.common.v1 import common_pb2 as cpb
@@ -64,7 +65,8 @@ class ViewBuilds:
         # 2-5 of 8 runs of test_streamer_restart_publisher_reconnects, against 0 of 6.)
         still = state in TERMINAL or state == cpb.RUN_STATE_PAUSED
         # the viewers' demand and the task's own cap (0 / None: none)
-        caps = [fps for fps in (self.streams.demand_fps(run_id), run.max_view_fps) if fps]
+        caps = [fps for fps in (self.streams.demand_fps(run_id), run.max_view_fps)
+                if fps and math.isfinite(fps) and fps > 0]
         self.pacer.started(run_id, now, min(caps, default=0.0), last=still)
         task = asyncio.create_task(self._build(run), name=f"view-{run_id}")
         self._building[run_id] = task

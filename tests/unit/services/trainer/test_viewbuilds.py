@@ -36,6 +36,8 @@ class FakeRun:
     (0.0, 4.0, 0.25),   # the task's cap
     (2.0, 4.0, 0.5),    # the viewers asked for fewer still
     (8.0, 4.0, 0.25),   # the viewers asked for more than the task allows
+    (0.0, -1.0, 0.1),   # a cap that is no rate is ignored: the trainer's max_fps
+    (0.0, float("nan"), 0.1),
 ])
 def test_views_are_paced_by_the_viewers_and_the_task(demand: float, cap: float | None, interval: float) -> None:
     async def main() -> None:
