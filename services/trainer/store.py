@@ -392,6 +392,8 @@ _UPSERT_SCALAR = (
 BLOCK_STEPS = 16
 """Steps per pre-aggregated block (table scalar_blocks): a long series is
 down-sampled from its blocks, 16 times fewer rows than its points."""
+MAX_HISTORY_ABS = 1e280
+"""The largest finite magnitude the scalar history keeps (see :meth:`SqlRunStore.write`)."""
 
 _SET_BLOCK = (
     "ON CONFLICT (run_id, name, block) DO UPDATE SET first_step = excluded.first_step, "
@@ -627,6 +629,11 @@ class SqlRunStore(RunStore):
                     self._sql("INSERT INTO events (run_id, at, kind, step, detail) VALUES (?, ?, ?, ?, ?)"),
                     [(e.run_id, e.at, e.kind, e.step, json.dumps(dict(e.detail))) for e in events],
                 )
+            # A finite point beyond +-MAX_HISTORY_ABS (a run that diverged) is left out of
+            # the history: the sums behind the blocks' means would overflow (PostgreSQL
+            # raises on float8 overflow; SQLite makes +inf and -inf, then a NaN it stores
+            # as NULL) and fail the whole batch. Up to 2^63 points of 1e280 sum safely.
+            rows = [row for row in rows if not abs(row[3]) > MAX_HISTORY_ABS or math.isinf(row[3])]
             if rows:
                 self._write_scalars(cur, rows)
 

@@ -10,6 +10,7 @@ import pytest
 
 from services.trainer.store import (
     COARSE_STEPS,
+    MAX_HISTORY_ABS,
     PostgresRunStore,
     RunEvent,
     RunRecord,
@@ -336,14 +337,17 @@ def test_points_keep_their_exact_values_and_any_series_name(store: RunStore) -> 
                       + [("plain", "loss", 1, 2.5)])
     got = store.scalars("x,\"1", 10_000)
     assert sorted(got) == sorted(odd)
-    # SQLite keeps the finite points only (it cannot store a NaN; see the next test)
-    kept = [(s, v) for s, v in enumerate(values, 1) if isinstance(store, PostgresRunStore) or math.isfinite(v)]
+    # SQLite keeps the finite points only (it cannot store a NaN; see the next test), and
+    # neither keeps a finite point beyond MAX_HISTORY_ABS (test_huge_finite_points_...)
+    kept = [(s, v) for s, v in enumerate(values, 1)
+            if (isinstance(store, PostgresRunStore) or math.isfinite(v))
+            and not (math.isfinite(v) and abs(v) > MAX_HISTORY_ABS)]
     for name in odd:
         assert [b.step for b in got[name]] == [s for s, _ in kept]
         assert [b.mean for b in got[name]] == [v for _, v in kept]  # == : bit-exact but for -0.0 == 0.0
     assert store.scalars("plain", 10)["loss"][0].mean == 2.5
     if isinstance(store, PostgresRunStore):  # SQLite: -0.0 reads back 0.0
-        assert math.copysign(1, got["a\"b"][len(values) - 3].mean) == -1
+        assert math.copysign(1, got["a\"b"][len(kept) - 3].mean) == -1  # the -0.0
         store.add_scalars([("plain", "loss", 2, math.nan)])
         assert math.isnan(store.scalars("plain", 10)["loss"][1].mean)
 
@@ -365,3 +369,27 @@ def test_non_finite_points_never_fail_a_batch(store: RunStore) -> None:
     assert steps[0] == 1 and steps[-1] == 5 and got["loss"][-1].mean == 0.25
     if isinstance(store, PostgresRunStore):
         assert steps == [1, 2, 3, 4, 5]
+
+
+def test_huge_finite_points_never_fail_a_batch(store: RunStore) -> None:
+    """Finite points near the float limit: a block's or a coarse level's sum of them
+    must not overflow to +inf and -inf in one sum (SQLite: NaN, which it stores as
+    NULL) or to an error (PostgreSQL raises on float8 overflow)."""
+    import math
+
+    store.put_runs([rec("r")])
+    big = 1.5e308
+    rows = [("r", "loss", step, big) for step in range(1, 33)]            # blocks 0-1: +inf sums
+    rows += [("r", "loss", step, -big) for step in range(33, 65)]         # blocks 2-3: -inf sums
+    rows += [("r", "loss", 65, 1.0)]
+    store.write(records=[rec("r", step=65)], rows=rows)
+    store.add_scalars([("r", "loss", 66, 0.5)])
+    got = store.scalars("r", 64)
+    assert store.get_run("r").step == 65  # type: ignore[union-attr]
+    assert got["loss"][-1].step == 66 and got["loss"][-1].mean == 0.5
+    assert store.scalars("r", 2)["loss"]  # the coarse read answers too
+    # Just inside the bound every point is kept, and its sums stay finite.
+    edge = [("r", "edge", step, MAX_HISTORY_ABS * (-1) ** step) for step in range(1, 200)]
+    store.add_scalars(edge)
+    assert [b.mean for b in store.scalars("r", 1000)["edge"]] == [v for *_, v in edge]
+    assert all(math.isfinite(b.mean) for b in store.scalars("r", 3)["edge"])
