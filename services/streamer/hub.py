@@ -266,6 +266,8 @@ class Topic:
     """Clock time of the last publish (or seeding)."""
     lookup_at: float = math.inf
     """When to ask the lookup again (it could not answer; someone waits)."""
+    recheck_at: float = 0.0
+    """When a watched live topic that went quiet may be checked against the lookup again."""
 
 
 @dataclass(eq=False)
@@ -311,6 +313,10 @@ class HubLimits:
     spaced so their headers fit in it too: status and views need the rest."""
     feedback: FeedbackLimits = field(default_factory=FeedbackLimits)
     """In-flight limits: ack-clocked with feedback, a cap without (feedback.py)."""
+    quiet_recheck_s: float = 10.0
+    """A watched topic whose last state is live and to which nothing was published for
+    this long is checked against the lookup (at most this often): a final state lost
+    on its way from the trainer would otherwise show the run live for ever."""
 
 
 class UpdateHub:
@@ -627,6 +633,7 @@ class UpdateHub:
         limits = self.limits
         self._release_ended(now)
         self._retry_lookups(now)
+        self._recheck_quiet(now)
         for topic in self.topics.values():
             topic.scalar_cache.clear()
             for sub in topic.subscribers:
@@ -667,6 +674,37 @@ class UpdateHub:
                 run_id = topic.run_id
                 task = self._lookups[run_id] = asyncio.ensure_future(self._seed(run_id))
                 task.add_done_callback(functools.partial(self._retried, run_id))
+
+    def _recheck_quiet(self, now: float) -> None:
+        if self.lookup is None:
+            return
+        quiet_s = self.limits.quiet_recheck_s
+        for topic in self.topics.values():
+            if (topic.subscribers and topic.status is not None and topic.status.state not in ENDED
+                    and now - topic.touched_at >= quiet_s and now >= topic.recheck_at
+                    and topic.run_id not in self._lookups):
+                topic.recheck_at = now + quiet_s
+                run_id = topic.run_id
+                task = self._lookups[run_id] = asyncio.ensure_future(self._recheck(run_id))
+                task.add_done_callback(functools.partial(self._retried, run_id))
+
+    async def _recheck(self, run_id: str) -> None:
+        """A quiet live topic: if the run store says the run ended, take its final
+        state from there (a paused run stays as it is)."""
+        assert self.lookup is not None
+        try:
+            found = await self.lookup(run_id, 1)
+        except UnavailableError as exc:
+            log.info("run %s: could not check its quiet live state (%s)", run_id, exc)
+            return
+        topic = self.topics.get(run_id)
+        if found is None or topic is None or topic.status is None or topic.status.state in ENDED:
+            return
+        status, _ = found
+        if status.state in ENDED:
+            log.warning("run %s: its final state never reached this streamer; %s at step %d "
+                        "taken from the run store", run_id, cpb.RunState.Name(status.state), status.step)
+            self.publish(spb.PublishRequest(run_id=run_id, step=status.step, status=status))
 
     def _retried(self, run_id: str, task: asyncio.Future[None]) -> None:
         self._lookups.pop(run_id, None)

@@ -314,3 +314,47 @@ def test_a_publisher_may_not_mark_arrays_unchanged() -> None:
     with pytest.raises(InvalidArgumentError, match="'points' is marked unchanged"):
         hub.publish(req)
     assert "boundary" not in hub.topics["r"].views
+
+
+async def test_a_quiet_live_topic_takes_a_lost_final_state_from_the_lookup() -> None:
+    """A run whose final state never arrived (its trainer's stream broke after the write)
+    shows as ended once it has been quiet for quiet_recheck_s; a paused run stays paused,
+    and a topic that is published to is never checked."""
+    import asyncio
+
+    stored = {"r": cpb.RUN_STATE_PAUSED}
+    asked: list[tuple[str, int]] = []
+
+    async def lookup(run_id: str, max_points: int) -> tuple[cpb.RunStatus, cpb.ScalarBatch] | None:
+        asked.append((run_id, max_points))
+        return cpb.RunStatus(run_id=run_id, step=20, state=stored[run_id]), cpb.ScalarBatch()
+
+    clock = Clock()
+    hub = UpdateHub(HubLimits(quiet_recheck_s=10.0), clock=clock, wall=clock, lookup=lookup)  # type: ignore[arg-type]
+    hub.publish(_status(5))
+    sub = hub.subscribe("r")
+    for _ in range(9):  # published to every second: never checked
+        clock.now += 1.0
+        hub.publish(_status(5))
+        hub.tick()
+    await asyncio.sleep(0)
+    assert asked == []
+    clock.now += 10.0  # quiet: checked; the store says paused, so nothing changes
+    hub.tick()
+    await asyncio.sleep(0)
+    assert asked == [("r", 1)] and hub.topics["r"].status.state == cpb.RUN_STATE_RUNNING
+    clock.now += 5.0
+    hub.tick()
+    await asyncio.sleep(0)
+    assert len(asked) == 1  # at most every quiet_recheck_s
+    stored["r"] = cpb.RUN_STATE_COMPLETED
+    clock.now += 5.0
+    hub.tick()
+    await asyncio.sleep(0)
+    assert len(asked) == 2
+    assert hub.topics["r"].status.state == cpb.RUN_STATE_COMPLETED and hub.topics["r"].status.step == 20
+    assert [f.status.state for f in _frames(hub, sub) if f.HasField("status")][-1] == cpb.RUN_STATE_COMPLETED
+    clock.now += 30.0  # ended: never asked again
+    hub.tick()
+    await asyncio.sleep(0)
+    assert len(asked) == 2
