@@ -267,7 +267,7 @@ class Topic:
     lookup_at: float = math.inf
     """When to ask the lookup again (it could not answer; someone waits)."""
     recheck_at: float = 0.0
-    """When a watched live topic that went quiet may be checked against the lookup again."""
+    """When a live topic that went quiet may be checked against the lookup again."""
 
 
 @dataclass(eq=False)
@@ -314,9 +314,10 @@ class HubLimits:
     feedback: FeedbackLimits = field(default_factory=FeedbackLimits)
     """In-flight limits: ack-clocked with feedback, a cap without (feedback.py)."""
     quiet_recheck_s: float = 10.0
-    """A watched topic whose last state is live and to which nothing was published for
-    this long is checked against the lookup (at most this often): a final state lost
-    on its way from the trainer would otherwise show the run live for ever."""
+    """A topic whose last state is live and to which nothing was published for this
+    long is checked against the lookup (at most this often): a final state lost on
+    its way from the trainer would otherwise show the run live for ever, and keep
+    its topic in memory."""
 
 
 class UpdateHub:
@@ -680,7 +681,7 @@ class UpdateHub:
             return
         quiet_s = self.limits.quiet_recheck_s
         for topic in self.topics.values():
-            if (topic.subscribers and topic.status is not None and topic.status.state not in ENDED
+            if (topic.status is not None and topic.status.state not in ENDED
                     and now - topic.touched_at >= quiet_s and now >= topic.recheck_at
                     and topic.run_id not in self._lookups):
                 topic.recheck_at = now + quiet_s

@@ -358,3 +358,14 @@ async def test_a_quiet_live_topic_takes_a_lost_final_state_from_the_lookup() -> 
     hub.tick()
     await asyncio.sleep(0)
     assert len(asked) == 2
+    # Unwatched, a lost final state would keep the topic in memory: checked too, then released.
+    hub.unsubscribe(sub)
+    stored["q"] = cpb.RUN_STATE_STOPPED
+    hub.publish(spb.PublishRequest(run_id="q", status=cpb.RunStatus(run_id="q", state=cpb.RUN_STATE_RUNNING)))
+    clock.now += 10.0
+    hub.tick()
+    await asyncio.sleep(0)
+    assert hub.topics["q"].status.state == cpb.RUN_STATE_STOPPED
+    clock.now += 30.0
+    hub.tick()
+    assert "q" not in hub.topics and "r" not in hub.topics
