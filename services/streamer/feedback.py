@@ -64,7 +64,17 @@ class FeedbackLimits:
     status frames go out every second, so a live subscriber acks more often."""
     slack_bytes: int = 1500
     """With feedback, a heavy frame may go out while this many bytes of light
-    frames (status, scalars) are still in flight."""
+    frames (status, scalars) are still in flight ..."""
+    slack_s: float = 0.2
+    """... and no more than this many seconds of them at the measured rate (on a
+    32 kbit/s link 1.5 KB is 0.37 s that every status waits behind) ..."""
+    min_slack_bytes: int = 640
+    """... but never less than this: an ack's answer and a status frame. A rate
+    measured while only light frames flowed (a new stream whose trainer has not
+    published views yet) is what the streamer sent, not what the link carries: a
+    slack scaled by it (~100 bytes) held every view behind the ack answers
+    themselves, views stayed held, the rate stayed low, and the first live view
+    after a streamer restart came 1.5-2.3 s late. 0.2 s is 640 bytes at 25 kbit/s."""
     frame_overhead_bytes: int = 80
     """Wire bytes of a frame beyond its message: gRPC prefix (5), HTTP/2 DATA
     header (9), TCP/IP (52) and link headers (14). Small frames are mostly that."""
@@ -82,6 +92,10 @@ class FeedbackLimits:
             raise ValueError(f"floor_bytes_per_s must be > 0, got {self.floor_bytes_per_s}")
         if not self.stale_s > 0:
             raise ValueError(f"stale_s must be > 0, got {self.stale_s}")
+        if not self.slack_s > 0:
+            raise ValueError(f"slack_s must be > 0, got {self.slack_s}")
+        if self.min_slack_bytes < 0:
+            raise ValueError(f"min_slack_bytes must be >= 0, got {self.min_slack_bytes}")
         if self.max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {self.max_records}")
 
@@ -101,6 +115,8 @@ class _Sent:
     nbytes: int
     kind: str
     produced_at: float
+    sent_at: float
+    """When it went to the transport (the streamer's clock)."""
 
 
 class DeliveryWindow:
@@ -115,8 +131,14 @@ class DeliveryWindow:
     """The rate estimate is the largest sample of this much receive time: a link
     the streamer did not fill (views held, nothing to send) gives low samples
     that must not drag the estimate down, as in BBR's max filter."""
-    MIN_SAMPLE_S = 0.05
-    """Receive-time spans shorter than this give no rate sample (bursts)."""
+    MIN_SAMPLE_S = 0.25
+    """Receive-time spans shorter than this give no rate sample: the bytes acknowledged
+    accumulate until the span is this long. A subscriber's receive times jitter by
+    its scheduling (a busy page or process reads late, then several frames at once);
+    over 50 ms spans that jitter made single samples 5-9x a 32 kbit/s link, and the
+    max filter kept them. (On a fast link, 0.25 s spans see the streamer's own
+    traffic, not the link: the estimate is lower there, which only spaces status and
+    scalar frames a little more once it is under ~15 KB/s.)"""
 
     def __init__(self, limits: FeedbackLimits | None = None) -> None:
         self.limits = limits or FeedbackLimits()
@@ -129,6 +151,7 @@ class DeliveryWindow:
         """Delivery rate estimated from acks (None until two acks measured it)."""
         self.last_ack_at: float | None = None
         self._last_received_at: float | None = None
+        self._last_sent_at = 0.0  # send time of the newest frame acked at the last sample point
         self._sample_bytes = 0
         self._samples: deque[tuple[float, float]] = deque()  # (received_at, bytes/s)
         self._queued = 0.0
@@ -174,12 +197,20 @@ class DeliveryWindow:
         """May a heavy frame of ``nbytes`` go out now?
 
         With fresh feedback: when the previous heavy frame arrived and at most
-        ``slack_bytes`` of light frames and ack answers are on their way, so
+        ``slack_bytes`` (and ``slack_s`` at the measured rate) of light frames and
+        ack answers are on their way, so
         this frame is about the only one in flight. Without: when the estimate
         is within the cap. (``nbytes`` is the frame's size, for policies that
         weigh it; these do not.)
         """
-        allowance = self.limits.slack_bytes if self.has_feedback(now) else self.limits.cap_bytes
+        allowance: float
+        if self.has_feedback(now):
+            allowance = self.limits.slack_bytes
+            if self.bytes_per_s:
+                allowance = max(min(allowance, self.limits.slack_s * self.bytes_per_s),
+                                self.limits.min_slack_bytes)
+        else:
+            allowance = self.limits.cap_bytes
         return self.in_flight(now, fallback_bytes_per_s) <= allowance
 
     # -- events --------------------------------------------------------
@@ -190,7 +221,7 @@ class DeliveryWindow:
         self._queued = self.in_flight(now, fallback_bytes_per_s) + nbytes
         self._queued_at = now
         self.last_seq += 1
-        self._sent.append(_Sent(self.last_seq, nbytes, kind, produced_at))
+        self._sent.append(_Sent(self.last_seq, nbytes, kind, produced_at, now))
         self.unacked_bytes += nbytes
         if len(self._sent) > self.limits.max_records:
             old = self._sent.popleft()
@@ -211,36 +242,54 @@ class DeliveryWindow:
         self.last_ack_at = now
         acked_bytes = 0
         produced: list[tuple[str, float]] = []
+        sent_at = None
         while self._sent and self._sent[0].seq <= seq:
             record = self._sent.popleft()
             acked_bytes += record.nbytes
+            sent_at = record.sent_at if sent_at is None else max(sent_at, record.sent_at)
             if record.kind != "ack":
                 produced.append((record.kind, record.produced_at))
         self.unacked_bytes -= acked_bytes
         self.acked_seq = seq
         # this ack's answer goes out behind every frame sent so far
         if self.limits.ack_reply_bytes:
-            self._sent.append(_Sent(self.last_seq, self.limits.ack_reply_bytes, "ack", 0.0))
+            self._sent.append(_Sent(self.last_seq, self.limits.ack_reply_bytes, "ack", 0.0, now))
             self.unacked_bytes += self.limits.ack_reply_bytes
         self._queued = float(self.unacked_bytes)
         self._queued_at = now
-        return AckResult(AckOutcome.ACCEPTED, produced, self._sample_rate(acked_bytes, received_at))
+        return AckResult(AckOutcome.ACCEPTED, produced, self._sample_rate(acked_bytes, received_at, sent_at))
 
-    def _sample_rate(self, acked_bytes: int, received_at: float) -> float | None:
-        """Bytes acknowledged since the last sample point over the receive-time span."""
+    def _sample_rate(self, acked_bytes: int, received_at: float, sent_at: float | None) -> float | None:
+        """Bytes acknowledged since the last sample point over the longer of the
+        receive-time span and the send-time span of those bytes.
+
+        The send span guards against receive times squeezed together (as BBR's
+        rate samples do against ack compression): a subscriber busy elsewhere
+        reads frames that waited in its socket all at once, and bytes over that
+        squeezed span overestimated a 32 kbit/s link 2-4x (the max filter kept
+        the highest of them), so status, scalars and the in-flight drain were
+        paced for a link twice as fast. Bytes cannot have arrived faster than
+        they were sent, and on a link that queues (the only one where the rate
+        matters) they arrive no faster than it delivers.
+        """
         if not (math.isfinite(received_at) and received_at > 0):
             return None  # no usable receive time: the rate keeps its estimate
         previous = self._last_received_at
         self._sample_bytes += acked_bytes
         if previous is None or received_at < previous:  # first ack, or the client's clock jumped
             self._last_received_at = received_at
+            self._last_sent_at = sent_at or 0.0
             self._sample_bytes = 0
             return None
         span = received_at - previous
         if span < self.MIN_SAMPLE_S:
             return None  # a burst: wait for a longer span
+        if sent_at is not None and self._last_sent_at:
+            span = max(span, sent_at - self._last_sent_at)
         sample = self._sample_bytes / span
         self._last_received_at = received_at
+        if sent_at is not None:
+            self._last_sent_at = sent_at
         self._sample_bytes = 0
         if sample > 0:
             samples = self._samples

@@ -66,6 +66,26 @@ def test_ack_removes_what_arrived_and_samples_the_rate_on_the_receivers_clock() 
     assert "0 B unacked, 364 B/s" in repr(w)
 
 
+def test_receive_times_squeezed_together_do_not_inflate_the_rate() -> None:
+    """A subscriber that reads frames late gives short receive spans; the bytes were
+    sent further apart than that, and cannot have arrived faster. Spans under
+    MIN_SAMPLE_S give no sample at all: their bytes count in the next one."""
+    w = DeliveryWindow(BARE)  # a 4 kB/s link, 2 kB frames ack-clocked: 0.5 s each
+    w.sent(2000, "view", 0.0, now=0.0)
+    w.ack(1, received_at=10.5, now=0.5)
+    w.sent(2000, "view", 0.0, now=0.5)
+    assert w.ack(2, received_at=11.0, now=1.0).rate_sample == pytest.approx(4000)
+    w.sent(2000, "view", 0.0, now=1.0)
+    # frame 3 arrived at 11.5, read 0.2 s early on this clock's view of it (the
+    # previous one was read late): 6.7 kB/s on the receive times alone
+    assert w.ack(3, received_at=11.3, now=1.5).rate_sample == pytest.approx(4000)
+    w.sent(2000, "view", 0.0, now=1.5)
+    assert w.ack(4, received_at=11.4, now=2.0).rate_sample is None  # 0.1 s: wait ...
+    w.sent(2000, "view", 0.0, now=2.0)
+    assert w.ack(5, received_at=12.5, now=2.5).rate_sample == pytest.approx(4000 / 1.2)  # ... and count it
+    assert w.bytes_per_s == pytest.approx(4000)
+
+
 def test_future_and_backward_sequence_numbers_are_ignored_and_counted() -> None:
     w = DeliveryWindow(BARE)
     for _ in range(3):
@@ -88,6 +108,45 @@ def test_with_feedback_a_heavy_frame_waits_for_an_ack_not_for_time() -> None:
     assert not w.may_send(900, now=0.2) and not w.may_send(900, now=2.5)
     w.ack(2, 0.0, now=2.6)  # the view arrived; the status (100 B) still in flight
     assert w.may_send(900, now=2.6)
+
+
+def test_on_a_slow_link_the_slack_is_a_fraction_of_a_second_of_it() -> None:
+    w = DeliveryWindow(FeedbackLimits(frame_overhead_bytes=0, ack_reply_bytes=0, slack_bytes=1500, slack_s=0.2,
+                                      floor_bytes_per_s=1.0))
+    w.sent(4000, "view", 0.0, now=0.0)
+    w.ack(0, received_at=10.0, now=0.0)
+    w.ack(1, received_at=11.0, now=1.0)  # 4000 B/s: 0.2 s of it is 800 B
+    assert w.bytes_per_s == pytest.approx(4000)
+    w.sent(900, "status", 0.0, now=1.0)
+    assert not w.may_send(700, now=1.0)  # 900 B in flight: under 1500 B, over 0.2 s
+    w.sent(100, "status", 0.0, now=1.1)
+    w.ack(2, received_at=11.3, now=1.3)
+    assert w.may_send(700, now=1.3)  # 100 B
+
+
+def test_a_rate_measured_on_light_frames_alone_does_not_hold_views_behind_ack_answers() -> None:
+    """A new stream on a fast link whose trainer publishes no views yet: its acks
+    measure only the statuses sent (~500 B/s); the slack stays one ack answer and a
+    status, so the first view goes right after an ack (it once waited 1.5-2.3 s)."""
+
+    def light_only(limits: FeedbackLimits) -> tuple[DeliveryWindow, float]:
+        w = DeliveryWindow(limits)  # 80 B of headers per frame, 300 B per ack answer
+        now = 0.0
+        for k in range(1, 9):  # a keepalive status each 0.5 s, each acked on arrival
+            now = 0.5 * k
+            w.sent(150, "status", now, now=now)
+            w.ack(w.last_seq, received_at=now, now=now)
+        return w, now
+
+    w, now = light_only(FeedbackLimits())
+    assert w.bytes_per_s is not None and w.bytes_per_s < 1500  # what was sent, not the link
+    assert w.in_flight(now) == 300  # the last ack's answer
+    assert w.may_send(700, now=now)
+    w.sent(150, "status", now, now=now)  # a status behind it still leaves room
+    assert w.may_send(700, now=now)
+    # The slack scaled by that rate alone (~200 B) held the view behind the ack answer.
+    held, now = light_only(FeedbackLimits(min_slack_bytes=0))
+    assert not held.may_send(700, now=now)
 
 
 def test_between_acks_the_estimate_drains_at_most_at_the_floor_rate() -> None:
@@ -141,6 +200,10 @@ def test_limits_are_validated() -> None:
         FeedbackLimits(floor_bytes_per_s=0)
     with pytest.raises(ValueError, match="stale_s"):
         FeedbackLimits(stale_s=math.nan)
+    with pytest.raises(ValueError, match="slack_s"):
+        FeedbackLimits(slack_s=0)
+    with pytest.raises(ValueError, match="min_slack_bytes must be >= 0, got -1"):
+        FeedbackLimits(min_slack_bytes=-1)
 
 
 # -- the hub ---------------------------------------------------------------------
