@@ -10,11 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import http.server
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +25,7 @@ from tensorwire.errors import NotFoundError
 from tensorwire.serving import modelrepo
 from tensorwire.serving.models import build_model
 from tests.conftest import serving, settings_for
+from tests.support.file_server import file_server
 
 
 async def _until(predicate, timeout_s: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
@@ -149,32 +145,12 @@ async def test_a_restarted_trainer_on_an_empty_repository_still_reaches_inferenc
             await trainer_app.aclose()
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _file_server(root: Path) -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
 async def test_inference_loads_models_from_an_http_repository(tmp_path: Path) -> None:
     remote = tmp_path / "www"
     torch.manual_seed(5)
     net = build_model("spiral")
     modelrepo.write_version(remote, "spiral", "spiral", net.state_dict())
-    with _file_server(remote) as url:
+    with file_server(remote) as url:
         settings = settings_for(InferenceSettings, tmp_path / "inference", poll_interval_s=0.0,
                                 model_repository_url=url)
         app = await create_inference(settings)
