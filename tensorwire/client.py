@@ -102,8 +102,8 @@ class GrpcClient:
         :param timeout_s: default overall deadline of a call, retries included.
         :param retry: retry policy for idempotent calls.
         :param wait_for_ready: calls wait for a connection instead of failing fast.
-        :param clock: monotonic seconds, for deadlines; ``sleep``: waits between
-            retries (tests pass a fake clock's).
+        :param clock: monotonic seconds, for deadlines (and the pool's, when created
+            here); ``sleep``: waits between retries (tests pass a fake clock's).
         :param pool_options: keyword arguments of ``ChannelPool`` when it is created here.
         """
         if timeout_s <= 0:
@@ -122,7 +122,8 @@ class GrpcClient:
             options = list(pool_options.pop("options", ()))
             options += [("grpc.max_receive_message_length", 64 * 1024 * 1024),
                         ("grpc.max_send_message_length", 64 * 1024 * 1024)]
-            self.pool, self._owns_pool = ChannelPool(target, options=options, **pool_options), True
+            self.pool = ChannelPool(target, options=options, clock=clock, **pool_options)
+            self._owns_pool = True
         self.timeout_s = timeout_s
         self.retry = retry
         self._clock, self._sleep = clock, sleep
