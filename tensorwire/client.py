@@ -24,7 +24,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -90,6 +90,8 @@ class GrpcClient:
         retry: RetryPolicy = RetryPolicy(),
         wait_for_ready: bool = True,
         token: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         **pool_options: Any,
     ) -> None:
         """
@@ -100,6 +102,8 @@ class GrpcClient:
         :param timeout_s: default overall deadline of a call, retries included.
         :param retry: retry policy for idempotent calls.
         :param wait_for_ready: calls wait for a connection instead of failing fast.
+        :param clock: monotonic seconds, for deadlines (and the pool's, when created
+            here); ``sleep``: waits between retries (tests pass a fake clock's).
         :param pool_options: keyword arguments of ``ChannelPool`` when it is created here.
         """
         if timeout_s <= 0:
@@ -118,9 +122,11 @@ class GrpcClient:
             options = list(pool_options.pop("options", ()))
             options += [("grpc.max_receive_message_length", 64 * 1024 * 1024),
                         ("grpc.max_send_message_length", 64 * 1024 * 1024)]
-            self.pool, self._owns_pool = ChannelPool(target, options=options, **pool_options), True
+            self.pool = ChannelPool(target, options=options, clock=clock, **pool_options)
+            self._owns_pool = True
         self.timeout_s = timeout_s
         self.retry = retry
+        self._clock, self._sleep = clock, sleep
         self.wait_for_ready = wait_for_ready
         self.retries = 0
         """Tries repeated after UNAVAILABLE, over the client's life."""
@@ -137,11 +143,11 @@ class GrpcClient:
     ) -> R:
         """Call ``/package.Service/Method``; retried on UNAVAILABLE only if ``idempotent``."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout
+        deadline = self._clock() + timeout
         attempt = 0
         while True:
             attempt += 1
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self._clock()
             if remaining <= 0:
                 raise DeadlineExceededError(
                     f"{method}: no answer within {timeout:.3g}s ({attempt - 1} tries)"
@@ -162,9 +168,9 @@ class GrpcClient:
                 retryable = idempotent and code in self.retry.retry_codes
                 if retryable and attempt < self.retry.attempts:
                     pause = self.retry.backoff_s(attempt)
-                    if time.monotonic() + pause < deadline:
+                    if self._clock() + pause < deadline:
                         self.retries += 1
-                        await asyncio.sleep(pause)
+                        await self._sleep(pause)
                         continue
                 raise _domain_error(method, exc) from None
 

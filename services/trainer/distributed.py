@@ -45,6 +45,7 @@ from tensorwire.errors import InvalidArgumentError
 from tensorwire.rpc import config as twconfig
 from tensorwire.rpc.config import setting
 from tensorwire.serving import modelrepo
+from tensorwire.serving.admission import json_object
 
 from .tasks import TASKS, Task
 
@@ -225,16 +226,6 @@ def _train_in_group(
     )
 
 
-def _json_object(name: str, raw: str) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgumentError(f"{name} is not valid JSON ({exc}): {raw!r}") from None
-    if not isinstance(value, dict):
-        raise InvalidArgumentError(f"{name} must be a JSON object, got {raw!r}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """One rank: ``python -m services.trainer.distributed --task spiral --steps 300``."""
     from tensorwire.rpc import log as twlog
@@ -245,8 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             description=__doc__.split("\n\n")[0] if __doc__ else None,
         )
         rendezvous = Rendezvous.from_env()
-        params = _json_object("params_json", settings.params_json)
-        options = _json_object("options_json", settings.options_json)
+        params = json_object("params_json", settings.params_json)
+        options = json_object("options_json", settings.options_json)
         _task(settings.task).configure(params=params, options=options)  # fail before joining
         pick_backend(settings.backend)
     except (twconfig.SettingsError, InvalidArgumentError) as exc:

@@ -75,6 +75,7 @@ class RunRecorder:
         max_events: int = 10_000,
         retry_max_s: float = 5.0,
         label: str = "runs",
+        wait: Callable[[threading.Event, float], bool] = threading.Event.wait,
     ) -> None:
         """
         :param store: where to write.
@@ -88,6 +89,8 @@ class RunRecorder:
         :param max_events: most buffered events while the store is down.
         :param retry_max_s: longest wait between retries of a failing store.
         :param label: the ``store`` label of the metrics.
+        :param wait: how the writer thread waits for its wake-up event with a timeout
+            (``threading.Event.wait``; tests pass one in which time stands still).
         """
         self.store = store
         self.source = source
@@ -97,6 +100,7 @@ class RunRecorder:
         self.max_events = max_events
         self.retry_max_s = retry_max_s
         self._label = label
+        self._wait = wait
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._points: deque[tuple[str, int, Mapping[str, float]]] = deque()
@@ -201,7 +205,7 @@ class RunRecorder:
     def _work(self) -> None:
         backoff = self.flush_every_s
         while True:
-            self._wake.wait(backoff if not self.healthy else self.flush_every_s)
+            self._wait(self._wake, backoff if not self.healthy else self.flush_every_s)
             self._wake.clear()
             closing = self._closed
             ok = self.write_once()

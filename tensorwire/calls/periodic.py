@@ -26,7 +26,8 @@ class Periodic:
 
     def __init__(self, fn: Callable[[], Awaitable[object]], interval_s: float, *, name: str,
                  immediately: bool = False, backoff: Backoff | None = None,
-                 quiet: tuple[type[BaseException], ...] = ()) -> None:
+                 quiet: tuple[type[BaseException], ...] = (),
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
         """
         :param fn: the coroutine function called each period.
         :param interval_s: seconds between the end of one call and the next.
@@ -34,11 +35,13 @@ class Periodic:
         :param immediately: first call at start instead of after one interval.
         :param backoff: after failures, wait by this instead of ``interval_s``.
         :param quiet: exception types logged as one warning line, without traceback.
+        :param sleep: how the loop waits (``asyncio.sleep``; tests pass a fake clock's).
         """
         if interval_s <= 0:
             raise InvalidArgumentError(f"{name}: interval_s must be > 0, got {interval_s}")
         self.fn, self.interval_s, self.name = fn, interval_s, name
         self.immediately, self.backoff, self.quiet = immediately, backoff, quiet
+        self._sleep = sleep
         self.calls = self.failures = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -54,7 +57,7 @@ class Periodic:
     async def _loop(self) -> None:
         streak = 0
         if not self.immediately:
-            await asyncio.sleep(self.interval_s)
+            await self._sleep(self.interval_s)
         while True:
             self.calls += 1
             try:
@@ -72,7 +75,7 @@ class Periodic:
                     log.info("%s: works again after %d failure(s)", self.name, streak)
                 streak = 0
             wait = self.backoff.delay_s(streak) if streak and self.backoff else self.interval_s
-            await asyncio.sleep(wait)
+            await self._sleep(wait)
 
     def _failed(self, streak: int, exc: BaseException, *, traceback: bool) -> None:
         self.failures += 1

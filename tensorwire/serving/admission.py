@@ -17,6 +17,7 @@ single tensor is allocated and raises a domain error naming the bound:
   >= 0 and name versions on disk;
 - ``VersionPolicy``: a model's version policy, parsed once (config.json, an override,
   config.pbtxt) into one typed value;
+- ``json_object``: JSON text that must be an object (a config override, a setting);
 - ``echo``: input quoted in an error message is cut to ``MAX_ECHO`` characters.
 """
 
@@ -218,18 +219,24 @@ def check_traffic(traffic: Any, versions: Collection[int] | None = None) -> dict
     return dict(traffic)
 
 
-def parse_override(raw: Any) -> dict[str, Any]:
-    """RepositoryModelLoad's ``config`` parameter (JSON text or, over HTTP, an object)."""
+def json_object(what: str, raw: Any) -> dict[str, Any]:
+    """``raw`` (JSON text or bytes, or a value decoded already) as a JSON object;
+    InvalidArgumentError naming ``what`` when it is not valid JSON or not an object."""
     if isinstance(raw, bytes):
         raw = raw.decode(errors="replace")
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise InvalidArgumentError(f"parameter 'config' is not valid JSON: {exc}") from None
+            raise InvalidArgumentError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
-        raise InvalidArgumentError(f"parameter 'config' must be a JSON object, got {echo(raw)}")
+        raise InvalidArgumentError(f"{what} must be a JSON object, got {echo(raw)}")
     return raw
+
+
+def parse_override(raw: Any) -> dict[str, Any]:
+    """RepositoryModelLoad's ``config`` parameter (JSON text or, over HTTP, an object)."""
+    return json_object("parameter 'config'", raw)
 
 
 def _check_int(cfg: Mapping[str, Any], key: str, low: int, high: int, prefix: str = "") -> None:

@@ -18,18 +18,8 @@ from prometheus_client import REGISTRY
 from tensorwire.calls.channels import ChannelPool, ChannelState, resolve_targets
 from tensorwire.errors import InvalidArgumentError, UnavailableError
 from tests.conftest import serving
+from tests.support.clock import FakeClock
 from tests.support.echo_service import EchoApp, method
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @contextlib.asynccontextmanager

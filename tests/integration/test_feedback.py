@@ -15,8 +15,9 @@ from tensorwire.live import FrameAcker
 from tensorwire.streamer.v1 import streamer_pb2 as spb
 from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
 from tests.conftest import free_port
-from tests.integration.test_live import streamer_on, trainer_for, until
+from tests.integration.test_live import streamer_on, trainer_for
 from tests.support.viewer import watch_target
+from tests.support.waiting import until
 
 
 def _metric(name: str, **labels: str) -> float:

@@ -3,11 +3,6 @@ static file server (http.server, HTTP/1.1 keep-alive) on port 0."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import http.server
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,29 +13,7 @@ from tensorwire.errors import InvalidArgumentError, NotFoundError, UnavailableEr
 from tensorwire.serving import modelrepo
 from tensorwire.serving.models import build_model
 from tests.conftest import free_port
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, so connections can be reused
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def file_server(root: Path) -> Iterator[str]:
-    root.mkdir(parents=True, exist_ok=True)
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_Handler, directory=str(root))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+from tests.support.file_server import file_server
 
 
 def _spiral(seed: int) -> dict[str, torch.Tensor]:

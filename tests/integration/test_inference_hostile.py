@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import struct
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -25,6 +24,7 @@ from tensorwire.rpc.server import GrpcServer, ServerOptions
 from tensorwire.serving import modelrepo
 from tensorwire.serving.models import build_model
 from tests.conftest import settings_for
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.usefixtures("inference_frontend")  # both frontends: python, native
 
@@ -183,13 +183,6 @@ async def test_full_queue_is_resource_exhausted(stub, app_of) -> None:  # type: 
     for blocker in blockers:
         blocker.result(10)
     assert (await client.ModelInfer(good(), timeout=10)).model_version == "1"
-
-
-async def until(predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition never became true"
-        await asyncio.sleep(0.005)
 
 
 def test_codec_round_trips_every_datatype() -> None:

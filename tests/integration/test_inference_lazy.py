@@ -9,7 +9,6 @@ answered with what torch computes; RepositoryModelLoad/Unload keep their meaning
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import grpc
@@ -26,6 +25,7 @@ from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.serving import modelrepo
 from tensorwire.serving.models import build_model
 from tests.conftest import serving, settings_for
+from tests.support.waiting import until
 
 RUNS = 40
 
@@ -65,14 +65,6 @@ def repo(tmp_path: Path) -> Path:
 
 def states(index: pb.RepositoryIndexResponse) -> dict[str, tuple[str, str, str]]:
     return {m.name: (m.version, m.state, m.reason) for m in index.models}
-
-
-async def until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.usefixtures("inference_frontend")

@@ -26,6 +26,7 @@ from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.serving import modelrepo
 from tensorwire.serving.models import build_model
 from tests.conftest import serving, settings_for
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.usefixtures("inference_frontend")  # both frontends: python, native
 
@@ -49,14 +50,6 @@ def expected(state: dict[str, torch.Tensor], x: np.ndarray) -> np.ndarray:
     model.load_state_dict(state)
     with torch.no_grad():
         return model(torch.from_numpy(x)).numpy()
-
-
-async def until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def test_hot_swap_under_load_drops_nothing(tmp_path: Path) -> None:

@@ -9,8 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +30,7 @@ from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
 from tests.conftest import free_port, serving, settings_for
 from tests.deploy.processes import ROOT, wait_serving
 from tests.support.postgres import pg_dsn, pg_server  # noqa: F401  (fixtures)
-
-
-async def until(predicate: Callable[[], Any], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await _value(predicate):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
-async def _value(predicate: Callable[[], Any]) -> Any:
-    out = predicate()
-    return await out if asyncio.iscoroutine(out) else out
+from tests.support.waiting import until
 
 
 @contextlib.asynccontextmanager

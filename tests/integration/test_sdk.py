@@ -25,7 +25,8 @@ from tensorwire.streamer.v1 import streamer_pb2_grpc as spb_grpc
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
 from tests.conftest import free_port
-from tests.integration.test_live import streamer_on, trainer_for, until
+from tests.integration.test_live import streamer_on, trainer_for
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.slow
 

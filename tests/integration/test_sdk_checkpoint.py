@@ -20,6 +20,7 @@ from services.inference.app import create_app
 from services.inference.settings import InferenceSettings
 from tensorwire import export
 from tensorwire.checkpoints.upload import upload_checkpoint
+from tensorwire.client import InferenceClient
 from tests.conftest import serving, settings_for
 from tests.integration.test_inference_triton_repo import run_client
 
@@ -121,3 +122,24 @@ async def test_a_bad_config_sent_with_a_model_is_refused_before_any_chunk(
         assert result.version == 1
         await app.repository.load_model("m")
         assert app.repository.model_ready("m")
+
+
+async def test_an_exported_model_pushed_to_inference_computes_what_the_module_does(tmp_path: Path) -> None:
+    """export.export_model then export.push to a real inference server: the pushed
+    version becomes ready and answers what the module computes."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    exported = export.export_model(model, (torch.randn(2, 4),), tmp_path / "out", "pushed")
+    app = await create_app(settings_for(InferenceSettings, tmp_path))
+    async with serving(app, "inference") as server:
+        target = f"127.0.0.1:{server.port}"
+        version = await export.push(exported, target)
+        assert version >= 1
+        async with InferenceClient(target) as client:
+            x = np.random.rand(3, 4).astype(np.float32)
+            for _ in range(100):  # the server loads the pushed version in the background
+                if await client.model_ready("pushed"):
+                    break
+                await asyncio.sleep(0.1)
+            outputs = await client.infer("pushed", {exported.inputs[0]: x})
+        with torch.no_grad():
+            np.testing.assert_allclose(outputs["OUTPUT__0"], model(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)

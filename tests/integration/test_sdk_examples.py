@@ -16,7 +16,8 @@ from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.trainer.v1 import trainer_pb2 as tpb
 from tensorwire.trainer.v1 import trainer_pb2_grpc as tpb_grpc
 from tests.conftest import free_port
-from tests.integration.test_live import streamer_on, trainer_for, until
+from tests.integration.test_live import streamer_on, trainer_for
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.slow
 

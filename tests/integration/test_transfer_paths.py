@@ -10,11 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import http.server
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +25,8 @@ from tensorwire.errors import NotFoundError
 from tensorwire.serving import modelrepo
 from tensorwire.serving.models import build_model
 from tests.conftest import serving, settings_for
-
-
-async def _until(predicate, timeout_s: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+from tests.support.file_server import file_server
+from tests.support.waiting import until
 
 
 def _spiral_points() -> np.ndarray:
@@ -66,7 +54,7 @@ async def test_trainer_pushes_checkpoints_to_inference_without_shared_storage(tm
                 async def served() -> bool:
                     return trainer_app.announcer.loaded.get(model, 0) >= 1 and await client.model_ready(model)
 
-                await _until(served, what=f"inference serving {model}")
+                await until(served, 60.0, what=f"inference serving {model}")
                 await asyncio.to_thread(run.loop.join)
                 await asyncio.to_thread(trainer_app.runs.flush_checkpoints, 30.0)
 
@@ -74,7 +62,7 @@ async def test_trainer_pushes_checkpoints_to_inference_without_shared_storage(tm
                     return (trainer_app.announcer.pushed.get(model)
                             == modelrepo.list_versions(trainer_settings.model_repository, model)[-1])
 
-                await _until(caught_up, what="the last checkpoint pushed")
+                await until(caught_up, 60.0, what="the last checkpoint pushed")
                 await client.load_model(model)
                 local = trainer_settings.model_repository
                 remote = inference_app.settings.model_repository
@@ -135,7 +123,7 @@ async def test_a_restarted_trainer_on_an_empty_repository_still_reaches_inferenc
                     return (trainer_app.announcer.loaded.get("spiral", 0) >= 1
                             and await client.model_ready("spiral", "6"))
 
-                await _until(served, what="the trainer's checkpoint served as spiral version 6")
+                await until(served, 60.0, what="the trainer's checkpoint served as spiral version 6")
                 assert (modelrepo.weights_path(remote, "spiral", 6).read_bytes()
                         == modelrepo.weights_path(local, "spiral", 1).read_bytes())
                 outputs = await client.infer("spiral", {"points": _spiral_points()})
@@ -149,32 +137,12 @@ async def test_a_restarted_trainer_on_an_empty_repository_still_reaches_inferenc
             await trainer_app.aclose()
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _file_server(root: Path) -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
 async def test_inference_loads_models_from_an_http_repository(tmp_path: Path) -> None:
     remote = tmp_path / "www"
     torch.manual_seed(5)
     net = build_model("spiral")
     modelrepo.write_version(remote, "spiral", "spiral", net.state_dict())
-    with _file_server(remote) as url:
+    with file_server(remote) as url:
         settings = settings_for(InferenceSettings, tmp_path / "inference", poll_interval_s=0.0,
                                 model_repository_url=url)
         app = await create_inference(settings)

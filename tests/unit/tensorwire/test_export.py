@@ -79,37 +79,3 @@ def test_bad_names_and_unexportable_models_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot export model 'opaque'"):
         export.export_model(Opaque(), (torch.randn(2, 2),), tmp_path, "opaque")
     assert not [p.name for p in (tmp_path / "opaque").iterdir()]  # nothing half-written
-
-
-@pytest.mark.skipif(not (Path(tensorwire.__file__).parent / "serving" / "tritonconfig.py").is_file(),
-                    reason="for the merger: needs issue 13's Triton repository loader (tensorwire.serving.tritonconfig)")
-async def test_exported_checkpoint_is_served_by_inference(tmp_path: Path) -> None:
-    """After merging issue 13: push to a real inference server, a tritonclient-style call
-    returns what the model computes."""
-    import dataclasses
-
-    import numpy as np
-
-    from services.inference.app import create_app
-    from services.inference.settings import InferenceSettings
-    from tensorwire.client import InferenceClient
-    from tests.conftest import serving, settings_for
-
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
-    exported = export.export_model(model, (torch.randn(2, 4),), tmp_path / "out", "pushed")
-    settings = settings_for(InferenceSettings, tmp_path)
-    app = await create_app(dataclasses.replace(settings))
-    async with serving(app, "inference") as server:
-        target = f"127.0.0.1:{server.port}"
-        version = await export.push(exported, target)
-        assert version >= 1
-        async with InferenceClient(target) as client:
-            x = np.random.rand(3, 4).astype(np.float32)
-            for _ in range(100):
-                if await client.model_ready("pushed"):
-                    break
-                import asyncio
-                await asyncio.sleep(0.1)
-            outputs = await client.infer("pushed", {exported.inputs[0]: x})
-        with torch.no_grad():
-            np.testing.assert_allclose(outputs["OUTPUT__0"], model(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)

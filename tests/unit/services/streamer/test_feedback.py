@@ -10,11 +10,12 @@ from services.streamer.feedback import AckOutcome, DeliveryWindow, FeedbackLimit
 from services.streamer.hub import HubLimits, UpdateHub
 from tensorwire.errors import InvalidArgumentError, NotFoundError
 from tensorwire.streamer.v1 import streamer_pb2 as spb
-from tests.unit.services.streamer.test_hub import Clock, _covered, _scalars, _status, _view
+from tests.support.clock import FakeClock
+from tests.unit.services.streamer.test_hub import _covered, _scalars, _status, _view
 
 
-def _hub(**feedback: float) -> tuple[UpdateHub, Clock]:
-    clock = Clock()
+def _hub(**feedback: float) -> tuple[UpdateHub, FakeClock]:
+    clock = FakeClock()
     limits = HubLimits(feedback=FeedbackLimits(**feedback))  # type: ignore[arg-type]
     return UpdateHub(limits, clock=clock, wall=clock), clock
 

@@ -10,18 +10,11 @@ from tensorwire.data import arrays
 from tensorwire.data.scalars import ScalarBuffer, to_batch
 from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
 from tensorwire.streamer.v1 import streamer_pb2 as spb
+from tests.support.clock import FakeClock
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _hub(**limits: float) -> tuple[UpdateHub, Clock]:
-    clock = Clock()
+def _hub(**limits: float) -> tuple[UpdateHub, FakeClock]:
+    clock = FakeClock()
     return UpdateHub(HubLimits(**limits), clock=clock, wall=clock), clock  # type: ignore[arg-type]
 
 
@@ -216,7 +209,7 @@ def _dataset_view(step: int, points: list[list[float]]) -> spb.PublishRequest:
     return spb.PublishRequest(run_id="r", step=step, produced_at=float(step), view=view)
 
 
-def _next_view(hub: UpdateHub, clock: Clock, sub: object) -> spb.Frame:
+def _next_view(hub: UpdateHub, clock: FakeClock, sub: object) -> spb.Frame:
     clock.now += 1.0
     hub.tick()
     views = [f for f in _frames(hub, sub) if f.HasField("view")]

@@ -8,20 +8,13 @@ from services.trainer.external import ExternalLoop
 from services.trainer.runs import RunManager
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import FakeClock
 
 
 def test_lifecycle_control_and_a_script_that_goes_away() -> None:
     runs = RunManager()
     run = runs.register_run("abc", "mine", {"learning_rate": 0.1})
-    clock = Clock()
+    clock = FakeClock(100.0)
     loop = ExternalLoop(run.config, detach_grace_s=60, clock=clock)
     assert loop.state == cpb.RUN_STATE_PENDING
     first = loop.attach()

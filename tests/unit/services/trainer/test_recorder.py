@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -59,18 +60,26 @@ def test_a_failing_store_buffers_within_bounds_counts_drops_and_recovers(tmp_pat
 
 
 def test_a_full_batch_is_written_before_the_period_ends(tmp_path: Path) -> None:
+    periods: list[float] = []
+
+    def frozen(wake: threading.Event, timeout_s: float) -> bool:
+        """Time stands still for the writer: only a wake-up ends its wait."""
+        periods.append(timeout_s)
+        return wake.wait()
+
     recorder = RunRecorder(SqliteRunStore(tmp_path / "s.sqlite3"), lambda: [record("r1")],
-                           flush_every_s=30, batch_points=100)
+                           flush_every_s=30, batch_points=100, wait=frozen)
     recorder.start()
     try:
         for step in range(1, 100):
             recorder.add_scalars("r1", step, {"loss": float(step)})
-        time.sleep(0.3)
         assert recorder.store.scalars("r1", 1000) == {}  # 99 steps: waiting for the period
-        recorder.add_scalars("r1", 100, {"loss": 100.0})
+        recorder.add_scalars("r1", 100, {"loss": 100.0})  # the 100th wakes the writer
         deadline = time.monotonic() + 10
         while not recorder.store.scalars("r1", 1000) and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.05)  # the writer is a real thread
+        # One batch of all 100 (a writer woken by fewer would have written 99 alone).
         assert [b.step for b in recorder.store.scalars("r1", 1000)["loss"]] == list(range(1, 101))
+        assert periods and set(periods) == {30}
     finally:
         recorder.close()

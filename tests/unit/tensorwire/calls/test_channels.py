@@ -4,66 +4,18 @@ gRPC (httpcore's way of testing its pool), a fake clock drives idle, age and hea
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from grpc_health.v1 import health_pb2
 
 from tensorwire.calls.channels import CHANNEL_ID_ARG, ChannelPool, ChannelState
 from tensorwire.errors import InvalidArgumentError, UnavailableError
+from tests.support.clock import FakeClock
+from tests.support.fake_channels import Backend
 
 
-@dataclass
-class FakeChannel:
-    """What the pool needs of a grpc.aio.Channel: health checks and close."""
-
-    address: str
-    options: dict[str, Any]
-    backend: Backend
-    closed_with: float | None = None
-    closed: bool = False
-
-    def unary_unary(self, method: str, **_: Any) -> Any:
-        async def call(request: Any, timeout: float | None = None) -> Any:
-            assert method == "/grpc.health.v1.Health/Check"
-            status = self.backend.health.get(self.address, "SERVING")
-            return health_pb2.HealthCheckResponse(
-                status=health_pb2.HealthCheckResponse.ServingStatus.Value(status))
-        return call
-
-    def unary_stream(self, method: str, **_: Any) -> Any:
-        return None
-
-    async def close(self, grace: float | None = None) -> None:
-        self.closed, self.closed_with = True, grace
-
-
-@dataclass
-class Backend:
-    """Records every channel the pool opens; ``health`` scripts each address's answer."""
-
-    health: dict[str, str] = field(default_factory=dict)
-    opened: list[FakeChannel] = field(default_factory=list)
-
-    def connect(self, address: str, options: Sequence[tuple[str, Any]], credentials: Any,
-                interceptors: Any) -> Any:
-        channel = FakeChannel(address, dict(options), self)
-        self.opened.append(channel)
-        return channel
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_pool(target: str = "a:1", **kwargs: Any) -> tuple[ChannelPool, Backend, Clock]:
-    backend, clock = Backend(), Clock()
+def make_pool(target: str = "a:1", **kwargs: Any) -> tuple[ChannelPool, Backend, FakeClock]:
+    backend, clock = Backend(), FakeClock()
     kwargs.setdefault("health_check_interval_s", 0)
     pool = ChannelPool(target, connect=backend.connect, clock=clock, name="t", **kwargs)
     return pool, backend, clock

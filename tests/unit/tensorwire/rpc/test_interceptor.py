@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tensorwire import errors
 from tensorwire.errors import NotFoundError, ResourceExhaustedError
 from tensorwire.rpc.auth import Authorizer, TokenFile
 from tensorwire.rpc.interceptor import wrap_handler
@@ -67,6 +68,16 @@ async def test_domain_errors_become_their_status_and_others_internal(
     assert context.aborted is not None
     assert context.aborted[0] == code and message in context.aborted[1]
     assert "secret internals" not in context.aborted[1]  # tracebacks go to the log only
+
+
+@pytest.mark.parametrize("error", errors.TensorwireError.__subclasses__(), ids=lambda c: c.__name__)
+async def test_every_domain_error_aborts_with_its_own_code_and_message(
+        error: type[errors.TensorwireError]) -> None:
+    call, _ = _wrapped(_raise(error("what went wrong")))
+    context = FakeContext()
+    with pytest.raises(Aborted):
+        await call(pb.GetRunRequest(run_id="abc"), context)
+    assert context.aborted == (error.code, "what went wrong")
 
 
 async def test_unparseable_bytes_are_invalid_argument_naming_the_type() -> None:

@@ -78,3 +78,13 @@ def test_echo_cuts_long_input() -> None:
     assert admission.echo("ab") == "'ab'"
     cut = admission.echo("x" * 10_000)
     assert len(cut) < admission.MAX_ECHO + 30 and cut.endswith("(10002 chars)")
+
+
+def test_json_object_takes_text_bytes_or_a_decoded_object_and_names_what_is_wrong() -> None:
+    assert admission.json_object("x", '{"a": 1}') == {"a": 1}
+    assert admission.json_object("x", b'{"a": 1}') == {"a": 1}
+    assert admission.json_object("x", {"a": 1}) == {"a": 1}
+    with pytest.raises(InvalidArgumentError, match="^params_json is not valid JSON: "):
+        admission.json_object("params_json", "{a")
+    with pytest.raises(InvalidArgumentError, match=r"^params_json must be a JSON object, got \[1, 2\]$"):
+        admission.json_object("params_json", "[1, 2]")

@@ -14,6 +14,7 @@ import pytest
 
 from tensorwire.errors import DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError
 from tensorwire.serving.batching import BatchConfig, Batcher
+from tests.support.clock import FakeClock
 
 
 class Recorder:
@@ -22,10 +23,9 @@ class Recorder:
     With ``gate`` set, each call waits for the gate (so a test can hold a batch
     in flight while more requests queue)."""
 
-    def __init__(self, gate: threading.Event | None = None, cost_s: float = 0.0) -> None:
+    def __init__(self, gate: threading.Event | None = None) -> None:
         self.batches: list[list[int]] = []
         self.gate = gate
-        self.cost_s = cost_s
         self.entered = threading.Event()
 
     def __call__(self, items: list[int]) -> list[int]:
@@ -33,8 +33,6 @@ class Recorder:
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(10), "test gate never opened"
-        if self.cost_s:
-            time.sleep(self.cost_s)
         return [i * 2 for i in items]
 
 
@@ -140,12 +138,14 @@ async def test_error_propagation() -> None:
 
 
 async def test_adaptive_sizing() -> None:
-    """The limit grows while batches are fast and shrinks when they get slow."""
+    """The limit grows while batches are fast and shrinks when they get slow (a slow
+    batch moves the batcher's clock by 30 ms, against a 20 ms target)."""
     slow = threading.Event()
+    clock = FakeClock()
 
     def fn(items: list[int]) -> list[int]:
         if slow.is_set():
-            time.sleep(0.03)
+            clock.advance(0.03)
         return items
 
     config = BatchConfig(max_batch_size=64, adaptive=True, target_latency_s=0.02, min_batch_size=2,
@@ -158,7 +158,7 @@ async def test_adaptive_sizing() -> None:
         assert gate.wait(10)
         return fn(items)
 
-    batcher = Batcher(gated, config)
+    batcher = Batcher(gated, config, clock=clock)
     assert batcher.batch_size_limit == 4
     for _ in range(6):  # full, fast batches: grow
         entered.clear()

@@ -183,7 +183,8 @@ async def test_enqueue_waits_for_room_instead_of_refusing() -> None:
     with pytest.raises(ResourceExhaustedError):
         loader.load_async("d")  # the refusing form says so, loudly
     waiting = asyncio.ensure_future(loader.enqueue("d"))
-    await asyncio.sleep(0.05)
+    for _ in range(20):  # it waits on an event, not on time: turns of the loop show it
+        await asyncio.sleep(0)
     assert not waiting.done()  # no room yet: waits, is not dropped
     fn.gate.set()
     d = await asyncio.wait_for(waiting, 10)
