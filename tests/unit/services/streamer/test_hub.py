@@ -322,7 +322,7 @@ async def test_a_quiet_live_topic_takes_a_lost_final_state_from_the_lookup() -> 
         asked.append((run_id, max_points))
         return cpb.RunStatus(run_id=run_id, step=20, state=stored[run_id]), cpb.ScalarBatch()
 
-    clock = Clock()
+    clock = FakeClock()
     hub = UpdateHub(HubLimits(quiet_recheck_s=10.0), clock=clock, wall=clock, lookup=lookup)  # type: ignore[arg-type]
     hub.publish(_status(5))
     sub = hub.subscribe("r")
