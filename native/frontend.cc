@@ -44,6 +44,12 @@ namespace {
 const char kInferMethod[] = "/inference.GRPCInferenceService/ModelInfer";
 const char kStreamMethod[] = "/inference.GRPCInferenceService/ModelStreamInfer";
 const char kBearer[] = "authorization";
+// Marks a stream message forwarded to Python as one unary ModelInfer (its value: the
+// process's secret, tensorwire.rpc.interceptor.stream_message_token()): the Python
+// interceptor then counts no ModelInfer RPC for it (the stream is counted once, as
+// ModelStreamInfer) and skips the role check (the stream passed it at its start).
+// Never taken from a client: ForwardedMetadata drops it.
+const char kStreamTag[] = "tensorwire-stream-message";
 
 // -- model specs (from Python) -------------------------------------------------
 
@@ -132,7 +138,7 @@ std::vector<std::pair<std::string, std::string>> ForwardedMetadata(grpc::Generic
   for (const auto& [key, value] : ctx->client_metadata()) {
     std::string k(key.data(), key.size());
     if (k.empty() || k[0] == ':' || k.rfind("grpc-", 0) == 0 || k == "user-agent" || k == "content-type" ||
-        k == "te" || k == "host")
+        k == "te" || k == "host" || k == kStreamTag)
       continue;
     out.emplace_back(std::move(k), std::string(value.data(), value.size()));
   }
@@ -247,9 +253,12 @@ class Call : public grpc::ServerGenericBidiReactor, public Item {
 // ModelInferRequest, answered (in completion order) by a ModelStreamInferResponse
 // with `infer_response`, or `error_message` "<CODE>: <message>" and the request's
 // model name, version and id; a bad request does not end the stream, a message that
-// does not parse does (its INVALID_ARGUMENT, from Python). At most MAX_STREAM_IN_FLIGHT
-// (256) messages run at once (reading waits). The stream ends OK after the client's half-close once
-// every answer is written.
+// does not parse does (its INVALID_ARGUMENT, from Python; nothing after it is read or
+// answered, as Python's reader aborts there). At most MAX_STREAM_IN_FLIGHT (256)
+// messages run at once (reading waits). The stream ends OK after the client's
+// half-close once every answer is written. A stream that ends otherwise (cancelled,
+// a failed write, a malformed message) is over(): its queued messages are dropped
+// before their batch runs, its forwards cancelled.
 //
 // A message it can prove valid goes into the same per-version queue as ModelInfer;
 // any other goes to Python as one unary ModelInfer call, whose status becomes the
@@ -288,7 +297,10 @@ class Stream : public grpc::ServerGenericBidiReactor, public Grave {
  public:
   Stream(Frontend* frontend, grpc::GenericCallbackServerContext* ctx);
   ~Stream() override;
-  bool cancelled() const { return cancelled_.load(); }
+  // The stream is over however it ended (the client cancelled or went away, a write
+  // failed, a message that does not parse ended it): its queued messages are dropped
+  // before their batch runs, its forwards cancelled, no answer of it is written.
+  bool over() const { return over_.load(); }
   Clock::time_point deadline() const { return deadline_; }
 
   void OnReadDone(bool ok) override;
@@ -305,6 +317,8 @@ class Stream : public grpc::ServerGenericBidiReactor, public Grave {
  private:
   void MaybeFinish();  // mu_ held
   void ReadMore();     // mu_ held
+  void Abandon();      // mu_ held: the stream is over (see over())
+  void WriteNext();    // mu_ held: start writing the front answer, if it may be
 
   Frontend* frontend_;
   Clock::time_point started_ = Clock::now();
@@ -312,7 +326,7 @@ class Stream : public grpc::ServerGenericBidiReactor, public Grave {
   std::chrono::system_clock::time_point wall_deadline_;
   std::vector<std::pair<std::string, std::string>> metadata_;
   grpc::ByteBuffer in_;
-  std::atomic<bool> cancelled_{false};
+  std::atomic<bool> cancelled_{false}, over_{false};
   std::atomic<int> refs_{1};
   std::mutex mu_;
   std::deque<grpc::ByteBuffer> pending_;  // answers to write, the front one being written
@@ -320,6 +334,10 @@ class Stream : public grpc::ServerGenericBidiReactor, public Grave {
   int64_t in_flight_ = 0;
   bool reading_ = false, stalled_ = false, read_closed_ = false, writing_ = false;
   bool write_failed_ = false, failed_ = false, finished_ = false;
+  // A message that did not parse is with Python for its verdict (the words of the
+  // INVALID_ARGUMENT that ends the stream): meanwhile nothing more is read and no
+  // answer written, as Python's reader aborts the stream at that message.
+  bool judging_ = false;
   grpc::Status end_status_;
 };
 
@@ -333,14 +351,16 @@ struct Queue {
 };
 
 struct Counters {
-  std::atomic<uint64_t> native{0}, proxied{0}, batches{0}, rejected{0}, fallbacks{0}, expired{0}, streams{0};
+  std::atomic<uint64_t> native{0}, proxied{0}, batches{0}, rejected{0}, fallbacks{0}, expired{0}, cancelled{0},
+      streams{0};
 };
 
 class Frontend : public grpc::CallbackGenericService {
  public:
-  Frontend(std::string backend, py::object hooks, int threads, bool auth, bool streams, int64_t stream_in_flight)
+  Frontend(std::string backend, py::object hooks, int threads, bool auth, bool streams, int64_t stream_in_flight,
+           std::string stream_tag)
       : hooks_(std::move(hooks)), threads_(threads), auth_(auth), streams_(streams),
-        stream_in_flight_(stream_in_flight) {
+        stream_in_flight_(stream_in_flight), stream_tag_(std::move(stream_tag)) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(-1);
     args.SetMaxSendMessageSize(-1);
@@ -412,6 +432,7 @@ class Frontend : public grpc::CallbackGenericService {
     d["rejected"] = counters_.rejected.load();
     d["fallbacks"] = counters_.fallbacks.load();
     d["expired"] = counters_.expired.load();
+    d["cancelled"] = counters_.cancelled.load();
     d["streams"] = counters_.streams.load();
     // Calls, streams and stream messages alive and not yet in the graveyard: 0 once
     // everything is answered (a reference never given back shows here).
@@ -452,6 +473,7 @@ class Frontend : public grpc::CallbackGenericService {
 
   grpc::GenericStub* stub() { return stub_.get(); }
   int64_t stream_in_flight() const { return stream_in_flight_; }
+  const std::string& stream_tag() const { return stream_tag_; }
   void CallStarted() { live_calls_.fetch_add(1, std::memory_order_relaxed); }
   void CallEnded() { live_calls_.fetch_sub(1, std::memory_order_acq_rel); }
   static constexpr auto kGraveDelay = std::chrono::milliseconds(200);
@@ -684,15 +706,34 @@ class Frontend : public grpc::CallbackGenericService {
       ready->running++;
       Queue* q = ready;
       lock.unlock();
-      for (Item* c : dropped) {
-        counters_.expired++;
-        if (c->cancelled()) c->Fail(grpc::StatusCode::CANCELLED, "cancelled while queued");
-        else c->Fail(grpc::StatusCode::DEADLINE_EXCEEDED, q->label + ": deadline passed while queued");
-      }
+      if (!dropped.empty()) Dropped(*q, dropped);
       if (!batch.empty()) Run(*q, batch, by_size);
       lock.lock();
       q->running--;
       if (!batch.empty() || !dropped.empty()) cv_.notify_all();
+    }
+  }
+
+  // Requests dropped from a queue before their batch ran: answered (a stream's: not
+  // at all) and counted where the Python batcher counts its own (dropped_cancelled,
+  // dropped_expired of the version's batcher: one GIL acquisition per such cut).
+  void Dropped(const Queue& q, const std::vector<Item*>& dropped) {
+    int64_t cancelled = 0, expired = 0;
+    for (Item* c : dropped) {
+      if (c->cancelled()) {
+        cancelled++;
+        counters_.cancelled++;
+        c->Fail(grpc::StatusCode::CANCELLED, "cancelled while queued");
+      } else {
+        expired++;
+        counters_.expired++;
+        c->Fail(grpc::StatusCode::DEADLINE_EXCEEDED, q.label + ": deadline passed while queued");
+      }
+    }
+    py::gil_scoped_acquire gil;
+    try {
+      hooks_.attr("dropped")(q.model, q.version, cancelled, expired);
+    } catch (py::error_already_set&) {
     }
   }
 
@@ -834,6 +875,7 @@ class Frontend : public grpc::CallbackGenericService {
   int threads_;
   bool auth_, streams_;
   int64_t stream_in_flight_;  // messages of one stream running at once (Python's MAX_STREAM_IN_FLIGHT)
+  std::string stream_tag_;    // kStreamTag's value ("": not sent)
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<grpc::GenericStub> stub_;
   std::unique_ptr<grpc::Server> server_;
@@ -1021,7 +1063,7 @@ StreamItem::StreamItem(Frontend* frontend, Stream* stream) : Item(true), fronten
 
 StreamItem::~StreamItem() { frontend_->CallEnded(); }
 
-bool StreamItem::cancelled() const { return stream_->cancelled(); }
+bool StreamItem::cancelled() const { return stream_->over(); }
 
 void StreamItem::Reply(inference::ModelInferResponse* response) {
   inference::ModelStreamInferResponse answer;
@@ -1034,7 +1076,7 @@ void StreamItem::Fail(grpc::StatusCode code, const std::string& message) {
   // Cancelled, or past the stream's deadline: the stream is over, nothing to say. A
   // DEADLINE_EXCEEDED of this message alone (Python's: a lazy model's load took too
   // long) is answered, as the servicer answers it.
-  if (code == grpc::StatusCode::CANCELLED || stream_->cancelled() ||
+  if (code == grpc::StatusCode::CANCELLED || stream_->over() ||
       (code == grpc::StatusCode::DEADLINE_EXCEEDED && Clock::now() >= stream_->deadline()))
     return stream_->Answer(this, nullptr, nullptr);
   inference::ModelStreamInferResponse answer;  // as the servicer words a TensorwireError
@@ -1089,14 +1131,26 @@ void Stream::Unref() {
 }
 
 void Stream::ReadMore() {
-  if (reading_ || read_closed_ || finished_ || failed_ || cancelled_ || write_failed_) return;
-  if (in_flight_ >= frontend_->stream_in_flight()) {
-    stalled_ = true;  // the next answer starts the read
+  if (reading_ || read_closed_ || finished_ || over_) return;
+  if (judging_ || in_flight_ >= frontend_->stream_in_flight()) {
+    stalled_ = true;  // the next answer (or the verdict) starts the read
     return;
   }
   stalled_ = false;
   reading_ = true;
   StartRead(&in_);
+}
+
+void Stream::WriteNext() {
+  if (writing_ || pending_.empty() || judging_ || over_ || finished_) return;
+  writing_ = true;
+  StartWrite(&pending_.front());
+}
+
+void Stream::Abandon() {
+  if (over_) return;
+  over_ = true;  // the queued messages see it when their batch is cut
+  for (auto& [item, _] : forwards_) item->context->TryCancel();  // answered (and dropped) soon
 }
 
 void Stream::OnReadDone(bool ok) {
@@ -1105,7 +1159,7 @@ void Stream::OnReadDone(bool ok) {
     std::lock_guard<std::mutex> lock(mu_);
     reading_ = false;
     if (!ok) read_closed_ = true;  // the client's half-close (or it is gone)
-    if (!ok || cancelled_ || failed_ || finished_) return MaybeFinish();
+    if (!ok || over_ || finished_) return MaybeFinish();
     item = new StreamItem(frontend_, this);
     refs_.fetch_add(1, std::memory_order_relaxed);  // given back by Answer
     in_flight_++;
@@ -1123,12 +1177,17 @@ void Stream::Forward(StreamItem* item) {
   static const std::string method = kInferMethod;  // grpc keeps a pointer to the name
   item->context = std::make_unique<grpc::ClientContext>();
   for (const auto& [key, value] : metadata_) item->context->AddMetadata(key, value);
+  if (!frontend_->stream_tag().empty()) item->context->AddMetadata(kStreamTag, frontend_->stream_tag());
   if (wall_deadline_ != std::chrono::system_clock::time_point::max()) item->context->set_deadline(wall_deadline_);
   bool cancel;
   {
     std::lock_guard<std::mutex> lock(mu_);
     forwards_[item] = true;
-    cancel = cancelled_;  // OnCancel cancels the forwards it finds; this one it may miss
+    // A message that does not parse: Python's verdict ends the stream (its words), so
+    // nothing after it is read or written meanwhile (ReadMore, WriteNext wait for it).
+    // Set before the forward starts, so before OnReadDone's next ReadMore.
+    if (!item->parsed) judging_ = true;
+    cancel = over_;  // Abandon cancels the forwards it finds; this one it may miss
   }
   // A ClientContext cancelled before its call starts cancels the call when it starts.
   if (cancel) item->context->TryCancel();
@@ -1145,17 +1204,14 @@ void Stream::Answer(StreamItem* item, grpc::ByteBuffer* bytes, const grpc::Statu
     std::lock_guard<std::mutex> lock(mu_);
     forwards_.erase(item);
     in_flight_--;
+    if (!item->parsed) judging_ = false;  // the verdict (reading stopped at that message: the only one)
     if (end && !failed_) {
       failed_ = true;
       end_status_ = *end;
+      Abandon();
     }
-    if (bytes && !finished_ && !failed_ && !cancelled_ && !write_failed_) {
-      pending_.push_back(std::move(*bytes));
-      if (!writing_) {
-        writing_ = true;
-        StartWrite(&pending_.front());
-      }
-    }
+    if (bytes && !finished_ && !over_) pending_.push_back(std::move(*bytes));
+    WriteNext();
     if (stalled_) ReadMore();
     MaybeFinish();
   }
@@ -1167,12 +1223,12 @@ void Stream::OnWriteDone(bool ok) {
   std::lock_guard<std::mutex> lock(mu_);
   writing_ = false;
   pending_.pop_front();
-  if (!ok) {  // the client is gone: nothing more is written
+  if (!ok) {  // the client is gone: nothing more is written, the queued messages are dropped
     write_failed_ = true;
     pending_.clear();
-  } else if (!pending_.empty() && !failed_ && !cancelled_) {
-    writing_ = true;
-    StartWrite(&pending_.front());
+    Abandon();
+  } else {
+    WriteNext();
   }
   MaybeFinish();
 }
@@ -1194,7 +1250,7 @@ void Stream::MaybeFinish() {
 void Stream::OnCancel() {
   std::lock_guard<std::mutex> lock(mu_);
   cancelled_ = true;
-  for (auto& [item, _] : forwards_) item->context->TryCancel();  // answered (and dropped) soon
+  Abandon();
   MaybeFinish();
 }
 
@@ -1325,8 +1381,9 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "tensorwire's native inference frontend (grpc++ from Debian); see native/frontend.cc";
   m.attr("GRPC_VERSION") = grpc::Version();
   py::class_<Frontend>(m, "Frontend")
-      .def(py::init<std::string, py::object, int, bool, bool, int64_t>(), py::arg("backend"), py::arg("hooks"),
-           py::arg("threads"), py::arg("auth"), py::arg("streams"), py::arg("stream_in_flight"))
+      .def(py::init<std::string, py::object, int, bool, bool, int64_t, std::string>(), py::arg("backend"),
+           py::arg("hooks"), py::arg("threads"), py::arg("auth"), py::arg("streams"), py::arg("stream_in_flight"),
+           py::arg("stream_tag") = std::string())
       .def("start", &Frontend::Start, py::arg("address"), py::arg("max_message_bytes"), py::arg("reuse_port"),
            py::call_guard<py::gil_scoped_release>())
       .def("stop", &Frontend::Stop, py::arg("grace_s"), py::call_guard<py::gil_scoped_release>())

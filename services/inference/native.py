@@ -38,7 +38,7 @@ import numpy as np
 from tensorwire.data.tensors import MAX_DIMS, NUMPY_DTYPES
 from tensorwire.errors import TensorwireError
 from tensorwire.inference import grpc_service_pb2 as pb
-from tensorwire.rpc import metrics
+from tensorwire.rpc import interceptor, metrics
 from tensorwire.rpc.auth import Authorizer
 from tensorwire.rpc.rpcnames import method_path
 
@@ -158,6 +158,16 @@ class NativeHooks:
             return False
         return True
 
+    def dropped(self, model: str, version: str, cancelled: int, expired: int) -> None:
+        """Requests of ``model``/``version`` dropped from the native queue before their
+        batch ran: ``cancelled`` (the client went away, or their stream ended) and
+        ``expired`` (deadline passed), counted as the Python batcher counts its own."""
+        try:
+            batcher = self._repo.version_of(model, version).batcher
+        except TensorwireError:  # unloaded meanwhile: nothing left to count on
+            return
+        batcher.record_dropped(cancelled, expired)
+
     def stream_done(self, code: str, seconds: float) -> None:
         """A natively served ModelStreamInfer stream ended: its RPC metrics, as the
         interceptor records a stream it serves (once per stream, not per message)."""
@@ -222,8 +232,10 @@ class NativeFrontend:
         returns the bound port (0: cannot bind)."""
         hooks = NativeHooks(self._repo, authorizer, name)
         auth = authorizer is not None and authorizer.enabled
+        # The stream messages it forwards as unary ModelInfer calls carry the process's
+        # secret tag: Python's interceptor counts them as part of their stream.
         self._server = self._module.Frontend(f"127.0.0.1:{backend_port}", hooks, self._threads, auth, self._streams,
-                                             MAX_STREAM_IN_FLIGHT)
+                                             MAX_STREAM_IN_FLIGHT, interceptor.stream_message_token())
         port = int(self._server.start(address, max_message_bytes, reuse_port))
         if port:
             self._repo.on_change.append(self._changed)
@@ -234,7 +246,8 @@ class NativeFrontend:
             self._server.invalidate()
 
     def stats(self) -> dict[str, int]:
-        """Requests served natively, forwarded, batches, rejections, fallbacks, streams."""
+        """Requests served natively, forwarded, batches, rejections, fallbacks, dropped
+        while queued (expired, cancelled), streams."""
         return dict(self._server.stats()) if self._server is not None else {}
 
     def stop(self, grace_s: float) -> None:

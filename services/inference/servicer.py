@@ -125,14 +125,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 slots.release()
 
         async def read() -> None:
-            async for request in requests:
-                await slots.acquire()
-                task = asyncio.get_running_loop().create_task(one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            await responses.put(None)
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    task = asyncio.get_running_loop().create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                # Also when reading ended the stream (a message that does not parse
+                # aborts it): the loop below stops at once and `await reader` raises,
+                # so the finally cancels the tasks still queued instead of letting
+                # them run on the model for a stream that is over.
+                responses.put_nowait(None)
 
         reader = asyncio.get_running_loop().create_task(read())
         try:

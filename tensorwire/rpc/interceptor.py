@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -25,6 +26,32 @@ from tensorwire.rpc import metrics
 from tensorwire.rpc.auth import Authorizer
 
 log = logging.getLogger(__name__)
+
+
+STREAM_MESSAGE_HEADER = "tensorwire-stream-message"
+"""Metadata of a ModelStreamInfer message that the native inference frontend forwards
+to this process's Python server as one unary call; its value is
+:func:`stream_message_token`. Such a call is part of a stream already counted (once,
+as the stream) and already role-checked (at its start): no metrics, no second check."""
+
+_stream_message_token: str | None = None
+
+
+def stream_message_token() -> str:
+    """This process's secret value for :data:`STREAM_MESSAGE_HEADER` (made on first use:
+    until then no call is treated as a forwarded stream message, and a client cannot
+    guess it; the native frontend drops the header from what clients send)."""
+    global _stream_message_token
+    if _stream_message_token is None:
+        _stream_message_token = secrets.token_hex(16)
+    return _stream_message_token
+
+
+def _is_stream_message(context: grpc.aio.ServicerContext, token: str) -> bool:
+    for key, value in context.invocation_metadata() or ():
+        if key == STREAM_MESSAGE_HEADER:
+            return secrets.compare_digest(value.encode() if isinstance(value, str) else value, token.encode())
+    return False
 
 
 class _Malformed:
@@ -134,8 +161,12 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler,
         # The hot path (ModelInfer): _Guard's logic inline, no context-manager coroutines.
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
+            # A stream message the native frontend forwards (only once it has a token):
+            # counted with its stream, checked at the stream's start.
+            token = _stream_message_token
+            streamed = token is not None and _is_stream_message(context, token)
             try:
-                if authorize is not None:
+                if authorize is not None and not streamed:
                     authorize(context.invocation_metadata())
                 if type(request) is _Malformed:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
@@ -145,7 +176,8 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler,
                     await _fail(context, exc, method.full)  # raises AbortError
                 raise
             finally:
-                method.finish(context, start)
+                if not streamed:
+                    method.finish(context, start)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
 

@@ -295,6 +295,13 @@ class Batcher(Generic[T, R]):
         m.queue_waits.observe_all(waits_s)
         self._record(size, elapsed_s)
 
+    def record_dropped(self, cancelled: int, expired: int) -> None:
+        """Count items that another batcher with this one's config dropped from its
+        queue before their batch ran (the native inference frontend's): cancelled, or
+        past their deadline, as ``_take`` counts its own."""
+        self._metrics.dropped_cancelled += cancelled
+        self._metrics.dropped_expired += expired
+
     # -- collector ----------------------------------------------------------
 
     def _target(self) -> tuple[int, bool]:

@@ -15,7 +15,9 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -148,7 +150,8 @@ async def test_model_infer_is_served_natively_in_batches(tmp_path: Path) -> None
 @needs_native
 async def test_deadlines_and_cancellation_while_queued(tmp_path: Path) -> None:
     """A request whose deadline passes in the native queue is dropped before its batch
-    runs (the client sees DEADLINE_EXCEEDED); the rest are served once the model frees."""
+    runs (the client sees DEADLINE_EXCEEDED) and counted as dropped by the version's
+    batcher; the rest are served once the model frees."""
     import threading
 
     async with server_of(tmp_path, "native", spiral_repo(tmp_path)) as (app, port):
@@ -172,7 +175,12 @@ async def test_deadlines_and_cancellation_while_queued(tmp_path: Path) -> None:
             gate.set()
             assert (await first).model_version == "1" and (await later).model_version == "1"
             stats = app.frontend.stats()
-            assert stats["expired"] == 1 and stats["native"] == 2 and stats["queued"] == 0, stats
+            # Dropped, not run: "cancelled" once gRPC has cancelled the call at its
+            # deadline, else "expired"; the batcher counts it as for a Python-served one.
+            assert stats["expired"] + stats["cancelled"] == 1, stats
+            assert stats["native"] == 2 and stats["queued"] == 0, stats
+            m = version.batcher.metrics
+            assert (m.dropped_cancelled, m.dropped_expired) == (stats["cancelled"], stats["expired"])
 
 
 @needs_native
@@ -531,3 +539,161 @@ async def test_native_stream_roles_and_tokens(tmp_path: Path) -> None:
         answers, code, _ = await streamed(port, [body] * 3, metadata=bearer("viewer"))
         assert code == "OK" and len(answers) == 3
         assert app.frontend.stats()["streams"] == 1
+
+
+# -- stream failures: what ends a stream, and what it leaves behind --------------
+
+
+def _rpc_samples(method: str) -> tuple[float, float]:
+    """tensorwire_rpc_handled_total over every code, and the latency count, of one
+    method of the inference service."""
+    handled = sum(s.value for m in REGISTRY.collect() if m.name == "tensorwire_rpc_handled"
+                  for s in m.samples if s.name == "tensorwire_rpc_handled_total"
+                  and s.labels.get("service") == "inference" and s.labels.get("method") == method)
+    latency = REGISTRY.get_sample_value("tensorwire_rpc_latency_seconds_count",
+                                        {"service": "inference", "method": method}) or 0.0
+    return handled, latency
+
+
+async def _warm(app: InferenceApp, port: int) -> None:
+    """Until the native side has learned the model's rules (a no-op on Python)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(100):
+            await stub.ModelInfer(request(np.ones((1, 2), np.float32)), timeout=10)
+            if app.frontend is None or app.frontend.stats()["native"]:
+                return
+
+
+def _skip_without_native(frontend: str) -> None:
+    if frontend == "native" and MODULE is None:
+        pytest.skip(f"native frontend {WHY}")
+
+
+def _streamed_in_a_thread(port: int, messages: list[bytes], hold: bool) -> tuple[list[str], str]:
+    """The ids answered on one stream and its final status, from a synchronous client
+    (it runs while the test's event loop, the Python server's, is blocked)."""
+    release = threading.Event()
+
+    def send() -> Iterator[bytes]:
+        yield from messages
+        if hold:
+            release.wait(30)
+
+    ids: list[str] = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.stream_stream(STREAM)(send(), timeout=30)
+        try:
+            for answer in call:
+                ids.append(pb.ModelStreamInferResponse.FromString(answer).infer_response.id)
+            code = "OK"
+        except grpc.RpcError as exc:
+            code = exc.code().name
+        finally:
+            release.set()
+    return ids, code
+
+
+@pytest.mark.parametrize("frontend", ["python", "native"])
+async def test_nothing_after_a_malformed_stream_message_is_answered(frontend: str, tmp_path: Path) -> None:
+    """Python's stream reader aborts the stream at the message that does not parse:
+    the messages after it are never read, so never answered, and nothing is written
+    after it. The native frontend asked Python for the words and meanwhile read on
+    and answered the later messages (seen here with the Python server's event loop
+    blocked 0.4 s while a client thread sends: the native threads run on)."""
+    _skip_without_native(frontend)
+    x = np.ones((1, 2), np.float32)
+    bad = b"\xff\xff\xff"
+    before = [request(x, id=f"before{i}").SerializeToString() for i in range(3)]
+    after = [request(x, id=f"after{i}").SerializeToString() for i in range(30)]
+    async with server_of(tmp_path, frontend, spiral_repo(tmp_path, max_queue_delay_us=500)) as (app, port):
+        await _warm(app, port)
+        for messages, hold in (([bad, *after], False), ([*before, bad, *after], False), ([*before, bad, *after], True)):
+            sent = asyncio.get_running_loop().run_in_executor(None, _streamed_in_a_thread, port, messages, hold)
+            time.sleep(0.4)  # the Python server's verdict on the bad message waits
+            ids, code = await sent
+            assert code == "INVALID_ARGUMENT" and all(i.startswith("before") for i in ids), (code, ids)
+        # The server serves the next stream in full.
+        answers, code, _ = await streamed(port, after)
+        assert code == "OK" and len(answers) == len(after)
+        if app.frontend is not None:
+            await until_all_buried(app)
+
+
+@pytest.mark.parametrize("frontend", ["python", "native"])
+async def test_a_stream_that_fails_drops_its_queued_work(frontend: str, tmp_path: Path) -> None:
+    """A stream that ends by itself (here: a message that does not parse, while the
+    model is held with a batch of it running and the rest queued) lets go of its
+    queued messages: they never reach the model, and the batcher counts them as
+    dropped (cancelled), as the Python frontend does when it cancels the stream's tasks."""
+    _skip_without_native(frontend)
+
+    async with server_of(tmp_path, frontend, spiral_repo(tmp_path, max_queue_delay_us=500)) as (app, port):
+        await _warm(app, port)
+        version = app.repository.version_of("spiral", "1")
+        gate = threading.Event()
+        ran: list[int] = []
+        forward = version.forward_columns
+
+        def held(columns: list[np.ndarray], requests: int) -> list[np.ndarray]:
+            ran.append(requests)
+            gate.wait(30)
+            return forward(columns, requests)
+
+        version.forward_columns = held  # type: ignore[method-assign]
+        dropped0 = version.batcher.metrics.dropped_cancelled
+        x = np.ones((1, 2), np.float32)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(STREAM)(timeout=30)
+            for i in range(40):
+                await call.write(request(x, id=f"v{i}").SerializeToString())
+            # One batch running (held), the rest queued.
+            for _ in range(1000):
+                queued = app.frontend.stats()["queued"] if app.frontend is not None else version.batcher.queue_depth
+                if ran and queued >= 20:
+                    break
+                await asyncio.sleep(0.005)
+            assert len(ran) == 1 and queued >= 20, (ran, queued)
+            await call.write(b"\xff\xff\xff")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await asyncio.sleep(0.2)  # the server's side of the end settles first
+        gate.set()
+        for _ in range(500):
+            queued = app.frontend.stats()["queued"] if app.frontend is not None else version.batcher.queue_depth
+            if queued == 0 and version.batcher.metrics.dropped_cancelled - dropped0 >= 40 - sum(ran):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert len(ran) == 1, ran  # only the batch that was running when the stream ended
+        assert version.batcher.metrics.dropped_cancelled - dropped0 == 40 - ran[0]
+        if app.frontend is not None:
+            assert app.frontend.stats()["cancelled"] >= 40 - ran[0]
+            await until_all_buried(app)
+
+
+@pytest.mark.parametrize("frontend", ["python", "native"])
+async def test_forwarded_stream_messages_count_as_the_stream(frontend: str, tmp_path: Path) -> None:
+    """The RPC metrics count a stream once, as ModelStreamInfer, whatever its messages:
+    the native frontend's forwards of the messages it cannot serve itself (typed
+    contents, bad input, an unknown model) are not ModelInfer calls in them."""
+    _skip_without_native(frontend)
+    x = np.ones((1, 2), np.float32)
+    odd = [m.SerializeToString() for m in stream_messages()[:13 * 23:23]]  # the 13 odd ones
+    valid = [request(x, id=f"v{i}").SerializeToString() for i in range(5)]
+    async with server_of(tmp_path, frontend, spiral_repo(tmp_path)) as (app, port):
+        await _warm(app, port)
+        infer0, stream0 = _rpc_samples("ModelInfer"), _rpc_samples("ModelStreamInfer")
+        proxied0 = app.frontend.stats()["proxied"] if app.frontend is not None else 0
+        answers, code, _ = await streamed(port, [*odd, *valid])
+        assert code == "OK" and len(answers) == len(odd) + len(valid)
+        for _ in range(100):  # the stream's metrics are recorded as it ends
+            if _rpc_samples("ModelStreamInfer") != stream0:
+                break
+            await asyncio.sleep(0.01)
+        assert _rpc_samples("ModelInfer") == infer0
+        assert _rpc_samples("ModelStreamInfer") == (stream0[0] + 1, stream0[1] + 1)
+        if app.frontend is not None:
+            assert app.frontend.stats()["proxied"] - proxied0 >= 9  # they did go to Python

@@ -102,3 +102,31 @@ async def test_the_role_check_runs_before_the_handler(tmp_path: Any) -> None:
     assert not ran
     reply = await call(pb.GetRunRequest(), FakeContext((("authorization", "Bearer v"),)))
     assert isinstance(reply, pb.GetRunResponse) and len(ran) == 1
+
+
+async def test_a_forwarded_stream_message_counts_with_its_stream(tmp_path: Any) -> None:
+    """A call tagged with this process's stream-message secret (the native inference
+    frontend's forward of one ModelStreamInfer message) records no RPC metrics and
+    skips the role check (its stream passed it); a wrong tag changes nothing."""
+    from prometheus_client import REGISTRY
+
+    from tensorwire.rpc import interceptor
+
+    tokens = tmp_path / "t.csv"
+    tokens.write_text('v,viewer,1,"tensorwire:viewer"\n')
+    call, _ = _wrapped(lambda request: pb.GetRunResponse(), Authorizer(TokenFile(tokens)))
+    labels = {"service": "test", "method": "GetRun", "code": "OK"}
+
+    def handled() -> float:
+        return REGISTRY.get_sample_value("tensorwire_rpc_handled_total", labels) or 0.0
+
+    tag = interceptor.STREAM_MESSAGE_HEADER
+    before = handled()
+    reply = await call(pb.GetRunRequest(), FakeContext(((tag, interceptor.stream_message_token()),)))
+    assert isinstance(reply, pb.GetRunResponse) and handled() == before
+    context = FakeContext(((tag, "guessed"),))
+    with pytest.raises(Aborted):  # an unknown tag: checked (no token: refused) and counted
+        await call(pb.GetRunRequest(), context)
+    assert context.aborted is not None and context.aborted[0] == grpc.StatusCode.UNAUTHENTICATED
+    await call(pb.GetRunRequest(), FakeContext(((tag, "guessed"), ("authorization", "Bearer v"))))
+    assert handled() == before + 1
