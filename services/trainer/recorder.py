@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from tensorwire.calls.backoff import Backoff
 from tensorwire.common.v1 import common_pb2 as cpb
 
 from .store import RunEvent, RunRecord, RunStore
@@ -99,6 +100,10 @@ class RunRecorder:
         self.max_points = max_points
         self.max_events = max_events
         self.retry_max_s = retry_max_s
+        # Twice the flush interval after the first failure (at least 0.2 s), doubling
+        # to retry_max_s; no jitter: one writer per trainer, nobody to spread out.
+        self._backoff = Backoff(initial_s=min(max(flush_every_s, 0.1) * 2, retry_max_s),
+                                max_s=retry_max_s, jitter=0.0)
         self._label = label
         self._wait = wait
         self._lock = threading.Lock()
@@ -203,18 +208,15 @@ class RunRecorder:
 
     # -- the thread ------------------------------------------------------
     def _work(self) -> None:
-        backoff = self.flush_every_s
+        failures = 0  # in a row: the retries of a failing store back off
         while True:
-            self._wait(self._wake, backoff if not self.healthy else self.flush_every_s)
+            self._wait(self._wake, self._backoff.delay_s(failures) if failures and not self.healthy
+                       else self.flush_every_s)
             self._wake.clear()
             closing = self._closed
             ok = self.write_once()
-            if ok:
-                backoff = self.flush_every_s
-                self._idle.set()
-            else:
-                backoff = min(self.retry_max_s, max(backoff, 0.1) * 2)
-                self._idle.set()  # flush() waiters learn it failed
+            failures = 0 if ok else failures + 1
+            self._idle.set()  # flush() waiters learn whether it worked
             if closing:
                 return
 

@@ -83,3 +83,34 @@ def test_a_full_batch_is_written_before_the_period_ends(tmp_path: Path) -> None:
         assert periods and set(periods) == {30}
     finally:
         recorder.close()
+
+
+def test_retries_of_a_failing_store_back_off_to_the_cap_and_reset_on_success(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    path.write_bytes(b"garbage" * 500)
+    periods: list[float] = []
+    enough = threading.Event()
+
+    def instant(wake: threading.Event, timeout_s: float) -> bool:
+        """Each wait ends at once (its timeout passes); after 6 the store is repaired,
+        after 8 time stands still."""
+        periods.append(timeout_s)
+        if len(periods) == 6:
+            path.unlink()
+        if len(periods) >= 8:
+            enough.set()
+            return wake.wait()
+        return False
+
+    recorder = RunRecorder(SqliteRunStore(path, timeout_s=0.1), lambda: [record("r1")],
+                           flush_every_s=1.0, retry_max_s=5.0, wait=instant)
+    recorder.add_scalars("r1", 1, {"loss": 1.0})
+    recorder.start()
+    try:
+        assert enough.wait(10)
+        # The period, then 2, 4, 5 (the cap), 5, 5 s after the failures; written at
+        # the 6th: back to the period.
+        assert periods[:8] == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 1.0, 1.0]
+        assert recorder.healthy
+    finally:
+        recorder.close()
