@@ -846,6 +846,8 @@ class RedisCache(ResponseCache):
         self._write_timer: asyncio.TimerHandle | None = None
         self._handed: list[tuple[bytes, bytes]] = []
         """Writes the native frontend's batch threads handed over, not yet taken by the loop."""
+        self._handed_dropped = 0
+        """Writes the batch threads dropped (over ``MAX_PENDING_WRITES``), not yet counted."""
         self._handed_lock = threading.Lock()
         self._handover_armed = False
         self._commands: set[asyncio.Task[None]] = set()
@@ -889,10 +891,13 @@ class RedisCache(ResponseCache):
         self._probing = False
         self._backoff_s = self._initial_backoff_s
 
-    def _spawn(self, command: Any) -> None:
+    def _spawn(self, command: Any, done: Any) -> None:
+        """Run ``command`` as a task; ``done(task)`` runs once it ended, however it ended
+        (cancelled before it started included: its own ``finally`` never runs then)."""
         task = asyncio.get_running_loop().create_task(command)
         self._commands.add(task)
         task.add_done_callback(self._commands.discard)
+        task.add_done_callback(done)
 
     async def get(self, key: bytes) -> bytes | None:
         if not self._may_try():
@@ -941,13 +946,19 @@ class RedisCache(ResponseCache):
     def put_many_from_thread(self, items: Sequence[tuple[bytes, bytes]], loop: asyncio.AbstractEventLoop) -> None:
         """Handed over without waking the loop: the next batch's lookup (a hop to the
         loop anyway) takes them along, else a timer armed by the first of them after
-        ``THREAD_WRITES_DELAY_S`` (one wake-up per period at most, not one per batch)."""
+        ``THREAD_WRITES_DELAY_S`` (one wake-up per period at most, not one per batch).
+        Within the same bound as the loop's writes: with ``MAX_PENDING_WRITES`` writes
+        handed over or in flight, more are dropped (and counted), never queued."""
         if not items:
             return
         with self._handed_lock:
+            room = MAX_PENDING_WRITES - self._pending_writes - len(self._handed)  # the loop's count: read, not written
+            if len(items) > room:
+                self._handed_dropped += len(items) - max(room, 0)
+                items = items[: max(room, 0)]
             self._handed += items
-            arm = not self._handover_armed
-            self._handover_armed = True
+            arm = bool(items) and not self._handover_armed
+            self._handover_armed = self._handover_armed or arm
         if arm:
             loop.call_soon_threadsafe(self._arm_handover)
 
@@ -957,17 +968,21 @@ class RedisCache(ResponseCache):
     def _handover_due(self) -> None:
         with self._handed_lock:
             items, self._handed = self._handed, []
+            dropped, self._handed_dropped = self._handed_dropped, 0
             if not items:
                 self._handover_armed = False  # the next write from a thread arms it again
+        self.stats.dropped_writes += dropped
         if items:
             self._put_many(items)
             self._send_writes()  # no lookup came to take them: they have waited long enough
             self._arm_handover()
 
     def _take_handed(self) -> None:
-        if self._handed:
+        if self._handed or self._handed_dropped:
             with self._handed_lock:
                 items, self._handed = self._handed, []
+                dropped, self._handed_dropped = self._handed_dropped, 0
+            self.stats.dropped_writes += dropped
             self._put_many(items)
 
     def _queue_lookup(self, keys: Sequence[bytes], deliver: Any) -> None:
@@ -979,52 +994,84 @@ class RedisCache(ResponseCache):
             asyncio.get_running_loop().call_soon(self._send_lookups)
 
     def _send_lookups(self) -> None:
+        """The lookups queued meanwhile, in one MGET; without one in flight afterwards
+        when there are none, or when Redis failed since they were queued (within the
+        backoff they are misses at once, not a doomed round trip)."""
         batch, self._lookups = self._lookups, []
-        if batch:
-            self._spawn(self._mget(batch, self._take_writes()))
-        else:
+        if not batch:
             self._mget_in_flight = False
+            return
+        # A probe claimed by one of these lookups goes; else the gate decides now.
+        if not (self._probing or self._may_try()):
+            self._mget_in_flight = False
+            self.stats.bypassed += sum(len(keys) for keys, _ in batch)
+            _deliver_misses(batch)
+            return
+        trip = _RoundTrip(batch, self._take_writes())
+        self._spawn(self._mget(trip), functools.partial(self._mget_ended, trip))
 
-    async def _mget(self, batch: list[tuple[Sequence[bytes], Any]], writes: list[tuple[bytes, bytes]]) -> None:
-        """One round trip: the MGET of ``batch``'s keys and, in the same write after it,
+    async def _mget(self, trip: _RoundTrip) -> None:
+        """One round trip: the MGET of ``trip``'s keys and, in the same write after it,
         the writes waiting (nobody waits for those; Redis answers them in microseconds)."""
         values: Any = []
         stored: Any = None
         self.stats.commands += 1
         try:
-            mget = ("MGET", *(_redis_key(key) for group, _ in batch for key in group))
-            if writes:
-                values, stored = await self._link.call(mget, _set_command(writes, self.config.ttl_s))
+            mget = ("MGET", *(_redis_key(key) for group, _ in trip.lookups for key in group))
+            if trip.writes:
+                values, stored = await self._link.call(mget, _set_command(trip.writes, self.config.ttl_s))
             else:
                 (values,) = await self._link.call(mget)
             if isinstance(values, Exception):
                 raise values
         except asyncio.CancelledError as exc:
             self._probing = False
-            stored = exc
+            values, stored = [], exc
             raise
         except Exception as exc:  # connection errors, timeouts, refusals: never the request's failure
             self._failed("MGET", exc)
-            stored = exc
+            values, stored = [], exc
         else:
             self._succeeded()
         finally:
+            self._finish(trip, values, stored)
+
+    def _mget_ended(self, trip: _RoundTrip, task: asyncio.Task[None]) -> None:
+        """The round trip's task ended: when it was cancelled before it started, its
+        ``finally`` never ran, and its lookups are answered here (misses)."""
+        if not trip.finished:
+            self._probing = False
+            self._finish(trip, [], asyncio.CancelledError())
+
+    def _finish(self, trip: _RoundTrip, values: Any, stored: Any) -> None:
+        """Answer ``trip``'s lookups (misses where ``values`` has none), account for its
+        writes, then send the lookups that came meanwhile (or let the next MGET go)."""
+        if trip.finished:
+            return
+        trip.finished = True
+        try:
             at = 0
-            for group, deliver in batch:
+            for group, deliver in trip.lookups:
                 n = len(group)
-                deliver(values[at : at + n] if at + n <= len(values) else [None] * n)
+                try:
+                    deliver(values[at : at + n] if at + n <= len(values) else [None] * n)
+                except Exception:  # one waiter's failure must not strand the others
+                    log.exception("response cache: delivering a lookup failed")
                 at += n
-            if writes:
-                self._written(writes, stored)
-            self._send_lookups()  # those that came meanwhile (or none: nothing in flight)
+            if trip.writes:
+                self._written(trip.writes, stored)
+        finally:
+            self._send_lookups()
 
     def _written(self, writes: list[tuple[bytes, bytes]], reply: Any, *, loaded: bool = False) -> None:
         """Account for a write command's ``reply`` (or the error that stopped it)."""
         if (isinstance(reply, RedisReplyError) and str(reply).startswith("NOSCRIPT") and not loaded
                 and self._down_until is None):
-            self._spawn(self._set(writes, load=True))  # Redis restarted and lost the script
+            self._spawn_set(writes, load=True)  # Redis restarted and lost the script
             return
         self._pending_writes -= len(writes)
+        if isinstance(reply, asyncio.CancelledError):  # the server is closing: not Redis's failure
+            return
         if isinstance(reply, BaseException):
             if self._down_until is None:  # else the round trip's failure was counted already
                 self._failed("SET", reply)
@@ -1057,15 +1104,24 @@ class RedisCache(ResponseCache):
         """The writes that no MGET took along within ``write_delay_s``, on their own."""
         batch = self._take_writes()
         if batch:
-            self._spawn(self._set(batch))
+            self._spawn_set(batch)
 
-    async def _set(self, batch: list[tuple[bytes, bytes]], *, load: bool = False) -> None:
+    def _spawn_set(self, batch: list[tuple[bytes, bytes]], *, load: bool = False) -> None:
+        self._spawn(self._set(batch, load=load), functools.partial(self._set_ended, batch, load))
+
+    async def _set(self, batch: list[tuple[bytes, bytes]], *, load: bool = False) -> Any:
+        """The reply to the writes (or the error that stopped them)."""
         self.stats.commands += 1
-        reply: Any
         try:
             (reply,) = await self._link.call(_set_command(batch, self.config.ttl_s, load=load))
         except Exception as exc:
-            reply = exc
+            return exc
+        return reply
+
+    def _set_ended(self, batch: list[tuple[bytes, bytes]], load: bool, task: asyncio.Task[Any]) -> None:
+        """Accounts for the writes however their task ended (cancelled, even before it
+        started: they leave the pending count all the same)."""
+        reply = asyncio.CancelledError() if task.cancelled() else task.exception() or task.result()
         self._written(batch, reply, loaded=load)
 
     async def flush(self) -> None:
@@ -1075,11 +1131,28 @@ class RedisCache(ResponseCache):
             self._send_writes()  # now, not after the write delay
             await asyncio.sleep(0)  # lets the scheduled lookups start
             if self._commands:
-                await asyncio.gather(*list(self._commands), return_exceptions=True)
+                # wait, not gather: when this wait (or whoever awaits flush) is cancelled,
+                # the commands are not, and every lookup is still answered
+                await asyncio.wait(list(self._commands))
 
     async def aclose(self) -> None:
         await self.flush()
         self._link.close()
+
+
+@dataclass(slots=True)
+class _RoundTrip:
+    """An MGET's lookups ((keys, deliver(values)) each) and the writes riding with it."""
+
+    lookups: list[tuple[Sequence[bytes], Any]]
+    writes: list[tuple[bytes, bytes]]
+    finished: bool = False
+    """Whether the lookups were answered (by the task, or when it ended without running)."""
+
+
+def _deliver_misses(lookups: Iterable[tuple[Sequence[bytes], Any]]) -> None:
+    for keys, deliver in lookups:
+        deliver([None] * len(keys))
 
 
 def open_cache(config: CacheConfig | None) -> ResponseCache | None:
