@@ -42,7 +42,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -482,6 +482,14 @@ class ResponseCache(abc.ABC):
     async def _get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         return list(await asyncio.gather(*(self.get(key) for key in keys)))
 
+    def lookup_aside(self, keys: Sequence[bytes], done: Callable[[list[bytes | None]], None]) -> None:
+        """Look ``keys`` up without anyone waiting (on the loop): ``done(values)`` runs
+        on the loop once answered (None: missing or failed). Counted as lookups. For
+        the misses that do not wait for the cache (:class:`HitRate`)."""
+        asyncio.get_running_loop().create_task(self._get_many(keys)).add_done_callback(
+            lambda task: done(task.result() if not task.cancelled() and task.exception() is None
+                              else [None] * len(keys)))
+
     def put_many_from_thread(self, items: Sequence[tuple[bytes, bytes]], loop: asyncio.AbstractEventLoop) -> None:
         """``put`` of each (key, value) from a thread that is not ``loop``'s, in one hop
         (one wake-up of the loop for a whole batch); does not wait."""
@@ -597,6 +605,50 @@ class LocalCache(ResponseCache):
     @property
     def entries(self) -> int:
         return len(self._entries)
+
+
+class HitRate:
+    """How often a model version's recent lookups found an entry, and so whether its
+    misses wait for the cache (``racing`` False: lookup first, the model on a miss) or
+    race it (True: the model starts at once; one request in ``SAMPLE_EVERY`` is looked
+    up aside, only to keep this rate current). Waiting costs a remote cache's round trip on every miss while
+    saving the model only on the rare hit; racing costs the hits' forwards.
+
+    The rate is a mean over about the last ``WINDOW`` lookups (exponentially weighted),
+    with hysteresis: racing below ``RACE_BELOW``, lookup-first again above
+    ``WAIT_ABOVE``. It starts at ``WAIT_ABOVE`` (lookup-first until misses show).
+    Updated on the event loop only (lookups answer there); batch threads read it."""
+
+    WINDOW = 256
+    RACE_BELOW = 0.05
+    WAIT_ABOVE = 0.10
+    SAMPLE_EVERY = 8
+    """While racing, one request (or native batch) in this many is looked up aside."""
+
+    __slots__ = ("_turn", "racing", "ratio")
+
+    def __init__(self) -> None:
+        self.ratio = self.WAIT_ABOVE
+        self.racing = False
+        self._turn = 0
+
+    def sample(self) -> bool:
+        """While racing: whether this request's (or batch's) lookup goes aside; the
+        others are not looked up at all (a lost count between threads is harmless)."""
+        self._turn += 1
+        return self._turn % self.SAMPLE_EVERY == 0
+
+    def add(self, values: Sequence[bytes | None]) -> None:
+        """Note a lookup's answers (None: a miss)."""
+        if not values:
+            return
+        found = sum(value is not None for value in values)
+        weight = min(1.0, len(values) / self.WINDOW)
+        self.ratio += weight * (found / len(values) - self.ratio)
+        if self.racing:
+            self.racing = self.ratio <= self.WAIT_ABOVE
+        else:
+            self.racing = self.ratio < self.RACE_BELOW
 
 
 KEY_PREFIX = "tensorwire:response:"
@@ -804,9 +856,15 @@ class RedisCache(ResponseCache):
 
     After a failed command the cache is bypassed for a backoff period (``initial_backoff_s``
     doubling to ``max_backoff_s``); then the next lookup probes Redis (one at a time) and
-    a success ends the outage. A broken or timed-out connection is dropped and a new
-    one made by the next round trip. ``stats.errors`` counts failed round trips (one
-    MGET may have carried several lookups).
+    a success ends the outage; lookups that were waiting for the next MGET when one
+    failed are misses at once (bypassed). A broken or timed-out connection is dropped
+    and a new one made by the next round trip. ``stats.errors`` counts failed round
+    trips (one MGET may have carried several lookups).
+
+    Each round trip is a task whose end, however it comes (an answer, an error, a
+    cancellation, even one before the task started: a shutdown's), answers every lookup
+    it carried (misses unless Redis answered) and lets the next MGET go; ``flush``
+    waits for the tasks without cancelling them when it is cancelled itself.
     """
 
     kind = "redis"
@@ -942,6 +1000,22 @@ class RedisCache(ResponseCache):
         self.stats.hits += found
         self.stats.misses += len(values) - found
         done.set_result(values)
+
+    def lookup_aside(self, keys: Sequence[bytes], done: Callable[[list[bytes | None]], None]) -> None:
+        """The keys join the next MGET like a waiting lookup; ``done(values)`` when it answered."""
+        self._take_handed()
+        if not self._may_try():
+            self.stats.bypassed += len(keys)
+            self.stats.misses += len(keys)
+            done([None] * len(keys))
+            return
+        self._queue_lookup(keys, functools.partial(self._deliver_aside, done))
+
+    def _deliver_aside(self, done: Callable[[list[bytes | None]], None], values: list[bytes | None]) -> None:
+        found = sum(value is not None for value in values)
+        self.stats.hits += found
+        self.stats.misses += len(values) - found
+        done(values)
 
     def put_many_from_thread(self, items: Sequence[tuple[bytes, bytes]], loop: asyncio.AbstractEventLoop) -> None:
         """Handed over without waking the loop: the next batch's lookup (a hop to the

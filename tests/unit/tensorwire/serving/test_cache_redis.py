@@ -182,3 +182,22 @@ async def test_lookups_queued_behind_a_failed_round_trip_are_misses_at_once(fake
         assert cache.up and len(fake_redis.commands) == 2
     finally:
         await cache.aclose()
+
+
+def test_hit_rate_races_when_hits_are_rare_and_waits_again_when_they_come() -> None:
+    from tensorwire.serving.cache import HitRate
+
+    rate = HitRate()
+    assert not rate.racing  # lookup-first until misses show
+    misses = 0
+    while not rate.racing:
+        rate.add([None])
+        misses += 1
+    assert 100 < misses < 400 and rate.ratio < HitRate.RACE_BELOW
+    rate.add([b"v"] * 8 + [None] * 8)  # a batch's lookups count by their number
+    assert rate.racing  # hysteresis: not back at the first hits
+    while rate.racing:
+        rate.add([b"v"])
+    assert rate.ratio > HitRate.WAIT_ABOVE
+    rate.add([])
+    assert not rate.racing
