@@ -611,8 +611,9 @@ class HitRate:
     """How often a model version's recent lookups found an entry, and so whether its
     misses wait for the cache (``racing`` False: lookup first, the model on a miss) or
     race it (True: the model starts at once; one request in ``SAMPLE_EVERY`` is looked
-    up aside, only to keep this rate current). Waiting costs a remote cache's round trip on every miss while
-    saving the model only on the rare hit; racing costs the hits' forwards.
+    up aside, only to keep this rate current). Waiting costs a remote cache's round
+    trip on every miss while saving the model only on the rare hit; racing costs the
+    hits' forwards.
 
     The rate is a mean over about the last ``WINDOW`` lookups (exponentially weighted),
     with hysteresis: racing below ``RACE_BELOW``, lookup-first again above
