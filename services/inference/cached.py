@@ -6,6 +6,12 @@ is stored. Keys include the resolved version (``ModelVersion.cache_keys``), so a
 version never answers from an old one's entries and each side of a traffic split has its
 own. The native frontend's batches go through the same cache (``answer_columns``): the
 hits of a batch are answered from their entries, only its misses reach the model.
+
+While a remote cache (Redis) rarely has a version's answers (``ModelVersion.cache_hit_rate``,
+:class:`tensorwire.serving.cache.HitRate`), its misses do not wait for the lookup: the
+request goes to the model at once and one in ``HitRate.SAMPLE_EVERY`` is looked up aside,
+only to keep the rate current. ``cache_hit``/``cache_miss`` count who answered (the cache,
+the model), in either mode.
 """
 
 from __future__ import annotations
@@ -29,10 +35,19 @@ log = logging.getLogger(__name__)
 
 
 async def infer_cached(cache: ResponseCache, version: ModelVersion, request: InferRequest) -> InferResult:
-    """Look the request up in the response cache; on a miss run it and store the answer."""
+    """Look the request up in the response cache; on a miss run it and store the answer.
+    While a remote cache rarely hits this version (``version.cache_hit_rate``), the
+    request does not wait for its lookup (:func:`_infer_racing`)."""
     start = time.perf_counter()
     key = version.cache_keys.key(request.inputs, request.outputs)
-    value = await cache.get(key)
+    if cache.remote:
+        rate = version.cache_hit_rate
+        if rate.racing:
+            return await _infer_racing(cache, version, request, key, start)
+        value = await cache.get(key)
+        rate.add((value,))
+    else:
+        value = await cache.get(key)
     if value is not None:
         try:
             return version.cached_result(request, value, time.perf_counter() - start)
@@ -48,6 +63,34 @@ async def infer_cached(cache: ResponseCache, version: ModelVersion, request: Inf
         raise
     stored = time.perf_counter()
     cache.put(key, encode_tensors(result.outputs))
+    version.stats.cache_miss.add(lookup_s + time.perf_counter() - stored)
+    return result
+
+
+async def _infer_racing(cache: ResponseCache, version: ModelVersion, request: InferRequest, key: bytes,
+                        start: float) -> InferResult:
+    """A request of a version the remote cache rarely answers: it goes to the model at
+    once and its lookup goes aside (the same MGETs), only to keep the hit rate current;
+    the model answers, counted as a miss, and the answer is stored unless the lookup
+    found it meanwhile. A hit is not waited for: that would cost every request the
+    round trip this mode avoids (or a task each) for the few it saves a forward."""
+    found: list[bytes | None] = []
+
+    def noted(values: list[bytes | None]) -> None:
+        version.cache_hit_rate.add(values)
+        found.extend(values)
+
+    if version.cache_hit_rate.sample():
+        cache.lookup_aside((key,), noted)
+    lookup_s = time.perf_counter() - start
+    try:
+        result = await version.infer(request)
+    except BaseException:
+        version.stats.cache_miss.add(lookup_s)
+        raise
+    stored = time.perf_counter()
+    if not found or found[0] is None:
+        cache.put(key, encode_tensors(result.outputs))
     version.stats.cache_miss.add(lookup_s + time.perf_counter() - stored)
     return result
 
@@ -69,7 +112,17 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     keys = version.cache_keys.batch_keys([(spec.name, spec.datatype) for spec in version.inputs],
                                          columns, bounds, wanted)
     found: dict[int, dict[str, tuple[str, np.ndarray]]] = {}
-    for i, value in enumerate(cache.lookup_from_thread(keys, loop)):
+    rate = version.cache_hit_rate
+    if not cache.remote:
+        values = cache.lookup_from_thread(keys, loop)
+    elif rate.racing:  # a rare hit is not waited for: every row runs, the lookups go aside
+        if rate.sample():
+            loop.call_soon_threadsafe(cache.lookup_aside, keys, rate.add)
+        values = []
+    else:
+        values = cache.lookup_from_thread(keys, loop)
+        loop.call_soon_threadsafe(rate.add, values)
+    for i, value in enumerate(values):
         if value is None:
             continue
         try:

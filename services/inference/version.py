@@ -22,7 +22,7 @@ from tensorwire.data.tensors import Tensor
 from tensorwire.errors import InvalidArgumentError
 from tensorwire.serving import admission, modelrepo
 from tensorwire.serving.batching import BatchConfig, Batcher
-from tensorwire.serving.cache import RequestKeys, decode_tensors
+from tensorwire.serving.cache import HitRate, RequestKeys, decode_tensors
 
 from .records import InferRequest, InferResult, tensor_infos
 from .stats import Duration, VersionStats
@@ -71,6 +71,8 @@ class ModelVersion:
         self.response_cache_enabled = modelrepo.response_cache_enabled(config)
         self.cache_keys = RequestKeys(name, version, config_fingerprint(config))
         """Response cache keys: this version's identity, then each request's own bytes."""
+        self.cache_hit_rate = HitRate()
+        """Whether this version's misses wait for a remote cache's lookup (services/inference/cached.py)."""
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()

@@ -42,7 +42,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -482,6 +482,14 @@ class ResponseCache(abc.ABC):
     async def _get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         return list(await asyncio.gather(*(self.get(key) for key in keys)))
 
+    def lookup_aside(self, keys: Sequence[bytes], done: Callable[[list[bytes | None]], None]) -> None:
+        """Look ``keys`` up without anyone waiting (on the loop): ``done(values)`` runs
+        on the loop once answered (None: missing or failed). Counted as lookups. For
+        the misses that do not wait for the cache (:class:`HitRate`)."""
+        asyncio.get_running_loop().create_task(self._get_many(keys)).add_done_callback(
+            lambda task: done(task.result() if not task.cancelled() and task.exception() is None
+                              else [None] * len(keys)))
+
     def put_many_from_thread(self, items: Sequence[tuple[bytes, bytes]], loop: asyncio.AbstractEventLoop) -> None:
         """``put`` of each (key, value) from a thread that is not ``loop``'s, in one hop
         (one wake-up of the loop for a whole batch); does not wait."""
@@ -597,6 +605,51 @@ class LocalCache(ResponseCache):
     @property
     def entries(self) -> int:
         return len(self._entries)
+
+
+class HitRate:
+    """How often a model version's recent lookups found an entry, and so whether its
+    misses wait for the cache (``racing`` False: lookup first, the model on a miss) or
+    race it (True: the model starts at once; one request in ``SAMPLE_EVERY`` is looked
+    up aside, only to keep this rate current). Waiting costs a remote cache's round
+    trip on every miss while saving the model only on the rare hit; racing costs the
+    hits' forwards.
+
+    The rate is a mean over about the last ``WINDOW`` lookups (exponentially weighted),
+    with hysteresis: racing below ``RACE_BELOW``, lookup-first again above
+    ``WAIT_ABOVE``. It starts at ``WAIT_ABOVE`` (lookup-first until misses show).
+    Updated on the event loop only (lookups answer there); batch threads read it."""
+
+    WINDOW = 256
+    RACE_BELOW = 0.05
+    WAIT_ABOVE = 0.10
+    SAMPLE_EVERY = 8
+    """While racing, one request (or native batch) in this many is looked up aside."""
+
+    __slots__ = ("_turn", "racing", "ratio")
+
+    def __init__(self) -> None:
+        self.ratio = self.WAIT_ABOVE
+        self.racing = False
+        self._turn = 0
+
+    def sample(self) -> bool:
+        """While racing: whether this request's (or batch's) lookup goes aside; the
+        others are not looked up at all (a lost count between threads is harmless)."""
+        self._turn += 1
+        return self._turn % self.SAMPLE_EVERY == 0
+
+    def add(self, values: Sequence[bytes | None]) -> None:
+        """Note a lookup's answers (None: a miss)."""
+        if not values:
+            return
+        found = sum(value is not None for value in values)
+        weight = min(1.0, len(values) / self.WINDOW)
+        self.ratio += weight * (found / len(values) - self.ratio)
+        if self.racing:
+            self.racing = self.ratio <= self.WAIT_ABOVE
+        else:
+            self.racing = self.ratio < self.RACE_BELOW
 
 
 KEY_PREFIX = "tensorwire:response:"
@@ -804,9 +857,15 @@ class RedisCache(ResponseCache):
 
     After a failed command the cache is bypassed for a backoff period (``initial_backoff_s``
     doubling to ``max_backoff_s``); then the next lookup probes Redis (one at a time) and
-    a success ends the outage. A broken or timed-out connection is dropped and a new
-    one made by the next round trip. ``stats.errors`` counts failed round trips (one
-    MGET may have carried several lookups).
+    a success ends the outage; lookups that were waiting for the next MGET when one
+    failed are misses at once (bypassed). A broken or timed-out connection is dropped
+    and a new one made by the next round trip. ``stats.errors`` counts failed round
+    trips (one MGET may have carried several lookups).
+
+    Each round trip is a task whose end, however it comes (an answer, an error, a
+    cancellation, even one before the task started: a shutdown's), answers every lookup
+    it carried (misses unless Redis answered) and lets the next MGET go; ``flush``
+    waits for the tasks without cancelling them when it is cancelled itself.
     """
 
     kind = "redis"
@@ -846,6 +905,8 @@ class RedisCache(ResponseCache):
         self._write_timer: asyncio.TimerHandle | None = None
         self._handed: list[tuple[bytes, bytes]] = []
         """Writes the native frontend's batch threads handed over, not yet taken by the loop."""
+        self._handed_dropped = 0
+        """Writes the batch threads dropped (over ``MAX_PENDING_WRITES``), not yet counted."""
         self._handed_lock = threading.Lock()
         self._handover_armed = False
         self._commands: set[asyncio.Task[None]] = set()
@@ -889,10 +950,13 @@ class RedisCache(ResponseCache):
         self._probing = False
         self._backoff_s = self._initial_backoff_s
 
-    def _spawn(self, command: Any) -> None:
+    def _spawn(self, command: Any, done: Any) -> None:
+        """Run ``command`` as a task; ``done(task)`` runs once it ended, however it ended
+        (cancelled before it started included: its own ``finally`` never runs then)."""
         task = asyncio.get_running_loop().create_task(command)
         self._commands.add(task)
         task.add_done_callback(self._commands.discard)
+        task.add_done_callback(done)
 
     async def get(self, key: bytes) -> bytes | None:
         if not self._may_try():
@@ -938,16 +1002,38 @@ class RedisCache(ResponseCache):
         self.stats.misses += len(values) - found
         done.set_result(values)
 
+    def lookup_aside(self, keys: Sequence[bytes], done: Callable[[list[bytes | None]], None]) -> None:
+        """The keys join the next MGET like a waiting lookup; ``done(values)`` when it answered."""
+        self._take_handed()
+        if not self._may_try():
+            self.stats.bypassed += len(keys)
+            self.stats.misses += len(keys)
+            done([None] * len(keys))
+            return
+        self._queue_lookup(keys, functools.partial(self._deliver_aside, done))
+
+    def _deliver_aside(self, done: Callable[[list[bytes | None]], None], values: list[bytes | None]) -> None:
+        found = sum(value is not None for value in values)
+        self.stats.hits += found
+        self.stats.misses += len(values) - found
+        done(values)
+
     def put_many_from_thread(self, items: Sequence[tuple[bytes, bytes]], loop: asyncio.AbstractEventLoop) -> None:
         """Handed over without waking the loop: the next batch's lookup (a hop to the
         loop anyway) takes them along, else a timer armed by the first of them after
-        ``THREAD_WRITES_DELAY_S`` (one wake-up per period at most, not one per batch)."""
+        ``THREAD_WRITES_DELAY_S`` (one wake-up per period at most, not one per batch).
+        Within the same bound as the loop's writes: with ``MAX_PENDING_WRITES`` writes
+        handed over or in flight, more are dropped (and counted), never queued."""
         if not items:
             return
         with self._handed_lock:
+            room = MAX_PENDING_WRITES - self._pending_writes - len(self._handed)  # the loop's count: read, not written
+            if len(items) > room:
+                self._handed_dropped += len(items) - max(room, 0)
+                items = items[: max(room, 0)]
             self._handed += items
-            arm = not self._handover_armed
-            self._handover_armed = True
+            arm = bool(items) and not self._handover_armed
+            self._handover_armed = self._handover_armed or arm
         if arm:
             loop.call_soon_threadsafe(self._arm_handover)
 
@@ -957,17 +1043,21 @@ class RedisCache(ResponseCache):
     def _handover_due(self) -> None:
         with self._handed_lock:
             items, self._handed = self._handed, []
+            dropped, self._handed_dropped = self._handed_dropped, 0
             if not items:
                 self._handover_armed = False  # the next write from a thread arms it again
+        self.stats.dropped_writes += dropped
         if items:
             self._put_many(items)
             self._send_writes()  # no lookup came to take them: they have waited long enough
             self._arm_handover()
 
     def _take_handed(self) -> None:
-        if self._handed:
+        if self._handed or self._handed_dropped:
             with self._handed_lock:
                 items, self._handed = self._handed, []
+                dropped, self._handed_dropped = self._handed_dropped, 0
+            self.stats.dropped_writes += dropped
             self._put_many(items)
 
     def _queue_lookup(self, keys: Sequence[bytes], deliver: Any) -> None:
@@ -979,52 +1069,84 @@ class RedisCache(ResponseCache):
             asyncio.get_running_loop().call_soon(self._send_lookups)
 
     def _send_lookups(self) -> None:
+        """The lookups queued meanwhile, in one MGET; without one in flight afterwards
+        when there are none, or when Redis failed since they were queued (within the
+        backoff they are misses at once, not a doomed round trip)."""
         batch, self._lookups = self._lookups, []
-        if batch:
-            self._spawn(self._mget(batch, self._take_writes()))
-        else:
+        if not batch:
             self._mget_in_flight = False
+            return
+        # A probe claimed by one of these lookups goes; else the gate decides now.
+        if not (self._probing or self._may_try()):
+            self._mget_in_flight = False
+            self.stats.bypassed += sum(len(keys) for keys, _ in batch)
+            _deliver_misses(batch)
+            return
+        trip = _RoundTrip(batch, self._take_writes())
+        self._spawn(self._mget(trip), functools.partial(self._mget_ended, trip))
 
-    async def _mget(self, batch: list[tuple[Sequence[bytes], Any]], writes: list[tuple[bytes, bytes]]) -> None:
-        """One round trip: the MGET of ``batch``'s keys and, in the same write after it,
+    async def _mget(self, trip: _RoundTrip) -> None:
+        """One round trip: the MGET of ``trip``'s keys and, in the same write after it,
         the writes waiting (nobody waits for those; Redis answers them in microseconds)."""
         values: Any = []
         stored: Any = None
         self.stats.commands += 1
         try:
-            mget = ("MGET", *(_redis_key(key) for group, _ in batch for key in group))
-            if writes:
-                values, stored = await self._link.call(mget, _set_command(writes, self.config.ttl_s))
+            mget = ("MGET", *(_redis_key(key) for group, _ in trip.lookups for key in group))
+            if trip.writes:
+                values, stored = await self._link.call(mget, _set_command(trip.writes, self.config.ttl_s))
             else:
                 (values,) = await self._link.call(mget)
             if isinstance(values, Exception):
                 raise values
         except asyncio.CancelledError as exc:
             self._probing = False
-            stored = exc
+            values, stored = [], exc
             raise
         except Exception as exc:  # connection errors, timeouts, refusals: never the request's failure
             self._failed("MGET", exc)
-            stored = exc
+            values, stored = [], exc
         else:
             self._succeeded()
         finally:
+            self._finish(trip, values, stored)
+
+    def _mget_ended(self, trip: _RoundTrip, task: asyncio.Task[None]) -> None:
+        """The round trip's task ended: when it was cancelled before it started, its
+        ``finally`` never ran, and its lookups are answered here (misses)."""
+        if not trip.finished:
+            self._probing = False
+            self._finish(trip, [], asyncio.CancelledError())
+
+    def _finish(self, trip: _RoundTrip, values: Any, stored: Any) -> None:
+        """Answer ``trip``'s lookups (misses where ``values`` has none), account for its
+        writes, then send the lookups that came meanwhile (or let the next MGET go)."""
+        if trip.finished:
+            return
+        trip.finished = True
+        try:
             at = 0
-            for group, deliver in batch:
+            for group, deliver in trip.lookups:
                 n = len(group)
-                deliver(values[at : at + n] if at + n <= len(values) else [None] * n)
+                try:
+                    deliver(values[at : at + n] if at + n <= len(values) else [None] * n)
+                except Exception:  # one waiter's failure must not strand the others
+                    log.exception("response cache: delivering a lookup failed")
                 at += n
-            if writes:
-                self._written(writes, stored)
-            self._send_lookups()  # those that came meanwhile (or none: nothing in flight)
+            if trip.writes:
+                self._written(trip.writes, stored)
+        finally:
+            self._send_lookups()
 
     def _written(self, writes: list[tuple[bytes, bytes]], reply: Any, *, loaded: bool = False) -> None:
         """Account for a write command's ``reply`` (or the error that stopped it)."""
         if (isinstance(reply, RedisReplyError) and str(reply).startswith("NOSCRIPT") and not loaded
                 and self._down_until is None):
-            self._spawn(self._set(writes, load=True))  # Redis restarted and lost the script
+            self._spawn_set(writes, load=True)  # Redis restarted and lost the script
             return
         self._pending_writes -= len(writes)
+        if isinstance(reply, asyncio.CancelledError):  # the server is closing: not Redis's failure
+            return
         if isinstance(reply, BaseException):
             if self._down_until is None:  # else the round trip's failure was counted already
                 self._failed("SET", reply)
@@ -1057,15 +1179,24 @@ class RedisCache(ResponseCache):
         """The writes that no MGET took along within ``write_delay_s``, on their own."""
         batch = self._take_writes()
         if batch:
-            self._spawn(self._set(batch))
+            self._spawn_set(batch)
 
-    async def _set(self, batch: list[tuple[bytes, bytes]], *, load: bool = False) -> None:
+    def _spawn_set(self, batch: list[tuple[bytes, bytes]], *, load: bool = False) -> None:
+        self._spawn(self._set(batch, load=load), functools.partial(self._set_ended, batch, load))
+
+    async def _set(self, batch: list[tuple[bytes, bytes]], *, load: bool = False) -> Any:
+        """The reply to the writes (or the error that stopped them)."""
         self.stats.commands += 1
-        reply: Any
         try:
             (reply,) = await self._link.call(_set_command(batch, self.config.ttl_s, load=load))
         except Exception as exc:
-            reply = exc
+            return exc
+        return reply
+
+    def _set_ended(self, batch: list[tuple[bytes, bytes]], load: bool, task: asyncio.Task[Any]) -> None:
+        """Accounts for the writes however their task ended (cancelled, even before it
+        started: they leave the pending count all the same)."""
+        reply = asyncio.CancelledError() if task.cancelled() else task.exception() or task.result()
         self._written(batch, reply, loaded=load)
 
     async def flush(self) -> None:
@@ -1075,11 +1206,28 @@ class RedisCache(ResponseCache):
             self._send_writes()  # now, not after the write delay
             await asyncio.sleep(0)  # lets the scheduled lookups start
             if self._commands:
-                await asyncio.gather(*list(self._commands), return_exceptions=True)
+                # wait, not gather: when this wait (or whoever awaits flush) is cancelled,
+                # the commands are not, and every lookup is still answered
+                await asyncio.wait(list(self._commands))
 
     async def aclose(self) -> None:
         await self.flush()
         self._link.close()
+
+
+@dataclass(slots=True)
+class _RoundTrip:
+    """An MGET's lookups ((keys, deliver(values)) each) and the writes riding with it."""
+
+    lookups: list[tuple[Sequence[bytes], Any]]
+    writes: list[tuple[bytes, bytes]]
+    finished: bool = False
+    """Whether the lookups were answered (by the task, or when it ended without running)."""
+
+
+def _deliver_misses(lookups: Iterable[tuple[Sequence[bytes], Any]]) -> None:
+    for keys, deliver in lookups:
+        deliver([None] * len(keys))
 
 
 def open_cache(config: CacheConfig | None) -> ResponseCache | None:

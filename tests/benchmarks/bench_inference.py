@@ -450,6 +450,8 @@ def main() -> int:
     parser.add_argument("--hits", default="100,50,0", help="--cache: hit shares in percent")
     parser.add_argument("--frontends", default="python,native",
                         help="--cache: inference frontends to measure (native: skipped when not built)")
+    parser.add_argument("--caches", default="local,redis",
+                        help="--cache: caches measured against the server without one (local, redis)")
     parser.add_argument("--loadgen", nargs=4, metavar=("TARGET", "C", "DURATION", "WARMUP"))
     parser.add_argument("--hit-pct", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--salt", type=int, default=0, help=argparse.SUPPRESS)
@@ -471,7 +473,8 @@ def main() -> int:
         return bench_cache(args.duration_s, args.warmup_s, args.repeats,
                            tuple(int(c) for c in args.concurrency.split(",")),
                            tuple(int(h) for h in args.hits.split(",")),
-                           tuple(f.strip() for f in args.frontends.split(",") if f.strip()))
+                           tuple(f.strip() for f in args.frontends.split(",") if f.strip()),
+                           tuple(c.strip() for c in args.caches.split(",") if c.strip()))
 
     import torch
 
@@ -763,7 +766,8 @@ def native_batch_cache_work_us(batch: int = 16, batches: int = 2000) -> tuple[fl
 
 def bench_cache(duration_s: float, warmup_s: float, repeats: int,
                 concurrency: tuple[int, ...] = CACHE_CONCURRENCY, hit_pcts: tuple[int, ...] = HIT_PCTS,
-                frontends: tuple[str, ...] = ("python", "native")) -> int:
+                frontends: tuple[str, ...] = ("python", "native"),
+                kinds: tuple[str, ...] = ("local", "redis")) -> int:
     import torch
 
     from services.inference.native import load_module
@@ -789,6 +793,7 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
         "local": ["--cache-config", f"local,size={256 << 20}"],
         "redis": ["--cache-config", "redis,host=127.0.0.1", "--cache-config", f"redis,port={redis.port}"],
     }
+    caches = {name: extra for name, extra in caches.items() if name == "no cache" or name in kinds}
     print(f"bench_inference --cache: {os.cpu_count()} cores, {duration_s:g}s per point, spiral MLP, "
           f"batch 1 requests, Python generator, median of {repeats}; frontends {', '.join(frontends)}; "
           f"redis-server on 127.0.0.1:{redis.port}; load average at start {os.getloadavg()[0]:.1f}")
@@ -862,12 +867,12 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
 
     for frontend in frontends:
         for c in concurrency:
-            if 100 in hit_pcts:
+            if 100 in hit_pcts and "local" in caches:
                 full = ratio(frontend, c, "local", 100, "rps")
                 print(f"  {frontend:6s} c={c:<3d} 100 % local hits: {full:.2f}x no cache RPS (goal >= 1.3) "
                       f"{'met' if full >= 1.3 else 'NOT met'}; cpu/request {ratio(frontend, c, 'local', 100, 'cpu_us'):.2f}x")
             if 0 in hit_pcts:
-                for name in ("local", "redis"):
+                for name in [n for n in ("local", "redis") if n in caches]:
                     none = ratio(frontend, c, name, 0, "rps")
                     print(f"  {frontend:6s} c={c:<3d} 0 % hits, {name:5s}: {none:.2f}x no cache RPS (goal >= 0.97) "
                           f"{'met' if none >= 0.97 else 'NOT met'}; cpu/request {ratio(frontend, c, name, 0, 'cpu_us'):.2f}x")

@@ -526,3 +526,42 @@ async def test_redis_writes_from_batch_threads_go_with_the_next_lookup_or_a_time
         assert await asyncio.to_thread(cache.lookup_from_thread, keys[2:], loop) == [b"two", b"three"]
     finally:
         await cache.aclose()
+
+
+@needs_redis
+async def test_misses_stop_waiting_for_redis_while_hits_are_rare_and_wait_again_when_they_come(
+    tmp_path: Path, redis_server: RedisServer,
+) -> None:
+    """While Redis rarely has this version's answers, a miss goes to the model at once
+    and its lookup aside (HitRate.racing); once a hot request's entry is found often
+    again, lookups are waited for and the cache answers. Whatever the mode, an answer
+    from the model counts as a miss and one from the cache as a hit."""
+    repo = tmp_path / "models"
+    state = spiral_state(1)
+    modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
+    app = await make_app(tmp_path, repo, cache_entries("redis", redis_server.port))
+    rng = np.random.default_rng(7)
+    hot = rng.standard_normal((1, 2)).astype(np.float32)
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            rate = app.repository.version_of("spiral", "1").cache_hit_rate
+            answered = 0
+            while not rate.racing:  # unique requests: misses, waited for until the rate falls
+                x = rng.standard_normal((1, 2)).astype(np.float32)
+                reply = await stub.ModelInfer(spiral_request(x), timeout=10)
+                np.testing.assert_allclose(logits(reply), expected(state, x), rtol=1e-5, atol=1e-6)
+                answered += 1
+                assert answered < 1000, rate.ratio
+            assert answered > 50  # not at the first misses
+            while rate.racing:  # the hot request: the model answers, its lookups aside find it
+                reply = await stub.ModelInfer(spiral_request(hot), timeout=10)
+                np.testing.assert_allclose(logits(reply), expected(state, hot), rtol=1e-5, atol=1e-6)
+                answered += 1
+                assert answered < 2000, rate.ratio
+            s = (await statistics(stub))["1"].inference_stats
+            assert (s.cache_hit.count, s.cache_miss.count) == (0, answered)
+            reply = await stub.ModelInfer(spiral_request(hot), timeout=10)  # waited for: a hit
+            np.testing.assert_allclose(logits(reply), expected(state, hot), rtol=1e-5, atol=1e-6)
+            s = (await statistics(stub))["1"].inference_stats
+            assert (s.cache_hit.count, s.cache_miss.count) == (1, answered)
