@@ -127,13 +127,14 @@ def smooth(figures: dict[str, Any]) -> list[str]:
 def test_streams_smoothly_with_low_lag(stack: Stack) -> None:
     # This machine's 2 cores are shared with the services and, on a developer's
     # machine, with other work: a window spoiled by someone else's burst is
-    # measured again, at most twice. One clean 10 s window passes; a page that
+    # measured again, at most four times (CI at load 5-11 once spoiled three in a
+    # row with long tasks of 60-260 ms). One clean 10 s window passes; a page that
     # itself drops frames or blocks its main thread fails every window.
     failures = []
     with browser() as context:
         page = live_page(context, stack.url)
         page.wait_for_timeout(1000)  # past the snapshot and first charts
-        for window in range(3):
+        for window in range(5):
             figures = measure(page)
             report(f"stream, window {window + 1}", figures)
             problems = smooth(figures)
@@ -141,7 +142,7 @@ def test_streams_smoothly_with_low_lag(stack: Stack) -> None:
                 break
             failures.append(problems)
         screenshot(page, "streaming")
-    assert len(failures) < 3, f"every 10 s window had problems: {failures}"
+    assert len(failures) < 5, f"every 10 s window had problems: {failures}"
 
 
 def _state(page: Any) -> str:

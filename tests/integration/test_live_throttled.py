@@ -30,6 +30,7 @@ from tests.support.netns import ThrottledNetns, is_root, list_netns
 
 ROOT = Path(__file__).resolve().parents[2]
 STREAMER_PORT, TRAINER_PORT = 54052, 54051
+RATIO_FLOOR = 0.8
 
 pytestmark = [
     pytest.mark.root,
@@ -85,22 +86,25 @@ def test_one_mbit_viewer_neither_slows_training_nor_lags(tmp_path: Path) -> None
                               "--checkpoint-every-s", "0"], tmp_path / "trainer.log", 0)
         # The machine is shared, so the ratio is the median of 6 paired slots (each
         # watched slot against the unwatched slots around it), and a measurement spoiled
-        # by someone else's burst is taken again, once (CI once read 0.86; the
-        # benchmark reads 0.97-0.99). A trainer that waits on the link reads far below
-        # 0.9 in both.
+        # by someone else's burst is taken again, once. The figure itself is the
+        # benchmark's (bench_live.py: 0.97-0.99 at rest); this bound only has to catch
+        # a trainer that waits on the link: one that awaited each step's 0.5 KB view at
+        # 1 Mbit/s could make at most ~250 steps/s against ~1,000 (a ratio near 0.25). CI read 0.86-0.88 with the training thread at a third of
+        # its speed at rest (other work on its core): a per-wall-second view budget
+        # then weighs more.
         results = []
         try:
             for _ in range(2):
                 result = _watch(ns, trainer.pid)
                 print(json.dumps(result))
                 results.append(result)
-                if result["ratio_median"] is not None and result["ratio_median"] >= 0.9:
+                if result["ratio_median"] is not None and result["ratio_median"] >= RATIO_FLOOR:
                     break
         finally:
             _stop(trainer)
             _stop(streamer)
         logs = (tmp_path / "trainer.log").read_text()[-2000:]
-        assert results[-1]["ratio_median"] >= 0.9, results
+        assert results[-1]["ratio_median"] >= RATIO_FLOOR, results
         for result in results:
             assert not result["error"], result
             assert result["views"] >= 20, (result, logs)
