@@ -89,9 +89,10 @@ def test_one_mbit_viewer_neither_slows_training_nor_lags(tmp_path: Path) -> None
         # by someone else's burst is taken again, once. The figure itself is the
         # benchmark's (bench_live.py: 0.97-0.99 at rest); this bound only has to catch
         # a trainer that waits on the link: one that awaited each step's 0.5 KB view at
-        # 1 Mbit/s could make at most ~250 steps/s against ~1,000 (a ratio near 0.25). CI read 0.86-0.88 with the training thread at a third of
-        # its speed at rest (other work on its core): a per-wall-second view budget
-        # then weighs more.
+        # 1 Mbit/s could make at most ~250 steps/s against ~1,000 (a ratio near
+        # 0.25). CI read 0.86-0.88 with the training thread at a third of its speed
+        # at rest (other work on its core): a per-wall-second view budget then
+        # weighs more.
         results = []
         try:
             for _ in range(2):
