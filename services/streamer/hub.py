@@ -334,6 +334,7 @@ class UpdateHub:
         self.limits = limits or HubLimits()
         self.lookup = lookup
         self._lookups: dict[str, asyncio.Future[None]] = {}
+        self._rechecks: dict[str, asyncio.Future[None]] = {}  # apart: a seed never waits on one
         self._clock = clock
         self._wall = wall
         self.topics: dict[str, Topic] = {}
@@ -359,6 +360,8 @@ class UpdateHub:
         if self._ticker is not None:
             await self._ticker.aclose()
             self._ticker = None
+        for task in list(self._rechecks.values()):
+            task.cancel()
 
     @property
     def closed(self) -> bool:
@@ -683,11 +686,11 @@ class UpdateHub:
         for topic in self.topics.values():
             if (topic.status is not None and topic.status.state not in ENDED
                     and now - topic.touched_at >= quiet_s and now >= topic.recheck_at
-                    and topic.run_id not in self._lookups):
+                    and topic.run_id not in self._rechecks):
                 topic.recheck_at = now + quiet_s
                 run_id = topic.run_id
-                task = self._lookups[run_id] = asyncio.ensure_future(self._recheck(run_id))
-                task.add_done_callback(functools.partial(self._retried, run_id))
+                task = self._rechecks[run_id] = asyncio.ensure_future(self._recheck(run_id))
+                task.add_done_callback(functools.partial(self._retried, run_id, tasks=self._rechecks))
 
     async def _recheck(self, run_id: str) -> None:
         """A quiet live topic: if the run store says the run ended, take its final
@@ -707,8 +710,9 @@ class UpdateHub:
                         "taken from the run store", run_id, cpb.RunState.Name(status.state), status.step)
             self.publish(spb.PublishRequest(run_id=run_id, step=status.step, status=status))
 
-    def _retried(self, run_id: str, task: asyncio.Future[None]) -> None:
-        self._lookups.pop(run_id, None)
+    def _retried(self, run_id: str, task: asyncio.Future[None], tasks: dict[str, asyncio.Future[None]]
+                 | None = None) -> None:
+        (self._lookups if tasks is None else tasks).pop(run_id, None)
         if not task.cancelled() and task.exception() is not None:
             log.info("run %s: %s", run_id, task.exception())
 

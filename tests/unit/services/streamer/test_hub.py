@@ -362,3 +362,28 @@ async def test_a_quiet_live_topic_takes_a_lost_final_state_from_the_lookup() -> 
     clock.now += 30.0
     hub.tick()
     assert "q" not in hub.topics and "r" not in hub.topics
+
+
+async def test_a_new_viewer_is_seeded_even_while_a_quiet_check_is_pending() -> None:
+    import asyncio
+
+    release = asyncio.Event()
+    calls: list[int] = []
+
+    async def lookup(run_id: str, max_points: int) -> tuple[cpb.RunStatus, cpb.ScalarBatch] | None:
+        calls.append(max_points)
+        if max_points == 1:
+            await release.wait()  # the quiet check hangs
+        return cpb.RunStatus(run_id=run_id, step=5, state=cpb.RUN_STATE_PAUSED), cpb.ScalarBatch()
+
+    clock = FakeClock()
+    hub = UpdateHub(HubLimits(quiet_recheck_s=10.0), clock=clock, wall=clock, lookup=lookup)  # type: ignore[arg-type]
+    hub.publish(_status(5))
+    clock.now += 10.0
+    hub.tick()
+    await asyncio.sleep(0)
+    assert calls == [1]
+    await asyncio.wait_for(hub.prepare("r"), 5)  # not stuck behind the check
+    assert calls == [1, hub.limits.history_points] and hub.topics["r"].seeded
+    release.set()
+    await hub.aclose()
