@@ -696,13 +696,18 @@ class UpdateHub:
         """A quiet live topic: if the run store says the run ended, take its final
         state from there (a paused run stays as it is)."""
         assert self.lookup is not None
+        topic = self.topics.get(run_id)
+        if topic is None:
+            return
+        asked = topic.touched_at
         try:
             found = await self.lookup(run_id, 1)
         except UnavailableError as exc:
             log.info("run %s: could not check its quiet live state (%s)", run_id, exc)
             return
         topic = self.topics.get(run_id)
-        if found is None or topic is None or topic.status is None or topic.status.state in ENDED:
+        if (found is None or topic is None or topic.touched_at != asked  # published meanwhile: newer
+                or topic.status is None or topic.status.state in ENDED):
             return
         status, _ = found
         if status.state in ENDED:

@@ -387,3 +387,30 @@ async def test_a_new_viewer_is_seeded_even_while_a_quiet_check_is_pending() -> N
     assert calls == [1, hub.limits.history_points] and hub.topics["r"].seeded
     release.set()
     await hub.aclose()
+
+
+async def test_a_quiet_check_answered_after_a_newer_publish_changes_nothing() -> None:
+    """A run resumed (same id) while the check was on its way: the store's older
+    ended state must not cover the live one just published."""
+    import asyncio
+
+    answer = asyncio.Event()
+
+    async def lookup(run_id: str, max_points: int) -> tuple[cpb.RunStatus, cpb.ScalarBatch] | None:
+        await answer.wait()
+        return cpb.RunStatus(run_id=run_id, step=5, state=cpb.RUN_STATE_INTERRUPTED), cpb.ScalarBatch()
+
+    clock = FakeClock()
+    hub = UpdateHub(HubLimits(quiet_recheck_s=10.0), clock=clock, wall=clock, lookup=lookup)  # type: ignore[arg-type]
+    hub.publish(_status(5))
+    clock.now += 10.0
+    hub.tick()
+    await asyncio.sleep(0)
+    assert "r" in hub._rechecks  # asked, not answered
+    clock.now += 0.1
+    hub.publish(_status(6))  # the resumed run publishes
+    answer.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert "r" not in hub._rechecks
+    assert hub.topics["r"].status.state == cpb.RUN_STATE_RUNNING and hub.topics["r"].status.step == 6
