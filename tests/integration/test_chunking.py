@@ -226,6 +226,12 @@ async def test_corrupted_transfer_is_data_loss_and_installs_nothing(tmp_path: Pa
                 data = bytearray(request.chunk.data)
                 data[100] ^= 0xFF  # one bit flip in transit
                 request.chunk.data = bytes(data)
+                yield request
+                # Nothing after it: a message still being written when the server's
+                # refusal arrives fails in grpc's client core, which then reports its own
+                # INTERNAL ("Failed execute_batch") instead of the server's status (CI,
+                # once). The refusal is what this test is about.
+                await asyncio.Event().wait()
             yield request
 
     async with transfer_server(repo) as (app, channel):

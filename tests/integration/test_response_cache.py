@@ -560,8 +560,12 @@ async def test_misses_stop_waiting_for_redis_while_hits_are_rare_and_wait_again_
                 answered += 1
                 assert answered < 2000, rate.ratio
             s = (await statistics(stub))["1"].inference_stats
-            assert (s.cache_hit.count, s.cache_miss.count) == (0, answered)
+            hits, misses = s.cache_hit.count, s.cache_miss.count
+            # The mode flips on the event loop when a lookup aside finds the entry: the
+            # request sent as it flips may already wait for its lookup and hit (CI saw it
+            # once on the native frontend); every other one was answered by the model.
+            assert hits + misses == answered and hits <= 1, (hits, misses, answered)
             reply = await stub.ModelInfer(spiral_request(hot), timeout=10)  # waited for: a hit
             np.testing.assert_allclose(logits(reply), expected(state, hot), rtol=1e-5, atol=1e-6)
             s = (await statistics(stub))["1"].inference_stats
-            assert (s.cache_hit.count, s.cache_miss.count) == (1, answered)
+            assert (s.cache_hit.count, s.cache_miss.count) == (hits + 1, misses)
