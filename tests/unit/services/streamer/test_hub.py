@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from services.streamer.hub import HubLimits, Pacer, UpdateHub
@@ -313,8 +315,6 @@ async def test_a_quiet_live_topic_takes_a_lost_final_state_from_the_lookup() -> 
     """A run whose final state never arrived (its trainer's stream broke after the write)
     shows as ended once it has been quiet for quiet_recheck_s; a paused run stays paused,
     and a topic that is published to is never checked."""
-    import asyncio
-
     stored = {"r": cpb.RUN_STATE_PAUSED}
     asked: list[tuple[str, int]] = []
 
@@ -364,9 +364,19 @@ async def test_a_quiet_live_topic_takes_a_lost_final_state_from_the_lookup() -> 
     assert "q" not in hub.topics and "r" not in hub.topics
 
 
-async def test_a_new_viewer_is_seeded_even_while_a_quiet_check_is_pending() -> None:
-    import asyncio
+async def _checked_after_quiet(lookup: object) -> tuple[UpdateHub, FakeClock]:
+    """A hub with ``lookup`` whose run "r" published once, then stayed quiet past
+    quiet_recheck_s (10 s): its check has been started."""
+    clock = FakeClock()
+    hub = UpdateHub(HubLimits(quiet_recheck_s=10.0), clock=clock, wall=clock, lookup=lookup)  # type: ignore[arg-type]
+    hub.publish(_status(5))
+    clock.now += 10.0
+    hub.tick()
+    await asyncio.sleep(0)
+    return hub, clock
 
+
+async def test_a_new_viewer_is_seeded_even_while_a_quiet_check_is_pending() -> None:
     release = asyncio.Event()
     calls: list[int] = []
 
@@ -376,12 +386,7 @@ async def test_a_new_viewer_is_seeded_even_while_a_quiet_check_is_pending() -> N
             await release.wait()  # the quiet check hangs
         return cpb.RunStatus(run_id=run_id, step=5, state=cpb.RUN_STATE_PAUSED), cpb.ScalarBatch()
 
-    clock = FakeClock()
-    hub = UpdateHub(HubLimits(quiet_recheck_s=10.0), clock=clock, wall=clock, lookup=lookup)  # type: ignore[arg-type]
-    hub.publish(_status(5))
-    clock.now += 10.0
-    hub.tick()
-    await asyncio.sleep(0)
+    hub, _ = await _checked_after_quiet(lookup)
     assert calls == [1]
     await asyncio.wait_for(hub.prepare("r"), 5)  # not stuck behind the check
     assert calls == [1, hub.limits.history_points] and hub.topics["r"].seeded
@@ -392,20 +397,13 @@ async def test_a_new_viewer_is_seeded_even_while_a_quiet_check_is_pending() -> N
 async def test_a_quiet_check_answered_after_a_newer_publish_changes_nothing() -> None:
     """A run resumed (same id) while the check was on its way: the store's older
     ended state must not cover the live one just published."""
-    import asyncio
-
     answer = asyncio.Event()
 
     async def lookup(run_id: str, max_points: int) -> tuple[cpb.RunStatus, cpb.ScalarBatch] | None:
         await answer.wait()
         return cpb.RunStatus(run_id=run_id, step=5, state=cpb.RUN_STATE_INTERRUPTED), cpb.ScalarBatch()
 
-    clock = FakeClock()
-    hub = UpdateHub(HubLimits(quiet_recheck_s=10.0), clock=clock, wall=clock, lookup=lookup)  # type: ignore[arg-type]
-    hub.publish(_status(5))
-    clock.now += 10.0
-    hub.tick()
-    await asyncio.sleep(0)
+    hub, clock = await _checked_after_quiet(lookup)
     assert "r" in hub._rechecks  # asked, not answered
     clock.now += 0.1
     hub.publish(_status(6))  # the resumed run publishes
