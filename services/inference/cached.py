@@ -40,14 +40,12 @@ async def infer_cached(cache: ResponseCache, version: ModelVersion, request: Inf
     request does not wait for its lookup (:func:`_infer_racing`)."""
     start = time.perf_counter()
     key = version.cache_keys.key(request.inputs, request.outputs)
-    if cache.remote:
-        rate = version.cache_hit_rate
-        if rate.racing:
-            return await _infer_racing(cache, version, request, key, start)
-        value = await cache.get(key)
+    rate = version.cache_hit_rate if cache.remote else None
+    if rate is not None and rate.racing:
+        return await _infer_racing(cache, version, request, key, start)
+    value = await cache.get(key)
+    if rate is not None:
         rate.add((value,))
-    else:
-        value = await cache.get(key)
     if value is not None:
         try:
             return version.cached_result(request, value, time.perf_counter() - start)
@@ -113,15 +111,14 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
                                          columns, bounds, wanted)
     found: dict[int, dict[str, tuple[str, np.ndarray]]] = {}
     rate = version.cache_hit_rate
-    if not cache.remote:
-        values = cache.lookup_from_thread(keys, loop)
-    elif rate.racing:  # a rare hit is not waited for: every row runs, the lookups go aside
+    if cache.remote and rate.racing:  # a rare hit is not waited for: every row runs, the lookups go aside
         if rate.sample():
             loop.call_soon_threadsafe(cache.lookup_aside, keys, rate.add)
-        values = []
+        values: list[bytes | None] = []
     else:
         values = cache.lookup_from_thread(keys, loop)
-        loop.call_soon_threadsafe(rate.add, values)
+        if cache.remote:
+            loop.call_soon_threadsafe(rate.add, values)
     for i, value in enumerate(values):
         if value is None:
             continue
