@@ -210,8 +210,7 @@ class RunRecorder:
     def _work(self) -> None:
         failures = 0  # in a row: the retries of a failing store back off
         while True:
-            self._wait(self._wake, self._backoff.delay_s(failures) if failures and not self.healthy
-                       else self.flush_every_s)
+            self._wait(self._wake, self._backoff.delay_s(failures) if failures else self.flush_every_s)
             self._wake.clear()
             closing = self._closed
             ok = self.write_once()

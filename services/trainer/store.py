@@ -633,7 +633,7 @@ class SqlRunStore(RunStore):
             # the history: the sums behind the blocks' means would overflow (PostgreSQL
             # raises on float8 overflow; SQLite makes +inf and -inf, then a NaN it stores
             # as NULL) and fail the whole batch. Up to 2^63 points of 1e280 sum safely.
-            rows = [row for row in rows if not abs(row[3]) > MAX_HISTORY_ABS or math.isinf(row[3])]
+            rows = [row for row in rows if not (math.isfinite(row[3]) and abs(row[3]) > MAX_HISTORY_ABS)]
             if rows:
                 self._write_scalars(cur, rows)
 
