@@ -840,6 +840,20 @@ def _reply_errors(replies: list[Any]) -> list[Any]:
     return [RedisReplyError(str(r)) if isinstance(r, hiredis.ReplyError) else r for r in replies]
 
 
+@dataclass(frozen=True)
+class RedisPending:
+    """A snapshot of :attr:`RedisCache.pending`."""
+
+    commands: int
+    """Round trips in flight."""
+    lookups: int
+    """Lookups waiting for the next MGET."""
+    writes: int
+    """Writes the loop queued or sent, not yet answered."""
+    handed: int
+    """Writes batch threads handed over, not yet taken by the loop."""
+
+
 class RedisCache(ResponseCache):
     """Entries in Redis with a TTL, shared by every replica; an outage reads as misses.
 
@@ -913,9 +927,17 @@ class RedisCache(ResponseCache):
 
     def __repr__(self) -> str:
         state = "up" if self._down_until is None else f"down (retry in {self._retry_in_s():.2f}s)"
+        pending = self.pending
         return (f"<RedisCache {self.config.host}:{self.config.port}/{self.config.db} {state}, "
-                f"{len(self._commands)} commands and {self._pending_writes} writes in flight, "
+                f"{pending.commands} commands and {pending.writes} writes in flight, "
                 f"hits={self.stats.hits} misses={self.stats.misses} errors={self.stats.errors}>")
+
+    @property
+    def pending(self) -> RedisPending:
+        """What waits or is in flight now (a snapshot; the loop's thread)."""
+        with self._handed_lock:
+            handed = len(self._handed)
+        return RedisPending(len(self._commands), len(self._lookups), self._pending_writes, handed)
 
     def _retry_in_s(self) -> float:
         return 0.0 if self._down_until is None else max(0.0, self._down_until - self._clock())
@@ -1176,10 +1198,17 @@ class RedisCache(ResponseCache):
         return batch
 
     def _send_writes(self) -> None:
-        """The writes that no MGET took along within ``write_delay_s``, on their own."""
+        """The writes that no MGET took along within ``write_delay_s``, on their own;
+        none while Redis is down (queued before a round trip failed, they are bypassed,
+        not sent on a doomed command during the backoff: the lookups probe Redis)."""
         batch = self._take_writes()
-        if batch:
-            self._spawn_set(batch)
+        if not batch:
+            return
+        if self._down_until is not None:
+            self._pending_writes -= len(batch)
+            self.stats.bypassed += len(batch)
+            return
+        self._spawn_set(batch)
 
     def _spawn_set(self, batch: list[tuple[bytes, bytes]], *, load: bool = False) -> None:
         self._spawn(self._set(batch, load=load), functools.partial(self._set_ended, batch, load))

@@ -2,7 +2,8 @@
 that answers MGET with nils and anything else with +OK, and can hold or drop a command.
 
 Cancellation, the bound on the writes native batch threads hand over, and the backoff
-gate for lookups queued behind a failed round trip (issue 16, second reader's findings).
+gate for lookups queued behind a failed round trip and for writes queued before it
+failed (issue 16, second reader's findings).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ async def test_a_round_trip_cancelled_before_it_started_answers_misses_and_relea
         await asyncio.sleep(0)  # the lookup is queued, its MGET due next turn
         loop.call_soon(cancel_commands)  # right after the MGET's task is created
         assert await asyncio.wait_for(getter, 2.0) is None
-        assert cache._pending_writes == 0
+        assert cache.pending.writes == 0
         assert await asyncio.wait_for(cache.get(key(2)), 2.0) is None  # the next MGET goes
         cache.put(key(9), b"nine")
         await asyncio.wait_for(cache.flush(), 2.0)
@@ -140,10 +141,10 @@ async def test_writes_handed_over_by_batch_threads_are_bounded(fake_redis: FakeR
     try:
         await asyncio.to_thread(cache.put_many_from_thread, items, loop)
         await asyncio.to_thread(cache.put_many_from_thread, items[:50], loop)
-        assert len(cache._handed) == MAX_PENDING_WRITES
+        assert cache.pending.handed == MAX_PENDING_WRITES
         await cache.flush()
         assert cache.stats.dropped_writes == 150
-        assert cache.stats.inserts == MAX_PENDING_WRITES and cache._pending_writes == 0
+        assert cache.stats.inserts == MAX_PENDING_WRITES and cache.pending.writes == 0
         await asyncio.to_thread(cache.put_many_from_thread, items[:10], loop)  # room again
         await cache.flush()
         assert (cache.stats.inserts, cache.stats.dropped_writes) == (MAX_PENDING_WRITES + 10, 150)
@@ -164,7 +165,7 @@ async def test_lookups_queued_behind_a_failed_round_trip_are_misses_at_once(fake
         await asyncio.wait_for(fake_redis.got.wait(), 2.0)  # its MGET reached Redis
         second = asyncio.create_task(cache.get(key(2)))
         from_thread = asyncio.create_task(asyncio.to_thread(cache.lookup_from_thread, [key(3), key(4)], loop))
-        while len(cache._lookups) < 2:  # both wait for the next MGET
+        while cache.pending.lookups < 2:  # both wait for the next MGET
             await asyncio.sleep(0.001)
         fake_redis.drop = True
         fake_redis.release.set()  # the connection breaks: the MGET fails
@@ -201,3 +202,35 @@ def test_hit_rate_races_when_hits_are_rare_and_waits_again_when_they_come() -> N
     assert rate.ratio > HitRate.WAIT_ABOVE
     rate.add([])
     assert not rate.racing
+
+
+async def test_writes_queued_before_a_round_trip_failed_are_not_sent_during_the_backoff(
+    fake_redis: FakeRedis,
+) -> None:
+    """A write queued while an MGET is in flight waits for its own command; the MGET
+    fails: within the backoff the write is bypassed (counted), not sent on a doomed
+    command (before, its timer sent it all the same)."""
+    now = [100.0]
+    cache = RedisCache(RedisCacheConfig(host="127.0.0.1", port=fake_redis.port),
+                       initial_backoff_s=1.0, write_delay_s=0.02, clock=lambda: now[0])
+    fake_redis.release.clear()
+    try:
+        lookup = asyncio.create_task(cache.get(key(1)))
+        await asyncio.wait_for(fake_redis.got.wait(), 2.0)  # its MGET reached Redis
+        cache.put(key(9), b"nine")  # queued after the MGET left: its timer sends it
+        fake_redis.drop = True
+        fake_redis.release.set()  # the connection breaks: the MGET fails
+        assert await asyncio.wait_for(lookup, 2.0) is None
+        assert not cache.up
+        await asyncio.sleep(0.2)  # ten write delays
+        assert len(fake_redis.commands) == 1
+        assert (cache.stats.bypassed, cache.stats.inserts, cache.pending.writes) == (1, 0, 0)
+        # after the backoff a lookup probes, Redis answers, and writes go again
+        fake_redis.drop = False
+        now[0] += 1.0
+        assert await asyncio.wait_for(cache.get(key(2)), 2.0) is None
+        cache.put(key(9), b"nine")
+        await asyncio.wait_for(cache.flush(), 2.0)
+        assert cache.up and cache.stats.inserts == 1
+    finally:
+        await cache.aclose()
