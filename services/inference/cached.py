@@ -10,7 +10,8 @@ hits of a batch are answered from their entries, only its misses reach the model
 While a remote cache (Redis) rarely has a version's answers (``ModelVersion.cache_hit_rate``,
 :class:`tensorwire.serving.cache.HitRate`), its misses do not wait for the lookup: the
 request goes to the model at once and one in ``HitRate.SAMPLE_EVERY`` is looked up aside,
-only to keep the rate current. ``cache_hit``/``cache_miss`` count who answered (the cache,
+only to keep the rate current, and an answer is stored only the second time its request
+is seen (``HitRate.admit``). ``cache_hit``/``cache_miss`` count who answered (the cache,
 the model), in either mode.
 """
 
@@ -87,7 +88,7 @@ async def _infer_racing(cache: ResponseCache, version: ModelVersion, request: In
         version.stats.cache_miss.add(lookup_s)
         raise
     stored = time.perf_counter()
-    if not found or found[0] is None:
+    if (not found or found[0] is None) and version.cache_hit_rate.admit(key):
         cache.put(key, encode_tensors(result.outputs))
     version.stats.cache_miss.add(lookup_s + time.perf_counter() - stored)
     return result
@@ -145,6 +146,8 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     names = [spec.name for spec in version.outputs]
     writes = []
     for i in misses:
+        if cache.remote and not rate.admit(keys[i]):
+            continue
         picked = [answers[names.index(name)] for name in wanted[i]] if wanted[i] else answers
         writes.append((keys[i], encode_rows(picked, bounds[i], bounds[i + 1])))
     cache.put_many_from_thread(writes, loop)

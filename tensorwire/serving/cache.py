@@ -618,20 +618,29 @@ class HitRate:
     The rate is a mean over about the last ``WINDOW`` lookups (exponentially weighted),
     with hysteresis: racing below ``RACE_BELOW``, lookup-first again above
     ``WAIT_ABOVE``. It starts at ``WAIT_ABOVE`` (lookup-first until misses show).
-    Updated on the event loop only (lookups answer there); batch threads read it."""
+    Updated on the event loop only (lookups answer there); batch threads read it.
+
+    While racing, a miss's answer is stored only the second time its key is seen
+    (:meth:`admit`, TinyLFU's "doorkeeper"): with hits this rare, most answers are
+    never asked for again, and storing each (encode, a Redis write) was most of what
+    the cache cost a request. A request that repeats is stored at its second sighting,
+    and its hits then show in the lookups aside."""
 
     WINDOW = 256
     RACE_BELOW = 0.05
     WAIT_ABOVE = 0.10
     SAMPLE_EVERY = 8
     """While racing, one request (or native batch) in this many is looked up aside."""
+    SEEN_MAX = 16_384
+    """Keys the doorkeeper remembers (about 1 MB); when full it starts over."""
 
-    __slots__ = ("_turn", "racing", "ratio")
+    __slots__ = ("_seen", "_turn", "racing", "ratio")
 
     def __init__(self) -> None:
         self.ratio = self.WAIT_ABOVE
         self.racing = False
         self._turn = 0
+        self._seen: set[bytes] = set()
 
     def sample(self) -> bool:
         """While racing: whether this request's (or batch's) lookup goes aside; the
@@ -648,8 +657,25 @@ class HitRate:
         self.ratio += weight * (found / len(values) - self.ratio)
         if self.racing:
             self.racing = self.ratio <= self.WAIT_ABOVE
+            if not self.racing:
+                self._seen.clear()
         else:
             self.racing = self.ratio < self.RACE_BELOW
+
+    def admit(self, key: bytes) -> bool:
+        """Whether a miss's answer is stored: always while lookups come first; while
+        racing, only when ``key`` was seen before (its first sighting is noted).
+        Any thread (set operations are atomic; a sighting lost to a race costs one
+        more forward)."""
+        if not self.racing:
+            return True
+        seen = self._seen
+        if key in seen:
+            return True
+        if len(seen) >= self.SEEN_MAX:
+            seen.clear()
+        seen.add(key)
+        return False
 
 
 KEY_PREFIX = "tensorwire:response:"

@@ -234,3 +234,25 @@ async def test_writes_queued_before_a_round_trip_failed_are_not_sent_during_the_
         assert cache.up and cache.stats.inserts == 1
     finally:
         await cache.aclose()
+
+
+def test_while_racing_an_answer_is_stored_at_the_second_sighting_of_its_key() -> None:
+    """The doorkeeper: while lookups come first every answer is stored; while racing a
+    key's first sighting is only noted, the second is stored; when the rate rises
+    again the sightings are forgotten and every answer is stored again."""
+    from tensorwire.serving.cache import HitRate
+
+    rate = HitRate()
+    assert rate.admit(key(1)) and rate.admit(key(1))
+    while not rate.racing:
+        rate.add([None])
+    assert [rate.admit(key(i)) for i in (1, 2, 1, 3, 2, 2)] == [False, False, True, False, True, True]
+    for i in range(100, 100 + HitRate.SEEN_MAX):  # full: it starts over
+        rate.admit(key(i))
+    assert not rate.admit(key(1))
+    while rate.racing:
+        rate.add([b"v"])
+    assert rate.admit(key(4))
+    while not rate.racing:
+        rate.add([None])
+    assert not rate.admit(key(1))  # forgotten when racing ended
