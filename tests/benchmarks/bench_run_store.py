@@ -95,6 +95,9 @@ class Round:
     """The training thread's CPU per step."""
     store_ms: float
     """The store's CPU per step: the recorder's writer thread plus the database server."""
+    wait_ms: float
+    """Per step, the time the training thread was neither on a CPU nor waiting for one:
+    blocked (on the GIL, mostly, while another thread of this process holds it)."""
 
 
 async def measure(store: RunStore | None, seconds: float, tmp: Path) -> Round:
@@ -116,7 +119,7 @@ async def measure(store: RunStore | None, seconds: float, tmp: Path) -> Round:
         rec = (runs.recorder.cpu_s - rec0) if runs.recorder else 0.0
         steps, window = last.step - first.step, last.produced_at - first.produced_at
         return Round(steps / window, steps / (window - (rq1 - rq0)), 1000 * (cpu1 - cpu0) / steps,
-                     1000 * (rec + pg) / steps)
+                     1000 * (rec + pg) / steps, 1000 * (window - (cpu1 - cpu0) - (rq1 - rq0)) / steps)
     finally:
         await runs.aclose()
 
@@ -153,8 +156,74 @@ async def bench_write_cost(seconds: float, rounds: int, pg_dsn: str | None) -> N
     for kind in kinds:
         train = statistics.median(x.train_ms for x in results[kind])
         cost = statistics.median(x.store_ms for x in results[kind])
+        wait = statistics.median(x.wait_ms for x in results[kind])
         print(f"   {kind:<10} training {train:6.3f} ms/step, store {cost:6.3f} ms/step "
-              f"({100 * cost / train:4.1f} % of the training thread's CPU)")
+              f"({100 * cost / train:4.1f} % of the training thread's CPU), training thread "
+              f"blocked {wait:6.3f} ms/step")
+
+
+async def bench_interleaved(seconds: float, pairs: int, pg_dsn: str | None) -> None:
+    """Store on vs off in ONE run: windows in which the training thread hands its
+    steps to the recorder alternate (on off off on ...) with windows in which it does
+    not, the recorder drained before each off window. Separate runs differ by several
+    % in CPU per step whatever the store (allocations, placement): here each ratio
+    compares windows of one loop, seconds apart."""
+    from services.trainer.loop import TrainingLoop
+    from services.trainer.recorder import RunRecorder
+    from services.trainer.tasks import TASKS
+
+    print(f"1c. the same, in one run per store: {pairs} on/off pairs of {seconds:g} s windows "
+          "(on off, off on, ...), the recorder drained before each off window")
+    with tempfile.TemporaryDirectory() as tmp:
+        stores: list[tuple[str, RunStore]] = [("sqlite", SqliteRunStore(Path(tmp) / "runs.sqlite3"))]
+        if pg_dsn:
+            stores.append(("postgresql", PostgresRunStore(postgres.fresh_database(pg_dsn))))
+        for kind, store in stores:
+            recorder = RunRecorder(store)
+            recorder.start()
+            recorder.put_run(RunRecord("i", "spiral", cpb.RUN_STATE_RUNNING, {}, {}, 1, time.time(), time.time()))
+            recording = [False]
+
+            def on_scalars(step: int, metrics: dict[str, float], recorder: RunRecorder = recorder,
+                           recording: list[bool] = recording) -> None:
+                if recording[0]:
+                    recorder.add_scalars("i", step, metrics)
+
+            task = TASKS["spiral"]
+            loop = TrainingLoop(task, task.configure({"max_steps": 0}, {}), 1, name="i", on_scalars=on_scalars)
+            loop.start()
+            try:
+                await asyncio.sleep(1.0)  # warm-up
+                thread = loop._thread
+                assert thread.ident is not None
+                clock = time.pthread_getcpuclockid(thread.ident)
+                rates: dict[bool, list[float]] = {True: [], False: []}
+                cpu: dict[bool, list[float]] = {True: [], False: []}
+                for r in range(pairs):
+                    for on in (True, False) if r % 2 == 0 else (False, True):
+                        if not on:
+                            await asyncio.to_thread(recorder.flush, 10.0)
+                        recording[0] = on
+                        first, cpu0 = loop.status, time.clock_gettime(clock)
+                        await asyncio.sleep(seconds)
+                        last, cpu1 = loop.status, time.clock_gettime(clock)
+                        steps = last.step - first.step
+                        rates[on].append(steps / (last.produced_at - first.produced_at))
+                        cpu[on].append(1000 * (cpu1 - cpu0) / steps)
+                ratios = sorted(a / b for a, b in zip(rates[True], rates[False], strict=True))
+                cpu_ratios = sorted(b / a for a, b in zip(cpu[True], cpu[False], strict=True))
+                # The mean of the per-pair ratios and its standard error: the windows
+                # swing by +-10 % on a shared machine, the store's cost is a few %.
+                mean = statistics.fmean(ratios)
+                se = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
+                print(f"   {kind:<10} steps/s on/off: median {statistics.median(ratios):5.3f}, mean "
+                      f"{mean:5.3f} +- {se:5.3f} (s.e.; pairs {ratios[0]:.3f}..{ratios[-1]:.3f}; on "
+                      f"{statistics.median(rates[True]):.0f}, off {statistics.median(rates[False]):.0f} "
+                      f"steps/s); training thread's CPU per step off/on {statistics.median(cpu_ratios):5.3f}")
+            finally:
+                loop.stop()
+                await asyncio.to_thread(loop.join, 10.0)
+                recorder.close()
 
 
 def bench_batch_cost(pg_dsn: str | None, batches: int = 200, steps: int = 150) -> None:
@@ -267,6 +336,12 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, help="per kind per round (default 4; --quick 3); the "
                         "recorder writes every 2 s: 6 or more steadies the store's CPU per step")
     parser.add_argument("--rounds", type=int, help="rounds, the order reversed each (default 8; --quick 4; 0 = skip)")
+    parser.add_argument("--pairs", type=int, default=60,
+                        help="1c: on/off window pairs in one run per store (0 = skip)")
+    parser.add_argument("--pair-seconds", type=float, default=2.0,
+                        help="1c: seconds per window (the recorder writes every 2 s)")
+    parser.add_argument("--separate", action=argparse.BooleanOptionalAction, default=True,
+                        help="1: separate runs per kind (--no-separate: only 1c and 1b)")
     parser.add_argument("--cycles", type=int, help="start/stop cycles (default 2000; --quick 300; 0 = skip)")
     parser.add_argument("--batch-steps", type=int, default=150,
                         help="steps per batch in 1b (150: 0.5 s of a 300 steps/s run; the recorder "
@@ -291,7 +366,10 @@ async def main() -> None:
             else:
                 dsn = stack.enter_context(postgres.postgres_server())
         if args.rounds:
-            await bench_write_cost(args.seconds, args.rounds, dsn)
+            if args.separate:
+                await bench_write_cost(args.seconds, args.rounds, dsn)
+            if args.pairs:
+                await bench_interleaved(args.pair_seconds, args.pairs, dsn)
             bench_batch_cost(dsn, steps=args.batch_steps)
     if args.history_points:
         bench_history(args.history_points)
