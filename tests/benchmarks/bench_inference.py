@@ -452,6 +452,9 @@ def main() -> int:
                         help="--cache: inference frontends to measure (native: skipped when not built)")
     parser.add_argument("--caches", default="local,redis",
                         help="--cache: caches measured against the server without one (local, redis)")
+    parser.add_argument("--cache-hidden", type=int, default=16,
+                        help="--cache: hidden width of the served spiral MLP (16: the demo's, a forward "
+                             "of next to nothing; 1024: ~1 ms per batch of 16)")
     parser.add_argument("--loadgen", nargs=4, metavar=("TARGET", "C", "DURATION", "WARMUP"))
     parser.add_argument("--hit-pct", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--salt", type=int, default=0, help=argparse.SUPPRESS)
@@ -474,7 +477,7 @@ def main() -> int:
                            tuple(int(c) for c in args.concurrency.split(",")),
                            tuple(int(h) for h in args.hits.split(",")),
                            tuple(f.strip() for f in args.frontends.split(",") if f.strip()),
-                           tuple(c.strip() for c in args.caches.split(",") if c.strip()))
+                           tuple(c.strip() for c in args.caches.split(",") if c.strip()), args.cache_hidden)
 
     import torch
 
@@ -767,7 +770,7 @@ def native_batch_cache_work_us(batch: int = 16, batches: int = 2000) -> tuple[fl
 def bench_cache(duration_s: float, warmup_s: float, repeats: int,
                 concurrency: tuple[int, ...] = CACHE_CONCURRENCY, hit_pcts: tuple[int, ...] = HIT_PCTS,
                 frontends: tuple[str, ...] = ("python", "native"),
-                kinds: tuple[str, ...] = ("local", "redis")) -> int:
+                kinds: tuple[str, ...] = ("local", "redis"), hidden: int = 16) -> int:
     import torch
 
     from services.inference.native import load_module
@@ -784,8 +787,10 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     repo = tmp / "models"
     torch.manual_seed(0)
-    modelrepo.write_version(repo, "spiral", "spiral", build_model("spiral").state_dict(),
-                            config_overrides={"response_cache": {"enable": True}})
+    # hidden 16: the demo's MLP, whose forward costs next to nothing (what a hit saves);
+    # wider: the same inputs and outputs, a forward that costs what small models do.
+    modelrepo.write_version(repo, "spiral", "spiral", build_model("spiral", hidden=hidden).state_dict(),
+                            model_args={"hidden": hidden}, config_overrides={"response_cache": {"enable": True}})
     redis = RedisServer(free_port(), tmp)
     redis.start()
     caches = {
@@ -794,7 +799,8 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
         "redis": ["--cache-config", "redis,host=127.0.0.1", "--cache-config", f"redis,port={redis.port}"],
     }
     caches = {name: extra for name, extra in caches.items() if name == "no cache" or name in kinds}
-    print(f"bench_inference --cache: {os.cpu_count()} cores, {duration_s:g}s per point, spiral MLP, "
+    print(f"bench_inference --cache: {os.cpu_count()} cores, {duration_s:g}s per point, spiral MLP "
+          f"(2-{hidden}-{hidden}-2), "
           f"batch 1 requests, Python generator, median of {repeats}; frontends {', '.join(frontends)}; "
           f"redis-server on 127.0.0.1:{redis.port}; load average at start {os.getloadavg()[0]:.1f}")
     results: dict[tuple[str, str, int, int], dict[str, float]] = {}
