@@ -683,6 +683,10 @@ KEY_PREFIX = "tensorwire:response:"
 THREAD_WRITES_DELAY_S = 0.05
 """How long the writes of a native batch thread may wait for the next lookup to take
 them to the loop, before a timer does."""
+ASIDE_DELAY_S = 0.05
+"""How long lookups aside (:class:`HitRate`) may gather before their MGET goes."""
+ASIDE_KEYS = 64
+"""Keys of lookups aside that send their MGET at once."""
 MAX_PENDING_WRITES = 1024
 """Redis writes waiting or in flight at once; more are dropped (and counted), never queued."""
 
@@ -873,7 +877,7 @@ class RedisPending:
     commands: int
     """Round trips in flight."""
     lookups: int
-    """Lookups waiting for the next MGET."""
+    """Lookups waiting for the next MGET (aside or not)."""
     writes: int
     """Writes the loop queued or sent, not yet answered."""
     handed: int
@@ -950,6 +954,10 @@ class RedisCache(ResponseCache):
         self._handed_lock = threading.Lock()
         self._handover_armed = False
         self._commands: set[asyncio.Task[None]] = set()
+        self._aside: list[tuple[Sequence[bytes], Any]] = []
+        """Lookups aside gathering for their MGET: (keys, deliver(values))."""
+        self._aside_keys = 0
+        self._aside_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         state = "up" if self._down_until is None else f"down (retry in {self._retry_in_s():.2f}s)"
@@ -963,7 +971,7 @@ class RedisCache(ResponseCache):
         """What waits or is in flight now (a snapshot; the loop's thread)."""
         with self._handed_lock:
             handed = len(self._handed)
-        return RedisPending(len(self._commands), len(self._lookups), self._pending_writes, handed)
+        return RedisPending(len(self._commands), len(self._lookups) + len(self._aside), self._pending_writes, handed)
 
     def _retry_in_s(self) -> float:
         return 0.0 if self._down_until is None else max(0.0, self._down_until - self._clock())
@@ -1051,14 +1059,32 @@ class RedisCache(ResponseCache):
         done.set_result(values)
 
     def lookup_aside(self, keys: Sequence[bytes], done: Callable[[list[bytes | None]], None]) -> None:
-        """The keys join the next MGET like a waiting lookup; ``done(values)`` when it answered."""
-        self._take_handed()
-        if not self._may_try():
-            self.stats.bypassed += len(keys)
-            self.stats.misses += len(keys)
-            done([None] * len(keys))
+        """The keys join an MGET like a waiting lookup's, ``done(values)`` when it answered;
+        as nobody waits for them, they gather first, for ``ASIDE_DELAY_S`` or until
+        ``ASIDE_KEYS`` keys wait: a round trip for several of them, not one each (the
+        misses that do not wait come one per request, each loop iteration)."""
+        self._aside.append((keys, functools.partial(self._deliver_aside, done)))
+        self._aside_keys += len(keys)
+        if self._aside_keys >= ASIDE_KEYS:
+            self._send_aside()
+        elif self._aside_timer is None:
+            self._aside_timer = asyncio.get_running_loop().call_later(ASIDE_DELAY_S, self._send_aside)
+
+    def _send_aside(self) -> None:
+        if self._aside_timer is not None:
+            self._aside_timer.cancel()
+            self._aside_timer = None
+        batch, self._aside, self._aside_keys = self._aside, [], 0
+        if not batch:
             return
-        self._queue_lookup(keys, functools.partial(self._deliver_aside, done))
+        self._take_handed()
+        if not self._may_try():  # (claims the probe when one is due: these lookups are it)
+            for keys, deliver in batch:
+                self.stats.bypassed += len(keys)
+                deliver([None] * len(keys))
+            return
+        for keys, deliver in batch:
+            self._queue_lookup(keys, deliver)
 
     def _deliver_aside(self, done: Callable[[list[bytes | None]], None], values: list[bytes | None]) -> None:
         found = sum(value is not None for value in values)
@@ -1257,7 +1283,8 @@ class RedisCache(ResponseCache):
     async def flush(self) -> None:
         await asyncio.sleep(0)  # runs what other threads scheduled
         self._take_handed()
-        while self._commands or self._lookups or self._writes:
+        while self._commands or self._lookups or self._writes or self._aside:
+            self._send_aside()  # now, not after their delay
             self._send_writes()  # now, not after the write delay
             await asyncio.sleep(0)  # lets the scheduled lookups start
             if self._commands:

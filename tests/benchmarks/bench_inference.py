@@ -660,13 +660,15 @@ def redis_cache_work_us(port: int, requests: int = 4000, concurrency: int = 16) 
     Redis's own CPU not counted), all misses, a 1 ms sleep standing in for the model:
     ``concurrency`` requests at a time on the event loop (the Python frontend's path),
     and batches of 16 from two threads (the native frontend's), each against the
-    same loop without the cache; and round trips per request."""
+    same loop without the cache; and round trips per request. Each twice: waiting for
+    every lookup, and as while hits are rare (``*_race``: 1 in 8 looked up aside, an
+    answer stored at the second sighting of its key: none here)."""
     import threading
 
     import numpy as np
 
     from tensorwire.data.tensors import Tensor
-    from tensorwire.serving.cache import RedisCache, RedisCacheConfig, encode_tensors
+    from tensorwire.serving.cache import HitRate, RedisCache, RedisCacheConfig, encode_tensors
 
     value = encode_tensors([Tensor("logits", "FP32", np.zeros((1, 2), np.float32))])
     out: dict[str, float] = {}
@@ -676,6 +678,10 @@ def redis_cache_work_us(port: int, requests: int = 4000, concurrency: int = 16) 
         loop = asyncio.get_running_loop()
         rng = np.random.default_rng(int(time.time()))
 
+        rate = HitRate()
+        while not rate.racing:
+            rate.add([None])
+
         async def client(use: bool) -> None:
             for _ in range(requests // concurrency):
                 key = rng.bytes(16)
@@ -683,6 +689,15 @@ def redis_cache_work_us(port: int, requests: int = 4000, concurrency: int = 16) 
                     await cache.get(key)
                 await asyncio.sleep(0.001)
                 if use:
+                    cache.put(key, value)
+
+        async def client_race(use: bool) -> None:  # as cached._infer_racing
+            for _ in range(requests // concurrency):
+                key = rng.bytes(16)
+                if use and rate.sample():
+                    cache.lookup_aside((key,), rate.add)
+                await asyncio.sleep(0.001)
+                if use and rate.admit(key):
                     cache.put(key, value)
 
         def batches(use: bool) -> None:
@@ -694,17 +709,31 @@ def redis_cache_work_us(port: int, requests: int = 4000, concurrency: int = 16) 
                 if use:
                     cache.put_many_from_thread([(key, value) for key in keys], loop)
 
-        async def python(use: bool) -> None:
-            await asyncio.gather(*(client(use) for _ in range(concurrency)))
+        def batches_race(use: bool) -> None:  # as cached.answer_columns while racing
+            for _ in range(requests // 32):
+                keys = [rng.bytes(16) for _ in range(16)]
+                if use and rate.sample():
+                    loop.call_soon_threadsafe(cache.lookup_aside, keys, rate.add)
+                time.sleep(0.001)
+                if use:
+                    cache.put_many_from_thread([(key, value) for key in keys if rate.admit(key)], loop)
 
-        async def native(use: bool) -> None:
-            threads = [threading.Thread(target=batches, args=(use,)) for _ in range(2)]
-            for thread in threads:
-                thread.start()
-            while any(thread.is_alive() for thread in threads):
-                await asyncio.sleep(0.005)
+        def python(each: Any) -> Any:
+            async def run(use: bool) -> None:
+                await asyncio.gather(*(each(use) for _ in range(concurrency)))
+            return run
 
-        for name, run in (("python", python), ("native", native)):
+        def native(each: Any) -> Any:
+            async def run(use: bool) -> None:
+                threads = [threading.Thread(target=each, args=(use,)) for _ in range(2)]
+                for thread in threads:
+                    thread.start()
+                while any(thread.is_alive() for thread in threads):
+                    await asyncio.sleep(0.005)
+            return run
+
+        for name, run in (("python", python(client)), ("native", native(batches)),
+                          ("python_race", python(client_race)), ("native_race", native(batches_race))):
             spent = {True: 0.0, False: 0.0}
             commands = cache.stats.commands
             for use in (False, True, False, True):  # alternating, the sum of two each
@@ -862,6 +891,8 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
     print(f"redis cache work measured alone (all misses, 1 ms model): {redis_work['python_us']:.1f} us CPU added "
           f"to a request on the event loop ({redis_work['python_round_trips']:.3f} round trips per request, c=16), "
           f"{redis_work['native_us']:.1f} us in native batches of 16 ({redis_work['native_round_trips']:.3f}); "
+          f"as while hits are rare: {redis_work['python_race_us']:.1f} us ({redis_work['python_race_round_trips']:.3f}) "
+          f"and {redis_work['native_race_us']:.1f} us ({redis_work['native_race_round_trips']:.3f}); "
           f"errors {redis_work['errors']:.0f}")
     if "native" in frontends:
         forward, misses, hits = native_batch_cache_work_us()

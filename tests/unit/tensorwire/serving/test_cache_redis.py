@@ -256,3 +256,32 @@ def test_while_racing_an_answer_is_stored_at_the_second_sighting_of_its_key() ->
     while not rate.racing:
         rate.add([None])
     assert not rate.admit(key(1))  # forgotten when racing ended
+
+
+async def test_lookups_aside_gather_into_one_round_trip(fake_redis: FakeRedis,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody waits for a lookup aside: those made within ASIDE_DELAY_S go in one MGET
+    (they came one per request, each its own round trip), ASIDE_KEYS of them at once."""
+    from tensorwire.serving import cache as cache_module
+    from tensorwire.serving.cache import ASIDE_KEYS
+
+    monkeypatch.setattr(cache_module, "ASIDE_DELAY_S", 60.0)  # only a flush or the count sends them
+    cache = RedisCache(RedisCacheConfig(host="127.0.0.1", port=fake_redis.port))
+    answers: list[list[bytes | None]] = []
+    try:
+        for i in range(5):
+            cache.lookup_aside([key(i)], answers.append)
+            await asyncio.sleep(0)
+        assert cache.pending.lookups == 5 and not fake_redis.commands
+        await asyncio.wait_for(cache.flush(), 2.0)
+        assert answers == [[None]] * 5
+        assert [len(c) - 1 for c in fake_redis.commands] == [5]  # one MGET of 5 keys
+        fake_redis.got.clear()
+        for i in range(ASIDE_KEYS):  # enough to go at once, without waiting for the delay
+            cache.lookup_aside([key(i)], answers.append)
+        await asyncio.wait_for(fake_redis.got.wait(), 10.0)
+        assert [len(c) - 1 for c in fake_redis.commands] == [5, ASIDE_KEYS]
+        await asyncio.wait_for(cache.flush(), 2.0)
+        assert (cache.stats.misses, cache.stats.commands) == (5 + ASIDE_KEYS, 2)
+    finally:
+        await cache.aclose()
