@@ -7,11 +7,11 @@ version never answers from an old one's entries and each side of a traffic split
 own. The native frontend's batches go through the same cache (``answer_columns``): the
 hits of a batch are answered from their entries, only its misses reach the model.
 
-While a remote cache (Redis) rarely has a version's answers (``ModelVersion.cache_hit_rate``,
-:class:`tensorwire.serving.cache.HitRate`), its misses do not wait for the lookup: the
-request goes to the model at once and one in ``HitRate.SAMPLE_EVERY`` is looked up aside,
-only to keep the rate current, and an answer is stored only the second time its request
-is seen (``HitRate.admit``). ``cache_hit``/``cache_miss`` count who answered (the cache,
+While a cache rarely has a version's answers (``ModelVersion.cache_hit_rate``,
+:class:`tensorwire.serving.cache.HitRate`), an answer is stored only the second time its
+request is seen (``HitRate.admit``), and with a remote cache (Redis) the misses do not
+wait for the lookup: the request goes to the model at once and one in
+``HitRate.SAMPLE_EVERY`` is looked up aside, only to keep the rate current. ``cache_hit``/``cache_miss`` count who answered (the cache,
 the model), in either mode.
 """
 
@@ -38,15 +38,15 @@ log = logging.getLogger(__name__)
 async def infer_cached(cache: ResponseCache, version: ModelVersion, request: InferRequest) -> InferResult:
     """Look the request up in the response cache; on a miss run it and store the answer.
     While a remote cache rarely hits this version (``version.cache_hit_rate``), the
-    request does not wait for its lookup (:func:`_infer_racing`)."""
+    request does not wait for its lookup (:func:`_infer_racing`); while any cache
+    rarely hits it, an answer is stored at the second sighting of its request."""
     start = time.perf_counter()
     key = version.cache_keys.key(request.inputs, request.outputs)
-    rate = version.cache_hit_rate if cache.remote else None
-    if rate is not None and rate.racing:
+    rate = version.cache_hit_rate
+    if cache.remote and rate.racing:
         return await _infer_racing(cache, version, request, key, start)
     value = await cache.get(key)
-    if rate is not None:
-        rate.add((value,))
+    rate.add((value,))
     if value is not None:
         try:
             return version.cached_result(request, value, time.perf_counter() - start)
@@ -61,7 +61,8 @@ async def infer_cached(cache: ResponseCache, version: ModelVersion, request: Inf
         version.stats.cache_miss.add(lookup_s)  # a miss all the same; nothing to store
         raise
     stored = time.perf_counter()
-    cache.put(key, encode_tensors(result.outputs))
+    if rate.admit(key):
+        cache.put(key, encode_tensors(result.outputs))
     version.stats.cache_miss.add(lookup_s + time.perf_counter() - stored)
     return result
 
@@ -120,6 +121,8 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
         values = cache.lookup_from_thread(keys, loop)
         if cache.remote:
             loop.call_soon_threadsafe(rate.add, values)
+        else:  # answered here, in the batch thread
+            rate.add(values)
     for i, value in enumerate(values):
         if value is None:
             continue
@@ -146,7 +149,7 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     names = [spec.name for spec in version.outputs]
     writes = []
     for i in misses:
-        if cache.remote and not rate.admit(keys[i]):
+        if not rate.admit(keys[i]):
             continue
         picked = [answers[names.index(name)] for name in wanted[i]] if wanted[i] else answers
         writes.append((keys[i], encode_rows(picked, bounds[i], bounds[i + 1])))

@@ -618,13 +618,15 @@ class HitRate:
     The rate is a mean over about the last ``WINDOW`` lookups (exponentially weighted),
     with hysteresis: racing below ``RACE_BELOW``, lookup-first again above
     ``WAIT_ABOVE``. It starts at ``WAIT_ABOVE`` (lookup-first until misses show).
-    Updated on the event loop only (lookups answer there); batch threads read it.
+    Updated where lookups answer: the event loop (a remote cache), or also a native
+    batch thread (the local cache); a lost update between threads is harmless. Only a
+    remote cache's misses race (a local lookup is a dict access).
 
-    While racing, a miss's answer is stored only the second time its key is seen
-    (:meth:`admit`, TinyLFU's "doorkeeper"): with hits this rare, most answers are
-    never asked for again, and storing each (encode, a Redis write) was most of what
-    the cache cost a request. A request that repeats is stored at its second sighting,
-    and its hits then show in the lookups aside."""
+    While racing (hits rare, any cache), a miss's answer is stored only the second
+    time its key is seen (:meth:`admit`, TinyLFU's "doorkeeper"): with hits this rare,
+    most answers are never asked for again, and storing each (encode, an insert or a
+    Redis write) was most of what the cache cost a request. A request that repeats
+    is stored at its second sighting, and its hits then show in the rate."""
 
     WINDOW = 256
     RACE_BELOW = 0.05

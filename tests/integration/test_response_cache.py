@@ -569,3 +569,36 @@ async def test_misses_stop_waiting_for_redis_while_hits_are_rare_and_wait_again_
             np.testing.assert_allclose(logits(reply), expected(state, hot), rtol=1e-5, atol=1e-6)
             s = (await statistics(stub))["1"].inference_stats
             assert (s.cache_hit.count, s.cache_miss.count) == (hits + 1, misses)
+
+
+async def test_while_local_hits_are_rare_an_answer_is_stored_at_its_second_sighting(tmp_path: Path) -> None:
+    """Unique requests make hits rare: from then on an answer is stored only when its
+    request comes a second time (the doorkeeper), so the third of three equal
+    requests is the first hit; unique answers are no longer stored."""
+    repo = tmp_path / "models"
+    state = spiral_state(1)
+    modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
+    app = await make_app(tmp_path, repo, cache_entries("local"))
+    rng = np.random.default_rng(3)
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            rate = app.repository.version_of("spiral", "1").cache_hit_rate
+            sent = 0
+            while not rate.racing:  # unique requests: every answer stored until hits are rare
+                x = rng.standard_normal((1, 2)).astype(np.float32)
+                await stub.ModelInfer(spiral_request(x), timeout=10)
+                sent += 1
+                assert sent < 1000, rate.ratio
+            stored = app.repository.cache.stats.inserts
+            assert stored == sent - 1  # the answer whose lookup made hits rare was the first not stored
+            for _ in range(20):  # more unique ones: none stored
+                await stub.ModelInfer(spiral_request(rng.standard_normal((1, 2)).astype(np.float32)), timeout=10)
+            assert app.repository.cache.stats.inserts == stored
+            x = rng.standard_normal((1, 2)).astype(np.float32)
+            replies = [await stub.ModelInfer(spiral_request(x), timeout=10) for _ in range(3)]
+            for reply in replies:
+                np.testing.assert_allclose(logits(reply), expected(state, x), rtol=1e-5, atol=1e-6)
+            s = (await statistics(stub))["1"].inference_stats
+            assert (s.cache_hit.count, s.cache_miss.count) == (1, sent + 22)
+            assert app.repository.cache.stats.inserts == stored + 1
