@@ -11,8 +11,8 @@ While a cache rarely has a version's answers (``ModelVersion.cache_hit_rate``,
 :class:`tensorwire.serving.cache.HitRate`), an answer is stored only the second time its
 request is seen (``HitRate.admit``), and with a remote cache (Redis) the misses do not
 wait for the lookup: the request goes to the model at once and one in
-``HitRate.SAMPLE_EVERY`` is looked up aside, only to keep the rate current. ``cache_hit``/``cache_miss`` count who answered (the cache,
-the model), in either mode.
+``HitRate.SAMPLE_EVERY`` is looked up aside, only to keep the rate current.
+``cache_hit``/``cache_miss`` count who answered (the cache, the model), in either mode.
 """
 
 from __future__ import annotations
