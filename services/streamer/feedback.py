@@ -140,8 +140,13 @@ class DeliveryWindow:
     traffic, not the link: the estimate is lower there, which only spaces status and
     scalar frames a little more once it is under ~15 KB/s.)"""
 
-    def __init__(self, limits: FeedbackLimits | None = None) -> None:
+    def __init__(self, limits: FeedbackLimits | None = None, *, expects_acks: bool = False,
+                 now: float = 0.0) -> None:
+        """:param expects_acks: the subscriber said it will ack (``SubscribeRequest.acks``).
+        :param now: when the subscription opened (the wait for its first ack counts from it)."""
         self.limits = limits or FeedbackLimits()
+        self.expects_acks = expects_acks
+        self._opened_at = now
         self._sent: deque[_Sent] = deque()
         self.last_seq = 0
         """Sequence number of the newest frame sent."""
@@ -209,9 +214,20 @@ class DeliveryWindow:
             if self.bytes_per_s:
                 allowance = max(min(allowance, self.limits.slack_s * self.bytes_per_s),
                                 self.limits.min_slack_bytes)
+        elif self.awaiting_first_ack(now):
+            # Until the first ack says what arrived, one heavy frame in flight: the cap's
+            # worth (drained at the floor's 48 kbit/s) was seconds of queue on a 32 kbit/s
+            # link, which every later frame and ack answer then waited behind (a page's
+            # first view 10 s old while its acks timed out).
+            return not any(record.kind == "view" for record in self._sent)
         else:
             allowance = self.limits.cap_bytes
         return self.in_flight(now, fallback_bytes_per_s) <= allowance
+
+    def awaiting_first_ack(self, now: float) -> bool:
+        """True while a subscriber that said it acks has not yet, within ``stale_s``."""
+        return (self.expects_acks and self.last_ack_at is None
+                and now - self._opened_at <= self.limits.stale_s)
 
     # -- events --------------------------------------------------------
     def sent(self, nbytes: int, kind: str, produced_at: float, now: float,

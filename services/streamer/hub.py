@@ -539,8 +539,10 @@ class UpdateHub:
         accept_codecs: Iterable[int] = (),
         max_points: int = 0,
         reuse_arrays: bool = False,
+        acks: bool = False,
     ) -> Subscriber:
-        """A new mailbox for ``run_id`` (a run may publish later: the stream waits)."""
+        """A new mailbox for ``run_id`` (a run may publish later: the stream waits);
+        ``acks``: the subscriber will acknowledge frames (``SubscribeRequest.acks``)."""
         limits = self.limits
         if self._closed:
             from tensorwire.errors import UnavailableError
@@ -566,7 +568,8 @@ class UpdateHub:
         sub = Subscriber(
             run_id, frozenset(views), max_fps or limits.default_fps, codec,
             max_points or limits.default_max_points, topic,
-            id=secrets.token_urlsafe(12), window=DeliveryWindow(limits.feedback), reuse_arrays=reuse_arrays,
+            id=secrets.token_urlsafe(12), window=DeliveryWindow(limits.feedback, expects_acks=acks, now=self._clock()),
+            reuse_arrays=reuse_arrays,
         )
         sub.pacer.headroom = limits.pacing_headroom
         sub.scalar_cursor = topic.seq
@@ -738,7 +741,8 @@ class UpdateHub:
                      for key, cached in sub.pending_views.items())
         if sub.window.may_send(nbytes, now, sub.pacer.bytes_per_s):
             return True
-        (_HELD_ACKED if sub.window.has_feedback(now) else _HELD_CAP).inc()
+        acked = sub.window.has_feedback(now) or sub.window.awaiting_first_ack(now)
+        (_HELD_ACKED if acked else _HELD_CAP).inc()
         return False
 
     # -- feedback ---------------------------------------------------------

@@ -35,7 +35,7 @@ class StreamerServicer:
         sub = hub.subscribe(
             request.run_id, max_fps=request.max_fps, views=request.views,
             accept_codecs=request.accept_codecs, max_points=request.max_points,
-            reuse_arrays=request.reuse_arrays,
+            reuse_arrays=request.reuse_arrays, acks=request.acks,
         )
         try:
             async for out in hub.frames(sub):

@@ -163,7 +163,8 @@ async def watch(
 
     stub = spb_grpc.StreamerServiceStub(channel)
     # A client with feedback is today's client: it also keeps each view's arrays.
-    call = stub.Subscribe(spb.SubscribeRequest(run_id=run_id, accept_codecs=[cpb.CODEC_DEFLATE], reuse_arrays=ack))
+    call = stub.Subscribe(spb.SubscribeRequest(run_id=run_id, accept_codecs=[cpb.CODEC_DEFLATE], reuse_arrays=ack,
+                                                 acks=ack))
     acker = FrameAcker(channel, run_id) if ack else None
     held = HeldArrays()
     sampler = asyncio.create_task(sample()) if measure else None

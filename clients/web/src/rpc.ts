@@ -321,7 +321,7 @@ export async function followRun(
     try {
       arm();
       const stream = streamer.subscribe(
-        { runId, maxFps: options.maxFps, acceptCodecs: [Codec.DEFLATE], reuseArrays: true },
+        { runId, maxFps: options.maxFps, acceptCodecs: [Codec.DEFLATE], reuseArrays: true, acks: true },
         { signal: attempt.signal, headers: AFFINITY },
       );
       acker = new Acker(runId, attempt.signal, handlers.clockOffset);

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tensorwire.common.v1 import common_pb2 as tensorwire_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tensorwire/streamer/v1/streamer.proto\x12\x16tensorwire.streamer.v1\x1a!tensorwire/common/v1/common.proto\"\xa0\x01\n\x10SubscribeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07max_fps\x18\x02 \x01(\x01\x12\r\n\x05views\x18\x03 \x03(\t\x12\x32\n\raccept_codecs\x18\x04 \x03(\x0e\x32\x1b.tensorwire.common.v1.Codec\x12\x12\n\nmax_points\x18\x05 \x01(\r\x12\x14\n\x0creuse_arrays\x18\x06 \x01(\x08\"\x90\x02\n\x05\x46rame\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0bproduced_at\x18\x02 \x01(\x01\x12\x0f\n\x07sent_at\x18\x03 \x01(\x01\x12\x31\n\x06status\x18\x04 \x01(\x0b\x32\x1f.tensorwire.common.v1.RunStatusH\x00\x12\x34\n\x07scalars\x18\x05 \x01(\x0b\x32!.tensorwire.common.v1.ScalarBatchH\x00\x12*\n\x04view\x18\x06 \x01(\x0b\x32\x1a.tensorwire.common.v1.ViewH\x00\x12\x10\n\x08snapshot\x18\x07 \x01(\x08\x12\x0b\n\x03seq\x18\x08 \x01(\x04\x12\x17\n\x0fsubscription_id\x18\t \x01(\tB\x06\n\x04\x62ody\"\xe0\x01\n\x0ePublishRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0bproduced_at\x18\x03 \x01(\x01\x12\x31\n\x06status\x18\x04 \x01(\x0b\x32\x1f.tensorwire.common.v1.RunStatusH\x00\x12\x34\n\x07scalars\x18\x05 \x01(\x0b\x32!.tensorwire.common.v1.ScalarBatchH\x00\x12*\n\x04view\x18\x06 \x01(\x0b\x32\x1a.tensorwire.common.v1.ViewH\x00\x42\x06\n\x04\x62ody\"\xa3\x02\n\x0fPublishResponse\x12G\n\x08watchers\x18\x01 \x03(\x0b\x32\x35.tensorwire.streamer.v1.PublishResponse.WatchersEntry\x12\x43\n\x06\x64\x65mand\x18\x02 \x03(\x0b\x32\x33.tensorwire.streamer.v1.PublishResponse.DemandEntry\x1a/\n\rWatchersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1aQ\n\x0b\x44\x65mandEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\x05value\x18\x02 \x01(\x0b\x32\".tensorwire.streamer.v1.ViewDemand:\x02\x38\x01\",\n\nViewDemand\x12\r\n\x05views\x18\x01 \x03(\t\x12\x0f\n\x07max_fps\x18\x02 \x01(\x01\"W\n\nAckRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x13\n\x0breceived_at\x18\x04 \x01(\x01\"Y\n\x0b\x41\x63kResponse\x12\x13\n\x0bserver_time\x18\x01 \x01(\x01\x12\x1c\n\x14\x64\x65livery_bytes_per_s\x18\x02 \x01(\x01\x12\x17\n\x0fin_flight_bytes\x18\x03 \x01(\x04\x32\x99\x02\n\x0fStreamerService\x12V\n\tSubscribe\x12(.tensorwire.streamer.v1.SubscribeRequest\x1a\x1d.tensorwire.streamer.v1.Frame0\x01\x12^\n\x07Publish\x12&.tensorwire.streamer.v1.PublishRequest\x1a\'.tensorwire.streamer.v1.PublishResponse(\x01\x30\x01\x12N\n\x03\x41\x63k\x12\".tensorwire.streamer.v1.AckRequest\x1a#.tensorwire.streamer.v1.AckResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tensorwire/streamer/v1/streamer.proto\x12\x16tensorwire.streamer.v1\x1a!tensorwire/common/v1/common.proto\"\xae\x01\n\x10SubscribeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07max_fps\x18\x02 \x01(\x01\x12\r\n\x05views\x18\x03 \x03(\t\x12\x32\n\raccept_codecs\x18\x04 \x03(\x0e\x32\x1b.tensorwire.common.v1.Codec\x12\x12\n\nmax_points\x18\x05 \x01(\r\x12\x14\n\x0creuse_arrays\x18\x06 \x01(\x08\x12\x0c\n\x04\x61\x63ks\x18\x07 \x01(\x08\"\x90\x02\n\x05\x46rame\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0bproduced_at\x18\x02 \x01(\x01\x12\x0f\n\x07sent_at\x18\x03 \x01(\x01\x12\x31\n\x06status\x18\x04 \x01(\x0b\x32\x1f.tensorwire.common.v1.RunStatusH\x00\x12\x34\n\x07scalars\x18\x05 \x01(\x0b\x32!.tensorwire.common.v1.ScalarBatchH\x00\x12*\n\x04view\x18\x06 \x01(\x0b\x32\x1a.tensorwire.common.v1.ViewH\x00\x12\x10\n\x08snapshot\x18\x07 \x01(\x08\x12\x0b\n\x03seq\x18\x08 \x01(\x04\x12\x17\n\x0fsubscription_id\x18\t \x01(\tB\x06\n\x04\x62ody\"\xe0\x01\n\x0ePublishRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0bproduced_at\x18\x03 \x01(\x01\x12\x31\n\x06status\x18\x04 \x01(\x0b\x32\x1f.tensorwire.common.v1.RunStatusH\x00\x12\x34\n\x07scalars\x18\x05 \x01(\x0b\x32!.tensorwire.common.v1.ScalarBatchH\x00\x12*\n\x04view\x18\x06 \x01(\x0b\x32\x1a.tensorwire.common.v1.ViewH\x00\x42\x06\n\x04\x62ody\"\xa3\x02\n\x0fPublishResponse\x12G\n\x08watchers\x18\x01 \x03(\x0b\x32\x35.tensorwire.streamer.v1.PublishResponse.WatchersEntry\x12\x43\n\x06\x64\x65mand\x18\x02 \x03(\x0b\x32\x33.tensorwire.streamer.v1.PublishResponse.DemandEntry\x1a/\n\rWatchersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1aQ\n\x0b\x44\x65mandEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\x05value\x18\x02 \x01(\x0b\x32\".tensorwire.streamer.v1.ViewDemand:\x02\x38\x01\",\n\nViewDemand\x12\r\n\x05views\x18\x01 \x03(\t\x12\x0f\n\x07max_fps\x18\x02 \x01(\x01\"W\n\nAckRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x13\n\x0breceived_at\x18\x04 \x01(\x01\"Y\n\x0b\x41\x63kResponse\x12\x13\n\x0bserver_time\x18\x01 \x01(\x01\x12\x1c\n\x14\x64\x65livery_bytes_per_s\x18\x02 \x01(\x01\x12\x17\n\x0fin_flight_bytes\x18\x03 \x01(\x04\x32\x99\x02\n\x0fStreamerService\x12V\n\tSubscribe\x12(.tensorwire.streamer.v1.SubscribeRequest\x1a\x1d.tensorwire.streamer.v1.Frame0\x01\x12^\n\x07Publish\x12&.tensorwire.streamer.v1.PublishRequest\x1a\'.tensorwire.streamer.v1.PublishResponse(\x01\x30\x01\x12N\n\x03\x41\x63k\x12\".tensorwire.streamer.v1.AckRequest\x1a#.tensorwire.streamer.v1.AckResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,23 +37,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUBLISHRESPONSE_DEMANDENTRY']._loaded_options = None
   _globals['_PUBLISHRESPONSE_DEMANDENTRY']._serialized_options = b'8\001'
   _globals['_SUBSCRIBEREQUEST']._serialized_start=101
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=261
-  _globals['_FRAME']._serialized_start=264
-  _globals['_FRAME']._serialized_end=536
-  _globals['_PUBLISHREQUEST']._serialized_start=539
-  _globals['_PUBLISHREQUEST']._serialized_end=763
-  _globals['_PUBLISHRESPONSE']._serialized_start=766
-  _globals['_PUBLISHRESPONSE']._serialized_end=1057
-  _globals['_PUBLISHRESPONSE_WATCHERSENTRY']._serialized_start=927
-  _globals['_PUBLISHRESPONSE_WATCHERSENTRY']._serialized_end=974
-  _globals['_PUBLISHRESPONSE_DEMANDENTRY']._serialized_start=976
-  _globals['_PUBLISHRESPONSE_DEMANDENTRY']._serialized_end=1057
-  _globals['_VIEWDEMAND']._serialized_start=1059
-  _globals['_VIEWDEMAND']._serialized_end=1103
-  _globals['_ACKREQUEST']._serialized_start=1105
-  _globals['_ACKREQUEST']._serialized_end=1192
-  _globals['_ACKRESPONSE']._serialized_start=1194
-  _globals['_ACKRESPONSE']._serialized_end=1283
-  _globals['_STREAMERSERVICE']._serialized_start=1286
-  _globals['_STREAMERSERVICE']._serialized_end=1567
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=275
+  _globals['_FRAME']._serialized_start=278
+  _globals['_FRAME']._serialized_end=550
+  _globals['_PUBLISHREQUEST']._serialized_start=553
+  _globals['_PUBLISHREQUEST']._serialized_end=777
+  _globals['_PUBLISHRESPONSE']._serialized_start=780
+  _globals['_PUBLISHRESPONSE']._serialized_end=1071
+  _globals['_PUBLISHRESPONSE_WATCHERSENTRY']._serialized_start=941
+  _globals['_PUBLISHRESPONSE_WATCHERSENTRY']._serialized_end=988
+  _globals['_PUBLISHRESPONSE_DEMANDENTRY']._serialized_start=990
+  _globals['_PUBLISHRESPONSE_DEMANDENTRY']._serialized_end=1071
+  _globals['_VIEWDEMAND']._serialized_start=1073
+  _globals['_VIEWDEMAND']._serialized_end=1117
+  _globals['_ACKREQUEST']._serialized_start=1119
+  _globals['_ACKREQUEST']._serialized_end=1206
+  _globals['_ACKRESPONSE']._serialized_start=1208
+  _globals['_ACKRESPONSE']._serialized_end=1297
+  _globals['_STREAMERSERVICE']._serialized_start=1300
+  _globals['_STREAMERSERVICE']._serialized_end=1581
 # @@protoc_insertion_point(module_scope)

@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("run_id", "max_fps", "views", "accept_codecs", "max_points", "reuse_arrays")
+    __slots__ = ("run_id", "max_fps", "views", "accept_codecs", "max_points", "reuse_arrays", "acks")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_FPS_FIELD_NUMBER: _ClassVar[int]
     VIEWS_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_CODECS_FIELD_NUMBER: _ClassVar[int]
     MAX_POINTS_FIELD_NUMBER: _ClassVar[int]
     REUSE_ARRAYS_FIELD_NUMBER: _ClassVar[int]
+    ACKS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     max_fps: float
     views: _containers.RepeatedScalarFieldContainer[str]
     accept_codecs: _containers.RepeatedScalarFieldContainer[_common_pb2.Codec]
     max_points: int
     reuse_arrays: bool
-    def __init__(self, run_id: _Optional[str] = ..., max_fps: _Optional[float] = ..., views: _Optional[_Iterable[str]] = ..., accept_codecs: _Optional[_Iterable[_Union[_common_pb2.Codec, str]]] = ..., max_points: _Optional[int] = ..., reuse_arrays: _Optional[bool] = ...) -> None: ...
+    acks: bool
+    def __init__(self, run_id: _Optional[str] = ..., max_fps: _Optional[float] = ..., views: _Optional[_Iterable[str]] = ..., accept_codecs: _Optional[_Iterable[_Union[_common_pb2.Codec, str]]] = ..., max_points: _Optional[int] = ..., reuse_arrays: _Optional[bool] = ..., acks: _Optional[bool] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("step", "produced_at", "sent_at", "status", "scalars", "view", "snapshot", "seq", "subscription_id")

@@ -188,6 +188,30 @@ def test_a_subscriber_that_stops_acking_falls_back_to_the_cap() -> None:
     assert w.may_send(1000, now=2.2)
 
 
+def test_a_subscriber_that_said_it_acks_gets_one_view_in_flight_until_its_first_ack() -> None:
+    """Not the cap's worth on a link of unknown speed: one view, then its ack (or, after
+    stale_s without one, the cap as for a subscriber that never acks)."""
+    limits = FeedbackLimits(frame_overhead_bytes=0, ack_reply_bytes=0, cap_bytes=6000, stale_s=3.0)
+    w = DeliveryWindow(limits, expects_acks=True, now=10.0)
+    assert w.awaiting_first_ack(10.0) and w.may_send(900, now=10.0)
+    w.sent(300, "status", 0.0, now=10.0)
+    assert w.may_send(900, now=10.0)  # light frames do not hold the first view
+    w.sent(900, "view", 0.0, now=10.0)
+    assert not w.may_send(900, now=10.5)  # an unknown cap's worth would go here
+    assert not w.may_send(900, now=12.9)  # nor before the drained estimate says so
+    w.ack(2, 12.9, now=13.0)  # the view arrived
+    assert not w.awaiting_first_ack(13.0) and w.may_send(900, now=13.0)
+    # the same subscriber, had no ack come: the cap after stale_s
+    w = DeliveryWindow(limits, expects_acks=True, now=10.0)
+    w.sent(900, "view", 0.0, now=10.0)
+    assert not w.may_send(900, now=13.0)
+    assert not w.awaiting_first_ack(13.1) and w.may_send(900, now=13.1)
+    # a subscriber that did not say it acks: the cap from the start
+    w = DeliveryWindow(limits, now=10.0)
+    w.sent(900, "view", 0.0, now=10.0)
+    assert not w.awaiting_first_ack(10.0) and w.may_send(900, now=10.0)
+
+
 def test_the_record_of_frames_is_bounded_for_subscribers_that_never_ack() -> None:
     w = DeliveryWindow(FeedbackLimits(frame_overhead_bytes=0, ack_reply_bytes=0, max_records=10))
     for i in range(1000):
@@ -246,6 +270,30 @@ def test_an_acking_subscriber_gets_the_next_view_when_the_previous_one_arrived()
     views = [f.view.step for f in _send_all(hub, sub) if f.HasField("view")]
     assert views == [5]  # latest wins: 2..4 were skipped
     assert sub.views_skipped == 3
+
+
+def test_a_subscriber_that_said_it_acks_waits_for_its_first_ack_after_the_snapshot_view() -> None:
+    """Through the hub: the snapshot's view goes, the next views wait for the first ack
+    (an old client, or one that did not say so, gets them under the cap)."""
+    for acks in (True, False):
+        hub, clock = _hub(frame_overhead_bytes=0, ack_reply_bytes=0)
+        hub.publish(_status(1))
+        hub.publish(_view(1))
+        sub = hub.subscribe("r", max_fps=30, acks=acks)
+        snapshot = []
+        for out in hub._snapshot(sub):  # as the servicer writes it
+            data = hub.numbered(sub, out)
+            hub.record_write(sub, len(data), 0.0, out.kind)
+            snapshot.append(spb.Frame.FromString(data))
+        assert [f.view.step for f in snapshot if f.HasField("view")] == [1]
+        hub.publish(_view(2))
+        clock.now += 0.5
+        hub.tick()
+        views = [f.view.step for f in _send_all(hub, sub) if f.HasField("view")]
+        assert views == ([] if acks else [2]), acks
+        if acks:
+            hub.ack(sub.id, "r", sub.window.last_seq, received_at=clock.now)
+            assert [f.view.step for f in _send_all(hub, sub) if f.HasField("view")] == [2]
 
 
 def test_ack_for_an_unknown_or_ended_subscription_is_not_found() -> None:
