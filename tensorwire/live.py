@@ -8,6 +8,9 @@ flight to this subscriber, so the view on screen stays fresh on a slow link
 whatever this client's HTTP/2 window or the TCP buffers would otherwise hold
 (services/streamer/feedback.py has the streamer's side).
 
+Subscribe with ``SubscribeRequest.acks`` set when acking: until the first ack the
+streamer then keeps one view in flight, not its no-feedback cap's worth.
+
 The policy (the browser client in clients/web/src/rpc.ts does the same): a
 view is acknowledged at once; other frames at most every ``interval_s``; each
 ack names the newest frame received. An ack's answer comes back on the slow
