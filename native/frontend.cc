@@ -519,6 +519,7 @@ class Frontend : public grpc::CallbackGenericService {
     if (version.empty()) return call->Fallback();
     std::string key = model + '\0' + version;
     std::string full;
+    bool wake = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto& q = queues_[key];
@@ -534,13 +535,14 @@ class Frontend : public grpc::CallbackGenericService {
                " waiting); retry later";
       } else {
         q->items.push_back(call);
+        wake = WakeFor(*q);
       }
     }
     if (!full.empty()) {
       counters_.rejected++;
       return call->Fail(grpc::StatusCode::RESOURCE_EXHAUSTED, full);
     }
-    cv_.notify_one();
+    if (wake) cv_.notify_one();
   }
 
  private:
@@ -673,6 +675,28 @@ class Frontend : public grpc::CallbackGenericService {
     return 0;
   }
 
+  // Batch threads are woken only when one is needed (a wake-up costs both threads a
+  // context switch, more than the rest of a small batch's queueing): the push gave
+  // `q` its first item (a batch to cut, or its delay's timer to set) or a full or
+  // preferred size, `q` may start a batch (a free slot; else the thread running its
+  // batch takes the next one itself when it ends), and no woken thread is already on
+  // its way. A thread that takes a batch wakes the next if more is runnable. mu_ held.
+  bool WakeFor(const Queue& q) {
+    if (q.running >= q.spec->concurrency || idle_ <= waking_) return false;
+    if (q.items.size() != 1 && Target(q) == 0) return false;
+    waking_++;
+    return true;
+  }
+
+  // Whether a queue other than the one just cut, or that one still, has items and a
+  // free slot (mu_ held): the thread that cut a batch then wakes another for it.
+  bool MoreRunnable() const {
+    if (idle_ <= waking_) return false;
+    for (auto& [key, q] : queues_)
+      if (!q->items.empty() && q->running < q->spec->concurrency) return true;
+    return false;
+  }
+
   void Work() {
     PinThreadState pin;
     std::unique_lock<std::mutex> lock(mu_);
@@ -692,8 +716,13 @@ class Frontend : public grpc::CallbackGenericService {
         wake = std::min(wake, cut_at);
       }
       if (!ready) {
+        idle_++;
         if (wake == Clock::time_point::max()) cv_.wait(lock);
         else cv_.wait_until(lock, wake);
+        idle_--;
+        // Whatever woke it (a notify, its timer, a spurious wake-up), it scans again;
+        // with nobody left waiting, no notify is in flight.
+        waking_ = idle_ == 0 ? 0 : std::max<int64_t>(0, waking_ - 1);
         continue;
       }
       bool by_size = Target(*ready) > 0;
@@ -705,12 +734,14 @@ class Frontend : public grpc::CallbackGenericService {
       }
       ready->running++;
       Queue* q = ready;
+      bool wake_next = MoreRunnable();
+      if (wake_next) waking_++;
       lock.unlock();
+      if (wake_next) cv_.notify_one();
       if (!dropped.empty()) Dropped(*q, dropped);
       if (!batch.empty()) Run(*q, batch, by_size);
       lock.lock();
-      q->running--;
-      if (!batch.empty() || !dropped.empty()) cv_.notify_all();
+      q->running--;  // this thread scans again at once: it takes q's next batch itself
     }
   }
 
@@ -883,6 +914,8 @@ class Frontend : public grpc::CallbackGenericService {
   std::mutex mu_;
   std::condition_variable cv_;
   bool running_ = false;
+  int64_t idle_ = 0;    // batch threads waiting on cv_ (mu_)
+  int64_t waking_ = 0;  // of those, notified and not yet scanning (mu_; see WakeFor)
   std::map<std::string, std::unique_ptr<Queue>> queues_;
   std::atomic<int64_t> live_calls_{0};  // Call objects not yet deleted
   std::mutex grave_mu_;
