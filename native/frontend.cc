@@ -699,6 +699,13 @@ class Frontend : public grpc::CallbackGenericService {
 
   void Work() {
     PinThreadState pin;
+    {
+      py::gil_scoped_acquire gil;
+      try {
+        hooks_.attr("thread_started")();
+      } catch (py::error_already_set&) {
+      }
+    }
     std::unique_lock<std::mutex> lock(mu_);
     while (true) {
       if (!running_) break;
