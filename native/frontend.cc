@@ -11,6 +11,7 @@
 // names, datatypes, dims, item sizes, max_batch_size, batching knobs. See
 // services/inference/native.py and the README section "Native frontend".
 
+#include <absl/synchronization/mutex.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
@@ -1419,6 +1420,11 @@ double HandoffNs(py::object fn, int n) {
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "tensorwire's native inference frontend (grpc++ from Debian); see native/frontend.cc";
+  // Debian builds abseil without NDEBUG, so every absl::Mutex that gRPC locks or
+  // destroys updated a global lock-order graph (abseil's debug-only deadlock detector:
+  // GraphCycles::GetId/InsertEdge/RemoveNode, ~3 % of the frontend's CPU under load).
+  // Only the libraries this extension loads use that abseil (grpcio's is its own).
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   m.attr("GRPC_VERSION") = grpc::Version();
   py::class_<Frontend>(m, "Frontend")
       .def(py::init<std::string, py::object, int, bool, bool, int64_t, std::string>(), py::arg("backend"),
