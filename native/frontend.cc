@@ -700,7 +700,7 @@ class Frontend : public grpc::CallbackGenericService {
 
   void Work() {
     PinThreadState pin;
-    {
+    {  // torch's thread count for this thread, as Python's inference threads set it
       py::gil_scoped_acquire gil;
       try {
         hooks_.attr("thread_started")();
