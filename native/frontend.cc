@@ -11,6 +11,7 @@
 // names, datatypes, dims, item sizes, max_batch_size, batching knobs. See
 // services/inference/native.py and the README section "Native frontend".
 
+#include <absl/synchronization/mutex.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
@@ -519,6 +520,7 @@ class Frontend : public grpc::CallbackGenericService {
     if (version.empty()) return call->Fallback();
     std::string key = model + '\0' + version;
     std::string full;
+    bool wake = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto& q = queues_[key];
@@ -534,13 +536,14 @@ class Frontend : public grpc::CallbackGenericService {
                " waiting); retry later";
       } else {
         q->items.push_back(call);
+        wake = WakeFor(*q);
       }
     }
     if (!full.empty()) {
       counters_.rejected++;
       return call->Fail(grpc::StatusCode::RESOURCE_EXHAUSTED, full);
     }
-    cv_.notify_one();
+    if (wake) cv_.notify_one();
   }
 
  private:
@@ -673,8 +676,37 @@ class Frontend : public grpc::CallbackGenericService {
     return 0;
   }
 
+  // Batch threads are woken only when one is needed (a wake-up costs both threads a
+  // context switch, more than the rest of a small batch's queueing): the push gave
+  // `q` its first item (a batch to cut, or its delay's timer to set) or a full or
+  // preferred size, `q` may start a batch (a free slot; else the thread running its
+  // batch takes the next one itself when it ends), and no woken thread is already on
+  // its way. A thread that takes a batch wakes the next if more is runnable. mu_ held.
+  bool WakeFor(const Queue& q) {
+    if (q.running >= q.spec->concurrency || idle_ <= waking_) return false;
+    if (q.items.size() != 1 && Target(q) == 0) return false;
+    waking_++;
+    return true;
+  }
+
+  // Whether a queue other than the one just cut, or that one still, has items and a
+  // free slot (mu_ held): the thread that cut a batch then wakes another for it.
+  bool MoreRunnable() const {
+    if (idle_ <= waking_) return false;
+    for (auto& [key, q] : queues_)
+      if (!q->items.empty() && q->running < q->spec->concurrency) return true;
+    return false;
+  }
+
   void Work() {
     PinThreadState pin;
+    {  // torch's thread count for this thread, as Python's inference threads set it
+      py::gil_scoped_acquire gil;
+      try {
+        hooks_.attr("thread_started")();
+      } catch (py::error_already_set&) {
+      }
+    }
     std::unique_lock<std::mutex> lock(mu_);
     while (true) {
       if (!running_) break;
@@ -692,8 +724,13 @@ class Frontend : public grpc::CallbackGenericService {
         wake = std::min(wake, cut_at);
       }
       if (!ready) {
+        idle_++;
         if (wake == Clock::time_point::max()) cv_.wait(lock);
         else cv_.wait_until(lock, wake);
+        idle_--;
+        // Whatever woke it (a notify, its timer, a spurious wake-up), it scans again;
+        // with nobody left waiting, no notify is in flight.
+        waking_ = idle_ == 0 ? 0 : std::max<int64_t>(0, waking_ - 1);
         continue;
       }
       bool by_size = Target(*ready) > 0;
@@ -705,12 +742,14 @@ class Frontend : public grpc::CallbackGenericService {
       }
       ready->running++;
       Queue* q = ready;
+      bool wake_next = MoreRunnable();
+      if (wake_next) waking_++;
       lock.unlock();
+      if (wake_next) cv_.notify_one();
       if (!dropped.empty()) Dropped(*q, dropped);
       if (!batch.empty()) Run(*q, batch, by_size);
       lock.lock();
-      q->running--;
-      if (!batch.empty() || !dropped.empty()) cv_.notify_all();
+      q->running--;  // this thread scans again at once: it takes q's next batch itself
     }
   }
 
@@ -883,6 +922,8 @@ class Frontend : public grpc::CallbackGenericService {
   std::mutex mu_;
   std::condition_variable cv_;
   bool running_ = false;
+  int64_t idle_ = 0;    // batch threads waiting on cv_ (mu_)
+  int64_t waking_ = 0;  // of those, notified and not yet scanning (mu_; see WakeFor)
   std::map<std::string, std::unique_ptr<Queue>> queues_;
   std::atomic<int64_t> live_calls_{0};  // Call objects not yet deleted
   std::mutex grave_mu_;
@@ -1379,6 +1420,11 @@ double HandoffNs(py::object fn, int n) {
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "tensorwire's native inference frontend (grpc++ from Debian); see native/frontend.cc";
+  // Debian builds abseil without NDEBUG, so every absl::Mutex that gRPC locks or
+  // destroys updated a global lock-order graph (abseil's debug-only deadlock detector:
+  // GraphCycles::GetId/InsertEdge/RemoveNode, ~3 % of the frontend's CPU under load).
+  // Only the libraries this extension loads use that abseil (grpcio's is its own).
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   m.attr("GRPC_VERSION") = grpc::Version();
   py::class_<Frontend>(m, "Frontend")
       .def(py::init<std::string, py::object, int, bool, bool, int64_t, std::string>(), py::arg("backend"),

@@ -56,6 +56,6 @@ if [ ! -f "$obj" ] || [ native/frontend.cc -nt "$obj" ] || [ "$gen/.stamp" -nt "
 fi
 objs+=("$obj")
 if [ ! -f "$target" ] || [ -n "$(find "${objs[@]}" -newer "$target")" ]; then
-  "${cxx[@]}" -shared "${objs[@]}" -o "$target" $(pkg-config --libs grpc++ protobuf)
+  "${cxx[@]}" -shared "${objs[@]}" -o "$target" $(pkg-config --libs grpc++ protobuf) -labsl_synchronization
   echo "build-native: built $target (grpc++ $(pkg-config --modversion grpc++))"
 fi

@@ -44,6 +44,7 @@ from tensorwire.rpc.rpcnames import method_path
 
 from .repository import ModelRepository
 from .servicer import MAX_STREAM_IN_FLIGHT
+from .version import set_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def _bulk_observe(histogram: Any, values: np.ndarray) -> None:
 
 class NativeHooks:
     """What the native frontend calls, with the GIL, once per model (``spec``), once
-    per token a second (``authorize``) and once per batch (``run_batch``)."""
+    per token a second (``authorize``), once per batch thread (``thread_started``) and
+    once per batch (``run_batch``)."""
 
     def __init__(self, repository: ModelRepository, authorizer: Authorizer | None, service: str) -> None:
         self._repo = repository
@@ -108,6 +110,12 @@ class NativeHooks:
         self._handled = metrics.RPC_HANDLED.labels(service, "ModelInfer", "OK")
         self._latency = metrics.RPC_LATENCY.labels(service, "ModelInfer")
         self._stream_latency = metrics.RPC_LATENCY.labels(service, "ModelStreamInfer")
+
+    def thread_started(self) -> None:
+        """Once in each native batch thread, before its first batch: torch's intra-op
+        thread count, as every inference thread sets it (OpenMP's is per calling thread:
+        left unset, each tanh of a tiny MLP woke an OpenMP worker and waited for it)."""
+        set_torch_threads(self._repo.options.torch_threads)
 
     @staticmethod
     def numpy_dtype(datatype: str) -> np.dtype:
