@@ -349,6 +349,7 @@ struct Queue {
   std::shared_ptr<const Spec> spec;
   std::deque<Item*> items;
   int64_t running = 0;
+  int64_t rejected = 0;  // refused (queue full) since the last report to Python
 };
 
 struct Counters {
@@ -534,6 +535,7 @@ class Frontend : public grpc::CallbackGenericService {
       if (static_cast<int64_t>(q->items.size()) >= spec->max_queue_size) {
         full = q->label + ": request queue is full (" + std::to_string(spec->max_queue_size) +
                " waiting); retry later";
+        q->rejected++;  // reported with the queue's next batch (no GIL on this thread)
       } else {
         q->items.push_back(call);
         wake = WakeFor(*q);
@@ -742,11 +744,13 @@ class Frontend : public grpc::CallbackGenericService {
       }
       ready->running++;
       Queue* q = ready;
+      int64_t rejected = q->rejected;
+      q->rejected = 0;
       bool wake_next = MoreRunnable();
       if (wake_next) waking_++;
       lock.unlock();
       if (wake_next) cv_.notify_one();
-      if (!dropped.empty()) Dropped(*q, dropped);
+      if (!dropped.empty() || rejected) Dropped(*q, dropped, rejected);
       if (!batch.empty()) Run(*q, batch, by_size);
       lock.lock();
       q->running--;  // this thread scans again at once: it takes q's next batch itself
@@ -755,8 +759,9 @@ class Frontend : public grpc::CallbackGenericService {
 
   // Requests dropped from a queue before their batch ran: answered (a stream's: not
   // at all) and counted where the Python batcher counts its own (dropped_cancelled,
-  // dropped_expired of the version's batcher: one GIL acquisition per such cut).
-  void Dropped(const Queue& q, const std::vector<Item*>& dropped) {
+  // dropped_expired of the version's batcher: one GIL acquisition per such cut), with
+  // those the full queue refused since the last report (its `rejected`).
+  void Dropped(const Queue& q, const std::vector<Item*>& dropped, int64_t rejected) {
     int64_t cancelled = 0, expired = 0;
     for (Item* c : dropped) {
       if (c->cancelled()) {
@@ -771,7 +776,7 @@ class Frontend : public grpc::CallbackGenericService {
     }
     py::gil_scoped_acquire gil;
     try {
-      hooks_.attr("dropped")(q.model, q.version, cancelled, expired);
+      hooks_.attr("dropped")(q.model, q.version, cancelled, expired, rejected);
     } catch (py::error_already_set&) {
     }
   }

@@ -166,15 +166,16 @@ class NativeHooks:
             return False
         return True
 
-    def dropped(self, model: str, version: str, cancelled: int, expired: int) -> None:
+    def dropped(self, model: str, version: str, cancelled: int, expired: int, rejected: int = 0) -> None:
         """Requests of ``model``/``version`` dropped from the native queue before their
         batch ran: ``cancelled`` (the client went away, or their stream ended) and
-        ``expired`` (deadline passed), counted as the Python batcher counts its own."""
+        ``expired`` (deadline passed); and ``rejected``: refused while the queue was
+        full (RESOURCE_EXHAUSTED); counted as the Python batcher counts its own."""
         try:
             batcher = self._repo.version_of(model, version).batcher
         except TensorwireError:  # unloaded meanwhile: nothing left to count on
             return
-        batcher.record_dropped(cancelled, expired)
+        batcher.record_dropped(cancelled, expired, rejected)
 
     def stream_done(self, code: str, seconds: float) -> None:
         """A natively served ModelStreamInfer stream ended: its RPC metrics, as the

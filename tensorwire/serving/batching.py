@@ -295,12 +295,14 @@ class Batcher(Generic[T, R]):
         m.queue_waits.observe_all(waits_s)
         self._record(size, elapsed_s)
 
-    def record_dropped(self, cancelled: int, expired: int) -> None:
+    def record_dropped(self, cancelled: int, expired: int, rejected: int = 0) -> None:
         """Count items that another batcher with this one's config dropped from its
         queue before their batch ran (the native inference frontend's): cancelled, or
-        past their deadline, as ``_take`` counts its own."""
+        past their deadline, as ``_take`` counts its own; and those it refused while
+        its queue was full, as :meth:`submit` counts its own."""
         self._metrics.dropped_cancelled += cancelled
         self._metrics.dropped_expired += expired
+        self._metrics.rejected += rejected
 
     # -- collector ----------------------------------------------------------
 

@@ -183,6 +183,9 @@ async def test_full_queue_is_resource_exhausted(stub, app_of) -> None:  # type: 
     for blocker in blockers:
         blocker.result(10)
     assert (await client.ModelInfer(good(), timeout=10)).model_version == "1"
+    # Both frontends count the refusals where the batcher's metrics show them (the
+    # native one reports them with the queue's next batch).
+    assert version.batcher.metrics.rejected == 3
 
 
 def test_codec_round_trips_every_datatype() -> None:
