@@ -1,5 +1,7 @@
 // Production build: minified JS (the app's entry and the chunk it shares with the
-// inference panel, which is imported after the first chart is drawn),
+// charts and the inference panel, which are imported later: the charts' before the
+// live stream on a slow link, after the first view on a fast one; the inference
+// panel's after the run list),
 // content-hashed, with .gz and .br siblings (the gateway serves them when the
 // browser accepts them), and dist/index.html pointing at the entry with the CSS
 // inlined. Prints the gzip size: what the first screen loads, and everything.
@@ -60,13 +62,19 @@ for (const file of [path.join(dist, "index.html"), ...files]) {
     params: { [constants.BROTLI_PARAM_QUALITY]: 11 },
   }));
 }
-// 84 KiB: the dashboard (run store, charts' smoothing/log/readout, export), delivery
-// feedback and the SDK's view kinds took the page from 75 to about 80 KiB; browsers
-// get the brotli file (about 15 % smaller).
-const limit = 84 * 1024;
-console.log(`bundle: ${js} + index.html with inlined CSS: first screen ${(gzFirst / 1024).toFixed(1)} KiB gzip, ` +
-  `all ${(gz / 1024).toFixed(1)} KiB gzip (JS + CSS + HTML in ${files.length + 1} files, limit 84 KiB for all)`);
-if (gz > limit) {
-  console.error("bundle is over its 84 KiB gzip budget");
+// Budgets. First screen 56 KiB: what the page needs before its first view (on a
+// fast link the charts' uPlot, the compare view and the inference panel come after;
+// at 500 kbit/s every KiB is 16 ms, and the goal is a page under 1 s there). All
+// 87 KiB: the dashboard (run store, charts' smoothing/log/readout, export), delivery
+// feedback and the SDK's view kinds took the page from 75 to about 80 KiB, and
+// splitting the charts out costs ~2 KiB of per-file compression. Browsers that
+// accept brotli get files about 15 % smaller.
+const firstLimit = 56 * 1024;
+const limit = 87 * 1024;
+console.log(`bundle: ${js} + index.html with inlined CSS: first screen ${(gzFirst / 1024).toFixed(1)} KiB gzip ` +
+  `(limit ${firstLimit / 1024}), all ${(gz / 1024).toFixed(1)} KiB gzip (JS + CSS + HTML in ${files.length + 1} files, ` +
+  `limit ${limit / 1024} KiB for all)`);
+if (gz > limit || gzFirst > firstLimit) {
+  console.error("bundle is over its gzip budget");
   process.exit(1);
 }
