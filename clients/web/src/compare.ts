@@ -7,7 +7,7 @@ import uPlot from "uplot";
 import type { ScalarSeries } from "./gen/tensorwire/common/v1/common_pb";
 import type { Run } from "./gen/tensorwire/trainer/v1/trainer_pb";
 import { RunState } from "./gen/tensorwire/common/v1/common_pb";
-import { type ChartOptions, COLORS, smooth } from "./series";
+import { type ChartOptions, COLORS, smooth } from "./charts";
 import { runScalars } from "./rpc";
 
 /** Buckets per series and run: about one per pixel of a wide chart. */

@@ -2,16 +2,14 @@
 // live badge, connection indicator, inference panel. Frames only update state;
 // drawing happens in at most one requestAnimationFrame callback at a time.
 import "./style.css";
-import "uplot/dist/uPlot.min.css";  // the charts' CSS, inlined in the page; their code comes later
 import type { Frame } from "./gen/tensorwire/streamer/v1/streamer_pb";
 import { RunState, type RunStatus } from "./gen/tensorwire/common/v1/common_pb";
 import type { Run, TaskInfo } from "./gen/tensorwire/trainer/v1/trainer_pb";
 import * as rpc from "./rpc";
 import { decodeAll } from "./decode";
 import { drawView, type LiveView } from "./views";
-import type { ChartPanel } from "./charts";
-import type { CompareView } from "./compare";
-import { type ChartOptions, Series } from "./series";
+import { ChartPanel, Series } from "./charts";
+import { CompareView } from "./compare";
 
 const $ = <T extends HTMLElement>(sel: string, root: ParentNode = document): T => root.querySelector(sel) as T;
 const h = <K extends keyof HTMLElementTagNameMap>(tag: K, props: Partial<HTMLElementTagNameMap[K]> = {}, ...kids: (Node | string)[]): HTMLElementTagNameMap[K] => {
@@ -82,17 +80,11 @@ const stats = {
   get viewProducedAt() { return live.viewProducedAt; },
   get runId() { return live.runId; },
   get state() { return RunState[currentState()] === "UNSPECIFIED" ? "" : RunState[currentState()]; },
-  get charts() { return charts?.describe() ?? {}; },
+  get charts() { return charts.describe(); },
   get compare() { return compare?.describe() ?? {}; },
   /** Milliseconds from navigation start to the first chart with points on screen,
    *  and to the start of the subscription that brought them (the run's history). */
   firstChartMs: 0,
-  /** Milliseconds from navigation start to the first live view on screen. */
-  firstViewMs: 0,
-  /** The link's speed the page estimated from its first screen (kbit/s, 0: unknown),
-   *  and whether it fetched the charts' code before the live stream (a slow link). */
-  get linkKbps() { return Math.round(linkKbps); },
-  get chartsBeforeStream() { return chartsBeforeStream !== null; },
   subscribedMs: 0,
   get runsShown() { return runs.map((r) => r.runId); },
   get updatesPerS() { return updatesPerSecond(); },
@@ -164,69 +156,7 @@ app.append(
 
 const conn = $("#conn");
 const badge = $("#badge");
-// The charts' code (uPlot: a third of the first screen's bytes) is not in the first
-// download. When it comes depends on the link, estimated from what the first screen
-// took to arrive (linkKbps):
-//  - a fast link (>= FAST_LINK_KBPS) fetches it when there are points to draw: at
-//    once for a run that is not running, after the first view for a running one,
-//    or CHARTS_WAIT_FOR_VIEW_MS after the first points when no view comes (a
-//    script that logs scalars only). The points wait in live.series.
-//  - a link so fast the chunk costs it nothing (>= INSTANT_LINK_KBPS: the same
-//    machine, a LAN) fetches it at once, beside the live stream: the charts are
-//    ready before the first points, as with one bundle, and the chunk's compile
-//    and the first charts' drawing do not land in the first seconds of the stream.
-//  - a slow link, or one the page cannot measure, fetches it at once, and the
-//    live stream starts only once it is in: the same bytes in the same order as a
-//    single bundle. Fetched after the first view at 64 kbit/s, its ~20 KB shared
-//    the link with the stream for ~3 s (view lag p95 0.65 s -> 4.6 s).
-let charts: ChartPanel | null = null;
-let chartOptions: ChartOptions = { smoothing: 0.6, log: false };
-let chartsLoad: Promise<void> | null = null;
-let chartsLoadTimer = 0;
-const CHARTS_WAIT_FOR_VIEW_MS = 1000;
-/** At 256 kbit/s the charts' chunk holds the stream back ~0.6 s, once; at 64 kbit/s
- *  2.5-3 s. The bound is also half the 500 kbit/s the small first screen is for, so
- *  an estimate that errs low (it counts the request's round trip) still finds it. */
-const FAST_LINK_KBPS = 256;
-/** 8 Mbit/s: the charts' ~23 KiB take under 25 ms. */
-const INSTANT_LINK_KBPS = 8000;
-/** Below this the first screen's timing says more about latency than bandwidth. */
-const MIN_MEASURED_BYTES = 16 * 1024;
-
-/** The link's speed in kbit/s from the first screen's scripts (the entry and the
- *  chunks preloaded with it, fetched together): their bytes over the time from the
- *  first request to the last byte. 0 when it cannot tell. A cached file counts
- *  its encoded size over (almost) no time: a fast link, as far as the page cares. */
-function measureLinkKbps(): number {
-  const assets = (performance.getEntriesByType("resource") as PerformanceResourceTiming[])
-    .filter((r) => r.name.includes("/assets/") && r.name.endsWith(".js") && r.responseEnd > 0);
-  if (!assets.length) return 0;
-  const bytes = assets.reduce((sum, r) => sum + (r.transferSize || r.encodedBodySize), 0);
-  const start = Math.min(...assets.map((r) => r.requestStart || r.startTime));
-  const end = Math.max(...assets.map((r) => r.responseEnd));
-  if (bytes < MIN_MEASURED_BYTES) return 0;
-  return (bytes * 8) / Math.max(end - start, 1);  // bits per ms = kbit/s
-}
-const linkKbps = measureLinkKbps();
-/** On a slow link: the charts' code, which the live stream waits for. */
-const chartsBeforeStream: Promise<void> | null = linkKbps >= FAST_LINK_KBPS ? null : loadCharts();
-if (linkKbps >= INSTANT_LINK_KBPS) void loadCharts();
-
-function loadCharts(): Promise<void> {
-  clearTimeout(chartsLoadTimer);
-  return chartsLoad ??= import("./charts").then((m) => {
-    charts = new m.ChartPanel(chartsRoot, chartOptions);
-    invalidate("charts");
-  }, (err: unknown) => {
-    chartsLoad = null;  // the next points try again
-    message.textContent = `charts: ${rpc.describeError(err)}`;
-  });
-}
-function wantCharts(): void {
-  if (chartsLoad) return;
-  if (live.view || currentState() !== RunState.RUNNING) void loadCharts();
-  else chartsLoadTimer ||= window.setTimeout(loadCharts, CHARTS_WAIT_FOR_VIEW_MS);
-}
+const charts = new ChartPanel(chartsRoot);
 let compare: CompareView | null = null;
 // Not needed for the first chart: loaded once the run list is in (a smaller first download).
 const loadInference = () => import("./inference").then((m) => new m.InferencePanel(inferRoot));
@@ -266,13 +196,11 @@ function render(): void {
     takeView();
     live.viewLabel = drawView(viewCanvas, live.view);
     setText(viewInfo, live.view ? `step ${live.view.step}${live.viewLabel ? " · " + live.viewLabel : ""}` : "");
-    if (live.view && !stats.firstViewMs) stats.firstViewMs = performance.now();
   }
   // Charts redraw whole (uPlot). They redraw in the frames that redraw the view
   // anyway, or after CHARTS_MAX_WAIT_MS: every changed canvas is copied to the
   // compositor at commit, so fewer frames with canvas changes keep commits short.
-  if ((drewView && live.view) || dirty.has("charts")) wantCharts();
-  if (dirty.has("charts") && charts) {
+  if (dirty.has("charts")) {
     const since = performance.now() - lastChartsAt;
     if ((drewView && since >= CHARTS_MIN_INTERVAL_MS) || since >= CHARTS_MAX_WAIT_MS) {
       lastChartsAt = performance.now();
@@ -442,7 +370,7 @@ function watch(runId: string): void {
     runId, status: null, serverStep: 0, pendingStep: 0, pendingProducedAt: 0, displayedStep: 0,
     lagS: 0, viewProducedAt: 0, arrivals: [], series: new Map(), view: null, nextView: null,
   });
-  charts?.clear();
+  charts.clear();
   const abort = new AbortController();
   live.abort = abort;
   const run = runs.find((r) => r.runId === runId);
@@ -454,15 +382,8 @@ function watch(runId: string): void {
   const q = new URLSearchParams(location.search);
   q.set("run", runId);
   history.replaceState(null, "", `?${q}`);
-  const follow = () => {
-    if (abort.signal.aborted) return;
-    if (!stats.firstChartMs) stats.subscribedMs = performance.now();
-    void rpc.followRun(runId, { frame: onFrame, state: onConnection, clockOffset: onClockOffset }, abort.signal, tuning);
-  };
-  // On a slow link the stream starts once the charts' code is in (it never fails:
-  // charts that could not load are fetched again with the next points).
-  if (chartsBeforeStream) void chartsBeforeStream.then(follow);
-  else follow();
+  if (!stats.firstChartMs) stats.subscribedMs = performance.now();
+  void rpc.followRun(runId, { frame: onFrame, state: onConnection, clockOffset: onClockOffset }, abort.signal, tuning);
 }
 
 // ------------------------------------------------------------------ runs & controls
@@ -613,8 +534,8 @@ async function showCompare(): Promise<void> {
   compareCard.hidden = false;
   compareTitle.textContent = `Compare ${chosen.length} run${chosen.length > 1 ? "s" : ""}`;
   try {
-    compare ??= new (await import("./compare")).CompareView(compareRoot);
-    await compare.show(chosen, chartOptions);
+    compare ??= new CompareView(compareRoot);
+    await compare.show(chosen, charts.options);
   } catch (err) {
     message.textContent = `compare: ${rpc.describeError(err)}`;
   }
@@ -667,7 +588,7 @@ deleteBtn.onclick = async () => {
     await rpc.deleteRun(id);
     live.abort?.abort();
     live.runId = "";
-    charts?.clear();
+    charts.clear();
     message.textContent = `run ${id} deleted`;
     await refreshRuns();
   } catch (err) {
@@ -677,14 +598,12 @@ deleteBtn.onclick = async () => {
 smoothing.oninput = () => {
   const weight = Number(smoothing.value);
   smoothingOut.textContent = weight.toFixed(2);
-  chartOptions = { ...chartOptions, smoothing: weight };
-  charts?.setOptions(chartOptions, live.series);
-  if (!compareCard.hidden) compare?.redraw(chartOptions);
+  charts.setOptions({ smoothing: weight }, live.series);
+  if (!compareCard.hidden) compare?.redraw(charts.options);
 };
 logScale.onchange = () => {
-  chartOptions = { ...chartOptions, log: logScale.checked };
-  charts?.setOptions(chartOptions, live.series);
-  if (!compareCard.hidden) compare?.redraw(chartOptions);
+  charts.setOptions({ log: logScale.checked }, live.series);
+  if (!compareCard.hidden) compare?.redraw(charts.options);
 };
 
 startBtn.onclick = async () => {
@@ -795,13 +714,7 @@ async function loadTasks(): Promise<void> {
 }
 
 async function boot(): Promise<void> {
-  // On a slow link the rest (the inference panel's code and calls, the run list's
-  // 5 s refresh) waits for the charts' code, as the stream does: it follows the
-  // stream's start, as with one bundle. Started before the stream, it ran into the
-  // stream's first seconds (the snapshot fills a 64 kbit/s link for ~3 s): its
-  // responses, and the acks the stream's pacing waits for, queued behind it (a view
-  // lag of 4-5 s after the first view in a third of the loads).
-  await Promise.all([loadTasks(), refreshRuns(), chartsBeforeStream]);
+  await Promise.all([loadTasks(), refreshRuns()]);
   void loadInference();
   renderParams();
   invalidate("view");
