@@ -86,7 +86,7 @@ def test_loads_fast_and_shows_the_run_learning(stack: Stack) -> None:
     # the bounds keep a margin for a shared machine. A load spoiled by someone else's
     # burst (CI once read a first paint of 1112 ms after a load event at 1008 ms) is
     # measured again in a fresh context, at most twice; a page that is itself slow
-    # fails every load. At 500 kbit/s: tests/e2e/test_slow_link.py (issue 17).
+    # fails every load. Making the first paint smaller is open work (issue 17).
     timings = []
     for _ in range(3):
         with browser() as context:
