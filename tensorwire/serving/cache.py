@@ -1077,15 +1077,8 @@ class RedisCache(ResponseCache):
             self._aside_timer.cancel()
             self._aside_timer = None
         batch, self._aside, self._aside_keys = self._aside, [], 0
-        if not batch:
-            return
         self._take_handed()
-        if not self._may_try():  # (claims the probe when one is due: these lookups are it)
-            for keys, deliver in batch:
-                self.stats.bypassed += len(keys)
-                deliver([None] * len(keys))
-            return
-        for keys, deliver in batch:
+        for keys, deliver in batch:  # _send_lookups gates them (misses within a backoff)
             self._queue_lookup(keys, deliver)
 
     def _deliver_aside(self, done: Callable[[list[bytes | None]], None], values: list[bytes | None]) -> None:
