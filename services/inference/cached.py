@@ -123,20 +123,22 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
             loop.call_soon_threadsafe(rate.add, values)
         else:  # answered here, in the batch thread
             rate.add(values)
-    for i, value in enumerate(values):
-        if value is None:
-            continue
-        try:
-            found[i] = {name: (datatype, array) for name, datatype, array in decode_tensors(value)}
-        except (ValueError, KeyError, struct.error) as exc:
-            cache.stats.errors += 1
-            log.warning("response cache entry of %s:%s unreadable (%s); running the model",
-                        version.name, version.version, exc)
+    if values.count(None) < len(values):
+        for i, value in enumerate(values):
+            if value is None:
+                continue
+            try:
+                found[i] = {name: (datatype, array) for name, datatype, array in decode_tensors(value)}
+            except (ValueError, KeyError, struct.error) as exc:
+                cache.stats.errors += 1
+                log.warning("response cache entry of %s:%s unreadable (%s); running the model",
+                            version.name, version.version, exc)
     lookup_s = time.perf_counter() - start
-    misses = [i for i in range(len(rows)) if i not in found]
     if not found:
+        misses = list(range(len(rows)))
         outs = version.forward_columns(columns, len(rows))
     else:
+        misses = [i for i in range(len(rows)) if i not in found]
         ran: list[np.ndarray] = []
         if misses:
             ran = version.forward_columns(
@@ -144,16 +146,16 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
                 len(misses))
         outs = _merge_answers(version, ran, misses, found, bounds)
     stored = time.perf_counter()
-    answers = [(spec.name, spec.datatype, np.ascontiguousarray(out, dtype=NUMPY_DTYPES[spec.datatype]))
-               for spec, out in zip(version.outputs, outs)]
-    names = [spec.name for spec in version.outputs]
-    writes = []
-    for i in misses:
-        if not rate.admit(keys[i]):
-            continue
-        picked = [answers[names.index(name)] for name in wanted[i]] if wanted[i] else answers
-        writes.append((keys[i], encode_rows(picked, bounds[i], bounds[i + 1])))
-    cache.put_many_from_thread(writes, loop)
+    admitted = rate.admit_many([keys[i] for i in misses] if found else keys)
+    if admitted:
+        answers = [(spec.name, spec.datatype, np.ascontiguousarray(out, dtype=NUMPY_DTYPES[spec.datatype]))
+                   for spec, out in zip(version.outputs, outs)]
+        names = [spec.name for spec in version.outputs]
+        writes = []
+        for i in (misses[j] for j in admitted):
+            picked = [answers[names.index(name)] for name in wanted[i]] if wanted[i] else answers
+            writes.append((keys[i], encode_rows(picked, bounds[i], bounds[i + 1])))
+        cache.put_many_from_thread(writes, loop)
     stats = version.stats
     if found:
         stats.cache_hit.add(lookup_s * len(found), len(found))

@@ -571,7 +571,18 @@ class LocalCache(ResponseCache):
             return value
 
     def lookup_from_thread(self, keys: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> list[bytes | None]:
-        return [self._get(key) for key in keys]
+        """Every key under one hold of the lock (a native batch's lookups)."""
+        with self._lock:
+            entries = self._entries
+            values = [entries.get(key) for key in keys]
+            misses = values.count(None)
+            if misses < len(values):
+                for key, value in zip(keys, values):
+                    if value is not None:
+                        entries.move_to_end(key)
+            self.stats.hits += len(values) - misses
+            self.stats.misses += misses
+        return values
 
     def put_many_from_thread(self, items: Sequence[tuple[bytes, bytes]], loop: asyncio.AbstractEventLoop) -> None:
         self._put_many(items)
@@ -654,7 +665,7 @@ class HitRate:
         """Note a lookup's answers (None: a miss)."""
         if not values:
             return
-        found = sum(value is not None for value in values)
+        found = len(values) - values.count(None)
         weight = min(1.0, len(values) / self.WINDOW)
         self.ratio += weight * (found / len(values) - self.ratio)
         if self.racing:
@@ -678,6 +689,18 @@ class HitRate:
             seen.clear()
         seen.add(key)
         return False
+
+    def admit_many(self, keys: Sequence[bytes]) -> list[int]:
+        """:meth:`admit` of each of ``keys`` (a native batch's misses): the indexes of
+        those whose answers are stored."""
+        if not self.racing:
+            return list(range(len(keys)))
+        seen = self._seen
+        admitted = [i for i, key in enumerate(keys) if key in seen]
+        if len(seen) + len(keys) > self.SEEN_MAX:
+            seen.clear()
+        seen.update(keys)
+        return admitted
 
 
 KEY_PREFIX = "tensorwire:response:"

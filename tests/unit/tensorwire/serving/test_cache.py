@@ -234,6 +234,29 @@ async def test_local_cache_is_a_byte_bounded_lru() -> None:
     assert "2 entries" in repr(cache)
 
 
+def test_a_native_batchs_lookups_count_and_refresh_as_single_ones() -> None:
+    """``lookup_from_thread`` of many keys (one hold of the lock): the same values,
+    hit/miss counts and recency as one ``get`` each."""
+    import asyncio
+
+    value = bytes(100)
+    cost = 16 + 100 + ENTRY_OVERHEAD_BYTES
+    cache = LocalCache(size_bytes=3 * cost)
+    keys = [bytes([i]) * 16 for i in range(4)]
+    for k in keys[:3]:
+        cache.put(k, value)
+    loop = asyncio.new_event_loop()
+    try:
+        assert cache.lookup_from_thread([keys[3], keys[0], keys[3]], loop) == [None, value, None]
+        assert (cache.stats.hits, cache.stats.misses) == (1, 2)
+        assert cache.lookup_from_thread([keys[3]], loop) == [None]
+    finally:
+        loop.close()
+    cache.put(keys[3], value)  # evicts 1: 0 was used since
+    assert cache.lookup_from_thread(keys, loop) == [value, None, value, value]
+    assert (cache.stats.hits, cache.stats.misses) == (4, 4)
+
+
 async def test_local_cache_refuses_entries_over_its_limit() -> None:
     cache = LocalCache(size_bytes=10_000, max_entry_bytes=64)
     cache.put(b"k" * 16, bytes(65))

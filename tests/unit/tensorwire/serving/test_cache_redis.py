@@ -258,6 +258,23 @@ def test_while_racing_an_answer_is_stored_at_the_second_sighting_of_its_key() ->
     assert not rate.admit(key(1))  # forgotten when racing ended
 
 
+def test_a_native_batchs_doorkeeper_admits_as_one_request_at_a_time_would() -> None:
+    """``admit_many`` (a native batch's misses): the indexes of the keys seen before;
+    every key is noted; when full it starts over."""
+    from tensorwire.serving.cache import HitRate
+
+    rate = HitRate()
+    assert rate.admit_many([key(1), key(2)]) == [0, 1]  # lookups first: every answer is stored
+    while not rate.racing:
+        rate.add([None])
+    assert rate.admit_many([key(1), key(2)]) == []
+    assert rate.admit_many([key(3), key(2), key(1), key(4)]) == [1, 2]
+    assert rate.admit(key(3)) and rate.admit(key(4))
+    rate.admit_many([key(i) for i in range(100, 100 + HitRate.SEEN_MAX - 10)])
+    assert rate.admit_many([key(5) for _ in range(11)]) == []  # full: it started over
+    assert rate.admit_many([key(5), key(1)]) == [0]
+
+
 async def test_lookups_aside_gather_into_one_round_trip(fake_redis: FakeRedis,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Nobody waits for a lookup aside: those made within ASIDE_DELAY_S go in one MGET
