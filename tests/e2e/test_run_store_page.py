@@ -64,12 +64,26 @@ def test_chart_tools_smoothing_log_scale_and_export(suite: Stack) -> None:
         page.click("#log-scale")
         page.wait_for_function("() => window.tensorwire.charts.loss && window.tensorwire.charts.loss.log", timeout=10_000)
         # The value of every series at the cursor (axis titles are on the canvas: screenshot).
-        over = page.locator('.chart[data-series="loss"] .u-over')
+        over = page.locator('.chart[data-series="loss"] .plot-over')
         over.hover()  # scrolled into view, the pointer at its centre
         page.mouse.move(center(over)[0] + 5, center(over)[1])
         page.wait_for_function("""() => /^step \\d+ · loss [-0-9.e]+ · smoothed [-0-9.e]+$/.test(
             document.querySelector('.chart[data-series="loss"] .readout').textContent)""", timeout=10_000)
         screenshot(page, "store-chart-tools")
+        # Drag across the chart to zoom in on those steps; a double-click shows them all again.
+        box = over.bounding_box()
+        assert box is not None
+        full = page.evaluate("() => window.tensorwire.charts.loss.range")
+        y = box["y"] + box["height"] / 2
+        page.mouse.move(box["x"] + box["width"] * 0.4, y)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.5, y, steps=4)
+        page.mouse.up()
+        zoomed = page.evaluate("() => window.tensorwire.charts.loss.range")
+        assert full[0] < zoomed[0] < zoomed[1] and zoomed[1] - zoomed[0] < 0.2 * (full[1] - full[0]), (full, zoomed)
+        page.mouse.dblclick(box["x"] + box["width"] / 2, y)
+        page.wait_for_function(f"() => window.tensorwire.charts.loss.range[1] >= {full[1]}", timeout=10_000)
+        assert page.evaluate("() => window.tensorwire.charts.loss.range[0]") <= full[0] + 1
         # Export: the page's own link, fetched as the page does (with the tab's token;
         # without one the trainer refuses it).
         href = page.get_attribute("#export-csv", "href")
@@ -160,13 +174,13 @@ def test_runs_table_sorts_filters_and_compares_runs(suite: Stack) -> None:
         assert compare["loss"]["runs"] == [fast, slow] and compare["loss"]["band"], compare
         assert set(compare) >= {"loss", "accuracy"}
         assert 2000 <= compare["loss"]["points"] <= 2 * 1024, compare  # down-sampled, not 5,000 points
-        legend = page.locator('.compare-chart[data-series="loss"] .u-legend')
+        legend = page.locator('.compare-chart[data-series="loss"] .plot-legend')
         assert "cmp-lr-fast" in legend.inner_text() and "cmp-lr-slow" in legend.inner_text()
-        chart = page.locator('.compare-chart[data-series="loss"] .u-over')
+        chart = page.locator('.compare-chart[data-series="loss"] .plot-over')
         chart.scroll_into_view_if_needed()
         chart.hover()  # the legend shows each run's value at the cursor
         values = page.eval_on_selector_all(
-            '.compare-chart[data-series="loss"] .u-legend tr.u-series:not(.band-edge) .u-value',
+            '.compare-chart[data-series="loss"] .plot-legend td.value',
             "cells => cells.map(c => c.textContent)")
         assert len(values) == 3 and all(re.fullmatch(r"[-0-9.,e]+", v) for v in values), values  # step + 2 runs
         page.click("#log-scale")  # the chart tools apply to the comparison too

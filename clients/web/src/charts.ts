@@ -1,15 +1,14 @@
-// Scalar series (loss, accuracy, ...) as uPlot line charts, one per series.
+// Scalar series (loss, accuracy, ...) as line charts, one per series.
 // Points arrive in batches from the streamer (merged, never dropped); they are
 // appended by step so a reconnect's snapshot never duplicates or reorders them.
-import uPlot from "uplot";
-import "uplot/dist/uPlot.min.css";
+import { formatValue, type Line, nearest, Plot } from "./plot";
 
 const MAX_POINTS = 4000;
 export const COLORS = ["#fb8c00", "#42a5f5", "#66bb6a", "#ab47bc", "#ef5350", "#26c6da"];
 
 export class Series {
   steps: number[] = [];
-  // null where a value was NaN or infinite: uPlot draws a gap there.
+  // null where a value was NaN or infinite: the chart draws a gap there.
   values: (number | null)[] = [];
   /** Each point's raw min and max (the point itself unless it is a bucket). */
   lo: (number | null)[] = [];
@@ -94,7 +93,8 @@ export function smooth(values: readonly (number | null)[], weight: number): (num
   return out;
 }
 
-type Chart = { plot: uPlot; box: HTMLElement; color: string; banded: boolean; last: number | null; lastSmoothed: number | null };
+type Chart = { plot: Plot; box: HTMLElement; readout: HTMLElement; color: string; steps: readonly number[];
+                raw: readonly (number | null)[]; smoothed: (number | null)[]; banded: boolean };
 
 export interface ChartInfo {
   log: boolean;
@@ -104,6 +104,8 @@ export interface ChartInfo {
   /** Points drawn, and whether a raw min/max band is drawn (down-sampled points). */
   points: number;
   band: boolean;
+  /** The steps shown (drag to zoom in, double-click to reset). */
+  range: [number, number];
 }
 
 export class ChartPanel {
@@ -135,8 +137,10 @@ export class ChartPanel {
   describe(): Record<string, ChartInfo> {
     const out: Record<string, ChartInfo> = {};
     for (const [name, c] of this.charts) {
-      out[name] = { log: this.options.log, smoothing: this.options.smoothing, last: c.last, lastSmoothed: c.lastSmoothed,
-                    points: c.plot.data[0].length, band: c.banded };
+      out[name] = { log: this.options.log, smoothing: this.options.smoothing,
+                    last: c.raw.length ? c.raw[c.raw.length - 1] : null,
+                    lastSmoothed: c.smoothed.length ? c.smoothed[c.smoothed.length - 1] : null,
+                    points: c.steps.length, band: c.banded, range: c.plot.range };
     }
     return out;
   }
@@ -147,20 +151,20 @@ export class ChartPanel {
     for (const [name, s] of series) {
       if (!s.dirty) continue;
       s.dirty = false;
-      let chart = this.charts.get(name);
-      if (chart && chart.banded !== s.banded) {  // the band's two series join the chart, in place
-        const old = chart;
-        chart = this.add(name, s.banded, old.color);
-        old.box.replaceWith(chart.box);
-        old.plot.destroy();
-      }
-      if (!chart) chart = this.add(name, s.banded);
-      const smoothed = smooth(s.values, smoothing);
+      const chart = this.charts.get(name) ?? this.add(name);
       const positive = (v: number | null) => (v === null || (log && !(v > 0)) ? null : v);
-      chart.last = s.values.length ? s.values[s.values.length - 1] : null;
-      chart.lastSmoothed = smoothed.length ? smoothed[smoothed.length - 1] : null;
-      const data: uPlot.AlignedData = [s.steps, s.values.map(positive), smoothed.map(positive)];
-      chart.plot.setData(s.banded ? [...data, s.lo.map(positive), s.hi.map(positive)] : data);
+      chart.steps = s.steps.slice();  // what is drawn, while the series grows
+      chart.raw = s.values.slice();
+      chart.smoothed = smooth(s.values, smoothing);
+      chart.banded = s.banded;
+      const { color } = chart;
+      const lines: Line[] = [
+        { label: "raw", color: `${color}55`, width: 1, x: chart.steps, y: chart.raw.map(positive),
+          band: s.banded ? { lo: s.lo.map(positive), hi: s.hi.map(positive), fill: `${color}30` } : undefined },
+        { label: smoothing > 0 ? `${name} (smoothed)` : name, color, width: 1.5, x: chart.steps,
+          y: chart.smoothed.map(positive) },
+      ];
+      chart.plot.setData(lines);
     }
   }
 
@@ -168,66 +172,37 @@ export class ChartPanel {
     return Math.max(240, this.root.clientWidth - 4);
   }
 
-  private add(name: string, banded: boolean, color = COLORS[this.charts.size % COLORS.length]): Chart {
+  private add(name: string): Chart {
     const box = document.createElement("div");
     box.className = "chart";
     box.dataset.series = name;
     const readout = document.createElement("div");
     readout.className = "readout";
     this.root.append(box);
-    const axis = { stroke: "#8b949e", grid: { stroke: "#222a33" }, ticks: { stroke: "#222a33" } };
-    const plot = new uPlot(
-      {
-        width: this.width(),
-        height: 170,
-        title: name,
-        // uPlot's own legend re-renders with every setData (measured: long tasks and
-        // dropped frames while streaming); a readout written only on cursor moves
-        // shows every series' value at the cursor instead.
-        legend: { show: false },
-        hooks: { setCursor: [(u) => this.readout(u, readout, name)] },
-        // Drag to zoom in on steps; double-click resets.
-        cursor: { drag: { x: true, y: false } },
-        scales: { x: { time: false }, y: this.options.log ? { distr: 3 } : {} },
-        axes: [
-          { ...axis, label: "step", labelSize: 16 },
-          { ...axis, size: 56, label: name, labelSize: 16 },
-        ],
-        series: [
-          { label: "step" },
-          { label: "raw", stroke: `${color}55`, width: 1, points: { show: false } },
-          { label: this.options.smoothing > 0 ? `${name} (smoothed)` : name, stroke: color, width: 1.5,
-            points: { show: false } },
-          // The raw min/max of down-sampled points: a band between these two.
-          ...(banded ? [{ label: "min", stroke: "transparent", width: 0, points: { show: false } },
-                        { label: "max", stroke: "transparent", width: 0, points: { show: false } }] : []),
-        ],
-        bands: banded ? [{ series: [4, 3], fill: `${color}30` }] : [],
-      },
-      banded ? [[], [], [], [], []] : [[], [], []],
-      box,
-    );
+    const chart: Chart = { plot: null as unknown as Plot, box, readout, color: COLORS[this.charts.size % COLORS.length],
+                           steps: [], raw: [], smoothed: [], banded: false };
+    // A readout written only on cursor moves shows the values at the cursor (a legend
+    // rewritten with every new point would cost long tasks while streaming).
+    chart.plot = new Plot(box, this.width(), { title: name, yLabel: name, height: 170, log: this.options.log,
+                                              onCursor: (x) => this.readout(chart, name, x) });
     box.append(readout);
-    const chart = { plot, box, color, banded, last: null, lastSmoothed: null };
     this.charts.set(name, chart);
     return chart;
   }
 
   /** "step N · raw v · smoothed v" at the cursor (written only when it changes). */
-  private readout(u: uPlot, el: HTMLElement, name: string): void {
-    const i = u.cursor.idx;
+  private readout(chart: Chart, name: string, x: number | null): void {
+    const i = x === null ? -1 : nearest(chart.steps, x);
     let text = "";
-    if (i != null) {
-      const fmt = (v: number | null | undefined) => (v == null ? "–" : Math.abs(v) >= 0.01 || v === 0 ? v.toPrecision(4) : v.toExponential(3));
-      const [steps, raw, smoothed] = u.data;
-      text = `step ${steps[i]} · ${name} ${fmt(raw[i])}`;
-      if (this.options.smoothing > 0) text += ` · smoothed ${fmt(smoothed[i])}`;
+    if (i >= 0) {
+      text = `step ${chart.steps[i]} · ${name} ${formatValue(chart.raw[i])}`;
+      if (this.options.smoothing > 0) text += ` · smoothed ${formatValue(chart.smoothed[i])}`;
     }
-    if (el.textContent !== text) el.textContent = text;
+    if (chart.readout.textContent !== text) chart.readout.textContent = text;
   }
 
   private resize(): void {
     const width = this.width();
-    for (const { plot } of this.charts.values()) plot.setSize({ width, height: 170 });
+    for (const { plot } of this.charts.values()) plot.setWidth(width);
   }
 }

@@ -3,11 +3,11 @@
 // value at the cursor), and each run's raw min/max band where its history is
 // down-sampled. The histories come from the run store (GetRunScalars), so ended
 // and interrupted runs compare as well as live ones.
-import uPlot from "uplot";
 import type { ScalarSeries } from "./gen/tensorwire/common/v1/common_pb";
 import type { Run } from "./gen/tensorwire/trainer/v1/trainer_pb";
 import { RunState } from "./gen/tensorwire/common/v1/common_pb";
 import { type ChartOptions, COLORS, smooth } from "./charts";
+import { type Line, Plot } from "./plot";
 import { runScalars } from "./rpc";
 
 /** Buckets per series and run: about one per pixel of a wide chart. */
@@ -21,7 +21,7 @@ export interface CompareInfo {
 }
 
 export class CompareView {
-  private plots = new Map<string, { plot: uPlot; box: HTMLElement; info: CompareInfo }>();
+  private plots = new Map<string, { plot: Plot; box: HTMLElement; info: CompareInfo }>();
   /** Histories of ended runs (they do not change); live runs are fetched again. */
   private cache = new Map<string, ScalarSeries[]>();
   private shown: { run: Run; series: ScalarSeries[] }[] = [];
@@ -30,7 +30,7 @@ export class CompareView {
 
   constructor(private readonly root: HTMLElement) {
     new ResizeObserver(() => {
-      for (const { plot } of this.plots.values()) plot.setSize({ width: this.width(), height: 220 });
+      for (const { plot } of this.plots.values()) plot.setWidth(this.width());
     }).observe(root);
   }
 
@@ -85,11 +85,8 @@ export class CompareView {
     const names = [...new Set(histories.flatMap((h) => h.series.map((s) => s.name)))]
       .sort((a, b) => (a === "loss" ? -1 : b === "loss" ? 1 : a.localeCompare(b)));
     const positive = (v: number | null) => (v === null || !Number.isFinite(v) || (options.log && !(v > 0)) ? null : v);
-    const axis = { stroke: "#8b949e", grid: { stroke: "#222a33" }, ticks: { stroke: "#222a33" } };
     for (const name of names) {
-      const tables: uPlot.AlignedData[] = [];
-      const series: uPlot.Series[] = [{ label: "step" }];
-      const bands: uPlot.Band[] = [];
+      const lines: Line[] = [];
       const info: CompareInfo = { runs: [], band: false, points: 0 };
       histories.forEach(({ run, series: all }, i) => {
         const s = all.find((x) => x.name === name);
@@ -98,35 +95,26 @@ export class CompareView {
         const steps = s.steps.map(Number);
         const values = s.values.map((v) => (Number.isFinite(v) ? v : null));
         const bucketed = s.min.length === s.values.length && s.max.length === s.values.length;
-        tables.push([steps, smooth(values, options.smoothing).map(positive),
-                     (bucketed ? s.min : values).map((v) => positive(v)),
-                     (bucketed ? s.max : values).map((v) => positive(v))]);
-        const at = series.length;
-        series.push(
-          { label: run.name || `${run.task} ${run.runId}`, stroke: color, width: 1.5, spanGaps: true, points: { show: false } },
-          { label: "min", class: "band-edge", stroke: "transparent", width: 0, spanGaps: true, points: { show: false } },
-          { label: "max", class: "band-edge", stroke: "transparent", width: 0, spanGaps: true, points: { show: false } },
-        );
-        if (bucketed) bands.push({ series: [at + 2, at + 1], fill: `${color}30` });
+        lines.push({
+          label: run.name || `${run.task} ${run.runId}`, color, width: 1.5, spanGaps: true, x: steps,
+          y: smooth(values, options.smoothing).map(positive),
+          band: bucketed ? { lo: s.min.map(positive), hi: s.max.map(positive), fill: `${color}30` } : undefined,
+        });
         info.runs.push(run.runId);
         info.band ||= bucketed;
         info.points += steps.length;
       });
-      if (!tables.length) continue;
+      if (!lines.length) continue;
       const box = document.createElement("div");
       box.className = "chart compare-chart";
       box.dataset.series = name;
       this.root.append(box);
-      const plot = new uPlot({
-        width: this.width(),
-        height: 220,
-        title: `${name}${options.smoothing > 0 ? " (smoothed)" : ""}`,
-        cursor: { drag: { x: true, y: false } },  // drag to zoom; double-click resets
-        scales: { x: { time: false }, y: options.log ? { distr: 3 } : {} },
-        axes: [{ ...axis, label: "step", labelSize: 16 }, { ...axis, size: 56, label: name, labelSize: 16 }],
-        series,
-        bands,
-      }, tables.length === 1 ? tables[0] : uPlot.join(tables), box);
+      // Drag to zoom in on steps, double-click resets; the legend gives each run's value at the cursor.
+      const plot = new Plot(box, this.width(), {
+        title: `${name}${options.smoothing > 0 ? " (smoothed)" : ""}`, yLabel: name, height: 220, log: options.log,
+        legend: true,
+      });
+      plot.setData(lines);
       this.plots.set(name, { plot, box, info });
     }
   }

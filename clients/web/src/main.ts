@@ -197,7 +197,7 @@ function render(): void {
     live.viewLabel = drawView(viewCanvas, live.view);
     setText(viewInfo, live.view ? `step ${live.view.step}${live.viewLabel ? " · " + live.viewLabel : ""}` : "");
   }
-  // Charts redraw whole (uPlot). They redraw in the frames that redraw the view
+  // Charts redraw whole (plot.ts). They redraw in the frames that redraw the view
   // anyway, or after CHARTS_MAX_WAIT_MS: every changed canvas is copied to the
   // compositor at commit, so fewer frames with canvas changes keep commits short.
   if (dirty.has("charts")) {
