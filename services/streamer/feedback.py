@@ -84,6 +84,12 @@ class FeedbackLimits:
     its request draws; they share the link with the frames."""
     max_records: int = 1024
     """Frames remembered for acks; older ones count as delivered."""
+    startup_bytes_per_s: float = 2000.0
+    """The rate light frames are spaced for while a subscriber that acks has no
+    measured rate yet (16 kbit/s: a status a second, a scalar frame every 0.7 s). Its
+    first acks' answers wait behind whatever is queued on its link, and no rate is
+    measured before they come back: spaced for the floor's 48 kbit/s, light frames
+    kept a 32 kbit/s link full for 5 s, and every view waited behind them."""
 
     def __post_init__(self) -> None:
         if self.cap_bytes < 0:
@@ -187,6 +193,15 @@ class DeliveryWindow:
             rate = self.fallback_rate(fallback_bytes_per_s)
         drained = rate * max(0.0, now - self._queued_at)
         return max(0.0, self._queued - drained)
+
+    def light_rate(self, now: float) -> float | None:
+        """The rate light frames are spaced for: the measured one while feedback is
+        fresh; for a subscriber that acks but has no measured rate yet, the startup
+        rate; None (the base intervals) for one that does not ack."""
+        rate = self.bytes_per_s if self.has_feedback(now) else None
+        if not rate and self.expects_acks:
+            return self.limits.startup_bytes_per_s
+        return rate
 
     def fallback_rate(self, measured_bytes_per_s: float | None = None) -> float:
         """The rate assumed without fresh feedback: the floor.

@@ -647,8 +647,9 @@ class UpdateHub:
                 wake = False
                 since = now - sub.last_status_at
                 # On a link whose rate acks measured, light frames are spaced to use at
-                # most their share of it: each frame costs its headers whatever it holds.
-                rate = sub.window.bytes_per_s if sub.window.has_feedback(now) else None
+                # most their share of it: each frame costs its headers whatever it holds
+                # (and until acks measure it, for a slow link: DeliveryWindow.light_rate).
+                rate = sub.window.light_rate(now)
                 interval = self._spacing(limits.status_interval_s, len(topic.status_frame), limits.status_share, rate)
                 if since >= limits.keepalive_s or (
                     sub.status_version != topic.status_version and since >= interval

@@ -195,6 +195,11 @@ def test_inference_panel_answers_through_grpc_web(stack: Stack) -> None:
         # The run's checkpoints reach the inference service every few seconds. The run's
         # model is chosen in the same step that finds it (a model list refreshed between
         # finding and choosing once left nothing chosen: the drawing then asked nothing).
+        # Loaded by itself (an unthrottled link is not judged slow), after the run list.
+        page.wait_for_function("() => window.tensorwire.firstScreenBytesPerS > 0", timeout=20_000)
+        figures = page.evaluate("() => [window.tensorwire.firstScreenBytesPerS, window.tensorwire.inferenceOnRequest]")
+        assert figures[1] is False, f"an unthrottled page judged its link slow: {figures}"
+        page.wait_for_function("() => document.querySelector('#model') !== null", timeout=20_000)
         model = page.wait_for_function("""() => {
           const select = document.querySelector("#model");
           const run = [...select.options].find((o) => o.value.startsWith("run-"));

@@ -86,6 +86,10 @@ const stats = {
    *  and to the start of the subscription that brought them (the run's history). */
   firstChartMs: 0,
   subscribedMs: 0,
+  /** The first screen's download rate, bytes/s (Infinity: not measured), and whether
+   *  the inference panel waits to be asked for (a slow link). */
+  firstScreenBytesPerS: 0,
+  inferenceOnRequest: false,
   get runsShown() { return runs.map((r) => r.runId); },
   get updatesPerS() { return updatesPerSecond(); },
   connection: "connecting" as rpc.ConnectionState,
@@ -158,8 +162,43 @@ const conn = $("#conn");
 const badge = $("#badge");
 const charts = new ChartPanel(chartsRoot);
 let compare: CompareView | null = null;
-// Not needed for the first chart: loaded once the run list is in (a smaller first download).
+// Not needed for the first chart: loaded once the run list is in (a smaller first
+// download); on a slow link only when asked for (its code and first calls, ~8 KB, are
+// two seconds of a 32 kbit/s link that the live view would wait behind).
 const loadInference = () => import("./inference").then((m) => new m.InferencePanel(inferRoot));
+const SLOW_LINK_BYTES_PER_S = 32_000;  // 256 kbit/s
+
+/** The link's speed as the first screen's downloads measured it (bytes/s): everything
+ *  from the page's request to the last script's end. (One file's own timing is no
+ *  measure: the first one crossed a 32 kbit/s link at 550 kbit/s, into buffers.) */
+function firstScreenBytesPerS(): number {
+  const nav = performance.getEntriesByType("navigation")[0] as PerformanceNavigationTiming | undefined;
+  const assets = (performance.getEntriesByType("resource") as PerformanceResourceTiming[])
+    .filter((r) => r.name.includes("/assets/"));
+  if (!nav || !assets.length) return Infinity;
+  const bytes = assets.reduce((sum, r) => sum + r.transferSize, nav.transferSize);
+  const seconds = (Math.max(...assets.map((r) => r.responseEnd)) - nav.requestStart) / 1000;
+  return bytes > 16_384 && seconds > 0 ? bytes / seconds : Infinity;  // cached: not measured
+}
+
+function offerInference(): void {
+  const rate = stats.firstScreenBytesPerS = firstScreenBytesPerS();
+  stats.inferenceOnRequest = rate < SLOW_LINK_BYTES_PER_S;
+  if (!stats.inferenceOnRequest) {
+    void loadInference();
+    return;
+  }
+  const load = h("button", { id: "load-inference", textContent: "Load the model panel" });
+  load.onclick = () => {
+    inferRoot.replaceChildren();
+    void loadInference();
+  };
+  inferRoot.replaceChildren(
+    h("h2", { textContent: "Try a served model" }),
+    h("p", { className: "hint", textContent: `Slow link (~${Math.round((rate * 8) / 1000)} kbit/s): loaded when asked for, so that the live view comes first.` }),
+    load,
+  );
+}
 
 // ------------------------------------------------------------------ rendering
 
@@ -388,7 +427,7 @@ function watch(runId: string): void {
 
 // ------------------------------------------------------------------ runs & controls
 
-async function refreshRuns(): Promise<void> {
+const refreshRuns = rpc.singleFlight(async () => {
   try {
     runs = await rpc.listRuns(runFilter.value.trim());
     runs.sort((a, b) => b.createdAt - a.createdAt);
@@ -411,7 +450,7 @@ async function refreshRuns(): Promise<void> {
     }
     onConnection(stats.connection === "connected" ? "connected" : "reconnecting", rpc.describeError(err));
   }
-}
+});
 let filterTimer = 0;
 runFilter.oninput = () => {
   clearTimeout(filterTimer);
@@ -701,7 +740,7 @@ function syncMaxSteps(): void {
 }
 taskSelect.onchange = syncMaxSteps;
 
-async function loadTasks(): Promise<void> {
+const loadTasks = rpc.singleFlight(async () => {
   try {
     tasks = await rpc.listTasks();
     taskSelect.innerHTML = "";
@@ -711,11 +750,14 @@ async function loadTasks(): Promise<void> {
   } catch (err) {
     message.textContent = `cannot list tasks: ${rpc.describeError(err)}`;
   }
-}
+});
 
 async function boot(): Promise<void> {
-  await Promise.all([loadTasks(), refreshRuns()]);
-  void loadInference();
+  // The run list first: it picks the run to watch, and the stream starts; the tasks
+  // (the new-run form, 2.6 KB) after it, not beside it on a slow link.
+  await refreshRuns();
+  await loadTasks();
+  offerInference();
   renderParams();
   invalidate("view");
   invalidate("controls");

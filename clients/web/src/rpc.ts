@@ -52,6 +52,34 @@ export function clientFor<T extends DescService>(service: T): Client<T> {
 
 export const CONTROL_TIMEOUT_MS = 5000;
 
+/**
+ * ``call`` made one at a time: a call asked for while one is in flight runs once
+ * after it (however many were asked for meanwhile; each caller's promise settles when
+ * that next call has), never beside it. The page's periodic refreshes on a slow link
+ * (each longer than its period) otherwise stacked up to ten calls, the browser's six
+ * HTTP/1.1 connections to the gateway filled, and acks waited seconds for one (their
+ * views held meanwhile).
+ */
+export function singleFlight(call: () => Promise<void>): () => Promise<void> {
+  let running: Promise<void> | null = null;
+  let next: Promise<void> | null = null;
+  const start = (): Promise<void> => {
+    running = call().finally(() => {
+      running = null;
+    });
+    return running;
+  };
+  return () => {
+    if (!running) return start();
+    const after = () => {
+      next = null;
+      return start();
+    };
+    next ??= running.then(after, after);
+    return next;
+  };
+}
+
 /** A failed call, in words a person can act on. */
 /** Download a run's scalar history (CSV or JSON) with this tab's token: a plain
  *  link could not carry the Authorization header. */

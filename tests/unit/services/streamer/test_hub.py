@@ -300,6 +300,31 @@ def test_light_frames_fit_their_share_of_a_slow_link() -> None:
     assert slow_sent["scalars"] >= 9, slow_sent
 
 
+def test_light_frames_of_an_acking_subscriber_wait_for_its_rate_to_be_measured() -> None:
+    """Until acks measure its rate, a subscriber that said it acks gets light frames
+    spaced for the startup rate (16 kbit/s): its first acks' answers must not wait
+    behind seconds of them. One that never acks keeps the base intervals."""
+    hub, clock = _hub()
+    hub.publish(_status(1))
+    acking, plain = hub.subscribe("r", acks=True), hub.subscribe("r")
+    sent = {id(acking): 0, id(plain): 0}
+    for sub in (acking, plain):
+        hub.snapshot(sub)
+    for i in range(2, 42):  # 2 s: a new status and scalars every 50 ms, no ack
+        clock.now += 0.05
+        hub.publish(_status(i))
+        hub.publish(_scalars(10 * i, 10 * i + 9))
+        hub.tick()
+        for sub in (acking, plain):
+            sent[id(sub)] += len(_frames(hub, sub))
+    startup = hub.limits.feedback.startup_bytes_per_s
+    assert acking.window.light_rate(clock.now) == startup and plain.window.light_rate(clock.now) is None
+    assert sent[id(plain)] >= 12, sent  # statuses every 0.25 s, scalars every 0.2 s
+    assert 2 <= sent[id(acking)] <= 0.6 * sent[id(plain)], sent  # spaced for 2 KB/s (small frames: ~0.65 s)
+    acking.window.last_ack_at, acking.window.bytes_per_s = clock.now, 125_000.0  # acks measured a fast link
+    assert acking.window.light_rate(clock.now) == 125_000.0
+
+
 def test_a_publisher_may_not_mark_arrays_unchanged() -> None:
     """Array.unchanged is the streamer's word to a subscriber: from a publisher it
     would leave fresh subscribers with a view they cannot rebuild."""
