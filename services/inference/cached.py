@@ -27,7 +27,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from tensorwire.data.tensors import NUMPY_DTYPES
-from tensorwire.serving.cache import ResponseCache, decode_tensors, encode_rows, encode_tensors
+from tensorwire.serving.cache import (
+    DecodedGroup,
+    ResponseCache,
+    decode_values,
+    encode_requests,
+    encode_tensors,
+)
 
 from .records import InferRequest, InferResult
 from .version import ModelVersion
@@ -111,7 +117,6 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     wanted: Sequence[Sequence[str]] = outputs or [()] * len(rows)
     keys = version.cache_keys.batch_keys([(spec.name, spec.datatype) for spec in version.inputs],
                                          columns, bounds, wanted)
-    found: dict[int, dict[str, tuple[str, np.ndarray]]] = {}
     rate = version.cache_hit_rate
     if cache.remote and rate.racing:  # a rare hit is not waited for: every row runs, the lookups go aside
         if rate.sample():
@@ -123,22 +128,21 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
             loop.call_soon_threadsafe(rate.add, values)
         else:  # answered here, in the batch thread
             rate.add(values)
-    if values.count(None) < len(values):
-        for i, value in enumerate(values):
-            if value is None:
-                continue
-            try:
-                found[i] = {name: (datatype, array) for name, datatype, array in decode_tensors(value)}
-            except (ValueError, KeyError, struct.error) as exc:
-                cache.stats.errors += 1
-                log.warning("response cache entry of %s:%s unreadable (%s); running the model",
-                            version.name, version.version, exc)
+    found: list[DecodedGroup] = []  # members: indexes of requests
+    hits = [i for i, value in enumerate(values) if value is not None] if values.count(None) < len(values) else []
+    if hits:
+        groups, failed = decode_values([value for value in values if value is not None])
+        for _, exc in failed:
+            cache.stats.errors += 1
+            log.warning("response cache entry of %s:%s unreadable (%s); running the model",
+                        version.name, version.version, exc)
+        found = [DecodedGroup([hits[j] for j in group.members], group.tensors) for group in groups]
     lookup_s = time.perf_counter() - start
-    if not found:
-        misses = list(range(len(rows)))
+    answered = {i for group in found for i in group.members}
+    misses = [i for i in range(len(rows)) if i not in answered] if answered else list(range(len(rows)))
+    if not answered:
         outs = version.forward_columns(columns, len(rows))
     else:
-        misses = [i for i in range(len(rows)) if i not in found]
         ran: list[np.ndarray] = []
         if misses:
             ran = version.forward_columns(
@@ -146,49 +150,56 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
                 len(misses))
         outs = _merge_answers(version, ran, misses, found, bounds)
     stored = time.perf_counter()
-    admitted = rate.admit_many([keys[i] for i in misses] if found else keys)
+    admitted = rate.admit_many([keys[i] for i in misses] if answered else keys)
     if admitted:
         answers = [(spec.name, spec.datatype, np.ascontiguousarray(out, dtype=NUMPY_DTYPES[spec.datatype]))
                    for spec, out in zip(version.outputs, outs)]
         names = [spec.name for spec in version.outputs]
-        writes = []
-        for i in (misses[j] for j in admitted):
-            picked = [answers[names.index(name)] for name in wanted[i]] if wanted[i] else answers
-            writes.append((keys[i], encode_rows(picked, bounds[i], bounds[i + 1])))
+        by_outputs: dict[tuple[str, ...], list[int]] = {}
+        for j in admitted:
+            by_outputs.setdefault(tuple(wanted[misses[j]]), []).append(misses[j])
+        writes: list[tuple[bytes, bytes]] = []
+        for asked, requests in by_outputs.items():
+            picked = [answers[names.index(name)] for name in asked] if asked else answers
+            writes += zip((keys[i] for i in requests), encode_requests(picked, bounds, requests))
         cache.put_many_from_thread(writes, loop)
     stats = version.stats
-    if found:
-        stats.cache_hit.add(lookup_s * len(found), len(found))
+    if answered:
+        stats.cache_hit.add(lookup_s * len(answered), len(answered))
     if misses:
         stats.cache_miss.add((lookup_s + time.perf_counter() - stored) * len(misses), len(misses))
     return outs, misses
 
 
 def _merge_answers(version: ModelVersion, ran: list[np.ndarray], misses: list[int],
-                   found: dict[int, dict[str, tuple[str, np.ndarray]]], bounds: list[int]) -> list[np.ndarray]:
+                   found: list[DecodedGroup], bounds: list[int]) -> list[np.ndarray]:
     """The batch's output columns from the model's answers to ``misses`` (``ran``)
-    and the cache's to the others (``found``); an output a hit did not ask for
-    stays zero there (the frontend does not send it)."""
+    and the cache's to the others (``found``: groups of requests whose entries are
+    laid out alike, each tensor's rows of all of them one after the other); an
+    output a hit did not ask for stays zero there (the frontend does not send it)."""
     outs = []
     for j, spec in enumerate(version.outputs):
         if ran:
             inner = ran[j].shape[1:]
         else:
-            inner = next((answer[spec.name][1].shape[1:] for answer in found.values() if spec.name in answer),
-                         tuple(max(d, 1) for d in spec.dims))
+            inner = next((array.shape[1:] for group in found for name, _, array in group.tensors
+                          if name == spec.name), tuple(max(d, 1) for d in spec.dims))
         column = np.zeros((bounds[-1], *inner), dtype=NUMPY_DTYPES[spec.datatype])
-        at = 0
-        for i in misses:
-            size = bounds[i + 1] - bounds[i]
-            column[bounds[i] : bounds[i + 1]] = ran[j][at : at + size]
-            at += size
-        for i, answer in found.items():
-            if spec.name not in answer:
-                continue
-            datatype, array = answer[spec.name]
-            if datatype != spec.datatype or array.shape != (bounds[i + 1] - bounds[i], *inner):
-                raise ValueError(f"cached answer of {version.name}:{version.version} does not fit the batch "
-                                 f"({spec.name!r}: {datatype} {list(array.shape)})")
-            column[bounds[i] : bounds[i + 1]] = array
+        if misses:
+            column[_rows_of(misses, bounds)] = ran[j]
+        for group in found:
+            for name, datatype, array in group.tensors:
+                if name != spec.name:
+                    continue
+                at = _rows_of(group.members, bounds)
+                if datatype != spec.datatype or array.shape != (len(at), *inner):
+                    raise ValueError(f"cached answer of {version.name}:{version.version} does not fit the batch "
+                                     f"({spec.name!r}: {datatype} {list(array.shape)})")
+                column[at] = array
         outs.append(column)
     return outs
+
+
+def _rows_of(requests: list[int], bounds: list[int]) -> list[int]:
+    """The batch rows of ``requests`` (request ``i``: rows ``bounds[i]:bounds[i + 1]``), in order."""
+    return [row for i in requests for row in range(bounds[i], bounds[i + 1])]

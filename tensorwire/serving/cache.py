@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -368,14 +368,86 @@ def encode_tensors(tensors: Sequence[NamedArray]) -> bytes:
     return b"".join(parts)
 
 
-def encode_rows(columns: Sequence[tuple[str, str, np.ndarray]], start: int, stop: int) -> bytes:
-    """:func:`encode_tensors` of rows ``start:stop`` of each (name, datatype, column);
-    the columns C-contiguous in their datatype's dtype, fixed-size (a batch's outputs)."""
-    parts: list[bytes | memoryview] = [_HEAD.pack(_FORMAT, len(columns))]
-    for name, datatype, column in columns:
-        payload = column[start:stop].data
-        parts += [_value_head(name, datatype, (stop - start, *column.shape[1:]), payload.nbytes), payload]
-    return b"".join(parts)
+def encode_requests(columns: Sequence[tuple[str, str, np.ndarray]], bounds: Sequence[int],
+                    requests: Iterable[int]) -> list[bytes]:
+    """:func:`encode_tensors` of rows ``bounds[i]:bounds[i + 1]`` of each (name,
+    datatype, column) for each request ``i`` of ``requests``: a native batch's
+    answers, the columns C-contiguous in their datatype's dtype and fixed-size. Each
+    column's bytes are taken once, the heads of requests with as many rows packed once."""
+    prefix = _HEAD.pack(_FORMAT, len(columns))
+    data = [(name, datatype, column.shape[1:], column.nbytes // column.shape[0] if column.shape[0] else 0,
+             column.tobytes()) for name, datatype, column in columns]
+    heads: dict[int, list[bytes]] = {}
+    out = []
+    for i in requests:
+        start, stop = bounds[i], bounds[i + 1]
+        head = heads.get(stop - start)
+        if head is None:
+            n = stop - start
+            head = heads[n] = [_value_head(name, datatype, (n, *inner), n * row_bytes)
+                               for name, datatype, inner, row_bytes, _ in data]
+        parts = [prefix]
+        for part, (_, _, _, row_bytes, raw) in zip(head, data):
+            parts += (part, raw[start * row_bytes : stop * row_bytes])
+        out.append(b"".join(parts))
+    return out
+
+
+class DecodedGroup(NamedTuple):
+    """Values laid out alike (the same names, datatypes and shapes, in order): which of
+    the values, and each tensor's arrays of all of them, one after the other along the
+    first axis."""
+
+    members: list[int]
+    tensors: list[tuple[str, str, np.ndarray]]
+
+
+def decode_values(values: Sequence[bytes]) -> tuple[list[DecodedGroup], list[tuple[int, Exception]]]:
+    """:func:`decode_tensors` of many values at once (a native batch's hits): a value
+    laid out like an earlier one (the same length and the same bytes outside its
+    tensors' data: names, datatypes, shapes) joins that one's group, so a group costs
+    one array per tensor, not one per value. Returns the groups and the values that
+    could not be read (index, error)."""
+    # per group: the first value, its non-data byte ranges, its data ranges, the layout
+    templates: list[tuple[bytes, list[tuple[int, int]], list[tuple[int, int]], list[tuple[str, str, tuple[int, ...]]]]]
+    templates = []
+    members: list[list[int]] = []
+    alone: list[DecodedGroup] = []  # values with BYTES tensors: decoded one by one
+    failed: list[tuple[int, Exception]] = []
+    for index, value in enumerate(values):
+        for (template, heads, _, _), group in zip(templates, members):
+            if len(value) == len(template) and all(value[a:b] == template[a:b] for a, b in heads):
+                group.append(index)
+                break
+        else:
+            try:
+                tensors = decode_tensors(value)
+            except (ValueError, KeyError, struct.error, UnicodeDecodeError) as exc:
+                failed.append((index, exc))
+                continue
+            if any(datatype == "BYTES" or array.ndim == 0 for _, datatype, array in tensors):
+                alone.append(DecodedGroup([index], tensors))
+                continue
+            data, end = [], len(value)
+            for name, datatype, array in reversed(tensors):  # each tensor: its head, then its data
+                data.append((end - array.nbytes, end))
+                end -= array.nbytes + len(_value_head(name, datatype, array.shape, array.nbytes))
+            data.reverse()
+            heads, at = [], 0
+            for start, stop in data:
+                heads.append((at, start))
+                at = stop
+            templates.append((value, heads, data, [(name, datatype, array.shape) for name, datatype, array in tensors]))
+            members.append([index])
+    groups = alone
+    for (_, _, data, layout), group in zip(templates, members):
+        tensors_out = []
+        for (start, stop), (name, datatype, shape) in zip(data, layout):
+            joined = b"".join(values[i][start:stop] for i in group)
+            array = np.frombuffer(joined, dtype=NUMPY_DTYPES[datatype]).reshape(len(group) * shape[0], *shape[1:])
+            tensors_out.append((name, datatype, array))
+        groups.append(DecodedGroup(group, tensors_out))
+    return groups, failed
 
 
 def decode_tensors(value: bytes) -> list[tuple[str, str, np.ndarray]]:
@@ -587,14 +659,18 @@ class LocalCache(ResponseCache):
     def put_many_from_thread(self, items: Sequence[tuple[bytes, bytes]], loop: asyncio.AbstractEventLoop) -> None:
         self._put_many(items)
 
-    def put(self, key: bytes, value: bytes) -> None:
-        cost = self._cost(key, value)
-        if len(value) > self.max_entry_bytes or cost > self.size_bytes:
-            with self._lock:
-                self.stats.too_large += 1
-            return
+    def _put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Every item under one hold of the lock (a native batch's answers)."""
         with self._lock:
-            self._insert(key, value, cost)
+            for key, value in items:
+                cost = self._cost(key, value)
+                if len(value) > self.max_entry_bytes or cost > self.size_bytes:
+                    self.stats.too_large += 1
+                else:
+                    self._insert(key, value, cost)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._put_many(((key, value),))
 
     def _insert(self, key: bytes, value: bytes, cost: int) -> None:
         old = self._entries.pop(key, None)

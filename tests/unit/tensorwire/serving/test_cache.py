@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import numpy as np
 import pytest
@@ -21,7 +20,8 @@ from tensorwire.serving.cache import (
     RedisCacheConfig,
     RequestKeys,
     decode_tensors,
-    encode_rows,
+    decode_values,
+    encode_requests,
     encode_tensors,
     parse_cache_config,
 )
@@ -156,9 +156,35 @@ def test_a_native_batchs_keys_and_values_are_those_of_its_requests() -> None:
                   for s, e, out in zip(bounds, bounds[1:], outputs)]
     assert batch == one_by_one and len(set(batch)) == len(rows)
     x, y = rng.random((7, 2), dtype=np.float32), np.arange(7, dtype=np.int32)
-    for s, e in itertools.pairwise(bounds):
-        assert encode_rows([("x", "FP32", x), ("y", "INT32", y)], s, e) == encode_tensors(
-            [_t("x", x[s:e]), _t("y", y[s:e], "INT32")])
+    values = encode_requests([("x", "FP32", x), ("y", "INT32", y)], bounds, [3, 0, 1, 2])
+    assert values == [encode_tensors([_t("x", x[s:e]), _t("y", y[s:e], "INT32")])
+                      for s, e in (bounds[3:5], bounds[0:2], bounds[1:3], bounds[2:4])]
+
+
+def test_a_native_batchs_hits_are_decoded_in_groups_laid_out_alike() -> None:
+    """decode_values: values with the same names, datatypes and shapes form one group
+    whose arrays are the members' rows one after the other; others get groups of their
+    own; unreadable values are reported, not raised."""
+    rng = np.random.default_rng(4)
+    x, y = rng.random((5, 2), dtype=np.float32), np.arange(5, dtype=np.int32)
+    one_row = encode_requests([("x", "FP32", x), ("y", "INT32", y)], [0, 1, 2, 3, 4, 5], range(5))
+    two_rows = encode_tensors([_t("x", x[:2])])  # another layout: 2 rows, x only
+    texts = encode_tensors([Tensor("t", "BYTES", np.array([b"a", b"bc"], dtype=object))])
+    values = [one_row[4], two_rows, one_row[0], b"\x09junk", texts, one_row[2]]
+    groups, failed = decode_values(values)
+    assert [i for i, _ in failed] == [3]
+    by_members = {tuple(g.members): g.tensors for g in groups}
+    assert set(by_members) == {(0, 2, 5), (1,), (4,)}
+    (xn, xd, xs), (yn, yd, ys) = by_members[(0, 2, 5)]
+    assert (xn, xd, yn, yd) == ("x", "FP32", "y", "INT32")
+    assert np.array_equal(xs, x[[4, 0, 2]]) and np.array_equal(ys, y[[4, 0, 2]])
+    assert [(n, a.shape) for n, _, a in by_members[(1,)]] == [("x", (2, 2))]
+    assert by_members[(4,)][0][2].tolist() == [b"a", b"bc"]
+    # A value of the same length and layout but other shapes is not taken for one of the group.
+    other = encode_tensors([_t("x", x[:1].reshape(2, 1)), _t("y", y[:1], "INT32")])
+    assert len(other) == len(one_row[0])
+    groups, _ = decode_values([one_row[0], other])
+    assert sorted(tuple(g.members) for g in groups) == [(0,), (1,)]
 
 
 def test_the_local_cache_serves_other_threads() -> None:
