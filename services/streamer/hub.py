@@ -288,7 +288,7 @@ class HubLimits:
     """At most this often a scalar frame per subscriber."""
     tick_s: float = 0.025
     """Period of the broadcast ticker."""
-    default_fps: float = 10.0
+    default_fps: float = 20.0
     """Heavy frames per second when a subscriber does not say."""
     max_fps: float = 30.0
     default_max_points: int = 64

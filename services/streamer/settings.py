@@ -25,7 +25,7 @@ class StreamerSettings(ServerSettings):
         min=1, max=1_000_000,
     )
     default_fps: float = setting(
-        10.0, env="DEFAULT_FPS", help="heavy frames per second when a subscriber does not say",
+        20.0, env="DEFAULT_FPS", help="heavy frames per second when a subscriber does not say",
         min=0.1, max=60,
     )
     tick_s: float = setting(

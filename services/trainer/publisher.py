@@ -52,7 +52,7 @@ class Publisher:
         runs: RunManager,
         target: str,
         *,
-        max_fps: float = 10.0,
+        max_fps: float = 20.0,
         view_cpu_budget: float = 0.02,
         view_process: bool = False,
         status_interval_s: float = 0.25,

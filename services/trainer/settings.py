@@ -75,7 +75,7 @@ class TrainerSettings(TorchServiceSettings):
         min=0,
     )
     max_fps: float = setting(
-        10.0, env="MAX_FPS", help="most views built per second and run", min=0.1, max=60
+        20.0, env="MAX_FPS", help="most views built per second and run", min=0.1, max=60
     )
     view_cpu_budget: float = setting(
         0.02, env="VIEW_CPU_BUDGET",

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class ViewBuilds:
     """Builds views of the runs that ``streams`` says are watched."""
 
-    def __init__(self, streams: StreamLinks, *, max_fps: float = 10.0, cpu_budget: float = 0.02,
+    def __init__(self, streams: StreamLinks, *, max_fps: float = 20.0, cpu_budget: float = 0.02,
                  worker: ViewWorker | None = None) -> None:
         self.streams = streams
         self.pacer = ViewPacer(max_fps, cpu_budget)

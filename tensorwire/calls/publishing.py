@@ -182,9 +182,13 @@ class ViewPacer:
         self._next_at[key] = float("inf") if last else now + self.interval_s(key, demand_fps)
 
     def cost(self, key: str, cost_s: float) -> None:
-        """A view of ``key`` took ``cost_s`` CPU seconds (smoothed over the last few)."""
+        """A view of ``key`` took ``cost_s`` CPU seconds (smoothed over about the last ten:
+        the budget bounds the mean. Single views of a thread sharing the GIL and two
+        cores with training cost 3-10x the median now and then; weighted 0.3 they
+        held a spiral run's views to ~16 a second at 20 asked, where its mean cost
+        allows ~30.)"""
         previous = self._cost_s.get(key)
-        self._cost_s[key] = cost_s if previous is None else 0.7 * previous + 0.3 * cost_s
+        self._cost_s[key] = cost_s if previous is None else 0.9 * previous + 0.1 * cost_s
 
     def wake(self, key: str) -> None:
         """Build a view of ``key`` at the next chance (someone new watches)."""

@@ -34,6 +34,10 @@ interface Live {
   clockFromAcks: boolean;
   /** Production time of the view on screen (0: none yet). */
   viewProducedAt: number;
+  /** The newest status frame's age when it arrived, s (produced -> arrived). */
+  statusLagS: number;
+  /** The newest step of the scalars applied to the charts (0: none yet). */
+  scalarStep: number;
   arrivals: number[];
   series: Map<string, Series>;
   view: LiveView | null;
@@ -53,6 +57,8 @@ const live: Live = {
   clockOffsetS: 0,
   clockFromAcks: false,
   viewProducedAt: 0,
+  statusLagS: 0,
+  scalarStep: 0,
   arrivals: [],
   series: new Map(),
   view: null,
@@ -78,6 +84,10 @@ const stats = {
   get viewStep() { return live.view?.step ?? 0; },
   get stepsPerS() { return live.status?.stepsPerSecond ?? 0; },
   get viewProducedAt() { return live.viewProducedAt; },
+  get statusLagS() { return live.statusLagS; },
+  get scalarStep() { return live.scalarStep; },
+  /** Views decoded for the screen (skipped ones not counted). */
+  views: 0,
   get runId() { return live.runId; },
   get state() { return RunState[currentState()] === "UNSPECIFIED" ? "" : RunState[currentState()]; },
   get charts() { return charts.describe(); },
@@ -340,6 +350,7 @@ function onFrame(frame: Frame, receivedAt: number): void {
       if (body.value.state === RunState.UNSPECIFIED) break;
       const previous = live.status?.state;
       live.status = body.value;
+      if (frame.producedAt) live.statusLagS = Math.max(0, receivedAt - live.clockOffsetS - frame.producedAt);
       if (previous !== body.value.state) {
         invalidate("controls");
         void refreshRuns();
@@ -352,6 +363,7 @@ function onFrame(frame: Frame, receivedAt: number): void {
         let series = live.series.get(s.name);
         if (!series) live.series.set(s.name, (series = new Series()));
         series.append(s.steps, s.values, s.min, s.max);
+        if (s.steps.length) live.scalarStep = Math.max(live.scalarStep, Number(s.steps[s.steps.length - 1]));
       }
       invalidate("charts");
       break;
@@ -374,6 +386,7 @@ function takeView(): void {
     live.view = { kind: v.kind, step: Number(v.step || frame.step), arrays: decodeAll(v.arrays), meta: { ...v.meta },
                   name: v.name, labels: [...v.labels] };
     live.viewProducedAt = v.producedAt || frame.producedAt;
+    stats.views++;
   } catch (err) {
     message.textContent = `cannot decode the ${v.kind} view: ${String(err)}`;
   }
@@ -407,7 +420,7 @@ function watch(runId: string): void {
   live.abort?.abort();
   Object.assign(live, {
     runId, status: null, serverStep: 0, pendingStep: 0, pendingProducedAt: 0, displayedStep: 0,
-    lagS: 0, viewProducedAt: 0, arrivals: [], series: new Map(), view: null, nextView: null,
+    lagS: 0, viewProducedAt: 0, statusLagS: 0, scalarStep: 0, arrivals: [], series: new Map(), view: null, nextView: null,
   });
   charts.clear();
   const abort = new AbortController();

@@ -18,8 +18,8 @@ def test_cpu_budget_stretches_the_interval_by_the_smoothed_cost() -> None:
     pacer = ViewPacer(max_fps=10.0, cpu_budget=0.02)
     pacer.cost("r", 0.003)  # 3 ms at a 2 % budget: at least 150 ms apart
     assert pacer.interval_s("r", 0.0) == pytest.approx(0.15)
-    pacer.cost("r", 0.013)  # 0.7 * 3 ms + 0.3 * 13 ms = 6 ms
-    assert pacer.interval_s("r", 0.0) == pytest.approx(0.3)
+    pacer.cost("r", 0.013)  # 0.9 * 3 ms + 0.1 * 13 ms = 4 ms
+    assert pacer.interval_s("r", 0.0) == pytest.approx(0.2)
     assert pacer.interval_s("other", 0.0) == pytest.approx(0.1)  # per key
 
 
