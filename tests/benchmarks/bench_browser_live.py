@@ -51,12 +51,12 @@ SAMPLE = """() => {
 }"""
 
 RECORD = """(seconds) => new Promise((resolve) => {
-  const out = [], sample = %s, end = Date.now() + seconds * 1000;
+  const out = [], sample = SAMPLE, end = Date.now() + seconds * 1000;
   const timer = setInterval(() => {
     out.push(sample());
     if (Date.now() >= end) { clearInterval(timer); resolve(out); }
   }, 100);
-})""" % SAMPLE
+})""".replace("SAMPLE", SAMPLE)
 
 
 def pct(values: list[float], q: float) -> float:
