@@ -774,13 +774,15 @@ async function boot(): Promise<void> {
   renderParams();
   invalidate("view");
   invalidate("controls");
-  // The run list is small; refresh it now and then for runs started elsewhere,
-  // every second while no run is shown yet (the demo run may still be starting).
+  // The run list is small; refresh it now and then for runs started elsewhere
+  // (every 5 s; every 30 s on a slow link, where each answer shares the link with
+  // the live stream's frames and the streamer cannot see it), every second
+  // while no run is shown yet (the demo run may still be starting).
   let tick = 0;
   setInterval(() => {
     tick++;
     if (!tasks.length) void loadTasks();
-    if (!live.runId || tick % 5 === 0) void refreshRuns();
+    if (!live.runId || tick % (stats.inferenceOnRequest ? 30 : 5) === 0) void refreshRuns();
   }, 1000);
 }
 
