@@ -39,6 +39,7 @@ import numpy as np
 
 from tensorwire.common.v1 import common_pb2 as cpb
 from tensorwire.data import arrays
+from tensorwire.errors import InvalidArgumentError
 
 F16, U8, U8Q = "F16", "U8", "U8q"
 _DTYPES = {F16: cpb.DTYPE_F16, U8: cpb.DTYPE_U8, U8Q: cpb.DTYPE_U8}
@@ -51,7 +52,7 @@ MAX_POINTS = 20_000
 
 def make_view(
     kind: str,
-    fields: Sequence[tuple[str, np.ndarray, str]],
+    fields: Sequence[tuple[str, np.ndarray | cpb.Array, str]],
     meta: Mapping[str, float] | None = None,
     *,
     codec: int = cpb.CODEC_DEFLATE,
@@ -60,18 +61,32 @@ def make_view(
 ) -> cpb.View:
     """A View of ``kind`` from (name, values, "F16" | "U8" | "U8q") triples.
 
+    ``values`` may also be an Array from :func:`encoded` (data that never changes,
+    such as a task's dataset, encoded once instead of in every view).
     ``step`` and ``produced_at`` are filled in by the caller, who knows which
     weight snapshot the view was built from.
     """
     view = cpb.View(kind=kind, name=name, labels=list(labels))
     for field_name, values, how in fields:
-        values = np.asarray(values)
-        if how == U8:
-            values = values.astype(np.uint8)
-        view.arrays.append(arrays.encode(field_name, values, _DTYPES[how], codec))
+        if isinstance(values, cpb.Array):
+            if values.name != field_name:
+                raise InvalidArgumentError(f"array {values.name!r} given as {field_name!r}")
+            view.arrays.append(values)
+        else:
+            view.arrays.append(encoded(field_name, values, how, codec))
     for key, value in (meta or {}).items():
         view.meta[key] = float(value)
     return view
+
+
+def encoded(name: str, values: Any, how: str, codec: int = cpb.CODEC_DEFLATE) -> cpb.Array:
+    """``values`` packed once as :func:`make_view` would, for views that send the same
+    data every time (cold, a spiral view spent ~0.1-0.2 ms of its ~1 ms re-encoding
+    its 1,000 fixed points and labels)."""
+    values = np.asarray(values)
+    if how == U8:
+        values = values.astype(np.uint8)
+    return arrays.encode(name, values, _DTYPES[how], codec)
 
 
 def to_numpy(value: Any) -> np.ndarray:

@@ -56,7 +56,9 @@ from tensorwire.views import F16, U8, U8Q, make_view
 VIEW_KINDS = ("boundary", "paths", "signal", "fusion", "boxes")
 
 
-def boundary(grid: np.ndarray, points: np.ndarray, labels: np.ndarray, extent: float, **meta: float) -> cpb.View:
+def boundary(grid: np.ndarray, points: np.ndarray | cpb.Array, labels: np.ndarray | cpb.Array, extent: float,
+             **meta: float) -> cpb.View:
+    """``points`` and ``labels`` may be encoded once (:func:`tensorwire.views.encoded`)."""
     return make_view(
         "boundary",
         [("grid", grid, U8Q), ("points", points, U8Q), ("labels", labels, U8)],

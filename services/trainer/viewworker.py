@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import multiprocessing
 import time
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -38,6 +39,19 @@ def _init(task_modules: tuple[str, ...] = ()) -> None:
     _TASKS.update(plugins)
 
 
+_STATE: weakref.WeakKeyDictionary[Any, list[tuple[str, Any]]] = weakref.WeakKeyDictionary()
+
+
+def _state_tensors(model: Any) -> list[tuple[str, Any]]:
+    """``model``'s state tensors (sharing its storage), listed once per model: a view
+    copies a snapshot into them, and ``state_dict()`` walking the module tree cost
+    ~0.1-0.2 ms of each cold spiral view's ~1 ms."""
+    tensors = _STATE.get(model)
+    if tensors is None:
+        tensors = _STATE[model] = list(model.state_dict().items())
+    return tensors
+
+
 def draw(task: Any, model: Any, data: Any, config: Any, state_dict: dict[str, Any],
          step: int, produced_at: float) -> Any:
     """``task``'s View of ``model`` holding ``state_dict`` (copied into it in place:
@@ -45,7 +59,7 @@ def draw(task: Any, model: Any, data: Any, config: Any, state_dict: dict[str, An
     import torch
 
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
+        for name, tensor in _state_tensors(model):
             tensor.copy_(state_dict[name])
     with torch.inference_mode():
         view = task.build_view(model, data, config)

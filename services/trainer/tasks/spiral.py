@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tensorwire.common.v1 import common_pb2 as cpb
+from tensorwire.views import U8, U8Q, encoded
 
 from .. import views
 from .base import COMMON_PARAMS, Option, Param, RunConfig, Task
@@ -25,7 +25,8 @@ class PointSet:
     points: torch.Tensor  # [N, 2]
     labels: torch.Tensor  # [N] int64
     grid: torch.Tensor  # [GRID*GRID, 2]: where the boundary is evaluated
-    labels_u8: np.ndarray  # labels as the view sends them
+    points_array: cpb.Array  # the points and labels as every view sends them, encoded once
+    labels_array: cpb.Array
 
 
 def make_points(dataset: str, count: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +81,7 @@ class SpiralTask(Task):
         axis = (torch.arange(GRID, dtype=torch.float32) + 0.5) * (2 * EXTENT / GRID) - EXTENT
         yy, xx = torch.meshgrid(axis, axis, indexing="ij")
         grid = torch.stack([xx.flatten(), yy.flatten()], 1)
-        return PointSet(pts, labels, grid, labels.numpy().astype(np.uint8))
+        return PointSet(pts, labels, grid, encoded("points", pts.numpy(), U8Q), encoded("labels", labels.numpy(), U8))
 
     def sample_batch(self, data: PointSet, config: RunConfig, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         idx = torch.randint(0, data.points.shape[0], (config.batch_size,), generator=gen)
@@ -97,4 +98,4 @@ class SpiralTask(Task):
             logits = model(data.grid)
             # P(class 1) of a two-way softmax, without the softmax.
             grid = torch.sigmoid(logits[:, 1] - logits[:, 0]).reshape(GRID, GRID)
-        return views.boundary(grid.numpy(), data.points.numpy(), data.labels_u8, EXTENT)
+        return views.boundary(grid.numpy(), data.points_array, data.labels_array, EXTENT)

@@ -73,3 +73,14 @@ def test_non_finite_points_merge_into_gaps() -> None:
     assert any(math.isnan(b.mean) for b in buckets)  # a gap where a bad point fell
     assert all(math.isfinite(b.lo) and math.isfinite(b.hi) for b in buckets if b.count > 1)
     assert Bucket(1, 1, math.inf, math.inf, math.inf, 1).merge(Bucket(2, 2, -math.inf, -math.inf, -math.inf, 1)).count == 2
+
+
+def test_arrays_encoded_once_are_sent_as_if_encoded_in_each_view() -> None:
+    rng = np.random.default_rng(3)
+    points, labels = rng.uniform(-1, 1, (50, 2)).astype(np.float32), rng.integers(0, 2, 50)
+    whole = views.make_view("scatter", [("points", points, views.U8Q), ("labels", labels, views.U8)])
+    once = views.make_view("scatter", [("points", views.encoded("points", points, views.U8Q), views.U8Q),
+                                       ("labels", views.encoded("labels", labels, views.U8), views.U8)])
+    assert once.SerializeToString() == whole.SerializeToString()
+    with pytest.raises(ValueError, match="'labels' given as 'points'"):
+        views.make_view("scatter", [("points", views.encoded("labels", labels, views.U8), views.U8)])

@@ -1,11 +1,14 @@
-"""The view worker process renders the same view as the trainer's own thread would."""
+"""The view worker process renders the same view as the trainer's own thread would,
+and each view shows its own snapshot."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 
 from services.trainer.tasks import TASKS
-from services.trainer.viewworker import ViewWorker
+from services.trainer.viewworker import LocalRenderer, ViewWorker
 from tensorwire.common.v1 import common_pb2 as cpb
 
 
@@ -25,3 +28,21 @@ async def test_worker_process_renders_the_snapshot() -> None:
     view = cpb.View.FromString(data)
     assert view.step == 42 and view.produced_at == 123.5 and cost_s >= 0
     assert [a.SerializeToString() for a in view.arrays] == [a.SerializeToString() for a in expected.arrays]
+
+
+def test_each_view_shows_its_own_snapshot() -> None:
+    """The renderer's model keeps its state tensors listed once; every snapshot is
+    still copied into them, so successive views show successive weights."""
+    task = TASKS["spiral"]
+    config = task.configure()
+    data = task.make_data(config, 5)
+    renderer = LocalRenderer()
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        model = task.build_model(config).eval()
+        with torch.no_grad():
+            expected = task.build_view(model, data, config)
+        snap = SimpleNamespace(config=config, state_dict={k: v.clone() for k, v in model.state_dict().items()},
+                               step=seed, produced_at=1.0)
+        view, _ = renderer.render("run-1", task, data, snap)
+        assert [a.SerializeToString() for a in view.arrays] == [a.SerializeToString() for a in expected.arrays]
