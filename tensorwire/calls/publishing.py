@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -163,11 +164,14 @@ class ViewPacer:
     CPU at a 2 % budget waits at least 150 ms. The trainer's publisher and the SDK
     both pace their views here."""
 
+    COSTS_KEPT = 9
+    """View costs kept per key for :meth:`typical_cost_s`."""
+
     def __init__(self, max_fps: float, cpu_budget: float) -> None:
         self.max_fps = max_fps
         self.cpu_budget = cpu_budget
         self._next_at: dict[str, float] = {}
-        self._cost_s: dict[str, float] = {}
+        self._costs: dict[str, deque[float]] = {}
 
     def due(self, key: str, now: float) -> bool:
         return now >= self._next_at.get(key, 0.0)
@@ -175,20 +179,29 @@ class ViewPacer:
     def interval_s(self, key: str, demand_fps: float) -> float:
         """Seconds until the view after one built now (``demand_fps`` 0: no cap asked)."""
         fps = min(self.max_fps, demand_fps) if demand_fps else self.max_fps
-        return max(1.0 / fps, self._cost_s.get(key, 0.0) / self.cpu_budget)
+        return max(1.0 / fps, self.typical_cost_s(key) / self.cpu_budget)
 
     def started(self, key: str, now: float, demand_fps: float, *, last: bool = False) -> None:
         """A view of ``key`` is being built now; ``last``: no more until :meth:`wake`."""
         self._next_at[key] = float("inf") if last else now + self.interval_s(key, demand_fps)
 
     def cost(self, key: str, cost_s: float) -> None:
-        """A view of ``key`` took ``cost_s`` CPU seconds (smoothed over about the last ten:
-        the budget bounds the mean. Single views of a thread sharing the GIL and two
-        cores with training cost 3-10x the median now and then; weighted 0.3 they
-        held a spiral run's views to ~16 a second at 20 asked, where its mean cost
-        allows ~30.)"""
-        previous = self._cost_s.get(key)
-        self._cost_s[key] = cost_s if previous is None else 0.9 * previous + 0.1 * cost_s
+        """A view of ``key`` took ``cost_s`` CPU seconds."""
+        costs = self._costs.get(key)
+        if costs is None:
+            costs = self._costs[key] = deque(maxlen=self.COSTS_KEPT)
+        costs.append(cost_s)
+
+    def typical_cost_s(self, key: str) -> float:
+        """The lower median of ``key``'s last few view costs (0 before any): a view
+        of a thread sharing the GIL and two cores with training costs 3-10x its
+        median now and then (allocation, a cold cache, a descheduled core). An
+        average kept those spikes: weighted 0.3, they held a spiral run's views to
+        ~16 a second at 20 asked, where its usual ~0.8 ms allows ~25; weighted 0.1, a
+        first view's 20 ms held the next ones for seconds. A cost that lasts is the
+        median within a few views."""
+        costs = self._costs.get(key)
+        return sorted(costs)[(len(costs) - 1) // 2] if costs else 0.0
 
     def wake(self, key: str) -> None:
         """Build a view of ``key`` at the next chance (someone new watches)."""
@@ -199,7 +212,7 @@ class ViewPacer:
 
     def forget(self, key: str) -> None:
         self._next_at.pop(key, None)
-        self._cost_s.pop(key, None)
+        self._costs.pop(key, None)
 
 
 class StreamLinks:
