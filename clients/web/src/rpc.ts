@@ -305,6 +305,9 @@ export class Acker {
 /** Tunables of the live subscription (tests shorten them through the URL). */
 export interface SubscribeOptions {
   maxFps: number;
+  /** Points per series in scalar frames and twice that in the snapshot's history
+   *  (0: the streamer's default, 64). */
+  maxPoints: number;
   /** A stream silent this long is presumed dead and re-opened (the streamer sends
    *  status frames every second even when nothing changes). */
   stallMs: number;
@@ -316,6 +319,7 @@ export interface SubscribeOptions {
 
 export const DEFAULT_SUBSCRIBE: SubscribeOptions = {
   maxFps: 20,
+  maxPoints: 0,
   stallMs: 5000,
   backoffStartMs: 250,
   backoffMaxMs: 5000,
@@ -349,7 +353,8 @@ export async function followRun(
     try {
       arm();
       const stream = streamer.subscribe(
-        { runId, maxFps: options.maxFps, acceptCodecs: [Codec.DEFLATE], reuseArrays: true, acks: true },
+        { runId, maxFps: options.maxFps, maxPoints: options.maxPoints, acceptCodecs: [Codec.DEFLATE],
+          reuseArrays: true, acks: true },
         { signal: attempt.signal, headers: AFFINITY },
       );
       acker = new Acker(runId, attempt.signal, handlers.clockOffset);
