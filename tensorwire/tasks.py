@@ -198,4 +198,8 @@ class Task(ABC):
     # -- views ------------------------------------------------------------
     @abstractmethod
     def build_view(self, model: nn.Module, data: Any, config: RunConfig) -> cpb.View:
-        """The live view of ``model`` (a weight snapshot, in eval mode, no grad)."""
+        """The live view of ``model`` (a weight snapshot, in eval mode, no grad).
+
+        Leave the model's parameters and buffers in place (no ``.half()``, ``.to()``
+        or reassigned layers): each snapshot is copied into them, listed once per
+        model."""

@@ -69,8 +69,11 @@ def make_view(
     view = cpb.View(kind=kind, name=name, labels=list(labels))
     for field_name, values, how in fields:
         if isinstance(values, cpb.Array):
-            if values.name != field_name:
-                raise InvalidArgumentError(f"array {values.name!r} given as {field_name!r}")
+            if (values.name, values.dtype, values.codec) != (field_name, _DTYPES[how], codec):
+                raise InvalidArgumentError(
+                    f"array {values.name!r} (dtype {values.dtype}, codec {values.codec}) given as "
+                    f"{field_name!r} {how} with codec {codec}"
+                )
             view.arrays.append(values)
         else:
             view.arrays.append(encoded(field_name, values, how, codec))

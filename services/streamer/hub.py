@@ -436,7 +436,7 @@ class UpdateHub:
                     sub.pending_views[key] = cached
                     if not sub.views_due and now >= sub.next_view_at and self._window_open(sub, now):
                         # The link is free: the view goes now, not at the next tick (up to
-                        # tick_s later; at 10 views/s a quarter of the on-screen age's saw-tooth).
+                        # tick_s later; at 20 views/s half of the on-screen age's saw-tooth).
                         sub.views_due = True
                         sub.wake.set()
         else:

@@ -193,15 +193,23 @@ class ViewPacer:
         costs.append(cost_s)
 
     def typical_cost_s(self, key: str) -> float:
-        """The lower median of ``key``'s last few view costs (0 before any): a view
-        of a thread sharing the GIL and two cores with training costs 3-10x its
-        median now and then (allocation, a cold cache, a descheduled core). An
-        average kept those spikes: weighted 0.3, they held a spiral run's views to
-        ~16 a second at 20 asked, where its usual ~0.8 ms allows ~25; weighted 0.1, a
-        first view's 20 ms held the next ones for seconds. A cost that lasts is the
-        median within a few views."""
+        """What ``key``'s views cost, from the last few (0 before any): the larger of
+        their lower median and their mean without the largest one. A view of a thread
+        sharing the GIL and two cores with training costs 3-10x its median now and
+        then (allocation, a cold cache, a descheduled core); an average that kept
+        those spikes (weighted 0.3) held a spiral run's views to ~16 a second at 20
+        asked, where its usual ~0.8 ms allows ~25, and a first view's 20 ms held the
+        next ones for seconds. One spike in the window is left out; views that are
+        often expensive (every other one, say) still count at their mean, so the
+        budget holds for them."""
         costs = self._costs.get(key)
-        return sorted(costs)[(len(costs) - 1) // 2] if costs else 0.0
+        if not costs:
+            return 0.0
+        ordered = sorted(costs)
+        median = ordered[(len(ordered) - 1) // 2]
+        if len(ordered) < 2:
+            return median
+        return max(median, (sum(ordered) - ordered[-1]) / (len(ordered) - 1))
 
     def wake(self, key: str) -> None:
         """Build a view of ``key`` at the next chance (someone new watches)."""

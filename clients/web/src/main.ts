@@ -36,8 +36,10 @@ interface Live {
   viewProducedAt: number;
   /** The newest status frame's age when it arrived, s (produced -> arrived). */
   statusLagS: number;
-  /** The newest step of the scalars applied to the charts (0: none yet). */
+  /** The newest step of the scalars drawn on the charts (0: none yet), and of those
+   *  arrived and not yet drawn. */
   scalarStep: number;
+  pendingScalarStep: number;
   arrivals: number[];
   series: Map<string, Series>;
   view: LiveView | null;
@@ -59,6 +61,7 @@ const live: Live = {
   viewProducedAt: 0,
   statusLagS: 0,
   scalarStep: 0,
+  pendingScalarStep: 0,
   arrivals: [],
   series: new Map(),
   view: null,
@@ -99,6 +102,9 @@ const stats = {
   /** The first screen's download rate, bytes/s (Infinity: not measured), and whether
    *  the inference panel waits to be asked for (a slow link). */
   firstScreenBytesPerS: 0,
+  /** Under SLOW_LINK_BYTES_PER_S: the stream asks for fewer points, the run list is
+   *  refreshed less often, the inference panel waits to be asked for. */
+  slowLink: false,
   inferenceOnRequest: false,
   get runsShown() { return runs.map((r) => r.runId); },
   get updatesPerS() { return updatesPerSecond(); },
@@ -259,6 +265,7 @@ function render(): void {
     if ((drewView && since >= CHARTS_MIN_INTERVAL_MS) || since >= CHARTS_MAX_WAIT_MS) {
       lastChartsAt = performance.now();
       charts.render(live.series);
+      live.scalarStep = live.pendingScalarStep;
       if (!stats.firstChartMs && [...live.series.values()].some((s) => s.steps.length)) {
         stats.firstChartMs = performance.now();
       }
@@ -368,7 +375,7 @@ function onFrame(frame: Frame, receivedAt: number): void {
         let series = live.series.get(s.name);
         if (!series) live.series.set(s.name, (series = new Series()));
         series.append(s.steps, s.values, s.min, s.max);
-        if (s.steps.length) live.scalarStep = Math.max(live.scalarStep, Number(s.steps[s.steps.length - 1]));
+        if (s.steps.length) live.pendingScalarStep = Math.max(live.pendingScalarStep, Number(s.steps[s.steps.length - 1]));
       }
       invalidate("charts");
       break;
@@ -418,6 +425,7 @@ const tuning: rpc.SubscribeOptions = { ...rpc.DEFAULT_SUBSCRIBE };
   if (num("stall_ms") > 0) tuning.stallMs = num("stall_ms");
   if (num("backoff_max_ms") > 0) tuning.backoffMaxMs = num("backoff_max_ms");
   if (num("max_fps") > 0) tuning.maxFps = num("max_fps");
+  if (num("max_points") > 0) tuning.maxPoints = num("max_points");
 }
 
 function watch(runId: string): void {
@@ -425,7 +433,7 @@ function watch(runId: string): void {
   live.abort?.abort();
   Object.assign(live, {
     runId, status: null, serverStep: 0, pendingStep: 0, pendingProducedAt: 0, displayedStep: 0,
-    lagS: 0, viewProducedAt: 0, statusLagS: 0, scalarStep: 0, arrivals: [], series: new Map(), view: null, nextView: null,
+    lagS: 0, viewProducedAt: 0, statusLagS: 0, scalarStep: 0, pendingScalarStep: 0, arrivals: [], series: new Map(), view: null, nextView: null,
   });
   charts.clear();
   const abort = new AbortController();
@@ -773,8 +781,8 @@ const loadTasks = rpc.singleFlight(async () => {
 async function boot(): Promise<void> {
   // The link's speed as the first screen measured it decides what a slow link waits for.
   stats.firstScreenBytesPerS = firstScreenBytesPerS();
-  stats.inferenceOnRequest = stats.firstScreenBytesPerS < SLOW_LINK_BYTES_PER_S;
-  if (stats.inferenceOnRequest && !tuning.maxPoints) tuning.maxPoints = SLOW_LINK_MAX_POINTS;
+  stats.slowLink = stats.inferenceOnRequest = stats.firstScreenBytesPerS < SLOW_LINK_BYTES_PER_S;
+  if (stats.slowLink && !tuning.maxPoints) tuning.maxPoints = SLOW_LINK_MAX_POINTS;
   // The run list first: it picks the run to watch, and the stream starts; the tasks
   // (the new-run form, 2.6 KB) after it, not beside it on a slow link. (Loaded a few
   // seconds after the first view instead, on a 32 kbit/s link: the steady view lag
@@ -793,7 +801,7 @@ async function boot(): Promise<void> {
   setInterval(() => {
     tick++;
     if (!tasks.length) void loadTasks();
-    if (!live.runId || tick % (stats.inferenceOnRequest ? 30 : 5) === 0) void refreshRuns();
+    if (!live.runId || tick % (stats.slowLink ? 30 : 5) === 0) void refreshRuns();
   }, 1000);
 }
 

@@ -82,5 +82,8 @@ def test_arrays_encoded_once_are_sent_as_if_encoded_in_each_view() -> None:
     once = views.make_view("scatter", [("points", views.encoded("points", points, views.U8Q), views.U8Q),
                                        ("labels", views.encoded("labels", labels, views.U8), views.U8)])
     assert once.SerializeToString() == whole.SerializeToString()
-    with pytest.raises(ValueError, match="'labels' given as 'points'"):
-        views.make_view("scatter", [("points", views.encoded("labels", labels, views.U8), views.U8)])
+    for field in (("points", views.encoded("labels", labels, views.U8), views.U8),   # another name
+                  ("points", views.encoded("points", points, views.F16), views.U8Q),  # another dtype
+                  ("points", views.encoded("points", points, views.U8Q, cpb.CODEC_ZSTD), views.U8Q)):
+        with pytest.raises(ValueError, match="given as 'points'"):
+            views.make_view("scatter", [field])

@@ -26,6 +26,9 @@ def test_cpu_budget_stretches_the_interval_by_the_typical_cost() -> None:
     for _ in range(ViewPacer.COSTS_KEPT):
         pacer.cost("r", 0.001)  # only the last few count
     assert pacer.typical_cost_s("r") == pytest.approx(0.001)
+    for cost in (0.001, 0.001, 0.010) * 3:  # every third view expensive: the median is 1 ms,
+        pacer.cost("r", cost)               # the mean without the largest (6 + 20) / 8 ms
+    assert pacer.typical_cost_s("r") == pytest.approx(0.00325)
 
 
 def test_due_after_the_interval_and_a_last_view_waits_for_wake() -> None:
