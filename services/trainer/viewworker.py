@@ -77,8 +77,8 @@ def render(
 ) -> tuple[bytes, float]:
     """The serialized View of ``state_dict`` and the CPU seconds it took (in the worker;
     a run's first model and data set-up not counted: the budget paces the views that
-    follow, and a first view's 0.1-0.5 s of set-up held the next ones for seconds; a
-    set-up again, after more than ``_CACHE_RUNS`` watched runs evicted it, is)."""
+    follow, and a first view's cost held the next ones; a set-up again, after more
+    than ``_CACHE_RUNS`` watched runs evicted it, is)."""
     if not _TASKS:  # called in this process (tests), not in a worker
         from services.trainer.tasks import TASKS
 
