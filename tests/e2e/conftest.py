@@ -237,3 +237,26 @@ def screenshot(page: object, name: str) -> Path:
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path))  # type: ignore[attr-defined]
     return path
+
+
+_SETTLED_STEP = """([quietMs, maxMs]) => new Promise((resolve) => {
+  let last = window.tensorwire.serverStep, since = performance.now();
+  const started = since;
+  const timer = setInterval(() => {
+    const step = window.tensorwire.serverStep, now = performance.now();
+    if (step !== last) { last = step; since = now; }
+    if (now - since >= quietMs || now - started >= maxMs) {
+      clearInterval(timer);
+      resolve(now - since >= quietMs ? step : null);
+    }
+  }, 50);
+})"""
+
+
+def settled_step(page: object, quiet_ms: int = 1000, max_ms: int = 8000) -> int:
+    """The page's server step once it has not moved for ``quiet_ms`` (a paused run:
+    frames of its last steps, a view built from them included, may still be on their
+    way when the page says PAUSED)."""
+    step = page.evaluate(_SETTLED_STEP, [quiet_ms, max_ms])  # type: ignore[attr-defined]
+    assert step is not None, f"the server step kept moving for {max_ms} ms"
+    return int(step)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import free_port
-from tests.e2e.conftest import Stack, browser, screenshot, wait_http
+from tests.e2e.conftest import Stack, browser, screenshot, settled_step, wait_http
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -151,9 +151,7 @@ def test_pause_stops_the_step_and_resume_restarts_it(stack: Stack) -> None:
         try:
             page.click("#pause")
             page.wait_for_function("() => window.tensorwire.state === 'PAUSED'", timeout=10_000)
-            # Frames of steps made just before the pause may still be on their way.
-            page.wait_for_timeout(500)
-            paused_at = page.evaluate("() => window.tensorwire.serverStep")
+            paused_at = settled_step(page)  # frames of the last steps may still be on their way
             frames = page.evaluate("() => window.tensorwire.frames")
             page.wait_for_timeout(1500)  # a window in which the step may not move
             assert page.evaluate("() => window.tensorwire.serverStep") == paused_at

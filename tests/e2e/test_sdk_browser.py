@@ -22,6 +22,7 @@ from tests.e2e.conftest import (
     browser,
     ensure_bundle,
     screenshot,
+    settled_step,
     wait_http,
 )
 
@@ -78,8 +79,7 @@ def test_a_script_is_watched_paused_resumed_and_stopped_from_the_page(suite: Sta
             assert "digits-cnn" in page.locator("#runs").inner_text()
             page.click("#pause")
             page.wait_for_function("() => window.tensorwire.state === 'PAUSED'", timeout=15_000)
-            page.wait_for_timeout(800)
-            paused_at = page.evaluate("() => window.tensorwire.serverStep")
+            paused_at = settled_step(page)  # frames of the last steps may still be on their way
             page.wait_for_timeout(1500)
             assert page.evaluate("() => window.tensorwire.serverStep") == paused_at
             screenshot(page, "sdk-paused")
