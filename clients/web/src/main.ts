@@ -105,7 +105,7 @@ const stats = {
   /** Under SLOW_LINK_BYTES_PER_S: the stream asks for fewer points, the run list is
    *  refreshed less often, the inference panel waits to be asked for. */
   slowLink: false,
-  inferenceOnRequest: false,
+  get inferenceOnRequest() { return stats.slowLink; },
   get runsShown() { return runs.map((r) => r.runId); },
   get updatesPerS() { return updatesPerSecond(); },
   connection: "connecting" as rpc.ConnectionState,
@@ -205,7 +205,7 @@ const SLOW_LINK_MAX_POINTS = 32;
 
 function offerInference(): void {
   const rate = stats.firstScreenBytesPerS;
-  if (!stats.inferenceOnRequest) {
+  if (!stats.slowLink) {
     void loadInference();
     return;
   }
@@ -781,7 +781,7 @@ const loadTasks = rpc.singleFlight(async () => {
 async function boot(): Promise<void> {
   // The link's speed as the first screen measured it decides what a slow link waits for.
   stats.firstScreenBytesPerS = firstScreenBytesPerS();
-  stats.slowLink = stats.inferenceOnRequest = stats.firstScreenBytesPerS < SLOW_LINK_BYTES_PER_S;
+  stats.slowLink = stats.firstScreenBytesPerS < SLOW_LINK_BYTES_PER_S;
   if (stats.slowLink && !tuning.maxPoints) tuning.maxPoints = SLOW_LINK_MAX_POINTS;
   // The run list first: it picks the run to watch, and the stream starts; the tasks
   // (the new-run form, 2.6 KB) after it, not beside it on a slow link. (Loaded a few
