@@ -35,6 +35,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cache.h"
 #include "tensorwire/inference/grpc_service.pb.h"
 
 namespace py = pybind11;
@@ -73,6 +74,10 @@ struct Spec {
   // The routing table (Python's Routing): ready versions, traffic split.
   std::vector<int64_t> ready, choices;
   std::vector<double> cumulative;
+  // The response cache (the local one): per version whose requests it answers, the
+  // key hasher's base; inputs' spec indexes in name order (the key hashes them so).
+  std::unordered_map<std::string, twcache::Blake2b> cache_bases;
+  std::vector<int> by_name;
 
   // The version a request goes to: its explicit one if ready (else "" -> Python
   // says why), or one picked by the traffic split, as Routing.pick does.
@@ -106,6 +111,27 @@ grpc::ByteBuffer Serialize(const google::protobuf::MessageLite& message) {
   std::string bytes = message.SerializeAsString();
   grpc::Slice slice(std::move(bytes));
   return grpc::ByteBuffer(&slice, 1);
+}
+
+// A request's response cache key (cache.py's RequestKeys.key, byte for byte): `base`
+// is its version's hasher, `order` the request's input indexes in name order.
+std::string RequestKey(const twcache::Blake2b& base, const inference::ModelInferRequest& r,
+                       const std::vector<int>& order) {
+  twcache::Blake2b h = base;
+  h.U32(static_cast<uint32_t>(order.size()));
+  for (int j : order) {
+    const auto& in = r.inputs(j);
+    h.Text(in.name());
+    h.Text(in.datatype());
+    h.U32(static_cast<uint32_t>(in.shape_size()));
+    for (int64_t d : in.shape()) h.I64(d);
+    const std::string& raw = r.raw_input_contents(j);
+    h.U32(static_cast<uint32_t>(raw.size()));
+    h.Update(raw.data(), raw.size());
+  }
+  h.U32(static_cast<uint32_t>(r.outputs_size()));
+  for (const auto& out : r.outputs()) h.Text(out.name());
+  return h.Digest();
 }
 
 class Frontend;
@@ -163,6 +189,7 @@ class Item : public Grave {
   std::vector<int> input_order;   // spec input i -> request input index
   std::vector<int> output_order;  // outputs to send (spec indexes)
   int64_t rows = 0;
+  std::string cache_key;  // its response cache key, when its version's answers are cached
   Clock::time_point enqueued;
   Clock::time_point deadline = Clock::time_point::max();
   grpc::ByteBuffer first;  // the request as received (forwarded if it falls back)
@@ -354,7 +381,16 @@ struct Queue {
 
 struct Counters {
   std::atomic<uint64_t> native{0}, proxied{0}, batches{0}, rejected{0}, fallbacks{0}, expired{0}, cancelled{0},
-      streams{0};
+      streams{0}, cache_hits{0};
+};
+
+// A version's requests answered from the response cache here since Python last took
+// them (Frontend::TakeCacheCounts): Python adds them to its statistics and metrics.
+struct HitCounts {
+  int64_t hits = 0, rows = 0, unreadable = 0, unary = 0;
+  double seconds = 0;
+  std::vector<double> unary_s;  // each ModelInfer hit's latency (the first kMaxLatencies)
+  static constexpr size_t kMaxLatencies = 65536;
 };
 
 class Frontend : public grpc::CallbackGenericService {
@@ -436,6 +472,7 @@ class Frontend : public grpc::CallbackGenericService {
     d["expired"] = counters_.expired.load();
     d["cancelled"] = counters_.cancelled.load();
     d["streams"] = counters_.streams.load();
+    d["cache_hits"] = counters_.cache_hits.load();
     // Calls, streams and stream messages alive and not yet in the graveyard: 0 once
     // everything is answered (a reference never given back shows here).
     d["unburied"] = live_calls_.load() - Buried();
@@ -450,6 +487,29 @@ class Frontend : public grpc::CallbackGenericService {
     d["queued"] = queued;
     d["running"] = running;
     return d;
+  }
+
+  // The local response cache's entries (set once, before start): requests of a
+  // version whose answers it holds are looked up here, and a hit is answered at once.
+  void SetCache(std::shared_ptr<twcache::LruStore> store) { cache_ = std::move(store); }
+
+  // The hits answered here since the last call, per version: (model, version, hits,
+  // rows, seconds, unreadable entries, ModelInfer calls among them, their latencies).
+  py::list TakeCacheCounts() {
+    std::map<std::string, HitCounts> taken;
+    {
+      std::lock_guard<std::mutex> lock(hits_mu_);
+      taken.swap(hit_counts_);
+    }
+    py::list out;
+    for (auto& [key, h] : taken) {
+      size_t cut = key.find('\0');
+      py::array_t<double> latencies(std::vector<py::ssize_t>{static_cast<py::ssize_t>(h.unary_s.size())},
+                                    std::vector<py::ssize_t>{sizeof(double)}, h.unary_s.data());
+      out.append(py::make_tuple(key.substr(0, cut), key.substr(cut + 1), h.hits, h.rows, h.seconds, h.unreadable,
+                                h.unary, latencies));
+    }
+    return out;
   }
 
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
@@ -520,6 +580,17 @@ class Frontend : public grpc::CallbackGenericService {
     const std::string version = spec->Route(call->request.model_version());
     if (version.empty()) return call->Fallback();
     std::string key = model + '\0' + version;
+    if (cache_ && !spec->cache_bases.empty()) {
+      auto base = spec->cache_bases.find(version);
+      if (base != spec->cache_bases.end()) {
+        std::vector<int> order;
+        for (int i : spec->by_name) order.push_back(call->input_order[i]);
+        call->cache_key = RequestKey(base->second, call->request, order);
+        if (twcache::Value value = cache_->Get(call->cache_key)) {
+          if (AnswerFromCache(call, *spec, key, version, *value)) return;
+        }
+      }
+    }
     std::string full;
     bool wake = false;
     {
@@ -609,6 +680,17 @@ class Frontend : public grpc::CallbackGenericService {
               (std::string(which) == "inputs" ? spec->inputs : spec->outputs).push_back(ts);
             }
           }
+          for (size_t i = 0; i < spec->inputs.size(); ++i) spec->by_name.push_back(static_cast<int>(i));
+          std::sort(spec->by_name.begin(), spec->by_name.end(),
+                    [&](int a, int b) { return spec->inputs[a].name < spec->inputs[b].name; });
+          if (d.contains("cache")) {  // version -> (model, version, fingerprint): RequestKeys' parts
+            for (auto [version, parts] : d["cache"].cast<py::dict>()) {
+              auto p = parts.cast<py::tuple>();
+              spec->cache_bases.emplace(version.cast<std::string>(),
+                                        twcache::KeyBase(p[0].cast<std::string>(), p[1].cast<std::string>(),
+                                                         p[2].cast<std::string>()));
+            }
+          }
         }
       } catch (py::error_already_set& e) {
         spec->eligible = false;
@@ -618,6 +700,62 @@ class Frontend : public grpc::CallbackGenericService {
     if (specs_.size() > 4096) specs_.clear();  // unknown names must not grow it without bound
     specs_[model] = spec;
     return spec;
+  }
+
+  // Answers `call` from a cache entry of its version (queue `key`) and counts the hit;
+  // false (nothing sent) when the entry does not fit the request: it then runs as a
+  // miss, and its answer replaces the entry.
+  bool AnswerFromCache(Item* call, const Spec& spec, const std::string& key, const std::string& version,
+                       const std::string& value) {
+    std::vector<twcache::CachedTensor> tensors;
+    bool fits = twcache::DecodeValue(value, &tensors) && tensors.size() == call->output_order.size();
+    inference::ModelInferResponse response;
+    for (size_t k = 0; fits && k < tensors.size(); ++k) {
+      const TensorSpec& ts = spec.outputs[call->output_order[k]];
+      const twcache::CachedTensor& t = tensors[k];
+      fits = t.name == ts.name && t.datatype == ts.datatype && !t.shape.empty() && t.shape[0] == call->rows;
+      uint64_t bytes = ts.itemsize;
+      for (int64_t d : t.shape) {
+        if (!fits || d < 0 || d > (int64_t{1} << 40) || (bytes && static_cast<uint64_t>(d) > (uint64_t{1} << 52) / bytes)) {
+          fits = false;
+          break;
+        }
+        bytes *= d;
+      }
+      if (!fits || bytes != t.bytes) {
+        fits = false;
+        break;
+      }
+      auto* out = response.add_outputs();
+      out->set_name(ts.name);
+      out->set_datatype(ts.datatype);
+      for (int64_t d : t.shape) out->add_shape(d);
+      response.add_raw_output_contents(t.data, t.bytes);
+    }
+    if (!fits) {
+      std::lock_guard<std::mutex> lock(hits_mu_);
+      hit_counts_[key].unreadable++;
+      return false;
+    }
+    response.set_model_name(call->request.model_name());
+    response.set_model_version(version);
+    response.set_id(call->request.id());
+    const double seconds = std::chrono::duration<double>(Clock::now() - call->enqueued).count();
+    const bool unary = !call->streamed;
+    const int64_t rows = call->rows;
+    call->Reply(&response);  // its last touch: the call may be gone now
+    counters_.native++;
+    counters_.cache_hits++;
+    std::lock_guard<std::mutex> lock(hits_mu_);
+    HitCounts& h = hit_counts_[key];
+    h.hits++;
+    h.rows += rows;
+    h.seconds += seconds;
+    if (unary) {
+      h.unary++;
+      if (h.unary_s.size() < HitCounts::kMaxLatencies) h.unary_s.push_back(seconds);
+    }
+    return true;
   }
 
   // True when the request is certainly valid for the model; false sends it to
@@ -865,8 +1003,15 @@ class Frontend : public grpc::CallbackGenericService {
             lists.append(names);
           }
         }
+        // The response cache keys this frontend looked up (all missed), if it did.
+        py::object keys = py::none();
+        if (!batch.front()->cache_key.empty()) {
+          py::list list;
+          for (Item* c : batch) list.append(py::bytes(c->cache_key));
+          keys = list;
+        }
         py::tuple result =
-            hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size, rows, named, unary);
+            hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size, rows, named, unary, keys);
         version = result[0].cast<std::string>();
         for (auto o : result[1].cast<py::list>()) {
           py::array a = py::reinterpret_borrow<py::array>(o);
@@ -937,6 +1082,9 @@ class Frontend : public grpc::CallbackGenericService {
   std::unordered_map<std::string, std::shared_ptr<const Spec>> specs_;
   std::unordered_map<std::string, Clock::time_point> tokens_;
   Counters counters_;
+  std::shared_ptr<twcache::LruStore> cache_;  // the local response cache's entries (null: none here)
+  std::mutex hits_mu_;
+  std::map<std::string, HitCounts> hit_counts_;  // by queue key (model \0 version)
 };
 
 // -- Call ---------------------------------------------------------------------
@@ -1439,7 +1587,46 @@ PYBIND11_MODULE(_native, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("stop", &Frontend::Stop, py::arg("grace_s"), py::call_guard<py::gil_scoped_release>())
       .def("invalidate", &Frontend::Invalidate)
-      .def("stats", &Frontend::Stats);
+      .def("stats", &Frontend::Stats)
+      .def("set_cache", &Frontend::SetCache, py::arg("store"))
+      .def("take_cache_counts", &Frontend::TakeCacheCounts);
+  py::class_<twcache::LruStore, std::shared_ptr<twcache::LruStore>>(m, "LruStore")
+      .def(py::init<int64_t, int64_t>(), py::arg("size_bytes"), py::arg("overhead"))
+      .def("get_many",
+           [](twcache::LruStore& store, const std::vector<std::string>& keys) {
+             py::list out;
+             for (const auto& key : keys) {
+               twcache::Value value = store.Get(key);
+               out.append(value ? py::object(py::bytes(*value)) : py::object(py::none()));
+             }
+             return out;
+           })
+      .def("put_many",
+           [](twcache::LruStore& store, std::vector<std::pair<std::string, std::string>> items, int64_t max_entry) {
+             auto added = store.PutMany(items, max_entry);
+             return py::make_tuple(added.inserted, added.inserted_bytes, added.evicted, added.too_large);
+           })
+      .def_property_readonly("held_bytes", &twcache::LruStore::held_bytes)
+      .def_property_readonly("entries", &twcache::LruStore::entries);
+  // The key the frontend computes for a request (tests hold it to cache.py's):
+  // inputs as (name, datatype, shape, raw bytes), in the request's order.
+  m.def("request_key", [](const std::string& model, const std::string& version, const std::string& fingerprint,
+                          const std::vector<std::tuple<std::string, std::string, std::vector<int64_t>, std::string>>& inputs,
+                          const std::vector<std::string>& outputs) {
+    inference::ModelInferRequest r;
+    std::vector<int> order;
+    for (const auto& [name, datatype, shape, raw] : inputs) {
+      auto* in = r.add_inputs();
+      in->set_name(name);
+      in->set_datatype(datatype);
+      for (int64_t d : shape) in->add_shape(d);
+      r.add_raw_input_contents(raw);
+      order.push_back(static_cast<int>(order.size()));
+    }
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return r.inputs(a).name() < r.inputs(b).name(); });
+    for (const auto& name : outputs) r.add_outputs()->set_name(name);
+    return py::bytes(RequestKey(twcache::KeyBase(model, version, fingerprint), r, order));
+  });
   m.def("handoff_ns", &HandoffNs, py::arg("fn"), py::arg("n"));
   py::class_<Echo>(m, "Echo")
       .def(py::init<>())

@@ -51,7 +51,7 @@ for proto in "${protos[@]}"; do
 done
 wait
 obj=$out/frontend.o
-if [ ! -f "$obj" ] || [ native/frontend.cc -nt "$obj" ] || [ "$gen/.stamp" -nt "$obj" ]; then
+if [ ! -f "$obj" ] || [ -n "$(find native -newer "$obj" -name "*.cc" -o -newer "$obj" -name "*.h")" ] || [ "$gen/.stamp" -nt "$obj" ]; then
   "${cxx[@]}" -c native/frontend.cc -o "$obj"
 fi
 objs+=("$obj")

@@ -103,31 +103,40 @@ async def _infer_racing(cache: ResponseCache, version: ModelVersion, request: In
 
 def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, version: ModelVersion,
                    columns: list[np.ndarray], rows: Sequence[int],
-                   outputs: Sequence[Sequence[str]] | None) -> tuple[list[np.ndarray], list[int]]:
+                   outputs: Sequence[Sequence[str]] | None,
+                   keys: list[bytes] | None = None) -> tuple[list[np.ndarray], list[int]]:
     """A native frontend's batch through the response cache, from its batch thread:
     request ``i`` is the next ``rows[i]`` rows of every column (the config's input
     order) and asked for ``outputs[i]`` (empty or ``outputs`` None: all). The hits
     are answered from their entries, the misses run on the model in one forward
-    and their answers are stored. Returns (every output column, one row per input
+    and their answers are stored. ``keys``: the requests' keys when the frontend
+    looked them up itself (the local cache, in its native store) and all missed.
+    Returns (every output column, one row per input
     row; the indexes of the requests that ran on the model). Raises ValueError when
     an entry does not fit the batch's columns (the frontend then serves each
     request on the Python path)."""
     start = time.perf_counter()
     bounds = [0, *itertools.accumulate(rows)]
     wanted: Sequence[Sequence[str]] = outputs or [()] * len(rows)
-    keys = version.cache_keys.batch_keys([(spec.name, spec.datatype) for spec in version.inputs],
-                                         columns, bounds, wanted)
     rate = version.cache_hit_rate
-    if cache.remote and rate.racing:  # a rare hit is not waited for: every row runs, the lookups go aside
-        if rate.sample():
-            loop.call_soon_threadsafe(cache.lookup_aside, keys, rate.add)
-        values: list[bytes | None] = []
+    values: list[bytes | None]
+    if keys is not None:  # looked up already: every one missed
+        cache.stats.misses += len(keys)
+        rate.add_found(0, len(keys))
+        values = [None] * len(keys)
     else:
-        values = cache.lookup_from_thread(keys, loop)
-        if cache.remote:
-            loop.call_soon_threadsafe(rate.add, values)
-        else:  # answered here, in the batch thread
-            rate.add(values)
+        keys = version.cache_keys.batch_keys([(spec.name, spec.datatype) for spec in version.inputs],
+                                             columns, bounds, wanted)
+        if cache.remote and rate.racing:  # a rare hit is not waited for: every row runs, the lookups go aside
+            if rate.sample():
+                loop.call_soon_threadsafe(cache.lookup_aside, keys, rate.add)
+            values = []
+        else:
+            values = cache.lookup_from_thread(keys, loop)
+            if cache.remote:
+                loop.call_soon_threadsafe(rate.add, values)
+            else:  # answered here, in the batch thread
+                rate.add(values)
     found: list[DecodedGroup] = []  # members: indexes of requests
     hits = [i for i, value in enumerate(values) if value is not None] if values.count(None) < len(values) else []
     if hits:

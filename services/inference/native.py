@@ -19,13 +19,21 @@ the model's inputs, datatypes, dims, item sizes and batching knobs, read from th
 repository's loaded version), and are dropped whenever the repository swaps or
 unloads a model (``ModelRepository.on_change``); there is no second copy of them.
 
-A model with the response cache on is served natively too: ``run_batch`` hands the
-batch to the repository's ``answer_columns`` (the same keys, entries and statistics
-as the Python path), which answers the hits from the cache and runs only the misses.
+A model with the response cache on is served natively too. With the local cache,
+the frontend holds the cache's entries (``_native.LruStore``, the ``LocalCache``'s
+store for both frontends): it computes each request's key itself (the same BLAKE2b
+digest as ``RequestKeys``) and answers a hit on the gRPC thread that read it, with
+no Python at all; :meth:`NativeHooks.collect_hits` adds those hits to the statistics
+and metrics (before statistics are read, with each batch of misses, and every
+second). Its misses, and every request with Redis, go to ``run_batch``, which hands
+the batch to the repository's ``answer_columns`` (the same keys, entries and
+statistics as the Python path): it answers what the cache has, runs only the rest
+on the model and stores their answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import os
@@ -41,6 +49,7 @@ from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.rpc import interceptor, metrics
 from tensorwire.rpc.auth import Authorizer
 from tensorwire.rpc.rpcnames import method_path
+from tensorwire.serving.cache import ENTRY_OVERHEAD_BYTES, LocalCache
 
 from .repository import ModelRepository
 from .servicer import MAX_STREAM_IN_FLIGHT
@@ -50,6 +59,9 @@ log = logging.getLogger(__name__)
 
 FRONTENDS = ("auto", "native", "python")
 INFER_METHOD = method_path(pb, "GRPCInferenceService", "ModelInfer")
+HITS_EVERY_S = 1.0
+"""How often the native frontend's cache hits are added to the statistics and metrics
+(besides whenever statistics are read)."""
 
 
 def load_module() -> tuple[Any | None, str]:
@@ -107,6 +119,8 @@ class NativeHooks:
         self._repo = repository
         self._authorizer = authorizer if authorizer is not None and authorizer.enabled else None
         self._service = service
+        self.take_hits: Any = None
+        """The frontend's ``take_cache_counts`` when it answers the local cache's hits itself."""
         self._handled = metrics.RPC_HANDLED.labels(service, "ModelInfer", "OK")
         self._latency = metrics.RPC_LATENCY.labels(service, "ModelInfer")
         self._stream_latency = metrics.RPC_LATENCY.labels(service, "ModelStreamInfer")
@@ -152,7 +166,42 @@ class NativeHooks:
             "max_dims": MAX_DIMS,
             "inputs": [(t.name, t.datatype, list(t.dims), NUMPY_DTYPES[t.datatype].itemsize) for t in mv.inputs],
             "outputs": [(t.name, t.datatype, list(t.dims), NUMPY_DTYPES[t.datatype].itemsize) for t in mv.outputs],
+            # The versions whose answers it looks up itself (its key's parts for each).
+            "cache": self._cached_versions(model, routing.versions) if self.take_hits is not None else {},
         }
+
+    def _cached_versions(self, model: str, versions: Any) -> dict[str, tuple[str, str, str]]:
+        out = {}
+        for version in versions:
+            mv = self._repo.version_of(model, str(version))
+            if self._repo.caches(mv):
+                out[str(version)] = mv.cache_keys.parts
+        return out
+
+    def collect_hits(self) -> None:
+        """Add the requests the frontend answered from the cache since the last call to
+        the versions' statistics, the cache's counters and the RPC metrics."""
+        if self.take_hits is None:
+            return
+        cache = self._repo.cache
+        for model, version, hits, rows, seconds, unreadable, unary, latencies in self.take_hits():
+            if cache is not None:
+                cache.stats.hits += hits
+                cache.stats.errors += unreadable
+            if unreadable:
+                log.warning("%d response cache entries of %s:%s unreadable; the model answered those",
+                            unreadable, model, version)
+            if hits:
+                try:
+                    mv = self._repo.version_of(model, version)
+                except TensorwireError:  # unloaded meanwhile: the cache's own counts stay
+                    pass
+                else:
+                    mv.record_cache_hits(hits, rows, seconds)
+                    mv.cache_hit_rate.add_found(hits, hits)
+            if unary:
+                self._handled.inc(unary)
+                _bulk_observe(self._latency, latencies)
 
     def authorize(self, header: bytes) -> bool:
         """Whether a ModelInfer call with this ``authorization`` value passes the role
@@ -186,14 +235,16 @@ class NativeHooks:
     def run_batch(self, model: str, version: str, columns: list[np.ndarray], waits: np.ndarray,
                   by_size: bool, rows: list[int],
                   outputs: list[tuple[str, ...]] | None,
-                  unary: list[bool] | None = None) -> tuple[str, list[np.ndarray]]:
+                  unary: list[bool] | None = None,
+                  keys: list[bytes] | None = None) -> tuple[str, list[np.ndarray]]:
         """One forward over a batch of natively validated requests for one version (the
         frontend routed each by the traffic split it got from ``spec``); ``waits``: each
         request's seconds in the native queue; ``by_size``: cut because it was full;
         ``rows``: each request's rows; ``outputs``: the outputs each asked for (None:
         none named any); ``unary``: which requests are ModelInfer calls, not stream
         messages (None: all are; only those count as ModelInfer RPCs). With the
-        response cache on, only the misses run on the model.
+        response cache on, only the misses run on the model; ``keys``: the requests'
+        cache keys when the frontend looked them up itself (all missed).
         Raises when that version is gone or no longer takes these columns (a swap):
         the frontend then hands each request to the Python path."""
         start = time.perf_counter()
@@ -206,7 +257,9 @@ class NativeHooks:
             ):
                 raise ValueError(f"input {spec.name!r} changed")
         if self._repo.caches(mv):
-            outs, ran = self._repo.answer_columns(mv, columns, rows, outputs)
+            if keys is not None:  # the hits it answered meanwhile count before these misses
+                self.collect_hits()
+            outs, ran = self._repo.answer_columns(mv, columns, rows, outputs, keys)
             ran_count = len(ran)
             queued = waits[ran] if ran_count < len(waits) else waits
         else:
@@ -234,21 +287,45 @@ class NativeFrontend:
         self._threads = threads
         self._streams = streams
         self._server: Any = None
+        self._hooks: NativeHooks | None = None
+        # With the local cache, this frontend keeps its entries (for both frontends).
+        self._store: Any = None
+        cache = repository.cache
+        if isinstance(cache, LocalCache):
+            self._store = module.LruStore(cache.size_bytes, ENTRY_OVERHEAD_BYTES)
+            cache.use_store(self._store)
 
     def start(self, address: str, backend_port: int, *, name: str, max_message_bytes: int,
               reuse_port: bool, authorizer: Authorizer | None) -> int:
         """Listen on ``address``, forwarding to the Python server on ``backend_port``;
         returns the bound port (0: cannot bind)."""
-        hooks = NativeHooks(self._repo, authorizer, name)
         auth = authorizer is not None and authorizer.enabled
+        hooks = NativeHooks(self._repo, authorizer, name)
         # The stream messages it forwards as unary ModelInfer calls carry the process's
         # secret tag: Python's interceptor counts them as part of their stream.
-        self._server = self._module.Frontend(f"127.0.0.1:{backend_port}", hooks, self._threads, auth, self._streams,
-                                             MAX_STREAM_IN_FLIGHT, interceptor.stream_message_token())
-        port = int(self._server.start(address, max_message_bytes, reuse_port))
+        server = self._module.Frontend(f"127.0.0.1:{backend_port}", hooks, self._threads, auth, self._streams,
+                                       MAX_STREAM_IN_FLIGHT, interceptor.stream_message_token())
+        if self._store is not None:
+            server.set_cache(self._store)
+            hooks.take_hits = server.take_cache_counts
+        self._server, self._hooks = server, hooks
+        port = int(server.start(address, max_message_bytes, reuse_port))
         if port:
             self._repo.on_change.append(self._changed)
+            if self._store is not None:
+                self._repo.before_statistics.append(hooks.collect_hits)
+                loop = self._repo.loop
+                if loop is not None:
+                    loop.call_soon_threadsafe(self._tick)
         return port
+
+    def _tick(self) -> None:
+        """Every second, on the repository's loop: the frontend's cache hits into the
+        statistics and metrics (which are also brought up to date whenever read)."""
+        if self._hooks is None or self._server is None:
+            return
+        self._hooks.collect_hits()
+        asyncio.get_running_loop().call_later(HITS_EVERY_S, self._tick)
 
     def _changed(self, model: str) -> None:
         if self._server is not None:
@@ -265,6 +342,11 @@ class NativeFrontend:
             self._server.stop(grace_s)
             if self._changed in self._repo.on_change:
                 self._repo.on_change.remove(self._changed)
+            hooks, self._hooks = self._hooks, None  # the timer stops at its next turn
+            if hooks is not None:
+                hooks.collect_hits()
+                if hooks.collect_hits in self._repo.before_statistics:
+                    self._repo.before_statistics.remove(hooks.collect_hits)
 
 
 def choose(frontend: str, repository: ModelRepository, threads: int, *, tls: bool,

@@ -185,6 +185,9 @@ class ModelRepository:
         self.on_change: list[Callable[[str], None]] = []
         """Called with a model's name after its routing was replaced or it was unloaded
         (the native frontend drops the rules it validated that model's requests with)."""
+        self.before_statistics: list[Callable[[], None]] = []
+        """Called before statistics are read: whoever keeps counts elsewhere adds them
+        (the native frontend, its cache hits)."""
 
     def __repr__(self) -> str:
         served = ", ".join(
@@ -567,17 +570,23 @@ class ModelRepository:
 
     # -- the response cache: the one place requests meet it (both frontends) ----------
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop the repository runs on (None before ``start``)."""
+        return self._loop
+
     def caches(self, version: ModelVersion) -> bool:
         """Whether ``version``'s requests go through the response cache."""
         return self.cache is not None and version.response_cache_enabled
 
     def answer_columns(self, version: ModelVersion, columns: list[np.ndarray], rows: Sequence[int],
-                       outputs: Sequence[Sequence[str]] | None) -> tuple[list[np.ndarray], list[int]]:
+                       outputs: Sequence[Sequence[str]] | None,
+                       keys: list[bytes] | None = None) -> tuple[list[np.ndarray], list[int]]:
         """A native frontend's batch through the response cache (``cached.answer_columns``),
         from its batch thread."""
         cache, loop = self.cache, self._loop
         assert cache is not None and loop is not None
-        return cached.answer_columns(cache, loop, version, columns, rows, outputs)
+        return cached.answer_columns(cache, loop, version, columns, rows, outputs, keys)
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -606,6 +615,8 @@ class ModelRepository:
         )
 
     def statistics(self, name: str = "", version: str = "") -> list[tuple[str, int, VersionStats]]:
+        for collect in list(self.before_statistics):  # counts kept elsewhere (the native frontend's hits)
+            collect()
         if name:
             served = [self._served(name)]
             if version:

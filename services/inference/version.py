@@ -182,10 +182,21 @@ class ModelVersion:
 
     def cached_result(self, request: InferRequest, value: bytes, seconds: float) -> InferResult:
         """The answer to ``request`` from a cache entry (counted as a hit that took
-        ``seconds`` so far). Only a request that succeeded was stored, so it was valid."""
+        ``seconds`` so far). Only a request that succeeded was stored, so it was valid.
+        Raises ValueError when the entry is not an answer to it (the outputs it asked
+        for, in order, in the config's datatypes, one row per input row), as the
+        native frontend checks its own hits."""
         outputs = [Tensor(name, datatype, array) for name, datatype, array in decode_tensors(value)]
+        rows = request.inputs[0].array.shape[0] if self.max_batch_size > 0 else 1
+        wanted = list(request.outputs) or [spec.name for spec in self.outputs]
+        datatypes = {spec.name: spec.datatype for spec in self.outputs}
+        if [t.name for t in outputs] != wanted or any(
+            t.datatype != datatypes[t.name] or (self.max_batch_size > 0 and t.array.shape[:1] != (rows,))
+            for t in outputs
+        ):
+            raise ValueError(f"it answers {[(t.name, t.datatype, list(t.array.shape)) for t in outputs]}")
         stats = self.stats
-        stats.inference_count += request.inputs[0].array.shape[0] if self.max_batch_size > 0 else 1
+        stats.inference_count += rows
         stats.last_inference_ms = int(time.time() * 1000)
         stats.success.add(seconds)
         stats.cache_hit.add(seconds)
@@ -244,6 +255,15 @@ class ModelVersion:
         stats.success.add(total_s, requests)
         stats.inference_count += rows
         stats.last_inference_ms = int(time.time() * 1000)
+
+    def record_cache_hits(self, requests: int, rows: int, total_s: float) -> None:
+        """Statistics of requests the native frontend answered from the response cache
+        (as :meth:`cached_result` counts one): ``total_s`` summed over them."""
+        stats = self.stats
+        stats.inference_count += rows
+        stats.last_inference_ms = int(time.time() * 1000)
+        stats.success.add(total_s, requests)
+        stats.cache_hit.add(total_s, requests)
 
     def snapshot_stats(self) -> VersionStats:
         stats = self.stats

@@ -16,7 +16,8 @@ Two backends behind one interface (:class:`ResponseCache`): ``await get(key)`` a
 ``put_many_from_thread(items, loop)`` for the native frontend's batch threads:
 
 - :class:`LocalCache`: a byte-bounded LRU in the process (each ``--workers``
-  process has its own), behind a lock that is only ever held for a dict operation;
+  process has its own), its entries in a :class:`DictStore` or, with the native
+  frontend, in the frontend's own store, whose gRPC threads answer hits directly;
 - :class:`RedisCache`: shared by every replica, keys with a TTL. Redis being
   down never fails a request: a failed command counts an error and reads as a
   miss, then the cache is bypassed for a backoff period (50 ms doubling to 2 s)
@@ -267,11 +268,13 @@ class RequestKeys:
     bytes, so a small request costs about a microsecond.
     """
 
-    __slots__ = ("_base",)
+    __slots__ = ("_base", "parts")
 
     def __init__(self, model: str, version: int | str, fingerprint: str = "") -> None:
+        self.parts = (model, str(version), fingerprint)
+        """What the keys start from (the native frontend builds the same base from them)."""
         base = hashlib.blake2b(digest_size=16, person=b"tw-response-v1")
-        for part in (model, str(version), fingerprint):
+        for part in self.parts:
             _text(base, part)
         self._base = base
 
@@ -605,85 +608,73 @@ CPython 3.11: two bytes objects' headers (33 bytes each), the dict's entry and i
 (~32) and the ordered dict's link node (~56), rounded up."""
 
 
-class LocalCache(ResponseCache):
-    """A byte-bounded LRU in this process. The event loop and the native frontend's
-    batch threads use it directly: a lock guards each operation (uncontended, it
-    costs ~0.1 us; nothing slow happens while it is held)."""
+class EntryStore(Protocol):
+    """Where a :class:`LocalCache` keeps its entries: a byte-bounded LRU, each entry
+    costing its key's and value's bytes plus ``ENTRY_OVERHEAD_BYTES``. Thread-safe.
+    :class:`DictStore` here, or the native frontend's (``_native.LruStore``, whose
+    batch threads then answer hits without Python)."""
 
-    kind = "local"
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Each key's value (None: absent); the found ones become the most recent."""
+        ...
 
-    def __init__(self, size_bytes: int, max_entry_bytes: int | None = None) -> None:
-        if size_bytes <= 0:
-            raise ValueError(f"size_bytes must be > 0, got {size_bytes}")
-        super().__init__(min(max_entry_bytes or size_bytes, size_bytes))
+    def put_many(self, items: Sequence[tuple[bytes, bytes]], max_entry_bytes: int) -> tuple[int, int, int, int]:
+        """Store each (key, value), evicting the least recently used to make room; a
+        value over ``max_entry_bytes``, or that cannot fit at all, is not stored.
+        Returns (inserted, inserted value bytes, evicted, too large)."""
+        ...
+
+    @property
+    def held_bytes(self) -> int: ...
+
+    @property
+    def entries(self) -> int: ...
+
+
+class DictStore:
+    """:class:`EntryStore` in Python: an ordered dict behind a lock that is only ever
+    held for dict operations (uncontended, ~0.1 us)."""
+
+    def __init__(self, size_bytes: int, overhead: int = ENTRY_OVERHEAD_BYTES) -> None:
         self.size_bytes = size_bytes
+        self._overhead = overhead
         self._entries: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def __repr__(self) -> str:
-        return (f"<LocalCache {len(self._entries)} entries, {self._bytes}/{self.size_bytes} bytes, "
-                f"hits={self.stats.hits} misses={self.stats.misses} evictions={self.stats.evictions}>")
+    def _cost(self, key: bytes, value: bytes) -> int:
+        return len(key) + len(value) + self._overhead
 
-    @staticmethod
-    def _cost(key: bytes, value: bytes) -> int:
-        return len(key) + len(value) + ENTRY_OVERHEAD_BYTES
-
-    async def get(self, key: bytes) -> bytes | None:
-        return self._get(key)
-
-    def _get(self, key: bytes) -> bytes | None:
-        with self._lock:
-            value = self._entries.get(key)
-            if value is None:
-                self.stats.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.stats.hits += 1
-            return value
-
-    def lookup_from_thread(self, keys: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> list[bytes | None]:
-        """Every key under one hold of the lock (a native batch's lookups)."""
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         with self._lock:
             entries = self._entries
             values = [entries.get(key) for key in keys]
-            misses = values.count(None)
-            if misses < len(values):
-                for key, value in zip(keys, values):
-                    if value is not None:
-                        entries.move_to_end(key)
-            self.stats.hits += len(values) - misses
-            self.stats.misses += misses
+            for key, value in zip(keys, values):
+                if value is not None:
+                    entries.move_to_end(key)
         return values
 
-    def put_many_from_thread(self, items: Sequence[tuple[bytes, bytes]], loop: asyncio.AbstractEventLoop) -> None:
-        self._put_many(items)
-
-    def _put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
-        """Every item under one hold of the lock (a native batch's answers)."""
+    def put_many(self, items: Sequence[tuple[bytes, bytes]], max_entry_bytes: int) -> tuple[int, int, int, int]:
+        inserted = inserted_bytes = evicted = too_large = 0
         with self._lock:
+            entries = self._entries
             for key, value in items:
                 cost = self._cost(key, value)
-                if len(value) > self.max_entry_bytes or cost > self.size_bytes:
-                    self.stats.too_large += 1
-                else:
-                    self._insert(key, value, cost)
-
-    def put(self, key: bytes, value: bytes) -> None:
-        self._put_many(((key, value),))
-
-    def _insert(self, key: bytes, value: bytes, cost: int) -> None:
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self._bytes -= self._cost(key, old)
-        while self._bytes + cost > self.size_bytes:
-            evicted_key, evicted = self._entries.popitem(last=False)
-            self._bytes -= self._cost(evicted_key, evicted)
-            self.stats.evictions += 1
-        self._entries[key] = value
-        self._bytes += cost
-        self.stats.inserts += 1
-        self.stats.inserted_bytes += len(value)
+                if len(value) > max_entry_bytes or cost > self.size_bytes:
+                    too_large += 1
+                    continue
+                old = entries.pop(key, None)
+                if old is not None:
+                    self._bytes -= self._cost(key, old)
+                while self._bytes + cost > self.size_bytes:
+                    evicted_key, evicted_value = entries.popitem(last=False)
+                    self._bytes -= self._cost(evicted_key, evicted_value)
+                    evicted += 1
+                entries[key] = value
+                self._bytes += cost
+                inserted += 1
+                inserted_bytes += len(value)
+        return inserted, inserted_bytes, evicted, too_large
 
     @property
     def held_bytes(self) -> int:
@@ -692,6 +683,69 @@ class LocalCache(ResponseCache):
     @property
     def entries(self) -> int:
         return len(self._entries)
+
+
+class LocalCache(ResponseCache):
+    """A byte-bounded LRU in this process (its entries in an :class:`EntryStore`).
+    The event loop and the native frontend's batch threads use it directly; with the
+    native frontend, its gRPC threads too (:meth:`use_store`)."""
+
+    kind = "local"
+
+    def __init__(self, size_bytes: int, max_entry_bytes: int | None = None) -> None:
+        if size_bytes <= 0:
+            raise ValueError(f"size_bytes must be > 0, got {size_bytes}")
+        super().__init__(min(max_entry_bytes or size_bytes, size_bytes))
+        self.size_bytes = size_bytes
+        self.store: EntryStore = DictStore(size_bytes)
+
+    def use_store(self, store: EntryStore) -> None:
+        """Keep the entries in ``store`` from now on (made for ``size_bytes`` and
+        ``ENTRY_OVERHEAD_BYTES``); only while the cache is still empty."""
+        if self.store.entries:
+            raise RuntimeError("the local cache's store can only be replaced while it is empty")
+        self.store = store
+
+    def __repr__(self) -> str:
+        return (f"<LocalCache {self.entries} entries, {self.held_bytes}/{self.size_bytes} bytes, "
+                f"hits={self.stats.hits} misses={self.stats.misses} evictions={self.stats.evictions}>")
+
+    async def get(self, key: bytes) -> bytes | None:
+        return self._lookup((key,))[0]
+
+    def _lookup(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        values = self.store.get_many(keys)
+        misses = values.count(None)
+        self.stats.hits += len(values) - misses
+        self.stats.misses += misses
+        return values
+
+    def lookup_from_thread(self, keys: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> list[bytes | None]:
+        """Every key at once, in the calling thread (a native batch's lookups)."""
+        return self._lookup(keys)
+
+    def put_many_from_thread(self, items: Sequence[tuple[bytes, bytes]], loop: asyncio.AbstractEventLoop) -> None:
+        self._put_many(items)
+
+    def _put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Every item at once (a native batch's answers)."""
+        inserted, inserted_bytes, evicted, too_large = self.store.put_many(items, self.max_entry_bytes)
+        stats = self.stats
+        stats.inserts += inserted
+        stats.inserted_bytes += inserted_bytes
+        stats.evictions += evicted
+        stats.too_large += too_large
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._put_many(((key, value),))
+
+    @property
+    def held_bytes(self) -> int:
+        return self.store.held_bytes
+
+    @property
+    def entries(self) -> int:
+        return self.store.entries
 
 
 class HitRate:
@@ -739,11 +793,14 @@ class HitRate:
 
     def add(self, values: Sequence[bytes | None]) -> None:
         """Note a lookup's answers (None: a miss)."""
-        if not values:
+        self.add_found(len(values) - values.count(None), len(values))
+
+    def add_found(self, found: int, looked_up: int) -> None:
+        """Note ``looked_up`` lookups of which ``found`` hit."""
+        if not looked_up:
             return
-        found = len(values) - values.count(None)
-        weight = min(1.0, len(values) / self.WINDOW)
-        self.ratio += weight * (found / len(values) - self.ratio)
+        weight = min(1.0, looked_up / self.WINDOW)
+        self.ratio += weight * (found / looked_up - self.ratio)
         if self.racing:
             self.racing = self.ratio <= self.WAIT_ABOVE
             if not self.racing:

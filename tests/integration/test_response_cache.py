@@ -125,6 +125,7 @@ async def test_local_hits_skip_batcher_and_model_and_answer_the_same(tmp_path: P
             assert app.repository.version_of("spiral", "1").batcher.metrics.requests == 2
             if app.frontend is not None:  # native: the raw requests were served there, hit included
                 assert app.frontend.stats()["native"] == 3
+                assert app.frontend.stats()["cache_hits"] == 1  # answered there, without Python
 
             # The model that did not opt in never touches the cache.
             for _ in range(2):
@@ -210,6 +211,8 @@ async def test_a_config_change_switches_the_cache_for_a_served_model(tmp_path: P
             await app.repository.scan()
             for _ in range(2):
                 await stub.ModelInfer(spiral_request(x), timeout=10)
+            s = (await statistics(stub))["1"]  # (the native frontend's hits are added when read)
+            assert (s.inference_stats.cache_miss.count, s.inference_stats.cache_hit.count) == (1, 1)
             assert (app.cache.stats.misses, app.cache.stats.hits) == (1, 1)
             assert app.repository.swaps == 1  # the version was kept, not reloaded
 
@@ -602,3 +605,67 @@ async def test_while_local_hits_are_rare_an_answer_is_stored_at_its_second_sight
             s = (await statistics(stub))["1"].inference_stats
             assert (s.cache_hit.count, s.cache_miss.count) == (1, sent + 22)
             assert app.repository.cache.stats.inserts == stored + 1
+
+
+async def test_local_hits_are_answered_where_requests_arrive_and_counted_as_any_hit(tmp_path: Path) -> None:
+    """ModelInfer calls and stream messages that hit the local cache: on the native
+    frontend they are answered on its gRPC threads (no batch, no Python), and still
+    show in ModelStatistics, the cache's counters and the RPC metrics; an entry that
+    does not fit the request is never sent: the model answers and its answer replaces
+    it. On the Python frontend the same requests give the same answers and counts."""
+    repo = tmp_path / "models"
+    state = spiral_state(1)
+    modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
+    app = await make_app(tmp_path, repo, cache_entries("local"))
+    x = np.random.default_rng(11).standard_normal((2, 2)).astype(np.float32)
+    labels = (("code", "OK"), ("method", "ModelInfer"), ("service", "inference"))
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            first = await stub.ModelInfer(spiral_request(x), timeout=10)  # a miss, stored
+            handled = scrape().get(("tensorwire_rpc_handled_total", labels), 0.0)
+            batches = app.frontend.stats()["batches"] if app.frontend is not None else 0
+            for i in range(5):
+                request = spiral_request(x)
+                request.id = f"u{i}"
+                reply = await stub.ModelInfer(request, timeout=10)
+                assert (reply.id, reply.model_version) == (f"u{i}", "1")
+                assert reply.raw_output_contents == first.raw_output_contents
+
+            async def messages() -> Any:
+                for i in range(3):
+                    request = spiral_request(x)
+                    request.id = f"s{i}"
+                    yield request
+
+            streamed = [m async for m in stub.ModelStreamInfer(messages(), timeout=10)]
+            assert sorted(m.infer_response.id for m in streamed) == ["s0", "s1", "s2"]
+            assert all(m.infer_response.raw_output_contents == first.raw_output_contents for m in streamed)
+            s = (await statistics(stub))["1"]
+            assert (s.inference_stats.cache_hit.count, s.inference_stats.cache_miss.count) == (8, 1)
+            assert s.inference_stats.success.count == 9 and s.inference_count == 18 and s.execution_count == 1
+            assert app.cache is not None and app.cache.stats.hits == 8
+            assert scrape()[("tensorwire_rpc_handled_total", labels)] == handled + 5  # the stream's are not
+            if app.frontend is not None:
+                assert app.frontend.stats()["cache_hits"] == 8
+                assert app.frontend.stats()["batches"] == batches  # no batch ran for them
+
+            # An entry that does not fit (another version's layout, garbage): the model answers.
+            version = app.repository.version_of("spiral", "1")
+            key = version.cache_keys.key([oip_tensor("points", x)])
+            good = app.cache.store.get_many([key])[0]
+            assert good is not None
+            for garbage in (b"not a cached answer", good[:-3], good.replace(b"logits", b"LOGITS")):
+                app.cache.store.put_many([(key, garbage)], 1 << 20)
+                reply = await stub.ModelInfer(spiral_request(x), timeout=10)
+                np.testing.assert_allclose(logits(reply), expected(state, x), rtol=1e-5, atol=1e-6)
+                assert app.cache.store.get_many([key])[0] == good  # the model's answer replaced it
+            s = (await statistics(stub))["1"]
+            assert (s.inference_stats.cache_hit.count, s.inference_stats.cache_miss.count) == (8, 4)
+            assert app.cache.stats.errors == 3
+
+
+def oip_tensor(name: str, array: np.ndarray) -> Any:
+    from tensorwire.data.tensors import Tensor
+
+    return Tensor(name, "FP32", array)

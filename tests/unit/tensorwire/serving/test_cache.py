@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.inference.__main__ import main as inference_main
 from services.inference.settings import InferenceSettings
@@ -25,6 +27,21 @@ from tensorwire.serving.cache import (
     encode_tensors,
     parse_cache_config,
 )
+
+try:
+    from services.inference import _native  # type: ignore[attr-defined]
+except ImportError:  # not built: only the Python store is tested
+    _native = None
+
+STORES = ["python", pytest.param("native", marks=pytest.mark.skipif(_native is None, reason="native not built"))]
+
+
+def local_cache(store: str, size_bytes: int, max_entry_bytes: int | None = None) -> LocalCache:
+    """A LocalCache with its entries in Python's store or the native frontend's."""
+    cache = LocalCache(size_bytes, max_entry_bytes)
+    if store == "native":
+        cache.use_store(_native.LruStore(size_bytes, ENTRY_OVERHEAD_BYTES))
+    return cache
 
 # -- --cache-config -----------------------------------------------------------------------
 
@@ -187,12 +204,13 @@ def test_a_native_batchs_hits_are_decoded_in_groups_laid_out_alike() -> None:
     assert sorted(tuple(g.members) for g in groups) == [(0,), (1,)]
 
 
-def test_the_local_cache_serves_other_threads() -> None:
+@pytest.mark.parametrize("store", STORES)
+def test_the_local_cache_serves_other_threads(store: str) -> None:
     """The native frontend's batch threads look up and store directly (one lock)."""
     import asyncio
     import threading
 
-    cache = LocalCache(1 << 20)
+    cache = local_cache(store, 1 << 20)
     loop = asyncio.new_event_loop()  # not running: the local cache never needs it
     keys = [bytes([i]) * 16 for i in range(64)]
 
@@ -234,10 +252,11 @@ def test_values_round_trip() -> None:
 # -- the local LRU ------------------------------------------------------------------------
 
 
-async def test_local_cache_is_a_byte_bounded_lru() -> None:
+@pytest.mark.parametrize("store", STORES)
+async def test_local_cache_is_a_byte_bounded_lru(store: str) -> None:
     value = bytes(100)
     cost = 16 + 100 + ENTRY_OVERHEAD_BYTES
-    cache = LocalCache(size_bytes=3 * cost)
+    cache = local_cache(store, 3 * cost)
     keys = [bytes([i]) * 16 for i in range(5)]
     for key in keys[:3]:
         cache.put(key, value)
@@ -260,14 +279,15 @@ async def test_local_cache_is_a_byte_bounded_lru() -> None:
     assert "2 entries" in repr(cache)
 
 
-def test_a_native_batchs_lookups_count_and_refresh_as_single_ones() -> None:
+@pytest.mark.parametrize("store", STORES)
+def test_a_native_batchs_lookups_count_and_refresh_as_single_ones(store: str) -> None:
     """``lookup_from_thread`` of many keys (one hold of the lock): the same values,
     hit/miss counts and recency as one ``get`` each."""
     import asyncio
 
     value = bytes(100)
     cost = 16 + 100 + ENTRY_OVERHEAD_BYTES
-    cache = LocalCache(size_bytes=3 * cost)
+    cache = local_cache(store, 3 * cost)
     keys = [bytes([i]) * 16 for i in range(4)]
     for k in keys[:3]:
         cache.put(k, value)
@@ -283,13 +303,14 @@ def test_a_native_batchs_lookups_count_and_refresh_as_single_ones() -> None:
     assert (cache.stats.hits, cache.stats.misses) == (4, 4)
 
 
-async def test_local_cache_refuses_entries_over_its_limit() -> None:
-    cache = LocalCache(size_bytes=10_000, max_entry_bytes=64)
+@pytest.mark.parametrize("store", STORES)
+async def test_local_cache_refuses_entries_over_its_limit(store: str) -> None:
+    cache = local_cache(store, 10_000, 64)
     cache.put(b"k" * 16, bytes(65))
     assert cache.entries == 0 and cache.stats.too_large == 1
     cache.put(b"k" * 16, bytes(64))
     assert cache.entries == 1
-    whole = LocalCache(size_bytes=200)  # an entry bigger than the whole cache is never stored
+    whole = local_cache(store, 200)  # an entry bigger than the whole cache is never stored
     whole.put(b"k" * 16, bytes(100))
     assert whole.entries == 0 and whole.stats.too_large == 1
     with pytest.raises(ValueError):
@@ -331,3 +352,43 @@ async def test_redis_down_counts_errors_backs_off_and_probes_one_at_a_time() -> 
         assert "down" in repr(cache)
     finally:
         await cache.aclose()
+
+
+# -- the native frontend's half: the same keys, the same store ----------------------------
+
+
+@pytest.mark.skipif(_native is None, reason="native not built")
+@settings(max_examples=200, deadline=None)
+@given(
+    model=st.text(min_size=1, max_size=12),
+    version=st.integers(min_value=1, max_value=10**12),
+    fingerprint=st.text(max_size=40),
+    inputs=st.lists(
+        st.tuples(st.text(min_size=1, max_size=10), st.sampled_from(["FP32", "INT64", "UINT8", "FP16"]),
+                  st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=3), st.integers(0, 2**32)),
+        min_size=1, max_size=4, unique_by=lambda t: t[0]),
+    outputs=st.lists(st.text(min_size=1, max_size=8), max_size=3),
+)
+def test_the_native_frontend_computes_requestkeys_keys(model: str, version: int, fingerprint: str,
+                                                       inputs: list[tuple[str, str, list[int], int]],
+                                                       outputs: list[str]) -> None:
+    """A native hit is found under the key the Python path stores (and back): the
+    frontend's BLAKE2b and framing give RequestKeys' bytes, inputs in any order,
+    data of every length (one block or many)."""
+    tensors, raw = [], []
+    for name, datatype, shape, seed in inputs:
+        dtype = np.dtype({"FP32": np.float32, "INT64": np.int64, "UINT8": np.uint8, "FP16": np.float16}[datatype])
+        data = np.random.default_rng(seed).integers(0, 255, size=int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
+        array = data.view(dtype).reshape(shape)
+        tensors.append(_t(name, array, datatype))
+        raw.append((name, datatype, shape, array.tobytes()))
+    want = RequestKeys(model, version, fingerprint).key(tensors, outputs)
+    assert _native.request_key(model, str(version), fingerprint, raw, outputs) == want
+
+
+@pytest.mark.skipif(_native is None, reason="native not built")
+def test_the_store_is_replaced_only_while_empty() -> None:
+    cache = LocalCache(1 << 20)
+    cache.put(b"k" * 16, b"v")
+    with pytest.raises(RuntimeError, match="empty"):
+        cache.use_store(_native.LruStore(1 << 20, ENTRY_OVERHEAD_BYTES))
