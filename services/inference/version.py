@@ -267,7 +267,10 @@ class ModelVersion:
 
     def snapshot_stats(self) -> VersionStats:
         stats = self.stats
-        queue = Duration(self.batcher.metrics.requests, int(self.batcher.metrics.queue_time_s * 1e9))
+        # Triton's convention: the queue count includes cache hits (perf_analyzer finds the
+        # version it measures by that count rising); a hit waits in no queue here (0 ns).
+        queue = Duration(self.batcher.metrics.requests + stats.cache_hit.count,
+                         int(self.batcher.metrics.queue_time_s * 1e9))
         return VersionStats(
             inference_count=stats.inference_count,
             execution_count=stats.execution_count,

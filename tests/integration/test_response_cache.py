@@ -644,6 +644,7 @@ async def test_local_hits_are_answered_where_requests_arrive_and_counted_as_any_
             s = (await statistics(stub))["1"]
             assert (s.inference_stats.cache_hit.count, s.inference_stats.cache_miss.count) == (8, 1)
             assert s.inference_stats.success.count == 9 and s.inference_count == 18 and s.execution_count == 1
+            assert s.inference_stats.queue.count == 9  # Triton's: hits count in the queue's count
             assert app.cache is not None and app.cache.stats.hits == 8
             assert scrape()[("tensorwire_rpc_handled_total", labels)] == handled + 5  # the stream's are not
             if app.frontend is not None:
