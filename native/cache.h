@@ -4,10 +4,11 @@
 //
 // The formats are tensorwire/serving/cache.py's, byte for byte (one cache for both
 // frontends): keys are RequestKeys' BLAKE2b-128 digests, values encode_tensors'
-// layout. tests/unit/services/inference/test_native_cache.py holds both sides to it.
+// layout. tests/unit/tensorwire/serving/test_cache.py holds both sides to it.
 
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <list>

@@ -390,6 +390,7 @@ struct HitCounts {
   int64_t hits = 0, rows = 0, unreadable = 0, unary = 0;
   double seconds = 0;
   std::vector<double> unary_s;  // each ModelInfer hit's latency (the first kMaxLatencies)
+  double overflow_s = 0;        // the sum of the others' (observed at their mean)
   static constexpr size_t kMaxLatencies = 65536;
 };
 
@@ -460,6 +461,7 @@ class Frontend : public grpc::CallbackGenericService {
     std::lock_guard<std::mutex> lock(spec_mu_);
     specs_.clear();
     tokens_.clear();
+    generation_++;  // a spec being built meanwhile is used once, not kept
   }
 
   py::dict Stats() {
@@ -494,7 +496,8 @@ class Frontend : public grpc::CallbackGenericService {
   void SetCache(std::shared_ptr<twcache::LruStore> store) { cache_ = std::move(store); }
 
   // The hits answered here since the last call, per version: (model, version, hits,
-  // rows, seconds, unreadable entries, ModelInfer calls among them, their latencies).
+  // rows, seconds, unreadable entries, ModelInfer calls among them, the latencies of
+  // the first 65,536 of those, the others' summed).
   py::list TakeCacheCounts() {
     std::map<std::string, HitCounts> taken;
     {
@@ -507,7 +510,7 @@ class Frontend : public grpc::CallbackGenericService {
       py::array_t<double> latencies(std::vector<py::ssize_t>{static_cast<py::ssize_t>(h.unary_s.size())},
                                     std::vector<py::ssize_t>{sizeof(double)}, h.unary_s.data());
       out.append(py::make_tuple(key.substr(0, cut), key.substr(cut + 1), h.hits, h.rows, h.seconds, h.unreadable,
-                                h.unary, latencies));
+                                h.unary, latencies, h.overflow_s));
     }
     return out;
   }
@@ -650,10 +653,12 @@ class Frontend : public grpc::CallbackGenericService {
   }
 
   std::shared_ptr<const Spec> SpecOf(const std::string& model) {
+    uint64_t generation;
     {
       std::lock_guard<std::mutex> lock(spec_mu_);
       auto it = specs_.find(model);
       if (it != specs_.end()) return it->second;
+      generation = generation_;
     }
     auto spec = std::make_shared<Spec>();
     {
@@ -697,6 +702,7 @@ class Frontend : public grpc::CallbackGenericService {
       }
     }
     std::lock_guard<std::mutex> lock(spec_mu_);
+    if (generation != generation_) return spec;  // the rules changed while it was read: not kept
     if (specs_.size() > 4096) specs_.clear();  // unknown names must not grow it without bound
     specs_[model] = spec;
     return spec;
@@ -753,7 +759,11 @@ class Frontend : public grpc::CallbackGenericService {
     h.seconds += seconds;
     if (unary) {
       h.unary++;
-      if (h.unary_s.size() < HitCounts::kMaxLatencies) h.unary_s.push_back(seconds);
+      if (h.unary_s.size() < HitCounts::kMaxLatencies) {
+        h.unary_s.push_back(seconds);
+      } else {
+        h.overflow_s += seconds;
+      }
     }
     return true;
   }
@@ -1081,6 +1091,7 @@ class Frontend : public grpc::CallbackGenericService {
   std::mutex spec_mu_;
   std::unordered_map<std::string, std::shared_ptr<const Spec>> specs_;
   std::unordered_map<std::string, Clock::time_point> tokens_;
+  uint64_t generation_ = 0;  // Invalidate() calls so far (spec_mu_)
   Counters counters_;
   std::shared_ptr<twcache::LruStore> cache_;  // the local response cache's entries (null: none here)
   std::mutex hits_mu_;

@@ -57,7 +57,7 @@ async def infer_cached(cache: ResponseCache, version: ModelVersion, request: Inf
         try:
             return version.cached_result(request, value, time.perf_counter() - start)
         except (ValueError, KeyError, struct.error) as exc:  # an entry this server cannot read
-            cache.stats.errors += 1
+            cache.unreadable()
             log.warning("response cache entry of %s:%s unreadable (%s); running the model",
                         version.name, version.version, exc)
     lookup_s = time.perf_counter() - start
@@ -121,7 +121,7 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     rate = version.cache_hit_rate
     values: list[bytes | None]
     if keys is not None:  # looked up already: every one missed
-        cache.stats.misses += len(keys)
+        cache.count(misses=len(keys))
         rate.add_found(0, len(keys))
         values = [None] * len(keys)
     else:
@@ -141,8 +141,9 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     hits = [i for i, value in enumerate(values) if value is not None] if values.count(None) < len(values) else []
     if hits:
         groups, failed = decode_values([value for value in values if value is not None])
+        if failed:
+            cache.unreadable(len(failed))
         for _, exc in failed:
-            cache.stats.errors += 1
             log.warning("response cache entry of %s:%s unreadable (%s); running the model",
                         version.name, version.version, exc)
         found = [DecodedGroup([hits[j] for j in group.members], group.tensors) for group in groups]

@@ -150,6 +150,11 @@ class NativeHooks:
                                                              for t in tensors)):
             return None
         routing = self._repo.routing(model)
+        try:  # the versions whose answers it looks up itself (its key's parts for each)
+            cached = self._cached_versions(routing.versions) if self.take_hits is not None else {}
+        except Exception:  # its requests still go through the cache, in batches
+            log.exception("native cache lookups of %s not set up", model)
+            cached = {}
         # Not raised for Redis: the native queue's limit bounds whole batches, forward
         # included, and a model's max_concurrent_batches is a promise (GPU memory, a
         # module that is not thread-safe).
@@ -166,28 +171,27 @@ class NativeHooks:
             "max_dims": MAX_DIMS,
             "inputs": [(t.name, t.datatype, list(t.dims), NUMPY_DTYPES[t.datatype].itemsize) for t in mv.inputs],
             "outputs": [(t.name, t.datatype, list(t.dims), NUMPY_DTYPES[t.datatype].itemsize) for t in mv.outputs],
-            # The versions whose answers it looks up itself (its key's parts for each).
-            "cache": self._cached_versions(model, routing.versions) if self.take_hits is not None else {},
+            "cache": cached,
         }
 
-    def _cached_versions(self, model: str, versions: Any) -> dict[str, tuple[str, str, str]]:
-        out = {}
-        for version in versions:
-            mv = self._repo.version_of(model, str(version))
-            if self._repo.caches(mv):
-                out[str(version)] = mv.cache_keys.parts
-        return out
+    def _cached_versions(self, versions: dict[int, Any]) -> dict[str, tuple[str, str, str]]:
+        return {str(version): mv.cache_keys.parts for version, mv in versions.items() if self._repo.caches(mv)}
 
     def collect_hits(self) -> None:
         """Add the requests the frontend answered from the cache since the last call to
         the versions' statistics, the cache's counters and the RPC metrics."""
         if self.take_hits is None:
             return
+        try:
+            self._add_hits(self.take_hits())
+        except Exception:  # never in the way of a batch or a statistics read
+            log.exception("native cache hits not counted")
+
+    def _add_hits(self, taken: list[tuple[Any, ...]]) -> None:
         cache = self._repo.cache
-        for model, version, hits, rows, seconds, unreadable, unary, latencies in self.take_hits():
-            if cache is not None:
-                cache.stats.hits += hits
-                cache.stats.errors += unreadable
+        for model, version, hits, rows, seconds, unreadable, unary, latencies, overflow_s in taken:
+            if cache is not None:  # an unreadable entry: an error and a miss (its batch counts the miss)
+                cache.count(hits=hits, errors=unreadable)
             if unreadable:
                 log.warning("%d response cache entries of %s:%s unreadable; the model answered those",
                             unreadable, model, version)
@@ -201,6 +205,9 @@ class NativeHooks:
                     mv.cache_hit_rate.add_found(hits, hits)
             if unary:
                 self._handled.inc(unary)
+                if unary > len(latencies):  # beyond those kept one by one: at their mean
+                    latencies = np.concatenate([latencies, np.full(unary - len(latencies),
+                                                                   overflow_s / (unary - len(latencies)))])
                 _bulk_observe(self._latency, latencies)
 
     def authorize(self, header: bytes) -> bool:

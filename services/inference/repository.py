@@ -445,8 +445,11 @@ class ModelRepository:
             v: mv for v, mv in current.items()
             if v in wanted and config_fingerprint(mv.config) == fingerprint
         }
-        for mv in keep.values():  # a kept version follows the config's cache switch
-            mv.response_cache_enabled = modelrepo.response_cache_enabled(config)
+        cache_on = modelrepo.response_cache_enabled(config)
+        if any(mv.response_cache_enabled != cache_on for mv in keep.values()):
+            for mv in keep.values():  # a kept version follows the config's cache switch
+                mv.response_cache_enabled = cache_on
+            self._changed(name)  # at once (the native frontend looks up by these rules)
         missing = [v for v in wanted if v not in keep]
         futures = [await self.loader.enqueue((name, v, fingerprint), priority) for v in missing]
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -616,7 +619,10 @@ class ModelRepository:
 
     def statistics(self, name: str = "", version: str = "") -> list[tuple[str, int, VersionStats]]:
         for collect in list(self.before_statistics):  # counts kept elsewhere (the native frontend's hits)
-            collect()
+            try:
+                collect()
+            except Exception:
+                log.exception("collecting statistics kept elsewhere failed")
         if name:
             served = [self._served(name)]
             if version:

@@ -532,6 +532,20 @@ class ResponseCache(abc.ABC):
     def __init__(self, max_entry_bytes: int) -> None:
         self.max_entry_bytes = max_entry_bytes
         self.stats = CacheStats()
+        self._count_lock = threading.Lock()
+
+    def count(self, **deltas: int) -> None:
+        """Add to ``stats`` (``hits=2, misses=1``...) from any thread: the event loop and
+        the native frontend's threads count at once (a bare ``+=`` can lose updates)."""
+        stats = self.stats
+        with self._count_lock:
+            for name, delta in deltas.items():
+                setattr(stats, name, getattr(stats, name) + delta)
+
+    def unreadable(self, count: int = 1) -> None:
+        """``count`` entries were found but could not be read: each counts as an error
+        and as a miss (the model answers), not as a hit."""
+        self.count(hits=-count, misses=count, errors=count)
 
     @abc.abstractmethod
     async def get(self, key: bytes) -> bytes | None:
@@ -716,8 +730,7 @@ class LocalCache(ResponseCache):
     def _lookup(self, keys: Sequence[bytes]) -> list[bytes | None]:
         values = self.store.get_many(keys)
         misses = values.count(None)
-        self.stats.hits += len(values) - misses
-        self.stats.misses += misses
+        self.count(hits=len(values) - misses, misses=misses)
         return values
 
     def lookup_from_thread(self, keys: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> list[bytes | None]:
@@ -730,11 +743,7 @@ class LocalCache(ResponseCache):
     def _put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
         """Every item at once (a native batch's answers)."""
         inserted, inserted_bytes, evicted, too_large = self.store.put_many(items, self.max_entry_bytes)
-        stats = self.stats
-        stats.inserts += inserted
-        stats.inserted_bytes += inserted_bytes
-        stats.evictions += evicted
-        stats.too_large += too_large
+        self.count(inserts=inserted, inserted_bytes=inserted_bytes, evictions=evicted, too_large=too_large)
 
     def put(self, key: bytes, value: bytes) -> None:
         self._put_many(((key, value),))
