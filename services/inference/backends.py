@@ -5,7 +5,8 @@ input, in config order) and returning one tensor or a tuple of them (config
 output order), so ``ModelVersion`` runs them all alike:
 
 - ``tensorwire`` kinds (config.json): ``tensorwire.serving.models`` built from
-  ``model_args``, weights from ``torch.load(weights_only=True)``;
+  ``model_args``, weights from ``torch.load(weights_only=True)``, then run as frozen
+  TorchScript (:func:`_frozen`) when that gives the same answers;
 - ``pytorch_libtorch``: a TorchScript file (``torch.jit.load``: a graph and its
   tensors, no pickle);
 - ``torch_export``: an ExportedProgram (``torch.export.load``);
@@ -20,7 +21,9 @@ something else never becomes READY.
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from tensorwire.serving import modelrepo, tritonconfig
 from tensorwire.serving.loader import check_cancelled
 
 Module = Callable[..., Any]
+log = logging.getLogger(__name__)
 
 
 def load(root: Path, name: str, version: int, config: dict[str, Any], device: str) -> Module:
@@ -79,7 +83,50 @@ def _load_builtin(root: Path, name: str, version: int, config: dict[str, Any], d
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise InvalidArgumentError(f"model {name!r} version {version}: weights do not fit: {exc}") from None
-    return module.eval().to(device)
+    return _frozen(module.eval().to(device), config, device)
+
+
+def _frozen(module: Any, config: dict[str, Any], device: str) -> Module:
+    """``module`` as frozen TorchScript: one call into libtorch per forward instead of
+    one Python call per layer (the demo's spiral MLP: a forward of ~50 us becomes ~15,
+    what a small model's batch costs in Python), its weights constants of the graph.
+    The same kernels: no numerics-changing folds (``optimize_numerics=False``), and
+    the eager module is kept instead when scripting fails or the frozen one answers
+    two rows of random inputs differently in any bit. (TorchScript is what Triton's
+    PyTorch backend runs; torch marks it deprecated: where a later torch drops it,
+    the models simply stay eager.)"""
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated; where it is gone: eager
+            warnings.simplefilter("ignore", DeprecationWarning)
+            frozen = torch.jit.freeze(torch.jit.script(module), optimize_numerics=False)
+    except Exception as exc:  # not scriptable: eager serves it as it is
+        log.info("model %s stays eager (TorchScript: %s)", config.get("kind", "?"), _summary(exc))
+        return module
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for t in config["inputs"]:
+        shape = ((2,) if config["max_batch_size"] > 0 else ()) + tuple(1 if d == -1 else d for d in t["dims"])
+        dtype = torch.from_numpy(np.zeros(0, dtype=NUMPY_DTYPES[t["datatype"]])).dtype
+        values = torch.rand(shape, generator=generator) if dtype.is_floating_point else torch.zeros(shape)
+        inputs.append(values.to(dtype=dtype, device=device))
+    try:
+        with torch.inference_mode():
+            want, got = module(*inputs), frozen(*inputs)
+            for _ in range(2):  # TorchScript's profiling runs: its later calls run the optimized graph
+                got = frozen(*inputs)
+    except Exception as exc:
+        log.info("model %s stays eager (frozen forward: %s)", config.get("kind", "?"), _summary(exc))
+        return module
+    wants = want if isinstance(want, (tuple, list)) else (want,)
+    gots = got if isinstance(got, (tuple, list)) else (got,)
+    if len(wants) != len(gots) or not all(isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                                          and a.dtype == b.dtype and torch.equal(a, b)
+                                          for a, b in zip(wants, gots)):
+        log.info("model %s stays eager (its frozen graph answers differently)", config.get("kind", "?"))
+        return module
+    return frozen
 
 
 def _load_torchscript(path: Path, config: dict[str, Any], device: str) -> Module:
