@@ -105,13 +105,13 @@ def _frozen(module: Any, config: dict[str, Any], device: str) -> Module:
         log.info("model %s stays eager (TorchScript: %s)", config.get("kind", "?"), _summary(exc))
         return module
     generator = torch.Generator().manual_seed(0)
-    inputs = []
-    for t in config["inputs"]:
-        shape = ((2,) if config["max_batch_size"] > 0 else ()) + tuple(1 if d == -1 else d for d in t["dims"])
-        dtype = torch.from_numpy(np.zeros(0, dtype=NUMPY_DTYPES[t["datatype"]])).dtype
-        values = torch.rand(shape, generator=generator) if dtype.is_floating_point else torch.zeros(shape)
-        inputs.append(values.to(dtype=dtype, device=device))
     try:
+        inputs = []
+        for t in config["inputs"]:
+            shape = ((2,) if config["max_batch_size"] > 0 else ()) + tuple(1 if d == -1 else d for d in t["dims"])
+            dtype = torch.from_numpy(np.zeros(0, dtype=NUMPY_DTYPES[t["datatype"]])).dtype
+            values = torch.rand(shape, generator=generator) if dtype.is_floating_point else torch.zeros(shape)
+            inputs.append(values.to(dtype=dtype, device=device))
         with torch.inference_mode():
             want, got = module(*inputs), frozen(*inputs)
             for _ in range(2):  # TorchScript's profiling runs: its later calls run the optimized graph
