@@ -157,6 +157,43 @@ def init(
     )
 
 
+class _WatchedGrads:
+    """A model's gradients for the ``watch`` view, copied on the thread that writes them.
+
+    Reading ``p.grad`` from another thread while ``backward()`` runs is a data race
+    inside torch (the autograd engine replaces the gradient without the GIL): it
+    corrupted the heap and crashed the process. So the view's thread never reads
+    them: after a view has taken the last copy, each parameter's next accumulated
+    gradient is cloned by a hook in the backward pass (one clone per parameter per
+    view, nothing on the other steps), and the view reads those clones. Weights are
+    read as ``p.data`` (the tensor is never replaced, only updated in place)."""
+
+    def __init__(self, model: Any) -> None:
+        self.params = list(model.named_parameters())
+        self._copies: list[Any] = [None] * len(self.params)
+        self._wanted = [True] * len(self.params)
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i))
+                         for i, (_, p) in enumerate(self.params) if p.requires_grad]
+
+    def _hook(self, i: int) -> Callable[[Any], None]:
+        def copy_grad(param: Any) -> None:
+            if self._wanted[i] and param.grad is not None:
+                self._copies[i] = param.grad.detach().clone()
+                self._wanted[i] = False
+        return copy_grad
+
+    def take(self) -> list[Any]:
+        """The latest gradient copies (None: none yet); the next backward copies anew."""
+        copies = list(self._copies)
+        self._wanted = [True] * len(self.params)
+        return copies
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 class Run:
     """One script's run: ``log``, ``view``, ``watch``, control, ``checkpoint``, ``finish``.
 
@@ -200,6 +237,7 @@ class Run:
         # -- written by the training thread, read by the background thread --
         self._queue: collections.deque[tuple[int, float, dict[str, Any]]] = collections.deque()
         self._views: dict[str, Callable[[], Any]] = {}
+        self._watched: list[_WatchedGrads] = []
         self._waiting_paused = False
         # -- written by the background thread, read by the training thread --
         self._paused = False
@@ -271,9 +309,14 @@ class Run:
             self._views[name] = fn
 
     def watch(self, model: Any, *, name: str = "weights", bins: int = _views.HISTOGRAM_BINS) -> None:
-        """Per-layer weight and gradient histograms of ``model`` (an nn.Module) as a view."""
+        """Per-layer weight and gradient histograms of ``model`` (an nn.Module) as a view.
+        The gradients are copied in the backward pass (:class:`_WatchedGrads`), never
+        read from the view's thread."""
+        grads = _WatchedGrads(model)
+        self._watched.append(grads)
+
         def histograms() -> cpb.View:
-            layers = [(n, p.data, p.grad) for n, p in model.named_parameters()]
+            layers = [(n, p.data, grad) for (n, p), grad in zip(grads.params, grads.take())]
             return _views.histograms(layers, bins=bins, name=name)
 
         self.view(name, histograms)
@@ -371,6 +414,8 @@ class Run:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
         atexit.unregister(self._at_exit)
+        for watched in self._watched:  # the model trains on without our hooks
+            watched.remove()
 
     def _at_exit(self) -> None:
         if not self._finished:

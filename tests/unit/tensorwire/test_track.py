@@ -1,5 +1,6 @@
-"""With torch.distributed initialised, only rank 0 publishes: init on another rank returns
-a run whose calls do nothing (two real gloo processes)."""
+"""tensorwire.track: with torch.distributed initialised, only rank 0 publishes (init on
+another rank returns a run whose calls do nothing; two real gloo processes); watched
+gradients are copied in the backward pass."""
 
 from __future__ import annotations
 
@@ -43,3 +44,42 @@ def test_only_rank_zero_publishes(tmp_path: Path) -> None:
     assert (r0, kind0, r1, kind1) == (0, "Run", 1, "DisabledRun")
     assert len(id0) == 12 and id1 == ""
     assert lr0 == lr1 == 0.1 and stop1 is False and waited1 is False
+
+
+def test_watched_gradients_are_copied_in_the_backward_pass_not_read_by_the_view() -> None:
+    """The watch view reads gradient copies made by hooks on the thread that runs
+    backward (reading p.grad from the view's thread raced the autograd engine and
+    crashed the process): one copy per parameter after each view, none in between."""
+    import threading
+
+    import torch
+
+    from tensorwire.track import _WatchedGrads
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    watched = _WatchedGrads(model)
+    assert watched.take() == [None] * 4  # nothing before the first backward
+
+    def step(scale: float) -> None:
+        model.zero_grad()
+        (model(torch.ones(5, 3)) * scale).sum().backward()
+
+    trainer = threading.Thread(target=step, args=(1.0,))  # backward on its own thread, as a script's
+    trainer.start()
+    trainer.join()
+    first = watched.take()
+    for (_, p), copy in zip(watched.params, first):
+        assert copy is not None and copy is not p.grad and torch.equal(copy, p.grad)
+    step(2.0)
+    second = watched.take()  # the next backward copied anew
+    for (_, p), copy, earlier in zip(watched.params, second, first):
+        assert torch.equal(copy, p.grad) and torch.allclose(copy, earlier * 2)
+    step(3.0)
+    step(5.0)  # no view in between: only the first of these two was copied
+    for (_, p), copy in zip(watched.params, watched.take()):
+        assert torch.allclose(copy * 5, p.grad * 3)
+    watched.remove()
+    step(7.0)
+    for (_, p), copy in zip(watched.params, watched.take()):
+        assert not torch.equal(copy, p.grad)  # no hooks left on the model
