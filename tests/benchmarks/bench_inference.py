@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -824,6 +825,23 @@ def served_requests(target: str) -> int:
     return sum(s.inference_stats.success.count for s in reply.model_stats)
 
 
+def _rotated_medians(names: list[str], repeats: int,
+                     measure: Callable[[str], dict[str, float]]) -> dict[str, dict[str, float]]:
+    """``measure(name)`` of each server ``repeats`` times, the servers back to back
+    (neighbours in time) in rotating order; the median point of each."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for rep in range(repeats):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            runs[name].append(measure(name))
+    return {name: _median_point(points) for name, points in runs.items()}
+
+
+def _print_cache_point(frontend: str, name: str, c: int, hit_pct: int, r: dict[str, float], tail: str) -> None:
+    print(f"  {frontend:6s} {name:8s} c={c:<3d} hits {hit_pct:3d} %  {r['rps']:8.0f} rps  "
+          f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
+          f"server cpu {r['cpu_us']:5.0f} us/req  {tail}", flush=True)
+
+
 def bench_cache(duration_s: float, warmup_s: float, repeats: int,
                 concurrency: tuple[int, ...] = CACHE_CONCURRENCY, hit_pcts: tuple[int, ...] = HIT_PCTS,
                 frontends: tuple[str, ...] = ("python", "native"),
@@ -871,38 +889,32 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
                 names = list(caches)
                 for c in concurrency:
                     for hit_pct in hit_pcts:
-                        runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-                        for rep in range(repeats):
-                            # the three servers back to back (neighbours in time), in rotating order
-                            for name in names[rep % len(names):] + names[:rep % len(names)]:
-                                proc, target = procs[name]
-                                salt += 1
-                                cpu0 = cpu_seconds(proc.pid)
-                                r = load_in_process(target, c, duration_s, warmup_s, hit_pct, salt)
-                                served = r["rps"] * (duration_s + warmup_s)
-                                r["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) / max(served, 1) * 1e6
-                                runs[name].append(r)
-                        for name in names:
-                            r = results[(frontend, name, c, hit_pct)] = _median_point(runs[name])
-                            print(f"  {frontend:6s} {name:8s} c={c:<3d} hits {hit_pct:3d} %  {r['rps']:8.0f} rps  "
-                                  f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
-                                  f"server cpu {r['cpu_us']:5.0f} us/req  errors {r['errors']}", flush=True)
+                        def python_load(name: str, c: int = c, hit_pct: int = hit_pct) -> dict[str, float]:
+                            nonlocal salt
+                            proc, target = procs[name]
+                            salt += 1
+                            cpu0 = cpu_seconds(proc.pid)
+                            r = load_in_process(target, c, duration_s, warmup_s, hit_pct, salt)
+                            served = r["rps"] * (duration_s + warmup_s)
+                            r["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) / max(served, 1) * 1e6
+                            return r
+
+                        for name, r in _rotated_medians(names, repeats, python_load).items():
+                            results[(frontend, name, c, hit_pct)] = r
+                            _print_cache_point(frontend, name, c, hit_pct, r, f"errors {r['errors']}")
                 if pa_env is not None and 100 in hit_pcts:
                     for c in concurrency:
-                        pa_runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-                        for rep in range(repeats):
-                            for name in names[rep % len(names):] + names[:rep % len(names)]:
-                                proc, target = procs[name]
-                                cpu0, served0 = cpu_seconds(proc.pid), served_requests(target)
-                                r = perf_analyzer(target, c, duration_s, pa_env)
-                                r["cpu_us"] = ((cpu_seconds(proc.pid) - cpu0)
-                                               / max(served_requests(target) - served0, 1) * 1e6)
-                                pa_runs[name].append(r)
-                        for name in names:
-                            r = results[(frontend, name, c, PA_HITS)] = _median_point(pa_runs[name])
-                            print(f"  {frontend:6s} {name:8s} c={c:<3d} hits 100 %  {r['rps']:8.0f} rps  "
-                                  f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
-                                  f"server cpu {r['cpu_us']:5.0f} us/req  (perf_analyzer)", flush=True)
+                        def pa_load(name: str, c: int = c) -> dict[str, float]:
+                            proc, target = procs[name]
+                            cpu0, served0 = cpu_seconds(proc.pid), served_requests(target)
+                            r = perf_analyzer(target, c, duration_s, pa_env)
+                            r["cpu_us"] = ((cpu_seconds(proc.pid) - cpu0)
+                                           / max(served_requests(target) - served0, 1) * 1e6)
+                            return r
+
+                        for name, r in _rotated_medians(names, repeats, pa_load).items():
+                            results[(frontend, name, c, PA_HITS)] = r
+                            _print_cache_point(frontend, name, c, 100, r, "(perf_analyzer)")
             finally:
                 for proc, _ in procs.values():
                     stop_server(proc)

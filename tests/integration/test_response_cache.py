@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.inference.app import InferenceApp, create_app
 from services.inference.settings import InferenceSettings
 from tensorwire.data import oip
+from tensorwire.data.tensors import Tensor
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.serving import modelrepo
@@ -653,7 +654,7 @@ async def test_local_hits_are_answered_where_requests_arrive_and_counted_as_any_
 
             # An entry that does not fit (another version's layout, garbage): the model answers.
             version = app.repository.version_of("spiral", "1")
-            key = version.cache_keys.key([oip_tensor("points", x)])
+            key = version.cache_keys.key([Tensor("points", "FP32", x)])
             good = app.cache.store.get_many([key])[0]
             assert good is not None
             for garbage in (b"not a cached answer", good[:-3], good.replace(b"logits", b"LOGITS")):
@@ -664,9 +665,3 @@ async def test_local_hits_are_answered_where_requests_arrive_and_counted_as_any_
             s = (await statistics(stub))["1"]
             assert (s.inference_stats.cache_hit.count, s.inference_stats.cache_miss.count) == (8, 4)
             assert app.cache.stats.errors == 3
-
-
-def oip_tensor(name: str, array: np.ndarray) -> Any:
-    from tensorwire.data.tensors import Tensor
-
-    return Tensor(name, "FP32", array)
