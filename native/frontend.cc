@@ -1015,13 +1015,16 @@ class Frontend : public grpc::CallbackGenericService {
         }
         // The response cache keys this frontend looked up (all missed), if it did.
         py::object keys = py::none();
+        bool hits_pending = false;  // hits answered here not yet collected (counted before these misses)
         if (!batch.front()->cache_key.empty()) {
           py::list list;
           for (Item* c : batch) list.append(py::bytes(c->cache_key));
           keys = list;
+          std::lock_guard<std::mutex> lock(hits_mu_);
+          hits_pending = !hit_counts_.empty();
         }
-        py::tuple result =
-            hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size, rows, named, unary, keys);
+        py::tuple result = hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size, rows, named,
+                                                    unary, keys, hits_pending);
         version = result[0].cast<std::string>();
         for (auto o : result[1].cast<py::list>()) {
           py::array a = py::reinterpret_borrow<py::array>(o);
