@@ -36,6 +36,11 @@ ratio to the server without a cache on the same frontend at the same point; goal
 input: one random request, sent again and again), a client that costs the shared
 cores far less than the Python one, so the server's own difference shows; its
 other hit shares cannot be set (its contexts send the same data in the same order).
+
+``--cache-cost`` measures what the cache costs a request that never hits on one
+server per frontend and cache: a model with the cache on and one without (the same
+weights), loaded in turn, ``--rounds`` ABBA pairs; prints the medians of the
+per-round RPS and CPU-per-request ratios (see ``bench_cache_cost``).
 """
 
 from __future__ import annotations
