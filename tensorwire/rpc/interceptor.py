@@ -61,6 +61,18 @@ class _Malformed:
         self.message = f"request is not a valid {type_name}: {error or 'malformed protobuf'}"
 
 
+class _MalformedMessage(Exception):
+    """A streamed request did not parse. Raised where the handler's requests are read
+    and turned into INVALID_ARGUMENT by :func:`_fail` in the handler's own task: the
+    stream handlers read in a task of their own while the handler writes, and
+    ``context.abort`` from that task (it sends the status at once) raced a write in
+    flight; seen as a status never sent, the client waiting until its deadline."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     if deserialize is None:
         return None
@@ -78,6 +90,8 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[
 
 
 async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, _MalformedMessage):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
     if isinstance(exc, TensorwireError):
         await context.abort(exc.code, str(exc) or exc.code.name)
     log.exception("unhandled error in %s", method)
@@ -150,9 +164,10 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler,
     deserialize = _safe_deserializer(handler.request_deserializer)
     serialize = handler.response_serializer
 
-    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for request in requests:
-            await _reject_malformed(request, context)
+            if type(request) is _Malformed:
+                raise _MalformedMessage(request.message)
             yield request
 
     if handler.unary_unary is not None:
@@ -201,7 +216,7 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler,
             async with _Guard(method, context):
                 if authorize is not None:
                     authorize(context.invocation_metadata())
-                return await inner_su(checked(requests, context), context)
+                return await inner_su(checked(requests), context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
 
@@ -211,7 +226,7 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler,
         async with _Guard(method, context):
             if authorize is not None:
                 authorize(context.invocation_metadata())
-            async for item in _iterate(inner_ss(checked(requests, context), context)):
+            async for item in _iterate(inner_ss(checked(requests), context)):
                 yield item
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
