@@ -54,23 +54,18 @@ def _is_stream_message(context: grpc.aio.ServicerContext, token: str) -> bool:
     return False
 
 
-class _Malformed:
-    """Stands in for a request whose bytes did not parse."""
+class _Malformed(Exception):
+    """A request whose bytes did not parse. The deserializer hands it to the handler
+    in the request's place (it raises nothing, so gRPC does not answer for it); the
+    handler's wrapper raises it where it meets it and :func:`_fail` turns it into
+    INVALID_ARGUMENT in the handler's own task. The stream handlers read their
+    requests in a task of their own while the handler writes: a ``context.abort``
+    from that task (it sends the status at once) raced a write in flight, seen as a
+    status never sent and the client waiting until its deadline."""
 
     def __init__(self, type_name: str, error: Exception) -> None:
         self.message = f"request is not a valid {type_name}: {error or 'malformed protobuf'}"
-
-
-class _MalformedMessage(Exception):
-    """A streamed request did not parse. Raised where the handler's requests are read
-    and turned into INVALID_ARGUMENT by :func:`_fail` in the handler's own task: the
-    stream handlers read in a task of their own while the handler writes, and
-    ``context.abort`` from that task (it sends the status at once) raced a write in
-    flight; seen as a status never sent, the client waiting until its deadline."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(self.message)
 
 
 def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -90,7 +85,7 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[
 
 
 async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
-    if isinstance(exc, _MalformedMessage):
+    if isinstance(exc, _Malformed):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
     if isinstance(exc, TensorwireError):
         await context.abort(exc.code, str(exc) or exc.code.name)
@@ -150,11 +145,6 @@ class _Guard:
         return False
 
 
-async def _reject_malformed(request: Any, context: grpc.aio.ServicerContext) -> None:
-    if isinstance(request, _Malformed):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-
-
 def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler,
                  authorizer: Authorizer | None = None) -> grpc.RpcMethodHandler:
     """The same handler with the role check, error mapping, malformed-request
@@ -167,7 +157,7 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler,
     async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for request in requests:
             if type(request) is _Malformed:
-                raise _MalformedMessage(request.message)
+                raise request
             yield request
 
     if handler.unary_unary is not None:
@@ -184,7 +174,7 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler,
                 if authorize is not None and not streamed:
                     authorize(context.invocation_metadata())
                 if type(request) is _Malformed:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                    raise request
                 return await inner_uu(request, context)
             except Exception as exc:
                 if not _is_abort(exc):
@@ -203,7 +193,8 @@ def wrap_handler(service: str, full_method: str, handler: grpc.RpcMethodHandler,
             async with _Guard(method, context):
                 if authorize is not None:
                     authorize(context.invocation_metadata())
-                await _reject_malformed(request, context)
+                if type(request) is _Malformed:
+                    raise request
                 async for item in _iterate(inner_us(request, context)):
                     yield item
 

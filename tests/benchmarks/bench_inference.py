@@ -828,6 +828,30 @@ def native_batch_cache_work_us(batch: int = 16, batches: int = 2000) -> tuple[fl
     return asyncio.run(measure())
 
 
+def _cache_bench_frontends(mode: str, frontends: tuple[str, ...], redis: bool) -> tuple[str, ...] | None:
+    """The frontends a cache benchmark (``mode``) can measure here, saying why one is
+    left out; None (said why) when Redis is needed and not installed."""
+    from services.inference.native import load_module
+    from tests.support.redis_server import REDIS_SERVER
+
+    if redis and REDIS_SERVER is None:
+        print(f"bench_inference {mode}: redis-server is not installed (scripts/install-system-deps.sh)")
+        return None
+    module, why = load_module()
+    if "native" in frontends and module is None:
+        print(f"bench_inference {mode}: native frontend {why}: measuring python only")
+        return tuple(f for f in frontends if f != "native")
+    return frontends
+
+
+def _cache_flags(redis_port: int) -> dict[str, list[str]]:
+    """The server flags of each cache the benchmarks compare."""
+    return {
+        "local": ["--cache-config", f"local,size={256 << 20}"],
+        "redis": ["--cache-config", "redis,host=127.0.0.1", "--cache-config", f"redis,port={redis_port}"],
+    }
+
+
 def bench_cache_cost(duration_s: float, warmup_s: float, rounds: int,
                      concurrency: tuple[int, ...] = CACHE_CONCURRENCY,
                      frontends: tuple[str, ...] = ("python", "native"),
@@ -842,33 +866,26 @@ def bench_cache_cost(duration_s: float, warmup_s: float, rounds: int,
     this shared machine (see the README), more than the cost looked for."""
     import torch
 
-    from services.inference.native import load_module
     from tensorwire.serving import modelrepo
     from tensorwire.serving.models import build_model
-    from tests.support.redis_server import REDIS_SERVER, RedisServer
+    from tests.support.redis_server import RedisServer
 
-    if "redis" in kinds and REDIS_SERVER is None:
-        print("bench_inference --cache-cost: redis-server is not installed (scripts/install-system-deps.sh)")
+    usable = _cache_bench_frontends("--cache-cost", frontends, "redis" in kinds)
+    if usable is None:
         return 1
-    if "native" in frontends and load_module()[0] is None:
-        print(f"bench_inference --cache-cost: native frontend {load_module()[1]}: measuring python only")
-        frontends = tuple(f for f in frontends if f != "native")
+    frontends = usable
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-cost-"))
     repo = tmp / "models"
     torch.manual_seed(0)
     weights = build_model("spiral", hidden=hidden).state_dict()
-    for name, cached in (("spiral", True), ("spiral_plain", False)):
+    for name, caching in (("spiral", True), ("spiral_plain", False)):
         modelrepo.write_version(repo, name, "spiral", weights, model_args={"hidden": hidden},
-                                config_overrides={"response_cache": {"enable": cached}})
+                                config_overrides={"response_cache": {"enable": caching}})
     redis = RedisServer(free_port(), tmp) if "redis" in kinds else None
     if rounds % 2:
         rounds += 1
         print(f"bench_inference --cache-cost: {rounds} rounds (an even number: each model goes first as often)")
-    configs = {
-        "local": ["--cache-config", f"local,size={256 << 20}"],
-        "redis": ["--cache-config", "redis,host=127.0.0.1", "--cache-config",
-                  f"redis,port={redis.port if redis else 0}"],
-    }
+    configs = _cache_flags(redis.port if redis else 0)
     print(f"bench_inference --cache-cost: {os.cpu_count()} cores, {rounds} rounds of {duration_s:g} s per model "
           f"and point (ABBA), 0 % hits, spiral MLP (2-{hidden}-{hidden}-2), batch 1 requests, Python generator; "
           f"load average at start {os.getloadavg()[0]:.1f}")
@@ -918,9 +935,9 @@ def bench_cache_cost(duration_s: float, warmup_s: float, rounds: int,
           f"failed requests {errors}")
     print("goals (issue 16: 0 % hits >= 0.97x no cache; the cache costs <= 3 % when it never hits), "
           "medians of the rounds:")
-    for frontend, cache, c, rps, cpu, low, high in summary:
-        print(f"  {frontend:6s} {cache:5s} c={c:<3d} RPS {rps:.3f}x (rounds {low:.2f}-{high:.2f}), "
-              f"server CPU per request {cpu:.3f}x: {'met' if rps >= 0.97 and cpu <= 1.03 else 'NOT met'}")
+    for frontend, cache, c, rps_x, cpu_x, low, high in summary:
+        print(f"  {frontend:6s} {cache:5s} c={c:<3d} RPS {rps_x:.3f}x (rounds {low:.2f}-{high:.2f}), "
+              f"server CPU per request {cpu_x:.3f}x: {'met' if rps_x >= 0.97 and cpu_x <= 1.03 else 'NOT met'}")
     return 0
 
 
@@ -964,17 +981,14 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
                 pa_env: dict[str, str] | None = None) -> int:
     import torch
 
-    from services.inference.native import load_module
     from tensorwire.serving import modelrepo
     from tensorwire.serving.models import build_model
-    from tests.support.redis_server import REDIS_SERVER, RedisServer
+    from tests.support.redis_server import RedisServer
 
-    if REDIS_SERVER is None:
-        print("bench_inference --cache: redis-server is not installed (scripts/install-system-deps.sh)")
+    usable = _cache_bench_frontends("--cache", frontends, True)
+    if usable is None:
         return 1
-    if "native" in frontends and load_module()[0] is None:
-        print(f"bench_inference --cache: native frontend {load_module()[1]}: measuring python only")
-        frontends = tuple(f for f in frontends if f != "native")
+    frontends = usable
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     repo = tmp / "models"
     torch.manual_seed(0)
@@ -984,11 +998,7 @@ def bench_cache(duration_s: float, warmup_s: float, repeats: int,
                             model_args={"hidden": hidden}, config_overrides={"response_cache": {"enable": True}})
     redis = RedisServer(free_port(), tmp)
     redis.start()
-    caches = {
-        "no cache": [],
-        "local": ["--cache-config", f"local,size={256 << 20}"],
-        "redis": ["--cache-config", "redis,host=127.0.0.1", "--cache-config", f"redis,port={redis.port}"],
-    }
+    caches = {"no cache": [], **_cache_flags(redis.port)}
     caches = {name: extra for name, extra in caches.items() if name == "no cache" or name in kinds}
     print(f"bench_inference --cache: {os.cpu_count()} cores, {duration_s:g}s per point, spiral MLP "
           f"(2-{hidden}-{hidden}-2), "
