@@ -24,6 +24,7 @@ from .servicer import TrainerServicer
 from .settings import TrainerSettings
 from .store import open_store
 from .tasks import TASKS
+from .viewworker import usable_cpus, view_process
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,12 @@ class TrainerApp:
                                         repository=settings.model_repository,
                                         push=settings.push_checkpoints, security=security)
         self.runs.listeners.append(self.announcer.announce)
+        in_process = view_process(settings.view_renderer)
+        log.info("views render in a %s (--view-renderer %s; %g CPUs usable)",
+                 "worker process" if in_process else "thread", settings.view_renderer, usable_cpus())
         self.publisher = Publisher(
             self.runs, settings.streamer_target, max_fps=settings.max_fps,
-            view_cpu_budget=settings.view_cpu_budget, view_process=settings.view_process,
+            view_cpu_budget=settings.view_cpu_budget, view_process=in_process,
             task_modules=settings.task_module,
             security=security,
         )

@@ -82,11 +82,12 @@ class TrainerSettings(TorchServiceSettings):
         help="share of one CPU that building a run's views may take (caps views/s further)",
         min=0.001, max=1.0,
     )
-    view_process: bool = setting(
-        False, env="VIEW_PROCESS",
-        help="render views in a worker process instead of a thread of the trainer (measured: "
-             "a thread costs training less when the trainer is pinned to one CPU; a process "
-             "avoids sharing the GIL when the trainer has CPUs to spare)",
+    view_renderer: str = setting(
+        "auto", env="VIEW_RENDERER", choices=("auto", "process", "thread"),
+        help="where views are rendered: a worker process (shares no GIL with training, costs a "
+             "CPU of its own), a thread of the trainer (shares the GIL, no CPU beyond its own "
+             "work), or auto: the process when the trainer may use 2 CPUs or more (its affinity "
+             "and cgroup quota), else the thread",
     )
     # Named for its flag, --task-module (repeatable): a tuple of every use.
     task_module: tuple[str, ...] = setting(

@@ -189,6 +189,40 @@ def test_watchers_and_demand_reach_the_publisher() -> None:
     assert hub.watchers(pub.runs).watchers["r"] == 0
 
 
+def test_a_link_that_skips_views_asks_for_twice_what_it_took() -> None:
+    """Demand follows what a subscriber's link takes while it skips views (so a slow
+    viewer does not make the trainer build views nobody sees), and goes back to the
+    subscriber's max_fps once it takes every view it is offered; the fastest
+    subscriber sets the run's demand."""
+    hub, clock = _hub()
+    pub = hub.add_publisher()
+    hub.publish(_status(1), pub)
+    slow = hub.subscribe("r", max_fps=20)
+    hub.snapshot(slow)
+
+    def second(views: int, every: int) -> None:
+        """``views`` views over one second; the link takes every ``every``-th."""
+        for i in range(views):
+            clock.advance(1.0 / views)
+            hub.publish(_view(i + 2), pub)
+            if i % every == every - 1:
+                slow.pending_views.clear()
+                hub.record_write(slow, 100, 0.0, "view")
+        clock.advance(1e-6)  # the window is at least a second
+
+    assert hub.watchers(pub.runs).demand["r"].max_fps == 20  # opens the first window
+    second(20, every=5)  # took 4 of 20
+    assert hub.watchers(pub.runs).demand["r"].max_fps == pytest.approx(8.0)
+    second(8, every=2)  # took 4 of 8: still capped
+    assert hub.watchers(pub.runs).demand["r"].max_fps == pytest.approx(8.0)
+    second(8, every=1)  # took all it was offered
+    assert hub.watchers(pub.runs).demand["r"].max_fps == 20
+    second(20, every=20)  # took 1
+    assert hub.watchers(pub.runs).demand["r"].max_fps == pytest.approx(2.0)
+    hub.subscribe("r", max_fps=15)
+    assert hub.watchers(pub.runs).demand["r"].max_fps == 15
+
+
 def test_views_are_serialized_once_and_recoded_per_codec() -> None:
     hub, _ = _hub()
     hub.publish(_view(3))

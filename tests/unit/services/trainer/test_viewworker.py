@@ -46,3 +46,33 @@ def test_each_view_shows_its_own_snapshot() -> None:
                                step=seed, produced_at=1.0)
         view, _ = renderer.render("run-1", task, data, snap)
         assert [a.SerializeToString() for a in view.arrays] == [a.SerializeToString() for a in expected.arrays]
+
+
+async def test_worker_survives_a_failing_view_and_restarts_after_dying() -> None:
+    """A view that raises fails only that render; a worker that dies fails the renders
+    it held, and the next render starts a new one."""
+    import os
+    import signal
+
+    import pytest
+
+    from services.trainer.viewworker import ViewWorkerDied
+
+    task = TASKS["spiral"]
+    config = task.configure()
+    state = {k: v.clone() for k, v in task.build_model(config).state_dict().items()}
+    worker = ViewWorker()
+    try:
+        with pytest.raises(RuntimeError, match="KeyError"):
+            await worker.render("run-1", "no-such-task", config, 5, state, 1, 1.0)
+        data, _ = await worker.render("run-1", "spiral", config, 5, state, 2, 1.0)
+        assert cpb.View.FromString(data).step == 2
+        first = worker._process
+        assert first is not None and first.pid is not None
+        os.kill(first.pid, signal.SIGKILL)
+        with pytest.raises(ViewWorkerDied):
+            await worker.render("run-1", "spiral", config, 5, state, 3, 1.0)
+        data, _ = await worker.render("run-1", "spiral", config, 5, state, 4, 1.0)
+        assert cpb.View.FromString(data).step == 4 and worker._process is not first
+    finally:
+        worker.close()
