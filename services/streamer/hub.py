@@ -228,31 +228,36 @@ class Subscriber:
     """For a ``reuse_arrays`` subscriber: per view name, the digests of the arrays
     of the last view of that name sent on this stream."""
 
-    take_fps: float = 0.0
-    """Views a second this subscriber's link took over the last demand window, when
-    views were skipped for it in that window (0: it took every view it was offered)."""
-    take_mark: tuple[float, int, int] = (-math.inf, 0, 0)
-    """(clock, views_sent, views_skipped) when the demand window began."""
+    skipping: bool = False
+    """Views were skipped for this subscriber in the last demand window: its link, not
+    the trainer, sets how many views it gets."""
+    skip_mark: tuple[float, int] = (-math.inf, 0)
+    """(clock, views_skipped) when the demand window began."""
+    view_bytes: int = 0
+    """Size of the last view frame sent (with the arrays it already held left out)."""
 
     def wants(self, kind: str) -> bool:
         return not self.views or kind in self.views
 
     def demand_fps(self, now: float, limits: HubLimits) -> float:
         """Views a second worth building for this subscriber: its ``max_fps``, or, while
-        its link cannot take every view (views skipped over the last
-        ``demand_window_s``), ``demand_headroom`` times what it took. A trainer
-        building 20 views a second for a 32 kbit/s link that takes 4 spends four
-        fifths of that work on views nobody sees; with the headroom a fresh view still
-        waits whenever the link is free, and a link that got faster takes more of
-        them, which lifts the demand again in the next window."""
-        at, sent, skipped = self.take_mark
+        its link cannot take every view (views skipped in the last ``demand_window_s``)
+        and its acks measure the link, ``demand_headroom`` times the views a second the
+        link carries (delivery rate over the last view's size), at least
+        ``min_demand_fps``. A trainer building 20 views a second for a 32 kbit/s link
+        that takes 4 spends most of that work on views nobody sees; with the headroom a
+        fresh view still waits whenever the link is free. From the measured rate, not
+        from the views sent: a window whose link carried the subscription's snapshot
+        sends no view at all, and a demand built on that held the next views a second
+        apart."""
+        at, skipped = self.skip_mark
         if now - at >= limits.demand_window_s:
-            took = (self.views_sent - sent) / (now - at) if self.views_skipped > skipped else 0.0
-            self.take_fps = took if math.isfinite(at) else 0.0
-            self.take_mark = (now, self.views_sent, self.views_skipped)
-        if not self.take_fps:
+            self.skipping = math.isfinite(at) and self.views_skipped > skipped
+            self.skip_mark = (now, self.views_skipped)
+        rate = self.window.bytes_per_s if self.window.has_feedback(now) else None
+        if not (self.skipping and rate and self.view_bytes):
             return self.max_fps
-        return min(self.max_fps, max(limits.min_demand_fps, limits.demand_headroom * self.take_fps))
+        return min(self.max_fps, max(limits.min_demand_fps, limits.demand_headroom * rate / self.view_bytes))
 
     def unchanged_arrays(self, key: str, cached: CachedView) -> frozenset[str]:
         """The arrays of ``cached`` this subscriber already holds, byte for byte."""
@@ -336,10 +341,10 @@ class HubLimits:
     spaced so their headers fit in it too: status and views need the rest."""
     demand_window_s: float = 1.0
     demand_headroom: float = 2.0
-    min_demand_fps: float = 1.0
+    min_demand_fps: float = 4.0
     """A subscriber whose link cannot take every view asks the trainer for
-    ``demand_headroom`` times the views a second it took over the last
-    ``demand_window_s``, at least this many (``Subscriber.demand_fps``)."""
+    ``demand_headroom`` times the views a second its link carries, at least this
+    many (``Subscriber.demand_fps``)."""
     feedback: FeedbackLimits = field(default_factory=FeedbackLimits)
     """In-flight limits: ack-clocked with feedback, a cap without (feedback.py)."""
     quiet_recheck_s: float = 10.0
@@ -905,6 +910,7 @@ class UpdateHub:
         _SENT_BYTES[kind].inc(nbytes)
         if kind == "view":
             sub.views_sent += 1
+            sub.view_bytes = nbytes
             now = self._clock()
             # A quarter early: the trainer builds views on its own clock at the same
             # max_fps, and a view landing just before 1 / max_fps was up waited for the

@@ -189,36 +189,42 @@ def test_watchers_and_demand_reach_the_publisher() -> None:
     assert hub.watchers(pub.runs).watchers["r"] == 0
 
 
-def test_a_link_that_skips_views_asks_for_twice_what_it_took() -> None:
-    """Demand follows what a subscriber's link takes while it skips views (so a slow
-    viewer does not make the trainer build views nobody sees), and goes back to the
-    subscriber's max_fps once it takes every view it is offered; the fastest
-    subscriber sets the run's demand."""
+def test_a_link_that_skips_views_asks_for_twice_what_it_carries() -> None:
+    """While views are skipped for a subscriber whose acks measure its link, the demand
+    is twice the views a second that link carries (rate / view size, at least
+    min_demand_fps): a slow viewer does not make the trainer build views nobody sees.
+    It is the subscriber's max_fps again once a window skips none or its acks go
+    stale, and the fastest subscriber sets the run's demand."""
     hub, clock = _hub()
     pub = hub.add_publisher()
     hub.publish(_status(1), pub)
     slow = hub.subscribe("r", max_fps=20)
     hub.snapshot(slow)
 
-    def second(views: int, every: int) -> None:
-        """``views`` views over one second; the link takes every ``every``-th."""
+    def second(views: int, every: int, *, link_bytes_per_s: float = 4000.0, acked: bool = True) -> float:
+        """``views`` views over one second, the link taking every ``every``-th (500 B
+        each) and measured at ``link_bytes_per_s``; the run's demand after it."""
         for i in range(views):
             clock.advance(1.0 / views)
             hub.publish(_view(i + 2), pub)
             if i % every == every - 1:
                 slow.pending_views.clear()
-                hub.record_write(slow, 100, 0.0, "view")
+                hub.record_write(slow, 500, 0.0, "view")
         clock.advance(1e-6)  # the window is at least a second
+        slow.window.bytes_per_s = link_bytes_per_s  # as acks would measure it
+        if acked:
+            slow.window.last_ack_at = clock()
+        return hub.watchers(pub.runs).demand["r"].max_fps
 
     assert hub.watchers(pub.runs).demand["r"].max_fps == 20  # opens the first window
-    second(20, every=5)  # took 4 of 20
-    assert hub.watchers(pub.runs).demand["r"].max_fps == pytest.approx(8.0)
-    second(8, every=2)  # took 4 of 8: still capped
-    assert hub.watchers(pub.runs).demand["r"].max_fps == pytest.approx(8.0)
-    second(8, every=1)  # took all it was offered
-    assert hub.watchers(pub.runs).demand["r"].max_fps == 20
-    second(20, every=20)  # took 1
-    assert hub.watchers(pub.runs).demand["r"].max_fps == pytest.approx(2.0)
+    assert second(20, every=5) == pytest.approx(16.0)  # 2 x 4000 / 500
+    assert second(16, every=2, link_bytes_per_s=2000.0) == pytest.approx(8.0)
+    assert second(8, every=8, link_bytes_per_s=500.0) == pytest.approx(4.0)  # the floor
+    assert second(4, every=1) == 20  # took every view: no cap
+    assert second(20, every=5) == pytest.approx(16.0)
+    clock.advance(hub.limits.feedback.stale_s)
+    assert second(20, every=5, acked=False) == 20  # its acks stopped: the link is not measured
+    assert second(20, every=20, link_bytes_per_s=500.0) == pytest.approx(4.0)
     hub.subscribe("r", max_fps=15)
     assert hub.watchers(pub.runs).demand["r"].max_fps == 15
 
