@@ -58,9 +58,10 @@ class TrainerApp:
                                         repository=settings.model_repository,
                                         push=settings.push_checkpoints, security=security)
         self.runs.listeners.append(self.announcer.announce)
-        in_process = view_process(settings.view_renderer)
+        cpus = usable_cpus()
+        in_process = view_process(settings.view_renderer, cpus)
         log.info("views render in a %s (--view-renderer %s; %g CPUs usable)",
-                 "worker process" if in_process else "thread", settings.view_renderer, usable_cpus())
+                 "worker process" if in_process else "thread", settings.view_renderer, cpus)
         self.publisher = Publisher(
             self.runs, settings.streamer_target, max_fps=settings.max_fps,
             view_cpu_budget=settings.view_cpu_budget, view_process=in_process,

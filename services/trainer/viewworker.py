@@ -1,4 +1,4 @@
-"""Views are rendered in a worker process, so they never take the GIL from training.
+"""Where views are rendered: a worker process (no GIL shared with training) or a thread.
 
 In the trainer's own process every torch call of a view build would release and
 retake the GIL while the training thread does the same, and each hand-over can
@@ -7,6 +7,9 @@ only the CPU time the view takes, which the publisher caps with
 ``view_cpu_budget``. The worker rebuilds a run's data from (task, config, seed)
 (every task's data is seeded) and keeps a model per run, so a request carries
 only the weight snapshot.
+
+But a process costs a CPU of its own: :func:`view_process` (``--view-renderer``)
+picks it when the trainer may use 2 CPUs or more, and the thread otherwise.
 
 ``draw`` is the one view renderer: the worker's ``render`` and the in-process
 fallback (``LocalRenderer``, no worker) both call it.
@@ -133,42 +136,51 @@ class LocalRenderer:
         self._models.pop(run_id, None)
 
 
-def usable_cpus() -> float:
-    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota
-    (a Kubernetes CPU limit: cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``)."""
-    count = float(len(os.sched_getaffinity(0)))
-    quota = _cgroup_quota()
+def usable_cpus(root: Path = Path("/sys/fs/cgroup")) -> float:
+    """CPUs this process may run on: its affinity mask (all CPUs where there is none),
+    capped by the lowest cgroup CPU quota on its way to the root (a Kubernetes CPU
+    limit: cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    count = float(len(affinity(0)) if affinity else os.cpu_count() or 1)
+    quota = _cgroup_quota(root)
     return min(count, quota) if quota else count
 
 
-def _cgroup_quota() -> float | None:
-    paths = [Path("/sys/fs/cgroup/cpu.max")]
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                paths.insert(0, Path("/sys/fs/cgroup") / line[3:].lstrip("/") / "cpu.max")
-    for path in paths:
+def _cgroup_quota(root: Path, own: str | None = None) -> float | None:
+    """The lowest CPU quota (CPUs) of the cgroup ``own`` (v2, under ``root``; default:
+    this process's) and its parents, None without one."""
+    quotas: list[float] = []
+    if own is None:
+        own = ""
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/cgroup").read_text().splitlines():
+                if line.startswith("0::"):
+                    own = line[3:].strip("/")
+    parts = [part for part in own.split("/") if part]
+    for depth in range(len(parts), -1, -1):  # v2: this cgroup up to the root
         with contextlib.suppress(OSError, ValueError):
-            limit, period = path.read_text().split()[:2]
-            return None if limit == "max" else int(limit) / int(period)
-    with contextlib.suppress(OSError, ValueError):
-        limit_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        return limit_us / period_us if limit_us > 0 else None
-    return None
+            limit, period = (root.joinpath(*parts[:depth]) / "cpu.max").read_text().split()[:2]
+            if limit != "max":
+                quotas.append(int(limit) / int(period))
+    with contextlib.suppress(OSError, ValueError):  # v1, as a container sees it
+        limit_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        if limit_us > 0:
+            quotas.append(limit_us / period_us)
+    return min(quotas, default=None)
 
 
-def view_process(renderer: str) -> bool:
+def view_process(renderer: str, cpus: float | None = None) -> bool:
     """Whether views render in a worker process (``--view-renderer``). ``auto``: when
-    this process may use 2 CPUs or more. Measured (bench_live's on/off pairs, spiral,
-    20 views a second, unthrottled viewer): with 2 CPUs the training thread blocks on
-    the GIL about 450 more times a second beside a render thread and 150 beside the
-    process, and keeps 96 % of a CPU instead of 95 %; pinned to one CPU, the process's
-    own CPU and context switches come out of training's, and the thread costs less
-    (steps/s watched / not, two runs each: 0.91-0.99 against 0.87-0.95)."""
+    this process may use 2 CPUs or more (``cpus``, else :func:`usable_cpus`).
+    Measured (per-thread schedstat over on/off pairs, spiral, 20 views a second, an
+    unthrottled viewer): with 2 CPUs the training thread blocks on the GIL about 450
+    more times a second beside a render thread and 150 beside the process, and keeps
+    96.0 % of a CPU instead of 95.2 %; pinned to one CPU, the process's own CPU and
+    context switches come out of training's (94.2 % against 95.2 % with the thread)."""
     if renderer != "auto":
         return renderer == "process"
-    return usable_cpus() >= 2
+    return (usable_cpus() if cpus is None else cpus) >= 2
 
 
 def _portable(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -189,11 +201,15 @@ def _portable(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 _HEADER = struct.Struct("<Q")
+RENDER_TIMEOUT_S = 60.0
+"""A render the worker has not answered by then counts as a hung worker: it is killed
+(the next render starts a new one), so one stuck view cannot stop every run's views."""
 
 
-def _send(sock: socket.socket, message: object) -> None:
+def _frame(message: object) -> tuple[bytes, bytes]:
+    """A message on the worker's socket: its length, then its pickle."""
     payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_HEADER.pack(len(payload)) + payload)
+    return _HEADER.pack(len(payload)), payload
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
@@ -208,61 +224,101 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
 
 def _serve(sock: socket.socket, task_modules: tuple[str, ...]) -> None:
     """The worker process: render each request in turn until the trainer's end of
-    the socket closes (the trainer stopped or died)."""
+    the socket closes (the trainer stopped or died). A request is (id, pickled
+    arguments): arguments it cannot even unpickle fail that render, not the worker."""
     _init(task_modules)
     while True:
         header = _recv_exactly(sock, _HEADER.size)
-        if header is None:
-            return
-        body = _recv_exactly(sock, _HEADER.unpack(header)[0])
+        body = _recv_exactly(sock, _HEADER.unpack(header)[0]) if header is not None else None
         if body is None:
             return
-        request_id, args = pickle.loads(body)
+        request_id, blob = pickle.loads(body)
         try:
-            _send(sock, (request_id, True, render(*args) if args is not None else None))
+            args = pickle.loads(blob)
+            reply: tuple[Any, ...] = (request_id, True, render(*args) if args is not None else None)
         except Exception as exc:  # a task's view bug fails that view, not the worker
-            _send(sock, (request_id, False, f"{type(exc).__name__}: {exc}"))
+            reply = (request_id, False, f"{type(exc).__name__}: {exc}")
+        sock.sendall(b"".join(_frame(reply)))
 
 
 class ViewWorkerDied(RuntimeError):
-    """The view worker process exited with renders outstanding (the next starts a new one)."""
+    """The view worker process exited (or hung) with renders outstanding; the next
+    render starts a new one."""
+
+
+class _Connection:
+    """One worker process and the trainer's end of its socket."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, writer: asyncio.StreamWriter) -> None:
+        self.process = process
+        self.writer = writer
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.reader: asyncio.Task[None] | None = None
+
+    def end(self, error: BaseException) -> None:
+        """Kill the process (if alive), close the socket, fail what it still owes."""
+        if self.process.is_alive():
+            self.process.kill()
+        self.writer.close()
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self.pending.clear()
 
 
 class ViewWorker:
-    """One worker process (started on first use, restarted if it dies), fed over a
-    socket pair by the event loop itself: a view costs the trainer a pickle of the
-    snapshot's arrays, one write and one read on the loop, and no thread of its
+    """One worker process (started on first use, restarted if it dies or hangs), fed
+    over a socket pair by the event loop itself: a view costs the trainer a pickle of
+    the snapshot's arrays, one write and one read on the loop, and no thread of its
     own (a ProcessPoolExecutor adds a management and a feeder thread, each waking
     per call and each taking the GIL the training thread wants)."""
 
     def __init__(self, task_modules: tuple[str, ...] = ()) -> None:
         self._task_modules = tuple(task_modules)
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._conn: _Connection | None = None
+        self._starting: asyncio.Lock | None = None
         self._ids = itertools.count()
+        self._closed = False
 
-    async def _connect(self) -> asyncio.StreamWriter:
-        if self._writer is not None:
-            return self._writer
-        ours, theirs = socket.socketpair()
-        process = multiprocessing.get_context("spawn").Process(
-            target=_serve, args=(theirs, self._task_modules), name="tensorwire-views", daemon=True)
-        process.start()
-        theirs.close()
-        reader, writer = await asyncio.open_connection(sock=ours)
-        self._process, self._writer = process, writer
-        self._reader_task = asyncio.create_task(self._read(reader, writer), name="view-worker-replies")
-        return writer
+    @property
+    def _process(self) -> multiprocessing.process.BaseProcess | None:
+        return self._conn.process if self._conn is not None else None
 
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _connect(self) -> _Connection:
+        if self._closed:
+            raise ViewWorkerDied("the view worker is closed")
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:  # renders arriving while it starts share one process
+            if self._conn is not None:
+                return self._conn
+            ours, theirs = socket.socketpair()
+            try:
+                process = multiprocessing.get_context("spawn").Process(
+                    target=_serve, args=(theirs, self._task_modules), name="tensorwire-views", daemon=True)
+                process.start()
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            try:
+                reader, writer = await asyncio.open_connection(sock=ours)
+            except BaseException:
+                ours.close()
+                process.kill()
+                raise
+            conn = self._conn = _Connection(process, writer)
+            conn.reader = asyncio.create_task(self._read(conn, reader), name="view-worker-replies")
+            return conn
+
+    async def _read(self, conn: _Connection, reader: asyncio.StreamReader) -> None:
         error: BaseException = ViewWorkerDied("the view worker process exited")
         try:
             while True:
                 header = await reader.readexactly(_HEADER.size)
                 request_id, ok, result = pickle.loads(await reader.readexactly(_HEADER.unpack(header)[0]))
-                future = self._pending.pop(request_id, None)
+                future = conn.pending.pop(request_id, None)
                 if future is None or future.done():
                     continue
                 if ok:
@@ -275,18 +331,12 @@ class ViewWorker:
             error = ViewWorkerDied("the view worker was closed")
             raise
         finally:
-            if self._writer is writer:  # the next render starts a new worker
-                self._forget()
-            writer.close()
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(error)
-            self._pending.clear()
+            self._drop(conn, error)
 
-    def _forget(self) -> None:
-        process, self._process, self._writer, self._reader_task = self._process, None, None, None
-        if process is not None and process.is_alive():
-            process.kill()
+    def _drop(self, conn: _Connection, error: BaseException) -> None:
+        if self._conn is conn:  # the next render starts a new worker
+            self._conn = None
+        conn.end(error)
 
     async def warm_up(self) -> None:
         """Start the worker and wait until it has imported torch and the tasks."""
@@ -295,26 +345,32 @@ class ViewWorker:
     async def render(self, run_id: str, task_name: str, config: Any, seed: int, state_dict: dict[str, Any],
                      step: int, produced_at: float) -> tuple[bytes, float]:
         """:func:`render` in the worker: (the serialized View, its CPU seconds there).
-        Raises ViewWorkerDied if the worker exits first, RuntimeError if the view fails."""
+        Raises ViewWorkerDied if the worker exits or hangs first, RuntimeError if the
+        view fails."""
         result: tuple[bytes, float] = await self._call(
             (run_id, task_name, config, seed, _portable(state_dict), step, produced_at))
         return result
 
     async def _call(self, args: tuple[Any, ...] | None) -> Any:
         """One request to the worker (None: an empty one, answered once it is ready)."""
-        writer = await self._connect()
+        blob = pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL)
+        conn = await self._connect()
         request_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        payload = pickle.dumps((request_id, args), protocol=pickle.HIGHEST_PROTOCOL)
-        writer.write(_HEADER.pack(len(payload)) + payload)
+        conn.pending[request_id] = future
         try:
-            return await future
+            conn.writer.writelines(_frame((request_id, blob)))
+            return await asyncio.wait_for(future, RENDER_TIMEOUT_S)
+        except TimeoutError:
+            self._drop(conn, ViewWorkerDied(f"the view worker did not answer in {RENDER_TIMEOUT_S:g} s"))
+            raise ViewWorkerDied(f"the view worker did not answer in {RENDER_TIMEOUT_S:g} s") from None
         finally:
-            self._pending.pop(request_id, None)
+            conn.pending.pop(request_id, None)
 
     def close(self) -> None:
-        task = self._reader_task
-        self._forget()
-        if task is not None:
-            task.cancel()
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if conn.reader is not None:
+                conn.reader.cancel()
+            conn.end(ViewWorkerDied("the view worker was closed"))
