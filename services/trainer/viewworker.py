@@ -362,8 +362,9 @@ class ViewWorker:
             conn.writer.writelines(_frame((request_id, blob)))
             return await asyncio.wait_for(future, RENDER_TIMEOUT_S)
         except TimeoutError:
-            self._drop(conn, ViewWorkerDied(f"the view worker did not answer in {RENDER_TIMEOUT_S:g} s"))
-            raise ViewWorkerDied(f"the view worker did not answer in {RENDER_TIMEOUT_S:g} s") from None
+            hung = ViewWorkerDied(f"the view worker did not answer in {RENDER_TIMEOUT_S:g} s")
+            self._drop(conn, hung)
+            raise hung from None
         finally:
             conn.pending.pop(request_id, None)
 

@@ -145,3 +145,36 @@ def test_auto_renders_in_a_process_with_two_cpus_or_more(monkeypatch: object, tm
     assert load(TrainerSettings, [], env={}).view_renderer == "auto"
     with pytest.raises(SettingsError, match="view_renderer|view-renderer"):
         load(TrainerSettings, ["--view-renderer", "gpu"], env={})
+
+
+async def test_a_hung_worker_is_replaced(monkeypatch: object) -> None:
+    """A worker that does not answer within RENDER_TIMEOUT_S fails that render and is
+    killed; the next render starts a new one."""
+    import os
+    import signal
+
+    import pytest
+
+    from services.trainer import viewworker
+    from services.trainer.viewworker import ViewWorkerDied
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    task = TASKS["spiral"]
+    config = task.configure()
+    state = {k: v.clone() for k, v in task.build_model(config).state_dict().items()}
+    worker = ViewWorker()
+    try:
+        await worker.warm_up()  # its start (imports) within the default timeout
+        monkeypatch.setattr(viewworker, "RENDER_TIMEOUT_S", 1.0)
+        hung = worker._process
+        assert hung is not None and hung.pid is not None
+        os.kill(hung.pid, signal.SIGSTOP)
+        with pytest.raises(ViewWorkerDied, match="did not answer"):
+            await worker.render("run-1", "spiral", config, 5, state, 1, 1.0)
+        hung.join(5)
+        assert not hung.is_alive()
+        monkeypatch.setattr(viewworker, "RENDER_TIMEOUT_S", 60.0)  # a new worker's start takes seconds
+        data, _ = await worker.render("run-1", "spiral", config, 5, state, 2, 1.0)
+        assert cpb.View.FromString(data).step == 2 and worker._process is not hung
+    finally:
+        worker.close()
