@@ -66,6 +66,10 @@ def _cancellable(load_fn: Callable[[K], M], key: K, token: threading.Event) -> M
     _local.token = token
     try:
         model = load_fn(key)
+    except Exception:
+        if token.is_set():  # it stopped at a check (or failed) after timing out: nobody
+            return None  # waits for the error, and its traceback would hold the half-built model
+        raise
     finally:
         _local.token = None
     if token.is_set():
