@@ -542,6 +542,11 @@ class ResponseCache(abc.ABC):
             for name, delta in deltas.items():
                 setattr(stats, name, getattr(stats, name) + delta)
 
+    def count_misses(self, count: int) -> None:
+        """``count(misses=count)`` without its generality (a native batch's misses, each batch)."""
+        with self._count_lock:
+            self.stats.misses += count
+
     def unreadable(self, count: int = 1) -> None:
         """``count`` entries were found but could not be read: each counts as an error
         and as a miss (the model answers), not as a hit."""
