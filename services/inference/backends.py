@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +38,11 @@ from tensorwire.serving.loader import check_cancelled
 
 Module = Callable[..., Any]
 log = logging.getLogger(__name__)
+
+_TORCHSCRIPT = threading.Lock()
+"""Held while a module is scripted and frozen: TorchScript's compilation unit is one per
+process, and two loader threads scripting at once failed in one of them ("Can't redefine
+method: forward on class ... Linear"), which then served eager, 1.5-2x slower."""
 
 
 def load(root: Path, name: str, version: int, config: dict[str, Any], device: str) -> Module:
@@ -98,7 +104,7 @@ def _frozen(module: Any, config: dict[str, Any], device: str) -> Module:
     import torch
 
     try:
-        with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated; where it is gone: eager
+        with _TORCHSCRIPT, warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated; gone: eager
             warnings.simplefilter("ignore", DeprecationWarning)
             frozen = torch.jit.freeze(torch.jit.script(module), optimize_numerics=False)
     except Exception as exc:  # not scriptable: eager serves it as it is

@@ -68,3 +68,30 @@ def test_a_model_that_cannot_be_frozen_or_answers_differently_stays_eager(
         patch.setattr(torch.jit, "script", script_then_change)
         assert backends._frozen(differs, config, "cpu") is differs
     assert "answers differently" in caplog.text
+
+
+def test_models_loaded_at_once_are_all_frozen() -> None:
+    """TorchScript's compilation unit is process-wide: two loader threads scripting at
+    once raised "Can't redefine method: forward on class ... Linear" in one of them, and
+    that model stayed eager (found in a server booting two spiral models: one in four
+    boots served one of them 1.5-2x slower)."""
+    import threading
+
+    kinds = sorted(MODELS)
+    for _ in range(3):
+        modules = [build_model(kind).eval() for kind in kinds for _ in range(2)]
+        configs = [modelrepo.default_config("m", kind) for kind in kinds for _ in range(2)]
+        served: list[object] = [None] * len(modules)
+        start = threading.Barrier(len(modules))
+
+        def freeze(i: int) -> None:
+            start.wait()
+            served[i] = backends._frozen(modules[i], configs[i], "cpu")
+
+        threads = [threading.Thread(target=freeze, args=(i,)) for i in range(len(modules))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        eager = [configs[i].get("kind") for i, s in enumerate(served) if not isinstance(s, torch.jit.ScriptModule)]
+        assert not eager, f"stayed eager when frozen at once: {eager}"
