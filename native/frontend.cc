@@ -74,8 +74,10 @@ struct Spec {
   // The routing table (Python's Routing): ready versions, traffic split.
   std::vector<int64_t> ready, choices;
   std::vector<double> cumulative;
-  // The response cache (the local one): per version whose requests it answers, the
-  // key hasher's base; inputs' spec indexes in name order (the key hashes them so).
+  // The response cache: per version whose answers it caches, the key hasher's base
+  // (each request's key is computed here; with the local cache it is also looked up
+  // here, with Redis Python looks it up); inputs' spec indexes in name order (the key
+  // hashes them so).
   std::unordered_map<std::string, twcache::Blake2b> cache_bases;
   std::vector<int> by_name;
 
@@ -583,14 +585,16 @@ class Frontend : public grpc::CallbackGenericService {
     const std::string version = spec->Route(call->request.model_version());
     if (version.empty()) return call->Fallback();
     std::string key = model + '\0' + version;
-    if (cache_ && !spec->cache_bases.empty()) {
+    if (!spec->cache_bases.empty()) {
       auto base = spec->cache_bases.find(version);
       if (base != spec->cache_bases.end()) {
         std::vector<int> order;
         for (int i : spec->by_name) order.push_back(call->input_order[i]);
         call->cache_key = RequestKey(base->second, call->request, order);
-        if (twcache::Value value = cache_->Get(call->cache_key)) {
-          if (AnswerFromCache(call, *spec, key, version, *value)) return;
+        if (cache_) {  // the local cache's entries are here: look it up now
+          if (twcache::Value value = cache_->Get(call->cache_key)) {
+            if (AnswerFromCache(call, *spec, key, version, *value)) return;
+          }
         }
       }
     }
@@ -1013,18 +1017,22 @@ class Frontend : public grpc::CallbackGenericService {
             lists.append(names);
           }
         }
-        // The response cache keys this frontend looked up (all missed), if it did.
+        // The requests' response cache keys, if it computed them; with the local cache
+        // it also looked them up (all missed), with Redis Python does.
         py::object keys = py::none();
         bool hits_pending = false;  // hits answered here not yet collected (counted before these misses)
+        const bool looked_up = cache_ != nullptr;
         if (!batch.front()->cache_key.empty()) {
           py::list list;
           for (Item* c : batch) list.append(py::bytes(c->cache_key));
           keys = list;
-          std::lock_guard<std::mutex> lock(hits_mu_);
-          hits_pending = !hit_counts_.empty();
+          if (looked_up) {
+            std::lock_guard<std::mutex> lock(hits_mu_);
+            hits_pending = !hit_counts_.empty();
+          }
         }
         py::tuple result = hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size, rows, named,
-                                                    unary, keys, hits_pending);
+                                                    unary, keys, hits_pending, looked_up);
         version = result[0].cast<std::string>();
         for (auto o : result[1].cast<py::list>()) {
           py::array a = py::reinterpret_borrow<py::array>(o);

@@ -104,29 +104,31 @@ async def _infer_racing(cache: ResponseCache, version: ModelVersion, request: In
 def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, version: ModelVersion,
                    columns: list[np.ndarray], rows: Sequence[int],
                    outputs: Sequence[Sequence[str]] | None,
-                   keys: list[bytes] | None = None) -> tuple[list[np.ndarray], list[int]]:
+                   keys: list[bytes] | None = None, looked_up: bool = True) -> tuple[list[np.ndarray], list[int]]:
     """A native frontend's batch through the response cache, from its batch thread:
     request ``i`` is the next ``rows[i]`` rows of every column (the config's input
     order) and asked for ``outputs[i]`` (empty or ``outputs`` None: all). The hits
     are answered from their entries, the misses run on the model in one forward
     and their answers are stored. ``keys``: the requests' keys when the frontend
-    looked them up itself (the local cache, in its native store) and all missed.
+    computed them (as :meth:`RequestKeys.batch_keys` does, in C++); ``looked_up``:
+    it also looked them up (the local cache, in its native store) and all missed.
     Returns (every output column, one row per input
     row; the indexes of the requests that ran on the model). Raises ValueError when
     an entry does not fit the batch's columns (the frontend then serves each
     request on the Python path)."""
-    if keys is not None:  # looked up already: every one missed
+    if keys is not None and looked_up:  # looked up already: every one missed
         return _looked_up_misses(cache, loop, version, columns, rows, outputs, keys)
     start = time.perf_counter()
     bounds = [0, *itertools.accumulate(rows)]
     wanted: Sequence[Sequence[str]] = outputs or [()] * len(rows)
     rate = version.cache_hit_rate
     values: list[bytes | None]
-    keys = version.cache_keys.batch_keys([(spec.name, spec.datatype) for spec in version.inputs],
-                                         columns, bounds, wanted)
+    if keys is None:
+        keys = version.cache_keys.batch_keys([(spec.name, spec.datatype) for spec in version.inputs],
+                                             columns, bounds, wanted)
     if cache.remote and rate.racing:  # a rare hit is not waited for: every row runs, the lookups go aside
         if rate.sample():
-            loop.call_soon_threadsafe(cache.lookup_aside, keys, rate.add)
+            cache.lookup_aside_from_thread(keys, rate.add, loop)
         values = []
     else:
         values = cache.lookup_from_thread(keys, loop)

@@ -151,7 +151,7 @@ class NativeHooks:
             return None
         routing = self._repo.routing(model)
         try:  # the versions whose answers it looks up itself (its key's parts for each)
-            cached = self._cached_versions(routing.versions) if self.take_hits is not None else {}
+            cached = self._cached_versions(routing.versions) if self._repo.cache is not None else {}
         except Exception:  # its requests still go through the cache, in batches
             log.exception("native cache lookups of %s not set up", model)
             cached = {}
@@ -243,7 +243,8 @@ class NativeHooks:
                   by_size: bool, rows: list[int],
                   outputs: list[tuple[str, ...]] | None,
                   unary: list[bool] | None = None,
-                  keys: list[bytes] | None = None, hits_pending: bool = True) -> tuple[str, list[np.ndarray]]:
+                  keys: list[bytes] | None = None, hits_pending: bool = True,
+                  looked_up: bool = True) -> tuple[str, list[np.ndarray]]:
         """One forward over a batch of natively validated requests for one version (the
         frontend routed each by the traffic split it got from ``spec``); ``waits``: each
         request's seconds in the native queue; ``by_size``: cut because it was full;
@@ -251,8 +252,10 @@ class NativeHooks:
         none named any); ``unary``: which requests are ModelInfer calls, not stream
         messages (None: all are; only those count as ModelInfer RPCs). With the
         response cache on, only the misses run on the model; ``keys``: the requests'
-        cache keys when the frontend looked them up itself (all missed);
-        ``hits_pending``: whether it has answered hits since they were last collected.
+        cache keys when the frontend computed them, and ``looked_up``: whether it also
+        looked them up (the local cache's entries are in the frontend; all missed) or
+        the cache is Redis (Python looks them up); ``hits_pending``: whether it has
+        answered hits since they were last collected.
         Raises when that version is gone or no longer takes these columns (a swap):
         the frontend then hands each request to the Python path."""
         start = time.perf_counter()
@@ -265,9 +268,9 @@ class NativeHooks:
             ):
                 raise ValueError(f"input {spec.name!r} changed")
         if self._repo.caches(mv):
-            if keys is not None and hits_pending:  # the hits it answered meanwhile count before these misses
+            if keys is not None and looked_up and hits_pending:  # its hits meanwhile count before these misses
                 self.collect_hits()
-            outs, ran = self._repo.answer_columns(mv, columns, rows, outputs, keys)
+            outs, ran = self._repo.answer_columns(mv, columns, rows, outputs, keys, looked_up)
             ran_count = len(ran)
             queued = waits[ran] if ran_count < len(waits) else waits
         else:

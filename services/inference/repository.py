@@ -584,12 +584,13 @@ class ModelRepository:
 
     def answer_columns(self, version: ModelVersion, columns: list[np.ndarray], rows: Sequence[int],
                        outputs: Sequence[Sequence[str]] | None,
-                       keys: list[bytes] | None = None) -> tuple[list[np.ndarray], list[int]]:
+                       keys: list[bytes] | None = None,
+                       looked_up: bool = True) -> tuple[list[np.ndarray], list[int]]:
         """A native frontend's batch through the response cache (``cached.answer_columns``),
         from its batch thread."""
         cache, loop = self.cache, self._loop
         assert cache is not None and loop is not None
-        return cached.answer_columns(cache, loop, version, columns, rows, outputs, keys)
+        return cached.answer_columns(cache, loop, version, columns, rows, outputs, keys, looked_up)
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:

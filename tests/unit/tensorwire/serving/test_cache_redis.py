@@ -302,3 +302,53 @@ async def test_lookups_aside_gather_into_one_round_trip(fake_redis: FakeRedis,
         assert (cache.stats.misses, cache.stats.commands) == (5 + ASIDE_KEYS, 2)
     finally:
         await cache.aclose()
+
+
+async def test_lookups_aside_from_batch_threads_wake_the_loop_once_per_delay(
+        fake_redis: FakeRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A native batch thread's lookups aside are handed over, not each a hop to the loop:
+    the first arms a timer (one wake-up), the rest join it, and they go in one MGET
+    after ASIDE_DELAY_S; each ``done`` runs on the loop. A hand-over after that timer
+    fired arms a new one (none is left waiting), and a flush takes them at once."""
+    import threading
+
+    from tensorwire.serving import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "ASIDE_DELAY_S", 0.2)
+    cache = RedisCache(RedisCacheConfig(host="127.0.0.1", port=fake_redis.port))
+    loop = asyncio.get_running_loop()
+    hops = 0
+    real = loop.call_soon_threadsafe
+
+    def counted(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal hops
+        hops += getattr(callback, "__self__", None) is cache  # not to_thread's own hop back
+        return real(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    answers: list[tuple[list[bytes | None], bool]] = []
+    loop_thread = threading.get_ident()
+
+    def done(values: list[bytes | None]) -> None:
+        answers.append((values, threading.get_ident() == loop_thread))
+
+    def batches(first: int) -> None:
+        for i in range(first, first + 20):
+            cache.lookup_aside_from_thread([key(i), key(i + 1000)], done, loop)
+
+    try:
+        await asyncio.to_thread(batches, 0)
+        assert hops == 1 and cache.pending.lookups == 20 and not fake_redis.commands
+        for _ in range(100):
+            if len(answers) == 20:
+                break
+            await asyncio.sleep(0.05)
+        assert answers == [([None, None], True)] * 20
+        assert [len(c) - 1 for c in fake_redis.commands] == [40]  # one MGET of every key
+        await asyncio.to_thread(batches, 100)  # after the timer fired: armed anew
+        assert hops == 2
+        await asyncio.wait_for(cache.flush(), 2.0)  # now, not after the delay
+        assert len(answers) == 40 and [len(c) - 1 for c in fake_redis.commands] == [40, 40]
+        assert (cache.stats.misses, cache.stats.commands, cache.pending.lookups) == (80, 2, 0)
+    finally:
+        await cache.aclose()
