@@ -52,7 +52,7 @@ async def infer_cached(cache: ResponseCache, version: ModelVersion, request: Inf
     if cache.remote and rate.racing:
         return await _infer_racing(cache, version, request, key, start)
     value = await cache.get(key)
-    rate.add((value,))
+    rate.add_found(value is not None, 1)
     if value is not None:
         try:
             return version.cached_result(request, value, time.perf_counter() - start)
@@ -180,7 +180,7 @@ def _looked_up_misses(cache: ResponseCache, loop: asyncio.AbstractEventLoop, ver
     count = len(keys)
     outs = version.forward_columns(columns, count)
     start = time.perf_counter()  # what follows is the cache's (the frontend's lookup is not timed)
-    cache.count_misses(count)
+    cache.count_lookups(0, count)
     rate = version.cache_hit_rate
     rate.add_found(0, count)
     misses = list(range(count))

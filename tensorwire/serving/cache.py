@@ -542,10 +542,13 @@ class ResponseCache(abc.ABC):
             for name, delta in deltas.items():
                 setattr(stats, name, getattr(stats, name) + delta)
 
-    def count_misses(self, count: int) -> None:
-        """``count(misses=count)`` without its generality (a native batch's misses, each batch)."""
+    def count_lookups(self, found: int, looked_up: int) -> None:
+        """``count(hits=found, misses=looked_up - found)`` without its generality (every
+        lookup of the local cache, every native batch's misses)."""
+        stats = self.stats
         with self._count_lock:
-            self.stats.misses += count
+            stats.hits += found
+            stats.misses += looked_up - found
 
     def unreadable(self, count: int = 1) -> None:
         """``count`` entries were found but could not be read: each counts as an error
@@ -736,12 +739,13 @@ class LocalCache(ResponseCache):
                 f"hits={self.stats.hits} misses={self.stats.misses} evictions={self.stats.evictions}>")
 
     async def get(self, key: bytes) -> bytes | None:
-        return self._lookup((key,))[0]
+        (value,) = self.store.get_many((key,))
+        self.count_lookups(value is not None, 1)
+        return value
 
     def _lookup(self, keys: Sequence[bytes]) -> list[bytes | None]:
         values = self.store.get_many(keys)
-        misses = values.count(None)
-        self.count(hits=len(values) - misses, misses=misses)
+        self.count_lookups(len(values) - values.count(None), len(values))
         return values
 
     def lookup_from_thread(self, keys: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> list[bytes | None]:
