@@ -79,6 +79,7 @@ struct Spec {
   // here, with Redis Python looks it up); inputs' spec indexes in name order (the key
   // hashes them so).
   std::unordered_map<std::string, twcache::Blake2b> cache_bases;
+  std::unordered_map<std::string, std::string> cache_fingerprints;  // what each base was made for
   std::vector<int> by_name;
 
   // The version a request goes to: its explicit one if ready (else "" -> Python
@@ -698,6 +699,7 @@ class Frontend : public grpc::CallbackGenericService {
               spec->cache_bases.emplace(version.cast<std::string>(),
                                         twcache::KeyBase(p[0].cast<std::string>(), p[1].cast<std::string>(),
                                                          p[2].cast<std::string>()));
+              spec->cache_fingerprints.emplace(version.cast<std::string>(), p[2].cast<std::string>());
             }
           }
         }
@@ -1019,20 +1021,24 @@ class Frontend : public grpc::CallbackGenericService {
         }
         // The requests' response cache keys, if it computed them; with the local cache
         // it also looked them up (all missed), with Redis Python does.
-        py::object keys = py::none();
+        // (With the fingerprint of the config they were computed for: Python drops keys
+        // of a version reloaded meanwhile.)
+        py::object keys = py::none(), fingerprint = py::none();
         bool hits_pending = false;  // hits answered here not yet collected (counted before these misses)
         const bool looked_up = cache_ != nullptr;
         if (!batch.front()->cache_key.empty()) {
           py::list list;
           for (Item* c : batch) list.append(py::bytes(c->cache_key));
           keys = list;
+          auto made_for = spec.cache_fingerprints.find(q.version);
+          if (made_for != spec.cache_fingerprints.end()) fingerprint = py::str(made_for->second);
           if (looked_up) {
             std::lock_guard<std::mutex> lock(hits_mu_);
             hits_pending = !hit_counts_.empty();
           }
         }
         py::tuple result = hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size, rows, named,
-                                                    unary, keys, hits_pending, looked_up);
+                                                    unary, keys, hits_pending, looked_up, fingerprint);
         version = result[0].cast<std::string>();
         for (auto o : result[1].cast<py::list>()) {
           py::array a = py::reinterpret_borrow<py::array>(o);

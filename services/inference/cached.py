@@ -104,7 +104,7 @@ async def _infer_racing(cache: ResponseCache, version: ModelVersion, request: In
 def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, version: ModelVersion,
                    columns: list[np.ndarray], rows: Sequence[int],
                    outputs: Sequence[Sequence[str]] | None,
-                   keys: list[bytes] | None = None, looked_up: bool = True) -> tuple[list[np.ndarray], list[int]]:
+                   keys: list[bytes] | None = None, looked_up: bool = False) -> tuple[list[np.ndarray], list[int]]:
     """A native frontend's batch through the response cache, from its batch thread:
     request ``i`` is the next ``rows[i]`` rows of every column (the config's input
     order) and asked for ``outputs[i]`` (empty or ``outputs`` None: all). The hits

@@ -150,7 +150,7 @@ class NativeHooks:
                                                              for t in tensors)):
             return None
         routing = self._repo.routing(model)
-        try:  # the versions whose answers it looks up itself (its key's parts for each)
+        try:  # the versions whose keys it computes (its key's parts for each); local cache: looks up too
             cached = self._cached_versions(routing.versions) if self._repo.cache is not None else {}
         except Exception:  # its requests still go through the cache, in batches
             log.exception("native cache lookups of %s not set up", model)
@@ -244,7 +244,7 @@ class NativeHooks:
                   outputs: list[tuple[str, ...]] | None,
                   unary: list[bool] | None = None,
                   keys: list[bytes] | None = None, hits_pending: bool = True,
-                  looked_up: bool = True) -> tuple[str, list[np.ndarray]]:
+                  looked_up: bool = False, fingerprint: str | None = None) -> tuple[str, list[np.ndarray]]:
         """One forward over a batch of natively validated requests for one version (the
         frontend routed each by the traffic split it got from ``spec``); ``waits``: each
         request's seconds in the native queue; ``by_size``: cut because it was full;
@@ -254,8 +254,10 @@ class NativeHooks:
         response cache on, only the misses run on the model; ``keys``: the requests'
         cache keys when the frontend computed them, and ``looked_up``: whether it also
         looked them up (the local cache's entries are in the frontend; all missed) or
-        the cache is Redis (Python looks them up); ``hits_pending``: whether it has
-        answered hits since they were last collected.
+        the cache is Redis (Python looks them up), and ``fingerprint``: the config
+        they were computed for (a version reloaded since has other keys: Python
+        computes those); ``hits_pending``: whether it has answered hits since they
+        were last collected.
         Raises when that version is gone or no longer takes these columns (a swap):
         the frontend then hands each request to the Python path."""
         start = time.perf_counter()
@@ -268,6 +270,8 @@ class NativeHooks:
             ):
                 raise ValueError(f"input {spec.name!r} changed")
         if self._repo.caches(mv):
+            if keys is not None and fingerprint != mv.cache_keys.parts[2]:  # reloaded since: its own keys
+                keys, looked_up = None, False
             if keys is not None and looked_up and hits_pending:  # its hits meanwhile count before these misses
                 self.collect_hits()
             outs, ran = self._repo.answer_columns(mv, columns, rows, outputs, keys, looked_up)

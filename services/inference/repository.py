@@ -585,7 +585,7 @@ class ModelRepository:
     def answer_columns(self, version: ModelVersion, columns: list[np.ndarray], rows: Sequence[int],
                        outputs: Sequence[Sequence[str]] | None,
                        keys: list[bytes] | None = None,
-                       looked_up: bool = True) -> tuple[list[np.ndarray], list[int]]:
+                       looked_up: bool = False) -> tuple[list[np.ndarray], list[int]]:
         """A native frontend's batch through the response cache (``cached.answer_columns``),
         from its batch thread."""
         cache, loop = self.cache, self._loop

@@ -1269,7 +1269,13 @@ class RedisCache(ResponseCache):
             arm = not self._aside_handover_armed
             self._aside_handover_armed = True
         if arm:
-            loop.call_soon_threadsafe(self._arm_aside_handover)
+            try:
+                loop.call_soon_threadsafe(self._arm_aside_handover)
+            except RuntimeError:  # the loop is closed (shutdown): nothing will take them
+                with self._handed_lock:
+                    self._aside_handed.clear()
+                    self._aside_handover_armed = False
+                raise
 
     def _arm_aside_handover(self) -> None:
         asyncio.get_running_loop().call_later(ASIDE_DELAY_S, self._aside_handover_due)
@@ -1501,7 +1507,7 @@ class RedisCache(ResponseCache):
         await asyncio.sleep(0)  # runs what other threads scheduled
         self._take_handed()
         self._take_handed_asides()
-        while self._commands or self._lookups or self._writes or self._aside:
+        while self._commands or self._lookups or self._writes or self._aside or self._aside_handed:
             self._send_aside()  # now, not after their delay
             self._send_writes()  # now, not after the write delay
             await asyncio.sleep(0)  # lets the scheduled lookups start

@@ -738,7 +738,7 @@ def redis_cache_work_us(port: int, requests: int = 4000, concurrency: int = 16) 
             for _ in range(requests // 32):
                 keys = [rng.bytes(16) for _ in range(16)]
                 if use and rate.sample():
-                    loop.call_soon_threadsafe(cache.lookup_aside, keys, rate.add)
+                    cache.lookup_aside_from_thread(keys, rate.add, loop)
                 time.sleep(0.001)
                 if use:
                     cache.put_many_from_thread([(key, value) for key in keys if rate.admit(key)], loop)
@@ -820,7 +820,7 @@ def native_batch_cache_work_us(batch: int = 16, batches: int = 2000) -> tuple[fl
                 keyed = {id(columns[0]): mv.cache_keys.batch_keys([("points", "FP32")], columns, bounds, [()] * batch)
                          for columns in fresh}
                 looked_up = per_request(lambda columns: repository.answer_columns(
-                    mv, columns, rows, None, keyed[id(columns[0])]))
+                    mv, columns, rows, None, keyed[id(columns[0])], looked_up=True))
             finally:
                 await repository.aclose()
         return forward, misses, hits, looked_up

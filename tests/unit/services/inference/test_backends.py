@@ -74,7 +74,8 @@ def test_models_loaded_at_once_are_all_frozen() -> None:
     """TorchScript's compilation unit is process-wide: two loader threads scripting at
     once raised "Can't redefine method: forward on class ... Linear" in one of them, and
     that model stayed eager (found in a server booting two spiral models: one in four
-    boots served one of them 1.5-2x slower)."""
+    boots served one of them 1.5-2x slower). Without the lock this failed in two runs of
+    three: a race, so it can pass by chance, not fail by chance)."""
     import threading
 
     kinds = sorted(MODELS)
