@@ -862,9 +862,9 @@ class HitRate:
 
 KEY_PREFIX = "tensorwire:response:"
 """Every key the Redis cache writes starts with this (``redis-cli --scan --pattern``)."""
-THREAD_WRITES_DELAY_S = 0.05
-"""How long the writes of a native batch thread may wait for the next lookup to take
-them to the loop, before a timer does."""
+HANDOVER_DELAY_S = 0.05
+"""How long what a native batch thread hands over (its writes, its lookups aside) may
+wait for the loop to take it along with a lookup, before a timer does."""
 ASIDE_DELAY_S = 0.05
 """How long lookups aside (:class:`HitRate`) may gather before their MGET goes."""
 ASIDE_KEYS = 64
@@ -1135,6 +1135,7 @@ class RedisCache(ResponseCache):
         """Writes the batch threads dropped (over ``MAX_PENDING_WRITES``), not yet counted."""
         self._handed_lock = threading.Lock()
         self._handover_armed = False
+        """Whether the hand-over timer is armed (or being armed): writes and lookups aside alike."""
         self._commands: set[asyncio.Task[None]] = set()
         self._aside: list[tuple[Sequence[bytes], Any]] = []
         """Lookups aside gathering for their MGET: (keys, deliver(values))."""
@@ -1142,7 +1143,6 @@ class RedisCache(ResponseCache):
         self._aside_timer: asyncio.TimerHandle | None = None
         self._aside_handed: list[tuple[Sequence[bytes], Callable[[list[bytes | None]], None]]] = []
         """Lookups aside the batch threads handed over, not yet taken by the loop."""
-        self._aside_handover_armed = False
 
     def __repr__(self) -> str:
         state = "up" if self._down_until is None else f"down (retry in {self._retry_in_s():.2f}s)"
@@ -1257,55 +1257,12 @@ class RedisCache(ResponseCache):
         elif self._aside_timer is None:
             self._aside_timer = asyncio.get_running_loop().call_later(ASIDE_DELAY_S, self._send_aside)
 
-    def lookup_aside_from_thread(self, keys: Sequence[bytes], done: Callable[[list[bytes | None]], None],
-                                 loop: asyncio.AbstractEventLoop) -> None:
-        """Handed over without waking the loop for each (as :meth:`put_many_from_thread`):
-        the loop's next aside send takes them along, else a timer armed by the first of
-        them after ``ASIDE_DELAY_S``, the delay they gather for anyway. A hop to the loop
-        for each sampled native batch (~120 a second at 5,000 requests a second) cost
-        the loop ~5 us per request, and the batch threads the GIL hand-overs it forced."""
-        with self._handed_lock:
-            self._aside_handed.append((keys, done))
-            arm = not self._aside_handover_armed
-            self._aside_handover_armed = True
-        if arm:
-            try:
-                loop.call_soon_threadsafe(self._arm_aside_handover)
-            except RuntimeError:  # the loop is closed (shutdown): nothing will take them
-                with self._handed_lock:
-                    self._aside_handed.clear()
-                    self._aside_handover_armed = False
-                raise
-
-    def _arm_aside_handover(self) -> None:
-        asyncio.get_running_loop().call_later(ASIDE_DELAY_S, self._aside_handover_due)
-
-    def _aside_handover_due(self) -> None:
-        with self._handed_lock:  # taken and disarmed at once: a later hand-over arms again
-            handed, self._aside_handed = self._aside_handed, []
-            self._aside_handover_armed = False
-        self._join_aside(handed)
-        if self._aside:
-            self._send_aside()
-
-    def _take_handed_asides(self) -> None:
-        if self._aside_handed:
-            with self._handed_lock:
-                handed, self._aside_handed = self._aside_handed, []
-            self._join_aside(handed)
-
-    def _join_aside(self, handed: list[tuple[Sequence[bytes], Callable[[list[bytes | None]], None]]]) -> None:
-        for keys, done in handed:
-            self._aside.append((keys, functools.partial(self._deliver_aside, done)))
-            self._aside_keys += len(keys)
-
     def _send_aside(self) -> None:
         if self._aside_timer is not None:
             self._aside_timer.cancel()
             self._aside_timer = None
-        self._take_handed_asides()
-        batch, self._aside, self._aside_keys = self._aside, [], 0
         self._take_handed()
+        batch, self._aside, self._aside_keys = self._aside, [], 0
         for keys, deliver in batch:  # _send_lookups gates them (misses within a backoff)
             self._queue_lookup(keys, deliver)
 
@@ -1315,10 +1272,10 @@ class RedisCache(ResponseCache):
         self.stats.misses += len(values) - found
         done(values)
 
+    # -- what the native frontend's batch threads hand over --------------------
     def put_many_from_thread(self, items: Sequence[tuple[bytes, bytes]], loop: asyncio.AbstractEventLoop) -> None:
         """Handed over without waking the loop: the next batch's lookup (a hop to the
-        loop anyway) takes them along, else a timer armed by the first of them after
-        ``THREAD_WRITES_DELAY_S`` (one wake-up per period at most, not one per batch).
+        loop anyway) takes them along, else the hand-over timer (:meth:`_hand_over`).
         Within the same bound as the loop's writes: with ``MAX_PENDING_WRITES`` writes
         handed over or in flight, more are dropped (and counted), never queued."""
         if not items:
@@ -1329,33 +1286,77 @@ class RedisCache(ResponseCache):
                 self._handed_dropped += len(items) - max(room, 0)
                 items = items[: max(room, 0)]
             self._handed += items
-            arm = bool(items) and not self._handover_armed
-            self._handover_armed = self._handover_armed or arm
-        if arm:
+            arm = self._arm(bool(items))
+        self._hand_over(arm, loop)
+
+    def lookup_aside_from_thread(self, keys: Sequence[bytes], done: Callable[[list[bytes | None]], None],
+                                 loop: asyncio.AbstractEventLoop) -> None:
+        """Handed over like the writes: a hop to the loop for each sampled native batch
+        (~120 a second at 5,000 requests a second) cost the loop ~5 us per request, and
+        the batch threads the GIL hand-overs it forced."""
+        with self._handed_lock:
+            self._aside_handed.append((keys, done))
+            arm = self._arm(True)
+        self._hand_over(arm, loop)
+
+    def _arm(self, wanted: bool) -> bool:
+        """(``_handed_lock`` held) Whether this hand-over arms the timer: the first one
+        since the timer last found nothing."""
+        arm = wanted and not self._handover_armed
+        self._handover_armed = self._handover_armed or arm
+        return arm
+
+    def _hand_over(self, arm: bool, loop: asyncio.AbstractEventLoop) -> None:
+        """One wake-up of the loop per ``HANDOVER_DELAY_S`` at most, not one per batch:
+        the first hand-over arms a timer that takes what was handed over meanwhile."""
+        if not arm:
+            return
+        try:
             loop.call_soon_threadsafe(self._arm_handover)
+        except RuntimeError:  # the loop is closed (shutdown): nothing will take them
+            with self._handed_lock:
+                self._handed.clear()
+                self._aside_handed.clear()
+                self._handover_armed = False
+            raise
 
     def _arm_handover(self) -> None:
-        asyncio.get_running_loop().call_later(THREAD_WRITES_DELAY_S, self._handover_due)
+        asyncio.get_running_loop().call_later(HANDOVER_DELAY_S, self._handover_due)
 
     def _handover_due(self) -> None:
-        with self._handed_lock:
-            items, self._handed = self._handed, []
-            dropped, self._handed_dropped = self._handed_dropped, 0
-            if not items:
-                self._handover_armed = False  # the next write from a thread arms it again
-        self.stats.dropped_writes += dropped
-        if items:
-            self._put_many(items)
+        with self._handed_lock:  # taken, and disarmed when empty, at once: a later hand-over arms again
+            taken = self._take_locked()
+            if not (taken[0] or taken[2]):
+                self._handover_armed = False
+        self._absorb(*taken)
+        if taken[0]:
             self._send_writes()  # no lookup came to take them: they have waited long enough
+        if self._aside:  # handed over (now, or taken along with a lookup since): due too
+            self._send_aside()
+        if taken[0] or taken[2]:
             self._arm_handover()
 
     def _take_handed(self) -> None:
-        if self._handed or self._handed_dropped:
+        """On the loop: what the batch threads handed over joins the loop's own writes
+        and lookups aside."""
+        if self._handed or self._handed_dropped or self._aside_handed:
             with self._handed_lock:
-                items, self._handed = self._handed, []
-                dropped, self._handed_dropped = self._handed_dropped, 0
-            self.stats.dropped_writes += dropped
-            self._put_many(items)
+                taken = self._take_locked()
+            self._absorb(*taken)
+
+    def _take_locked(self) -> tuple[list[tuple[bytes, bytes]], int,
+                                    list[tuple[Sequence[bytes], Callable[[list[bytes | None]], None]]]]:
+        taken = self._handed, self._handed_dropped, self._aside_handed
+        self._handed, self._handed_dropped, self._aside_handed = [], 0, []
+        return taken
+
+    def _absorb(self, items: list[tuple[bytes, bytes]], dropped: int,
+                asides: list[tuple[Sequence[bytes], Callable[[list[bytes | None]], None]]]) -> None:
+        self.stats.dropped_writes += dropped
+        self._put_many(items)
+        for keys, done in asides:
+            self._aside.append((keys, functools.partial(self._deliver_aside, done)))
+            self._aside_keys += len(keys)
 
     def _queue_lookup(self, keys: Sequence[bytes], deliver: Any) -> None:
         """``deliver(values)`` once the MGET that carries ``keys`` answered (None: missing
@@ -1506,7 +1507,6 @@ class RedisCache(ResponseCache):
     async def flush(self) -> None:
         await asyncio.sleep(0)  # runs what other threads scheduled
         self._take_handed()
-        self._take_handed_asides()
         while self._commands or self._lookups or self._writes or self._aside or self._aside_handed:
             self._send_aside()  # now, not after their delay
             self._send_writes()  # now, not after the write delay
