@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,12 +11,7 @@ from typing import Any
 import pytest
 
 from tensorwire.rpc.server import GrpcServer, ServerOptions
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.ports import free_port as free_port  # the tests import it from here
 
 
 @contextlib.asynccontextmanager

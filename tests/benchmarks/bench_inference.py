@@ -52,7 +52,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,14 +63,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.support.ports import free_port
+
 CONCURRENCY = (1, 16, 64)
 TS_PACKAGE = "org.pytorch.serve.grpc.inference"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the ceiling: a bare echo server ---------------------------------------------

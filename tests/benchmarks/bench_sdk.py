@@ -47,12 +47,7 @@ import torch.nn.functional as F
 from digits import DigitsCNN, load_digits_split
 
 import tensorwire
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.ports import free_port
 
 
 def rss_mb() -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,6 +17,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests.support.ports import free_port
 
 
 def _bin_dir() -> Path | None:
@@ -41,12 +42,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def postgres_server() -> Iterator[str]:
     """Start a throw-away server; yields the DSN of its ``postgres`` database."""
@@ -59,7 +54,7 @@ def postgres_server() -> Iterator[str]:
     if as_root:
         shutil.chown(root, "postgres")
         os.chmod(root, 0o700)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "LC_ALL": "C.UTF-8"}
     subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
                     "--no-sync", "-E", "UTF8"], check=True, capture_output=True, env=env)
