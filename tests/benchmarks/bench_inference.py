@@ -40,7 +40,10 @@ other hit shares cannot be set (its contexts send the same data in the same orde
 ``--cache-cost`` measures what the cache costs a request that never hits on one
 server per frontend and cache: a model with the cache on and one without (the same
 weights), loaded in turn, ``--rounds`` ABBA pairs; prints the medians of the
-per-round RPS and CPU-per-request ratios (see ``bench_cache_cost``).
+per-round RPS and CPU-per-request ratios (see ``bench_cache_cost``). With
+``--caches none,...`` it first measures the same pair on a server without a cache
+(an A/A control: what the method itself reads when nothing differs) and also prints
+each cache's ratios over the control's.
 """
 
 from __future__ import annotations
@@ -460,7 +463,8 @@ def main() -> int:
     parser.add_argument("--frontends", default="python,native",
                         help="--cache: inference frontends to measure (native: skipped when not built)")
     parser.add_argument("--caches", default="local,redis",
-                        help="--cache: caches measured against the server without one (local, redis)")
+                        help="--cache: caches measured against the server without one (local, redis); "
+                             "--cache-cost: also none (the A/A control)")
     parser.add_argument("--cache-hidden", type=int, default=16,
                         help="--cache: hidden width of the served spiral MLP (16: the demo's, a forward "
                              "of next to nothing; 1024: ~1 ms per batch of 16)")
@@ -880,7 +884,7 @@ def bench_cache_cost(duration_s: float, warmup_s: float, rounds: int,
     if rounds % 2:
         rounds += 1
         print(f"bench_inference --cache-cost: {rounds} rounds (an even number: each model goes first as often)")
-    configs = _cache_flags(redis.port if redis else 0)
+    configs = {"none": [], **_cache_flags(redis.port if redis else 0)}
     print(f"bench_inference --cache-cost: {os.cpu_count()} cores, {rounds} rounds of {duration_s:g} s per model "
           f"and point (ABBA), 0 % hits, spiral MLP (2-{hidden}-{hidden}-2), batch 1 requests, Python generator; "
           f"load average at start {os.getloadavg()[0]:.1f}")
@@ -929,10 +933,15 @@ def bench_cache_cost(duration_s: float, warmup_s: float, rounds: int,
     print(f"\nload average at the end (1/5 min): {os.getloadavg()[0]:.1f} / {os.getloadavg()[1]:.1f}; "
           f"failed requests {errors}")
     print("goals (issue 16: 0 % hits >= 0.97x no cache; the cache costs <= 3 % when it never hits), "
-          "medians of the rounds:")
+          "medians of the rounds (cache 'none': the A/A control, both models uncached):")
+    control = {(frontend, c): (rps_x, cpu_x) for frontend, cache, c, rps_x, cpu_x, _, _ in summary
+               if cache == "none"}
     for frontend, cache, c, rps_x, cpu_x, low, high in summary:
+        verdict = "control" if cache == "none" else "met" if rps_x >= 0.97 and cpu_x <= 1.03 else "NOT met"
+        over = control.get((frontend, c)) if cache != "none" else None
+        against = (f"; over the control RPS {rps_x / over[0]:.3f}x, CPU {cpu_x / over[1]:.3f}x" if over else "")
         print(f"  {frontend:6s} {cache:5s} c={c:<3d} RPS {rps_x:.3f}x (rounds {low:.2f}-{high:.2f}), "
-              f"server CPU per request {cpu_x:.3f}x: {'met' if rps_x >= 0.97 and cpu_x <= 1.03 else 'NOT met'}")
+              f"server CPU per request {cpu_x:.3f}x: {verdict}{against}")
     return 0
 
 
