@@ -12,7 +12,13 @@ While a cache rarely has a version's answers (``ModelVersion.cache_hit_rate``,
 request is seen (``HitRate.admit``), and with a remote cache (Redis) the misses do not
 wait for the lookup: the request goes to the model at once and one in
 ``HitRate.SAMPLE_EVERY`` is looked up aside, only to keep the rate current.
-``cache_hit``/``cache_miss`` count who answered (the cache, the model), in either mode.
+While hits are rare and the version's forward is also cheap (under
+:data:`CHEAP_FORWARD_S` a request, as measured so far), all but one request (or native
+batch) in ``HitRate.SAMPLE_EVERY`` leave the cache alone: no key, lookup, doorkeeper
+or write, straight to the model (:func:`_skips`). Below ``HitRate.WAIT_ABOVE`` (10 %)
+hits save such a model less than consulting the cache costs every request; a
+version whose forward is dearer is consulted on every request whatever its rate.
+``cache_hit``/``cache_miss`` count who answered (the cache, the model), in every mode.
 """
 
 from __future__ import annotations
@@ -40,17 +46,39 @@ from .version import ModelVersion
 
 log = logging.getLogger(__name__)
 
+CHEAP_FORWARD_S = 100e-6
+"""A forward under this per request (``compute_infer``: a batch's time over its
+requests) is cheap: at a hit rate under 10 % a lookup saves it less than ~10 us a
+request, what the cache costs a miss on the Python path (key, lookup, doorkeeper,
+statistics; ~3 us on the native frontend). While hits are rare, such a version's
+requests skip the cache but one in ``HitRate.SAMPLE_EVERY``."""
+
+
+def _skips(version: ModelVersion, sampled: bool) -> bool:
+    """Whether a request (or native batch) not ``sampled`` while hits are rare leaves
+    the cache alone: its version's forward is cheap (measured; none yet: not cheap)."""
+    if sampled:
+        return False
+    infer = version.stats.compute_infer
+    return 0 < infer.count and infer.ns < CHEAP_FORWARD_S * 1e9 * infer.count
+
 
 async def infer_cached(cache: ResponseCache, version: ModelVersion, request: InferRequest) -> InferResult:
     """Look the request up in the response cache; on a miss run it and store the answer.
     While a remote cache rarely hits this version (``version.cache_hit_rate``), the
     request does not wait for its lookup (:func:`_infer_racing`); while any cache
-    rarely hits it, an answer is stored at the second sighting of its request."""
+    rarely hits it, an answer is stored at the second sighting of its request, and a
+    cheap version's requests leave it alone but one in ``HitRate.SAMPLE_EVERY``."""
     start = time.perf_counter()
-    key = version.cache_keys.key(request.inputs, request.outputs)
     rate = version.cache_hit_rate
+    sampled = True
+    if rate.racing:
+        sampled = rate.sample()
+        if _skips(version, sampled):
+            return await _infer_uncached(version, request)
+    key = version.cache_keys.key(request.inputs, request.outputs)
     if cache.remote and rate.racing:
-        return await _infer_racing(cache, version, request, key, start)
+        return await _infer_racing(cache, version, request, key, start, aside=sampled)
     value = await cache.get(key)
     rate.add_found(value is not None, 1)
     if value is not None:
@@ -73,20 +101,30 @@ async def infer_cached(cache: ResponseCache, version: ModelVersion, request: Inf
     return result
 
 
+async def _infer_uncached(version: ModelVersion, request: InferRequest) -> InferResult:
+    """A request that leaves the cache alone (:func:`_skips`): the model answers,
+    counted as a miss that took the cache no time."""
+    try:
+        return await version.infer(request)
+    finally:
+        version.stats.cache_miss.add(0.0)
+
+
 async def _infer_racing(cache: ResponseCache, version: ModelVersion, request: InferRequest, key: bytes,
-                        start: float) -> InferResult:
+                        start: float, *, aside: bool) -> InferResult:
     """A request of a version the remote cache rarely answers: it goes to the model at
-    once and its lookup goes aside (the same MGETs), only to keep the hit rate current;
-    the model answers, counted as a miss, and the answer is stored unless the lookup
-    found it meanwhile. A hit is not waited for: that would cost every request the
-    round trip this mode avoids (or a task each) for the few it saves a forward."""
+    once and, when ``aside`` (one in ``HitRate.SAMPLE_EVERY``), its lookup goes aside
+    (the same MGETs), only to keep the hit rate current; the model answers, counted
+    as a miss, and the answer is stored unless the lookup found it meanwhile. A hit
+    is not waited for: that would cost every request the round trip this mode avoids
+    (or a task each) for the few it saves a forward."""
     found: list[bytes | None] = []
 
     def noted(values: list[bytes | None]) -> None:
         version.cache_hit_rate.add(values)
         found.extend(values)
 
-    if version.cache_hit_rate.sample():
+    if aside:
         cache.lookup_aside((key,), noted)
     lookup_s = time.perf_counter() - start
     try:
@@ -116,18 +154,23 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     row; the indexes of the requests that ran on the model). Raises ValueError when
     an entry does not fit the batch's columns (the frontend then serves each
     request on the Python path)."""
+    rate = version.cache_hit_rate
+    sampled = True
+    if rate.racing:
+        sampled = rate.sample()
+        if _skips(version, sampled):
+            return _uncached_batch(cache, version, columns, len(rows), keys is not None and looked_up)
     if keys is not None and looked_up:  # looked up already: every one missed
         return _looked_up_misses(cache, loop, version, columns, rows, outputs, keys)
     start = time.perf_counter()
     bounds = [0, *itertools.accumulate(rows)]
     wanted: Sequence[Sequence[str]] = outputs or [()] * len(rows)
-    rate = version.cache_hit_rate
     values: list[bytes | None]
     if keys is None:
         keys = version.cache_keys.batch_keys([(spec.name, spec.datatype) for spec in version.inputs],
                                              columns, bounds, wanted)
     if cache.remote and rate.racing:  # a rare hit is not waited for: every row runs, the lookups go aside
-        if rate.sample():
+        if sampled:
             cache.lookup_aside_from_thread(keys, rate.add, loop)
         values = []
     else:
@@ -168,6 +211,18 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     if misses:
         stats.cache_miss.add((lookup_s + time.perf_counter() - stored) * len(misses), len(misses))
     return outs, misses
+
+
+def _uncached_batch(cache: ResponseCache, version: ModelVersion, columns: list[np.ndarray], count: int,
+                    looked_up: bool) -> tuple[list[np.ndarray], list[int]]:
+    """A native batch that leaves the cache alone (:func:`_skips`): run in one
+    forward, counted as misses that took the cache no time (and as the cache's
+    lookups when the frontend ``looked_up`` its requests: all missed)."""
+    outs = version.forward_columns(columns, count)
+    if looked_up:
+        cache.count_lookups(0, count)
+    version.stats.cache_miss.add(0.0, count)
+    return outs, list(range(count))
 
 
 def _looked_up_misses(cache: ResponseCache, loop: asyncio.AbstractEventLoop, version: ModelVersion,

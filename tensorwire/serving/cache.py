@@ -811,7 +811,9 @@ class HitRate:
 
     def sample(self) -> bool:
         """While racing: whether this request's (or batch's) lookup goes aside; the
-        others are not looked up at all (a lost count between threads is harmless)."""
+        others are not looked up at all (a lost count between threads is harmless).
+        A cheap model's requests not sampled leave the cache alone altogether
+        (services/inference/cached.py)."""
         self._turn += 1
         return self._turn % self.SAMPLE_EVERY == 0
 

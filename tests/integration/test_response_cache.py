@@ -22,6 +22,7 @@ import redis
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.inference import cached
 from services.inference.app import InferenceApp, create_app
 from services.inference.settings import InferenceSettings
 from tensorwire.data import oip
@@ -29,7 +30,7 @@ from tensorwire.data.tensors import Tensor
 from tensorwire.inference import grpc_service_pb2 as pb
 from tensorwire.inference import grpc_service_pb2_grpc as pb_grpc
 from tensorwire.serving import modelrepo
-from tensorwire.serving.cache import KEY_PREFIX, RedisCache, RedisCacheConfig, parse_cache_config
+from tensorwire.serving.cache import KEY_PREFIX, HitRate, RedisCache, RedisCacheConfig, parse_cache_config
 from tests.conftest import free_port, serving, settings_for
 from tests.integration.test_inference_swap import expected, spiral_request, spiral_state
 from tests.support.redis_server import RedisServer, needs_redis
@@ -575,10 +576,28 @@ async def test_misses_stop_waiting_for_redis_while_hits_are_rare_and_wait_again_
             assert (s.cache_hit.count, s.cache_miss.count) == (hits + 1, misses)
 
 
-async def test_while_local_hits_are_rare_an_answer_is_stored_at_its_second_sighting(tmp_path: Path) -> None:
-    """Unique requests make hits rare: from then on an answer is stored only when its
-    request comes a second time (the doorkeeper), so the third of three equal
-    requests is the first hit; unique answers are no longer stored."""
+async def _until_hits_are_rare(app: InferenceApp, stub: Any, rng: np.random.Generator) -> int:
+    """Unique requests (every answer stored, looked up first) until the version's hits
+    are rare (``HitRate.racing``); returns how many were sent."""
+    rate = app.repository.version_of("spiral", "1").cache_hit_rate
+    sent = 0
+    while not rate.racing:
+        await stub.ModelInfer(spiral_request(rng.standard_normal((1, 2)).astype(np.float32)), timeout=10)
+        sent += 1
+        assert sent < 1000, rate.ratio
+    cache = app.repository.cache
+    assert cache is not None and cache.stats.inserts == sent - 1  # the request that made hits rare: not stored
+    return sent
+
+
+async def test_while_local_hits_are_rare_an_answer_is_stored_at_its_second_sighting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A version whose forward is not cheap (``CHEAP_FORWARD_S`` 0 here) meets the
+    cache on every request. Unique requests make hits rare: from then on an answer is
+    stored only when its request comes a second time (the doorkeeper), so the third of
+    three equal requests is the first hit; unique answers are no longer stored."""
+    monkeypatch.setattr(cached, "CHEAP_FORWARD_S", 0.0)
     repo = tmp_path / "models"
     state = spiral_state(1)
     modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
@@ -587,15 +606,8 @@ async def test_while_local_hits_are_rare_an_answer_is_stored_at_its_second_sight
     async with serving(app, "inference") as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            rate = app.repository.version_of("spiral", "1").cache_hit_rate
-            sent = 0
-            while not rate.racing:  # unique requests: every answer stored until hits are rare
-                x = rng.standard_normal((1, 2)).astype(np.float32)
-                await stub.ModelInfer(spiral_request(x), timeout=10)
-                sent += 1
-                assert sent < 1000, rate.ratio
+            sent = await _until_hits_are_rare(app, stub, rng)
             stored = app.repository.cache.stats.inserts
-            assert stored == sent - 1  # the answer whose lookup made hits rare was the first not stored
             for _ in range(20):  # more unique ones: none stored
                 await stub.ModelInfer(spiral_request(rng.standard_normal((1, 2)).astype(np.float32)), timeout=10)
             assert app.repository.cache.stats.inserts == stored
@@ -606,6 +618,56 @@ async def test_while_local_hits_are_rare_an_answer_is_stored_at_its_second_sight
             s = (await statistics(stub))["1"].inference_stats
             assert (s.cache_hit.count, s.cache_miss.count) == (1, sent + 22)
             assert app.repository.cache.stats.inserts == stored + 1
+
+
+async def test_while_hits_are_rare_a_cheap_versions_requests_skip_the_cache_but_one_in_eight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A version whose forward is cheap (under ``CHEAP_FORWARD_S`` a request; 1 s
+    here, so that no timing of a loaded machine decides it): while
+    its hits are rare, only one request (native: one batch) in ``HitRate.SAMPLE_EVERY``
+    meets the cache; the others are neither keyed nor stored (the Python frontend
+    does not look them up either; the native one looks every request up in its own
+    store, as it always does). A request that repeats is stored at its second
+    sighting among those that meet the cache, and answered from the cache after
+    that. Every answer is right and counted as a hit or a miss."""
+    repo = tmp_path / "models"
+    state = spiral_state(1)
+    modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
+    app = await make_app(tmp_path, repo, cache_entries("local"))
+    monkeypatch.setattr(cached, "CHEAP_FORWARD_S", 1.0)
+    rng = np.random.default_rng(5)
+    every = HitRate.SAMPLE_EVERY
+    async with serving(app, "inference") as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            sent = await _until_hits_are_rare(app, stub, rng)
+            cache = app.repository.cache
+            assert cache is not None
+            stored = cache.stats.inserts
+            for _ in range(4 * every):  # more unique ones: none stored
+                await stub.ModelInfer(spiral_request(rng.standard_normal((1, 2)).astype(np.float32)), timeout=10)
+            assert cache.stats.inserts == stored
+            sent += 4 * every
+            x = rng.standard_normal((1, 2)).astype(np.float32)
+            repeats = 0
+            while cache.stats.inserts == stored:  # stored at its second sighting among those meeting the cache
+                reply = await stub.ModelInfer(spiral_request(x), timeout=10)
+                np.testing.assert_allclose(logits(reply), expected(state, x), rtol=1e-5, atol=1e-6)
+                repeats += 1
+                assert repeats <= 2 * every, "a repeated request was never stored"
+            assert repeats > 1  # never at its first sighting
+            hit_at = None
+            for n in range(1, every + 1):  # answered from the cache when its turn comes
+                reply = await stub.ModelInfer(spiral_request(x), timeout=10)
+                np.testing.assert_allclose(logits(reply), expected(state, x), rtol=1e-5, atol=1e-6)
+                s = (await statistics(stub))["1"].inference_stats
+                if s.cache_hit.count:
+                    hit_at = n
+                    break
+            assert hit_at is not None, "a stored request was not answered from the cache"
+            assert (s.cache_hit.count, s.cache_miss.count) == (1, sent + repeats + hit_at - 1)
+            assert cache.stats.inserts == stored + 1
 
 
 async def test_local_hits_are_answered_where_requests_arrive_and_counted_as_any_hit(tmp_path: Path) -> None:
