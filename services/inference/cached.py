@@ -60,7 +60,7 @@ def _skips(version: ModelVersion, sampled: bool) -> bool:
     if sampled:
         return False
     infer = version.stats.compute_infer
-    return 0 < infer.count and infer.ns < CHEAP_FORWARD_S * 1e9 * infer.count
+    return infer.count > 0 and infer.ns < CHEAP_FORWARD_S * 1e9 * infer.count
 
 
 async def infer_cached(cache: ResponseCache, version: ModelVersion, request: InferRequest) -> InferResult:
