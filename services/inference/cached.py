@@ -216,11 +216,14 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
 def _uncached_batch(cache: ResponseCache, version: ModelVersion, columns: list[np.ndarray], count: int,
                     looked_up: bool) -> tuple[list[np.ndarray], list[int]]:
     """A native batch that leaves the cache alone (:func:`_skips`): run in one
-    forward, counted as misses that took the cache no time (and as the cache's
-    lookups when the frontend ``looked_up`` its requests: all missed)."""
+    forward, counted as misses that took the cache no time. When the frontend
+    ``looked_up`` its requests (all missed), they count as the cache's lookups and in
+    the hit rate, which the frontend's hits always reach (else the rate would see
+    every hit but one miss in ``HitRate.SAMPLE_EVERY``)."""
     outs = version.forward_columns(columns, count)
     if looked_up:
         cache.count_lookups(0, count)
+        version.cache_hit_rate.add_found(0, count)
     version.stats.cache_miss.add(0.0, count)
     return outs, list(range(count))
 

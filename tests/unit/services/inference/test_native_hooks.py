@@ -7,12 +7,14 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from services.inference import cached
 from services.inference.native import NativeHooks
 from services.inference.repository import ModelRepository, RepositoryOptions
 from tensorwire.data.tensors import Tensor
 from tensorwire.serving import modelrepo
-from tensorwire.serving.cache import LocalCache
+from tensorwire.serving.cache import HitRate, LocalCache
 from tensorwire.serving.models import build_model
 
 
@@ -44,5 +46,42 @@ async def test_keys_of_a_config_reloaded_since_are_dropped_and_computed_again(tm
         given = b"frontend key 16b"  # the frontend's keys, for this config: used as they are
         await asyncio.to_thread(batch, [0.75, 0.5], given, fingerprint)
         assert stored(given)
+    finally:
+        await repository.aclose()
+
+
+async def test_batches_that_skip_the_cache_still_count_the_frontends_lookups_in_the_hit_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While hits are rare, a cheap version's batches but one in ``SAMPLE_EVERY`` skip
+    the cache in Python; the frontend looked each of their requests up all the same
+    (all missed), and its hits always reach the hit rate: so must these misses, or
+    the rate would count every hit against one miss in ``SAMPLE_EVERY``."""
+    monkeypatch.setattr(cached, "CHEAP_FORWARD_S", 1.0)
+    modelrepo.write_version(tmp_path, "spiral", "spiral", build_model("spiral").state_dict(),
+                            config_overrides={"response_cache": {"enable": True}})
+    cache = LocalCache(1 << 20)
+    repository = ModelRepository(tmp_path, RepositoryOptions(cache=cache))
+    await repository.start()
+    try:
+        hooks = NativeHooks(repository, None, "test")
+        mv = repository.version_of("spiral", "1")
+        rate = mv.cache_hit_rate
+        rate.ratio, rate.racing = 0.04, True  # hits rare
+        mv.stats.compute_infer.add(1e-5, 1)  # the forward measured cheap
+        fingerprint = mv.cache_keys.parts[2]
+
+        def batch(i: int) -> None:
+            column = np.array([[i / 10, 0.5]], np.float32)
+            hooks.run_batch("spiral", "1", [column], np.zeros(1), False, [1], None, None,
+                            [b"frontend key %03d" % i], False, True, fingerprint)
+
+        for i in range(HitRate.SAMPLE_EVERY):
+            await asyncio.to_thread(batch, i)
+        assert cache.stats.misses == HitRate.SAMPLE_EVERY  # every batch's lookups, skipped or not
+        assert rate.ratio == pytest.approx(0.04 * (1 - 1 / HitRate.WINDOW) ** HitRate.SAMPLE_EVERY)
+        assert cache.stats.inserts == 0  # the sampled one was a first sighting; the others skipped
+        s = mv.stats
+        assert (s.cache_miss.count, s.cache_hit.count) == (HitRate.SAMPLE_EVERY, 0)
     finally:
         await repository.aclose()
