@@ -12,12 +12,12 @@ While a cache rarely has a version's answers (``ModelVersion.cache_hit_rate``,
 request is seen (``HitRate.admit``), and with a remote cache (Redis) the misses do not
 wait for the lookup: the request goes to the model at once and one in
 ``HitRate.SAMPLE_EVERY`` is looked up aside, only to keep the rate current.
-While hits are rare and the version's forward is also cheap (under
-:data:`CHEAP_FORWARD_S` a request, as measured so far), all but one request (or native
-batch) in ``HitRate.SAMPLE_EVERY`` leave the cache alone: no key, lookup, doorkeeper
-or write, straight to the model (:func:`_skips`). Below ``HitRate.WAIT_ABOVE`` (10 %)
-hits save such a model less than consulting the cache costs every request; a
-version whose forward is dearer is consulted on every request whatever its rate.
+While hits are rare and the version's forward is also cheap (a tenth of it, what a
+lookup saves at most at such a rate, costs less than consulting the cache: both
+measured), all but one request (or native batch) in ``HitRate.SAMPLE_EVERY`` leave the
+cache alone: no key, lookup, doorkeeper or write, straight to the model
+(:func:`_skips`). A version whose forward is dearer is consulted on every request
+whatever its rate.
 ``cache_hit``/``cache_miss`` count who answered (the cache, the model), in every mode.
 """
 
@@ -35,6 +35,7 @@ import numpy as np
 from tensorwire.data.tensors import NUMPY_DTYPES
 from tensorwire.serving.cache import (
     DecodedGroup,
+    HitRate,
     ResponseCache,
     decode_values,
     encode_requests,
@@ -46,21 +47,26 @@ from .version import ModelVersion
 
 log = logging.getLogger(__name__)
 
-CHEAP_FORWARD_S = 100e-6
-"""A forward under this per request (``compute_infer``: a batch's time over its
-requests) is cheap: at a hit rate under 10 % a lookup saves it less than ~10 us a
-request, what the cache costs a miss on the Python path (key, lookup, doorkeeper,
-statistics; ~3 us on the native frontend). While hits are rare, such a version's
+SKIP_SAVING_SHARE = HitRate.WAIT_ABOVE
+"""While hits are rare (under ``HitRate.WAIT_ABOVE``), consulting the cache saves a
+request at most this share of a forward. When that is less than what consulting costs
+a request, both as measured so far (``compute_infer`` per request; ``cache_miss`` per
+miss that consulted the cache: key, lookup, doorkeeper, write), the version's
 requests skip the cache but one in ``HitRate.SAMPLE_EVERY``."""
 
 
 def _skips(version: ModelVersion, sampled: bool) -> bool:
     """Whether a request (or native batch) not ``sampled`` while hits are rare leaves
-    the cache alone: its version's forward is cheap (measured; none yet: not cheap)."""
+    the cache alone: its version's forward is cheap against the cache's own cost
+    (nothing measured yet: not cheap)."""
     if sampled:
         return False
-    infer = version.stats.compute_infer
-    return infer.count > 0 and infer.ns < CHEAP_FORWARD_S * 1e9 * infer.count
+    stats = version.stats
+    infer, miss = stats.compute_infer, stats.cache_miss
+    consulted = miss.count - version.cache_hit_rate.skipped
+    if infer.count <= 0 or consulted <= 0:
+        return False
+    return SKIP_SAVING_SHARE * infer.ns * consulted < miss.ns * infer.count
 
 
 async def infer_cached(cache: ResponseCache, version: ModelVersion, request: InferRequest) -> InferResult:
@@ -104,6 +110,7 @@ async def infer_cached(cache: ResponseCache, version: ModelVersion, request: Inf
 async def _infer_uncached(version: ModelVersion, request: InferRequest) -> InferResult:
     """A request that leaves the cache alone (:func:`_skips`): the model answers,
     counted as a miss that took the cache no time."""
+    version.cache_hit_rate.skipped += 1
     try:
         return await version.infer(request)
     finally:
@@ -221,9 +228,11 @@ def _uncached_batch(cache: ResponseCache, version: ModelVersion, columns: list[n
     the hit rate, which the frontend's hits always reach (else the rate would see
     every hit but one miss in ``HitRate.SAMPLE_EVERY``)."""
     outs = version.forward_columns(columns, count)
+    rate = version.cache_hit_rate
     if looked_up:
         cache.count_lookups(0, count)
-        version.cache_hit_rate.add_found(0, count)
+        rate.add_found(0, count)
+    rate.skipped += count
     version.stats.cache_miss.add(0.0, count)
     return outs, list(range(count))
 

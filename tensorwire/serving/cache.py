@@ -801,11 +801,14 @@ class HitRate:
     SEEN_MAX = 16_384
     """Keys the doorkeeper remembers (about 1 MB); when full it starts over."""
 
-    __slots__ = ("_seen", "_turn", "racing", "ratio")
+    __slots__ = ("_seen", "_turn", "racing", "ratio", "skipped")
 
     def __init__(self) -> None:
         self.ratio = self.WAIT_ABOVE
         self.racing = False
+        self.skipped = 0
+        """Requests that left the cache alone while racing (services/inference/cached.py;
+        a lost count between threads is harmless)."""
         self._turn = 0
         self._seen: set[bytes] = set()
 

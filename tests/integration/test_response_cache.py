@@ -593,11 +593,11 @@ async def _until_hits_are_rare(app: InferenceApp, stub: Any, rng: np.random.Gene
 async def test_while_local_hits_are_rare_an_answer_is_stored_at_its_second_sighting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A version whose forward is not cheap (``CHEAP_FORWARD_S`` 0 here) meets the
+    """A version whose forward is not cheap (``SKIP_SAVING_SHARE`` huge here) meets the
     cache on every request. Unique requests make hits rare: from then on an answer is
     stored only when its request comes a second time (the doorkeeper), so the third of
     three equal requests is the first hit; unique answers are no longer stored."""
-    monkeypatch.setattr(cached, "CHEAP_FORWARD_S", 0.0)
+    monkeypatch.setattr(cached, "SKIP_SAVING_SHARE", 1e9)
     repo = tmp_path / "models"
     state = spiral_state(1)
     modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
@@ -623,8 +623,9 @@ async def test_while_local_hits_are_rare_an_answer_is_stored_at_its_second_sight
 async def test_while_hits_are_rare_a_cheap_versions_requests_skip_the_cache_but_one_in_eight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A version whose forward is cheap (under ``CHEAP_FORWARD_S`` a request; 1 s
-    here, so that no timing of a loaded machine decides it): while
+    """A version whose forward is cheap (what a lookup saves, ``SKIP_SAVING_SHARE`` of
+    a forward, is less than what consulting the cache costs; the share is 0 here, so
+    that no timing of a loaded machine decides it): while
     its hits are rare, only one request (native: one batch) in ``HitRate.SAMPLE_EVERY``
     meets the cache; the others are neither keyed nor stored (the Python frontend
     does not look them up either; the native one looks every request up in its own
@@ -635,7 +636,7 @@ async def test_while_hits_are_rare_a_cheap_versions_requests_skip_the_cache_but_
     state = spiral_state(1)
     modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
     app = await make_app(tmp_path, repo, cache_entries("local"))
-    monkeypatch.setattr(cached, "CHEAP_FORWARD_S", 1.0)
+    monkeypatch.setattr(cached, "SKIP_SAVING_SHARE", 0.0)
     rng = np.random.default_rng(5)
     every = HitRate.SAMPLE_EVERY
     async with serving(app, "inference") as server:

@@ -57,7 +57,7 @@ async def test_batches_that_skip_the_cache_still_count_the_frontends_lookups_in_
     the cache in Python; the frontend looked each of their requests up all the same
     (all missed), and its hits always reach the hit rate: so must these misses, or
     the rate would count every hit against one miss in ``SAMPLE_EVERY``."""
-    monkeypatch.setattr(cached, "CHEAP_FORWARD_S", 1.0)
+    monkeypatch.setattr(cached, "SKIP_SAVING_SHARE", 0.0)
     modelrepo.write_version(tmp_path, "spiral", "spiral", build_model("spiral").state_dict(),
                             config_overrides={"response_cache": {"enable": True}})
     cache = LocalCache(1 << 20)
@@ -68,7 +68,8 @@ async def test_batches_that_skip_the_cache_still_count_the_frontends_lookups_in_
         mv = repository.version_of("spiral", "1")
         rate = mv.cache_hit_rate
         rate.ratio, rate.racing = 0.04, True  # hits rare
-        mv.stats.compute_infer.add(1e-5, 1)  # the forward measured cheap
+        mv.stats.compute_infer.add(1e-5, 1)  # the forward and what consulting the cache costs: measured
+        mv.stats.cache_miss.add(1e-6, 1)
         fingerprint = mv.cache_keys.parts[2]
 
         def batch(i: int) -> None:
@@ -82,6 +83,7 @@ async def test_batches_that_skip_the_cache_still_count_the_frontends_lookups_in_
         assert rate.ratio == pytest.approx(0.04 * (1 - 1 / HitRate.WINDOW) ** HitRate.SAMPLE_EVERY)
         assert cache.stats.inserts == 0  # the sampled one was a first sighting; the others skipped
         s = mv.stats
-        assert (s.cache_miss.count, s.cache_hit.count) == (HitRate.SAMPLE_EVERY, 0)
+        assert (s.cache_miss.count, s.cache_hit.count) == (1 + HitRate.SAMPLE_EVERY, 0)
+        assert rate.skipped == HitRate.SAMPLE_EVERY - 1
     finally:
         await repository.aclose()
