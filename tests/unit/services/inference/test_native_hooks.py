@@ -4,6 +4,8 @@ native frontend computed are used only for the config they were computed for."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -12,24 +14,32 @@ import pytest
 from services.inference import cached
 from services.inference.native import NativeHooks
 from services.inference.repository import ModelRepository, RepositoryOptions
+from services.inference.version import ModelVersion
 from tensorwire.data.tensors import Tensor
 from tensorwire.serving import modelrepo
 from tensorwire.serving.cache import HitRate, LocalCache
 from tensorwire.serving.models import build_model
 
 
+@contextlib.asynccontextmanager
+async def cached_spiral(root: Path) -> AsyncIterator[tuple[NativeHooks, ModelVersion, LocalCache]]:
+    """A repository serving ``spiral`` through a local cache, and the native frontend's hooks."""
+    modelrepo.write_version(root, "spiral", "spiral", build_model("spiral").state_dict(),
+                            config_overrides={"response_cache": {"enable": True}})
+    cache = LocalCache(1 << 20)
+    repository = ModelRepository(root, RepositoryOptions(cache=cache))
+    await repository.start()
+    try:
+        yield NativeHooks(repository, None, "test"), repository.version_of("spiral", "1"), cache
+    finally:
+        await repository.aclose()
+
+
 async def test_keys_of_a_config_reloaded_since_are_dropped_and_computed_again(tmp_path: Path) -> None:
     """A batch queued before its version was reloaded (same number, another config) runs
     on the new model: stored under the keys the frontend computed for the old config, its
     answers would be found by replicas still serving that config (a shared Redis)."""
-    modelrepo.write_version(tmp_path, "spiral", "spiral", build_model("spiral").state_dict(),
-                            config_overrides={"response_cache": {"enable": True}})
-    cache = LocalCache(1 << 20)
-    repository = ModelRepository(tmp_path, RepositoryOptions(cache=cache))
-    await repository.start()
-    try:
-        hooks = NativeHooks(repository, None, "test")
-        mv = repository.version_of("spiral", "1")
+    async with cached_spiral(tmp_path) as (hooks, mv, cache):
         fingerprint = mv.cache_keys.parts[2]
 
         def batch(point: list[float], key: bytes, made_for: str) -> None:
@@ -46,8 +56,6 @@ async def test_keys_of_a_config_reloaded_since_are_dropped_and_computed_again(tm
         given = b"frontend key 16b"  # the frontend's keys, for this config: used as they are
         await asyncio.to_thread(batch, [0.75, 0.5], given, fingerprint)
         assert stored(given)
-    finally:
-        await repository.aclose()
 
 
 async def test_batches_that_skip_the_cache_still_count_the_frontends_lookups_in_the_hit_rate(
@@ -58,14 +66,7 @@ async def test_batches_that_skip_the_cache_still_count_the_frontends_lookups_in_
     (all missed), and its hits always reach the hit rate: so must these misses, or
     the rate would count every hit against one miss in ``SAMPLE_EVERY``."""
     monkeypatch.setattr(cached, "SKIP_SAVING_SHARE", 0.0)
-    modelrepo.write_version(tmp_path, "spiral", "spiral", build_model("spiral").state_dict(),
-                            config_overrides={"response_cache": {"enable": True}})
-    cache = LocalCache(1 << 20)
-    repository = ModelRepository(tmp_path, RepositoryOptions(cache=cache))
-    await repository.start()
-    try:
-        hooks = NativeHooks(repository, None, "test")
-        mv = repository.version_of("spiral", "1")
+    async with cached_spiral(tmp_path) as (hooks, mv, cache):
         rate = mv.cache_hit_rate
         rate.ratio, rate.racing = 0.04, True  # hits rare
         mv.stats.compute_infer.add(1e-5, 1)  # the forward and what consulting the cache costs: measured
@@ -85,5 +86,3 @@ async def test_batches_that_skip_the_cache_still_count_the_frontends_lookups_in_
         s = mv.stats
         assert (s.cache_miss.count, s.cache_hit.count) == (1 + HitRate.SAMPLE_EVERY, 0)
         assert rate.skipped == HitRate.SAMPLE_EVERY - 1
-    finally:
-        await repository.aclose()
