@@ -50,23 +50,29 @@ log = logging.getLogger(__name__)
 SKIP_SAVING_SHARE = HitRate.WAIT_ABOVE
 """While hits are rare (under ``HitRate.WAIT_ABOVE``), consulting the cache saves a
 request at most this share of a forward. When that is less than what consulting costs
-a request, both as measured so far (``compute_infer`` per request; ``cache_miss`` per
-miss that consulted the cache: key, lookup, doorkeeper, write), the version's
-requests skip the cache but one in ``HitRate.SAMPLE_EVERY``."""
+a request that misses, both as measured (``compute_infer`` per request; while racing,
+``HitRate.consult_s``: key, lookup, doorkeeper, write, a batch's time over its
+requests, as ``compute_infer`` counts a forward), the version's requests skip the
+cache but one in ``HitRate.SAMPLE_EVERY``."""
 
 
 def _skips(version: ModelVersion, sampled: bool) -> bool:
     """Whether a request (or native batch) not ``sampled`` while hits are rare leaves
     the cache alone: its version's forward is cheap against the cache's own cost
-    (nothing measured yet: not cheap)."""
+    (either not measured yet: not cheap)."""
     if sampled:
         return False
-    stats = version.stats
-    infer, miss = stats.compute_infer, stats.cache_miss
-    consulted = miss.count - version.cache_hit_rate.skipped
-    if infer.count <= 0 or consulted <= 0:
-        return False
-    return SKIP_SAVING_SHARE * infer.ns * consulted < miss.ns * infer.count
+    infer = version.stats.compute_infer
+    consult_s = version.cache_hit_rate.consult_s
+    return infer.count > 0 and consult_s > 0 and SKIP_SAVING_SHARE * infer.ns < consult_s * 1e9 * infer.count
+
+
+def _consulted(version: ModelVersion, seconds: float, requests: int) -> None:
+    """Note what consulting the cache cost ``requests`` misses of a racing version
+    (:func:`_skips` compares it with the forward)."""
+    rate = version.cache_hit_rate
+    if rate.racing:
+        rate.note_consulted(seconds, requests)
 
 
 async def infer_cached(cache: ResponseCache, version: ModelVersion, request: InferRequest) -> InferResult:
@@ -103,18 +109,20 @@ async def infer_cached(cache: ResponseCache, version: ModelVersion, request: Inf
     stored = time.perf_counter()
     if rate.admit(key):
         cache.put(key, encode_tensors(result.outputs))
-    version.stats.cache_miss.add(lookup_s + time.perf_counter() - stored)
+    spent = lookup_s + time.perf_counter() - stored
+    version.stats.cache_miss.add(spent)
+    _consulted(version, spent, 1)
     return result
 
 
 async def _infer_uncached(version: ModelVersion, request: InferRequest) -> InferResult:
     """A request that leaves the cache alone (:func:`_skips`): the model answers,
     counted as a miss that took the cache no time."""
-    version.cache_hit_rate.skipped += 1
     try:
         return await version.infer(request)
     finally:
         version.stats.cache_miss.add(0.0)
+        version.cache_hit_rate.skipped += 1
 
 
 async def _infer_racing(cache: ResponseCache, version: ModelVersion, request: InferRequest, key: bytes,
@@ -142,7 +150,9 @@ async def _infer_racing(cache: ResponseCache, version: ModelVersion, request: In
     stored = time.perf_counter()
     if (not found or found[0] is None) and version.cache_hit_rate.admit(key):
         cache.put(key, encode_tensors(result.outputs))
-    version.stats.cache_miss.add(lookup_s + time.perf_counter() - stored)
+    spent = lookup_s + time.perf_counter() - stored
+    version.stats.cache_miss.add(spent)
+    _consulted(version, spent, 1)
     return result
 
 
@@ -216,7 +226,9 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     if answered:
         stats.cache_hit.add(lookup_s * len(answered), len(answered))
     if misses:
-        stats.cache_miss.add((lookup_s + time.perf_counter() - stored) * len(misses), len(misses))
+        spent = lookup_s + time.perf_counter() - stored
+        stats.cache_miss.add(spent * len(misses), len(misses))
+        _consulted(version, spent, len(rows))
     return outs, misses
 
 
@@ -255,7 +267,9 @@ def _looked_up_misses(cache: ResponseCache, loop: asyncio.AbstractEventLoop, ver
     if admitted:
         _store(cache, loop, version, outs, keys, misses, admitted, [0, *itertools.accumulate(rows)],
                outputs or [()] * count)
-    version.stats.cache_miss.add((time.perf_counter() - start) * count, count)
+    spent = time.perf_counter() - start
+    version.stats.cache_miss.add(spent * count, count)
+    _consulted(version, spent, count)
     return outs, misses
 
 

@@ -801,11 +801,15 @@ class HitRate:
     SEEN_MAX = 16_384
     """Keys the doorkeeper remembers (about 1 MB); when full it starts over."""
 
-    __slots__ = ("_seen", "_turn", "racing", "ratio", "skipped")
+    __slots__ = ("_seen", "_turn", "consult_s", "racing", "ratio", "skipped")
 
     def __init__(self) -> None:
         self.ratio = self.WAIT_ABOVE
         self.racing = False
+        self.consult_s = 0.0
+        """What consulting the cache costs a request that misses while racing (its key,
+        lookup, doorkeeper and write; a batch's time over its requests), a mean over about
+        the last ``WINDOW`` such requests; 0 until measured (:meth:`note_consulted`)."""
         self.skipped = 0
         """Requests that left the cache alone while racing (services/inference/cached.py;
         a lost count between threads is harmless)."""
@@ -823,6 +827,14 @@ class HitRate:
     def add(self, values: Sequence[bytes | None]) -> None:
         """Note a lookup's answers (None: a miss)."""
         self.add_found(len(values) - values.count(None), len(values))
+
+    def note_consulted(self, seconds: float, requests: int) -> None:
+        """Consulting the cache took ``seconds`` for ``requests`` misses while racing."""
+        if requests > 0:
+            weight = min(1.0, requests / self.WINDOW)
+            per_request = seconds / requests
+            self.consult_s = per_request if not self.consult_s else (
+                self.consult_s + weight * (per_request - self.consult_s))
 
     def add_found(self, found: int, looked_up: int) -> None:
         """Note ``looked_up`` lookups of which ``found`` hit."""

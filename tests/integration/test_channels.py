@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 
 from tensorwire.calls.channels import ChannelPool, ChannelState, resolve_targets
 from tensorwire.errors import InvalidArgumentError, UnavailableError
-from tests.conftest import serving
+from tests.conftest import free_port, serving
 from tests.support.clock import FakeClock
 from tests.support.echo_service import EchoApp, method
 
@@ -225,9 +225,7 @@ async def test_health_check_failure_replaces_the_channel() -> None:
 
 
 async def test_unreachable_server_counts_failures() -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()  # a port nobody listens on
     async with ChannelPool(f"127.0.0.1:{dead}") as pool:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async with pool.acquire() as channel:

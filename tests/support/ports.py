@@ -5,13 +5,14 @@ kernel may hand the same port to the next such call (two services of one suite o
 one port: CI once saw the gateway take the trainer's port), and any client socket's
 ephemeral source port may take it before the server binds. So ports come from below
 the kernel's ephemeral range, which no connect() ever uses, each at most once per
-process, starting at an offset drawn from the process id so that two test processes
-on one machine walk different stretches.
+process, walking on from a random start (drawn again in a forked child) so that two
+test processes on one machine walk different stretches.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import socket
 import threading
 from pathlib import Path
@@ -30,7 +31,9 @@ def _ephemeral_start() -> int:
 
 
 _HIGH = max(_LOW + 1_000, _ephemeral_start())
-_next = _LOW + (os.getpid() * 7_919) % (_HIGH - _LOW)
+_next = 0
+_owner = 0
+"""The process ``_next`` and ``_handed`` belong to (a forked child starts afresh)."""
 
 
 def _bindable(port: int) -> bool:
@@ -44,8 +47,11 @@ def _bindable(port: int) -> bool:
 
 def free_port() -> int:
     """A port nothing on 127.0.0.1 listens on, never returned before in this process."""
-    global _next
+    global _next, _owner
     with _lock:
+        if _owner != os.getpid():
+            _owner, _next = os.getpid(), random.SystemRandom().randrange(_LOW, _HIGH)
+            _handed.clear()
         for _ in range(_HIGH - _LOW):
             port, _next = _next, _LOW + (_next + 1 - _LOW) % (_HIGH - _LOW)
             if port not in _handed and _bindable(port):

@@ -12,15 +12,19 @@ from tensorwire.serving.cache import HitRate
 
 def test_a_request_not_sampled_skips_the_cache_when_a_tenth_of_a_forward_costs_less_than_consulting() -> None:
     version: Any = SimpleNamespace(stats=VersionStats(), cache_hit_rate=HitRate())
-    stats = version.stats
+    rate = version.cache_hit_rate
     assert not cached._skips(version, sampled=False)  # nothing measured yet: not cheap
-    stats.compute_infer.add(10 * 150e-6, 10)  # 150 us a request (a tenth: 15 us)
-    assert not cached._skips(version, sampled=False)  # no consulted miss measured yet
-    stats.cache_miss.add(10 * 20e-6, 10)  # consulting cost 20 us a request
+    version.stats.compute_infer.add(4 * 150e-6, 4)  # a batch of 4: 150 us a request (a tenth: 15 us)
+    assert not cached._skips(version, sampled=False)  # consulting not measured yet (while racing)
+    rate.racing = True
+    cached._consulted(version, 4 * 20e-6, 4)  # a batch of 4 misses: 20 us a request
+    assert rate.consult_s == 20e-6
     assert cached._skips(version, sampled=False)
     assert not cached._skips(version, sampled=True)  # the one in SAMPLE_EVERY meets the cache
-    stats.cache_miss.add(0.0, 90)  # 90 skipped requests, counted as misses that took no time:
-    version.cache_hit_rate.skipped = 90  # what consulting costs is measured on the others only
-    assert cached._skips(version, sampled=False)
-    stats.compute_infer.add(10 * 500e-6, 10)  # dearer since: 325 us a request on average
+    for _ in range(4 * HitRate.WINDOW):  # consulting got cheaper (a recent mean): 5 us a request
+        cached._consulted(version, 5e-6, 1)
+    assert 5e-6 <= rate.consult_s < 6e-6
     assert not cached._skips(version, sampled=False)
+    rate.racing = False
+    cached._consulted(version, 1.0, 1)  # a lookup-first miss (a Redis round trip...) is not noted
+    assert rate.consult_s < 6e-6
