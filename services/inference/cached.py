@@ -67,12 +67,14 @@ def _skips(version: ModelVersion, sampled: bool) -> bool:
     return infer.count > 0 and consult_s > 0 and SKIP_SAVING_SHARE * infer.ns < consult_s * 1e9 * infer.count
 
 
-def _consulted(version: ModelVersion, seconds: float, requests: int) -> None:
-    """Note what consulting the cache cost ``requests`` misses of a racing version
+def _missed(version: ModelVersion, spent: float, misses: int, requests: int = 1) -> None:
+    """Count ``misses`` that consulted the cache for ``spent`` seconds each (of a batch
+    of ``requests``) and, while the version races, note what consulting cost a request
     (:func:`_skips` compares it with the forward)."""
+    version.stats.cache_miss.add(spent * misses, misses)
     rate = version.cache_hit_rate
     if rate.racing:
-        rate.note_consulted(seconds, requests)
+        rate.note_consulted(spent, requests)
 
 
 async def infer_cached(cache: ResponseCache, version: ModelVersion, request: InferRequest) -> InferResult:
@@ -109,9 +111,7 @@ async def infer_cached(cache: ResponseCache, version: ModelVersion, request: Inf
     stored = time.perf_counter()
     if rate.admit(key):
         cache.put(key, encode_tensors(result.outputs))
-    spent = lookup_s + time.perf_counter() - stored
-    version.stats.cache_miss.add(spent)
-    _consulted(version, spent, 1)
+    _missed(version, lookup_s + time.perf_counter() - stored, 1)
     return result
 
 
@@ -150,9 +150,7 @@ async def _infer_racing(cache: ResponseCache, version: ModelVersion, request: In
     stored = time.perf_counter()
     if (not found or found[0] is None) and version.cache_hit_rate.admit(key):
         cache.put(key, encode_tensors(result.outputs))
-    spent = lookup_s + time.perf_counter() - stored
-    version.stats.cache_miss.add(spent)
-    _consulted(version, spent, 1)
+    _missed(version, lookup_s + time.perf_counter() - stored, 1)
     return result
 
 
@@ -226,9 +224,7 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     if answered:
         stats.cache_hit.add(lookup_s * len(answered), len(answered))
     if misses:
-        spent = lookup_s + time.perf_counter() - stored
-        stats.cache_miss.add(spent * len(misses), len(misses))
-        _consulted(version, spent, len(rows))
+        _missed(version, lookup_s + time.perf_counter() - stored, len(misses), len(rows))
     return outs, misses
 
 
@@ -267,9 +263,7 @@ def _looked_up_misses(cache: ResponseCache, loop: asyncio.AbstractEventLoop, ver
     if admitted:
         _store(cache, loop, version, outs, keys, misses, admitted, [0, *itertools.accumulate(rows)],
                outputs or [()] * count)
-    spent = time.perf_counter() - start
-    version.stats.cache_miss.add(spent * count, count)
-    _consulted(version, spent, count)
+    _missed(version, time.perf_counter() - start, count, count)
     return outs, misses
 
 

@@ -17,14 +17,14 @@ def test_a_request_not_sampled_skips_the_cache_when_a_tenth_of_a_forward_costs_l
     version.stats.compute_infer.add(4 * 150e-6, 4)  # a batch of 4: 150 us a request (a tenth: 15 us)
     assert not cached._skips(version, sampled=False)  # consulting not measured yet (while racing)
     rate.racing = True
-    cached._consulted(version, 4 * 20e-6, 4)  # a batch of 4 misses: 20 us a request
+    cached._missed(version, 4 * 20e-6, 4, 4)  # a batch of 4 misses, 80 us: 20 us a request
     assert rate.consult_s == 20e-6
     assert cached._skips(version, sampled=False)
     assert not cached._skips(version, sampled=True)  # the one in SAMPLE_EVERY meets the cache
     for _ in range(4 * HitRate.WINDOW):  # consulting got cheaper (a recent mean): 5 us a request
-        cached._consulted(version, 5e-6, 1)
+        cached._missed(version, 5e-6, 1)
     assert 5e-6 <= rate.consult_s < 6e-6
     assert not cached._skips(version, sampled=False)
     rate.racing = False
-    cached._consulted(version, 1.0, 1)  # a lookup-first miss (a Redis round trip...) is not noted
+    cached._missed(version, 1.0, 1)  # a lookup-first miss (a Redis round trip...) is not noted
     assert rate.consult_s < 6e-6
