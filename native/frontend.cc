@@ -74,12 +74,20 @@ struct Spec {
   // The routing table (Python's Routing): ready versions, traffic split.
   std::vector<int64_t> ready, choices;
   std::vector<double> cumulative;
-  // The response cache: per version whose answers it caches, the key hasher's base
-  // (each request's key is computed here; with the local cache it is also looked up
-  // here, with Redis Python looks it up); inputs' spec indexes in name order (the key
-  // hashes them so).
-  std::unordered_map<std::string, twcache::Blake2b> cache_bases;
-  std::unordered_map<std::string, std::string> cache_fingerprints;  // what each base was made for
+  // The response cache: each version whose answers it caches (each request's key is
+  // computed here; with the local cache it is also looked up here, with Redis Python
+  // looks it up); inputs' spec indexes in name order (the key hashes them so).
+  struct CachedVersion {
+    CachedVersion(twcache::Blake2b b, std::string f) : base(std::move(b)), fingerprint(std::move(f)) {}
+    twcache::Blake2b base;  // the key hasher's base
+    std::string fingerprint;  // the config it was made for
+    // What Python's answer to this version's last batch said (cached.skipping): while
+    // hits are rare and its forward is cheap against consulting the cache, requests are
+    // neither keyed nor looked up here; Python consults the cache for one batch in
+    // HitRate.SAMPLE_EVERY itself (keys from Python), so the rate stays current.
+    mutable std::atomic<bool> skip{false};
+  };
+  std::unordered_map<std::string, CachedVersion> cache_versions;
   std::vector<int> by_name;
 
   // The version a request goes to: its explicit one if ready (else "" -> Python
@@ -586,12 +594,12 @@ class Frontend : public grpc::CallbackGenericService {
     const std::string version = spec->Route(call->request.model_version());
     if (version.empty()) return call->Fallback();
     std::string key = model + '\0' + version;
-    if (!spec->cache_bases.empty()) {
-      auto base = spec->cache_bases.find(version);
-      if (base != spec->cache_bases.end()) {
+    if (!spec->cache_versions.empty()) {
+      auto cached = spec->cache_versions.find(version);
+      if (cached != spec->cache_versions.end() && !cached->second.skip.load(std::memory_order_relaxed)) {
         std::vector<int> order;
         for (int i : spec->by_name) order.push_back(call->input_order[i]);
-        call->cache_key = RequestKey(base->second, call->request, order);
+        call->cache_key = RequestKey(cached->second.base, call->request, order);
         if (cache_) {  // the local cache's entries are here: look it up now
           if (twcache::Value value = cache_->Get(call->cache_key)) {
             if (AnswerFromCache(call, *spec, key, version, *value)) return;
@@ -696,10 +704,11 @@ class Frontend : public grpc::CallbackGenericService {
           if (d.contains("cache")) {  // version -> (model, version, fingerprint): RequestKeys' parts
             for (auto [version, parts] : d["cache"].cast<py::dict>()) {
               auto p = parts.cast<py::tuple>();
-              spec->cache_bases.emplace(version.cast<std::string>(),
-                                        twcache::KeyBase(p[0].cast<std::string>(), p[1].cast<std::string>(),
-                                                         p[2].cast<std::string>()));
-              spec->cache_fingerprints.emplace(version.cast<std::string>(), p[2].cast<std::string>());
+              spec->cache_versions.emplace(
+                  std::piecewise_construct, std::forward_as_tuple(version.cast<std::string>()),
+                  std::forward_as_tuple(twcache::KeyBase(p[0].cast<std::string>(), p[1].cast<std::string>(),
+                                                         p[2].cast<std::string>()),
+                                        p[2].cast<std::string>()));
             }
           }
         }
@@ -1019,19 +1028,20 @@ class Frontend : public grpc::CallbackGenericService {
             lists.append(names);
           }
         }
-        // The requests' response cache keys, if it computed them; with the local cache
-        // it also looked them up (all missed), with Redis Python does.
-        // (With the fingerprint of the config they were computed for: Python drops keys
-        // of a version reloaded meanwhile.)
+        // The requests' response cache keys, if it computed them all (none while its
+        // version skips the cache; a batch across a change of that: Python keys it);
+        // with the local cache it also looked them up (all missed), with Redis Python
+        // does. (With the fingerprint of the config they were computed for: Python drops
+        // keys of a version reloaded meanwhile.)
         py::object keys = py::none(), fingerprint = py::none();
         bool hits_pending = false;  // hits answered here not yet collected (counted before these misses)
         const bool looked_up = cache_ != nullptr;
-        if (!batch.front()->cache_key.empty()) {
+        auto cached = spec.cache_versions.find(q.version);
+        if (std::none_of(batch.begin(), batch.end(), [](const Item* c) { return c->cache_key.empty(); })) {
           py::list list;
           for (Item* c : batch) list.append(py::bytes(c->cache_key));
           keys = list;
-          auto made_for = spec.cache_fingerprints.find(q.version);
-          if (made_for != spec.cache_fingerprints.end()) fingerprint = py::str(made_for->second);
+          if (cached != spec.cache_versions.end()) fingerprint = py::str(cached->second.fingerprint);
           if (looked_up) {
             std::lock_guard<std::mutex> lock(hits_mu_);
             hits_pending = !hit_counts_.empty();
@@ -1040,6 +1050,8 @@ class Frontend : public grpc::CallbackGenericService {
         py::tuple result = hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size, rows, named,
                                                     unary, keys, hits_pending, looked_up, fingerprint);
         version = result[0].cast<std::string>();
+        if (cached != spec.cache_versions.end() && result.size() > 2)
+          cached->second.skip.store(result[2].cast<bool>(), std::memory_order_relaxed);
         for (auto o : result[1].cast<py::list>()) {
           py::array a = py::reinterpret_borrow<py::array>(o);
           if (!(a.flags() & py::array::c_style) || a.ndim() < 1 || a.shape(0) != total_rows)

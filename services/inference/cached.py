@@ -12,12 +12,12 @@ While a cache rarely has a version's answers (``ModelVersion.cache_hit_rate``,
 request is seen (``HitRate.admit``), and with a remote cache (Redis) the misses do not
 wait for the lookup: the request goes to the model at once and one in
 ``HitRate.SAMPLE_EVERY`` is looked up aside, only to keep the rate current.
-While hits are rare and the version's forward is also cheap (a tenth of it, what a
-lookup saves at most at such a rate, costs less than consulting the cache: both
+While hits are rare and the version's forward is also cheap (what a lookup saves at
+that rate, the rate times a forward, costs less than consulting the cache: both
 measured), all but one request (or native batch) in ``HitRate.SAMPLE_EVERY`` leave the
 cache alone: no key, lookup, doorkeeper or write, straight to the model
-(:func:`_skips`). A version whose forward is dearer is consulted on every request
-whatever its rate.
+(:func:`skipping`; the native frontend does not key them either). A version whose
+forward is dearer is consulted on every request whatever its rate.
 ``cache_hit``/``cache_miss`` count who answered (the cache, the model), in every mode.
 """
 
@@ -47,34 +47,48 @@ from .version import ModelVersion
 
 log = logging.getLogger(__name__)
 
-SKIP_SAVING_SHARE = HitRate.WAIT_ABOVE
-"""While hits are rare (under ``HitRate.WAIT_ABOVE``), consulting the cache saves a
-request at most this share of a forward. When that is less than what consulting costs
-a request that misses, both as measured (``compute_infer`` per request; while racing,
-``HitRate.consult_s``: key, lookup, doorkeeper, write, a batch's time over its
-requests, as ``compute_infer`` counts a forward), the version's requests skip the
-cache but one in ``HitRate.SAMPLE_EVERY``."""
+SKIP_RATE_FLOOR = 0.01
+"""The least hit rate :func:`saving_share` assumes: the rate while hits are rare is an
+estimate from the sampled lookups, and one that reads 0 is not taken at its word (a
+version whose forward costs 100 times what consulting the cache does keeps consulting)."""
+
+
+def saving_share(rate: HitRate) -> float:
+    """The share of a forward that consulting the cache saves a request while hits are
+    rare: the hit rate (a hit saves the forward), at least ``SKIP_RATE_FLOOR``."""
+    return max(rate.ratio, SKIP_RATE_FLOOR)
+
+
+def skipping(version: ModelVersion) -> bool:
+    """Whether ``version``'s requests leave the cache alone but one (or one native
+    batch) in ``HitRate.SAMPLE_EVERY``: hits are rare (``HitRate.racing``) and what a
+    lookup saves a request (:func:`saving_share` of a forward) is less than what
+    consulting costs one that misses, both as measured (``compute_infer`` per request;
+    ``HitRate.consult_s``: key, lookup, doorkeeper, write; each a batch's time over its
+    requests); either not measured yet: consulting. The native frontend is told with
+    each batch's answer, and then stops keying the version's requests."""
+    rate = version.cache_hit_rate
+    infer = version.stats.compute_infer
+    consult_s = rate.consult_s
+    return (rate.racing and infer.count > 0 and consult_s > 0
+            and saving_share(rate) * infer.ns < consult_s * 1e9 * infer.count)
 
 
 def _skips(version: ModelVersion, sampled: bool) -> bool:
-    """Whether a request (or native batch) not ``sampled`` while hits are rare leaves
-    the cache alone: its version's forward is cheap against the cache's own cost
-    (either not measured yet: not cheap)."""
-    if sampled:
-        return False
-    infer = version.stats.compute_infer
-    consult_s = version.cache_hit_rate.consult_s
-    return infer.count > 0 and consult_s > 0 and SKIP_SAVING_SHARE * infer.ns < consult_s * 1e9 * infer.count
+    """Whether a request (or native batch), ``sampled`` or not, leaves the cache alone."""
+    return not sampled and skipping(version)
 
 
-def _missed(version: ModelVersion, spent: float, misses: int, requests: int = 1) -> None:
+def _missed(version: ModelVersion, spent: float, misses: int, requests: int = 1, keyed_s: float = 0.0) -> None:
     """Count ``misses`` that consulted the cache for ``spent`` seconds each (of a batch
     of ``requests``) and, while the version races, note what consulting cost a request
-    (:func:`_skips` compares it with the forward)."""
+    (:func:`skipping` compares it with the forward), less ``keyed_s``: keys Python
+    computed for a native batch, which the frontend computes itself (untimed) unless
+    it skips."""
     version.stats.cache_miss.add(spent * misses, misses)
     rate = version.cache_hit_rate
     if rate.racing:
-        rate.note_consulted(spent, requests)
+        rate.note_consulted(spent - keyed_s, requests)
 
 
 async def infer_cached(cache: ResponseCache, version: ModelVersion, request: InferRequest) -> InferResult:
@@ -181,9 +195,11 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     bounds = [0, *itertools.accumulate(rows)]
     wanted: Sequence[Sequence[str]] = outputs or [()] * len(rows)
     values: list[bytes | None]
-    if keys is None:
+    keyed_s = 0.0
+    if keys is None:  # skipping (a sampled batch), or reloaded since the frontend keyed them
         keys = version.cache_keys.batch_keys([(spec.name, spec.datatype) for spec in version.inputs],
                                              columns, bounds, wanted)
+        keyed_s = time.perf_counter() - start
     if cache.remote and rate.racing:  # a rare hit is not waited for: every row runs, the lookups go aside
         if sampled:
             cache.lookup_aside_from_thread(keys, rate.add, loop)
@@ -224,7 +240,7 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     if answered:
         stats.cache_hit.add(lookup_s * len(answered), len(answered))
     if misses:
-        _missed(version, lookup_s + time.perf_counter() - stored, len(misses), len(rows))
+        _missed(version, lookup_s + time.perf_counter() - stored, len(misses), len(rows), keyed_s)
     return outs, misses
 
 

@@ -28,7 +28,9 @@ and metrics (before statistics are read, with each batch of misses, and every
 second). Its misses, and every request with Redis, go to ``run_batch``, which hands
 the batch to the repository's ``answer_columns`` (the same keys, entries and
 statistics as the Python path): it answers what the cache has, runs only the rest
-on the model and stores their answers.
+on the model and stores their answers. While a version skips the cache
+(``cached.skipping``, told with each batch's answer) the frontend neither keys nor
+looks up its requests; Python consults the cache for the sampled batches.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from tensorwire.rpc.auth import Authorizer
 from tensorwire.rpc.rpcnames import method_path
 from tensorwire.serving.cache import ENTRY_OVERHEAD_BYTES, LocalCache
 
+from . import cached
 from .repository import ModelRepository
 from .servicer import MAX_STREAM_IN_FLIGHT
 from .version import set_torch_threads
@@ -244,7 +247,7 @@ class NativeHooks:
                   outputs: list[tuple[str, ...]] | None,
                   unary: list[bool] | None = None,
                   keys: list[bytes] | None = None, hits_pending: bool = True,
-                  looked_up: bool = False, fingerprint: str | None = None) -> tuple[str, list[np.ndarray]]:
+                  looked_up: bool = False, fingerprint: str | None = None) -> tuple[str, list[np.ndarray], bool]:
         """One forward over a batch of natively validated requests for one version (the
         frontend routed each by the traffic split it got from ``spec``); ``waits``: each
         request's seconds in the native queue; ``by_size``: cut because it was full;
@@ -258,6 +261,8 @@ class NativeHooks:
         they were computed for (a version reloaded since has other keys: Python
         computes those); ``hits_pending``: whether it has answered hits since they
         were last collected.
+        Returns (the version, the output columns, whether the frontend leaves the
+        version's next requests unkeyed: ``cached.skipping``).
         Raises when that version is gone or no longer takes these columns (a swap):
         the frontend then hands each request to the Python path."""
         start = time.perf_counter()
@@ -269,6 +274,7 @@ class NativeHooks:
                 d != -1 and d != s for d, s in zip(spec.dims, column.shape[1:])
             ):
                 raise ValueError(f"input {spec.name!r} changed")
+        skip = False
         if self._repo.caches(mv):
             if keys is not None and fingerprint != mv.cache_keys.parts[2]:  # reloaded since: its own keys
                 keys, looked_up = None, False
@@ -277,6 +283,7 @@ class NativeHooks:
             outs, ran = self._repo.answer_columns(mv, columns, rows, outputs, keys, looked_up)
             ran_count = len(ran)
             queued = waits[ran] if ran_count < len(waits) else waits
+            skip = cached.skipping(mv)
         else:
             outs, ran_count = mv.forward_columns(columns, len(waits)), len(waits)
             queued = waits
@@ -290,7 +297,7 @@ class NativeHooks:
         if len(latencies):
             self._handled.inc(len(latencies))
             _bulk_observe(self._latency, latencies)
-        return str(mv.version), outs
+        return str(mv.version), outs, skip
 
 
 class NativeFrontend:

@@ -541,8 +541,8 @@ async def test_misses_stop_waiting_for_redis_while_hits_are_rare_and_wait_again_
     and its lookup aside (HitRate.racing); once a hot request's entry is found often
     again, lookups are waited for and the cache answers. Whatever the mode, an answer
     from the model counts as a miss and one from the cache as a hit. (Every request
-    meets the cache here: ``SKIP_SAVING_SHARE`` huge, no timing decides it.)"""
-    monkeypatch.setattr(cached, "SKIP_SAVING_SHARE", 1e9)
+    meets the cache here: what a lookup saves is huge, no timing decides it.)"""
+    monkeypatch.setattr(cached, "saving_share", lambda rate: 1e9)
     repo = tmp_path / "models"
     state = spiral_state(1)
     modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
@@ -595,11 +595,11 @@ async def _until_hits_are_rare(app: InferenceApp, stub: Any, rng: np.random.Gene
 async def test_while_local_hits_are_rare_an_answer_is_stored_at_its_second_sighting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A version whose forward is not cheap (``SKIP_SAVING_SHARE`` huge here) meets the
+    """A version whose forward is not cheap (what a lookup saves is huge here) meets the
     cache on every request. Unique requests make hits rare: from then on an answer is
     stored only when its request comes a second time (the doorkeeper), so the third of
     three equal requests is the first hit; unique answers are no longer stored."""
-    monkeypatch.setattr(cached, "SKIP_SAVING_SHARE", 1e9)
+    monkeypatch.setattr(cached, "saving_share", lambda rate: 1e9)
     repo = tmp_path / "models"
     state = spiral_state(1)
     modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
@@ -623,22 +623,21 @@ async def test_while_local_hits_are_rare_an_answer_is_stored_at_its_second_sight
 
 
 async def test_while_hits_are_rare_a_cheap_versions_requests_skip_the_cache_but_one_in_eight(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inference_frontend: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A version whose forward is cheap (what a lookup saves, ``SKIP_SAVING_SHARE`` of
-    a forward, is less than what consulting the cache costs; the share is 0 here, so
-    that no timing of a loaded machine decides it): while
-    its hits are rare, only one request (native: one batch) in ``HitRate.SAMPLE_EVERY``
-    meets the cache; the others are neither keyed nor stored (the Python frontend
-    does not look them up either; the native one looks every request up in its own
-    store, as it always does). A request that repeats is stored at its second
-    sighting among those that meet the cache, and answered from the cache after
-    that. Every answer is right and counted as a hit or a miss."""
+    """A version whose forward is cheap (what a lookup saves, ``saving_share`` of a
+    forward, is less than what consulting the cache costs; the share is 0 here, so
+    that no timing of a loaded machine decides it): while its hits are rare, only one
+    request (native: one batch) in ``HitRate.SAMPLE_EVERY`` meets the cache; the
+    others are neither keyed, looked up nor stored (the native frontend is told with
+    a batch's answer, and stops keying them). A request that repeats is stored at its
+    second sighting among those that meet the cache, and answered from the cache at
+    the next turn to meet it. Every answer is right and counted as a hit or a miss."""
     repo = tmp_path / "models"
     state = spiral_state(1)
     modelrepo.write_version(repo, "spiral", "spiral", state, config_overrides=CACHE_ON)
     app = await make_app(tmp_path, repo, cache_entries("local"))
-    monkeypatch.setattr(cached, "SKIP_SAVING_SHARE", 0.0)
+    monkeypatch.setattr(cached, "saving_share", lambda rate: 0.0)
     rng = np.random.default_rng(5)
     every = HitRate.SAMPLE_EVERY
     async with serving(app, "inference") as server:
@@ -669,9 +668,9 @@ async def test_while_hits_are_rare_a_cheap_versions_requests_skip_the_cache_but_
                 if s.cache_hit.count:
                     hit_at = n
                     break
-            # Python: at its next turn to meet the cache; native: its store is looked
-            # up as every request arrives.
-            assert hit_at == (every if inference_frontend == "python" else 1)
+            assert hit_at == every  # at its next turn to meet the cache (native too: not keyed meanwhile)
+            if app.frontend is not None:
+                assert app.frontend.stats()["cache_hits"] == 0  # none answered where requests arrive
             assert (s.cache_hit.count, s.cache_miss.count) == (1, sent + repeats + hit_at - 1)
             assert cache.stats.inserts == stored + 1
 

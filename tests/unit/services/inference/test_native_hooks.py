@@ -65,7 +65,7 @@ async def test_batches_that_skip_the_cache_still_count_the_frontends_lookups_in_
     the cache in Python; the frontend looked each of their requests up all the same
     (all missed), and its hits always reach the hit rate: so must these misses, or
     the rate would count every hit against one miss in ``SAMPLE_EVERY``."""
-    monkeypatch.setattr(cached, "SKIP_SAVING_SHARE", 0.0)
+    monkeypatch.setattr(cached, "saving_share", lambda rate: 0.0)
     async with cached_spiral(tmp_path) as (hooks, mv, cache):
         rate = mv.cache_hit_rate
         rate.ratio, rate.racing = 0.04, True  # hits rare
@@ -75,8 +75,9 @@ async def test_batches_that_skip_the_cache_still_count_the_frontends_lookups_in_
 
         def batch(i: int) -> None:
             column = np.array([[i / 10, 0.5]], np.float32)
-            hooks.run_batch("spiral", "1", [column], np.zeros(1), False, [1], None, None,
-                            [b"frontend key %03d" % i], False, True, fingerprint)
+            _, _, skip = hooks.run_batch("spiral", "1", [column], np.zeros(1), False, [1], None, None,
+                                         [b"frontend key %03d" % i], False, True, fingerprint)
+            assert skip  # the frontend stops keying the version's requests
 
         for i in range(HitRate.SAMPLE_EVERY):
             await asyncio.to_thread(batch, i)
