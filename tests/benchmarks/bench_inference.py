@@ -407,6 +407,30 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+GRPC_THREADS = ("nexting_thread", "default-executo", "event_engine", "grpc_global_tim", "timer_manager",
+                "resolver-execut", "lifeguard")
+"""Names (``comm``, digits and dashes at the end dropped) of gRPC core's own threads."""
+
+
+def thread_cpu_us(pid: int) -> dict[str, float]:
+    """CPU microseconds the threads of one process have run (``/proc/<pid>/task/*/
+    schedstat``), by kind: ``main`` (the event loop), ``grpc`` (gRPC core's threads:
+    the native frontend's transport; a model with or without the response cache makes
+    them do the same work, so their ratio between two models measures this machine's
+    noise on identical work) and ``other`` (the native frontend's batch threads, which
+    run the Python of a batch; torch's)."""
+    out = {"main": 0.0, "grpc": 0.0, "other": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip().rstrip("0123456789_-")
+            ran_ns = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # the thread ended since the listing
+            continue
+        kind = "main" if task.name == str(pid) else "grpc" if name in GRPC_THREADS else "other"
+        out[kind] += ran_ns / 1e3
+    return out
+
+
 def rss_mib(pid: int) -> tuple[dict[str, float], int]:
     """({"rss", "pss", "private"}: MiB of a process and its descendants, from
     smaps_rollup; how many of those processes serve: the workers in multi-process mode,
@@ -632,6 +656,19 @@ def main() -> int:
 
 CACHE_CONCURRENCY = (16, 64)
 HIT_PCTS = (100, 50, 0)
+
+
+def _by_thread(cached: list[dict[str, float]], plain: list[dict[str, float]]) -> str:
+    """Each kind of thread's CPU per request (:func:`thread_cpu_us`), cached / plain:
+    medians, and the median of the rounds' ratios."""
+    parts = []
+    for kind in ("main", "grpc", "other"):
+        key = f"{kind}_us"
+        ratios = [a[key] / b[key] for a, b in zip(cached, plain) if b[key]]
+        parts.append(f"{kind} {statistics_median([r[key] for r in cached]):.1f}/"
+                     f"{statistics_median([r[key] for r in plain]):.1f} us "
+                     f"({statistics_median(ratios) if ratios else 0.0:.3f}x)")
+    return ", ".join(parts)
 
 
 def statistics_median(values: list[float]) -> float:
@@ -862,7 +899,10 @@ def bench_cache_cost(duration_s: float, warmup_s: float, rounds: int,
     ratio is cached / plain of neighbours in time in the same process (the same
     allocator, threads, connections and caches warm), and the medians of the rounds
     count. Two servers measured in turn differ by up to +-25 % at the same point on
-    this shared machine (see the README), more than the cost looked for."""
+    this shared machine (see the README), more than the cost looked for. Each point
+    also splits the server's CPU per request by thread (:func:`thread_cpu_us`): on
+    the native frontend gRPC core's threads do the same work for both models, so
+    their ratio is the method's noise on identical work, read in the same rounds."""
     import torch
 
     from tensorwire.serving import modelrepo
@@ -909,18 +949,24 @@ def bench_cache_cost(duration_s: float, warmup_s: float, rounds: int,
                             for model in order:
                                 salt += 1
                                 cpu0, served0 = cpu_seconds(proc.pid), served_requests(target)
+                                threads0 = thread_cpu_us(proc.pid)
                                 point = load_in_process(target, c, duration_s, warmup_s, 0, salt, model=model)
                                 errors += int(point["errors"])
-                                point["cpu_us"] = ((cpu_seconds(proc.pid) - cpu0)
-                                                   / max(served_requests(target) - served0, 1) * 1e6)
+                                threads1 = thread_cpu_us(proc.pid)
+                                served = max(served_requests(target) - served0, 1)
+                                point["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) / served * 1e6
+                                for kind, us in threads1.items():
+                                    point[f"{kind}_us"] = (us - threads0.get(kind, 0.0)) / served
                                 runs[model].append(point)
                         rps = [a["rps"] / b["rps"] for a, b in zip(runs["spiral"], runs["spiral_plain"])]
                         cpu = [a["cpu_us"] / b["cpu_us"] for a, b in zip(runs["spiral"], runs["spiral_plain"])]
                         plain, cached = _median_point(runs["spiral_plain"]), _median_point(runs["spiral"])
+                        by_thread = _by_thread(runs["spiral"], runs["spiral_plain"])
                         print(f"  {frontend:6s} {cache:5s} c={c:<3d} plain {plain['rps']:7.0f} rps "
                               f"{plain['cpu_us']:5.0f} us/req, cached {cached['rps']:7.0f} rps "
                               f"{cached['cpu_us']:5.0f} us/req; per round RPS ratio "
-                              f"{' '.join(f'{x:.2f}' for x in rps)}, CPU ratio {' '.join(f'{x:.2f}' for x in cpu)}",
+                              f"{' '.join(f'{x:.2f}' for x in rps)}, CPU ratio {' '.join(f'{x:.2f}' for x in cpu)}; "
+                              f"CPU per request by thread, cached/plain (median of the rounds' ratios): {by_thread}",
                               flush=True)
                         summary.append((frontend, cache, c, statistics_median(rps), statistics_median(cpu),
                                         min(rps), max(rps)))

@@ -182,8 +182,10 @@ async def _viewer(run_id: str, count: int, pairs: int, slot_s: float, core: int 
     return json.loads(lines[-1]) if lines else {"error": "viewer printed nothing"}
 
 
-CONDITIONS = (("1mbit", 1, "1mbit"), ("500kbit", 1, "500kbit"), ("64kbit", 1, "64kbit"),
+CONDITIONS = (("A/A", 0, None), ("1mbit", 1, "1mbit"), ("500kbit", 1, "500kbit"), ("64kbit", 1, "64kbit"),
               ("32kbit", 1, "32kbit"), ("100 viewers", 100, None))
+"""(name, viewers, link rate): "A/A" has no viewer in either slot, so its ratio is the
+method's own noise on this machine, read beside the others."""
 
 SCENARIOS = ("64kbit", "64kbit no ack", "32kbit", "1mbit", "step", "rtt300")
 
@@ -527,6 +529,11 @@ def report(task: str, pinned: bool, design: dict, naive: dict | None) -> None:
             continue
         v = design[name]
         extra = f", {v.get('viewers_with_views')}/{count} viewers got views" if count > 1 else ""
+        if not count:
+            print(f"  {name:>11}: ratio {_fmt(v.get('ratio'), '.3f')} (median {_fmt(v.get('ratio_median'), '.3f')}; "
+                  f"per training CPU-second {_fmt(v.get('cpu_ratio'), '.3f')}): no viewer in either slot, "
+                  "the method's noise")
+            continue
         errors = f", errors {v['viewer_errors']}" if v.get("viewer_errors") else ""
         print(f"  {name:>11}: ratio {_fmt(v.get('ratio'), '.3f')} (median {_fmt(v.get('ratio_median'), '.3f')}; "
               f"per training CPU-second {_fmt(v.get('cpu_ratio'), '.3f')}; "
@@ -592,7 +599,7 @@ def main() -> int:
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--pinning", choices=("both", "pinned", "unpinned"), default="both")
     parser.add_argument("--conditions", default="",
-                        help="comma list of: 1mbit,500kbit,64kbit,32kbit,100 viewers")
+                        help="comma list of: A/A,1mbit,500kbit,64kbit,32kbit,100 viewers (A/A: no viewer, the noise)")
     parser.add_argument("--scenarios", default="all",
                         help=f"comma list of: {','.join(SCENARIOS)}; all; or none")
     parser.add_argument("--notsent-lowat", type=int, default=0,

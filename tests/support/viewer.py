@@ -273,7 +273,8 @@ async def alternate(
     target: str, trainer_target: str, run_id: str, count: int, pairs: int, slot_s: float,
     trainer_pid: int | None = None,
 ) -> dict[str, object]:
-    """Viewers off for a slot, on for a slot, ``pairs`` times, then off once more.
+    """Viewers off for a slot, on for a slot, ``pairs`` times, then off once more
+    (``count`` 0: no viewer in the "on" slots either, an A/A control of the method).
 
     At each slot boundary the trainer's (step, produced_at) is read, so each
     slot's steps/s comes from the trainer's own clock; each "on" slot is
@@ -304,7 +305,7 @@ async def alternate(
 
         for slot in range(2 * pairs + 1):
             await mark()
-            if slot % 2:
+            if slot % 2 and count:
                 await asyncio.gather(
                     watch(channels[0], run_id, slot_s, stats=stats, live_only=True),
                     *(watch_raw(ch, run_id, slot_s, st) for ch, st in zip(channels[1:], others)),
