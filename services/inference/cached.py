@@ -16,7 +16,7 @@ While hits are rare and the version's forward is also cheap (what a lookup saves
 that rate, the rate times a forward, costs less than consulting the cache: both
 measured), all but one request (or native batch) in ``HitRate.SAMPLE_EVERY`` leave the
 cache alone: no key, lookup, doorkeeper or write, straight to the model
-(:func:`skipping`; the native frontend does not key them either). A version whose
+(:func:`skipping`; the native frontend does not look them up either). A version whose
 forward is dearer is consulted on every request whatever its rate.
 ``cache_hit``/``cache_miss`` count who answered (the cache, the model), in every mode.
 """
@@ -66,7 +66,8 @@ def skipping(version: ModelVersion) -> bool:
     consulting costs one that misses, both as measured (``compute_infer`` per request;
     ``HitRate.consult_s``: key, lookup, doorkeeper, write; each a batch's time over its
     requests); either not measured yet: consulting. The native frontend is told with
-    each batch's answer, and then stops keying the version's requests."""
+    each batch's answer, and then stops looking the version's requests up itself
+    (it still keys them: a sampled batch's keys, cheaper in C++ than here)."""
     rate = version.cache_hit_rate
     infer = version.stats.compute_infer
     consult_s = rate.consult_s
@@ -196,7 +197,7 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     wanted: Sequence[Sequence[str]] = outputs or [()] * len(rows)
     values: list[bytes | None]
     keyed_s = 0.0
-    if keys is None:  # skipping (a sampled batch), or reloaded since the frontend keyed them
+    if keys is None:  # reloaded since the frontend keyed them
         keys = version.cache_keys.batch_keys([(spec.name, spec.datatype) for spec in version.inputs],
                                              columns, bounds, wanted)
         keyed_s = time.perf_counter() - start

@@ -29,8 +29,8 @@ second). Its misses, and every request with Redis, go to ``run_batch``, which ha
 the batch to the repository's ``answer_columns`` (the same keys, entries and
 statistics as the Python path): it answers what the cache has, runs only the rest
 on the model and stores their answers. While a version skips the cache
-(``cached.skipping``, told with each batch's answer) the frontend neither keys nor
-looks up its requests; Python consults the cache for the sampled batches.
+(``cached.skipping``, told with each batch's answer) the frontend does not look its
+requests up (it keys them still); Python consults the cache for the sampled batches.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ class NativeHooks:
         computes those); ``hits_pending``: whether it has answered hits since they
         were last collected.
         Returns (the version, the output columns, whether the frontend leaves the
-        version's next requests unkeyed: ``cached.skipping``).
+        version's next requests not looked up: ``cached.skipping``).
         Raises when that version is gone or no longer takes these columns (a swap):
         the frontend then hands each request to the Python path."""
         start = time.perf_counter()

@@ -630,7 +630,7 @@ async def test_while_hits_are_rare_a_cheap_versions_requests_skip_the_cache_but_
     that no timing of a loaded machine decides it): while its hits are rare, only one
     request (native: one batch) in ``HitRate.SAMPLE_EVERY`` meets the cache; the
     others are neither keyed, looked up nor stored (the native frontend is told with
-    a batch's answer, and stops keying them). A request that repeats is stored at its
+    a batch's answer, and stops looking them up). A request that repeats is stored at its
     second sighting among those that meet the cache, and answered from the cache at
     the next turn to meet it. Every answer is right and counted as a hit or a miss."""
     repo = tmp_path / "models"
@@ -668,7 +668,7 @@ async def test_while_hits_are_rare_a_cheap_versions_requests_skip_the_cache_but_
                 if s.cache_hit.count:
                     hit_at = n
                     break
-            assert hit_at == every  # at its next turn to meet the cache (native too: not keyed meanwhile)
+            assert hit_at == every  # at its next turn to meet the cache (native too: not looked up meanwhile)
             if app.frontend is not None:
                 assert app.frontend.stats()["cache_hits"] == 0  # none answered where requests arrive
             assert (s.cache_hit.count, s.cache_miss.count) == (1, sent + repeats + hit_at - 1)

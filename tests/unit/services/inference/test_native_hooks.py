@@ -77,7 +77,7 @@ async def test_batches_that_skip_the_cache_still_count_the_frontends_lookups_in_
             column = np.array([[i / 10, 0.5]], np.float32)
             _, _, skip = hooks.run_batch("spiral", "1", [column], np.zeros(1), False, [1], None, None,
                                          [b"frontend key %03d" % i], False, True, fingerprint)
-            assert skip  # the frontend stops keying the version's requests
+            assert skip  # the frontend stops looking the version's requests up
 
         for i in range(HitRate.SAMPLE_EVERY):
             await asyncio.to_thread(batch, i)
