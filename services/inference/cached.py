@@ -16,8 +16,9 @@ While hits are rare and the version's forward is also cheap (what a lookup saves
 that rate, the rate times a forward, costs less than consulting the cache: both
 measured), all but one request (or native batch) in ``HitRate.SAMPLE_EVERY`` leave the
 cache alone: no key, lookup, doorkeeper or write, straight to the model
-(:func:`skipping`; the native frontend does not look them up either). A version whose
-forward is dearer is consulted on every request whatever its rate.
+(:func:`skipping`; the native frontend still keys them, ~1 µs in C++, for the sampled
+batches, and looks none up). A version whose forward is dearer is consulted on every
+request whatever its rate.
 ``cache_hit``/``cache_miss`` count who answered (the cache, the model), in every mode.
 """
 
@@ -80,16 +81,14 @@ def _skips(version: ModelVersion, sampled: bool) -> bool:
     return not sampled and skipping(version)
 
 
-def _missed(version: ModelVersion, spent: float, misses: int, requests: int = 1, keyed_s: float = 0.0) -> None:
+def _missed(version: ModelVersion, spent: float, misses: int, requests: int = 1) -> None:
     """Count ``misses`` that consulted the cache for ``spent`` seconds each (of a batch
     of ``requests``) and, while the version races, note what consulting cost a request
-    (:func:`skipping` compares it with the forward), less ``keyed_s``: keys Python
-    computed for a native batch, which the frontend computes itself (untimed) unless
-    it skips."""
+    (:func:`skipping` compares it with the forward)."""
     version.stats.cache_miss.add(spent * misses, misses)
     rate = version.cache_hit_rate
     if rate.racing:
-        rate.note_consulted(spent - keyed_s, requests)
+        rate.note_consulted(spent, requests)
 
 
 async def infer_cached(cache: ResponseCache, version: ModelVersion, request: InferRequest) -> InferResult:
@@ -196,11 +195,9 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     bounds = [0, *itertools.accumulate(rows)]
     wanted: Sequence[Sequence[str]] = outputs or [()] * len(rows)
     values: list[bytes | None]
-    keyed_s = 0.0
-    if keys is None:  # reloaded since the frontend keyed them
+    if keys is None:
         keys = version.cache_keys.batch_keys([(spec.name, spec.datatype) for spec in version.inputs],
                                              columns, bounds, wanted)
-        keyed_s = time.perf_counter() - start
     if cache.remote and rate.racing:  # a rare hit is not waited for: every row runs, the lookups go aside
         if sampled:
             cache.lookup_aside_from_thread(keys, rate.add, loop)
@@ -241,7 +238,7 @@ def answer_columns(cache: ResponseCache, loop: asyncio.AbstractEventLoop, versio
     if answered:
         stats.cache_hit.add(lookup_s * len(answered), len(answered))
     if misses:
-        _missed(version, lookup_s + time.perf_counter() - stored, len(misses), len(rows), keyed_s)
+        _missed(version, lookup_s + time.perf_counter() - stored, len(misses), len(rows))
     return outs, misses
 
 

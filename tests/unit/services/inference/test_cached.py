@@ -5,8 +5,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
-
 from services.inference import cached
 from services.inference.stats import VersionStats
 from tensorwire.serving.cache import HitRate
@@ -35,14 +33,3 @@ def test_a_request_not_sampled_skips_the_cache_when_what_a_lookup_saves_costs_le
     assert not cached.skipping(version)  # hits are not rare
     cached._missed(version, 1.0, 1)  # a lookup-first miss (a Redis round trip...) is not noted
     assert rate.consult_s < 6e-6
-
-
-def test_keys_python_computed_for_a_native_batch_do_not_count_as_consulting() -> None:
-    """The native frontend keys its requests itself, untimed, unless they skip the
-    cache: the keys Python computes for a sampled batch then must not make consulting
-    look dearer than it is (it would keep the version skipping)."""
-    version: Any = SimpleNamespace(stats=VersionStats(), cache_hit_rate=HitRate())
-    version.cache_hit_rate.racing = True
-    cached._missed(version, 4 * 20e-6, 4, 4, keyed_s=4 * 15e-6)
-    assert version.cache_hit_rate.consult_s == pytest.approx(5e-6)
-    assert version.stats.cache_miss.ns == pytest.approx(4 * 4 * 20e3)  # the statistics keep all of it
