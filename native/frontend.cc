@@ -75,8 +75,9 @@ struct Spec {
   std::vector<int64_t> ready, choices;
   std::vector<double> cumulative;
   // The response cache: each version whose answers it caches (each request's key is
-  // computed here; with the local cache it is also looked up here, with Redis Python
-  // looks it up); inputs' spec indexes in name order (the key hashes them so).
+  // computed here; with the local cache it is also looked up here unless the version
+  // skips the cache, with Redis Python looks it up); inputs' spec indexes in name
+  // order (the key hashes them so).
   struct CachedVersion {
     CachedVersion(twcache::Blake2b b, std::string f) : base(std::move(b)), fingerprint(std::move(f)) {}
     twcache::Blake2b base;  // the key hasher's base

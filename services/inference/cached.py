@@ -246,9 +246,10 @@ def _uncached_batch(cache: ResponseCache, version: ModelVersion, columns: list[n
                     looked_up: bool) -> tuple[list[np.ndarray], list[int]]:
     """A native batch that leaves the cache alone (:func:`_skips`): run in one
     forward, counted as misses that took the cache no time. When the frontend
-    ``looked_up`` its requests (all missed), they count as the cache's lookups and in
-    the hit rate, which the frontend's hits always reach (else the rate would see
-    every hit but one miss in ``HitRate.SAMPLE_EVERY``)."""
+    ``looked_up`` its requests (all missed; before it learned that the version skips),
+    they count as the cache's lookups and in the hit rate, which the frontend's hits
+    always reach (else the rate would see every hit but one miss in
+    ``HitRate.SAMPLE_EVERY``)."""
     outs = version.forward_columns(columns, count)
     rate = version.cache_hit_rate
     if looked_up:

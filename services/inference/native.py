@@ -153,7 +153,9 @@ class NativeHooks:
                                                              for t in tensors)):
             return None
         routing = self._repo.routing(model)
-        try:  # the versions whose keys it computes (its key's parts for each); local cache: looks up too
+        # The versions whose keys it computes (its key's parts for each); local cache:
+        # looks them up too, unless the version skips the cache.
+        try:
             cached = self._cached_versions(routing.versions) if self._repo.cache is not None else {}
         except Exception:  # its requests still go through the cache, in batches
             log.exception("native cache lookups of %s not set up", model)
@@ -256,8 +258,9 @@ class NativeHooks:
         messages (None: all are; only those count as ModelInfer RPCs). With the
         response cache on, only the misses run on the model; ``keys``: the requests'
         cache keys when the frontend computed them, and ``looked_up``: whether it also
-        looked them up (the local cache's entries are in the frontend; all missed) or
-        the cache is Redis (Python looks them up), and ``fingerprint``: the config
+        looked them up (the local cache's entries are in the frontend; all missed;
+        not while the version skips the cache) or the cache is Redis (Python looks them
+        up), and ``fingerprint``: the config
         they were computed for (a version reloaded since has other keys: Python
         computes those); ``hits_pending``: whether it has answered hits since they
         were last collected.

@@ -956,7 +956,7 @@ def bench_cache_cost(duration_s: float, warmup_s: float, rounds: int,
                                 served = max(served_requests(target) - served0, 1)
                                 point["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) / served * 1e6
                                 for group, us in threads1.items():
-                                    point[f"{group}_us"] = (us - threads0.get(group, 0.0)) / served
+                                    point[f"{group}_us"] = (us - threads0[group]) / served
                                 runs[model].append(point)
                         rps = [a["rps"] / b["rps"] for a, b in zip(runs["spiral"], runs["spiral_plain"])]
                         cpu = [a["cpu_us"] / b["cpu_us"] for a, b in zip(runs["spiral"], runs["spiral_plain"])]

@@ -629,8 +629,9 @@ async def test_while_hits_are_rare_a_cheap_versions_requests_skip_the_cache_but_
     forward, is less than what consulting the cache costs; the share is 0 here, so
     that no timing of a loaded machine decides it): while its hits are rare, only one
     request (native: one batch) in ``HitRate.SAMPLE_EVERY`` meets the cache; the
-    others are neither keyed, looked up nor stored (the native frontend is told with
-    a batch's answer, and stops looking them up). A request that repeats is stored at its
+    others are neither looked up nor stored (nor keyed, but on the native frontend,
+    which is told with a batch's answer and keys them in C++ for the sampled batches).
+    A request that repeats is stored at its
     second sighting among those that meet the cache, and answered from the cache at
     the next turn to meet it. Every answer is right and counted as a hit or a miss."""
     repo = tmp_path / "models"

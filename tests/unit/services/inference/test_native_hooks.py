@@ -62,9 +62,9 @@ async def test_batches_that_skip_the_cache_still_count_the_frontends_lookups_in_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """While hits are rare, a cheap version's batches but one in ``SAMPLE_EVERY`` skip
-    the cache in Python; the frontend looked each of their requests up all the same
-    (all missed), and its hits always reach the hit rate: so must these misses, or
-    the rate would count every hit against one miss in ``SAMPLE_EVERY``."""
+    the cache in Python; those the frontend looked up before it learned that (from a
+    batch's answer; all missed) count in the hit rate, which its hits always reach:
+    else the rate would count every hit against one miss in ``SAMPLE_EVERY``."""
     monkeypatch.setattr(cached, "saving_share", lambda rate: 0.0)
     async with cached_spiral(tmp_path) as (hooks, mv, cache):
         rate = mv.cache_hit_rate
