@@ -1054,7 +1054,7 @@ class Frontend : public grpc::CallbackGenericService {
         py::tuple result = hooks_.attr("run_batch")(q.model, q.version, columns, wait_array, by_size, rows, named,
                                                     unary, keys, hits_pending, looked_up, fingerprint);
         version = result[0].cast<std::string>();
-        if (cached != spec.cache_versions.end() && result.size() > 2)
+        if (cached != spec.cache_versions.end())
           cached->second.skip.store(result[2].cast<bool>(), std::memory_order_relaxed);
         for (auto o : result[1].cast<py::list>()) {
           py::array a = py::reinterpret_borrow<py::array>(o);

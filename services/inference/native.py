@@ -260,9 +260,8 @@ class NativeHooks:
         cache keys when the frontend computed them, and ``looked_up``: whether it also
         looked them up (the local cache's entries are in the frontend; all missed;
         not while the version skips the cache) or the cache is Redis (Python looks them
-        up), and ``fingerprint``: the config
-        they were computed for (a version reloaded since has other keys: Python
-        computes those); ``hits_pending``: whether it has answered hits since they
+        up), and ``fingerprint``: the config they were computed for (a version
+        reloaded since has other keys: Python computes those); ``hits_pending``: whether it has answered hits since they
         were last collected.
         Returns (the version, the output columns, whether the frontend leaves the
         version's next requests not looked up: ``cached.skipping``).
